@@ -1,0 +1,24 @@
+// Metal prelude for the gemma4-mlx kernel bodies.
+// The part before the @@SOURCE marker goes into the kernel *header*; the part
+// after it is prepended to the kernel *source*, because MLX only adds the
+// Metal thread attributes whose names appear in the source.
+#define K_TG 256
+#define K_SHARED threadgroup
+#define K_SHARED_PTR threadgroup
+#define K_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define K_NEG_INF (-INFINITY)
+#define K_INLINE inline
+K_INLINE float k_warp_sum(float v) { return simd_sum(v); }
+K_INLINE float k_warp_max(float v) { return simd_max(v); }
+K_INLINE float k_exp(float x) { return metal::exp(x); }
+K_INLINE float k_rsqrt(float x) { return metal::precise::rsqrt(x); }
+K_INLINE float k_cos(float x) { return metal::precise::cos(x); }
+K_INLINE float k_sin(float x) { return metal::precise::sin(x); }
+K_INLINE float k_tanh(float x) { return metal::precise::tanh(x); }
+// @@SOURCE
+  const int k_bx = int(threadgroup_position_in_grid.x);
+  const int k_by = int(threadgroup_position_in_grid.y);
+  const int k_bz = int(threadgroup_position_in_grid.z);
+  const int k_tid = int(thread_position_in_threadgroup.x);
+  const int k_lane = int(thread_index_in_simdgroup);
+  const int k_warp = int(simdgroup_index_in_threadgroup);

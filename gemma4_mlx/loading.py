@@ -1,0 +1,193 @@
+"""Load Gemma 4 checkpoints (HF layout, mlx-community quantized) from a folder or the Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ConfigError, ModelArgs, parse_config
+from .model import Model
+
+
+class LoadError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+def resolve_model_path(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Path:
+    """A local folder as is; otherwise download the repo's text-model files with huggingface_hub."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LoadError(f"{path}: not a folder (point --model at a checkpoint folder or a Hub repo id)")
+        return path
+    text = str(path_or_repo)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise LoadError(f"{text}: no such folder, and not a Hugging Face repo id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise LoadError(f"huggingface_hub is needed to fetch {text}: {e}") from e
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=patterns))
+    except LocalEntryNotFoundError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else (
+            "the Hugging Face Hub cannot be reached and it is not in the local cache")
+        raise LoadError(f"{text}: {why}") from e
+    except RepositoryNotFoundError as e:
+        raise LoadError(f"{text}: no such repository on the Hugging Face Hub (or it is gated/private)") from e
+    except Exception as e:  # network errors come in many types
+        raise LoadError(f"{text}: download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def read_config(model_path: Path) -> Dict[str, Any]:
+    cfg = model_path / "config.json"
+    if not cfg.is_file():
+        raise LoadError(f"{cfg}: missing (a checkpoint folder needs config.json)")
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{cfg}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise LoadError(f"{cfg}: must hold a JSON object")
+    return config
+
+
+def model_args(model_path: Path, config: Optional[Dict[str, Any]] = None) -> ModelArgs:
+    config = read_config(model_path) if config is None else config
+    try:
+        return parse_config(config)
+    except ConfigError as e:
+        raise LoadError(f"{model_path / 'config.json'}: {e}") from e
+
+
+def weight_files(model_path: Path) -> List[Path]:
+    index = model_path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LoadError(f"{index}: not a valid safetensors index ({e})") from e
+        files = sorted({model_path / name for name in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise LoadError(f"{f}: listed in {index.name} but missing")
+        return files
+    files = sorted(p for p in model_path.glob("*.safetensors") if not p.name.startswith("."))
+    if not files:
+        raise LoadError(f"{model_path}: no .safetensors weight files")
+    return files
+
+
+def read_weights(files: List[Path]) -> Dict[str, mx.array]:
+    weights: Dict[str, mx.array] = {}
+    for f in files:
+        try:
+            part = mx.load(str(f))
+        except Exception as e:
+            raise LoadError(f"{f}: unreadable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        if not isinstance(part, dict):
+            raise LoadError(f"{f}: not a safetensors file")
+        weights.update(part)
+    return weights
+
+
+def _quantize(model: nn.Module, quantization: Dict[str, Any], weights: Dict[str, mx.array], source: Path) -> None:
+    from mlx_lm.utils import infer_quant_config
+
+    if not isinstance(quantization, dict) or "bits" not in quantization or "group_size" not in quantization:
+        raise LoadError(f"{source}: 'quantization' needs 'bits' and 'group_size'")
+
+    def predicate(path: str, module: nn.Module):
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        try:
+            return infer_quant_config(path, module, weights)
+        except (ValueError, ZeroDivisionError) as e:
+            raise LoadError(f"{source}: quantized weight {path} does not fit its layer ({e})") from e
+
+    try:
+        nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
+                    mode=quantization.get("mode", "affine"), class_predicate=predicate)
+    except LoadError:
+        raise
+    except Exception as e:
+        raise LoadError(f"{source}: wrong quantization metadata ({e})") from e
+
+
+def check_weights(model: nn.Module, weights: Dict[str, mx.array], where: Path) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+
+    def fmt(names, table):
+        shown = ", ".join(f"{n} {tuple(table[n].shape)}" for n in names[:4])
+        return shown + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    if missing:
+        raise LoadError(f"{where}: {len(missing)} weight(s) missing: {fmt(missing, expected)}")
+    if unexpected:
+        raise LoadError(f"{where}: {len(unexpected)} unexpected weight(s): {fmt(unexpected, weights)}")
+    for k, v in weights.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise LoadError(
+                f"{where}: weight {k} has shape {tuple(v.shape)}, the config implies {tuple(expected[k].shape)}"
+            )
+
+
+def load_model(path: Union[str, Path], lazy: bool = False, revision: Optional[str] = None) -> Model:
+    """Build the model for a checkpoint folder (or Hub repo id) and load its weights."""
+    model_path = resolve_model_path(path, revision)
+    config = read_config(model_path)
+    args = model_args(model_path, config)
+    model = Model(args)
+    weights = model.sanitize(read_weights(weight_files(model_path)))
+    if args.quantization:
+        _quantize(model, args.quantization, weights, model_path / "config.json")
+    check_weights(model, weights, model_path)
+    model.eval()
+    model.load_weights(list(weights.items()), strict=False)
+    if not lazy:
+        try:
+            mx.eval(model.parameters())
+        except Exception as e:
+            raise LoadError(f"{model_path}: weights could not be read ({e})") from e
+    model.model_path = model_path
+    return model
+
+
+def load_tokenizer(model_path: Path, eos_token_ids: Optional[List[int]] = None):
+    """mlx-lm's TokenizerWrapper, with every end-of-turn id the checkpoint declares."""
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
+    ids = set(eos_token_ids or [])
+    gen_cfg = model_path / "generation_config.json"
+    if gen_cfg.is_file():
+        try:
+            with open(gen_cfg, encoding="utf-8") as f:
+                eos = json.load(f).get("eos_token_id")
+            ids.update([eos] if isinstance(eos, int) else (eos or []))
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    try:
+        return mlx_load_tokenizer(model_path, eos_token_ids=sorted(ids) or None)
+    except Exception as e:
+        raise LoadError(f"{model_path}: tokenizer could not be loaded ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+
+
+def load(path_or_repo: Union[str, Path], lazy: bool = False, revision: Optional[str] = None) -> Tuple[Model, Any]:
+    """(model, tokenizer) for a checkpoint folder or Hub repo id."""
+    model_path = resolve_model_path(path_or_repo, revision)
+    model = load_model(model_path, lazy=lazy)
+    tokenizer = load_tokenizer(model_path, model.args.eos_token_id)
+    return model, tokenizer

@@ -1,0 +1,304 @@
+"""Gemma 4 text model (E2B, E4B, 26B-A4B, 31B) as ``mlx.nn`` modules.
+
+Every module reads its shapes from the resolved :class:`~gemma4_mlx.config.LayerPlan`; nothing
+here re-derives head dims, KV sources or RoPE frequencies. Parameter names follow stock
+mlx-lm's ``gemma4_text`` (``model.layers.N.self_attn.q_proj`` ...), so mlx-community
+checkpoints load as they are and weights can be swapped with stock for benchmarks.
+
+The hot ops go through :mod:`gemma4_mlx.ops`, which picks a custom GPU kernel or the
+pure-MLX path (``GEMMA4_MLX_KERNELS``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from . import ops
+from .config import FULL, LayerPlan, ModelArgs
+
+
+class ScaleFreeRMSNorm(nn.Module):
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, None, self.eps)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(ops.geglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class _GeGLU(nn.Module):
+    """SwitchGLU's activation slot: gelu_tanh(gate) * up."""
+
+    def __call__(self, x: mx.array, gate: mx.array) -> mx.array:
+        return ops.geglu(gate, x)
+
+
+class Router(nn.Module):
+    """Top-k expert choice: scale-free norm, learned scale * hidden^-0.5, projection, softmax."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.proj = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.scale = mx.ones((args.hidden_size,))
+        self.per_expert_scale = mx.ones((args.num_experts,))
+        self.top_k = args.top_k_experts
+        self.eps = args.rms_norm_eps
+        self.root_size = args.hidden_size**-0.5
+
+    def __call__(self, x: mx.array) -> Tuple[mx.array, mx.array]:
+        x = mx.fast.rms_norm(x, self.scale * self.root_size, self.eps)
+        scores = self.proj(x).astype(mx.float32)
+        k = self.top_k
+        idx = mx.stop_gradient(mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k])
+        # softmax over the chosen logits == softmax over all, then renormalised over the top k
+        weights = mx.softmax(mx.take_along_axis(scores, idx, axis=-1), axis=-1)
+        weights = weights * self.per_expert_scale[idx].astype(mx.float32)
+        return idx, weights
+
+
+class Experts(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.switch_glu = SwitchGLU(
+            args.hidden_size, args.moe_intermediate_size, args.num_experts, activation=_GeGLU(), bias=False
+        )
+
+    def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+        y = self.switch_glu(x, idx)
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, plan: LayerPlan):
+        super().__init__()
+        self.plan = plan
+        h, d, kv = plan.num_heads, plan.head_dim, plan.num_kv_heads
+        self.q_proj = nn.Linear(args.hidden_size, h * d, bias=False)
+        self.o_proj = nn.Linear(h * d, args.hidden_size, bias=False)
+        self.q_norm = nn.RMSNorm(d, eps=args.rms_norm_eps)
+        if not plan.is_kv_shared:
+            self.k_proj = nn.Linear(args.hidden_size, kv * d, bias=False)
+            if not plan.k_eq_v:
+                self.v_proj = nn.Linear(args.hidden_size, kv * d, bias=False)
+            self.k_norm = nn.RMSNorm(d, eps=args.rms_norm_eps)
+        self.eps = args.rms_norm_eps
+        self.window = args.sliding_window if plan.is_sliding else 0
+        self._inv_freq = mx.array(plan.rope.inv_freq)
+        self._freqs = mx.array(plan.rope.freqs)
+
+    def __call__(self, x: mx.array, mask, cache, shared: Optional[tuple]) -> Tuple[mx.array, tuple]:
+        """``shared`` is (keys, values, offset, cache) of the producer layer for shared-KV layers."""
+        B, L, _ = x.shape
+        p = self.plan
+        q = self.q_proj(x).reshape(B, L, p.num_heads, p.head_dim)
+        if shared is None:
+            offset = cache.offset if cache is not None else 0
+            k = self.k_proj(x).reshape(B, L, p.num_kv_heads, p.head_dim)
+            v = k if p.k_eq_v else self.v_proj(x).reshape(B, L, p.num_kv_heads, p.head_dim)
+            keys, values = ops.kv_norm_rope(k, v, self.k_norm.weight, self._inv_freq, self._freqs, offset, self.eps)
+            if cache is not None:
+                keys, values = cache.update_and_fetch(keys, values)
+            kv_cache = cache
+        else:
+            keys, values, offset, kv_cache = shared
+        queries = ops.q_norm_rope(q, self.q_norm.weight, self._inv_freq, self._freqs, offset, self.eps)
+        out = ops.attention(queries, keys, values, mask=mask, cache=kv_cache, window=self.window)
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(out), (keys, values, offset, kv_cache)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, plan: LayerPlan):
+        super().__init__()
+        self.plan = plan
+        hs, eps = args.hidden_size, args.rms_norm_eps
+        self.self_attn = Attention(args, plan)
+        self.mlp = MLP(hs, plan.mlp_width)
+        self.input_layernorm = nn.RMSNorm(hs, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(hs, eps=eps)
+        self.pre_feedforward_layernorm = nn.RMSNorm(hs, eps=eps)
+        self.post_feedforward_layernorm = nn.RMSNorm(hs, eps=eps)
+        if plan.moe:
+            self.router = Router(args)
+            self.experts = Experts(args)
+            self.post_feedforward_layernorm_1 = nn.RMSNorm(hs, eps=eps)
+            self.post_feedforward_layernorm_2 = nn.RMSNorm(hs, eps=eps)
+            self.pre_feedforward_layernorm_2 = nn.RMSNorm(hs, eps=eps)
+        if plan.has_ple:
+            ple = args.hidden_size_per_layer_input
+            self.per_layer_input_gate = nn.Linear(hs, ple, bias=False)
+            self.per_layer_projection = nn.Linear(ple, hs, bias=False)
+            self.post_per_layer_input_norm = nn.RMSNorm(hs, eps=eps)
+        self.layer_scalar = mx.ones((1,))
+        self.eps = eps
+
+    def __call__(self, x, mask, cache, per_layer_input=None, shared=None, trace=None):
+        h, kv = self.self_attn(self.input_layernorm(x), mask, cache, shared)
+        if trace is not None:
+            trace["attention"] = h
+        h = x + self.post_attention_layernorm(h)
+
+        ff = self.mlp(self.pre_feedforward_layernorm(h))
+        if self.plan.moe:
+            ff = self.post_feedforward_layernorm_1(ff)
+            idx, weights = self.router(h)
+            moe = self.experts(self.pre_feedforward_layernorm_2(h), idx, weights)
+            moe = self.post_feedforward_layernorm_2(moe)
+            if trace is not None:
+                trace["moe"] = moe
+            ff = ff + moe
+        if trace is not None:
+            trace["mlp"] = ff
+        h = h + self.post_feedforward_layernorm(ff)
+
+        if self.plan.has_ple:
+            gated = ops.ple_gate(self.per_layer_input_gate(h), per_layer_input)
+            projected = self.per_layer_projection(gated)
+            if trace is not None:
+                trace["ple"] = projected
+            return ops.ple_tail(h, projected, self.post_per_layer_input_norm.weight, self.layer_scalar, self.eps), kv
+        return h * self.layer_scalar, kv
+
+
+class Gemma4TextModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, p) for p in args.plan]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        if args.hidden_size_per_layer_input:
+            n, ple = args.num_hidden_layers, args.hidden_size_per_layer_input
+            self.embed_tokens_per_layer = nn.Embedding(args.vocab_size_per_layer_input, n * ple)
+            self.per_layer_model_projection = nn.Linear(args.hidden_size, n * ple, bias=False)
+            self.per_layer_projection_norm = nn.RMSNorm(ple, eps=args.rms_norm_eps)
+
+    def per_layer_inputs(self, inputs: mx.array, h: mx.array) -> mx.array:
+        """PLE: token-identity rows plus the normalised projection of the scaled embedding."""
+        a = self.args
+        projection = self.per_layer_model_projection(h)
+        return ops.ple_combine(
+            inputs,
+            self.embed_tokens_per_layer,
+            projection,
+            self.per_layer_projection_norm.weight,
+            num_layers=a.num_hidden_layers,
+            ple_dim=a.hidden_size_per_layer_input,
+            projection_scale=a.hidden_size**-0.5,
+            table_scale=a.hidden_size_per_layer_input**0.5,
+            eps=a.rms_norm_eps,
+        )
+
+    def _masks(self, h: mx.array, cache: List[Any]) -> Dict[str, Any]:
+        masks = {}
+        for p in self.args.plan:
+            if p.layer_type in masks or p.cache_index is None:
+                continue
+            c = cache[p.cache_index]
+            window = self.args.sliding_window if p.is_sliding else None
+            masks[p.layer_type] = ops.make_mask(h, c, window)
+        return masks
+
+    def __call__(self, inputs: mx.array, cache=None, trace: Optional[list] = None):
+        a = self.args
+        h = self.embed_tokens(inputs)
+        h = h * mx.array(a.hidden_size**0.5, dtype=h.dtype)
+        per_layer = self.per_layer_inputs(inputs, h) if a.hidden_size_per_layer_input else None
+        if cache is None:
+            cache = [None] * a.num_caches
+        masks = self._masks(h, cache)
+        kv_by_layer: Dict[int, tuple] = {}
+        for layer, p in zip(self.layers, a.plan):
+            c = cache[p.cache_index] if p.cache_index is not None else None
+            shared = kv_by_layer[p.kv_source] if p.is_kv_shared else None
+            record = {} if trace is not None else None
+            h, kv = layer(
+                h,
+                masks[p.layer_type],
+                c,
+                per_layer_input=per_layer[:, :, p.index, :] if per_layer is not None else None,
+                shared=shared,
+                trace=record,
+            )
+            if not p.is_kv_shared:
+                kv_by_layer[p.index] = kv
+            if trace is not None:
+                record["out"] = h
+                trace.append(record)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """mlx-lm compatible Gemma 4 causal LM: ``layers``, ``make_cache``, ``sanitize``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = Gemma4TextModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache=None, trace: Optional[list] = None, **_: Any) -> mx.array:
+        h = self.model(inputs, cache=cache, trace=trace)
+        if self.args.tie_word_embeddings:
+            logits = self.model.embed_tokens.as_linear(h)
+        else:
+            logits = self.lm_head(h)
+        if self.args.final_logit_softcapping:
+            logits = ops.softcap(logits, self.args.final_logit_softcapping)
+        return logits
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    @property
+    def head_dim(self) -> int:
+        return self.args.head_dim
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.args.num_key_value_heads
+
+    def make_cache(self) -> list:
+        caches = []
+        for p in self.args.plan:
+            if p.cache_index is None:
+                continue
+            if p.layer_type == FULL:
+                caches.append(KVCache())
+            else:
+                caches.append(RotatingKVCache(max_size=self.args.sliding_window, keep=0))
+        return caches
+
+    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        from .weights import sanitize_weights
+
+        return sanitize_weights(self.args, weights)
+
+    @property
+    def quant_predicate(self):
+        def predicate(path, _module):
+            # The router decides which experts run: keep it at 8 bits, as stock does.
+            if path.endswith("router.proj"):
+                return {"group_size": 64, "bits": 8}
+            return True
+
+        return predicate
