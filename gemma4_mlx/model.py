@@ -149,22 +149,21 @@ class DecoderLayer(nn.Module):
         self.eps = eps
 
     def __call__(self, x, mask, cache, per_layer_input=None, shared=None, trace=None):
-        h, kv = self.self_attn(self.input_layernorm(x), mask, cache, shared)
+        normed = self.input_layernorm(x)
+        h, kv = self.self_attn(normed, mask, cache, shared)
         if trace is not None:
-            trace["attention"] = h
+            trace.update(input_norm=normed, attention=h)
         h = x + self.post_attention_layernorm(h)
 
         ff = self.mlp(self.pre_feedforward_layernorm(h))
-        if self.plan.moe:
-            ff = self.post_feedforward_layernorm_1(ff)
-            idx, weights = self.router(h)
-            moe = self.experts(self.pre_feedforward_layernorm_2(h), idx, weights)
-            moe = self.post_feedforward_layernorm_2(moe)
-            if trace is not None:
-                trace["moe"] = moe
-            ff = ff + moe
         if trace is not None:
             trace["mlp"] = ff
+        if self.plan.moe:
+            idx, weights = self.router(h)
+            moe = self.experts(self.pre_feedforward_layernorm_2(h), idx, weights)
+            if trace is not None:
+                trace["moe"] = moe
+            ff = self.post_feedforward_layernorm_1(ff) + self.post_feedforward_layernorm_2(moe)
         h = h + self.post_feedforward_layernorm(ff)
 
         if self.plan.has_ple:

@@ -1,0 +1,54 @@
+"""Custom GPU kernels for gemma4-mlx (Metal and CUDA from one body each).
+
+Public functions (each dispatches: kernel on a GPU backend after a one-time
+self-check per shape class, else the pure-MLX reference):
+
+* :func:`q_norm_rope`, :func:`kv_norm_rope`
+* :func:`attention`
+* :func:`ple_combine`, :func:`ple_gate`, :func:`ple_tail`
+
+Switches: :func:`set_kernels_mode`, :func:`kernels_mode` (context manager),
+env ``GEMMA4_MLX_KERNELS=auto|off|strict``; :func:`kernels_enabled`,
+:func:`active_backend`. See docs/kernels.md.
+"""
+
+from .attention import attention, attention_kernel, attention_mask, attention_reference
+from .dispatch import (
+    KernelCheckError,
+    active_backend,
+    get_mode,
+    kernels_enabled,
+    kernels_mode,
+    set_kernels_mode,
+)
+from .ple import (
+    gelu_tanh_reference,
+    ple_combine,
+    ple_combine_kernel,
+    ple_combine_reference,
+    ple_gate,
+    ple_gate_kernel,
+    ple_gate_reference,
+    ple_tail,
+    ple_tail_kernel,
+    ple_tail_reference,
+)
+from .rope import (
+    kv_norm_rope,
+    kv_norm_rope_kernel,
+    kv_norm_rope_reference,
+    q_norm_rope,
+    q_norm_rope_kernel,
+    q_norm_rope_reference,
+    rms_norm_reference,
+    rope_reference,
+)
+
+__all__ = [
+    "KernelCheckError", "active_backend", "get_mode", "kernels_enabled", "kernels_mode", "set_kernels_mode",
+    "q_norm_rope", "kv_norm_rope", "attention", "ple_combine", "ple_gate", "ple_tail",
+    "q_norm_rope_reference", "kv_norm_rope_reference", "attention_reference", "ple_combine_reference",
+    "ple_gate_reference", "ple_tail_reference", "rms_norm_reference", "rope_reference", "gelu_tanh_reference",
+    "q_norm_rope_kernel", "kv_norm_rope_kernel", "attention_kernel", "ple_combine_kernel", "ple_gate_kernel",
+    "ple_tail_kernel", "attention_mask",
+]

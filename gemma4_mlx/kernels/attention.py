@@ -1,0 +1,142 @@
+"""Attention for decode and short chunks (Lq <= 16), flash-decoding style.
+
+Semantics: q (B, H, Lq, D) are the LAST Lq positions of the N keys; query i
+sits at key index N - Lq + i and sees key j iff j <= N - Lq + i and
+(window == 0 or (N - Lq + i) - j < window). GQA: query head h uses kv head
+h // (H / Hkv). Softmax in float32; output (B, H, Lq, D) in q's dtype.
+
+Kernels (``custom_kernels/attention_partial.inc`` then
+``custom_kernels/attention_combine.inc``): pass 1 splits the visible key range
+over ``nsplit`` threadgroups per (batch, kv head, query-row tile) so that even
+one kv head with 32k keys fills the GPU; pass 2 merges the splits. keys and
+values are read through their strides (a KV-cache buffer sliced to N is not
+copied). Longer chunks (Lq > 16), head dims not a multiple of 32 or > 512 use
+the reference, ``mx.fast.scaled_dot_product_attention`` with an explicit
+boolean mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from . import dispatch
+from .dispatch import TG, ceil_to
+
+MAX_LQ = 16
+MAX_D = 512
+TARGET_BLOCKS = 528  # about 4 threadgroups per SM on an H100 (132 SMs)
+MIN_KEYS_PER_SPLIT = 128
+
+
+def attention_mask(Lq: int, N: int, window: int) -> mx.array:
+    """Boolean (Lq, N) mask: True where query i may see key j."""
+    qpos = mx.arange(N - Lq, N, dtype=mx.int32)[:, None]
+    j = mx.arange(N, dtype=mx.int32)[None, :]
+    vis = j <= qpos
+    if window:
+        vis = mx.logical_and(vis, (qpos - j) < window)
+    return vis
+
+
+def attention_reference(q: mx.array, keys: mx.array, values: mx.array, scale: float, window: int) -> mx.array:
+    """mx.fast.scaled_dot_product_attention with the explicit boolean mask."""
+    Lq, N = q.shape[2], keys.shape[2]
+    mask = attention_mask(Lq, N, int(window))
+    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=float(scale), mask=mask)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _rows_per_tile(QR: int, D: int) -> int:
+    # q and accumulator registers per lane: 2 * RT * D / 32 <= 128.
+    return max(1, min(_next_pow2(QR), 2048 // D))
+
+
+def launch_plan(B: int, H: int, Hkv: int, Lq: int, N: int, D: int, window: int) -> dict:
+    """Geometry of the two passes (also used by the benchmark and docs)."""
+    QR = (H // Hkv) * Lq
+    RT = _rows_per_tile(QR, D)
+    ntiles = -(-QR // RT)
+    kstart = max(0, N - Lq + 1 - window) if window else 0
+    nk = N - kstart
+    base = B * Hkv * ntiles
+    nsplit = max(1, min(-(-nk // MIN_KEYS_PER_SPLIT), -(-TARGET_BLOCKS // base)))
+    chunk = -(-nk // nsplit)
+    nsplit = -(-nk // chunk)
+    return dict(QR=QR, RT=RT, ntiles=ntiles, kstart=kstart, chunk=chunk, nsplit=nsplit)
+
+
+def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float, window: int) -> mx.array:
+    """Kernel version of :func:`attention_reference` (same signature)."""
+    B, H, Lq, D = q.shape
+    Hkv, N = keys.shape[1], keys.shape[2]
+    plan = launch_plan(B, H, Hkv, Lq, N, D, int(window))
+    rows = B * Hkv * plan["QR"]
+    ns = plan["nsplit"]
+    k1 = dispatch.get_kernel(
+        "attention_partial", ["q", "keys", "values", "scale", "params"], ["po", "pm", "pl"],
+        ensure_row_contiguous=False,
+    )
+    po, pm, pl = k1(
+        inputs=[
+            q, keys, values,
+            mx.array([scale], dtype=mx.float32),
+            mx.array([int(window), plan["kstart"], plan["chunk"], ns], dtype=mx.int32),
+        ],
+        template=[("T", q.dtype), ("D", D), ("RT", plan["RT"])],
+        grid=(ns * TG, plan["ntiles"], B * Hkv),
+        threadgroup=(TG, 1, 1),
+        output_shapes=[(rows, ns, D), (rows, ns), (rows, ns)],
+        output_dtypes=[mx.float32] * 3,
+        **dispatch.init_kwargs(),
+    )
+    k2 = dispatch.get_kernel("attention_combine", ["po", "pm", "pl"], ["out"])
+    return k2(
+        inputs=[po, pm, pl],
+        template=[("T", q.dtype), ("D", D)],
+        grid=(ceil_to(rows * 32, TG), 1, 1),
+        threadgroup=(TG, 1, 1),
+        output_shapes=[(B, H, Lq, D)],
+        output_dtypes=[q.dtype],
+        **dispatch.init_kwargs(),
+    )[0]
+
+
+_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def _class_key(q, keys, values, window):
+    if q.ndim != 4 or keys.ndim != 4 or values.ndim != 4 or q.dtype not in _FLOATS:
+        return None
+    B, H, Lq, D = q.shape
+    Bk, Hkv, N, Dk = keys.shape
+    if (Lq > MAX_LQ or D % 32 or D > MAX_D or Dk != D or Bk != B or Hkv == 0 or H % Hkv
+            or tuple(values.shape) != tuple(keys.shape) or N < Lq or Lq == 0):
+        return None
+    return (str(q.dtype), D, H // Hkv, Lq, bool(window))
+
+
+def _probe_inputs(key):
+    dtype = dispatch.dtype_from_key(key[0])
+    D, G, Lq, windowed = key[1], key[2], key[3], key[4]
+    B, Hkv, N = 1, 2, 300
+    q = dispatch.probe_normal((B, Hkv * G, Lq, D), 11, dtype)
+    # keys / values as a slice of a larger cache buffer: non-contiguous.
+    kbuf = dispatch.probe_normal((B, Hkv, N + 20, D), 12, dtype, 1.0 / math.sqrt(D) * 4)
+    vbuf = dispatch.probe_normal((B, Hkv, N + 20, D), 13, dtype)
+    window = 40 if windowed else 0
+    return (q, kbuf[:, :, :N], vbuf[:, :, :N], 1.0, window)
+
+
+def attention(q: mx.array, keys: mx.array, values: mx.array, scale: float = 1.0, window: int = 0) -> mx.array:
+    """Masked attention of the last Lq positions: kernel on GPU for Lq <= 16
+    (checked per shape class), else :func:`attention_reference`."""
+    key = _class_key(q, keys, values, window)
+    return dispatch.run(
+        "attention", key, attention_reference, attention_kernel, _probe_inputs,
+        q, keys, values, scale, window,
+    )

@@ -1,0 +1,360 @@
+"""Backend choice, kernel construction, self-check and fallback.
+
+Every public kernel function in :mod:`gemma4_mlx.kernels` goes through
+:func:`run`, which picks one of two implementations with the same signature:
+
+* the pure-MLX *reference* (always correct, used on CPU, when kernels are
+  off, for unsupported shapes, and after a failed self-check), or
+* the custom *kernel* (``mx.fast.metal_kernel`` on Metal,
+  ``mx.fast.cuda_kernel`` on CUDA), built from one body in
+  ``custom_kernels/<name>.inc`` plus the backend prelude.
+
+Mode, from :func:`set_kernels_mode` / :func:`kernels_mode` (context) or else
+the environment variable ``GEMMA4_MLX_KERNELS``:
+
+* ``off``: always the reference.
+* ``auto`` (default): the first time a kernel meets a *shape class*
+  (dtype, head dim, template parameters...) it runs once on a small probe
+  input next to the reference; on an exception or a mismatch it warns once
+  (naming the kernel and the reason) and that class uses the reference from
+  then on. The verdict is cached; later calls add no host sync.
+* ``strict``: as auto, but a failed self-check raises :class:`KernelCheckError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from importlib import resources
+from typing import Callable, Iterator, Sequence
+
+import mlx.core as mx
+
+ENV_VAR = "GEMMA4_MLX_KERNELS"
+MODES = ("auto", "off", "strict")
+TG = 256  # threads per threadgroup in every kernel; K_TG in the preludes
+
+# Tolerances (atol, rtol) of the self-check and of the parity tests.
+TOLERANCES = {
+    mx.float32: (2e-4, 2e-4),
+    mx.float16: (6e-3, 6e-3),
+    mx.bfloat16: (4e-2, 4e-2),
+}
+
+
+class KernelCheckError(RuntimeError):
+    """A kernel failed its self-check while the mode is ``strict``."""
+
+
+_lock = threading.Lock()
+_mode_override: str | None = None
+_backend_override: str | None = None  # test hook: "metal" | "cuda" | "none"
+_verdicts: dict[tuple, tuple[bool, str]] = {}
+_warned: set[tuple] = set()
+_kernel_cache: dict[tuple, object] = {}
+_impl_override: dict[str, Callable] = {}
+_body_override: dict[str, str] = {}
+_poison = False
+
+
+# ---------------------------------------------------------------- mode
+
+def get_mode() -> str:
+    """The current mode: the override, else ``$GEMMA4_MLX_KERNELS``, else auto."""
+    if _mode_override is not None:
+        return _mode_override
+    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{ENV_VAR}={mode!r}: expected one of {MODES}")
+    return mode
+
+
+def set_kernels_mode(mode: str | None) -> None:
+    """Force ``auto``/``off``/``strict`` for the process; ``None`` = use the env var."""
+    global _mode_override
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode {mode!r}: expected one of {MODES}")
+    _mode_override = mode
+
+
+@contextlib.contextmanager
+def kernels_mode(mode: str) -> Iterator[None]:
+    """Context manager: ``with kernels_mode("off"): ...`` switches every kernel."""
+    global _mode_override
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: expected one of {MODES}")
+    old = _mode_override
+    _mode_override = mode
+    try:
+        yield
+    finally:
+        _mode_override = old
+
+
+# ------------------------------------------------------------- backend
+
+def active_backend() -> str | None:
+    """``"metal"``, ``"cuda"`` or ``None`` (reference) for the default device."""
+    if _backend_override is not None:
+        return None if _backend_override == "none" else _backend_override
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return None
+
+
+def kernels_enabled() -> bool:
+    """True when custom kernels may run (mode not off and a GPU backend)."""
+    return get_mode() != "off" and active_backend() is not None
+
+
+@contextlib.contextmanager
+def force_backend(backend: str | None) -> Iterator[None]:
+    """Test hook: pretend the backend is ``"metal"``/``"cuda"``/``"none"``."""
+    global _backend_override
+    old = _backend_override
+    _backend_override = backend
+    try:
+        yield
+    finally:
+        _backend_override = old
+
+
+@contextlib.contextmanager
+def override_kernel(name: str, fn: Callable) -> Iterator[None]:
+    """Test hook: replace the kernel implementation of ``name`` by ``fn``."""
+    old = _impl_override.get(name)
+    _impl_override[name] = fn
+    reset()
+    try:
+        yield
+    finally:
+        if old is None:
+            _impl_override.pop(name, None)
+        else:
+            _impl_override[name] = old
+        reset()
+
+
+@contextlib.contextmanager
+def override_body(name: str, body: str) -> Iterator[None]:
+    """Test hook: replace the kernel body text of ``name`` (e.g. a broken one)."""
+    old = _body_override.get(name)
+    _body_override[name] = body
+    reset()
+    try:
+        yield
+    finally:
+        if old is None:
+            _body_override.pop(name, None)
+        else:
+            _body_override[name] = old
+        reset()
+
+
+def poison_outputs(on: bool) -> None:
+    """Test hook: kernels fill their outputs with NaN before running
+    (``init_value``), so unwritten elements show up as NaN."""
+    global _poison
+    _poison = bool(on)
+
+
+_verbose = False
+
+
+@contextlib.contextmanager
+def verbose_kernels() -> Iterator[None]:
+    """Test hook: launches pass ``verbose=True`` (MLX prints the generated source)."""
+    global _verbose
+    old = _verbose
+    _verbose = True
+    try:
+        yield
+    finally:
+        _verbose = old
+
+
+def init_kwargs() -> dict:
+    """Extra launch keywords from the test hooks (poison, verbose)."""
+    kw = {}
+    if _poison:
+        kw["init_value"] = float("nan")
+    if _verbose:
+        kw["verbose"] = True
+    return kw
+
+
+def reset() -> None:
+    """Forget verdicts, warnings and built kernels (tests)."""
+    with _lock:
+        _verdicts.clear()
+        _warned.clear()
+        _kernel_cache.clear()
+
+
+def verdicts() -> dict[tuple, tuple[bool, str]]:
+    """A copy of the cached self-check verdicts: key -> (ok, reason)."""
+    return dict(_verdicts)
+
+
+def probe_normal(shape, seed: int, dtype=mx.float32, scale: float = 1.0) -> mx.array:
+    """Random probe data from a fixed key (leaves the global RNG alone)."""
+    return (mx.random.normal(shape, key=mx.random.key(seed)) * scale).astype(dtype)
+
+
+def dtype_from_key(name: str):
+    return getattr(mx, name.split(".")[-1])
+
+
+# ------------------------------------------------------------- sources
+
+def read_source(filename: str) -> str:
+    return resources.files("custom_kernels").joinpath(filename).read_text()
+
+
+def prelude(backend: str) -> tuple[str, str]:
+    """(header part, source part) of ``custom_kernels/prelude_<backend>.h``."""
+    text = read_source(f"prelude_{backend}.h")
+    head, _, src = text.partition("// @@SOURCE\n")
+    return head, src
+
+
+def body(name: str) -> str:
+    if name in _body_override:
+        return _body_override[name]
+    return read_source(f"{name}.inc")
+
+
+def kernel_source(name: str, backend: str, defines: Sequence[tuple[str, int]] = ()) -> tuple[str, str]:
+    """(header, source) that the wrapper hands to MLX for ``backend``."""
+    head, src = prelude(backend)
+    defs = "".join(f"#define {k} {int(v)}\n" for k, v in defines)
+    undefs = "".join(f"#undef {k}\n" for k, _ in defines)
+    return head, defs + src + body(name) + undefs
+
+
+def get_kernel(
+    name: str,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    *,
+    backend: str | None = None,
+    defines: Sequence[tuple[str, int]] = (),
+    ensure_row_contiguous: bool = True,
+    variant: str = "",
+):
+    """The MLX custom-kernel object for ``name`` on ``backend`` (cached)."""
+    backend = backend or active_backend() or "metal"
+    key = (name, backend, variant, tuple(defines), ensure_row_contiguous)
+    k = _kernel_cache.get(key)
+    if k is not None:
+        return k
+    header, source = kernel_source(name, backend, defines)
+    kname = f"gemma4_{name}{'_' + variant if variant else ''}"
+    if backend == "metal":
+        k = mx.fast.metal_kernel(
+            name=kname, input_names=list(input_names), output_names=list(output_names),
+            source=source, header=header, ensure_row_contiguous=ensure_row_contiguous,
+        )
+    elif backend == "cuda":
+        k = mx.fast.cuda_kernel(
+            name=kname, input_names=list(input_names), output_names=list(output_names),
+            source=source, header=header, ensure_row_contiguous=ensure_row_contiguous,
+        )
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    with _lock:
+        _kernel_cache[key] = k
+    return k
+
+
+def ceil_to(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+# ------------------------------------------------------------ dispatch
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def compare(out, ref) -> str | None:
+    """None if ``out`` matches ``ref`` within the dtype tolerance, else why not."""
+    outs, refs = _as_list(out), _as_list(ref)
+    if len(outs) != len(refs):
+        return f"{len(outs)} outputs, expected {len(refs)}"
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        if tuple(o.shape) != tuple(r.shape):
+            return f"output {i}: shape {tuple(o.shape)}, expected {tuple(r.shape)}"
+        if o.dtype != r.dtype:
+            return f"output {i}: dtype {o.dtype}, expected {r.dtype}"
+        atol, rtol = TOLERANCES.get(r.dtype, (1e-4, 1e-4))
+        o32, r32 = o.astype(mx.float32), r.astype(mx.float32)
+        bad = mx.logical_not(mx.abs(o32 - r32) <= atol + rtol * mx.abs(r32))
+        nbad = int(mx.sum(bad).item())
+        if nbad:
+            err = float(mx.max(mx.where(bad, mx.abs(o32 - r32), 0)).item())
+            return f"output {i}: {nbad}/{o.size} values off (max err {err:g}, or NaN)"
+    return None
+
+
+def _fail(name: str, key: tuple, reason: str, mode: str) -> None:
+    msg = f"gemma4_mlx kernel {name!r} {key[1:]}: {reason}"
+    if mode == "strict":
+        raise KernelCheckError(msg)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg + "; using the MLX reference for this shape class", RuntimeWarning, stacklevel=4)
+
+
+def self_check(name: str, key: tuple, reference: Callable, kernel: Callable, probe_args: tuple) -> tuple[bool, str]:
+    """Run kernel and reference on the probe; (ok, reason)."""
+    try:
+        ref = reference(*probe_args)
+        out = kernel(*probe_args)
+        mx.eval(ref, out)
+        why = compare(out, ref)
+    except Exception as e:  # compile error, missing backend, bad launch ...
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    return (why is None, why or "")
+
+
+def run(
+    name: str,
+    class_key: tuple | None,
+    reference: Callable,
+    kernel: Callable,
+    probe: Callable[[tuple], tuple],
+    *args,
+):
+    """Call ``kernel(*args)`` if allowed and checked for ``class_key``, else
+    ``reference(*args)``. ``class_key`` None means: shape not supported by the
+    kernel, use the reference silently."""
+    mode = get_mode()
+    if mode == "off" or class_key is None:
+        return reference(*args)
+    backend = active_backend()
+    if backend is None:
+        return reference(*args)
+    kernel = _impl_override.get(name, kernel)
+    key = (name, backend) + tuple(class_key)
+    verdict = _verdicts.get(key)
+    if verdict is None:
+        verdict = self_check(name, key, reference, kernel, probe(class_key))
+        with _lock:
+            _verdicts[key] = verdict
+    ok, reason = verdict
+    if ok:
+        return kernel(*args)
+    _fail(name, key, reason, mode)
+    return reference(*args)
+
+
+def tolerance(dtype) -> tuple[float, float]:
+    return TOLERANCES.get(dtype, (1e-4, 1e-4))

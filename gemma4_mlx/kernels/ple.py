@@ -1,0 +1,169 @@
+"""Per-layer-embedding (PLE) kernels.
+
+* :func:`ple_combine` (model level): ``(T(RMSNorm_w(projection)) +
+  table[input_ids] * table_scale) * 2**-0.5`` -> (B, L, NL, P). The caller
+  passes ``projection`` already scaled: ``(h @ W^T) * hidden_size**-0.5``.
+* :func:`ple_gate` (per layer): ``gelu_tanh(gate) * per_layer_input``.
+* :func:`ple_tail` (per layer): ``(residual + RMSNorm_w(projected)) * layer_scalar``.
+
+Numerics: norms in float32 rounded to the input dtype (HF module boundary);
+the combine sums in float32 and rounds once; gate rounds gelu to the gate
+dtype then multiplies; tail rounds after the add and after the scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from . import dispatch
+from .dispatch import TG, ceil_to
+from .rope import rms_norm_reference
+
+_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+_SQRT_HALF = 2.0 ** -0.5
+
+
+# ------------------------------------------------------------- references
+
+def ple_combine_reference(input_ids, table, projection, norm_weight, table_scale, eps):
+    B, L, NLP = projection.shape
+    P = norm_weight.shape[-1]
+    NL = NLP // P
+    dt = projection.dtype
+    normed = rms_norm_reference(projection.reshape(B, L, NL, P), norm_weight, eps)
+    emb = table[input_ids].reshape(B, L, NL, P).astype(mx.float32) * float(table_scale)
+    return ((normed.astype(mx.float32) + emb) * _SQRT_HALF).astype(dt)
+
+
+def gelu_tanh_reference(x: mx.array) -> mx.array:
+    x32 = x.astype(mx.float32)
+    c = math.sqrt(2.0 / math.pi)
+    return (0.5 * x32 * (1.0 + mx.tanh(c * (x32 + 0.044715 * x32 * x32 * x32)))).astype(x.dtype)
+
+
+def ple_gate_reference(gate, per_layer_input):
+    return (gelu_tanh_reference(gate) * per_layer_input.astype(gate.dtype)).astype(gate.dtype)
+
+
+def ple_tail_reference(residual, projected, norm_weight, layer_scalar, eps):
+    dt = residual.dtype
+    normed = rms_norm_reference(projected, norm_weight, eps).astype(dt)
+    return (residual + normed) * layer_scalar.astype(dt)
+
+
+# ---------------------------------------------------------------- kernels
+
+def ple_combine_kernel(input_ids, table, projection, norm_weight, table_scale, eps):
+    B, L, NLP = projection.shape
+    P = norm_weight.shape[-1]
+    NL = NLP // P
+    k = dispatch.get_kernel("ple_combine", ["ids", "table", "proj", "w", "table_scale", "eps"], ["out"])
+    rows = B * L * NL
+    return k(
+        inputs=[
+            input_ids.astype(mx.int32), table, projection, norm_weight,
+            mx.array([float(table_scale)], dtype=mx.float32), mx.array([eps], dtype=mx.float32),
+        ],
+        template=[("T", projection.dtype), ("P", P), ("NL", NL)],
+        grid=(ceil_to(rows * 32, TG), 1, 1),
+        threadgroup=(TG, 1, 1),
+        output_shapes=[(B, L, NL, P)],
+        output_dtypes=[projection.dtype],
+        **dispatch.init_kwargs(),
+    )[0]
+
+
+def ple_gate_kernel(gate, per_layer_input):
+    k = dispatch.get_kernel("ple_gate", ["gate", "pli"], ["out"], ensure_row_contiguous=False)
+    return k(
+        inputs=[gate, per_layer_input],
+        template=[("T", gate.dtype)],
+        grid=(ceil_to(gate.size, TG), 1, 1),
+        threadgroup=(TG, 1, 1),
+        output_shapes=[gate.shape],
+        output_dtypes=[gate.dtype],
+        **dispatch.init_kwargs(),
+    )[0]
+
+
+def ple_tail_kernel(residual, projected, norm_weight, layer_scalar, eps):
+    HD = residual.shape[-1]
+    k = dispatch.get_kernel("ple_tail", ["res", "proj", "w", "ls", "eps"], ["out"])
+    return k(
+        inputs=[residual, projected, norm_weight, layer_scalar.reshape(-1), mx.array([eps], dtype=mx.float32)],
+        template=[("T", residual.dtype), ("HD", HD)],
+        grid=(residual.size // HD * TG, 1, 1),
+        threadgroup=(TG, 1, 1),
+        output_shapes=[residual.shape],
+        output_dtypes=[residual.dtype],
+        **dispatch.init_kwargs(),
+    )[0]
+
+
+# ------------------------------------------------------------ dispatching
+
+def ple_combine(input_ids: mx.array, table: mx.array, projection: mx.array, norm_weight: mx.array,
+                table_scale: float, eps: float) -> mx.array:
+    """(B, L, NL, P) per-layer inputs. ``table`` must be an unquantized
+    (V, NL*P) array for the kernel (a quantized table: call the reference
+    yourself); ``projection`` (B, L, NL*P) already scaled by hidden**-0.5."""
+    key = None
+    if (projection.ndim == 3 and projection.dtype in _FLOATS and table.ndim == 2
+            and table.dtype in _FLOATS and input_ids.ndim == 2):
+        P = norm_weight.shape[-1]
+        NLP = projection.shape[-1]
+        if P % 32 == 0 and P <= 1024 and NLP % P == 0 and table.shape[1] == NLP:
+            key = (str(projection.dtype), str(table.dtype), P, NLP // P)
+    return dispatch.run(
+        "ple_combine", key, ple_combine_reference, ple_combine_kernel, _probe_combine,
+        input_ids, table, projection, norm_weight, table_scale, eps,
+    )
+
+
+def _probe_combine(key):
+    dt, tdt, P, NL = dispatch.dtype_from_key(key[0]), dispatch.dtype_from_key(key[1]), key[2], key[3]
+    B, L, V = 2, 3, 50
+    ids = mx.array([[1, 7, 49], [0, 3, 3]], dtype=mx.int32)
+    table = dispatch.probe_normal((V, NL * P), 21, tdt, 0.1)
+    proj = dispatch.probe_normal((B, L, NL * P), 22, dt, 2.0)
+    w = (1 + dispatch.probe_normal((P,), 23, mx.float32, 0.3)).astype(dt)
+    return (ids, table, proj, w, math.sqrt(P), 1e-6)
+
+
+def ple_gate(gate: mx.array, per_layer_input: mx.array) -> mx.array:
+    """gelu_tanh(gate) * per_layer_input, (B, L, P); output in gate's dtype.
+    ``per_layer_input`` may be a strided slice (e.g. ``pli[:, :, i, :]``)."""
+    key = None
+    if (gate.ndim == 3 and gate.dtype in _FLOATS and tuple(per_layer_input.shape) == tuple(gate.shape)
+            and per_layer_input.dtype in _FLOATS):
+        key = (str(gate.dtype), str(per_layer_input.dtype))
+    return dispatch.run("ple_gate", key, ple_gate_reference, ple_gate_kernel, _probe_gate, gate, per_layer_input)
+
+
+def _probe_gate(key):
+    dt, pdt = dispatch.dtype_from_key(key[0]), dispatch.dtype_from_key(key[1])
+    gate = dispatch.probe_normal((2, 3, 96), 31, dt, 2.0)
+    pli = dispatch.probe_normal((2, 3, 4, 96), 32, pdt)[:, :, 1, :]
+    return (gate, pli)
+
+
+def ple_tail(residual: mx.array, projected: mx.array, norm_weight: mx.array, layer_scalar: mx.array,
+             eps: float) -> mx.array:
+    """(residual + RMSNorm_w(projected)) * layer_scalar; layer_scalar shape (1,)."""
+    key = None
+    if (residual.dtype in _FLOATS and tuple(projected.shape) == tuple(residual.shape)
+            and residual.ndim >= 1 and norm_weight.size == residual.shape[-1] and layer_scalar.size == 1
+            and residual.shape[-1] <= 16384):
+        key = (str(residual.dtype), residual.shape[-1])
+    return dispatch.run("ple_tail", key, ple_tail_reference, ple_tail_kernel, _probe_tail,
+                        residual, projected, norm_weight, layer_scalar, eps)
+
+
+def _probe_tail(key):
+    dt, HD = dispatch.dtype_from_key(key[0]), key[1]
+    res = dispatch.probe_normal((2, 3, HD), 41, dt, 2.0)
+    proj = dispatch.probe_normal((2, 3, HD), 42, dt, 5.0)
+    w = (1 + dispatch.probe_normal((HD,), 43, mx.float32, 0.3)).astype(dt)
+    return (res, proj, w, mx.array([0.7], dtype=dt), 1e-6)

@@ -1,0 +1,166 @@
+"""Fused per-head RMSNorm + rotate-half RoPE + head-major transpose.
+
+* :func:`q_norm_rope` (q_norm, RoPE, (B, L, H, D) -> (B, H, L, D))
+* :func:`kv_norm_rope` (k_norm + RoPE for keys, scale-free norm for values,
+  both head-major, in ONE launch)
+
+Kernel body: ``custom_kernels/norm_rope.inc`` (one warp per (b, l, head) row).
+Numerics (as HF Gemma 4): the norm in float32 with the weight as is, the
+normed value rounded to the input dtype, then the rotation in float32 with
+float32 angles ``(offset + t) * inv_freq``, rounded once.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import dispatch
+from .dispatch import TG, ceil_to
+
+# ------------------------------------------------------------- references
+
+
+def rms_norm_reference(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+    """Gemma 4 RMSNorm over the last axis in float32, cast back to x.dtype."""
+    x32 = x.astype(mx.float32)
+    y = x32 * mx.rsqrt(mx.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if weight is not None:
+        y = y * weight.astype(mx.float32)
+    return y.astype(x.dtype)
+
+
+def _positions(offset, B: int, L: int) -> mx.array:
+    """float32 positions, shape (B or 1, 1, L, 1)."""
+    t = mx.arange(L, dtype=mx.int32)
+    if isinstance(offset, mx.array):
+        pos = offset.reshape(-1, 1).astype(mx.int32) + t[None, :]
+    else:
+        pos = (t + int(offset))[None, :]
+    return pos.astype(mx.float32)[:, None, :, None]
+
+
+def rope_reference(x: mx.array, inv_freq: mx.array, offset) -> mx.array:
+    """Rotate-half RoPE of head-major x (B, H, L, D), math in float32."""
+    B, H, L, D = x.shape
+    ang = _positions(offset, B, L) * inv_freq.astype(mx.float32)  # (B|1, 1, L, D/2)
+    c, s = mx.cos(ang), mx.sin(ang)
+    x32 = x.astype(mx.float32)
+    lo, hi = x32[..., : D // 2], x32[..., D // 2 :]
+    return mx.concatenate([lo * c - hi * s, hi * c + lo * s], axis=-1).astype(x.dtype)
+
+
+def q_norm_rope_reference(q, weight, inv_freq, offset, eps):
+    """q (B, L, H, D) -> RoPE(RMSNorm_w(q)) as (B, H, L, D)."""
+    y = rms_norm_reference(q, weight, eps).transpose(0, 2, 1, 3)
+    return rope_reference(y, inv_freq, offset)
+
+
+def kv_norm_rope_reference(k, v, k_weight, inv_freq, offset, eps):
+    """keys = RoPE(RMSNorm_w(k)), values = RMSNorm(v) (no weight); both
+    (B, Hkv, L, D). ``v`` may be the same array as ``k``."""
+    keys = q_norm_rope_reference(k, k_weight, inv_freq, offset, eps)
+    values = rms_norm_reference(v, None, eps).transpose(0, 2, 1, 3)
+    return keys, values
+
+
+# ---------------------------------------------------------------- kernels
+
+_INPUTS_Q = ["x", "w", "inv_freq", "offset", "eps"]
+_INPUTS_KV = ["x", "xv", "w", "inv_freq", "offset", "eps"]
+
+
+def _offset_array(offset) -> mx.array:
+    if isinstance(offset, mx.array):
+        return offset.reshape(-1).astype(mx.int32)
+    return mx.array([int(offset)], dtype=mx.int32)
+
+
+def _launch(pair: bool, x, xv, weight, inv_freq, offset, eps):
+    B, L, H, D = x.shape
+    k = dispatch.get_kernel(
+        "norm_rope",
+        _INPUTS_KV if pair else _INPUTS_Q,
+        ["out", "vout"] if pair else ["out"],
+        defines=[("KV_PAIR", int(pair))],
+        variant="kv" if pair else "q",
+    )
+    rows = B * L * H
+    inputs = [x] + ([xv] if pair else []) + [
+        weight,
+        inv_freq.astype(mx.float32),
+        _offset_array(offset),
+        mx.array([eps], dtype=mx.float32),
+    ]
+    shape = (B, H, L, D)
+    return k(
+        inputs=inputs,
+        template=[("T", x.dtype), ("D", D), ("H", H)],
+        grid=(ceil_to(rows * 32, TG), 1, 1),
+        threadgroup=(TG, 1, 1),
+        output_shapes=[shape] * (2 if pair else 1),
+        output_dtypes=[x.dtype] * (2 if pair else 1),
+        **dispatch.init_kwargs(),
+    )
+
+
+def q_norm_rope_kernel(q, weight, inv_freq, offset, eps):
+    """Kernel version of :func:`q_norm_rope_reference` (same signature)."""
+    return _launch(False, q, None, weight, inv_freq, offset, eps)[0]
+
+
+def kv_norm_rope_kernel(k, v, k_weight, inv_freq, offset, eps):
+    """Kernel version of :func:`kv_norm_rope_reference` (same signature)."""
+    keys, values = _launch(True, k, v, k_weight, inv_freq, offset, eps)
+    return keys, values
+
+
+# ------------------------------------------------------------ dispatching
+
+_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def _class_key(x, inv_freq, extra=()):
+    if x.ndim != 4 or x.dtype not in _FLOATS:
+        return None
+    D = x.shape[-1]
+    if D % 64 or D > 1024 or inv_freq.size != D // 2:
+        return None
+    return (str(x.dtype), D, x.shape[2]) + tuple(extra)
+
+
+def _probe_inputs(key, pair):
+    dtype = dispatch.dtype_from_key(key[0])
+    D, H = key[1], key[2]
+    B, L = 2, 3
+    x = dispatch.probe_normal((B, L, H, D), 1, dtype, 3.0)
+    w = (1 + dispatch.probe_normal((D,), 2, mx.float32, 0.5)).astype(dtype)
+    inv_freq = 1.0 / (10000.0 ** (mx.arange(0, D, 2, dtype=mx.float32) / D))
+    offset = mx.array([5, 200003], dtype=mx.int32)
+    if pair:
+        v = dispatch.probe_normal((B, L, H, D), 3, dtype, 2.0)
+        return (x, v, w, inv_freq, offset, 1e-6)
+    return (x, w, inv_freq, offset, 1e-6)
+
+
+def q_norm_rope(q: mx.array, weight: mx.array, inv_freq: mx.array, offset, eps: float) -> mx.array:
+    """RMSNorm_w + RoPE of q (B, L, H, D) -> (B, H, L, D). ``offset``: int or
+    int array (B,). Kernel on GPU when checked, else the reference."""
+    key = _class_key(q, inv_freq)
+    if key is not None and weight.size != q.shape[-1]:
+        key = None
+    return dispatch.run(
+        "q_norm_rope", key, q_norm_rope_reference, q_norm_rope_kernel,
+        lambda k: _probe_inputs(k, False), q, weight, inv_freq, offset, eps,
+    )
+
+
+def kv_norm_rope(k: mx.array, v: mx.array, k_weight: mx.array, inv_freq: mx.array, offset, eps: float):
+    """(keys, values), both (B, Hkv, L, D): keys = RoPE(RMSNorm_w(k)),
+    values = RMSNorm(v) without weight. ``v`` may be ``k`` itself."""
+    key = _class_key(k, inv_freq)
+    if key is not None and (tuple(v.shape) != tuple(k.shape) or v.dtype != k.dtype or k_weight.size != k.shape[-1]):
+        key = None
+    return dispatch.run(
+        "kv_norm_rope", key, kv_norm_rope_reference, kv_norm_rope_kernel,
+        lambda c: _probe_inputs(c, True), k, v, k_weight, inv_freq, offset, eps,
+    )
