@@ -17,8 +17,10 @@ K_INLINE float k_warp_max(float v) {
 }
 K_INLINE float k_exp(float x) { return expf(x); }
 K_INLINE float k_rsqrt(float x) { return rsqrtf(x); }
-K_INLINE float k_cos(float x) { return cosf(x); }
-K_INLINE float k_sin(float x) { return sinf(x); }
+// RoPE angles reach ~1e6 rad; double trig stays accurate even if the JIT
+// compiles with fast math (which would turn cosf into __cosf).
+K_INLINE float k_cos(float x) { return float(cos(double(x))); }
+K_INLINE float k_sin(float x) { return float(sin(double(x))); }
 K_INLINE float k_tanh(float x) { return tanhf(x); }
 // @@SOURCE
   const int k_bx = int(blockIdx.x);

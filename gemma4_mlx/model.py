@@ -20,6 +20,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from . import ops
 from .config import FULL, LayerPlan, ModelArgs
+from .decode import CompiledDecoder, compile_enabled
 
 
 class ScaleFreeRMSNorm(nn.Module):
@@ -253,8 +254,19 @@ class Model(nn.Module):
         self.model = Gemma4TextModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        # A plain attribute set through object.__setattr__ stays out of the parameter tree.
+        object.__setattr__(self, "_decoder", None)
 
     def __call__(self, inputs: mx.array, cache=None, trace: Optional[list] = None, **_: Any) -> mx.array:
+        if cache is not None and trace is None and inputs.shape[1] == 1 and compile_enabled():
+            if self._decoder is None:
+                self._decoder = CompiledDecoder(self)
+            logits = self._decoder(inputs, cache)
+            if logits is not None:
+                return logits
+        return self._eager(inputs, cache=cache, trace=trace)
+
+    def _eager(self, inputs: mx.array, cache=None, trace: Optional[list] = None) -> mx.array:
         h = self.model(inputs, cache=cache, trace=trace)
         if self.args.tie_word_embeddings:
             logits = self.model.embed_tokens.as_linear(h)

@@ -34,14 +34,11 @@ def softcap(x: mx.array, cap: float) -> mx.array:
     return _softcap(x, mx.array(cap, dtype=x.dtype))
 
 
-def _kernel(name: str, *arrays: mx.array):
-    """The custom kernel for ``name`` if one should run on these inputs, else None."""
-    try:
-        from . import kernels
-    except ImportError:
-        return None
-    choose = getattr(kernels, "select", None)
-    return choose(name, *arrays) if choose is not None else None
+def _gpu_kernels():
+    """The kernels module when custom kernels may run here (GPU backend, mode not off)."""
+    from . import kernels
+
+    return kernels if kernels.kernels_enabled() else None
 
 
 def _rope(x: mx.array, freqs: mx.array, offset: Offset) -> mx.array:
@@ -52,18 +49,18 @@ def _rope(x: mx.array, freqs: mx.array, offset: Offset) -> mx.array:
 def q_norm_rope(q: mx.array, weight: mx.array, inv_freq: mx.array, freqs: mx.array, offset: Offset,
                 eps: float) -> mx.array:
     """(B, L, H, D) projection -> RMSNorm -> head-major -> RoPE."""
-    kernel = _kernel("q_norm_rope", q)
-    if kernel is not None:
-        return kernel(q, weight, inv_freq, offset, eps)
+    k = _gpu_kernels()
+    if k is not None:
+        return k.q_norm_rope(q, weight, inv_freq, offset, eps)
     return _rope(mx.fast.rms_norm(q, weight, eps).transpose(0, 2, 1, 3), freqs, offset)
 
 
 def kv_norm_rope(k: mx.array, v: mx.array, k_weight: mx.array, inv_freq: mx.array, freqs: mx.array,
                  offset: Offset, eps: float):
     """Keys: RMSNorm, head-major, RoPE. Values: scale-free RMSNorm, head-major."""
-    kernel = _kernel("kv_norm_rope", k)
-    if kernel is not None:
-        return kernel(k, v, k_weight, inv_freq, offset, eps)
+    kern = _gpu_kernels()
+    if kern is not None:
+        return kern.kv_norm_rope(k, v, k_weight, inv_freq, offset, eps)
     keys = _rope(mx.fast.rms_norm(k, k_weight, eps).transpose(0, 2, 1, 3), freqs, offset)
     values = mx.fast.rms_norm(v, None, eps).transpose(0, 2, 1, 3)
     return keys, values
@@ -81,10 +78,19 @@ def _plain_cache(cache: Any) -> bool:
 
 
 def attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: Any, window: int) -> mx.array:
-    """Attention of head-major queries over keys in time order (queries are the last positions)."""
-    kernel = _kernel("attention", queries, keys) if _plain_cache(cache) else None
-    if kernel is not None:
-        return kernel(queries, keys, values, scale=1.0, window=window)
+    """Attention of head-major queries over keys in time order (queries are the last positions).
+
+    ``cache`` is the producer layer's cache: a plain mlx-lm cache (keys in time order, or a
+    full rotating window for one query), the compiled decode step's slot cache (a fixed
+    buffer of which ``cache.valid`` slots are filled), or a batch/quantized cache (generic path).
+    """
+    k = _gpu_kernels()
+    if k is not None:
+        valid = getattr(cache, "valid", None)
+        if valid is not None:
+            return k.attention_prefix(queries, keys, values, valid.reshape(1), scale=1.0)
+        if _plain_cache(cache) and queries.shape[2] <= 16:
+            return k.attention(queries, keys, values, scale=1.0, window=window)
     return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=1.0, mask=mask)
 
 
@@ -92,10 +98,10 @@ def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_w
                 num_layers: int, ple_dim: int, projection_scale: float, table_scale: float,
                 eps: float) -> mx.array:
     """(RMSNorm(projection * s) + table[ids] * sqrt(P)) * 2^-0.5, shaped (B, L, layers, P)."""
-    kernel = _kernel("ple_combine", projection) if type(table) is nn.Embedding else None
-    if kernel is not None:
-        return kernel(inputs, table.weight, projection, norm_weight, num_layers=num_layers, ple_dim=ple_dim,
-                      projection_scale=projection_scale, table_scale=table_scale, eps=eps)
+    kern = _gpu_kernels()
+    if kern is not None and type(table) is nn.Embedding:
+        projection = projection * mx.array(projection_scale, dtype=projection.dtype)
+        return kern.ple_combine(inputs, table.weight, projection, norm_weight, table_scale, eps)
     dtype = projection.dtype
     proj = projection * mx.array(projection_scale, dtype=dtype)
     proj = proj.reshape(*proj.shape[:-1], num_layers, ple_dim)
@@ -106,15 +112,15 @@ def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_w
 
 
 def ple_gate(gate: mx.array, per_layer_input: mx.array) -> mx.array:
-    kernel = _kernel("ple_gate", gate)
-    if kernel is not None:
-        return kernel(gate, per_layer_input)
+    k = _gpu_kernels()
+    if k is not None:
+        return k.ple_gate(gate, per_layer_input)
     return geglu(gate, per_layer_input)
 
 
 def ple_tail(residual: mx.array, projected: mx.array, norm_weight: mx.array, layer_scalar: mx.array,
              eps: float) -> mx.array:
-    kernel = _kernel("ple_tail", residual)
-    if kernel is not None:
-        return kernel(residual, projected, norm_weight, layer_scalar, eps)
+    k = _gpu_kernels()
+    if k is not None:
+        return k.ple_tail(residual, projected, norm_weight, layer_scalar, eps)
     return (residual + mx.fast.rms_norm(projected, norm_weight, eps)) * layer_scalar

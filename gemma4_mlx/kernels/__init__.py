@@ -12,7 +12,14 @@ env ``GEMMA4_MLX_KERNELS=auto|off|strict``; :func:`kernels_enabled`,
 :func:`active_backend`. See docs/kernels.md.
 """
 
-from .attention import attention, attention_kernel, attention_mask, attention_reference
+from .attention import (
+    attention,
+    attention_kernel,
+    attention_mask,
+    attention_prefix,
+    attention_prefix_reference,
+    attention_reference,
+)
 from .dispatch import (
     KernelCheckError,
     active_backend,
@@ -46,7 +53,7 @@ from .rope import (
 
 __all__ = [
     "KernelCheckError", "active_backend", "get_mode", "kernels_enabled", "kernels_mode", "set_kernels_mode",
-    "q_norm_rope", "kv_norm_rope", "attention", "ple_combine", "ple_gate", "ple_tail",
+    "q_norm_rope", "kv_norm_rope", "attention", "attention_prefix", "attention_prefix_reference", "ple_combine", "ple_gate", "ple_tail",
     "q_norm_rope_reference", "kv_norm_rope_reference", "attention_reference", "ple_combine_reference",
     "ple_gate_reference", "ple_tail_reference", "rms_norm_reference", "rope_reference", "gelu_tanh_reference",
     "q_norm_rope_kernel", "kv_norm_rope_kernel", "attention_kernel", "ple_combine_kernel", "ple_gate_kernel",

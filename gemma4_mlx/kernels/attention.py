@@ -70,15 +70,24 @@ def launch_plan(B: int, H: int, Hkv: int, Lq: int, N: int, D: int, window: int) 
     return dict(QR=QR, RT=RT, ntiles=ntiles, kstart=kstart, chunk=chunk, nsplit=nsplit)
 
 
-def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float, window: int) -> mx.array:
-    """Kernel version of :func:`attention_reference` (same signature)."""
+def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float, window: int,
+                     kv_len: mx.array | None = None) -> mx.array:
+    """Kernel version of :func:`attention_reference` (same signature).
+
+    ``kv_len`` (int32, shape (1,)), when given, is how many leading keys of the buffer are in
+    use; the launch geometry then depends only on the buffer size, so a traced decode step
+    can be replayed while the cache fills up. It requires ``window == 0``."""
     B, H, Lq, D = q.shape
     Hkv, N = keys.shape[1], keys.shape[2]
+    if kv_len is None:
+        kv_len = mx.array([N], dtype=mx.int32)
+    elif window:
+        raise ValueError("kv_len needs window == 0 (a rotating buffer holds exactly the window)")
     plan = launch_plan(B, H, Hkv, Lq, N, D, int(window))
     rows = B * Hkv * plan["QR"]
     ns = plan["nsplit"]
     k1 = dispatch.get_kernel(
-        "attention_partial", ["q", "keys", "values", "scale", "params"], ["po", "pm", "pl"],
+        "attention_partial", ["q", "keys", "values", "scale", "params", "kv_len"], ["po", "pm", "pl"],
         ensure_row_contiguous=False,
     )
     po, pm, pl = k1(
@@ -86,6 +95,7 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
             q, keys, values,
             mx.array([scale], dtype=mx.float32),
             mx.array([int(window), plan["kstart"], plan["chunk"], ns], dtype=mx.int32),
+            kv_len.reshape(1).astype(mx.int32),
         ],
         template=[("T", q.dtype), ("D", D), ("RT", plan["RT"])],
         grid=(ns * TG, plan["ntiles"], B * Hkv),
@@ -139,4 +149,34 @@ def attention(q: mx.array, keys: mx.array, values: mx.array, scale: float = 1.0,
     return dispatch.run(
         "attention", key, attention_reference, attention_kernel, _probe_inputs,
         q, keys, values, scale, window,
+    )
+
+
+def attention_prefix_reference(q: mx.array, keys: mx.array, values: mx.array, kv_len: mx.array,
+                               scale: float = 1.0) -> mx.array:
+    """Attention over the first ``kv_len`` keys of a preallocated buffer (N slots); query i
+    sits at key index kv_len - Lq + i. ``kv_len`` is an int32 array of shape (1,)."""
+    Lq, N = q.shape[2], keys.shape[2]
+    qpos = kv_len.astype(mx.int32) - Lq + mx.arange(Lq, dtype=mx.int32)[:, None]
+    mask = mx.arange(N, dtype=mx.int32)[None, :] <= qpos
+    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=float(scale), mask=mask)
+
+
+def _attention_prefix_kernel(q, keys, values, kv_len, scale=1.0):
+    return attention_kernel(q, keys, values, scale, 0, kv_len)
+
+
+def _probe_prefix(key):
+    q, keys, values, scale, _ = _probe_inputs(key)
+    return (q, keys, values, mx.array([keys.shape[2] - 37], dtype=mx.int32), scale)
+
+
+def attention_prefix(q: mx.array, keys: mx.array, values: mx.array, kv_len: mx.array,
+                     scale: float = 1.0) -> mx.array:
+    """:func:`attention_prefix_reference` as a kernel on GPU. The decode step compiled with
+    ``mx.compile`` uses this: the buffer's shape stays fixed while ``kv_len`` grows."""
+    key = _class_key(q, keys, values, 0)
+    return dispatch.run(
+        "attention_prefix", key, attention_prefix_reference, _attention_prefix_kernel, _probe_prefix,
+        q, keys, values, kv_len, scale,
     )

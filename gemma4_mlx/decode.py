@@ -1,0 +1,119 @@
+"""A compiled one-token decode step over mlx-lm's own KV caches.
+
+Stock mlx-lm rebuilds the whole graph in Python for every generated token (several ms for
+E2B) and runs each small op as its own kernel. Here the decode step is traced once with
+``mx.compile`` and replayed: MLX fuses the elementwise chains and the Python cost disappears.
+
+To keep shapes fixed from one token to the next, the step works on the caches' full buffers
+(``KVCache``/``RotatingKVCache`` preallocate in steps of 256) instead of the ``[:offset]``
+views: the new key/value is written at a slot given as an array, and a mask hides the slots
+not yet filled. Between calls the caches are left exactly as mlx-lm's own ``update_and_fetch``
+would leave them, so prompt-cache saving, trimming and batching keep working; the step is
+re-traced only when a buffer grows.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, List, Optional
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+_CACHE_TYPES = (KVCache, RotatingKVCache)
+
+
+def compile_enabled() -> bool:
+    return os.environ.get("GEMMA4_MLX_COMPILE", "1").lower() not in ("0", "off", "false", "no")
+
+
+class _SlotCache:
+    """Stands in for a cache inside the traced step: write at ``slot``, mask unfilled slots."""
+
+    def __init__(self, keys: mx.array, values: mx.array, slot: mx.array, valid: mx.array, offset: mx.array):
+        self.keys, self.values = keys, values
+        self.slot, self.valid, self.offset = slot, valid, offset
+
+    def update_and_fetch(self, k: mx.array, v: mx.array):
+        self.keys = mx.slice_update(self.keys, k, self.slot, axes=(2,))
+        self.values = mx.slice_update(self.values, v, self.slot, axes=(2,))
+        return self.keys, self.values
+
+    def make_mask(self, N: int, window_size: Optional[int] = None, return_array: bool = False):
+        # Every filled slot is inside the window: a rotating buffer holds exactly the window.
+        return mx.arange(self.keys.shape[2]) < self.valid
+
+
+def _reserve_slot(cache) -> tuple[int, int]:
+    """Grow/trim/rotate ``cache`` as its ``update_and_fetch`` would for one token; return
+    (slot to write, number of valid slots after the write)."""
+    if type(cache) is KVCache:
+        prev = cache.offset
+        if cache.keys is None or prev + 1 > cache.keys.shape[2]:
+            # let mlx-lm grow the buffer, then take the token back out of it
+            raise _NeedsEager
+        return prev, prev + 1
+    # RotatingKVCache with keep == 0 (what make_cache builds)
+    if cache.keys is None or cache.keep != 0:
+        raise _NeedsEager
+    size = cache.keys.shape[2]
+    if (cache.offset >= size and size < cache.max_size) or size > cache.max_size:
+        raise _NeedsEager  # growing or trimming: done by mlx-lm's own code once
+    idx = cache._idx
+    if idx == cache.max_size:
+        idx = 0
+    return idx, min(cache.offset + 1, size)
+
+
+class _NeedsEager(Exception):
+    pass
+
+
+class CompiledDecoder:
+    """Runs ``model`` for one token per row through a compiled step when the caches allow it."""
+
+    def __init__(self, model):
+        self.model = model
+        self._step = mx.compile(self._forward)
+        self._traced = set()
+
+    def _forward(self, inputs, offset, slots, valid, buffers):
+        caches = [
+            _SlotCache(buffers[2 * i], buffers[2 * i + 1], slots[i : i + 1], valid[i], offset)
+            for i in range(len(buffers) // 2)
+        ]
+        logits = self.model._eager(inputs, cache=caches)
+        out = []
+        for c in caches:
+            out += [c.keys, c.values]
+        return logits, out
+
+    def __call__(self, inputs: mx.array, cache: List[Any]) -> Optional[mx.array]:
+        """Logits, or None when this call must take the eager path."""
+        if inputs.shape[1] != 1 or not cache or any(type(c) not in _CACHE_TYPES for c in cache):
+            return None
+        offsets = {c.offset for c in cache}
+        if len(offsets) != 1:
+            return None
+        try:
+            reserved = [_reserve_slot(c) for c in cache]
+        except _NeedsEager:
+            return None
+        offset = offsets.pop()
+        slots = mx.array([s for s, _ in reserved], dtype=mx.int32)
+        valid = mx.array([v for _, v in reserved], dtype=mx.int32)
+        buffers = []
+        for c in cache:
+            buffers += [c.keys, c.values]
+        # A new shape means a new trace. Run that step uncompiled first: kernels check themselves
+        # on first use (which evaluates arrays, not allowed while tracing).
+        signature = (inputs.shape, inputs.dtype, tuple((b.shape, b.dtype) for b in buffers))
+        step = self._step if signature in self._traced else self._forward
+        self._traced.add(signature)
+        logits, new = step(inputs, mx.array(offset, dtype=mx.int32), slots, valid, buffers)
+        for i, c in enumerate(cache):
+            c.keys, c.values = new[2 * i], new[2 * i + 1]
+            c.offset += 1
+            if type(c) is RotatingKVCache:
+                c._idx = reserved[i][0] + 1
+        return logits

@@ -1,0 +1,79 @@
+"""The compiled one-token decode step gives the eager path's logits and leaves mlx-lm caches intact."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_map
+
+from gemma4_mlx import Model, parse_config
+from gemma4_mlx import decode as decode_mod
+from gemma4_mlx.presets import preset_config
+
+
+def _random_model(preset: str, seed: int = 0) -> Model:
+    model = Model(parse_config(preset_config(preset)))
+    mx.random.seed(seed)
+    model.update(tree_map(lambda p: (mx.random.normal(p.shape) * 0.05 + (1.0 if p.ndim == 1 else 0.0)),
+                          model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def _greedy(model, prompt, steps, monkeypatch, compiled: bool):
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1" if compiled else "0")
+    cache = model.make_cache()
+    logits = model(prompt, cache=cache)
+    y = mx.argmax(logits[:, -1], axis=-1)
+    tokens, rows = [], []
+    for _ in range(steps):
+        logits = model(y[:, None], cache=cache)
+        y = mx.argmax(logits[:, -1], axis=-1)
+        tokens.append(y.tolist())
+        rows.append(np.array(logits[:, -1]))
+    return tokens, np.stack(rows), cache
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-e4b", "tiny-moe", "tiny-31b"])
+def test_compiled_decode_matches_eager(preset, monkeypatch):
+    model = _random_model(preset)
+    calls = {"traced": 0}
+    original = decode_mod.CompiledDecoder._forward
+
+    def counting(self, *args):
+        calls["traced"] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(decode_mod.CompiledDecoder, "_forward", counting)
+    prompt = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, size=(2, 21)))
+    # 260 steps: many wraps of the 8-token window and one growth of the full-attention buffer
+    steps = 260
+    eager_tokens, eager_rows, eager_cache = _greedy(model, prompt, steps, monkeypatch, compiled=False)
+    assert calls["traced"] == 0
+    tokens, rows, cache = _greedy(model, prompt, steps, monkeypatch, compiled=True)
+    assert tokens == eager_tokens
+    assert np.max(np.abs(rows - eager_rows)) <= 1e-4 * np.max(np.abs(eager_rows))
+    # compiled steps ran (each new buffer shape is traced once after one uncompiled step)
+    assert 1 <= calls["traced"] <= 6
+    # caches are left as mlx-lm's own update_and_fetch leaves them
+    for ours, theirs in zip(cache, eager_cache):
+        assert type(ours) is type(theirs) and ours.offset == theirs.offset
+        a, b = ours.state[0], theirs.state[0]
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_cache_round_trip_after_compiled_decode(tmp_path, monkeypatch):
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    model = _random_model("tiny")
+    prompt = mx.array([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]])
+    _, _, cache = _greedy(model, prompt, 12, monkeypatch, compiled=True)
+    path = str(tmp_path / "cache.safetensors")
+    save_prompt_cache(path, cache)
+    loaded = load_prompt_cache(path)
+    nxt = mx.array([[3]])
+    a = model(nxt, cache=cache)
+    b = model(nxt, cache=loaded)
+    np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,462 @@
+"""Parity suite for gemma4_mlx.kernels (in the spirit of llama.cpp's
+test-backend-ops).
+
+* Everywhere: every reference vs an independent float64 numpy oracle, and the
+  dispatch rules (off / auto / strict, fallback on a kernel that fails to
+  compile or returns wrong values, once-only warnings, cached verdicts).
+* On a GPU backend (MLX CUDA or Metal): every kernel vs its reference on a
+  bigger grid, outputs poisoned with NaN (``init_value``) so an unwritten
+  element fails, plus the public functions in ``strict`` mode.
+
+Run:  python -m pytest -q tests/test_kernels.py
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import gemma4_mlx.kernels as K
+from gemma4_mlx.kernels import dispatch
+
+ATT = sys.modules["gemma4_mlx.kernels.attention"]
+
+GPU = dispatch.active_backend() is not None
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+DT_IDS = ["f32", "f16", "bf16"]
+
+
+@pytest.fixture(autouse=True)
+def _clean_dispatch():
+    dispatch.reset()
+    dispatch.poison_outputs(GPU)
+    yield
+    dispatch.poison_outputs(False)
+    dispatch.set_kernels_mode(None)
+    dispatch.reset()
+
+
+def rnd(shape, dtype=mx.float32, scale=1.0, seed=None):
+    key = mx.random.key(seed) if seed is not None else None
+    return (mx.random.normal(shape, key=key) * scale).astype(dtype)
+
+
+def f64(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32)).astype(np.float64)
+
+
+def assert_close(out, ref, dtype, what=""):
+    out = np.asarray(out, dtype=np.float64) if not isinstance(out, mx.array) else f64(out)
+    ref = np.asarray(ref, dtype=np.float64) if not isinstance(ref, mx.array) else f64(ref)
+    assert out.shape == ref.shape, (what, out.shape, ref.shape)
+    atol, rtol = dispatch.tolerance(dtype)
+    scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
+    err = np.abs(out - ref)
+    bad = ~(err <= atol * scale + rtol * np.abs(ref))
+    assert not bad.any(), f"{what}: {bad.sum()}/{bad.size} off, max err {np.nanmax(err)}"
+
+
+def inv_freq_for(D, proportional=False):
+    inv = 1.0 / (10000.0 ** (np.arange(0, D, 2) / D))
+    if proportional:  # the trailing quarter of the pairs unrotated
+        inv[3 * (D // 2) // 4:] = 0.0
+    return mx.array(inv.astype(np.float32))
+
+
+# ------------------------------------------------------------ numpy oracles
+
+def np_rms(x, w, eps):
+    y = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return y * w if w is not None else y
+
+
+def np_rope(x, inv, pos):  # x (B, H, L, D), pos (B, L)
+    D = x.shape[-1]
+    ang = pos[:, None, :, None].astype(np.float32) * inv.astype(np.float32)  # float32 angles
+    ang = ang.astype(np.float64)
+    c, s = np.cos(ang), np.sin(ang)
+    lo, hi = x[..., : D // 2], x[..., D // 2:]
+    return np.concatenate([lo * c - hi * s, hi * c + lo * s], axis=-1)
+
+
+def np_positions(offset, B, L):
+    if isinstance(offset, mx.array):
+        return np.array(offset).reshape(-1, 1) + np.arange(L)[None, :]
+    return np.broadcast_to(offset + np.arange(L)[None, :], (B, L))
+
+
+def np_attention(q, k, v, scale, window):
+    B, H, Lq, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G = H // Hkv
+    out = np.zeros_like(q)
+    qpos = N - Lq + np.arange(Lq)[:, None]
+    j = np.arange(N)[None, :]
+    vis = j <= qpos
+    if window:
+        vis &= (qpos - j) < window
+    for b in range(B):
+        for h in range(H):
+            s = (q[b, h] @ k[b, h // G].T) * scale
+            s = np.where(vis, s, -np.inf)
+            s = np.exp(s - s.max(-1, keepdims=True))
+            out[b, h] = (s / s.sum(-1, keepdims=True)) @ v[b, h // G]
+    return out
+
+
+def gelu_np(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+# --------------------------------------------------------------- grids
+
+if GPU:
+    ROPE_CASES = [(B, L, H, D, off) for D in (256, 512) for (B, L, H) in ((1, 1, 8), (2, 7, 4), (1, 33, 16), (3, 5, 1))
+                  for off in (0, 200000, "array")]
+    ATT_CASES = [(B, Hkv, G, Lq, N, D, w) for D in (256, 512) for G in (1, 2, 4, 8, 16)
+                 for (B, Hkv, Lq, N, w) in ((1, 1, 1, 1, 0), (1, 2, 1, 33, 0), (2, 1, 7, 300, 0), (1, 1, 16, 4100, 0),
+                                            (1, 2, 1, 1500, 512), (1, 1, 5, 700, 64), (2, 2, 16, 70, 32))]
+else:
+    ROPE_CASES = [(1, 1, 2, 256, 0), (2, 7, 3, 256, 200000), (2, 33, 1, 512, "array"), (1, 5, 2, 512, 17)]
+    ATT_CASES = [(1, 1, G, Lq, N, D, w) for (G, D) in ((1, 256), (2, 512), (4, 256), (8, 512), (16, 256))
+                 for (Lq, N, w) in ((1, 1, 0), (7, 33, 0), (1, 40, 16), (3, 70, 8))] + [(2, 2, 2, 16, 20, 256, 0)]
+
+
+def _offset(off, B):
+    if off == "array":
+        return mx.array([3, 200000, 17][:B], dtype=mx.int32) if B <= 3 else mx.arange(B, dtype=mx.int32)
+    return off
+
+
+# ------------------------------------------------------ references vs numpy
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", ROPE_CASES[:4] if not GPU else ROPE_CASES[::5])
+def test_q_norm_rope_reference_vs_numpy(case, dtype):
+    B, L, H, D, off = case
+    off = _offset(off, B)
+    q = rnd((B, L, H, D), dtype, 3.0)
+    w = (1 + rnd((D,), mx.float32, 0.3)).astype(dtype)
+    inv = inv_freq_for(D, proportional=True)
+    out = K.q_norm_rope_reference(q, w, inv, off, 1e-6)
+    assert out.shape == (B, H, L, D) and out.dtype == dtype
+    want = np_rope(np_rms(f64(q), f64(w), 1e-6).transpose(0, 2, 1, 3), np.array(inv), np_positions(off, B, L))
+    assert_close(out, want, dtype, "q_norm_rope ref")
+    assert np.isfinite(f64(out)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("k_eq_v", [False, True])
+def test_kv_norm_rope_reference_vs_numpy(dtype, k_eq_v):
+    B, L, H, D = 2, 7, 2, 256
+    off = mx.array([0, 200000], dtype=mx.int32)
+    k = rnd((B, L, H, D), dtype, 2.0)
+    v = k if k_eq_v else rnd((B, L, H, D), dtype, 2.0)
+    w = (1 + rnd((D,), mx.float32, 0.3)).astype(dtype)
+    inv = inv_freq_for(D)
+    keys, values = K.kv_norm_rope_reference(k, v, w, inv, off, 1e-6)
+    pos = np_positions(off, B, L)
+    assert_close(keys, np_rope(np_rms(f64(k), f64(w), 1e-6).transpose(0, 2, 1, 3), np.array(inv), pos), dtype, "keys")
+    assert_close(values, np_rms(f64(v), None, 1e-6).transpose(0, 2, 1, 3), dtype, "values")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", ATT_CASES if not GPU else ATT_CASES[::7])
+def test_attention_reference_vs_numpy(case, dtype):
+    B, Hkv, G, Lq, N, D, window = case
+    q = rnd((B, Hkv * G, Lq, D), dtype)
+    k = rnd((B, Hkv, N, D), dtype, 4 / math.sqrt(D))
+    v = rnd((B, Hkv, N, D), dtype)
+    out = K.attention_reference(q, k, v, 1.0, window)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close(out, np_attention(f64(q), f64(k), f64(v), 1.0, window), dtype, "attention ref")
+
+
+def test_attention_mask_rule():
+    m = np.array(K.attention_mask(3, 6, 2))
+    want = np.array([[j <= 3 + i and (3 + i) - j < 2 for j in range(6)] for i in range(3)])
+    assert (m == want).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_ple_references_vs_numpy(dtype):
+    B, L, NL, P, V, HD = 2, 3, 4, 64, 20, 96
+    ids = mx.array([[1, 5, 19], [0, 0, 7]], dtype=mx.int32)
+    table = rnd((V, NL * P), dtype, 0.1)
+    proj = rnd((B, L, NL * P), dtype, 2.0)
+    w = (1 + rnd((P,), mx.float32, 0.3)).astype(dtype)
+    out = K.ple_combine_reference(ids, table, proj, w, math.sqrt(P), 1e-6)
+    assert out.shape == (B, L, NL, P) and out.dtype == dtype
+    tab = f64(table)[np.array(ids)].reshape(B, L, NL, P)
+    want = (np_rms(f64(proj).reshape(B, L, NL, P), f64(w), 1e-6) + tab * math.sqrt(P)) * 2 ** -0.5
+    assert_close(out, want, dtype, "ple_combine ref")
+
+    gate = rnd((B, L, P), dtype, 2.0)
+    pli = rnd((B, L, NL, P), dtype)[:, :, 2, :]
+    g = K.ple_gate_reference(gate, pli)
+    assert g.dtype == dtype
+    assert_close(g, gelu_np(f64(gate)) * f64(pli), dtype, "ple_gate ref")
+
+    res, pj = rnd((B, L, HD), dtype, 2.0), rnd((B, L, HD), dtype, 5.0)
+    w2 = (1 + rnd((HD,), mx.float32, 0.3)).astype(dtype)
+    ls = mx.array([0.7], dtype=dtype)
+    t = K.ple_tail_reference(res, pj, w2, ls, 1e-6)
+    assert t.dtype == dtype
+    assert_close(t, (f64(res) + np_rms(f64(pj), f64(w2), 1e-6)) * float(np.array(ls.astype(mx.float32))[0]),
+                 dtype, "ple_tail ref")
+
+
+# ------------------------------------------------ kernels vs references (GPU)
+
+gpu_only = pytest.mark.skipif(not GPU, reason="no MLX GPU backend (Metal/CUDA): kernels cannot run here")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", ROPE_CASES)
+def test_norm_rope_kernels(case, dtype):
+    B, L, H, D, off = case
+    off = _offset(off, B)
+    q = rnd((B, L, H, D), dtype, 3.0)
+    w = (1 + rnd((D,), mx.float32, 0.3)).astype(dtype)
+    inv = inv_freq_for(D, proportional=True)
+    assert_close(K.q_norm_rope_kernel(q, w, inv, off, 1e-6), K.q_norm_rope_reference(q, w, inv, off, 1e-6), dtype, "q")
+    v = rnd((B, L, H, D), dtype, 2.0)
+    for vv in (v, q):
+        got = K.kv_norm_rope_kernel(q, vv, w, inv, off, 1e-6)
+        want = K.kv_norm_rope_reference(q, vv, w, inv, off, 1e-6)
+        assert_close(got[0], want[0], dtype, "keys")
+        assert_close(got[1], want[1], dtype, "values")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", ATT_CASES)
+def test_attention_kernel(case, dtype):
+    B, Hkv, G, Lq, N, D, window = case
+    q = rnd((B, Hkv * G, Lq, D), dtype)
+    kbuf = rnd((B, Hkv, N + 13, D), dtype, 4 / math.sqrt(D))
+    vbuf = rnd((B, Hkv, N + 13, D), dtype)
+    k, v = kbuf[:, :, :N], vbuf[:, :, :N]  # strided views of a cache buffer
+    want = K.attention_reference(q, k, v, 1.0, window)
+    assert_close(K.attention_kernel(q, k, v, 1.0, window), want, dtype, "attention")
+    assert_close(K.attention_kernel(q, mx.contiguous(k), mx.contiguous(v), 1.0, window), want, dtype, "contig")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(1, 1, 35, 256, 1536), (2, 7, 42, 256, 2560), (1, 33, 4, 64, 5376)])
+def test_ple_kernels(shape, dtype):
+    B, L, NL, P, HD = shape
+    V = 100
+    ids = mx.random.randint(0, V, (B, L)).astype(mx.int32)
+    table = rnd((V, NL * P), dtype, 0.1)
+    proj = rnd((B, L, NL * P), dtype, 2.0)
+    w = (1 + rnd((P,), mx.float32, 0.3)).astype(dtype)
+    args = (ids, table, proj, w, math.sqrt(P), 1e-6)
+    combined = K.ple_combine_kernel(*args)
+    assert_close(combined, K.ple_combine_reference(*args), dtype, "ple_combine")
+    gate = rnd((B, L, P), dtype, 2.0)
+    pli = combined[:, :, NL // 2, :]
+    assert_close(K.ple_gate_kernel(gate, pli), K.ple_gate_reference(gate, pli), dtype, "ple_gate")
+    res, pj = rnd((B, L, HD), dtype, 2.0), rnd((B, L, HD), dtype, 5.0)
+    w2 = (1 + rnd((HD,), mx.float32, 0.3)).astype(dtype)
+    ls = mx.array([0.7], dtype=dtype)
+    assert_close(K.ple_tail_kernel(res, pj, w2, ls, 1e-6), K.ple_tail_reference(res, pj, w2, ls, 1e-6), dtype, "tail")
+
+
+@gpu_only
+def test_public_functions_strict_on_gpu():
+    dispatch.set_kernels_mode("strict")
+    dtype = mx.bfloat16
+    q = rnd((1, 3, 8, 256), dtype)
+    w = mx.ones((256,), dtype)
+    inv = inv_freq_for(256)
+    K.q_norm_rope(q, w, inv, 5, 1e-6)
+    K.kv_norm_rope(q, q, w, inv, 5, 1e-6)
+    qa = rnd((1, 8, 1, 256), dtype)
+    kv = rnd((1, 1, 100, 256), dtype)
+    K.attention(qa, kv, kv, 1.0, 0)
+    assert all(ok for ok, _ in dispatch.verdicts().values())
+    assert len(dispatch.verdicts()) >= 3
+
+
+# --------------------------------------------------------------- dispatch
+
+def _rope_args(dtype=mx.float32, D=256):
+    return (rnd((1, 2, 2, D), dtype), mx.ones((D,), dtype), inv_freq_for(D), 3, 1e-6)
+
+
+def test_default_mode_and_env(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert dispatch.get_mode() == "auto"
+    monkeypatch.setenv(dispatch.ENV_VAR, "off")
+    assert dispatch.get_mode() == "off"
+    assert not K.kernels_enabled()
+    with dispatch.force_backend("cuda"):
+        assert not K.kernels_enabled()
+    monkeypatch.setenv(dispatch.ENV_VAR, "strict")
+    assert dispatch.get_mode() == "strict"
+    monkeypatch.setenv(dispatch.ENV_VAR, "bogus")
+    with pytest.raises(ValueError):
+        dispatch.get_mode()
+    monkeypatch.setenv(dispatch.ENV_VAR, "auto")
+    with K.kernels_mode("off"):
+        assert dispatch.get_mode() == "off"
+    assert dispatch.get_mode() == "auto"
+    with pytest.raises(ValueError):
+        K.set_kernels_mode("fast")
+
+
+def test_backend_choice():
+    if mx.default_device() == mx.cpu:
+        assert K.active_backend() is None
+    with dispatch.force_backend("metal"):
+        assert K.active_backend() == "metal"
+        assert K.kernels_enabled() == (dispatch.get_mode() != "off")
+    with dispatch.force_backend("none"):
+        assert K.active_backend() is None and not K.kernels_enabled()
+    with mx.stream(mx.cpu):  # CPU default device -> reference
+        if not GPU:
+            assert K.active_backend() is None
+
+
+def _fake_backend():
+    """A backend that exists here: the real one on a GPU machine, else a
+    pretended Metal backend (whose kernels then fail to run on the CPU)."""
+    return dispatch.active_backend() or "metal"
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_off_and_cpu_use_reference(mode, monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, mode)
+    calls = []
+    with dispatch.override_kernel("q_norm_rope", lambda *a: calls.append(1) or K.q_norm_rope_reference(*a)):
+        with dispatch.force_backend("none"):
+            K.q_norm_rope(*_rope_args())
+        assert calls == []
+        if mode == "off":
+            with dispatch.force_backend(_fake_backend()):
+                K.q_norm_rope(*_rope_args())
+            assert calls == []
+
+
+def test_kernel_that_fails_to_compile_falls_back_once(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "auto")
+    args = _rope_args()
+    want = K.q_norm_rope_reference(*args)
+    broken = dispatch.body("norm_rope").replace("k_warp_sum(", "k_warp_summ(")
+    with dispatch.force_backend(_fake_backend()), dispatch.override_body("norm_rope", broken):
+        with pytest.warns(RuntimeWarning, match="q_norm_rope"):
+            out = K.q_norm_rope(*args)
+        assert_close(out, want, mx.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out2 = K.q_norm_rope(*args)  # cached verdict: no second warning
+        assert_close(out2, want, mx.float32)
+        (ok, reason), = [v for k, v in dispatch.verdicts().items() if k[0] == "q_norm_rope"]
+        assert not ok and reason
+
+
+def test_wrong_kernel_falls_back_and_strict_raises(monkeypatch):
+    args = _rope_args(mx.float16)
+    want = K.q_norm_rope_reference(*args)
+    wrong = lambda *a: K.q_norm_rope_reference(*a) * 1.5  # noqa: E731
+    with dispatch.force_backend(_fake_backend()), dispatch.override_kernel("q_norm_rope", wrong):
+        monkeypatch.setenv(dispatch.ENV_VAR, "auto")
+        with pytest.warns(RuntimeWarning, match=r"q_norm_rope.*values off"):
+            out = K.q_norm_rope(*args)
+        assert_close(out, want, mx.float16)
+        dispatch.reset()
+        monkeypatch.setenv(dispatch.ENV_VAR, "strict")
+        with pytest.raises(K.KernelCheckError, match="q_norm_rope"):
+            K.q_norm_rope(*args)
+        with pytest.raises(K.KernelCheckError):  # stays failing
+            K.q_norm_rope(*args)
+
+
+def test_strict_raises_on_compile_failure(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "strict")
+    broken = "this is not C++;\n"
+    q = rnd((1, 4, 1, 256))
+    kv = rnd((1, 1, 9, 256))
+    with dispatch.force_backend(_fake_backend()), dispatch.override_body("attention_partial", broken):
+        with pytest.raises(K.KernelCheckError, match="attention"):
+            K.attention(q, kv, kv, 1.0, 0)
+
+
+def test_good_kernel_checked_once_and_no_sync_on_hot_path(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "strict")
+    calls = []
+
+    def good(*a):
+        calls.append(1)
+        return K.kv_norm_rope_reference(*a)
+
+    k = rnd((1, 3, 2, 256))
+    args = (k, k, mx.ones((256,)), inv_freq_for(256), mx.array([4], dtype=mx.int32), 1e-6)
+    with dispatch.force_backend(_fake_backend()), dispatch.override_kernel("kv_norm_rope", good):
+        K.kv_norm_rope(*args)
+        assert len(calls) == 2  # self-check on the probe + the real call
+        # Hot path: no evaluation (host sync) once the verdict is cached.
+        monkeypatch.setattr(dispatch.mx, "eval", lambda *a: (_ for _ in ()).throw(AssertionError("sync")))
+        for _ in range(3):
+            K.kv_norm_rope(*args)
+        assert len(calls) == 5
+    monkeypatch.undo()
+    # A new shape class (other head dim) is checked again.
+    calls.clear()
+    k2 = rnd((1, 3, 2, 512))
+    with dispatch.force_backend(_fake_backend()), dispatch.override_kernel("kv_norm_rope", good):
+        K.kv_norm_rope(k2, k2, mx.ones((512,)), inv_freq_for(512), 0, 1e-6)
+    assert len(calls) == 2
+
+
+def test_unsupported_shapes_use_reference_silently(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "strict")
+    boom = lambda *a: (_ for _ in ()).throw(AssertionError("kernel called"))  # noqa: E731
+    with dispatch.force_backend(_fake_backend()), dispatch.override_kernel("attention", boom):
+        q = rnd((1, 2, 17, 256))  # Lq > 16
+        kv = rnd((1, 1, 30, 256))
+        out = K.attention(q, kv, kv, 1.0, 0)
+        assert_close(out, np_attention(f64(q), f64(kv), f64(kv), 1.0, 0), mx.float32)
+        q = rnd((1, 2, 1, 48))  # D not a multiple of 32
+        kv = rnd((1, 1, 30, 48))
+        K.attention(q, kv, kv, 1.0, 0)
+    with dispatch.force_backend(_fake_backend()), dispatch.override_kernel("q_norm_rope", boom):
+        K.q_norm_rope(rnd((1, 2, 2, 96)), mx.ones((96,)), inv_freq_for(96), 0, 1e-6)  # D % 64
+
+
+def test_probe_leaves_global_rng_alone():
+    mx.random.seed(123)
+    a = mx.random.normal((4,))
+    mx.random.seed(123)
+    with dispatch.force_backend(_fake_backend()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        K.q_norm_rope(*[x for x in (mx.zeros((1, 1, 1, 256)), mx.ones((256,)), inv_freq_for(256), 0, 1e-6)])
+    b = mx.random.normal((4,))
+    assert mx.array_equal(a, b)
+
+
+def test_attention_launch_plan_covers_keys():
+    for (B, H, Hkv, Lq, N, D, w) in [(1, 8, 1, 1, 32768, 512, 0), (1, 16, 16, 1, 100, 256, 0),
+                                     (2, 32, 4, 16, 5000, 256, 1024), (1, 8, 8, 1, 1, 256, 0)]:
+        p = ATT.launch_plan(B, H, Hkv, Lq, N, D, w)
+        assert p["kstart"] + p["chunk"] * p["nsplit"] >= N
+        assert p["kstart"] + p["chunk"] * (p["nsplit"] - 1) < N
+        assert p["RT"] * p["ntiles"] >= p["QR"] and p["RT"] * D <= 2048
+    big = ATT.launch_plan(1, 8, 1, 1, 32768, 512, 0)
+    assert big["nsplit"] * big["ntiles"] >= 132  # fills an H100 with one kv head
+
+
+def test_sources_are_importable_resources():
+    for name in ("norm_rope", "attention_partial", "attention_combine", "ple_combine", "ple_gate", "ple_tail"):
+        assert "k_" in dispatch.body(name)
+    for backend in ("metal", "cuda"):
+        head, src = dispatch.prelude(backend)
+        assert "k_warp_sum" in head and "k_lane" in src

@@ -1,0 +1,162 @@
+"""Compile-check the Metal source of every kernel without a Mac.
+
+MLX generates the full Metal source of a ``mx.fast.metal_kernel`` call made
+inside ``mx.export_function`` tracing and prints it with ``verbose=True``
+(see tests/metal_stub/capture.py). Each source of every template
+instantiation the model uses is syntax-checked with
+``g++ -std=c++17 -fsyntax-only -Wno-attributes`` against
+tests/metal_stub/metal_stub.h. A planted error must fail the check. A lint
+keeps CUDA-only constructs out of the Metal source, Metal-only ones out of
+the CUDA body + prelude, and both out of the shared bodies.
+
+Run:  python -m pytest -q tests/test_metal_compile.py
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import mlx.core as mx
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from metal_stub.capture import gxx_check, metal_sources  # noqa: E402
+
+from gemma4_mlx.kernels import dispatch  # noqa: E402
+from gemma4_mlx.kernels import ple, rope  # noqa: E402
+
+ATT = sys.modules["gemma4_mlx.kernels.attention"]
+GXX = shutil.which("g++")
+needs_gxx = pytest.mark.skipif(GXX is None, reason="g++ not found: cannot syntax-check the Metal source")
+
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+BODIES = ["norm_rope", "attention_partial", "attention_combine", "ple_combine", "ple_gate", "ple_tail"]
+
+
+def _launches():
+    """(label, fn, args) for every template instantiation the model uses."""
+    out = []
+    for dt in DTYPES:
+        for D in (256, 512):
+            inv = mx.ones((D // 2,))
+            for H in (8, 16, 32):
+                q = mx.zeros((1, 2, H, D), dt)
+                out.append((f"q_norm_rope {dt} D={D} H={H}",
+                            lambda q, w, inv: rope.q_norm_rope_kernel(q, w, inv, 3, 1e-6), (q, mx.ones((D,), dt), inv)))
+            for Hkv in (1, 2, 4, 8, 16):
+                k = mx.zeros((1, 2, Hkv, D), dt)
+                out.append((f"kv_norm_rope {dt} D={D} Hkv={Hkv}",
+                            lambda k, w, inv: rope.kv_norm_rope_kernel(k, k, w, inv, mx.array([1]), 1e-6),
+                            (k, mx.ones((D,), dt), inv)))
+            # every rows-per-tile instantiation: RT = min(next_pow2(G * Lq), 2048 // D)
+            for G, Lq in ((1, 1), (2, 1), (4, 1), (8, 1), (16, 16)):
+                q = mx.zeros((1, G, Lq, D), dt)
+                kv = mx.zeros((1, 1, 40, D), dt)
+                out.append((f"attention {dt} D={D} G={G} Lq={Lq}",
+                            lambda q, k, v: ATT.attention_kernel(q, k, v, 1.0, 0), (q, kv, kv)))
+        for P, NL in ((256, 35), (256, 42), (256, 30)):
+            ids = mx.zeros((1, 2), mx.int32)
+            out.append((f"ple_combine {dt} P={P} NL={NL}",
+                        lambda i, t, p, w: ple.ple_combine_kernel(i, t, p, w, math.sqrt(P), 1e-6),
+                        (ids, mx.zeros((4, NL * P), dt), mx.zeros((1, 2, NL * P), dt), mx.ones((P,), dt))))
+        g = mx.zeros((1, 2, 256), dt)
+        out.append((f"ple_gate {dt}", ple.ple_gate_kernel, (g, mx.zeros((1, 2, 4, 256), dt)[:, :, 1, :])))
+        for HD in (1536, 2560, 5376):
+            r = mx.zeros((1, 2, HD), dt)
+            out.append((f"ple_tail {dt} HD={HD}",
+                        lambda r, p, w, s: ple.ple_tail_kernel(r, p, w, s, 1e-6),
+                        (r, r, mx.ones((HD,), dt), mx.array([0.5], dt))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def generated():
+    """{kernel function name: Metal source} for all launches."""
+    dispatch.reset()
+    srcs = {}
+    for _label, fn, args in _launches():
+        for _name, src in metal_sources(fn, *args):
+            fname = re.search(r"\]\] void (\w+)\(", src).group(1)
+            srcs[fname] = src
+    dispatch.reset()
+    return srcs
+
+
+def test_every_kernel_source_captured(generated):
+    names = " ".join(generated)
+    for body in BODIES:
+        assert f"gemma4_{body}" in names, body
+    assert len(generated) >= 40
+
+
+@needs_gxx
+def test_metal_sources_compile(generated):
+    items = sorted(generated.items())
+    chunks = [items[i::4] for i in range(4)]
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
+        results = list(ex.map(lambda ch: gxx_check([s for _, s in ch], GXX), chunks))
+    errors = [err for rc, err in results if rc]
+    assert not errors, "\n".join(errors)[:6000]
+
+
+@needs_gxx
+def test_planted_error_fails(generated):
+    name, src = sorted(generated.items())[0]
+    assert gxx_check([src], GXX)[0] == 0
+    bad = src.replace("simd_sum(v)", "simd_summ(v)", 1)
+    assert bad != src
+    rc, err = gxx_check([bad], GXX)
+    assert rc != 0 and "simd_summ" in err
+
+
+@needs_gxx
+def test_planted_error_in_body_fails():
+    broken = dispatch.body("ple_gate").replace("k_tanh(", "metal::precise::tanhh(", 1)
+    g = mx.zeros((1, 2, 256), mx.float16)
+    with dispatch.override_body("ple_gate", broken):
+        srcs = metal_sources(ple.ple_gate_kernel, g, g)
+    assert len(srcs) == 1 and "tanhh" in srcs[0][1]
+    rc, err = gxx_check([srcs[0][1]], GXX)
+    assert rc != 0 and "tanhh" in err
+
+
+CUDA_ONLY = [r"__shfl", r"__syncthreads", r"\bthreadIdx\b", r"\bblockIdx\b", r"\bblockDim\b", r"__shared__",
+             r"__global__", r"__device__", r"cooperative_groups", r"\bcg::", r"__nv_bfloat16", r"__half\b"]
+METAL_ONLY = [r"\bsimd_", r"threadgroup_barrier", r"thread_position_in_grid", r"thread_index_in_simdgroup",
+              r"simdgroup_index_in_threadgroup", r"threadgroup_position_in_grid", r"\bdevice\s",
+              r"\bthreadgroup\s", r"\bconstant\s", r"metal::", r"mem_flags", r"\[\[", r"bfloat16_t"]
+
+
+def _hits(text, patterns):
+    # drop // comments: they may name either API
+    code = re.sub(r"//[^\n]*", "", text)
+    return [p for p in patterns if re.search(p, code)]
+
+
+def test_lint_metal_source_has_no_cuda(generated):
+    for name, src in generated.items():
+        assert not _hits(src, CUDA_ONLY), (name, _hits(src, CUDA_ONLY))
+
+
+def test_lint_cuda_source_has_no_metal():
+    for body in BODIES:
+        head, src = dispatch.kernel_source(body, "cuda")
+        assert not _hits(head + src, METAL_ONLY), (body, _hits(head + src, METAL_ONLY))
+
+
+def test_lint_shared_bodies_are_backend_neutral():
+    for body in BODIES:
+        text = dispatch.body(body)
+        assert not _hits(text, CUDA_ONLY + METAL_ONLY), (body, _hits(text, CUDA_ONLY + METAL_ONLY))
+
+
+def test_lint_detects_planted_constructs():
+    assert _hits("  __syncthreads();", CUDA_ONLY)
+    assert _hits("  x = simd_sum(x);", METAL_ONLY)
+    assert _hits("const device float* x", METAL_ONLY)
