@@ -248,6 +248,32 @@ def test_attention_kernel(case, dtype):
     assert_close(K.attention_kernel(q, mx.contiguous(k), mx.contiguous(v), 1.0, window), want, dtype, "contig")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("G,D,N,filled", [(8, 256, 40, 1), (8, 512, 40, 23), (2, 256, 64, 64)])
+def test_attention_prefix_reference_vs_numpy(G, D, N, filled, dtype):
+    """Attention over the filled prefix of a preallocated buffer = attention over that prefix."""
+    q = rnd((1, G, 1, D), dtype)
+    kbuf = rnd((1, 1, N, D), dtype, 4 / math.sqrt(D))
+    vbuf = rnd((1, 1, N, D), dtype)
+    out = K.attention_prefix_reference(q, kbuf, vbuf, mx.array([filled], dtype=mx.int32))
+    want = np_attention(f64(q), f64(kbuf)[:, :, :filled], f64(vbuf)[:, :, :filled], 1.0, 0)
+    assert_close(out, want, dtype, "attention_prefix ref")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", ATT_CASES[::3])
+def test_attention_prefix_kernel(case, dtype):
+    B, Hkv, G, Lq, N, D, _ = case
+    q = rnd((B, Hkv * G, Lq, D), dtype)
+    kbuf = rnd((B, Hkv, N + 300, D), dtype, 4 / math.sqrt(D))
+    vbuf = rnd((B, Hkv, N + 300, D), dtype)
+    kv_len = mx.array([N], dtype=mx.int32)
+    want = K.attention_reference(q, kbuf[:, :, :N], vbuf[:, :, :N], 1.0, 0)
+    assert_close(ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len), want, dtype, "attention_prefix")
+    assert_close(K.attention_prefix_reference(q, kbuf, vbuf, kv_len), want, dtype, "attention_prefix ref")
+
+
 @gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("shape", [(1, 1, 35, 256, 1536), (2, 7, 42, 256, 2560), (1, 33, 4, 64, 5376)])
