@@ -5,14 +5,10 @@ __version__ = "0.1.0"
 from .config import ConfigError, LayerPlan, ModelArgs, parse_config  # noqa: E402
 from .loading import LoadError, load, load_model  # noqa: E402
 from .model import Model  # noqa: E402
+from .generation import generate, stream_generate  # noqa: E402
 
-__all__ = ["ConfigError", "LayerPlan", "LoadError", "Model", "ModelArgs", "load", "load_model", "parse_config"]
+__all__ = [
+    "ConfigError", "LayerPlan", "LoadError", "Model", "ModelArgs", "generate", "load", "load_model", "parse_config",
+    "stream_generate",
+]
 
-
-def __getattr__(name):
-    # generate/stream_generate pull in mlx-lm's generation stack: import on first use.
-    if name in ("generate", "stream_generate"):
-        from . import generate as _generate
-
-        return getattr(_generate, name)
-    raise AttributeError(name)
