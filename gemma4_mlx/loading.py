@@ -68,6 +68,11 @@ def model_args(model_path: Path, config: Optional[Dict[str, Any]] = None) -> Mod
         return parse_config(config)
     except ConfigError as e:
         raise LoadError(f"{model_path / 'config.json'}: {e}") from e
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, ZeroDivisionError,
+            MemoryError) as e:
+        # A field of the wrong type/value that parse_config does not check itself.
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise LoadError(f"{model_path / 'config.json'}: invalid config ({type(e).__name__}: {why})") from e
 
 
 def weight_files(model_path: Path) -> List[Path]:
@@ -145,12 +150,23 @@ def check_weights(model: nn.Module, weights: Dict[str, mx.array], where: Path) -
             )
 
 
-def load_model(path: Union[str, Path], lazy: bool = False, revision: Optional[str] = None) -> Model:
-    """Build the model for a checkpoint folder (or Hub repo id) and load its weights."""
+def load_model(path: Union[str, Path], lazy: bool = False, revision: Optional[str] = None,
+               strict_memory: bool = False) -> Model:
+    """Build the model for a checkpoint folder (or Hub repo id) and load its weights.
+
+    The weights' memory is estimated from the safetensors headers first: a ``MemoryWarning``
+    when the device lacks it, or a LoadError with ``strict_memory=True``.
+    """
+    from .checkpoint import check_memory
+
     model_path = resolve_model_path(path, revision)
     config = read_config(model_path)
     args = model_args(model_path, config)
-    model = Model(args)
+    try:
+        model = Model(args)
+    except (ValueError, TypeError, OverflowError, MemoryError) as e:  # shapes parse_config let through (e.g. negative)
+        raise LoadError(f"{model_path / 'config.json'}: invalid config ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    check_memory(model_path, strict=strict_memory)  # also validates every safetensors header
     weights = model.sanitize(read_weights(weight_files(model_path)))
     if args.quantization:
         _quantize(model, args.quantization, weights, model_path / "config.json")

@@ -1,1 +1,86 @@
-"""Placeholder until the command lands."""
+"""``gemma4-mlx compare``: this package's Gemma 4 against stock mlx-lm, same weights, one process."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import app, user_errors
+
+
+def _lengths(text: Optional[str]) -> Optional[List[int]]:
+    if text is None:
+        return None
+    try:
+        vals = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}")
+    if not vals:
+        raise typer.BadParameter("no prompt lengths given")
+    return vals
+
+
+@app.command()
+def compare(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint folder or Hub repo id (real weights)."),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", "-p",
+        help="Architecture preset with fixed-seed random weights: e2b, e4b, 26b-a4b, 31b, e2b-mini, tiny... "
+             "(default e2b-mini when no --model)."),
+    dtype: str = typer.Option("auto", "--dtype", help="bfloat16, float16, float32 or auto (float32 on CPU, "
+                                                       "bfloat16 on GPU; checkpoints: as stored)."),
+    quantize: Optional[int] = typer.Option(None, "--quantize", "-q", help="Quantize both models identically: 4 or 8 "
+                                                                          "bits, group 64 (router at 8 bits)."),
+    prompt_lengths: Optional[str] = typer.Option(
+        None, "--prompt-lengths", "-L", help="Comma-separated prompt lengths (default 128,841,4096 on GPU; 64,256 on CPU)."),
+    long: bool = typer.Option(False, "--long", help="Also measure a 32768-token prompt."),
+    decode_tokens: Optional[int] = typer.Option(None, "--decode-tokens", "-n",
+                                                help="Tokens generated after each prompt (default 128 GPU, 16 CPU)."),
+    runs: Optional[int] = typer.Option(None, "--runs", "-r", help="Timed runs per side and length (default 5 GPU, 3 CPU)."),
+    warmup: int = typer.Option(1, "--warmup", help="Warm-up runs per side and length."),
+    check_tokens: int = typer.Option(32, "--check-tokens", help="Greedy tokens compared before timing (0: skip)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompts."),
+    prefill_step_size: int = typer.Option(2048, "--prefill-step-size", help="generate_step's prefill chunk."),
+    with_transformers: bool = typer.Option(False, "--with-transformers",
+                                           help="Also time HF transformers (PyTorch) with the same weights."),
+    kernels: bool = typer.Option(False, "--kernels", help="Also run bench/kernels.py (kernel micro-benchmarks)."),
+    require_match: bool = typer.Option(False, "--require-match",
+                                       help="Exit with status 3 if float32 greedy tokens differ."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write JSON, Markdown and PNG results here."),
+) -> None:
+    """Benchmark ours against stock mlx-lm's gemma4_text: identical weights, alternated runs, medians."""
+    from .. import benchmark as bm
+
+    with user_errors():
+        settings = bm.BenchSettings(
+            preset=preset, model=model, dtype=dtype, quantize=quantize, prompt_lengths=_lengths(prompt_lengths),
+            long=long, decode_tokens=decode_tokens, runs=runs, warmup=warmup, check_tokens=check_tokens, seed=seed,
+            prefill_step_size=prefill_step_size, with_transformers=with_transformers,
+        )
+        try:
+            results = bm.run_benchmark(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        except bm.BenchmarkError as e:
+            raise ValueError(str(e)) from e
+        print()
+        print(bm.format_table(results))
+        if out is not None:
+            paths = bm.write_outputs(results, out)
+            for kind, path in paths.items():
+                if path is None:
+                    print(f"{kind}: skipped (matplotlib is not installed)" if kind == "png" else f"{kind}: skipped")
+                else:
+                    print(f"wrote {path}")
+        status = 0
+        if kernels:
+            dt = results["settings"]["dtype"]
+            status = bm.run_kernel_benchmarks(["--dtype", dt] if dt in bm.DTYPES else [],
+                                              out / f"kernels-{dt}.txt" if out is not None else None)
+        chk = results["token_check"]
+        if require_match and chk.get("exact_required") and not chk.get("match"):
+            print("error: float32 greedy tokens differ between ours and stock", file=sys.stderr)
+            raise typer.Exit(3)
+        if status:
+            raise typer.Exit(status)
