@@ -38,7 +38,8 @@ TG = 256  # threads per threadgroup in every kernel; K_TG in the preludes
 
 # Tolerances (atol, rtol) of the self-check and of the parity tests.
 TOLERANCES = {
-    mx.float32: (2e-4, 2e-4),
+    # float32 references may run their matmuls in TF32 on NVIDIA GPUs (about 1e-3 relative).
+    mx.float32: (2e-3, 2e-3),
     mx.float16: (6e-3, 6e-3),
     mx.bfloat16: (4e-2, 4e-2),
 }
