@@ -44,25 +44,39 @@ class _SlotCache:
         return mx.arange(self.keys.shape[2]) < self.valid
 
 
+def _grow(buf: mx.array, keep: int, extra: int) -> mx.array:
+    B, H, _, D = buf.shape
+    return mx.concatenate([buf[..., :keep, :], mx.zeros((B, H, extra, D), buf.dtype)], axis=2)
+
+
 def _reserve_slot(cache) -> tuple[int, int]:
-    """Grow/trim/rotate ``cache`` as its ``update_and_fetch`` would for one token; return
-    (slot to write, number of valid slots after the write)."""
+    """Grow/trim/rotate ``cache`` exactly as its own ``update_and_fetch`` does for one token,
+    short of writing it; return (slot to write, number of valid slots after the write)."""
+    if cache.keys is None:
+        raise _NeedsEager
+    prev = cache.offset
     if type(cache) is KVCache:
-        prev = cache.offset
-        if cache.keys is None or prev + 1 > cache.keys.shape[2]:
-            # let mlx-lm grow the buffer, then take the token back out of it
-            raise _NeedsEager
+        if prev + 1 > cache.keys.shape[2]:
+            cache.keys = _grow(cache.keys, prev, cache.step)
+            cache.values = _grow(cache.values, prev, cache.step)
         return prev, prev + 1
-    # RotatingKVCache with keep == 0 (what make_cache builds)
-    if cache.keys is None or cache.keep != 0:
+    # RotatingKVCache
+    if cache.keep != 0:
         raise _NeedsEager
     size = cache.keys.shape[2]
-    if (cache.offset >= size and size < cache.max_size) or size > cache.max_size:
-        raise _NeedsEager  # growing or trimming: done by mlx-lm's own code once
-    idx = cache._idx
-    if idx == cache.max_size:
-        idx = 0
-    return idx, min(cache.offset + 1, size)
+    if prev >= size and size < cache.max_size:
+        extra = min(cache.step, cache.max_size - prev)
+        cache.keys = _grow(cache.keys, size, extra)
+        cache.values = _grow(cache.values, size, extra)
+        cache._idx = prev
+    trim = cache.keys.shape[2] - cache.max_size
+    if trim > 0:  # after a chunked prefill the buffer holds max_size - 1 + chunk tokens in order
+        cache.keys = cache._trim(trim, cache.keys)
+        cache.values = cache._trim(trim, cache.values)
+        cache._idx = cache.max_size
+    if cache._idx == cache.max_size:
+        cache._idx = 0
+    return cache._idx, min(prev + 1, cache.keys.shape[2])
 
 
 class _NeedsEager(Exception):
