@@ -20,6 +20,8 @@ from typing import Any, List, Optional
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
+from . import ops
+
 _CACHE_TYPES = (KVCache, RotatingKVCache)
 
 
@@ -122,8 +124,12 @@ class CompiledDecoder:
         # A new shape means a new trace. Run that step uncompiled first: kernels check themselves
         # on first use (which evaluates arrays, not allowed while tracing).
         signature = (inputs.shape, inputs.dtype, tuple((b.shape, b.dtype) for b in buffers))
-        step = self._step if signature in self._traced else self._forward
-        self._traced.add(signature)
+        if signature in self._traced:
+            step = self._step
+        else:
+            ops.install_quantized_kernels(self.model)  # the model may have been quantized since
+            step = self._forward
+            self._traced.add(signature)
         logits, new = step(inputs, mx.array(offset, dtype=mx.int32), slots, valid, buffers)
         for i, c in enumerate(cache):
             c.keys, c.values = new[2 * i], new[2 * i + 1]

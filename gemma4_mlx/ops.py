@@ -124,3 +124,43 @@ def ple_tail(residual: mx.array, projected: mx.array, norm_weight: mx.array, lay
     if k is not None:
         return k.ple_tail(residual, projected, norm_weight, layer_scalar, eps)
     return (residual + mx.fast.rms_norm(projected, norm_weight, eps)) * layer_scalar
+
+
+def quantized_matvec(x: mx.array, weight: mx.array, scales: mx.array, biases: Optional[mx.array],
+                     group_size: int, bits: int, mode: str) -> Optional[mx.array]:
+    """The decode-time quantized matvec kernel's result, or None where MLX's own should run."""
+    k = _gpu_kernels()
+    if k is None or mode != "affine" or biases is None or x.size // x.shape[-1] > 8:
+        return None
+    return k.quantized_matvec(x, weight, scales, biases, group_size, bits)
+
+
+class KernelQuantizedLinear(nn.QuantizedLinear):
+    """``nn.QuantizedLinear`` whose few-row (decode) products go through the qmv kernel."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "bias" not in self:
+            y = quantized_matvec(x, self["weight"], self["scales"], self.get("biases"), self.group_size,
+                                 self.bits, self.mode)
+            if y is not None:
+                return y
+        return super().__call__(x)
+
+
+class KernelQuantizedEmbedding(nn.QuantizedEmbedding):
+    """``nn.QuantizedEmbedding`` whose tied-head product (``as_linear``) uses the qmv kernel."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        y = quantized_matvec(x, self["weight"], self["scales"], self.get("biases"), self.group_size,
+                             self.bits, self.mode)
+        return super().as_linear(x) if y is None else y
+
+
+def install_quantized_kernels(model: nn.Module) -> None:
+    """Route the model's quantized linear layers through the decode kernel (a class swap:
+    parameters, names and saved files stay those of ``nn.QuantizedLinear``)."""
+    for _, module in model.named_modules():
+        if type(module) is nn.QuantizedLinear:
+            module.__class__ = KernelQuantizedLinear
+        elif type(module) is nn.QuantizedEmbedding:
+            module.__class__ = KernelQuantizedEmbedding

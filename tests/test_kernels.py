@@ -276,6 +276,63 @@ def test_attention_prefix_kernel(case, dtype):
     assert_close(K.attention_prefix_reference(q, kbuf, vbuf, kv_len), want, dtype, "attention_prefix ref")
 
 
+QMV_CASES = [(M, N, Kd, bits, gs) for (M, N, Kd) in ((1, 300, 256), (3, 70, 512), (1, 16400, 128), (8, 17, 384))
+             for bits in (4, 8) for gs in (32, 64, 128) if Kd % gs == 0]
+
+
+def _qmv_inputs(M, N, Kd, bits, gs, dtype):
+    w, s, b = mx.quantize(rnd((N, Kd), mx.float32, 0.05), group_size=gs, bits=bits)
+    return rnd((M, Kd), dtype), w, s.astype(dtype), b.astype(dtype)
+
+
+def _np_dequant(w, s, b, gs, bits):
+    q = np.array(w).view(np.uint32)
+    epw = 32 // bits
+    vals = np.stack([(q >> (bits * j)) & ((1 << bits) - 1) for j in range(epw)], -1).reshape(q.shape[0], -1)
+    return vals * np.repeat(f64(s), gs, 1) + np.repeat(f64(b), gs, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", QMV_CASES[::4] if not GPU else QMV_CASES[::3])
+def test_quantized_matvec_reference_vs_numpy(case, dtype):
+    M, N, Kd, bits, gs = case
+    x, w, s, b = _qmv_inputs(M, N, Kd, bits, gs, dtype)
+    want = f64(x) @ _np_dequant(w, s, b, gs, bits).T
+    assert_close(K.quantized_matvec_reference(x, w, s, b, gs, bits), want, dtype, "qmv ref")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", QMV_CASES)
+def test_quantized_matvec_kernel(case, dtype):
+    M, N, Kd, bits, gs = case
+    x, w, s, b = _qmv_inputs(M, N, Kd, bits, gs, dtype)
+    want = f64(x) @ _np_dequant(w, s, b, gs, bits).T
+    assert_close(K.quantized_matvec_kernel(x, w, s, b, gs, bits), want, dtype, "qmv")
+    x3 = x.reshape(1, M, Kd)  # leading dims are kept
+    assert K.quantized_matvec_kernel(x3, w, s, b, gs, bits).shape == (1, M, N)
+
+
+def test_quantized_linear_class_swap_keeps_parameters_and_outputs():
+    import mlx.nn as nn
+
+    from gemma4_mlx import ops
+
+    lin = nn.QuantizedLinear(128, 40, bias=False, group_size=64, bits=4)
+    emb = nn.QuantizedEmbedding(50, 128, group_size=64, bits=4)
+    holder = nn.Module()
+    holder.lin, holder.emb = lin, emb
+    x = rnd((1, 1, 128))
+    before = (np.array(lin(x)), np.array(emb.as_linear(x)), sorted(k for k, _ in holder.parameters().items()))
+    ops.install_quantized_kernels(holder)
+    assert type(holder.lin) is ops.KernelQuantizedLinear and type(holder.emb) is ops.KernelQuantizedEmbedding
+    assert isinstance(holder.lin, nn.QuantizedLinear)
+    after = (np.array(holder.lin(x)), np.array(holder.emb.as_linear(x)), sorted(k for k, _ in holder.parameters().items()))
+    np.testing.assert_allclose(after[0], before[0], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(after[1], before[1], rtol=2e-3, atol=2e-3)
+    assert after[2] == before[2]
+
+
 @gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("shape", [(1, 1, 35, 256, 1536), (2, 7, 42, 256, 2560), (1, 33, 4, 64, 5376)])
