@@ -99,7 +99,7 @@ def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_w
                 eps: float) -> mx.array:
     """(RMSNorm(projection * s) + table[ids] * sqrt(P)) * 2^-0.5, shaped (B, L, layers, P)."""
     kern = _gpu_kernels()
-    if kern is not None and type(table) is nn.Embedding:
+    if kern is not None and isinstance(table, nn.Embedding):
         projection = projection * mx.array(projection_scale, dtype=projection.dtype)
         return kern.ple_combine(inputs, table.weight, projection, norm_weight, table_scale, eps)
     dtype = projection.dtype
@@ -135,6 +135,33 @@ def quantized_matvec(x: mx.array, weight: mx.array, scales: mx.array, biases: Op
     return k.quantized_matvec(x, weight, scales, biases, group_size, bits)
 
 
+def matvec(x: mx.array, weight: mx.array) -> Optional[mx.array]:
+    """The decode-time float matvec kernel's result, or None where MLX's matmul should run."""
+    k = _gpu_kernels()
+    if k is None or x.size // x.shape[-1] > 8:
+        return None
+    return k.matvec(x, weight)
+
+
+class KernelLinear(nn.Linear):
+    """``nn.Linear`` (no bias) whose few-row (decode) products go through the mv kernel."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "bias" not in self:
+            y = matvec(x, self["weight"])
+            if y is not None:
+                return y
+        return super().__call__(x)
+
+
+class KernelEmbedding(nn.Embedding):
+    """``nn.Embedding`` whose tied-head product (``as_linear``) uses the mv kernel."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        y = matvec(x, self["weight"])
+        return super().as_linear(x) if y is None else y
+
+
 class KernelQuantizedLinear(nn.QuantizedLinear):
     """``nn.QuantizedLinear`` whose few-row (decode) products go through the qmv kernel."""
 
@@ -156,11 +183,15 @@ class KernelQuantizedEmbedding(nn.QuantizedEmbedding):
         return super().as_linear(x) if y is None else y
 
 
-def install_quantized_kernels(model: nn.Module) -> None:
-    """Route the model's quantized linear layers through the decode kernel (a class swap:
-    parameters, names and saved files stay those of ``nn.QuantizedLinear``)."""
+def install_matvec_kernels(model: nn.Module) -> None:
+    """Route the model's linear layers and tied head through the decode matvec kernels (a
+    class swap: parameters, names and saved files stay those of the mlx.nn classes)."""
     for _, module in model.named_modules():
-        if type(module) is nn.QuantizedLinear:
+        if type(module) is nn.Linear:
+            module.__class__ = KernelLinear
+        elif type(module) is nn.Embedding:
+            module.__class__ = KernelEmbedding
+        elif type(module) is nn.QuantizedLinear:
             module.__class__ = KernelQuantizedLinear
         elif type(module) is nn.QuantizedEmbedding:
             module.__class__ = KernelQuantizedEmbedding

@@ -313,24 +313,53 @@ def test_quantized_matvec_kernel(case, dtype):
     assert K.quantized_matvec_kernel(x3, w, s, b, gs, bits).shape == (1, M, N)
 
 
+MV_CASES = [(M, N, Kd) for M in (1, 2, 5) for (N, Kd) in ((300, 256), (16400, 200), (33, 1536), (7, 13))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", MV_CASES[::3])
+def test_matvec_reference_vs_numpy(case, dtype):
+    M, N, Kd = case
+    x, w = rnd((M, Kd), dtype), rnd((N, Kd), dtype, 0.05)
+    assert_close(K.matvec_reference(x, w), f64(x) @ f64(w).T, dtype, "mv ref")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", MV_CASES)
+def test_matvec_kernel(case, dtype):
+    M, N, Kd = case
+    x, w = rnd((M, Kd), dtype), rnd((N, Kd), dtype, 0.05)
+    assert_close(K.matvec_kernel(x, w), f64(x) @ f64(w).T, dtype, "mv")
+    assert K.matvec_kernel(x.reshape(M, 1, Kd), w).shape == (M, 1, N)
+
+
 def test_quantized_linear_class_swap_keeps_parameters_and_outputs():
     import mlx.nn as nn
 
     from gemma4_mlx import ops
 
-    lin = nn.QuantizedLinear(128, 40, bias=False, group_size=64, bits=4)
-    emb = nn.QuantizedEmbedding(50, 128, group_size=64, bits=4)
+    from mlx.utils import tree_flatten
+
     holder = nn.Module()
-    holder.lin, holder.emb = lin, emb
+    holder.qlin = nn.QuantizedLinear(128, 40, bias=False, group_size=64, bits=4)
+    holder.qemb = nn.QuantizedEmbedding(50, 128, group_size=64, bits=4)
+    holder.lin = nn.Linear(128, 40, bias=False)
+    holder.emb = nn.Embedding(50, 128)
     x = rnd((1, 1, 128))
-    before = (np.array(lin(x)), np.array(emb.as_linear(x)), sorted(k for k, _ in holder.parameters().items()))
-    ops.install_quantized_kernels(holder)
-    assert type(holder.lin) is ops.KernelQuantizedLinear and type(holder.emb) is ops.KernelQuantizedEmbedding
-    assert isinstance(holder.lin, nn.QuantizedLinear)
-    after = (np.array(holder.lin(x)), np.array(holder.emb.as_linear(x)), sorted(k for k, _ in holder.parameters().items()))
-    np.testing.assert_allclose(after[0], before[0], rtol=2e-3, atol=2e-3)
-    np.testing.assert_allclose(after[1], before[1], rtol=2e-3, atol=2e-3)
-    assert after[2] == before[2]
+
+    def outputs():
+        return [np.array(holder.qlin(x)), np.array(holder.qemb.as_linear(x)), np.array(holder.lin(x)),
+                np.array(holder.emb.as_linear(x)), np.array(holder.emb(mx.array([[3, 4]])))]
+
+    before, names = outputs(), [k for k, _ in tree_flatten(holder.parameters())]
+    ops.install_matvec_kernels(holder)
+    assert type(holder.qlin) is ops.KernelQuantizedLinear and type(holder.qemb) is ops.KernelQuantizedEmbedding
+    assert type(holder.lin) is ops.KernelLinear and type(holder.emb) is ops.KernelEmbedding
+    assert isinstance(holder.qlin, nn.QuantizedLinear) and isinstance(holder.emb, nn.Embedding)
+    for a, b in zip(outputs(), before):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
+    assert [k for k, _ in tree_flatten(holder.parameters())] == names
 
 
 @gpu_only

@@ -29,14 +29,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 from metal_stub.capture import gxx_check, metal_sources  # noqa: E402
 
 from gemma4_mlx.kernels import dispatch  # noqa: E402
-from gemma4_mlx.kernels import ple, qmv, rope  # noqa: E402
+from gemma4_mlx.kernels import mv, ple, qmv, rope  # noqa: E402
 
 ATT = sys.modules["gemma4_mlx.kernels.attention"]
 GXX = shutil.which("g++")
 needs_gxx = pytest.mark.skipif(GXX is None, reason="g++ not found: cannot syntax-check the Metal source")
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
-BODIES = ["norm_rope", "attention_partial", "attention_combine", "ple_combine", "ple_gate", "ple_tail", "qmv"]
+BODIES = ["norm_rope", "attention_partial", "attention_combine", "ple_combine", "ple_gate", "ple_tail", "qmv", "mv"]
 
 
 def _launches():
@@ -65,6 +65,8 @@ def _launches():
             out.append((f"ple_combine {dt} P={P} NL={NL}",
                         lambda i, t, p, w: ple.ple_combine_kernel(i, t, p, w, math.sqrt(P), 1e-6),
                         (ids, mx.zeros((4, NL * P), dt), mx.zeros((1, 2, NL * P), dt), mx.ones((P,), dt))))
+        for N, M in ((256, 1), (262144, 1), (2048, 8)):
+            out.append((f"mv {dt} N={N} M={M}", mv.matvec_kernel, (mx.zeros((M, 1536), dt), mx.zeros((N, 1536), dt))))
         for bits in (4, 8):
             for gs in (32, 64, 128):
                 for N, M in ((256, 1), (262144, 1), (2048, 2), (2048, 8)):

@@ -40,6 +40,7 @@ from .ple import (
     ple_tail_kernel,
     ple_tail_reference,
 )
+from .mv import matvec, matvec_kernel, matvec_reference
 from .qmv import quantized_matvec, quantized_matvec_kernel, quantized_matvec_reference
 from .rope import (
     kv_norm_rope,
@@ -54,7 +55,7 @@ from .rope import (
 
 __all__ = [
     "KernelCheckError", "active_backend", "get_mode", "kernels_enabled", "kernels_mode", "set_kernels_mode",
-    "quantized_matvec", "quantized_matvec_kernel", "quantized_matvec_reference",
+    "matvec", "matvec_kernel", "matvec_reference", "quantized_matvec", "quantized_matvec_kernel", "quantized_matvec_reference",
     "q_norm_rope", "kv_norm_rope", "attention", "attention_prefix", "attention_prefix_reference", "ple_combine", "ple_gate", "ple_tail",
     "q_norm_rope_reference", "kv_norm_rope_reference", "attention_reference", "ple_combine_reference",
     "ple_gate_reference", "ple_tail_reference", "rms_norm_reference", "rope_reference", "gelu_tanh_reference",
