@@ -110,6 +110,12 @@ def active_backend() -> str | None:
     return None
 
 
+def disabled_kernels() -> frozenset:
+    """Kernels switched off one by one: ``GEMMA4_MLX_KERNELS_DISABLE=mv,qmv`` (for ablations)."""
+    raw = os.environ.get("GEMMA4_MLX_KERNELS_DISABLE", "")
+    return frozenset(n.strip() for n in raw.split(",") if n.strip())
+
+
 def kernels_enabled() -> bool:
     """True when custom kernels may run (mode not off and a GPU backend)."""
     return get_mode() != "off" and active_backend() is not None
@@ -338,7 +344,7 @@ def run(
     ``reference(*args)``. ``class_key`` None means: shape not supported by the
     kernel, use the reference silently."""
     mode = get_mode()
-    if mode == "off" or class_key is None:
+    if mode == "off" or class_key is None or name in disabled_kernels():
         return reference(*args)
     backend = active_backend()
     if backend is None:
