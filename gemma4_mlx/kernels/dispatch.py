@@ -110,9 +110,14 @@ def active_backend() -> str | None:
     return None
 
 
+# Off unless asked for: measured slower than MLX's own matmul on the H100 (docs/benchmarks.md).
+DEFAULT_DISABLED = "mv"
+
+
 def disabled_kernels() -> frozenset:
-    """Kernels switched off one by one: ``GEMMA4_MLX_KERNELS_DISABLE=mv,qmv`` (for ablations)."""
-    raw = os.environ.get("GEMMA4_MLX_KERNELS_DISABLE", "")
+    """Kernels switched off one by one: ``GEMMA4_MLX_KERNELS_DISABLE=mv,qmv`` (ablations);
+    unset means :data:`DEFAULT_DISABLED`, an empty value enables every kernel."""
+    raw = os.environ.get("GEMMA4_MLX_KERNELS_DISABLE", DEFAULT_DISABLED)
     return frozenset(n.strip() for n in raw.split(",") if n.strip())
 
 
