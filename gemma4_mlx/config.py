@@ -39,6 +39,10 @@ class ConfigError(ValueError):
     """A config.json that cannot describe a Gemma 4 text model."""
 
 
+# No Gemma 4 dimension comes near this; larger values are corrupt configs, not models.
+MAX_DIM = 1 << 24
+
+
 @dataclass(frozen=True)
 class RopePlan:
     rope_type: str  # "default" or "proportional"
@@ -164,20 +168,32 @@ def _as_int(d: Dict[str, Any], key: str, default=None, *, minimum: Optional[int]
         if default is None:
             raise ConfigError(f"config is missing {key!r}")
         v = default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or int(v) != v:
         raise ConfigError(f"config field {key!r} must be an integer, got {v!r}")
     v = int(v)
     if minimum is not None and v < minimum:
         raise ConfigError(f"config field {key!r} must be >= {minimum}, got {v}")
+    if v > MAX_DIM:
+        raise ConfigError(f"config field {key!r} is implausibly large ({v})")
     return v
+
+
+def _as_float(d: Dict[str, Any], key: str, default: float, *, positive: bool = True) -> float:
+    v = d.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
+        raise ConfigError(f"config field {key!r} must be a {'positive ' if positive else ''}number, got {v!r}")
+    return float(v)
 
 
 def _id_list(v) -> List[int]:
     if v is None:
         return []
-    if isinstance(v, (list, tuple)):
-        return [int(x) for x in v]
-    return [int(v)]
+    items = v if isinstance(v, (list, tuple)) else [v]
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in items):
+        raise ConfigError(f"token ids must be non-negative integers, got {v!r}")
+    return list(items)
 
 
 def text_config_of(config: Dict[str, Any]) -> tuple[Dict[str, Any], bool]:
@@ -214,6 +230,8 @@ def parse_config(config: Dict[str, Any]) -> ModelArgs:
     if layer_types is None:
         pattern = _as_int(text, "sliding_window_pattern", 6, minimum=1)
         layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
+    if not isinstance(layer_types, (list, tuple)):
+        raise ConfigError("layer_types must be a list of layer type names")
     layer_types = list(layer_types)
     if len(layer_types) != n_layers:
         raise ConfigError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {n_layers}")
@@ -246,7 +264,8 @@ def parse_config(config: Dict[str, Any]) -> ModelArgs:
     k_eq_v = bool(text.get("attention_k_eq_v", False))
     # 512 is transformers' default when the published dialect omits it.
     global_head_dim = _as_int(text, "global_head_dim", 512, minimum=2)
-    n_global_kv = text.get("num_global_key_value_heads")
+    n_global_kv = _as_int(text, "num_global_key_value_heads", minimum=1) if text.get(
+        "num_global_key_value_heads") is not None else None
 
     n_shared = _as_int(text, "num_kv_shared_layers", 0, minimum=0)
     if n_shared > n_layers:
@@ -276,13 +295,14 @@ def parse_config(config: Dict[str, Any]) -> ModelArgs:
         num_key_value_heads=n_kv,
         head_dim=head_dim,
         global_head_dim=global_head_dim,
-        num_global_key_value_heads=int(n_global_kv) if n_global_kv is not None else None,
-        rms_norm_eps=float(_get(text, "rms_norm_eps", 1e-6)),
+        num_global_key_value_heads=n_global_kv,
+        rms_norm_eps=_as_float(text, "rms_norm_eps", 1e-6),
         sliding_window=sliding_window,
         layer_types=layer_types,
         rope_parameters=rope_parameters,
         max_position_embeddings=_as_int(text, "max_position_embeddings", 131072, minimum=1),
-        final_logit_softcapping=text.get("final_logit_softcapping"),
+        final_logit_softcapping=_as_float(text, "final_logit_softcapping", None) if text.get(
+            "final_logit_softcapping") is not None else None,
         tie_word_embeddings=bool(_get(text, "tie_word_embeddings", True)),
         hidden_size_per_layer_input=ple_dim,
         vocab_size_per_layer_input=_as_int(text, "vocab_size_per_layer_input", text.get("vocab_size"), minimum=1)
@@ -298,8 +318,8 @@ def parse_config(config: Dict[str, Any]) -> ModelArgs:
         hidden_activation=activation,
         per_layer_overrides=overrides,
         eos_token_id=_id_list(text.get("eos_token_id")),
-        bos_token_id=text.get("bos_token_id"),
-        pad_token_id=text.get("pad_token_id"),
+        bos_token_id=(_id_list(text.get("bos_token_id")) or [None])[0],
+        pad_token_id=(_id_list(text.get("pad_token_id")) or [None])[0],
         quantization=quantization,
         is_wrapper=is_wrapper,
     )
@@ -311,10 +331,12 @@ def _rope_plan(args: ModelArgs, layer_type: str, head_dim: int) -> RopePlan:
     params = args.rope_parameters.get(layer_type)
     if params is None:
         params = DEFAULT_ROPE_PARAMETERS[layer_type]
+    if not isinstance(params, dict):
+        raise ConfigError(f"rope_parameters[{layer_type!r}] must be an object")
     rope_type = params.get("rope_type", params.get("type", "default"))
-    theta = float(params.get("rope_theta", DEFAULT_ROPE_PARAMETERS[layer_type]["rope_theta"]))
-    prf = float(params.get("partial_rotary_factor", 1.0))
-    factor = float(params.get("factor", 1.0) or 1.0)
+    theta = _as_float(params, "rope_theta", DEFAULT_ROPE_PARAMETERS[layer_type]["rope_theta"])
+    prf = _as_float(params, "partial_rotary_factor", 1.0, positive=False)
+    factor = _as_float(params, "factor", 1.0)
     if not (0.0 <= prf <= 1.0):
         raise ConfigError(f"partial_rotary_factor for {layer_type} must be in [0, 1], got {prf}")
     if theta <= 0 or not math.isfinite(theta):
@@ -352,8 +374,8 @@ def resolve_plan(args: ModelArgs, published_dialect: bool) -> List[LayerPlan]:
                     n_kv = args.num_global_key_value_heads
         else:
             o = args.per_layer_overrides.get(i, {})
-            head_dim = int(o.get("head_dim", head_dim))
-            n_kv = int(o.get("num_key_value_heads", n_kv))
+            head_dim = _as_int(o, "head_dim", head_dim, minimum=2)
+            n_kv = _as_int(o, "num_key_value_heads", n_kv, minimum=1)
         if args.num_attention_heads % n_kv:
             raise ConfigError(
                 f"layer {i}: num_attention_heads ({args.num_attention_heads}) is not a multiple of its "
