@@ -163,6 +163,17 @@ def prepare_prompt(tokenizer, prompt: Union[str, Sequence[Dict[str, Any]], Seque
     return [int(t) for t in prompt]
 
 
+def check_token_ids(model, tokens: Sequence[int]) -> None:
+    """Token ids must index the embedding table (MLX does not bounds-check gathers)."""
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+    if vocab is None:
+        return
+    bad = [t for t in tokens if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"
+                         + (f", and {len(bad) - 1} more" if len(bad) > 1 else ""))
+
+
 def _cache_offset(cache) -> int:
     if not cache:
         return 0
@@ -216,6 +227,7 @@ def stream_generate(
     tokens = prepare_prompt(tokenizer, prompt, system=system, think=think, chat=chat)
     if not tokens:
         raise ValueError("the prompt is empty")
+    check_token_ids(model, tokens)
     cached = _cache_offset(prompt_cache)
     check_context(model, len(tokens), max_tokens, cached)
     if seed is not None:

@@ -83,3 +83,40 @@ def test_prompt_cache_round_trip_after_compiled_decode(tmp_path, monkeypatch):
     a = model(nxt, cache=cache)
     b = model(nxt, cache=loaded)
     np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-5)
+
+
+def test_long_run_matches_the_full_sequence(monkeypatch):
+    """Thousands of tokens, hundreds of sliding-window wraps: the compiled cached decode gives
+    the logits of one full-sequence pass (the reference) at every position."""
+    model = _random_model("tiny", seed=3)
+    n = 2000
+    ids = mx.array(np.random.default_rng(5).integers(0, model.args.vocab_size, size=(1, n)))
+    full = np.array(model(ids)[0])
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    cache = model.make_cache()
+    rows = [np.array(model(ids[:, :16], cache=cache)[0])]
+    for i in range(16, n):
+        rows.append(np.array(model(ids[:, i : i + 1], cache=cache)[0]))
+    stepped = np.concatenate(rows)
+    assert np.isfinite(stepped).all()
+    err = np.max(np.abs(stepped - full)) / np.max(np.abs(full))
+    assert err < (1e-4 if mx.default_device() == mx.cpu else 3e-3), err
+    assert (stepped.argmax(-1) == full.argmax(-1)).mean() > 0.99
+
+
+def test_no_nan_at_extreme_positions_and_logits():
+    from gemma4_mlx import ops
+    from gemma4_mlx.config import rope_inv_freq
+
+    for rope_type, factor in (("default", 1.0), ("proportional", 0.25)):
+        inv = rope_inv_freq(rope_type, 1e6, 64, factor)
+        inv_a = mx.array(inv)
+        freqs = mx.array(np.where(inv > 0, 1 / np.where(inv > 0, inv, 1), np.inf).astype(np.float32))
+        q = mx.random.normal((1, 3, 2, 64))
+        for offset in (0, 131072, 10**7, 2**31 - 8):
+            out = ops.q_norm_rope(q, mx.ones((64,)), inv_a, freqs, offset, 1e-6)
+            assert np.isfinite(np.array(out)).all(), (rope_type, offset)
+    huge = mx.array([1e30, -1e30, 3e38, 0.0], dtype=mx.float32)
+    capped = np.array(ops.softcap(huge, 30.0))
+    assert np.isfinite(capped).all() and np.abs(capped).max() <= 30.0
+    assert np.isfinite(np.array(ops.softcap(huge.astype(mx.bfloat16), 30.0).astype(mx.float32))).all()

@@ -351,3 +351,14 @@ def test_package_reexports_generate_in_a_fresh_interpreter():
             "assert gemma4_mlx.generate is generate and generate.__module__ == 'gemma4_mlx.generation'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.stdout
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(loaded):
+    from gemma4_mlx.generation import generate
+
+    model, tok = loaded
+    vocab = model.args.vocab_size
+    for bad in ([1, vocab], [-1, 5]):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            generate(model, tok, bad, max_tokens=2)
+    assert generate(model, tok, [2, vocab - 1], max_tokens=2).tokens
