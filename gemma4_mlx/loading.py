@@ -201,9 +201,11 @@ def load_tokenizer(model_path: Path, eos_token_ids: Optional[List[int]] = None):
         raise LoadError(f"{model_path}: tokenizer could not be loaded ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
 
 
-def load(path_or_repo: Union[str, Path], lazy: bool = False, revision: Optional[str] = None) -> Tuple[Model, Any]:
-    """(model, tokenizer) for a checkpoint folder or Hub repo id."""
+def load(path_or_repo: Union[str, Path], lazy: bool = False, revision: Optional[str] = None,
+         strict_memory: bool = False) -> Tuple[Model, Any]:
+    """(model, tokenizer) for a checkpoint folder or Hub repo id. The memory the weights need
+    is checked first: a warning when the device lacks it, a LoadError with ``strict_memory``."""
     model_path = resolve_model_path(path_or_repo, revision)
-    model = load_model(model_path, lazy=lazy)
+    model = load_model(model_path, lazy=lazy, strict_memory=strict_memory)
     tokenizer = load_tokenizer(model_path, model.args.eos_token_id)
     return model, tokenizer

@@ -120,3 +120,60 @@ def test_no_nan_at_extreme_positions_and_logits():
     capped = np.array(ops.softcap(huge, 30.0))
     assert np.isfinite(capped).all() and np.abs(capped).max() <= 30.0
     assert np.isfinite(np.array(ops.softcap(huge.astype(mx.bfloat16), 30.0).astype(mx.float32))).all()
+
+
+def _kernel_shaped_model(seed=0):
+    """A small model whose head dims (64 / 128) and PLE width (64) are ones the kernels take."""
+    cfg = preset_config("tiny")
+    cfg.update(hidden_size=128, head_dim=64, global_head_dim=128, hidden_size_per_layer_input=64,
+               intermediate_size=256, sliding_window=16)
+    model = Model(parse_config(cfg))
+    mx.random.seed(seed)
+    model.update(tree_map(lambda p: (1.0 + 0.1 * mx.random.normal(p.shape)) if p.ndim == 1
+                          else 0.05 * mx.random.normal(p.shape), model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_logits_with_kernels_equal_logits_without(dtype, monkeypatch):
+    """One switch sends every op to the kernels: prefill and compiled decode agree with
+    ``GEMMA4_MLX_KERNELS=off``. On a GPU the kernels run; on the CPU the backend is forced, the
+    kernels fail to build there and the dispatcher's references run (checking that path)."""
+    import warnings
+
+    from gemma4_mlx.kernels import dispatch
+
+    model = _kernel_shaped_model()
+    ids = mx.array(np.random.default_rng(1).integers(0, model.args.vocab_size, size=(1, 40)))
+
+    def run(mode):
+        monkeypatch.setenv("GEMMA4_MLX_KERNELS", mode)
+        monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "")  # every kernel, mv included
+        dispatch.reset()
+        object.__setattr__(model, "_decoder", None)
+        cache = model.make_cache()
+        out = [model(ids[:, :30], cache=cache)]
+        out += [model(ids[:, i : i + 1], cache=cache) for i in range(30, 40)]
+        return np.concatenate([np.array(o.astype(mx.float32)) for o in out], axis=1)
+
+    truth = run("off")  # float32
+    model.set_dtype(dtype)
+    off = run("off")
+    gpu = dispatch.active_backend() is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if gpu:
+            on = run("auto")
+        else:
+            with dispatch.force_backend("cuda"):
+                on = run("auto")
+    if dtype == mx.float32:
+        tol = 3e-3 if gpu else 1e-4  # TF32 matmuls on one side on a GPU
+        assert np.max(np.abs(on - off)) <= tol * np.max(np.abs(off)), np.max(np.abs(on - off))
+    else:
+        # bfloat16 rounding moves random-weight logits a lot either way: the kernels' result
+        # must be no further from float32 than the MLX op sequence's.
+        err_on, err_off = np.abs(on - truth).max(), np.abs(off - truth).max()
+        assert err_on <= 1.5 * err_off + 1e-2, (err_on, err_off)
+    dispatch.reset()

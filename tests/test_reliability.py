@@ -267,6 +267,9 @@ def test_strict_memory_refuses_load(good, tmp_path, monkeypatch):
         load_model(good)
     r = _cli(["convert", "--hf-path", str(good), "--mlx-path", str(tmp_path / "o"), "--strict-memory", "--quiet"])
     assert r.exit_code == 1 and "strict_memory" in r.stderr and not (tmp_path / "o").exists()
+    for cmd in (["generate", "--prompt", "hi"], ["chat"]):
+        r = _cli([cmd[0], "--model", str(good), *cmd[1:], "--strict-memory"])
+        assert r.exit_code == 1 and "GiB" in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)
 
 
 def test_big_preset_estimate_without_weights(tmp_path):

@@ -29,6 +29,8 @@ def chat(
     no_chat_template: bool = typer.Option(False, "--no-chat-template",
                                           help="Use Gemma 4's built-in format, not the checkpoint's template."),
     stats: bool = typer.Option(False, "--stats", help="Print speed and memory after each reply (stderr)."),
+    strict_memory: bool = typer.Option(False, "--strict-memory",
+                                       help="Refuse to load when the weights need more memory than the device has."),
 ) -> None:
     """Chat with the model: type a message per line; /reset starts over, /exit (or EOF) quits.
 
@@ -42,7 +44,7 @@ def chat(
         from ..generation import ChatSession
         from ..loading import load
 
-        m, tok = load(model)
+        m, tok = load(model, strict_memory=strict_memory)
         if seed is not None:
             mx.random.seed(seed)
         session = ChatSession(m, tok, system=system, think=think, use_template=not no_chat_template,

@@ -81,6 +81,8 @@ def generate(
     show_thinking: bool = typer.Option(False, "--show-thinking", help="Print the reasoning too (hidden by default)."),
     no_chat_template: bool = typer.Option(False, "--no-chat-template",
                                           help="Send the prompt as raw text (no chat turns)."),
+    strict_memory: bool = typer.Option(False, "--strict-memory",
+                                       help="Refuse to load when the weights need more memory than the device has."),
 ) -> None:
     """Generate a reply to one prompt, streaming it to stdout; speed and memory go to stderr."""
     sampling_options_check(max_tokens, temp, top_p, top_k, min_p)
@@ -89,7 +91,7 @@ def generate(
         from ..generation import stream_generate
         from ..loading import load
 
-        m, tok = load(model)
+        m, tok = load(model, strict_memory=strict_memory)
         state: dict = {}
         last = None
         try:
