@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .commands import COMMAND_MODULES, app, debug_enabled
+from .commands import COMMAND_MODULES, app
 
 
 def main(argv=None) -> None:

@@ -30,9 +30,7 @@ from .chat_format import (
     ReasoningParser,
     encode_text,
     format_prompt,
-    gemma4_prompt,
     has_chat_template,
-    messages_from,
     next_turn_text,
 )
 

@@ -1,13 +1,13 @@
 """The model's hot ops: one place that chooses a custom GPU kernel or the MLX op sequence.
 
-The MLX path (``mx.fast`` norms, RoPE with precomputed frequencies, SDPA) is what runs on the
-CPU and whenever ``GEMMA4_MLX_KERNELS=off`` or a kernel failed its self-check; it is also the
-stock op sequence the kernels are benchmarked against.
+The MLX path (``mx.fast`` norms, RoPE with precomputed frequencies, SDPA) runs on the CPU and
+with ``GEMMA4_MLX_KERNELS=off``; it is also the stock op sequence the kernels are benchmarked
+against. On a GPU the kernels module decides per shape class (a kernel that fails its
+self-check is replaced by its plain reference, with one warning).
 """
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any, Optional, Union
 
@@ -16,9 +16,6 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
 Offset = Union[int, mx.array]
-
-_GELU_C = math.sqrt(2.0 / math.pi)
-
 
 @partial(mx.compile, shapeless=True)
 def geglu(gate: mx.array, up: mx.array) -> mx.array:

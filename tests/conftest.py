@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 # Tests run on MLX's CPU backend and must not depend on a GPU being present.
 os.environ.setdefault("GEMMA4_MLX_TEST", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
