@@ -155,12 +155,17 @@ class ReasoningParser:
             buf = self._buf
             if self.state == self.ANSWER:
                 i = buf.find(CHANNEL_START)
+                j = buf.find(CHANNEL_END)
+                if j >= 0 and (i < 0 or j < i):  # a stray end marker: drop it
+                    answer.append(buf[:j])
+                    self._buf = buf[j + len(CHANNEL_END):]
+                    continue
                 if i >= 0:
                     answer.append(buf[:i])
                     self._buf = buf[i + len(CHANNEL_START):]
                     self.state = self.HEADER
                     continue
-                keep = _partial_suffix(buf, CHANNEL_START)
+                keep = max(_partial_suffix(buf, CHANNEL_START), _partial_suffix(buf, CHANNEL_END))
                 answer.append(buf[: len(buf) - keep])
                 self._buf = buf[len(buf) - keep:]
                 break

@@ -107,3 +107,36 @@ def test_markers_never_leak_and_text_is_not_held_longer_than_needed():
     assert p.finish() == ("", "")
     out = "".join(itertools.chain.from_iterable(p.feed(c) for c in "x<|channel>thought\ny<channel|>z"))
     assert CHANNEL_START not in out and CHANNEL_END not in out
+
+
+# -- properties (hypothesis) ----------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# Text made of marker fragments and look-alikes, so random strings often come close to markers.
+_ATOMS = ["a", " ", "\n", "<", "|", ">", "<|", "|>", "<|chan", "channel", "thought", "thought\n",
+          CHANNEL_START, CHANNEL_END, "<channel|", "|channel>", "<|turn>", "x<"]
+TEXT = st.lists(st.sampled_from(_ATOMS), max_size=12).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=TEXT, cuts=st.lists(st.integers(0, 200), max_size=6))
+def test_streaming_equals_whole_text_for_any_split(text, cuts):
+    """However the generated text is cut into pieces, the streamed answer and reasoning equal
+    the whole-text split, and no complete marker ever reaches either."""
+    points = sorted({c % (len(text) + 1) for c in cuts})
+    pieces = [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
+    answer, reasoning = iter_split(pieces)
+    assert (answer, reasoning) == split_reasoning(text)
+    assert CHANNEL_START not in answer and CHANNEL_END not in answer
+
+
+@settings(max_examples=200, deadline=None)
+@given(answer=TEXT.filter(lambda t: CHANNEL_START not in t and CHANNEL_END not in t and "<|channel" not in t),
+       thought=st.text(alphabet="abc \n", max_size=20), cut=st.integers(0, 100))
+def test_reasoning_then_answer_round_trip(answer, thought, cut):
+    text = f"{CHANNEL_START}thought\n{thought}{CHANNEL_END}{answer}"
+    cut %= len(text) + 1
+    got = iter_split([text[:cut], text[cut:]])
+    assert got == split_reasoning(text)
+    assert got[1] == thought

@@ -178,3 +178,20 @@ def test_help(cmd):
     assert r.exit_code == 0 and "Usage" in r.stdout
     if cmd != "serve":  # serve passes its options through to mlx_lm.server (--help-server)
         assert "--model" in r.stdout
+
+
+def test_generate_ctrl_c_stops_cleanly(tiny_ckpt, monkeypatch):  # noqa: F811
+    import gemma4_mlx.generation as generation
+
+    real = generation.stream_generate
+
+    def interrupted(*args, **kwargs):
+        for i, r in enumerate(real(*args, **kwargs)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield r
+
+    monkeypatch.setattr(generation, "stream_generate", interrupted)
+    r = run(["generate", "--model", str(tiny_ckpt), "--prompt", "hello", "--max-tokens", "20", "--greedy"])
+    assert r.exit_code == 130
+    assert "interrupted" in r.stderr and "Traceback" not in r.stderr + r.stdout
