@@ -114,3 +114,35 @@ def test_wrapper_vocab_size_is_the_text_configs(checkpoints):
     model = load_model(path)
     assert model.args.vocab_size == VOCAB
     assert model(mx.array([[1, 2, 3]])).shape == (1, 3, VOCAB)
+
+
+def test_multimodal_towers_are_skipped(checkpoints, tmp_path):
+    """Real wrapper checkpoints carry vision/audio towers; the text model ignores them."""
+    import shutil
+
+    src, _ = checkpoints("e4b", "wrapper", "published")
+    dst = tmp_path / "with-towers"
+    shutil.copytree(src, dst)
+    weights = mx.load(str(dst / "model.safetensors"))
+    weights.update({
+        "model.vision_tower.encoder.layers.0.self_attn.q_proj.linear.weight": mx.zeros((8, 8)),
+        "model.audio_tower.subsample_conv_projection.conv_0.conv.weight": mx.zeros((4, 1, 3, 3)),
+        "model.embed_vision.embedding_projection.weight": mx.zeros((64, 8)),
+        "model.embed_audio.embedding_projection.weight": mx.zeros((64, 8)),
+    })
+    mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "pt"})
+    ids = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    np.testing.assert_array_equal(np.array(load_model(dst)(ids)), np.array(load_model(src)(ids)))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_stored_dtype_is_kept(tmp_path, dtype):
+    from mlx.utils import tree_flatten
+
+    from gemma4_mlx.checkpoint import write_random_checkpoint
+
+    path = write_random_checkpoint("tiny", tmp_path / dtype, dtype=dtype)
+    model = load_model(path)
+    dtypes = {v.dtype for _, v in tree_flatten(model.parameters())}
+    assert dtypes == {getattr(mx, dtype)}
+    assert model(mx.array([[1, 2, 3]])).dtype == getattr(mx, dtype)
