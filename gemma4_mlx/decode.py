@@ -98,7 +98,8 @@ class CompiledDecoder:
             _SlotCache(buffers[2 * i], buffers[2 * i + 1], slots[i : i + 1], valid[i], offset)
             for i in range(len(buffers) // 2)
         ]
-        logits = self.model._eager(inputs, cache=caches)
+        with ops.compiled_step():
+            logits = self.model._eager(inputs, cache=caches)
         out = []
         for c in caches:
             out += [c.keys, c.values]

@@ -8,6 +8,7 @@ self-check is replaced by its plain reference, with one warning).
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Any, Optional, Union
 
@@ -31,11 +32,36 @@ def softcap(x: mx.array, cap: float) -> mx.array:
     return _softcap(x, mx.array(cap, dtype=x.dtype))
 
 
-def _gpu_kernels():
-    """The kernels module when custom kernels may run here (GPU backend, mode not off)."""
+_compiled_step = {"active": False}
+
+
+@contextlib.contextmanager
+def compiled_step():
+    """Marks the graph being built as the compiled decode step (see :func:`_gpu_kernels`)."""
+    old = _compiled_step["active"]
+    _compiled_step["active"] = True
+    try:
+        yield
+    finally:
+        _compiled_step["active"] = old
+
+
+def _gpu_kernels(x: Optional[mx.array] = None, token_axis: int = 1):
+    """The kernels module when custom kernels should run here, else None.
+
+    They run on a GPU backend with the mode not off, inside the compiled decode step, and in
+    eager graphs of more than one token. An eager one-token step (batched caches, or
+    ``GEMMA4_MLX_COMPILE=0``) takes the MLX ops instead: there the Python cost of launching
+    ~8 kernels per layer outweighed their gain (H100, E2B: 24.0 ms per step eager with kernels
+    against 15.2 ms for stock's op sequence, docs/benchmarks.md).
+    """
     from . import kernels
 
-    return kernels if kernels.kernels_enabled() else None
+    if not kernels.kernels_enabled():
+        return None
+    if not _compiled_step["active"] and x is not None and x.shape[token_axis] == 1:
+        return None
+    return kernels
 
 
 def _rope(x: mx.array, freqs: mx.array, offset: Offset) -> mx.array:
@@ -46,7 +72,7 @@ def _rope(x: mx.array, freqs: mx.array, offset: Offset) -> mx.array:
 def q_norm_rope(q: mx.array, weight: mx.array, inv_freq: mx.array, freqs: mx.array, offset: Offset,
                 eps: float) -> mx.array:
     """(B, L, H, D) projection -> RMSNorm -> head-major -> RoPE."""
-    k = _gpu_kernels()
+    k = _gpu_kernels(q)
     if k is not None:
         return k.q_norm_rope(q, weight, inv_freq, offset, eps)
     return _rope(mx.fast.rms_norm(q, weight, eps).transpose(0, 2, 1, 3), freqs, offset)
@@ -55,7 +81,7 @@ def q_norm_rope(q: mx.array, weight: mx.array, inv_freq: mx.array, freqs: mx.arr
 def kv_norm_rope(k: mx.array, v: mx.array, k_weight: mx.array, inv_freq: mx.array, freqs: mx.array,
                  offset: Offset, eps: float):
     """Keys: RMSNorm, head-major, RoPE. Values: scale-free RMSNorm, head-major."""
-    kern = _gpu_kernels()
+    kern = _gpu_kernels(k)
     if kern is not None:
         return kern.kv_norm_rope(k, v, k_weight, inv_freq, offset, eps)
     keys = _rope(mx.fast.rms_norm(k, k_weight, eps).transpose(0, 2, 1, 3), freqs, offset)
@@ -81,7 +107,7 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: 
     full rotating window for one query), the compiled decode step's slot cache (a fixed
     buffer of which ``cache.valid`` slots are filled), or a batch/quantized cache (generic path).
     """
-    k = _gpu_kernels()
+    k = _gpu_kernels(queries, token_axis=2)
     if k is not None:
         valid = getattr(cache, "valid", None)
         if valid is not None:
@@ -95,7 +121,7 @@ def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_w
                 num_layers: int, ple_dim: int, projection_scale: float, table_scale: float,
                 eps: float) -> mx.array:
     """(RMSNorm(projection * s) + table[ids] * sqrt(P)) * 2^-0.5, shaped (B, L, layers, P)."""
-    kern = _gpu_kernels()
+    kern = _gpu_kernels(projection)
     if kern is not None and isinstance(table, nn.Embedding):
         projection = projection * mx.array(projection_scale, dtype=projection.dtype)
         return kern.ple_combine(inputs, table.weight, projection, norm_weight, table_scale, eps)
@@ -109,7 +135,7 @@ def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_w
 
 
 def ple_gate(gate: mx.array, per_layer_input: mx.array) -> mx.array:
-    k = _gpu_kernels()
+    k = _gpu_kernels(gate)
     if k is not None:
         return k.ple_gate(gate, per_layer_input)
     return geglu(gate, per_layer_input)
@@ -117,7 +143,7 @@ def ple_gate(gate: mx.array, per_layer_input: mx.array) -> mx.array:
 
 def ple_tail(residual: mx.array, projected: mx.array, norm_weight: mx.array, layer_scalar: mx.array,
              eps: float) -> mx.array:
-    k = _gpu_kernels()
+    k = _gpu_kernels(residual)
     if k is not None:
         return k.ple_tail(residual, projected, norm_weight, layer_scalar, eps)
     return (residual + mx.fast.rms_norm(projected, norm_weight, eps)) * layer_scalar
@@ -126,7 +152,7 @@ def ple_tail(residual: mx.array, projected: mx.array, norm_weight: mx.array, lay
 def quantized_matvec(x: mx.array, weight: mx.array, scales: mx.array, biases: Optional[mx.array],
                      group_size: int, bits: int, mode: str) -> Optional[mx.array]:
     """The decode-time quantized matvec kernel's result, or None where MLX's own should run."""
-    k = _gpu_kernels()
+    k = _gpu_kernels(x, token_axis=x.ndim - 2)
     if k is None or mode != "affine" or biases is None or x.size // x.shape[-1] > 8:
         return None
     return k.quantized_matvec(x, weight, scales, biases, group_size, bits)
@@ -134,7 +160,7 @@ def quantized_matvec(x: mx.array, weight: mx.array, scales: mx.array, biases: Op
 
 def matvec(x: mx.array, weight: mx.array) -> Optional[mx.array]:
     """The decode-time float matvec kernel's result, or None where MLX's matmul should run."""
-    k = _gpu_kernels()
+    k = _gpu_kernels(x, token_axis=x.ndim - 2)
     if k is None or x.size // x.shape[-1] > 8:
         return None
     return k.matvec(x, weight)

@@ -177,3 +177,43 @@ def test_logits_with_kernels_equal_logits_without(dtype, monkeypatch):
         err_on, err_off = np.abs(on - truth).max(), np.abs(off - truth).max()
         assert err_on <= 1.5 * err_off + 1e-2, (err_on, err_off)
     dispatch.reset()
+
+
+def test_kernels_run_in_compiled_step_and_prefill_not_in_eager_single_token(monkeypatch):
+    """Kernel launches cost Python time per call: they run where the graph is compiled or
+    carries many tokens, and an eager one-token step takes the MLX ops."""
+    import contextlib
+
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx.kernels import dispatch
+
+    model = _kernel_shaped_model()
+    calls = {"q_norm_rope": 0, "kv_norm_rope": 0}
+
+    def spy(name):
+        ref = getattr(K, f"{name}_reference")
+
+        def run(*args):
+            calls[name] += 1
+            return ref(*args)
+        return run
+
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "auto")
+    dispatch.reset()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dispatch.force_backend("cuda"))
+        for name in calls:
+            stack.enter_context(dispatch.override_kernel(name, spy(name)))
+        cache = model.make_cache()
+
+        def count(fn):
+            before = dict(calls)
+            fn()
+            return sum(calls[n] - before[n] for n in calls)
+
+        assert count(lambda: mx.eval(model(mx.array([[1, 2, 3, 4]]), cache=cache))) > 0  # prefill
+        monkeypatch.setenv("GEMMA4_MLX_COMPILE", "0")
+        assert count(lambda: mx.eval(model(mx.array([[5]]), cache=cache))) == 0  # eager one token
+        monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+        assert count(lambda: mx.eval(model(mx.array([[6]]), cache=cache))) > 0  # compiled step
+    dispatch.reset()
