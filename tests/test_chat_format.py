@@ -123,12 +123,12 @@ TEXT = st.lists(st.sampled_from(_ATOMS), max_size=12).map("".join)
 @given(text=TEXT, cuts=st.lists(st.integers(0, 200), max_size=6))
 def test_streaming_equals_whole_text_for_any_split(text, cuts):
     """However the generated text is cut into pieces, the streamed answer and reasoning equal
-    the whole-text split, and no complete marker ever reaches either."""
+    the whole-text split. (Marker *leaks* are checked below on well-formed text: here plain
+    text around a dropped stray marker may spell a marker by concatenation, which a token
+    stream, where each marker is one token, cannot.)"""
     points = sorted({c % (len(text) + 1) for c in cuts})
     pieces = [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
-    answer, reasoning = iter_split(pieces)
-    assert (answer, reasoning) == split_reasoning(text)
-    assert CHANNEL_START not in answer and CHANNEL_END not in answer
+    assert iter_split(pieces) == split_reasoning(text)
 
 
 @settings(max_examples=200, deadline=None)
@@ -139,4 +139,4 @@ def test_reasoning_then_answer_round_trip(answer, thought, cut):
     cut %= len(text) + 1
     got = iter_split([text[:cut], text[cut:]])
     assert got == split_reasoning(text)
-    assert got[1] == thought
+    assert got == (answer, thought)
