@@ -3,10 +3,11 @@ replaces, on E2B / E4B / 31B-like decode and prefill shapes.
 
     python bench/kernels.py [--dtype bfloat16] [--iters 50] [--only attention]
 
-Prints, per case: median time of the stock sequence and of the kernel
-(the public function, which dispatches), their ratio (stock / kernel, > 1 is
-faster), and on a GPU the kernel's achieved GB/s (minimum bytes moved /
-median time). On CPU the "kernel" column is the reference path (no kernels),
+Prints the measured copy bandwidth, then per case: median time of the stock
+sequence and of the kernel (the public function, which dispatches; the
+matvec kernels are launched directly since `mv` is off by default), their
+ratio (stock / kernel, > 1 is faster), and on a GPU the kernel's achieved
+GB/s (minimum bytes moved / median time) and its share of the copy bandwidth. On CPU the "kernel" column is the reference path (no kernels),
 so the numbers only check that the script runs.
 """
 
@@ -119,6 +120,22 @@ def cases(dtype, only):
                 yield ("ple_tail", f"{name} {phase}", stock_ple_tail, K.ple_tail,
                        (res, rnd(1, L, m["hidden"]), mx.ones((m["hidden"],), dtype), mx.array([0.5], dtype), 1e-6),
                        3 * res.nbytes)
+        # decode matvecs of the step (float and 4-bit), against MLX's own matmul
+        hd = m["hidden"]
+        gpu = K.active_backend() is not None
+        mv = K.matvec_kernel if gpu else K.matvec_reference
+        qmv = K.quantized_matvec_kernel if gpu else K.quantized_matvec_reference
+        head_rows = 262144 if gpu else VOCAB
+        for label, (n_out, n_in) in (("q_proj", (m["H"] * m["D"], hd)), ("k_proj", (m["Hkv"] * m["D"], hd)),
+                                     ("gate_proj", (4 * hd, hd)), ("down_proj", (hd, 4 * hd)),
+                                     ("tied head", (head_rows, hd))):
+            x = rnd(1, n_in)
+            w = rnd(n_out, n_in) * 0.02
+            yield ("matvec", f"{name} {label} {n_out}x{n_in}", K.matvec_reference, mv, (x, w),
+                   w.nbytes + x.nbytes)
+            wq, sc, bi = mx.quantize(w, group_size=64, bits=4)
+            yield ("qmv4", f"{name} {label} {n_out}x{n_in}", K.quantized_matvec_reference, qmv,
+                   (x, wq, sc, bi, 64, 4), wq.nbytes + sc.nbytes + bi.nbytes + x.nbytes)
         # attention: decode (Lq=1) and a short chunk (Lq=16), sliding and global
         for Lq in (1, 16):
             for (D, N, window) in ((m["D"], 4096, m["window"]), (m["Dg"], 4096, 0), (m["Dg"], 32768, 0)):
@@ -131,6 +148,14 @@ def cases(dtype, only):
                        2 * Hkv * min(N, window + Lq if window else N) * D * q.itemsize + 2 * q.nbytes)
 
 
+def copy_bandwidth(iters: int) -> float:
+    """GB/s of a large elementwise copy (read + write): the practical ceiling for the kernels."""
+    x = mx.random.normal((64 * 1024 * 1024,)).astype(mx.bfloat16)  # 128 MB
+    mx.eval(x)
+    t = timeit(lambda: x * 1, max(5, iters // 5))
+    return 2 * x.nbytes / t / 1e9
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="bfloat16")
@@ -140,14 +165,17 @@ def main():
     dtype = getattr(mx, a.dtype)
     backend = K.active_backend()
     print(f"device={mx.default_device()} backend={backend or 'reference (no kernels)'} dtype={a.dtype}")
-    print(f"{'kernel':14s} {'case':44s} {'stock us':>10s} {'kernel us':>10s} {'ratio':>7s} {'GB/s':>8s}")
+    copy = copy_bandwidth(a.iters)
+    print(f"measured copy bandwidth: {copy:.1f} GB/s (read + write of a 128 MB bf16 array)")
+    print(f"{'kernel':14s} {'case':44s} {'stock us':>10s} {'kernel us':>10s} {'ratio':>7s} {'GB/s':>8s} {'% copy':>7s}")
     for kname, label, stock, fused, args, moved in cases(dtype, a.only):
         if a.only and a.only not in kname:
             continue
         t_stock = timeit(lambda: stock(*args), a.iters)
         t_kern = timeit(lambda: fused(*args), a.iters)
         gbs = f"{moved / t_kern / 1e9:8.1f}" if backend else f"{'-':>8s}"
-        print(f"{kname:14s} {label:44s} {t_stock * 1e6:10.1f} {t_kern * 1e6:10.1f} {t_stock / t_kern:7.2f} {gbs}")
+        pct = f"{100 * moved / t_kern / 1e9 / copy:6.0f}%" if backend else f"{'-':>7s}"
+        print(f"{kname:14s} {label:44s} {t_stock * 1e6:10.1f} {t_kern * 1e6:10.1f} {t_stock / t_kern:7.2f} {gbs} {pct}")
 
 
 if __name__ == "__main__":
