@@ -146,3 +146,24 @@ def test_stored_dtype_is_kept(tmp_path, dtype):
     dtypes = {v.dtype for _, v in tree_flatten(model.parameters())}
     assert dtypes == {getattr(mx, dtype)}
     assert model(mx.array([[1, 2, 3]])).dtype == getattr(mx, dtype)
+
+
+def test_validate_command(checkpoints):
+    """`gemma4-mlx validate` prints the per-layer table and exits 1 past the tolerance."""
+    import importlib
+
+    from typer.testing import CliRunner
+
+    from gemma4_mlx.commands import COMMAND_MODULES, app
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"gemma4_mlx.commands.{name}")
+    path, _ = checkpoints("26b", "wrapper", "per_layer")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["validate", "--model", str(path), "--length", "12"])
+    assert ok.exit_code == 0, ok.output
+    assert "layer  5 moe" in ok.stdout and "logits" in ok.stdout and "OK: worst relative error" in ok.stdout
+    strict = runner.invoke(app, ["validate", "--model", str(path), "--length", "12", "--tolerance", "1e-12"])
+    assert strict.exit_code == 1 and "FAIL" in strict.stderr
+    missing = runner.invoke(app, ["validate", "--model", str(path / "nope")])
+    assert missing.exit_code == 1 and missing.stderr.startswith("error:")
