@@ -110,14 +110,18 @@ def active_backend() -> str | None:
     return None
 
 
-# Off unless asked for: measured slower than MLX's own matmul on the H100 (docs/benchmarks.md).
-DEFAULT_DISABLED = "mv"
+# Off unless asked for, per backend. "mv" measured slower than MLX's own matmul on the H100
+# (docs/benchmarks.md). "qmv" replaces a single MLX op that is heavily tuned for Apple GPUs and
+# has not been measured on one: off on Metal until it is.
+DEFAULT_DISABLED = {"cuda": "mv", "metal": "mv,qmv"}
 
 
 def disabled_kernels() -> frozenset:
     """Kernels switched off one by one: ``GEMMA4_MLX_KERNELS_DISABLE=mv,qmv`` (ablations);
-    unset means :data:`DEFAULT_DISABLED`, an empty value enables every kernel."""
-    raw = os.environ.get("GEMMA4_MLX_KERNELS_DISABLE", DEFAULT_DISABLED)
+    unset means the backend's :data:`DEFAULT_DISABLED`, an empty value enables every kernel."""
+    raw = os.environ.get("GEMMA4_MLX_KERNELS_DISABLE")
+    if raw is None:
+        raw = DEFAULT_DISABLED.get(active_backend() or "cuda", "mv")
     return frozenset(n.strip() for n in raw.split(",") if n.strip())
 
 
