@@ -266,6 +266,20 @@ class Model(nn.Module):
                 return logits
         return self._eager(inputs, cache=cache, trace=trace)
 
+    # The compiled decode step captures the weights and modules it was traced with; replacing
+    # them through the model (load_weights, update, set_dtype, nn.quantize, ...) drops it.
+    def update(self, parameters: dict, strict: bool = True) -> "Model":
+        self.reset_compiled()
+        return super().update(parameters, strict=strict)
+
+    def update_modules(self, modules: dict, strict: bool = True) -> "Model":
+        self.reset_compiled()
+        return super().update_modules(modules, strict=strict)
+
+    def reset_compiled(self) -> None:
+        """Forget the traced decode step (needed after changing submodules in place)."""
+        object.__setattr__(self, "_decoder", None)
+
     def _eager(self, inputs: mx.array, cache=None, trace: Optional[list] = None) -> mx.array:
         h = self.model(inputs, cache=cache, trace=trace)
         if self.args.tie_word_embeddings:

@@ -218,3 +218,27 @@ def test_kernels_run_in_compiled_step_and_prefill_not_in_eager_single_token(monk
         monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
         assert count(lambda: mx.eval(model(mx.array([[6]]), cache=cache))) > 0  # compiled step
     dispatch.reset()
+
+
+def test_replacing_weights_or_quantizing_drops_the_compiled_step(monkeypatch):
+    import mlx.nn as nn
+
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    model = _random_model("tiny-31b")
+    prompt = mx.array([[5, 6, 7, 8, 9, 10]])
+
+    def decode(m):
+        cache = m.make_cache()
+        m(prompt, cache=cache)
+        return [np.array(m(mx.array([[t]]), cache=cache)) for t in (3, 4, 5)]
+
+    decode(model)  # traces the step
+    assert model._decoder is not None
+    fresh = _random_model("tiny-31b", seed=7)
+    model.update(fresh.parameters())
+    assert model._decoder is None
+    np.testing.assert_allclose(np.concatenate(decode(model)), np.concatenate(decode(fresh)), rtol=1e-5, atol=1e-5)
+    pred = lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 32 == 0  # noqa: E731
+    nn.quantize(model, group_size=32, bits=4, class_predicate=pred)
+    nn.quantize(fresh, group_size=32, bits=4, class_predicate=pred)
+    np.testing.assert_allclose(np.concatenate(decode(model)), np.concatenate(decode(fresh)), rtol=1e-5, atol=1e-5)
