@@ -257,10 +257,14 @@ class Model(nn.Module):
         # A plain attribute set through object.__setattr__ stays out of the parameter tree.
         object.__setattr__(self, "_decoder", None)
 
-    def __call__(self, inputs: mx.array, cache=None, trace: Optional[list] = None, **_: Any) -> mx.array:
+    def __call__(self, inputs: mx.array, cache=None, trace: Optional[list] = None,
+                 input_embeddings: Optional[mx.array] = None) -> mx.array:
+        if input_embeddings is not None:
+            # The per-layer embeddings (E2B, E4B) are looked up by token id.
+            raise ValueError("gemma4-mlx runs text from token ids; input_embeddings are not supported")
         if cache is not None and trace is None and inputs.shape[1] == 1 and compile_enabled():
             if self._decoder is None:
-                self._decoder = CompiledDecoder(self)
+                object.__setattr__(self, "_decoder", CompiledDecoder(self))
             logits = self._decoder(inputs, cache)
             if logits is not None:
                 return logits
