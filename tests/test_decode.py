@@ -242,3 +242,9 @@ def test_replacing_weights_or_quantizing_drops_the_compiled_step(monkeypatch):
     nn.quantize(model, group_size=32, bits=4, class_predicate=pred)
     nn.quantize(fresh, group_size=32, bits=4, class_predicate=pred)
     np.testing.assert_allclose(np.concatenate(decode(model)), np.concatenate(decode(fresh)), rtol=1e-5, atol=1e-5)
+
+
+def test_input_embeddings_are_refused_clearly():
+    model = _random_model("tiny")
+    with pytest.raises(ValueError, match="input_embeddings are not supported"):
+        model(mx.array([[1, 2]]), input_embeddings=mx.zeros((1, 2, 64)))
