@@ -23,15 +23,6 @@ from .config import FULL, LayerPlan, ModelArgs
 from .decode import CompiledDecoder, compile_enabled
 
 
-class ScaleFreeRMSNorm(nn.Module):
-    def __init__(self, eps: float):
-        super().__init__()
-        self.eps = eps
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, None, self.eps)
-
-
 class MLP(nn.Module):
     def __init__(self, hidden: int, width: int):
         super().__init__()

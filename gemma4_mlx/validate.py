@@ -90,7 +90,7 @@ def run_reference(ref, input_ids: np.ndarray) -> tuple[np.ndarray, List[Dict[str
     records: List[Dict[str, np.ndarray]] = []
     hooks = []
 
-    def save(store, key, reshape_like=None):
+    def save(store, key):
         def hook(_module, _inputs, output):
             out = output[0] if isinstance(output, tuple) else output
             store[key] = out.detach().float().numpy()
