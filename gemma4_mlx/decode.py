@@ -98,7 +98,7 @@ class CompiledDecoder:
             _SlotCache(buffers[2 * i], buffers[2 * i + 1], slots[i : i + 1], valid[i], offset)
             for i in range(len(buffers) // 2)
         ]
-        with ops.compiled_step():
+        with ops.kernels_allowed(True):
             logits = self.model._eager(inputs, cache=caches)
         out = []
         for c in caches:

@@ -259,7 +259,8 @@ class Model(nn.Module):
             logits = self._decoder(inputs, cache)
             if logits is not None:
                 return logits
-        return self._eager(inputs, cache=cache, trace=trace)
+        with ops.kernels_allowed(inputs.shape[1] > 1):
+            return self._eager(inputs, cache=cache, trace=trace)
 
     # The compiled decode step captures the weights and modules it was traced with; replacing
     # them through the model (load_weights, update, set_dtype, nn.quantize, ...) drops it.

@@ -9,59 +9,48 @@ self-check is replaced by its plain reference, with one warning).
 from __future__ import annotations
 
 import contextlib
-from functools import partial
 from typing import Any, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+# GeGLU (tanh GELU) and the logit soft-cap are the same ops as stock's: reuse its compiled ones.
+from mlx_lm.models.gemma4_text import geglu, logit_softcap  # noqa: F401 (geglu is used by the model)
 
 Offset = Union[int, mx.array]
 
-@partial(mx.compile, shapeless=True)
-def geglu(gate: mx.array, up: mx.array) -> mx.array:
-    return nn.gelu_approx(gate) * up
-
-
-@partial(mx.compile, shapeless=True)
-def _softcap(x: mx.array, cap: mx.array) -> mx.array:
-    return mx.tanh(x / cap) * cap
-
 
 def softcap(x: mx.array, cap: float) -> mx.array:
-    return _softcap(x, mx.array(cap, dtype=x.dtype))
+    """cap * tanh(x / cap), stock mlx-lm's compiled op."""
+    return logit_softcap(cap, x)
 
 
-_compiled_step = {"active": False}
+_kernels_allowed = {"on": True}
 
 
 @contextlib.contextmanager
-def compiled_step():
-    """Marks the graph being built as the compiled decode step (see :func:`_gpu_kernels`)."""
-    old = _compiled_step["active"]
-    _compiled_step["active"] = True
+def kernels_allowed(on: bool):
+    """Whether the graph being built may launch custom kernels (the model decides per call).
+
+    The model allows them in the compiled decode step and in eager calls of more than one
+    token. An eager one-token call (batched caches, or ``GEMMA4_MLX_COMPILE=0``) takes the MLX
+    ops instead: there the Python cost of launching ~8 kernels per layer outweighed their gain
+    (H100, E2B: 24.0 ms per step eager with kernels against 15.2 ms for stock's op sequence,
+    docs/benchmarks.md).
+    """
+    old = _kernels_allowed["on"]
+    _kernels_allowed["on"] = on
     try:
         yield
     finally:
-        _compiled_step["active"] = old
+        _kernels_allowed["on"] = old
 
 
-def _gpu_kernels(x: Optional[mx.array] = None, token_axis: int = 1):
-    """The kernels module when custom kernels should run here, else None.
-
-    They run on a GPU backend with the mode not off, inside the compiled decode step, and in
-    eager graphs of more than one token. An eager one-token step (batched caches, or
-    ``GEMMA4_MLX_COMPILE=0``) takes the MLX ops instead: there the Python cost of launching
-    ~8 kernels per layer outweighed their gain (H100, E2B: 24.0 ms per step eager with kernels
-    against 15.2 ms for stock's op sequence, docs/benchmarks.md).
-    """
+def _gpu_kernels():
+    """The kernels module when custom kernels may run here (allowed, GPU backend, mode not off)."""
     from . import kernels
 
-    if not kernels.kernels_enabled():
-        return None
-    if not _compiled_step["active"] and x is not None and x.shape[token_axis] == 1:
-        return None
-    return kernels
+    return kernels if _kernels_allowed["on"] and kernels.kernels_enabled() else None
 
 
 def _rope(x: mx.array, freqs: mx.array, offset: Offset) -> mx.array:
@@ -72,7 +61,7 @@ def _rope(x: mx.array, freqs: mx.array, offset: Offset) -> mx.array:
 def q_norm_rope(q: mx.array, weight: mx.array, inv_freq: mx.array, freqs: mx.array, offset: Offset,
                 eps: float) -> mx.array:
     """(B, L, H, D) projection -> RMSNorm -> head-major -> RoPE."""
-    k = _gpu_kernels(q)
+    k = _gpu_kernels()
     if k is not None:
         return k.q_norm_rope(q, weight, inv_freq, offset, eps)
     return _rope(mx.fast.rms_norm(q, weight, eps).transpose(0, 2, 1, 3), freqs, offset)
@@ -81,7 +70,7 @@ def q_norm_rope(q: mx.array, weight: mx.array, inv_freq: mx.array, freqs: mx.arr
 def kv_norm_rope(k: mx.array, v: mx.array, k_weight: mx.array, inv_freq: mx.array, freqs: mx.array,
                  offset: Offset, eps: float):
     """Keys: RMSNorm, head-major, RoPE. Values: scale-free RMSNorm, head-major."""
-    kern = _gpu_kernels(k)
+    kern = _gpu_kernels()
     if kern is not None:
         return kern.kv_norm_rope(k, v, k_weight, inv_freq, offset, eps)
     keys = _rope(mx.fast.rms_norm(k, k_weight, eps).transpose(0, 2, 1, 3), freqs, offset)
@@ -107,7 +96,7 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: 
     full rotating window for one query), the compiled decode step's slot cache (a fixed
     buffer of which ``cache.valid`` slots are filled), or a batch/quantized cache (generic path).
     """
-    k = _gpu_kernels(queries, token_axis=2)
+    k = _gpu_kernels()
     if k is not None:
         valid = getattr(cache, "valid", None)
         if valid is not None:
@@ -121,12 +110,11 @@ def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_w
                 num_layers: int, ple_dim: int, projection_scale: float, table_scale: float,
                 eps: float) -> mx.array:
     """(RMSNorm(projection * s) + table[ids] * sqrt(P)) * 2^-0.5, shaped (B, L, layers, P)."""
-    kern = _gpu_kernels(projection)
-    if kern is not None and isinstance(table, nn.Embedding):
-        projection = projection * mx.array(projection_scale, dtype=projection.dtype)
-        return kern.ple_combine(inputs, table.weight, projection, norm_weight, table_scale, eps)
     dtype = projection.dtype
     proj = projection * mx.array(projection_scale, dtype=dtype)
+    kern = _gpu_kernels()
+    if kern is not None and isinstance(table, nn.Embedding):
+        return kern.ple_combine(inputs, table.weight, proj, norm_weight, table_scale, eps)
     proj = proj.reshape(*proj.shape[:-1], num_layers, ple_dim)
     proj = mx.fast.rms_norm(proj, norm_weight, eps)
     rows = table(inputs)
@@ -135,7 +123,7 @@ def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_w
 
 
 def ple_gate(gate: mx.array, per_layer_input: mx.array) -> mx.array:
-    k = _gpu_kernels(gate)
+    k = _gpu_kernels()
     if k is not None:
         return k.ple_gate(gate, per_layer_input)
     return geglu(gate, per_layer_input)
@@ -143,7 +131,7 @@ def ple_gate(gate: mx.array, per_layer_input: mx.array) -> mx.array:
 
 def ple_tail(residual: mx.array, projected: mx.array, norm_weight: mx.array, layer_scalar: mx.array,
              eps: float) -> mx.array:
-    k = _gpu_kernels(residual)
+    k = _gpu_kernels()
     if k is not None:
         return k.ple_tail(residual, projected, norm_weight, layer_scalar, eps)
     return (residual + mx.fast.rms_norm(projected, norm_weight, eps)) * layer_scalar
@@ -152,7 +140,7 @@ def ple_tail(residual: mx.array, projected: mx.array, norm_weight: mx.array, lay
 def quantized_matvec(x: mx.array, weight: mx.array, scales: mx.array, biases: Optional[mx.array],
                      group_size: int, bits: int, mode: str) -> Optional[mx.array]:
     """The decode-time quantized matvec kernel's result, or None where MLX's own should run."""
-    k = _gpu_kernels(x, token_axis=x.ndim - 2)
+    k = _gpu_kernels()
     if k is None or mode != "affine" or biases is None or x.size // x.shape[-1] > 8:
         return None
     return k.quantized_matvec(x, weight, scales, biases, group_size, bits)
@@ -160,7 +148,7 @@ def quantized_matvec(x: mx.array, weight: mx.array, scales: mx.array, biases: Op
 
 def matvec(x: mx.array, weight: mx.array) -> Optional[mx.array]:
     """The decode-time float matvec kernel's result, or None where MLX's matmul should run."""
-    k = _gpu_kernels(x, token_axis=x.ndim - 2)
+    k = _gpu_kernels()
     if k is None or x.size // x.shape[-1] > 8:
         return None
     return k.matvec(x, weight)
