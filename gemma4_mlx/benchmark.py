@@ -230,26 +230,10 @@ def random_weights(model: nn.Module, dtype: mx.Dtype, seed: int, std: float = WE
     return out
 
 
-def _quant_predicate(model: nn.Module, group_size: int, bits: int) -> Callable:
-    base = getattr(model, "quant_predicate", None)
-
-    def predicate(path: str, module: nn.Module):
-        if not hasattr(module, "to_quantized") or not hasattr(module, "weight"):
-            return False
-        if module.weight.shape[-1] % group_size:
-            return False
-        spec = base(path, module) if base is not None else True
-        if spec is False:
-            return False
-        if isinstance(spec, dict):
-            return spec
-        return {"group_size": group_size, "bits": bits}
-
-    return predicate
-
-
 def quantize_model(model: nn.Module, bits: int, group_size: int = QUANT_GROUP_SIZE) -> None:
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_quant_predicate(model, group_size, bits))
+    from .checkpoint import quantize_model as quantize
+
+    quantize(model, group_size, bits)
 
 
 def _quant_specs(model: nn.Module) -> Dict[str, Dict[str, Any]]:

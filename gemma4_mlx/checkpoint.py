@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -484,28 +485,14 @@ def check_memory(model_path: Union[str, Path], strict: bool = False, *, availabl
 # ---------------------------------------------------------------------------------------------
 # Conversion to MLX
 # ---------------------------------------------------------------------------------------------
-def _quantize_model(model, group_size: int, bits: int) -> Dict[str, Any]:
-    """mlx-lm's quantize_model without its print: returns the ``quantization`` config."""
-    import mlx.nn as nn
+def quantize_model(model, group_size: int, bits: int) -> Dict[str, Any]:
+    """Quantize ``model`` in place with mlx-lm's quantizer (the model's ``quant_predicate`` keeps
+    the MoE router at 8 bits) and return the ``quantization`` config it implies."""
+    from mlx_lm.utils import quantize_model as mlx_lm_quantize_model
 
-    qcfg: Dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
-    predicate = getattr(model, "quant_predicate", None)
-
-    def wrapped(path, module):
-        if not hasattr(module, "to_quantized"):
-            return False
-        params = predicate(path, module) if predicate is not None else True
-        if not params:
-            return False
-        gs = params.get("group_size", group_size) if isinstance(params, dict) else group_size
-        if module.weight.shape[-1] % gs != 0:
-            return False
-        if isinstance(params, dict):
-            qcfg[path] = dict(params)
-        return params
-
-    nn.quantize(model, group_size, bits, mode="affine", class_predicate=wrapped)
-    return qcfg
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints the bits per weight
+        _, config = mlx_lm_quantize_model(model, {}, group_size=group_size, bits=bits)
+    return config["quantization"]
 
 
 def mlx_config(source_config: Dict[str, Any], args: ModelArgs, dtype: Optional[str],
@@ -560,7 +547,7 @@ def convert_checkpoint(hf_path: Union[str, Path], mlx_path: Union[str, Path], *,
         model.update(tree_map(lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
                               model.parameters()))
     if quantize:
-        quantization = _quantize_model(model, q_group_size, q_bits)
+        quantization = quantize_model(model, q_group_size, q_bits)
     weights = dict(tree_flatten(model.parameters()))
     sizes = [(k, int(v.nbytes)) for k, v in weights.items()]
     total = sum(s for _, s in sizes)
