@@ -7,43 +7,24 @@ the parameter count from the model's shapes (unevaluated MLX arrays), sizes from
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import typer
 
+from ..checkpoint import ST_DTYPE_SIZES
 from . import app, user_errors
 from .generate import MODEL_HELP
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
-               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def safetensors_header(path: Path) -> Dict[str, Any]:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise ValueError(f"{path}: not a safetensors file (header length {n})")
-        try:
-            return json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: unreadable safetensors header ({e})") from e
-
-
 def weights_summary(files: List[Path]) -> Dict[str, Any]:
+    from ..checkpoint import read_safetensors_header
+
     total_bytes, tensors, dtypes = 0, 0, {}
     for f in files:
-        for name, meta in safetensors_header(f).items():
-            if name == "__metadata__":
-                continue
-            start, end = meta["data_offsets"]
-            total_bytes += end - start
+        for meta in read_safetensors_header(f).values():
+            total_bytes += meta["nbytes"]
             tensors += 1
-            dtypes[meta["dtype"]] = dtypes.get(meta["dtype"], 0) + (end - start)
+            dtypes[meta["dtype"]] = dtypes.get(meta["dtype"], 0) + meta["nbytes"]
     return {"bytes": total_bytes, "tensors": tensors, "dtypes": dtypes}
 
 
@@ -88,7 +69,7 @@ def describe(model_path: Path) -> Dict[str, Any]:
     dtypes = (weights or {}).get("dtypes") or {}
     float_dtypes = {k: v for k, v in dtypes.items() if k in ("F32", "F16", "BF16")}
     act = max(float_dtypes, key=float_dtypes.get) if float_dtypes else "BF16"
-    act_bytes = DTYPE_BYTES.get(act, 2)
+    act_bytes = ST_DTYPE_SIZES.get(act, 2)
     plan = [
         {
             "layer": p.index, "type": p.layer_type, "head_dim": p.head_dim, "heads": p.num_heads,
