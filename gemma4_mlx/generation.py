@@ -265,20 +265,17 @@ def stream_generate(
                 in_reasoning=parser.in_reasoning, finish_reason=finish,
             )
 
-        if token in ends:
+        finish = "stop" if token in ends else None
+        if finish is None:  # an end id's text is never emitted
+            detok.add_token(token)
+            if generated >= max_tokens:
+                finish = "length"
+        if finish is not None:
             detok.finalize()
             raw = detok.last_segment
             a, r = parser.feed(raw)
             a2, r2 = parser.finish()
-            yield response(a + a2, r + r2, raw, "stop")
-            return
-        detok.add_token(token)
-        if generated >= max_tokens:
-            detok.finalize()
-            raw = detok.last_segment
-            a, r = parser.feed(raw)
-            a2, r2 = parser.finish()
-            yield response(a + a2, r + r2, raw, "length")
+            yield response(a + a2, r + r2, raw, finish)
             return
         raw = detok.last_segment
         a, r = parser.feed(raw)

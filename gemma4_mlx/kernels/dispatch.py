@@ -143,35 +143,28 @@ def force_backend(backend: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def override_kernel(name: str, fn: Callable) -> Iterator[None]:
-    """Test hook: replace the kernel implementation of ``name`` by ``fn``."""
-    old = _impl_override.get(name)
-    _impl_override[name] = fn
+def _swapped(table: dict, name: str, value) -> Iterator[None]:
+    old = table.get(name)
+    table[name] = value
     reset()
     try:
         yield
     finally:
         if old is None:
-            _impl_override.pop(name, None)
+            table.pop(name, None)
         else:
-            _impl_override[name] = old
+            table[name] = old
         reset()
 
 
-@contextlib.contextmanager
-def override_body(name: str, body: str) -> Iterator[None]:
-    """Test hook: replace the kernel body text of ``name`` (e.g. a broken one)."""
-    old = _body_override.get(name)
-    _body_override[name] = body
-    reset()
-    try:
-        yield
-    finally:
-        if old is None:
-            _body_override.pop(name, None)
-        else:
-            _body_override[name] = old
-        reset()
+def override_kernel(name: str, fn: Callable):
+    """Test hook (context manager): replace the kernel implementation of ``name`` by ``fn``."""
+    return _swapped(_impl_override, name, fn)
+
+
+def override_body(name: str, body: str):
+    """Test hook (context manager): replace the kernel body text of ``name`` (e.g. a broken one)."""
+    return _swapped(_body_override, name, body)
 
 
 def poison_outputs(on: bool) -> None:
