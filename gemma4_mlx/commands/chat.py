@@ -8,29 +8,31 @@ from typing import Optional
 import typer
 
 from . import app, user_errors
-from .generate import MODEL_HELP, print_stats, sampling_options_check, write_piece
+from .generate import (
+    MIN_P_OPT, MODEL_OPT, SEED_OPT, STRICT_MEMORY_OPT, SYSTEM_OPT, THINK_OPT, TEMP_OPT, TOP_K_OPT, TOP_P_OPT,
+    print_stats, sampling_options_check, write_piece,
+)
 
 HELP_TEXT = "commands: /reset (new conversation), /exit (quit), /help; Ctrl-C stops a reply."
 
 
 @app.command()
 def chat(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model: str = MODEL_OPT,
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens per reply (> 0)."),
-    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
-    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
-    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability, in [0, 1]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    temp: float = TEMP_OPT,
+    top_p: float = TOP_P_OPT,
+    top_k: int = TOP_K_OPT,
+    min_p: float = MIN_P_OPT,
+    seed: Optional[int] = SEED_OPT,
     greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
-    think: bool = typer.Option(False, "--think", help="Turn Gemma 4's thinking mode on."),
+    system: Optional[str] = SYSTEM_OPT,
+    think: bool = THINK_OPT,
     show_thinking: bool = typer.Option(False, "--show-thinking", help="Print the reasoning too."),
     no_chat_template: bool = typer.Option(False, "--no-chat-template",
                                           help="Use Gemma 4's built-in format, not the checkpoint's template."),
     stats: bool = typer.Option(False, "--stats", help="Print speed and memory after each reply (stderr)."),
-    strict_memory: bool = typer.Option(False, "--strict-memory",
-                                       help="Refuse to load when the weights need more memory than the device has."),
+    strict_memory: bool = STRICT_MEMORY_OPT,
 ) -> None:
     """Chat with the model: type a message per line; /reset starts over, /exit (or EOF) quits.
 

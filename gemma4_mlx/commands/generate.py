@@ -12,6 +12,18 @@ from . import app, user_errors
 
 MODEL_HELP = "Checkpoint folder or Hugging Face repo id (owner/name)."
 
+# Options that `generate` and `chat` share, defined once.
+MODEL_OPT = typer.Option(..., "--model", "-m", help=MODEL_HELP)
+TEMP_OPT = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy).")
+TOP_P_OPT = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1].")
+TOP_K_OPT = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = off).")
+MIN_P_OPT = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability, in [0, 1].")
+SEED_OPT = typer.Option(None, "--seed", help="Random seed for sampling.")
+SYSTEM_OPT = typer.Option(None, "--system", help="System prompt.")
+THINK_OPT = typer.Option(False, "--think", help="Turn Gemma 4's thinking mode on.")
+STRICT_MEMORY_OPT = typer.Option(False, "--strict-memory",
+                                 help="Refuse to load when the weights need more memory than the device has.")
+
 
 def sampling_options_check(max_tokens: int, temp: float, top_p: float, top_k: int, min_p: float) -> None:
     """Bad values end as a usage error (exit 2) with one line."""
@@ -66,23 +78,22 @@ def write_piece(r, show_thinking: bool, state: dict, out=None) -> None:
 
 @app.command()
 def generate(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model: str = MODEL_OPT,
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p",
                                          help="The prompt; '-' or omitted (with piped input) reads stdin."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Most tokens to generate (> 0)."),
-    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
-    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
-    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability, in [0, 1]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    temp: float = TEMP_OPT,
+    top_p: float = TOP_P_OPT,
+    top_k: int = TOP_K_OPT,
+    min_p: float = MIN_P_OPT,
+    seed: Optional[int] = SEED_OPT,
     greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (ignores --temp/--top-*)."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
-    think: bool = typer.Option(False, "--think", help="Turn Gemma 4's thinking mode on."),
+    system: Optional[str] = SYSTEM_OPT,
+    think: bool = THINK_OPT,
     show_thinking: bool = typer.Option(False, "--show-thinking", help="Print the reasoning too (hidden by default)."),
     no_chat_template: bool = typer.Option(False, "--no-chat-template",
                                           help="Send the prompt as raw text (no chat turns)."),
-    strict_memory: bool = typer.Option(False, "--strict-memory",
-                                       help="Refuse to load when the weights need more memory than the device has."),
+    strict_memory: bool = STRICT_MEMORY_OPT,
 ) -> None:
     """Generate a reply to one prompt, streaming it to stdout; speed and memory go to stderr."""
     sampling_options_check(max_tokens, temp, top_p, top_k, min_p)
