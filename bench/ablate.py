@@ -4,26 +4,23 @@ Usage: python3 bench/ablate.py PRESET BITS (0 = bf16), e.g. `python3 bench/ablat
 PROMPT (841) and STEPS (60) from the environment. Each line rebuilds our model with one
 kernel or switch changed, on the same weights; stock mlx-lm is the first line.
 """
-import os, sys, time, statistics
-import mlx.core as mx, mlx.nn as nn, numpy as np
-from mlx.utils import tree_map
-from mlx_lm.models import gemma4_text
-from gemma4_mlx import Model, parse_config
-from gemma4_mlx.presets import preset_config
+import os
+import statistics
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from gemma4_mlx import Model
+from gemma4_mlx.benchmark import BenchSettings, build_pair, quantize_model
 from gemma4_mlx.kernels import dispatch
 
 preset = sys.argv[1]; qbits = int(sys.argv[2]); P = int(os.environ.get("PROMPT", 841)); S = int(os.environ.get("STEPS", 60))
-cfg = preset_config(preset); args = parse_config(cfg)
-base = Model(args); mx.random.seed(0)
-base.update(tree_map(lambda p: ((1.0 + 0.1 * mx.random.normal(p.shape)) if p.ndim == 1 else 0.02 * mx.random.normal(p.shape)).astype(mx.bfloat16), base.parameters()))
-pred = lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0
-if qbits: nn.quantize(base, group_size=64, bits=qbits, class_predicate=pred)
-mx.eval(base.parameters())
-params = base.parameters()
-stock = gemma4_text.Model(gemma4_text.ModelArgs.from_dict(cfg))
-if qbits: nn.quantize(stock, group_size=64, bits=qbits, class_predicate=pred)
-stock.update(params); mx.eval(stock.parameters())
-prompt = mx.array(np.random.default_rng(0).integers(0, cfg["vocab_size"], (1, P)))
+# the benchmark's own pair: random bf16 weights (fixed seed), quantized alike, shared with stock
+base, stock, _ = build_pair(BenchSettings(preset=preset, dtype="bfloat16", quantize=qbits or None).resolve())
+args, params = base.args, base.parameters()
+prompt = mx.array(np.random.default_rng(0).integers(0, args.vocab_size, (1, P)))
 
 def step_times(model):
     cache = model.make_cache()
@@ -37,7 +34,7 @@ def fresh(env):
     for k in ("GEMMA4_MLX_KERNELS", "GEMMA4_MLX_KERNELS_DISABLE", "GEMMA4_MLX_COMPILE"): os.environ.pop(k, None)
     os.environ.update(env); dispatch.reset()
     m = Model(args)
-    if qbits: nn.quantize(m, group_size=64, bits=qbits, class_predicate=pred)
+    if qbits: quantize_model(m, qbits)
     m.update(params); return m
 
 # "ours" is the default (float matvec "mv" off); each other line changes one thing.
