@@ -4,7 +4,10 @@ Usage: python3 bench/ablate.py PRESET BITS (0 = bf16), e.g. `python3 bench/ablat
 PROMPT (841) and STEPS (60) from the environment. Each line rebuilds our model with one
 kernel or switch changed, on the same weights; stock mlx-lm is the first line.
 """
+import collections
+import io
 import os
+import re
 import statistics
 import sys
 import time
@@ -30,8 +33,23 @@ def step_times(model):
         t = time.perf_counter(); out = model(tok, cache=cache); mx.eval(out); ts.append(time.perf_counter() - t)
     return statistics.median(ts[5:]) * 1e3
 
+VIEWS = {"Reshape", "Transpose", "Slice", "Squeeze", "ExpandDims", "Broadcast", "Unflatten", "Flatten",
+         "AsStrided", "Split", "StopGradient"}
+
+def step_ops(model):
+    """Primitives in one decode step's graph (after the trace: what each later step evaluates),
+    and how many of them are not mere views (roughly: kernel launches)."""
+    cache = model.make_cache()
+    mx.eval(model(prompt[:, :40], cache=cache)); mx.eval(model(mx.array([[11]]), cache=cache))
+    out = model(mx.array([[12]]), cache=cache)
+    f = io.StringIO(); mx.export_to_dot(f, out, *[a for c in cache for a in (c.keys, c.values)])
+    names = re.findall(r'label ="([A-Za-z_0-9]+)', f.getvalue())
+    mx.eval(out)
+    return len(names), sum(n not in VIEWS for n in names), collections.Counter(names)
+
 def fresh(env):
-    for k in ("GEMMA4_MLX_KERNELS", "GEMMA4_MLX_KERNELS_DISABLE", "GEMMA4_MLX_COMPILE"): os.environ.pop(k, None)
+    for k in ("GEMMA4_MLX_KERNELS", "GEMMA4_MLX_KERNELS_DISABLE", "GEMMA4_MLX_COMPILE", "GEMMA4_MLX_FUSE"):
+        os.environ.pop(k, None)
     os.environ.update(env); dispatch.reset()
     m = Model(args)
     if qbits: quantize_model(m, qbits)
@@ -41,13 +59,21 @@ def fresh(env):
 configs = [("stock", None), ("ours", {}), ("ours +mv", {"GEMMA4_MLX_KERNELS_DISABLE": ""}),
            ("ours -qmv", {"GEMMA4_MLX_KERNELS_DISABLE": "mv,qmv"}),
            ("ours -attn", {"GEMMA4_MLX_KERNELS_DISABLE": "mv,attention_prefix,attention"}),
-           ("ours -rope,ple", {"GEMMA4_MLX_KERNELS_DISABLE": "mv,q_norm_rope,kv_norm_rope,ple_combine,ple_gate,ple_tail"}),
+           ("ours -rope,ple", {"GEMMA4_MLX_KERNELS_DISABLE": "mv,q_norm_rope,kv_norm_rope,ple_combine,ple_gate"}),
+           ("ours -resnorm", {"GEMMA4_MLX_KERNELS_DISABLE": "mv,residual_norm"}),
+           ("ours -fuse", {"GEMMA4_MLX_FUSE": "0"}),
            ("ours kernels off", {"GEMMA4_MLX_KERNELS": "off"}), ("ours no compile", {"GEMMA4_MLX_COMPILE": "0"})]
-res = {}
+res, ops = {}, {}
 for rep in range(2):
     for name, env in configs:
         m = stock if env is None else fresh(env)
         res.setdefault(name, []).append(step_times(m))
-print(f"{preset} q{qbits} prompt {P}: decode step ms (sync per step, median of {S-5} steps, 2 reps)")
+        if rep == 0:
+            ops[name] = step_ops(m)
+print(f"{preset} q{qbits} prompt {P}: decode step ms (sync per step, median of {S-5} steps, 2 reps); "
+      f"primitives per step (all / not views)")
 for name, v in res.items():
-    print(f"  {name:18s} {min(v):7.2f} ms  ({1000/min(v):6.1f} tok/s)  reps {[round(x,2) for x in v]}")
+    print(f"  {name:18s} {min(v):7.2f} ms  ({1000/min(v):6.1f} tok/s)  ops {ops[name][0]:5d} / {ops[name][1]:5d}"
+          f"  reps {[round(x,2) for x in v]}")
+for name in ("stock", "ours"):
+    print(f"  {name} step primitives:", ", ".join(f"{k} {n}" for k, n in ops[name][2].most_common(14)))

@@ -5,24 +5,49 @@
 #   call 3: bash bench/gpu_session.sh kernels      (the machine stays warm 30 s between calls)
 #   call 4: bash bench/gpu_session.sh e2b
 #   call 5: bash bench/gpu_session.sh presets
+#   call 6: bash bench/gpu_session.sh presets-bf16
 # Results go to $OUT (they come back with the call). Timings from one call compare only with
 # each other: quote ratios from the same run.
 set -uo pipefail
 source .device/b/setup.sh >/dev/null || exit 1
 OUT=${OUT:-out}
 mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>/dev/null
+compare() {  # compare <out subdir> <timeout s> <args...>
+  local dir="$OUT/$1" limit=$2; shift 2
+  mkdir -p "$dir"
+  timeout "$limit" python3 -m bench.compare "$@" --out "$dir" > "$dir/stdout.txt" 2> "$dir/stderr.txt"
+  echo "== $dir (exit $?): $*"; tail -14 "$dir/stdout.txt"
+}
 case "${1:-}" in
-  parity)   # every kernel vs float64 oracles on CUDA (nvrtc compiles each instantiation: ~5 min)
-    timeout 560 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_decode.py 2>&1 | tail -25 | tee "$OUT/parity.txt" ;;
+  parity)   # every kernel vs float64 oracles on CUDA, the decode step and the fused projections;
+            # nvrtc compiles each instantiation on one CPU core, so the cases run in 4 processes
+    python3 -m pytest -q -p no:cacheprovider --collect-only tests/test_kernels.py tests/test_decode.py \
+      tests/test_fusion.py 2>/dev/null | grep '::' > "$OUT/ids.txt"
+    echo "$(wc -l < "$OUT/ids.txt") test ids"
+    for i in 0 1 2 3; do
+      awk -v i=$i 'NR % 4 == i' "$OUT/ids.txt" > "$OUT/ids.$i"
+      timeout 540 python3 -m pytest -q -p no:cacheprovider $(cat "$OUT/ids.$i") > "$OUT/parity.$i.txt" 2>&1 &
+    done
+    wait
+    for i in 0 1 2 3; do tail -3 "$OUT/parity.$i.txt"; done | tee "$OUT/parity.txt"
+    grep -h -E "^(FAILED|ERROR)" "$OUT"/parity.?.txt | head -20 ;;
   kernels)  # micro-benchmarks vs the stock op sequences, then the decode-step ablations
-    timeout 280 python3 bench/kernels.py --iters 30 2>&1 | tee "$OUT/kernels.txt"
-    timeout 250 python3 bench/ablate.py e2b 4 2>&1 | tail -10 | tee "$OUT/ablate-e2b-q4.txt" ;;
-  e2b)      # the headline comparison at three prompt lengths, bf16 and 4-bit
-    timeout 280 python3 -m bench.compare --preset e2b --runs 3 -n 64 --out "$OUT" 2>&1 | tail -16
-    timeout 280 python3 -m bench.compare --preset e2b -q 4 --runs 3 -n 64 --out "$OUT" 2>&1 | tail -16 ;;
-  presets)  # the other families at 841 tokens (31B bf16 needs ~62 GB: 4-bit only here)
+    timeout 200 python3 bench/kernels.py --iters 30 > "$OUT/kernels.txt" 2>&1; tail -n +1 "$OUT/kernels.txt" | head -120
+    STEPS=40 timeout 170 python3 bench/ablate.py e2b 0 2>&1 | tail -16 | tee "$OUT/ablate-e2b-bf16.txt"
+    STEPS=40 timeout 170 python3 bench/ablate.py e2b 4 2>&1 | tail -16 | tee "$OUT/ablate-e2b-q4.txt" ;;
+  e2b)      # the headline comparison at three prompt lengths, bf16 and 4-bit; 32k; transformers
+    compare e2b-bf16 170 --preset e2b -L 128,841,4096 --runs 3 -n 64
+    compare e2b-q4 170 --preset e2b -q 4 -L 128,841,4096 --runs 3 -n 64
+    compare e2b-bf16-32k 120 --preset e2b -L 32768 --runs 3 -n 64
+    compare e2b-bf16-hf 100 --preset e2b -L 841 --runs 1 -n 16 --with-transformers ;;
+  presets)  # the other families at 841 tokens: E4B both, 26B-A4B and 31B in 4-bit
     for p in "e4b" "e4b -q 4" "26b-a4b -q 4" "31b -q 4"; do
-      timeout 140 python3 -m bench.compare --preset $p -L 841 --runs 3 -n 32 --out "$OUT" 2>&1 | tail -9
+      compare "$(echo $p | tr -d ' -')" 140 --preset $p -L 841 --runs 3 -n 32
     done ;;
-  *) echo "usage: bash bench/gpu_session.sh parity|kernels|e2b|presets" >&2; exit 2 ;;
+  presets-bf16)  # 26B-A4B (~52 GB) and 31B (~62 GB) in bf16
+    for p in "26b-a4b" "31b"; do
+      compare "${p//-/}bf16" 280 --preset $p -L 841 --runs 3 -n 32
+    done ;;
+  *) echo "usage: bash bench/gpu_session.sh parity|kernels|e2b|presets|presets-bf16" >&2; exit 2 ;;
 esac

@@ -86,8 +86,9 @@ def stock_ple_gate(gate, pli):
     return nn.gelu_approx(gate) * pli
 
 
-def stock_ple_tail(res, proj, w, ls, eps):
-    return (res + mx.fast.rms_norm(proj, w, eps)) * ls
+def stock_residual_norm(res, branch, w, ls, eps, wn):
+    h = (res + mx.fast.rms_norm(branch, w, eps)) * ls
+    return h, mx.fast.rms_norm(h, wn, eps)
 
 
 # ----------------------------------------------------------------- cases
@@ -116,10 +117,11 @@ def cases(dtype, only):
                 gate = rnd(1, L, P)
                 pli = rnd(1, L, NL, P)[:, :, 3, :]
                 yield ("ple_gate", f"{name} {phase}", stock_ple_gate, K.ple_gate, (gate, pli), 3 * gate.nbytes)
-                res = rnd(1, L, m["hidden"])
-                yield ("ple_tail", f"{name} {phase}", stock_ple_tail, K.ple_tail,
-                       (res, rnd(1, L, m["hidden"]), mx.ones((m["hidden"],), dtype), mx.array([0.5], dtype), 1e-6),
-                       3 * res.nbytes)
+            # a sublayer's close + the next norm: rms_norm, add, scale, rms_norm -> one launch
+            res = rnd(1, L, m["hidden"])
+            w = mx.ones((m["hidden"],), dtype)
+            yield ("residual_norm", f"{name} {phase}", stock_residual_norm, K.residual_norm,
+                   (res, rnd(1, L, m["hidden"]), w, mx.array([0.5], dtype), 1e-6, w), 4 * res.nbytes)
         # decode matvecs of the step (float and 4-bit), against MLX's own matmul
         hd = m["hidden"]
         gpu = K.active_backend() is not None

@@ -216,16 +216,19 @@ def environment() -> Dict[str, Any]:
 # models with identical weights
 
 
-def random_weights(model: nn.Module, dtype: mx.Dtype, seed: int, std: float = WEIGHT_STD) -> List[Tuple[str, mx.array]]:
+def random_weights(model: nn.Module, dtype: mx.Dtype, seed: int, std: float = WEIGHT_STD,
+                   evaluate: bool = True) -> List[Tuple[str, mx.array]]:
     """Fixed-seed weights: N(0, std) for matrices (projections, embeddings, experts), the module's
-    own init (ones) for norms, scales and layer scalars. Evaluated one tensor at a time."""
+    own init (ones) for norms, scales and layer scalars. Evaluated one tensor at a time, or left
+    lazy (``evaluate=False``) for a caller that quantizes them first."""
     out = []
     for i, (name, p) in enumerate(tree_flatten(model.parameters())):
         if p.ndim >= 2:
             w = mx.random.normal(p.shape, dtype=dtype, scale=std, key=mx.random.key(seed * 100_003 + i))
         else:
             w = p.astype(dtype)
-        mx.eval(w)
+        if evaluate:
+            mx.eval(w)
         out.append((name, w))
     return out
 
@@ -325,12 +328,17 @@ def build_pair(s: BenchSettings) -> Tuple[nn.Module, nn.Module, Dict[str, Any]]:
         except KeyError as e:
             raise BenchmarkError(str(e).strip("'\"")) from e
         ours = Model(parse_config(config))
-        ours.update(tree_unflatten(random_weights(ours, DTYPES[s.dtype], s.seed)))
+        # Quantized: the full-precision weights are made and quantized one layer at a time, so the
+        # 26B/31B presets never hold the whole model in bf16 next to its 4-bit copy.
+        ours.update(tree_unflatten(random_weights(ours, DTYPES[s.dtype], s.seed, evaluate=not s.quantize)))
         meta.update(source="preset", preset=s.preset, weights=f"random N(0, {WEIGHT_STD}) for matrices, ones for "
                     f"norms/scales, seed {s.seed}")
         if s.quantize:
             quantize_model(ours, s.quantize)
+            for layer in ours.layers:
+                mx.eval(layer.parameters())
     mx.eval(ours.parameters())
+    ours.fuse_projections()  # before sharing: stock then holds the same (sliced) arrays
     stock = stock_model_for(config)
     n = share_weights(ours, stock)
     ours.eval()

@@ -128,7 +128,8 @@ class CompiledDecoder:
         if signature in self._traced:
             step = self._step
         else:
-            ops.install_matvec_kernels(self.model)  # the model may have been quantized since
+            self.model.fuse_projections()  # the model may have been quantized since
+            ops.install_matvec_kernels(self.model)
             step = self._forward
             self._traced.add(signature)
         logits, new = step(inputs, mx.array(offset, dtype=mx.int32), slots, valid, buffers)

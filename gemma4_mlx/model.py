@@ -11,6 +11,7 @@ pure-MLX path (``GEMMA4_MLX_KERNELS``).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
@@ -23,6 +24,81 @@ from .config import FULL, LayerPlan, ModelArgs
 from .decode import CompiledDecoder, compile_enabled
 
 
+# Decode steps multiply few rows: there one matmul over the members' joined weights beats
+# several (fewer launches, one longer weight stream). Prefill keeps the separate products.
+FUSED_MAX_ROWS = 8
+
+
+class FusedProjection:
+    """Projections of one input (q/k/v, gate/up) as one matrix.
+
+    The members' weights are replaced by row slices of the joined matrix (views: no second
+    copy of the weights), so parameter names, saved files and weight sharing are unchanged.
+    Not a module (it stays out of the parameter tree); it serves only while every member still
+    holds its slice: replacing a member's weights makes the model fall back to the members.
+    """
+
+    def __init__(self, members: List[nn.Module]):
+        first = members[0]
+        keys = [k for k in ("weight", "scales", "biases") if k in first]
+        joined = {k: mx.concatenate([m[k] for m in members], axis=0) for k in keys}
+        mx.eval(joined)
+        joint = type(first).__new__(type(first))
+        nn.Module.__init__(joint)
+        if isinstance(first, nn.QuantizedLinear):
+            joint.group_size, joint.bits, joint.mode = first.group_size, first.bits, first.mode
+        for k, v in joined.items():
+            joint[k] = v
+        sizes = [m["weight"].shape[0] for m in members]
+        self.splits = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+        starts = [0] + self.splits
+        for m, a, n in zip(members, starts, sizes):
+            for k in keys:
+                m[k] = joined[k][a : a + n]
+        self.joint = joint
+        self.members = members
+        self._keys = keys
+        self._views = [[m[k] for k in keys] for m in members]
+
+    @staticmethod
+    def compatible(members: List[nn.Module]) -> bool:
+        first = members[0]
+        if len(members) < 2 or any(type(m) is not type(first) or "bias" in m for m in members):
+            return False
+        if not isinstance(first, nn.Linear) and not isinstance(first, nn.QuantizedLinear):
+            return False
+        if isinstance(first, nn.QuantizedLinear):
+            if any((m.group_size, m.bits, m.mode) != (first.group_size, first.bits, first.mode) for m in members):
+                return False
+            if any(("biases" in m) != ("biases" in first) for m in members):
+                return False
+        return len({(m["weight"].dtype, m["weight"].shape[1]) for m in members}) == 1
+
+    def valid(self) -> bool:
+        return all(m.get(k) is v for m, views in zip(self.members, self._views) for k, v in zip(self._keys, views))
+
+    def __call__(self, x: mx.array) -> List[mx.array]:
+        return mx.split(self.joint(x), self.splits, axis=-1)
+
+
+def _fused(module: nn.Module, x: mx.array) -> Optional[FusedProjection]:
+    f = module.__dict__.get("_fused")
+    if f is None or x.size // x.shape[-1] > FUSED_MAX_ROWS or not f.valid():
+        return None
+    return f
+
+
+def fuse(module: nn.Module, names: List[str]) -> None:
+    """Join ``module``'s projections ``names`` (present ones) into a FusedProjection."""
+    f = module.__dict__.get("_fused")
+    if f is not None and f.valid():
+        return
+    module.__dict__["_fused"] = None
+    members = [module[n] for n in names if n in module]
+    if FusedProjection.compatible(members):
+        module.__dict__["_fused"] = FusedProjection(members)
+
+
 class MLP(nn.Module):
     def __init__(self, hidden: int, width: int):
         super().__init__()
@@ -31,7 +107,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(width, hidden, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(ops.geglu(self.gate_proj(x), self.up_proj(x)))
+        f = _fused(self, x)
+        gate, up = f(x) if f is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(ops.geglu(gate, up))
 
 
 class _GeGLU(nn.Module):
@@ -98,11 +176,18 @@ class Attention(nn.Module):
         """``shared`` is (keys, values, offset, cache) of the producer layer for shared-KV layers."""
         B, L, _ = x.shape
         p = self.plan
-        q = self.q_proj(x).reshape(B, L, p.num_heads, p.head_dim)
+        f = _fused(self, x)
+        if f is not None:
+            q, k, *v = f(x)
+        else:
+            q = self.q_proj(x)
+        q = q.reshape(B, L, p.num_heads, p.head_dim)
         if shared is None:
             offset = cache.offset if cache is not None else 0
-            k = self.k_proj(x).reshape(B, L, p.num_kv_heads, p.head_dim)
-            v = k if p.k_eq_v else self.v_proj(x).reshape(B, L, p.num_kv_heads, p.head_dim)
+            if f is None:
+                k, v = self.k_proj(x), ([] if p.k_eq_v else [self.v_proj(x)])
+            k = k.reshape(B, L, p.num_kv_heads, p.head_dim)
+            v = k if p.k_eq_v else v[0].reshape(B, L, p.num_kv_heads, p.head_dim)
             keys, values = ops.kv_norm_rope(k, v, self.k_norm.weight, self._inv_freq, self._freqs, offset, self.eps)
             if cache is not None:
                 keys, values = cache.update_and_fetch(keys, values)
@@ -140,14 +225,21 @@ class DecoderLayer(nn.Module):
         self.layer_scalar = mx.ones((1,))
         self.eps = eps
 
-    def __call__(self, x, mask, cache, per_layer_input=None, shared=None, trace=None):
-        normed = self.input_layernorm(x)
-        h, kv = self.self_attn(normed, mask, cache, shared)
+    def __call__(self, x, mask, cache, per_layer_input=None, shared=None, trace=None, normed=None,
+                 next_norm: Optional[mx.array] = None):
+        """One layer. ``normed`` is ``input_layernorm(x)`` when the previous layer already made it;
+        with ``next_norm`` (the following norm's weight) the layer also returns the next input
+        normalised. Returns (output, next input normalised or None, kv)."""
+        eps = self.eps
+        if normed is None:
+            normed = self.input_layernorm(x)
+        attn, kv = self.self_attn(normed, mask, cache, shared)
         if trace is not None:
-            trace.update(input_norm=normed, attention=h)
-        h = x + self.post_attention_layernorm(h)
-
-        ff = self.mlp(self.pre_feedforward_layernorm(h))
+            trace.update(input_norm=normed, attention=attn)
+        # Each sublayer's close (norm, residual add) and the next one's opening norm run fused.
+        h, ff_in = ops.residual_norm(x, attn, self.post_attention_layernorm.weight, None, eps,
+                                     self.pre_feedforward_layernorm.weight)
+        ff = self.mlp(ff_in)
         if trace is not None:
             trace["mlp"] = ff
         if self.plan.moe:
@@ -156,15 +248,20 @@ class DecoderLayer(nn.Module):
             if trace is not None:
                 trace["moe"] = moe
             ff = self.post_feedforward_layernorm_1(ff) + self.post_feedforward_layernorm_2(moe)
-        h = h + self.post_feedforward_layernorm(ff)
 
         if self.plan.has_ple:
+            h = ops.residual_norm(h, ff, self.post_feedforward_layernorm.weight, None, eps)
             gated = ops.ple_gate(self.per_layer_input_gate(h), per_layer_input)
             projected = self.per_layer_projection(gated)
             if trace is not None:
                 trace["ple"] = projected
-            return ops.ple_tail(h, projected, self.post_per_layer_input_norm.weight, self.layer_scalar, self.eps), kv
-        return h * self.layer_scalar, kv
+            branch, branch_norm = projected, self.post_per_layer_input_norm.weight
+        else:
+            branch, branch_norm = ff, self.post_feedforward_layernorm.weight
+        out = ops.residual_norm(h, branch, branch_norm, self.layer_scalar, eps, next_norm)
+        if next_norm is None:
+            return out, None, kv
+        return out[0], out[1], kv
 
 
 class Gemma4TextModel(nn.Module):
@@ -215,24 +312,29 @@ class Gemma4TextModel(nn.Module):
             cache = [None] * a.num_caches
         masks = self._masks(h, cache)
         kv_by_layer: Dict[int, tuple] = {}
-        for layer, p in zip(self.layers, a.plan):
+        # Each layer also normalises the next layer's input (the last one: the final norm).
+        next_norms = [layer.input_layernorm.weight for layer in self.layers[1:]] + [self.norm.weight]
+        normed = None
+        for layer, p, next_norm in zip(self.layers, a.plan, next_norms):
             c = cache[p.cache_index] if p.cache_index is not None else None
             shared = kv_by_layer[p.kv_source] if p.is_kv_shared else None
             record = {} if trace is not None else None
-            h, kv = layer(
+            h, normed, kv = layer(
                 h,
                 masks[p.layer_type],
                 c,
                 per_layer_input=per_layer[:, :, p.index, :] if per_layer is not None else None,
                 shared=shared,
                 trace=record,
+                normed=normed,
+                next_norm=next_norm,
             )
             if not p.is_kv_shared:
                 kv_by_layer[p.index] = kv
             if trace is not None:
                 record["out"] = h
                 trace.append(record)
-        return self.norm(h)
+        return normed
 
 
 class Model(nn.Module):
@@ -265,16 +367,35 @@ class Model(nn.Module):
     # The compiled decode step captures the weights and modules it was traced with; replacing
     # them through the model (load_weights, update, set_dtype, nn.quantize, ...) drops it.
     def update(self, parameters: dict, strict: bool = True) -> "Model":
+        super().update(parameters, strict=strict)
         self.reset_compiled()
-        return super().update(parameters, strict=strict)
+        return self
 
     def update_modules(self, modules: dict, strict: bool = True) -> "Model":
+        super().update_modules(modules, strict=strict)
         self.reset_compiled()
-        return super().update_modules(modules, strict=strict)
+        return self
 
     def reset_compiled(self) -> None:
-        """Forget the traced decode step (needed after changing submodules in place)."""
+        """Forget the traced decode step (needed after changing submodules in place), and the
+        joined projections whose members no longer hold their slices (frees the joined copy)."""
         object.__setattr__(self, "_decoder", None)
+        for layer in self.layers:
+            for module in (layer.self_attn, layer.mlp):
+                f = module.__dict__.get("_fused")
+                if f is not None and not f.valid():
+                    module.__dict__["_fused"] = None
+
+    def fuse_projections(self) -> None:
+        """Join each layer's q/k/v and gate/up projections for the decode step (see
+        :class:`FusedProjection`; the weights become views, no extra memory). Idempotent; undone
+        by any replacement of weights or modules through the model. ``GEMMA4_MLX_FUSE=0`` turns
+        it off (ablations)."""
+        if os.environ.get("GEMMA4_MLX_FUSE", "1").lower() in ("0", "off", "false", "no"):
+            return
+        for layer in self.layers:
+            fuse(layer.self_attn, ["q_proj", "k_proj", "v_proj"])
+            fuse(layer.mlp, ["gate_proj", "up_proj"])
 
     def _eager(self, inputs: mx.array, cache=None, trace: Optional[list] = None) -> mx.array:
         h = self.model(inputs, cache=cache, trace=trace)

@@ -129,12 +129,19 @@ def ple_gate(gate: mx.array, per_layer_input: mx.array) -> mx.array:
     return geglu(gate, per_layer_input)
 
 
-def ple_tail(residual: mx.array, projected: mx.array, norm_weight: mx.array, layer_scalar: mx.array,
-             eps: float) -> mx.array:
+def residual_norm(residual: mx.array, branch: mx.array, norm_weight: mx.array, scalar: Optional[mx.array],
+                  eps: float, next_weight: Optional[mx.array] = None):
+    """A sublayer's close, ``(residual + RMSNorm_w(branch)) * scalar`` (no scale for None), and
+    with ``next_weight`` the next sublayer's input ``RMSNorm_next(out)``: ``(out, normed)``."""
     k = _gpu_kernels()
     if k is not None:
-        return k.ple_tail(residual, projected, norm_weight, layer_scalar, eps)
-    return (residual + mx.fast.rms_norm(projected, norm_weight, eps)) * layer_scalar
+        return k.residual_norm(residual, branch, norm_weight, scalar, eps, next_weight)
+    out = residual + mx.fast.rms_norm(branch, norm_weight, eps)
+    if scalar is not None:
+        out = out * scalar
+    if next_weight is None:
+        return out
+    return out, mx.fast.rms_norm(out, next_weight, eps)
 
 
 def quantized_matvec(x: mx.array, weight: mx.array, scales: mx.array, biases: Optional[mx.array],
@@ -197,7 +204,10 @@ class KernelQuantizedEmbedding(nn.QuantizedEmbedding):
 def install_matvec_kernels(model: nn.Module) -> None:
     """Route the model's linear layers and tied head through the decode matvec kernels (a
     class swap: parameters, names and saved files stay those of the mlx.nn classes)."""
-    for _, module in model.named_modules():
+    modules = [m for _, m in model.named_modules()]
+    # joined projections (model.FusedProjection) live outside the module tree
+    modules += [f.joint for m in modules if (f := m.__dict__.get("_fused")) is not None]
+    for module in modules:
         if type(module) is nn.Linear:
             module.__class__ = KernelLinear
         elif type(module) is nn.Embedding:

@@ -211,6 +211,38 @@ def test_ple_references_vs_numpy(dtype):
                  dtype, "ple_tail ref")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("scaled,nxt", [(False, False), (True, True), (False, True)])
+def test_residual_norm_reference_vs_numpy(dtype, scaled, nxt):
+    res, br = rnd((2, 3, 200), dtype, 2.0, seed=5), rnd((2, 3, 200), dtype, 5.0, seed=6)
+    w = (1 + rnd((200,), mx.float32, 0.3, seed=7)).astype(dtype)
+    wn = (1 + rnd((200,), mx.float32, 0.3, seed=8)).astype(dtype) if nxt else None
+    ls = mx.array([0.7], dtype=dtype) if scaled else None
+    got = K.residual_norm_reference(res, br, w, ls, 1e-6, wn)
+    want = f64(res) + np_rms(f64(br), f64(w), 1e-6)
+    if scaled:
+        want = want * 0.7
+    if nxt:
+        assert got[0].dtype == got[1].dtype == dtype
+        assert_close(got[0], want, dtype, "residual_norm out")
+        assert_close(got[1], np_rms(want, f64(wn), 1e-6), dtype, "residual_norm next")
+    else:
+        assert got.dtype == dtype
+        assert_close(got, want, dtype, "residual_norm out")
+
+
+def test_ops_residual_norm_is_the_unfused_sequence():
+    """On the MLX path the fused op is exactly the module sequence it replaces (bit for bit)."""
+    from gemma4_mlx import ops
+
+    res, br = rnd((1, 4, 96), mx.bfloat16, 2.0, seed=1), rnd((1, 4, 96), mx.bfloat16, 3.0, seed=2)
+    w, wn, ls = rnd((96,), mx.bfloat16, seed=3), rnd((96,), mx.bfloat16, seed=4), mx.array([0.6], mx.bfloat16)
+    out, nrm = ops.residual_norm(res, br, w, ls, 1e-6, wn)
+    seq = (res + mx.fast.rms_norm(br, w, 1e-6)) * ls
+    assert mx.array_equal(out, seq) and mx.array_equal(nrm, mx.fast.rms_norm(seq, wn, 1e-6))
+    assert mx.array_equal(ops.residual_norm(res, br, w, None, 1e-6), res + mx.fast.rms_norm(br, w, 1e-6))
+
+
 # ------------------------------------------------ kernels vs references (GPU)
 
 gpu_only = pytest.mark.skipif(not GPU, reason="no MLX GPU backend (Metal/CUDA): kernels cannot run here")
@@ -381,7 +413,28 @@ def test_ple_kernels(shape, dtype):
     res, pj = rnd((B, L, HD), dtype, 2.0), rnd((B, L, HD), dtype, 5.0)
     w2 = (1 + rnd((HD,), mx.float32, 0.3)).astype(dtype)
     ls = mx.array([0.7], dtype=dtype)
-    assert_close(K.ple_tail_kernel(res, pj, w2, ls, 1e-6), K.ple_tail_reference(res, pj, w2, ls, 1e-6), dtype, "tail")
+    dispatch.set_kernels_mode("strict")
+    assert_close(K.ple_tail(res, pj, w2, ls, 1e-6), K.ple_tail_reference(res, pj, w2, ls, 1e-6), dtype, "tail")
+    assert any(k[0] == "residual_norm" for k in dispatch.verdicts()), "ple_tail did not take the kernel"
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("rows,HD", [(1, 1536), (14, 2560), (1, 2816), (33, 5376), (3, 100), (2, 16384)])
+@pytest.mark.parametrize("scaled,nxt", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["plain", "scalar", "next", "scalar+next"])
+def test_residual_norm_kernel(rows, HD, scaled, nxt, dtype):
+    res, br = rnd((rows, HD), dtype, 2.0), rnd((rows, HD), dtype, 5.0)
+    w = (1 + rnd((HD,), mx.float32, 0.3)).astype(dtype)
+    wn = (1 + rnd((HD,), mx.float32, 0.3)).astype(dtype) if nxt else None
+    ls = mx.array([0.7], dtype=dtype) if scaled else None
+    out = K.residual_norm_kernel(res, br, w, ls, 1e-6, wn)
+    ref = K.residual_norm_reference(res, br, w, ls, 1e-6, wn)
+    if nxt:
+        assert_close(out[0], ref[0], dtype, "residual_norm out")
+        assert_close(out[1], ref[1], dtype, "residual_norm next")
+    else:
+        assert_close(out, ref, dtype, "residual_norm out")
 
 
 @gpu_only
@@ -569,7 +622,7 @@ def test_attention_launch_plan_covers_keys():
 
 
 def test_sources_are_importable_resources():
-    for name in ("norm_rope", "attention_partial", "attention_combine", "ple_combine", "ple_gate", "ple_tail"):
+    for name in ("norm_rope", "attention_partial", "attention_combine", "ple_combine", "ple_gate", "residual_norm"):
         assert "k_" in dispatch.body(name)
     for backend in ("metal", "cuda"):
         head, src = dispatch.prelude(backend)

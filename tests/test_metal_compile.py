@@ -29,14 +29,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 from metal_stub.capture import gxx_check, metal_sources  # noqa: E402
 
 from gemma4_mlx.kernels import dispatch  # noqa: E402
-from gemma4_mlx.kernels import mv, ple, qmv, rope  # noqa: E402
+from gemma4_mlx.kernels import mv, ple, qmv, residual, rope  # noqa: E402
 
 ATT = sys.modules["gemma4_mlx.kernels.attention"]
 GXX = shutil.which("g++")
 needs_gxx = pytest.mark.skipif(GXX is None, reason="g++ not found: cannot syntax-check the Metal source")
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
-BODIES = ["norm_rope", "attention_partial", "attention_combine", "ple_combine", "ple_gate", "ple_tail", "qmv", "mv"]
+BODIES = ["norm_rope", "attention_partial", "attention_combine", "ple_combine", "ple_gate", "residual_norm", "qmv", "mv"]
 
 
 def _launches():
@@ -78,11 +78,13 @@ def _launches():
                                 (mx.zeros((M, K), dt), w, sb, sb)))
         g = mx.zeros((1, 2, 256), dt)
         out.append((f"ple_gate {dt}", ple.ple_gate_kernel, (g, mx.zeros((1, 2, 4, 256), dt)[:, :, 1, :])))
-        for HD in (1536, 2560, 5376):
+        for HD in (1536, 2560, 2816, 5376):  # E2B, E4B, 26B-A4B, 31B
             r = mx.zeros((1, 2, HD), dt)
-            out.append((f"ple_tail {dt} HD={HD}",
-                        lambda r, p, w, s: ple.ple_tail_kernel(r, p, w, s, 1e-6),
-                        (r, r, mx.ones((HD,), dt), mx.array([0.5], dt))))
+            w = mx.ones((HD,), dt)
+            out.append((f"residual_norm {dt} HD={HD}",
+                        lambda r, p, w: residual.residual_norm_kernel(r, p, w, None, 1e-6), (r, r, w)))
+            out.append((f"residual_norm {dt} HD={HD} next",
+                        lambda r, p, w: residual.residual_norm_kernel(r, p, w, mx.array([0.5], dt), 1e-6, w), (r, r, w)))
     return out
 
 

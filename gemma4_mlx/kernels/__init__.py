@@ -6,6 +6,7 @@ self-check per shape class, else the pure-MLX reference):
 * :func:`q_norm_rope`, :func:`kv_norm_rope`
 * :func:`attention`
 * :func:`ple_combine`, :func:`ple_gate`, :func:`ple_tail`
+* :func:`residual_norm` (norm + residual add + layer scalar + the next norm)
 
 Switches: :func:`set_kernels_mode`, :func:`kernels_mode` (context manager),
 env ``GEMMA4_MLX_KERNELS=auto|off|strict``; :func:`kernels_enabled`,
@@ -37,9 +38,9 @@ from .ple import (
     ple_gate_kernel,
     ple_gate_reference,
     ple_tail,
-    ple_tail_kernel,
     ple_tail_reference,
 )
+from .residual import residual_norm, residual_norm_kernel, residual_norm_reference
 from .mv import matvec, matvec_kernel, matvec_reference
 from .qmv import quantized_matvec, quantized_matvec_kernel, quantized_matvec_reference
 from .rope import (
@@ -60,5 +61,5 @@ __all__ = [
     "q_norm_rope_reference", "kv_norm_rope_reference", "attention_reference", "ple_combine_reference",
     "ple_gate_reference", "ple_tail_reference", "rms_norm_reference", "rope_reference", "gelu_tanh_reference",
     "q_norm_rope_kernel", "kv_norm_rope_kernel", "attention_kernel", "ple_combine_kernel", "ple_gate_kernel",
-    "ple_tail_kernel", "attention_mask",
+    "attention_mask", "residual_norm", "residual_norm_kernel", "residual_norm_reference",
 ]

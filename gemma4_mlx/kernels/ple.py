@@ -4,7 +4,8 @@
   table[input_ids] * table_scale) * 2**-0.5`` -> (B, L, NL, P). The caller
   passes ``projection`` already scaled: ``(h @ W^T) * hidden_size**-0.5``.
 * :func:`ple_gate` (per layer): ``gelu_tanh(gate) * per_layer_input``.
-* :func:`ple_tail` (per layer): ``(residual + RMSNorm_w(projected)) * layer_scalar``.
+* :func:`ple_tail` (per layer): ``(residual + RMSNorm_w(projected)) * layer_scalar``, which is
+  :func:`~gemma4_mlx.kernels.residual.residual_norm` with a scalar.
 
 Numerics: norms in float32 rounded to the input dtype (HF module boundary);
 the combine sums in float32 and rounds once; gate rounds gelu to the gate
@@ -19,6 +20,7 @@ import mlx.core as mx
 
 from . import dispatch
 from .dispatch import TG, ceil_to
+from .residual import residual_norm, residual_norm_reference
 from .rope import rms_norm_reference
 
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
@@ -48,9 +50,7 @@ def ple_gate_reference(gate, per_layer_input):
 
 
 def ple_tail_reference(residual, projected, norm_weight, layer_scalar, eps):
-    dt = residual.dtype
-    normed = rms_norm_reference(projected, norm_weight, eps).astype(dt)
-    return (residual + normed) * layer_scalar.astype(dt)
+    return residual_norm_reference(residual, projected, norm_weight, layer_scalar, eps)
 
 
 # ---------------------------------------------------------------- kernels
@@ -84,20 +84,6 @@ def ple_gate_kernel(gate, per_layer_input):
         threadgroup=(TG, 1, 1),
         output_shapes=[gate.shape],
         output_dtypes=[gate.dtype],
-        **dispatch.init_kwargs(),
-    )[0]
-
-
-def ple_tail_kernel(residual, projected, norm_weight, layer_scalar, eps):
-    HD = residual.shape[-1]
-    k = dispatch.get_kernel("ple_tail", ["res", "proj", "w", "ls", "eps"], ["out"])
-    return k(
-        inputs=[residual, projected, norm_weight, layer_scalar.reshape(-1), mx.array([eps], dtype=mx.float32)],
-        template=[("T", residual.dtype), ("HD", HD)],
-        grid=(residual.size // HD * TG, 1, 1),
-        threadgroup=(TG, 1, 1),
-        output_shapes=[residual.shape],
-        output_dtypes=[residual.dtype],
         **dispatch.init_kwargs(),
     )[0]
 
@@ -152,18 +138,4 @@ def _probe_gate(key):
 def ple_tail(residual: mx.array, projected: mx.array, norm_weight: mx.array, layer_scalar: mx.array,
              eps: float) -> mx.array:
     """(residual + RMSNorm_w(projected)) * layer_scalar; layer_scalar shape (1,)."""
-    key = None
-    if (residual.dtype in _FLOATS and tuple(projected.shape) == tuple(residual.shape)
-            and residual.ndim >= 1 and norm_weight.size == residual.shape[-1] and layer_scalar.size == 1
-            and residual.shape[-1] <= 16384):
-        key = (str(residual.dtype), residual.shape[-1])
-    return dispatch.run("ple_tail", key, ple_tail_reference, ple_tail_kernel, _probe_tail,
-                        residual, projected, norm_weight, layer_scalar, eps)
-
-
-def _probe_tail(key):
-    dt, HD = dispatch.dtype_from_key(key[0]), key[1]
-    res = dispatch.probe_normal((2, 3, HD), 41, dt, 2.0)
-    proj = dispatch.probe_normal((2, 3, HD), 42, dt, 5.0)
-    w = (1 + dispatch.probe_normal((HD,), 43, mx.float32, 0.3)).astype(dt)
-    return (res, proj, w, mx.array([0.7], dtype=dt), 1e-6)
+    return residual_norm(residual, projected, norm_weight, layer_scalar, eps)

@@ -1,0 +1,123 @@
+"""Joined q/k/v and gate/up projections: same logits, no extra memory, undone by new weights."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
+
+from gemma4_mlx import Model, ops, parse_config
+from gemma4_mlx.presets import preset_config
+
+
+def _model(preset: str, seed: int = 0) -> Model:
+    model = Model(parse_config(preset_config(preset)))
+    mx.random.seed(seed)
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05 + (1.0 if p.ndim == 1 else 0.0),
+                          model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def _decode_logits(model, monkeypatch, compiled=True, steps=6):
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1" if compiled else "0")
+    cache = model.make_cache()
+    model(mx.array([[3, 9, 4, 1, 7, 2, 8, 5, 6, 11]]), cache=cache)
+    return np.concatenate([np.array(model(mx.array([[t]]), cache=cache)) for t in range(12, 12 + steps)])
+
+
+def _fused_modules(model):
+    return [(m, f) for layer in model.layers for m in (layer.self_attn, layer.mlp)
+            if (f := m.__dict__.get("_fused")) is not None]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-e4b", "tiny-moe", "tiny-31b"])
+def test_fused_projections_give_the_same_logits(preset, monkeypatch):
+    plain = _model(preset)
+    want = _decode_logits(plain, monkeypatch, compiled=False)
+    fused = _model(preset)
+    fused.fuse_projections()
+    pairs = _fused_modules(fused)
+    # every MLP and every attention with its own k (q/k/v, or q/k where k doubles as v)
+    assert len(pairs) == sum(1 + (not p.is_kv_shared) for p in fused.args.plan)
+    for compiled in (False, True):
+        got = _decode_logits(fused, monkeypatch, compiled=compiled)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert all(f.valid() for _, f in _fused_modules(fused))
+
+
+def test_members_become_views_of_one_matrix():
+    model = _model("tiny")
+    names = [k for k, _ in tree_flatten(model.parameters())]
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    mx.eval(model.parameters())
+    mx.clear_cache()
+    used = mx.get_active_memory()
+    model.fuse_projections()
+    mx.clear_cache()
+    # the separate matrices are released: the joined ones replace them, not add to them
+    assert mx.get_active_memory() <= used * 1.02
+    after = dict(tree_flatten(model.parameters()))
+    assert list(after) == names
+    for k, v in after.items():
+        np.testing.assert_array_equal(np.array(v), before[k])
+    attn = model.layers[0].self_attn
+    f = attn.__dict__["_fused"]
+    assert f.joint.weight.shape[0] == sum(attn[n].weight.shape[0] for n in ("q_proj", "k_proj", "v_proj"))
+
+
+def test_saved_weights_are_unchanged_by_fusion(tmp_path):
+    model = _model("tiny-e4b")
+    model.fuse_projections()
+    path = tmp_path / "w.safetensors"
+    mx.save_safetensors(str(path), dict(tree_flatten(model.parameters())))
+    loaded = mx.load(str(path))
+    for k, v in tree_flatten(model.parameters()):
+        assert mx.array_equal(loaded[k], v), k
+
+
+def test_quantized_projections_fuse_only_when_formats_match(monkeypatch):
+    plain, fused = _model("tiny-31b"), _model("tiny-31b")
+
+    def bits(path, module):  # a mixed checkpoint: k at 8 bits in layer 0
+        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % 32:
+            return False
+        return {"group_size": 32, "bits": 8 if path.endswith("layers.0.self_attn.k_proj") else 4}
+
+    for m in (plain, fused):
+        nn.quantize(m, class_predicate=bits)
+    want = _decode_logits(plain, monkeypatch)
+    fused.fuse_projections()
+    assert fused.layers[0].self_attn.__dict__.get("_fused") is None  # 4-bit q, 8-bit k: left apart
+    assert fused.layers[0].mlp.__dict__["_fused"] is not None
+    assert isinstance(fused.layers[1].self_attn.__dict__["_fused"].joint, nn.QuantizedLinear)
+    np.testing.assert_allclose(_decode_logits(fused, monkeypatch), want, rtol=1e-5, atol=1e-5)
+
+
+def test_new_weights_undo_the_fusion(monkeypatch):
+    model, other = _model("tiny"), _model("tiny", seed=3)
+    model.fuse_projections()
+    _decode_logits(model, monkeypatch)
+    model.update(other.parameters())  # through the model: the joined copies are dropped
+    assert not _fused_modules(model)
+    np.testing.assert_allclose(_decode_logits(model, monkeypatch), _decode_logits(other, monkeypatch),
+                               rtol=1e-5, atol=1e-5)
+    assert _fused_modules(model)  # joined again for the new trace
+    # a weight assigned directly on a member: the stale joint must not be used
+    q = model.layers[0].self_attn.q_proj
+    q.weight = other.layers[0].self_attn.q_proj.weight * 2
+    q2 = other.layers[0].self_attn.q_proj
+    q2.weight = q2.weight * 2
+    model.reset_compiled()
+    other.reset_compiled()
+    np.testing.assert_allclose(_decode_logits(model, monkeypatch, compiled=False),
+                               _decode_logits(other, monkeypatch, compiled=False), rtol=1e-5, atol=1e-5)
+
+
+def test_joined_projection_gets_the_decode_kernel_class():
+    model = _model("tiny")
+    model.fuse_projections()
+    ops.install_matvec_kernels(model)
+    assert all(type(f.joint) is ops.KernelLinear for _, f in _fused_modules(model))
