@@ -6,31 +6,37 @@
 #   call 4: bash bench/gpu_session.sh e2b
 #   call 5: bash bench/gpu_session.sh presets
 #   call 6: bash bench/gpu_session.sh presets-bf16
-# Results go to $OUT (they come back with the call). Timings from one call compare only with
+# Results go to $OUT (they come back with the call; only a few files per call do, so each part
+# ends by packing its results into one $OUT/<part>.tgz). Timings from one call compare only with
 # each other: quote ratios from the same run.
 set -uo pipefail
 source .device/b/setup.sh >/dev/null || exit 1
-OUT=${OUT:-out}
-mkdir -p "$OUT"
+FINAL=${OUT:-out}
+OUT=$(mktemp -d)
+trap 'tar czf "$FINAL/${PART:-session}.tgz" -C "$OUT" . 2>/dev/null' EXIT
+PART=${1:-}
+mkdir -p "$FINAL"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>/dev/null
 compare() {  # compare <out subdir> <timeout s> <args...>
   local dir="$OUT/$1" limit=$2; shift 2
   mkdir -p "$dir"
-  timeout "$limit" python3 -m bench.compare "$@" --out "$dir" > "$dir/stdout.txt" 2> "$dir/stderr.txt"
-  echo "== $dir (exit $?): $*"; tail -14 "$dir/stdout.txt"
+  # -X faulthandler: a native crash (seen once: SIGFPE at 32k tokens) still prints the Python stack
+  timeout "$limit" python3 -X faulthandler -m bench.compare "$@" --out "$dir" > "$dir/stdout.txt" 2> "$dir/stderr.txt"
+  echo "== $dir (exit $?): $*"; tail -18 "$dir/stdout.txt"
 }
 case "${1:-}" in
   parity)   # every kernel vs float64 oracles on CUDA, the decode step and the fused projections;
-            # nvrtc compiles each instantiation on one CPU core, so the cases run in 4 processes
+            # nvrtc compiles each instantiation on one CPU core, so the cases run in 8 processes
+            # (4 processes took 7-8 minutes on 16 cores, 2026-11-28)
     python3 -m pytest -q -p no:cacheprovider --collect-only tests/test_kernels.py tests/test_decode.py \
       tests/test_fusion.py 2>/dev/null | grep '::' > "$OUT/ids.txt"
     echo "$(wc -l < "$OUT/ids.txt") test ids"
-    for i in 0 1 2 3; do
-      awk -v i=$i 'NR % 4 == i' "$OUT/ids.txt" > "$OUT/ids.$i"
+    for i in 0 1 2 3 4 5 6 7; do
+      awk -v i=$i 'NR % 8 == i' "$OUT/ids.txt" > "$OUT/ids.$i"
       timeout 540 python3 -m pytest -q -p no:cacheprovider $(cat "$OUT/ids.$i") > "$OUT/parity.$i.txt" 2>&1 &
     done
     wait
-    for i in 0 1 2 3; do tail -3 "$OUT/parity.$i.txt"; done | tee "$OUT/parity.txt"
+    for i in 0 1 2 3 4 5 6 7; do tail -1 "$OUT/parity.$i.txt"; done | tee "$OUT/parity.txt"
     grep -h -E "^(FAILED|ERROR)" "$OUT"/parity.?.txt | head -20 ;;
   kernels)  # micro-benchmarks vs the stock op sequences, then the decode-step ablations
     timeout 200 python3 bench/kernels.py --iters 30 > "$OUT/kernels.txt" 2>&1; tail -n +1 "$OUT/kernels.txt" | head -120

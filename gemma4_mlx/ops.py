@@ -61,21 +61,28 @@ def _rope(x: mx.array, freqs: mx.array, offset: Offset) -> mx.array:
 def q_norm_rope(q: mx.array, weight: mx.array, inv_freq: mx.array, freqs: mx.array, offset: Offset,
                 eps: float) -> mx.array:
     """(B, L, H, D) projection -> RMSNorm -> head-major -> RoPE."""
+
+    def mlx_ops(q, weight, inv_freq, offset, eps):
+        return _rope(mx.fast.rms_norm(q, weight, eps).transpose(0, 2, 1, 3), freqs, offset)
+
     k = _gpu_kernels()
     if k is not None:
-        return k.q_norm_rope(q, weight, inv_freq, offset, eps)
-    return _rope(mx.fast.rms_norm(q, weight, eps).transpose(0, 2, 1, 3), freqs, offset)
+        return k.q_norm_rope(q, weight, inv_freq, offset, eps, fallback=mlx_ops)
+    return mlx_ops(q, weight, inv_freq, offset, eps)
 
 
 def kv_norm_rope(k: mx.array, v: mx.array, k_weight: mx.array, inv_freq: mx.array, freqs: mx.array,
                  offset: Offset, eps: float):
     """Keys: RMSNorm, head-major, RoPE. Values: scale-free RMSNorm, head-major."""
+
+    def mlx_ops(k, v, k_weight, inv_freq, offset, eps):
+        keys = _rope(mx.fast.rms_norm(k, k_weight, eps).transpose(0, 2, 1, 3), freqs, offset)
+        return keys, mx.fast.rms_norm(v, None, eps).transpose(0, 2, 1, 3)
+
     kern = _gpu_kernels()
     if kern is not None:
-        return kern.kv_norm_rope(k, v, k_weight, inv_freq, offset, eps)
-    keys = _rope(mx.fast.rms_norm(k, k_weight, eps).transpose(0, 2, 1, 3), freqs, offset)
-    values = mx.fast.rms_norm(v, None, eps).transpose(0, 2, 1, 3)
-    return keys, values
+        return kern.kv_norm_rope(k, v, k_weight, inv_freq, offset, eps, fallback=mlx_ops)
+    return mlx_ops(k, v, k_weight, inv_freq, offset, eps)
 
 
 def make_mask(h: mx.array, cache: Any, window: Optional[int]):
@@ -96,14 +103,17 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: 
     full rotating window for one query), the compiled decode step's slot cache (a fixed
     buffer of which ``cache.valid`` slots are filled), or a batch/quantized cache (generic path).
     """
+    def mlx_ops(queries, keys, values, scale, _window):
+        return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask)
+
     k = _gpu_kernels()
     if k is not None:
         valid = getattr(cache, "valid", None)
-        if valid is not None:
+        if valid is not None:  # (its reference is the MLX op on the buffer: no other fallback)
             return k.attention_prefix(queries, keys, values, valid.reshape(1), scale=1.0)
         if _plain_cache(cache) and queries.shape[2] <= 16:
-            return k.attention(queries, keys, values, scale=1.0, window=window)
-    return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=1.0, mask=mask)
+            return k.attention(queries, keys, values, scale=1.0, window=window, fallback=mlx_ops)
+    return mlx_ops(queries, keys, values, 1.0, window)
 
 
 def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_weight: mx.array, *,
@@ -112,20 +122,23 @@ def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_w
     """(RMSNorm(projection * s) + table[ids] * sqrt(P)) * 2^-0.5, shaped (B, L, layers, P)."""
     dtype = projection.dtype
     proj = projection * mx.array(projection_scale, dtype=dtype)
+
+    def mlx_ops(inputs, _table_weight, proj, norm_weight, table_scale, eps):
+        proj = mx.fast.rms_norm(proj.reshape(*proj.shape[:-1], num_layers, ple_dim), norm_weight, eps)
+        rows = table(inputs)
+        rows = (rows * mx.array(table_scale, dtype=rows.dtype)).reshape(*inputs.shape, num_layers, ple_dim)
+        return (proj + rows.astype(dtype)) * mx.array(2.0**-0.5, dtype=dtype)
+
     kern = _gpu_kernels()
     if kern is not None and isinstance(table, nn.Embedding):
-        return kern.ple_combine(inputs, table.weight, proj, norm_weight, table_scale, eps)
-    proj = proj.reshape(*proj.shape[:-1], num_layers, ple_dim)
-    proj = mx.fast.rms_norm(proj, norm_weight, eps)
-    rows = table(inputs)
-    rows = (rows * mx.array(table_scale, dtype=rows.dtype)).reshape(*inputs.shape, num_layers, ple_dim)
-    return (proj + rows.astype(dtype)) * mx.array(2.0**-0.5, dtype=dtype)
+        return kern.ple_combine(inputs, table.weight, proj, norm_weight, table_scale, eps, fallback=mlx_ops)
+    return mlx_ops(inputs, None, proj, norm_weight, table_scale, eps)
 
 
 def ple_gate(gate: mx.array, per_layer_input: mx.array) -> mx.array:
     k = _gpu_kernels()
     if k is not None:
-        return k.ple_gate(gate, per_layer_input)
+        return k.ple_gate(gate, per_layer_input, fallback=geglu)
     return geglu(gate, per_layer_input)
 
 
@@ -135,7 +148,11 @@ def residual_norm(residual: mx.array, branch: mx.array, norm_weight: mx.array, s
     with ``next_weight`` the next sublayer's input ``RMSNorm_next(out)``: ``(out, normed)``."""
     k = _gpu_kernels()
     if k is not None:
-        return k.residual_norm(residual, branch, norm_weight, scalar, eps, next_weight)
+        return k.residual_norm(residual, branch, norm_weight, scalar, eps, next_weight, fallback=_residual_norm)
+    return _residual_norm(residual, branch, norm_weight, scalar, eps, next_weight)
+
+
+def _residual_norm(residual, branch, norm_weight, scalar, eps, next_weight=None):
     out = residual + mx.fast.rms_norm(branch, norm_weight, eps)
     if scalar is not None:
         out = out * scalar

@@ -12,6 +12,13 @@ from gemma4_mlx import decode as decode_mod
 from gemma4_mlx.presets import preset_config
 
 
+# float32 on a GPU: MLX's CUDA matmuls run in TF32 (10-bit mantissa), and the two paths compared
+# multiply differently shaped matrices (the decode step joins q/k/v and gate/up), so their
+# results differ by TF32 rounding, compounded over layers and steps: measured up to 3.4e-3 of
+# the largest logit on an H200 (2026-11-28). A logic error (slot, window, mask) shows as O(1).
+GPU_F32_TOL = 1e-2
+
+
 def _random_model(preset: str, seed: int = 0) -> Model:
     model = Model(parse_config(preset_config(preset)))
     mx.random.seed(seed)
@@ -56,8 +63,7 @@ def test_compiled_decode_matches_eager(preset, monkeypatch):
     assert calls["traced"] == 0
     # Fed the eager run's tokens, so a near-tie that rounds differently cannot derail the rest.
     tokens, rows, cache = _greedy(model, prompt, steps, monkeypatch, compiled=True, feed=eager_tokens)
-    # On a GPU the eager path's float32 matmuls may run in TF32, the decode kernels do not.
-    tol = 1e-4 if mx.default_device() == mx.cpu else 3e-3
+    tol = 1e-4 if mx.default_device() == mx.cpu else GPU_F32_TOL
     assert np.max(np.abs(rows - eager_rows)) <= tol * np.max(np.abs(eager_rows))
     assert np.mean(np.array(tokens) == np.array(eager_tokens)) > 0.9
     # compiled steps ran (each new buffer shape is traced once after one uncompiled step)
@@ -67,7 +73,10 @@ def test_compiled_decode_matches_eager(preset, monkeypatch):
         assert type(ours) is type(theirs) and ours.offset == theirs.offset
         a, b = ours.state[0], theirs.state[0]
         assert a.shape == b.shape
-        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
+        if mx.default_device() == mx.cpu:
+            np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
+        else:
+            assert np.max(np.abs(np.array(a) - np.array(b))) <= GPU_F32_TOL * np.max(np.abs(np.array(b)))
 
 
 def test_prompt_cache_round_trip_after_compiled_decode(tmp_path, monkeypatch):
@@ -100,7 +109,7 @@ def test_long_run_matches_the_full_sequence(monkeypatch):
     stepped = np.concatenate(rows)
     assert np.isfinite(stepped).all()
     err = np.max(np.abs(stepped - full)) / np.max(np.abs(full))
-    assert err < (1e-4 if mx.default_device() == mx.cpu else 3e-3), err
+    assert err < (1e-4 if mx.default_device() == mx.cpu else GPU_F32_TOL), err
     assert (stepped.argmax(-1) == full.argmax(-1)).mean() > 0.99
 
 
@@ -169,7 +178,7 @@ def test_logits_with_kernels_equal_logits_without(dtype, monkeypatch):
             with dispatch.force_backend("cuda"):
                 on = run("auto")
     if dtype == mx.float32:
-        tol = 3e-3 if gpu else 1e-4  # TF32 matmuls on one side on a GPU
+        tol = GPU_F32_TOL if gpu else 1e-4
         assert np.max(np.abs(on - off)) <= tol * np.max(np.abs(off)), np.max(np.abs(on - off))
     else:
         # bfloat16 rounding moves random-weight logits a lot either way: the kernels' result

@@ -142,13 +142,14 @@ def _probe_inputs(key):
     return (q, kbuf[:, :, :N], vbuf[:, :, :N], 1.0, window)
 
 
-def attention(q: mx.array, keys: mx.array, values: mx.array, scale: float = 1.0, window: int = 0) -> mx.array:
+def attention(q: mx.array, keys: mx.array, values: mx.array, scale: float = 1.0, window: int = 0, *,
+              fallback=None) -> mx.array:
     """Masked attention of the last Lq positions: kernel on GPU for Lq <= 16
     (checked per shape class), else :func:`attention_reference`."""
     key = _class_key(q, keys, values, window)
     return dispatch.run(
         "attention", key, attention_reference, attention_kernel, _probe_inputs,
-        q, keys, values, scale, window,
+        q, keys, values, scale, window, fallback=fallback,
     )
 
 
@@ -172,11 +173,11 @@ def _probe_prefix(key):
 
 
 def attention_prefix(q: mx.array, keys: mx.array, values: mx.array, kv_len: mx.array,
-                     scale: float = 1.0) -> mx.array:
+                     scale: float = 1.0, *, fallback=None) -> mx.array:
     """:func:`attention_prefix_reference` as a kernel on GPU. The decode step compiled with
     ``mx.compile`` uses this: the buffer's shape stays fixed while ``kv_len`` grows."""
     key = _class_key(q, keys, values, 0)
     return dispatch.run(
         "attention_prefix", key, attention_prefix_reference, _attention_prefix_kernel, _probe_prefix,
-        q, keys, values, kv_len, scale,
+        q, keys, values, kv_len, scale, fallback=fallback,
     )

@@ -91,7 +91,7 @@ def ple_gate_kernel(gate, per_layer_input):
 # ------------------------------------------------------------ dispatching
 
 def ple_combine(input_ids: mx.array, table: mx.array, projection: mx.array, norm_weight: mx.array,
-                table_scale: float, eps: float) -> mx.array:
+                table_scale: float, eps: float, *, fallback=None) -> mx.array:
     """(B, L, NL, P) per-layer inputs. ``table`` must be an unquantized
     (V, NL*P) array for the kernel (a quantized table: call the reference
     yourself); ``projection`` (B, L, NL*P) already scaled by hidden**-0.5."""
@@ -104,7 +104,7 @@ def ple_combine(input_ids: mx.array, table: mx.array, projection: mx.array, norm
             key = (str(projection.dtype), str(table.dtype), P, NLP // P)
     return dispatch.run(
         "ple_combine", key, ple_combine_reference, ple_combine_kernel, _probe_combine,
-        input_ids, table, projection, norm_weight, table_scale, eps,
+        input_ids, table, projection, norm_weight, table_scale, eps, fallback=fallback,
     )
 
 
@@ -118,14 +118,15 @@ def _probe_combine(key):
     return (ids, table, proj, w, math.sqrt(P), 1e-6)
 
 
-def ple_gate(gate: mx.array, per_layer_input: mx.array) -> mx.array:
+def ple_gate(gate: mx.array, per_layer_input: mx.array, *, fallback=None) -> mx.array:
     """gelu_tanh(gate) * per_layer_input, (B, L, P); output in gate's dtype.
     ``per_layer_input`` may be a strided slice (e.g. ``pli[:, :, i, :]``)."""
     key = None
     if (gate.ndim == 3 and gate.dtype in _FLOATS and tuple(per_layer_input.shape) == tuple(gate.shape)
             and per_layer_input.dtype in _FLOATS):
         key = (str(gate.dtype), str(per_layer_input.dtype))
-    return dispatch.run("ple_gate", key, ple_gate_reference, ple_gate_kernel, _probe_gate, gate, per_layer_input)
+    return dispatch.run("ple_gate", key, ple_gate_reference, ple_gate_kernel, _probe_gate, gate, per_layer_input,
+                        fallback=fallback)
 
 
 def _probe_gate(key):
@@ -136,6 +137,6 @@ def _probe_gate(key):
 
 
 def ple_tail(residual: mx.array, projected: mx.array, norm_weight: mx.array, layer_scalar: mx.array,
-             eps: float) -> mx.array:
+             eps: float, *, fallback=None) -> mx.array:
     """(residual + RMSNorm_w(projected)) * layer_scalar; layer_scalar shape (1,)."""
-    return residual_norm(residual, projected, norm_weight, layer_scalar, eps)
+    return residual_norm(residual, projected, norm_weight, layer_scalar, eps, fallback=fallback)

@@ -60,7 +60,7 @@ def residual_norm_kernel(residual: mx.array, branch: mx.array, norm_weight: mx.a
 
 
 def residual_norm(residual: mx.array, branch: mx.array, norm_weight: mx.array, scalar: Optional[mx.array],
-                  eps: float, next_weight: Optional[mx.array] = None) -> Result:
+                  eps: float, next_weight: Optional[mx.array] = None, *, fallback=None) -> Result:
     """``out = (residual + RMSNorm_w(branch)) * scalar`` (no scale when ``scalar`` is None);
     with ``next_weight`` also ``RMSNorm_next(out)``: returns ``(out, normed)``."""
     HD = residual.shape[-1]
@@ -71,7 +71,7 @@ def residual_norm(residual: mx.array, branch: mx.array, norm_weight: mx.array, s
             and (next_weight is None or next_weight.size == HD)):
         key = (str(residual.dtype), str(branch.dtype), HD, scalar is not None, next_weight is not None)
     return dispatch.run("residual_norm", key, residual_norm_reference, residual_norm_kernel, _probe,
-                        residual, branch, norm_weight, scalar, eps, next_weight)
+                        residual, branch, norm_weight, scalar, eps, next_weight, fallback=fallback)
 
 
 def _probe(key):

@@ -142,7 +142,8 @@ def _probe_inputs(key, pair):
     return (x, w, inv_freq, offset, 1e-6)
 
 
-def q_norm_rope(q: mx.array, weight: mx.array, inv_freq: mx.array, offset, eps: float) -> mx.array:
+def q_norm_rope(q: mx.array, weight: mx.array, inv_freq: mx.array, offset, eps: float, *,
+                fallback=None) -> mx.array:
     """RMSNorm_w + RoPE of q (B, L, H, D) -> (B, H, L, D). ``offset``: int or
     int array (B,). Kernel on GPU when checked, else the reference."""
     key = _class_key(q, inv_freq)
@@ -150,11 +151,12 @@ def q_norm_rope(q: mx.array, weight: mx.array, inv_freq: mx.array, offset, eps: 
         key = None
     return dispatch.run(
         "q_norm_rope", key, q_norm_rope_reference, q_norm_rope_kernel,
-        lambda k: _probe_inputs(k, False), q, weight, inv_freq, offset, eps,
+        lambda k: _probe_inputs(k, False), q, weight, inv_freq, offset, eps, fallback=fallback,
     )
 
 
-def kv_norm_rope(k: mx.array, v: mx.array, k_weight: mx.array, inv_freq: mx.array, offset, eps: float):
+def kv_norm_rope(k: mx.array, v: mx.array, k_weight: mx.array, inv_freq: mx.array, offset, eps: float, *,
+                 fallback=None):
     """(keys, values), both (B, Hkv, L, D): keys = RoPE(RMSNorm_w(k)),
     values = RMSNorm(v) without weight. ``v`` may be ``k`` itself."""
     key = _class_key(k, inv_freq)
@@ -162,5 +164,5 @@ def kv_norm_rope(k: mx.array, v: mx.array, k_weight: mx.array, inv_freq: mx.arra
         key = None
     return dispatch.run(
         "kv_norm_rope", key, kv_norm_rope_reference, kv_norm_rope_kernel,
-        lambda c: _probe_inputs(c, True), k, v, k_weight, inv_freq, offset, eps,
+        lambda c: _probe_inputs(c, True), k, v, k_weight, inv_freq, offset, eps, fallback=fallback,
     )
