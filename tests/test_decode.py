@@ -229,6 +229,32 @@ def test_kernels_run_in_compiled_step_and_prefill_not_in_eager_single_token(monk
     dispatch.reset()
 
 
+@pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
+def test_residual_norm_kernel_runs_in_decode_steps_not_over_prefill_chunks(monkeypatch):
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx import ops
+    from gemma4_mlx.kernels import dispatch
+
+    model = _kernel_shaped_model()
+    rows = []
+
+    def spy(residual, *args):
+        rows.append(residual.size // residual.shape[-1])
+        return K.residual_norm_reference(residual, *args)
+
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "auto")
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    dispatch.reset()
+    with dispatch.force_backend("cuda"), dispatch.override_kernel("residual_norm", spy):
+        cache = model.make_cache()
+        mx.eval(model(mx.array([list(range(1, 41))]), cache=cache))  # 40 rows > the limit
+        assert all(r <= ops.RESIDUAL_NORM_MAX_ROWS for r in rows)  # (the self-check's probe only)
+        before = len(rows)
+        mx.eval(model(mx.array([[7]]), cache=cache))
+        assert len(rows) > before
+    dispatch.reset()
+
+
 def test_replacing_weights_or_quantizing_drops_the_compiled_step(monkeypatch):
     import mlx.nn as nn
 
