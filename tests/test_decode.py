@@ -255,6 +255,25 @@ def test_residual_norm_kernel_runs_in_decode_steps_not_over_prefill_chunks(monke
     dispatch.reset()
 
 
+def test_compiled_step_writes_the_new_key_value_in_place(monkeypatch):
+    """The step's slice update of each cache buffer reuses the buffer (MLX donates it: the caches
+    hold the only reference once the step is built), so a token costs no copy of the cache."""
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    model = _random_model("tiny")
+    cache = model.make_cache()
+    ids = np.random.default_rng(0).integers(0, model.args.vocab_size, size=(1, 3000))
+    for i in range(0, 3000, 1000):
+        model(mx.array(ids[:, i : i + 1000]), cache=cache)
+        mx.eval([c.state for c in cache])
+    for t in (5, 6):  # the first traces the step
+        mx.eval(model(mx.array([[t]]), cache=cache), [c.state for c in cache])
+    buffers = sum(c.keys.nbytes + c.values.nbytes for c in cache)
+    mx.reset_peak_memory()
+    start = mx.get_active_memory()
+    mx.eval(model(mx.array([[7]]), cache=cache), [c.state for c in cache])
+    assert mx.get_peak_memory() - start < 0.25 * buffers, (mx.get_peak_memory() - start, buffers)
+
+
 def test_replacing_weights_or_quantizing_drops_the_compiled_step(monkeypatch):
     import mlx.nn as nn
 
