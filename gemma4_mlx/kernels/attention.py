@@ -22,7 +22,7 @@ import math
 import mlx.core as mx
 
 from . import dispatch
-from .dispatch import TG, ceil_to
+from .dispatch import TG
 
 MAX_LQ = 16
 MAX_D = 512
@@ -108,7 +108,7 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
     return k2(
         inputs=[po, pm, pl],
         template=[("T", q.dtype), ("D", D)],
-        grid=(ceil_to(rows * 32, TG), 1, 1),
+        grid=(B * H * Lq * TG, 1, 1),  # one threadgroup per output row
         threadgroup=(TG, 1, 1),
         output_shapes=[(B, H, Lq, D)],
         output_dtypes=[q.dtype],
