@@ -4,8 +4,10 @@
 #   call 2: carry [".device/b"], command: bash bench/gpu_session.sh parity
 #   call 3: bash bench/gpu_session.sh kernels      (the machine stays warm 30 s between calls)
 #   call 4: bash bench/gpu_session.sh e2b
-#   call 5: bash bench/gpu_session.sh presets
-#   call 6: bash bench/gpu_session.sh presets-bf16
+#   call 5: bash bench/gpu_session.sh long
+#   call 6: bash bench/gpu_session.sh ablate31
+#   call 7: bash bench/gpu_session.sh presets
+#   call 8: bash bench/gpu_session.sh presets-bf16
 # Results go to $OUT (they come back with the call; only a few files per call do, so each part
 # ends by packing its results into one $OUT/<part>.tgz). Timings from one call compare only with
 # each other: quote ratios from the same run.
@@ -42,11 +44,18 @@ case "${1:-}" in
     timeout 200 python3 bench/kernels.py --iters 30 > "$OUT/kernels.txt" 2>&1; tail -n +1 "$OUT/kernels.txt" | head -120
     STEPS=40 timeout 170 python3 bench/ablate.py e2b 0 2>&1 | tail -16 | tee "$OUT/ablate-e2b-bf16.txt"
     STEPS=40 timeout 170 python3 bench/ablate.py e2b 4 2>&1 | tail -16 | tee "$OUT/ablate-e2b-q4.txt" ;;
-  e2b)      # the headline comparison at three prompt lengths, bf16 and 4-bit; 32k; transformers
+  e2b)      # the headline comparison at three prompt lengths, bf16 and 4-bit; transformers
     compare e2b-bf16 170 --preset e2b -L 128,841,4096 --runs 3 -n 64
     compare e2b-q4 170 --preset e2b -q 4 -L 128,841,4096 --runs 3 -n 64
-    compare e2b-bf16-32k 120 --preset e2b -L 32768 --runs 3 -n 64
     compare e2b-bf16-hf 100 --preset e2b -L 841 --runs 1 -n 16 --with-transformers ;;
+  long)     # 32k tokens: each side alone first (session 2's 32k compare died with SIGFPE), then both
+    for side in stock ours; do
+      timeout 150 python3 -X faulthandler bench/long_probe.py $side 32768 e2b 2>&1 | tail -30 | tee "$OUT/long-$side.txt"
+      echo "(exit ${PIPESTATUS[0]})"
+    done
+    compare e2b-bf16-32k 250 --preset e2b -L 32768 --runs 3 -n 64 ;;
+  ablate31) # why 31B 4-bit decode ran 0.80x stock in session 2: one switch at a time
+    STEPS=30 timeout 500 python3 bench/ablate.py 31b 4 2>&1 | tail -16 | tee "$OUT/ablate-31b-q4.txt" ;;
   presets)  # the other families at 841 tokens: E4B both, 26B-A4B and 31B in 4-bit
     for p in "e4b" "e4b -q 4" "26b-a4b -q 4" "31b -q 4"; do
       compare "$(echo $p | tr -d ' -')" 140 --preset $p -L 841 --runs 3 -n 32
@@ -55,5 +64,5 @@ case "${1:-}" in
     for p in "26b-a4b" "31b"; do
       compare "${p//-/}bf16" 280 --preset $p -L 841 --runs 3 -n 32
     done ;;
-  *) echo "usage: bash bench/gpu_session.sh parity|kernels|e2b|presets|presets-bf16" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh parity|kernels|e2b|long|ablate31|presets|presets-bf16" >&2; exit 2 ;;
 esac
