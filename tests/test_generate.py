@@ -211,8 +211,11 @@ def test_chat_template_and_builtin_format_agree(tiny_ckpt, tiny_plain_ckpt):
 
 
 # -- mlx-lm's own APIs with our model -------------------------------------------------------
-def test_mlx_lm_generate_and_stream_generate(loaded):
+@pytest.mark.parametrize("compiled", ["1", "0"])  # the compiled step is the GPU default, eager the CPU one
+def test_mlx_lm_generate_and_stream_generate(loaded, compiled, monkeypatch):
     import mlx_lm
+
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", compiled)
 
     from gemma4_mlx.generation import generate
 
@@ -226,9 +229,12 @@ def test_mlx_lm_generate_and_stream_generate(loaded):
     assert theirs[:n] == ours.tokens[:len(theirs)]
 
 
-def test_mlx_lm_batch_generate_matches_single(loaded):
+@pytest.mark.parametrize("compiled", ["1", "0"])
+def test_mlx_lm_batch_generate_matches_single(loaded, compiled, monkeypatch):
     import mlx_lm
     from mlx_lm.generate import generate_step
+
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", compiled)
 
     model, tok = loaded
     p1 = encode_text(tok, "<bos>hi")
