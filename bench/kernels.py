@@ -3,7 +3,8 @@ replaces, on E2B / E4B / 31B-like decode and prefill shapes.
 
     python bench/kernels.py [--dtype bfloat16] [--iters 50] [--only attention]
 
-Prints the measured copy bandwidth, then per case: median time of the stock
+Prints the measured copy bandwidth, then per case: median time per call (16 independent
+calls evaluated together, so one sync does not dominate small shapes) of the stock
 sequence and of the kernel (the public function, which dispatches; the
 matvec kernels are launched directly since `mv` is off by default), their
 ratio (stock / kernel, > 1 is faster), and on a GPU the kernel's achieved
@@ -39,14 +40,18 @@ MODELS = {
 VOCAB = 16384  # rows of the PLE table in the benchmark (bytes read per token do not depend on it)
 
 
-def timeit(fn, iters: int) -> float:
+BATCH = 16  # calls per evaluation: one sync per call would time MLX's launch-and-wait latency
+
+
+def timeit(fn, iters: int, batch: int = BATCH) -> float:
+    """Median seconds per call, ``batch`` independent calls evaluated together each time."""
     for _ in range(3):
         mx.eval(fn())
     ts = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        mx.eval(fn())
-        ts.append(time.perf_counter() - t0)
+        mx.eval([fn() for _ in range(batch)])
+        ts.append((time.perf_counter() - t0) / batch)
     return statistics.median(ts)
 
 
@@ -154,7 +159,7 @@ def copy_bandwidth(iters: int) -> float:
     """GB/s of a large elementwise copy (read + write): the practical ceiling for the kernels."""
     x = mx.random.normal((64 * 1024 * 1024,)).astype(mx.bfloat16)  # 128 MB
     mx.eval(x)
-    t = timeit(lambda: x * 1, max(5, iters // 5))
+    t = timeit(lambda: x * 1, max(5, iters // 5), batch=1)
     return 2 * x.nbytes / t / 1e9
 
 
