@@ -89,13 +89,6 @@ def make_mask(h: mx.array, cache: Any, window: Optional[int]):
     return create_attention_mask(h, cache, window_size=window)
 
 
-def _plain_cache(cache: Any) -> bool:
-    # Batch caches carry per-row padding in their masks; quantized caches hold tuples.
-    from mlx_lm.models.cache import KVCache, RotatingKVCache
-
-    return cache is None or type(cache) in (KVCache, RotatingKVCache)
-
-
 def attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: Any, window: int) -> mx.array:
     """Attention of head-major queries over keys in time order (queries are the last positions).
 
@@ -103,17 +96,15 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: 
     full rotating window for one query), the compiled decode step's slot cache (a fixed
     buffer of which ``cache.valid`` slots are filled), or a batch/quantized cache (generic path).
     """
-    def mlx_ops(queries, keys, values, scale, _window):
-        return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask)
-
     k = _gpu_kernels()
-    if k is not None:
-        valid = getattr(cache, "valid", None)
-        if valid is not None:  # (its reference is the MLX op on the buffer: no other fallback)
-            return k.attention_prefix(queries, keys, values, valid.reshape(1), scale=1.0)
-        if _plain_cache(cache) and queries.shape[2] <= 16:
-            return k.attention(queries, keys, values, scale=1.0, window=window, fallback=mlx_ops)
-    return mlx_ops(queries, keys, values, 1.0, window)
+    valid = getattr(cache, "valid", None)
+    if k is not None and valid is not None:
+        # The compiled decode step: the kernel reads the filled prefix of the fixed buffer (its
+        # fallback, the reference, is MLX's SDPA with the prefix mask).
+        return k.attention_prefix(queries, keys, values, valid.reshape(1), scale=1.0)
+    # Eager chunks (2-16 new tokens) stay on MLX's SDPA: on the H200 the kernel was slower there
+    # for the global layers (16 queries, D 512: 0.26x at 4k keys, 0.10x at 32k; bench/kernels.py).
+    return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=1.0, mask=mask)
 
 
 def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_weight: mx.array, *,

@@ -255,6 +255,37 @@ def test_residual_norm_kernel_runs_in_decode_steps_not_over_prefill_chunks(monke
     dispatch.reset()
 
 
+@pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
+def test_attention_kernel_only_in_the_compiled_step(monkeypatch):
+    """Short eager chunks take MLX's SDPA (the kernel measured slower there); the compiled step
+    takes attention_prefix over the cache buffer."""
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx.kernels import dispatch
+
+    model = _kernel_shaped_model()
+    calls = {"attention": 0, "attention_prefix": 0}
+
+    def spy(name, ref):
+        def run(*args):
+            calls[name] += 1
+            return ref(*args)
+        return run
+
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "auto")
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    dispatch.reset()
+    with dispatch.force_backend("cuda"), \
+            dispatch.override_kernel("attention", spy("attention", K.attention_reference)), \
+            dispatch.override_kernel("attention_prefix", spy("attention_prefix", K.attention_prefix_reference)):
+        cache = model.make_cache()
+        mx.eval(model(mx.array([[1, 2, 3, 4, 5, 6]]), cache=cache))  # a 6-token chunk
+        mx.eval(model(mx.array([[7, 8, 9]]), cache=cache))
+        assert calls == {"attention": 0, "attention_prefix": 0}
+        mx.eval(model(mx.array([[7]]), cache=cache))
+        assert calls["attention"] == 0 and calls["attention_prefix"] > 0
+    dispatch.reset()
+
+
 def test_compiled_step_writes_the_new_key_value_in_place(monkeypatch):
     """The step's slice update of each cache buffer reuses the buffer (MLX donates it: the caches
     hold the only reference once the step is built), so a token costs no copy of the cache."""
