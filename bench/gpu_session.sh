@@ -8,6 +8,8 @@
 #   call 6: bash bench/gpu_session.sh ablate31
 #   call 7: bash bench/gpu_session.sh presets
 #   call 8: bash bench/gpu_session.sh presets-bf16
+# Timings seen on the H200 (session 2): parity ~7.5 min with 4 processes, kernels ~5.5 min,
+# e2b ~3.6 min, presets ~5 min; a visit has 30 device minutes, so pick the parts that matter.
 # Results go to $OUT (they come back with the call; only a few files per call do, so each part
 # ends by packing its results into one $OUT/<part>.tgz). Timings from one call compare only with
 # each other: quote ratios from the same run.
