@@ -185,7 +185,7 @@ def test_attention_mask_rule():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_ple_references_vs_numpy(dtype):
-    B, L, NL, P, V, HD = 2, 3, 4, 64, 20, 96
+    B, L, NL, P, V = 2, 3, 4, 64, 20
     ids = mx.array([[1, 5, 19], [0, 0, 7]], dtype=mx.int32)
     table = rnd((V, NL * P), dtype, 0.1)
     proj = rnd((B, L, NL * P), dtype, 2.0)
@@ -202,17 +202,9 @@ def test_ple_references_vs_numpy(dtype):
     assert g.dtype == dtype
     assert_close(g, gelu_np(f64(gate)) * f64(pli), dtype, "ple_gate ref")
 
-    res, pj = rnd((B, L, HD), dtype, 2.0), rnd((B, L, HD), dtype, 5.0)
-    w2 = (1 + rnd((HD,), mx.float32, 0.3)).astype(dtype)
-    ls = mx.array([0.7], dtype=dtype)
-    t = K.ple_tail_reference(res, pj, w2, ls, 1e-6)
-    assert t.dtype == dtype
-    assert_close(t, (f64(res) + np_rms(f64(pj), f64(w2), 1e-6)) * float(np.array(ls.astype(mx.float32))[0]),
-                 dtype, "ple_tail ref")
-
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("scaled,nxt", [(False, False), (True, True), (False, True)])
+@pytest.mark.parametrize("scaled,nxt", [(False, False), (True, False), (True, True), (False, True)])
 def test_residual_norm_reference_vs_numpy(dtype, scaled, nxt):
     res, br = rnd((2, 3, 200), dtype, 2.0, seed=5), rnd((2, 3, 200), dtype, 5.0, seed=6)
     w = (1 + rnd((200,), mx.float32, 0.3, seed=7)).astype(dtype)
@@ -427,9 +419,9 @@ def test_quantized_linear_class_swap_keeps_parameters_and_outputs():
 
 @gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("shape", [(1, 1, 35, 256, 1536), (2, 7, 42, 256, 2560), (1, 33, 4, 64, 5376)])
+@pytest.mark.parametrize("shape", [(1, 1, 35, 256), (2, 7, 42, 256), (1, 33, 4, 64)])
 def test_ple_kernels(shape, dtype):
-    B, L, NL, P, HD = shape
+    B, L, NL, P = shape
     V = 100
     ids = mx.random.randint(0, V, (B, L)).astype(mx.int32)
     table = rnd((V, NL * P), dtype, 0.1)
@@ -441,12 +433,6 @@ def test_ple_kernels(shape, dtype):
     gate = rnd((B, L, P), dtype, 2.0)
     pli = combined[:, :, NL // 2, :]
     assert_close(K.ple_gate_kernel(gate, pli), K.ple_gate_reference(gate, pli), dtype, "ple_gate")
-    res, pj = rnd((B, L, HD), dtype, 2.0), rnd((B, L, HD), dtype, 5.0)
-    w2 = (1 + rnd((HD,), mx.float32, 0.3)).astype(dtype)
-    ls = mx.array([0.7], dtype=dtype)
-    dispatch.set_kernels_mode("strict")
-    assert_close(K.ple_tail(res, pj, w2, ls, 1e-6), K.ple_tail_reference(res, pj, w2, ls, 1e-6), dtype, "tail")
-    assert any(k[0] == "residual_norm" for k in dispatch.verdicts()), "ple_tail did not take the kernel"
 
 
 @gpu_only

@@ -5,7 +5,7 @@ self-check per shape class, else the pure-MLX reference):
 
 * :func:`q_norm_rope`, :func:`kv_norm_rope`
 * :func:`attention`
-* :func:`ple_combine`, :func:`ple_gate`, :func:`ple_tail`
+* :func:`ple_combine`, :func:`ple_gate`
 * :func:`residual_norm` (norm + residual add + layer scalar + the next norm)
 
 Switches: :func:`set_kernels_mode`, :func:`kernels_mode` (context manager),
@@ -37,8 +37,6 @@ from .ple import (
     ple_gate,
     ple_gate_kernel,
     ple_gate_reference,
-    ple_tail,
-    ple_tail_reference,
 )
 from .residual import residual_norm, residual_norm_kernel, residual_norm_reference
 from .mv import matvec, matvec_kernel, matvec_reference
@@ -57,9 +55,9 @@ from .rope import (
 __all__ = [
     "KernelCheckError", "active_backend", "get_mode", "kernels_enabled", "kernels_mode", "set_kernels_mode",
     "matvec", "matvec_kernel", "matvec_reference", "quantized_matvec", "quantized_matvec_kernel", "quantized_matvec_reference",
-    "q_norm_rope", "kv_norm_rope", "attention", "attention_prefix", "attention_prefix_reference", "ple_combine", "ple_gate", "ple_tail",
+    "q_norm_rope", "kv_norm_rope", "attention", "attention_prefix", "attention_prefix_reference", "ple_combine", "ple_gate",
     "q_norm_rope_reference", "kv_norm_rope_reference", "attention_reference", "ple_combine_reference",
-    "ple_gate_reference", "ple_tail_reference", "rms_norm_reference", "rope_reference", "gelu_tanh_reference",
+    "ple_gate_reference", "rms_norm_reference", "rope_reference", "gelu_tanh_reference",
     "q_norm_rope_kernel", "kv_norm_rope_kernel", "attention_kernel", "ple_combine_kernel", "ple_gate_kernel",
     "attention_mask", "residual_norm", "residual_norm_kernel", "residual_norm_reference",
 ]

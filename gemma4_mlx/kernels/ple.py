@@ -4,8 +4,8 @@
   table[input_ids] * table_scale) * 2**-0.5`` -> (B, L, NL, P). The caller
   passes ``projection`` already scaled: ``(h @ W^T) * hidden_size**-0.5``.
 * :func:`ple_gate` (per layer): ``gelu_tanh(gate) * per_layer_input``.
-* :func:`ple_tail` (per layer): ``(residual + RMSNorm_w(projected)) * layer_scalar``, which is
-  :func:`~gemma4_mlx.kernels.residual.residual_norm` with a scalar.
+The per-layer tail, ``(residual + RMSNorm_w(projected)) * layer_scalar``, is
+:func:`~gemma4_mlx.kernels.residual.residual_norm` with a scalar.
 
 Numerics: norms in float32 rounded to the input dtype (HF module boundary);
 the combine sums in float32 and rounds once; gate rounds gelu to the gate
@@ -20,7 +20,6 @@ import mlx.core as mx
 
 from . import dispatch
 from .dispatch import TG, ceil_to
-from .residual import residual_norm, residual_norm_reference
 from .rope import rms_norm_reference
 
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
@@ -47,10 +46,6 @@ def gelu_tanh_reference(x: mx.array) -> mx.array:
 
 def ple_gate_reference(gate, per_layer_input):
     return (gelu_tanh_reference(gate) * per_layer_input.astype(gate.dtype)).astype(gate.dtype)
-
-
-def ple_tail_reference(residual, projected, norm_weight, layer_scalar, eps):
-    return residual_norm_reference(residual, projected, norm_weight, layer_scalar, eps)
 
 
 # ---------------------------------------------------------------- kernels
@@ -134,9 +129,3 @@ def _probe_gate(key):
     gate = dispatch.probe_normal((2, 3, 96), 31, dt, 2.0)
     pli = dispatch.probe_normal((2, 3, 4, 96), 32, pdt)[:, :, 1, :]
     return (gate, pli)
-
-
-def ple_tail(residual: mx.array, projected: mx.array, norm_weight: mx.array, layer_scalar: mx.array,
-             eps: float, *, fallback=None) -> mx.array:
-    """(residual + RMSNorm_w(projected)) * layer_scalar; layer_scalar shape (1,)."""
-    return residual_norm(residual, projected, norm_weight, layer_scalar, eps, fallback=fallback)
