@@ -43,7 +43,7 @@ case "${1:-}" in
     for i in 0 1 2 3 4 5 6 7; do tail -1 "$OUT/parity.$i.txt"; done | tee "$OUT/parity.txt"
     grep -h -E "^(FAILED|ERROR)" "$OUT"/parity.?.txt | head -20 ;;
   kernels)  # micro-benchmarks vs the stock op sequences, then the decode-step ablations
-    timeout 200 python3 bench/kernels.py --iters 30 > "$OUT/kernels.txt" 2>&1; tail -n +1 "$OUT/kernels.txt" | head -120
+    timeout 200 python3 bench/kernels.py --iters 30 > "$OUT/kernels.txt" 2>&1; head -120 "$OUT/kernels.txt"
     STEPS=40 timeout 170 python3 bench/ablate.py e2b 0 2>&1 | tail -16 | tee "$OUT/ablate-e2b-bf16.txt"
     STEPS=40 timeout 170 python3 bench/ablate.py e2b 4 2>&1 | tail -16 | tee "$OUT/ablate-e2b-q4.txt" ;;
   e2b)      # the headline comparison at three prompt lengths, bf16 and 4-bit; transformers

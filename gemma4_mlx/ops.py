@@ -2,8 +2,9 @@
 
 The MLX path (``mx.fast`` norms, RoPE with precomputed frequencies, SDPA) runs on the CPU and
 with ``GEMMA4_MLX_KERNELS=off``; it is also the stock op sequence the kernels are benchmarked
-against. On a GPU the kernels module decides per shape class (a kernel that fails its
-self-check is replaced by its plain reference, with one warning).
+against. On a GPU the kernels module decides per shape class; a kernel that is switched off or
+fails its self-check (one warning) hands the call back to the MLX op sequence given here as its
+``fallback``.
 """
 
 from __future__ import annotations
@@ -133,6 +134,9 @@ def ple_gate(gate: mx.array, per_layer_input: mx.array) -> mx.array:
     return geglu(gate, per_layer_input)
 
 
+RESIDUAL_NORM_MAX_ROWS = 16
+
+
 def residual_norm(residual: mx.array, branch: mx.array, norm_weight: mx.array, scalar: Optional[mx.array],
                   eps: float, next_weight: Optional[mx.array] = None):
     """A sublayer's close, ``(residual + RMSNorm_w(branch)) * scalar`` (no scale for None), and
@@ -144,9 +148,6 @@ def residual_norm(residual: mx.array, branch: mx.array, norm_weight: mx.array, s
     if k is not None and residual.size // residual.shape[-1] <= RESIDUAL_NORM_MAX_ROWS:
         return k.residual_norm(residual, branch, norm_weight, scalar, eps, next_weight, fallback=_residual_norm)
     return _residual_norm(residual, branch, norm_weight, scalar, eps, next_weight)
-
-
-RESIDUAL_NORM_MAX_ROWS = 16
 
 
 def _residual_norm(residual, branch, norm_weight, scalar, eps, next_weight=None):
