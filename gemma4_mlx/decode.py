@@ -1,28 +1,49 @@
-"""A compiled one-token decode step over mlx-lm's own KV caches.
+"""The compiled one-token decode step, and the derived state it is built from.
 
-Stock mlx-lm rebuilds the whole graph in Python for every generated token (several ms for
-E2B) and runs each small op as its own kernel. Here the decode step is traced once with
-``mx.compile`` and replayed: MLX fuses the elementwise chains and the Python cost disappears.
+Stock mlx-lm rebuilds the whole graph in Python for every generated token and runs each small op
+as its own kernel. Here the decode step is traced once with ``mx.compile`` and replayed: MLX fuses
+the elementwise chains, the custom GPU kernels replace op sequences, and q/k/v and gate/up
+projections run as one matmul each ("joined" projections).
+
+Everything that is *derived* from the model for this (the joined weights, the traced step, which
+kernels passed their self-check) lives in one :class:`CompiledDecoder`, built from a snapshot of
+the module tree and checked against the current tree at every call (:class:`TreeSnapshot`, ~50 us
+for E2B). Whatever changes a module or a weight anywhere in the tree (mlx-lm's LoRA layers,
+``load_adapters``, ``nn.quantize``, ``update``, ``load_weights``, ``set_dtype``, a layer replaced by
+hand) or a switch (``GEMMA4_MLX_KERNELS``, ``_DISABLE``, ``_FUSE``) makes the next call build a new
+decoder; the old one, its trace and its joined copies are released.
 
 To keep shapes fixed from one token to the next, the step works on the caches' full buffers
-(``KVCache``/``RotatingKVCache`` preallocate in steps of 256) instead of the ``[:offset]``
-views: the new key/value is written at a slot given as an array, and a mask hides the slots
-not yet filled. Between calls the caches are left exactly as mlx-lm's own ``update_and_fetch``
-would leave them, so prompt-cache saving, trimming and batching keep working; the step is
-re-traced only when a buffer grows.
+(``KVCache``/``RotatingKVCache`` preallocate) instead of the ``[:offset]`` views: the new key/value
+is written at a slot given as an array, and a mask hides the slots not yet filled. Between calls the
+caches are left exactly as mlx-lm's own ``update_and_fetch`` would leave them (only their buffers
+may be larger), so prompt-cache saving, trimming and batching keep working. A buffer that must grow
+grows by a quarter of its size at least (a new shape means a new trace); :func:`reserve` sizes the
+buffers for a whole generation up front, so a generation of known length is traced once.
+
+Custom kernels run only inside the traced step. Their self-checks evaluate arrays, which tracing
+forbids, so before the first trace a dry run of the step collects the kernels it would use
+(without launching them) and checks them outside the trace: the first step is compiled like every
+other one, and the same request gives the same tokens whatever ran before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import operator
 import os
-from typing import Any, List, Optional
+import weakref
+from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from . import ops
-
 _CACHE_TYPES = (KVCache, RotatingKVCache)
+
+# Decode steps multiply few rows: one matmul over the joined weights beats several there (fewer
+# launches, one longer weight stream). More rows than this use the member projections.
+JOINED_MAX_ROWS = 8
 
 
 def compile_enabled() -> bool:
@@ -35,6 +56,179 @@ def compile_enabled() -> bool:
         return mx.default_device() == mx.gpu
     return raw not in ("0", "off", "false", "no")
 
+
+def joining_enabled() -> bool:
+    """``GEMMA4_MLX_FUSE=0`` keeps q/k/v and gate/up apart in the decode step (ablations)."""
+    return os.environ.get("GEMMA4_MLX_FUSE", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def _switches() -> tuple:
+    """The settings a traced step depends on besides the module tree."""
+    from .kernels import dispatch
+
+    try:
+        mode = dispatch.get_mode()
+    except ValueError:
+        mode = "invalid"
+    return (mode, tuple(sorted(dispatch.disabled_kernels())), joining_enabled(), mx.default_device())
+
+
+# ------------------------------------------------------------------ the decode-step context
+
+class _Context:
+    def __init__(self, joined: Dict[int, "JoinedProjection"], collect: Optional[list], tracing: bool):
+        self.joined = joined
+        self.collect = collect  # a dry run: record the kernels met, launch none
+        self.tracing = tracing  # inside mx.compile's trace: nothing may be evaluated
+
+
+_active: List[_Context] = []
+
+
+@contextlib.contextmanager
+def _context(joined, collect=None, tracing=False):
+    _active.append(_Context(joined, collect, tracing))
+    try:
+        yield
+    finally:
+        _active.pop()
+
+
+def kernel_scope():
+    """Run ops as inside the decode step (custom kernels allowed, checked at first use), outside
+    any trace: for tests and micro-benchmarks of single ops."""
+    return _context({})
+
+
+def active() -> Optional[_Context]:
+    """The decode step being traced (or dry-run), or None outside it."""
+    return _active[-1] if _active else None
+
+
+def joined(module: nn.Module, rows: int) -> Optional["JoinedProjection"]:
+    """``module``'s joined projection inside the decode step (None elsewhere or for many rows)."""
+    ctx = active()
+    if ctx is None or rows > JOINED_MAX_ROWS:
+        return None
+    return ctx.joined.get(id(module))
+
+
+# ------------------------------------------------------------------ derived state
+
+class TreeSnapshot:
+    """The identity of every module, list, dict and array in a module tree, and the size of every
+    container, at one moment. :meth:`current` says whether the tree still holds exactly those."""
+
+    def __init__(self, root: nn.Module):
+        containers, keys, values = [], [], []
+        sizes = []
+
+        def walk(node):
+            sizes.append((node, len(node)))
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for k, v in items:
+                if isinstance(v, (mx.array, dict, list)):
+                    containers.append(node)
+                    keys.append(k)
+                    values.append(v)
+                    if not isinstance(v, mx.array):
+                        walk(v)
+
+        walk(root)
+        self._containers, self._keys, self._values = containers, keys, values
+        self._sized = [n for n, _ in sizes]
+        self._sizes = [s for _, s in sizes]
+
+    def current(self) -> bool:
+        try:
+            same = all(map(operator.is_, map(operator.getitem, self._containers, self._keys), self._values))
+        except (KeyError, IndexError):
+            return False
+        return same and list(map(len, self._sized)) == self._sizes
+
+
+def _projection_keys(module: nn.Module) -> List[str]:
+    return [k for k in ("weight", "scales", "biases") if k in module]
+
+
+class JoinedProjection:
+    """Projections of one input (q/k/v, gate/up) as one matrix.
+
+    The members' weights become row slices (views) of the joined matrix, so it costs no second
+    copy of the weights, and parameter names, saved files and weight sharing stay as they were.
+    It belongs to one :class:`CompiledDecoder`: :meth:`holds` says whether ``owner`` still has
+    these very members holding these very views.
+    """
+
+    def __init__(self, owner: nn.Module, names: List[str]):
+        members = [owner[n] for n in names]
+        first = members[0]
+        keys = _projection_keys(first)
+        joint = type(first).__new__(type(first))
+        nn.Module.__init__(joint)
+        if isinstance(first, nn.QuantizedLinear):
+            joint.group_size, joint.bits, joint.mode = first.group_size, first.bits, first.mode
+        for k in keys:
+            joint[k] = mx.concatenate([m[k] for m in members], axis=0)
+        mx.eval(joint.parameters())  # one module at a time: the transient copy stays small
+        sizes = [m["weight"].shape[0] for m in members]
+        self.splits = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+        start = 0
+        for m, n in zip(members, sizes):
+            for k in keys:
+                m[k] = joint[k][start : start + n]
+            start += n
+        self.joint = joint
+        self.owner = owner
+        self._slots = [(owner, name, m, [m[k] for k in keys], keys) for name, m in zip(names, members)]
+
+    @staticmethod
+    def compatible(members: List[nn.Module]) -> bool:
+        if len(members) < 2:
+            return False
+        first = members[0]
+        # exact types: a LoRA layer, a DoRA layer or any other subclass computes something else
+        if type(first) not in (nn.Linear, nn.QuantizedLinear):
+            return False
+        if any(type(m) is not type(first) or "bias" in m for m in members):
+            return False
+        if type(first) is nn.QuantizedLinear:
+            if any((m.group_size, m.bits, m.mode) != (first.group_size, first.bits, first.mode) for m in members):
+                return False
+            if any(_projection_keys(m) != _projection_keys(first) for m in members):
+                return False
+        return len({(m["weight"].dtype, m["weight"].shape[1]) for m in members}) == 1
+
+    def holds(self) -> bool:
+        return all(
+            owner.get(name) is m and all(m.get(k) is v for k, v in zip(keys, views))
+            for owner, name, m, views, keys in self._slots
+        )
+
+    def __call__(self, x: mx.array) -> List[mx.array]:
+        from . import ops
+
+        return mx.split(ops.linear(self.joint, x), self.splits, axis=-1)
+
+
+def join_projections(model, previous: Dict[int, JoinedProjection]) -> Dict[int, JoinedProjection]:
+    """Joined q/k/v and gate/up projections of every layer, reusing those of ``previous`` that
+    still hold (so rebuilding after an unrelated change copies nothing)."""
+    out: Dict[int, JoinedProjection] = {}
+    if not joining_enabled():
+        return out
+    for layer in model.layers:
+        for module, names in ((layer.self_attn, ["q_proj", "k_proj", "v_proj"]), (layer.mlp, ["gate_proj", "up_proj"])):
+            names = [n for n in names if n in module]
+            old = previous.get(id(module))
+            if old is not None and old.owner is module and old.holds():
+                out[id(module)] = old
+            elif JoinedProjection.compatible([module[n] for n in names]):
+                out[id(module)] = JoinedProjection(module, names)
+    return out
+
+
+# ------------------------------------------------------------------ caches inside the step
 
 class _SlotCache:
     """Stands in for a cache inside the traced step: write at ``slot``, mask unfilled slots."""
@@ -58,16 +252,24 @@ def _grow(buf: mx.array, keep: int, extra: int) -> mx.array:
     return mx.concatenate([buf[..., :keep, :], mx.zeros((B, H, extra, D), buf.dtype)], axis=2)
 
 
+class _NeedsEager(Exception):
+    pass
+
+
 def _reserve_slot(cache) -> tuple[int, int]:
-    """Grow/trim/rotate ``cache`` exactly as its own ``update_and_fetch`` does for one token,
-    short of writing it; return (slot to write, number of valid slots after the write)."""
+    """Grow/trim/rotate ``cache`` as its own ``update_and_fetch`` does for one token, short of
+    writing it; return (slot to write, number of valid slots after the write). A full KVCache
+    grows by a quarter of its size at least (each new size is a new trace)."""
     if cache.keys is None:
         raise _NeedsEager
     prev = cache.offset
     if type(cache) is KVCache:
-        if prev + 1 > cache.keys.shape[2]:
-            cache.keys = _grow(cache.keys, prev, cache.step)
-            cache.values = _grow(cache.values, prev, cache.step)
+        size = cache.keys.shape[2]
+        if prev + 1 > size:
+            step = cache.step
+            extra = max(step, -(-(size // 4) // step) * step)
+            cache.keys = _grow(cache.keys, prev, extra + size - prev)
+            cache.values = _grow(cache.values, prev, extra + size - prev)
         return prev, prev + 1
     # RotatingKVCache
     if cache.keep != 0:
@@ -88,29 +290,76 @@ def _reserve_slot(cache) -> tuple[int, int]:
     return cache._idx, min(prev + 1, cache.keys.shape[2])
 
 
-class _NeedsEager(Exception):
-    pass
+CAPACITY_STEP = 1024
 
 
-class CompiledDecoder:
-    """Runs ``model`` for one token per row through a compiled step when the caches allow it."""
+def reserve(cache: List[Any], total_tokens: int) -> None:
+    """Size the caches' buffers for ``total_tokens`` (prompt + new tokens) in one allocation: the
+    first prefill chunk allocates the whole full-attention buffer (rounded up to
+    ``CAPACITY_STEP``, so requests of similar length share a traced step) and a sliding-window
+    buffer grows straight to its window. The decode step then keeps one shape for the whole
+    generation (one trace, no stall), and the prefill copies no buffer to grow it."""
+    capacity = max(CAPACITY_STEP, -(-int(total_tokens) // CAPACITY_STEP) * CAPACITY_STEP)
+    for c in cache or []:
+        if type(c) is KVCache:
+            held = 0 if c.keys is None else c.keys.shape[2]
+            if held < capacity:
+                c.step = capacity - held if c.keys is not None and c.offset == held else capacity
+        elif type(c) is RotatingKVCache:
+            c.step = max(c.step, c.max_size)
 
-    def __init__(self, model):
-        self.model = model
-        self._step = mx.compile(self._forward)
-        self._traced = set()
 
-    def _forward(self, inputs, offset, slots, valid, buffers):
+# ------------------------------------------------------------------ the compiled step
+
+def _step_function(model_ref, counts: dict):
+    def forward(inputs, offset, slots, valid, buffers):
+        ctx = active()
+        if ctx is not None and ctx.tracing:
+            counts["traces"] += 1
         caches = [
             _SlotCache(buffers[2 * i], buffers[2 * i + 1], slots[i : i + 1], valid[i], offset)
             for i in range(len(buffers) // 2)
         ]
-        with ops.kernels_allowed(True):
-            logits = self.model._eager(inputs, cache=caches)
+        logits = model_ref()._eager(inputs, cache=caches)
         out = []
         for c in caches:
             out += [c.keys, c.values]
         return logits, out
+
+    return forward
+
+
+class CompiledDecoder:
+    """Runs ``model`` for one token per row through a compiled step when the caches allow it.
+
+    Built from the model as it is now (see the module docstring); :meth:`current` says whether
+    the model and the switches are still what it was built from.
+    """
+
+    def __init__(self, model, previous: Optional["CompiledDecoder"] = None):
+        self.switches = _switches()
+        self.joined = join_projections(model, previous.joined if previous is not None else {})
+        self.snapshot = TreeSnapshot(model)  # after joining: the members now hold views
+        # The traced function reaches the model through a weak reference: the model holds its
+        # decoder, and a strong one would keep both alive until a garbage collection.
+        self.counts = {"traces": 0}  # how often the step was traced (tests, benchmarks)
+        self._forward = _step_function(weakref.ref(model), self.counts)
+        self._step = mx.compile(self._forward)
+        self._checked = False
+
+    def current(self) -> bool:
+        return self.switches == _switches() and self.snapshot.current()
+
+    def _check_kernels(self, args) -> None:
+        """Dry-run the step (a graph that is never evaluated) to collect the kernels it uses,
+        then self-check each of them outside any trace."""
+        from .kernels import dispatch
+
+        needed: list = []
+        with _context(self.joined, collect=needed):
+            self._forward(*args)
+        dispatch.check_all(needed)
+        self._checked = True
 
     def __call__(self, inputs: mx.array, cache: List[Any]) -> Optional[mx.array]:
         """Logits, or None when this call must take the eager path."""
@@ -129,20 +378,38 @@ class CompiledDecoder:
         buffers = []
         for c in cache:
             buffers += [c.keys, c.values]
-        # A new shape means a new trace. Run that step uncompiled first: kernels check themselves
-        # on first use (which evaluates arrays, not allowed while tracing).
-        signature = (inputs.shape, inputs.dtype, tuple((b.shape, b.dtype) for b in buffers))
-        if signature in self._traced:
-            step = self._step
-        else:
-            self.model.fuse_projections()  # the model may have been quantized since
-            ops.install_matvec_kernels(self.model)
-            step = self._forward
-            self._traced.add(signature)
-        logits, new = step(inputs, mx.array(offset, dtype=mx.int32), slots, valid, buffers)
+        args = (inputs, mx.array(offset, dtype=mx.int32), slots, valid, buffers)
+        if not self._checked:
+            self._check_kernels(args)
+        with _context(self.joined, tracing=True):
+            logits, new = self._step(*args)
         for i, c in enumerate(cache):
             c.keys, c.values = new[2 * i], new[2 * i + 1]
             c.offset += 1
             if type(c) is RotatingKVCache:
                 c._idx = reserved[i][0] + 1
         return logits
+
+
+def decoder_for(model) -> CompiledDecoder:
+    """The model's decoder, rebuilt when the model or a switch changed since it was built."""
+    dec = model.__dict__.get("_decoder")
+    if dec is None or not dec.current():
+        # Drop the old trace first: it holds the old weights as constants.
+        model.__dict__["_decoder"] = None
+        dec = CompiledDecoder(model, previous=dec)
+        model.__dict__["_decoder"] = dec
+    return dec
+
+
+def release(model) -> None:
+    """Forget the model's decoder now (its trace and joined copies are otherwise released when the
+    next decode call finds the model changed)."""
+    model.__dict__["_decoder"] = None
+
+
+def prepare(model) -> None:
+    """At load: build the decode state where the compiled step will run (joining the projections
+    now rather than before the first token)."""
+    if compile_enabled():
+        decoder_for(model)

@@ -178,7 +178,9 @@ def load_model(path: Union[str, Path], lazy: bool = False, revision: Optional[st
             mx.eval(model.parameters())
         except Exception as e:
             raise LoadError(f"{model_path}: weights could not be read ({e})") from e
-        model.fuse_projections()
+        from .decode import prepare
+
+        prepare(model)
     model.model_path = model_path
     return model
 

@@ -11,7 +11,6 @@ pure-MLX path (``GEMMA4_MLX_KERNELS``).
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
@@ -19,84 +18,8 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from . import ops
+from . import decode, ops
 from .config import FULL, LayerPlan, ModelArgs
-from .decode import CompiledDecoder, compile_enabled
-
-
-# Decode steps multiply few rows: there one matmul over the members' joined weights beats
-# several (fewer launches, one longer weight stream). Prefill keeps the separate products.
-FUSED_MAX_ROWS = 8
-
-
-class FusedProjection:
-    """Projections of one input (q/k/v, gate/up) as one matrix.
-
-    The members' weights are replaced by row slices of the joined matrix (views: no second
-    copy of the weights), so parameter names, saved files and weight sharing are unchanged.
-    Not a module (it stays out of the parameter tree); it serves only while every member still
-    holds its slice: replacing a member's weights makes the model fall back to the members.
-    """
-
-    def __init__(self, members: List[nn.Module]):
-        first = members[0]
-        keys = [k for k in ("weight", "scales", "biases") if k in first]
-        joined = {k: mx.concatenate([m[k] for m in members], axis=0) for k in keys}
-        mx.eval(joined)
-        joint = type(first).__new__(type(first))
-        nn.Module.__init__(joint)
-        if isinstance(first, nn.QuantizedLinear):
-            joint.group_size, joint.bits, joint.mode = first.group_size, first.bits, first.mode
-        for k, v in joined.items():
-            joint[k] = v
-        sizes = [m["weight"].shape[0] for m in members]
-        self.splits = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
-        starts = [0] + self.splits
-        for m, a, n in zip(members, starts, sizes):
-            for k in keys:
-                m[k] = joined[k][a : a + n]
-        self.joint = joint
-        self.members = members
-        self._keys = keys
-        self._views = [[m[k] for k in keys] for m in members]
-
-    @staticmethod
-    def compatible(members: List[nn.Module]) -> bool:
-        first = members[0]
-        if len(members) < 2 or any(type(m) is not type(first) or "bias" in m for m in members):
-            return False
-        if not isinstance(first, nn.Linear) and not isinstance(first, nn.QuantizedLinear):
-            return False
-        if isinstance(first, nn.QuantizedLinear):
-            if any((m.group_size, m.bits, m.mode) != (first.group_size, first.bits, first.mode) for m in members):
-                return False
-            if any(("biases" in m) != ("biases" in first) for m in members):
-                return False
-        return len({(m["weight"].dtype, m["weight"].shape[1]) for m in members}) == 1
-
-    def valid(self) -> bool:
-        return all(m.get(k) is v for m, views in zip(self.members, self._views) for k, v in zip(self._keys, views))
-
-    def __call__(self, x: mx.array) -> List[mx.array]:
-        return mx.split(self.joint(x), self.splits, axis=-1)
-
-
-def _fused(module: nn.Module, x: mx.array) -> Optional[FusedProjection]:
-    f = module.__dict__.get("_fused")
-    if f is None or x.size // x.shape[-1] > FUSED_MAX_ROWS or not f.valid():
-        return None
-    return f
-
-
-def fuse(module: nn.Module, names: List[str]) -> None:
-    """Join ``module``'s projections ``names`` (present ones) into a FusedProjection."""
-    f = module.__dict__.get("_fused")
-    if f is not None and f.valid():
-        return
-    module.__dict__["_fused"] = None
-    members = [module[n] for n in names if n in module]
-    if FusedProjection.compatible(members):
-        module.__dict__["_fused"] = FusedProjection(members)
 
 
 class MLP(nn.Module):
@@ -107,9 +30,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(width, hidden, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        f = _fused(self, x)
-        gate, up = f(x) if f is not None else (self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(ops.geglu(gate, up))
+        joined = decode.joined(self, x.size // x.shape[-1])
+        if joined is not None:
+            gate, up = joined(x)
+        else:
+            gate, up = ops.linear(self.gate_proj, x), ops.linear(self.up_proj, x)
+        return ops.linear(self.down_proj, ops.geglu(gate, up))
 
 
 class _GeGLU(nn.Module):
@@ -176,16 +102,16 @@ class Attention(nn.Module):
         """``shared`` is (keys, values, offset, cache) of the producer layer for shared-KV layers."""
         B, L, _ = x.shape
         p = self.plan
-        f = _fused(self, x)
-        if f is not None:
-            q, k, *v = f(x)
+        joined = decode.joined(self, B * L)
+        if joined is not None:
+            q, k, *v = joined(x)
         else:
-            q = self.q_proj(x)
+            q = ops.linear(self.q_proj, x)
         q = q.reshape(B, L, p.num_heads, p.head_dim)
         if shared is None:
             offset = cache.offset if cache is not None else 0
-            if f is None:
-                k, v = self.k_proj(x), ([] if p.k_eq_v else [self.v_proj(x)])
+            if joined is None:
+                k, v = ops.linear(self.k_proj, x), ([] if p.k_eq_v else [ops.linear(self.v_proj, x)])
             k = k.reshape(B, L, p.num_kv_heads, p.head_dim)
             v = k if p.k_eq_v else v[0].reshape(B, L, p.num_kv_heads, p.head_dim)
             keys, values = ops.kv_norm_rope(k, v, self.k_norm.weight, self._inv_freq, self._freqs, offset, self.eps)
@@ -197,7 +123,7 @@ class Attention(nn.Module):
         queries = ops.q_norm_rope(q, self.q_norm.weight, self._inv_freq, self._freqs, offset, self.eps)
         out = ops.attention(queries, keys, values, mask=mask, cache=kv_cache, window=self.window)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return self.o_proj(out), (keys, values, offset, kv_cache)
+        return ops.linear(self.o_proj, out), (keys, values, offset, kv_cache)
 
 
 class DecoderLayer(nn.Module):
@@ -251,8 +177,8 @@ class DecoderLayer(nn.Module):
 
         if self.plan.has_ple:
             h = ops.residual_norm(h, ff, self.post_feedforward_layernorm.weight, None, eps)
-            gated = ops.ple_gate(self.per_layer_input_gate(h), per_layer_input)
-            projected = self.per_layer_projection(gated)
+            gated = ops.ple_gate(ops.linear(self.per_layer_input_gate, h), per_layer_input)
+            projected = ops.linear(self.per_layer_projection, gated)
             if trace is not None:
                 trace["ple"] = projected
             branch, branch_norm = projected, self.post_per_layer_input_norm.weight
@@ -280,7 +206,7 @@ class Gemma4TextModel(nn.Module):
     def per_layer_inputs(self, inputs: mx.array, h: mx.array) -> mx.array:
         """PLE: token-identity rows plus the normalised projection of the scaled embedding."""
         a = self.args
-        projection = self.per_layer_model_projection(h)
+        projection = ops.linear(self.per_layer_model_projection, h)
         return ops.ple_combine(
             inputs,
             self.embed_tokens_per_layer,
@@ -347,62 +273,35 @@ class Model(nn.Module):
         self.model = Gemma4TextModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        # A plain attribute set through object.__setattr__ stays out of the parameter tree.
-        object.__setattr__(self, "_decoder", None)
 
     def __call__(self, inputs: mx.array, cache=None, trace: Optional[list] = None,
                  input_embeddings: Optional[mx.array] = None) -> mx.array:
         if input_embeddings is not None:
             # The per-layer embeddings (E2B, E4B) are looked up by token id.
             raise ValueError("gemma4-mlx runs text from token ids; input_embeddings are not supported")
-        if cache is not None and trace is None and inputs.shape[1] == 1 and compile_enabled():
-            if self._decoder is None:
-                object.__setattr__(self, "_decoder", CompiledDecoder(self))
-            logits = self._decoder(inputs, cache)
+        if cache is not None and trace is None and inputs.shape[1] == 1 and decode.compile_enabled():
+            logits = decode.decoder_for(self)(inputs, cache)
             if logits is not None:
                 return logits
-        with ops.kernels_allowed(inputs.shape[1] > 1):
-            return self._eager(inputs, cache=cache, trace=trace)
-
-    # The compiled decode step captures the weights and modules it was traced with; replacing
-    # them through the model (load_weights, update, set_dtype, nn.quantize, ...) drops it.
-    def update(self, parameters: dict, strict: bool = True) -> "Model":
-        super().update(parameters, strict=strict)
-        self.reset_compiled()
-        return self
-
-    def update_modules(self, modules: dict, strict: bool = True) -> "Model":
-        super().update_modules(modules, strict=strict)
-        self.reset_compiled()
-        return self
-
-    def reset_compiled(self) -> None:
-        """Forget the traced decode step (needed after changing submodules in place), and the
-        joined projections whose members no longer hold their slices (frees the joined copy)."""
-        object.__setattr__(self, "_decoder", None)
-        for layer in self.layers:
-            for module in (layer.self_attn, layer.mlp):
-                f = module.__dict__.get("_fused")
-                if f is not None and not f.valid():
-                    module.__dict__["_fused"] = None
+        return self._eager(inputs, cache=cache, trace=trace)
 
     def fuse_projections(self) -> None:
-        """Join each layer's q/k/v and gate/up projections for the decode step (see
-        :class:`FusedProjection`; the weights become views, no extra memory). Idempotent; undone
-        by any replacement of weights or modules through the model. ``GEMMA4_MLX_FUSE=0`` turns
-        it off (ablations)."""
-        if os.environ.get("GEMMA4_MLX_FUSE", "1").lower() in ("0", "off", "false", "no"):
-            return
-        for layer in self.layers:
-            fuse(layer.self_attn, ["q_proj", "k_proj", "v_proj"])
-            fuse(layer.mlp, ["gate_proj", "up_proj"])
+        """Build the decode step's derived state now (joined q/k/v and gate/up projections: the
+        members' weights become views of one matrix each, no extra memory) instead of at the first
+        decode step. It is rebuilt automatically whenever the model changes."""
+        decode.decoder_for(self)
+
+    def reset_compiled(self) -> None:
+        """Release the traced decode step and its joined matrices now (otherwise released when
+        the next decode call finds the model changed)."""
+        decode.release(self)
 
     def _eager(self, inputs: mx.array, cache=None, trace: Optional[list] = None) -> mx.array:
         h = self.model(inputs, cache=cache, trace=trace)
         if self.args.tie_word_embeddings:
-            logits = self.model.embed_tokens.as_linear(h)
+            logits = ops.tied_head(self.model.embed_tokens, h)
         else:
-            logits = self.lm_head(h)
+            logits = ops.linear(self.lm_head, h)
         if self.args.final_logit_softcapping:
             logits = ops.softcap(logits, self.args.final_logit_softcapping)
         return logits

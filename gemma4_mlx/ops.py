@@ -9,7 +9,6 @@ fails its self-check (one warning) hands the call back to the MLX op sequence gi
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Optional, Union
 
 import mlx.core as mx
@@ -17,6 +16,8 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 # GeGLU (tanh GELU) and the logit soft-cap are the same ops as stock's: reuse its compiled ones.
 from mlx_lm.models.gemma4_text import geglu, logit_softcap  # noqa: F401 (geglu is used by the model)
+
+from . import decode
 
 Offset = Union[int, mx.array]
 
@@ -26,32 +27,17 @@ def softcap(x: mx.array, cap: float) -> mx.array:
     return logit_softcap(cap, x)
 
 
-_kernels_allowed = {"on": True}
-
-
-@contextlib.contextmanager
-def kernels_allowed(on: bool):
-    """Whether the graph being built may launch custom kernels (the model decides per call).
-
-    The model allows them in the compiled decode step and in eager calls of more than one
-    token. An eager one-token call (batched caches, or ``GEMMA4_MLX_COMPILE=0``) takes the MLX
-    ops instead: there the Python cost of launching ~8 kernels per layer outweighed their gain
-    (H100, E2B: 24.0 ms per step eager with kernels against 15.2 ms for stock's op sequence,
-    docs/benchmarks.md).
-    """
-    old = _kernels_allowed["on"]
-    _kernels_allowed["on"] = on
-    try:
-        yield
-    finally:
-        _kernels_allowed["on"] = old
-
-
 def _gpu_kernels():
-    """The kernels module when custom kernels may run here (allowed, GPU backend, mode not off)."""
+    """The kernels module inside the compiled decode step when custom kernels may run here (GPU
+    backend, mode not off); None elsewhere. Eager calls (prefill chunks, batched caches,
+    ``GEMMA4_MLX_COMPILE=0``) take MLX's ops: launching kernels from Python there cost more than
+    they saved (H100, E2B: 24.0 ms per eager step with kernels against stock's 15.2 ms), and a
+    prefill that needs no custom kernel needs no kernel build before the first token."""
+    if decode.active() is None:
+        return None
     from . import kernels
 
-    return kernels if _kernels_allowed["on"] and kernels.kernels_enabled() else None
+    return kernels if kernels.kernels_enabled() else None
 
 
 def _rope(x: mx.array, freqs: mx.array, offset: Offset) -> mx.array:
@@ -159,75 +145,32 @@ def _residual_norm(residual, branch, norm_weight, scalar, eps, next_weight=None)
     return out, mx.fast.rms_norm(out, next_weight, eps)
 
 
-def quantized_matvec(x: mx.array, weight: mx.array, scales: mx.array, biases: Optional[mx.array],
-                     group_size: int, bits: int, mode: str) -> Optional[mx.array]:
-    """The decode-time quantized matvec kernel's result, or None where MLX's own should run."""
+def _rows(x: mx.array) -> int:
+    return x.size // x.shape[-1]
+
+
+def linear(module: nn.Module, x: mx.array) -> mx.array:
+    """``module(x)``; inside the decode step a plain (no bias, not LoRA, ...) float or affine
+    4/8-bit projection of few rows may go through the matvec kernels (``mv``, ``qmv``; both off
+    by default, see kernels/dispatch.py)."""
     k = _gpu_kernels()
-    if k is None or mode != "affine" or biases is None or x.size // x.shape[-1] > 8:
-        return None
-    return k.quantized_matvec(x, weight, scales, biases, group_size, bits)
-
-
-def matvec(x: mx.array, weight: mx.array) -> Optional[mx.array]:
-    """The decode-time float matvec kernel's result, or None where MLX's matmul should run."""
-    k = _gpu_kernels()
-    if k is None or x.size // x.shape[-1] > 8:
-        return None
-    return k.matvec(x, weight)
-
-
-class KernelLinear(nn.Linear):
-    """``nn.Linear`` (no bias) whose few-row (decode) products go through the mv kernel."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if "bias" not in self:
-            y = matvec(x, self["weight"])
-            if y is not None:
-                return y
-        return super().__call__(x)
-
-
-class KernelEmbedding(nn.Embedding):
-    """``nn.Embedding`` whose tied-head product (``as_linear``) uses the mv kernel."""
-
-    def as_linear(self, x: mx.array) -> mx.array:
-        y = matvec(x, self["weight"])
-        return super().as_linear(x) if y is None else y
-
-
-class KernelQuantizedLinear(nn.QuantizedLinear):
-    """``nn.QuantizedLinear`` whose few-row (decode) products go through the qmv kernel."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if "bias" not in self:
-            y = quantized_matvec(x, self["weight"], self["scales"], self.get("biases"), self.group_size,
-                                 self.bits, self.mode)
-            if y is not None:
-                return y
-        return super().__call__(x)
-
-
-class KernelQuantizedEmbedding(nn.QuantizedEmbedding):
-    """``nn.QuantizedEmbedding`` whose tied-head product (``as_linear``) uses the qmv kernel."""
-
-    def as_linear(self, x: mx.array) -> mx.array:
-        y = quantized_matvec(x, self["weight"], self["scales"], self.get("biases"), self.group_size,
-                             self.bits, self.mode)
-        return super().as_linear(x) if y is None else y
-
-
-def install_matvec_kernels(model: nn.Module) -> None:
-    """Route the model's linear layers and tied head through the decode matvec kernels (a
-    class swap: parameters, names and saved files stay those of the mlx.nn classes)."""
-    modules = [m for _, m in model.named_modules()]
-    # joined projections (model.FusedProjection) live outside the module tree
-    modules += [f.joint for m in modules if (f := m.__dict__.get("_fused")) is not None]
-    for module in modules:
+    if k is not None and _rows(x) <= 8 and "bias" not in module:
         if type(module) is nn.Linear:
-            module.__class__ = KernelLinear
-        elif type(module) is nn.Embedding:
-            module.__class__ = KernelEmbedding
-        elif type(module) is nn.QuantizedLinear:
-            module.__class__ = KernelQuantizedLinear
-        elif type(module) is nn.QuantizedEmbedding:
-            module.__class__ = KernelQuantizedEmbedding
+            return k.matvec(x, module["weight"], fallback=lambda x, _w: module(x))
+        if type(module) is nn.QuantizedLinear and module.mode == "affine" and "biases" in module:
+            return k.quantized_matvec(x, module["weight"], module["scales"], module["biases"], module.group_size,
+                                      module.bits, fallback=lambda x, *_: module(x))
+    return module(x)
+
+
+def tied_head(embedding: nn.Module, x: mx.array) -> mx.array:
+    """The tied LM head ``embedding.as_linear(x)``, through the matvec kernels like :func:`linear`."""
+    k = _gpu_kernels()
+    if k is not None and _rows(x) <= 8:
+        if type(embedding) is nn.Embedding:
+            return k.matvec(x, embedding["weight"], fallback=lambda x, _w: embedding.as_linear(x))
+        if type(embedding) is nn.QuantizedEmbedding and embedding.mode == "affine" and "biases" in embedding:
+            return k.quantized_matvec(x, embedding["weight"], embedding["scales"], embedding["biases"],
+                                      embedding.group_size, embedding.bits,
+                                      fallback=lambda x, *_: embedding.as_linear(x))
+    return embedding.as_linear(x)

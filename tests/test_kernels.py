@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import gemma4_mlx.kernels as K
+from gemma4_mlx import decode
 from gemma4_mlx.kernels import dispatch
 
 ATT = sys.modules["gemma4_mlx.kernels.attention"]
@@ -260,7 +261,7 @@ def test_model_ops_fall_back_to_the_mlx_op_sequence_not_the_oracle(how, monkeypa
     wrong = lambda *a: tuple(x + 1 for x in oracle(*a)) if a[-1] is not None else oracle(*a) + 1  # noqa: E731
     with dispatch.force_backend("cuda"), dispatch.override_kernel("residual_norm", wrong), \
             dispatch.kernels_mode("auto"):
-        with ops.kernels_allowed(True):
+        with decode.kernel_scope():
             got = ops.residual_norm(res, br, w, None, 1e-6, wn)
     assert (1, 5, 96) not in seen  # the oracle ran at most on the self-check's probe
     assert mx.array_equal(got[0], want[0]) and mx.array_equal(got[1], want[1])
@@ -389,32 +390,44 @@ def test_matvec_kernel(case, dtype):
     assert K.matvec_kernel(x.reshape(M, 1, Kd), w).shape == (M, 1, N)
 
 
-def test_quantized_linear_class_swap_keeps_parameters_and_outputs():
+@pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
+def test_decode_projections_reach_the_matvec_kernels_only_for_exact_types(monkeypatch):
+    """Inside the decode step a plain Linear / QuantizedLinear / tied head may take the matvec
+    kernels; any other module (a LoRA layer, a subclass) is called as itself."""
     import mlx.nn as nn
+    from mlx_lm.tuner.lora import LoRALinear
 
     from gemma4_mlx import ops
 
-    from mlx.utils import tree_flatten
+    calls = []
 
-    holder = nn.Module()
-    holder.qlin = nn.QuantizedLinear(128, 40, bias=False, group_size=64, bits=4)
-    holder.qemb = nn.QuantizedEmbedding(50, 128, group_size=64, bits=4)
-    holder.lin = nn.Linear(128, 40, bias=False)
-    holder.emb = nn.Embedding(50, 128)
+    def spy(name, ref):
+        def run(*args):
+            if args[0].shape == (1, 1, 128):  # not the self-check's probe
+                calls.append(name)
+            return ref(*args)
+        return run
+
+    lin, emb = nn.Linear(128, 40, bias=False), nn.Embedding(50, 128)
+    qlin = nn.QuantizedLinear(128, 40, bias=False, group_size=64, bits=4)
+    lora = LoRALinear.from_base(nn.Linear(128, 40, bias=False), r=4)
+    lora.lora_b = mx.ones_like(lora.lora_b)
     x = rnd((1, 1, 128))
-
-    def outputs():
-        return [np.array(holder.qlin(x)), np.array(holder.qemb.as_linear(x)), np.array(holder.lin(x)),
-                np.array(holder.emb.as_linear(x)), np.array(holder.emb(mx.array([[3, 4]])))]
-
-    before, names = outputs(), [k for k, _ in tree_flatten(holder.parameters())]
-    ops.install_matvec_kernels(holder)
-    assert type(holder.qlin) is ops.KernelQuantizedLinear and type(holder.qemb) is ops.KernelQuantizedEmbedding
-    assert type(holder.lin) is ops.KernelLinear and type(holder.emb) is ops.KernelEmbedding
-    assert isinstance(holder.qlin, nn.QuantizedLinear) and isinstance(holder.emb, nn.Embedding)
-    for a, b in zip(outputs(), before):
-        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
-    assert [k for k, _ in tree_flatten(holder.parameters())] == names
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "")
+    with dispatch.force_backend("cuda"), dispatch.kernels_mode("auto"), \
+            dispatch.override_kernel("mv", spy("mv", K.matvec_reference)), \
+            dispatch.override_kernel("qmv", spy("qmv", K.quantized_matvec_reference)):
+        assert mx.allclose(ops.linear(lin, x), lin(x))  # outside the step: the module itself
+        assert calls == []
+        with decode.kernel_scope():
+            np.testing.assert_allclose(np.array(ops.linear(lin, x)), np.array(lin(x)), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(np.array(ops.linear(qlin, x)), np.array(qlin(x)), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(np.array(ops.tied_head(emb, x)), np.array(emb.as_linear(x)),
+                                       rtol=1e-5, atol=1e-5)
+            assert calls == ["mv", "qmv", "mv"]
+            assert mx.array_equal(ops.linear(lora, x), lora(x))
+            assert calls == ["mv", "qmv", "mv"]
+    dispatch.reset()
 
 
 @gpu_only

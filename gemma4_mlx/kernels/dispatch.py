@@ -349,7 +349,11 @@ def run(
     supported by the kernel, fall back silently. The self-check always compares with
     ``reference``; the model passes its MLX op sequence as ``fallback`` so that a kernel
     switched off or failing its check costs what stock costs, not the float32 oracle's
-    longer op chain."""
+    longer op chain.
+
+    Inside the decode step's dry run (``decode`` collects) nothing is launched: the kernel is
+    recorded for :func:`check_all` and the fallback's graph returned. Inside the traced step
+    every kernel must have been checked already (checking evaluates arrays)."""
     other = fallback or reference
     mode = get_mode()
     if mode == "off" or class_key is None or name in disabled_kernels():
@@ -360,15 +364,43 @@ def run(
     kernel = _impl_override.get(name, kernel)
     key = (name, backend) + tuple(class_key)
     verdict = _verdicts.get(key)
+    from .. import decode
+
+    step = decode.active()
+    if step is not None and step.collect is not None:
+        if verdict is None:
+            step.collect.append((name, key, reference, kernel, probe, tuple(class_key)))
+        return other(*args)
     if verdict is None:
-        verdict = self_check(name, key, reference, kernel, probe(class_key))
-        with _lock:
-            _verdicts[key] = verdict
+        if step is not None and step.tracing:
+            raise RuntimeError(f"gemma4_mlx kernel {name!r} {key[1:]} was not self-checked before the decode step was traced")
+        verdict = _check(name, key, reference, kernel, probe, class_key)
     ok, reason = verdict
     if ok:
         return kernel(*args)
     _fail(name, key, reason, mode)
     return other(*args)
+
+
+def _check(name, key, reference, kernel, probe, class_key) -> tuple[bool, str]:
+    verdict = self_check(name, key, reference, kernel, probe(class_key))
+    with _lock:
+        _verdicts[key] = verdict
+    return verdict
+
+
+def check_all(needed: Sequence[tuple]) -> None:
+    """Self-check every kernel a dry run of the decode step collected (``strict`` raises on the
+    first failure; ``auto`` warns once per kernel and shape class)."""
+    mode = get_mode()
+    seen = set()
+    for name, key, reference, kernel, probe, class_key in needed:
+        if key in seen or key in _verdicts:
+            continue
+        seen.add(key)
+        ok, reason = _check(name, key, reference, kernel, probe, class_key)
+        if not ok:
+            _fail(name, key, reason, mode)
 
 
 def tolerance(dtype) -> tuple[float, float]:

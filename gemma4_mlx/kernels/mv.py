@@ -67,6 +67,7 @@ def _probe(key):
     return (dispatch.probe_normal((key[2], 200), 32, dtype), w)
 
 
-def matvec(x: mx.array, w: mx.array) -> mx.array:
-    """``x @ w.T`` for few rows of x: the kernel on GPU when checked, else MLX's matmul."""
-    return dispatch.run("mv", _class_key(x, w), matvec_reference, matvec_kernel, _probe, x, w)
+def matvec(x: mx.array, w: mx.array, *, fallback=None) -> mx.array:
+    """``x @ w.T`` for few rows of x: the kernel on GPU when checked, else ``fallback`` (the
+    model's own module call) or MLX's matmul."""
+    return dispatch.run("mv", _class_key(x, w), matvec_reference, matvec_kernel, _probe, x, w, fallback=fallback)

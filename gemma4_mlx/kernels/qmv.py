@@ -78,11 +78,11 @@ def _probe(key):
     return (x, w, s.astype(dtype), b.astype(dtype), gs, bits)
 
 
-def quantized_matvec(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
+def quantized_matvec(x, w, scales, biases, group_size: int, bits: int, *, fallback=None) -> mx.array:
     """``mx.quantized_matmul(x, w, scales, biases, transpose=True)`` for few rows of x, as a
     kernel on GPU when checked; other shapes and modes use MLX's own."""
     key = _class_key(x, w, scales, biases, group_size, bits)
     return dispatch.run(
         "qmv", key, quantized_matvec_reference, quantized_matvec_kernel, _probe,
-        x, w, scales, biases, group_size, bits,
+        x, w, scales, biases, group_size, bits, fallback=fallback,
     )
