@@ -294,17 +294,16 @@ CAPACITY_STEP = 1024
 
 
 def reserve(cache: List[Any], total_tokens: int) -> None:
-    """Size the caches' buffers for ``total_tokens`` (prompt + new tokens) in one allocation: the
-    first prefill chunk allocates the whole full-attention buffer (rounded up to
-    ``CAPACITY_STEP``, so requests of similar length share a traced step) and a sliding-window
-    buffer grows straight to its window. The decode step then keeps one shape for the whole
-    generation (one trace, no stall), and the prefill copies no buffer to grow it."""
+    """Size the caches' buffers for ``total_tokens`` (cached + prompt + new tokens): a
+    full-attention buffer that must grow grows by the whole capacity (``total_tokens`` rounded up
+    to ``CAPACITY_STEP``, so requests of similar length share a traced step), so a fresh cache is
+    allocated once by the first prefill chunk; a sliding-window buffer grows straight to its
+    window. The decode step then keeps one shape for the whole generation (one trace, no stall
+    mid-way), and the prefill copies no buffer to grow it."""
     capacity = max(CAPACITY_STEP, -(-int(total_tokens) // CAPACITY_STEP) * CAPACITY_STEP)
     for c in cache or []:
         if type(c) is KVCache:
-            held = 0 if c.keys is None else c.keys.shape[2]
-            if held < capacity:
-                c.step = capacity - held if c.keys is not None and c.offset == held else capacity
+            c.step = capacity
         elif type(c) is RotatingKVCache:
             c.step = max(c.step, c.max_size)
 

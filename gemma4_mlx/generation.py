@@ -33,6 +33,7 @@ from .chat_format import (
     has_chat_template,
     next_turn_text,
 )
+from .decode import reserve as reserve_decode
 
 __all__ = [
     "ChatSession",
@@ -236,6 +237,8 @@ def stream_generate(
         logits_processors = make_logits_processors(repetition_penalty=repetition_penalty)
     if prompt_cache is None:
         prompt_cache = make_prompt_cache(model)
+    # One buffer size for the whole generation: the decode step is traced once, never mid-way.
+    reserve_decode(prompt_cache, cached + len(tokens) + max_tokens)
     ends = set(stop_ids) if stop_ids is not None else end_token_ids(model, tokenizer)
 
     detok = tokenizer.detokenizer
