@@ -349,19 +349,25 @@ class CompiledDecoder:
     def current(self) -> bool:
         return self.switches == _switches() and self.snapshot.current()
 
-    def _check_kernels(self, args) -> None:
-        """Dry-run the step (a graph that is never evaluated) to collect the kernels it uses,
-        then self-check each of them outside any trace."""
-        from .kernels import dispatch
-
+    def collect_kernels(self, args) -> list:
+        """Dry-run the step (a graph that is never evaluated): the kernels it would use."""
         needed: list = []
         with _context(self.joined, collect=needed):
             self._forward(*args)
-        dispatch.check_all(needed)
+        return needed
+
+    def _check_kernels(self, args) -> None:
+        """Self-check every kernel the step uses, outside any trace."""
+        from .kernels import dispatch
+
+        dispatch.check_all(self.collect_kernels(args))
         self._checked = True
 
-    def __call__(self, inputs: mx.array, cache: List[Any]) -> Optional[mx.array]:
-        """Logits, or None when this call must take the eager path."""
+    @staticmethod
+    def step_args(cache: List[Any], inputs: mx.array):
+        """The compiled step's arguments for one token per row over ``cache`` (which it grows,
+        trims or rotates as a write would), and the reserved (slot, valid) pairs; None where the
+        caches need the eager path."""
         if inputs.shape[1] != 1 or not cache or any(type(c) not in _CACHE_TYPES for c in cache):
             return None
         offsets = {c.offset for c in cache}
@@ -371,13 +377,19 @@ class CompiledDecoder:
             reserved = [_reserve_slot(c) for c in cache]
         except _NeedsEager:
             return None
-        offset = offsets.pop()
         slots = mx.array([s for s, _ in reserved], dtype=mx.int32)
         valid = mx.array([v for _, v in reserved], dtype=mx.int32)
         buffers = []
         for c in cache:
             buffers += [c.keys, c.values]
-        args = (inputs, mx.array(offset, dtype=mx.int32), slots, valid, buffers)
+        return (inputs, mx.array(offsets.pop(), dtype=mx.int32), slots, valid, buffers), reserved
+
+    def __call__(self, inputs: mx.array, cache: List[Any]) -> Optional[mx.array]:
+        """Logits, or None when this call must take the eager path."""
+        prepared = self.step_args(cache, inputs)
+        if prepared is None:
+            return None
+        args, reserved = prepared
         if not self._checked:
             self._check_kernels(args)
         with _context(self.joined, tracing=True):
@@ -408,7 +420,20 @@ def release(model) -> None:
 
 
 def prepare(model) -> None:
-    """At load: build the decode state where the compiled step will run (joining the projections
-    now rather than before the first token)."""
-    if compile_enabled():
-        decoder_for(model)
+    """At load, where the compiled step will run: build the decode state (join the projections)
+    now rather than before the first token, and start building the custom kernels the step will
+    use, in the background, while the weights load and the prompt is prefilled."""
+    if not compile_enabled():
+        return
+    dec = decoder_for(model)
+    from .kernels import dispatch
+
+    if not dispatch.kernels_enabled():
+        return
+    # A lazy one-token prefill gives caches of the real dtypes and head shapes (nothing is
+    # evaluated); the dry run of a step over them names the kernels.
+    cache = model.make_cache()
+    model._eager(mx.zeros((1, 1), dtype=mx.int32), cache=cache)
+    prepared = CompiledDecoder.step_args(cache, mx.zeros((1, 1), dtype=mx.int32))
+    if prepared is not None:
+        dispatch.prefetch(dec.collect_kernels(prepared[0]))

@@ -32,6 +32,8 @@ from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
+from . import cuda_build
+
 ENV_VAR = "GEMMA4_MLX_KERNELS"
 MODES = ("auto", "off", "strict")
 TG = 256  # threads per threadgroup in every kernel; K_TG in the preludes
@@ -272,6 +274,9 @@ def get_kernel(
             name=kname, input_names=list(input_names), output_names=list(output_names),
             source=source, header=header, ensure_row_contiguous=ensure_row_contiguous,
         )
+    elif backend == "cuda" and cuda_build.enabled():
+        k = cuda_build.CudaKernel(kname, input_names, output_names, source,
+                                  read_source("cuda_types.h") + header)
     elif backend == "cuda":
         k = mx.fast.cuda_kernel(
             name=kname, input_names=list(input_names), output_names=list(output_names),
@@ -389,10 +394,27 @@ def _check(name, key, reference, kernel, probe, class_key) -> tuple[bool, str]:
     return verdict
 
 
+def prefetch(needed: Sequence[tuple]) -> None:
+    """Start building (on a thread pool) every kernel a dry run collected, without waiting: each
+    self-check probe runs in the builder's prefetch mode, which launches nothing. Only our CUDA
+    builds take time worth hiding (Metal compiles in milliseconds)."""
+    if active_backend() != "cuda" or not cuda_build.enabled():
+        return
+    with cuda_build.prefetch():
+        for name, key, reference, kernel, probe, class_key in needed:
+            if key not in _verdicts:
+                try:
+                    kernel(*probe(class_key))
+                except Exception:  # noqa: BLE001 - the self-check reports it properly later
+                    pass
+
+
 def check_all(needed: Sequence[tuple]) -> None:
     """Self-check every kernel a dry run of the decode step collected (``strict`` raises on the
-    first failure; ``auto`` warns once per kernel and shape class)."""
+    first failure; ``auto`` warns once per kernel and shape class). The builds run in parallel
+    first."""
     mode = get_mode()
+    prefetch(needed)
     seen = set()
     for name, key, reference, kernel, probe, class_key in needed:
         if key in seen or key in _verdicts:

@@ -1,0 +1,104 @@
+"""Our CUDA kernel builds, on the CPU: every kernel body compiles with NVRTC (the same source the
+GPU runs), compile errors carry NVRTC's log, cubins are kept on disk and reused.
+
+NVRTC is a compiler library (pip's ``nvidia-cuda-nvrtc``, in the test extra on Linux): it needs no
+GPU, so CI catches a CUDA compile error before any GPU run does. Running the cubins is the GPU
+parity suite's job (tests/test_kernels.py on the device).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import pytest
+
+import gemma4_mlx.kernels as K
+from gemma4_mlx.kernels import cuda_build, dispatch, nvrtc
+
+pytestmark = pytest.mark.skipif(not nvrtc.available(), reason="NVRTC not installed (pip install nvidia-cuda-nvrtc)")
+
+_m = {n: sys.modules[f"gemma4_mlx.kernels.{n}"] for n in ("rope", "attention", "ple", "residual", "mv", "qmv")}
+DTYPES = ["mlx.core.float32", "mlx.core.float16", "mlx.core.bfloat16"]
+
+
+def _cases():
+    """(kernel function, probe arguments) covering the shape classes of the four families."""
+    rope, att, ple, res, mv, qmv = (_m[n] for n in ("rope", "attention", "ple", "residual", "mv", "qmv"))
+    for dt in DTYPES:
+        for D, H in ((256, 8), (512, 2), (128, 16)):
+            yield K.q_norm_rope_kernel, rope._probe_inputs((dt, D, H), False)
+            yield K.kv_norm_rope_kernel, rope._probe_inputs((dt, D, H), True)
+        for D, G, Lq, windowed in ((256, 8, 1, True), (512, 8, 1, False), (256, 2, 16, False), (512, 16, 1, False)):
+            yield K.attention_kernel, att._probe_inputs((dt, D, G, Lq, windowed))
+        yield ple.ple_combine_kernel, ple._probe_combine((dt, dt, 256, 35))
+        yield ple.ple_gate_kernel, ple._probe_gate((dt, dt))
+        for scaled, nxt in ((True, True), (False, False)):
+            yield res.residual_norm_kernel, res._probe((dt, dt, 1536, scaled, nxt))
+        yield mv.matvec_kernel, mv._probe((dt, 4, 1))
+        for bits, gs in ((4, 64), (8, 32)):
+            yield qmv.quantized_matvec_kernel, qmv._probe((dt, bits, gs, 4, 1))
+
+
+@pytest.fixture
+def fresh_builds(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMMA4_MLX_CACHE", str(tmp_path / "cache"))
+    cuda_build.reset()
+    dispatch.reset()
+    yield tmp_path / "cache"
+    cuda_build.reset()
+    dispatch.reset()
+
+
+def test_every_kernel_body_compiles_for_the_gpu(fresh_builds):
+    with dispatch.force_backend("cuda"), cuda_build.prefetch():
+        for kernel, args in _cases():
+            outs = kernel(*args)
+            assert all(isinstance(o, mx.array) for o in (outs if isinstance(outs, (list, tuple)) else [outs]))
+    builds = list(cuda_build._builds.values())
+    assert len(builds) >= 30
+    failures = [str(f.exception())[:2000] for f in builds if f.exception() is not None]
+    assert not failures, failures[0]
+    assert all(len(f.result()) > 1000 for f in builds)  # cubins (ELF), not empty
+    assert len(list(fresh_builds.rglob("*.cubin"))) == len(builds)
+
+
+def test_a_compile_error_carries_the_nvrtc_log(fresh_builds):
+    broken = dispatch.body("ple_gate").replace("static_cast<float>", "static_cats<float>", 1)
+    with dispatch.force_backend("cuda"), dispatch.override_body("ple_gate", broken), cuda_build.prefetch():
+        K.ple_gate_kernel(*_m["ple"]._probe_gate(("mlx.core.bfloat16", "mlx.core.bfloat16")))
+    (future,) = list(cuda_build._builds.values())
+    err = future.exception()
+    assert isinstance(err, nvrtc.NvrtcError) and "static_cats" in str(err) and "error" in str(err)
+
+
+def test_cubins_come_back_from_the_disk_cache(fresh_builds, monkeypatch):
+    source = 'extern "C" __global__ void k(float* y) { y[threadIdx.x] = 1.0f; }\n'
+    first = cuda_build.cubin_future(source).result()
+    files = list(fresh_builds.rglob("*.cubin"))
+    assert len(files) == 1 and files[0].read_bytes() == first
+    cuda_build.reset()
+
+    def no_compiler(*a, **k):
+        raise AssertionError("compiled again instead of reading the cache")
+
+    monkeypatch.setattr(nvrtc, "compile_source", no_compiler)
+    assert cuda_build.cubin_future(source).result() == first
+    # an empty (torn) file is not trusted: it is rebuilt
+    files[0].write_bytes(b"")
+    cuda_build.reset()
+    monkeypatch.undo()
+    monkeypatch.setenv("GEMMA4_MLX_CACHE", str(fresh_builds))
+    assert cuda_build.cubin_future(source).result() == first
+    assert not list(fresh_builds.rglob("*.tmp"))
+
+
+def test_the_generated_signature_passes_shapes_and_contiguous_strides():
+    k = cuda_build.CudaKernel("gemma4_demo", ["x", "idx"], ["out"], "out[0] = x[x_strides[1]] + x_shape[0] + idx[0];",
+                              dispatch.read_source("cuda_types.h") + dispatch.prelude("cuda")[0])
+    src = k.full_source([mx.bfloat16, mx.int32], [3, 1], [mx.float32], [("T", mx.bfloat16), ("D", 256)])
+    assert 'extern "C" __global__ void __launch_bounds__(K_TG) gemma4_demo(' in src
+    assert "const bf16_t* __restrict__ x" in src and "float* __restrict__ out" in src
+    assert "int x_shape_2" in src and "int x_strides_0" in src and "idx_shape" not in src
+    assert "using T = bf16_t;" in src and "constexpr int D = 256;" in src
+    nvrtc.compile_source(src, arch="sm_80")
