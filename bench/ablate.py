@@ -64,6 +64,9 @@ configs = [("stock", None), ("ours", {}), ("ours +mv", {D: "qmv"}), ("ours +qmv"
            ("ours -resnorm", {D: "mv,qmv,residual_norm"}),
            ("ours -fuse", {"GEMMA4_MLX_FUSE": "0"}),
            ("ours kernels off", {"GEMMA4_MLX_KERNELS": "off"}), ("ours no compile", {"GEMMA4_MLX_COMPILE": "0"})]
+if os.environ.get("CONFIGS"):  # a subset by name, e.g. CONFIGS="stock,ours,ours kernels off"
+    keep = [c.strip() for c in os.environ["CONFIGS"].split(",")]
+    configs = [c for c in configs if c[0] in keep]
 res, ops = {}, {}
 for rep in range(2):
     for name, env in configs:

@@ -29,6 +29,32 @@ compare() {  # compare <out subdir> <timeout s> <args...>
   echo "== $dir (exit $?): $*"; tail -18 "$dir/stdout.txt"
 }
 case "${1:-}" in
+  check)    # session 3: our NVRTC builds on this machine, then the CUDA parity run at the CPU's
+            # float32 tolerances (TF32 off) over the kernels, the decode step, determinism and
+            # every way of changing a model
+    python3 -c "from gemma4_mlx.kernels import nvrtc, cuda_build as c; print('nvrtc', nvrtc.path(), nvrtc.version(), c.target_arch(), c.enabled())"
+    python3 -m pytest -q -p no:cacheprovider --collect-only tests/test_kernels.py tests/test_decode.py \
+      tests/test_fusion.py tests/test_cuda_build.py tests/test_determinism.py tests/test_model_changes.py \
+      2>/dev/null | grep '::' > "$OUT/ids.txt"
+    echo "$(wc -l < "$OUT/ids.txt") test ids"
+    for i in 0 1 2 3; do
+      awk -v i=$i 'NR % 4 == i' "$OUT/ids.txt" > "$OUT/ids.$i"
+      MLX_ENABLE_TF32=0 timeout 400 python3 -m pytest -q -p no:cacheprovider -x $(cat "$OUT/ids.$i") > "$OUT/parity.$i.txt" 2>&1 &
+    done
+    wait
+    for i in 0 1 2 3; do tail -1 "$OUT/parity.$i.txt"; done | tee "$OUT/parity.txt"
+    grep -h -B30 -E "^(FAILED|ERROR)" "$OUT"/parity.?.txt | head -80 ;;
+  first)    # fresh processes, as a user meets them: stock, ours (cold kernel cache), ours again
+    rm -rf ~/.cache/gemma4_mlx
+    for run in stock ours ours stock; do
+      timeout 120 python3 bench/first_token.py $run e2b 402 128 2>&1 | tail -1 | tee -a "$OUT/first.jsonl"
+    done
+    for run in ours stock; do
+      timeout 120 python3 bench/first_token.py $run e2b 402 128 4 2>&1 | tail -1 | tee -a "$OUT/first.jsonl"
+    done
+    export CONFIGS="stock,ours,ours -fuse,ours kernels off,ours no compile"
+    STEPS=30 timeout 170 python3 bench/ablate.py e2b 0 2>&1 | tail -9 | tee "$OUT/ablate-e2b-bf16.txt"
+    MLX_USE_CUDA_GRAPHS=0 STEPS=30 timeout 150 python3 bench/ablate.py e2b 0 2>&1 | tail -9 | tee "$OUT/ablate-e2b-bf16-nographs.txt" ;;
   parity)   # every kernel vs float64 oracles on CUDA, the decode step and the fused projections;
             # nvrtc compiles each instantiation on one CPU core, so the cases run in 8 processes
             # (4 processes took 7-8 minutes on 16 cores, 2026-11-28)

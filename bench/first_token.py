@@ -1,0 +1,73 @@
+"""One generation in a fresh process, timed as a user meets it: ours or stock, random weights.
+
+Usage: python3 bench/first_token.py ours|stock PRESET [PROMPT_TOKENS] [NEW_TOKENS] [bits]
+
+Builds the preset with fixed-seed random weights in this process (no checkpoint on disk), then
+generates once through each side's own stream_generate (ours: gemma4_mlx.stream_generate; stock:
+mlx_lm.stream_generate on stock's gemma4_text) and prints one JSON line: seconds to build, time
+to the first token, decode tok/s, median and worst gap between two tokens, process time so far.
+Run it in a fresh process per measurement (that is the point: kernel builds, traces and caches
+of a first use all land here).
+"""
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+T0 = time.perf_counter()
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def main():
+    side, preset = sys.argv[1], sys.argv[2]
+    n_prompt = int(sys.argv[3]) if len(sys.argv) > 3 else 402
+    n_new = int(sys.argv[4]) if len(sys.argv) > 4 else 128
+    bits = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+    from gemma4_mlx.benchmark import BenchSettings, build_pair
+    from gemma4_mlx.tokenizer_synth import synthesize_tokenizer
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    t = time.perf_counter()
+    ours, stock, _ = build_pair(BenchSettings(preset=preset, dtype="bfloat16", quantize=bits or None).resolve())
+    model = ours if side == "ours" else stock
+    if side == "stock":
+        del ours
+    else:
+        del stock
+    mx.eval(model.parameters())
+    build_s = time.perf_counter() - t
+    folder = tempfile.mkdtemp()
+    synthesize_tokenizer(folder, model.args.vocab_size)
+    from pathlib import Path
+
+    tok = load_tokenizer(Path(folder))
+    prompt = [int(x) for x in np.random.default_rng(0).integers(300, model.args.vocab_size, n_prompt)]
+    if side == "ours":
+        from gemma4_mlx.generation import stream_generate
+
+        gen = stream_generate(model, tok, prompt, max_tokens=n_new, stop_ids=[])
+    else:
+        from mlx_lm import stream_generate
+
+        gen = stream_generate(model, tok, prompt, max_tokens=n_new)
+    start = time.perf_counter()
+    stamps = []
+    for _ in gen:
+        stamps.append(time.perf_counter())
+    gaps = np.diff(stamps)
+    print(json.dumps({
+        "side": side, "preset": preset, "bits": bits, "prompt": n_prompt, "new": len(stamps),
+        "build_s": round(build_s, 3), "ttft_s": round(stamps[0] - start, 4),
+        "decode_tps": round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 2),
+        "gap_median_ms": round(statistics.median(gaps) * 1e3, 3), "gap_max_ms": round(float(gaps.max()) * 1e3, 3),
+        "gap_max_at": int(gaps.argmax()) + 1, "process_s": round(time.perf_counter() - T0, 3),
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("GEMMA4_MLX", "MLX_"))},
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
