@@ -165,6 +165,47 @@ def test_cli_writes_json_md_png(tmp_path, capsys):
     assert (tmp_path / "compare-tiny-float32.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+RUN_KEYS = ("decode_s", "decode_tps", "peak_memory_bytes", "peak_over_start_bytes", "prefill_tps", "ttft_s")
+# Every key of a compare JSON file (a preset run without --with-transformers), as dotted paths:
+# "<L>" stands for a prompt length, "[]" for list items. The device's own info and the kernel
+# switches are not pinned (they differ by machine).
+COMPARE_JSON_KEYS = {
+    "schema", "elapsed_s", "settings", "environment", "model", "token_check", "metrics", "runs", "medians",
+    "ratios", "forward_calls", "forward_calls.ours", "forward_calls.stock",
+    *(f"settings.{k}" for k in ("check_tokens", "decode_tokens", "dtype", "long", "model", "prefill_step_size",
+                                "preset", "prompt_lengths", "quantize", "runs", "seed", "warmup",
+                                "with_transformers")),
+    *(f"environment.{k}" for k in ("command", "cpu", "cpu_count", "date", "device", "device_info", "gemma4_mlx",
+                                   "git_commit", "gpu_name", "kernels", "mlx", "mlx_lm", "platform", "python")),
+    *(f"model.{k}" for k in ("hidden_size", "num_hidden_layers", "parameter_bytes", "parameter_tensors",
+                             "parameters", "preset", "quantization", "source", "vocab_size", "weight_dtypes",
+                             "weights")),
+    *(f"token_check.{k}" for k in ("exact_required", "first_divergence", "logits_finite", "match",
+                                   "max_abs_logit_diff_last_prompt_position", "ours_tokens", "passed",
+                                   "prompt_length", "stock_tokens", "tokens")),
+    *(f"metrics[].{k}" for k in ("better", "key", "label", "scale")),
+    *(f"{part}.{side}" for part in ("runs", "medians") for side in ("ours", "stock")),
+    *(f"{part}.{side}.<L>" for part in ("runs", "medians") for side in ("ours", "stock")),
+    *(f"runs.{side}.<L>[].{k}" for side in ("ours", "stock") for k in RUN_KEYS + ("decode_tokens",)),
+    *(f"medians.{side}.<L>.{k}" for side in ("ours", "stock") for k in RUN_KEYS),
+    "ratios.<L>", *(f"ratios.<L>.{k}" for k in RUN_KEYS),
+}
+
+
+def _key_paths(obj, prefix=""):
+    paths = set()
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            path = ".".join(filter(None, (prefix, "<L>" if key.isdigit() else key)))
+            paths.add(path)
+            if path not in ("environment.device_info", "environment.kernels"):
+                paths |= _key_paths(value, path)
+    elif isinstance(obj, list):
+        for value in obj:
+            paths |= _key_paths(value, prefix + "[]")
+    return paths
+
+
 def test_gemma4_mlx_compare_command(tmp_path):
     from typer.testing import CliRunner
 
@@ -174,7 +215,8 @@ def test_gemma4_mlx_compare_command(tmp_path):
     r = CliRunner().invoke(app, ["compare", "--preset", "tiny", "-L", "8", "-r", "1", "-n", "2",
                                  "--check-tokens", "4", "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "o" / "compare-tiny-float32.json").is_file()
+    data = json.loads((tmp_path / "o" / "compare-tiny-float32.json").read_text())
+    assert _key_paths(data) == COMPARE_JSON_KEYS
     r = CliRunner().invoke(app, ["compare", "--preset", "no-such-preset"])
     assert r.exit_code == 1 and "unknown preset" in r.output
 
