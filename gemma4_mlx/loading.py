@@ -12,11 +12,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelArgs, parse_config
+from .errors import LoadError
+from .memory import check_memory
 from .model import Model
-
-
-class LoadError(RuntimeError):
-    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+from .safetensors_io import read_weights, weight_files
 
 
 def resolve_model_path(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Path:
@@ -75,38 +74,6 @@ def model_args(model_path: Path, config: Optional[Dict[str, Any]] = None) -> Mod
         raise LoadError(f"{model_path / 'config.json'}: invalid config ({type(e).__name__}: {why})") from e
 
 
-def weight_files(model_path: Path) -> List[Path]:
-    index = model_path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise LoadError(f"{index}: not a valid safetensors index ({e})") from e
-        files = sorted({model_path / name for name in weight_map.values()})
-        for f in files:
-            if not f.is_file():
-                raise LoadError(f"{f}: listed in {index.name} but missing")
-        return files
-    files = sorted(p for p in model_path.glob("*.safetensors") if not p.name.startswith("."))
-    if not files:
-        raise LoadError(f"{model_path}: no .safetensors weight files")
-    return files
-
-
-def read_weights(files: List[Path]) -> Dict[str, mx.array]:
-    weights: Dict[str, mx.array] = {}
-    for f in files:
-        try:
-            part = mx.load(str(f))
-        except Exception as e:
-            raise LoadError(f"{f}: unreadable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-        if not isinstance(part, dict):
-            raise LoadError(f"{f}: not a safetensors file")
-        weights.update(part)
-    return weights
-
-
 def _quantize(model: nn.Module, quantization: Dict[str, Any], weights: Dict[str, mx.array], source: Path) -> None:
     from mlx_lm.utils import infer_quant_config
 
@@ -157,8 +124,6 @@ def load_model(path: Union[str, Path], lazy: bool = False, revision: Optional[st
     The weights' memory is estimated from the safetensors headers first: a ``MemoryWarning``
     when the device lacks it, or a LoadError with ``strict_memory=True``.
     """
-    from .checkpoint import check_memory
-
     model_path = resolve_model_path(path, revision)
     config = read_config(model_path)
     args = model_args(model_path, config)

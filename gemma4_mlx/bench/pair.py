@@ -32,7 +32,7 @@ def random_weights(model: nn.Module, dtype: mx.Dtype, seed: int, std: float = WE
 
 
 def quantize_model(model: nn.Module, bits: int, group_size: int = QUANT_GROUP_SIZE) -> None:
-    from ..checkpoint import quantize_model as quantize
+    from ..checkpoint.quantize import quantize_model as quantize
 
     quantize(model, group_size, bits)
 

@@ -50,7 +50,7 @@ def init(
 ) -> None:
     """Write a random-weight Gemma 4 checkpoint (HF layout, real tokenizer) for tests and benchmarks."""
     with user_errors():
-        from ..checkpoint import write_random_checkpoint
+        from ..checkpoint.random_weights import write_random_checkpoint
 
         with _progress(f"init {preset}", not quiet) as progress:
             path = write_random_checkpoint(preset, out, dtype=dtype, seed=seed, force=force, dialect=dialect,
@@ -74,7 +74,7 @@ def convert(
 ) -> None:
     """Convert a Gemma 4 checkpoint to MLX (cast, optionally quantize), written atomically."""
     with user_errors():
-        from ..checkpoint import convert_checkpoint
+        from ..checkpoint.convert import convert_checkpoint
 
         with _progress("convert", not quiet) as progress:
             path = convert_checkpoint(hf_path, mlx_path, dtype=dtype, quantize=quantize, q_bits=q_bits,

@@ -1,0 +1,117 @@
+"""Conversion of any checkpoint :mod:`gemma4_mlx.loading` reads into an MLX checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from ..config import ModelArgs, text_config_of
+from ..errors import CheckpointError, LoadError
+from ..safetensors_io import plan_shards, shard_names, write_index
+from .dialects import published_dialect
+from .output import atomic_output_dir, is_nonempty_dir
+from .quantize import quantize_model
+from .random_weights import DEFAULT_SHARD_BYTES, DTYPES, ProgressFn
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+    "tokenizer.model", "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt",
+)
+
+
+def mlx_config(source_config: Dict[str, Any], args: ModelArgs, dtype: Optional[str],
+               quantization: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """config.json of a converted checkpoint: the text config, published dialect, gemma4_text."""
+    text, _ = text_config_of(source_config)
+    text = published_dialect(text, args)
+    for k in ("quantization", "quantization_config", "torch_dtype", "_name_or_path", "transformers_version"):
+        text.pop(k, None)
+    text["model_type"] = "gemma4_text"
+    text["architectures"] = ["Gemma4ForCausalLM"]
+    if dtype:
+        text["dtype"] = dtype
+    if quantization:
+        text["quantization"] = quantization
+        text["quantization_config"] = quantization
+    return dict(sorted(text.items()))
+
+
+def convert_checkpoint(hf_path: Union[str, Path], mlx_path: Union[str, Path], *, dtype: Optional[str] = None,
+                       quantize: bool = False, q_bits: int = 4, q_group_size: int = 64, force: bool = False,
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES, strict_memory: bool = False,
+                       revision: Optional[str] = None, progress: Optional[ProgressFn] = None) -> Path:
+    """Convert a Gemma 4 checkpoint (folder or Hub repo id) into an MLX checkpoint folder."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map
+
+    from ..loading import load_model, read_config, resolve_model_path
+
+    if dtype is not None and dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
+    if quantize:
+        if q_bits not in (2, 3, 4, 5, 6, 8):
+            raise CheckpointError(f"--q-bits must be one of 2, 3, 4, 5, 6, 8 (got {q_bits})")
+        if q_group_size not in (32, 64, 128):
+            raise CheckpointError(f"--q-group-size must be 32, 64 or 128 (got {q_group_size})")
+    out = Path(mlx_path).expanduser().absolute()
+    if is_nonempty_dir(out) and not force:  # fail before the (slow) load
+        raise CheckpointError(f"{out}: already exists and is not empty (pass --force to replace it)")
+    src = resolve_model_path(hf_path, revision)
+    if src.absolute() == out:
+        raise CheckpointError(f"{out}: the output folder cannot be the input folder")
+    source_config = read_config(src)
+    model = load_model(src, lazy=True, strict_memory=strict_memory)
+    args = model.args
+    quantization = args.quantization
+    if quantize and quantization:
+        raise LoadError(f"{src}: already quantized ({quantization.get('bits')}-bit); convert from a float checkpoint")
+
+    if dtype is not None:
+        target = getattr(mx, dtype)
+        model.update(tree_map(lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
+                              model.parameters()))
+    if quantize:
+        quantization = quantize_model(model, q_group_size, q_bits)
+    weights = dict(tree_flatten(model.parameters()))
+    sizes = [(k, int(v.nbytes)) for k, v in weights.items()]
+    total = sum(s for _, s in sizes)
+    shards = plan_shards(sizes, max_shard_bytes)
+    names = shard_names(len(shards))
+    out_dtype = dtype
+    if out_dtype is None:
+        floats = [v.dtype for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)]
+        out_dtype = str(floats[0]).split(".")[-1] if floats else None
+
+    done = 0
+    with atomic_output_dir(out, force=force) as tmp:
+        weight_map: Dict[str, str] = {}
+        for shard, fname in zip(shards, names):
+            part = {k: weights[k] for k in shard}
+            for k in shard:  # evaluate (read, cast, quantize) tensor by tensor, for the progress bar
+                try:
+                    mx.eval(part[k])
+                except Exception as e:
+                    raise LoadError(f"{src}: weights could not be read ({str(e).splitlines()[0] if str(e) else e})") from e
+                weight_map[k] = fname
+                done += int(weights[k].nbytes)
+                if progress:
+                    progress(done, total, k)
+            mx.save_safetensors(str(tmp / fname), part, metadata={"format": "mlx"})
+            del part
+        if len(shards) > 1:
+            nparams = sum(int(v.size) for v in weights.values())
+            write_index(tmp, weight_map, total, nparams)
+        config = mlx_config(source_config, args, out_dtype, quantization)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        copied = 0
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+                copied += 1
+        if not copied:
+            warnings.warn(f"{src}: no tokenizer files to copy; the converted checkpoint has no tokenizer",
+                          RuntimeWarning, stacklevel=2)
+    return out
