@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import struct
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Sequence, Tuple, Union
@@ -20,6 +22,7 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple, Union
 import mlx.core as mx
 from safetensors import SafetensorError, safe_open
 
+from .folder import checkpoint_file
 from .errors import LoadError
 
 # Bits per element of every dtype the safetensors format names.
@@ -72,7 +75,10 @@ def read_safetensors_header(path: Union[str, Path]) -> Dict[str, Dict[str, Any]]
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the reader
+            raise LoadError(f"{path}: not a regular file")
+        size = st.st_size
         with safe_open(str(path), framework="numpy") as f:
             tensors = {}
             for name in f.keys():
@@ -86,24 +92,33 @@ def read_safetensors_header(path: Union[str, Path]) -> Dict[str, Dict[str, Any]]
     return tensors
 
 
+def read_index(index: Path) -> Dict[str, str]:
+    """The ``weight_map`` of a shard index: tensor name -> shard file name."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = f"line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else type(e).__name__
+        raise LoadError(f"{index}: not valid JSON ({why})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if (not isinstance(weight_map, dict) or not weight_map
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+        raise LoadError(f"{index}: not a valid safetensors index (its weight_map must map tensor names to "
+                        "shard file names)")
+    return weight_map
+
+
 def weight_files(model_path: Path) -> List[Path]:
-    """The safetensors files of a checkpoint folder: the index's shards, else every ``*.safetensors``."""
-    index = model_path / INDEX_FILE
-    if index.is_file():
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise LoadError(f"{index}: not a valid safetensors index ({e})") from e
-        files = sorted({model_path / name for name in weight_map.values()})
-        for f in files:
-            if not f.is_file():
-                raise LoadError(f"{f}: listed in {index.name} but missing")
-        return files
-    files = sorted(p for p in model_path.glob("*.safetensors") if not p.name.startswith("."))
-    if not files:
+    """The safetensors files of a checkpoint folder: the index's shards, else every ``*.safetensors``;
+    each a regular file inside the folder (:func:`~gemma4_mlx.folder.checkpoint_file`)."""
+    index = checkpoint_file(model_path, INDEX_FILE, required=False)
+    if index is not None:
+        shards = sorted(set(read_index(index).values()))
+        return [checkpoint_file(model_path, name, listed_in=INDEX_FILE) for name in shards]
+    names = sorted(p.name for p in model_path.glob("*.safetensors") if not p.name.startswith("."))
+    if not names:
         raise LoadError(f"{model_path}: no .safetensors weight files")
-    return files
+    return [checkpoint_file(model_path, name) for name in names]
 
 
 def read_weights(files: List[Path]) -> Dict[str, mx.array]:

@@ -410,7 +410,7 @@ def _fuzz_header(data: bytes, rng: random.Random) -> bytes:
     return struct.pack("<Q", length) + raw + body
 
 
-def test_fuzz_checkpoint_files_raise_only_load_errors(good, tmp_path):
+def test_fuzz_folder_raise_only_load_errors(good, tmp_path):
     rng = random.Random(1234)
     original = (good / "model.safetensors").read_bytes()
     config = (good / "config.json").read_text()

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
+from ..folder import tokenizer_files
 from ..config import ModelArgs, text_config_of
 from ..errors import CheckpointError, LoadError
-from ..safetensors_io import plan_shards, shard_names, write_index
+from ..safetensors_io import plan_shards, shard_names, weight_files, write_index
 from .dialects import published_dialect
-from .output import atomic_output_dir, is_nonempty_dir
+from .output import atomic_output_dir, check_destination, check_free_space, check_not_overlapping, real_path
 from .quantize import quantize_model
 from .random_weights import DEFAULT_SHARD_BYTES, DTYPES, ProgressFn
-
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-    "tokenizer.model", "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt",
-)
 
 
 def mlx_config(source_config: Dict[str, Any], args: ModelArgs, dtype: Optional[str],
@@ -56,12 +53,14 @@ def convert_checkpoint(hf_path: Union[str, Path], mlx_path: Union[str, Path], *,
             raise CheckpointError(f"--q-bits must be one of 2, 3, 4, 5, 6, 8 (got {q_bits})")
         if q_group_size not in (32, 64, 128):
             raise CheckpointError(f"--q-group-size must be 32, 64 or 128 (got {q_group_size})")
-    out = Path(mlx_path).expanduser().absolute()
-    if is_nonempty_dir(out) and not force:  # fail before the (slow) load
-        raise CheckpointError(f"{out}: already exists and is not empty (pass --force to replace it)")
+    out = real_path(mlx_path)
+    if os.path.lexists(Path(hf_path).expanduser()):  # a local source: an overlap is the first thing to name
+        check_not_overlapping(out, [Path(hf_path).expanduser()])
+    check_destination(out, force)  # fail before the (slow) download and load
     src = resolve_model_path(hf_path, revision)
-    if src.absolute() == out:
-        raise CheckpointError(f"{out}: the output folder cannot be the input folder")
+    # The source folder and, through any links (a Hub cache's blobs), every file read from it.
+    inputs = [src, *weight_files(src), *tokenizer_files(src)]
+    check_not_overlapping(out, inputs)
     source_config = read_config(src)
     model = load_model(src, lazy=True, strict_memory=strict_memory)
     args = model.args
@@ -85,8 +84,9 @@ def convert_checkpoint(hf_path: Union[str, Path], mlx_path: Union[str, Path], *,
         floats = [v.dtype for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)]
         out_dtype = str(floats[0]).split(".")[-1] if floats else None
 
+    check_free_space(out, total)
     done = 0
-    with atomic_output_dir(out, force=force) as tmp:
+    with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         weight_map: Dict[str, str] = {}
         for shard, fname in zip(shards, names):
             part = {k: weights[k] for k in shard}
@@ -107,10 +107,9 @@ def convert_checkpoint(hf_path: Union[str, Path], mlx_path: Union[str, Path], *,
         config = mlx_config(source_config, args, out_dtype, quantization)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         copied = 0
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-                copied += 1
+        for path in tokenizer_files(src):
+            shutil.copyfile(path, tmp / path.name)
+            copied += 1
         if not copied:
             warnings.warn(f"{src}: no tokenizer files to copy; the converted checkpoint has no tokenizer",
                           RuntimeWarning, stacklevel=2)

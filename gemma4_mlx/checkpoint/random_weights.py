@@ -13,7 +13,7 @@ from ..config import ModelArgs, parse_config, text_config_of
 from ..errors import CheckpointError
 from ..safetensors_io import nbytes, plan_shards, shard_names, write_index, write_streamed
 from .dialects import per_layer_dialect, published_dialect
-from .output import atomic_output_dir
+from .output import atomic_output_dir, check_destination, check_free_space, real_path
 
 DTYPES = ("bfloat16", "float16", "float32")
 ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -195,6 +195,7 @@ def write_random_checkpoint(preset_or_config: Union[str, Dict[str, Any]], out_di
     by_name = {s[0]: s for s in specs}
     shards = plan_shards(sizes, max_shard_bytes)
     names = shard_names(len(shards))
+    check_free_space(check_destination(out_dir, force), total)
     done = 0
 
     def shard_data(shard: List[str]) -> Iterator[bytes]:
@@ -218,4 +219,4 @@ def write_random_checkpoint(preset_or_config: Union[str, Dict[str, Any]], out_di
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         synthesize_tokenizer(tmp, args.vocab_size, chat_template=chat_template,
                              model_max_length=args.max_position_embeddings)
-    return Path(out_dir).expanduser().absolute()
+    return real_path(out_dir)
