@@ -15,7 +15,8 @@ from ..errors import CheckpointError, LoadError
 from ..safetensors_io import plan_shards, shard_names, weight_files, write_index
 from .dialects import published_dialect
 from .output import atomic_output_dir, check_destination, check_free_space, check_not_overlapping, real_path
-from .quantize import quantize_model
+from .quantize import quantization_params, quantize_model
+from .upload import check_repo_id, upload_folder, write_model_card
 from .random_weights import DEFAULT_SHARD_BYTES, DTYPES, ProgressFn
 
 
@@ -37,10 +38,17 @@ def mlx_config(source_config: Dict[str, Any], args: ModelArgs, dtype: Optional[s
 
 
 def convert_checkpoint(hf_path: Union[str, Path], mlx_path: Union[str, Path], *, dtype: Optional[str] = None,
-                       quantize: bool = False, q_bits: int = 4, q_group_size: int = 64, force: bool = False,
+                       quantize: bool = False, q_bits: Optional[int] = None, q_group_size: Optional[int] = None,
+                       q_mode: str = "affine", quant_predicate: Optional[str] = None, force: bool = False,
                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, strict_memory: bool = False,
-                       revision: Optional[str] = None, progress: Optional[ProgressFn] = None) -> Path:
-    """Convert a Gemma 4 checkpoint (folder or Hub repo id) into an MLX checkpoint folder."""
+                       revision: Optional[str] = None, upload_repo: Optional[str] = None,
+                       progress: Optional[ProgressFn] = None) -> Path:
+    """Convert a Gemma 4 checkpoint (folder or Hub repo id) into an MLX checkpoint folder.
+
+    ``q_mode``, ``quant_predicate`` (a recipe name), ``q_bits`` and ``q_group_size`` mean what they
+    mean to ``mlx_lm.convert`` (see :mod:`.quantize`); ``upload_repo`` uploads the result to the
+    Hugging Face Hub afterwards (:mod:`.upload`).
+    """
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map
 
@@ -49,10 +57,11 @@ def convert_checkpoint(hf_path: Union[str, Path], mlx_path: Union[str, Path], *,
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
     if quantize:
-        if q_bits not in (2, 3, 4, 5, 6, 8):
-            raise CheckpointError(f"--q-bits must be one of 2, 3, 4, 5, 6, 8 (got {q_bits})")
-        if q_group_size not in (32, 64, 128):
-            raise CheckpointError(f"--q-group-size must be 32, 64 or 128 (got {q_group_size})")
+        q_bits, q_group_size = quantization_params(q_mode, q_bits, q_group_size, quant_predicate)
+    elif q_mode != "affine" or quant_predicate is not None:
+        raise CheckpointError("--q-mode and --quant-predicate choose how to quantize: add --quantize (-q)")
+    if upload_repo is not None:
+        check_repo_id(upload_repo)
     out = real_path(mlx_path)
     if os.path.lexists(Path(hf_path).expanduser()):  # a local source: an overlap is the first thing to name
         check_not_overlapping(out, [Path(hf_path).expanduser()])
@@ -73,7 +82,7 @@ def convert_checkpoint(hf_path: Union[str, Path], mlx_path: Union[str, Path], *,
         model.update(tree_map(lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
                               model.parameters()))
     if quantize:
-        quantization = quantize_model(model, q_group_size, q_bits)
+        quantization = quantize_model(model, q_group_size, q_bits, mode=q_mode, recipe=quant_predicate)
     weights = dict(tree_flatten(model.parameters()))
     sizes = [(k, int(v.nbytes)) for k, v in weights.items()]
     total = sum(s for _, s in sizes)
@@ -113,4 +122,9 @@ def convert_checkpoint(hf_path: Union[str, Path], mlx_path: Union[str, Path], *,
         if not copied:
             warnings.warn(f"{src}: no tokenizer files to copy; the converted checkpoint has no tokenizer",
                           RuntimeWarning, stacklevel=2)
+        if upload_repo is not None:
+            write_model_card(tmp, upload_repo, base_model=None if os.path.lexists(Path(hf_path).expanduser())
+                             else str(hf_path), quantization=quantization)
+    if upload_repo is not None:
+        upload_folder(out, upload_repo)
     return out
