@@ -16,7 +16,8 @@ import mlx.core as mx
 import numpy as np
 
 from gemma4_mlx import Model
-from gemma4_mlx.benchmark import BenchSettings, build_pair, quantize_model
+from gemma4_mlx.bench.pair import build_pair, quantize_model
+from gemma4_mlx.bench.settings import BenchSettings
 from gemma4_mlx.kernels import dispatch
 
 preset = sys.argv[1]; qbits = int(sys.argv[2]); P = int(os.environ.get("PROMPT", 841)); S = int(os.environ.get("STEPS", 60))

@@ -1,7 +1,7 @@
 """``python -m bench.compare [options]``: the same as ``gemma4-mlx compare [options]``.
 
 Runs from the repository root without installing the package (as on the GPU machine, where
-``PYTHONPATH`` holds the project root). The harness lives in :mod:`gemma4_mlx.benchmark`.
+``PYTHONPATH`` holds the project root). The harness lives in :mod:`gemma4_mlx.bench`.
 """
 
 from __future__ import annotations

@@ -42,6 +42,28 @@ class ConfigError(ValueError):
 # No Gemma 4 dimension comes near this; larger values are corrupt configs, not models.
 MAX_DIM = 1 << 24
 
+# Sizes that decide how much gets built: (largest published value, the limit). The published
+# values are those of E2B, E4B, 26B-A4B and 31B; each limit is 16x that, rounded up to a power of
+# two. They are checked while parsing, before anything is allocated, so a corrupt or hostile
+# config (200k layers, say) is refused in milliseconds instead of growing to gigabytes.
+SIZE_LIMITS = {
+    "num_hidden_layers": (60, 1024),
+    "num_kv_shared_layers": (20, 512),
+    "hidden_size": (5376, 131072),
+    "intermediate_size": (21504, 524288),
+    "num_attention_heads": (32, 512),
+    "num_key_value_heads": (16, 256),
+    "num_global_key_value_heads": (4, 64),
+    "head_dim": (256, 4096),
+    "global_head_dim": (512, 8192),
+    "vocab_size": (262144, 4194304),
+    "vocab_size_per_layer_input": (262144, 4194304),
+    "hidden_size_per_layer_input": (256, 4096),
+    "num_experts": (128, 2048),
+    "top_k_experts": (8, 128),
+    "moe_intermediate_size": (704, 16384),
+}
+
 
 @dataclass(frozen=True)
 class RopePlan:
@@ -173,6 +195,10 @@ def _as_int(d: Dict[str, Any], key: str, default=None, *, minimum: Optional[int]
     v = int(v)
     if minimum is not None and v < minimum:
         raise ConfigError(f"config field {key!r} must be >= {minimum}, got {v}")
+    if key in SIZE_LIMITS and v > SIZE_LIMITS[key][1]:
+        published, limit = SIZE_LIMITS[key]
+        raise ConfigError(f"config field {key!r} is {v}, above this loader's limit of {limit} (16x the largest "
+                          f"published Gemma 4 value, {published})")
     if v > MAX_DIM:
         raise ConfigError(f"config field {key!r} is implausibly large ({v})")
     return v

@@ -11,12 +11,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .folder import CONFIG_FILE, checkpoint_file, tokenizer_files
 from .config import ConfigError, ModelArgs, parse_config
+from .errors import LoadError
+from .memory import check_memory
 from .model import Model
-
-
-class LoadError(RuntimeError):
-    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+from .safetensors_io import read_weights, weight_files
 
 
 def resolve_model_path(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Path:
@@ -49,14 +49,15 @@ def resolve_model_path(path_or_repo: Union[str, Path], revision: Optional[str] =
 
 
 def read_config(model_path: Path) -> Dict[str, Any]:
-    cfg = model_path / "config.json"
-    if not cfg.is_file():
-        raise LoadError(f"{cfg}: missing (a checkpoint folder needs config.json)")
+    cfg = checkpoint_file(model_path, CONFIG_FILE, missing_hint=" (a checkpoint folder needs config.json)")
     try:
         with open(cfg, encoding="utf-8") as f:
             config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoadError(f"{cfg}: not valid JSON ({e})") from e
+    except json.JSONDecodeError as e:  # its message gives the position, never the text
+        raise LoadError(f"{cfg}: not valid JSON ({e})") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "nested too deeply"
+        raise LoadError(f"{cfg}: not valid JSON ({why})") from None
     if not isinstance(config, dict):
         raise LoadError(f"{cfg}: must hold a JSON object")
     return config
@@ -73,38 +74,6 @@ def model_args(model_path: Path, config: Optional[Dict[str, Any]] = None) -> Mod
         # A field of the wrong type/value that parse_config does not check itself.
         why = str(e).splitlines()[0] if str(e) else ""
         raise LoadError(f"{model_path / 'config.json'}: invalid config ({type(e).__name__}: {why})") from e
-
-
-def weight_files(model_path: Path) -> List[Path]:
-    index = model_path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise LoadError(f"{index}: not a valid safetensors index ({e})") from e
-        files = sorted({model_path / name for name in weight_map.values()})
-        for f in files:
-            if not f.is_file():
-                raise LoadError(f"{f}: listed in {index.name} but missing")
-        return files
-    files = sorted(p for p in model_path.glob("*.safetensors") if not p.name.startswith("."))
-    if not files:
-        raise LoadError(f"{model_path}: no .safetensors weight files")
-    return files
-
-
-def read_weights(files: List[Path]) -> Dict[str, mx.array]:
-    weights: Dict[str, mx.array] = {}
-    for f in files:
-        try:
-            part = mx.load(str(f))
-        except Exception as e:
-            raise LoadError(f"{f}: unreadable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-        if not isinstance(part, dict):
-            raise LoadError(f"{f}: not a safetensors file")
-        weights.update(part)
-    return weights
 
 
 def _quantize(model: nn.Module, quantization: Dict[str, Any], weights: Dict[str, mx.array], source: Path) -> None:
@@ -148,6 +117,25 @@ def check_weights(model: nn.Module, weights: Dict[str, mx.array], where: Path) -
             raise LoadError(
                 f"{where}: weight {k} has shape {tuple(v.shape)}, the config implies {tuple(expected[k].shape)}"
             )
+        check_dtype(k, v.dtype, expected[k].dtype, where)
+
+
+FLOAT_WEIGHT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+
+
+def check_dtype(name: str, stored: mx.Dtype, expected: mx.Dtype, where: Path) -> None:
+    """Floating parameters take any of float16, bfloat16, float32 (they load as stored); packed
+    quantized weights and integer scales must be exactly the type the quantized layer holds."""
+    def show(d):
+        return str(d).split(".")[-1]
+
+    if mx.issubdtype(expected, mx.floating):
+        if stored not in FLOAT_WEIGHT_DTYPES:
+            raise LoadError(f"{where}: weight {name} is stored as {show(stored)}, but the model expects "
+                            "float16, bfloat16 or float32 there")
+    elif stored != expected:
+        raise LoadError(f"{where}: weight {name} is stored as {show(stored)}, but the quantized layer expects "
+                        f"{show(expected)} there")
 
 
 def load_model(path: Union[str, Path], lazy: bool = False, revision: Optional[str] = None,
@@ -157,8 +145,6 @@ def load_model(path: Union[str, Path], lazy: bool = False, revision: Optional[st
     The weights' memory is estimated from the safetensors headers first: a ``MemoryWarning``
     when the device lacks it, or a LoadError with ``strict_memory=True``.
     """
-    from .checkpoint import check_memory
-
     model_path = resolve_model_path(path, revision)
     config = read_config(model_path)
     args = model_args(model_path, config)
@@ -190,13 +176,15 @@ def load_tokenizer(model_path: Path, eos_token_ids: Optional[List[int]] = None):
     from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
     ids = set(eos_token_ids or [])
-    gen_cfg = model_path / "generation_config.json"
-    if gen_cfg.is_file():
+    tokenizer_files(model_path)  # every tokenizer file a regular file inside the folder
+    gen_cfg = checkpoint_file(model_path, "generation_config.json", required=False)
+    if gen_cfg is not None:
         try:
             with open(gen_cfg, encoding="utf-8") as f:
                 eos = json.load(f).get("eos_token_id")
-            ids.update([eos] if isinstance(eos, int) else (eos or []))
-        except (json.JSONDecodeError, AttributeError):
+            eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+            ids.update(i for i in eos if isinstance(i, int) and not isinstance(i, bool) and i >= 0)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, AttributeError):
             pass
     try:
         return mlx_load_tokenizer(model_path, eos_token_ids=sorted(ids) or None)

@@ -10,15 +10,10 @@ import numpy as np
 import pytest
 
 from gemma4_mlx import load_model
-from gemma4_mlx.checkpoint import (
-    CheckpointError,
-    checkpoint_config,
-    convert_checkpoint,
-    estimate_memory,
-    hf_tensor_specs,
-    read_safetensors_header,
-    write_random_checkpoint,
-)
+from gemma4_mlx.checkpoint import CheckpointError, checkpoint_config, convert_checkpoint, write_random_checkpoint
+from gemma4_mlx.checkpoint.random_weights import hf_tensor_specs
+from gemma4_mlx.memory import estimate_memory
+from gemma4_mlx.safetensors_io import read_safetensors_header
 from gemma4_mlx.config import parse_config
 from gemma4_mlx.tokenizer_synth import SPECIAL_TOKENS, synthesize_tokenizer
 
@@ -159,7 +154,7 @@ def test_write_is_atomic_and_refuses_overwrite(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="already exists"):
         write_random_checkpoint("tiny", out)
     # Interrupted forced rewrite: the old checkpoint survives, no temp folder is left.
-    import gemma4_mlx.checkpoint as ck
+    import gemma4_mlx.checkpoint.random_weights as ck
 
     real = ck._tensor_chunks
     calls = {"n": 0}

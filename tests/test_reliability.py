@@ -27,14 +27,9 @@ from hypothesis import strategies as st
 
 import gemma4_mlx.commands as commands
 from gemma4_mlx import load_model
-from gemma4_mlx.checkpoint import (
-    MemoryWarning,
-    check_memory,
-    convert_checkpoint,
-    estimate_memory,
-    read_safetensors_header,
-    write_random_checkpoint,
-)
+from gemma4_mlx.checkpoint import convert_checkpoint, write_random_checkpoint
+from gemma4_mlx.memory import MemoryWarning, check_memory, estimate_memory
+from gemma4_mlx.safetensors_io import read_safetensors_header
 from gemma4_mlx.config import FULL, SLIDING, ConfigError, parse_config
 from gemma4_mlx.loading import LoadError, model_args
 from gemma4_mlx.presets import PRESETS
@@ -258,9 +253,9 @@ def test_estimate_memory_reads_headers_only(good, monkeypatch):
 
 
 def test_strict_memory_refuses_load(good, tmp_path, monkeypatch):
-    import gemma4_mlx.checkpoint as ckpt
+    import gemma4_mlx.memory as memory
 
-    monkeypatch.setattr(ckpt, "device_memory", lambda: 1000)
+    monkeypatch.setattr(memory, "device_memory", lambda: 1000)
     with pytest.raises(LoadError, match="GiB"):
         load_model(good, strict_memory=True)
     with pytest.warns(MemoryWarning):
@@ -274,12 +269,13 @@ def test_strict_memory_refuses_load(good, tmp_path, monkeypatch):
 
 def test_big_preset_estimate_without_weights(tmp_path):
     """The e2b header alone (no data) gives the estimate; a big preset is never written in tests."""
-    from gemma4_mlx.checkpoint import _header, checkpoint_config, hf_tensor_specs
+    from gemma4_mlx.checkpoint.random_weights import checkpoint_config, hf_tensor_specs
+    from gemma4_mlx.safetensors_io import header_bytes
 
     args = parse_config(checkpoint_config("e2b"))
     entries = [(n, s, "BF16") for n, s, _ in hf_tensor_specs(args)]
     f = tmp_path / "model.safetensors"
-    f.write_bytes(_header(entries, {"format": "pt"}))
+    f.write_bytes(header_bytes(entries, {"format": "pt"}))
     with pytest.raises(LoadError, match="truncated"):
         read_safetensors_header(f)
 
@@ -342,7 +338,7 @@ def test_valid_configs_give_consistent_plans(cfg):
         else:
             assert p.kv_source == p.index
     # Both dialects describe the same plan.
-    from gemma4_mlx.checkpoint import per_layer_dialect, published_dialect
+    from gemma4_mlx.checkpoint.dialects import per_layer_dialect, published_dialect
     from gemma4_mlx.config import text_config_of
 
     text, _ = text_config_of(cfg)
@@ -414,7 +410,7 @@ def _fuzz_header(data: bytes, rng: random.Random) -> bytes:
     return struct.pack("<Q", length) + raw + body
 
 
-def test_fuzz_checkpoint_files_raise_only_load_errors(good, tmp_path):
+def test_fuzz_folder_raise_only_load_errors(good, tmp_path):
     rng = random.Random(1234)
     original = (good / "model.safetensors").read_bytes()
     config = (good / "config.json").read_text()

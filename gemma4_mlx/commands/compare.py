@@ -52,22 +52,24 @@ def compare(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write JSON, Markdown and PNG results here."),
 ) -> None:
     """Benchmark ours against stock mlx-lm's gemma4_text: identical weights, alternated runs, medians."""
-    from .. import benchmark as bm
+    from ..bench.report import format_table, write_outputs
+    from ..bench.run import run_benchmark, run_kernel_benchmarks
+    from ..bench.settings import DTYPES, BenchmarkError, BenchSettings
 
     with user_errors():
-        settings = bm.BenchSettings(
+        settings = BenchSettings(
             preset=preset, model=model, dtype=dtype, quantize=quantize, prompt_lengths=_lengths(prompt_lengths),
             long=long, decode_tokens=decode_tokens, runs=runs, warmup=warmup, check_tokens=check_tokens, seed=seed,
             prefill_step_size=prefill_step_size, with_transformers=with_transformers,
         )
         try:
-            results = bm.run_benchmark(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-        except bm.BenchmarkError as e:
+            results = run_benchmark(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        except BenchmarkError as e:
             raise ValueError(str(e)) from e
         print()
-        print(bm.format_table(results))
+        print(format_table(results))
         if out is not None:
-            paths = bm.write_outputs(results, out)
+            paths = write_outputs(results, out)
             for kind, path in paths.items():
                 if path is None:
                     print(f"{kind}: skipped (matplotlib is not installed)" if kind == "png" else f"{kind}: skipped")
@@ -76,8 +78,8 @@ def compare(
         status = 0
         if kernels:
             dt = results["settings"]["dtype"]
-            status = bm.run_kernel_benchmarks(["--dtype", dt] if dt in bm.DTYPES else [],
-                                              out / f"kernels-{dt}.txt" if out is not None else None)
+            status = run_kernel_benchmarks(["--dtype", dt] if dt in DTYPES else [],
+                                           out / f"kernels-{dt}.txt" if out is not None else None)
         chk = results["token_check"]
         if require_match and chk.get("exact_required") and not chk.get("match"):
             print("error: float32 greedy tokens differ between ours and stock", file=sys.stderr)

@@ -12,13 +12,11 @@ from typing import Any, Dict, List, Optional
 
 import typer
 
-from ..checkpoint import ST_DTYPE_SIZES
+from ..safetensors_io import ST_DTYPE_BITS, read_safetensors_header, weight_files
 from . import app, user_errors
 from .generate import MODEL_HELP
 
 def weights_summary(files: List[Path]) -> Dict[str, Any]:
-    from ..checkpoint import read_safetensors_header
-
     total_bytes, tensors, dtypes = 0, 0, {}
     for f in files:
         for meta in read_safetensors_header(f).values():
@@ -58,7 +56,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def describe(model_path: Path) -> Dict[str, Any]:
-    from ..loading import model_args, weight_files
+    from ..loading import model_args
 
     args = model_args(model_path)
     weights: Optional[Dict[str, Any]] = None
@@ -69,7 +67,7 @@ def describe(model_path: Path) -> Dict[str, Any]:
     dtypes = (weights or {}).get("dtypes") or {}
     float_dtypes = {k: v for k, v in dtypes.items() if k in ("F32", "F16", "BF16")}
     act = max(float_dtypes, key=float_dtypes.get) if float_dtypes else "BF16"
-    act_bytes = ST_DTYPE_SIZES.get(act, 2)
+    act_bytes = ST_DTYPE_BITS.get(act, 16) // 8
     plan = [
         {
             "layer": p.index, "type": p.layer_type, "head_dim": p.head_dim, "heads": p.num_heads,

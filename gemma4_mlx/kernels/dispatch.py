@@ -227,7 +227,7 @@ def dtype_from_key(name: str):
 # ------------------------------------------------------------- sources
 
 def read_source(filename: str) -> str:
-    return resources.files("custom_kernels").joinpath(filename).read_text()
+    return resources.files("gemma4_mlx.kernel_sources").joinpath(filename).read_text()
 
 
 def prelude(backend: str) -> tuple[str, str]:
