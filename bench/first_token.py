@@ -27,7 +27,8 @@ def main():
     n_prompt = int(sys.argv[3]) if len(sys.argv) > 3 else 402
     n_new = int(sys.argv[4]) if len(sys.argv) > 4 else 128
     bits = int(sys.argv[5]) if len(sys.argv) > 5 else 0
-    from gemma4_mlx.benchmark import BenchSettings, build_pair
+    from gemma4_mlx.bench.pair import build_pair
+    from gemma4_mlx.bench.settings import BenchSettings
     from gemma4_mlx.tokenizer_synth import synthesize_tokenizer
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
