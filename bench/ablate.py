@@ -1,8 +1,16 @@
-"""Decode-step ablations on one warm GPU: sync per step, medians over many steps.
+"""Decode-step ablations on one warm GPU: one switch changed at a time, same weights.
 
-Usage: python3 bench/ablate.py PRESET BITS (0 = bf16), e.g. `python3 bench/ablate.py e2b 0`;
-PROMPT (841) and STEPS (60) from the environment. Each line rebuilds our model with one
-kernel or switch changed, on the same weights; stock mlx-lm is the first line.
+Usage: python3 bench/ablate.py PRESET BITS (0 = bf16), e.g. `python3 bench/ablate.py e2b 0`.
+Environment: PROMPT (841 tokens of context), STEPS (20 timed steps per round), ROUNDS (6),
+CONFIGS (a comma-separated subset of the line names below).
+
+Every configuration is built once (its own model over the same weight arrays, its own cache
+prefilled with the same prompt); then ROUNDS rounds each time every configuration in turn, a
+sync after every step. The GPU machine is shared and noisy (single runs of the same model
+differed by up to 60% in session 3), so what is reported per line is the median over all rounds'
+steps and the best round's median; compare lines only within one run. Stock mlx-lm is the first
+line. "launching" primitives are all but views (reshape, transpose, slice ...): roughly the kernel
+launches of a step.
 """
 import collections
 import io
@@ -20,69 +28,115 @@ from gemma4_mlx.bench.pair import build_pair, quantize_model
 from gemma4_mlx.bench.settings import BenchSettings
 from gemma4_mlx.kernels import dispatch
 
-preset = sys.argv[1]; qbits = int(sys.argv[2]); P = int(os.environ.get("PROMPT", 841)); S = int(os.environ.get("STEPS", 60))
+preset = sys.argv[1]
+qbits = int(sys.argv[2])
+P = int(os.environ.get("PROMPT", 841))
+S = int(os.environ.get("STEPS", 20))
+R = int(os.environ.get("ROUNDS", 6))
 # the benchmark's own pair: random bf16 weights (fixed seed), quantized alike, shared with stock
 base, stock, _ = build_pair(BenchSettings(preset=preset, dtype="bfloat16", quantize=qbits or None).resolve())
 args, params = base.args, base.parameters()
 prompt = mx.array(np.random.default_rng(0).integers(0, args.vocab_size, (1, P)))
-
-def step_times(model):
-    cache = model.make_cache()
-    mx.eval(model(prompt, cache=cache)); mx.eval([c.state for c in cache])
-    tok = mx.array([[11]]); ts = []
-    for i in range(S):
-        t = time.perf_counter(); out = model(tok, cache=cache); mx.eval(out); ts.append(time.perf_counter() - t)
-    return statistics.median(ts[5:]) * 1e3
-
+SWITCHES = ("GEMMA4_MLX_KERNELS", "GEMMA4_MLX_KERNELS_DISABLE", "GEMMA4_MLX_COMPILE", "GEMMA4_MLX_FUSE",
+            "GEMMA4_MLX_NVRTC")
 VIEWS = {"Reshape", "Transpose", "Slice", "Squeeze", "ExpandDims", "Broadcast", "Unflatten", "Flatten",
          "AsStrided", "Split", "StopGradient"}
 
-def step_ops(model):
-    """Primitives in one decode step's graph (after the trace: what each later step evaluates),
-    and how many of them are not mere views (roughly: kernel launches)."""
+D = "GEMMA4_MLX_KERNELS_DISABLE"
+# "ours" is the default (the matvec kernels "mv" and "qmv" off); each other line changes one
+# thing. A kernel switched off falls back to the model's MLX op sequence (what stock runs).
+CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", {D: "qmv"}), ("ours +qmv", {D: "mv"}),
+           ("ours -attn", {D: "mv,qmv,attention_prefix,attention"}),
+           ("ours -rope", {D: "mv,qmv,q_norm_rope,kv_norm_rope"}),
+           ("ours -ple", {D: "mv,qmv,ple_combine,ple_gate"}),
+           ("ours -resnorm", {D: "mv,qmv,residual_norm"}),
+           ("ours -fuse", {"GEMMA4_MLX_FUSE": "0"}),
+           ("ours mlx kernels", {"GEMMA4_MLX_NVRTC": "0"}),  # built by mx.fast.cuda_kernel instead
+           ("ours kernels off", {"GEMMA4_MLX_KERNELS": "off"}), ("ours no compile", {"GEMMA4_MLX_COMPILE": "0"})]
+if os.environ.get("CONFIGS"):
+    keep = [c.strip() for c in os.environ["CONFIGS"].split(",")]
+    CONFIGS = [c for c in CONFIGS if c[0] in keep]
+
+
+def use(env):
+    for k in SWITCHES:
+        os.environ.pop(k, None)
+    os.environ.update(env or {})
+
+
+def build(env):
+    use(env)
+    dispatch.reset()
+    m = Model(args)
+    if qbits:
+        quantize_model(m, qbits)
+    m.update(params)
+    return m
+
+
+def prefilled(model):
     cache = model.make_cache()
-    mx.eval(model(prompt[:, :40], cache=cache)); mx.eval(model(mx.array([[11]]), cache=cache))
+    if model is not stock:  # ours sizes its buffers as its generate does: one trace throughout
+        from gemma4_mlx.decode import reserve
+
+        reserve(cache, P + 16 + R * S)
+    mx.eval(model(prompt, cache=cache))
+    mx.eval([c.state for c in cache])
+    return cache
+
+
+def steps(model, cache, n):
+    tok, ts = mx.array([[11]]), []
+    for _ in range(n):
+        t = time.perf_counter()
+        mx.eval(model(tok, cache=cache))
+        ts.append(time.perf_counter() - t)
+    return ts
+
+
+def step_ops(model):
+    """Primitives in one decode step's graph (after the trace: what each later step evaluates)."""
+    cache = model.make_cache()
+    mx.eval(model(prompt[:, :40], cache=cache))
+    mx.eval(model(mx.array([[11]]), cache=cache))
     out = model(mx.array([[12]]), cache=cache)
-    f = io.StringIO(); mx.export_to_dot(f, out, *[a for c in cache for a in (c.keys, c.values)])
+    f = io.StringIO()
+    mx.export_to_dot(f, out, *[a for c in cache for a in (c.keys, c.values)])
     names = re.findall(r'label ="([A-Za-z_0-9]+)', f.getvalue())
     mx.eval(out)
     return len(names), sum(n not in VIEWS for n in names), collections.Counter(names)
 
-def fresh(env):
-    for k in ("GEMMA4_MLX_KERNELS", "GEMMA4_MLX_KERNELS_DISABLE", "GEMMA4_MLX_COMPILE", "GEMMA4_MLX_FUSE"):
-        os.environ.pop(k, None)
-    os.environ.update(env); dispatch.reset()
-    m = Model(args)
-    if qbits: quantize_model(m, qbits)
-    m.update(params); return m
 
-# "ours" is the default (the matvec kernels "mv" and "qmv" off); each other line changes one
-# thing. A kernel switched off falls back to the model's MLX op sequence (what stock runs).
-D = "GEMMA4_MLX_KERNELS_DISABLE"
-configs = [("stock", None), ("ours", {}), ("ours +mv", {D: "qmv"}), ("ours +qmv", {D: "mv"}),
-           ("ours -attn", {D: "mv,qmv,attention_prefix,attention"}),
-           ("ours -rope,ple", {D: "mv,qmv,q_norm_rope,kv_norm_rope,ple_combine,ple_gate"}),
-           ("ours -resnorm", {D: "mv,qmv,residual_norm"}),
-           ("ours -fuse", {"GEMMA4_MLX_FUSE": "0"}),
-           ("ours kernels off", {"GEMMA4_MLX_KERNELS": "off"}), ("ours no compile", {"GEMMA4_MLX_COMPILE": "0"})]
-if os.environ.get("CONFIGS"):  # a subset by name, e.g. CONFIGS="stock,ours,ours kernels off"
-    keep = [c.strip() for c in os.environ["CONFIGS"].split(",")]
-    configs = [c for c in configs if c[0] in keep]
-res, ops = {}, {}
-for rep in range(2):
-    for name, env in configs:
-        m = stock if env is None else fresh(env)
-        res.setdefault(name, []).append(step_times(m))
-        if rep == 0:
-            try:
-                ops[name] = step_ops(m)
-            except Exception as e:  # the timings matter more than the count
-                print(f"  (op count failed for {name}: {type(e).__name__}: {e})")
-                ops[name] = (0, 0, collections.Counter())
-print(f"{preset} q{qbits} prompt {P}: decode step ms (sync per step, median of {S-5} steps, 2 reps); "
-      f"primitives per step (all / not views)")
-for name, v in res.items():
-    print(f"  {name:18s} {min(v):7.2f} ms  ({1000/min(v):6.1f} tok/s)  ops {ops[name][0]:5d} / {ops[name][1]:5d}"
-          f"  reps {[round(x,2) for x in v]}")
+lines = {}
+for name, env in CONFIGS:
+    model = stock if env is None else build(env)
+    use(env)
+    cache = prefilled(model)
+    steps(model, cache, 5)  # trace, kernel checks, warm-up
+    try:
+        ops = step_ops(model)
+    except Exception as e:  # the timings matter more than the count
+        print(f"  (op count failed for {name}: {type(e).__name__}: {e})")
+        ops = (0, 0, collections.Counter())
+    # the step's buffers keep one shape for the whole measurement (one trace)
+    lines[name] = dict(model=model, env=env, cache=cache, ops=ops, times=[], rounds=[])
+    mx.clear_cache()
+
+for r in range(R):
+    for name, line in lines.items():
+        use(line["env"])
+        ts = steps(line["model"], line["cache"], S)
+        line["times"] += ts
+        line["rounds"].append(statistics.median(ts) * 1e3)
+
+print(f"{preset} q{qbits} context {P}: decode step ms, sync per step; median of {R}x{S} steps | best round; "
+      f"primitives per step (all / launching)")
+ref = statistics.median(lines["stock"]["times"]) * 1e3 if "stock" in lines else None
+for name, line in lines.items():
+    med = statistics.median(line["times"]) * 1e3
+    vs = f"  {ref / med:4.2f}x stock" if ref else ""
+    print(f"  {name:18s} {med:7.2f} | {min(line['rounds']):7.2f} ms ({1000 / med:6.1f} tok/s){vs}"
+          f"  ops {line['ops'][0]:5d} / {line['ops'][1]:5d}  rounds {[round(x, 2) for x in line['rounds']]}")
 for name in ("stock", "ours"):
-    print(f"  {name} step primitives:", ", ".join(f"{k} {n}" for k, n in ops[name][2].most_common(14)))
+    if name in lines:
+        print(f"  {name} step primitives:", ", ".join(f"{k} {n}" for k, n in lines[name]["ops"][2].most_common(14)))

@@ -39,7 +39,9 @@ case "${1:-}" in
     echo "$(wc -l < "$OUT/ids.txt") test ids"
     for i in 0 1 2 3; do
       awk -v i=$i 'NR % 4 == i' "$OUT/ids.txt" > "$OUT/ids.$i"
-      MLX_ENABLE_TF32=0 timeout 400 python3 -m pytest -q -p no:cacheprovider -x $(cat "$OUT/ids.$i") > "$OUT/parity.$i.txt" 2>&1 &
+      # one argument per line: parametrised ids may hold spaces
+      (mapfile -t ids < "$OUT/ids.$i"; MLX_ENABLE_TF32=0 timeout 400 python3 -m pytest -q -p no:cacheprovider \
+        "${ids[@]}" > "$OUT/parity.$i.txt" 2>&1) &
     done
     wait
     for i in 0 1 2 3; do tail -1 "$OUT/parity.$i.txt"; done | tee "$OUT/parity.txt"
@@ -63,7 +65,8 @@ case "${1:-}" in
     echo "$(wc -l < "$OUT/ids.txt") test ids"
     for i in 0 1 2 3 4 5 6 7; do
       awk -v i=$i 'NR % 8 == i' "$OUT/ids.txt" > "$OUT/ids.$i"
-      timeout 540 python3 -m pytest -q -p no:cacheprovider $(cat "$OUT/ids.$i") > "$OUT/parity.$i.txt" 2>&1 &
+      (mapfile -t ids < "$OUT/ids.$i"; MLX_ENABLE_TF32=0 timeout 540 python3 -m pytest -q -p no:cacheprovider \
+        "${ids[@]}" > "$OUT/parity.$i.txt" 2>&1) &
     done
     wait
     for i in 0 1 2 3 4 5 6 7; do tail -1 "$OUT/parity.$i.txt"; done | tee "$OUT/parity.txt"
