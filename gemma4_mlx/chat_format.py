@@ -413,8 +413,8 @@ def encode_prompt(tokenizer, prompt: Union[str, Sequence[Message]], system: Opti
     """Token ids of :func:`format_prompt`'s text, with special-token text in any caller string
     (messages, system prompt, tools, prefill) tokenized as plain text.
 
-    ``after_cached_prefix``: only the ids from the last message's content on (a saved prompt
-    cache holds what comes before it, as ``mlx_lm.cache_prompt`` writes it).
+    ``after_cached_prefix``: only the ids from the last user message's content on (a saved
+    prompt cache holds what comes before it, as ``mlx_lm.cache_prompt`` writes it).
     """
     messages = _prompt_messages(prompt, system, prefill)
     tools = normalize_tools(tools)
@@ -426,8 +426,10 @@ def encode_prompt(tokenizer, prompt: Union[str, Sequence[Message]], system: Opti
     start = None
     if after_cached_prefix:
         start = _MARK_OPEN + "query" + guard.nonce + _MARK_CLOSE
-        last = shielded[-1]
-        last["content"] = start + _content(last).strip()
+        users = [m for m in shielded if _role(m["role"]) == "user"]
+        if not users:
+            raise ValueError("continuing a prompt cache needs a user message")
+        users[-1]["content"] = start + _content(users[-1]).strip()
     text = _render(tokenizer, shielded, think=think, use_template=use_template, tools=shielded_tools,
                    template_kwargs=template_kwargs, continue_final=prefill is not None)
     if start is not None:

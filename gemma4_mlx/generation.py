@@ -48,6 +48,7 @@ __all__ = [
     "check_generation_options",
     "end_token_ids",
     "generate",
+    "load_with_adapters",
     "make_generation_sampler",
     "prepare_prompt",
     "serve",
@@ -279,6 +280,51 @@ def check_context(model, n_prompt: int, max_tokens: int, cached: int = 0) -> Non
             f"prompt ({have}{n_prompt} tokens) + max_tokens ({max_tokens}) = {total} exceeds the model's "
             f"max_position_embeddings ({limit}); shorten the prompt or lower --max-tokens"
         )
+
+
+def load_with_adapters(path_or_repo, adapter_path=None, *, strict_memory: bool = False):
+    """(model, tokenizer) with the LoRA / DoRA / full fine-tune adapters of ``adapter_path``
+    (``mlx_lm.lora``'s output folder) applied by mlx-lm's ``load_adapters``.
+
+    The joined q/k/v and gate/up projections are made after the adapters are in place, so they
+    never stand for pre-adapter weights (adapter layers are not joined)."""
+    from .loading import LoadError, load
+
+    if adapter_path is None:
+        return load(path_or_repo, strict_memory=strict_memory)
+    from pathlib import Path
+
+    from mlx_lm.tuner.utils import load_adapters
+
+    folder = Path(adapter_path)
+    for name in ("adapter_config.json", "adapters.safetensors"):
+        if not (folder / name).is_file():
+            raise LoadError(f"{folder}: no {name} (an adapter folder holds what mlx_lm.lora writes)")
+    model, tokenizer = load(path_or_repo, lazy=True, strict_memory=strict_memory)
+    try:
+        load_adapters(model, str(folder))
+        mx.eval(model.parameters())
+    except Exception as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = "; ".join(lines[:2]) if lines else type(e).__name__
+        raise LoadError(f"{folder}: the adapters do not fit this model ({why})") from e
+    model.fuse_projections()
+    return model, tokenizer
+
+
+def add_end_tokens(tokenizer, tokens: Sequence[str]) -> None:
+    """More end ids (``--extra-eos-token``): each a token's text or its id, checked against the vocabulary."""
+    vocab = tokenizer.get_vocab()
+    for t in tokens:
+        if t in vocab:
+            tid = vocab[t]
+        elif t.lstrip("-").isdigit():
+            tid = int(t)
+            if not 0 <= tid < len(tokenizer):
+                raise ValueError(f"extra end token id {tid} is outside the vocabulary (0..{len(tokenizer) - 1})")
+        else:
+            raise ValueError(f"extra end token {t!r} is not a token of this tokenizer")
+        tokenizer.eos_token_ids = set(tokenizer.eos_token_ids) | {tid}
 
 
 def _token_id(tokenizer, text: str) -> Optional[int]:
