@@ -52,7 +52,8 @@ TOOL_RESPONSE = "<|tool_response>"
 # an optional system turn that carries <|think|> when thinking is enabled and the tool
 # declarations, and "<|turn>model\n" as the generation prompt. Tool calls, and the responses of
 # the tool messages that follow them, are written inside the model's turn in Gemma 4's notation
-# (gemma4_mlx.tools); after responses the turn stays open for the model to go on.
+# (gemma4_mlx.tools); after responses the turn stays open for the model to go on. Past
+# reasoning (<|channel>...<channel|>) is dropped from model turns.
 # gemma4_mlx.chat_format.gemma4_prompt renders the same text in Python.
 GEMMA4_CHAT_TEMPLATE = (
     "{%- macro text(content) -%}"
@@ -60,6 +61,9 @@ GEMMA4_CHAT_TEMPLATE = (
     "{%- elif content is iterable and content is not mapping -%}"
     "{%- for part in content -%}{%- if part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}{%- endfor -%}"
     "{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- macro strip_thinking(t) -%}"
+    "{%- for part in t.split('<channel|>') -%}{{ part.split('<|channel>')[0] }}{%- endfor -%}"
     "{%- endmacro -%}"
     "{%- macro value(v) -%}"
     "{%- if v is string -%}{{ '<|\"|>' + v + '<|\"|>' }}"
@@ -128,7 +132,8 @@ GEMMA4_CHAT_TEMPLATE = (
     "{{ '<tool_response|>' }}{%- set r.answered = true -%}"
     "{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
-    "{%- set content = text(message['content']) | trim -%}"
+    "{%- set content = (strip_thinking(text(message['content'])) if role == 'model' "
+    "else text(message['content'])) | trim -%}"
     "{{ content }}"
     "{%- if calls and not r.answered -%}{{ '<|tool_response>' }}{%- set ns.open = true -%}"
     "{%- elif r.answered and not content -%}{%- set ns.open = true -%}"
