@@ -262,10 +262,12 @@ def _render(tokenizer, messages: List[Message], *, think: bool, use_template: bo
 
 
 def _prompt_messages(prompt, system, prefill) -> List[Message]:
-    messages = messages_from(prompt, system)
-    if prefill is not None:
+    messages = normalize_messages(messages_from(prompt, system))
+    if prefill is not None:  # the start of this reply, as given (not a past reply: nothing dropped)
+        if not isinstance(prefill, str):
+            raise ValueError("prefill_response must be a string")
         messages.append({"role": "assistant", "content": prefill})
-    return normalize_messages(messages)
+    return messages
 
 
 def format_prompt(tokenizer, prompt: Union[str, Sequence[Message]], system: Optional[str] = None,

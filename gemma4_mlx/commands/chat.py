@@ -30,7 +30,8 @@ def read_line(prompt: str) -> Optional[str]:
         if not raw:
             return None
         try:
-            return decode_input(raw.rstrip(b"\r\n") if raw.endswith(b"\n") else raw, "that line")
+            # UTF-8 only: a line split out of UTF-16 input is not text anyway
+            return decode_input(raw.rstrip(b"\r\n") if raw.endswith(b"\n") else raw, "that line", utf16=False)
         except ValueError as e:
             print(f"error: {e}; nothing was sent", file=sys.stderr)
 

@@ -84,10 +84,10 @@ def usage_error(message: str) -> None:
     raise typer.Exit(2)
 
 
-def decode_input(data: bytes, what: str = "the prompt") -> str:
-    """Text from raw input bytes. UTF-8 (a byte-order mark is dropped); UTF-16 when it starts
-    with its byte-order mark; anything else is refused with one line."""
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+def decode_input(data: bytes, what: str = "the prompt", utf16: bool = True) -> str:
+    """Text from raw input bytes. UTF-8 (a byte-order mark is dropped); with ``utf16``, UTF-16
+    when it starts with its byte-order mark; anything else is refused with one line."""
+    if utf16 and data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         try:
             return data.decode("utf-16")
         except UnicodeDecodeError as e:
