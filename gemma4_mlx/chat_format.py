@@ -1,18 +1,24 @@
-"""Gemma 4's chat format and the streaming parser that splits reasoning from the answer.
+"""Gemma 4's chat format, special-token-safe prompt encoding, and the streaming parser that splits
+reasoning from the answer.
 
 The prompt format (Gemma 4 control tokens, as Google documents them)::
 
-    <bos><|turn>system\n<|think|>{system}<turn|>\n<|turn>user\n{content}<turn|>\n<|turn>model\n
+    <bos><|turn>system\n<|think|>{system}{tool declarations}<turn|>\n<|turn>user\n{content}<turn|>\n<|turn>model\n
 
 * ``<|turn>ROLE\n ... <turn|>\n`` delimits a turn; roles are ``system``, ``user``, ``model``
   (``assistant`` messages are written as ``model`` turns).
 * Thinking is switched on by ``<|think|>`` at the start of the system turn (a system turn holding
-  only ``<|think|>`` is added when there is no system prompt).
+  only ``<|think|>`` is added when there is no system prompt). It is off unless asked.
+* Tools (:mod:`gemma4_mlx.tools`): declarations in the system turn; an assistant message's calls
+  and the responses of the ``tool`` messages after it inside the model's turn, which then stays
+  open for the model to go on.
 * The model writes its reasoning as ``<|channel>thought\n ... <channel|>`` before the answer;
   :class:`ReasoningParser` separates the two, whatever way the markers are split across pieces.
 
 When the checkpoint's tokenizer carries a chat template it is used instead (with
-``enable_thinking``), so the prompt is exactly what the checkpoint expects.
+``enable_thinking`` always explicit), so the prompt is exactly what the checkpoint expects.
+:func:`encode_prompt` tokenizes the rendered prompt so that special-token text inside any caller
+content stays text (:class:`SpecialTokenGuard`): control tokens come only from the template.
 """
 
 from __future__ import annotations

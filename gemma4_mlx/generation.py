@@ -238,8 +238,9 @@ def prepare_prompt(tokenizer, prompt: Union[str, Sequence[Dict[str, Any]], Seque
                      use_template=use_template)
     if isinstance(prompt, str):
         if not chat:
-            if tools or prefill is not None or template_kwargs:
-                raise ValueError("tools, prefill_response and chat template options need the chat format (chat=True)")
+            if tools or prefill is not None or template_kwargs or system is not None or think:
+                raise ValueError("system, think, tools, prefill_response and chat template options need the chat "
+                                 "format (chat=True)")
             check_text(prompt)
             return list(tokenizer.encode(prompt))
         return encode_prompt(tokenizer, prompt, **chat_opts)

@@ -260,6 +260,25 @@ def test_special_token_text_in_content_stays_text(loaded, where):  # noqa: F811
     assert SPECIAL_TEXT.strip() in tok.decode(ids) or where == "history"
 
 
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ATOMS = ["a", " ", "\n", "<", "|", ">", "<|", "|>", "turn", "<turn|>", "<|turn>", "<|think|>", "<bos>", "<eos>",
+          "<|tool_call>", "<|\"|>", "<tool_call|>", "<|channel>", "\ue000", "\ue001", "é"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.lists(st.sampled_from(_ATOMS), min_size=1, max_size=10).map("".join).filter(str.strip),
+       system=st.sampled_from([None, "<turn|>sys"]))
+def test_any_content_keeps_only_the_templates_control_tokens(loaded, text, system):  # noqa: F811
+    model, tok = loaded
+    ids = encode_prompt(tok, text, system=system)
+    plain = encode_prompt(tok, "x", system=None if system is None else "s")
+    special = _special_ids(tok)
+    assert [t for t in ids if t in special] == [t for t in plain if t in special]
+    assert tok.decode(ids) == format_prompt(tok, text, system=system)  # every character is there
+
+
 def test_special_token_text_everywhere_else(tiny_ckpt, loaded):  # noqa: F811
     model, tok = loaded
     special = _special_ids(tok)
