@@ -34,5 +34,19 @@ def main(argv=None) -> None:
         _interrupted()
 
 
+def __getattr__(name):
+    # ``from gemma4_mlx.cli import app, COMMAND_MODULES`` still works; the import happens here,
+    # on first use, not when this module loads.
+    if name in ("app", "COMMAND_MODULES"):
+        import importlib
+
+        from . import commands
+
+        for module in commands.COMMAND_MODULES:
+            importlib.import_module(f"gemma4_mlx.commands.{module}")
+        return getattr(commands, name)
+    raise AttributeError(f"module 'gemma4_mlx.cli' has no attribute {name!r}")
+
+
 if __name__ == "__main__":
     main()

@@ -115,6 +115,8 @@ def test_extra_eos_token(tiny_ckpt, loaded):  # noqa: F811
     first = generate(model, tok, "hello", max_tokens=3).tokens[0]
     assert expand_multi_value_flags(["generate", "--extra-eos-token", "a", "b", "-p", "x"]) == [
         "generate", "--extra-eos-token", "a", "--extra-eos-token", "b", "-p", "x"]
+    shim = ["mlx-lm", "generate", "--extra-eos-token", "a", "b"]
+    assert expand_multi_value_flags(shim) == shim  # mlx-lm's own parser takes them as they are
     r = run(["generate", "--model", str(tiny_ckpt), "-p", "hello", "-m", "3", "--extra-eos-token", "<mask>",
              "--extra-eos-token", str(first)])
     assert r.exit_code == 0 and r.stdout == "\n" and "finish: stop" in r.stderr

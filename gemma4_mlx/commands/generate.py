@@ -61,8 +61,11 @@ MULTI_VALUE_FLAGS = ("--extra-eos-token",)
 def expand_multi_value_flags(argv: List[str]) -> List[str]:
     """``--extra-eos-token A B`` (mlx-lm's argparse form) as ``--extra-eos-token A --extra-eos-token B``.
 
-    The commands that take these flags have no positional arguments, so a bare word after
-    such a flag can only be another of its values."""
+    Only for ``generate`` and ``chat``: they have no positional arguments, so a bare word after
+    such a flag can only be another of its values (``mlx-lm`` passes its arguments on as they are)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in ("generate", "chat"):
+        return list(argv)
     out: List[str] = []
     flag = None
     for a in argv:
