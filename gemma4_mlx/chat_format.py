@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import re
 import secrets
+import weakref
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .tools import (
@@ -294,8 +295,27 @@ def encode_text(tokenizer, text: str) -> List[int]:
 
 
 # -- special-token text in caller content ------------------------------------------------------
+_SPECIALS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def special_token_strings(tokenizer) -> Tuple[str, ...]:
-    """The text of every special token (``<bos>``, ``<|turn>``, ``<turn|>``, ``<|think|>`` ...)."""
+    """The text of every special token (``<bos>``, ``<|turn>``, ``<turn|>``, ``<|think|>`` ...).
+
+    Kept per tokenizer (real vocabularies add thousands of tokens) and read again when the
+    tokenizer's size changes (tokens added)."""
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)
+    try:
+        size = len(tokenizer)
+        cached = _SPECIALS.get(inner)
+    except TypeError:  # not weak-referenceable, or no len(): read it every time
+        return _read_special_strings(tokenizer)
+    if cached is None or cached[0] != size:
+        cached = (size, _read_special_strings(tokenizer))
+        _SPECIALS[inner] = cached
+    return cached[1]
+
+
+def _read_special_strings(tokenizer) -> Tuple[str, ...]:
     strings = set()
     decoder = getattr(tokenizer, "added_tokens_decoder", None)
     if isinstance(decoder, Mapping):
