@@ -22,7 +22,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Union
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
@@ -36,7 +36,6 @@ from .chat_format import (
     encode_next_turn,
     encode_prompt,
     encode_tool_results,
-    format_prompt,
     has_chat_template,
 )
 from .tools import TOOL_RESPONSE_START, ToolCall, ToolCallParser, normalize_tools

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from gemma4_mlx.chat_format import encode_next_turn, encode_prompt, format_prompt
 from gemma4_mlx.commands import COMMAND_MODULES, app
-from test_generate import loaded, tiny_ckpt, tiny_plain_ckpt  # noqa: F401  (fixtures)
+from test_generate import loaded, tiny_ckpt  # noqa: F401  (fixtures)
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"gemma4_mlx.commands.{_name}")
@@ -161,6 +161,30 @@ def test_kv_and_draft_options_are_refused_by_the_api(loaded, kw, needle):  # noq
         next(gemma4_mlx.stream_generate(model, tok, "hi", max_tokens=2, **kw))
     with pytest.raises(ValueError, match=needle):
         list(ChatSession(model, tok, max_tokens=2, **kw).send("hi"))
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_kv_and_draft_flags_reach_stream_generate(tiny_ckpt, monkeypatch, command):  # noqa: F811
+    """Under mlx-lm's generate_step names, the draft model loaded: ready for when they work."""
+    import gemma4_mlx.generation as generation
+    from gemma4_mlx import Model
+
+    seen = {}
+
+    def record(model, tokenizer, prompt, **kw):
+        seen.update(kw)
+        return iter(())
+
+    monkeypatch.setattr(generation, "check_generation_options", lambda **kw: None)
+    monkeypatch.setattr(generation, "stream_generate", record)
+    args = [command, "--model", str(tiny_ckpt), "--max-kv-size", "64", "--kv-bits", "4", "--kv-group-size", "32",
+            "--quantized-kv-start", "0", "--draft-model", str(tiny_ckpt), "--num-draft-tokens", "2"]
+    r = run(args + (["-p", "hi"] if command == "generate" else []), input="hi\n")
+    assert r.exit_code == 0, r.output
+    assert {k: seen[k] for k in ("max_kv_size", "kv_bits", "kv_group_size", "quantized_kv_start",
+                                 "num_draft_tokens")} == {"max_kv_size": 64, "kv_bits": 4, "kv_group_size": 32,
+                                                          "quantized_kv_start": 0, "num_draft_tokens": 2}
+    assert isinstance(seen["draft_model"], Model)
 
 
 # -- issue 13: bad numbers ---------------------------------------------------------------------------

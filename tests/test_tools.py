@@ -16,7 +16,6 @@ from gemma4_mlx.chat_format import encode_prompt, encode_text, format_prompt, ge
 from gemma4_mlx.tools import (
     TOOL_CALL_END,
     TOOL_CALL_START,
-    ToolCall,
     ToolCallParser,
     format_call,
     format_value,
@@ -25,7 +24,7 @@ from gemma4_mlx.tools import (
     parse_tool_calls,
     parse_value,
 )
-from test_generate import loaded, tiny_ckpt, tiny_plain_ckpt  # noqa: F401  (fixtures)
+from test_generate import loaded, tiny_ckpt  # noqa: F401  (fixtures)
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city.",

@@ -12,7 +12,8 @@ from .generate import (
     ADAPTER_OPT, DRAFT_OPT, EXTRA_EOS_OPT, KV_BITS_OPT, KV_GROUP_OPT, KV_START_OPT,
     MAX_KV_OPT, MIN_KEEP_OPT, MIN_P_OPT, MODEL_OPT, NUM_DRAFT_OPT, PREFILL_STEP_OPT, SEED_OPT, STRICT_MEMORY_OPT,
     SYSTEM_OPT, TEMPLATE_CONFIG_OPT, THINK_OPT, TEMP_OPT, TOOLS_OPT, TOP_K_OPT, TOP_P_OPT, XTC_P_OPT, XTC_T_OPT,
-    argv_text, common_checks, decode_input, format_tool_call, load_for_cli, parse_template_config, print_stats,
+    argv_text, common_checks, decode_input, format_tool_call, load_draft, load_for_cli, parse_template_config,
+    print_stats,
     read_tools, usage_error, write_piece,
 )
 
@@ -120,13 +121,17 @@ def chat(
         from ..generation import ChatSession
 
         m, tok = load_for_cli(model, adapter_path, strict_memory, extra_eos_token)
+        draft = load_draft(draft_model, tok)
         if seed is not None:
             mx.random.seed(seed)
         session = ChatSession(m, tok, system=system, think=think, use_template=not use_default_chat_template,
                               tools=tools, template_kwargs=template_kwargs, max_tokens=max_tokens,
                               temp=0.0 if greedy else temp, top_p=top_p, top_k=top_k, min_p=min_p,
                               min_tokens_to_keep=min_tokens_to_keep, xtc_probability=xtc_probability,
-                              xtc_threshold=xtc_threshold, prefill_step_size=prefill_step_size)
+                              xtc_threshold=xtc_threshold, prefill_step_size=prefill_step_size,
+                              max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size,
+                              quantized_kv_start=quantized_kv_start, draft_model=draft,
+                              num_draft_tokens=num_draft_tokens)
         print(f"chat with {model}; {HELP_TEXT}", file=sys.stderr)
         while True:
             try:

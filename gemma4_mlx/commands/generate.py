@@ -228,6 +228,19 @@ def load_for_cli(model: str, adapter_path: Optional[str] = None, strict_memory: 
     return m, tok
 
 
+def load_draft(path: Optional[str], tokenizer):
+    """``--draft-model``: loaded, its vocabulary checked against the target's."""
+    if path is None:
+        return None
+    from ..loading import load
+
+    draft, draft_tok = load(path)
+    if len(draft_tok) != len(tokenizer):
+        raise ValueError(f"--draft-model {path} has another vocabulary ({len(draft_tok)} tokens, the model has "
+                         f"{len(tokenizer)})")
+    return draft
+
+
 def print_stats(last, file=None) -> None:
     if last is None:
         return
@@ -362,6 +375,7 @@ def generate(
         if prompt_cache_file is not None:
             cache, model = load_prompt_cache_file(prompt_cache_file, model)
         m, tok = load_for_cli(model, adapter_path, strict_memory, extra_eos_token)
+        draft = load_draft(draft_model, tok)
         source = text
         if cache is not None:
             check_cache_fits(cache, m)
@@ -380,7 +394,9 @@ def generate(
                                      system=system, think=think, chat=chat, use_template=not use_default_chat_template,
                                      chat_template_kwargs=template_kwargs, tools=tools,
                                      prefill_response=prefill_response, prompt_cache=cache,
-                                     prefill_step_size=prefill_step_size):
+                                     prefill_step_size=prefill_step_size, max_kv_size=max_kv_size, kv_bits=kv_bits,
+                                     kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
+                                     draft_model=draft, num_draft_tokens=num_draft_tokens):
                 write_piece(r, show_thinking, state)
                 calls.extend(r.tool_calls)
                 last = r
