@@ -1,23 +1,51 @@
-"""The ``gemma4-mlx`` command line (typer). Each command lives in ``gemma4_mlx/commands/``."""
+"""The ``gemma4-mlx`` command line (typer). Each command lives in ``gemma4_mlx/commands/``.
 
-from __future__ import annotations
+Nothing heavy is imported before :func:`main` runs, so Ctrl-C at any time (the first second and
+a half goes to importing typer, MLX and mlx-lm) ends with ``interrupted`` and exit code 130, no
+traceback.
+"""
 
-import importlib
 import sys
 
-from .commands import COMMAND_MODULES, app
+
+def _interrupted() -> None:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 
 def main(argv=None) -> None:
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"gemma4_mlx.commands.{name}")
     try:
-        app(args=argv, prog_name="gemma4-mlx", standalone_mode=True)
-    except SystemExit:
-        raise
+        import importlib
+
+        from .commands import COMMAND_MODULES, app, interrupt_reported
+        from .commands.generate import expand_multi_value_flags
+
+        for name in COMMAND_MODULES:
+            importlib.import_module(f"gemma4_mlx.commands.{name}")
+        args = expand_multi_value_flags(list(sys.argv[1:] if argv is None else argv))
+        try:
+            app(args=args, prog_name="gemma4-mlx", standalone_mode=True)
+        except SystemExit as e:
+            # typer turns a Ctrl-C outside a command's error handling into a silent exit 130
+            if e.code == 130 and not interrupt_reported():
+                _interrupted()
+            raise
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        _interrupted()
+
+
+def __getattr__(name):
+    # ``from gemma4_mlx.cli import app, COMMAND_MODULES`` still works; the import happens here,
+    # on first use, not when this module loads.
+    if name in ("app", "COMMAND_MODULES"):
+        import importlib
+
+        from . import commands
+
+        for module in commands.COMMAND_MODULES:
+            importlib.import_module(f"gemma4_mlx.commands.{module}")
+        return getattr(commands, name)
+    raise AttributeError(f"module 'gemma4_mlx.cli' has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -46,32 +46,101 @@ SPECIAL_TOKENS: Dict[str, int] = {
 }
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 START_OF_TURN, END_OF_TURN, THINK = "<|turn>", "<turn|>", "<|think|>"
+TOOL_RESPONSE = "<|tool_response>"
 
 # Gemma 4's chat format: <bos><|turn>role\n...<turn|>\n, "assistant" rendered as "model",
-# an optional system turn that carries <|think|> when thinking is enabled, and
-# "<|turn>model\n" as the generation prompt.
+# an optional system turn that carries <|think|> when thinking is enabled and the tool
+# declarations, and "<|turn>model\n" as the generation prompt. Tool calls, and the responses of
+# the tool messages that follow them, are written inside the model's turn in Gemma 4's notation
+# (gemma4_mlx.tools); after responses the turn stays open for the model to go on. Past
+# reasoning (<|channel>...<channel|>) is dropped from model turns.
+# gemma4_mlx.chat_format.gemma4_prompt renders the same text in Python.
 GEMMA4_CHAT_TEMPLATE = (
     "{%- macro text(content) -%}"
     "{%- if content is string -%}{{ content }}"
-    "{%- elif content is iterable -%}"
+    "{%- elif content is iterable and content is not mapping -%}"
     "{%- for part in content -%}{%- if part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}{%- endfor -%}"
     "{%- endif -%}"
     "{%- endmacro -%}"
+    "{%- macro strip_thinking(t) -%}"
+    "{%- for part in t.split('<channel|>') -%}{{ part.split('<|channel>')[0] }}{%- endfor -%}"
+    "{%- endmacro -%}"
+    "{%- macro value(v) -%}"
+    "{%- if v is string -%}{{ '<|\"|>' + v + '<|\"|>' }}"
+    "{%- elif v is boolean -%}{{ 'true' if v else 'false' }}"
+    "{%- elif v is none -%}{{ 'null' }}"
+    "{%- elif v is mapping -%}{{ '{' }}{%- for k, x in v | dictsort -%}"
+    "{{ '' if loop.first else ',' }}{{ k ~ ':' }}{{ value(x) }}{%- endfor -%}{{ '}' }}"
+    "{%- elif v is iterable -%}{{ '[' }}{%- for x in v -%}{{ '' if loop.first else ',' }}{{ value(x) }}"
+    "{%- endfor -%}{{ ']' }}"
+    "{%- else -%}{{ v }}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- macro schema(s) -%}"
+    "{{ '{' }}{%- set sn = namespace(first=true) -%}"
+    "{%- for k, x in s | dictsort -%}{%- if k != 'type' -%}"
+    "{{ '' if sn.first else ',' }}{%- set sn.first = false -%}"
+    "{%- if k == 'properties' and x is mapping -%}{{ 'properties:{' }}{%- for name, p in x | dictsort -%}"
+    "{{ '' if loop.first else ',' }}{{ name ~ ':' }}{{ schema(p) if p is mapping else value(p) }}"
+    "{%- endfor -%}{{ '}' }}"
+    "{%- elif k == 'items' and x is mapping -%}{{ 'items:' }}{{ schema(x) }}"
+    "{%- else -%}{{ k ~ ':' }}{{ value(x) }}"
+    "{%- endif -%}{%- endif -%}{%- endfor -%}"
+    "{%- if s['type'] is defined -%}{{ '' if sn.first else ',' }}{{ 'type:' }}"
+    "{{ value(s['type'] | upper if s['type'] is string else s['type'] | map('upper') | list) }}{%- endif -%}"
+    "{{ '}' }}"
+    "{%- endmacro -%}"
+    "{%- macro declaration(fn) -%}"
+    "{{ '<|tool>declaration:' + fn['name'] + '{' }}"
+    "{%- if fn['description'] -%}{{ 'description:' }}{{ value(fn['description']) }}{%- endif -%}"
+    "{%- if fn['parameters'] -%}{{ ',' if fn['description'] else '' }}{{ 'parameters:' }}"
+    "{{ schema(fn['parameters']) }}{%- endif -%}"
+    "{{ '}<tool|>' }}"
+    "{%- endmacro -%}"
     "{{ bos_token }}"
     "{%- set thinking = enable_thinking is defined and enable_thinking -%}"
-    "{%- if messages and messages[0]['role'] in ('system', 'developer') -%}"
+    "{%- set has_system = messages and messages[0]['role'] in ('system', 'developer') -%}"
+    "{%- if thinking or tools or has_system -%}"
     "{{ '<|turn>system\\n' }}{%- if thinking -%}{{ '<|think|>' }}{%- endif -%}"
-    "{{ text(messages[0]['content']) | trim }}{{ '<turn|>\\n' }}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}"
-    "{%- if thinking -%}{{ '<|turn>system\\n<|think|><turn|>\\n' }}{%- endif -%}"
-    "{%- set loop_messages = messages -%}"
-    "{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-    "{{ '<|turn>' + role + '\\n' }}{{ text(message['content']) | trim }}{{ '<turn|>\\n' }}"
+    "{%- if has_system -%}{{ text(messages[0]['content']) | trim }}{%- endif -%}"
+    "{%- for tool in tools or [] -%}{{ declaration(tool['function'] if tool['function'] is defined else tool) }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|turn>model\\n' }}{%- endif -%}"
+    "{{ '<turn|>\\n' }}"
+    "{%- endif -%}"
+    "{%- set loop_messages = messages[1:] if has_system else messages -%}"
+    "{%- set ns = namespace(prev=none, open=false) -%}"
+    "{%- for message in loop_messages -%}{%- if message['role'] != 'tool' -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else "
+    "('system' if message['role'] == 'developer' else message['role']) -%}"
+    "{%- if not (role == 'model' and ns.prev == 'model') -%}{{ '<|turn>' + role + '\\n' }}{%- endif -%}"
+    "{%- set ns.prev = role -%}"
+    "{%- set calls = message['tool_calls'] if role == 'model' and message['tool_calls'] else [] -%}"
+    "{%- for call in calls -%}{{ '<|tool_call>call:' + call['function']['name'] }}"
+    "{%- if call['function']['arguments'] is string -%}{{ '{' + call['function']['arguments'] + '}' }}"
+    "{%- else -%}{{ value(call['function']['arguments'] or {}) }}{%- endif -%}{{ '<tool_call|>' }}"
+    "{%- endfor -%}"
+    "{%- set r = namespace(stopped=false, answered=false) -%}"
+    "{%- if calls -%}{%- for follow in loop_messages[loop.index0 + 1:] -%}"
+    "{%- if follow['role'] != 'tool' -%}{%- set r.stopped = true -%}{%- endif -%}"
+    "{%- if not r.stopped -%}"
+    "{%- set t = namespace(name=follow['name'] or 'unknown') -%}"
+    "{%- for call in calls -%}{%- if call['id'] and call['id'] == follow['tool_call_id'] -%}"
+    "{%- set t.name = call['function']['name'] -%}{%- endif -%}{%- endfor -%}"
+    "{{ '<|tool_response>response:' + t.name }}"
+    "{%- if follow['content'] is mapping -%}{{ value(follow['content']) }}"
+    "{%- else -%}{{ '{value:' }}{{ value(text(follow['content'])) }}{{ '}' }}{%- endif -%}"
+    "{{ '<tool_response|>' }}{%- set r.answered = true -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- set content = (strip_thinking(text(message['content'])) if role == 'model' "
+    "else text(message['content'])) | trim -%}"
+    "{{ content }}"
+    "{%- if calls and not r.answered -%}{{ '<|tool_response>' }}{%- set ns.open = true -%}"
+    "{%- elif r.answered and not content -%}{%- set ns.open = true -%}"
+    "{%- else -%}{{ '<turn|>\\n' }}{%- set ns.open = false -%}"
+    "{%- endif -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt and not ns.open -%}{{ '<|turn>model\\n' }}{%- endif -%}"
 )
 
 # A little English/code text to learn BPE merges from, so common words are single tokens.
@@ -184,8 +253,15 @@ def build_tokenizer(vocab_size: int):
 
 
 def eos_token_ids(vocab_size: int) -> List[int]:
+    """config.json's end ids: <eos> and <turn|>."""
     s = special_token_ids(vocab_size)
     return [s[EOS], s[END_OF_TURN]]
+
+
+def generation_eos_token_ids(vocab_size: int) -> List[int]:
+    """generation_config.json's end ids: also <|tool_response>, which the model writes after a tool
+    call to hand over to the host (as Gemma 4's published generation_config.json has it)."""
+    return eos_token_ids(vocab_size) + [special_token_ids(vocab_size)[TOOL_RESPONSE]]
 
 
 def synthesize_tokenizer(out_dir: Union[str, Path], vocab_size: int, *, chat_template: bool = True,
@@ -231,7 +307,7 @@ def synthesize_tokenizer(out_dir: Union[str, Path], vocab_size: int, *, chat_tem
                     "mask_token": "<mask>"}, indent=2) + "\n", encoding="utf-8")
     gen = {
         "bos_token_id": specials[BOS],
-        "eos_token_id": eos_token_ids(vocab_size),
+        "eos_token_id": generation_eos_token_ids(vocab_size),
         "pad_token_id": specials[PAD],
         "do_sample": True,
         "temperature": 1.0,

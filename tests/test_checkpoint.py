@@ -52,7 +52,8 @@ def test_tokenizer_loads_everywhere(tmp_path, vocab):
     for t, i in specials.items():
         assert tok.convert_tokens_to_ids(t) == i == SPECIAL_TOKENS[t]
     gen = json.loads((tmp_path / "generation_config.json").read_text())
-    assert gen["eos_token_id"] == [specials["<eos>"], specials["<turn|>"]]
+    # as Gemma 4's published generation_config.json: <|tool_response> ends a turn that called a tool
+    assert gen["eos_token_id"] == [specials["<eos>"], specials["<turn|>"], specials["<|tool_response>"]]
     assert ("<|image>" in specials) == (vocab > 255999)
     text = "Hello, world! The quick brown fox; x = 42 {\"a\": [1, 2]}\n\ttabs ~ `code`"
     ids = tok.encode(text)

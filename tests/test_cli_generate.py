@@ -34,28 +34,28 @@ def test_generate_matches_python_api(tiny_ckpt, loaded):  # noqa: F811
 
     model, tok = loaded
     want = generate(model, tok, "hello", max_tokens=6, system="S").text
-    r = run(["generate", "-m", str(tiny_ckpt), "-p", "hello", "-n", "6", "--system", "S"])
+    r = run(["generate", "--model", str(tiny_ckpt), "-p", "hello", "-n", "6", "--system", "S"])
     assert r.exit_code == 0, r.output
     assert r.stdout == want + "\n"
 
 
 def test_generate_prompt_from_stdin(tiny_ckpt):
-    a = run(["generate", "-m", str(tiny_ckpt), "-n", "4", "--prompt", "-"], input="hello")
-    b = run(["generate", "-m", str(tiny_ckpt), "-n", "4"], input="hello")
-    c = run(["generate", "-m", str(tiny_ckpt), "-n", "4", "-p", "hello"])
+    a = run(["generate", "--model", str(tiny_ckpt), "-n", "4", "--prompt", "-"], input="hello")
+    b = run(["generate", "--model", str(tiny_ckpt), "-n", "4"], input="hello")
+    c = run(["generate", "--model", str(tiny_ckpt), "-n", "4", "-p", "hello"])
     assert a.exit_code == b.exit_code == c.exit_code == 0
     assert a.stdout == b.stdout == c.stdout
 
 
 def test_generate_seeded_sampling_is_reproducible(tiny_ckpt):
-    args = ["generate", "-m", str(tiny_ckpt), "-p", "hello", "-n", "8", "--temp", "1.2", "--top-k", "50",
+    args = ["generate", "--model", str(tiny_ckpt), "-p", "hello", "-n", "8", "--temp", "1.2", "--top-k", "50",
             "--top-p", "0.9", "--min-p", "0.01", "--seed", "11"]
     assert run(args).stdout == run(args).stdout
 
 
 def test_generate_think_and_no_template_flags(tiny_ckpt):
     for extra in (["--think", "--show-thinking"], ["--no-chat-template"]):
-        r = run(["generate", "-m", str(tiny_ckpt), "-p", "hello", "-n", "3"] + extra)
+        r = run(["generate", "--model", str(tiny_ckpt), "-p", "hello", "-n", "3"] + extra)
         assert r.exit_code == 0, r.output
 
 
@@ -70,7 +70,7 @@ def test_generate_think_and_no_template_flags(tiny_ckpt):
     (["--min-p", "2"], "min_p"),
 ])
 def test_generate_rejects_bad_settings(tiny_ckpt, args, msg):
-    r = run(["generate", "-m", str(tiny_ckpt), "-p", "hi"] + args)
+    r = run(["generate", "--model", str(tiny_ckpt), "-p", "hi"] + args)
     assert r.exit_code == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0]
@@ -78,21 +78,21 @@ def test_generate_rejects_bad_settings(tiny_ckpt, args, msg):
 
 
 def test_generate_rejects_empty_prompt(tiny_ckpt):
-    for r in (run(["generate", "-m", str(tiny_ckpt), "-p", "  "]),
-              run(["generate", "-m", str(tiny_ckpt), "-p", "-"], input="")):
+    for r in (run(["generate", "--model", str(tiny_ckpt), "-p", "  "]),
+              run(["generate", "--model", str(tiny_ckpt), "-p", "-"], input="")):
         assert r.exit_code == 2 and r.stderr.strip() == "error: the prompt is empty"
 
 
 def test_generate_past_max_positions_is_a_clear_error(tiny_ckpt, loaded):  # noqa: F811
     model, _ = loaded
-    r = run(["generate", "-m", str(tiny_ckpt), "-p", "hi", "-n", str(model.args.max_position_embeddings)])
+    r = run(["generate", "--model", str(tiny_ckpt), "-p", "hi", "-n", str(model.args.max_position_embeddings)])
     assert r.exit_code == 1
     assert r.stderr.startswith("error: prompt (") and "max_position_embeddings" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_generate_missing_model_is_one_line(tmp_path):
-    r = run(["generate", "-m", str(tmp_path / "nope"), "-p", "hi"])
+    r = run(["generate", "--model", str(tmp_path / "nope"), "-p", "hi"])
     assert r.exit_code == 1 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -102,7 +102,7 @@ def test_chat_scripted_session(tiny_ckpt, loaded):  # noqa: F811
 
     _, tok = loaded
     script = "hello\nhow are you?\n/reset\nhello\n/exit\nnever read\n"
-    r = run(["chat", "-m", str(tiny_ckpt), "-n", "5", "--stats"], input=script)
+    r = run(["chat", "--model", str(tiny_ckpt), "-n", "5", "--stats"], input=script)
     assert r.exit_code == 0, r.output
     assert "(conversation reset)" in r.stdout
     stats = [l for l in r.stderr.splitlines() if l.startswith("prompt:")]
@@ -118,13 +118,13 @@ def test_chat_scripted_session(tiny_ckpt, loaded):  # noqa: F811
 
 
 def test_chat_ends_at_eof_and_ignores_blank_lines(tiny_ckpt):
-    r = run(["chat", "-m", str(tiny_ckpt), "-n", "3"], input="\n\nhi\n")
+    r = run(["chat", "--model", str(tiny_ckpt), "-n", "3"], input="\n\nhi\n")
     assert r.exit_code == 0, r.output
     assert r.stdout.count(">> ") == 4
 
 
 def test_chat_rejects_bad_settings(tiny_ckpt):
-    r = run(["chat", "-m", str(tiny_ckpt), "--temp", "-1"], input="hi\n")
+    r = run(["chat", "--model", str(tiny_ckpt), "--temp", "-1"], input="hi\n")
     assert r.exit_code == 2 and r.stderr.startswith("error: temperature")
 
 
@@ -161,13 +161,13 @@ def test_info_json_matches_the_model(tiny_ckpt, loaded):  # noqa: F811
 
 def test_info_needs_no_weights(tiny_ckpt, tmp_path):
     (tmp_path / "config.json").write_text((tiny_ckpt / "config.json").read_text())
-    r = run(["info", "-m", str(tmp_path)])
+    r = run(["info", "--model", str(tmp_path)])
     assert r.exit_code == 0 and "weights:          unavailable" in r.stdout
 
 
 def test_info_bad_config_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
-    r = run(["info", "-m", str(tmp_path)])
+    r = run(["info", "--model", str(tmp_path)])
     assert r.exit_code == 1 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
 
 

@@ -460,7 +460,7 @@ def test_fuzz_folder_raise_only_load_errors(good, tmp_path):
 def test_generate_reports_broken_checkpoints_in_one_line(ck, break_it, needle):
     """The same one-line errors through `gemma4-mlx generate`."""
     break_it(ck)
-    r = _cli(["generate", "-m", str(ck), "--prompt", "hi", "--max-tokens", "2"])
+    r = _cli(["generate", "--model", str(ck), "--prompt", "hi", "--max-tokens", "2"])
     assert r.exit_code == 1 and "Traceback" not in r.output
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr

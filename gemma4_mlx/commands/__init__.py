@@ -14,7 +14,7 @@ import sys
 import typer
 
 # Modules imported by gemma4_mlx.cli; each adds its commands to ``app``.
-COMMAND_MODULES = ("generate", "chat", "checkpoint", "info", "compare", "validate")
+COMMAND_MODULES = ("generate", "chat", "checkpoint", "info", "compare", "validate", "mlx_lm")
 
 app = typer.Typer(
     help="Gemma 4 on MLX: generate, chat, convert, inspect, validate and benchmark against stock mlx-lm.",
@@ -36,6 +36,11 @@ def debug_enabled() -> bool:
     return _debug["on"]
 
 
+def interrupt_reported() -> bool:
+    """Whether a command already printed ``interrupted`` for a Ctrl-C."""
+    return _debug.get("interrupted", False)
+
+
 @contextlib.contextmanager
 def user_errors():
     """Turn expected failures into ``error: <one line>`` and exit code 1 (2 for bad usage)."""
@@ -48,6 +53,7 @@ def user_errors():
         raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        _debug["interrupted"] = True
         raise typer.Exit(130)
     except (ConfigError, LoadError, ValueError, FileNotFoundError, FileExistsError, PermissionError, OSError,
             KeyError, RuntimeError) as e:
