@@ -1,0 +1,91 @@
+"""One process of a sharded run (tests/test_sharding.py starts N of them on MLX's ring backend).
+
+``python sharding_worker.py JOB.json``: loads every checkpoint the job names (our loader shards
+it over the launched group), runs :func:`greedy_run` and writes this rank's arrays to
+``<out>/<case>.rank<r>.npz``. The test computes the same in one process and compares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import mlx.core as mx
+import numpy as np
+
+
+def greedy_run(model, prompt: List[int], steps: int) -> Dict[str, np.ndarray]:
+    """Logits of one full forward of ``prompt``, and greedy decoding from it, eager and compiled:
+    the tokens and the logits every step saw."""
+    ids = mx.array([prompt])
+    out = {"prefill": np.array(model(ids)[0].astype(mx.float32))}
+    old = os.environ.get("GEMMA4_MLX_COMPILE")
+    try:
+        for mode in ("0", "1"):
+            os.environ["GEMMA4_MLX_COMPILE"] = mode
+            cache = model.make_cache()
+            logits = model(ids, cache=cache)[:, -1]
+            tokens, seen = [], []
+            for _ in range(steps):
+                token = mx.argmax(logits, axis=-1)
+                seen.append(np.array(logits[0].astype(mx.float32)))
+                tokens.append(token.item())
+                logits = model(token[:, None], cache=cache)[:, -1]
+            seen.append(np.array(logits[0].astype(mx.float32)))
+            out[f"tokens_compile{mode}"] = np.array(tokens)
+            out[f"decode_compile{mode}"] = np.stack(seen)
+    finally:
+        if old is None:
+            os.environ.pop("GEMMA4_MLX_COMPILE", None)
+        else:
+            os.environ["GEMMA4_MLX_COMPILE"] = old
+    return out
+
+
+def _mlx_lm_sharded_load(path: str):
+    """mlx-lm's own ``sharded_load``, made to pick this package's model class (what the
+    ``gemma4-mlx mlx-lm`` shim does for Gemma 4 checkpoints)."""
+    import functools
+
+    import mlx_lm.utils as mlx_utils
+
+    from gemma4_mlx import Model, ModelArgs
+
+    original = mlx_utils.load_model
+    mlx_utils.load_model = functools.partial(original, get_model_classes=lambda config: (Model, ModelArgs))
+    try:
+        model, _ = mlx_utils.sharded_load(path)
+    finally:
+        mlx_utils.load_model = original
+    return model
+
+
+def main(job_file: str) -> None:
+    from gemma4_mlx import load_model
+    from gemma4_mlx.distributed import server_sharded_load
+
+    job = json.loads(Path(job_file).read_text())
+    group = mx.distributed.init()
+    assert group.size() == job["size"], f"expected a group of {job['size']}, got {group.size()}"
+    out = Path(job["out"])
+    for case in job["cases"]:
+        loader = case.get("loader", "load_model")
+        if loader == "load_model":
+            model = load_model(case["path"])
+        elif loader == "mlx_lm.sharded_load":
+            model = _mlx_lm_sharded_load(case["path"])
+        elif loader == "server_sharded_load":
+            model, _ = server_sharded_load(case["path"], tensor_group=group)
+        else:
+            raise ValueError(f"unknown loader {loader}")
+        assert model.sharding_group is not None
+        result = greedy_run(model, job["prompt"], job["steps"])
+        np.savez(out / f"{case['name']}.rank{group.rank()}.npz", **result)
+    print(f"rank {group.rank()} done", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
