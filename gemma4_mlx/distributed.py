@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import mlx.core as mx
+if TYPE_CHECKING:  # the CLI imports this module before anything needs MLX
+    import mlx.core as mx
 
 # Set by mlx.launch for every backend (MPI's own launcher sets OMPI_COMM_WORLD_RANK).
 _RANK_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK")
@@ -30,6 +31,8 @@ def launched_rank() -> int:
 
 def world() -> Optional[mx.distributed.Group]:
     """The group of all launched processes, or None when this process runs alone."""
+    import mlx.core as mx
+
     if not mx.distributed.is_available():
         return None
     group = mx.distributed.init()
@@ -49,6 +52,8 @@ def group_memory(group: Optional[mx.distributed.Group]) -> Optional[int]:
 
 def sync_random_state(group: mx.distributed.Group) -> None:
     """Give every process the same random state, so samplers draw the same tokens."""
+    import mlx.core as mx
+
     state = mx.random.state[0]
     shared = mx.distributed.all_sum(mx.where(group.rank() == 0, state, mx.zeros_like(state)), group=group)
     mx.random.seed(shared.view(mx.uint64).item())
@@ -75,6 +80,9 @@ class _ErrorsOnly:
 
     def isatty(self) -> bool:
         return False
+
+    def __getattr__(self, name):  # encoding, fileno, ... of the real stream
+        return getattr(self._stream, name)
 
 
 def quiet_other_ranks(verbose: bool = False) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -17,17 +18,22 @@ import mlx.core as mx
 import numpy as np
 
 
-def greedy_run(model, prompt: List[int], steps: int) -> Dict[str, np.ndarray]:
-    """Logits of one full forward of ``prompt``, and greedy decoding from it, eager and compiled:
-    the tokens and the logits every step saw."""
+def greedy_run(model, prompt: List[int], steps: int, modes=("0", "1"), forward: bool = True) -> Dict[str, np.ndarray]:
+    """Greedy decoding of ``prompt`` for each ``GEMMA4_MLX_COMPILE`` mode (0: eager one-token
+    steps, 1: the compiled step): the prompt's logits, the tokens and the logits every step saw;
+    with ``forward`` also the logits of one cache-less forward of the prompt."""
     ids = mx.array([prompt])
-    out = {"prefill": np.array(model(ids)[0].astype(mx.float32))}
+    out = {}
+    if forward:
+        out["forward"] = np.array(model(ids)[0].astype(mx.float32))
     old = os.environ.get("GEMMA4_MLX_COMPILE")
     try:
-        for mode in ("0", "1"):
+        for mode in modes:
             os.environ["GEMMA4_MLX_COMPILE"] = mode
             cache = model.make_cache()
-            logits = model(ids, cache=cache)[:, -1]
+            logits = model(ids, cache=cache)
+            out.setdefault("prefill", np.array(logits[0].astype(mx.float32)))
+            logits = logits[:, -1]
             tokens, seen = [], []
             for _ in range(steps):
                 token = mx.argmax(logits, axis=-1)
@@ -64,15 +70,27 @@ def _mlx_lm_sharded_load(path: str):
 
 
 def main(job_file: str) -> None:
-    from gemma4_mlx import load_model
+    from mlx.utils import tree_flatten
+
+    from gemma4_mlx import LoadError, load, load_model
     from gemma4_mlx.distributed import server_sharded_load
+    from gemma4_mlx.generation import generate
 
     job = json.loads(Path(job_file).read_text())
     group = mx.distributed.init()
     assert group.size() == job["size"], f"expected a group of {job['size']}, got {group.size()}"
+    rank = group.rank()
     out = Path(job["out"])
     for case in job["cases"]:
+        start = time.perf_counter()
         loader = case.get("loader", "load_model")
+        if case.get("expect_error"):
+            try:
+                load_model(case["path"])
+            except LoadError as e:
+                (out / f"{case['name']}.rank{rank}.txt").write_text(str(e))
+                continue
+            raise AssertionError(f"{case['name']}: loading did not fail")
         if loader == "load_model":
             model = load_model(case["path"])
         elif loader == "mlx_lm.sharded_load":
@@ -82,9 +100,20 @@ def main(job_file: str) -> None:
         else:
             raise ValueError(f"unknown loader {loader}")
         assert model.sharding_group is not None
-        result = greedy_run(model, job["prompt"], job["steps"])
-        np.savez(out / f"{case['name']}.rank{group.rank()}.npz", **result)
-    print(f"rank {group.rank()} done", flush=True)
+        result = greedy_run(model, job["prompt"], job["steps"], modes=job.get("modes", ("0", "1")),
+                            forward=job.get("forward", True))
+        result["param_bytes"] = np.array(sum(v.nbytes for _, v in tree_flatten(model.parameters())))
+        result["random"] = np.array(mx.random.uniform(shape=(4,)))
+        if "experts" in model.layers[0]:
+            result["expert_width"] = np.array(model.layers[0].experts.switch_glu.gate_proj.weight.shape[1])
+        np.savez(out / f"{case['name']}.rank{rank}.npz", **result)
+        print(f"rank {rank}: {case['name']} {time.perf_counter() - start:.1f} s", flush=True)
+    if job.get("sample", True):
+        # temp > 0 without a seed: the loader gave every rank the same random state
+        model, tokenizer = load(job["cases"][0]["path"])
+        reply = generate(model, tokenizer, "Hello", max_tokens=6, temp=1.0)
+        np.save(out / f"sampled.rank{rank}.npy", np.array(reply.tokens))
+    print(f"rank {rank} done", flush=True)
 
 
 if __name__ == "__main__":
