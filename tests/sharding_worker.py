@@ -104,6 +104,11 @@ def main(job_file: str) -> None:
                             forward=job.get("forward", True))
         result["param_bytes"] = np.array(sum(v.nbytes for _, v in tree_flatten(model.parameters())))
         result["random"] = np.array(mx.random.uniform(shape=(4,)))
+        if case.get("count_collectives"):
+            from bench.sharded import decode_step_collectives
+
+            ops = [r["op"] for r in decode_step_collectives(model, mx.array(job["prompt"]))]
+            result["all_sum"], result["all_gather"] = np.array(ops.count("all_sum")), np.array(ops.count("all_gather"))
         if "experts" in model.layers[0]:
             result["expert_width"] = np.array(model.layers[0].experts.switch_glu.gate_proj.weight.shape[1])
         np.savez(out / f"{case['name']}.rank{rank}.npz", **result)

@@ -120,7 +120,7 @@ def run_group(n: int, job: dict, tmp_path: Path):
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps({"size": n, "out": str(tmp_path), **job}))
-    env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "PYTHONPATH": str(HERE)}
+    env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
     env.pop("GEMMA4_MLX_FUSE", None)
     procs = []
     try:
@@ -167,19 +167,29 @@ def _compare(name, path, prompt, n, tmp_path):
 # -- the sharded model equals the single-device one ------------------------------------------
 def test_two_processes_every_family(ckpts, prompt, tmp_path):
     cases = [
-        {"name": "tiny", "path": str(ckpts["tiny"])},  # E2B: PLE, 1 KV head (replicated), KV sharing
+        # E2B: PLE, 1 KV head (replicated), KV sharing
+        {"name": "tiny", "path": str(ckpts["tiny"]), "count_collectives": True},
         {"name": "tiny-31b", "path": str(ckpts["tiny-31b"])},  # dense, K=V global layers
         {"name": "moe96-4bit", "path": str(ckpts["moe96-4bit"])},  # MoE, 4-bit, uneven group split
         {"name": "tiny-8bit", "path": str(ckpts["tiny-8bit"])},  # quantized embedding / PLE table
         # mlx-lm's sharded_load calling Model.shard; the server's sharded loader
         {"name": "tiny-e4b", "path": str(ckpts["tiny-e4b"]), "loader": "mlx_lm.sharded_load"},
-        {"name": "tiny-moe", "path": str(ckpts["tiny-moe"]), "loader": "server_sharded_load"},
+        {"name": "tiny-moe", "path": str(ckpts["tiny-moe"]), "loader": "server_sharded_load",
+         "count_collectives": True},
     ]
     _check_group(run_group(2, {"cases": cases, "prompt": prompt, "steps": STEPS}, tmp_path))
     for case in cases:
         ranks = _compare(case["name"], case["path"], prompt, 2, tmp_path)
         if case["name"] == "moe96-4bit":  # 3 groups of 32 over 2 ranks: 64 + 32 of each expert's width
             assert [int(r["expert_width"]) for r in ranks] == [64, 32]
+        if case.get("count_collectives"):  # docs/benchmarks.md's count: 2 per layer, 1 more per MoE
+            # layer, 1 for the embedding and 1 for the PLE table; the logits' all-gather
+            from gemma4_mlx.loading import model_args
+
+            args = model_args(Path(case["path"]))
+            want = 2 * args.num_hidden_layers + args.num_hidden_layers * args.enable_moe_block + 1 + (
+                args.hidden_size_per_layer_input > 0)
+            assert [(int(r["all_sum"]), int(r["all_gather"])) for r in ranks] == [(want, 1)] * 2
     sampled = [np.load(tmp_path / f"sampled.rank{r}.npy") for r in range(2)]
     np.testing.assert_array_equal(sampled[0], sampled[1])  # temp > 0, no seed: ranks agree
 
@@ -310,3 +320,15 @@ def test_rank_zero_keeps_the_terminal(monkeypatch):
     monkeypatch.setattr(sys, "stderr", err)
     quiet_other_ranks()
     assert sys.stdout is out and sys.stderr is err
+
+
+def test_benchmark_script_runs_single_process(tmp_path):
+    sys.path.insert(0, str(HERE.parent))
+    try:
+        from bench.sharded import main
+    finally:
+        sys.path.remove(str(HERE.parent))
+    out = tmp_path / "one.json"
+    assert main(["--preset", "tiny", "--prompt", "16", "--decode", "4", "--runs", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["processes"] == 1 and result["prefill_tps"] > 0 and result["decode_tps"] > 0
