@@ -110,6 +110,48 @@ def decode_step_collectives(model, prompt: mx.array) -> List[Dict[str, Any]]:
     return records
 
 
+def expected_collectives(args, n: int, dtype_bytes: int, tokens: int = 1) -> List[Dict[str, Any]]:
+    """The collectives :mod:`gemma4_mlx.sharding` issues for ``tokens`` new tokens, from the
+    config alone (tests check it against the recorded ones): the embedding's and the PLE table's
+    all-sums, per layer one after attention, one after the MLP and one after the experts, and
+    the logits' all-gather. Shapes as recorded (batch 1)."""
+    def record(op, shape):
+        size = 1
+        for d in shape:
+            size *= d
+        return {"op": op, "shape": list(shape), "bytes": size * dtype_bytes}
+
+    hidden = (1, tokens, args.hidden_size)
+    out = []
+    if args.vocab_size % n == 0:
+        out.append(record("all_sum", hidden))
+    if args.hidden_size_per_layer_input and args.vocab_size_per_layer_input % n == 0:
+        out.append(record("all_sum", (1, tokens, args.num_hidden_layers * args.hidden_size_per_layer_input)))
+    for _ in range(args.num_hidden_layers):
+        out += [record("all_sum", hidden)] * (3 if args.enable_moe_block else 2)
+    if args.vocab_size % n == 0:
+        out.append(record("all_gather", (args.vocab_size // n, tokens)))
+    return out
+
+
+def estimate(preset: str, n: int, dtype_bytes: int) -> Dict[str, Any]:
+    """Computed (not measured): the collectives of one decode step and one prefill token, and
+    what they take on each link in ``LINKS``."""
+    args = parse_config(preset_config(preset))
+    step = expected_collectives(args, n, dtype_bytes)
+    per_prompt_token = [r for r in expected_collectives(args, n, dtype_bytes) if r["op"] == "all_sum"]
+    prefill_ms = {name: 1e3 * ring_bytes_sent(per_prompt_token, n) / link["bandwidth"] for name, link in LINKS.items()}
+    return {
+        "preset": preset, "processes": n, "activation_bytes": dtype_bytes,
+        "all_sum": sum(r["op"] == "all_sum" for r in step), "all_gather": sum(r["op"] == "all_gather" for r in step),
+        "decode_bytes_sent_per_rank": ring_bytes_sent(step, n),
+        "decode_ms_per_token": link_estimate(step, n),
+        # a long prompt amortises the latencies: bandwidth bounds the prefill
+        "prefill_ms_per_prompt_token": prefill_ms,
+        "prefill_tps_ceiling": {name: 1e3 / ms for name, ms in prefill_ms.items()},
+    }
+
+
 def time_collectives(records: List[Dict[str, Any]], group, iters: int) -> float:
     """Median seconds for the recorded collectives, replayed as one dependent chain."""
     if not records:
@@ -166,7 +208,12 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="any", help="mx.distributed backend (ring, nccl, mpi, any)")
     p.add_argument("--baseline", type=Path, help="JSON of the 1-process run, for the N/1 column")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--estimate", type=int, metavar="N",
+                   help="only compute (no model, no measurement) the collectives and link times for N processes")
     a = p.parse_args(argv)
+    if a.estimate:
+        print(json.dumps(estimate(a.preset, a.estimate, 2 if (a.dtype or "bfloat16") != "float32" else 4), indent=2))
+        return 0
 
     gpu = mx.default_device() == mx.gpu
     dtype = a.dtype or ("bfloat16" if gpu else "float32")

@@ -107,8 +107,8 @@ def main(job_file: str) -> None:
         if case.get("count_collectives"):
             from bench.sharded import decode_step_collectives
 
-            ops = [r["op"] for r in decode_step_collectives(model, mx.array(job["prompt"]))]
-            result["all_sum"], result["all_gather"] = np.array(ops.count("all_sum")), np.array(ops.count("all_gather"))
+            records = decode_step_collectives(model, mx.array(job["prompt"]))
+            result["collectives"] = np.array(json.dumps([{k: r[k] for k in ("op", "shape", "bytes")} for r in records]))
         if "experts" in model.layers[0]:
             result["expert_width"] = np.array(model.layers[0].experts.switch_glu.gate_proj.weight.shape[1])
         np.savez(out / f"{case['name']}.rank{rank}.npz", **result)

@@ -182,14 +182,14 @@ def test_two_processes_every_family(ckpts, prompt, tmp_path):
         ranks = _compare(case["name"], case["path"], prompt, 2, tmp_path)
         if case["name"] == "moe96-4bit":  # 3 groups of 32 over 2 ranks: 64 + 32 of each expert's width
             assert [int(r["expert_width"]) for r in ranks] == [64, 32]
-        if case.get("count_collectives"):  # docs/benchmarks.md's count: 2 per layer, 1 more per MoE
-            # layer, 1 for the embedding and 1 for the PLE table; the logits' all-gather
+        if case.get("count_collectives"):  # the count docs/benchmarks.md's estimates come from
+            from bench.sharded import expected_collectives
             from gemma4_mlx.loading import model_args
 
-            args = model_args(Path(case["path"]))
-            want = 2 * args.num_hidden_layers + args.num_hidden_layers * args.enable_moe_block + 1 + (
-                args.hidden_size_per_layer_input > 0)
-            assert [(int(r["all_sum"]), int(r["all_gather"])) for r in ranks] == [(want, 1)] * 2
+            want = expected_collectives(model_args(Path(case["path"])), 2, dtype_bytes=4)
+            assert len(want) > 10
+            for r in ranks:
+                assert json.loads(str(r["collectives"])) == want
     sampled = [np.load(tmp_path / f"sampled.rank{r}.npy") for r in range(2)]
     np.testing.assert_array_equal(sampled[0], sampled[1])  # temp > 0, no seed: ranks agree
 
@@ -323,11 +323,7 @@ def test_rank_zero_keeps_the_terminal(monkeypatch):
 
 
 def test_benchmark_script_runs_single_process(tmp_path):
-    sys.path.insert(0, str(HERE.parent))
-    try:
-        from bench.sharded import main
-    finally:
-        sys.path.remove(str(HERE.parent))
+    from bench.sharded import main
     out = tmp_path / "one.json"
     assert main(["--preset", "tiny", "--prompt", "16", "--decode", "4", "--runs", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
