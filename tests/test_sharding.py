@@ -261,13 +261,18 @@ def test_bounds_follow_quantization_groups():
         sharding._bounds(96, 32, 4, 0, "w")
 
 
-def test_every_published_family_splits_over_2_4_8():
+@pytest.mark.parametrize("bits", [None, 4])
+def test_every_published_family_splits_over_2_4_8(bits):
+    import mlx.nn as nn
+
     from gemma4_mlx import Model, parse_config
     from gemma4_mlx.presets import PRESETS
 
     for name in ("e2b", "e4b", "26b-a4b", "31b"):
         # only the plan is built: shapes, no weights (mx arrays stay lazy and are never evaluated)
         model = Model(parse_config(PRESETS[name]))
+        if bits:  # mlx-community's 4-bit checkpoints: groups of 64
+            nn.quantize(model, group_size=64, bits=bits)
         for n in (2, 4, 8):
             for rank in (0, n - 1):
                 plans = sharding._plan(model, n, rank)
