@@ -51,6 +51,14 @@ def greedy_run(model, prompt: List[int], steps: int, modes=("0", "1"), forward: 
     return out
 
 
+def batch_tokens(model, tokenizer, prompt: List[int]) -> List[np.ndarray]:
+    """mlx-lm's batch_generate over a short and a long prompt (rows of a batch, B > 1)."""
+    import mlx_lm
+
+    out = mlx_lm.batch_generate(model, tokenizer, [prompt[:3], prompt], max_tokens=4, return_token_ids=True)
+    return [np.array(ids) for ids in out.token_ids]
+
+
 def _mlx_lm_sharded_load(path: str):
     """mlx-lm's own ``sharded_load``, made to pick this package's model class (what the
     ``gemma4-mlx mlx-lm`` shim does for Gemma 4 checkpoints)."""
@@ -97,6 +105,12 @@ def main(job_file: str) -> None:
             model = _mlx_lm_sharded_load(case["path"])
         elif loader == "server_sharded_load":
             model, _ = server_sharded_load(case["path"], tensor_group=group)
+        elif loader == "shard_after_use":
+            # a whole model that already ran its compiled step (joined projections, a trace),
+            # then sharded by hand
+            model = load_model(case["path"], shard=False)
+            greedy_run(model, job["prompt"], 2, modes=("1",), forward=False)
+            model.shard(group)
         else:
             raise ValueError(f"unknown loader {loader}")
         assert model.sharding_group is not None
@@ -118,6 +132,7 @@ def main(job_file: str) -> None:
         model, tokenizer = load(job["cases"][0]["path"])
         reply = generate(model, tokenizer, "Hello", max_tokens=6, temp=1.0)
         np.save(out / f"sampled.rank{rank}.npy", np.array(reply.tokens))
+        np.savez(out / f"batch.rank{rank}.npz", *batch_tokens(model, tokenizer, job["prompt"]))
     print(f"rank {rank} done", flush=True)
 
 

@@ -25,7 +25,7 @@ import pytest
 from gemma4_mlx import sharding
 from gemma4_mlx.config import FULL, SLIDING
 from gemma4_mlx.distributed import _ErrorsOnly, launched_rank, quiet_other_ranks
-from sharding_worker import greedy_run
+from sharding_worker import batch_tokens, greedy_run
 
 HERE = Path(__file__).parent
 WORKER = HERE / "sharding_worker.py"
@@ -121,7 +121,6 @@ def run_group(n: int, job: dict, tmp_path: Path):
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps({"size": n, "out": str(tmp_path), **job}))
     env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
-    env.pop("GEMMA4_MLX_FUSE", None)
     procs = []
     try:
         for rank in range(n):
@@ -176,6 +175,8 @@ def test_two_processes_every_family(ckpts, prompt, tmp_path):
         {"name": "tiny-e4b", "path": str(ckpts["tiny-e4b"]), "loader": "mlx_lm.sharded_load"},
         {"name": "tiny-moe", "path": str(ckpts["tiny-moe"]), "loader": "server_sharded_load",
          "count_collectives": True},
+        # Model.shard on a model that already ran (joined projections and a compiled step to drop)
+        {"name": "shard-after-use", "path": str(ckpts["tiny"]), "loader": "shard_after_use"},
     ]
     _check_group(run_group(2, {"cases": cases, "prompt": prompt, "steps": STEPS}, tmp_path))
     for case in cases:
@@ -192,6 +193,13 @@ def test_two_processes_every_family(ckpts, prompt, tmp_path):
                 assert json.loads(str(r["collectives"])) == want
     sampled = [np.load(tmp_path / f"sampled.rank{r}.npy") for r in range(2)]
     np.testing.assert_array_equal(sampled[0], sampled[1])  # temp > 0, no seed: ranks agree
+    from gemma4_mlx import load
+
+    want = batch_tokens(*load(ckpts["tiny"], shard=False), prompt)  # mlx-lm's batch_generate (B = 2)
+    for r in range(2):
+        got = np.load(tmp_path / f"batch.rank{r}.npz")
+        for i, ids in enumerate(want):
+            np.testing.assert_array_equal(got[f"arr_{i}"], ids)
 
 
 def test_four_processes_replicated_kv_heads(ckpts, prompt, tmp_path):
