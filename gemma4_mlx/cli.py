@@ -17,8 +17,12 @@ def main(argv=None) -> None:
     try:
         import importlib
 
-        from .commands import COMMAND_MODULES, app, interrupt_reported
+        from .commands import COMMAND_MODULES, app, debug_enabled, interrupt_reported
         from .commands.generate import expand_multi_value_flags
+        from .distributed import quiet_other_ranks
+
+        # Under mlx.launch every process runs this command; only rank 0 talks to the terminal.
+        quiet_other_ranks(verbose=debug_enabled() or "--debug" in (sys.argv[1:] if argv is None else argv))
 
         for name in COMMAND_MODULES:
             importlib.import_module(f"gemma4_mlx.commands.{name}")

@@ -706,5 +706,8 @@ def install_server_loader(server_module=None) -> None:
     """Make ``mlx_lm.server.ModelProvider`` load models with :func:`server_load`."""
     if server_module is None:
         import mlx_lm.server as server_module
+    from .distributed import server_sharded_load
+
     server_module.load = server_load
+    server_module.sharded_load = server_sharded_load  # what the server calls under mlx.launch
 

@@ -139,12 +139,17 @@ def check_dtype(name: str, stored: mx.Dtype, expected: mx.Dtype, where: Path) ->
 
 
 def load_model(path: Union[str, Path], lazy: bool = False, revision: Optional[str] = None,
-               strict_memory: bool = False) -> Model:
+               strict_memory: bool = False, shard: bool = True) -> Model:
     """Build the model for a checkpoint folder (or Hub repo id) and load its weights.
 
     The weights' memory is estimated from the safetensors headers first: a ``MemoryWarning``
-    when the device lacks it, or a LoadError with ``strict_memory=True``.
+    when the device lacks it, or a LoadError with ``strict_memory=True``. Launched as a group of
+    processes (``mlx.launch``), each process holds and reads only its shard of the model
+    (:mod:`gemma4_mlx.sharding`; ``shard=False`` loads it whole).
     """
+    from .distributed import group_memory, sync_random_state, world
+    from .sharding import ShardingError
+
     model_path = resolve_model_path(path, revision)
     config = read_config(model_path)
     args = model_args(model_path, config)
@@ -152,13 +157,21 @@ def load_model(path: Union[str, Path], lazy: bool = False, revision: Optional[st
         model = Model(args)
     except (ValueError, TypeError, OverflowError, MemoryError) as e:  # shapes parse_config let through (e.g. negative)
         raise LoadError(f"{model_path / 'config.json'}: invalid config ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-    check_memory(model_path, strict=strict_memory)  # also validates every safetensors header
+    group = world() if shard else None
+    # also validates every safetensors header
+    check_memory(model_path, strict=strict_memory, available=group_memory(group))
     weights = model.sanitize(read_weights(weight_files(model_path)))
     if args.quantization:
         _quantize(model, args.quantization, weights, model_path / "config.json")
     check_weights(model, weights, model_path)
     model.eval()
     model.load_weights(list(weights.items()), strict=False)
+    if group is not None:
+        try:
+            model.shard(group)  # slices the lazy weights: the evaluation below reads only this shard
+        except ShardingError as e:
+            raise LoadError(f"{model_path}: {e}") from e
+        sync_random_state(group)
     if not lazy:
         try:
             mx.eval(model.parameters())
@@ -193,10 +206,11 @@ def load_tokenizer(model_path: Path, eos_token_ids: Optional[List[int]] = None):
 
 
 def load(path_or_repo: Union[str, Path], lazy: bool = False, revision: Optional[str] = None,
-         strict_memory: bool = False) -> Tuple[Model, Any]:
+         strict_memory: bool = False, shard: bool = True) -> Tuple[Model, Any]:
     """(model, tokenizer) for a checkpoint folder or Hub repo id. The memory the weights need
-    is checked first: a warning when the device lacks it, a LoadError with ``strict_memory``."""
+    is checked first: a warning when the device lacks it, a LoadError with ``strict_memory``.
+    Under ``mlx.launch`` the model is sharded over the processes (see :func:`load_model`)."""
     model_path = resolve_model_path(path_or_repo, revision)
-    model = load_model(model_path, lazy=lazy, strict_memory=strict_memory)
+    model = load_model(model_path, lazy=lazy, strict_memory=strict_memory, shard=shard)
     tokenizer = load_tokenizer(model_path, model.args.eos_token_id)
     return model, tokenizer

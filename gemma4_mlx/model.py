@@ -85,6 +85,7 @@ class Attention(nn.Module):
         super().__init__()
         self.plan = plan
         h, d, kv = plan.num_heads, plan.head_dim, plan.num_kv_heads
+        self.num_heads, self.num_kv_heads = h, kv  # this process's heads: Model.shard lowers them
         self.q_proj = nn.Linear(args.hidden_size, h * d, bias=False)
         self.o_proj = nn.Linear(h * d, args.hidden_size, bias=False)
         self.q_norm = nn.RMSNorm(d, eps=args.rms_norm_eps)
@@ -107,13 +108,13 @@ class Attention(nn.Module):
             q, k, *v = joined(x)
         else:
             q = ops.linear(self.q_proj, x)
-        q = q.reshape(B, L, p.num_heads, p.head_dim)
+        q = q.reshape(B, L, self.num_heads, p.head_dim)
         if shared is None:
             offset = cache.offset if cache is not None else 0
             if joined is None:
                 k, v = ops.linear(self.k_proj, x), ([] if p.k_eq_v else [ops.linear(self.v_proj, x)])
-            k = k.reshape(B, L, p.num_kv_heads, p.head_dim)
-            v = k if p.k_eq_v else v[0].reshape(B, L, p.num_kv_heads, p.head_dim)
+            k = k.reshape(B, L, self.num_kv_heads, p.head_dim)
+            v = k if p.k_eq_v else v[0].reshape(B, L, self.num_kv_heads, p.head_dim)
             keys, values = ops.kv_norm_rope(k, v, self.k_norm.weight, self._inv_freq, self._freqs, offset, self.eps)
             if cache is not None:
                 keys, values = cache.update_and_fetch(keys, values)
@@ -284,6 +285,13 @@ class Model(nn.Module):
             if logits is not None:
                 return logits
         return self._eager(inputs, cache=cache, trace=trace)
+
+    def shard(self, group: Optional[mx.distributed.Group] = None) -> None:
+        """Tensor parallelism over ``group`` (mlx-lm's ``sharded_load`` convention); see
+        :mod:`gemma4_mlx.sharding`."""
+        from .sharding import shard_model
+
+        shard_model(self, group)
 
     def fuse_projections(self) -> None:
         """Build the decode step's derived state now (joined q/k/v and gate/up projections: the
