@@ -39,12 +39,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
+from . import ops
+
 _CACHE_TYPES = (KVCache, RotatingKVCache)
-
-# Decode steps multiply few rows: one matmul over the joined weights beats several there (fewer
-# launches, one longer weight stream). More rows than this use the member projections.
-JOINED_MAX_ROWS = 8
-
 
 def compile_enabled() -> bool:
     """``GEMMA4_MLX_COMPILE``: 1 / 0, or auto (default): on a GPU only. On the CPU the compiled
@@ -73,44 +70,7 @@ def _switches() -> tuple:
     return (mode, tuple(sorted(dispatch.disabled_kernels())), joining_enabled(), mx.default_device())
 
 
-# ------------------------------------------------------------------ the decode-step context
-
-class _Context:
-    def __init__(self, joined: Dict[int, "JoinedProjection"], collect: Optional[list], tracing: bool):
-        self.joined = joined
-        self.collect = collect  # a dry run: record the kernels met, launch none
-        self.tracing = tracing  # inside mx.compile's trace: nothing may be evaluated
-
-
-_active: List[_Context] = []
-
-
-@contextlib.contextmanager
-def _context(joined, collect=None, tracing=False):
-    _active.append(_Context(joined, collect, tracing))
-    try:
-        yield
-    finally:
-        _active.pop()
-
-
-def kernel_scope():
-    """Run ops as inside the decode step (custom kernels allowed, checked at first use), outside
-    any trace: for tests and micro-benchmarks of single ops."""
-    return _context({})
-
-
-def active() -> Optional[_Context]:
-    """The decode step being traced (or dry-run), or None outside it."""
-    return _active[-1] if _active else None
-
-
-def joined(module: nn.Module, rows: int) -> Optional["JoinedProjection"]:
-    """``module``'s joined projection inside the decode step (None elsewhere or for many rows)."""
-    ctx = active()
-    if ctx is None or rows > JOINED_MAX_ROWS:
-        return None
-    return ctx.joined.get(id(module))
+from .step_context import _context, active  # noqa: E402
 
 
 # ------------------------------------------------------------------ derived state
@@ -206,8 +166,6 @@ class JoinedProjection:
         )
 
     def __call__(self, x: mx.array) -> List[mx.array]:
-        from . import ops
-
         return mx.split(ops.linear(self.joint, x), self.splits, axis=-1)
 
 

@@ -94,17 +94,3 @@ def quiet_other_ranks(verbose: bool = False) -> None:
     sys.stdout = open(os.devnull, "w")
     if not verbose:
         sys.stderr = _ErrorsOnly(sys.stderr, rank)
-
-
-def server_sharded_load(path_or_hf_repo, pipeline_group=None, tensor_group=None, return_config: bool = False, *,
-                        tokenizer_config=None, trust_remote_code: bool = False):
-    """Drop-in for ``mlx_lm.utils.sharded_load`` (what ``mlx_lm.server`` calls when launched as a
-    group): this package's loader, which shards over the group itself."""
-    from .generation import server_load
-
-    if pipeline_group is not None:
-        raise ValueError("gemma4-mlx shards by tensor parallelism only: drop --pipeline")
-    world_group = world()
-    if tensor_group is not None and (world_group is None or tensor_group.size() != world_group.size()):
-        raise ValueError("gemma4-mlx shards over all launched processes; a smaller tensor group is not supported")
-    return server_load(path_or_hf_repo, tokenizer_config=tokenizer_config, return_config=return_config)

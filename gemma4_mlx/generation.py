@@ -702,12 +702,24 @@ GEMMA4_JINJA = (
 )
 
 
+def server_sharded_load(path_or_hf_repo, pipeline_group=None, tensor_group=None, return_config: bool = False, *,
+                        tokenizer_config=None, trust_remote_code: bool = False):
+    """Drop-in for ``mlx_lm.utils.sharded_load`` (what ``mlx_lm.server`` calls when launched as a
+    group): this package's loader, which shards over the group itself."""
+    from .distributed import world
+
+    if pipeline_group is not None:
+        raise ValueError("gemma4-mlx shards by tensor parallelism only: drop --pipeline")
+    world_group = world()
+    if tensor_group is not None and (world_group is None or tensor_group.size() != world_group.size()):
+        raise ValueError("gemma4-mlx shards over all launched processes; a smaller tensor group is not supported")
+    return server_load(path_or_hf_repo, tokenizer_config=tokenizer_config, return_config=return_config)
+
+
 def install_server_loader(server_module=None) -> None:
     """Make ``mlx_lm.server.ModelProvider`` load models with :func:`server_load`."""
     if server_module is None:
         import mlx_lm.server as server_module
-    from .distributed import server_sharded_load
-
     server_module.load = server_load
     server_module.sharded_load = server_sharded_load  # what the server calls under mlx.launch
 

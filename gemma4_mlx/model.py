@@ -18,7 +18,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from . import decode, ops
+from . import decode, ops, step_context
 from .config import FULL, LayerPlan, ModelArgs
 
 
@@ -30,7 +30,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(width, hidden, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        joined = decode.joined(self, x.size // x.shape[-1])
+        joined = step_context.joined(self, x.size // x.shape[-1])
         if joined is not None:
             gate, up = joined(x)
         else:
@@ -103,7 +103,7 @@ class Attention(nn.Module):
         """``shared`` is (keys, values, offset, cache) of the producer layer for shared-KV layers."""
         B, L, _ = x.shape
         p = self.plan
-        joined = decode.joined(self, B * L)
+        joined = step_context.joined(self, B * L)
         if joined is not None:
             q, k, *v = joined(x)
         else:

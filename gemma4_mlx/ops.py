@@ -17,7 +17,7 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 # GeGLU (tanh GELU) and the logit soft-cap are the same ops as stock's: reuse its compiled ones.
 from mlx_lm.models.gemma4_text import geglu, logit_softcap  # noqa: F401 (geglu is used by the model)
 
-from . import decode
+from . import step_context
 
 Offset = Union[int, mx.array]
 
@@ -33,7 +33,7 @@ def _gpu_kernels():
     ``GEMMA4_MLX_COMPILE=0``) take MLX's ops: launching kernels from Python there cost more than
     they saved (H100, E2B: 24.0 ms per eager step with kernels against stock's 15.2 ms), and a
     prefill that needs no custom kernel needs no kernel build before the first token."""
-    if decode.active() is None:
+    if step_context.active() is None:
         return None
     from . import kernels
 

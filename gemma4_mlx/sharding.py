@@ -47,7 +47,6 @@ from mlx.nn.layers.distributed import (
     sum_gradients,
 )
 
-from .model import Experts
 
 ALL_TO_SHARDED = "all-to-sharded"
 SHARDED_TO_ALL = "sharded-to-all"
@@ -63,15 +62,24 @@ class ShardingError(ValueError):
 # -------------------------------------------------------------------------------------------
 # Layers
 # -------------------------------------------------------------------------------------------
-class ShardedExperts(Experts):
-    """:class:`~gemma4_mlx.model.Experts` whose experts hold a slice of their hidden width:
-    each rank's mixture is a partial sum, all-summed here."""
+def _sharded_experts_call(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+    """Each rank's experts hold a slice of their hidden width: its mixture is a partial sum,
+    all-summed here."""
+    x = sum_gradients(self.group)(x)
+    return mx.distributed.all_sum(type(self).__mro__[1].__call__(self, x, idx, weights), group=self.group)
 
-    group: mx.distributed.Group
 
-    def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
-        x = sum_gradients(self.group)(x)
-        return mx.distributed.all_sum(super().__call__(x, idx, weights), group=self.group)
+_sharded_classes: dict = {}
+
+
+def _sharded_experts_class(base: type) -> type:
+    """``base`` (the model's ``Experts``) with the all-sum of :func:`_sharded_experts_call`;
+    made from the instance's class, so this module needs no import of the model's."""
+    cls = _sharded_classes.get(base)
+    if cls is None:
+        cls = type(f"Sharded{base.__name__}", (base,), {"__call__": _sharded_experts_call, "__doc__": _sharded_experts_call.__doc__})
+        _sharded_classes[base] = cls
+    return cls
 
 
 def _gather_last_axis(y: mx.array, group: mx.distributed.Group) -> mx.array:
@@ -307,7 +315,7 @@ def _shard_experts(experts, bounds: Tuple[int, int], group: mx.distributed.Group
     _inplace(glu.up_proj, ALL_TO_SHARDED, group, *bounds)
     _inplace(glu.down_proj, SHARDED_TO_ALL, group, *bounds)
     # A class swap keeps every attribute the model gave the module.
-    experts.__class__ = ShardedExperts
+    experts.__class__ = _sharded_experts_class(type(experts))
     experts.group = group
 
 

@@ -81,7 +81,7 @@ def main(job_file: str) -> None:
     from mlx.utils import tree_flatten
 
     from gemma4_mlx import LoadError, load, load_model
-    from gemma4_mlx.distributed import server_sharded_load
+    from gemma4_mlx.generation import server_sharded_load
     from gemma4_mlx.generation import generate
 
     job = json.loads(Path(job_file).read_text())

@@ -41,9 +41,9 @@ def test_the_same_request_gives_the_same_tokens(checkpoint, dtype, compiled, mon
     original = type(model)._eager
 
     def spy(self, inputs, *a, **k):
-        from gemma4_mlx import decode
+        from gemma4_mlx import step_context
 
-        if inputs.shape[1] == 1 and decode.active() is None:
+        if inputs.shape[1] == 1 and step_context.active() is None:
             eager_steps.append(1)
         return original(self, inputs, *a, **k)
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import gemma4_mlx.kernels as K
-from gemma4_mlx import decode
+from gemma4_mlx import step_context
 from gemma4_mlx.kernels import dispatch
 
 ATT = sys.modules["gemma4_mlx.kernels.attention"]
@@ -261,7 +261,7 @@ def test_model_ops_fall_back_to_the_mlx_op_sequence_not_the_oracle(how, monkeypa
     wrong = lambda *a: tuple(x + 1 for x in oracle(*a)) if a[-1] is not None else oracle(*a) + 1  # noqa: E731
     with dispatch.force_backend("cuda"), dispatch.override_kernel("residual_norm", wrong), \
             dispatch.kernels_mode("auto"):
-        with decode.kernel_scope():
+        with step_context.kernel_scope():
             got = ops.residual_norm(res, br, w, None, 1e-6, wn)
     assert (1, 5, 96) not in seen  # the oracle ran at most on the self-check's probe
     assert mx.array_equal(got[0], want[0]) and mx.array_equal(got[1], want[1])
@@ -419,7 +419,7 @@ def test_decode_projections_reach_the_matvec_kernels_only_for_exact_types(monkey
             dispatch.override_kernel("qmv", spy("qmv", K.quantized_matvec_reference)):
         assert mx.allclose(ops.linear(lin, x), lin(x))  # outside the step: the module itself
         assert calls == []
-        with decode.kernel_scope():
+        with step_context.kernel_scope():
             np.testing.assert_allclose(np.array(ops.linear(lin, x)), np.array(lin(x)), rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(np.array(ops.linear(qlin, x)), np.array(qlin(x)), rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(np.array(ops.tied_head(emb, x)), np.array(emb.as_linear(x)),

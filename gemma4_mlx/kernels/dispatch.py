@@ -369,9 +369,9 @@ def run(
     kernel = _impl_override.get(name, kernel)
     key = (name, backend) + tuple(class_key)
     verdict = _verdicts.get(key)
-    from .. import decode
+    from ..step_context import active
 
-    step = decode.active()
+    step = active()
     if step is not None and step.collect is not None:
         if verdict is None:
             step.collect.append((name, key, reference, kernel, probe, tuple(class_key)))

@@ -1,0 +1,52 @@
+"""Where the model runs: inside the compiled decode step (traced, or dry-run), or not.
+
+The model's ops ask :func:`active` whether they may launch custom kernels and use the step's
+joined projections; :mod:`gemma4_mlx.decode` sets the context. Imports nothing of the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional
+
+# Decode steps multiply few rows: one matmul over the joined weights beats several there (fewer
+# launches, one longer weight stream). More rows than this use the member projections.
+JOINED_MAX_ROWS = 8
+
+
+class _Context:
+    def __init__(self, joined: Dict[int, object], collect: Optional[list], tracing: bool):
+        self.joined = joined
+        self.collect = collect  # a dry run: record the kernels met, launch none
+        self.tracing = tracing  # inside mx.compile's trace: nothing may be evaluated
+
+
+_active: List[_Context] = []
+
+
+@contextlib.contextmanager
+def _context(joined, collect=None, tracing=False):
+    _active.append(_Context(joined, collect, tracing))
+    try:
+        yield
+    finally:
+        _active.pop()
+
+
+def kernel_scope():
+    """Run ops as inside the decode step (custom kernels allowed, checked at first use), outside
+    any trace: for tests and micro-benchmarks of single ops."""
+    return _context({})
+
+
+def active() -> Optional[_Context]:
+    """The decode step being traced (or dry-run), or None outside it."""
+    return _active[-1] if _active else None
+
+
+def joined(module, rows: int) -> Optional[object]:
+    """``module``'s joined projection inside the decode step (None elsewhere or for many rows)."""
+    ctx = active()
+    if ctx is None or rows > JOINED_MAX_ROWS:
+        return None
+    return ctx.joined.get(id(module))
