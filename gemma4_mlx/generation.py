@@ -10,12 +10,11 @@ and a clear error when prompt + ``max_tokens`` would run past ``max_position_emb
 turn's tokens.
 
 The model also runs unchanged with ``mlx_lm.generate``, ``mlx_lm.stream_generate`` and
-``mlx_lm.batch_generate``; :func:`serve` starts ``mlx_lm.server`` with this package's loader.
+``mlx_lm.batch_generate``; ``gemma4-mlx serve`` (gemma4_mlx/server.py) serves it over HTTP.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Union
@@ -30,7 +29,6 @@ from .chat_format import (
     ReasoningParser,
     encode_text,
     format_prompt,
-    has_chat_template,
     next_turn_text,
 )
 
@@ -42,7 +40,6 @@ __all__ = [
     "generate",
     "make_generation_sampler",
     "prepare_prompt",
-    "serve",
     "stream_generate",
 ]
 
@@ -378,69 +375,4 @@ class ChatSession:
             raise
         if done:
             self.messages.append({"role": "assistant", "content": "".join(reply)})
-
-
-def serve(argv: Optional[List[str]] = None) -> None:
-    """``mlx_lm.server`` (OpenAI-compatible HTTP API) serving Gemma 4 through this package's model.
-
-    mlx-lm's server picks the model class from ``config.json``'s ``model_type`` in its own
-    registry (which has a stock ``gemma4_text``); to serve *this* implementation, the server's
-    ``load`` is replaced by :func:`server_load`. All arguments are ``mlx_lm.server``'s.
-    """
-    import mlx_lm.server as server
-
-    install_server_loader(server)
-    old = sys.argv
-    sys.argv = ["gemma4-mlx serve"] + list(sys.argv[1:] if argv is None else argv)
-    try:
-        server.main()
-    finally:
-        sys.argv = old
-
-
-def server_load(path_or_hf_repo, tokenizer_config=None, model_config=None, adapter_path=None, lazy=False,
-                return_config=False, revision=None, trust_remote_code=False):
-    """Drop-in for ``mlx_lm.utils.load`` that builds :class:`gemma4_mlx.Model`."""
-    from .loading import load_model, load_tokenizer, read_config, resolve_model_path
-
-    if adapter_path is not None:
-        raise ValueError("gemma4-mlx serve does not support LoRA adapters")
-    model_path = resolve_model_path(path_or_hf_repo, revision)
-    model = load_model(model_path, lazy=lazy)
-    tokenizer = load_tokenizer(model_path, model.args.eos_token_id)
-    if tokenizer_config and tokenizer_config.get("chat_template"):
-        tokenizer._tokenizer.chat_template = tokenizer_config["chat_template"]
-        tokenizer.has_chat_template = True
-    if not has_chat_template(tokenizer):
-        # Without a template the server would send raw text: give it Gemma 4's format.
-        tokenizer._tokenizer.chat_template = GEMMA4_JINJA
-        tokenizer.has_chat_template = True
-    if return_config:
-        return model, tokenizer, read_config(model_path)
-    return model, tokenizer
-
-
-# A minimal Jinja rendering of gemma4_prompt(), for servers that only speak templates.
-GEMMA4_JINJA = (
-    "{{ bos_token }}"
-    "{%- set think = enable_thinking | default(false) -%}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{{ '<|turn>system\\n' + ('<|think|>' if think else '') + messages[0]['content'] | trim + '<turn|>\\n' }}"
-    "{%- set msgs = messages[1:] -%}"
-    "{%- else -%}"
-    "{%- if think -%}{{ '<|turn>system\\n<|think|><turn|>\\n' }}{%- endif -%}"
-    "{%- set msgs = messages -%}"
-    "{%- endif -%}"
-    "{%- for m in msgs -%}"
-    "{{ '<|turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' + m['content'] | trim + '<turn|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|turn>model\\n' }}{%- endif -%}"
-)
-
-
-def install_server_loader(server_module=None) -> None:
-    """Make ``mlx_lm.server.ModelProvider`` load models with :func:`server_load`."""
-    if server_module is None:
-        import mlx_lm.server as server_module
-    server_module.load = server_load
 
