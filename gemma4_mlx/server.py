@@ -161,6 +161,9 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
     server: "GemmaHTTPServer"
 
+    def version_string(self) -> str:
+        return self.server_version
+
     def setup(self) -> None:
         self.timeout = self.server.app.config.timeout
         super().setup()
@@ -177,8 +180,18 @@ class Handler(BaseHTTPRequestHandler):
             return
         sys.stderr.write(f"{self.address_string()} - [{self.log_date_time_string()}] {_printable(format % args)}\n")
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":  # no status line, no headers: unanswerable properly
+            self.send_error(505, "HTTP/0.9 is not supported")
+            return False
+        return True
+
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """The stdlib's own errors (malformed request line, headers too long, ...) as JSON."""
+        if self.request_version == "HTTP/0.9":  # the request line did not parse: answer as HTTP/1.0
+            self.request_version = "HTTP/1.0"
         try:
             phrase = HTTPStatus(code).phrase
         except ValueError:
@@ -212,8 +225,29 @@ class Handler(BaseHTTPRequestHandler):
         if getattr(self, "_responded", False):  # a stream already started: nothing more to say
             self.close_connection = True
             return
-        # The body may be unread: never reuse the connection after an error.
+        # The body may be unread: never reuse the connection after an error, and let the
+        # client finish sending before closing (closing on unread data resets the connection,
+        # which can destroy the answer before the client reads it).
+        self._linger = not getattr(self, "_body_read", False) and bool(
+            self.headers and (self.headers.get("Content-Length", "0").strip() not in ("", "0")
+                              or self.headers.get("Transfer-Encoding")))
         self._write_json(e.status, e.body(), headers=e.headers, close=True)
+
+    def finish(self) -> None:
+        super().finish()
+        if getattr(self, "_linger", False):
+            self._linger = False
+            try:
+                self.connection.shutdown(socket.SHUT_WR)
+                self.connection.settimeout(0.5)
+                drained, deadline = 0, time.monotonic() + 1.0
+                while drained < (1 << 20) and time.monotonic() < deadline:
+                    data = self.connection.recv(65536)
+                    if not data:
+                        break
+                    drained += len(data)
+            except OSError:
+                pass
 
     def _too_large(self, n: Optional[int] = None) -> APIError:
         limit = self.server.app.config.max_body_bytes
@@ -223,6 +257,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         self._responded = False
+        self._body_read = False
         try:
             self._check_host()
             path = urlsplit(self.path).path
@@ -299,6 +334,7 @@ class Handler(BaseHTTPRequestHandler):
         if isinstance(charset, str) and charset.lower().replace("-", "") != "utf8":
             raise APIError(400, f"the body must be UTF-8, not {_printable(charset, 40)!r}", param="Content-Type")
         body = self._read_body()
+        self._body_read = True
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -223,7 +223,10 @@ def _common(body: Dict[str, Any], limits: Limits, kind: str) -> Dict[str, Any]:
     if options is not None:
         if not isinstance(options, dict):
             raise bad("stream_options", f"must be an object, got {_kind(options)}")
-        out["include_usage"] = _boolean(options, "include_usage", False)
+        include = options.get("include_usage")
+        if include is not None and not isinstance(include, bool):
+            raise bad("stream_options.include_usage", f"must be true or false, got {_kind(include)}")
+        out["include_usage"] = bool(include)
         if not out["stream"]:
             raise bad("stream_options", "is only allowed with stream: true")
     else:
