@@ -663,9 +663,16 @@ def serve(config: ServerConfig, model: str, adapter_path: Optional[str] = None, 
         # The loader cannot be interrupted mid-read: leave without tearing MLX down under it.
         print("interrupted", file=sys.stderr, flush=True)
         os._exit(130)
-    except BaseException:
+    except BaseException as e:
         app.stop(30)
-        raise
+        from .config import ConfigError
+        from .loading import LoadError
+
+        if isinstance(e, (LoadError, ConfigError, ValueError, OSError, RuntimeError, KeyError)) or \
+                not isinstance(e, Exception):
+            raise
+        line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise LoadError(f"{model}: the model could not be loaded ({type(e).__name__}{': ' + line if line else ''})") from e
     try:
         httpd = GemmaHTTPServer(app, config.host, config.port)
     except OSError as e:

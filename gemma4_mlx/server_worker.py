@@ -118,6 +118,7 @@ class Worker:
         self._current: Optional[Job] = None
         self._stopping = threading.Event()
         self._ready = threading.Event()
+        self._parked = threading.Event()
         self._load_error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name="gemma4-mlx-generation", daemon=True)
         self.completed = 0  # jobs finished, cancelled or failed (for /health and tests)
@@ -134,7 +135,7 @@ class Worker:
             raise self._load_error
 
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping.is_set()
+        return self._thread.is_alive() and not self._parked.is_set() and not self._stopping.is_set()
 
     @property
     def load(self) -> int:
@@ -159,7 +160,7 @@ class Worker:
             current.cancel.set()
         self._jobs.put(None)
         if self._thread.is_alive():
-            self._thread.join(timeout)
+            self._parked.wait(timeout)
         while True:  # anything still queued gets its answer
             try:
                 job = self._jobs.get_nowait()
@@ -167,7 +168,7 @@ class Worker:
                 break
             if job is not None:
                 self._finish(job, "failed", Failed(503, "the server is shutting down"))
-        return not self._thread.is_alive()
+        return self._parked.is_set() or not self._thread.is_alive()
 
     # -- the thread ----------------------------------------------------------------------------
     def _load(self) -> bool:
@@ -186,8 +187,18 @@ class Worker:
             self._ready.set()
 
     def _run(self) -> None:
-        if not self._load():
-            return
+        try:
+            if self._load():
+                self._serve()
+        finally:
+            # Park instead of ending: a thread that used MLX's thread-local stream and ends
+            # right before the process exits races MLX's teardown of that stream, which aborts
+            # the process ("terminate called without an active exception"). A parked daemon
+            # thread holds nothing and dies with the process.
+            self._parked.set()
+            threading.Event().wait()
+
+    def _serve(self) -> None:
         while not self._stopping.is_set():
             job = self._jobs.get()
             if job is None:

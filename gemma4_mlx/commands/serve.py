@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Optional
 
@@ -63,12 +64,13 @@ def serve(
             _usage_error(f"{name} must be >= {lo}, got {value}")
     if not 0 <= port <= 65535:
         _usage_error(f"--port must be in 0..65535, got {port}")
-    if not (timeout > 0 and timeout < float("inf")):
+    if not (math.isfinite(timeout) and timeout > 0):
         _usage_error(f"--timeout must be a positive number of seconds, got {timeout}")
+    for name, value in (("--temp", temp), ("--top-p", top_p), ("--min-p", min_p)):
+        if not math.isfinite(value):
+            _usage_error(f"{name} must be a finite number, got {value}")
     try:
         check_sampling(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
-        if temp != temp or top_p != top_p or min_p != min_p or temp == float("inf"):
-            raise ValueError("sampling options must be finite numbers")
     except ValueError as e:
         _usage_error(str(e))
     if served_model_name is not None and not served_model_name.strip():
