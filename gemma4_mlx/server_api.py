@@ -182,7 +182,7 @@ def _refuse_unless(body, name, ok, why: str) -> None:
 
 
 # -- shared fields ---------------------------------------------------------------------------
-def _common(body: Dict[str, Any], limits: Limits, kind: str) -> Dict[str, Any]:
+def _common(body: Dict[str, Any], limits: Limits) -> Dict[str, Any]:
     model = body.get("model")
     if model is not None:
         _text(model, "model")  # any name is accepted: the served model answers, nothing is loaded
@@ -295,6 +295,10 @@ def _fit(prompt: List[int], opts: Dict[str, Any], limits: Limits, prompt_field: 
     n = len(prompt)
     if n == 0:
         raise bad(prompt_field, "the prompt is empty")
+    top = max(prompt)
+    if top >= limits.vocab_size:  # the tokenizer knows more ids than the model: never index past it
+        raise bad(prompt_field, f"the prompt holds token id {top}, outside the model's vocabulary "
+                                f"(0..{limits.vocab_size - 1}); the tokenizer does not match the model")
     if n > limits.max_prompt_tokens:
         raise bad(prompt_field, f"the prompt has {n} tokens, more than this server's limit of "
                                 f"{limits.max_prompt_tokens} (--max-prompt-tokens)")
@@ -390,7 +394,7 @@ def parse_chat(body: Any, limits: Limits, render) -> GenerationRequest:
     if not isinstance(body, dict):
         raise bad(None, f"the request body must be a JSON object, got {_kind(body)}")
     messages = parse_messages(body)
-    opts = _common(body, limits, "chat")
+    opts = _common(body, limits)
     # Tool calling would be accepted here and passed to `render` (see docs/usage.md).
     _refuse_unless(body, "tools", lambda v: v == [], "tool calling is not supported in this server yet")
     _refuse_unless(body, "tool_choice", lambda v: v in ("none", "auto"), "tool calling is not supported in this server yet")
@@ -429,7 +433,7 @@ def parse_completion(body: Any, limits: Limits, encode) -> GenerationRequest:
     else:
         raise bad("prompt", "must be a string or an array of token ids"
                   + ("" if prompt is None else f", got {_kind(prompt)}"))
-    opts = _common(body, limits, "completion")
+    opts = _common(body, limits)
     _refuse_unless(body, "echo", lambda v: v is False, "echo is not supported")
     _refuse_unless(body, "suffix", lambda v: v == "", "suffix is not supported")
     top = _get(body, "logprobs")

@@ -10,6 +10,7 @@ the thread survives it and takes the next one.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import sys
 import threading
@@ -220,6 +221,9 @@ class Worker:
                 print(f"gemma4-mlx serve: generation failed: {type(e).__name__}: {line}", file=sys.stderr)
                 if self.debug:
                     traceback.print_exc()
+                # An error inside mlx-lm's compiled sampler leaves MLX's global random key a
+                # traced placeholder; every later unseeded sample would fail on it. Reseed.
+                mx.random.seed(int.from_bytes(os.urandom(8), "little"))
                 self._finish(job, "failed", Failed(500, f"generation failed: {line}"))
             finally:
                 self._current = None
@@ -245,7 +249,9 @@ class Worker:
         r = job.request
         if r.seed is not None:
             mx.random.seed(r.seed)
-        sampler = make_sampler(r.temperature, top_p=r.top_p, min_p=r.min_p, top_k=r.top_k,
+        vocab = getattr(getattr(self.model, "args", None), "vocab_size", None)
+        top_k = 0 if vocab is not None and r.top_k >= vocab else r.top_k  # all tokens: no filter
+        sampler = make_sampler(r.temperature, top_p=r.top_p, min_p=r.min_p, top_k=top_k,
                                xtc_probability=r.xtc_probability, xtc_threshold=r.xtc_threshold,
                                xtc_special_tokens=self._xtc_special)
         processors = make_logits_processors(

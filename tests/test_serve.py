@@ -135,6 +135,23 @@ def test_seed_makes_sampling_repeatable(served, tok):
     assert a == b
 
 
+def test_a_failed_sampler_does_not_break_later_sampling(served, monkeypatch):
+    """mlx-lm's sampler raising inside its compiled function (as top_k = vocabulary size does)
+    fails that request only: later unseeded sampling still works, and top_k = the vocabulary
+    size itself means no filter."""
+    import gemma4_mlx.server_worker as worker_module
+    from mlx_lm.sample_utils import make_sampler
+
+    body = {"prompt": "x", "max_tokens": 3, "temperature": 1.0}
+    monkeypatch.setattr(worker_module, "make_sampler", lambda *a, **k: make_sampler(1.0, top_k=512))
+    r = served.client.post(COMPLETIONS, body)
+    assert r.status == 500 and "generation failed" in r.json()["error"]["message"]
+    monkeypatch.undo()
+    for extra in ({}, {"top_k": 512}, {"top_k": 1}):
+        r = served.client.post(COMPLETIONS, {**body, **extra})
+        assert r.status == 200, (extra, r.body)
+
+
 def test_logit_bias_is_applied(served, tok):
     tid = tok.encode("a", add_special_tokens=False)[0]
     r = served.client.post(COMPLETIONS, {"prompt": "x", "max_tokens": 4, "logit_bias": {str(tid): 100}}).json()

@@ -8,7 +8,7 @@ import json
 import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from serve_harness import serving
 
@@ -105,3 +105,39 @@ def test_random_request_heads(served):
         reply = served.client.raw(raw, timeout=10)
         assert reply == b"" or reply.startswith(b"HTTP/1."), reply[:100]
     served.client.healthy_and_answering()
+
+
+finite = dict(allow_nan=False, allow_infinity=False)
+valid_settings = st.fixed_dictionaries({}, optional={
+    "temperature": st.floats(0, 1e6, **finite), "top_p": st.floats(1e-9, 1, **finite),
+    "top_k": st.integers(0, 512), "min_p": st.floats(0, 1, **finite), "seed": st.integers(0, 2**64 - 1),
+    "repetition_penalty": st.floats(1e-6, 1e6, **finite), "repetition_context_size": st.integers(1, 4096),
+    "presence_penalty": st.floats(-2, 2, **finite), "frequency_penalty": st.floats(-2, 2, **finite),
+    "xtc_probability": st.floats(0, 1, **finite), "xtc_threshold": st.floats(0, 0.5, **finite),
+    "logit_bias": st.dictionaries(st.integers(0, 511).map(str), st.floats(-100, 100, **finite), max_size=5),
+    "stop": st.one_of(st.text(min_size=1, max_size=4), st.lists(st.text(min_size=1, max_size=4), max_size=4)),
+    "logprobs": st.booleans(), "stream": st.booleans(),
+})
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(settings_=valid_settings, chat=st.booleans())
+@example(settings_={"temperature": 1.0, "top_k": 512}, chat=False)
+@example(settings_={"temperature": 1e6, "top_p": 1e-9, "min_p": 1.0, "xtc_probability": 1.0}, chat=True)
+def test_valid_sampling_settings_always_generate(served, settings_, chat):
+    body = dict(settings_)
+    if "logprobs" in body and chat:
+        body["top_logprobs"] = 3 if body["logprobs"] else 0
+    elif "logprobs" in body:
+        body["logprobs"] = 2 if body["logprobs"] else 0
+    if chat:
+        r = served.client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], **body})
+    else:
+        r = served.client.post("/v1/completions", {"prompt": "hi", **body})
+    assert r.status == 200, (body, r.body[:300])
+    if body.get("stream"):
+        events = r.events()
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+        assert any(e["choices"] and e["choices"][0]["finish_reason"] for e in events[:-1])
+    else:
+        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
