@@ -151,10 +151,13 @@ def _start(tiny_path):
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
 def test_signal_during_generation_exits_cleanly(tiny_path, sig, code):
+    from gemma4_mlx.loading import load_tokenizer
+
+    no_end = {str(i): -100 for i in load_tokenizer(tiny_path).eos_token_ids}
     proc, port = _start(tiny_path)
     try:
         body = json.dumps({"messages": [{"role": "user", "content": "go"}], "max_tokens": 4000, "stream": True,
-                           "logit_bias": {"1": -100, "106": -100}}).encode()
+                           "logit_bias": no_end}).encode()
         s = socket.create_connection(("127.0.0.1", port), timeout=30)
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))

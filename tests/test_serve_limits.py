@@ -42,7 +42,7 @@ def client(served):
 def tok(tiny_path):
     from gemma4_mlx.loading import load_tokenizer
 
-    return load_tokenizer(tiny_path, [1, 106])
+    return load_tokenizer(tiny_path)  # end ids from the checkpoint's generation_config
 
 
 def http(method: str, path: str, body: bytes = b"", headers=None, length: bool = True) -> bytes:

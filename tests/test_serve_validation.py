@@ -9,16 +9,20 @@ import pytest
 from serve_harness import serving
 
 from gemma4_mlx.checkpoint import write_random_checkpoint
+from gemma4_mlx.presets import preset_config
 from gemma4_mlx.server import model_loader
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MSG = [{"role": "user", "content": "hi"}]
+CONTEXT = 512
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    path = write_random_checkpoint("tiny", tmp_path_factory.mktemp("serve") / "tiny", dtype="float32")
+    config = preset_config("tiny")
+    config["max_position_embeddings"] = CONTEXT  # small, so filling the context is quick
+    path = write_random_checkpoint(config, tmp_path_factory.mktemp("serve") / "tiny", dtype="float32")
     with serving(model_loader(str(path))) as s:
         yield s
         s.client.healthy_and_answering()
@@ -27,7 +31,7 @@ def served(tmp_path_factory):
 SHARED = [  # (field values, the param the error must name)
     ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 1.5}, "max_tokens"),
     ({"max_tokens": "5"}, "max_tokens"), ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 10**30}, "max_tokens"),
-    ({"max_tokens": 5000}, "max_tokens"),  # beyond the context (4096)
+    ({"max_tokens": CONTEXT + 1}, "max_tokens"),  # beyond the context
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"temperature": -1}, "temperature"), ({"temperature": "hot"}, "temperature"),
     ({"temperature": True}, "temperature"), ({"temperature": [1]}, "temperature"),
@@ -156,12 +160,12 @@ def test_unknown_fields_are_ignored_and_noop_values_accepted(served):
 
 
 def test_prompt_plus_max_tokens_must_fit_the_context(served):
-    ids = [50 + i % 100 for i in range(4000)]
-    r = served.client.post(COMPLETIONS, {"prompt": ids, "max_tokens": 200})
+    ids = [50 + i % 100 for i in range(CONTEXT - 12)]
+    r = served.client.post(COMPLETIONS, {"prompt": ids, "max_tokens": 20})
     assert r.status == 400 and r.json()["error"]["param"] == "max_tokens"
-    assert "4096" in r.json()["error"]["message"]
+    assert str(CONTEXT) in r.json()["error"]["message"]
     r = served.client.post(COMPLETIONS, {"prompt": ids * 2, "max_tokens": 1})
     assert r.status == 400 and r.json()["error"]["param"] == "prompt"
     # Without max_tokens the default is cut to what fits.
-    r = served.client.post(COMPLETIONS, {"prompt": ids + ids[:90], "logit_bias": {"1": -100, "106": -100}})
+    r = served.client.post(COMPLETIONS, {"prompt": ids + ids[:6], "logit_bias": {str(i): -100 for i in served.app.worker.end_ids}})
     assert r.status == 200 and r.json()["usage"]["completion_tokens"] == 6
