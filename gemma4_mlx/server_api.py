@@ -195,11 +195,11 @@ def _common(body: Dict[str, Any], limits: Limits) -> Dict[str, Any]:
     cap = limits.max_tokens_limit
     if limits.context is not None:
         cap = min(cap, limits.context) if cap is not None else limits.context
-    max_tokens = _integer(body, "max_completion_tokens", None, lo=1, hi=cap)
+    legacy = _integer(body, "max_tokens", None, lo=1, hi=cap)
+    max_tokens = _integer(body, "max_completion_tokens", None, lo=1, hi=cap)  # OpenAI's newer name wins
     name = "max_completion_tokens"
     if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", None, lo=1, hi=cap)
-        name = "max_tokens"
+        max_tokens, name = legacy, "max_tokens"
 
     out = dict(
         max_tokens=max_tokens, max_tokens_field=name,

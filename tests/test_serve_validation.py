@@ -33,6 +33,7 @@ SHARED = [  # (field values, the param the error must name)
     ({"max_tokens": "5"}, "max_tokens"), ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 10**30}, "max_tokens"),
     ({"max_tokens": CONTEXT + 1}, "max_tokens"),  # beyond the context
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"max_completion_tokens": 2, "max_tokens": "x"}, "max_tokens"),
     ({"temperature": -1}, "temperature"), ({"temperature": "hot"}, "temperature"),
     ({"temperature": True}, "temperature"), ({"temperature": [1]}, "temperature"),
     ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_p": -0.1}, "top_p"),
