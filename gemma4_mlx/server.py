@@ -608,11 +608,22 @@ def model_loader(model: str, adapter_path: Optional[str] = None, strict_memory: 
     """A loader for :class:`ServerApp`: (model, tokenizer), or a LoadError with one line."""
 
     def load_served():
-        from .loading import load, resolve_model_path
+        import mlx.core as mx
 
-        m, tok = load(resolve_model_path(model), strict_memory=strict_memory)
-        if adapter_path is not None:
-            apply_adapter(m, Path(adapter_path))
+        from .loading import LoadError, load, resolve_model_path
+
+        path = resolve_model_path(model)
+        if adapter_path is None:
+            return load(path, strict_memory=strict_memory)
+        # Adapters go in before the decode state is prepared (as mlx_lm.load does): the joined
+        # projections are then built from the modules as they will run.
+        m, tok = load(path, lazy=True, strict_memory=strict_memory)
+        try:
+            mx.eval(m.parameters())
+        except Exception as e:
+            raise LoadError(f"{path}: weights could not be read ({str(e).strip().splitlines()[0] if str(e).strip() else e})") from e
+        apply_adapter(m, Path(adapter_path))
+        m.fuse_projections()
         return m, tok
 
     return load_served
