@@ -37,15 +37,26 @@ case "${1:-}" in
       tests/test_fusion.py tests/test_cuda_build.py tests/test_determinism.py tests/test_model_changes.py \
       2>/dev/null | grep '::' > "$OUT/ids.txt"
     echo "$(wc -l < "$OUT/ids.txt") test ids"
-    for i in 0 1 2 3; do
-      awk -v i=$i 'NR % 4 == i' "$OUT/ids.txt" > "$OUT/ids.$i"
+    for i in 0 1 2 3 4 5 6 7; do
+      awk -v i=$i 'NR % 8 == i' "$OUT/ids.txt" > "$OUT/ids.$i"
       # one argument per line: parametrised ids may hold spaces
       (mapfile -t ids < "$OUT/ids.$i"; MLX_ENABLE_TF32=0 timeout 400 python3 -m pytest -q -p no:cacheprovider \
         "${ids[@]}" > "$OUT/parity.$i.txt" 2>&1) &
     done
     wait
-    for i in 0 1 2 3; do tail -1 "$OUT/parity.$i.txt"; done | tee "$OUT/parity.txt"
-    grep -h -B30 -E "^(FAILED|ERROR)" "$OUT"/parity.?.txt | head -80 ;;
+    for i in 0 1 2 3 4 5 6 7; do tail -1 "$OUT/parity.$i.txt"; done | tee "$OUT/parity.txt"
+    grep -h -A25 -E "^_____" "$OUT"/parity.?.txt | head -60
+    grep -h -E "^(FAILED|ERROR)" "$OUT"/parity.?.txt | head -30 ;;
+  warm)     # the warm in-process harness, E2B bf16 (second table of the README)
+    compare e2b-bf16 200 --preset e2b -L 128,841,4096 --runs 3 -n 64 ;;
+  long)     # 32k tokens: the token check now goes through the cache in chunks
+    compare e2b-bf16-32k 250 --preset e2b -L 32768 --runs 2 -n 32 ;;
+  steps)    # decode-step ablation; then the same with MLX's graph sizes changed (read at start)
+    export CONFIGS="stock,ours,ours -attn,ours -rope,ours -ple,ours -resnorm,ours -fuse,ours mlx kernels,ours kernels off,ours no compile"
+    ROUNDS=4 STEPS=15 timeout 250 python3 bench/ablate.py e2b 0 2>&1 | tail -14 | tee "$OUT/ablate-e2b-bf16.txt"
+    export CONFIGS="stock,ours,ours kernels off"
+    MLX_MAX_OPS_PER_BUFFER=2000 MLX_MAX_MB_PER_BUFFER=100000 ROUNDS=4 STEPS=15 timeout 120 python3 bench/ablate.py e2b 0 \
+      2>&1 | tail -6 | tee "$OUT/ablate-e2b-bf16-bigraphs.txt" ;;
   first)    # fresh processes, as a user meets them: stock, ours (cold kernel cache), ours again
     rm -rf ~/.cache/gemma4_mlx
     for run in stock ours ours stock; do
@@ -79,12 +90,6 @@ case "${1:-}" in
     compare e2b-bf16 170 --preset e2b -L 128,841,4096 --runs 3 -n 64
     compare e2b-q4 170 --preset e2b -q 4 -L 128,841,4096 --runs 3 -n 64
     compare e2b-bf16-hf 100 --preset e2b -L 841 --runs 1 -n 16 --with-transformers ;;
-  long)     # 32k tokens: each side alone first (session 2's 32k compare died with SIGFPE), then both
-    for side in stock ours; do
-      timeout 150 python3 -X faulthandler bench/long_probe.py $side 32768 e2b 2>&1 | tail -30 | tee "$OUT/long-$side.txt"
-      echo "(exit ${PIPESTATUS[0]})"
-    done
-    compare e2b-bf16-32k 250 --preset e2b -L 32768 --runs 3 -n 64 ;;
   ablate31) # why 31B 4-bit decode ran 0.80x stock in session 2: one switch at a time
     STEPS=30 timeout 500 python3 bench/ablate.py 31b 4 2>&1 | tail -16 | tee "$OUT/ablate-31b-q4.txt" ;;
   presets)  # the other families at 841 tokens: E4B both, 26B-A4B and 31B in 4-bit
@@ -95,5 +100,5 @@ case "${1:-}" in
     for p in "26b-a4b" "31b"; do
       compare "${p//-/}bf16" 280 --preset $p -L 841 --runs 3 -n 32
     done ;;
-  *) echo "usage: bash bench/gpu_session.sh parity|kernels|e2b|long|ablate31|presets|presets-bf16" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh check|warm|long|steps|first|parity|kernels|e2b|ablate31|presets|presets-bf16" >&2; exit 2 ;;
 esac

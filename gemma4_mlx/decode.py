@@ -29,7 +29,6 @@ other one, and the same request gives the same tokens whatever ran before.
 
 from __future__ import annotations
 
-import contextlib
 import operator
 import os
 import weakref

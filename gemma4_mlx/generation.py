@@ -13,13 +13,12 @@ Thinking is off unless asked (``think=True`` or ``enable_thinking=True``), in ev
 turn's tokens (tool results included).
 
 The model also runs unchanged with ``mlx_lm.generate``, ``mlx_lm.stream_generate`` and
-``mlx_lm.batch_generate``; :func:`serve` starts ``mlx_lm.server`` with this package's loader.
+``mlx_lm.batch_generate``; ``gemma4-mlx serve`` (:mod:`gemma4_mlx.server`) serves it over HTTP.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Union
@@ -36,7 +35,6 @@ from .chat_format import (
     encode_next_turn,
     encode_prompt,
     encode_tool_results,
-    has_chat_template,
 )
 from .decode import reserve as reserve_decode
 from .tools import TOOL_RESPONSE_START, ToolCall, ToolCallParser, normalize_tools
@@ -51,7 +49,6 @@ __all__ = [
     "load_with_adapters",
     "make_generation_sampler",
     "prepare_prompt",
-    "serve",
     "stream_generate",
 ]
 
@@ -642,84 +639,3 @@ class ChatSession:
                 message["tool_calls"] = [c.to_openai() for c in calls]
             self.messages.append(message)
             self.pending_calls = calls
-
-
-def serve(argv: Optional[List[str]] = None) -> None:
-    """``mlx_lm.server`` (OpenAI-compatible HTTP API) serving Gemma 4 through this package's model.
-
-    mlx-lm's server picks the model class from ``config.json``'s ``model_type`` in its own
-    registry (which has a stock ``gemma4_text``); to serve *this* implementation, the server's
-    ``load`` is replaced by :func:`server_load`. All arguments are ``mlx_lm.server``'s.
-    """
-    import mlx_lm.server as server
-
-    install_server_loader(server)
-    old = sys.argv
-    sys.argv = ["gemma4-mlx serve"] + list(sys.argv[1:] if argv is None else argv)
-    try:
-        server.main()
-    finally:
-        sys.argv = old
-
-
-def server_load(path_or_hf_repo, tokenizer_config=None, model_config=None, adapter_path=None, lazy=False,
-                return_config=False, revision=None, trust_remote_code=False):
-    """Drop-in for ``mlx_lm.utils.load`` that builds :class:`gemma4_mlx.Model`."""
-    from .loading import load_model, load_tokenizer, read_config, resolve_model_path
-
-    if adapter_path is not None:
-        raise ValueError("gemma4-mlx serve does not support LoRA adapters")
-    model_path = resolve_model_path(path_or_hf_repo, revision)
-    model = load_model(model_path, lazy=lazy)
-    tokenizer = load_tokenizer(model_path, model.args.eos_token_id)
-    if tokenizer_config and tokenizer_config.get("chat_template"):
-        tokenizer._tokenizer.chat_template = tokenizer_config["chat_template"]
-        tokenizer.has_chat_template = True
-    if not has_chat_template(tokenizer):
-        # Without a template the server would send raw text: give it Gemma 4's format.
-        tokenizer._tokenizer.chat_template = GEMMA4_JINJA
-        tokenizer.has_chat_template = True
-    if return_config:
-        return model, tokenizer, read_config(model_path)
-    return model, tokenizer
-
-
-# A minimal Jinja rendering of gemma4_prompt(), for servers that only speak templates.
-GEMMA4_JINJA = (
-    "{{ bos_token }}"
-    "{%- set think = enable_thinking | default(false) -%}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{{ '<|turn>system\\n' + ('<|think|>' if think else '') + messages[0]['content'] | trim + '<turn|>\\n' }}"
-    "{%- set msgs = messages[1:] -%}"
-    "{%- else -%}"
-    "{%- if think -%}{{ '<|turn>system\\n<|think|><turn|>\\n' }}{%- endif -%}"
-    "{%- set msgs = messages -%}"
-    "{%- endif -%}"
-    "{%- for m in msgs -%}"
-    "{{ '<|turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' + m['content'] | trim + '<turn|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|turn>model\\n' }}{%- endif -%}"
-)
-
-
-def server_sharded_load(path_or_hf_repo, pipeline_group=None, tensor_group=None, return_config: bool = False, *,
-                        tokenizer_config=None, trust_remote_code: bool = False):
-    """Drop-in for ``mlx_lm.utils.sharded_load`` (what ``mlx_lm.server`` calls when launched as a
-    group): this package's loader, which shards over the group itself."""
-    from .distributed import world
-
-    if pipeline_group is not None:
-        raise ValueError("gemma4-mlx shards by tensor parallelism only: drop --pipeline")
-    world_group = world()
-    if tensor_group is not None and (world_group is None or tensor_group.size() != world_group.size()):
-        raise ValueError("gemma4-mlx shards over all launched processes; a smaller tensor group is not supported")
-    return server_load(path_or_hf_repo, tokenizer_config=tokenizer_config, return_config=return_config)
-
-
-def install_server_loader(server_module=None) -> None:
-    """Make ``mlx_lm.server.ModelProvider`` load models with :func:`server_load`."""
-    if server_module is None:
-        import mlx_lm.server as server_module
-    server_module.load = server_load
-    server_module.sharded_load = server_sharded_load  # what the server calls under mlx.launch
-

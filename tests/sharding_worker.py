@@ -81,7 +81,7 @@ def main(job_file: str) -> None:
     from mlx.utils import tree_flatten
 
     from gemma4_mlx import LoadError, load, load_model
-    from gemma4_mlx.generation import server_sharded_load
+    from gemma4_mlx.server import model_loader
     from gemma4_mlx.generation import generate
 
     job = json.loads(Path(job_file).read_text())
@@ -103,8 +103,8 @@ def main(job_file: str) -> None:
             model = load_model(case["path"])
         elif loader == "mlx_lm.sharded_load":
             model = _mlx_lm_sharded_load(case["path"])
-        elif loader == "server_sharded_load":
-            model, _ = server_sharded_load(case["path"], tensor_group=group)
+        elif loader == "server":  # what `gemma4-mlx serve` loads with
+            model, _ = model_loader(case["path"])()
         elif loader == "shard_after_use":
             # a whole model that already ran its compiled step (joined projections, a trace),
             # then sharded by hand

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 
@@ -318,31 +317,6 @@ def test_chat_session_turn_interrupted_by_keyboard(loaded):
         list(s.send("first"))
     assert s.messages == [] and s.cache is None
     assert list(s.send("again"))[-1].finish_reason is not None
-
-
-# -- mlx_lm.server with our loader -------------------------------------------------------------
-def test_server_model_provider_uses_our_model(tiny_plain_ckpt):
-    import mlx_lm.server as server
-
-    from gemma4_mlx import Model
-    from gemma4_mlx.generation import install_server_loader
-
-    saved = server.load
-    try:
-        install_server_loader(server)
-        ns = argparse.Namespace(model=str(tiny_plain_ckpt), adapter_path=None, draft_model=None,
-                                trust_remote_code=False, chat_template="", use_default_chat_template=False,
-                                pipeline=False)
-        provider = server.ModelProvider(ns)
-        model, tok = provider.load("default_model")
-        assert isinstance(model, Model)
-        assert provider.is_batchable
-        assert tok.has_chat_template  # Gemma 4's format is supplied when the checkpoint has none
-        text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                       add_generation_prompt=True)
-        assert text.endswith("<|turn>user\nhi<turn|>\n<|turn>model\n")
-    finally:
-        server.load = saved
 
 
 def test_package_reexports_generate_in_a_fresh_interpreter():

@@ -171,9 +171,9 @@ def test_two_processes_every_family(ckpts, prompt, tmp_path):
         {"name": "tiny-31b", "path": str(ckpts["tiny-31b"])},  # dense, K=V global layers
         {"name": "moe96-4bit", "path": str(ckpts["moe96-4bit"])},  # MoE, 4-bit, uneven group split
         {"name": "tiny-8bit", "path": str(ckpts["tiny-8bit"])},  # quantized embedding / PLE table
-        # mlx-lm's sharded_load calling Model.shard; the server's sharded loader
+        # mlx-lm's sharded_load calling Model.shard; gemma4-mlx serve's loader
         {"name": "tiny-e4b", "path": str(ckpts["tiny-e4b"]), "loader": "mlx_lm.sharded_load"},
-        {"name": "tiny-moe", "path": str(ckpts["tiny-moe"]), "loader": "server_sharded_load",
+        {"name": "tiny-moe", "path": str(ckpts["tiny-moe"]), "loader": "server",
          "count_collectives": True},
         # Model.shard on a model that already ran (joined projections and a compiled step to drop)
         {"name": "shard-after-use", "path": str(ckpts["tiny"]), "loader": "shard_after_use"},

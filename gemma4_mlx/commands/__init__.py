@@ -14,7 +14,7 @@ import sys
 import typer
 
 # Modules imported by gemma4_mlx.cli; each adds its commands to ``app``.
-COMMAND_MODULES = ("generate", "chat", "checkpoint", "info", "compare", "validate", "mlx_lm")
+COMMAND_MODULES = ("generate", "chat", "serve", "checkpoint", "info", "compare", "validate", "mlx_lm")
 
 app = typer.Typer(
     help="Gemma 4 on MLX: generate, chat, convert, inspect, validate and benchmark against stock mlx-lm.",

@@ -1,5 +1,4 @@
 """``gemma4-mlx generate``: one prompt in, a streamed reply out (stats on stderr).
-Also ``gemma4-mlx serve``: mlx-lm's OpenAI-compatible server running this package's model.
 
 The flags are ``mlx_lm.generate``'s, with the same names and meanings (``-m`` is
 ``--max-tokens``, as there); this package's older names stay as aliases (``--system``,
@@ -409,18 +408,3 @@ def generate(
             sys.stdout.flush()
         if show_stats:
             print_stats(last)
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def serve(ctx: typer.Context) -> None:
-    """OpenAI-compatible HTTP server: mlx_lm.server with this package's Gemma 4 model.
-
-    Every option is mlx_lm.server's (--model, --host, --port, ...); see `gemma4-mlx serve --help-server`.
-    """
-    args: List[str] = list(ctx.args)
-    if "--help-server" in args:
-        args = ["--help"]
-    with user_errors():
-        from ..generation import serve as run_server
-
-        run_server(args)

@@ -1,0 +1,331 @@
+"""The server's one generation thread: a bounded queue of jobs, each decoded with mlx-lm's
+``generate_step`` (samplers and logits processors from ``mlx_lm.sample_utils``), cancellable
+between prefill chunks and between tokens.
+
+A job's output is a stream of events on ``job.events``: :class:`Piece` (text, reasoning and
+logprobs of one token), then one :class:`Finished` or :class:`Failed`. Whatever a job does,
+the thread survives it and takes the next one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import sys
+import threading
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .chat_format import ReasoningParser
+from .server_api import GenerationRequest
+
+LOGPROB_FLOOR = -9999.0  # what a -inf log-probability is reported as (JSON has no -inf)
+
+
+class Busy(Exception):
+    """The queue is full: the caller answers 503 with Retry-After."""
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class Piece:
+    text: str
+    reasoning: str = ""
+    logprobs: Optional[List[Dict[str, Any]]] = None
+
+
+@dataclass
+class Finished:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    status: int
+    message: str
+
+
+@dataclass
+class Job:
+    request: GenerationRequest
+    cancel: threading.Event = field(default_factory=threading.Event)
+    events: "queue.Queue" = field(default_factory=queue.Queue)
+    outcome: Optional[str] = None  # "finished", "cancelled", "failed" once done
+    done: threading.Event = field(default_factory=threading.Event)
+    generated: int = 0
+
+
+class StopMatcher:
+    """Cuts the text at the first stop string; holds back a tail that could start one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+
+    def feed(self, piece: str) -> Tuple[str, bool]:
+        self.buf += piece
+        if not self.stops:
+            out, self.buf = self.buf, ""
+            return out, False
+        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buf = self.buf[: min(hits)], ""
+            return out, True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.buf)), keep, -1):
+                if s.startswith(self.buf[-n:]):
+                    keep = n
+                    break
+        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+class Worker:
+    """Runs jobs one at a time in its own thread; at most ``1 + max_queue`` jobs admitted.
+
+    The thread first calls ``loader()`` for ``(model, tokenizer)``: MLX streams belong to the
+    thread that made them, so the model is built where it will run (as mlx_lm.server does).
+    """
+
+    def __init__(self, loader: Callable[[], Tuple[Any, Any]], max_queue: int = 8,
+                 prefill_step_size: int = 2048, debug: bool = False):
+        self._loader = loader
+        self.model = None
+        self.tokenizer = None
+        self.end_ids: set = set()
+        self.max_queue = max_queue
+        self.prefill_step_size = prefill_step_size
+        self.debug = debug
+        self._jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._admitted = 0
+        self._current: Optional[Job] = None
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._parked = threading.Event()
+        self._load_error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="gemma4-mlx-generation", daemon=True)
+        self.completed = 0  # jobs finished, cancelled or failed (for /health and tests)
+        self.last_job: Optional[Job] = None
+        self._xtc_special: List[int] = []
+
+    # -- life cycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the thread and wait until the model is loaded; re-raises the loader's error."""
+        self._thread.start()
+        while not self._ready.wait(0.25):
+            pass
+        if self._load_error is not None:
+            raise self._load_error
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._parked.is_set() and not self._stopping.is_set()
+
+    @property
+    def load(self) -> int:
+        return self._admitted
+
+    def submit(self, request: GenerationRequest) -> Job:
+        if self._stopping.is_set():
+            raise Busy("the server is shutting down")
+        with self._lock:
+            if self._admitted >= 1 + self.max_queue:
+                raise Busy(f"busy: {self._admitted} requests running or queued")
+            self._admitted += 1
+        job = Job(request)
+        self._jobs.put(job)
+        return job
+
+    def stop(self, timeout: float = 60.0) -> bool:
+        """Cancel the running job, fail the queued ones, end the thread. True if it ended."""
+        self._stopping.set()
+        current = self._current
+        if current is not None:
+            current.cancel.set()
+        self._jobs.put(None)
+        if self._thread.is_alive():
+            self._parked.wait(timeout)
+        while True:  # anything still queued gets its answer
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._finish(job, "failed", Failed(503, "the server is shutting down"))
+        return self._parked.is_set() or not self._thread.is_alive()
+
+    # -- the thread ----------------------------------------------------------------------------
+    def _load(self) -> bool:
+        from .generation import end_token_ids
+
+        try:
+            self.model, self.tokenizer = self._loader()
+            self.end_ids = set(int(i) for i in end_token_ids(self.model, self.tokenizer))
+            newline = list(self.tokenizer.encode("\n", add_special_tokens=False))
+            self._xtc_special = newline + sorted(self.end_ids)
+            return True
+        except BaseException as e:  # noqa: BLE001 - reported by start() in the caller's thread
+            self._load_error = e
+            return False
+        finally:
+            self._ready.set()
+
+    def _run(self) -> None:
+        try:
+            if self._load():
+                self._serve()
+        finally:
+            # Park instead of ending: a thread that used MLX's thread-local stream and ends
+            # right before the process exits races MLX's teardown of that stream, which aborts
+            # the process ("terminate called without an active exception"). A parked daemon
+            # thread holds nothing and dies with the process.
+            self._parked.set()
+            threading.Event().wait()
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            job = self._jobs.get()
+            if job is None:
+                continue
+            if self._stopping.is_set():
+                self._finish(job, "failed", Failed(503, "the server is shutting down"))
+                continue
+            if job.cancel.is_set():
+                self._finish(job, "cancelled", Failed(499, "cancelled"))
+                continue
+            self._current = job
+            try:
+                finished = self._generate(job)
+                self._finish(job, "finished", finished)
+            except Cancelled:
+                self._finish(job, "cancelled", Failed(499, "cancelled"))
+            except BaseException as e:  # noqa: BLE001 - one job's failure is never the server's
+                line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"gemma4-mlx serve: generation failed: {type(e).__name__}: {line}", file=sys.stderr)
+                if self.debug:
+                    traceback.print_exc()
+                # An error inside mlx-lm's compiled sampler leaves MLX's global random key a
+                # traced placeholder; every later unseeded sample would fail on it. Reseed.
+                mx.random.seed(int.from_bytes(os.urandom(8), "little"))
+                self._finish(job, "failed", Failed(500, f"generation failed: {line}"))
+            finally:
+                self._current = None
+                try:
+                    mx.clear_cache()
+                except Exception:  # pragma: no cover
+                    pass
+
+    def _finish(self, job: Job, outcome: str, event) -> None:
+        job.outcome = outcome
+        job.events.put(event)
+        with self._lock:
+            self._admitted -= 1
+            self.completed += 1
+        self.last_job = job
+        job.done.set()
+
+    def _check(self, job: Job) -> None:
+        if job.cancel.is_set() or self._stopping.is_set():
+            raise Cancelled
+
+    def _generate(self, job: Job) -> Finished:
+        r = job.request
+        if r.seed is not None:
+            mx.random.seed(r.seed)
+        vocab = getattr(getattr(self.model, "args", None), "vocab_size", None)
+        top_k = 0 if vocab is not None and r.top_k >= vocab else r.top_k  # all tokens: no filter
+        sampler = make_sampler(r.temperature, top_p=r.top_p, min_p=r.min_p, top_k=top_k,
+                               xtc_probability=r.xtc_probability, xtc_threshold=r.xtc_threshold,
+                               xtc_special_tokens=self._xtc_special)
+        processors = make_logits_processors(
+            logit_bias=r.logit_bias or None, repetition_penalty=r.repetition_penalty,
+            repetition_context_size=r.repetition_context_size, presence_penalty=r.presence_penalty,
+            frequency_penalty=r.frequency_penalty,
+        )
+        # A speculative decoder (--draft-model) would replace generate_step here.
+        steps = generate_step(
+            mx.array(r.prompt), self.model, max_tokens=r.max_tokens, sampler=sampler,
+            logits_processors=processors or None, prompt_cache=make_prompt_cache(self.model),
+            prefill_step_size=self.prefill_step_size,
+            prompt_progress_callback=lambda done, total: self._check(job),
+        )
+        detok = self.tokenizer.detokenizer
+        detok.reset()
+        stopper = StopMatcher(r.stop)
+        parser = ReasoningParser() if r.split_reasoning else None
+
+        def emit(raw: str, logprobs=None) -> None:
+            if parser is not None:
+                text, reasoning = parser.feed(raw)
+            else:
+                text, reasoning = raw, ""
+            if text or reasoning or logprobs:
+                job.events.put(Piece(text, reasoning, logprobs))
+
+        finish, cut = "length", False
+        try:
+            for token, logprobs in steps:
+                self._check(job)
+                token = int(token)
+                job.generated += 1
+                if token in self.end_ids:  # the end marker is never part of the output
+                    finish = "stop"
+                    break
+                lp = [self._logprob_entry(token, logprobs, r.top_logprobs)] if r.logprobs else None
+                detok.add_token(token)
+                text, cut = stopper.feed(detok.last_segment)
+                emit(text, lp)
+                if cut:
+                    finish = "stop"
+                    break
+        finally:
+            steps.close()
+        if not cut:  # what the detokenizer and the stop matcher still hold
+            detok.finalize()
+            text, cut = stopper.feed(detok.last_segment)
+            emit(text if cut else text + stopper.flush())
+            if cut:
+                finish = "stop"
+        if parser is not None:
+            text, reasoning = parser.finish()
+            if text or reasoning:
+                job.events.put(Piece(text, reasoning))
+        return Finished(finish, len(r.prompt), job.generated)
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _logprob_entry(self, token: int, logprobs: mx.array, top: int) -> Dict[str, Any]:
+        def entry(t: int, lp: float) -> Dict[str, Any]:
+            text = self._token_text(t)
+            lp = lp if math.isfinite(lp) else LOGPROB_FLOOR
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8", "replace"))}
+
+        out = entry(token, float(logprobs[token].item()))
+        alts = []
+        if top > 0:
+            k = min(top, logprobs.shape[-1])
+            idx = mx.argpartition(-logprobs, kth=k - 1)[:k]
+            vals = logprobs[idx]
+            order = mx.argsort(-vals)
+            for i, v in zip(idx[order].tolist(), vals[order].tolist()):
+                alts.append(entry(int(i), float(v)))
+        out["top_logprobs"] = alts
+        return out
