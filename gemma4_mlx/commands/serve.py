@@ -79,6 +79,13 @@ def serve(
     from . import debug_enabled
 
     with user_errors():
+        from ..distributed import world
+
+        if world() is not None:
+            # Every rank would answer its own clients and the ranks' collectives would fall out of
+            # step; mlx-lm's server hands rank 0's requests to the others.
+            raise ValueError("gemma4-mlx serve runs in one process; under mlx.launch use "
+                             "`gemma4-mlx mlx-lm server --model M` (mlx-lm's server on this model, sharded)")
         from ..server import ServerConfig
         from ..server import serve as run_server
 
