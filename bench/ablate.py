@@ -79,7 +79,7 @@ def prefilled(model):
     if model is not stock:  # ours sizes its buffers as its generate does: one trace throughout
         from gemma4_mlx.decode import reserve
 
-        reserve(cache, P + 16 + R * S)
+        reserve(cache, P, 16 + R * S)
     mx.eval(model(prompt, cache=cache))
     mx.eval([c.state for c in cache])
     return cache

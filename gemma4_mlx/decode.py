@@ -248,16 +248,20 @@ def _reserve_slot(cache) -> tuple[int, int]:
 
 
 CAPACITY_STEP = 1024
+# New tokens reserved up front at most: a generation asked for more (and perhaps stopping far
+# earlier) grows its buffers as it goes instead of holding them all from the start.
+MAX_RESERVED_NEW = 8192
 
 
-def reserve(cache: List[Any], total_tokens: int) -> None:
-    """Size the caches' buffers for ``total_tokens`` (cached + prompt + new tokens): a
-    full-attention buffer that must grow grows by the whole capacity (``total_tokens`` rounded up
-    to ``CAPACITY_STEP``, so requests of similar length share a traced step), so a fresh cache is
-    allocated once by the first prefill chunk; a sliding-window buffer grows straight to its
-    window. The decode step then keeps one shape for the whole generation (one trace, no stall
-    mid-way), and the prefill copies no buffer to grow it."""
-    capacity = max(CAPACITY_STEP, -(-int(total_tokens) // CAPACITY_STEP) * CAPACITY_STEP)
+def reserve(cache: List[Any], prompt_tokens: int, new_tokens: int) -> None:
+    """Size the caches' buffers for ``prompt_tokens`` (cached + prompt) + ``new_tokens`` (at most
+    ``MAX_RESERVED_NEW``): a full-attention buffer that must grow grows by the whole capacity
+    (rounded up to ``CAPACITY_STEP``, so requests of similar length share a traced step), so a
+    fresh cache is allocated once by the first prefill chunk; a sliding-window buffer grows
+    straight to its window. The decode step then keeps one shape for the whole generation (one
+    trace, no stall mid-way), and the prefill copies no buffer to grow it."""
+    total = int(prompt_tokens) + min(int(new_tokens), MAX_RESERVED_NEW)
+    capacity = max(CAPACITY_STEP, -(-total // CAPACITY_STEP) * CAPACITY_STEP)
     for c in cache or []:
         if type(c) is KVCache:
             c.step = capacity

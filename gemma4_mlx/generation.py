@@ -418,7 +418,7 @@ def stream_generate(
     if prompt_cache is None:
         prompt_cache = make_prompt_cache(model)
     # One buffer size for the whole generation: the decode step is traced once, never mid-way.
-    reserve_decode(prompt_cache, cached + len(tokens) + max_tokens)
+    reserve_decode(prompt_cache, cached + len(tokens), max_tokens)
     ends = set(stop_ids) if stop_ids is not None else end_token_ids(model, tokenizer)
     if tools and stop_ids is None:
         handover = _token_id(tokenizer, TOOL_RESPONSE_START)  # the model hands over to the host here
