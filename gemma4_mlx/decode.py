@@ -21,8 +21,9 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from . import ops
+from .cache import SlidingWindowCache
 
-_CACHE_TYPES = (KVCache, RotatingKVCache)
+_CACHE_TYPES = (KVCache, RotatingKVCache, SlidingWindowCache)
 
 
 def compile_enabled() -> bool:
@@ -39,9 +40,12 @@ def compile_enabled() -> bool:
 class _SlotCache:
     """Stands in for a cache inside the traced step: write at ``slot``, mask unfilled slots."""
 
-    def __init__(self, keys: mx.array, values: mx.array, slot: mx.array, valid: mx.array, offset: mx.array):
+    def __init__(self, keys: mx.array, values: mx.array, slot: mx.array, valid: mx.array, offset: mx.array,
+                 ring_window: Optional[int] = None):
         self.keys, self.values = keys, values
         self.slot, self.valid, self.offset = slot, valid, offset
+        # A SlidingWindowCache with spare slots: its ring holds more than the window.
+        self.ring_window = ring_window
 
     def update_and_fetch(self, k: mx.array, v: mx.array):
         self.keys = mx.slice_update(self.keys, k, self.slot, axes=(2,))
@@ -49,8 +53,13 @@ class _SlotCache:
         return self.keys, self.values
 
     def make_mask(self, N: int, window_size: Optional[int] = None, return_array: bool = False):
-        # Every filled slot is inside the window: a rotating buffer holds exactly the window.
-        return mx.arange(self.keys.shape[2]) < self.valid
+        # Every filled slot is inside the window: a rotating buffer holds exactly the window,
+        # unless it has spare slots; then those further behind than the window are hidden too.
+        n = self.keys.shape[2]
+        filled = mx.arange(n) < self.valid
+        if self.ring_window is None:
+            return filled
+        return filled & (mx.remainder(self.slot - mx.arange(n), n) < self.ring_window)
 
 
 def _grow(buf: mx.array, keep: int, extra: int) -> mx.array:
@@ -63,6 +72,8 @@ def _reserve_slot(cache) -> tuple[int, int]:
     short of writing it; return (slot to write, number of valid slots after the write)."""
     if cache.keys is None:
         raise _NeedsEager
+    if type(cache) is SlidingWindowCache:
+        return cache.reserve_slot()
     prev = cache.offset
     if type(cache) is KVCache:
         if prev + 1 > cache.keys.shape[2]:
@@ -100,9 +111,10 @@ class CompiledDecoder:
         self._step = mx.compile(self._forward)
         self._traced = set()
 
-    def _forward(self, inputs, offset, slots, valid, buffers):
+    def _forward(self, inputs, offset, slots, valid, buffers, ring_windows=None):
+        ring_windows = ring_windows or (None,) * (len(buffers) // 2)
         caches = [
-            _SlotCache(buffers[2 * i], buffers[2 * i + 1], slots[i : i + 1], valid[i], offset)
+            _SlotCache(buffers[2 * i], buffers[2 * i + 1], slots[i : i + 1], valid[i], offset, ring_windows[i])
             for i in range(len(buffers) // 2)
         ]
         with ops.kernels_allowed(True):
@@ -129,9 +141,10 @@ class CompiledDecoder:
         buffers = []
         for c in cache:
             buffers += [c.keys, c.values]
+        ring_windows = tuple(c.window if type(c) is SlidingWindowCache and c.reserve else None for c in cache)
         # A new shape means a new trace. Run that step uncompiled first: kernels check themselves
         # on first use (which evaluates arrays, not allowed while tracing).
-        signature = (inputs.shape, inputs.dtype, tuple((b.shape, b.dtype) for b in buffers))
+        signature = (inputs.shape, inputs.dtype, tuple((b.shape, b.dtype) for b in buffers), ring_windows)
         if signature in self._traced:
             step = self._step
         else:
@@ -139,7 +152,7 @@ class CompiledDecoder:
             ops.install_matvec_kernels(self.model)
             step = self._forward
             self._traced.add(signature)
-        logits, new = step(inputs, mx.array(offset, dtype=mx.int32), slots, valid, buffers)
+        logits, new = step(inputs, mx.array(offset, dtype=mx.int32), slots, valid, buffers, ring_windows)
         for i, c in enumerate(cache):
             c.keys, c.values = new[2 * i], new[2 * i + 1]
             c.offset += 1

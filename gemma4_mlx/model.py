@@ -16,11 +16,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from . import ops
-from .config import FULL, LayerPlan, ModelArgs
+from .cache import make_caches
+from .config import LayerPlan, ModelArgs
 from .decode import CompiledDecoder, compile_enabled
 
 
@@ -351,18 +351,21 @@ class Model(nn.Module):
         object.__setattr__(self, "_decoder", None)
 
     def __call__(self, inputs: mx.array, cache=None, trace: Optional[list] = None,
-                 input_embeddings: Optional[mx.array] = None) -> mx.array:
+                 input_embeddings: Optional[mx.array] = None, return_hidden: bool = False):
+        """Logits; with ``return_hidden`` also the final-normed hidden states: ``(logits, hidden)``."""
         if input_embeddings is not None:
             # The per-layer embeddings (E2B, E4B) are looked up by token id.
             raise ValueError("gemma4-mlx runs text from token ids; input_embeddings are not supported")
-        if cache is not None and trace is None and inputs.shape[1] == 1 and compile_enabled():
+        if cache is not None:
+            cache = cache[: self.args.num_caches]  # the rest are the KV-shared layers' placeholders
+        if cache is not None and trace is None and not return_hidden and inputs.shape[1] == 1 and compile_enabled():
             if self._decoder is None:
                 object.__setattr__(self, "_decoder", CompiledDecoder(self))
             logits = self._decoder(inputs, cache)
             if logits is not None:
                 return logits
         with ops.kernels_allowed(inputs.shape[1] > 1):
-            return self._eager(inputs, cache=cache, trace=trace)
+            return self._eager(inputs, cache=cache, trace=trace, return_hidden=return_hidden)
 
     # The compiled decode step captures the weights and modules it was traced with; replacing
     # them through the model (load_weights, update, set_dtype, nn.quantize, ...) drops it.
@@ -397,7 +400,7 @@ class Model(nn.Module):
             fuse(layer.self_attn, ["q_proj", "k_proj", "v_proj"])
             fuse(layer.mlp, ["gate_proj", "up_proj"])
 
-    def _eager(self, inputs: mx.array, cache=None, trace: Optional[list] = None) -> mx.array:
+    def _eager(self, inputs: mx.array, cache=None, trace: Optional[list] = None, return_hidden: bool = False):
         h = self.model(inputs, cache=cache, trace=trace)
         if self.args.tie_word_embeddings:
             logits = self.model.embed_tokens.as_linear(h)
@@ -405,7 +408,7 @@ class Model(nn.Module):
             logits = self.lm_head(h)
         if self.args.final_logit_softcapping:
             logits = ops.softcap(logits, self.args.final_logit_softcapping)
-        return logits
+        return (logits, h) if return_hidden else logits
 
     @property
     def layers(self):
@@ -419,16 +422,11 @@ class Model(nn.Module):
     def n_kv_heads(self) -> int:
         return self.args.num_key_value_heads
 
-    def make_cache(self) -> list:
-        caches = []
-        for p in self.args.plan:
-            if p.cache_index is None:
-                continue
-            if p.layer_type == FULL:
-                caches.append(KVCache())
-            else:
-                caches.append(RotatingKVCache(max_size=self.args.sliding_window, keep=0))
-        return caches
+    def make_cache(self, max_kv_size: Optional[int] = None, num_draft_tokens: int = 0) -> list:
+        """One cache per layer (see :func:`gemma4_mlx.cache.make_caches`): ``max_kv_size`` caps every
+        layer's KV to that many positions; ``num_draft_tokens`` lets speculative decoding take back
+        that many tokens exactly past the sliding window."""
+        return make_caches(self.args, max_kv_size=max_kv_size, num_draft_tokens=num_draft_tokens)
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         from .weights import sanitize_weights
