@@ -59,8 +59,11 @@ class _WindowRing(_BaseCache):
         self.keys = None
         self.values = None
         self.offset = 0
-        # The largest offset before the last trim: positions below ``high - max_size`` are gone.
-        self._high = 0
+
+    # Positions below this are gone, whatever the ring's slots say (set by trims).
+    _floor = 0
+    # After a multi-token update: what its writes overwrote, so that a trim can put it back.
+    _undo = None
 
     # -- storage (the quantized subclass stores (packed, scales, biases) tuples) -------------
     @property
@@ -109,6 +112,8 @@ class _WindowRing(_BaseCache):
             self._allocate(keys, values)
         size, o, n = self.max_size, self.offset, keys.shape[2]
         keys, values = self._encode(keys), self._encode(values)
+        oldest = self.oldest_position()
+        self._undo = None
         if n == 1:
             self._write(keys, values, o, 1)
             self.offset += 1
@@ -122,6 +127,9 @@ class _WindowRing(_BaseCache):
         stored = min(n, size)
         self._write(keys, values, o + n - stored, stored)
         self.offset += n
+        # Verifying drafts is such a chunk; the positions it pushed out of the ring are the
+        # ones a trim of the rejected drafts needs back: keep the gathered ones until then.
+        self._undo = (o, n, kept, oldest, old_keys, old_values)
         if kept == 0:
             return keys, values
         cat = lambda a, b: mx.concatenate([a, b], axis=2)  # noqa: E731
@@ -148,11 +156,12 @@ class _WindowRing(_BaseCache):
 
     def reserve_slot(self) -> tuple:
         """For the compiled decode step: (slot the next token goes to, slots valid after it)."""
+        self._undo = None
         return self.offset % self.max_size, min(self.offset + 1, self.max_size)
 
     def oldest_position(self) -> int:
         """The oldest position whose keys/values the ring still holds."""
-        return max(0, max(self._high, self.offset) - self.max_size)
+        return max(0, self._floor, self.offset - self.max_size)
 
     def slot_positions(self) -> mx.array:
         """The position each slot holds, -1 for an empty or stale slot (an int32 array)."""
@@ -168,16 +177,29 @@ class _WindowRing(_BaseCache):
         n = min(self.offset, n)
         if n <= 0:
             return 0
-        oldest = self.oldest_position()
-        left = self.offset - n
+        size, left = self.max_size, self.offset - n
+        undo = self._undo
+        if undo is not None and undo[0] + undo[1] == self.offset:
+            o, count, kept, oldest_before, old_keys, old_values = undo
+            # held afterwards: the chunk's part of the ring, and the gathered positions before it
+            oldest = max(oldest_before, o + count - size)
+            if count <= size:
+                oldest = min(oldest, o - kept)
+        else:
+            undo, oldest = None, self.oldest_position()
         if oldest > 0 and left - oldest < self.window - 1:
             raise CacheTrimError(
                 f"cannot take back {n} tokens: this sliding-window cache ({self.window} positions + "
                 f"{self.reserve} spare slots) no longer holds the positions that would be back in its "
                 f"window; make the caches with model.make_cache(num_draft_tokens=N) for speculative decoding"
             )
-        self._high = max(self._high, self.offset)
-        self.offset = left
+        if undo is not None:
+            # Put back the gathered positions whose slots the trimmed ones took.
+            first, stop = max(o - kept, left - size), min(o, left)
+            if stop > first:
+                part = lambda b: b[..., first - (o - kept): stop - (o - kept), :]  # noqa: E731
+                self._write(tree_map(part, old_keys), tree_map(part, old_values), first, stop - first)
+        self._floor, self.offset, self._undo = oldest, left, None
         return n
 
     def temporal(self):
@@ -200,11 +222,11 @@ class _WindowRing(_BaseCache):
 
     @property
     def state(self):
-        return self.keys, self.values, self.offset, self._high, self.window, self.reserve
+        return self.keys, self.values, self.offset, self._floor, self.window, self.reserve
 
     @state.setter
     def state(self, v):
-        self.keys, self.values, self.offset, self._high, self.window, self.reserve = v
+        self.keys, self.values, self.offset, self._floor, self.window, self.reserve = v
 
 
 class SlidingWindowCache(_WindowRing):
@@ -212,7 +234,7 @@ class SlidingWindowCache(_WindowRing):
 
     def to_quantized(self, group_size: int = 64, bits: int = 4) -> "QuantizedSlidingWindowCache":
         q = QuantizedSlidingWindowCache(self.window, self.reserve, group_size=group_size, bits=bits)
-        q.offset, q._high = self.offset, self._high
+        q.offset, q._floor = self.offset, self.oldest_position()
         if self.keys is not None:
             q.keys, q.values = q._encode(self.keys), q._encode(self.values)
         return q
@@ -244,12 +266,12 @@ class QuantizedSlidingWindowCache(_WindowRing):
 
     @property
     def state(self):
-        return (self.keys, self.values, self.offset, self._high, self.window, self.reserve, self.group_size,
+        return (self.keys, self.values, self.offset, self._floor, self.window, self.reserve, self.group_size,
                 self.bits)
 
     @state.setter
     def state(self, v):
-        keys, values, self.offset, self._high, self.window, self.reserve, self.group_size, self.bits = v
+        keys, values, self.offset, self._floor, self.window, self.reserve, self.group_size, self.bits = v
         # a loaded prompt-cache file gives lists
         self.keys = tuple(keys) if keys is not None else None
         self.values = tuple(values) if values is not None else None
