@@ -388,3 +388,5 @@ def _register_with_mlx_lm() -> None:
 
 
 _register_with_mlx_lm()
+# mlx-lm's make_prompt_cache, passing max_kv_size on to our models.
+make_prompt_cache = mlx_cache.make_prompt_cache

@@ -22,16 +22,23 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Union
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .cache import make_prompt_cache
 from .chat_format import (
     ReasoningParser,
     encode_text,
     format_prompt,
     has_chat_template,
     next_turn_text,
+)
+from .speculative import (
+    DEFAULT_NUM_DRAFT_TOKENS,
+    check_vocab,
+    make_session_caches,
+    resolve_draft_model,
+    speculative_generate_step,
 )
 
 __all__ = [
@@ -71,6 +78,7 @@ class GenerationResponse:
     peak_memory: float  # GB, mx.get_peak_memory()
     in_reasoning: bool = False
     finish_reason: Optional[str] = None
+    from_draft: bool = False  # speculative decoding: the draft model proposed this token
 
 
 @dataclass
@@ -211,6 +219,9 @@ def stream_generate(
     prompt_cache: Optional[list] = None,
     stop_ids: Optional[Sequence[int]] = None,
     prefill_step_size: int = 2048,
+    draft_model=None,
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
+    draft_cache: Optional[list] = None,
     **step_kwargs,
 ) -> Iterator[GenerationResponse]:
     """Stream a reply token by token (see :class:`GenerationResponse`).
@@ -218,7 +229,14 @@ def stream_generate(
     ``prompt_cache`` (from ``model.make_cache()``) is extended in place: after the call it holds
     the prompt and every generated token, the end id included. ``sampler``/``logits_processors``
     override ``temp``/``top_p``/``top_k``/``min_p``/``repetition_penalty``; ``seed`` seeds MLX's
-    random generator first. ``step_kwargs`` go to :func:`mlx_lm.generate.generate_step`.
+    random generator first. ``step_kwargs`` go to :func:`mlx_lm.generate.generate_step`
+    (``max_kv_size``, ``kv_bits``, ``kv_group_size``, ``quantized_kv_start``, ...).
+
+    ``draft_model`` (a model, a Gemma 4 MTP assistant, or a path to either) turns on speculative
+    decoding (:mod:`gemma4_mlx.speculative`): up to ``num_draft_tokens`` proposals per step,
+    the same tokens as without it under greedy sampling; ``draft_cache`` (from
+    :func:`~gemma4_mlx.speculative.make_draft_cache`) is the draft model's, kept level with
+    ``prompt_cache``.
     """
     tokenizer = _wrap(tokenizer)
     check_sampling(temp, top_p, top_k, min_p, max_tokens=max_tokens)
@@ -234,21 +252,31 @@ def stream_generate(
         sampler = make_sampler(temp, top_p=top_p, top_k=top_k, min_p=min_p)
     if logits_processors is None and repetition_penalty:
         logits_processors = make_logits_processors(repetition_penalty=repetition_penalty)
-    if prompt_cache is None:
-        prompt_cache = make_prompt_cache(model)
+    max_kv_size = step_kwargs.pop("max_kv_size", None)
+    if draft_model is not None:
+        draft_model = resolve_draft_model(draft_model)
+        check_vocab(model, draft_model)
+    if prompt_cache is None and draft_model is None:
+        prompt_cache = make_prompt_cache(model, max_kv_size=max_kv_size)
     ends = set(stop_ids) if stop_ids is not None else end_token_ids(model, tokenizer)
 
     detok = tokenizer.detokenizer
     detok.reset()
     parser = ReasoningParser()
     n_prompt = len(tokens)
-    steps = generate_step(mx.array(tokens), model, max_tokens=max_tokens, sampler=sampler,
-                          logits_processors=logits_processors, prompt_cache=prompt_cache,
-                          prefill_step_size=prefill_step_size, **step_kwargs)
+    if draft_model is None:
+        steps = ((token, logprobs, False) for token, logprobs in generate_step(
+            mx.array(tokens), model, max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
+            prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, **step_kwargs))
+    else:
+        steps = speculative_generate_step(
+            mx.array(tokens), model, draft_model, num_draft_tokens=num_draft_tokens, max_tokens=max_tokens,
+            sampler=sampler, logits_processors=logits_processors, prompt_cache=prompt_cache,
+            draft_cache=draft_cache, prefill_step_size=prefill_step_size, max_kv_size=max_kv_size, **step_kwargs)
     tic = start = time.perf_counter()
     prompt_tps = 0.0
     decode_start = start
-    for n, (token, _logprobs) in enumerate(steps):
+    for n, (token, _logprobs, from_draft) in enumerate(steps):
         now = time.perf_counter()
         token_time, tic = now - tic, now
         if n == 0:
@@ -262,7 +290,7 @@ def stream_generate(
                 text=text, reasoning=reasoning, raw=raw, token=int(token), token_time=token_time,
                 prompt_tokens=n_prompt, prompt_tps=prompt_tps, generation_tokens=generated,
                 generation_tps=gen_tps, peak_memory=mx.get_peak_memory() / 1e9,
-                in_reasoning=parser.in_reasoning, finish_reason=finish,
+                in_reasoning=parser.in_reasoning, finish_reason=finish, from_draft=from_draft,
             )
 
         finish = "stop" if token in ends else None
@@ -324,6 +352,8 @@ class ChatSession:
         self.system = system
         self.think = think
         self.use_template = use_template
+        if gen_kwargs.get("draft_model") is not None:  # load a path once, not every turn
+            gen_kwargs["draft_model"] = resolve_draft_model(gen_kwargs["draft_model"])
         self.gen_kwargs = gen_kwargs
         self.turn_end_ids = self._turn_end_ids()
         self.reset()
@@ -336,6 +366,7 @@ class ChatSession:
     def reset(self) -> None:
         self.messages: List[Dict[str, str]] = []
         self.cache = None
+        self.draft_cache = None  # a draft model's, kept level with ``cache``
         self._closed = True
         self.last_prefill_tokens = 0
 
@@ -362,11 +393,14 @@ class ChatSession:
                 self.cache = None  # too long to extend: start over from the (answer-only) history
         if self.cache is None:
             tokens = encode_text(self.tokenizer, self._history_prompt())
-            self.cache = make_prompt_cache(self.model)
+            self.cache, self.draft_cache = make_session_caches(
+                self.model, opts.get("draft_model"), opts.get("num_draft_tokens", DEFAULT_NUM_DRAFT_TOKENS),
+                opts.get("max_kv_size"))
         self.last_prefill_tokens = len(tokens)
         reply, done = [], False
         try:
-            for r in stream_generate(self.model, self.tokenizer, tokens, prompt_cache=self.cache, **opts):
+            for r in stream_generate(self.model, self.tokenizer, tokens, prompt_cache=self.cache,
+                                     draft_cache=self.draft_cache, **opts):
                 reply.append(r.text)
                 if r.finish_reason is not None:
                     done = True
@@ -374,7 +408,7 @@ class ChatSession:
                 yield r
         except BaseException:  # Ctrl-C, an early close, an error: drop this turn
             self.messages.pop()
-            self.cache = None  # cache state unknown mid-step: rebuild from the history next turn
+            self.cache = self.draft_cache = None  # state unknown mid-step: rebuild from the history next turn
             raise
         if done:
             self.messages.append({"role": "assistant", "content": "".join(reply)})

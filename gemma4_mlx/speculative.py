@@ -31,9 +31,8 @@ from typing import Any, Callable, Generator, List, Optional, Sequence, Tuple, Un
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, maybe_quantize_kv_cache
-from mlx_lm.models.cache import make_prompt_cache
-
 from .assistant import AssistantModel, check_pair, load_assistant, target_contexts
+from .cache import make_prompt_cache
 
 DEFAULT_NUM_DRAFT_TOKENS = 3
 
@@ -71,8 +70,8 @@ class Drafter:
     needs_hidden = False  # whether ``start``/``accept`` need the target's final hidden states
 
     def start(self, prompt: mx.array, target_cache: list, hidden: Optional[mx.array]) -> None:
-        """Before the first round. ``prompt`` holds every token before the first one drafted
-        from; the target has processed them; ``hidden`` is its hidden state at the last one."""
+        """Before the first round. ``prompt`` holds the new tokens before the first one drafted
+        from; the target has just processed them; ``hidden`` is its hidden state at the last."""
 
     def propose(self, y: mx.array, n: int, sample: Callable[[mx.array, List[mx.array]], mx.array],
                 target_cache: list) -> mx.array:
@@ -84,9 +83,15 @@ class Drafter:
         """The target kept ``accepted`` of the ``proposed`` tokens (``hidden``: its hidden state
         at the last kept position)."""
 
+    def finish(self, tokens: List[int]) -> None:
+        """Generation stopped; the target now holds ``tokens`` beyond what it held at ``start``."""
+
 
 class ModelDrafter(Drafter):
-    """A causal LM with its own KV cache, fed like ``mlx_lm.generate.speculative_generate_step``."""
+    """A causal LM with its own KV cache, fed like ``mlx_lm.generate.speculative_generate_step``.
+
+    Its cache holds the target's tokens: when generation stops it is brought level with the
+    target's (so a conversation can keep both caches), trimming its rejected proposals."""
 
     def __init__(self, model: nn.Module, num_draft_tokens: int, *, prefill_step_size: int = 512,
                  max_kv_size: Optional[int] = None, cache: Optional[list] = None,
@@ -95,43 +100,60 @@ class ModelDrafter(Drafter):
         self.cache = cache if cache is not None else _make_cache(model, max_kv_size, num_draft_tokens)
         self.prefill_step_size = prefill_step_size
         self.quantize_cache = quantize_cache or (lambda cache: None)
-        self._pending: List[int] = []  # tokens kept by the target that this model has not seen
+        self._pending: List[mx.array] = []  # kept by the target, not yet fed to this model
+        self._fed: List[mx.array] = []  # what this model was fed since start, in order
+        self._last: List[mx.array] = []
 
-    def start(self, prompt, target_cache, hidden):
-        # The draft model sees every prompt token but the last (like the target).
-        done = self.cache[0].offset if self.cache else 0
-        rest = prompt[done:]
-        while rest.size > 0:
-            n = min(self.prefill_step_size, rest.size)
-            self.model(rest[:n][None], cache=self.cache)
+    def _feed(self, tokens: mx.array) -> None:
+        while tokens.size > 0:
+            n = min(self.prefill_step_size, tokens.size)
+            self.model(tokens[:n][None], cache=self.cache)
             self.quantize_cache(self.cache)
             mx.eval([c.state for c in self.cache])
-            rest = rest[n:]
+            tokens = tokens[n:]
+
+    def start(self, prompt, target_cache, hidden):
+        self._pending, self._fed = [], [prompt]
+        self._feed(prompt)
 
     def propose(self, y, n, sample, target_cache):
-        inputs = mx.concatenate([mx.array(self._pending, mx.uint32), y]) if self._pending else y
+        inputs = mx.concatenate([*self._pending, y])
         if n == 0:
-            self._pending = inputs.tolist()
+            self._pending = [inputs]
             return mx.array([], mx.uint32)
         self._pending = []
         drafted: List[mx.array] = []
         for _ in range(n):
             logits = self.model(inputs[None], cache=self.cache)[:, -1, :]
             self.quantize_cache(self.cache)
-            inputs = sample(logits, drafted)
+            self._fed.append(inputs)
+            inputs = sample(logits, drafted).astype(mx.uint32)
             mx.async_eval(inputs)
             drafted.append(inputs)
         self._last = drafted
-        return mx.concatenate(drafted) if drafted else mx.array([], mx.uint32)
+        return mx.concatenate(drafted)
 
     def accept(self, proposed, accepted, hidden):
         if proposed == 0:
             return
         if accepted == proposed:
-            # the last proposal was never fed to the draft model
-            self._pending = [int(self._last[-1].item())]
+            self._pending = [self._last[-1]]  # the last proposal was never fed
         else:
-            _trim(self.cache, proposed - 1 - accepted)
+            rejected = proposed - 1 - accepted
+            _trim(self.cache, rejected)
+            if rejected:
+                self._fed = self._fed[:-rejected]
+
+    def finish(self, tokens):
+        fed = mx.concatenate(self._fed).tolist() if self._fed else []
+        same = 0
+        for a, b in zip(fed, tokens):
+            if a != b:
+                break
+            same += 1
+        _trim(self.cache, len(fed) - same)
+        self._feed(mx.array(tokens[same:], mx.uint32))
+        self._pending, self._fed, self._last = [], [], []
 
 
 class AssistantDrafter(Drafter):
@@ -187,6 +209,34 @@ def make_drafter(draft_model: Any, target: nn.Module, num_draft_tokens: int, *, 
                         max_kv_size=max_kv_size, cache=cache, quantize_cache=quantize_cache)
 
 
+def make_draft_cache(draft_model: Any, num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
+                     max_kv_size: Optional[int] = None) -> Optional[list]:
+    """A cache for a draft model (with ``num_draft_tokens`` spare slots); None for drafters that
+    keep none (Gemma 4's MTP assistant)."""
+    if isinstance(draft_model, (AssistantModel, Drafter)):
+        return None
+    return _make_cache(draft_model, max_kv_size, num_draft_tokens)
+
+
+def make_session_caches(model: nn.Module, draft_model: Any = None,
+                        num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS, max_kv_size: Optional[int] = None):
+    """(target cache, draft cache) to reuse across prompts, as :func:`speculative_generate_step`
+    would make them; without a draft model (the target's usual cache, None)."""
+    if draft_model is None:
+        return make_prompt_cache(model, max_kv_size=max_kv_size), None
+    # The MTP drafter reads one position more than the window: spare slots keep it there.
+    mtp = isinstance(draft_model, (AssistantModel, AssistantDrafter))
+    target_cache = _make_cache(model, max_kv_size, num_draft_tokens + 2 if mtp else 0)
+    return target_cache, make_draft_cache(draft_model, num_draft_tokens, max_kv_size)
+
+
+def resolve_draft_model(draft_model: Any):
+    """A draft model object: loaded (:func:`load_draft_model`) when given as a path or repo id."""
+    if isinstance(draft_model, (str, Path)):
+        return load_draft_model(draft_model)
+    return draft_model
+
+
 def load_draft_model(path: Union[str, Path], revision: Optional[str] = None):
     """A draft model from a checkpoint folder or Hub repo id: Gemma 4's MTP drafter for a
     ``gemma4_assistant`` config, otherwise a Gemma 4 model (this package's)."""
@@ -233,8 +283,9 @@ def speculative_generate_step(
 
     ``draft_model``: a model (our Gemma 4, any mlx-lm model with the same vocabulary, or an
     :class:`~gemma4_mlx.assistant.AssistantModel`) or a :class:`Drafter`. ``prompt_cache`` (the
-    target's, from ``model.make_cache()``) is extended in place; ``draft_cache`` likewise for a
-    draft model (by default one with ``num_draft_tokens`` spare slots is made).
+    target's, from ``model.make_cache()``) is extended in place: afterwards it holds the prompt
+    and every token yielded. ``draft_cache`` (a draft model's, from :func:`make_draft_cache`;
+    by default a new one) is kept level with it, so both can be reused for a next prompt.
     """
     if num_draft_tokens < 0:
         raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
@@ -251,9 +302,7 @@ def speculative_generate_step(
                            max_kv_size=max_kv_size, cache=draft_cache, quantize_cache=quantize)
     needs_hidden = drafter.needs_hidden
     if prompt_cache is None:
-        # The MTP drafter reads one position more than the window: spare slots keep it there.
-        reserve = num_draft_tokens + 2 if needs_hidden else 0
-        prompt_cache = _make_cache(model, max_kv_size, reserve)
+        prompt_cache = make_session_caches(model, draft_model, num_draft_tokens, max_kv_size)[0]
     cache = prompt_cache
 
     def target(tokens: mx.array):
@@ -322,6 +371,7 @@ def speculative_generate_step(
                 else:
                     _trim(cache, k - accepted)
                     target(mx.array(tokens_l[accepted : accepted + 1], mx.uint32))
+                drafter.finish(history.tolist() + tokens_l[:emitted])
         if not going_on:
             break
         _trim(cache, k - accepted)

@@ -9,8 +9,9 @@ import typer
 
 from . import app, user_errors
 from .generate import (
-    MIN_P_OPT, MODEL_OPT, SEED_OPT, STRICT_MEMORY_OPT, SYSTEM_OPT, THINK_OPT, TEMP_OPT, TOP_K_OPT, TOP_P_OPT,
-    print_stats, sampling_options_check, write_piece,
+    DRAFT_MODEL_OPT, MIN_P_OPT, MODEL_OPT, NUM_DRAFT_OPT, SEED_OPT, STRICT_MEMORY_OPT, SYSTEM_OPT, THINK_OPT,
+    TEMP_OPT, TOP_K_OPT, TOP_P_OPT, draft_options_check, load_draft, print_stats, sampling_options_check,
+    write_piece,
 )
 
 HELP_TEXT = "commands: /reset (new conversation), /exit (quit), /help; Ctrl-C stops a reply."
@@ -33,6 +34,8 @@ def chat(
                                           help="Use Gemma 4's built-in format, not the checkpoint's template."),
     stats: bool = typer.Option(False, "--stats", help="Print speed and memory after each reply (stderr)."),
     strict_memory: bool = STRICT_MEMORY_OPT,
+    draft_model: Optional[str] = DRAFT_MODEL_OPT,
+    num_draft_tokens: int = NUM_DRAFT_OPT,
 ) -> None:
     """Chat with the model: type a message per line; /reset starts over, /exit (or EOF) quits.
 
@@ -40,6 +43,7 @@ def chat(
     model's replies included) is kept and extended.
     """
     sampling_options_check(max_tokens, temp, top_p, top_k, min_p)
+    draft_options_check(draft_model, num_draft_tokens)
     with user_errors():
         import mlx.core as mx
 
@@ -51,7 +55,7 @@ def chat(
             mx.random.seed(seed)
         session = ChatSession(m, tok, system=system, think=think, use_template=not no_chat_template,
                               max_tokens=max_tokens, temp=0.0 if greedy else temp, top_p=top_p, top_k=top_k,
-                              min_p=min_p)
+                              min_p=min_p, draft_model=load_draft(draft_model), num_draft_tokens=num_draft_tokens)
         print(f"chat with {model}; {HELP_TEXT}", file=sys.stderr)
         while True:
             try:

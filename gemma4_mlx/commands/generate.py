@@ -23,6 +23,25 @@ SYSTEM_OPT = typer.Option(None, "--system", help="System prompt.")
 THINK_OPT = typer.Option(False, "--think", help="Turn Gemma 4's thinking mode on.")
 STRICT_MEMORY_OPT = typer.Option(False, "--strict-memory",
                                  help="Refuse to load when the weights need more memory than the device has.")
+DRAFT_MODEL_OPT = typer.Option(None, "--draft-model",
+                               help="A model for speculative decoding: a smaller Gemma 4, or Gemma 4's MTP "
+                                    "drafter (a gemma4_assistant checkpoint); folder or repo id.")
+NUM_DRAFT_OPT = typer.Option(3, "--num-draft-tokens",
+                             help="Number of tokens to draft when using speculative decoding.")
+
+
+def draft_options_check(draft_model: Optional[str], num_draft_tokens: int) -> None:
+    if draft_model is not None and num_draft_tokens < 1:
+        print(f"error: --num-draft-tokens must be >= 1, got {num_draft_tokens}", file=sys.stderr)
+        raise typer.Exit(2)
+
+
+def load_draft(draft_model: Optional[str]):
+    if draft_model is None:
+        return None
+    from ..speculative import load_draft_model
+
+    return load_draft_model(draft_model)
 
 
 def sampling_options_check(max_tokens: int, temp: float, top_p: float, top_k: int, min_p: float) -> None:
@@ -94,21 +113,26 @@ def generate(
     no_chat_template: bool = typer.Option(False, "--no-chat-template",
                                           help="Send the prompt as raw text (no chat turns)."),
     strict_memory: bool = STRICT_MEMORY_OPT,
+    draft_model: Optional[str] = DRAFT_MODEL_OPT,
+    num_draft_tokens: int = NUM_DRAFT_OPT,
 ) -> None:
     """Generate a reply to one prompt, streaming it to stdout; speed and memory go to stderr."""
     sampling_options_check(max_tokens, temp, top_p, top_k, min_p)
+    draft_options_check(draft_model, num_draft_tokens)
     text = read_prompt(prompt)
     with user_errors():
         from ..generation import stream_generate
         from ..loading import load
 
         m, tok = load(model, strict_memory=strict_memory)
+        draft = load_draft(draft_model)
         state: dict = {}
         last = None
         try:
             for r in stream_generate(m, tok, text, max_tokens=max_tokens, temp=0.0 if greedy else temp,
                                      top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, system=system,
-                                     think=think, chat=not no_chat_template):
+                                     think=think, chat=not no_chat_template, draft_model=draft,
+                                     num_draft_tokens=num_draft_tokens):
                 write_piece(r, show_thinking, state)
                 last = r
         finally:
