@@ -195,6 +195,10 @@ class AssistantModel(nn.Module):
     def layers(self):
         return self.model.layers
 
+    def make_cache(self) -> list:
+        """None of its own: it reads the target's."""
+        return []
+
     @property
     def layer_types(self):
         return [p.layer_type for p in self.args.text.plan]

@@ -171,7 +171,10 @@ class _WindowRing(_BaseCache):
         return mx.where(positions >= self.oldest_position(), positions, -1)
 
     def is_trimmable(self) -> bool:
-        return True
+        # mlx-lm's meaning (its prompt-cache store trims by any amount): every trim is exact, i.e.
+        # nothing was pushed out yet. Speculative decoding calls trim() directly: its trims are
+        # exact much further (see trim), and one that is not raises.
+        return self.oldest_position() == 0
 
     def trim(self, n: int) -> int:
         n = min(self.offset, n)
@@ -207,6 +210,23 @@ class _WindowRing(_BaseCache):
         count = self.size()
         return (self._read(self.keys, self.offset - count, count, self.max_size),
                 self._read(self.values, self.offset - count, count, self.max_size))
+
+    def ensure_reserve(self, reserve: int) -> None:
+        """Grow the spare slots to ``reserve`` (the positions held are kept)."""
+        if reserve <= self.reserve:
+            return
+        if self.keys is None:
+            self.reserve = reserve
+            return
+        old_size, first = self.max_size, self.oldest_position()
+        count = self.offset - first
+        keys = self._read(self.keys, first, count, old_size)
+        values = self._read(self.values, first, count, old_size)
+        self.reserve = reserve
+        grow = lambda b: mx.zeros((*b.shape[:2], self.max_size, *b.shape[3:]), b.dtype)  # noqa: E731
+        self.keys, self.values = tree_map(grow, self.keys), tree_map(grow, self.values)
+        self._write(keys, values, first, count)
+        self._undo = None
 
     def size(self) -> int:
         return min(self.offset, self.window)

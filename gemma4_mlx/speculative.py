@@ -32,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, maybe_quantize_kv_cache
 from .assistant import AssistantModel, check_pair, load_assistant, target_contexts
-from .cache import make_prompt_cache
+from .cache import _WindowRing, make_prompt_cache
 
 DEFAULT_NUM_DRAFT_TOKENS = 3
 
@@ -55,10 +55,11 @@ def _make_cache(model, max_kv_size: Optional[int] = None, num_draft_tokens: int 
 
 
 def _trim(cache: list, n: int) -> None:
-    # Every cache is asked: one that cannot take the tokens back raises (never a silent skip).
+    # Every cache is asked, never skipped: ours raise when they cannot take the tokens back
+    # exactly; others must say they can (mlx-lm's is_trimmable).
     if n > 0:
         for c in cache:
-            if not c.is_trimmable():
+            if not isinstance(c, _WindowRing) and not c.is_trimmable():
                 raise ValueError(f"speculative decoding needs caches that can take tokens back, not a "
                                  f"{type(c).__name__} (past its size)")
             c.trim(n)
@@ -97,7 +98,12 @@ class ModelDrafter(Drafter):
                  max_kv_size: Optional[int] = None, cache: Optional[list] = None,
                  quantize_cache: Optional[Callable[[list], None]] = None):
         self.model = model
-        self.cache = cache if cache is not None else _make_cache(model, max_kv_size, num_draft_tokens)
+        if cache is None:
+            cache = _make_cache(model, max_kv_size, num_draft_tokens)
+        for c in cache:  # one-token steps then a trim: the rings need that many spare slots
+            if isinstance(c, _WindowRing):
+                c.ensure_reserve(num_draft_tokens)
+        self.cache = cache
         self.prefill_step_size = prefill_step_size
         self.quantize_cache = quantize_cache or (lambda cache: None)
         self._pending: List[mx.array] = []  # kept by the target, not yet fed to this model
@@ -378,3 +384,52 @@ def speculative_generate_step(
         drafter.accept(k, accepted, None if hidden is None else hidden[:, accepted : accepted + 1, :])
         history = mx.concatenate([history, mx.array(tokens_l[: accepted + 1], mx.uint32)])
         y = mx.array(tokens_l[accepted : accepted + 1], mx.uint32)
+
+
+def _mlx_lm_speculative_generate_step(prompt, model, draft_model, stream=None, *, prompt_cache=None, **kwargs):
+    """``mlx_lm.generate.speculative_generate_step`` for a gemma4_mlx model: this module's exact
+    step (``prompt_cache`` is mlx-lm's target + draft list, split at ``len(model.layers)``)."""
+    draft_cache = None
+    if prompt_cache is not None:
+        n = len(model.layers)
+        prompt_cache, draft_cache = prompt_cache[:n], prompt_cache[n:] or None
+    if stream is not None:
+        with mx.stream(stream):
+            yield from speculative_generate_step(prompt, model, draft_model, prompt_cache=prompt_cache,
+                                                 draft_cache=draft_cache, **kwargs)
+    else:
+        yield from speculative_generate_step(prompt, model, draft_model, prompt_cache=prompt_cache,
+                                             draft_cache=draft_cache, **kwargs)
+
+
+def install_mlx_lm_speculative() -> None:
+    """Make ``mlx_lm.generate.speculative_generate_step`` (which ``mlx_lm.stream_generate``,
+    ``mlx_lm.generate`` and ``mlx_lm.server`` call for a draft model) run this module's exact step
+    when the target is a gemma4_mlx model; other models keep mlx-lm's own. Done on import."""
+    import sys
+
+    import mlx_lm.generate  # noqa: F401  (the package exports a function of the same name)
+
+    g = sys.modules["mlx_lm.generate"]
+    stock = g.speculative_generate_step
+    if getattr(stock, "_gemma4_mlx", False):
+        return
+
+    def speculative(prompt, model, draft_model, stream=None, **kwargs):
+        if _is_ours(model):
+            return _mlx_lm_speculative_generate_step(prompt, model, draft_model, stream, **kwargs)
+        return stock(prompt, model, draft_model, *(() if stream is None else (stream,)), **kwargs)
+
+    speculative._gemma4_mlx = True
+    speculative.stock = stock
+    speculative.__doc__ = stock.__doc__
+    g.speculative_generate_step = speculative
+
+
+def _is_ours(model) -> bool:
+    from .model import Model
+
+    return isinstance(model, Model)
+
+
+install_mlx_lm_speculative()

@@ -16,6 +16,7 @@ from gemma4_mlx.cache import (
     SlidingWindowCache,
 )
 from gemma4_mlx.presets import preset_config
+from test_generate import loaded, tiny_ckpt  # noqa: F401  (fixtures)
 
 H, D = 2, 32
 
@@ -249,3 +250,59 @@ def test_max_kv_size_bounds_every_layer(monkeypatch):
             return ["mine"]
 
     assert make_prompt_cache(Plain(), max_kv_size=6) == ["mine"]
+
+
+def test_kv_bits_quantize_every_cache_through_mlx_lm_and_ours(loaded):  # noqa: F811
+    """kv_bits turns every layer's cache into a quantized one once it reaches quantized_kv_start
+    (sliding windows included, past the window), and the model still matches the plain run."""
+    import mlx_lm
+    from mlx_lm.generate import generate_step, maybe_quantize_kv_cache
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    from gemma4_mlx.generation import generate
+    from gemma4_mlx.speculative import speculative_generate_step
+
+    model, tok = loaded
+    prompt = list(range(5, 35))
+    cache = model.make_cache()
+    out = list(mlx_lm.stream_generate(model, tok, prompt, max_tokens=20, kv_bits=8, kv_group_size=32,
+                                      quantized_kv_start=10, prompt_cache=cache))
+    assert len(out) == 20 and cache[0].offset == len(prompt) + 20
+    quantized = (QuantizedKVCache, QuantizedSlidingWindowCache, SharedLayerCache)
+    assert all(isinstance(c, quantized) for c in cache)
+    assert generate(model, tok, prompt, max_tokens=20, kv_bits=8, kv_group_size=32, quantized_kv_start=0).tokens
+    # teacher-forced logits with 8-bit keys/values stay close to the plain run
+    ids = mx.array([list(range(5, 65))])
+    plain, q = model.make_cache(), model.make_cache()
+    model(ids[:, :30], cache=plain)
+    model(ids[:, :30], cache=q)
+    maybe_quantize_kv_cache(q, quantized_kv_start=0, kv_group_size=32, kv_bits=8)
+    a = np.concatenate([np.array(model(ids[:, i : i + 1], cache=plain)) for i in range(30, 60)], axis=1)
+    b = np.concatenate([np.array(model(ids[:, i : i + 1], cache=q)) for i in range(30, 60)], axis=1)
+    assert np.max(np.abs(a - b)) < 0.05 * np.max(np.abs(a))
+    # speculative decoding with quantized caches gives the quantized plain run's tokens
+    kv = dict(kv_bits=8, kv_group_size=32, quantized_kv_start=0)
+    want = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=24, prompt_cache=model.make_cache(), **kv)]
+    got = [t for t, _, _ in speculative_generate_step(mx.array(prompt), model, model, num_draft_tokens=3,
+                                                      max_tokens=24, **kv)]
+    assert got == want
+
+
+def test_mlx_lm_prompt_cache_store_never_trims_an_evicted_window():
+    """mlx-lm's LRUPromptCache trims a stored cache by any amount when is_trimmable(): ours say
+    so only while nothing was pushed out of the window (as mlx-lm's rotating cache does)."""
+    from mlx_lm.models.cache import LRUPromptCache
+
+    model = _random_model()
+    short, long = list(range(3, 9)), list(range(3, 40))
+    store = LRUPromptCache(max_size=4)
+    for tokens in (short, long):
+        cache = model.make_cache()
+        model(mx.array([tokens]), cache=cache)
+        store.insert_cache("m", tokens, cache)
+    # a prompt diverging inside the long entry: that entry cannot be trimmed back, the short one is used
+    cache, rest = store.fetch_nearest_cache("m", long[:20] + [7, 7])
+    assert cache is not None and cache[0].offset == len(short) and rest == (long[:20] + [7, 7])[len(short):]
+    fresh = model.make_cache()
+    model(mx.array([short]), cache=fresh)
+    assert fresh[0].is_trimmable() and not store._trie.get("m", long).prompt_cache[0].is_trimmable()

@@ -97,25 +97,44 @@ def test_logprobs_and_sampling_follow_the_target(target, drafters):
     assert len(sampled) == 10 and all(0 <= t < 512 for t, _, _ in sampled)
 
 
-def test_mlx_lm_speculative_step_on_our_caches(target, drafters):
-    """mlx-lm's own function with our model: explicit prompt_cache works (one cache entry per
-    layer), exact past the window; with default caches a draft that must take back more than
-    its window allows raises (never a silent wrong window)."""
-    from mlx_lm.generate import speculative_generate_step as mlx_step
+def test_mlx_lm_speculative_functions_run_the_exact_step(target, drafters, tiny_ckpt):  # noqa: F811
+    """mlx-lm's speculative_generate_step (what its stream_generate and server call) runs ours
+    for our model: exact past the window, with default caches or an explicit target + draft
+    prompt_cache (one entry per layer), any number of draft tokens; other models keep mlx-lm's."""
+    import sys
 
+    import mlx_lm
+    from mlx_lm.models.cache import make_prompt_cache
+
+    mlx_step = sys.modules["mlx_lm.generate"].speculative_generate_step
     draft = drafters["perturbed"]
     for prompt_len in (3, 5 * WINDOW):
         prompt = _prompt(prompt_len, seed=1)
         want = plain_greedy(target, prompt, 32)
         for k in (2, 5):
-            cache = target.make_cache() + draft.make_cache(num_draft_tokens=k)
-            out = list(mlx_step(mx.array(prompt), target, draft, num_draft_tokens=k, max_tokens=32,
-                                prompt_cache=cache))
+            out = list(mlx_step(mx.array(prompt), target, draft, num_draft_tokens=k, max_tokens=32))
             assert [t for t, _, _ in out] == want
-        out = list(mlx_step(mx.array(prompt), target, draft, num_draft_tokens=2, max_tokens=32))
-        assert [t for t, _, _ in out] == want
-    with pytest.raises(CacheTrimError):
-        list(mlx_step(mx.array(_prompt(40, seed=2)), target, drafters["other"], num_draft_tokens=5, max_tokens=8))
+        cache = make_prompt_cache(target) + make_prompt_cache(draft)  # as mlx-lm's server makes it
+        out = list(mlx_step(mx.array(prompt), target, draft, num_draft_tokens=4, max_tokens=32, prompt_cache=cache))
+        assert [t for t, _, _ in out] == want and cache[0].offset == prompt_len + 32
+    # the MTP drafter through mlx_lm.generate
+    from gemma4_mlx import load
+
+    model, tok = load(tiny_ckpt)
+    ids = _prompt(30, seed=5)
+    assistant = write_random_assistant(random_assistant_config(model.args, layers=1, hidden_size=32, ordered=False),
+                                       tiny_ckpt.parent / "assistant-for-mlx-lm")
+    assert mlx_lm.generate(model, tok, ids, max_tokens=16) == mlx_lm.generate(
+        model, tok, ids, max_tokens=16, draft_model=load_draft_model(assistant), num_draft_tokens=3)
+    # a stock mlx-lm model still gets mlx-lm's own step
+    from mlx_lm.models import llama
+
+    stock = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=2,
+                                        intermediate_size=64, num_attention_heads=4, rms_norm_eps=1e-5,
+                                        vocab_size=64, num_key_value_heads=2))
+    mx.eval(stock.parameters())
+    out = list(mlx_step(mx.array([1, 2, 3]), stock, stock, num_draft_tokens=2, max_tokens=6))
+    assert len(out) == 6 and mlx_step.stock is not mlx_step
 
 
 def test_stopping_early_leaves_the_cache_with_every_yielded_token(target, drafters):
