@@ -3,10 +3,11 @@
 Gemma 4's sliding-attention layers attend to the last ``sliding_window`` positions. mlx-lm's
 ``RotatingKVCache`` keeps exactly those, so once a token has pushed the oldest one out it cannot
 be taken back: speculative decoding past the window (draft, verify, trim the rejected drafts)
-then corrupts the window. :class:`SlidingWindowCache` keeps ``reserve`` spare slots beyond the
-window and masks attention to the true window by position, so trimming up to ``reserve + 1``
-tokens is exact at any context length (and any trim is exact before anything was evicted);
-a trim that is not exact raises instead of corrupting the window.
+then corrupts the window. :class:`SlidingWindowCache` masks attention to the true window by
+position and can take back, exactly and at any context length: everything of its last
+multi-token update (a verification step: what that update pushed out is kept until the next
+one), up to ``reserve + 1`` tokens after one-token steps (``reserve`` spare slots beyond the
+window), anything before the window first filled. A trim it cannot do exactly raises.
 
 Position ``p`` always lives in slot ``p % (window + reserve)``. A one-token step writes its slot
 and attends over the whole ring (a mask hides the slots outside the window); a multi-token step
