@@ -215,10 +215,10 @@ def test_prompt_cache_file_round_trip(tmp_path):
     cache[1] = cache[1].to_quantized(group_size=32, bits=8)
     path = str(tmp_path / "c.safetensors")
     save_prompt_cache(path, cache)
-    loaded = load_prompt_cache(path)
-    assert [type(c) for c in loaded] == [type(c) for c in cache]
+    reloaded = load_prompt_cache(path)
+    assert [type(c) for c in reloaded] == [type(c) for c in cache]
     nxt = mx.array([[7]])
-    np.testing.assert_allclose(np.array(model(nxt, cache=cache)), np.array(model(nxt, cache=loaded)),
+    np.testing.assert_allclose(np.array(model(nxt, cache=cache)), np.array(model(nxt, cache=reloaded)),
                                rtol=1e-5, atol=1e-5)
 
 

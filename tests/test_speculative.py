@@ -13,7 +13,6 @@ from mlx.utils import tree_map
 
 from gemma4_mlx import Model, parse_config
 from gemma4_mlx.assistant import load_assistant, random_assistant_config, write_random_assistant
-from gemma4_mlx.cache import CacheTrimError
 from gemma4_mlx.presets import preset_config
 from gemma4_mlx.speculative import load_draft_model, speculative_generate_step
 from test_generate import loaded, tiny_ckpt  # noqa: F401  (fixtures)
