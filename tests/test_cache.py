@@ -306,3 +306,21 @@ def test_mlx_lm_prompt_cache_store_never_trims_an_evicted_window():
     fresh = model.make_cache()
     model(mx.array([short]), cache=fresh)
     assert fresh[0].is_trimmable() and not store._trie.get("m", long).prompt_cache[0].is_trimmable()
+
+
+def test_max_kv_size_through_mlx_lm_generate_and_ours(loaded):  # noqa: F811
+    import mlx_lm
+    from mlx_lm.sample_utils import make_sampler
+
+    from gemma4_mlx.generation import generate
+
+    model, tok = loaded
+    prompt = list(range(5, 45))
+    greedy = make_sampler(0.0)
+    capped = mlx_lm.generate(model, tok, prompt, max_tokens=24, max_kv_size=12, sampler=greedy)
+    explicit = mlx_lm.generate(model, tok, prompt, max_tokens=24, sampler=greedy,
+                               prompt_cache=model.make_cache(max_kv_size=12))
+    ours = generate(model, tok, prompt, max_tokens=24, max_kv_size=12)
+    assert capped == explicit and ours.text == capped
+    uncapped = generate(model, tok, prompt, max_tokens=24)
+    assert uncapped.tokens != ours.tokens  # the cap is in effect (40 prompt tokens > 12)
