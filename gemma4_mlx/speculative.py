@@ -31,6 +31,7 @@ from typing import Any, Callable, Generator, List, Optional, Sequence, Tuple, Un
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, maybe_quantize_kv_cache
+
 from .assistant import AssistantModel, check_pair, load_assistant, target_contexts
 from .cache import _WindowRing, make_prompt_cache
 
@@ -324,6 +325,10 @@ def speculative_generate_step(
     needs_hidden = drafter.needs_hidden
     if prompt_cache is None:
         prompt_cache = make_session_caches(model, draft_model, num_draft_tokens, max_kv_size)[0]
+    elif needs_hidden:
+        for c in prompt_cache:  # the MTP drafter reads one position more than the window
+            if isinstance(c, _WindowRing):
+                c.ensure_reserve(num_draft_tokens + 2)
     cache = prompt_cache
 
     def target(tokens: mx.array):
