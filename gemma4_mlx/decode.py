@@ -39,8 +39,9 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from . import ops
+from .cache import SlidingWindowCache
 
-_CACHE_TYPES = (KVCache, RotatingKVCache)
+_CACHE_TYPES = (KVCache, RotatingKVCache, SlidingWindowCache)
 
 def compile_enabled() -> bool:
     """``GEMMA4_MLX_COMPILE``: 1 / 0, or auto (default): on a GPU only. On the CPU the compiled
@@ -190,9 +191,12 @@ def join_projections(model, previous: Dict[int, JoinedProjection]) -> Dict[int, 
 class _SlotCache:
     """Stands in for a cache inside the traced step: write at ``slot``, mask unfilled slots."""
 
-    def __init__(self, keys: mx.array, values: mx.array, slot: mx.array, valid: mx.array, offset: mx.array):
+    def __init__(self, keys: mx.array, values: mx.array, slot: mx.array, valid: mx.array, offset: mx.array,
+                 ring_window: Optional[int] = None):
         self.keys, self.values = keys, values
         self.slot, self.valid, self.offset = slot, valid, offset
+        # A SlidingWindowCache with spare slots: its ring holds more than the window.
+        self.ring_window = ring_window
 
     def update_and_fetch(self, k: mx.array, v: mx.array):
         self.keys = mx.slice_update(self.keys, k, self.slot, axes=(2,))
@@ -200,8 +204,13 @@ class _SlotCache:
         return self.keys, self.values
 
     def make_mask(self, N: int, window_size: Optional[int] = None, return_array: bool = False):
-        # Every filled slot is inside the window: a rotating buffer holds exactly the window.
-        return mx.arange(self.keys.shape[2]) < self.valid
+        # Every filled slot is inside the window: a rotating buffer holds exactly the window,
+        # unless it has spare slots; then those further behind than the window are hidden too.
+        n = self.keys.shape[2]
+        filled = mx.arange(n) < self.valid
+        if self.ring_window is None:
+            return filled
+        return filled & (mx.remainder(self.slot - mx.arange(n), n) < self.ring_window)
 
 
 def _grow(buf: mx.array, keep: int, extra: int) -> mx.array:
@@ -219,6 +228,8 @@ def _reserve_slot(cache) -> tuple[int, int]:
     grows by a quarter of its size at least (each new size is a new trace)."""
     if cache.keys is None:
         raise _NeedsEager
+    if type(cache) is SlidingWindowCache:
+        return cache.reserve_slot()
     prev = cache.offset
     if type(cache) is KVCache:
         size = cache.keys.shape[2]
@@ -272,12 +283,12 @@ def reserve(cache: List[Any], prompt_tokens: int, new_tokens: int) -> None:
 # ------------------------------------------------------------------ the compiled step
 
 def _step_function(model_ref, counts: dict):
-    def forward(inputs, offset, slots, valid, buffers):
+    def forward(inputs, offset, slots, valid, buffers, ring_windows):
         ctx = active()
         if ctx is not None and ctx.tracing:
             counts["traces"] += 1
         caches = [
-            _SlotCache(buffers[2 * i], buffers[2 * i + 1], slots[i : i + 1], valid[i], offset)
+            _SlotCache(buffers[2 * i], buffers[2 * i + 1], slots[i : i + 1], valid[i], offset, ring_windows[i])
             for i in range(len(buffers) // 2)
         ]
         logits = model_ref()._eager(inputs, cache=caches)
@@ -305,7 +316,7 @@ class CompiledDecoder:
         self.counts = {"traces": 0}  # how often the step was traced (tests, benchmarks)
         self._forward = _step_function(weakref.ref(model), self.counts)
         self._step = mx.compile(self._forward)
-        self._checked = False
+        self._checked: set = set()  # step signatures whose kernels were checked before their trace
 
     def current(self) -> bool:
         return self.switches == _switches() and self.snapshot.current()
@@ -318,11 +329,16 @@ class CompiledDecoder:
         return needed
 
     def _check_kernels(self, args) -> None:
-        """Self-check every kernel the step uses, outside any trace."""
+        """Self-check every kernel the step uses, outside any trace: once per step signature,
+        i.e. before each trace (the checks' verdicts live in the kernels' dispatcher; a check
+        already made is not repeated)."""
         from .kernels import dispatch
 
-        dispatch.check_all(self.collect_kernels(args))
-        self._checked = True
+        inputs, _, _, _, buffers, ring_windows = args
+        signature = (inputs.shape, inputs.dtype, tuple((b.shape, b.dtype) for b in buffers), ring_windows)
+        if signature not in self._checked:
+            dispatch.check_all(self.collect_kernels(args))
+            self._checked.add(signature)
 
     @staticmethod
     def step_args(cache: List[Any], inputs: mx.array):
@@ -343,7 +359,9 @@ class CompiledDecoder:
         buffers = []
         for c in cache:
             buffers += [c.keys, c.values]
-        return (inputs, mx.array(offsets.pop(), dtype=mx.int32), slots, valid, buffers), reserved
+        # a ring with spare slots (speculative decoding) also masks by distance to the window
+        ring_windows = tuple(c.window if type(c) is SlidingWindowCache and c.reserve else None for c in cache)
+        return (inputs, mx.array(offsets.pop(), dtype=mx.int32), slots, valid, buffers, ring_windows), reserved
 
     def __call__(self, inputs: mx.array, cache: List[Any]) -> Optional[mx.array]:
         """Logits, or None when this call must take the eager path."""
@@ -351,8 +369,7 @@ class CompiledDecoder:
         if prepared is None:
             return None
         args, reserved = prepared
-        if not self._checked:
-            self._check_kernels(args)
+        self._check_kernels(args)
         with _context(self.joined, tracing=True):
             logits, new = self._step(*args)
         for i, c in enumerate(cache):

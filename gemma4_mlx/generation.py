@@ -25,10 +25,10 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, 
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .cache import make_prompt_cache
 from .chat_format import (
     ReasoningParser,
     check_text,
@@ -38,6 +38,13 @@ from .chat_format import (
 )
 from .decode import reserve as reserve_decode
 from .tools import TOOL_RESPONSE_START, ToolCall, ToolCallParser, normalize_tools
+from .speculative import (
+    DEFAULT_NUM_DRAFT_TOKENS,
+    check_vocab,
+    make_session_caches,
+    resolve_draft_model,
+    speculative_generate_step,
+)
 
 __all__ = [
     "ChatSession",
@@ -192,24 +199,19 @@ def check_sampling(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p:
 def check_generation_options(*, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
                              kv_group_size: Optional[int] = None, quantized_kv_start: Optional[int] = None,
                              draft_model=None, num_draft_tokens: Optional[int] = None) -> None:
-    """The KV-cache and speculative-decoding options (mlx-lm's ``generate_step`` names).
-
-    None of them is implemented on this branch yet, so each is refused with one line rather than
-    silently ignored (mlx-lm's ``max_kv_size`` would be overridden by the model's own caches, and
-    its ``kv_bits`` cannot quantize Gemma 4's rotating caches). The CLI calls this before loading.
-    """
-    if max_kv_size is not None:
-        raise ValueError("max_kv_size (--max-kv-size) is not supported yet: Gemma 4's caches keep the full "
-                         "context in global layers and the sliding window in local ones")
-    if kv_bits is not None:
-        raise ValueError("kv_bits (--kv-bits) is not supported yet: KV-cache quantization is not implemented for "
-                         "Gemma 4's caches")
-    if kv_group_size is not None or quantized_kv_start is not None:
+    """The KV-cache and speculative-decoding options (mlx-lm's ``generate_step`` names): values in
+    range, and no option without the one it modifies. The CLI calls this before loading."""
+    for name, value, low in (("max_kv_size", max_kv_size, 1), ("kv_group_size", kv_group_size, 1),
+                             ("quantized_kv_start", quantized_kv_start, 0), ("num_draft_tokens", num_draft_tokens, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{name} ({flag}) must be an integer >= {low}, got {value!r}")
+    if kv_bits is not None and (isinstance(kv_bits, bool) or kv_bits not in (2, 3, 4, 5, 6, 8)):
+        raise ValueError(f"kv_bits (--kv-bits) must be one of 2, 3, 4, 5, 6, 8, got {kv_bits!r}")
+    if kv_bits is None and (kv_group_size is not None or quantized_kv_start is not None):
         raise ValueError("kv_group_size / quantized_kv_start (--kv-group-size / --quantized-kv-start) only apply "
                          "with kv_bits (--kv-bits)")
-    if draft_model is not None:
-        raise ValueError("draft_model (--draft-model) is not supported yet: speculative decoding is not implemented")
-    if num_draft_tokens is not None:
+    if draft_model is None and num_draft_tokens is not None:
         raise ValueError("num_draft_tokens (--num-draft-tokens) only applies with draft_model (--draft-model)")
 
 
@@ -367,6 +369,7 @@ def stream_generate(
     quantized_kv_start: Optional[int] = None,
     draft_model=None,
     num_draft_tokens: Optional[int] = None,
+    draft_cache: Optional[list] = None,
     **step_kwargs,
 ) -> Iterator[GenerationResponse]:
     """Stream a reply token by token (see :class:`GenerationResponse`).
@@ -381,10 +384,16 @@ def stream_generate(
     ``prompt_cache`` (from ``model.make_cache()``) is extended in place: after the call it holds
     the prompt and every generated token, the end id included. ``sampler``/``logits_processors``
     override ``temp``/``top_p``/``top_k``/``min_p``/``xtc_*``/``repetition_penalty``; ``seed``
-    (in [0, 2^64)) seeds MLX's random generator first. ``max_kv_size``, ``kv_bits``,
-    ``kv_group_size``, ``quantized_kv_start``, ``draft_model`` and ``num_draft_tokens`` are
-    mlx-lm's names; they are refused for now (:func:`check_generation_options`). Other
-    ``step_kwargs`` go to :func:`mlx_lm.generate.generate_step`.
+    (in [0, 2^64)) seeds MLX's random generator first. ``max_kv_size`` caps every layer's KV to
+    that many positions; ``kv_bits`` / ``kv_group_size`` / ``quantized_kv_start`` quantize the KV
+    caches (mlx-lm's names and meanings, :mod:`gemma4_mlx.cache`). Other ``step_kwargs`` go to
+    :func:`mlx_lm.generate.generate_step`.
+
+    ``draft_model`` (a model, a Gemma 4 MTP assistant, or a path to either) turns on speculative
+    decoding (:mod:`gemma4_mlx.speculative`): up to ``num_draft_tokens`` (default 3) proposals per
+    step, the same tokens as without it under greedy sampling; ``draft_cache`` (from
+    :func:`~gemma4_mlx.speculative.make_draft_cache`) is the draft model's, kept level with
+    ``prompt_cache``.
     """
     tokenizer = _wrap(tokenizer)
     check_generation_options(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size,
@@ -415,10 +424,16 @@ def stream_generate(
     if logits_processors is None and repetition_penalty:
         logits_processors = make_logits_processors(repetition_penalty=repetition_penalty,
                                                    repetition_context_size=repetition_context_size)
-    if prompt_cache is None:
-        prompt_cache = make_prompt_cache(model)
-    # One buffer size for the whole generation: the decode step is traced once, never mid-way.
-    reserve_decode(prompt_cache, cached + len(tokens), max_tokens)
+    if draft_model is not None:
+        draft_model = resolve_draft_model(draft_model)
+        check_vocab(model, draft_model)
+    if prompt_cache is None and draft_model is None:
+        prompt_cache = make_prompt_cache(model, max_kv_size=max_kv_size)
+    if prompt_cache is not None:
+        # One buffer size for the whole generation: the decode step is traced once, never mid-way.
+        reserve_decode(prompt_cache, cached + len(tokens), max_tokens)
+    kv_options = {k: v for k, v in (("kv_bits", kv_bits), ("kv_group_size", kv_group_size),
+                                    ("quantized_kv_start", quantized_kv_start)) if v is not None}
     ends = set(stop_ids) if stop_ids is not None else end_token_ids(model, tokenizer)
     if tools and stop_ids is None:
         handover = _token_id(tokenizer, TOOL_RESPONSE_START)  # the model hands over to the host here
@@ -430,13 +445,20 @@ def stream_generate(
     parser = ReasoningParser()
     calls_parser = ToolCallParser() if tools else None
     n_prompt = len(tokens)
-    steps = generate_step(mx.array(tokens), model, max_tokens=max_tokens, sampler=sampler,
-                          logits_processors=logits_processors, prompt_cache=prompt_cache,
-                          prefill_step_size=prefill_step_size, **step_kwargs)
+    if draft_model is None:
+        steps = ((token, logprobs, False) for token, logprobs in generate_step(
+            mx.array(tokens), model, max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
+            prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, **kv_options, **step_kwargs))
+    else:
+        steps = speculative_generate_step(
+            mx.array(tokens), model, draft_model, num_draft_tokens=num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS,
+            max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors, prompt_cache=prompt_cache,
+            draft_cache=draft_cache, prefill_step_size=prefill_step_size, max_kv_size=max_kv_size, **kv_options,
+            **step_kwargs)
     tic = start = time.perf_counter()
     prompt_tps = 0.0
     decode_start = start
-    for n, (token, logprobs) in enumerate(steps):
+    for n, (token, logprobs, from_draft) in enumerate(steps):
         now = time.perf_counter()
         token_time, tic = now - tic, now
         if n == 0:
@@ -456,7 +478,7 @@ def stream_generate(
                 text=answer, reasoning=reasoning, raw=raw, token=int(token), token_time=token_time,
                 prompt_tokens=n_prompt, prompt_tps=prompt_tps, generation_tokens=generated,
                 generation_tps=gen_tps, peak_memory=mx.get_peak_memory() / 1e9,
-                in_reasoning=parser.in_reasoning, finish_reason=finish, logprobs=logprobs, from_draft=False,
+                in_reasoning=parser.in_reasoning, finish_reason=finish, logprobs=logprobs, from_draft=from_draft,
                 tool_calls=calls,
             )
 
@@ -529,6 +551,8 @@ class ChatSession:
         self.use_template = use_template
         self.tools = normalize_tools(tools)
         self.template_kwargs = dict(template_kwargs or {})
+        if gen_kwargs.get("draft_model") is not None:  # load a path once, not every turn
+            gen_kwargs["draft_model"] = resolve_draft_model(gen_kwargs["draft_model"])
         self.gen_kwargs = gen_kwargs
         self.turn_end_ids = self._ids("<turn|>")
         self.handover_ids = self._ids(TOOL_RESPONSE_START)
@@ -541,6 +565,7 @@ class ChatSession:
     def reset(self) -> None:
         self.messages: List[Dict[str, Any]] = []
         self.cache = None
+        self.draft_cache = None  # a draft model's, kept level with ``cache``
         self._closed = True
         self._handed_over = False
         self.pending_calls: List[ToolCall] = []
@@ -611,7 +636,9 @@ class ChatSession:
             except BaseException:
                 del self.messages[-added:]
                 raise
-            self.cache = make_prompt_cache(self.model)
+            self.cache, self.draft_cache = make_session_caches(
+                self.model, opts.get("draft_model"), opts.get("num_draft_tokens") or DEFAULT_NUM_DRAFT_TOKENS,
+                opts.get("max_kv_size"))
         self.last_prefill_tokens = len(tokens)
         return self._stream(tokens, added, opts)
 
@@ -621,7 +648,7 @@ class ChatSession:
         done = False
         try:
             for r in stream_generate(self.model, self.tokenizer, tokens, prompt_cache=self.cache,
-                                     tools=self.tools, **opts):
+                                     tools=self.tools, draft_cache=self.draft_cache, **opts):
                 reply.append(r.text)
                 calls.extend(r.tool_calls)
                 if r.finish_reason is not None:
@@ -631,7 +658,7 @@ class ChatSession:
                 yield r
         except BaseException:  # Ctrl-C, an early close, an error: drop this turn
             del self.messages[-added:]
-            self.cache = None  # cache state unknown mid-step: rebuild from the history next turn
+            self.cache = self.draft_cache = None  # state unknown mid-step: rebuild from the history next turn
             raise
         if done:
             message: Dict[str, Any] = {"role": "assistant", "content": "".join(reply)}

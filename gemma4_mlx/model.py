@@ -15,11 +15,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from . import decode, ops, step_context
-from .config import FULL, LayerPlan, ModelArgs
+from .cache import make_caches
+from .config import LayerPlan, ModelArgs
 
 
 class MLP(nn.Module):
@@ -276,15 +276,18 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache=None, trace: Optional[list] = None,
-                 input_embeddings: Optional[mx.array] = None) -> mx.array:
+                 input_embeddings: Optional[mx.array] = None, return_hidden: bool = False):
+        """Logits; with ``return_hidden`` also the final-normed hidden states: ``(logits, hidden)``."""
         if input_embeddings is not None:
             # The per-layer embeddings (E2B, E4B) are looked up by token id.
             raise ValueError("gemma4-mlx runs text from token ids; input_embeddings are not supported")
-        if cache is not None and trace is None and inputs.shape[1] == 1 and decode.compile_enabled():
-            logits = decode.decoder_for(self)(inputs, cache)
-            if logits is not None:
-                return logits
-        return self._eager(inputs, cache=cache, trace=trace)
+        if cache is not None:
+            cache = cache[: self.args.num_caches]  # the rest are the KV-shared layers' placeholders
+            if trace is None and not return_hidden and inputs.shape[1] == 1 and decode.compile_enabled():
+                logits = decode.decoder_for(self)(inputs, cache)
+                if logits is not None:
+                    return logits
+        return self._eager(inputs, cache=cache, trace=trace, return_hidden=return_hidden)
 
     def shard(self, group: Optional[mx.distributed.Group] = None) -> None:
         """Tensor parallelism over ``group`` (mlx-lm's ``sharded_load`` convention); see
@@ -304,7 +307,7 @@ class Model(nn.Module):
         the next decode call finds the model changed)."""
         decode.release(self)
 
-    def _eager(self, inputs: mx.array, cache=None, trace: Optional[list] = None) -> mx.array:
+    def _eager(self, inputs: mx.array, cache=None, trace: Optional[list] = None, return_hidden: bool = False):
         h = self.model(inputs, cache=cache, trace=trace)
         if self.args.tie_word_embeddings:
             logits = ops.tied_head(self.model.embed_tokens, h)
@@ -312,7 +315,7 @@ class Model(nn.Module):
             logits = ops.linear(self.lm_head, h)
         if self.args.final_logit_softcapping:
             logits = ops.softcap(logits, self.args.final_logit_softcapping)
-        return logits
+        return (logits, h) if return_hidden else logits
 
     @property
     def layers(self):
@@ -326,16 +329,11 @@ class Model(nn.Module):
     def n_kv_heads(self) -> int:
         return self.args.num_key_value_heads
 
-    def make_cache(self) -> list:
-        caches = []
-        for p in self.args.plan:
-            if p.cache_index is None:
-                continue
-            if p.layer_type == FULL:
-                caches.append(KVCache())
-            else:
-                caches.append(RotatingKVCache(max_size=self.args.sliding_window, keep=0))
-        return caches
+    def make_cache(self, max_kv_size: Optional[int] = None, num_draft_tokens: int = 0) -> list:
+        """One cache per layer (see :func:`gemma4_mlx.cache.make_caches`): ``max_kv_size`` caps every
+        layer's KV to that many positions; ``num_draft_tokens`` lets speculative decoding take back
+        that many tokens exactly past the sliding window."""
+        return make_caches(self.args, max_kv_size=max_kv_size, num_draft_tokens=num_draft_tokens)
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         from .weights import sanitize_weights

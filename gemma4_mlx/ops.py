@@ -85,7 +85,8 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: 
     """
     k = _gpu_kernels()
     valid = getattr(cache, "valid", None)
-    if k is not None and valid is not None:
+    # The prefix kernel reads every filled slot: not for a ring with slots outside the window.
+    if k is not None and valid is not None and getattr(cache, "ring_window", None) is None:
         # The compiled decode step: the kernel reads the filled prefix of the fixed buffer (its
         # fallback, the reference, is MLX's SDPA with the prefix mask).
         return k.attention_prefix(queries, keys, values, valid.reshape(1), scale=1.0)

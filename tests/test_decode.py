@@ -64,6 +64,8 @@ def test_compiled_decode_matches_eager(preset, monkeypatch):
     # caches are left as mlx-lm's own update_and_fetch leaves them
     for ours, theirs in zip(cache, eager_cache):
         assert type(ours) is type(theirs) and ours.offset == theirs.offset
+        if ours.empty():  # a KV-shared layer's placeholder
+            continue
         a, b = ours.state[0], theirs.state[0]
         assert a.shape == b.shape
         if mx.default_device() == mx.cpu:
@@ -292,7 +294,7 @@ def test_compiled_step_writes_the_new_key_value_in_place(monkeypatch):
         mx.eval([c.state for c in cache])
     for t in (5, 6):  # the first traces the step
         mx.eval(model(mx.array([[t]]), cache=cache), [c.state for c in cache])
-    buffers = sum(c.keys.nbytes + c.values.nbytes for c in cache)
+    buffers = sum(c.nbytes for c in cache)
     mx.reset_peak_memory()
     start = mx.get_active_memory()
     mx.eval(model(mx.array([[7]]), cache=cache), [c.state for c in cache])

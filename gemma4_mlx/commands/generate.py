@@ -42,13 +42,16 @@ EXTRA_EOS_OPT = typer.Option(
     None, "--extra-eos-token",
     help="Another token (text or id) that ends generation; repeat it, or list several after one flag.")
 PREFILL_STEP_OPT = typer.Option(2048, "--prefill-step-size", help="Prompt tokens processed per step (> 0).")
-MAX_KV_OPT = typer.Option(None, "--max-kv-size", help="Most tokens the KV cache keeps (not supported yet).")
-KV_BITS_OPT = typer.Option(None, "--kv-bits", help="Quantize the KV cache to this many bits (not supported yet).")
+MAX_KV_OPT = typer.Option(None, "--max-kv-size", help="Most tokens each layer's KV cache keeps (a sliding window).")
+KV_BITS_OPT = typer.Option(None, "--kv-bits", help="Quantize the KV cache to this many bits (2-8).")
 KV_GROUP_OPT = typer.Option(None, "--kv-group-size", help="Group size of KV-cache quantization (with --kv-bits).")
 KV_START_OPT = typer.Option(None, "--quantized-kv-start",
                             help="Quantize the KV cache from this many tokens on (with --kv-bits).")
-DRAFT_OPT = typer.Option(None, "--draft-model", help="Draft model for speculative decoding (not supported yet).")
-NUM_DRAFT_OPT = typer.Option(None, "--num-draft-tokens", help="Tokens drafted per step (with --draft-model).")
+DRAFT_OPT = typer.Option(None, "--draft-model",
+                         help="A model for speculative decoding: a smaller Gemma 4, or Gemma 4's MTP drafter (a "
+                              "gemma4_assistant checkpoint); folder or repo id.")
+NUM_DRAFT_OPT = typer.Option(None, "--num-draft-tokens",
+                             help="Tokens drafted per step (with --draft-model; default 3).")
 TOOLS_OPT = typer.Option(None, "--tools", help="JSON file: a list of OpenAI-style function schemas.")
 STRICT_MEMORY_OPT = typer.Option(False, "--strict-memory",
                                  help="Refuse to load when the weights need more memory than the device has.")
@@ -227,17 +230,14 @@ def load_for_cli(model: str, adapter_path: Optional[str] = None, strict_memory: 
     return m, tok
 
 
-def load_draft(path: Optional[str], tokenizer):
-    """``--draft-model``: loaded, its vocabulary checked against the target's."""
+def load_draft(path: Optional[str], tokenizer=None):
+    """``--draft-model``: a Gemma 4 model or an MTP assistant (its vocabulary is checked against
+    the target's when generation starts)."""
     if path is None:
         return None
-    from ..loading import load
+    from ..speculative import load_draft_model
 
-    draft, draft_tok = load(path)
-    if len(draft_tok) != len(tokenizer):
-        raise ValueError(f"--draft-model {path} has another vocabulary ({len(draft_tok)} tokens, the model has "
-                         f"{len(tokenizer)})")
-    return draft
+    return load_draft_model(path)
 
 
 def print_stats(last, file=None) -> None:
