@@ -410,7 +410,7 @@ def prepare(model) -> None:
         return
     # A lazy one-token prefill gives caches of the real dtypes and head shapes (nothing is
     # evaluated); the dry run of a step over them names the kernels.
-    cache = model.make_cache()
+    cache = model.make_cache()[: model.args.num_caches]  # without the KV-shared layers' placeholders
     model._eager(mx.zeros((1, 1), dtype=mx.int32), cache=cache)
     prepared = CompiledDecoder.step_args(cache, mx.zeros((1, 1), dtype=mx.int32))
     if prepared is not None:

@@ -102,3 +102,22 @@ def test_the_generated_signature_passes_shapes_and_contiguous_strides():
     assert "int x_shape_2" in src and "int x_strides_0" in src and "idx_shape" not in src
     assert "using T = bf16_t;" in src and "constexpr int D = 256;" in src
     nvrtc.compile_source(src, arch="sm_80")
+
+
+def test_prepare_at_load_starts_every_kernel_build_of_the_decode_step(fresh_builds, monkeypatch):
+    """The dry run at load names the step's kernels and starts their builds (nothing is launched);
+    the first decode step's self-checks then find them built."""
+    from gemma4_mlx import Model, decode, parse_config
+    from gemma4_mlx.presets import preset_config
+
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    cfg = dict(preset_config("tiny"), hidden_size=128, head_dim=64, global_head_dim=128,
+               hidden_size_per_layer_input=64, intermediate_size=256)
+    model = Model(parse_config(cfg))
+    with dispatch.force_backend("cuda"):
+        decode.prepare(model)
+    names = {src.split("void __launch_bounds__(K_TG) ")[1].split("(")[0] for src, _ in cuda_build._builds}
+    # norm+RoPE for q and k/v, both attention passes, PLE, the sublayer closes
+    assert {"gemma4_norm_rope_q", "gemma4_norm_rope_kv", "gemma4_attention_partial", "gemma4_attention_combine",
+            "gemma4_ple_gate", "gemma4_ple_combine", "gemma4_residual_norm"} <= names, names
+    assert all(f.result() for f in cuda_build._builds.values())
