@@ -90,6 +90,7 @@ class Recorder:
         rec = dict(self.record)
         n = len(self.stamps)
         rec["tokens_generated"] = n
+        rec["gemma4_mlx_imported"] = "gemma4_mlx" in sys.modules  # never, on stock's side
         rec["tokens"] = self.tokens
         if self.last is not None:
             rec["prompt_tokens"] = int(getattr(self.last, "prompt_tokens", 0) or 0)

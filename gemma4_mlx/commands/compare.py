@@ -121,7 +121,8 @@ def _compare_e2e(*, model, preset, dtype, quantize, runs, seed, out, new_tokens,
 
     wrong = [name for name, given in not_e2e.items() if given]
     if wrong:
-        raise typer.BadParameter(f"{', '.join(wrong)} do not apply with --e2e (see --new-tokens, --prompt-tokens)")
+        raise typer.BadParameter(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply with --e2e "
+                                 "(see --new-tokens, --prompt-tokens)")
     counts = _lengths(new_tokens, "new-token counts")
     with user_errors():
         settings = E2ESettings(preset=preset, model=model, dtype=dtype, quantize=quantize, prompt_tokens=prompt_tokens,
