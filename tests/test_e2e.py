@@ -94,6 +94,8 @@ def test_compare_e2e_end_to_end(work, tiny_checkpoint, tmp_path):
     assert res["first_run"]["ours"]["cold"] and res["first_run"]["stock"]["cold"]
     assert not list(work.glob("run-*")), "the run's scratch folder (caches, logs) is removed"
 
+    progress = [json.loads(ln) for ln in (out / f"{stem}.runs.jsonl").read_text().splitlines()]
+    assert [(x["side"], x["round"]) for x in progress] == [(x["side"], x["round"]) for x in runs]
     md = (out / f"{stem}.md").read_text()
     assert "| tiny bfloat16" in md and "wall s" in md and "decode tok/s" in md and "worst / median gap" in md
     assert f"{NEW_TOKENS} new tokens: ours/stock" in md and "first run on a fresh machine" in md

@@ -566,11 +566,12 @@ def summarize(s: E2ESettings, runs: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 def run_e2e(settings: Optional[E2ESettings] = None, log: Callable[[str], None] = print,
             runner: Optional[Callable[[RunSpec], Dict[str, Any]]] = None,
-            failures: Optional[Path] = None) -> Dict[str, Any]:
+            out_dir: Optional[Path] = None) -> Dict[str, Any]:
     """The whole end-to-end comparison; returns the results (see :func:`write_outputs`).
 
-    ``runner`` runs one :class:`RunSpec` (tests pass a fake); ``failures`` is where a failing
-    command's stderr tail goes (default: the work folder).
+    ``runner`` runs one :class:`RunSpec` (tests pass a fake). ``out_dir`` (default: the work
+    folder) receives a failing command's stderr tail, and each run's record as it ends
+    (``<stem>.runs.jsonl``), so a run cut off part way still leaves what it measured.
     """
     from .environment import environment
 
@@ -597,11 +598,19 @@ def run_e2e(settings: Optional[E2ESettings] = None, log: Callable[[str], None] =
         if runner is None:
             logs = scratch / "logs"
             logs.mkdir()
-            runner = CommandRunner(ckpt["path"], prompt, n_prompt, s.timeout, logs, Path(failures or work))
+            runner = CommandRunner(ckpt["path"], prompt, n_prompt, s.timeout, logs, Path(out_dir or work))
         specs = schedule(s, caches)
+        progress = None
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            progress = Path(out_dir) / f"{output_stem({'settings': asdict(s), 'checkpoint': ckpt})}.runs.jsonl"
+            progress.write_text("")
         for i, spec in enumerate(specs, 1):
             r = runner(spec)
             runs.append(r)
+            if progress is not None:
+                with open(progress, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(_jsonable(r)) + "\n")
             what = "first run on a fresh machine" if spec.cold else f"round {spec.round}"
             log(f"  [{i}/{len(specs)}] {spec.side:>5} {spec.new_tokens:>5} new tokens ({what}): wall {r['wall_s']:.2f} s, "
                 f"load {r['load_s']:.2f} s, TTFT {r['ttft_s']:.2f} s, decode {r['decode_tps']:.1f} tok/s, "
@@ -629,6 +638,12 @@ def run_e2e(settings: Optional[E2ESettings] = None, log: Callable[[str], None] =
 
 
 # --- output ---------------------------------------------------------------------------------------
+
+def _jsonable(o):
+    from .report import _jsonable as jsonable
+
+    return jsonable(o)
+
 
 def _num(v) -> float:
     return float("nan") if v is None else float(v)
@@ -815,8 +830,6 @@ def _compact_lists(text: str) -> str:
 
 
 def write_outputs(results: Dict[str, Any], out_dir: Path) -> Dict[str, Optional[Path]]:
-    from .report import _jsonable
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = output_stem(results)

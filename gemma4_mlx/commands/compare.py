@@ -129,7 +129,7 @@ def _compare_e2e(*, model, preset, dtype, quantize, runs, seed, out, new_tokens,
                                new_tokens=counts, runs=runs, seed=seed, work=None if work is None else str(work),
                                timeout=timeout)
         try:
-            results = run_e2e(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True), failures=out)
+            results = run_e2e(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True), out_dir=out)
         except BenchmarkError as e:
             raise ValueError(str(e)) from e
         print()
