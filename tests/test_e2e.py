@@ -278,6 +278,13 @@ def test_quantized_copy(work, tiny_checkpoint):
                               log=lambda m: None)["reused"]
 
 
+def test_a_checkpoint_is_used_as_is(tiny_checkpoint, work):
+    info = prepare_checkpoint(E2ESettings(model=str(tiny_checkpoint), work=str(work)).resolve(), log=lambda m: None)
+    assert info["path"] == str(tiny_checkpoint) and info["source"] == "checkpoint" and info["dtype"] == "bfloat16"
+    stem = e2e.output_stem({"checkpoint": info, "settings": {"dtype": "auto", "quantize": None}})
+    assert stem == f"e2e-{tiny_checkpoint.name}-bfloat16"
+
+
 def test_unknown_preset(work):
     with pytest.raises(E2EError, match="unknown preset"):
         prepare_checkpoint(E2ESettings(preset="nope", work=str(work)).resolve(), log=lambda m: None)

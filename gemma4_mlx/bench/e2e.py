@@ -200,7 +200,7 @@ def prepare_checkpoint(s: E2ESettings, log: Callable[[str], None] = print) -> Di
             src = resolve_model_path(s.model)
             info["source"] = "checkpoint"
             if not s.quantize and s.dtype == "auto":
-                info.update(path=str(src), reused=True)
+                info.update(path=str(src), reused=True, dtype=_stored_dtype(src))
                 return info
             name = src.name + (f"-{s.dtype}" if s.dtype != "auto" else "") + (f"-q{s.quantize}" if s.quantize else "")
             spec = {"source": str(src), "dtype": s.dtype, "quantize": s.quantize, "group_size": QUANT_GROUP_SIZE}
@@ -235,6 +235,20 @@ def prepare_checkpoint(s: E2ESettings, log: Callable[[str], None] = print) -> Di
         raise E2EError(f"cannot prepare the checkpoint: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     finally:
         _free_device_memory()
+
+
+def _stored_dtype(folder: Path) -> str:
+    """The dtype a checkpoint's config.json names (for titles and file names), else ``auto``."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "auto"
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    for d in (config, text):
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(d.get(key), str):
+                return d[key]
+    return "auto"
 
 
 def _free_device_memory() -> None:
@@ -675,7 +689,7 @@ def title(results: Dict[str, Any]) -> str:
     c, s = results["checkpoint"], results["settings"]
     name = c.get("preset") or Path(str(c.get("model") or c.get("path"))).name
     q = f" {s['quantize']}-bit" if s.get("quantize") else ""
-    return f"{name} {s['dtype']}{q}, {results['prompt']['tokens']}-token prompt, fresh processes"
+    return f"{name} {c.get('dtype') or s['dtype']}{q}, {results['prompt']['tokens']}-token prompt, fresh processes"
 
 
 def table_rows(results: Dict[str, Any], metrics=METRICS) -> List[List[str]]:
@@ -818,7 +832,7 @@ def output_stem(results: Dict[str, Any]) -> str:
     c, s = results["checkpoint"], results["settings"]
     name = c.get("preset") or Path(str(c.get("model") or c.get("path"))).name
     q = f"-q{s['quantize']}" if s.get("quantize") else ""
-    return f"e2e-{name}-{s['dtype']}{q}"
+    return f"e2e-{name}-{c.get('dtype') or s['dtype']}{q}"
 
 
 def _compact_lists(text: str) -> str:
