@@ -8,8 +8,8 @@ Run by file path, not with ``-m``, so stock's process never imports this package
 It changes neither command: it wraps the side's load function and its ``stream_generate``
 generator where the command looks them up (stock: the globals of module ``mlx_lm.generate``,
 whose ``main`` is what the ``mlx_lm.generate`` console script runs; ours: ``gemma4_mlx.loading.load``
-and ``gemma4_mlx.generation.stream_generate``, which ``gemma4-mlx generate`` imports when it
-runs), timestamps each token as the generator yields it, then runs the command's own ``main``.
+and ``gemma4_mlx.generation.stream_generate``, patched as soon as those modules are first imported,
+whenever the command imports them), timestamps each token as the generator yields it, then runs the command's own ``main``.
 At exit it writes one JSON record to the file named by ``GEMMA4_MLX_E2E_RECORD``. Times are
 seconds since the parent spawned the process (``GEMMA4_MLX_E2E_SPAWN``, the parent's
 ``time.time()``), so they include the interpreter's start.
@@ -146,13 +146,50 @@ def run_stock(rec: Recorder, argv) -> None:
     module.main()
 
 
-def run_ours(rec: Recorder, argv) -> None:
-    import gemma4_mlx.cli as cli
-    import gemma4_mlx.generation as generation
-    import gemma4_mlx.loading as loading
+class PatchOnImport:
+    """A ``sys.meta_path`` finder that patches a module right after it first executes, so a
+    command that imports it lazily still does so when it would (its import time stays where it
+    was) and still gets the patched attribute."""
 
-    loading.load = rec.wrap_load(loading.load)
-    generation.stream_generate = rec.wrap_stream(generation.stream_generate)
+    def __init__(self, patches):
+        self.pending = dict(patches)  # module name -> function(module)
+
+    def find_spec(self, name, path=None, target=None):
+        patch = self.pending.pop(name, None)
+        if patch is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                execute = spec.loader.exec_module
+
+                def exec_module(module, execute=execute):
+                    execute(module)
+                    patch(module)
+
+                spec.loader.exec_module = exec_module
+                return spec
+        return None
+
+    def install(self) -> None:
+        for name in list(self.pending):
+            if name in sys.modules:  # already imported: patch it now
+                self.pending.pop(name)(sys.modules[name])
+        sys.meta_path.insert(0, self)
+
+
+def run_ours(rec: Recorder, argv) -> None:
+    def patch_loading(module):
+        module.load = rec.wrap_load(module.load)
+
+    def patch_generation(module):
+        module.stream_generate = rec.wrap_stream(module.stream_generate)
+
+    PatchOnImport({"gemma4_mlx.loading": patch_loading, "gemma4_mlx.generation": patch_generation}).install()
+    import gemma4_mlx.cli as cli
+
     sys.argv = ["gemma4-mlx", "generate", *argv]
     rec.mark("main_s")
     cli.main(["generate", *argv])
