@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gemma4_mlx.bench import e2e, e2e_child
+from gemma4_mlx.bench import e2e, e2e_child, e2e_report
 from gemma4_mlx.bench.e2e import (CommandRunner, E2EError, E2ESettings, RunSpec, build_prompt, checkpoint_complete,
                                   load_encoder, prepare_checkpoint, run_e2e)
 
@@ -181,7 +181,7 @@ def test_cold_start_bookkeeping_and_alternation(tmp_path):
     sp = res["second_process"]["ours"]
     assert sp["first_ttft_s"] == 10.0 and sp["second_ttft_s"] == pytest.approx(1.504) and sp["no_slower"] is True
     assert not list((tmp_path / "work").glob("run-*"))
-    table = e2e.format_table(res)
+    table = e2e_report.format_table(res)
     assert "first run on a fresh machine (4): ours" in table and "8 new tokens: ours/stock" in table
 
 

@@ -116,7 +116,8 @@ def compare(
 def _compare_e2e(*, model, preset, dtype, quantize, runs, seed, out, new_tokens, prompt_tokens, work, timeout,
                  not_e2e) -> None:
     """``compare --e2e``: both generate commands in fresh processes (gemma4_mlx/bench/e2e.py)."""
-    from ..bench.e2e import E2ESettings, format_table, run_e2e, write_outputs
+    from ..bench.e2e import E2ESettings, run_e2e
+    from ..bench.e2e_report import format_table, write_outputs
     from ..bench.settings import BenchmarkError
 
     wrong = [name for name, given in not_e2e.items() if given]
