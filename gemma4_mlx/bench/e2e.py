@@ -207,7 +207,8 @@ def prepare_checkpoint(s: E2ESettings, log: Callable[[str], None] = print) -> Di
                 info.update(path=str(src), reused=True, dtype=_stored_dtype(src))
                 return info
             name = src.name + (f"-{s.dtype}" if s.dtype != "auto" else "") + (f"-q{s.quantize}" if s.quantize else "")
-            spec = {"source": str(src), "dtype": s.dtype, "quantize": s.quantize, "group_size": QUANT_GROUP_SIZE}
+            spec = {"source": str(src), "source_files": _file_sizes(src), "dtype": s.dtype, "quantize": s.quantize,
+                    "group_size": QUANT_GROUP_SIZE}
             folder = work / name
             info["reused"] = _make(folder, spec, lambda f: convert_checkpoint(
                 src, f, dtype=None if s.dtype == "auto" else s.dtype, quantize=bool(s.quantize), q_bits=s.quantize,
@@ -399,9 +400,11 @@ class CommandRunner:
 
     def env(self, spec: RunSpec, record: Path) -> Dict[str, str]:
         env = dict(os.environ)
-        # Both sides import from the same place as this process (a source tree or site-packages).
-        pkg_parent = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join([pkg_parent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        # Run from a source tree (a checkout on PYTHONPATH, `python -m bench.compare`), both sides
+        # import this very tree; an installed package is found by the interpreter itself.
+        root = Path(__file__).resolve().parents[2]
+        if (root / "pyproject.toml").is_file():
+            env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env[CACHE_VARS["mlx"]] = spec.caches[CACHE_VARS["mlx"]]
         env[CACHE_VARS["ours"]] = spec.caches[CACHE_VARS["ours"]]
         env[e2e_child.RECORD_ENV] = str(record)
