@@ -28,6 +28,8 @@ One module per concern, each imported by what it is:
 * :mod:`.environment`: device, versions, commit and command of a run;
 * :mod:`.run`: the whole comparison (:func:`~.run.run_benchmark`) and the kernel micro-benchmarks;
 * :mod:`.report`: the results as a table, Markdown, PNG and JSON.
+* :mod:`.e2e`, :mod:`.e2e_child`, :mod:`.e2e_report`: ``compare --e2e``, both generate commands in
+  fresh processes (the runs, the shim around each command, the results).
 
 Used by ``gemma4-mlx compare`` and ``python -m bench.compare``.
 """

@@ -11,7 +11,7 @@ import typer
 from . import app, user_errors
 
 
-def _lengths(text: Optional[str]) -> Optional[List[int]]:
+def _lengths(text: Optional[str], what: str = "prompt lengths") -> Optional[List[int]]:
     if text is None:
         return None
     try:
@@ -19,7 +19,7 @@ def _lengths(text: Optional[str]) -> Optional[List[int]]:
     except ValueError:
         raise typer.BadParameter(f"expected comma-separated integers, got {text!r}")
     if not vals:
-        raise typer.BadParameter("no prompt lengths given")
+        raise typer.BadParameter(f"no {what} given")
     return vals
 
 
@@ -39,7 +39,8 @@ def compare(
     long: bool = typer.Option(False, "--long", help="Also measure a 32768-token prompt."),
     decode_tokens: Optional[int] = typer.Option(None, "--decode-tokens", "-n",
                                                 help="Tokens generated after each prompt (default 128 GPU, 16 CPU)."),
-    runs: Optional[int] = typer.Option(None, "--runs", "-r", help="Timed runs per side and length (default 5 GPU, 3 CPU)."),
+    runs: Optional[int] = typer.Option(None, "--runs", "-r", help="Timed runs per side and length (default 5 GPU, 3 CPU; --e2e: 3 GPU, 2 CPU, "
+                                                                "after one first run each)."),
     warmup: int = typer.Option(1, "--warmup", help="Warm-up runs per side and length."),
     check_tokens: int = typer.Option(32, "--check-tokens", help="Greedy tokens compared before timing (0: skip)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompts."),
@@ -50,8 +51,32 @@ def compare(
     require_match: bool = typer.Option(False, "--require-match",
                                        help="Exit with status 3 if float32 greedy tokens differ."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write JSON, Markdown and PNG results here."),
+    e2e: bool = typer.Option(False, "--e2e", help="End to end instead: `mlx_lm.generate` against `gemma4-mlx "
+                                                  "generate`, each command in a fresh process on one checkpoint."),
+    new_tokens: Optional[str] = typer.Option(
+        None, "--new-tokens", help="--e2e: comma-separated --max-tokens of the commands (default 128,512,2048 on "
+                                   "GPU; 16,64 on CPU)."),
+    prompt_tokens: Optional[int] = typer.Option(
+        None, "--prompt-tokens", help="--e2e: prompt length in tokens of the checkpoint's tokenizer (default 402 on "
+                                      "GPU, 128 on CPU)."),
+    work: Optional[Path] = typer.Option(
+        None, "--work", help="--e2e: folder for the preset's checkpoint, reused while complete "
+                             "(default ~/.cache/gemma4_mlx/e2e)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="--e2e: seconds allowed per command "
+                                                                     "(default 600)."),
 ) -> None:
     """Benchmark ours against stock mlx-lm's gemma4_text: identical weights, alternated runs, medians."""
+    if e2e:
+        _compare_e2e(model=model, preset=preset, dtype=dtype, quantize=quantize, runs=runs, seed=seed, out=out,
+                     new_tokens=new_tokens, prompt_tokens=prompt_tokens, work=work, timeout=timeout,
+                     not_e2e={"--prompt-lengths": prompt_lengths is not None, "--long": long,
+                              "--decode-tokens": decode_tokens is not None, "--with-transformers": with_transformers,
+                              "--kernels": kernels, "--require-match": require_match})
+        return
+    given = [name for name, v in (("--new-tokens", new_tokens), ("--prompt-tokens", prompt_tokens), ("--work", work),
+                                  ("--timeout", timeout)) if v is not None]
+    if given:
+        raise typer.BadParameter(f"{', '.join(given)} only apply with --e2e")
     from ..bench.report import format_table, write_outputs
     from ..bench.run import run_benchmark, run_kernel_benchmarks
     from ..bench.settings import DTYPES, BenchmarkError, BenchSettings
@@ -86,3 +111,33 @@ def compare(
             raise typer.Exit(3)
         if status:
             raise typer.Exit(status)
+
+
+def _compare_e2e(*, model, preset, dtype, quantize, runs, seed, out, new_tokens, prompt_tokens, work, timeout,
+                 not_e2e) -> None:
+    """``compare --e2e``: both generate commands in fresh processes (gemma4_mlx/bench/e2e.py)."""
+    from ..bench.e2e import E2ESettings, run_e2e
+    from ..bench.e2e_report import format_table, write_outputs
+    from ..bench.settings import BenchmarkError
+
+    wrong = [name for name, given in not_e2e.items() if given]
+    if wrong:
+        raise typer.BadParameter(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply with --e2e "
+                                 "(see --new-tokens, --prompt-tokens)")
+    counts = _lengths(new_tokens, "new-token counts")
+    with user_errors():
+        settings = E2ESettings(preset=preset, model=model, dtype=dtype, quantize=quantize, prompt_tokens=prompt_tokens,
+                               new_tokens=counts, runs=runs, seed=seed, work=None if work is None else str(work),
+                               timeout=timeout)
+        try:
+            results = run_e2e(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True), out_dir=out)
+        except BenchmarkError as e:
+            raise ValueError(str(e)) from e
+        print()
+        print(format_table(results))
+        if out is not None:
+            for kind, path in write_outputs(results, out).items():
+                if path is None:
+                    print(f"{kind}: skipped (matplotlib is not installed)" if kind == "png" else f"{kind}: skipped")
+                else:
+                    print(f"wrote {path}")
