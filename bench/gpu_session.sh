@@ -47,13 +47,20 @@ case "${1:-}" in
     for i in 0 1 2 3 4 5 6 7; do tail -1 "$OUT/parity.$i.txt"; done | tee "$OUT/parity.txt"
     grep -h -A25 -E "^_____" "$OUT"/parity.?.txt | head -60
     grep -h -E "^(FAILED|ERROR)" "$OUT"/parity.?.txt | head -30 ;;
+  e2e16)    # end to end, fresh processes (the README's headline): E2B bf16; writes the checkpoint once
+    python3 -m bench.compare --e2e --preset e2b --new-tokens 128,2048 --runs 2 --work /root/e2e --timeout 200 \
+      --out "$OUT/e2e-bf16" > "$OUT/e2e-bf16.txt" 2>&1; echo "exit $?"; tail -30 "$OUT/e2e-bf16.txt" ;;
+  e2e4)     # the same, 4-bit (converted from the bf16 checkpoint of e2e16)
+    python3 -m bench.compare --e2e --preset e2b -q 4 --new-tokens 128,2048 --runs 1 --work /root/e2e --timeout 200 \
+      --out "$OUT/e2e-q4" > "$OUT/e2e-q4.txt" 2>&1; echo "exit $?"; tail -30 "$OUT/e2e-q4.txt" ;;
   warm)     # the warm in-process harness, E2B bf16 (second table of the README)
     compare e2b-bf16 200 --preset e2b -L 128,841,4096 --runs 3 -n 64 ;;
   long)     # 32k tokens: the token check now goes through the cache in chunks
     compare e2b-bf16-32k 250 --preset e2b -L 32768 --runs 2 -n 32 ;;
   steps)    # decode-step ablation; then the same with MLX's graph sizes changed (read at start)
     export CONFIGS="stock,ours,ours -attn,ours -rope,ours -ple,ours -resnorm,ours -fuse,ours mlx kernels,ours kernels off,ours no compile"
-    ROUNDS=4 STEPS=15 timeout 250 python3 bench/ablate.py e2b 0 2>&1 | tail -14 | tee "$OUT/ablate-e2b-bf16.txt"
+    ROUNDS=4 STEPS=15 timeout 280 python3 bench/ablate.py e2b 0 2>&1 | tail -14 | tee "$OUT/ablate-e2b-bf16.txt" ;;
+  graphs)   # MLX's CUDA-graph size (read once at start): the step with one graph instead of ~15
     export CONFIGS="stock,ours,ours kernels off"
     MLX_MAX_OPS_PER_BUFFER=2000 MLX_MAX_MB_PER_BUFFER=100000 ROUNDS=4 STEPS=15 timeout 120 python3 bench/ablate.py e2b 0 \
       2>&1 | tail -6 | tee "$OUT/ablate-e2b-bf16-bigraphs.txt" ;;
@@ -100,5 +107,5 @@ case "${1:-}" in
     for p in "26b-a4b" "31b"; do
       compare "${p//-/}bf16" 280 --preset $p -L 841 --runs 3 -n 32
     done ;;
-  *) echo "usage: bash bench/gpu_session.sh check|warm|long|steps|first|parity|kernels|e2b|ablate31|presets|presets-bf16" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh check|e2e16|e2e4|warm|long|steps|graphs|first|parity|kernels|e2b|ablate31|presets|presets-bf16" >&2; exit 2 ;;
 esac

@@ -124,33 +124,32 @@ def test_extra_eos_token(tiny_ckpt, loaded):  # noqa: F811
                    "not a token")
 
 
-# -- options not implemented yet: refused, never ignored --------------------------------------------
+# -- KV-cache and speculative-decoding options: bad values refused before anything loads ----------
 REFUSED = [
-    (["--max-kv-size", "64"], "max_kv_size"),
-    (["--kv-bits", "4"], "kv_bits"),
-    (["--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "0"], "kv_bits"),
+    (["--max-kv-size", "0"], "max_kv_size"),
+    (["--kv-bits", "7"], "kv_bits"),
+    (["--kv-bits", "4", "--kv-group-size", "0"], "kv_group_size"),
     (["--kv-group-size", "32"], "only apply with kv_bits"),
     (["--quantized-kv-start", "10"], "only apply with kv_bits"),
-    (["--draft-model", "some/draft"], "draft_model"),
+    (["--draft-model", "some/draft", "--num-draft-tokens", "0"], "num_draft_tokens"),
     (["--num-draft-tokens", "2"], "only applies with draft_model"),
 ]
 
 
 @pytest.mark.parametrize("command", ["generate", "chat"])
 @pytest.mark.parametrize("args,needle", REFUSED)
-def test_kv_and_draft_options_are_refused_before_loading(tmp_path, command, args, needle):
+def test_bad_kv_and_draft_options_are_refused_before_loading(tmp_path, command, args, needle):
     # a missing model: the refusal comes first, nothing is loaded
     r = run([command, "--model", str(tmp_path / "nope"), "-p", "hi"][: 3 if command == "chat" else 5] + args,
             input="hi\n")
     one_line_error(r, 2, needle)
 
 
-@pytest.mark.parametrize("kw,needle", [({"max_kv_size": 64}, "max_kv_size"), ({"kv_bits": 8}, "kv_bits"),
+@pytest.mark.parametrize("kw,needle", [({"max_kv_size": 0}, "max_kv_size"), ({"kv_bits": 7}, "kv_bits"),
                                        ({"kv_group_size": 32}, "kv_group_size"),
                                        ({"quantized_kv_start": 0}, "quantized_kv_start"),
-                                       ({"draft_model": object()}, "draft_model"),
                                        ({"num_draft_tokens": 3}, "num_draft_tokens")])
-def test_kv_and_draft_options_are_refused_by_the_api(loaded, kw, needle):  # noqa: F811
+def test_bad_kv_and_draft_options_are_refused_by_the_api(loaded, kw, needle):  # noqa: F811
     import gemma4_mlx
     from gemma4_mlx.generation import ChatSession
 
@@ -165,7 +164,8 @@ def test_kv_and_draft_options_are_refused_by_the_api(loaded, kw, needle):  # noq
 
 @pytest.mark.parametrize("command", ["generate", "chat"])
 def test_kv_and_draft_flags_reach_stream_generate(tiny_ckpt, monkeypatch, command):  # noqa: F811
-    """Under mlx-lm's generate_step names, the draft model loaded: ready for when they work."""
+    """Under mlx-lm's generate_step names, the draft model loaded (their effects: test_cache.py,
+    test_speculative.py)."""
     import gemma4_mlx.generation as generation
     from gemma4_mlx import Model
 
