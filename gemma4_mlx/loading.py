@@ -166,6 +166,7 @@ def load_model(path: Union[str, Path], lazy: bool = False, revision: Optional[st
     check_weights(model, weights, model_path)
     model.eval()
     model.load_weights(list(weights.items()), strict=False)
+    del weights  # the model holds them now; a second reference would pin replaced arrays
     if group is not None:
         try:
             model.shard(group)  # slices the lazy weights: the evaluation below reads only this shard
@@ -173,13 +174,15 @@ def load_model(path: Union[str, Path], lazy: bool = False, revision: Optional[st
             raise LoadError(f"{model_path}: {e}") from e
         sync_random_state(group)
     if not lazy:
+        from .decode import prepare
+
         try:
+            # Joined q/k/v and gate/up projections are made while the weights are still lazy: each
+            # joined matrix is read from the files directly, never copied from a loaded one.
+            prepare(model)
             mx.eval(model.parameters())
         except Exception as e:
             raise LoadError(f"{model_path}: weights could not be read ({e})") from e
-        from .decode import prepare
-
-        prepare(model)
     model.model_path = model_path
     return model
 

@@ -232,9 +232,14 @@ class Gemma4TextModel(nn.Module):
 
     def __call__(self, inputs: mx.array, cache=None, trace: Optional[list] = None):
         a = self.args
-        h = self.embed_tokens(inputs)
+        # MLX does not bounds-check gathers: an id outside a table (only possible through the
+        # drop-in path; our generate refuses such ids with a clear error) must not read past it.
+        # Clamped in the graph: free in the compiled step, one tiny op per eager call.
+        h = self.embed_tokens(mx.clip(inputs, 0, a.vocab_size - 1))
         h = h * mx.array(a.hidden_size**0.5, dtype=h.dtype)
-        per_layer = self.per_layer_inputs(inputs, h) if a.hidden_size_per_layer_input else None
+        per_layer = None
+        if a.hidden_size_per_layer_input:
+            per_layer = self.per_layer_inputs(mx.clip(inputs, 0, a.vocab_size_per_layer_input - 1), h)
         if cache is None:
             cache = [None] * a.num_caches
         masks = self._masks(h, cache)

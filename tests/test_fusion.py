@@ -119,3 +119,24 @@ def test_new_weights_undo_the_fusion(monkeypatch):
     for compiled in (True, False):
         np.testing.assert_allclose(_decode_logits(model, monkeypatch, compiled=compiled),
                                    _decode_logits(other, monkeypatch, compiled=compiled), rtol=1e-5, atol=1e-5)
+
+
+def test_loading_joins_the_projections_without_a_second_copy(tmp_path, monkeypatch):
+    """At load (where the compiled step runs) the joined matrices are read from the files while
+    the weights are still lazy: the peak is the model's size, not the model plus a joined copy."""
+    import gc
+
+    from gemma4_mlx import load_model
+    from gemma4_mlx.checkpoint import write_random_checkpoint
+
+    path = write_random_checkpoint("tiny-31b", tmp_path / "m", dtype="float32", seed=1)
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    gc.collect()
+    mx.clear_cache()
+    start = mx.get_active_memory()
+    mx.reset_peak_memory()
+    model = load_model(path)
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    joined = sum(f.joint.weight.nbytes for _, f in _fused_modules(model))
+    assert joined > 0.5 * weights  # q/k/v and gate/up are most of the model
+    assert mx.get_peak_memory() - start < weights + 0.25 * joined, (mx.get_peak_memory() - start, weights, joined)

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models import gemma4_text
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
@@ -189,3 +189,24 @@ def test_a_switch_changed_after_tracing_rebuilds_the_step(monkeypatch):
     monkeypatch.setenv("GEMMA4_MLX_FUSE", "1")
     _gap(ours)
     assert ours._decoder.joined
+
+
+def test_token_ids_outside_the_vocabulary_read_nothing_past_the_tables(monkeypatch):
+    """Through the drop-in path (mlx_lm.generate and friends take any ids) an id outside the
+    vocabulary gives the clamped id's result, eager and compiled, never a read past the table."""
+    from mlx_lm.generate import generate_step
+
+    ours, _ = _pair()
+    last = ours.args.vocab_size - 1
+    for compiled in ("1", "0"):
+        monkeypatch.setenv("GEMMA4_MLX_COMPILE", compiled)
+        want = np.array(ours(mx.array([[5, last, 0, 7]])))
+        got = np.array(ours(mx.array([[5, 2**31 - 1, -3, 7]])))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        cache = ours.make_cache()
+        ours(mx.array([[5, 6, 7]]), cache=cache)
+        step = np.array(ours(mx.array([[2**31 - 1]]), cache=cache))
+        assert np.isfinite(step).all()
+    # mlx-lm's own loop, as mlx_lm.generate runs it
+    tokens = [t for t, _ in zip(generate_step(mx.array([5, 2**31 - 1, 9]), ours, max_tokens=3), range(3))]
+    assert len(tokens) == 3

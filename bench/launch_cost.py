@@ -1,0 +1,47 @@
+"""Host cost of one mx.fast.precompiled_cuda_kernel launch against its cubin's size (MLX hashes
+the whole cubin at every launch), and of the same kernel through mx.fast.cuda_kernel."""
+import time
+
+import mlx.core as mx
+
+from gemma4_mlx.kernels import cuda_build, nvrtc
+
+SMALL = 'extern "C" __global__ void k(const float* x, float* y) { y[threadIdx.x] = x[threadIdx.x] + 1.0f; }\n'
+BIG = ('extern "C" __global__ void k(const float* x, float* y) {\n  float a = x[threadIdx.x];\n'
+       '  if (a == 12345.678f) {\n' + "".join(f"    a = a * x[{(i * 7) % 32}] + {i}.0f;\n" for i in range(3000))
+       + '  }\n  y[threadIdx.x] = a + 1.0f;\n}\n')
+x = mx.ones((32,))
+mx.eval(x)
+for label, src in (("small", SMALL), ("big", BIG)):
+    cubin = nvrtc.compile_source(src, arch=cuda_build.target_arch())
+    def launch(v):
+        return mx.fast.precompiled_cuda_kernel(name="k", compiled_source=cubin, inputs=[v], output_shapes=[(32,)],
+                                               output_dtypes=[mx.float32], scalars=[], grid=(32, 1, 1),
+                                               threadgroup=(32, 1, 1))[0]
+    for rep in range(3):
+        y = x
+        for _ in range(2000):
+            y = launch(y)
+        mx.eval(y)
+        t = time.perf_counter()
+        y = x
+        for _ in range(2000):
+            y = launch(y)
+        t1 = time.perf_counter()
+        mx.eval(y)
+        t2 = time.perf_counter()
+    print(f"{label}: cubin {len(cubin)} bytes: build {1e6*(t1-t)/2000:.2f} us/launch, eval {1e6*(t2-t1)/2000:.2f} us/launch")
+body = "y[threadIdx.x] = x[threadIdx.x] + 1.0f;"
+k = mx.fast.cuda_kernel(name="k2", input_names=["x"], output_names=["y"], source=body)
+def launch2(v):
+    return k(inputs=[v], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(32,)], output_dtypes=[mx.float32])[0]
+for rep in range(3):
+    y = x
+    for _ in range(2000):
+        y = launch2(y)
+    mx.eval(y)
+    t = time.perf_counter(); y = x
+    for _ in range(2000):
+        y = launch2(y)
+    t1 = time.perf_counter(); mx.eval(y); t2 = time.perf_counter()
+print(f"cuda_kernel: build {1e6*(t1-t)/2000:.2f} us/launch, eval {1e6*(t2-t1)/2000:.2f} us/launch")
