@@ -303,7 +303,13 @@ def test_attention_kernel(case, dtype):
     want = np_attention(f64(q), f64(k), f64(v), 1.0, window)
     assert_close(K.attention_kernel(q, k, v, 1.0, window), want, dtype, "attention")
     assert_close(K.attention_kernel(q, mx.contiguous(k), mx.contiguous(v), 1.0, window), want, dtype, "contig")
-    assert_close(K.attention_reference(q, k, v, 1.0, window), want, dtype, "reference")
+    # The reference is MLX's SDPA: in bf16 over 4,100 keys of head dim 512 it was off by up to 0.10
+    # (2 of 8,192 values; H200, session 3) where the kernel held the bf16 tolerance: checked at
+    # three times that tolerance, as a sanity check of the oracle, not of our kernel.
+    loose = 3 if dtype == mx.bfloat16 else 1
+    ref = f64(K.attention_reference(q, k, v, 1.0, window))
+    atol, rtol = dispatch.tolerance(dtype)
+    assert np.all(np.abs(ref - want) <= loose * (atol * max(1.0, np.max(np.abs(want))) + rtol * np.abs(want)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
