@@ -5,12 +5,20 @@ a half goes to importing typer, MLX and mlx-lm) ends with ``interrupted`` and ex
 traceback.
 """
 
+import os
 import sys
 
 
 def _interrupted() -> None:
     print("interrupted", file=sys.stderr)
-    sys.exit(130)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe: nothing left to say
+            pass
+    # Not sys.exit: a Ctrl-C that lands inside a native import (PyTorch, under transformers) can
+    # leave the interpreter to re-raise SIGINT while it shuts down (exit -2 instead of 130).
+    os._exit(130)
 
 
 def main(argv=None) -> None:
