@@ -656,7 +656,7 @@ def load_drafter(path: str, target):
             AssistantDrafter(drafter, target)  # raises when this drafter was made for another model
     except Exception as e:  # noqa: BLE001 - one line naming the option, whatever went wrong
         line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DraftModelError(f"--draft-model {path}: {line}") from e
+        raise DraftModelError(f"--draft-model: {line}" if str(path) in line else f"--draft-model {path}: {line}") from e
     return drafter
 
 

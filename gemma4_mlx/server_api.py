@@ -381,21 +381,27 @@ def parse_messages(body: Dict[str, Any]) -> List[Dict[str, Any]]:
     return out
 
 
-def _json(value, where: str, depth: int = 0) -> Any:
-    """A JSON value from a client, checked: text valid, numbers finite, nesting bounded."""
+def _json(value, where: str, depth: int = 0, at: Optional[str] = None) -> Any:
+    """A JSON value from a client, checked: text valid, numbers finite, nesting bounded (``where``
+    names the field, ``at`` the place inside it)."""
+    at = at or where
     if depth > MAX_JSON_DEPTH:
         raise bad(where, f"is nested deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(value, str):
-        return _text(value, where)
+        return _text(value, at)
     if isinstance(value, float) and not math.isfinite(value):
-        raise bad(where, "numbers must be finite")
+        raise bad(at, "must be a finite number")
     if isinstance(value, dict):
         for k in value:
-            _text(k, where)
-        return {k: _json(v, where, depth + 1) for k, v in value.items()}
+            _text(k, at)
+        return {k: _json(v, where, depth + 1, f"{at}.{_key(k)}") for k, v in value.items()}
     if isinstance(value, list):
-        return [_json(v, where, depth + 1) for v in value]
+        return [_json(v, where, depth + 1, f"{at}[{i}]") for i, v in enumerate(value)]
     return value
+
+
+def _key(k: str) -> str:
+    return k if len(k) <= 64 else k[:64] + "..."
 
 
 def _tool_calls(value, where: str) -> List[Dict[str, Any]]:
@@ -553,7 +559,7 @@ def _schema(schema: Dict[str, Any], where: str, depth: int = 0) -> Dict[str, Any
     if isinstance(props, dict):
         for k, p in props.items():
             if isinstance(p, dict):
-                _schema(p, f"{where}.properties.{k[:40]}", depth + 2)
+                _schema(p, f"{where}.properties.{_key(k)}", depth + 2)
     if isinstance(out.get("items"), dict):
         _schema(out["items"], f"{where}.items", depth + 1)
     return out

@@ -244,3 +244,35 @@ def test_template_without_tool_support_refuses_tools(tiny_path, tmp_path):
         assert r.status == 400 and r.json()["error"]["param"] == "tools"
         assert "chat template" in r.json()["error"]["message"]
         assert s.client.post(CHAT, {"messages": ASK, "max_tokens": 2}).status == 200
+
+
+def test_reasoning_then_a_call(served, say):
+    """With thinking on, the reasoning goes to reasoning_content and the call after it to
+    tool_calls; markup inside the reasoning is reasoning text, not a call."""
+    say('<|channel>thought\nI could write <|tool_call>call:now{}<tool_call|> but need Paris.<channel|>' + PARIS)
+    body = {"messages": ASK, "tools": [WEATHER, NOW], "max_tokens": 80, "reasoning_effort": "low"}
+    message = served.client.post(CHAT, body).json()["choices"][0]["message"]
+    assert message["reasoning_content"] == "I could write <|tool_call>call:now{}<tool_call|> but need Paris."
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather"] and message["content"] is None
+    events = served.client.post(CHAT, dict(body, stream=True)).events()[:-1]
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == message["reasoning_content"]
+    assert [e["function"]["name"] for d in deltas for e in d.get("tool_calls", [])] == ["get_weather"]
+    assert not "".join(d.get("content") or "" for d in deltas)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "1e999"])
+def test_non_finite_numbers_in_tools(served, literal):
+    schema = f'{{"type": "object", "properties": {{"n": {{"type": "number", "maximum": {literal}}}}}}}'
+    body = ('{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": '
+            f'{{"name": "f", "parameters": {schema}}}}}]}}').encode()
+    r = served.client.request("POST", CHAT, body, {"Content-Type": "application/json"})
+    assert r.status == 400 and r.json()["error"]["param"] == "tools[0].function.parameters.properties.n.maximum"
+    call = ('{"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function", '
+            f'"function": {{"name": "f", "arguments": {{"x": {literal}}}}}}}]}}]}}').encode()
+    r = served.client.request("POST", CHAT, call, {"Content-Type": "application/json"})
+    assert r.status == 400 and r.json()["error"]["param"] == "messages[0].tool_calls[0].function.arguments.x"
+    as_text = call.replace(f'{{"x": {literal}}}'.encode(), json.dumps(f'{{"x": {literal}}}').encode())
+    assert as_text != call  # the arguments as OpenAI sends them: a JSON string
+    r = served.client.request("POST", CHAT, as_text, {"Content-Type": "application/json"})
+    assert r.status == 400 and r.json()["error"]["param"] == "messages[0].tool_calls[0].function.arguments.x"
