@@ -362,12 +362,11 @@ class SpecialTokenGuard:
     Content without special-token text is tokenized exactly as the whole rendered text would be.
     """
 
-    SKIP_KEYS = ("role", "type")  # read by templates as keywords
-
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.regex = _special_regex(special_token_strings(tokenizer))
-        self.nonce = secrets.token_hex(4)
+        # Digits only: a marker survives a template's ``upper``/``lower`` (schema types are upper-cased).
+        self.nonce = f"{secrets.randbelow(10**12):012d}"
         self.found: List[str] = []
         self._marker = re.compile(re.escape(_MARK_OPEN + self.nonce) + r":(\d+)" + re.escape(_MARK_CLOSE))
 
@@ -382,12 +381,12 @@ class SpecialTokenGuard:
         return self.regex.sub(mark, text)
 
     def shield_data(self, obj: Any) -> Any:
-        """``obj`` (messages, tools) with every string shielded, keys too, but not role/type values."""
+        """``obj`` (messages, tools) with every string shielded, keys and role/type values too: a
+        valid role or type holds no special-token text, so only forged ones change."""
         if isinstance(obj, str):
             return self.shield(obj)
         if isinstance(obj, Mapping):
-            return {self.shield(k) if isinstance(k, str) else k: (v if k in self.SKIP_KEYS else self.shield_data(v))
-                    for k, v in obj.items()}
+            return {self.shield(k) if isinstance(k, str) else k: self.shield_data(v) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
             return [self.shield_data(v) for v in obj]
         return obj

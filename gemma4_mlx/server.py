@@ -12,7 +12,10 @@ What it guarantees (docs/usage.md says it for users):
   validated field by field (:mod:`gemma4_mlx.server_api`) before it reaches the model; the
   prompt is bounded (``max_prompt_tokens``) and prompt + ``max_tokens`` must fit the context.
 * Message contents are tokenized as text (``chat_format.encode_prompt``): only the chat
-  template writes control tokens.
+  template writes control tokens. ``tools`` are declared through the template too, and the
+  model's tool-call markup comes back as ``tool_calls``, never in ``content``.
+* Started with a draft model, every request is decoded speculatively with the exact step of
+  :mod:`gemma4_mlx.speculative` (greedy replies are the plain server's); requests never load one.
 * One generation thread (:mod:`gemma4_mlx.server_worker`) with a bounded queue: a request that
   finds it full gets 503 with ``Retry-After``; a client that disconnects (or stops reading a
   stream) has its generation cancelled at the next token or prefill chunk.
@@ -46,6 +49,7 @@ from .server_api import (
     APIError,
     GenerationRequest,
     Limits,
+    bad,
     chat_chunk,
     chat_response,
     completion_chunk,
@@ -54,6 +58,7 @@ from .server_api import (
     models_list,
     parse_chat,
     parse_completion,
+    tool_call_deltas,
     usage_chunk,
 )
 from .server_worker import Busy, Failed, Finished, Job, Piece, Worker
@@ -80,6 +85,7 @@ class ServerConfig:
     max_connections: int = 64
     timeout: float = 60.0  # seconds a client may stall while sending or receiving
     prefill_step_size: int = 2048
+    num_draft_tokens: int = 3  # per speculative step, when the loader gives a draft model
     quiet: bool = False
     debug: bool = False
 
@@ -91,7 +97,8 @@ class ClientGone(Exception):
 class ServerApp:
     """The served model, its limits and the generation worker (everything but HTTP).
 
-    ``loader()`` returns ``(model, tokenizer)``; it runs in the generation thread.
+    ``loader()`` returns ``(model, tokenizer)`` or ``(model, tokenizer, draft_model)``; it runs
+    in the generation thread.
     """
 
     def __init__(self, loader, config: ServerConfig, model_name: str = "gemma4"):
@@ -99,13 +106,17 @@ class ServerApp:
         self.model_name = config.model_name or model_name
         self.created = int(time.time())
         self.worker = Worker(loader, max_queue=config.max_queue, prefill_step_size=config.prefill_step_size,
-                             debug=config.debug)
+                             debug=config.debug, num_draft_tokens=config.num_draft_tokens)
         self.limits: Optional[Limits] = None
 
-    def render_chat(self, messages: List[Dict[str, str]], think: bool) -> List[int]:
-        from .chat_format import encode_prompt
+    def render_chat(self, messages: List[Dict[str, Any]], think: bool,
+                    tools: Optional[List[Dict[str, Any]]] = None) -> List[int]:
+        from .chat_format import _template_source, encode_prompt, has_chat_template
 
-        return encode_prompt(self.tokenizer, messages, think=think)
+        if tools and has_chat_template(self.tokenizer) and "tools" not in _template_source(self.tokenizer):
+            raise bad("tools", "this model's chat template cannot declare tools (it never reads `tools`); "
+                               "serve a checkpoint whose template has tool support")
+        return encode_prompt(self.tokenizer, messages, think=think, tools=tools)
 
     def encode_raw(self, text: str) -> List[int]:
         """A completion prompt as the model sees it (control tokens parsed), BOS first once."""
@@ -133,7 +144,9 @@ class ServerApp:
             default_max_tokens=config.default_max_tokens, temperature=config.temperature,
             top_p=config.top_p, top_k=config.top_k, min_p=config.min_p,
         )
-        probe = parse_chat({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+        # With a draft model, enough tokens for one round of proposals.
+        probe_tokens = 1 if self.worker.draft_model is None else 2 + min(config.num_draft_tokens, 2)
+        probe = parse_chat({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": probe_tokens,
                             "temperature": 0}, self.limits, self.render_chat)
         job = self.worker.submit(probe)
         while not job.done.wait(0.25):
@@ -482,17 +495,20 @@ class Handler(BaseHTTPRequestHandler):
         text: List[str] = []
         reasoning: List[str] = []
         logprobs: List[Dict[str, Any]] = []
+        calls: List[Any] = []
         for event in self._events(job):
             if isinstance(event, Piece):
                 text.append(event.text)
                 reasoning.append(event.reasoning)
                 logprobs.extend(event.logprobs or [])
+                calls.extend(event.tool_calls)
             elif isinstance(event, Failed):
                 raise self._failure(event)
             else:
                 args = (event.finish_reason, event.prompt_tokens, event.completion_tokens, logprobs)
                 if req.kind == "chat":
-                    body = chat_response(req, app.model_name, "".join(text), "".join(reasoning), *args)
+                    body = chat_response(req, app.model_name, "".join(text), "".join(reasoning), *args,
+                                         tool_calls=calls)
                 else:
                     body = completion_response(req, app.model_name, "".join(text), *args)
                 self._write_json(200, body)
@@ -515,7 +531,7 @@ class Handler(BaseHTTPRequestHandler):
         chat = req.kind == "chat"
         if chat:
             self._send_event(chat_chunk(req, name, {"role": "assistant", "content": ""}))
-        offset = 0
+        offset = calls = 0
         for event in self._events(job):
             if isinstance(event, Piece):
                 if chat:
@@ -524,6 +540,9 @@ class Handler(BaseHTTPRequestHandler):
                         delta["reasoning_content"] = event.reasoning
                     if event.text:
                         delta["content"] = event.text
+                    if event.tool_calls:
+                        delta["tool_calls"] = tool_call_deltas(event.tool_calls, calls)
+                        calls += len(event.tool_calls)
                     self._send_event(chat_chunk(req, name, delta, logprobs=event.logprobs))
                 else:
                     self._send_event(completion_chunk(req, name, event.text, logprobs=event.logprobs, offset=offset))
@@ -606,16 +625,43 @@ class GemmaHTTPServer(ThreadingHTTPServer):
 
 
 # -- start and stop --------------------------------------------------------------------------
-def model_loader(model: str, adapter_path: Optional[str] = None, strict_memory: bool = False):
-    """A loader for :class:`ServerApp`: (model, tokenizer), or a LoadError with one line."""
+def model_loader(model: str, adapter_path: Optional[str] = None, strict_memory: bool = False,
+                 draft_model: Optional[str] = None):
+    """A loader for :class:`ServerApp`: (model, tokenizer), with ``draft_model`` (a folder or repo
+    id: a smaller Gemma 4 or a gemma4_assistant MTP drafter) (model, tokenizer, drafter); any
+    failure is one line (a drafter's starts with ``--draft-model``)."""
 
     def load_served():
         from .generation import load_with_adapters
         from .loading import resolve_model_path
 
-        return load_with_adapters(resolve_model_path(model), adapter_path, strict_memory=strict_memory)
+        served = load_with_adapters(resolve_model_path(model), adapter_path, strict_memory=strict_memory)
+        if draft_model is None:
+            return served
+        return (*served, load_drafter(draft_model, served[0]))
 
     return load_served
+
+
+def load_drafter(path: str, target):
+    """The draft model at ``path``, checked against ``target`` (vocabulary; an MTP drafter's
+    hidden size and KV shapes)."""
+    from .assistant import AssistantModel
+    from .speculative import AssistantDrafter, check_vocab, load_draft_model
+
+    try:
+        drafter = load_draft_model(path)
+        check_vocab(target, drafter)
+        if isinstance(drafter, AssistantModel):
+            AssistantDrafter(drafter, target)  # raises when this drafter was made for another model
+    except Exception as e:  # noqa: BLE001 - one line naming the option, whatever went wrong
+        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DraftModelError(f"--draft-model: {line}" if str(path) in line else f"--draft-model {path}: {line}") from e
+    return drafter
+
+
+class DraftModelError(ValueError):
+    """A draft model that cannot be loaded or cannot draft for the served model."""
 
 
 def served_name(model: str) -> str:
@@ -627,10 +673,12 @@ class _Terminate(BaseException):
     pass
 
 
-def serve(config: ServerConfig, model: str, adapter_path: Optional[str] = None, strict_memory: bool = False) -> int:
+def serve(config: ServerConfig, model: str, adapter_path: Optional[str] = None, strict_memory: bool = False,
+          draft_model: Optional[str] = None) -> int:
     """Load, check, bind, serve until SIGINT (exit 130) or SIGTERM (exit 0). Every failure before
     listening is a LoadError/OSError with one line; the caller prints it."""
-    app = ServerApp(model_loader(model, adapter_path, strict_memory), config, model_name=served_name(model))
+    app = ServerApp(model_loader(model, adapter_path, strict_memory, draft_model), config,
+                    model_name=served_name(model))
     try:
         app.start()
     except KeyboardInterrupt:
@@ -657,8 +705,10 @@ def serve(config: ServerConfig, model: str, adapter_path: Optional[str] = None, 
         raise _Terminate
 
     previous = signal.signal(signal.SIGTERM, terminate)
+    drafting = (f"; speculative decoding with {draft_model}, {config.num_draft_tokens} drafted tokens per step"
+                if draft_model is not None else "")
     print(f"gemma4-mlx serve: {app.model_name} on {httpd.url} (POST /v1/chat/completions, /v1/completions; "
-          "GET /v1/models, /health); Ctrl-C stops", file=sys.stderr, flush=True)
+          f"GET /v1/models, /health){drafting}; Ctrl-C stops", file=sys.stderr, flush=True)
     code = 0
     try:
         httpd.serve_forever(poll_interval=0.5)

@@ -6,14 +6,20 @@ or a prompt that does not fit end as :class:`APIError` (HTTP 400 whose JSON name
 
 Policy for fields: a field this module does not know is ignored (OpenAI clients send many:
 ``user``, ``metadata``, ``store``, ...); a field it knows but the server does not support
-(``n`` > 1, ``tools``, ``response_format`` other than text, ``echo``, ``best_of`` > 1,
-``draft_model``, ``adapters``, ...) is refused with 400 unless it has its no-op value.
+(``n`` > 1, ``tool_choice: "required"``, ``response_format`` other than text, ``echo``,
+``best_of`` > 1, ``draft_model``, ``adapters``, ...) is refused with 400 unless it has its no-op
+value.
+
+Tools (OpenAI function tools) are checked to the leaf: names, JSON schemas (finite numbers,
+bounded nesting), assistant ``tool_calls`` (arguments a JSON object) and ``tool`` messages that
+answer them; they reach the prompt only through the chat template, their text kept as text.
 Nothing in a request is ever opened, loaded or fetched: ``model`` is only echoed back as the
 served model's id, and image/audio/file parts are refused without being looked at.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -28,7 +34,12 @@ MAX_STOP_CHARS = 512
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024
 MAX_SEED = 2**64 - 1
-ROLES = ("system", "developer", "user", "assistant")
+MAX_TOOLS = 128
+MAX_JSON_DEPTH = 32  # nesting of a tool schema, call arguments or a tool result
+ROLES = ("system", "developer", "user", "assistant", "tool")
+TOOL_CHOICES = ("auto", "none")
+SCHEMA_TYPES = ("string", "number", "integer", "boolean", "array", "object", "null")
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 
 
@@ -94,12 +105,19 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     think: bool = False
+    tools: Optional[List[Dict[str, Any]]] = None  # declared to the model (chat only)
+    tool_choice: str = "auto"  # "auto": calls are parsed out; "none": the model cannot start one
+    parallel_tool_calls: bool = True  # False: the reply ends after its first call
     id: str = ""
     created: int = 0
 
     @property
     def split_reasoning(self) -> bool:
         return self.kind == "chat"
+
+    @property
+    def parse_tool_calls(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 # -- field readers ---------------------------------------------------------------------------
@@ -325,29 +343,121 @@ def _request(kind: str, prompt: List[int], opts: Dict[str, Any], max_tokens: int
 
 
 # -- /v1/chat/completions --------------------------------------------------------------------
-def parse_messages(body: Dict[str, Any]) -> List[Dict[str, str]]:
+def parse_messages(body: Dict[str, Any]) -> List[Dict[str, Any]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "must be a non-empty array of messages"
                   if messages is None or isinstance(messages, list) else f"must be an array, got {_kind(messages)}")
-    out = []
+    out: List[Dict[str, Any]] = []
+    calls: Optional[List[Dict[str, Any]]] = None  # the calls that tool messages here may answer
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad(where, f"must be an object, got {_kind(m)}")
         role = m.get("role")
-        if role in ("tool", "function"):
-            raise bad(f"{where}.role", f"'{role}' messages are not supported (no tool calling in this server yet)")
+        if role == "function":
+            raise bad(f"{where}.role", "'function' messages are OpenAI's old form: send 'tool' messages "
+                                       "with tool_call_id")
         if role not in ROLES:
             raise bad(f"{where}.role", f"must be one of {', '.join(ROLES)}"
                       + (f", got {role[:40]!r}" if isinstance(role, str) else f", got {_kind(role)}"))
-        if m.get("tool_calls") not in (None, []):
-            raise bad(f"{where}.tool_calls", "tool calls are not supported in this server yet")
+        if m.get("tool_calls") not in (None, []) and role != "assistant":
+            raise bad(f"{where}.tool_calls", "only assistant messages carry tool calls")
         content = m.get("content")
         if content is None and role == "assistant":
             content = ""
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": _content(content, f"{where}.content")})
+        message: Dict[str, Any] = {"role": "system" if role == "developer" else role,
+                                   "content": _content(content, f"{where}.content")}
+        if role == "tool":
+            if calls is None:
+                raise bad(f"{where}.role", "a tool message must follow an assistant message with tool_calls "
+                                           "(or another tool message)")
+            message.update(_tool_reply(m, calls, where))
+        elif role == "assistant" and m.get("tool_calls") not in (None, []):
+            message["tool_calls"] = calls = _tool_calls(m.get("tool_calls"), f"{where}.tool_calls")
+        else:
+            calls = None
+        out.append(message)
+    return out
+
+
+def _json(value, where: str, depth: int = 0, at: Optional[str] = None) -> Any:
+    """A JSON value from a client, checked: text valid, numbers finite, nesting bounded (``where``
+    names the field, ``at`` the place inside it)."""
+    at = at or where
+    if depth > MAX_JSON_DEPTH:
+        raise bad(where, f"is nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, str):
+        return _text(value, at)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise bad(at, "must be a finite number")
+    if isinstance(value, dict):
+        for k in value:
+            _text(k, at)
+        return {k: _json(v, where, depth + 1, f"{at}.{_key(k)}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json(v, where, depth + 1, f"{at}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _key(k: str) -> str:
+    return k if len(k) <= 64 else k[:64] + "..."
+
+
+def _tool_calls(value, where: str) -> List[Dict[str, Any]]:
+    """An assistant message's ``tool_calls`` as the chat template takes them (arguments decoded)."""
+    if not isinstance(value, list):
+        raise bad(where, f"must be an array, got {_kind(value)}")
+    out = []
+    for j, call in enumerate(value):
+        at = f"{where}[{j}]"
+        if not isinstance(call, dict):
+            raise bad(at, f"must be an object, got {_kind(call)}")
+        if call.get("type", "function") != "function":
+            raise bad(f"{at}.type", "must be 'function'")
+        call_id = call.get("id")
+        if call_id is not None:
+            _text(call_id, f"{at}.id")
+        fn = call.get("function")
+        if not isinstance(fn, dict):
+            raise bad(f"{at}.function", "must be an object with name and arguments"
+                      + ("" if fn is None else f", got {_kind(fn)}"))
+        name = fn.get("name")
+        if not isinstance(name, str) or not name or len(name) > 256 or any(c in name for c in "{}"):
+            raise bad(f"{at}.function.name", "must be a function name (1 to 256 characters, no braces)")
+        _text(name, f"{at}.function.name")
+        arguments = fn.get("arguments")
+        if arguments is None:
+            arguments = {}
+        elif isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except (ValueError, RecursionError):
+                raise bad(f"{at}.function.arguments", "must be a JSON object (as a string)") from None
+        if not isinstance(arguments, dict):
+            raise bad(f"{at}.function.arguments", f"must be a JSON object, got {_kind(arguments)}")
+        entry = {"type": "function",
+                 "function": {"name": name, "arguments": _json(arguments, f"{at}.function.arguments")}}
+        if call_id is not None:
+            entry["id"] = call_id
+        out.append(entry)
+    return out
+
+
+def _tool_reply(m: Dict[str, Any], calls: List[Dict[str, Any]], where: str) -> Dict[str, Any]:
+    """A tool message's link to the call it answers: ``tool_call_id`` (OpenAI) or ``name``."""
+    out: Dict[str, Any] = {}
+    call_id, name = m.get("tool_call_id"), m.get("name")
+    if name is not None:
+        out["name"] = _text(name, f"{where}.name")
+    if call_id is not None:
+        _text(call_id, f"{where}.tool_call_id")
+        if call_id not in [c.get("id") for c in calls]:
+            raise bad(f"{where}.tool_call_id", f"{call_id[:64]!r} is the id of no call in the assistant "
+                                               "message before it")
+        out["tool_call_id"] = call_id
+    elif name is None:
+        raise bad(f"{where}.tool_call_id", "is required: the id of the call this message answers")
     return out
 
 
@@ -389,17 +499,96 @@ def _thinking(body: Dict[str, Any]) -> bool:
     return False
 
 
+def parse_tools(body: Dict[str, Any]) -> Optional[List[Dict[str, Any]]]:
+    """``tools``: OpenAI function tools, checked field by field (None when absent or empty)."""
+    value = _get(body, "tools")
+    if value is _MISSING:
+        return None
+    if not isinstance(value, list):
+        raise bad("tools", f"must be an array of function tools, got {_kind(value)}")
+    if len(value) > MAX_TOOLS:
+        raise bad("tools", f"at most {MAX_TOOLS} tools")
+    out, names = [], set()
+    for n, tool in enumerate(value):
+        at = f"tools[{n}]"
+        if not isinstance(tool, dict):
+            raise bad(at, f"must be an object, got {_kind(tool)}")
+        if tool.get("type") != "function":
+            kind = tool.get("type")
+            raise bad(f"{at}.type", "must be 'function' (the only kind of tool)"
+                      + (f", got {kind[:40]!r}" if isinstance(kind, str) else ""))
+        fn = tool.get("function")
+        if not isinstance(fn, dict):
+            raise bad(f"{at}.function", "must be an object with name, description and parameters"
+                      + ("" if fn is None else f", got {_kind(fn)}"))
+        name = fn.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+            raise bad(f"{at}.function.name", "must be 1 to 64 letters, digits, '_' or '-'"
+                      + (f", got {name[:40]!r}" if isinstance(name, str) else ""))
+        if name in names:
+            raise bad(f"{at}.function.name", f"{name!r} is declared twice")
+        names.add(name)
+        clean: Dict[str, Any] = {"name": name}
+        description = fn.get("description")
+        if description is not None:
+            clean["description"] = _text(description, f"{at}.function.description")
+        params = fn.get("parameters")
+        if params is not None:
+            if not isinstance(params, dict):
+                raise bad(f"{at}.function.parameters", f"must be a JSON schema object, got {_kind(params)}")
+            clean["parameters"] = _schema(params, f"{at}.function.parameters")
+        strict = fn.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise bad(f"{at}.function.strict", f"must be true or false, got {_kind(strict)}")
+        out.append({"type": "function", "function": clean})
+    return out or None
+
+
+def _schema(schema: Dict[str, Any], where: str, depth: int = 0) -> Dict[str, Any]:
+    """A JSON schema as the chat template declares it: ``type`` one of JSON's (or a list of them),
+    ``properties`` / ``items`` schemas in turn, every other value plain JSON."""
+    if depth > MAX_JSON_DEPTH:
+        raise bad(where, f"is nested deeper than {MAX_JSON_DEPTH} levels")
+    out = _json(schema, where, depth)
+    kind = out.get("type")
+    if kind is not None:
+        kinds = kind if isinstance(kind, list) else [kind]
+        if not kinds or any(k not in SCHEMA_TYPES for k in kinds):
+            raise bad(f"{where}.type", f"must be one of {', '.join(SCHEMA_TYPES)} (or a list of them)")
+    props = out.get("properties")
+    if isinstance(props, dict):
+        for k, p in props.items():
+            if isinstance(p, dict):
+                _schema(p, f"{where}.properties.{_key(k)}", depth + 2)
+    if isinstance(out.get("items"), dict):
+        _schema(out["items"], f"{where}.items", depth + 1)
+    return out
+
+
+def _tool_choice(body: Dict[str, Any]) -> str:
+    value = _get(body, "tool_choice")
+    if value is _MISSING:
+        return "auto"
+    if value in TOOL_CHOICES:
+        return value
+    if value == "required" or isinstance(value, dict):
+        raise bad("tool_choice", "only 'auto' and 'none' are supported (this server never forces a call)")
+    raise bad("tool_choice", "must be 'auto' or 'none'"
+              + (f", got {value[:40]!r}" if isinstance(value, str) else f", got {_kind(value)}"))
+
+
 def parse_chat(body: Any, limits: Limits, render) -> GenerationRequest:
-    """A chat request; ``render(messages, think)`` gives the prompt's token ids."""
+    """A chat request; ``render(messages, think, tools)`` gives the prompt's token ids."""
     if not isinstance(body, dict):
         raise bad(None, f"the request body must be a JSON object, got {_kind(body)}")
     messages = parse_messages(body)
     opts = _common(body, limits)
-    # Tool calling would be accepted here and passed to `render` (see docs/usage.md).
-    _refuse_unless(body, "tools", lambda v: v == [], "tool calling is not supported in this server yet")
-    _refuse_unless(body, "tool_choice", lambda v: v in ("none", "auto"), "tool calling is not supported in this server yet")
+    tools = parse_tools(body)
+    tool_choice = _tool_choice(body)
+    parallel = _boolean(body, "parallel_tool_calls", True)
     for name in ("functions", "function_call", "audio", "prediction", "web_search_options"):
-        _refuse_unless(body, name, lambda v: False, "is not supported by this server")
+        _refuse_unless(body, name, lambda v: False, "is not supported by this server"
+                       + (" (send tools and tool_choice)" if name.startswith("function") else ""))
     _refuse_unless(body, "modalities", lambda v: v == ["text"], "only [\"text\"] is supported")
     _refuse_unless(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text",
                    "only {\"type\": \"text\"} is supported")
@@ -409,11 +598,12 @@ def parse_chat(body: Any, limits: Limits, render) -> GenerationRequest:
         raise bad("top_logprobs", "needs logprobs: true")
     think = _thinking(body)
     try:
-        prompt = render(messages, think)
+        prompt = render(messages, think, tools)
     except ValueError as e:
         raise bad("messages", str(e).splitlines()[0] if str(e) else "could not be rendered") from None
     max_tokens = _fit(prompt, opts, limits, "messages")
-    return _request("chat", prompt, opts, max_tokens, logprobs=logprobs, top_logprobs=top, think=think)
+    return _request("chat", prompt, opts, max_tokens, logprobs=logprobs, top_logprobs=top, think=think,
+                    tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel)
 
 
 # -- /v1/completions -------------------------------------------------------------------------
@@ -471,8 +661,13 @@ def completion_logprobs(entries: List[Dict[str, Any]], offset: int = 0) -> Dict[
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def chat_response(req, model, content, reasoning, finish, n_prompt, n_completion, logprobs) -> Dict[str, Any]:
-    message: Dict[str, Any] = {"role": "assistant", "content": content}
+def chat_response(req, model, content, reasoning, finish, n_prompt, n_completion, logprobs,
+                  tool_calls: Sequence[Any] = ()) -> Dict[str, Any]:
+    """``tool_calls``: :class:`~gemma4_mlx.tools.ToolCall` objects (content is null when the
+    reply holds only calls, as OpenAI answers)."""
+    message: Dict[str, Any] = {"role": "assistant", "content": content if content or not tool_calls else None}
+    if tool_calls:
+        message["tool_calls"] = [c.to_openai() for c in tool_calls]
     if reasoning:
         message["reasoning_content"] = reasoning
     choice = {"index": 0, "message": message, "finish_reason": finish,
@@ -484,6 +679,12 @@ def completion_response(req, model, text, finish, n_prompt, n_completion, logpro
     choice = {"index": 0, "text": text, "finish_reason": finish,
               "logprobs": completion_logprobs(logprobs) if req.logprobs else None}
     return {**_head(req, model, "text_completion"), "choices": [choice], "usage": usage(n_prompt, n_completion)}
+
+
+def tool_call_deltas(calls: Sequence[Any], first_index: int) -> List[Dict[str, Any]]:
+    """Streamed ``delta.tool_calls`` entries: each call whole in one entry, ``index`` counting the
+    reply's calls (OpenAI clients join entries of one index)."""
+    return [dict(c.to_openai(), index=first_index + k) for k, c in enumerate(calls)]
 
 
 def chat_chunk(req, model, delta: Dict[str, Any], finish=None, logprobs=None) -> Dict[str, Any]:

@@ -1,10 +1,12 @@
 """The server's one generation thread: a bounded queue of jobs, each decoded with mlx-lm's
-``generate_step`` (samplers and logits processors from ``mlx_lm.sample_utils``), cancellable
-between prefill chunks and between tokens.
+``generate_step`` (samplers and logits processors from ``mlx_lm.sample_utils``), or with
+:func:`gemma4_mlx.speculative.speculative_generate_step` when the server was started with a draft
+model (the same tokens under greedy sampling), cancellable between prefill chunks and between
+tokens.
 
-A job's output is a stream of events on ``job.events``: :class:`Piece` (text, reasoning and
-logprobs of one token), then one :class:`Finished` or :class:`Failed`. Whatever a job does,
-the thread survives it and takes the next one.
+A job's output is a stream of events on ``job.events``: :class:`Piece` (text, reasoning, tool
+calls and logprobs of one token), then one :class:`Finished` or :class:`Failed`. Whatever a job
+does, the thread survives it and takes the next one.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .chat_format import ReasoningParser
 from .server_api import GenerationRequest
+from .tools import TOOL_CALL_START, TOOL_RESPONSE_START, ToolCall, ToolCallParser
 
 LOGPROB_FLOOR = -9999.0  # what a -inf log-probability is reported as (JSON has no -inf)
 
@@ -42,6 +45,7 @@ class Piece:
     text: str
     reasoning: str = ""
     logprobs: Optional[List[Dict[str, Any]]] = None
+    tool_calls: List[ToolCall] = field(default_factory=list)  # calls completed by this token
 
 
 @dataclass
@@ -65,6 +69,7 @@ class Job:
     outcome: Optional[str] = None  # "finished", "cancelled", "failed" once done
     done: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
+    drafted: int = 0  # tokens a draft model proposed and the model kept
 
 
 class StopMatcher:
@@ -100,16 +105,22 @@ class StopMatcher:
 class Worker:
     """Runs jobs one at a time in its own thread; at most ``1 + max_queue`` jobs admitted.
 
-    The thread first calls ``loader()`` for ``(model, tokenizer)``: MLX streams belong to the
-    thread that made them, so the model is built where it will run (as mlx_lm.server does).
+    The thread first calls ``loader()`` for ``(model, tokenizer)`` or ``(model, tokenizer,
+    draft_model)``: MLX streams belong to the thread that made them, so the models are built
+    where they will run (as mlx_lm.server does). With a draft model every job is decoded
+    speculatively, ``num_draft_tokens`` proposals per step.
     """
 
-    def __init__(self, loader: Callable[[], Tuple[Any, Any]], max_queue: int = 8,
-                 prefill_step_size: int = 2048, debug: bool = False):
+    def __init__(self, loader: Callable[[], Tuple[Any, ...]], max_queue: int = 8,
+                 prefill_step_size: int = 2048, debug: bool = False, num_draft_tokens: int = 3):
         self._loader = loader
         self.model = None
         self.tokenizer = None
+        self.draft_model = None
+        self.num_draft_tokens = num_draft_tokens
         self.end_ids: set = set()
+        self.tool_call_id: Optional[int] = None  # the token that opens a tool call, if the vocabulary has it
+        self.handover_id: Optional[int] = None  # <|tool_response>: the model hands over to the host
         self.max_queue = max_queue
         self.prefill_step_size = prefill_step_size
         self.debug = debug
@@ -176,8 +187,13 @@ class Worker:
         from .generation import end_token_ids
 
         try:
-            self.model, self.tokenizer = self._loader()
+            loaded = tuple(self._loader())
+            self.model, self.tokenizer = loaded[:2]
+            self.draft_model = loaded[2] if len(loaded) > 2 else None
             self.end_ids = set(int(i) for i in end_token_ids(self.model, self.tokenizer))
+            vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+            self.tool_call_id = vocab.get(TOOL_CALL_START)
+            self.handover_id = vocab.get(TOOL_RESPONSE_START)
             newline = list(self.tokenizer.encode("\n", add_special_tokens=False))
             self._xtc_special = newline + sorted(self.end_ids)
             return True
@@ -259,25 +275,36 @@ class Worker:
             repetition_context_size=r.repetition_context_size, presence_penalty=r.presence_penalty,
             frequency_penalty=r.frequency_penalty,
         )
-        # A speculative decoder (--draft-model) would replace generate_step here.
-        steps = generate_step(
-            mx.array(r.prompt), self.model, max_tokens=r.max_tokens, sampler=sampler,
-            logits_processors=processors or None, prompt_cache=make_prompt_cache(self.model),
-            prefill_step_size=self.prefill_step_size,
-            prompt_progress_callback=lambda done, total: self._check(job),
-        )
+        if r.tools and r.tool_choice == "none" and self.tool_call_id is not None:
+            processors.append(self._ban(self.tool_call_id))  # tools declared, but no call may start
+        ends = set(self.end_ids)
+        if r.tools and self.handover_id is not None:
+            ends.add(self.handover_id)  # after its calls the model waits for their results
+        steps = self._steps(job, sampler, processors)
         detok = self.tokenizer.detokenizer
         detok.reset()
         stopper = StopMatcher(r.stop)
         parser = ReasoningParser() if r.split_reasoning else None
+        calls_parser = ToolCallParser() if r.parse_tool_calls else None
+        made: List[ToolCall] = []
 
-        def emit(raw: str, logprobs=None) -> None:
+        def emit(raw: str, logprobs=None, final: bool = False) -> None:
             if parser is not None:
                 text, reasoning = parser.feed(raw)
+                if final:
+                    more_text, more_reasoning = parser.finish()
+                    text, reasoning = text + more_text, reasoning + more_reasoning
             else:
                 text, reasoning = raw, ""
-            if text or reasoning or logprobs:
-                job.events.put(Piece(text, reasoning, logprobs))
+            calls: List[ToolCall] = []
+            if calls_parser is not None:  # calls are parsed from the answer, never from reasoning
+                text, calls = calls_parser.feed(text)
+                if final:
+                    rest, more = calls_parser.finish()
+                    text, calls = text + rest, calls + more
+                made.extend(calls)
+            if text or reasoning or logprobs or calls:
+                job.events.put(Piece(text, reasoning, logprobs, calls))
 
         finish, cut = "length", False
         try:
@@ -285,7 +312,7 @@ class Worker:
                 self._check(job)
                 token = int(token)
                 job.generated += 1
-                if token in self.end_ids:  # the end marker is never part of the output
+                if token in ends:  # the end marker is never part of the output
                     finish = "stop"
                     break
                 lp = [self._logprob_entry(token, logprobs, r.top_logprobs)] if r.logprobs else None
@@ -295,19 +322,58 @@ class Worker:
                 if cut:
                     finish = "stop"
                     break
+                if made and not r.parallel_tool_calls:  # one call asked for: the reply ends with it
+                    finish = "stop"
+                    break
         finally:
             steps.close()
         if not cut:  # what the detokenizer and the stop matcher still hold
             detok.finalize()
             text, cut = stopper.feed(detok.last_segment)
-            emit(text if cut else text + stopper.flush())
             if cut:
                 finish = "stop"
-        if parser is not None:
-            text, reasoning = parser.finish()
-            if text or reasoning:
-                job.events.put(Piece(text, reasoning))
+            else:
+                text += stopper.flush()
+        else:
+            text = ""
+        emit(text, final=True)
+        if made and finish == "stop":
+            finish = "tool_calls"
         return Finished(finish, len(r.prompt), job.generated)
+
+    def _steps(self, job: Job, sampler, processors):
+        """``(token, logprobs)`` of the job: mlx-lm's step, or the exact speculative one."""
+        r = job.request
+        progress = lambda done, total: self._check(job)  # noqa: E731 - cancelled between prefill steps
+        if self.draft_model is None:
+            return generate_step(
+                mx.array(r.prompt), self.model, max_tokens=r.max_tokens, sampler=sampler,
+                logits_processors=processors or None, prompt_cache=make_prompt_cache(self.model),
+                prefill_step_size=self.prefill_step_size, prompt_progress_callback=progress,
+            )
+        from .speculative import speculative_generate_step
+
+        def drafted():
+            steps = speculative_generate_step(
+                mx.array(r.prompt), self.model, self.draft_model, num_draft_tokens=self.num_draft_tokens,
+                max_tokens=r.max_tokens, sampler=sampler, logits_processors=processors or None,
+                prefill_step_size=self.prefill_step_size, prompt_progress_callback=progress,
+            )
+            try:
+                for token, logprobs, from_draft in steps:
+                    job.drafted += bool(from_draft)
+                    yield token, logprobs
+            finally:
+                steps.close()
+
+        return drafted()
+
+    @staticmethod
+    def _ban(token: int):
+        def processor(tokens, logits):
+            return mx.where(mx.arange(logits.shape[-1]) == token, -mx.inf, logits)
+
+        return processor
 
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])

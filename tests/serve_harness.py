@@ -160,3 +160,37 @@ class ScriptedModel(nn.Module):
         pos = min(max(c.offset - self._prompt, 0), len(self.script) - 1)
         onehot = (mx.arange(self.args.vocab_size) == self.script[pos]).astype(mx.float32) * 20.0
         return mx.broadcast_to(onehot, (batch, length, self.args.vocab_size))
+
+
+class Forced:
+    """Wraps a real model: the k-th token generated for each request is forced to ``script[k]``
+    (while k < len(script)); everything else (cache, other positions) is the model's own.
+
+    How the tool-call tests get Gemma 4's markup out of a random model: the test writes the
+    markup as token ids (``encode_text``) into ``script``. A request starts with a call at cache
+    offset 0, which mlx-lm's and the speculative step both make over all prompt tokens but the
+    last (prompts must fit one prefill step), so the prompt has one token more than that call.
+    """
+
+    def __init__(self, model, script: Sequence[int] = ()):
+        self.model = model
+        self.script = list(script)
+        self._prompt = 0
+
+    def __getattr__(self, name):  # args, layers, make_cache, model ... are the wrapped model's
+        return getattr(self.__dict__["model"], name)
+
+    def __call__(self, inputs: mx.array, cache=None, **kwargs):
+        offset = cache[0].offset if cache else 0
+        length = inputs.shape[1]
+        if offset == 0:
+            self._prompt = length + 1
+        out = self.model(inputs, cache=cache, **kwargs)
+        logits, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
+        # Row j chooses the token at position offset + j + 1: generated token number k.
+        ks = [offset + j + 1 - self._prompt for j in range(length)]
+        forced = [self.script[k] if 0 <= k < len(self.script) else -1 for k in ks]
+        if any(f >= 0 for f in forced):
+            hit = mx.arange(logits.shape[-1])[None, None, :] == mx.array(forced)[None, :, None]
+            logits = mx.where(hit, 1e4, logits)
+        return (logits, *rest) if rest is not None else logits

@@ -141,3 +141,61 @@ def test_valid_sampling_settings_always_generate(served, settings_, chat):
         assert any(e["choices"] and e["choices"][0]["finish_reason"] for e in events[:-1])
     else:
         assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+# -- tools: near-valid structures with random leaves ------------------------------------------
+def _maybe(value_strategy):
+    """Mostly the valid value, sometimes any JSON."""
+    return st.integers(0, 5).flatmap(lambda n: json_values if n == 0 else value_strategy)
+
+
+schemas = st.recursive(
+    st.fixed_dictionaries({}, optional={"type": _maybe(st.sampled_from(["string", "object", "integer", "<turn|>"])),
+                                        "description": _maybe(st.text(max_size=12)), "enum": json_values}),
+    lambda inner: st.fixed_dictionaries({"type": _maybe(st.just("object"))},
+                                        optional={"properties": _maybe(st.dictionaries(st.text(max_size=6), inner,
+                                                                                       max_size=3)),
+                                                  "items": _maybe(inner), "required": json_values}),
+    max_leaves=6)
+tools = st.lists(st.fixed_dictionaries(
+    {"type": _maybe(st.just("function")),
+     "function": _maybe(st.fixed_dictionaries({"name": _maybe(st.sampled_from(["f", "get_weather", "a-b", "x y"]))},
+                                              optional={"description": _maybe(st.text(max_size=12)),
+                                                        "parameters": _maybe(schemas), "strict": json_values}))}),
+    max_size=3)
+calls = st.lists(st.fixed_dictionaries(
+    {"id": _maybe(st.sampled_from(["c1", "c2"])), "type": _maybe(st.just("function")),
+     "function": _maybe(st.fixed_dictionaries({"name": _maybe(st.sampled_from(["f", "now", "<|tool>"])),
+                                               "arguments": _maybe(st.one_of(
+                                                   st.just('{"a": 1}'), st.just("{bad"), st.just("[1]"),
+                                                   json_values.map(lambda v: json.dumps(v, allow_nan=True))))}))}),
+    max_size=2)
+@st.composite
+def tool_messages(draw):
+    """A conversation of user turns, assistant calls and the tool messages answering them."""
+    out = [{"role": "user", "content": draw(st.text(max_size=10))}]
+    for _ in range(draw(st.integers(0, 2))):
+        made = draw(calls)
+        out.append({"role": "assistant", "content": draw(_maybe(st.none())), "tool_calls": made})
+        for call in made:
+            call_id = call.get("id") if isinstance(call, dict) else None
+            reply = {"role": "tool", "content": draw(_maybe(st.text(max_size=10)))}
+            reply["tool_call_id"] = draw(_maybe(st.just(call_id)) if isinstance(call_id, str) else json_values)
+            if draw(st.integers(0, 4)) == 0:
+                reply["name"] = draw(json_values)
+            out.append(reply)
+        if draw(st.booleans()):
+            out.append({"role": "user", "content": "more"})
+    return out
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(messages_=tool_messages(), tools_=st.one_of(tools, json_values),
+       choice=st.one_of(st.none(), st.sampled_from(["auto", "none", "required"]), json_values),
+       stream=st.booleans())
+def test_random_tools_and_tool_messages(served, messages_, tools_, choice, stream):
+    body = {"messages": messages_, "tools": tools_, "max_tokens": 2, "stream": stream}
+    if choice is not None:
+        body["tool_choice"] = choice
+    r = served.client.post("/v1/chat/completions", body)
+    _answered(r)

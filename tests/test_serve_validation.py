@@ -62,6 +62,18 @@ SHARED = [  # (field values, the param the error must name)
     ({"model": ["a"]}, "model"), ({"draft_model": "/tmp/x"}, "draft_model"),
 ]
 
+def _call(**function):
+    return {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}", **function}}
+
+
+def _tool(**function):
+    return {"type": "function", "function": {"name": "get_weather", **function}}
+
+
+CALL = _call()
+TOOL = _tool(description="Weather now.", parameters={"type": "object", "properties": {"city": {"type": "string"}}})
+DEEP = {"a": [[{"b": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}]]}
+
 CHAT_ONLY = [
     ({"messages": None}, "messages"), ({"messages": []}, "messages"), ({"messages": "hi"}, "messages"),
     ({"messages": [5]}, "messages[0]"), ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
@@ -72,10 +84,52 @@ CHAT_ONLY = [
     ({"messages": [{"role": "user", "content": [5]}]}, "messages[0].content[0]"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
     ({"messages": [{"role": "user", "content": [{"text": "x"}]}]}, "messages[0].content[0].type"),
-    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages[0].tool_calls"),
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]},
+     "messages[0].tool_calls[0].function"),
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": {"id": "1"}}]}, "messages[0].tool_calls"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [CALL]}]}, "messages[0].tool_calls"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [dict(CALL, type="code")]}]},
+     "messages[0].tool_calls[0].type"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "c", "function": {"arguments": "{}"}}]}]},
+     "messages[0].tool_calls[0].function.name"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [_call(arguments="{not json")]}]},
+     "messages[0].tool_calls[0].function.arguments"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [_call(arguments="[1, 2]")]}]},
+     "messages[0].tool_calls[0].function.arguments"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [_call(arguments=5)]}]},
+     "messages[0].tool_calls[0].function.arguments"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [_call(arguments=DEEP)]}]},
+     "messages[0].tool_calls[0].function.arguments"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [dict(CALL, id=5)]}]},
+     "messages[0].tool_calls[0].id"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "tool_call_id": "c1", "content": "r"}]},
+     "messages[1].role"),  # no call to answer
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [CALL]}, {"role": "tool", "content": "r"}]},
+     "messages[1].tool_call_id"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [CALL]},
+                   {"role": "tool", "tool_call_id": "other", "content": "r"}]}, "messages[1].tool_call_id"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [CALL]},
+                   {"role": "tool", "tool_call_id": "c1", "content": 5}]}, "messages[1].content"),
+    ({"messages": [{"role": "function", "name": "f", "content": "x"}]}, "messages[0].role"),
     ({"logprobs": "yes"}, "logprobs"), ({"top_logprobs": 21}, "top_logprobs"), ({"top_logprobs": -1}, "top_logprobs"),
     ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": {"type": "function"}}, "tools"), ({"tools": [5]}, "tools[0]"), ({"tools": [TOOL] * 129}, "tools"),
+    ({"tools": [dict(TOOL, type="code_interpreter")]}, "tools[0].type"), ({"tools": [{"name": "f"}]}, "tools[0].type"),
+    ({"tools": [{"type": "function"}]}, "tools[0].function"),
+    ({"tools": [TOOL, _tool(name="get weather")]}, "tools[1].function.name"),
+    ({"tools": [_tool(name="")]}, "tools[0].function.name"), ({"tools": [_tool(name=5)]}, "tools[0].function.name"),
+    ({"tools": [_tool(name="<|tool>")]}, "tools[0].function.name"), ({"tools": [TOOL, TOOL]}, "tools[1].function.name"),
+    ({"tools": [_tool(description=["x"])]}, "tools[0].function.description"),
+    ({"tools": [_tool(parameters="object")]}, "tools[0].function.parameters"),
+    ({"tools": [_tool(parameters={"type": "<turn|>"})]}, "tools[0].function.parameters.type"),
+    ({"tools": [_tool(parameters={"type": "object", "properties": {"x": {"type": 5}}})]},
+     "tools[0].function.parameters.properties.x.type"),
+    ({"tools": [_tool(parameters={"type": "object", "properties": {"x": DEEP}})]}, "tools[0].function.parameters"),
+    ({"tools": [_tool(strict="yes")]}, "tools[0].function.strict"),
+    ({"tool_choice": "required"}, "tool_choice"), ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+    ({"tool_choice": 1}, "tool_choice"), ({"parallel_tool_calls": "no"}, "parallel_tool_calls"),
+    ({"function_call": "auto"}, "function_call"),
     ({"response_format": {"type": "json_object"}}, "response_format"), ({"functions": [{}]}, "functions"),
     ({"modalities": ["audio"]}, "modalities"), ({"audio": {"voice": "x"}}, "audio"),
     ({"chat_template_kwargs": "x"}, "chat_template_kwargs"),

@@ -47,14 +47,21 @@ def serve(
     prefill_step_size: int = typer.Option(2048, "--prefill-step-size",
                                           help="Prompt tokens per prefill step (a cancelled request stops "
                                                "at the next step)."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model",
+                                              help="Speculative decoding for every request: a smaller Gemma 4, or "
+                                                   "Gemma 4's MTP drafter (a gemma4_assistant checkpoint); folder "
+                                                   "or repo id, loaded at start. Greedy replies stay the same."),
+    num_draft_tokens: Optional[int] = typer.Option(None, "--num-draft-tokens",
+                                                   help="Tokens drafted per step (with --draft-model; default 3)."),
     strict_memory: bool = typer.Option(False, "--strict-memory",
                                        help="Refuse to load when the weights need more memory than the device has."),
     quiet: bool = typer.Option(False, "--quiet", help="No per-request log lines."),
 ) -> None:
-    """OpenAI-compatible HTTP API for one Gemma 4 model: POST /v1/chat/completions and /v1/completions
-    (streaming or not), GET /v1/models and /health. Thinking is off unless a request turns it on
-    (chat_template_kwargs.enable_thinking or reasoning_effort). See docs/usage.md."""
-    from ..generation import check_sampling
+    """OpenAI-compatible HTTP API for one Gemma 4 model: POST /v1/chat/completions (tools and
+    tool_calls included) and /v1/completions (streaming or not), GET /v1/models and /health.
+    Thinking is off unless a request turns it on (chat_template_kwargs.enable_thinking or
+    reasoning_effort). See docs/usage.md."""
+    from ..generation import check_generation_options, check_sampling
 
     for name, value, lo in (("--max-tokens", max_tokens, 1), ("--max-prompt-tokens", max_prompt_tokens, 1),
                             ("--max-body-bytes", max_body_bytes, 1), ("--max-queue", max_queue, 0),
@@ -71,6 +78,7 @@ def serve(
             _usage_error(f"{name} must be a finite number, got {value}")
     try:
         check_sampling(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+        check_generation_options(draft_model=draft_model, num_draft_tokens=num_draft_tokens)
     except ValueError as e:
         _usage_error(str(e))
     if served_model_name is not None and not served_model_name.strip():
@@ -88,13 +96,15 @@ def serve(
                              "`gemma4-mlx mlx-lm server --model M` (mlx-lm's server on this model, sharded)")
         from ..server import ServerConfig
         from ..server import serve as run_server
+        from ..speculative import DEFAULT_NUM_DRAFT_TOKENS
 
         config = ServerConfig(
             host=host, port=port, model_name=served_model_name, max_body_bytes=max_body_bytes,
             max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, default_max_tokens=max_tokens,
             temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, max_queue=max_queue,
             max_connections=max_connections, timeout=timeout, prefill_step_size=prefill_step_size, quiet=quiet,
-            debug=debug_enabled(),
+            debug=debug_enabled(), num_draft_tokens=num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS,
         )
-        code = run_server(config, model, adapter_path=adapter_path, strict_memory=strict_memory)
+        code = run_server(config, model, adapter_path=adapter_path, strict_memory=strict_memory,
+                          draft_model=draft_model)
     raise typer.Exit(code)
