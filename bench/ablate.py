@@ -52,6 +52,7 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", {D: "qmv"}), ("ours +qmv"
            ("ours -resnorm", {D: "mv,qmv,residual_norm"}),
            ("ours -fuse", {"GEMMA4_MLX_FUSE": "0"}),
            ("ours mlx kernels", {"GEMMA4_MLX_NVRTC": "0"}),  # built by mx.fast.cuda_kernel instead
+           ("ours seeded", {"GEMMA4_MLX_NVRTC": "seed"}),  # cuda_kernel over MLX's cache seeded by our builds
            ("ours kernels off", {"GEMMA4_MLX_KERNELS": "off"}), ("ours no compile", {"GEMMA4_MLX_COMPILE": "0"})]
 if os.environ.get("CONFIGS"):
     keep = [c.strip() for c in os.environ["CONFIGS"].split(",")]
@@ -101,7 +102,7 @@ def step_ops(model):
     mx.eval(model(mx.array([[11]]), cache=cache))
     out = model(mx.array([[12]]), cache=cache)
     f = io.StringIO()
-    mx.export_to_dot(f, out, *[a for c in cache for a in (c.keys, c.values)])
+    mx.export_to_dot(f, out, *[a for c in cache if getattr(c, "keys", None) is not None for a in (c.keys, c.values)])
     names = re.findall(r'label ="([A-Za-z_0-9]+)', f.getvalue())
     mx.eval(out)
     return len(names), sum(n not in VIEWS for n in names), collections.Counter(names)

@@ -60,6 +60,12 @@ case "${1:-}" in
   steps)    # decode-step ablation; then the same with MLX's graph sizes changed (read at start)
     export CONFIGS="stock,ours,ours -attn,ours -rope,ours -ple,ours -resnorm,ours -fuse,ours mlx kernels,ours kernels off,ours no compile"
     ROUNDS=4 STEPS=15 timeout 280 python3 bench/ablate.py e2b 0 2>&1 | tail -14 | tee "$OUT/ablate-e2b-bf16.txt" ;;
+  seed)     # GEMMA4_MLX_NVRTC=seed: MLX's cuda_kernel over its cache seeded by our builds (one
+            # fast build, MLX's cheap per-launch hash); then the per-launch cost against cubin size
+    timeout 200 python3 bench/seed_check.py 2>&1 | tail -20 | tee "$OUT/seed_check.txt"
+    timeout 100 python3 bench/launch_cost.py 2>&1 | tail -5 | tee "$OUT/launch_cost.txt"
+    export CONFIGS="stock,ours,ours mlx kernels,ours seeded,ours kernels off"
+    ROUNDS=4 STEPS=15 timeout 200 python3 bench/ablate.py e2b 0 2>&1 | tail -9 | tee "$OUT/ablate-seed.txt" ;;
   graphs)   # MLX's CUDA-graph size (read once at start): the step with one graph instead of ~15
     export CONFIGS="stock,ours,ours kernels off"
     MLX_MAX_OPS_PER_BUFFER=2000 MLX_MAX_MB_PER_BUFFER=100000 ROUNDS=4 STEPS=15 timeout 120 python3 bench/ablate.py e2b 0 \
@@ -107,5 +113,5 @@ case "${1:-}" in
     for p in "26b-a4b" "31b"; do
       compare "${p//-/}bf16" 280 --preset $p -L 841 --runs 3 -n 32
     done ;;
-  *) echo "usage: bash bench/gpu_session.sh check|e2e16|e2e4|warm|long|steps|graphs|first|parity|kernels|e2b|ablate31|presets|presets-bf16" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh check|seed|e2e16|e2e4|warm|long|steps|graphs|first|parity|kernels|e2b|ablate31|presets|presets-bf16" >&2; exit 2 ;;
 esac

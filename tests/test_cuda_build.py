@@ -121,3 +121,26 @@ def test_prepare_at_load_starts_every_kernel_build_of_the_decode_step(fresh_buil
     assert {"gemma4_norm_rope_q", "gemma4_norm_rope_kv", "gemma4_attention_partial", "gemma4_attention_combine",
             "gemma4_ple_gate", "gemma4_ple_combine", "gemma4_residual_norm"} <= names, names
     assert all(f.result() for f in cuda_build._builds.values())
+
+
+def test_seed_mode_writes_mlx_cache_entries_that_compile(fresh_builds, tmp_path, monkeypatch):
+    """GEMMA4_MLX_NVRTC=seed: for each instantiation, MLX's cache folder gets the module MLX's
+    cuda_kernel will look for (named by its generated source's std::hash) holding our build, and
+    the .txt naming our function. (That MLX then finds and runs it is checked on the GPU.)"""
+    monkeypatch.setenv("GEMMA4_MLX_NVRTC", "seed")
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "mlx"))
+    with dispatch.force_backend("cuda"), cuda_build.prefetch():
+        K.ple_gate_kernel(*_m["ple"]._probe_gate(("mlx.core.bfloat16", "mlx.core.bfloat16")))
+        K.attention_kernel(*_m["attention"]._probe_inputs(("mlx.core.bfloat16", 256, 8, 1, False)))
+    kernels = [k for k in dispatch._kernel_cache.values() if isinstance(k, cuda_build.SeededKernel)]
+    assert len(kernels) == 3  # ple_gate, attention's two passes
+    for k in kernels:
+        for fut in k._seeded.values():
+            module = fut.result()
+            assert module.startswith("custom_kernel_gemma4_") and len(module.rsplit("_", 1)[1]) >= 8
+            txt = (tmp_path / "mlx" / f"{module}.txt").read_text()
+            name, symbol = txt.strip().split("\t")
+            assert name == "mlx::core::cu::" + module.rsplit("_", 1)[0] and symbol.startswith("gemma4_seed_")
+            assert len((tmp_path / "mlx" / f"{module}.ptx").read_bytes()) > 1000
+    # the hash is the C++ library's: the same text, the same value, in every process
+    assert cuda_build.std_hash("abc") == cuda_build.std_hash("abc") != cuda_build.std_hash("abd")

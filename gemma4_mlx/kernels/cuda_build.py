@@ -40,11 +40,19 @@ _builds: Dict[Tuple[str, str], Future] = {}
 _arch: Optional[str] = None
 
 
+def mode() -> str:
+    """``GEMMA4_MLX_NVRTC``: ``1`` (default) our builds through ``precompiled_cuda_kernel``;
+    ``seed``: MLX's ``cuda_kernel`` with its cache seeded by our builds (experimental); ``0``:
+    MLX's ``cuda_kernel`` alone. Without an NVRTC library: ``0``."""
+    raw = os.environ.get("GEMMA4_MLX_NVRTC", "1").strip().lower()
+    if raw in ("0", "off", "false", "no") or not nvrtc.available():
+        return "off"
+    return "seed" if raw == "seed" else "own"
+
+
 def enabled() -> bool:
-    """Our NVRTC path is used unless ``GEMMA4_MLX_NVRTC=0`` or no NVRTC library is found."""
-    if os.environ.get("GEMMA4_MLX_NVRTC", "1").strip().lower() in ("0", "off", "false", "no"):
-        return False
-    return nvrtc.available()
+    """Our NVRTC builds are used (``GEMMA4_MLX_NVRTC`` not ``0`` and an NVRTC library found)."""
+    return mode() != "off"
 
 
 def target_arch() -> str:
@@ -220,3 +228,185 @@ def reset() -> None:
     with _pool_lock:
         _builds.clear()
     _arch = None
+
+
+# ------------------------------------------------------------------------------------------
+# Seeding MLX's own kernel cache (GEMMA4_MLX_NVRTC=seed; experimental, off by default)
+#
+# ``mx.fast.cuda_kernel`` looks for a module in MLX's PTX cache folder before it compiles one
+# (it only never *writes* custom kernels there): ``<MLX_PTX_CACHE_DIR or $TMP/mlx/<version>/ptx>/
+# <name>_<hex std::hash of the source it generated>.ptx``, plus a ``.txt`` naming the function to
+# call. Writing our own build of the same kernel there (header-free, tens of milliseconds, with
+# the parameter layout MLX passes: pointers, ``Shape``/``Strides`` by value as arrays of
+# ``MAX_NDIM`` int32/int64) lets MLX launch it as its own: no compile in any process, and at each
+# launch MLX hashes the ~6 KB source instead of a cubin (the per-launch cost that made the
+# precompiled path slower, docs/kernels.md). It depends on MLX's internals (the source it
+# generates, its cache layout, the C++ library's std::hash), read from MLX's sources; a mismatch
+# only means MLX compiles the kernel itself, as without us.
+# ------------------------------------------------------------------------------------------
+
+MLX_MAX_NDIM = 10  # mlx/backend/cuda/device/config.h
+_MLX_CUDA_TYPES = {
+    mx.bool_: "bool", mx.int8: "int8_t", mx.int16: "int16_t", mx.int32: "int32_t", mx.int64: "int64_t",
+    mx.uint8: "uint8_t", mx.uint16: "uint16_t", mx.uint32: "uint32_t", mx.uint64: "uint64_t",
+    mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float",
+}
+_MLX_TYPE_STRINGS = {  # get_type_string, for the kernel name's template part
+    mx.float32: "float", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t", mx.bool_: "bool",
+    mx.int8: "int8_t", mx.int16: "int16_t", mx.int32: "int32_t", mx.int64: "int64_t", mx.uint8: "uint8_t",
+    mx.uint16: "uint16_t", mx.uint32: "uint32_t", mx.uint64: "uint64_t",
+}
+_MLX_DEFAULT_HEADER = '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
+_hash_bytes = None
+
+
+def std_hash(text: str) -> int:
+    """``std::hash<std::string>`` of the C++ library MLX is linked with (libstdc++'s
+    ``_Hash_bytes`` with its fixed seed)."""
+    global _hash_bytes
+    if _hash_bytes is None:
+        import ctypes
+
+        f = ctypes.CDLL("libstdc++.so.6")._ZSt11_Hash_bytesPKvmm
+        f.restype = ctypes.c_size_t
+        f.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t]
+        _hash_bytes = f
+    data = text.encode()
+    return int(_hash_bytes(data, len(data), 0xC70F6907))
+
+
+def mlx_cache_dir() -> Path:
+    """Where MLX's CUDA backend looks for cached modules."""
+    import tempfile
+
+    env = os.environ.get("MLX_PTX_CACHE_DIR")
+    return Path(env) if env else Path(tempfile.gettempdir()) / "mlx" / mx.__version__ / "ptx"
+
+
+def mlx_kernel_name(name: str, template) -> str:
+    parts = []
+    for _, value in template:
+        if isinstance(value, mx.Dtype):
+            parts.append("_" + _MLX_TYPE_STRINGS[value])
+        elif isinstance(value, bool):
+            parts.append("_t" if value else "_f")
+        else:
+            parts.append(f"_{int(value)}")
+    return "custom_kernel_" + name + "".join(parts)
+
+
+def mlx_source(kernel_name: str, header: str, source: str, input_names, inputs, output_names, output_dtypes,
+               template, uses) -> str:
+    """The source text ``mx.fast.cuda_kernel`` generates for this launch (its ``build_kernel``)."""
+    out = [_MLX_DEFAULT_HEADER, header, "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n",
+           "__global__ void ", kernel_name, "(\n"]
+    for n, x, (shp, strd, nd) in zip(input_names, inputs, uses):
+        out.append(f"    const {_MLX_CUDA_TYPES[x.dtype]}* {n},\n")
+        if x.ndim > 0:
+            if shp:
+                out.append(f"    const __grid_constant__ Shape {n}_shape,\n")
+            if strd:
+                out.append(f"    const __grid_constant__ Strides {n}_strides,\n")
+            if nd:
+                out.append(f"    const __grid_constant__ int {n}_ndim,\n")
+    for i, (n, dt) in enumerate(zip(output_names, output_dtypes)):
+        out.append(f"    {_MLX_CUDA_TYPES[dt]}* {n}" + (",\n" if i < len(output_names) - 1 else ") {\n"))
+    if template:
+        for tname, value in template:
+            if isinstance(value, mx.Dtype):
+                out.append(f"  using {tname} = {_MLX_CUDA_TYPES[value]};\n")
+            elif isinstance(value, bool):
+                out.append(f"  constexpr bool {tname} = {'true' if value else 'false'};\n")
+            else:
+                out.append(f"  constexpr int {tname} = {int(value)};\n")
+        out.append("\n")
+    out += [source, "\n}\n\n} // namespace mlx::core::cu\n"]
+    return "".join(out)
+
+
+class SeededKernel:
+    """``mx.fast.cuda_kernel``'s object, with MLX's cache seeded by our build before each new
+    instantiation's first launch. Callable the same way."""
+
+    def __init__(self, name: str, input_names, output_names, source: str, header: str, own_header: str,
+                 ensure_row_contiguous: bool):
+        self.name, self.input_names, self.output_names = name, list(input_names), list(output_names)
+        self.source, self.header, self.own_header = source, header, own_header
+        self.ensure_row_contiguous = ensure_row_contiguous
+        self._kernel = None  # MLX's object, made at the first launch (it needs the CUDA back-end)
+        self._uses = [(f"{n}_shape" in source, f"{n}_strides" in source, f"{n}_ndim" in source)
+                      for n in self.input_names]
+        self._seeded: Dict[tuple, Future] = {}
+
+    def our_source(self, symbol: str, inputs, output_dtypes, template) -> str:
+        """Our build of the kernel with MLX's parameter layout."""
+        params, consts = [], []
+        for n, x, (shp, strd, nd) in zip(self.input_names, inputs, self._uses):
+            params.append(f"const {_CTYPES[x.dtype]}* __restrict__ {n}")
+            if x.ndim > 0:
+                if shp:
+                    params.append(f"const MlxShape {n}_shape")
+                if strd:
+                    params.append(f"const MlxStrides {n}_strides")
+                if nd:
+                    params.append(f"const int {n}_ndim")
+        for n, dt in zip(self.output_names, output_dtypes):
+            params.append(f"{_CTYPES[dt]}* __restrict__ {n}")
+        for tname, value in template:
+            if isinstance(value, mx.Dtype):
+                consts.append(f"  using {tname} = {_CTYPES[value]};")
+            elif isinstance(value, bool):
+                consts.append(f"  constexpr bool {tname} = {'true' if value else 'false'};")
+            else:
+                consts.append(f"  constexpr int {tname} = {int(value)};")
+        layout = (f"struct MlxShape {{ int v[{MLX_MAX_NDIM}]; __device__ int operator[](int i) const {{ return v[i]; }} }};\n"
+                  f"struct MlxStrides {{ long long v[{MLX_MAX_NDIM}]; "
+                  "__device__ long long operator[](int i) const { return v[i]; } };\n")
+        return "\n".join([self.own_header, layout, f'extern "C" __global__ void {symbol}(',
+                          "    " + ",\n    ".join(params) + ") {", *consts, self.source, "}", ""])
+
+    def _seed(self, inputs, output_dtypes, template) -> Future:
+        key = (tuple((x.dtype, x.ndim) for x in inputs), tuple(output_dtypes), tuple(template))
+        fut = self._seeded.get(key)
+        if fut is not None:
+            return fut
+        kname = mlx_kernel_name(self.name, template)
+        module = f"{kname}_{std_hash(mlx_source(kname, self.header, self.source, self.input_names, inputs, self.output_names, output_dtypes, template, self._uses)):x}"
+        symbol = f"gemma4_seed_{hashlib.sha256(module.encode()).hexdigest()[:16]}"
+        ours = self.our_source(symbol, inputs, output_dtypes, template)
+        arch = target_arch()
+
+        def write():
+            folder = mlx_cache_dir()
+            if (folder / f"{module}.ptx").is_file() and (folder / f"{module}.txt").is_file():
+                return module
+            cubin = _build(ours, arch)
+            folder.mkdir(parents=True, exist_ok=True)
+            tag = f".{os.getpid()}.{threading.get_ident()}.tmp"
+            for suffix, data in ((".txt", f"mlx::core::cu::{kname}\t{symbol}\n".encode()), (".ptx", cubin)):
+                tmp = folder / f"{module}{suffix}{tag}"
+                tmp.write_bytes(data)
+                os.replace(tmp, folder / f"{module}{suffix}")
+            return module
+
+        fut = _executor().submit(write)
+        self._seeded[key] = fut
+        return fut
+
+    def __call__(self, *, inputs, template=(), grid, threadgroup, output_shapes, output_dtypes,
+                 init_value: Optional[float] = None, verbose: bool = False, stream=None) -> List[mx.array]:
+        inputs = [x if isinstance(x, mx.array) else mx.array(x) for x in inputs]
+        future = self._seed(inputs, list(output_dtypes), list(template))
+        if prefetching():
+            return [mx.zeros(tuple(s), dtype=d) for s, d in zip(output_shapes, output_dtypes)]
+        future.result()  # MLX reads the cache when it first builds the module (at evaluation)
+        kw = {} if stream is None else {"stream": stream}
+        if init_value is not None:
+            kw["init_value"] = init_value
+        if self._kernel is None:
+            self._kernel = mx.fast.cuda_kernel(name=self.name, input_names=self.input_names,
+                                               output_names=self.output_names, source=self.source,
+                                               header=self.header, ensure_row_contiguous=self.ensure_row_contiguous)
+        return self._kernel(inputs=inputs, template=list(template), grid=tuple(grid), threadgroup=tuple(threadgroup),
+                           output_shapes=[tuple(s) for s in output_shapes], output_dtypes=list(output_dtypes),
+                           verbose=verbose, **kw)

@@ -263,7 +263,7 @@ def get_kernel(
 ):
     """The MLX custom-kernel object for ``name`` on ``backend`` (cached)."""
     backend = backend or active_backend() or "metal"
-    key = (name, backend, variant, tuple(defines), ensure_row_contiguous)
+    key = (name, backend, variant, tuple(defines), ensure_row_contiguous, cuda_build.mode() if backend == "cuda" else "")
     k = _kernel_cache.get(key)
     if k is not None:
         return k
@@ -274,6 +274,9 @@ def get_kernel(
             name=kname, input_names=list(input_names), output_names=list(output_names),
             source=source, header=header, ensure_row_contiguous=ensure_row_contiguous,
         )
+    elif backend == "cuda" and cuda_build.mode() == "seed":
+        k = cuda_build.SeededKernel(kname, input_names, output_names, source, header,
+                                    read_source("cuda_types.h") + header, ensure_row_contiguous)
     elif backend == "cuda" and cuda_build.enabled():
         k = cuda_build.CudaKernel(kname, input_names, output_names, source,
                                   read_source("cuda_types.h") + header)
