@@ -114,6 +114,27 @@ def cubin_future(source: str) -> Future:
     return fut
 
 
+
+def template_lines(template, ctypes: Dict) -> List[str]:
+    """A launch's template values as the lines at the top of the kernel body (``using T = ...;``,
+    ``constexpr int D = ...;``), element types named through ``ctypes``."""
+    lines = []
+    for tname, value in template:
+        if isinstance(value, mx.Dtype):
+            lines.append(f"  using {tname} = {ctypes[value]};")
+        elif isinstance(value, bool):
+            lines.append(f"  constexpr bool {tname} = {'true' if value else 'false'};")
+        else:
+            lines.append(f"  constexpr int {tname} = {int(value)};")
+    return lines
+
+
+def shape_uses(source: str, input_names) -> List[tuple]:
+    """Per input, whether the body reads its ``_shape``, ``_strides``, ``_ndim`` (as MLX decides
+    which of them to pass)."""
+    return [(f"{n}_shape" in source, f"{n}_strides" in source, f"{n}_ndim" in source) for n in input_names]
+
+
 _prefetching = threading.local()
 
 
@@ -145,8 +166,7 @@ class CudaKernel:
         self.output_names = list(output_names)
         self.source = source
         self.header = header
-        self._uses_shape = [f"{n}_shape" in source for n in self.input_names]
-        self._uses_strides = [f"{n}_strides" in source for n in self.input_names]
+        self._uses = shape_uses(source, self.input_names)
         self._sources: Dict[tuple, str] = {}
 
     def full_source(self, in_dtypes: Sequence, in_ndims: Sequence[int], out_dtypes: Sequence, template) -> str:
@@ -159,7 +179,7 @@ class CudaKernel:
             params.append(f"const {_CTYPES[dt]}* __restrict__ {n}")
         for n, dt in zip(self.output_names, out_dtypes):
             params.append(f"{_CTYPES[dt]}* __restrict__ {n}")
-        for n, nd, shp, strd in zip(self.input_names, in_ndims, self._uses_shape, self._uses_strides):
+        for n, nd, (shp, strd, _) in zip(self.input_names, in_ndims, self._uses):
             nd = max(nd, 1)
             if shp:
                 params += [f"int {n}_shape_{i}" for i in range(nd)]
@@ -168,20 +188,12 @@ class CudaKernel:
                 params += [f"int {n}_strides_{i}" for i in range(nd)]
                 locals_.append(
                     f"  const int64_t {n}_strides[{nd}] = {{{', '.join(f'{n}_strides_{i}' for i in range(nd))}}};")
-        consts = []
-        for tname, value in template:
-            if isinstance(value, mx.Dtype):
-                consts.append(f"  using {tname} = {_CTYPES[value]};")
-            elif isinstance(value, bool):
-                consts.append(f"  constexpr bool {tname} = {'true' if value else 'false'};")
-            else:
-                consts.append(f"  constexpr int {tname} = {int(value)};")
         text = "\n".join([
             self.header,
             f'extern "C" __global__ void __launch_bounds__(K_TG) {self.name}(',
             "    " + ",\n    ".join(params) + ") {",
             *locals_,
-            *consts,
+            *template_lines(template, _CTYPES),
             self.source,
             "}",
             "",
@@ -203,7 +215,7 @@ class CudaKernel:
             return [mx.zeros(tuple(s), dtype=d) for s, d in zip(output_shapes, output_dtypes)]
         cubin = future.result()
         scalars: List[int] = []
-        for x, shp, strd in zip(inputs, self._uses_shape, self._uses_strides):
+        for x, (shp, strd, _) in zip(inputs, self._uses):
             shape = list(x.shape) or [1]
             if shp:
                 scalars += [int(s) for s in shape]
@@ -312,14 +324,7 @@ def mlx_source(kernel_name: str, header: str, source: str, input_names, inputs, 
     for i, (n, dt) in enumerate(zip(output_names, output_dtypes)):
         out.append(f"    {_MLX_CUDA_TYPES[dt]}* {n}" + (",\n" if i < len(output_names) - 1 else ") {\n"))
     if template:
-        for tname, value in template:
-            if isinstance(value, mx.Dtype):
-                out.append(f"  using {tname} = {_MLX_CUDA_TYPES[value]};\n")
-            elif isinstance(value, bool):
-                out.append(f"  constexpr bool {tname} = {'true' if value else 'false'};\n")
-            else:
-                out.append(f"  constexpr int {tname} = {int(value)};\n")
-        out.append("\n")
+        out += [line + "\n" for line in template_lines(template, _MLX_CUDA_TYPES)] + ["\n"]
     out += [source, "\n}\n\n} // namespace mlx::core::cu\n"]
     return "".join(out)
 
@@ -334,13 +339,12 @@ class SeededKernel:
         self.source, self.header, self.own_header = source, header, own_header
         self.ensure_row_contiguous = ensure_row_contiguous
         self._kernel = None  # MLX's object, made at the first launch (it needs the CUDA back-end)
-        self._uses = [(f"{n}_shape" in source, f"{n}_strides" in source, f"{n}_ndim" in source)
-                      for n in self.input_names]
+        self._uses = shape_uses(source, self.input_names)
         self._seeded: Dict[tuple, Future] = {}
 
     def our_source(self, symbol: str, inputs, output_dtypes, template) -> str:
         """Our build of the kernel with MLX's parameter layout."""
-        params, consts = [], []
+        params = []
         for n, x, (shp, strd, nd) in zip(self.input_names, inputs, self._uses):
             params.append(f"const {_CTYPES[x.dtype]}* __restrict__ {n}")
             if x.ndim > 0:
@@ -352,18 +356,12 @@ class SeededKernel:
                     params.append(f"const int {n}_ndim")
         for n, dt in zip(self.output_names, output_dtypes):
             params.append(f"{_CTYPES[dt]}* __restrict__ {n}")
-        for tname, value in template:
-            if isinstance(value, mx.Dtype):
-                consts.append(f"  using {tname} = {_CTYPES[value]};")
-            elif isinstance(value, bool):
-                consts.append(f"  constexpr bool {tname} = {'true' if value else 'false'};")
-            else:
-                consts.append(f"  constexpr int {tname} = {int(value)};")
         layout = (f"struct MlxShape {{ int v[{MLX_MAX_NDIM}]; __device__ int operator[](int i) const {{ return v[i]; }} }};\n"
                   f"struct MlxStrides {{ long long v[{MLX_MAX_NDIM}]; "
                   "__device__ long long operator[](int i) const { return v[i]; } };\n")
         return "\n".join([self.own_header, layout, f'extern "C" __global__ void {symbol}(',
-                          "    " + ",\n    ".join(params) + ") {", *consts, self.source, "}", ""])
+                          "    " + ",\n    ".join(params) + ") {", *template_lines(template, _CTYPES),
+                          self.source, "}", ""])
 
     def _seed(self, inputs, output_dtypes, template) -> Future:
         key = (tuple((x.dtype, x.ndim) for x in inputs), tuple(output_dtypes), tuple(template))
