@@ -40,8 +40,10 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from . import ops
 from .cache import SlidingWindowCache
+from .step_context import _context, active
 
 _CACHE_TYPES = (KVCache, RotatingKVCache, SlidingWindowCache)
+
 
 def compile_enabled() -> bool:
     """``GEMMA4_MLX_COMPILE``: 1 / 0, or auto (default): on a GPU only. On the CPU the compiled
@@ -68,9 +70,6 @@ def _switches() -> tuple:
     except ValueError:
         mode = "invalid"
     return (mode, tuple(sorted(dispatch.disabled_kernels())), joining_enabled(), mx.default_device())
-
-
-from .step_context import _context, active  # noqa: E402
 
 
 # ------------------------------------------------------------------ derived state
@@ -268,8 +267,8 @@ def reserve(cache: List[Any], prompt_tokens: int, new_tokens: int) -> None:
     """Size the caches' buffers for ``prompt_tokens`` (cached + prompt) + ``new_tokens`` (at most
     ``MAX_RESERVED_NEW``): a full-attention buffer that must grow grows by the whole capacity
     (rounded up to ``CAPACITY_STEP``, so requests of similar length share a traced step), so a
-    fresh cache is allocated once by the first prefill chunk; a sliding-window buffer grows
-    straight to its window. The decode step then keeps one shape for the whole generation (one
+    fresh cache is allocated once by the first prefill chunk; a ``RotatingKVCache`` grows straight
+    to its window (our ``SlidingWindowCache`` holds its whole ring from the start). The decode step then keeps one shape for the whole generation (one
     trace, no stall mid-way), and the prefill copies no buffer to grow it."""
     total = int(prompt_tokens) + min(int(new_tokens), MAX_RESERVED_NEW)
     capacity = max(CAPACITY_STEP, -(-total // CAPACITY_STEP) * CAPACITY_STEP)

@@ -129,9 +129,10 @@ def residual_norm(residual: mx.array, branch: mx.array, norm_weight: mx.array, s
     """A sublayer's close, ``(residual + RMSNorm_w(branch)) * scalar`` (no scale for None), and
     with ``next_weight`` the next sublayer's input ``RMSNorm_next(out)``: ``(out, normed)``."""
     k = _gpu_kernels()
-    # The kernel saves launches, which is what a decode step is short of; over a prefill chunk of
-    # thousands of rows MLX's vectorised rms_norm streams faster than its one-row-per-block loads
-    # (E2B prefill @4096 on the H200 fell to 0.85x stock with it, docs/benchmarks.md).
+    # The kernel saves launches, which is what a decode step is short of; over many rows (only a
+    # large batch reaches here: kernels run in the decode step alone) MLX's vectorised rms_norm
+    # streams faster than its one-row-per-block loads (E2B prefill @4096 on the H200 fell to
+    # 0.85x stock with it, docs/benchmarks.md).
     if k is not None and residual.size // residual.shape[-1] <= RESIDUAL_NORM_MAX_ROWS:
         return k.residual_norm(residual, branch, norm_weight, scalar, eps, next_weight, fallback=_residual_norm)
     return _residual_norm(residual, branch, norm_weight, scalar, eps, next_weight)

@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
+from ..step_context import active
 from . import cuda_build
 
 ENV_VAR = "GEMMA4_MLX_KERNELS"
@@ -372,8 +373,6 @@ def run(
     kernel = _impl_override.get(name, kernel)
     key = (name, backend) + tuple(class_key)
     verdict = _verdicts.get(key)
-    from ..step_context import active
-
     step = active()
     if step is not None and step.collect is not None:
         if verdict is None:
