@@ -24,9 +24,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
-from mlx_lm.models.gemma4_text import geglu
 
 from .config import ConfigError, LayerPlan, ModelArgs, parse_config
+from .model import MLP
 
 MODEL_TYPE = "gemma4_assistant"
 
@@ -111,24 +111,13 @@ class AssistantAttention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
-class AssistantMLP(nn.Module):
-    def __init__(self, hidden: int, width: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=False)
-        self.up_proj = nn.Linear(hidden, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
-
-
 class AssistantLayer(nn.Module):
     def __init__(self, args: ModelArgs, plan: LayerPlan):
         super().__init__()
         hs, eps = args.hidden_size, args.rms_norm_eps
         self.layer_type = plan.layer_type
         self.self_attn = AssistantAttention(hs, plan, eps)
-        self.mlp = AssistantMLP(hs, plan.mlp_width)
+        self.mlp = MLP(hs, plan.mlp_width)  # the target's MLP module: same weights, names, GeGLU
         self.input_layernorm = nn.RMSNorm(hs, eps=eps)
         self.post_attention_layernorm = nn.RMSNorm(hs, eps=eps)
         self.pre_feedforward_layernorm = nn.RMSNorm(hs, eps=eps)
