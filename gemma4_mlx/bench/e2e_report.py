@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .e2e import DETAIL_METRICS, METRICS, OURS_COMMAND, SIDES, STOCK_COMMAND, output_stem
-from .report import _jsonable
+from .report import _jsonable, pyplot
 
 
 def _num(v) -> float:
@@ -144,12 +144,8 @@ def markdown_table(results: Dict[str, Any]) -> str:
 
 
 def plot(results: Dict[str, Any], path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     import numpy as np
 

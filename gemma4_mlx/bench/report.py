@@ -100,13 +100,21 @@ def markdown_table(results: Dict[str, Any]) -> str:
     return "\n".join(md)
 
 
-def plot(results: Dict[str, Any], path: Path) -> Optional[Path]:
+def pyplot():
+    """matplotlib's pyplot on a file-only backend, or None where matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(results: Dict[str, Any], path: Path) -> Optional[Path]:
+    plt = pyplot()
+    if plt is None:
         return None
     lengths = list(results["medians"]["ours"])
     hf_med = (results.get("transformers") or {}).get("medians") or {}
