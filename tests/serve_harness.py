@@ -194,3 +194,16 @@ class Forced:
             hit = mx.arange(logits.shape[-1])[None, None, :] == mx.array(forced)[None, :, None]
             logits = mx.where(hit, 1e4, logits)
         return (logits, *rest) if rest is not None else logits
+
+
+def spy_prompts(served, monkeypatch) -> List[List[int]]:
+    """Record the token ids of every prompt the served worker is given."""
+    seen: List[List[int]] = []
+    real = served.app.worker.submit
+
+    def submit(request):
+        seen.append(list(request.prompt))
+        return real(request)
+
+    monkeypatch.setattr(served.app.worker, "submit", submit)
+    return seen

@@ -16,7 +16,7 @@ import json
 import shutil
 
 import pytest
-from serve_harness import Forced, serving
+from serve_harness import Forced, serving, spy_prompts
 
 from gemma4_mlx.chat_format import encode_prompt, encode_text
 from gemma4_mlx.checkpoint import write_random_checkpoint
@@ -69,15 +69,7 @@ def say(served):
 
 @pytest.fixture
 def prompts(served, monkeypatch):
-    seen = []
-    real = served.app.worker.submit
-
-    def submit(request):
-        seen.append(list(request.prompt))
-        return real(request)
-
-    monkeypatch.setattr(served.app.worker, "submit", submit)
-    return seen
+    return spy_prompts(served, monkeypatch)
 
 
 def test_a_call_comes_back_as_tool_calls(served, say, prompts):
