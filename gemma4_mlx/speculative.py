@@ -256,21 +256,6 @@ def load_draft_model(path: Union[str, Path], revision: Optional[str] = None):
     return load_model(model_path)
 
 
-def load_assistant_for_server(path: Union[str, Path]):
-    """``(drafter, tokenizer)`` for a gemma4_assistant folder, as mlx-lm's server's ``load``
-    returns them for ``--draft-model`` (it only compares the tokenizers' ``vocab_size``). The
-    drafter's folder often has no tokenizer: then a stand-in with its vocabulary size."""
-    from types import SimpleNamespace
-
-    from .loading import load_tokenizer, resolve_model_path
-
-    model_path = resolve_model_path(path)
-    drafter = load_assistant(model_path)
-    if (model_path / "tokenizer.json").is_file() or (model_path / "tokenizer.model").is_file():
-        return drafter, load_tokenizer(model_path)
-    return drafter, SimpleNamespace(vocab_size=drafter.args.text.vocab_size)
-
-
 def check_vocab(target: nn.Module, draft_model: Any) -> None:
     """ValueError when the draft model cannot propose the target's token ids."""
     def vocab(m):

@@ -235,14 +235,6 @@ def test_mtp_drafter_matches_transformers(target, assistant_ckpts):
         np.testing.assert_allclose(np.array(logits), out.logits.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_assistant_loads_for_mlx_lm_server(assistant_ckpts):
-    from gemma4_mlx.assistant import AssistantModel
-    from gemma4_mlx.speculative import load_assistant_for_server
-
-    drafter, tok = load_assistant_for_server(assistant_ckpts["dense"])
-    assert isinstance(drafter, AssistantModel) and tok.vocab_size == 512 and drafter.make_cache() == []
-
-
 def test_assistant_checkpoint_errors(tmp_path, target, assistant_ckpts):
     import json
     import shutil

@@ -215,10 +215,6 @@ def common_checks(*, max_tokens: int, temp: float, top_p: float, top_k: int, min
 
 
 # Kept for callers of the former name.
-def sampling_options_check(max_tokens: int, temp: float, top_p: float, top_k: int, min_p: float) -> None:
-    common_checks(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=None)
-
-
 def load_for_cli(model: str, adapter_path: Optional[str] = None, strict_memory: bool = False,
                  extra_eos_tokens: Optional[List[str]] = None):
     """(model, tokenizer), with ``--adapter-path``'s adapters applied and ``--extra-eos-token`` added."""
