@@ -1,6 +1,6 @@
 """One generation in a fresh process, timed as a user meets it: ours or stock, random weights.
 
-Usage: python3 bench/first_token.py ours|stock PRESET [PROMPT_TOKENS] [NEW_TOKENS] [bits]
+Usage: python3 bench/first_token.py ours|stock PRESET|CHECKPOINT [PROMPT_TOKENS] [NEW_TOKENS] [bits]
 
 Builds the preset with fixed-seed random weights in this process (no checkpoint on disk), then
 generates once through each side's own stream_generate (ours: gemma4_mlx.stream_generate; stock:
@@ -32,20 +32,28 @@ def main():
     from gemma4_mlx.tokenizer_synth import synthesize_tokenizer
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    t = time.perf_counter()
-    ours, stock, _ = build_pair(BenchSettings(preset=preset, dtype="bfloat16", quantize=bits or None).resolve())
-    model = ours if side == "ours" else stock
-    if side == "stock":
-        del ours
-    else:
-        del stock
-    mx.eval(model.parameters())
-    build_s = time.perf_counter() - t
-    folder = tempfile.mkdtemp()
-    synthesize_tokenizer(folder, model.args.vocab_size)
     from pathlib import Path
 
-    tok = load_tokenizer(Path(folder))
+    t = time.perf_counter()
+    if os.path.isdir(preset):  # a checkpoint folder: each side's own loader, as the CLIs do
+        if side == "ours":
+            from gemma4_mlx import load
+        else:
+            from mlx_lm import load
+        model, tok = load(preset)
+        build_s = time.perf_counter() - t
+    else:
+        ours, stock, _ = build_pair(BenchSettings(preset=preset, dtype="bfloat16", quantize=bits or None).resolve())
+        model = ours if side == "ours" else stock
+        if side == "stock":
+            del ours
+        else:
+            del stock
+        mx.eval(model.parameters())
+        build_s = time.perf_counter() - t
+        folder = tempfile.mkdtemp()
+        synthesize_tokenizer(folder, model.args.vocab_size)
+        tok = load_tokenizer(Path(folder))
     prompt = [int(x) for x in np.random.default_rng(0).integers(300, model.args.vocab_size, n_prompt)]
     if side == "ours":
         from gemma4_mlx.generation import stream_generate
@@ -65,7 +73,10 @@ def main():
         "build_s": round(build_s, 3), "ttft_s": round(stamps[0] - start, 4),
         "decode_tps": round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 2),
         "gap_median_ms": round(statistics.median(gaps) * 1e3, 3), "gap_max_ms": round(float(gaps.max()) * 1e3, 3),
-        "gap_max_at": int(gaps.argmax()) + 1, "process_s": round(time.perf_counter() - T0, 3),
+        "gap_max_at": int(gaps.argmax()) + 1,
+        # median gap per 256 tokens: a step that slows as the generation grows shows here
+        "gap_median_ms_per_256": [round(float(np.median(gaps[i:i + 256])) * 1e3, 2) for i in range(0, len(gaps), 256)],
+        "process_s": round(time.perf_counter() - T0, 3),
         "env": {k: v for k, v in os.environ.items() if k.startswith(("GEMMA4_MLX", "MLX_"))},
     }), flush=True)
 

@@ -66,6 +66,17 @@ case "${1:-}" in
     timeout 100 python3 bench/launch_cost.py 2>&1 | tail -5 | tee "$OUT/launch_cost.txt"
     export CONFIGS="stock,ours,ours mlx kernels,ours seeded,ours kernels off"
     ROUNDS=4 STEPS=15 timeout 200 python3 bench/ablate.py e2b 0 2>&1 | tail -9 | tee "$OUT/ablate-seed.txt" ;;
+  grow)     # decode over a long generation, both sides, fresh processes (does the step slow as it grows?)
+    for run in stock ours ours stock; do
+      timeout 150 python3 bench/first_token.py $run e2b 402 2048 2>&1 | tail -1 | tee -a "$OUT/grow.jsonl"
+    done
+    GEMMA4_MLX_NVRTC=seed timeout 150 python3 bench/first_token.py ours e2b 402 2048 2>&1 | tail -1 | tee -a "$OUT/grow.jsonl" ;;
+  cli)      # the CLI's decode against the same side's in-process stream_generate, one checkpoint
+    python3 -m bench.compare --e2e --preset e2b --new-tokens 2048 --runs 1 --work /root/e2e --timeout 200 \
+      --out "$OUT/e2e-bf16" > "$OUT/e2e-bf16.txt" 2>&1; echo "exit $?"; tail -22 "$OUT/e2e-bf16.txt"
+    for run in stock ours; do
+      timeout 150 python3 bench/first_token.py $run /root/e2e/e2b-bfloat16-seed0 402 2048 2>&1 | tail -1 | tee -a "$OUT/cli.jsonl"
+    done ;;
   graphs)   # MLX's CUDA-graph size (read once at start): the step with one graph instead of ~15
     export CONFIGS="stock,ours,ours kernels off"
     MLX_MAX_OPS_PER_BUFFER=2000 MLX_MAX_MB_PER_BUFFER=100000 ROUNDS=4 STEPS=15 timeout 120 python3 bench/ablate.py e2b 0 \

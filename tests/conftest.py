@@ -8,6 +8,18 @@ import os
 os.environ.setdefault("GEMMA4_MLX_TEST", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "MLX_PTX_CACHE_DIR" not in os.environ:
+    import mlx.core as _mx
+
+    if not _mx.cuda.is_available():
+        # Without a GPU, kernels forced to the CUDA path still seed MLX's cache folder: keep that
+        # in a throwaway folder, not in /tmp/mlx (on the GPU, MLX's real cache is wanted).
+        import atexit
+        import shutil
+        import tempfile
+
+        os.environ["MLX_PTX_CACHE_DIR"] = tempfile.mkdtemp(prefix="gemma4-mlx-test-ptx-")
+        atexit.register(shutil.rmtree, os.environ["MLX_PTX_CACHE_DIR"], True)
 
 
 def pytest_configure(config):

@@ -43,6 +43,8 @@ def _cases():
 @pytest.fixture
 def fresh_builds(tmp_path, monkeypatch):
     monkeypatch.setenv("GEMMA4_MLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "mlx"))  # seeding never writes outside the test
+    monkeypatch.setenv("GEMMA4_MLX_NVRTC", "own")  # these tests look at our own builds; seeding below
     cuda_build.reset()
     dispatch.reset()
     yield tmp_path / "cache"
@@ -61,6 +63,27 @@ def test_every_kernel_body_compiles_for_the_gpu(fresh_builds):
     assert not failures, failures[0]
     assert all(len(f.result()) > 1000 for f in builds)  # cubins (ELF), not empty
     assert len(list(fresh_builds.rglob("*.cubin"))) == len(builds)
+
+
+def test_every_kernel_body_compiles_when_seeding_mlx_cache(fresh_builds, tmp_path, monkeypatch):
+    """The default on MLX 0.32 (GEMMA4_MLX_NVRTC=auto -> seed): every instantiation of every body
+    lands in MLX's cache folder as a module MLX's cuda_kernel can load."""
+    monkeypatch.setenv("GEMMA4_MLX_NVRTC", "auto")
+    monkeypatch.setattr(cuda_build.mx, "__version__", "0.32.4")
+    assert cuda_build.mode() == "seed"
+    with dispatch.force_backend("cuda"), cuda_build.prefetch():
+        for kernel, args in _cases():
+            kernel(*args)
+    futures = [f for k in dispatch._kernel_cache.values() if isinstance(k, cuda_build.SeededKernel)
+               for f in k._seeded.values()]
+    assert len(futures) >= 30
+    failures = [str(f.exception())[:2000] for f in futures if f.exception() is not None]
+    assert not failures, failures[0]
+    modules = {f.result() for f in futures}
+    assert all((tmp_path / "mlx" / f"{m}.ptx").stat().st_size > 1000 for m in modules)
+    # an MLX version the seeding was not checked on gets our precompiled launches instead
+    monkeypatch.setattr(cuda_build.mx, "__version__", "0.99.0")
+    assert cuda_build.mode() == "own"
 
 
 def test_a_compile_error_carries_the_nvrtc_log(fresh_builds):

@@ -40,14 +40,25 @@ _builds: Dict[Tuple[str, str], Future] = {}
 _arch: Optional[str] = None
 
 
+# MLX versions whose generated ``cuda_kernel`` source and cache layout the seeding reproduces
+# (checked on a GPU by bench/seed_check.py: MLX's printed source hashes to the seeded module).
+SEED_CHECKED_MLX = ("0.32.",)
+
+
 def mode() -> str:
-    """``GEMMA4_MLX_NVRTC``: ``1`` (default) our builds through ``precompiled_cuda_kernel``;
-    ``seed``: MLX's ``cuda_kernel`` with its cache seeded by our builds (experimental); ``0``:
-    MLX's ``cuda_kernel`` alone. Without an NVRTC library: ``0``."""
-    raw = os.environ.get("GEMMA4_MLX_NVRTC", "1").strip().lower()
+    """``GEMMA4_MLX_NVRTC``: ``auto`` (default): ``seed`` on an MLX version the seeding was checked
+    on, else ``own``; ``seed``: MLX's ``cuda_kernel`` over its cache seeded by our builds (one
+    fast build per kernel, MLX's cheap per-launch hash of the source); ``own``/``1``: our builds
+    launched through ``precompiled_cuda_kernel`` (MLX hashes the whole cubin at each launch);
+    ``0``: MLX's ``cuda_kernel`` alone. Without an NVRTC library: ``0``."""
+    raw = os.environ.get("GEMMA4_MLX_NVRTC", "auto").strip().lower()
     if raw in ("0", "off", "false", "no") or not nvrtc.available():
         return "off"
-    return "seed" if raw == "seed" else "own"
+    if raw == "seed":
+        return "seed"
+    if raw in ("", "auto"):
+        return "seed" if mx.__version__.startswith(SEED_CHECKED_MLX) else "own"
+    return "own"
 
 
 def enabled() -> bool:
