@@ -21,9 +21,19 @@ def _interrupted() -> None:
     os._exit(130)
 
 
+# Commands that never use PyTorch: transformers is told it is absent (lean_imports).
+_TORCH_FREE_COMMANDS = ("generate", "chat", "serve")
+
+
 def main(argv=None) -> None:
     try:
         import importlib
+
+        words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+        if words and words[0] in _TORCH_FREE_COMMANDS:
+            from .lean_imports import keep_torch_out
+
+            keep_torch_out()
 
         from .commands import COMMAND_MODULES, app, debug_enabled, interrupt_reported
         from .commands.generate import expand_multi_value_flags

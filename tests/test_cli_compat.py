@@ -418,3 +418,28 @@ def test_adapter_path_generate_and_chat(tiny_ckpt, adapter, loaded):  # noqa: F8
     assert c.exit_code == 0 and f">> {res.text}\n" in c.stdout
     one_line_error(run(["generate", "--model", str(tiny_ckpt), "-p", "hi", "--adapter-path", str(tiny_ckpt)]), 1,
                    "adapter_config.json")
+
+
+# -- start-up: generate / chat / serve never import PyTorch --------------------------------------
+_REPORT_TORCH = ("import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, "
+                 "file=sys.stderr)); from gemma4_mlx.cli import main; main(sys.argv[1:])")
+
+
+@pytest.mark.parametrize("torch_env", [None, "1"])
+def test_generate_runs_without_importing_torch(tiny_ckpt, torch_env):  # noqa: F811
+    """transformers imports PyTorch (the bulk of a command's start-up on a CUDA machine) though
+    generate never uses it: the CLI tells transformers it is absent, and the output is the same
+    as with PyTorch imported (GEMMA4_MLX_TORCH=1)."""
+    pytest.importorskip("torch")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "GEMMA4_MLX_TORCH"}
+    if torch_env:
+        env["GEMMA4_MLX_TORCH"] = torch_env
+    r = subprocess.run([sys.executable, "-c", _REPORT_TORCH, "generate", "--model", str(tiny_ckpt), "--prompt",
+                        "hello there, how are you", "--max-tokens", "12", "--temp", "0"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"torch imported: {bool(torch_env)}" in r.stderr
+    reply = r.stdout
+    ref = run(["generate", "--model", str(tiny_ckpt), "--prompt", "hello there, how are you", "--max-tokens", "12",
+               "--temp", "0"])
+    assert ref.exit_code == 0 and ref.stdout == reply

@@ -1,0 +1,44 @@
+"""Keep PyTorch out of a command that never uses it.
+
+mlx-lm's tokenizer loading imports transformers, and transformers imports PyTorch whenever it is
+installed (``modeling_rope_utils`` asks ``is_torch_available()`` at import time). Nothing on the
+path of ``generate``, ``chat`` or ``serve`` uses PyTorch, yet importing it is most of a command's
+start-up: ~0.9 s of 1.9 s on the CI machine, and on a CUDA machine with PyTorch's CUDA build
+the bulk of the 13-15 s before ``load()`` (docs/benchmarks.md). Telling transformers, before it
+imports anything else, that PyTorch is absent removes that cost; tokenizers, chat templates and
+the rest of what these commands use do not depend on it.
+
+Only the CLI calls this, in its own process, before anything imported transformers: a Python
+program that imports gemma4_mlx keeps transformers as it is. ``GEMMA4_MLX_TORCH=1`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def keep_torch_out() -> bool:
+    """Make transformers see no PyTorch in this process; True if it took effect. Does nothing if
+    transformers or PyTorch is already imported, if ``GEMMA4_MLX_TORCH`` is ``1``, or if
+    transformers is missing or has no ``is_torch_available`` where expected."""
+    if os.environ.get("GEMMA4_MLX_TORCH", "").strip().lower() in ("1", "on", "true", "yes"):
+        return False
+    if any(name == "torch" or name.startswith(("torch.", "transformers")) for name in sys.modules):
+        return False
+    try:
+        from transformers.utils import import_utils
+    except Exception:  # noqa: BLE001 - no transformers (or a broken one): mlx-lm will say so itself
+        return False
+    original = getattr(import_utils, "is_torch_available", None)
+    if original is None or "torch" in sys.modules:
+        return False
+
+    def is_torch_available() -> bool:
+        return False
+
+    # Modules imported by transformers' own __init__ bound the function by name already.
+    for name, module in list(sys.modules.items()):
+        if name.startswith("transformers") and getattr(module, "is_torch_available", None) is original:
+            setattr(module, "is_torch_available", is_torch_available)
+    return True
