@@ -50,6 +50,15 @@ case "${1:-}" in
   e2e16)    # end to end, fresh processes (the README's headline): E2B bf16; writes the checkpoint once
     python3 -m bench.compare --e2e --preset e2b --new-tokens 128,2048 --runs 2 --work /root/e2e --timeout 200 \
       --out "$OUT/e2e-bf16" > "$OUT/e2e-bf16.txt" 2>&1; echo "exit $?"; tail -30 "$OUT/e2e-bf16.txt" ;;
+  e2e2)     # session 4, second visit: a start-up check, then 128 and 2048 new tokens, one warm run each
+    python3 -m gemma4_mlx.cli init --preset tiny --out /root/tinyck -q --force > /dev/null 2>&1
+    python3 -c "import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr)); from gemma4_mlx.cli import main; main(sys.argv[1:])" \
+      generate --model /root/tinyck --prompt "hello there" --max-tokens 8 --temp 0 || exit 1
+    python3 -m bench.compare --e2e --preset e2b --new-tokens 128,2048 --runs 1 --work /root/e2e --timeout 200 \
+      --out "$OUT/e2e-bf16" > "$OUT/e2e-bf16.txt" 2>&1; echo "exit $?"; tail -30 "$OUT/e2e-bf16.txt" ;;
+  e2e3)     # session 4: the README's grid, 128/512/2048 new tokens, one warm run each (device time)
+    python3 -m bench.compare --e2e --preset e2b --new-tokens 128,512,2048 --runs 1 --work /root/e2e --timeout 200 \
+      --out "$OUT/e2e-bf16" > "$OUT/e2e-bf16.txt" 2>&1; echo "exit $?"; tail -30 "$OUT/e2e-bf16.txt" ;;
   e2e4)     # the same, 4-bit (converted from the bf16 checkpoint of e2e16)
     python3 -m bench.compare --e2e --preset e2b -q 4 --new-tokens 128,2048 --runs 1 --work /root/e2e --timeout 200 \
       --out "$OUT/e2e-q4" > "$OUT/e2e-q4.txt" 2>&1; echo "exit $?"; tail -30 "$OUT/e2e-q4.txt" ;;

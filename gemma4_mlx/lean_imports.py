@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 
 
 def keep_torch_out() -> bool:
@@ -37,8 +38,11 @@ def keep_torch_out() -> bool:
     def is_torch_available() -> bool:
         return False
 
-    # Modules imported by transformers' own __init__ bound the function by name already.
+    # Modules imported by transformers' own __init__ bound the function by name already. Read
+    # their __dict__, never getattr: transformers' package modules are lazy, and an attribute
+    # lookup on one imports whatever that name maps to.
     for name, module in list(sys.modules.items()):
-        if name.startswith("transformers") and getattr(module, "is_torch_available", None) is original:
-            setattr(module, "is_torch_available", is_torch_available)
+        names = module.__dict__ if isinstance(module, types.ModuleType) else {}
+        if name.startswith("transformers") and names.get("is_torch_available") is original:
+            names["is_torch_available"] = is_torch_available
     return True
