@@ -10,6 +10,10 @@
 #   call 8: bash bench/gpu_session.sh presets-bf16
 # Timings seen on the H200 (session 2): parity ~7.5 min with 4 processes, kernels ~5.5 min,
 # e2b ~3.6 min, presets ~5 min; a visit has 30 device minutes, so pick the parts that matter.
+# PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
+# its limit brings nothing back (the packing below runs at exit), so give the call ~60 s more.
+# An e2e run of E2B takes ~75 s per side's first (cold) command, 25-45 s per later one, plus
+# ~2.5 min to write the checkpoint on a fresh machine.
 # Results go to $OUT (they come back with the call; only a few files per call do, so each part
 # ends by packing its results into one $OUT/<part>.tgz). Timings from one call compare only with
 # each other: quote ratios from the same run.
@@ -48,19 +52,19 @@ case "${1:-}" in
     grep -h -A25 -E "^_____" "$OUT"/parity.?.txt | head -60
     grep -h -E "^(FAILED|ERROR)" "$OUT"/parity.?.txt | head -30 ;;
   e2e16)    # end to end, fresh processes (the README's headline): E2B bf16; writes the checkpoint once
-    python3 -m bench.compare --e2e --preset e2b --new-tokens 128,2048 --runs 2 --work /root/e2e --timeout 200 \
+    timeout "${PART_S:-520}" python3 -m bench.compare --e2e --preset e2b --new-tokens 128,2048 --runs 2 --work /root/e2e --timeout 200 \
       --out "$OUT/e2e-bf16" > "$OUT/e2e-bf16.txt" 2>&1; echo "exit $?"; tail -30 "$OUT/e2e-bf16.txt" ;;
   e2e2)     # session 4, second visit: a start-up check, then 128 and 2048 new tokens, one warm run each
     python3 -m gemma4_mlx.cli init --preset tiny --out /root/tinyck -q --force > /dev/null 2>&1
     python3 -c "import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr)); from gemma4_mlx.cli import main; main(sys.argv[1:])" \
       generate --model /root/tinyck --prompt "hello there" --max-tokens 8 --temp 0 || exit 1
-    python3 -m bench.compare --e2e --preset e2b --new-tokens 128,2048 --runs 1 --work /root/e2e --timeout 200 \
+    timeout "${PART_S:-520}" python3 -m bench.compare --e2e --preset e2b --new-tokens 128,2048 --runs 1 --work /root/e2e --timeout 200 \
       --out "$OUT/e2e-bf16" > "$OUT/e2e-bf16.txt" 2>&1; echo "exit $?"; tail -30 "$OUT/e2e-bf16.txt" ;;
   e2e3)     # session 4: the README's grid, 128/512/2048 new tokens, one warm run each (device time)
-    python3 -m bench.compare --e2e --preset e2b --new-tokens 128,512,2048 --runs 1 --work /root/e2e --timeout 200 \
+    timeout "${PART_S:-520}" python3 -m bench.compare --e2e --preset e2b --new-tokens 128,512,2048 --runs 1 --work /root/e2e --timeout 200 \
       --out "$OUT/e2e-bf16" > "$OUT/e2e-bf16.txt" 2>&1; echo "exit $?"; tail -30 "$OUT/e2e-bf16.txt" ;;
   e2e4)     # the same, 4-bit (converted from the bf16 checkpoint of e2e16)
-    python3 -m bench.compare --e2e --preset e2b -q 4 --new-tokens 128,2048 --runs 1 --work /root/e2e --timeout 200 \
+    timeout "${PART_S:-520}" python3 -m bench.compare --e2e --preset e2b -q 4 --new-tokens 128,2048 --runs 1 --work /root/e2e --timeout 200 \
       --out "$OUT/e2e-q4" > "$OUT/e2e-q4.txt" 2>&1; echo "exit $?"; tail -30 "$OUT/e2e-q4.txt" ;;
   warm)     # the warm in-process harness, E2B bf16 (second table of the README)
     compare e2b-bf16 200 --preset e2b -L 128,841,4096 --runs 3 -n 64 ;;
@@ -81,7 +85,7 @@ case "${1:-}" in
     done
     GEMMA4_MLX_NVRTC=seed timeout 150 python3 bench/first_token.py ours e2b 402 2048 2>&1 | tail -1 | tee -a "$OUT/grow.jsonl" ;;
   cli)      # the CLI's decode against the same side's in-process stream_generate, one checkpoint
-    python3 -m bench.compare --e2e --preset e2b --new-tokens 2048 --runs 1 --work /root/e2e --timeout 200 \
+    timeout "${PART_S:-520}" python3 -m bench.compare --e2e --preset e2b --new-tokens 2048 --runs 1 --work /root/e2e --timeout 200 \
       --out "$OUT/e2e-bf16" > "$OUT/e2e-bf16.txt" 2>&1; echo "exit $?"; tail -22 "$OUT/e2e-bf16.txt"
     for run in stock ours; do
       timeout 150 python3 bench/first_token.py $run /root/e2e/e2b-bfloat16-seed0 402 2048 2>&1 | tail -1 | tee -a "$OUT/cli.jsonl"
