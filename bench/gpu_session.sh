@@ -84,6 +84,21 @@ case "${1:-}" in
       timeout 150 python3 bench/first_token.py $run e2b 402 2048 2>&1 | tail -1 | tee -a "$OUT/grow.jsonl"
     done
     GEMMA4_MLX_NVRTC=seed timeout 150 python3 bench/first_token.py ours e2b 402 2048 2>&1 | tail -1 | tee -a "$OUT/grow.jsonl" ;;
+  imports)  # what a command imports before load(), and who pulls PyTorch in (lean_imports did not keep it out here)
+    python3 -m gemma4_mlx.cli init --preset tiny --out /root/tinyck -q --force > /dev/null 2>&1
+    python3 -X importtime -c "import sys; from gemma4_mlx.cli import main; main(sys.argv[1:])" generate --model /root/tinyck \
+      --prompt hi --max-tokens 2 --temp 0 2> "$OUT/importtime-ours.txt" > /dev/null
+    python3 -X importtime -c "import mlx_lm.generate" 2> "$OUT/importtime-stock.txt"
+    python3 -c "import transformers, sys; print('transformers', transformers.__version__)"
+    for f in ours stock; do
+      echo "$f: $(grep -c 'import time' "$OUT/importtime-$f.txt") modules; slowest:"
+      sort -t'|' -k2 -n -r "$OUT/importtime-$f.txt" | head -8
+      grep -B2 -E "\| +torch$" "$OUT/importtime-$f.txt" | head -3
+    done
+    python3 -c "
+import sys; from gemma4_mlx.lean_imports import keep_torch_out
+print('torch before:', 'torch' in sys.modules, [m for m in sys.modules if m.startswith('transformers')][:3])
+print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
   cli)      # the CLI's decode against the same side's in-process stream_generate, one checkpoint
     timeout "${PART_S:-520}" python3 -m bench.compare --e2e --preset e2b --new-tokens 2048 --runs 1 --work /root/e2e --timeout 200 \
       --out "$OUT/e2e-bf16" > "$OUT/e2e-bf16.txt" 2>&1; echo "exit $?"; tail -22 "$OUT/e2e-bf16.txt"
