@@ -167,3 +167,29 @@ def test_seed_mode_writes_mlx_cache_entries_that_compile(fresh_builds, tmp_path,
             assert len((tmp_path / "mlx" / f"{module}.ptx").read_bytes()) > 1000
     # the hash is the C++ library's: the same text, the same value, in every process
     assert cuda_build.std_hash("abc") == cuda_build.std_hash("abc") != cuda_build.std_hash("abd")
+
+
+def test_seeded_modules_are_reused_only_when_they_hold_this_build(fresh_builds, tmp_path, monkeypatch):
+    """A seeded module is kept while its .txt names the function of our current source; one left
+    by another build of ours (another shared header or target) under the same MLX module name is
+    built again, never launched under a name it does not contain."""
+    monkeypatch.setenv("GEMMA4_MLX_NVRTC", "seed")
+    probe = _m["ple"]._probe_gate(("mlx.core.bfloat16", "mlx.core.bfloat16"))
+
+    def seed_once():
+        dispatch.reset()
+        with dispatch.force_backend("cuda"), cuda_build.prefetch():
+            K.ple_gate_kernel(*probe)
+        (kernel,) = [k for k in dispatch._kernel_cache.values() if isinstance(k, cuda_build.SeededKernel)]
+        (fut,) = kernel._seeded.values()
+        return tmp_path / "mlx" / fut.result()
+
+    module = seed_once()
+    txt, ptx = module.with_suffix(".txt"), module.with_suffix(".ptx")
+    listing, cubin = txt.read_text(), ptx.read_bytes()
+    ptx.write_bytes(b"kept")  # a marker: reused means not rewritten
+    seed_once()
+    assert ptx.read_bytes() == b"kept" and txt.read_text() == listing
+    txt.write_text(listing.replace("gemma4_seed_", "gemma4_seed_0ld"))  # another build's function name
+    seed_once()
+    assert txt.read_text() == listing and ptx.read_bytes() == cubin

@@ -381,18 +381,29 @@ class SeededKernel:
             return fut
         kname = mlx_kernel_name(self.name, template)
         module = f"{kname}_{std_hash(mlx_source(kname, self.header, self.source, self.input_names, inputs, self.output_names, output_dtypes, template, self._uses)):x}"
-        symbol = f"gemma4_seed_{hashlib.sha256(module.encode()).hexdigest()[:16]}"
-        ours = self.our_source(symbol, inputs, output_dtypes, template)
+        # The function's name follows our source (and the target): a module MLX's name matches
+        # but an older build of ours (other shared header, other arch) filled is built again.
         arch = target_arch()
+        digest = hashlib.sha256((self.our_source("SYMBOL", inputs, output_dtypes, template) + arch).encode())
+        symbol = f"gemma4_seed_{digest.hexdigest()[:16]}"
+        ours = self.our_source(symbol, inputs, output_dtypes, template)
+        listing = f"mlx::core::cu::{kname}\t{symbol}\n"
 
         def write():
             folder = mlx_cache_dir()
-            if (folder / f"{module}.ptx").is_file() and (folder / f"{module}.txt").is_file():
-                return module
+            try:
+                if (folder / f"{module}.ptx").is_file() and (folder / f"{module}.txt").read_text() == listing:
+                    return module
+            except (OSError, UnicodeDecodeError):
+                pass
             cubin = _build(ours, arch)
             folder.mkdir(parents=True, exist_ok=True)
             tag = f".{os.getpid()}.{threading.get_ident()}.tmp"
-            for suffix, data in ((".txt", f"mlx::core::cu::{kname}\t{symbol}\n".encode()), (".ptx", cubin)):
+            # MLX reads a module only when its .ptx exists, then the .txt naming the function: an
+            # older .ptx goes first, the new .txt is in place before the new .ptx. Meanwhile MLX
+            # finds nothing and compiles the kernel itself, never a module under the wrong name.
+            (folder / f"{module}.ptx").unlink(missing_ok=True)
+            for suffix, data in ((".txt", listing.encode()), (".ptx", cubin)):
                 tmp = folder / f"{module}{suffix}{tag}"
                 tmp.write_bytes(data)
                 os.replace(tmp, folder / f"{module}{suffix}")
