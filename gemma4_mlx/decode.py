@@ -74,16 +74,36 @@ def _switches() -> tuple:
 
 # ------------------------------------------------------------------ derived state
 
+_SCALARS = (int, float, bool, str, type(None))
+
+
+def _settings(module: nn.Module) -> tuple:
+    """A module's plain Python settings (a LoRA layer's ``scale``, a flag): its non-array
+    attributes of scalar value, or tuples of them."""
+    return tuple((k, v) for k, v in vars(module).items()
+                 if isinstance(v, _SCALARS) or (isinstance(v, tuple) and all(isinstance(x, _SCALARS) for x in v)))
+
+
+def _watched(module: nn.Module) -> bool:
+    """Modules from outside MLX's layers and ours (mlx-lm's LoRA/DoRA layers, a user's own) may
+    have settings that are edited in place and change what they compute; ours and MLX's take
+    theirs from the config and the arrays."""
+    return not type(module).__module__.startswith(("gemma4_mlx.", "mlx.nn."))
+
+
 class TreeSnapshot:
-    """The identity of every module, list, dict and array in a module tree, and the size of every
-    container, at one moment. :meth:`current` says whether the tree still holds exactly those."""
+    """The identity of every module, list, dict and array in a module tree, the size of every
+    container, and the plain settings of every module not from MLX or this package, at one
+    moment. :meth:`current` says whether the tree still holds exactly those."""
 
     def __init__(self, root: nn.Module):
         containers, keys, values = [], [], []
-        sizes = []
+        sizes, watched = [], []
 
         def walk(node):
             sizes.append((node, len(node)))
+            if isinstance(node, nn.Module) and _watched(node):
+                watched.append((node, _settings(node)))
             items = node.items() if isinstance(node, dict) else enumerate(node)
             for k, v in items:
                 if isinstance(v, (mx.array, dict, list)):
@@ -97,13 +117,15 @@ class TreeSnapshot:
         self._containers, self._keys, self._values = containers, keys, values
         self._sized = [n for n, _ in sizes]
         self._sizes = [s for _, s in sizes]
+        self._watched = watched
 
     def current(self) -> bool:
         try:
             same = all(map(operator.is_, map(operator.getitem, self._containers, self._keys), self._values))
         except (KeyError, IndexError):
             return False
-        return same and list(map(len, self._sized)) == self._sizes
+        return (same and list(map(len, self._sized)) == self._sizes
+                and all(_settings(m) == settings for m, settings in self._watched))
 
 
 def _projection_keys(module: nn.Module) -> List[str]:

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models import gemma4_text
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
-from gemma4_mlx import Model, parse_config
+from gemma4_mlx import Model, decode, parse_config
 from gemma4_mlx.model import MLP
 from gemma4_mlx.presets import preset_config
 
@@ -210,3 +210,21 @@ def test_token_ids_outside_the_vocabulary_read_nothing_past_the_tables(monkeypat
     # mlx-lm's own loop, as mlx_lm.generate runs it
     tokens = [t for t, _ in zip(generate_step(mx.array([5, 2**31 - 1, 9]), ours, max_tokens=3), range(3))]
     assert len(tokens) == 3
+
+
+def test_a_lora_scale_edited_in_place_after_tracing(monkeypatch):
+    """A plain setting of a layer from outside this package (mlx-lm's LoRA ``scale``) edited in
+    place changes what the model computes: the next decode step sees it, as stock does."""
+    ours, stock = _pair()
+    for m in (ours, stock):
+        linear_to_lora_layers(m, 2, LORA, use_dora=False)
+    stock.load_weights(_nonzero_lora(ours), strict=False)
+    _trace(ours, monkeypatch)
+    for m in (ours, stock):
+        for layer in m.layers[-2:]:
+            layer.self_attn.q_proj.scale = 7.5
+    _check(ours, stock, monkeypatch)
+    # an unchanged model keeps its decoder: asking again does not rebuild
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    decoder = decode.decoder_for(ours)
+    assert decode.decoder_for(ours) is decoder
