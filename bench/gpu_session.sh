@@ -1,15 +1,12 @@
 #!/usr/bin/env bash
 # One device visit's work, in parts that each fit a 10-minute device call.
 # Stage MLX first (../shared/device/README.md): call 1 carries .device/a, then
-#   call 2: carry [".device/b"], command: bash bench/gpu_session.sh parity
-#   call 3: bash bench/gpu_session.sh kernels      (the machine stays warm 30 s between calls)
-#   call 4: bash bench/gpu_session.sh e2b
-#   call 5: bash bench/gpu_session.sh long
-#   call 6: bash bench/gpu_session.sh ablate31
-#   call 7: bash bench/gpu_session.sh presets
-#   call 8: bash bench/gpu_session.sh presets-bf16
-# Timings seen on the H200 (session 2): parity ~7.5 min with 4 processes, kernels ~5.5 min,
-# e2b ~3.6 min, presets ~5 min; a visit has 30 device minutes, so pick the parts that matter.
+#   call 2: carry [".device/b"], command: bash bench/gpu_session.sh imports   (the machine stays warm
+#           30 s between calls: issue the next at once; a fresh one needs calls 1-2 again)
+#   then e.g.: check (parity, ~3.5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
+#   steps (per-kernel ablation), presets, presets-bf16, ablate31, long, warm.
+# Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
+# visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
 # its limit brings nothing back (the packing below runs at exit), so give the call ~60 s more.
 # An e2e run of E2B takes ~75 s per side's first (cold) command, 25-45 s per later one, plus
@@ -51,21 +48,12 @@ case "${1:-}" in
     for i in 0 1 2 3 4 5 6 7; do tail -1 "$OUT/parity.$i.txt"; done | tee "$OUT/parity.txt"
     grep -h -A25 -E "^_____" "$OUT"/parity.?.txt | head -60
     grep -h -E "^(FAILED|ERROR)" "$OUT"/parity.?.txt | head -30 ;;
-  e2e16)    # end to end, fresh processes (the README's headline): E2B bf16; writes the checkpoint once
-    timeout "${PART_S:-520}" python3 -m bench.compare --e2e --preset e2b --new-tokens 128,2048 --runs 2 --work /root/e2e --timeout 200 \
-      --out "$OUT/e2e-bf16" > "$OUT/e2e-bf16.txt" 2>&1; echo "exit $?"; tail -30 "$OUT/e2e-bf16.txt" ;;
-  e2e2)     # session 4, second visit: a start-up check, then 128 and 2048 new tokens, one warm run each
-    python3 -m gemma4_mlx.cli init --preset tiny --out /root/tinyck -q --force > /dev/null 2>&1
-    python3 -c "import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr)); from gemma4_mlx.cli import main; main(sys.argv[1:])" \
-      generate --model /root/tinyck --prompt "hello there" --max-tokens 8 --temp 0 || exit 1
-    timeout "${PART_S:-520}" python3 -m bench.compare --e2e --preset e2b --new-tokens 128,2048 --runs 1 --work /root/e2e --timeout 200 \
-      --out "$OUT/e2e-bf16" > "$OUT/e2e-bf16.txt" 2>&1; echo "exit $?"; tail -30 "$OUT/e2e-bf16.txt" ;;
-  e2e3)     # session 4: the README's grid, 128/512/2048 new tokens, one warm run each (device time)
-    timeout "${PART_S:-520}" python3 -m bench.compare --e2e --preset e2b --new-tokens 128,512,2048 --runs 1 --work /root/e2e --timeout 200 \
-      --out "$OUT/e2e-bf16" > "$OUT/e2e-bf16.txt" 2>&1; echo "exit $?"; tail -30 "$OUT/e2e-bf16.txt" ;;
-  e2e4)     # the same, 4-bit (converted from the bf16 checkpoint of e2e16)
-    timeout "${PART_S:-520}" python3 -m bench.compare --e2e --preset e2b -q 4 --new-tokens 128,2048 --runs 1 --work /root/e2e --timeout 200 \
-      --out "$OUT/e2e-q4" > "$OUT/e2e-q4.txt" 2>&1; echo "exit $?"; tail -30 "$OUT/e2e-q4.txt" ;;
+  e2e)      # end to end, fresh processes (the README's headline), E2B: NEW (default 128,2048) new tokens,
+            # RUNS (default 1) warm runs per side after each side's first run on a fresh machine; Q=4
+            # for 4-bit (converted from the bf16 checkpoint, which is written once per machine)
+    timeout "${PART_S:-520}" python3 -m bench.compare --e2e --preset e2b ${Q:+-q $Q} --new-tokens "${NEW:-128,2048}" \
+      --runs "${RUNS:-1}" --work /root/e2e --timeout 200 --out "$OUT/e2e" > "$OUT/e2e.txt" 2>&1
+    echo "exit $?"; tail -30 "$OUT/e2e.txt" ;;
   warm)     # the warm in-process harness, E2B bf16 (second table of the README)
     compare e2b-bf16 200 --preset e2b -L 128,841,4096 --runs 3 -n 64 ;;
   long)     # 32k tokens: the token check now goes through the cache in chunks
@@ -120,20 +108,6 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     export CONFIGS="stock,ours,ours -fuse,ours kernels off,ours no compile"
     STEPS=30 timeout 170 python3 bench/ablate.py e2b 0 2>&1 | tail -9 | tee "$OUT/ablate-e2b-bf16.txt"
     MLX_USE_CUDA_GRAPHS=0 STEPS=30 timeout 150 python3 bench/ablate.py e2b 0 2>&1 | tail -9 | tee "$OUT/ablate-e2b-bf16-nographs.txt" ;;
-  parity)   # every kernel vs float64 oracles on CUDA, the decode step and the fused projections;
-            # nvrtc compiles each instantiation on one CPU core, so the cases run in 8 processes
-            # (4 processes took 7-8 minutes on 16 cores, 2026-11-28)
-    python3 -m pytest -q -p no:cacheprovider --collect-only tests/test_kernels.py tests/test_decode.py \
-      tests/test_fusion.py 2>/dev/null | grep '::' > "$OUT/ids.txt"
-    echo "$(wc -l < "$OUT/ids.txt") test ids"
-    for i in 0 1 2 3 4 5 6 7; do
-      awk -v i=$i 'NR % 8 == i' "$OUT/ids.txt" > "$OUT/ids.$i"
-      (mapfile -t ids < "$OUT/ids.$i"; MLX_ENABLE_TF32=0 timeout 540 python3 -m pytest -q -p no:cacheprovider \
-        "${ids[@]}" > "$OUT/parity.$i.txt" 2>&1) &
-    done
-    wait
-    for i in 0 1 2 3 4 5 6 7; do tail -1 "$OUT/parity.$i.txt"; done | tee "$OUT/parity.txt"
-    grep -h -E "^(FAILED|ERROR)" "$OUT"/parity.?.txt | head -20 ;;
   kernels)  # micro-benchmarks vs the stock op sequences, then the decode-step ablations
     timeout 200 python3 bench/kernels.py --iters 30 > "$OUT/kernels.txt" 2>&1; head -120 "$OUT/kernels.txt"
     STEPS=40 timeout 170 python3 bench/ablate.py e2b 0 2>&1 | tail -16 | tee "$OUT/ablate-e2b-bf16.txt"
