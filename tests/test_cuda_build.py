@@ -193,3 +193,17 @@ def test_seeded_modules_are_reused_only_when_they_hold_this_build(fresh_builds, 
     txt.write_text(listing.replace("gemma4_seed_", "gemma4_seed_0ld"))  # another build's function name
     seed_once()
     assert txt.read_text() == listing and ptx.read_bytes() == cubin
+
+
+def test_seeding_into_a_folder_that_cannot_be_written_is_not_an_error(fresh_builds, tmp_path, monkeypatch):
+    """MLX's cache folder not writable (here: a file where the folder should be): the kernel is
+    still launched through MLX, which then compiles it itself; nothing raises."""
+    monkeypatch.setenv("GEMMA4_MLX_NVRTC", "seed")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(blocker / "ptx"))
+    with dispatch.force_backend("cuda"), cuda_build.prefetch():
+        K.ple_gate_kernel(*_m["ple"]._probe_gate(("mlx.core.bfloat16", "mlx.core.bfloat16")))
+    (kernel,) = [k for k in dispatch._kernel_cache.values() if isinstance(k, cuda_build.SeededKernel)]
+    (fut,) = kernel._seeded.values()
+    assert fut.exception() is None and fut.result().startswith("custom_kernel_gemma4_ple_gate")

@@ -397,16 +397,19 @@ class SeededKernel:
             except (OSError, UnicodeDecodeError):
                 pass
             cubin = _build(ours, arch)
-            folder.mkdir(parents=True, exist_ok=True)
             tag = f".{os.getpid()}.{threading.get_ident()}.tmp"
-            # MLX reads a module only when its .ptx exists, then the .txt naming the function: an
-            # older .ptx goes first, the new .txt is in place before the new .ptx. Meanwhile MLX
-            # finds nothing and compiles the kernel itself, never a module under the wrong name.
-            (folder / f"{module}.ptx").unlink(missing_ok=True)
-            for suffix, data in ((".txt", listing.encode()), (".ptx", cubin)):
-                tmp = folder / f"{module}{suffix}{tag}"
-                tmp.write_bytes(data)
-                os.replace(tmp, folder / f"{module}{suffix}")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                # MLX reads a module only when its .ptx exists, then the .txt naming the function:
+                # an older .ptx goes first, the new .txt is in place before the new .ptx. Meanwhile
+                # MLX finds nothing and compiles the kernel itself, never a module under the wrong name.
+                (folder / f"{module}.ptx").unlink(missing_ok=True)
+                for suffix, data in ((".txt", listing.encode()), (".ptx", cubin)):
+                    tmp = folder / f"{module}{suffix}{tag}"
+                    tmp.write_bytes(data)
+                    os.replace(tmp, folder / f"{module}{suffix}")
+            except OSError:
+                pass  # a read-only or full cache folder: MLX compiles the kernel itself, as with GEMMA4_MLX_NVRTC=0
             return module
 
         fut = _executor().submit(write)
