@@ -88,15 +88,18 @@ def serve(
 
     with user_errors():
         from ..distributed import world
+        from ..server import model_loader
+        from ..speculative import DEFAULT_NUM_DRAFT_TOKENS
 
-        if world() is not None:
-            # Every rank would answer its own clients and the ranks' collectives would fall out of
-            # step; mlx-lm's server hands rank 0's requests to the others.
-            raise ValueError("gemma4-mlx serve runs in one process; under mlx.launch use "
-                             "`gemma4-mlx mlx-lm server --model M` (mlx-lm's server on this model, sharded)")
+        group = world()  # under mlx.launch: every process loads its shard; rank 0 serves
+        if group is not None and group.rank() != 0:
+            from ..server_distributed import serve_follower
+
+            loader = model_loader(model, adapter_path, strict_memory, draft_model)
+            raise typer.Exit(serve_follower(loader, prefill_step_size=prefill_step_size, debug=debug_enabled(),
+                                            num_draft_tokens=num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS))
         from ..server import ServerConfig
         from ..server import serve as run_server
-        from ..speculative import DEFAULT_NUM_DRAFT_TOKENS
 
         config = ServerConfig(
             host=host, port=port, model_name=served_model_name, max_body_bytes=max_body_bytes,
@@ -106,5 +109,5 @@ def serve(
             debug=debug_enabled(), num_draft_tokens=num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS,
         )
         code = run_server(config, model, adapter_path=adapter_path, strict_memory=strict_memory,
-                          draft_model=draft_model)
+                          draft_model=draft_model, group=group)
     raise typer.Exit(code)
