@@ -30,6 +30,9 @@ from gemma4_mlx.server import model_loader
 HERE = Path(__file__).parent
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 START_TIMEOUT = 120
 PREFILL_STEP = 8  # prompts longer than this take several prefill steps (each one agreed by the ranks)
 
@@ -130,6 +133,19 @@ def _reply(client: Client, path: str, body: dict) -> Any:
     return _same(r.events() if body.get("stream") else r.json())
 
 
+# -- what rank 0 sends ------------------------------------------------------------------------
+def test_a_job_reaches_the_other_ranks_whole():
+    from gemma4_mlx.server_api import GenerationRequest
+    from gemma4_mlx.server_distributed import decode_job, encode_job
+
+    request = GenerationRequest(
+        kind="chat", prompt=[2, 105, 7, 8], max_tokens=9, temperature=0.7, top_p=0.9, top_k=40, min_p=0.05,
+        seed=2**64 - 1, stop=["\n\n", "é"], logit_bias={3: -100.0, 17: 2.5}, repetition_penalty=1.1,
+        presence_penalty=0.2, xtc_probability=0.3, logprobs=True, top_logprobs=3, stream=True, think=True,
+        tools=[WEATHER], tool_choice="none", parallel_tool_calls=False, id="chatcmpl-x", created=5)
+    assert decode_job(encode_job(request, (1, 2**32 - 1))) == (request, (1, 2**32 - 1))
+
+
 # -- the replies -------------------------------------------------------------------------------
 def test_greedy_replies_equal_the_single_process_server(group, single, tok):
     no_end = no_end_bias(tok)
@@ -142,6 +158,9 @@ def test_greedy_replies_equal_the_single_process_server(group, single, tok):
         (CHAT, {**chat, "stream": True, "stream_options": {"include_usage": True}}),
         (CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12}),  # end tokens allowed
         (COMPLETIONS, {"prompt": " ".join(["word"] * 40), "max_tokens": 6, "logit_bias": no_end}),  # 5 prefill steps
+        # tools: the tool-response token ends a reply; tool_choice none bans the call token
+        (CHAT, {**chat, "tools": [WEATHER]}),
+        (CHAT, {**chat, "tools": [WEATHER], "tool_choice": "none", "stream": True}),
     ]
     for path, body in bodies:
         assert _reply(group.client, path, body) == _reply(single, path, body), (path, body)
@@ -284,3 +303,19 @@ def test_a_rank_that_dies_mid_generation_ends_the_server(tiny_path, tok, tmp_pat
     errors = [line for line in g.log(0).splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: another process of the group is gone"), g.logs_text()
     assert "Traceback" not in g.log(0), g.logs_text()
+
+
+def test_speculative_decoding_sharded_gives_the_plain_replies(tiny_path, single, tok, tmp_path):
+    """--draft-model (here the model itself, sharded too): the greedy replies of the plain
+    single-process server; a stop string ends both ranks' speculative steps together."""
+    g = Group(tiny_path, tmp_path, extra=["--draft-model", str(tiny_path), "--num-draft-tokens", "2"])
+    try:
+        client = Client(g.port())
+        body = {"prompt": "Once upon a time", "max_tokens": 12, "logit_bias": no_end_bias(tok)}
+        text = single.post(COMPLETIONS, body).json()["choices"][0]["text"]
+        for request in (body, {**body, "stream": True}, {**body, "stop": [text[len(text) // 2:][:2]]}, body):
+            assert _reply(client, COMPLETIONS, request) == _reply(single, COMPLETIONS, request), request
+        g.procs[0].send_signal(signal.SIGTERM)
+        assert g.wait(timeout=60) == [0, 0], g.logs_text()
+    finally:
+        g.kill()
