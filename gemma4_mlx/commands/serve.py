@@ -60,7 +60,8 @@ def serve(
     """OpenAI-compatible HTTP API for one Gemma 4 model: POST /v1/chat/completions (tools and
     tool_calls included) and /v1/completions (streaming or not), GET /v1/models and /health.
     Thinking is off unless a request turns it on (chat_template_kwargs.enable_thinking or
-    reasoning_effort). See docs/usage.md."""
+    reasoning_effort). Under mlx.launch the model is split over the processes and rank 0 serves.
+    See docs/usage.md."""
     from ..generation import check_generation_options, check_sampling
 
     for name, value, lo in (("--max-tokens", max_tokens, 1), ("--max-prompt-tokens", max_prompt_tokens, 1),
