@@ -65,7 +65,7 @@ from .server_api import (
 )
 from .server_worker import Busy, Failed, Finished, Job, Piece, Worker
 
-__all__ = ["ServerConfig", "ServerApp", "GemmaHTTPServer", "model_loader", "serve"]
+__all__ = ["ServerConfig", "ServerApp", "GemmaHTTPServer", "model_loader", "serve", "serve_follower"]
 
 ROUTES = ("POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models", "GET /health")
 
@@ -673,6 +673,25 @@ def served_name(model: str) -> str:
 
 class _Terminate(BaseException):
     pass
+
+
+def serve_follower(config: ServerConfig, model: str, adapter_path: Optional[str] = None,
+                   strict_memory: bool = False, draft_model: Optional[str] = None) -> int:
+    """A rank other than 0 of a sharded ``serve``: load this process's shard, then run every
+    generation rank 0 announces, in step with it, until it stops the server (exit 0)."""
+    from .distributed import world
+    from .server_distributed import Lockstep, follow
+
+    group = world()
+    worker = Worker(model_loader(model, adapter_path, strict_memory, draft_model), debug=config.debug,
+                    prefill_step_size=config.prefill_step_size, num_draft_tokens=config.num_draft_tokens)
+    worker.load_models()
+    # Ctrl-C in mlx.launch's terminal reaches every process; rank 0 decides when the group
+    # stops (a process leaving on its own would strand the others in a collective).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    follow(worker, Lockstep(group), debug=config.debug)
+    print(f"gemma4-mlx serve: rank {group.rank()}: rank 0 stopped the server", file=sys.stderr, flush=True)
+    return 0
 
 
 def serve(config: ServerConfig, model: str, adapter_path: Optional[str] = None, strict_memory: bool = False,

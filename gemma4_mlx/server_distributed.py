@@ -28,8 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import signal
-import sys
 import time
 import traceback
 from typing import List, Optional, Tuple
@@ -213,20 +211,3 @@ def follow_job(worker, lockstep: Lockstep, request: GenerationRequest) -> None:
                 break
     finally:
         steps.close()
-
-
-def serve_follower(loader, *, prefill_step_size: int, num_draft_tokens: int, debug: bool = False) -> int:
-    """A rank other than 0 of ``gemma4-mlx serve``: load the shard, follow rank 0 until it stops."""
-    from .distributed import world
-    from .server_worker import Worker
-
-    group = world()
-    worker = Worker(loader, prefill_step_size=prefill_step_size, debug=debug, num_draft_tokens=num_draft_tokens)
-    worker.load_models()
-    # Ctrl-C under mlx.launch reaches every process; rank 0 decides when the group stops (a
-    # rank leaving on its own would strand rank 0 in a collective).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    follow(worker, Lockstep(group), debug=debug)
-    print(f"gemma4-mlx serve: rank {group.rank()}: rank 0 stopped the server", file=sys.stderr, flush=True)
-    return 0
-

@@ -89,18 +89,9 @@ def serve(
 
     with user_errors():
         from ..distributed import world
-        from ..server import model_loader
-        from ..speculative import DEFAULT_NUM_DRAFT_TOKENS
-
-        group = world()  # under mlx.launch: every process loads its shard; rank 0 serves
-        if group is not None and group.rank() != 0:
-            from ..server_distributed import serve_follower
-
-            loader = model_loader(model, adapter_path, strict_memory, draft_model)
-            raise typer.Exit(serve_follower(loader, prefill_step_size=prefill_step_size, debug=debug_enabled(),
-                                            num_draft_tokens=num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS))
-        from ..server import ServerConfig
+        from ..server import ServerConfig, serve_follower
         from ..server import serve as run_server
+        from ..speculative import DEFAULT_NUM_DRAFT_TOKENS
 
         config = ServerConfig(
             host=host, port=port, model_name=served_model_name, max_body_bytes=max_body_bytes,
@@ -109,6 +100,11 @@ def serve(
             max_connections=max_connections, timeout=timeout, prefill_step_size=prefill_step_size, quiet=quiet,
             debug=debug_enabled(), num_draft_tokens=num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS,
         )
-        code = run_server(config, model, adapter_path=adapter_path, strict_memory=strict_memory,
-                          draft_model=draft_model, group=group)
+        group = world()  # under mlx.launch every process loads its shard; rank 0 serves, the others follow
+        if group is not None and group.rank() != 0:
+            code = serve_follower(config, model, adapter_path=adapter_path, strict_memory=strict_memory,
+                                  draft_model=draft_model)
+        else:
+            code = run_server(config, model, adapter_path=adapter_path, strict_memory=strict_memory,
+                              draft_model=draft_model, group=group)
     raise typer.Exit(code)
