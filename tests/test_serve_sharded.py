@@ -305,10 +305,19 @@ def test_a_rank_that_dies_mid_generation_ends_the_server(tiny_path, tok, tmp_pat
     assert "Traceback" not in g.log(0), g.logs_text()
 
 
-def test_speculative_decoding_sharded_gives_the_plain_replies(tiny_path, single, tok, tmp_path):
-    """--draft-model (here the model itself, sharded too): the greedy replies of the plain
-    single-process server; a stop string ends both ranks' speculative steps together."""
-    g = Group(tiny_path, tmp_path, extra=["--draft-model", str(tiny_path), "--num-draft-tokens", "2"])
+@pytest.mark.parametrize("drafter", ["gemma4", "mtp"])
+def test_speculative_decoding_sharded_gives_the_plain_replies(drafter, tiny_path, single, tok, tmp_path):
+    """--draft-model (the model itself, sharded too; or an MTP drafter, whole on each rank): the
+    greedy replies of the plain single-process server; a stop string ends both ranks'
+    speculative steps together."""
+    draft = tiny_path
+    if drafter == "mtp":
+        from gemma4_mlx.assistant import random_assistant_config, write_random_assistant
+        from gemma4_mlx.loading import model_args
+
+        config = random_assistant_config(model_args(tiny_path), layers=2, hidden_size=32, ordered=False)
+        draft = write_random_assistant(config, tmp_path / "mtp", seed=1)
+    g = Group(tiny_path, tmp_path, extra=["--draft-model", str(draft), "--num-draft-tokens", "2"])
     try:
         client = Client(g.port())
         body = {"prompt": "Once upon a time", "max_tokens": 12, "logit_bias": no_end_bias(tok)}
