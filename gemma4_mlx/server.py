@@ -20,10 +20,10 @@ What it guarantees (docs/usage.md says it for users):
   finds it full gets 503 with ``Retry-After``; a client that disconnects (or stops reading a
   stream) has its generation cancelled at the next token or prefill chunk.
 * Every request gets an answer (a JSON error when not a result); one request's failure never
-  stops the server.
-* Under ``mlx.launch`` the model is sharded over the processes; rank 0 serves and every other
-  rank runs each of its generations in step with it (:mod:`gemma4_mlx.server_distributed`). Bound to 127.0.0.1 it answers only requests addressed to a loopback name
+  stops the server. Bound to 127.0.0.1 it answers only requests addressed to a loopback name
   (a guard against DNS rebinding) and sends no CORS headers.
+* Under ``mlx.launch`` the model is sharded over the processes; rank 0 serves and every other
+  rank runs each of its generations in step with it (:mod:`gemma4_mlx.server_distributed`).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ class Group:
         hostfile = folder / "hosts.json"
         hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
         env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+               "PYTHONPATH": os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)}
         command = [sys.executable, "-m", "gemma4_mlx.cli", "serve", "--model", str(model), "--port", "0",
                    "--quiet", "--prefill-step-size", str(PREFILL_STEP), *extra]
         self.logs = [folder / f"rank{r}.log" for r in range(n)]
