@@ -22,6 +22,8 @@ What it guarantees (docs/usage.md says it for users):
 * Every request gets an answer (a JSON error when not a result); one request's failure never
   stops the server. Bound to 127.0.0.1 it answers only requests addressed to a loopback name
   (a guard against DNS rebinding) and sends no CORS headers.
+* Under ``mlx.launch`` the model is sharded over the processes; rank 0 serves and every other
+  rank runs each of its generations in step with it (:mod:`gemma4_mlx.server_distributed`).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ from .server_api import (
 )
 from .server_worker import Busy, Failed, Finished, Job, Piece, Worker
 
-__all__ = ["ServerConfig", "ServerApp", "GemmaHTTPServer", "model_loader", "serve"]
+__all__ = ["ServerConfig", "ServerApp", "GemmaHTTPServer", "model_loader", "serve", "serve_follower"]
 
 ROUTES = ("POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models", "GET /health")
 
@@ -98,15 +100,15 @@ class ServerApp:
     """The served model, its limits and the generation worker (everything but HTTP).
 
     ``loader()`` returns ``(model, tokenizer)`` or ``(model, tokenizer, draft_model)``; it runs
-    in the generation thread.
+    in the generation thread. ``lockstep``: rank 0 of a sharded model (the other ranks follow).
     """
 
-    def __init__(self, loader, config: ServerConfig, model_name: str = "gemma4"):
+    def __init__(self, loader, config: ServerConfig, model_name: str = "gemma4", lockstep=None):
         self.config = config
         self.model_name = config.model_name or model_name
         self.created = int(time.time())
         self.worker = Worker(loader, max_queue=config.max_queue, prefill_step_size=config.prefill_step_size,
-                             debug=config.debug, num_draft_tokens=config.num_draft_tokens)
+                             debug=config.debug, num_draft_tokens=config.num_draft_tokens, lockstep=lockstep)
         self.limits: Optional[Limits] = None
 
     def render_chat(self, messages: List[Dict[str, Any]], think: bool,
@@ -673,12 +675,35 @@ class _Terminate(BaseException):
     pass
 
 
+def serve_follower(config: ServerConfig, model: str, adapter_path: Optional[str] = None,
+                   strict_memory: bool = False, draft_model: Optional[str] = None) -> int:
+    """A rank other than 0 of a sharded ``serve``: load this process's shard, then run every
+    generation rank 0 announces, in step with it, until it stops the server (exit 0)."""
+    from .distributed import world
+    from .server_distributed import Lockstep, follow
+
+    group = world()
+    worker = Worker(model_loader(model, adapter_path, strict_memory, draft_model), debug=config.debug,
+                    prefill_step_size=config.prefill_step_size, num_draft_tokens=config.num_draft_tokens)
+    worker.load_models()
+    # Ctrl-C in mlx.launch's terminal reaches every process; rank 0 decides when the group
+    # stops (a process leaving on its own would strand the others in a collective).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    follow(worker, Lockstep(group), debug=config.debug)
+    print(f"gemma4-mlx serve: rank {group.rank()}: rank 0 stopped the server", file=sys.stderr, flush=True)
+    return 0
+
+
 def serve(config: ServerConfig, model: str, adapter_path: Optional[str] = None, strict_memory: bool = False,
-          draft_model: Optional[str] = None) -> int:
+          draft_model: Optional[str] = None, group=None) -> int:
     """Load, check, bind, serve until SIGINT (exit 130) or SIGTERM (exit 0). Every failure before
-    listening is a LoadError/OSError with one line; the caller prints it."""
+    listening is a LoadError/OSError with one line; the caller prints it. ``group``: this is rank
+    0 of a sharded model (the other ranks run :func:`gemma4_mlx.server_distributed.serve_follower`);
+    a rank that leaves the group stops the server (exit 1)."""
+    from .server_distributed import Lockstep
+
     app = ServerApp(model_loader(model, adapter_path, strict_memory, draft_model), config,
-                    model_name=served_name(model))
+                    model_name=served_name(model), lockstep=None if group is None else Lockstep(group))
     try:
         app.start()
     except KeyboardInterrupt:
@@ -704,11 +729,16 @@ def serve(config: ServerConfig, model: str, adapter_path: Optional[str] = None, 
     def terminate(signum, frame):
         raise _Terminate
 
+    # The group broke: leave serve_forever (from another thread: shutdown() waits for it).
+    app.worker.on_fatal = lambda why: threading.Thread(target=httpd.shutdown, daemon=True).start()
+    if app.worker.fatal is not None:
+        app.worker.on_fatal(app.worker.fatal)
     previous = signal.signal(signal.SIGTERM, terminate)
     drafting = (f"; speculative decoding with {draft_model}, {config.num_draft_tokens} drafted tokens per step"
                 if draft_model is not None else "")
+    sharded = "" if group is None else f"; sharded over {group.size()} processes"
     print(f"gemma4-mlx serve: {app.model_name} on {httpd.url} (POST /v1/chat/completions, /v1/completions; "
-          f"GET /v1/models, /health){drafting}; Ctrl-C stops", file=sys.stderr, flush=True)
+          f"GET /v1/models, /health){drafting}{sharded}; Ctrl-C stops", file=sys.stderr, flush=True)
     code = 0
     try:
         httpd.serve_forever(poll_interval=0.5)
@@ -731,4 +761,7 @@ def serve(config: ServerConfig, model: str, adapter_path: Optional[str] = None, 
         if not stopped:
             print("gemma4-mlx serve: the generation did not stop within 60 s; exiting", file=sys.stderr, flush=True)
             os._exit(code)
+    if app.worker.fatal is not None:
+        print(f"error: {app.worker.fatal}", file=sys.stderr, flush=True)
+        return 1
     return code

@@ -4,6 +4,11 @@
 model (the same tokens under greedy sampling), cancellable between prefill chunks and between
 tokens.
 
+Under ``mlx.launch`` (a model sharded over several processes) the worker runs on rank 0 with a
+:class:`~gemma4_mlx.server_distributed.Lockstep`: it announces each job to the other ranks, and
+every prefill step and token ends with an agreement, so all ranks stop at the same step
+(:mod:`gemma4_mlx.server_distributed`).
+
 A job's output is a stream of events on ``job.events``: :class:`Piece` (text, reasoning, tool
 calls and logprobs of one token), then one :class:`Finished` or :class:`Failed`. Whatever a job
 does, the thread survives it and takes the next one.
@@ -27,6 +32,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .chat_format import ReasoningParser
 from .server_api import GenerationRequest
+from .server_distributed import IDLE_TICK, GroupLost, group_failure
 from .tools import TOOL_CALL_START, TOOL_RESPONSE_START, ToolCall, ToolCallParser
 
 LOGPROB_FLOOR = -9999.0  # what a -inf log-probability is reported as (JSON has no -inf)
@@ -108,12 +114,17 @@ class Worker:
     The thread first calls ``loader()`` for ``(model, tokenizer)`` or ``(model, tokenizer,
     draft_model)``: MLX streams belong to the thread that made them, so the models are built
     where they will run (as mlx_lm.server does). With a draft model every job is decoded
-    speculatively, ``num_draft_tokens`` proposals per step.
+    speculatively, ``num_draft_tokens`` proposals per step. With a ``lockstep`` (rank 0 of a
+    sharded model) the other ranks run every job with it.
     """
 
     def __init__(self, loader: Callable[[], Tuple[Any, ...]], max_queue: int = 8,
-                 prefill_step_size: int = 2048, debug: bool = False, num_draft_tokens: int = 3):
+                 prefill_step_size: int = 2048, debug: bool = False, num_draft_tokens: int = 3,
+                 lockstep=None):
         self._loader = loader
+        self.lockstep = lockstep
+        self.fatal: Optional[str] = None  # why the thread cannot serve any more (a rank of the group is gone)
+        self.on_fatal: Optional[Callable[[str], None]] = None  # told when it breaks (the server stops)
         self.model = None
         self.tokenizer = None
         self.draft_model = None
@@ -147,7 +158,8 @@ class Worker:
             raise self._load_error
 
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._parked.is_set() and not self._stopping.is_set()
+        return (self._thread.is_alive() and not self._parked.is_set() and not self._stopping.is_set()
+                and self.fatal is None)
 
     @property
     def load(self) -> int:
@@ -183,19 +195,24 @@ class Worker:
         return self._parked.is_set() or not self._thread.is_alive()
 
     # -- the thread ----------------------------------------------------------------------------
-    def _load(self) -> bool:
+    def load_models(self) -> None:
+        """Run the loader in this thread (the one that will run the model) and read what jobs
+        need from the tokenizer."""
         from .generation import end_token_ids
 
+        loaded = tuple(self._loader())
+        self.model, self.tokenizer = loaded[:2]
+        self.draft_model = loaded[2] if len(loaded) > 2 else None
+        self.end_ids = set(int(i) for i in end_token_ids(self.model, self.tokenizer))
+        vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+        self.tool_call_id = vocab.get(TOOL_CALL_START)
+        self.handover_id = vocab.get(TOOL_RESPONSE_START)
+        newline = list(self.tokenizer.encode("\n", add_special_tokens=False))
+        self._xtc_special = newline + sorted(self.end_ids)
+
+    def _load(self) -> bool:
         try:
-            loaded = tuple(self._loader())
-            self.model, self.tokenizer = loaded[:2]
-            self.draft_model = loaded[2] if len(loaded) > 2 else None
-            self.end_ids = set(int(i) for i in end_token_ids(self.model, self.tokenizer))
-            vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
-            self.tool_call_id = vocab.get(TOOL_CALL_START)
-            self.handover_id = vocab.get(TOOL_RESPONSE_START)
-            newline = list(self.tokenizer.encode("\n", add_special_tokens=False))
-            self._xtc_special = newline + sorted(self.end_ids)
+            self.load_models()
             return True
         except BaseException as e:  # noqa: BLE001 - reported by start() in the caller's thread
             self._load_error = e
@@ -207,6 +224,14 @@ class Worker:
         try:
             if self._load():
                 self._serve()
+                if self.lockstep is not None:
+                    self.lockstep.stop()  # the other ranks exit
+        except GroupLost as e:
+            self._broken(str(e))
+        except Exception as e:  # noqa: BLE001 - a bug of ours: without this thread nothing is served
+            if self.debug:
+                traceback.print_exc()
+            self._broken(f"the generation thread failed ({type(e).__name__}: {e})")
         finally:
             # Park instead of ending: a thread that used MLX's thread-local stream and ends
             # right before the process exits races MLX's teardown of that stream, which aborts
@@ -215,9 +240,24 @@ class Worker:
             self._parked.set()
             threading.Event().wait()
 
+    def _broken(self, why: str) -> None:
+        self.fatal = why
+        self._stopping.set()
+        if self.on_fatal is not None:
+            self.on_fatal(why)
+
+    def _next_job(self) -> Optional[Job]:
+        if self.lockstep is None:
+            return self._jobs.get()
+        try:
+            return self._jobs.get(timeout=IDLE_TICK)
+        except queue.Empty:
+            self.lockstep.idle()  # the other ranks wait for a word; they sleep between ticks
+            return None
+
     def _serve(self) -> None:
         while not self._stopping.is_set():
-            job = self._jobs.get()
+            job = self._next_job()
             if job is None:
                 continue
             if self._stopping.is_set():
@@ -228,11 +268,19 @@ class Worker:
                 continue
             self._current = job
             try:
+                if self.lockstep is not None:
+                    self.lockstep.announce(job.request)
                 finished = self._generate(job)
                 self._finish(job, "finished", finished)
             except Cancelled:
                 self._finish(job, "cancelled", Failed(499, "cancelled"))
+            except GroupLost as e:
+                self._finish(job, "failed", Failed(503, f"the server is stopping: {e}"))
+                raise
             except BaseException as e:  # noqa: BLE001 - one job's failure is never the server's
+                if self.lockstep is not None and group_failure(e):
+                    self._finish(job, "failed", Failed(503, f"the server is stopping: {GroupLost.of(e, 0)}"))
+                    raise GroupLost.of(e, 0) from e
                 line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 print(f"gemma4-mlx serve: generation failed: {type(e).__name__}: {line}", file=sys.stderr)
                 if self.debug:
@@ -261,8 +309,22 @@ class Worker:
         if job.cancel.is_set() or self._stopping.is_set():
             raise Cancelled
 
-    def _generate(self, job: Job) -> Finished:
-        r = job.request
+    def _agreed(self, decide: Callable[..., Any], token: int, *args) -> bool:
+        """``decide(*args)`` (True: the generation stops here), told to the other ranks of a
+        sharded model so that they stop at this step too, whether it raises or not."""
+        if self.lockstep is None:
+            return bool(decide(*args))
+        try:
+            stop = bool(decide(*args))
+        except BaseException:
+            self.lockstep.step(True, token)
+            raise
+        return self.lockstep.step(stop, token)
+
+    def steps(self, r: GenerationRequest, on_prefill: Callable[[int, int], None], job: Optional[Job] = None):
+        """``(token, logprobs)`` of request ``r``: seeded, sampled and processed as it asks;
+        ``on_prefill(done, total)`` runs between prefill steps (it may raise to stop). Rank 0
+        and the other ranks of a sharded model build their steps here, the same way."""
         if r.seed is not None:
             mx.random.seed(r.seed)
         vocab = getattr(getattr(self.model, "args", None), "vocab_size", None)
@@ -277,10 +339,15 @@ class Worker:
         )
         if r.tools and r.tool_choice == "none" and self.tool_call_id is not None:
             processors.append(self._ban(self.tool_call_id))  # tools declared, but no call may start
+        return self._steps(r, sampler, processors, on_prefill, job)
+
+    def _generate(self, job: Job) -> Finished:
+        r = job.request
         ends = set(self.end_ids)
         if r.tools and self.handover_id is not None:
             ends.add(self.handover_id)  # after its calls the model waits for their results
-        steps = self._steps(job, sampler, processors)
+        # cancelled between prefill steps
+        steps = self.steps(r, lambda done, total: self._agreed(self._check, -1, job), job)
         detok = self.tokenizer.detokenizer
         detok.reset()
         stopper = StopMatcher(r.stop)
@@ -307,23 +374,27 @@ class Worker:
                 job.events.put(Piece(text, reasoning, logprobs, calls))
 
         finish, cut = "length", False
+
+        def take(token: int, logprobs) -> bool:
+            """One token to the client; True when the reply ends with it."""
+            nonlocal finish, cut
+            self._check(job)
+            job.generated += 1
+            if token in ends:  # the end marker is never part of the output
+                finish = "stop"
+                return True
+            lp = [self._logprob_entry(token, logprobs, r.top_logprobs)] if r.logprobs else None
+            detok.add_token(token)
+            text, cut = stopper.feed(detok.last_segment)
+            emit(text, lp)
+            if cut or (made and not r.parallel_tool_calls):  # a stop string; the one call asked for
+                finish = "stop"
+                return True
+            return False
+
         try:
             for token, logprobs in steps:
-                self._check(job)
-                token = int(token)
-                job.generated += 1
-                if token in ends:  # the end marker is never part of the output
-                    finish = "stop"
-                    break
-                lp = [self._logprob_entry(token, logprobs, r.top_logprobs)] if r.logprobs else None
-                detok.add_token(token)
-                text, cut = stopper.feed(detok.last_segment)
-                emit(text, lp)
-                if cut:
-                    finish = "stop"
-                    break
-                if made and not r.parallel_tool_calls:  # one call asked for: the reply ends with it
-                    finish = "stop"
+                if self._agreed(take, int(token), int(token), logprobs):
                     break
         finally:
             steps.close()
@@ -341,10 +412,8 @@ class Worker:
             finish = "tool_calls"
         return Finished(finish, len(r.prompt), job.generated)
 
-    def _steps(self, job: Job, sampler, processors):
-        """``(token, logprobs)`` of the job: mlx-lm's step, or the exact speculative one."""
-        r = job.request
-        progress = lambda done, total: self._check(job)  # noqa: E731 - cancelled between prefill steps
+    def _steps(self, r: GenerationRequest, sampler, processors, progress, job: Optional[Job]):
+        """``(token, logprobs)``: mlx-lm's step, or the exact speculative one (counted in ``job``)."""
         if self.draft_model is None:
             return generate_step(
                 mx.array(r.prompt), self.model, max_tokens=r.max_tokens, sampler=sampler,
@@ -361,7 +430,8 @@ class Worker:
             )
             try:
                 for token, logprobs, from_draft in steps:
-                    job.drafted += bool(from_draft)
+                    if job is not None:
+                        job.drafted += bool(from_draft)
                     yield token, logprobs
             finally:
                 steps.close()

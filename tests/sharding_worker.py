@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,18 @@ from typing import Dict, List
 
 import mlx.core as mx
 import numpy as np
+
+
+def free_ports(n: int) -> List[int]:
+    """n local ports free now (for a ring hostfile: what ``mlx.launch --backend ring`` writes)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def greedy_run(model, prompt: List[int], steps: int, modes=("0", "1"), forward: bool = True) -> Dict[str, np.ndarray]:

@@ -130,5 +130,8 @@ else:
     raise AssertionError("a top-level custom_kernels package is importable: " + custom_kernels.__file__)
 print("ok")
 """
-    r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    # Without PYTHONPATH: a checkout on it (a worktree run with PYTHONPATH=checkout) would make its
+    # top-level custom_kernels folder importable whatever the wheel holds.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

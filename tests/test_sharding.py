@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 from gemma4_mlx import sharding
 from gemma4_mlx.config import FULL, SLIDING
 from gemma4_mlx.distributed import _ErrorsOnly, launched_rank, quiet_other_ranks
-from sharding_worker import batch_tokens, greedy_run
+from sharding_worker import batch_tokens, free_ports, greedy_run
 
 HERE = Path(__file__).parent
 WORKER = HERE / "sharding_worker.py"
@@ -103,21 +102,10 @@ def _param_bytes(model) -> int:
 
 
 # -- launching a group -----------------------------------------------------------------------
-def _free_ports(n: int):
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def run_group(n: int, job: dict, tmp_path: Path):
     """Run the worker as an n-process ring group; returns each rank's (returncode, output)."""
     hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps({"size": n, "out": str(tmp_path), **job}))
     env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
@@ -240,7 +228,7 @@ def test_generate_under_mlx_launch(ckpts, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
     command = [sys.executable, "-m", "gemma4_mlx.cli"] + args
     for _ in range(3):  # the launcher listens on ports p and p+1: retry if another process took one
-        port = min(_free_ports(1)[0], 65000)
+        port = min(free_ports(1)[0], 65000)
         launched = subprocess.run(_mlx_launch() + ["--backend", "ring", "-n", "2", "-p", str(port), "--"] + command,
                                   env=env, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
         if "Address already in use" not in launched.stderr:

@@ -60,7 +60,8 @@ def serve(
     """OpenAI-compatible HTTP API for one Gemma 4 model: POST /v1/chat/completions (tools and
     tool_calls included) and /v1/completions (streaming or not), GET /v1/models and /health.
     Thinking is off unless a request turns it on (chat_template_kwargs.enable_thinking or
-    reasoning_effort). See docs/usage.md."""
+    reasoning_effort). Under mlx.launch the model is split over the processes and rank 0 serves.
+    See docs/usage.md."""
     from ..generation import check_generation_options, check_sampling
 
     for name, value, lo in (("--max-tokens", max_tokens, 1), ("--max-prompt-tokens", max_prompt_tokens, 1),
@@ -88,13 +89,7 @@ def serve(
 
     with user_errors():
         from ..distributed import world
-
-        if world() is not None:
-            # Every rank would answer its own clients and the ranks' collectives would fall out of
-            # step; mlx-lm's server hands rank 0's requests to the others.
-            raise ValueError("gemma4-mlx serve runs in one process; under mlx.launch use "
-                             "`gemma4-mlx mlx-lm server --model M` (mlx-lm's server on this model, sharded)")
-        from ..server import ServerConfig
+        from ..server import ServerConfig, serve_follower
         from ..server import serve as run_server
         from ..speculative import DEFAULT_NUM_DRAFT_TOKENS
 
@@ -105,6 +100,11 @@ def serve(
             max_connections=max_connections, timeout=timeout, prefill_step_size=prefill_step_size, quiet=quiet,
             debug=debug_enabled(), num_draft_tokens=num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS,
         )
-        code = run_server(config, model, adapter_path=adapter_path, strict_memory=strict_memory,
-                          draft_model=draft_model)
+        group = world()  # under mlx.launch every process loads its shard; rank 0 serves, the others follow
+        if group is not None and group.rank() != 0:
+            code = serve_follower(config, model, adapter_path=adapter_path, strict_memory=strict_memory,
+                                  draft_model=draft_model)
+        else:
+            code = run_server(config, model, adapter_path=adapter_path, strict_memory=strict_memory,
+                              draft_model=draft_model, group=group)
     raise typer.Exit(code)
