@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -40,9 +41,17 @@ _builds: Dict[Tuple[str, str], Future] = {}
 _arch: Optional[str] = None
 
 
-# MLX versions whose generated ``cuda_kernel`` source and cache layout the seeding reproduces
-# (checked on a GPU by bench/seed_check.py: MLX's printed source hashes to the seeded module).
-SEED_CHECKED_MLX = ("0.32.",)
+# MLX versions whose generated ``cuda_kernel`` source and cache layout the seeding reproduces:
+# from 0.32.1 (which named the module after its source's hash; 0.32.0 used the kernel's name
+# alone) through the 0.32 series; checked on a GPU with 0.32.4 by bench/seed_check.py (MLX's
+# printed source hashes to the seeded module).
+SEED_CHECKED_MLX = ((0, 32, 1), (0, 33, 0))  # [from, before)
+
+
+def _mlx_version() -> tuple:
+    """MLX's (major, minor, patch); (0, 0, 0) when it does not read as one."""
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", mx.__version__)
+    return tuple(int(g) for g in match.groups()) if match else (0, 0, 0)
 
 
 def mode() -> str:
@@ -57,7 +66,8 @@ def mode() -> str:
     if raw == "seed":
         return "seed"
     if raw in ("", "auto"):
-        return "seed" if mx.__version__.startswith(SEED_CHECKED_MLX) else "own"
+        low, high = SEED_CHECKED_MLX
+        return "seed" if low <= _mlx_version() < high else "own"
     return "own"
 
 
