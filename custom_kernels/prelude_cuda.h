@@ -22,6 +22,22 @@ K_INLINE float k_rsqrt(float x) { return rsqrtf(x); }
 K_INLINE float k_cos(float x) { return float(cos(double(x))); }
 K_INLINE float k_sin(float x) { return float(sin(double(x))); }
 K_INLINE float k_tanh(float x) { return tanhf(x); }
+// Eight values p[0], p[s], ..., p[7 s] as float: one 16-byte load (two for 4-byte types) when
+// they are contiguous and the address is 16-byte aligned, else eight scalar loads.
+template <typename T>
+K_INLINE void k_load8(const T* p, int s, float* v) {
+  if (s == 1 && (size_t(p) & size_t(15)) == 0) {
+    uint4 u[2];
+    u[0] = reinterpret_cast<const uint4*>(p)[0];
+    if (sizeof(T) == 4) {
+      u[1] = reinterpret_cast<const uint4*>(p)[1];
+    }
+    const T* e = reinterpret_cast<const T*>(u);
+    for (int j = 0; j < 8; j++) v[j] = static_cast<float>(e[j]);
+  } else {
+    for (int j = 0; j < 8; j++) v[j] = static_cast<float>(p[j * s]);
+  }
+}
 // @@SOURCE
   const int k_bx = int(blockIdx.x);
   const int k_by = int(blockIdx.y);

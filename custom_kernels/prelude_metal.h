@@ -15,6 +15,11 @@ K_INLINE float k_rsqrt(float x) { return metal::precise::rsqrt(x); }
 K_INLINE float k_cos(float x) { return metal::precise::cos(x); }
 K_INLINE float k_sin(float x) { return metal::precise::sin(x); }
 K_INLINE float k_tanh(float x) { return metal::precise::tanh(x); }
+// Eight values p[0], p[s], ..., p[7 s] as float (the CUDA prelude's one uses vector loads).
+template <typename T>
+K_INLINE void k_load8(const device T* p, int s, thread float* v) {
+  for (int j = 0; j < 8; j++) v[j] = static_cast<float>(p[j * s]);
+}
 // @@SOURCE
   const int k_bx = int(threadgroup_position_in_grid.x);
   const int k_by = int(threadgroup_position_in_grid.y);

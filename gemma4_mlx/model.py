@@ -178,14 +178,12 @@ class DecoderLayer(nn.Module):
 
         if self.plan.has_ple:
             h = ops.residual_norm(h, ff, self.post_feedforward_layernorm.weight, None, eps)
-            gated = ops.ple_gate(ops.linear(self.per_layer_input_gate, h), per_layer_input)
-            projected = ops.linear(self.per_layer_projection, gated)
-            if trace is not None:
-                trace["ple"] = projected
-            branch, branch_norm = projected, self.post_per_layer_input_norm.weight
+            # gate projection, gelu gate, projection back, close: one launch in the decode step
+            # when the ple_tail kernel is on, else these four ops
+            out = ops.ple_tail(self.per_layer_input_gate, self.per_layer_projection, h, per_layer_input,
+                               self.post_per_layer_input_norm.weight, self.layer_scalar, eps, next_norm, trace)
         else:
-            branch, branch_norm = ff, self.post_feedforward_layernorm.weight
-        out = ops.residual_norm(h, branch, branch_norm, self.layer_scalar, eps, next_norm)
+            out = ops.residual_norm(h, ff, self.post_feedforward_layernorm.weight, self.layer_scalar, eps, next_norm)
         if next_norm is None:
             return out, None, kv
         return out[0], out[1], kv

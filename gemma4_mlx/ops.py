@@ -151,6 +151,36 @@ def _rows(x: mx.array) -> int:
     return x.size // x.shape[-1]
 
 
+PLE_TAIL_MAX_ROWS = 8
+
+
+def _plain_linear(module: nn.Module, dtype) -> bool:
+    """An exact ``nn.Linear`` without bias whose weight has ``dtype`` (not LoRA, quantized, ...)."""
+    return type(module) is nn.Linear and "bias" not in module and module["weight"].dtype == dtype
+
+
+def ple_tail(gate: nn.Module, projection: nn.Module, h: mx.array, per_layer_input: mx.array,
+             norm_weight: mx.array, scalar: Optional[mx.array], eps: float,
+             next_weight: Optional[mx.array] = None, trace: Optional[dict] = None):
+    """A PLE layer's close: ``residual_norm(h, projection(ple_gate(gate(h), per_layer_input)),
+    norm_weight, scalar, eps, next_weight)``. Inside the decode step, for few rows and plain
+    float projections of h's dtype, the ``ple_tail`` kernel does it in one launch (off by
+    default); everywhere else (and when it is off or fails its check) this op sequence runs."""
+
+    def chain(h, per_layer_input, *_):
+        projected = linear(projection, ple_gate(linear(gate, h), per_layer_input))
+        if trace is not None:
+            trace["ple"] = projected
+        return residual_norm(h, projected, norm_weight, scalar, eps, next_weight)
+
+    k = _gpu_kernels()
+    if (k is not None and trace is None and _rows(h) <= PLE_TAIL_MAX_ROWS
+            and _plain_linear(gate, h.dtype) and _plain_linear(projection, h.dtype)):
+        return k.ple_tail(h, per_layer_input, gate["weight"], projection["weight"], norm_weight, scalar, eps,
+                          next_weight, fallback=chain)
+    return chain(h, per_layer_input)
+
+
 def linear(module: nn.Module, x: mx.array) -> mx.array:
     """``module(x)``; inside the decode step a plain (no bias, not LoRA, ...) float or affine
     4/8-bit projection of few rows may go through the matvec kernels (``mv``, ``qmv``; both off

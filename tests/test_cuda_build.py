@@ -18,7 +18,8 @@ from gemma4_mlx.kernels import cuda_build, dispatch, nvrtc
 
 pytestmark = pytest.mark.skipif(not nvrtc.available(), reason="NVRTC not installed (pip install nvidia-cuda-nvrtc)")
 
-_m = {n: sys.modules[f"gemma4_mlx.kernels.{n}"] for n in ("rope", "attention", "ple", "residual", "mv", "qmv")}
+_m = {n: sys.modules[f"gemma4_mlx.kernels.{n}"]
+      for n in ("rope", "attention", "ple", "residual", "mv", "qmv", "ple_tail")}
 DTYPES = ["mlx.core.float32", "mlx.core.float16", "mlx.core.bfloat16"]
 
 
@@ -38,6 +39,8 @@ def _cases():
         yield mv.matvec_kernel, mv._probe((dt, 4, 1))
         for bits, gs in ((4, 64), (8, 32)):
             yield qmv.quantized_matvec_kernel, qmv._probe((dt, bits, gs, 4, 1))
+        for HD, scaled, nxt in ((1536, True, True), (1536, True, False), (2560, True, True), (2560, False, False)):
+            yield _m["ple_tail"].ple_tail_kernel, _m["ple_tail"]._probe((dt, dt, dt, HD, 256, scaled, nxt))
 
 
 @pytest.fixture

@@ -183,6 +183,63 @@ def test_logits_with_kernels_equal_logits_without(dtype, monkeypatch):
     dispatch.reset()
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_decode_with_ple_tail_equals_decode_without(dtype, monkeypatch):
+    """The one-launch PLE close (``ple_tail``, off by default) switched on gives the compiled decode
+    step's logits with it off. On a GPU the kernel runs against the default kernel set
+    (``GEMMA4_MLX_KERNELS_DISABLE=mv,qmv`` against ``mv,qmv,ple_tail``); on the CPU the backend is
+    forced, every other kernel switched off and the kernel replaced by its reference, which checks
+    the wiring (dry run, self-check, the traced step taking it for every PLE layer)."""
+    import contextlib
+
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx.kernels import dispatch
+
+    gpu = dispatch.active_backend() is not None
+    others = "mv,qmv" if gpu else ("mv,qmv,q_norm_rope,kv_norm_rope,attention,attention_prefix,ple_combine,"
+                                   "ple_gate,residual_norm")
+    model = _kernel_shaped_model(seed=2)
+    HD = model.args.hidden_size
+    ids = mx.array(np.random.default_rng(3).integers(0, model.args.vocab_size, size=(1, 40)))
+    calls = []
+
+    def spy(*args):
+        if tuple(args[0].shape) == (1, 1, HD):  # not the self-check's probe
+            calls.append(1)
+        return (K.ple_tail_kernel if gpu else K.ple_tail_reference)(*args)
+
+    def run(mode, disable):
+        monkeypatch.setenv("GEMMA4_MLX_KERNELS", mode)
+        monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", disable)
+        monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+        dispatch.reset()
+        model.reset_compiled()
+        with contextlib.ExitStack() as stack:
+            if not gpu:
+                stack.enter_context(dispatch.force_backend("cuda"))
+            stack.enter_context(dispatch.override_kernel("ple_tail", spy))
+            cache = model.make_cache()
+            out = [model(ids[:, :30], cache=cache)]
+            out += [model(ids[:, i : i + 1], cache=cache) for i in range(30, 40)]
+            return np.concatenate([np.array(o.astype(mx.float32)) for o in out], axis=1)
+
+    truth = run("off", "")  # float32, MLX ops
+    model.set_dtype(dtype)
+    off = run("auto", others + ",ple_tail")
+    assert calls == []
+    on = run("auto", others)
+    n_ple = sum(p.has_ple for p in model.args.plan)
+    assert n_ple > 0 and len(calls) >= n_ple  # traced once: every PLE layer took the kernel
+    assert all(ok for k, (ok, _) in dispatch.verdicts().items() if k[0] == "ple_tail")
+    if dtype == mx.float32:
+        tol = GPU_F32_TOL if gpu else 1e-4
+        assert np.max(np.abs(on - off)) <= tol * np.max(np.abs(off)), np.max(np.abs(on - off))
+    else:
+        err_on, err_off = np.abs(on - truth).max(), np.abs(off - truth).max()
+        assert err_on <= 1.5 * err_off + 1e-2, (err_on, err_off)
+    dispatch.reset()
+
+
 @pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")  # the kernels without a spy cannot build here
 def test_kernels_run_only_in_the_compiled_step(monkeypatch):
     """Kernel launches cost Python time per call, and a kernel used before the first token would

@@ -267,6 +267,120 @@ def test_model_ops_fall_back_to_the_mlx_op_sequence_not_the_oracle(how, monkeypa
     assert mx.array_equal(got[0], want[0]) and mx.array_equal(got[1], want[1])
 
 
+def _ple_tail_inputs(B, L, HD, P, dtype, scaled, nxt, seed=0):
+    """h, a strided per-layer slice, both weights (E2B-like scales), the norm weights, the scalar."""
+    h = rnd((B, L, HD), dtype, 2.0, seed=seed)
+    pli = rnd((B, L, 5, P), dtype, seed=seed + 1)[:, :, 3, :]
+    wg = rnd((P, HD), dtype, 0.05, seed=seed + 2)
+    wp = rnd((HD, P), dtype, 0.05, seed=seed + 3)
+    w = (1 + rnd((HD,), mx.float32, 0.3, seed=seed + 4)).astype(dtype)
+    wn = (1 + rnd((HD,), mx.float32, 0.3, seed=seed + 5)).astype(dtype) if nxt else None
+    ls = mx.array([0.7], dtype=dtype) if scaled else None
+    return h, pli, wg, wp, w, ls, 1e-6, wn
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("nxt", [False, True], ids=["out", "out+next"])
+@pytest.mark.parametrize("B,L", [(1, 1), (1, 3), (2, 4)])
+def test_ple_tail_reference_is_the_op_chain(B, L, nxt, dtype):
+    """The reference is the four-op chain it fuses (matvec, ple_gate, matvec, residual_norm through
+    their references), bit for bit, and close to float64 numpy math."""
+    h, pli, wg, wp, w, ls, eps, wn = _ple_tail_inputs(B, L, 160, 64, dtype, True, nxt)
+    got = K.ple_tail_reference(h, pli, wg, wp, w, ls, eps, wn)
+    gate = K.matvec_reference(h, wg)
+    projected = K.matvec_reference(K.ple_gate_reference(gate, pli), wp)
+    want = K.residual_norm_reference(h, projected, w, ls, eps, wn)
+    got, want = (got, want) if nxt else ((got,), (want,))
+    assert len(got) == len(want) == (2 if nxt else 1)
+    for g, r in zip(got, want):
+        assert g.dtype == dtype and g.shape == (B, L, 160) and mx.array_equal(g, r)
+    # float64 math (no intermediate rounding): within the dtype's tolerance
+    g64 = gelu_np(f64(h) @ f64(wg).T) * f64(pli)
+    out = (f64(h) + np_rms(g64 @ f64(wp).T, f64(w), eps)) * 0.7
+    assert_close(got[0], out, dtype, "ple_tail out")
+    if nxt:
+        assert_close(got[1], np_rms(out, f64(wn), eps), dtype, "ple_tail next")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_ops_ple_tail_is_the_unfused_sequence(dtype):
+    """On the MLX path (CPU, kernels off, ple_tail switched off) ops.ple_tail is exactly the four
+    ops the layer ran before it (same graph), and close to the reference."""
+    import mlx.nn as nn
+
+    from gemma4_mlx import ops
+
+    h, pli, wg, wp, w, ls, eps, wn = _ple_tail_inputs(1, 2, 128, 64, dtype, True, True, seed=3)
+    gate, proj = nn.Linear(128, 64, bias=False), nn.Linear(64, 128, bias=False)
+    gate.weight, proj.weight = wg, wp
+    record = {}
+    out, nrm = ops.ple_tail(gate, proj, h, pli, w, ls, eps, wn, trace=record)
+    projected = proj(ops.geglu(gate(h), pli))
+    seq = (h + mx.fast.rms_norm(projected, w, eps)) * ls
+    assert mx.array_equal(record["ple"], projected)
+    assert mx.array_equal(out, seq) and mx.array_equal(nrm, mx.fast.rms_norm(seq, wn, eps))
+    with step_context.kernel_scope():  # on the CPU no kernel may run: the same sequence
+        out2, nrm2 = ops.ple_tail(gate, proj, h, pli, w, ls, eps, wn)
+    assert mx.array_equal(out2, out) and mx.array_equal(nrm2, nrm)
+    ref = K.ple_tail_reference(h, pli, wg, wp, w, ls, eps, wn)
+    assert_close(out, ref[0], dtype, "ops.ple_tail out")
+    assert_close(nrm, ref[1], dtype, "ops.ple_tail next")
+
+
+@pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
+def test_ple_tail_reaches_the_kernel_only_for_plain_float_projections(monkeypatch):
+    """Inside the decode step, with ple_tail switched on, exact bias-free nn.Linear projections of
+    h's dtype and few rows take the kernel; a LoRA layer, a quantized one, a bias, other dtypes,
+    many rows, a trace, the default switches or a call outside the step take the op chain."""
+    import mlx.nn as nn
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from gemma4_mlx import ops
+
+    calls = []
+
+    def spy(*args):
+        calls.append(tuple(args[0].shape))
+        return K.ple_tail_reference(*args)
+
+    HD, P = 128, 64
+    gate, proj = nn.Linear(HD, P, bias=False), nn.Linear(P, HD, bias=False)
+    h, pli, _, _, w, ls, eps, wn = _ple_tail_inputs(1, 1, HD, P, mx.float32, True, True, seed=9)
+    lora = LoRALinear.from_base(nn.Linear(HD, P, bias=False), r=4)
+    lora.lora_b = mx.ones_like(lora.lora_b)
+    qgate = nn.QuantizedLinear(HD, P, bias=False, group_size=64, bits=4)
+    biased = nn.Linear(HD, P, bias=True)
+    half, half_proj = nn.Linear(HD, P, bias=False), nn.Linear(P, HD, bias=False)
+    half.set_dtype(mx.float16)
+    half_proj.set_dtype(mx.float16)
+
+    def tail(g, p, x=h, y=pli, **kw):
+        return ops.ple_tail(g, p, x, y, w, ls, eps, wn, **kw)
+
+    monkeypatch.delenv("GEMMA4_MLX_KERNELS_DISABLE", raising=False)
+    with dispatch.force_backend("cuda"), dispatch.kernels_mode("auto"), dispatch.override_kernel("ple_tail", spy):
+        with step_context.kernel_scope():
+            mx.eval(tail(gate, proj))
+        assert calls == []  # off by default
+        monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "mv,qmv,q_norm_rope,kv_norm_rope,attention,"
+                           "attention_prefix,ple_combine,ple_gate,residual_norm")
+        mx.eval(tail(gate, proj))
+        assert calls == []  # outside the decode step
+        with step_context.kernel_scope():
+            out, nrm = tail(gate, proj)
+            want = tail(gate, proj, trace={})  # a trace: the op chain (records the projection)
+            assert (1, 1, HD) in calls and len(calls) == 2  # the probe, then the call
+            np.testing.assert_allclose(np.array(out), np.array(want[0]), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(np.array(nrm), np.array(want[1]), rtol=1e-4, atol=1e-4)
+            n = len(calls)
+            for g, p in ((lora, proj), (qgate, proj), (biased, proj), (half, proj), (gate, half_proj)):
+                mx.eval(tail(g, p))
+            many = rnd((1, 9, HD), seed=1), rnd((1, 9, P), seed=2)
+            mx.eval(tail(gate, proj, *many))
+            assert len(calls) == n
+    dispatch.reset()
+
+
 # ------------------------------------------------ kernels vs references (GPU)
 
 gpu_only = pytest.mark.skipif(not GPU, reason="no MLX GPU backend (Metal/CUDA): kernels cannot run here")
@@ -473,6 +587,55 @@ def test_residual_norm_kernel(rows, HD, scaled, nxt, dtype):
         assert_close(out, ref, dtype, "residual_norm out")
 
 
+PLE_TAIL_CASES = [(1, 1, 1536, 256), (1, 1, 2560, 256), (1, 3, 1536, 256), (2, 4, 1536, 256), (1, 1, 128, 64),
+                  (1, 2, 200, 24)]
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", PLE_TAIL_CASES, ids=[f"B{b}L{l}HD{hd}P{p}" for b, l, hd, p in PLE_TAIL_CASES])
+@pytest.mark.parametrize("scaled,nxt", [(True, True), (True, False), (False, False)],
+                         ids=["scalar+next", "scalar", "plain"])
+def test_ple_tail_kernel(case, scaled, nxt, dtype):
+    """The kernel against its reference on E2B (1536 / 256) and E4B (2560 / 256) shapes, several
+    rows, a strided per-layer slice, NaN-poisoned outputs."""
+    args = _ple_tail_inputs(*case, dtype, scaled, nxt, seed=11)
+    out = K.ple_tail_kernel(*args)
+    ref = K.ple_tail_reference(*args)
+    if nxt:
+        assert_close(out[0], ref[0], dtype, "ple_tail out")
+        assert_close(out[1], ref[1], dtype, "ple_tail next")
+    else:
+        assert_close(out, ref, dtype, "ple_tail out")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_ple_tail_kernel_strided_weights_and_h(dtype):
+    """Weights given as transposed views (element stride != 1: the scalar-load path) and h as a
+    strided slice give the same result."""
+    h, pli, wg, wp, w, ls, eps, wn = _ple_tail_inputs(1, 2, 1536, 256, dtype, True, True, seed=12)
+    wg_t, wp_t = mx.contiguous(wg.T).T, mx.contiguous(wp.T).T  # same values, column-major views
+    h_s = mx.concatenate([h, h], axis=-1)[..., :1536]
+    out = K.ple_tail_kernel(h_s, pli, wg_t, wp_t, w, ls, eps, wn)
+    ref = K.ple_tail_reference(h, pli, wg, wp, w, ls, eps, wn)
+    assert_close(out[0], ref[0], dtype, "ple_tail out")
+    assert_close(out[1], ref[1], dtype, "ple_tail next")
+
+
+@gpu_only
+def test_ple_tail_public_function_strict_on_gpu(monkeypatch):
+    """Switched on, the public function passes its self-check on the probe in strict mode."""
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "mv,qmv")
+    dispatch.set_kernels_mode("strict")
+    for dtype in DTYPES:
+        args = _ple_tail_inputs(1, 1, 1536, 256, dtype, True, True, seed=13)
+        out = K.ple_tail(*args)
+        assert_close(out[0], K.ple_tail_reference(*args)[0], dtype, "ple_tail strict")
+    verdicts = {k: v for k, v in dispatch.verdicts().items() if k[0] == "ple_tail"}
+    assert len(verdicts) == 3 and all(ok for ok, _ in verdicts.values()), verdicts
+
+
 @gpu_only
 def test_public_functions_strict_on_gpu():
     dispatch.set_kernels_mode("strict")
@@ -659,7 +822,8 @@ def test_attention_launch_plan_covers_keys():
 
 
 def test_sources_are_importable_resources():
-    for name in ("norm_rope", "attention_partial", "attention_combine", "ple_combine", "ple_gate", "residual_norm"):
+    for name in ("norm_rope", "attention_partial", "attention_combine", "ple_combine", "ple_gate", "residual_norm",
+                 "ple_tail"):
         assert "k_" in dispatch.body(name)
     for backend in ("metal", "cuda"):
         head, src = dispatch.prelude(backend)
@@ -668,10 +832,12 @@ def test_sources_are_importable_resources():
 
 def test_disable_list(monkeypatch):
     monkeypatch.delenv("GEMMA4_MLX_KERNELS_DISABLE", raising=False)
+    # mv, qmv: measured slower than MLX's matmuls (not measured against MLX's Metal ones);
+    # ple_tail: not measured on a GPU yet
     with dispatch.force_backend("cuda"):
-        assert dispatch.disabled_kernels() == {"mv", "qmv"}  # measured slower than MLX's matmuls
+        assert dispatch.disabled_kernels() == {"mv", "qmv", "ple_tail"}
     with dispatch.force_backend("metal"):
-        assert dispatch.disabled_kernels() == {"mv", "qmv"}  # not measured against MLX's Metal ones
+        assert dispatch.disabled_kernels() == {"mv", "qmv", "ple_tail"}
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "")
     assert dispatch.disabled_kernels() == frozenset()
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "qmv, q_norm_rope")

@@ -30,13 +30,17 @@ from metal_stub.capture import gxx_check, metal_sources  # noqa: E402
 
 from gemma4_mlx.kernels import dispatch  # noqa: E402
 from gemma4_mlx.kernels import mv, ple, qmv, residual, rope  # noqa: E402
+from gemma4_mlx.kernels import ple_tail as _ple_tail_fn  # noqa: E402,F401
+
+PLE_TAIL = sys.modules["gemma4_mlx.kernels.ple_tail"]
 
 ATT = sys.modules["gemma4_mlx.kernels.attention"]
 GXX = shutil.which("g++")
 needs_gxx = pytest.mark.skipif(GXX is None, reason="g++ not found: cannot syntax-check the Metal source")
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
-BODIES = ["norm_rope", "attention_partial", "attention_combine", "ple_combine", "ple_gate", "residual_norm", "qmv", "mv"]
+BODIES = ["norm_rope", "attention_partial", "attention_combine", "ple_combine", "ple_gate", "residual_norm", "qmv", "mv",
+          "ple_tail"]
 
 
 def _launches():
@@ -85,6 +89,17 @@ def _launches():
                         lambda r, p, w: residual.residual_norm_kernel(r, p, w, None, 1e-6), (r, r, w)))
             out.append((f"residual_norm {dt} HD={HD} next",
                         lambda r, p, w: residual.residual_norm_kernel(r, p, w, mx.array([0.5], dt), 1e-6, w), (r, r, w)))
+        for HD, P in ((1536, 256), (2560, 256)):  # E2B, E4B
+            h = mx.zeros((1, 2, HD), dt)
+            pli = mx.zeros((1, 2, 4, P), dt)[:, :, 1, :]
+            wg, wp, w = mx.zeros((P, HD), dt), mx.zeros((HD, P), dt), mx.ones((HD,), dt)
+            out.append((f"ple_tail {dt} HD={HD} P={P}",
+                        lambda h, pli, wg, wp, w: PLE_TAIL.ple_tail_kernel(h, pli, wg, wp, w, None, 1e-6),
+                        (h, pli, wg, wp, w)))
+            out.append((f"ple_tail {dt} HD={HD} P={P} next",
+                        lambda h, pli, wg, wp, w: PLE_TAIL.ple_tail_kernel(h, pli, wg, wp, w, mx.array([0.5], dt),
+                                                                           1e-6, w),
+                        (h, pli, wg, wp, w)))
     return out
 
 

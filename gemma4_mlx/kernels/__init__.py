@@ -7,6 +7,8 @@ self-check per shape class, else the pure-MLX reference):
 * :func:`attention`
 * :func:`ple_combine`, :func:`ple_gate`
 * :func:`residual_norm` (norm + residual add + layer scalar + the next norm)
+* :func:`ple_tail` (a PLE layer's close: gate and projection matvecs, gelu gate, residual_norm;
+  off by default)
 
 Switches: :func:`set_kernels_mode`, :func:`kernels_mode` (context manager),
 env ``GEMMA4_MLX_KERNELS=auto|off|strict``; :func:`kernels_enabled`,
@@ -39,6 +41,7 @@ from .ple import (
     ple_gate_reference,
 )
 from .residual import residual_norm, residual_norm_kernel, residual_norm_reference
+from .ple_tail import ple_tail, ple_tail_kernel, ple_tail_reference
 from .mv import matvec, matvec_kernel, matvec_reference
 from .qmv import quantized_matvec, quantized_matvec_kernel, quantized_matvec_reference
 from .rope import (
@@ -60,4 +63,5 @@ __all__ = [
     "ple_gate_reference", "rms_norm_reference", "rope_reference", "gelu_tanh_reference",
     "q_norm_rope_kernel", "kv_norm_rope_kernel", "attention_kernel", "ple_combine_kernel", "ple_gate_kernel",
     "attention_mask", "residual_norm", "residual_norm_kernel", "residual_norm_reference",
+    "ple_tail", "ple_tail_kernel", "ple_tail_reference",
 ]
