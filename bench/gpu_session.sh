@@ -59,8 +59,8 @@ case "${1:-}" in
   long)     # 32k tokens: the token check now goes through the cache in chunks
     compare e2b-bf16-32k 250 --preset e2b -L 32768 --runs 2 -n 32 ;;
   steps)    # decode-step ablation; then the same with MLX's graph sizes changed (read at start)
-    export CONFIGS="stock,ours,ours -attn,ours -rope,ours -ple,ours -resnorm,ours -fuse,ours mlx kernels,ours kernels off,ours no compile"
-    ROUNDS=4 STEPS=15 timeout 280 python3 bench/ablate.py e2b 0 2>&1 | tail -14 | tee "$OUT/ablate-e2b-bf16.txt" ;;
+    export CONFIGS="stock,ours,ours +ple_tail,ours -attn,ours -rope,ours -ple,ours -resnorm,ours -fuse,ours mlx kernels,ours kernels off,ours no compile"
+    ROUNDS=4 STEPS=15 timeout 280 python3 bench/ablate.py e2b 0 2>&1 | tail -15 | tee "$OUT/ablate-e2b-bf16.txt" ;;
   seed)     # GEMMA4_MLX_NVRTC=seed: MLX's cuda_kernel over its cache seeded by our builds (one
             # fast build, MLX's cheap per-launch hash); then the per-launch cost against cubin size
     timeout 200 python3 bench/seed_check.py 2>&1 | tail -20 | tee "$OUT/seed_check.txt"

@@ -359,6 +359,12 @@ def _count_files(folder: Path) -> int:
     return sum(len(files) for _, _, files in os.walk(folder)) if folder.is_dir() else 0
 
 
+def _modules(folder: Path) -> List[str]:
+    """The kernel modules a cache folder holds (MLX's: one ``.ptx`` each, named after the kernel
+    and its source's hash): which kernels a first run had to compile."""
+    return sorted(p.stem for p in folder.rglob("*.ptx")) if folder.is_dir() else []
+
+
 def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -476,6 +482,7 @@ def run_numbers(rec: Dict[str, Any], wall: float, spec: RunSpec, command: str, c
         "side": spec.side, "new_tokens": spec.new_tokens, "round": spec.round, "cold": spec.cold,
         "command": command, "caches": dict(spec.caches), "caches_empty_at_spawn": caches_empty,
         "cache_files_after": {k: _count_files(Path(v)) for k, v in spec.caches.items()},
+        "cache_modules_after": _modules(Path(spec.caches[CACHE_VARS["mlx"]])) if spec.cold else None,
         "wall_s": wall,
         "startup_s": get("main_s"),
         "before_load_s": get("load_start_s"),
