@@ -23,7 +23,7 @@ import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -328,22 +328,35 @@ def mlx_kernel_name(name: str, template) -> str:
     return "custom_kernel_" + name + "".join(parts)
 
 
+def kernel_params(input_names, inputs, uses, output_names, output_dtypes) -> List[Tuple[str, str, Any]]:
+    """The parameters ``cuda_kernel`` passes, in its order, as (kind, name, dtype): each input
+    (then its shape, strides, ndim where the body uses them and the input is not a scalar), then
+    each output. MLX's generated source and our seeded build both follow this one list."""
+    params = []
+    for n, x, (shp, strd, nd) in zip(input_names, inputs, uses):
+        params.append(("input", n, x.dtype))
+        if x.ndim > 0:
+            params += [(kind, n, None) for kind, used in (("shape", shp), ("strides", strd), ("ndim", nd)) if used]
+    params += [("output", n, dt) for n, dt in zip(output_names, output_dtypes)]
+    return params
+
+
 def mlx_source(kernel_name: str, header: str, source: str, input_names, inputs, output_names, output_dtypes,
                template, uses) -> str:
     """The source text ``mx.fast.cuda_kernel`` generates for this launch (its ``build_kernel``)."""
     out = [_MLX_DEFAULT_HEADER, header, "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n",
            "__global__ void ", kernel_name, "(\n"]
-    for n, x, (shp, strd, nd) in zip(input_names, inputs, uses):
-        out.append(f"    const {_MLX_CUDA_TYPES[x.dtype]}* {n},\n")
-        if x.ndim > 0:
-            if shp:
-                out.append(f"    const __grid_constant__ Shape {n}_shape,\n")
-            if strd:
-                out.append(f"    const __grid_constant__ Strides {n}_strides,\n")
-            if nd:
-                out.append(f"    const __grid_constant__ int {n}_ndim,\n")
-    for i, (n, dt) in enumerate(zip(output_names, output_dtypes)):
-        out.append(f"    {_MLX_CUDA_TYPES[dt]}* {n}" + (",\n" if i < len(output_names) - 1 else ") {\n"))
+    mlx_kinds = {"shape": "const __grid_constant__ Shape", "strides": "const __grid_constant__ Strides",
+                 "ndim": "const __grid_constant__ int"}
+    params = kernel_params(input_names, inputs, uses, output_names, output_dtypes)
+    for i, (kind, n, dt) in enumerate(params):
+        if kind == "input":
+            text = f"const {_MLX_CUDA_TYPES[dt]}* {n}"
+        elif kind == "output":
+            text = f"{_MLX_CUDA_TYPES[dt]}* {n}"
+        else:
+            text = f"{mlx_kinds[kind]} {n}_{kind}"
+        out.append(f"    {text}" + (",\n" if i < len(params) - 1 else ") {\n"))
     if template:
         out += [line + "\n" for line in template_lines(template, _MLX_CUDA_TYPES)] + ["\n"]
     out += [source, "\n}\n\n} // namespace mlx::core::cu\n"]
@@ -365,18 +378,15 @@ class SeededKernel:
 
     def our_source(self, symbol: str, inputs, output_dtypes, template) -> str:
         """Our build of the kernel with MLX's parameter layout."""
+        kinds = {"shape": "const MlxShape", "strides": "const MlxStrides", "ndim": "const int"}
         params = []
-        for n, x, (shp, strd, nd) in zip(self.input_names, inputs, self._uses):
-            params.append(f"const {_CTYPES[x.dtype]}* __restrict__ {n}")
-            if x.ndim > 0:
-                if shp:
-                    params.append(f"const MlxShape {n}_shape")
-                if strd:
-                    params.append(f"const MlxStrides {n}_strides")
-                if nd:
-                    params.append(f"const int {n}_ndim")
-        for n, dt in zip(self.output_names, output_dtypes):
-            params.append(f"{_CTYPES[dt]}* __restrict__ {n}")
+        for kind, n, dt in kernel_params(self.input_names, inputs, self._uses, self.output_names, output_dtypes):
+            if kind == "input":
+                params.append(f"const {_CTYPES[dt]}* __restrict__ {n}")
+            elif kind == "output":
+                params.append(f"{_CTYPES[dt]}* __restrict__ {n}")
+            else:
+                params.append(f"{kinds[kind]} {n}_{kind}")
         layout = (f"struct MlxShape {{ int v[{MLX_MAX_NDIM}]; __device__ int operator[](int i) const {{ return v[i]; }} }};\n"
                   f"struct MlxStrides {{ long long v[{MLX_MAX_NDIM}]; "
                   "__device__ long long operator[](int i) const { return v[i]; } };\n")
