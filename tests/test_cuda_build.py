@@ -89,6 +89,9 @@ def test_every_kernel_body_compiles_when_seeding_mlx_cache(fresh_builds, tmp_pat
     for version, expected in (("0.99.0", "own"), ("0.32.0", "own"), ("0.32.1", "seed"), ("0.33.0", "own")):
         monkeypatch.setattr(cuda_build.mx, "__version__", version)
         assert cuda_build.mode() == expected, version
+    monkeypatch.setenv("GEMMA4_MLX_NVRTC", "seeded")  # a typo is named, not taken for another mode
+    with pytest.raises(ValueError, match="GEMMA4_MLX_NVRTC='seeded'"):
+        cuda_build.mode()
 
 
 def test_a_compile_error_carries_the_nvrtc_log(fresh_builds):

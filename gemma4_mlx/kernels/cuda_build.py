@@ -54,6 +54,9 @@ def _mlx_version() -> tuple:
     return tuple(int(g) for g in match.groups()) if match else (0, 0, 0)
 
 
+_NVRTC_VALUES = ("", "auto", "seed", "own", "1", "on", "true", "yes", "0", "off", "false", "no")
+
+
 def mode() -> str:
     """``GEMMA4_MLX_NVRTC``: ``auto`` (default): ``seed`` on an MLX version the seeding was checked
     on, else ``own``; ``seed``: MLX's ``cuda_kernel`` over its cache seeded by our builds (one
@@ -61,6 +64,8 @@ def mode() -> str:
     launched through ``precompiled_cuda_kernel`` (MLX hashes the whole cubin at each launch);
     ``0``: MLX's ``cuda_kernel`` alone. Without an NVRTC library: ``0``."""
     raw = os.environ.get("GEMMA4_MLX_NVRTC", "auto").strip().lower()
+    if raw not in _NVRTC_VALUES:
+        raise ValueError(f"GEMMA4_MLX_NVRTC={raw!r}: expected auto, seed, own or 0")
     if raw in ("0", "off", "false", "no") or not nvrtc.available():
         return "off"
     if raw == "seed":
