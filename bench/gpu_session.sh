@@ -81,7 +81,20 @@ case "${1:-}" in
     for f in ours stock; do
       echo "$f: $(grep -c 'import time' "$OUT/importtime-$f.txt") modules; slowest:"
       sort -t'|' -k2 -n -r "$OUT/importtime-$f.txt" | head -8
-      grep -B2 -E "\| +torch$" "$OUT/importtime-$f.txt" | head -3
+      # importtime lists a module after everything it imported: torch's importers follow it,
+      # each less indented than the last
+      python3 -c "
+import sys
+rows = [l.rstrip('\\n').split('|') for l in open(sys.argv[1]) if l.startswith('import time:') and 'self' not in l]
+names = [r[2] for r in rows]
+at = next((i for i, n in enumerate(names) if n.strip() == 'torch'), None)
+if at is None: print('  torch: not imported')
+else:
+    depth = len(names[at]) - len(names[at].lstrip()); chain = [names[at].strip()]
+    for n in names[at + 1:]:
+        d = len(n) - len(n.lstrip())
+        if d < depth: chain.append(n.strip()); depth = d
+    print('  torch imported by:', ' <- '.join(chain))" "$OUT/importtime-$f.txt"
     done
     python3 -c "
 import sys; from gemma4_mlx.lean_imports import keep_torch_out
