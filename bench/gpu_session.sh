@@ -106,10 +106,15 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     for run in stock ours; do
       timeout 150 python3 bench/first_token.py $run /root/e2e/e2b-bfloat16-seed0 402 2048 2>&1 | tail -1 | tee -a "$OUT/cli.jsonl"
     done ;;
-  graphs)   # MLX's CUDA-graph size (read once at start): the step with one graph instead of ~15
-    export CONFIGS="stock,ours,ours kernels off"
-    MLX_MAX_OPS_PER_BUFFER=2000 MLX_MAX_MB_PER_BUFFER=100000 ROUNDS=4 STEPS=15 timeout 120 python3 bench/ablate.py e2b 0 \
-      2>&1 | tail -6 | tee "$OUT/ablate-e2b-bf16-bigraphs.txt" ;;
+  graphs)   # how MLX records the step (env read once per process, so one process each, same visit):
+            # CUDA graphs of <= 100 ops (the H100/H200 default), one big graph, no graphs (plain
+            # stream launches: no per-node graph building, key hashing or exec update on the host)
+    export CONFIGS="stock,ours,ours kernels off" ROUNDS=3 STEPS=15
+    for setting in "default" "MLX_MAX_OPS_PER_BUFFER=2000 MLX_MAX_MB_PER_BUFFER=100000" "MLX_USE_CUDA_GRAPHS=0"; do
+      echo "== $setting"
+      env $([ "$setting" = default ] || echo "$setting") timeout 150 python3 bench/ablate.py e2b 0 2>&1 | tail -5 \
+        | tee -a "$OUT/ablate-graphs.txt"
+    done ;;
   first)    # fresh processes, as a user meets them: stock, ours (cold kernel cache), ours again
     rm -rf ~/.cache/gemma4_mlx
     for run in stock ours ours stock; do
