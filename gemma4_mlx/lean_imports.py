@@ -2,11 +2,10 @@
 
 mlx-lm's tokenizer loading imports transformers, and transformers imports PyTorch whenever it is
 installed (``modeling_rope_utils`` asks ``is_torch_available()`` at import time). Nothing on the
-path of ``generate``, ``chat`` or ``serve`` uses PyTorch, yet importing it is most of a command's
-start-up: ~0.9 s of 1.9 s on the CI machine, and on a CUDA machine with PyTorch's CUDA build
-the bulk of the 13-15 s before ``load()`` (docs/benchmarks.md). Telling transformers, before it
-imports anything else, that PyTorch is absent removes that cost; tokenizers, chat templates and
-the rest of what these commands use do not depend on it.
+path of ``generate``, ``chat`` or ``serve`` uses PyTorch, yet importing it is about half of a
+command's start-up on the CI machine (0.9 s of mlx-lm's 1.9 s import; PyTorch's CUDA build is
+larger). Telling transformers, before it imports anything else, that PyTorch is absent removes
+that cost; tokenizers, chat templates and the rest of what these commands use do not depend on it.
 
 Only the CLI calls this, in its own process, before anything imported transformers: a Python
 program that imports gemma4_mlx keeps transformers as it is. ``GEMMA4_MLX_TORCH=1`` turns it off.
