@@ -37,6 +37,7 @@ from .tools import (
     format_declaration,
     format_response,
     normalize_tools,
+    partial_suffix,
 )
 
 BOS = "<bos>"
@@ -487,14 +488,6 @@ def strip_reasoning(text: str) -> str:
     return answer + a2
 
 
-def _partial_suffix(buf: str, marker: str) -> int:
-    """Length of the longest suffix of ``buf`` that is a proper prefix of ``marker``."""
-    for n in range(min(len(buf), len(marker) - 1), 0, -1):
-        if marker.startswith(buf[-n:]):
-            return n
-    return 0
-
-
 class ReasoningParser:
     """Streaming split of ``<|channel>thought\\n ... <channel|>`` (reasoning) from the answer.
 
@@ -531,7 +524,7 @@ class ReasoningParser:
                     self._buf = buf[i + len(CHANNEL_START):]
                     self.state = self.HEADER
                     continue
-                keep = max(_partial_suffix(buf, CHANNEL_START), _partial_suffix(buf, CHANNEL_END))
+                keep = max(partial_suffix(buf, CHANNEL_START), partial_suffix(buf, CHANNEL_END))
                 answer.append(buf[: len(buf) - keep])
                 self._buf = buf[len(buf) - keep:]
                 break
@@ -553,7 +546,7 @@ class ReasoningParser:
                 self._buf = buf[i + len(CHANNEL_END):]
                 self.state = self.ANSWER
                 continue
-            keep = _partial_suffix(buf, CHANNEL_END)
+            keep = partial_suffix(buf, CHANNEL_END)
             reasoning.append(buf[: len(buf) - keep])
             self._buf = buf[len(buf) - keep:]
             break

@@ -280,7 +280,9 @@ def parse_call(body: str) -> ToolCall:
     return ToolCall(name=name, arguments=arguments)
 
 
-def _partial_suffix(buf: str, marker: str) -> int:
+def partial_suffix(buf: str, marker: str) -> int:
+    """Length of the longest suffix of ``buf`` that is a proper prefix of ``marker`` (text a
+    streaming parser holds back: it may be the start of the marker)."""
     for n in range(min(len(buf), len(marker) - 1), 0, -1):
         if marker.startswith(buf[-n:]):
             return n
@@ -318,7 +320,7 @@ class ToolCallParser:
                     self._buf = buf[i:]
                     self._in_call = True
                     continue
-                keep = _partial_suffix(buf, TOOL_CALL_START)
+                keep = partial_suffix(buf, TOOL_CALL_START)
                 text.append(buf[: len(buf) - keep])
                 self._buf = buf[len(buf) - keep:]
                 break
