@@ -16,20 +16,12 @@ from gemma4_mlx.memory import estimate_memory
 from gemma4_mlx.safetensors_io import read_safetensors_header
 from gemma4_mlx.config import parse_config
 from gemma4_mlx.tokenizer_synth import SPECIAL_TOKENS, synthesize_tokenizer
+from cli_harness import invoke as _cli
 
 TINY = ("tiny", "tiny-e4b", "tiny-moe", "tiny-31b")
 PROMPT = [[2, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140, 150]]
 
 
-def _cli(args):
-    from typer.testing import CliRunner
-
-    from gemma4_mlx.cli import COMMAND_MODULES, app  # noqa: F401
-    import importlib
-
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"gemma4_mlx.commands.{name}")
-    return CliRunner().invoke(app, args)
 
 
 def _logits(model, ids=PROMPT) -> np.ndarray:

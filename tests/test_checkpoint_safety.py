@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -26,28 +25,15 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-import gemma4_mlx.commands as commands
 from gemma4_mlx import load, load_model
 from gemma4_mlx.checkpoint import CheckpointError, convert_checkpoint, write_random_checkpoint
 from gemma4_mlx.checkpoint import output
 from gemma4_mlx.errors import LoadError
 from gemma4_mlx.presets import preset_config
+from cli_harness import invoke as _cli, no_debug  # noqa: F401  (no_debug: autouse fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = b"s3cr3t:*:21234567890:0:99999:7:::\n" * 4  # what /etc/shadow looks like
-
-
-def _cli(args):
-    from typer.testing import CliRunner
-
-    for name in commands.COMMAND_MODULES:
-        importlib.import_module(f"gemma4_mlx.commands.{name}")
-    return CliRunner().invoke(commands.app, [str(a) for a in args])
-
-
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch):
-    monkeypatch.setitem(commands._debug, "on", False)
 
 
 def _one_line(r, *needles):

@@ -7,7 +7,6 @@ checked against a stand-in for huggingface_hub's HfApi.
 from __future__ import annotations
 
 import collections
-import importlib
 import json
 from pathlib import Path
 
@@ -15,24 +14,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import gemma4_mlx.commands as commands
 from gemma4_mlx import load_model
 from gemma4_mlx.checkpoint import write_random_checkpoint
+from cli_harness import invoke as _cli, no_debug  # noqa: F401  (no_debug: autouse fixture)
 
 IDS = [[2, 10, 20, 30, 40, 50, 60, 70]]
-
-
-def _cli(args):
-    from typer.testing import CliRunner
-
-    for name in commands.COMMAND_MODULES:
-        importlib.import_module(f"gemma4_mlx.commands.{name}")
-    return CliRunner().invoke(commands.app, [str(a) for a in args])
-
-
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch):
-    monkeypatch.setitem(commands._debug, "on", False)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 from gemma4_mlx.bench import e2e, e2e_child, e2e_report
 from gemma4_mlx.bench.e2e import (CommandRunner, E2EError, E2ESettings, RunSpec, build_prompt, checkpoint_complete,
                                   load_encoder, prepare_checkpoint, run_e2e)
+from cli_harness import invoke as _cli
 
 PROMPT_TOKENS = 24
 NEW_TOKENS = 4
@@ -25,16 +26,6 @@ STOCK_CLASS = "mlx_lm.models.gemma4_text.Model"
 OURS_CLASS = "gemma4_mlx.model.Model"
 
 
-def _cli(args):
-    import importlib
-
-    from typer.testing import CliRunner
-
-    from gemma4_mlx.cli import COMMAND_MODULES, app
-
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"gemma4_mlx.commands.{name}")
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

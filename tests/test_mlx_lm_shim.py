@@ -15,9 +15,9 @@ import urllib.request
 
 import mlx.core as mx
 import pytest
-from typer.testing import CliRunner
 
 from gemma4_mlx.mlx_lm_shim import use_gemma4_mlx, run
+from cli_harness import invoke as _cli
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,6 @@ def per_layer_ckpt(tmp_path_factory):
                                    dialect="per_layer")
 
 
-def _cli(args, input=None):
-    import importlib
-
-    from gemma4_mlx.commands import COMMAND_MODULES, app
-
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"gemma4_mlx.commands.{name}")
-    return CliRunner().invoke(app, args, input=input)
 
 
 def test_loader_builds_our_model_only_inside_the_shim(per_layer_ckpt):

@@ -9,7 +9,6 @@ safetensors headers.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import os
 import random
@@ -25,7 +24,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis import strategies as st
 
-import gemma4_mlx.commands as commands
 from gemma4_mlx import load_model
 from gemma4_mlx.checkpoint import convert_checkpoint, write_random_checkpoint
 from gemma4_mlx.memory import MemoryWarning, check_memory, estimate_memory
@@ -33,23 +31,11 @@ from gemma4_mlx.safetensors_io import read_safetensors_header
 from gemma4_mlx.config import FULL, SLIDING, ConfigError, parse_config
 from gemma4_mlx.loading import LoadError, model_args
 from gemma4_mlx.presets import PRESETS
+from cli_harness import invoke as _cli, no_debug  # noqa: F401  (no_debug: autouse fixture)
 
 
 # Keep hypothesis' example/constants caches out of the working tree.
 set_hypothesis_home_dir(os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY") or tempfile.mkdtemp(prefix="hypothesis-"))
-
-
-def _cli(args):
-    from typer.testing import CliRunner
-
-    for name in commands.COMMAND_MODULES:
-        importlib.import_module(f"gemma4_mlx.commands.{name}")
-    return CliRunner().invoke(commands.app, args)
-
-
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch):
-    monkeypatch.setitem(commands._debug, "on", False)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +139,6 @@ def test_extra_weights_named_with_shapes(ck, tmp_path):
 def test_shape_mismatch(ck, tmp_path):
     _rewrite(ck / "model.safetensors", lambda w: w.update({"model.layers.0.mlp.up_proj.weight": mx.zeros((100, 64))}))
     _one_line_error(ck, tmp_path, "model.layers.0.mlp.up_proj.weight", "(100, 64)", "(128, 64)")
-    cfg = json.loads((ck / "config.json").read_text())
 
 
 def test_config_weights_disagree(ck, tmp_path):
