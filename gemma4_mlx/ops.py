@@ -121,6 +121,10 @@ def ple_gate(gate: mx.array, per_layer_input: mx.array) -> mx.array:
     return geglu(gate, per_layer_input)
 
 
+def _rows(x: mx.array) -> int:
+    return x.size // x.shape[-1]
+
+
 RESIDUAL_NORM_MAX_ROWS = 16
 
 
@@ -133,7 +137,7 @@ def residual_norm(residual: mx.array, branch: mx.array, norm_weight: mx.array, s
     # large batch reaches here: kernels run in the decode step alone) MLX's vectorised rms_norm
     # streams faster than its one-row-per-block loads (E2B prefill @4096 on the H200 fell to
     # 0.85x stock with it, docs/benchmarks.md).
-    if k is not None and residual.size // residual.shape[-1] <= RESIDUAL_NORM_MAX_ROWS:
+    if k is not None and _rows(residual) <= RESIDUAL_NORM_MAX_ROWS:
         return k.residual_norm(residual, branch, norm_weight, scalar, eps, next_weight, fallback=_residual_norm)
     return _residual_norm(residual, branch, norm_weight, scalar, eps, next_weight)
 
@@ -145,13 +149,6 @@ def _residual_norm(residual, branch, norm_weight, scalar, eps, next_weight=None)
     if next_weight is None:
         return out
     return out, mx.fast.rms_norm(out, next_weight, eps)
-
-
-def _rows(x: mx.array) -> int:
-    return x.size // x.shape[-1]
-
-
-PLE_TAIL_MAX_ROWS = 8
 
 
 def _plain_linear(module: nn.Module, dtype) -> bool:
@@ -174,8 +171,8 @@ def ple_tail(gate: nn.Module, projection: nn.Module, h: mx.array, per_layer_inpu
         return residual_norm(h, projected, norm_weight, scalar, eps, next_weight)
 
     k = _gpu_kernels()
-    if (k is not None and trace is None and _rows(h) <= PLE_TAIL_MAX_ROWS
-            and _plain_linear(gate, h.dtype) and _plain_linear(projection, h.dtype)):
+    # (how many rows the kernel takes is its own class key's business: more fall back to chain)
+    if k is not None and trace is None and _plain_linear(gate, h.dtype) and _plain_linear(projection, h.dtype):
         return k.ple_tail(h, per_layer_input, gate["weight"], projection["weight"], norm_weight, scalar, eps,
                           next_weight, fallback=chain)
     return chain(h, per_layer_input)

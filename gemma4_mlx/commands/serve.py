@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from . import app, user_errors
+from .generate import NUM_DRAFT_OPT, STRICT_MEMORY_OPT
 
 def _usage_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
@@ -51,10 +52,8 @@ def serve(
                                               help="Speculative decoding for every request: a smaller Gemma 4, or "
                                                    "Gemma 4's MTP drafter (a gemma4_assistant checkpoint); folder "
                                                    "or repo id, loaded at start. Greedy replies stay the same."),
-    num_draft_tokens: Optional[int] = typer.Option(None, "--num-draft-tokens",
-                                                   help="Tokens drafted per step (with --draft-model; default 3)."),
-    strict_memory: bool = typer.Option(False, "--strict-memory",
-                                       help="Refuse to load when the weights need more memory than the device has."),
+    num_draft_tokens: Optional[int] = NUM_DRAFT_OPT,
+    strict_memory: bool = STRICT_MEMORY_OPT,
     quiet: bool = typer.Option(False, "--quiet", help="No per-request log lines."),
 ) -> None:
     """OpenAI-compatible HTTP API for one Gemma 4 model: POST /v1/chat/completions (tools and
