@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 
-import mlx.core as mx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,7 +23,7 @@ from gemma4_mlx.tools import (
     parse_tool_calls,
     parse_value,
 )
-from test_generate import loaded, tiny_ckpt  # noqa: F401  (fixtures)
+from test_generate import Scripted, loaded, tiny_ckpt  # noqa: F401  (fixtures)
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city.",
@@ -233,27 +232,11 @@ def test_checkpoint_template_without_tool_support_is_refused(tiny_ckpt, tmp_path
 
 
 # -- end to end ---------------------------------------------------------------------------------------
-class ByPosition:
-    """Wraps a model and forces ``script[p]`` as the token at absolute position ``p``."""
-
-    def __init__(self, model, script):
-        self.model, self.args, self.script = model, model.args, dict(script)
-        self.fed = []
-
-    def make_cache(self):
-        return self.model.make_cache()
-
-    @property
-    def layers(self):
-        return self.model.layers
-
-    def __call__(self, inputs, cache=None, **kw):
-        p = (cache[0].offset if cache else 0) + inputs.shape[1]  # position of the token these logits choose
-        self.fed.append(int(inputs.shape[1]))
-        logits = self.model(inputs, cache=cache, **kw)
-        if p in self.script:
-            logits = mx.where(mx.arange(logits.shape[-1]) == self.script[p], 1e9, logits)
-        return logits
+def by_position(model, script):
+    """The model with ``script[p]`` forced as the token at absolute position ``p``."""
+    wrapped = Scripted(model, script=script)
+    wrapped.start = 0  # count positions from the start of the sequence, not of the reply
+    return wrapped
 
 
 def _place(tokens, start):
@@ -268,11 +251,11 @@ def test_generate_returns_tool_calls_and_takes_their_results(loaded):  # noqa: F
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     prompt = encode_prompt(tok, messages, tools=[WEATHER])
     call = encode_text(tok, 'Checking.<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:2}<tool_call|>')
-    w = ByPosition(model, _place(call + [vocab["<|tool_response>"]], len(prompt)))
+    w = by_position(model, _place(call + [vocab["<|tool_response>"]], len(prompt)))
     res = gemma4_mlx.generate(w, tok, messages, max_tokens=60, tools=[WEATHER])
     assert res.finish_reason == "stop" and res.text == "Checking."
     assert [(c.name, c.arguments) for c in res.tool_calls] == [("get_weather", {"city": "Paris", "days": 2})]
-    steps = list(gemma4_mlx.stream_generate(ByPosition(model, w.script), tok, messages, max_tokens=60, tools=[WEATHER]))
+    steps = list(gemma4_mlx.stream_generate(by_position(model, w.script), tok, messages, max_tokens=60, tools=[WEATHER]))
     assert sum(len(s.tool_calls) for s in steps) == 1 and steps[-2].tool_calls  # completed by <tool_call|>
     assert all(s.logprobs is not None and s.logprobs.shape[-1] == model.args.vocab_size for s in steps)
     assert not any(s.from_draft for s in steps)
@@ -286,7 +269,7 @@ def test_generate_returns_tool_calls_and_takes_their_results(loaded):  # noqa: F
     assert tok.decode(prompt2).endswith(
         '<|tool_response>response:get_weather{sky:<|"|>sunny<|"|>}<tool_response|>')
     answer = encode_text(tok, "Sunny.")
-    w2 = ByPosition(model, _place(answer + [vocab["<turn|>"]], len(prompt2)))
+    w2 = by_position(model, _place(answer + [vocab["<turn|>"]], len(prompt2)))
     res2 = gemma4_mlx.generate(w2, tok, messages, max_tokens=20, tools=[WEATHER])
     assert res2.text == "Sunny." and res2.tool_calls == [] and res2.finish_reason == "stop"
 
@@ -302,7 +285,7 @@ def test_chat_session_tool_round_reuses_the_cache(loaded):  # noqa: F811
     results = encode_tool_results(tok, [("get_weather", "snow <turn|>")], opened=True)
     p2 = p1 + len(call) + len(results)
     answer = encode_text(tok, "Snow.") + [vocab["<turn|>"]]
-    w = ByPosition(model, {**_place(call, p1), **_place(answer, p2)})
+    w = by_position(model, {**_place(call, p1), **_place(answer, p2)})
     s = ChatSession(w, tok, tools=[WEATHER], max_tokens=40)
     list(s.send("Weather?"))
     assert [(c.name, c.arguments) for c in s.pending_calls] == [("get_weather", {"city": "Oslo"})]
@@ -315,7 +298,7 @@ def test_chat_session_tool_round_reuses_the_cache(loaded):  # noqa: F811
     # the kept cache holds exactly what a fresh render of the history gives
     history = encode_prompt(tok, s.messages[:-1], tools=[WEATHER])
     assert history == encode_prompt(tok, "Weather?", tools=[WEATHER]) + call + results
-    fresh = generate(ByPosition(model, _place(answer, p2)), tok, history, max_tokens=40)
+    fresh = generate(by_position(model, _place(answer, p2)), tok, history, max_tokens=40)
     assert fresh.text == "Snow."
     assert [m["role"] for m in s.messages] == ["user", "assistant", "tool", "assistant"]
     with pytest.raises(ValueError, match="no tool calls"):
@@ -339,7 +322,7 @@ def test_chat_command_with_tools(tiny_ckpt, tmp_path, monkeypatch):  # noqa: F81
         if not scripted:
             vocab = tokenizer.get_vocab()
             call = encode_text(tokenizer, '<|tool_call>call:get_weather{city:<|"|>Rome<|"|>}<tool_call|>')
-            scripted["w"] = ByPosition(model, _place(call + [vocab["<|tool_response>"]], len(prompt)))
+            scripted["w"] = by_position(model, _place(call + [vocab["<|tool_response>"]], len(prompt)))
         return real(scripted["w"], tokenizer, prompt, **kw)
 
     monkeypatch.setattr(generation, "stream_generate", forcing)
