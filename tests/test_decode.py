@@ -8,7 +8,6 @@ import pytest
 from mlx.utils import tree_map
 
 from gemma4_mlx import Model, parse_config
-from gemma4_mlx import decode as decode_mod
 from gemma4_mlx.presets import preset_config
 
 
@@ -17,6 +16,18 @@ from gemma4_mlx.presets import preset_config
 # results differ by TF32 rounding, compounded over layers and steps: measured up to 3.4e-3 of
 # the largest logit on an H200 (2026-11-28). A logic error (slot, window, mask) shows as O(1).
 GPU_F32_TOL = 1e-2
+
+
+def _assert_kernel_logits_close(on, off, truth, dtype, gpu):
+    """Logits with kernels (``on``) against without (``off``): float32 within the tolerance (the
+    GPU's), bfloat16 no further from the float32 ``truth`` than the MLX op sequence is (bf16
+    rounding moves random-weight logits a lot either way)."""
+    if dtype == mx.float32:
+        tol = GPU_F32_TOL if gpu else 1e-4
+        assert np.max(np.abs(on - off)) <= tol * np.max(np.abs(off)), np.max(np.abs(on - off))
+    else:
+        err_on, err_off = np.abs(on - truth).max(), np.abs(off - truth).max()
+        assert err_on <= 1.5 * err_off + 1e-2, (err_on, err_off)
 
 
 def _random_model(preset: str, seed: int = 0) -> Model:
@@ -172,14 +183,7 @@ def test_logits_with_kernels_equal_logits_without(dtype, monkeypatch):
         else:
             with dispatch.force_backend("cuda"):
                 on = run("auto")
-    if dtype == mx.float32:
-        tol = GPU_F32_TOL if gpu else 1e-4
-        assert np.max(np.abs(on - off)) <= tol * np.max(np.abs(off)), np.max(np.abs(on - off))
-    else:
-        # bfloat16 rounding moves random-weight logits a lot either way: the kernels' result
-        # must be no further from float32 than the MLX op sequence's.
-        err_on, err_off = np.abs(on - truth).max(), np.abs(off - truth).max()
-        assert err_on <= 1.5 * err_off + 1e-2, (err_on, err_off)
+    _assert_kernel_logits_close(on, off, truth, dtype, gpu)
     dispatch.reset()
 
 
@@ -231,12 +235,7 @@ def test_decode_with_ple_tail_equals_decode_without(dtype, monkeypatch):
     n_ple = sum(p.has_ple for p in model.args.plan)
     assert n_ple > 0 and len(calls) >= n_ple  # traced once: every PLE layer took the kernel
     assert all(ok for k, (ok, _) in dispatch.verdicts().items() if k[0] == "ple_tail")
-    if dtype == mx.float32:
-        tol = GPU_F32_TOL if gpu else 1e-4
-        assert np.max(np.abs(on - off)) <= tol * np.max(np.abs(off)), np.max(np.abs(on - off))
-    else:
-        err_on, err_off = np.abs(on - truth).max(), np.abs(off - truth).max()
-        assert err_on <= 1.5 * err_off + 1e-2, (err_on, err_off)
+    _assert_kernel_logits_close(on, off, truth, dtype, gpu)
     dispatch.reset()
 
 
@@ -285,7 +284,6 @@ def test_kernels_run_only_in_the_compiled_step(monkeypatch):
 @pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
 def test_residual_norm_kernel_runs_in_decode_steps_not_over_prefill_chunks(monkeypatch):
     import gemma4_mlx.kernels as K
-    from gemma4_mlx import ops
     from gemma4_mlx.kernels import dispatch
 
     model = _kernel_shaped_model()
