@@ -303,10 +303,6 @@ class ToolCallParser:
         self._in_call = False
         self.errors: List[str] = []
 
-    @property
-    def in_call(self) -> bool:
-        return self._in_call
-
     def feed(self, piece: str) -> Tuple[str, List[ToolCall]]:
         self._buf += piece
         text: List[str] = []
