@@ -58,7 +58,7 @@ case "${1:-}" in
     compare e2b-bf16 200 --preset e2b -L 128,841,4096 --runs 3 -n 64 ;;
   long)     # 32k tokens: the token check now goes through the cache in chunks
     compare e2b-bf16-32k 250 --preset e2b -L 32768 --runs 2 -n 32 ;;
-  steps)    # decode-step ablation; then the same with MLX's graph sizes changed (read at start)
+  steps)    # decode-step ablation: every kernel switched off one at a time, and ple_tail switched on
     export CONFIGS="stock,ours,ours +ple_tail,ours -attn,ours -rope,ours -ple,ours -resnorm,ours -fuse,ours mlx kernels,ours kernels off,ours no compile"
     ROUNDS=4 STEPS=15 timeout 280 python3 bench/ablate.py e2b 0 2>&1 | tail -15 | tee "$OUT/ablate-e2b-bf16.txt" ;;
   seed)     # GEMMA4_MLX_NVRTC=seed: MLX's cuda_kernel over its cache seeded by our builds (one
@@ -100,9 +100,7 @@ else:
 import sys; from gemma4_mlx.lean_imports import keep_torch_out
 print('torch before:', 'torch' in sys.modules, [m for m in sys.modules if m.startswith('transformers')][:3])
 print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
-  cli)      # the CLI's decode against the same side's in-process stream_generate, one checkpoint
-    timeout "${PART_S:-520}" python3 -m bench.compare --e2e --preset e2b --new-tokens 2048 --runs 1 --work /root/e2e --timeout 200 \
-      --out "$OUT/e2e-bf16" > "$OUT/e2e-bf16.txt" 2>&1; echo "exit $?"; tail -22 "$OUT/e2e-bf16.txt"
+  cli)      # after `e2e`: each side's in-process stream_generate on that checkpoint (what the CLI adds)
     for run in stock ours; do
       timeout 150 python3 bench/first_token.py $run /root/e2e/e2b-bfloat16-seed0 402 2048 2>&1 | tail -1 | tee -a "$OUT/cli.jsonl"
     done ;;
@@ -144,5 +142,5 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     for p in "26b-a4b" "31b"; do
       compare "${p//-/}bf16" 280 --preset $p -L 841 --runs 3 -n 32
     done ;;
-  *) echo "usage: bash bench/gpu_session.sh check|seed|e2e16|e2e4|warm|long|steps|graphs|first|parity|kernels|e2b|ablate31|presets|presets-bf16" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh check|e2e|warm|long|steps|seed|grow|imports|cli|graphs|first|kernels|e2b|ablate31|presets|presets-bf16" >&2; exit 2 ;;
 esac
