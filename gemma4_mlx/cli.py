@@ -21,7 +21,9 @@ def _interrupted() -> None:
     os._exit(130)
 
 
-# Commands that never use PyTorch: transformers is told it is absent (lean_imports).
+# Commands that never use PyTorch: transformers is told it is absent (lean_imports). Decided here,
+# at the process's entry, not in the commands: a program or a test that runs the typer app in its
+# own process keeps its transformers as it is.
 _TORCH_FREE_COMMANDS = ("generate", "chat", "serve")
 
 
