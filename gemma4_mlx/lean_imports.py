@@ -1,7 +1,9 @@
 """Keep PyTorch out of a command that never uses it.
 
 mlx-lm's tokenizer loading imports transformers, and transformers imports PyTorch whenever it is
-installed (``modeling_rope_utils`` asks ``is_torch_available()`` at import time). Nothing on the
+installed (``modeling_rope_utils`` asks ``is_torch_available()`` at import time), and torchvision,
+which imports PyTorch, whenever that is installed (``image_utils``, reached from the tokenizer
+path through ``type_validators``: 8 of the GPU machine's 14 s of imports). Nothing on the
 path of ``generate``, ``chat`` or ``serve`` uses PyTorch, yet importing it is about half of a
 command's start-up on the CI machine (0.9 s of mlx-lm's 1.9 s import; PyTorch's CUDA build is
 larger). Telling transformers, before it imports anything else, that PyTorch is absent removes
@@ -17,6 +19,9 @@ import os
 import sys
 import types
 
+# transformers' probes for packages that import PyTorch (torchvision and torchaudio do at once)
+TORCH_PROBES = ("is_torch_available", "is_torchvision_available", "is_torchaudio_available")
+
 
 def keep_torch_out() -> bool:
     """Make transformers see no PyTorch in this process; True if it took effect. Does nothing if
@@ -30,18 +35,21 @@ def keep_torch_out() -> bool:
         from transformers.utils import import_utils
     except Exception:  # noqa: BLE001 - no transformers (or a broken one): mlx-lm will say so itself
         return False
-    original = getattr(import_utils, "is_torch_available", None)
-    if original is None or "torch" in sys.modules:
+    originals = {name: getattr(import_utils, name, None) for name in TORCH_PROBES}
+    if originals["is_torch_available"] is None or "torch" in sys.modules:
         return False
 
-    def is_torch_available() -> bool:
+    def absent() -> bool:
         return False
 
-    # Modules imported by transformers' own __init__ bound the function by name already. Read
+    # Modules imported by transformers' own __init__ bound the functions by name already. Read
     # their __dict__, never getattr: transformers' package modules are lazy, and an attribute
     # lookup on one imports whatever that name maps to.
     for name, module in list(sys.modules.items()):
         names = module.__dict__ if isinstance(module, types.ModuleType) else {}
-        if name.startswith("transformers") and names.get("is_torch_available") is original:
-            names["is_torch_available"] = is_torch_available
+        if not name.startswith("transformers"):
+            continue
+        for probe, original in originals.items():
+            if original is not None and names.get(probe) is original:
+                names[probe] = absent
     return True
