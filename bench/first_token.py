@@ -7,7 +7,8 @@ generates once through each side's own stream_generate (ours: gemma4_mlx.stream_
 mlx_lm.stream_generate on stock's gemma4_text) and prints one JSON line: seconds to build, time
 to the first token, decode tok/s, median and worst gap between two tokens, process time so far.
 Run it in a fresh process per measurement (that is the point: kernel builds, traces and caches
-of a first use all land here).
+of a first use all land here). With MLX_PTX_CACHE_DIR set, the line also lists the kernel
+modules MLX wrote there and when.
 """
 import json
 import os
@@ -63,7 +64,7 @@ def main():
         from mlx_lm import stream_generate
 
         gen = stream_generate(model, tok, prompt, max_tokens=n_new)
-    start = time.perf_counter()
+    start, start_wall = time.perf_counter(), time.time()
     stamps = []
     for _ in gen:
         stamps.append(time.perf_counter())
@@ -78,7 +79,23 @@ def main():
         "gap_median_ms_per_256": [round(float(np.median(gaps[i:i + 256])) * 1e3, 2) for i in range(0, len(gaps), 256)],
         "process_s": round(time.perf_counter() - T0, 3),
         "env": {k: v for k, v in os.environ.items() if k.startswith(("GEMMA4_MLX", "MLX_"))},
+        "modules": compiled_modules(start_wall),
     }), flush=True)
+
+
+def compiled_modules(since: float):
+    """MLX's kernel modules written to MLX_PTX_CACHE_DIR (set it to an empty folder to see a cold
+    run's), each with the seconds after the generation began when its file appeared: the gaps
+    between them are what each compile cost the first token."""
+    folder = os.environ.get("MLX_PTX_CACHE_DIR")
+    if not folder or not os.path.isdir(folder):
+        return None
+    found = []
+    for root, _, files in os.walk(folder):
+        for f in files:
+            if f.endswith(".ptx"):
+                found.append((round(os.path.getmtime(os.path.join(root, f)) - since, 2), f[:-4]))
+    return sorted(found)
 
 
 if __name__ == "__main__":

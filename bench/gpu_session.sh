@@ -142,5 +142,23 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     for p in "26b-a4b" "31b"; do
       compare "${p//-/}bf16" 280 --preset $p -L 841 --runs 3 -n 32
     done ;;
-  *) echo "usage: bash bench/gpu_session.sh check|e2e|warm|long|steps|seed|grow|imports|cli|graphs|first|kernels|e2b|ablate31|presets|presets-bf16" >&2; exit 2 ;;
+  cold)     # a first run on a fresh machine, in process: each side over empty kernel caches (twice, the
+            # second pair after the driver's own cache is warm), listing what MLX compiled and when
+    for run in stock ours stock ours; do
+      MLX_PTX_CACHE_DIR=$(mktemp -d) GEMMA4_MLX_CACHE=$(mktemp -d) timeout 150 python3 bench/first_token.py \
+        $run e2b 402 16 2>&1 | tail -1 | tee -a "$OUT/cold.jsonl" | cut -c1-300
+    done ;;
+  nccl)     # issue 16, on nvidia-h200-x2: the sharding tests over NCCL (one GPU per process), then
+            # 31B bf16 and 4-bit on 1 GPU against 2 (bench/sharded.py; RUNS default 2)
+    export PATH=/root/site/bin:$PATH  # mlx.launch (the wheels are installed with --target)
+    GEMMA4_MLX_TEST_BACKEND=nccl MLX_ENABLE_TF32=0 timeout 240 python3 -m pytest -q -p no:cacheprovider \
+      tests/test_sharding.py > "$OUT/nccl-tests.txt" 2>&1
+    tail -3 "$OUT/nccl-tests.txt"; grep -h -E "^(FAILED|ERROR)|Error" "$OUT/nccl-tests.txt" | head -10
+    for bits in ${BITS:-0 4}; do
+      timeout 150 python3 bench/sharded.py --preset 31b --bits $bits --runs "${RUNS:-2}" \
+        --out "$OUT/sharded-31b-q$bits-1.json" 2>&1 | tail -3
+      timeout 150 mlx.launch --backend nccl -n 2 -- python3 bench/sharded.py --preset 31b --bits $bits \
+        --runs "${RUNS:-2}" --baseline "$OUT/sharded-31b-q$bits-1.json" --out "$OUT/sharded-31b-q$bits-2.json" 2>&1 | tail -12
+    done ;;
+  *) echo "usage: bash bench/gpu_session.sh check|e2e|warm|long|steps|seed|grow|imports|cli|graphs|first|kernels|e2b|ablate31|presets|presets-bf16|cold|nccl" >&2; exit 2 ;;
 esac

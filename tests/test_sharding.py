@@ -5,6 +5,10 @@ Each distributed test starts N ``sharding_worker.py`` processes with a hostfile 
 ports (MLX_HOSTFILE / MLX_RANK, what ``mlx.launch --backend ring`` sets) and compares what they
 write with the same computation in this process on the unsharded model. One more test runs
 ``gemma4-mlx generate`` under ``mlx.launch`` itself.
+
+``GEMMA4_MLX_TEST_BACKEND=nccl`` (a machine with NVIDIA GPUs) runs the same over NCCL, one GPU per
+process, with what ``mlx.launch --backend nccl`` sets (NCCL_HOST_IP / NCCL_PORT / MLX_WORLD_SIZE /
+MLX_RANK / CUDA_VISIBLE_DEVICES); groups larger than the GPUs are skipped.
 """
 
 from __future__ import annotations
@@ -32,6 +36,17 @@ PROMPT_LEN, STEPS = 10, 3  # past the tiny presets' sliding window of 8
 # float32 logits of the tiny presets are O(1-10); partial sums in another order differ by ~1e-5
 ATOL = 2e-4
 TIMEOUT = 240
+BACKEND = os.environ.get("GEMMA4_MLX_TEST_BACKEND", "ring")
+
+
+def _gpu_count() -> int:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True) if shutil.which("nvidia-smi") else None
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out and out.returncode == 0 else 0
+
+
+def _needs_processes(n: int) -> None:
+    if BACKEND == "nccl" and _gpu_count() < n:
+        pytest.skip(f"NCCL needs one GPU per process: {n} processes, {_gpu_count()} GPUs")
 
 
 # -- checkpoints and references --------------------------------------------------------------
@@ -103,17 +118,25 @@ def _param_bytes(model) -> int:
 
 # -- launching a group -----------------------------------------------------------------------
 def run_group(n: int, job: dict, tmp_path: Path):
-    """Run the worker as an n-process ring group; returns each rank's (returncode, output)."""
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
+    """Run the worker as an n-process group (ring, or NCCL with BACKEND); returns each rank's
+    (returncode, output)."""
+    _needs_processes(n)
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps({"size": n, "out": str(tmp_path), **job}))
-    env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    if BACKEND == "nccl":
+        env.update(NCCL_HOST_IP="127.0.0.1", NCCL_PORT=str(free_ports(1)[0]), MLX_WORLD_SIZE=str(n))
+        per_rank = [{"MLX_RANK": str(r), "CUDA_VISIBLE_DEVICES": str(r)} for r in range(n)]
+    else:
+        hostfile = tmp_path / "hosts.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
+        env["MLX_HOSTFILE"] = str(hostfile)
+        per_rank = [{"MLX_RANK": str(r)} for r in range(n)]
     procs = []
     try:
         for rank in range(n):
             procs.append(subprocess.Popen(
-                [sys.executable, str(WORKER), str(job_file)], env={**env, "MLX_RANK": str(rank)},
+                [sys.executable, str(WORKER), str(job_file)], env={**env, **per_rank[rank]},
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         return [(p.returncode, p.communicate(timeout=TIMEOUT)[0]) for p in procs]
     finally:
@@ -211,8 +234,8 @@ def _mlx_launch():
 
 
 def test_generate_under_mlx_launch(ckpts, tmp_path):
-    """`mlx.launch --backend ring -n 2 -- gemma4-mlx generate ...`: the single-process output,
-    printed once."""
+    """`mlx.launch --backend ring -n 2 -- gemma4-mlx generate ...` (or nccl): the single-process
+    output, printed once."""
     import importlib
 
     from typer.testing import CliRunner
@@ -222,6 +245,7 @@ def test_generate_under_mlx_launch(ckpts, tmp_path):
     for name in COMMAND_MODULES:
         importlib.import_module(f"gemma4_mlx.commands.{name}")
 
+    _needs_processes(2)
     args = ["generate", "--model", str(ckpts["tiny-31b"]), "--prompt", "Hello there", "--greedy", "--max-tokens", "6"]
     single = CliRunner().invoke(app, args)
     assert single.exit_code == 0, single.output
@@ -229,7 +253,8 @@ def test_generate_under_mlx_launch(ckpts, tmp_path):
     command = [sys.executable, "-m", "gemma4_mlx.cli"] + args
     for _ in range(3):  # the launcher listens on ports p and p+1: retry if another process took one
         port = min(free_ports(1)[0], 65000)
-        launched = subprocess.run(_mlx_launch() + ["--backend", "ring", "-n", "2", "-p", str(port), "--"] + command,
+        where = ["--nccl-port", str(port)] if BACKEND == "nccl" else ["-p", str(port)]
+        launched = subprocess.run(_mlx_launch() + ["--backend", BACKEND, "-n", "2"] + where + ["--"] + command,
                                   env=env, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
         if "Address already in use" not in launched.stderr:
             break
