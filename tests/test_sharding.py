@@ -123,7 +123,8 @@ def run_group(n: int, job: dict, tmp_path: Path):
     _needs_processes(n)
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps({"size": n, "out": str(tmp_path), **job}))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    paths = [str(HERE), str(HERE.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     if BACKEND == "nccl":
         env.update(NCCL_HOST_IP="127.0.0.1", NCCL_PORT=str(free_ports(1)[0]), MLX_WORLD_SIZE=str(n))
         per_rank = [{"MLX_RANK": str(r), "CUDA_VISIBLE_DEVICES": str(r)} for r in range(n)]
