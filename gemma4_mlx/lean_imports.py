@@ -16,11 +16,13 @@ program that imports gemma4_mlx keeps transformers as it is. ``GEMMA4_MLX_TORCH=
 from __future__ import annotations
 
 import os
+import re
 import sys
 import types
 
-# transformers' probes for packages that import PyTorch (torchvision and torchaudio do at once)
-TORCH_PROBES = ("is_torch_available", "is_torchvision_available", "is_torchaudio_available")
+# transformers' probes for PyTorch and what comes with it (torchvision, torchaudio, torchcodec,
+# torchao and the device checks import PyTorch once they answer yes): is_torch*_available
+TORCH_PROBE = re.compile(r"is_torch\w*_available")
 
 
 def keep_torch_out() -> bool:
@@ -35,11 +37,11 @@ def keep_torch_out() -> bool:
         from transformers.utils import import_utils
     except Exception:  # noqa: BLE001 - no transformers (or a broken one): mlx-lm will say so itself
         return False
-    originals = {name: getattr(import_utils, name, None) for name in TORCH_PROBES}
-    if originals["is_torch_available"] is None or "torch" in sys.modules:
+    originals = {name: f for name, f in vars(import_utils).items() if TORCH_PROBE.fullmatch(name) and callable(f)}
+    if "is_torch_available" not in originals or "torch" in sys.modules:
         return False
 
-    def absent() -> bool:
+    def absent(*_args, **_kwargs) -> bool:
         return False
 
     # Modules imported by transformers' own __init__ bound the functions by name already. Read
@@ -50,6 +52,6 @@ def keep_torch_out() -> bool:
         if not name.startswith("transformers"):
             continue
         for probe, original in originals.items():
-            if original is not None and names.get(probe) is original:
+            if names.get(probe) is original:
                 names[probe] = absent
     return True
