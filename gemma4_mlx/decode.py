@@ -390,6 +390,12 @@ class CompiledDecoder:
         if prepared is None:
             return None
         args, reserved = prepared
+        if inputs.dtype != mx.uint32:
+            # One id dtype for every step. A generation's first step usually gets the prompt's
+            # last id (int32, from the tokenizer) and every later one a sampled id (uint32): two
+            # dtypes were two traces, and on a fresh GPU machine two sets of MLX-compiled kernels.
+            # (A negative id wraps high; the model clamps ids to the table either way.)
+            args = (inputs.astype(mx.uint32),) + tuple(args[1:])
         self._check_kernels(args)
         with _context(self.joined, tracing=True):
             logits, new = self._step(*args)

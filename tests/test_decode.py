@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -54,6 +56,27 @@ def _greedy(model, prompt, steps, monkeypatch, compiled: bool, feed=None):
         tokens.append(y.tolist())
         rows.append(np.array(logits[:, -1]))
     return tokens, np.stack(rows), cache
+
+
+def test_one_trace_whatever_the_id_dtype(monkeypatch):
+    """mlx-lm's generate feeds the prompt's last id (int32) to the first step and sampled ids
+    (uint32) after it: one trace serves both (each dtype was its own trace, and on a fresh GPU
+    machine its own MLX-compiled kernels), with the logits of the eager step."""
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    model = _random_model("tiny")
+    prompt = mx.array(np.random.default_rng(1).integers(0, model.args.vocab_size, size=(1, 12)), dtype=mx.int32)
+    cache = model.make_cache()
+    model(prompt[:, :-1], cache=cache)
+    y = prompt[:, -1:]
+    for dtype in (mx.int32, mx.uint32, mx.int64, mx.uint32):
+        eager_cache = [copy.deepcopy(c) for c in cache]
+        monkeypatch.setenv("GEMMA4_MLX_COMPILE", "0")
+        want = model(y.astype(dtype), cache=eager_cache)
+        monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+        got = model(y.astype(dtype), cache=cache)
+        assert np.allclose(np.array(got), np.array(want), atol=1e-4, rtol=0), dtype
+        y = mx.argmax(got[:, -1:], axis=-1)
+    assert model._decoder.counts["traces"] == 1
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-e4b", "tiny-moe", "tiny-31b"])
