@@ -207,6 +207,38 @@ def join_projections(model, previous: Dict[int, JoinedProjection]) -> Dict[int, 
     return out
 
 
+class TransposedWeights:
+    """The transposes of the weights the step multiplies by: every exact ``nn.Linear`` without bias
+    (joined projections included) and an ``nn.Embedding`` (the tied head), as views made here and
+    evaluated before the trace (free: a transpose of an evaluated array shares its buffer).
+
+    ``nn.Linear`` computes ``x @ weight.T``; traced as is, each projection puts a Transpose in the
+    step's graph, which MLX then replays and evaluates at every step: 247 of E2B's ~1,530
+    primitives, each costing host time (about 1.2 us per projection on the CI machine's CPU).
+    Against an evaluated transpose the graph holds the matmul alone, with the same result.
+    """
+
+    def __init__(self, model: nn.Module, joined: Dict[int, "JoinedProjection"]):
+        modules = [m for _, m in model.named_modules()] + [j.joint for j in joined.values()]
+        self._views = {}
+        for m in modules:
+            if (type(m) is nn.Linear and "bias" not in m) or type(m) is nn.Embedding:
+                self._views[id(m)] = (m, m["weight"], m["weight"].T)
+        self._evaluated = False
+
+    def evaluate(self) -> None:
+        """Before a trace: a lazy transpose would be traced as a Transpose after all."""
+        if not self._evaluated:
+            mx.eval([t for _, _, t in self._views.values()])
+            self._evaluated = True
+
+    def get(self, module: nn.Module) -> Optional[mx.array]:
+        entry = self._views.get(id(module))
+        if entry is None or entry[0] is not module or module.get("weight") is not entry[1]:
+            return None
+        return entry[2]
+
+
 # ------------------------------------------------------------------ caches inside the step
 
 class _SlotCache:
@@ -332,6 +364,7 @@ class CompiledDecoder:
         self.switches = _switches()
         self.joined = join_projections(model, previous.joined if previous is not None else {})
         self.snapshot = TreeSnapshot(model)  # after joining: the members now hold views
+        self.transposed = TransposedWeights(model, self.joined)
         # The traced function reaches the model through a weak reference: the model holds its
         # decoder, and a strong one would keep both alive until a garbage collection.
         self.counts = {"traces": 0}  # how often the step was traced (tests, benchmarks)
@@ -345,7 +378,7 @@ class CompiledDecoder:
     def collect_kernels(self, args) -> list:
         """Dry-run the step (a graph that is never evaluated): the kernels it would use."""
         needed: list = []
-        with _context(self.joined, collect=needed):
+        with _context(self.joined, collect=needed, transposed=self.transposed):
             self._forward(*args)
         return needed
 
@@ -397,7 +430,8 @@ class CompiledDecoder:
             # (A negative id wraps high; the model clamps ids to the table either way.)
             args = (inputs.astype(mx.uint32),) + tuple(args[1:])
         self._check_kernels(args)
-        with _context(self.joined, tracing=True):
+        self.transposed.evaluate()
+        with _context(self.joined, tracing=True, transposed=self.transposed):
             logits, new = self._step(*args)
         for i, c in enumerate(cache):
             c.keys, c.values = new[2 * i], new[2 * i + 1]

@@ -189,6 +189,9 @@ def linear(module: nn.Module, x: mx.array) -> mx.array:
         if type(module) is nn.QuantizedLinear and module.mode == "affine" and "biases" in module:
             return k.quantized_matvec(x, module["weight"], module["scales"], module["biases"], module.group_size,
                                       module.bits, fallback=lambda x, *_: module(x))
+    weight_t = step_context.transposed(module)
+    if weight_t is not None:  # what nn.Linear computes, without a Transpose in the step's graph
+        return x @ weight_t
     return module(x)
 
 
@@ -202,4 +205,7 @@ def tied_head(embedding: nn.Module, x: mx.array) -> mx.array:
             return k.quantized_matvec(x, embedding["weight"], embedding["scales"], embedding["biases"],
                                       embedding.group_size, embedding.bits,
                                       fallback=lambda x, *_: embedding.as_linear(x))
+    weight_t = step_context.transposed(embedding)
+    if weight_t is not None:
+        return x @ weight_t
     return embedding.as_linear(x)

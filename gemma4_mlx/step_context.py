@@ -15,18 +15,20 @@ JOINED_MAX_ROWS = 8
 
 
 class _Context:
-    def __init__(self, joined: Dict[int, object], collect: Optional[list], tracing: bool):
+    def __init__(self, joined: Dict[int, object], collect: Optional[list], tracing: bool,
+                 transposed: Optional[object] = None):
         self.joined = joined
         self.collect = collect  # a dry run: record the kernels met, launch none
         self.tracing = tracing  # inside mx.compile's trace: nothing may be evaluated
+        self.transposed = transposed  # the step's weight transposes (decode.TransposedWeights)
 
 
 _active: List[_Context] = []
 
 
 @contextlib.contextmanager
-def _context(joined, collect=None, tracing=False):
-    _active.append(_Context(joined, collect, tracing))
+def _context(joined, collect=None, tracing=False, transposed=None):
+    _active.append(_Context(joined, collect, tracing, transposed))
     try:
         yield
     finally:
@@ -50,3 +52,12 @@ def joined(module, rows: int) -> Optional[object]:
     if ctx is None or rows > JOINED_MAX_ROWS:
         return None
     return ctx.joined.get(id(module))
+
+
+def transposed(module) -> Optional[object]:
+    """Inside the decode step, ``module``'s weight transposed (an evaluated view) when the step
+    holds one for it and the module still has that weight; None elsewhere."""
+    ctx = active()
+    if ctx is None or ctx.transposed is None:
+        return None
+    return ctx.transposed.get(module)

@@ -58,6 +58,40 @@ def _greedy(model, prompt, steps, monkeypatch, compiled: bool, feed=None):
     return tokens, np.stack(rows), cache
 
 
+def _step_graph(model):
+    """The primitives of one compiled decode step (after its trace) and its logits."""
+    import collections
+    import io
+    import re
+
+    cache = model.make_cache()
+    prompt = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, (1, 9)))
+    mx.eval(model(prompt, cache=cache))
+    mx.eval(model(mx.array([[3]]), cache=cache))
+    out = model(mx.array([[4]]), cache=cache)
+    dot = io.StringIO()
+    mx.export_to_dot(dot, out, *[a for c in cache if getattr(c, "keys", None) is not None for a in (c.keys, c.values)])
+    return collections.Counter(re.findall(r'label ="([A-Za-z_0-9]+)', dot.getvalue())), np.array(out)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_step_multiplies_by_evaluated_weight_transposes(preset, monkeypatch):
+    """The compiled step multiplies by transposes evaluated before its trace: no Transpose per
+    projection in the graph it replays at every step, and the very same logits."""
+    from gemma4_mlx import decode, step_context
+
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    model = _random_model(preset)
+    ops_with, logits_with = _step_graph(model)
+    decode.release(model)
+    monkeypatch.setattr(step_context, "transposed", lambda module: None)
+    ops_without, logits_without = _step_graph(model)
+    assert np.array_equal(logits_with, logits_without)
+    # at least q (or the joined q/k/v), o, the MLP's in and out per layer, and the tied head
+    assert ops_without["Transpose"] - ops_with["Transpose"] >= 3 * len(model.layers) + 1
+    assert sum(ops_with.values()) < sum(ops_without.values())
+
+
 def test_one_trace_whatever_the_id_dtype(monkeypatch):
     """mlx-lm's generate feeds the prompt's last id (int32) to the first step and sampled ids
     (uint32) after it: one trace serves both (each dtype was its own trace, and on a fresh GPU
