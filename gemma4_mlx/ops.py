@@ -189,10 +189,8 @@ def linear(module: nn.Module, x: mx.array) -> mx.array:
         if type(module) is nn.QuantizedLinear and module.mode == "affine" and "biases" in module:
             return k.quantized_matvec(x, module["weight"], module["scales"], module["biases"], module.group_size,
                                       module.bits, fallback=lambda x, *_: module(x))
-    weight_t = step_context.transposed(module)
-    if weight_t is not None:  # what nn.Linear computes, without a Transpose in the step's graph
-        return x @ weight_t
-    return module(x)
+    out = step_context.transposed_matmul(module, x)  # what nn.Linear computes, in fewer primitives
+    return module(x) if out is None else out
 
 
 def tied_head(embedding: nn.Module, x: mx.array) -> mx.array:
@@ -205,7 +203,5 @@ def tied_head(embedding: nn.Module, x: mx.array) -> mx.array:
             return k.quantized_matvec(x, embedding["weight"], embedding["scales"], embedding["biases"],
                                       embedding.group_size, embedding.bits,
                                       fallback=lambda x, *_: embedding.as_linear(x))
-    weight_t = step_context.transposed(embedding)
-    if weight_t is not None:
-        return x @ weight_t
-    return embedding.as_linear(x)
+    out = step_context.transposed_matmul(embedding, x)
+    return embedding.as_linear(x) if out is None else out

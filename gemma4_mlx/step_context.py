@@ -54,10 +54,10 @@ def joined(module, rows: int) -> Optional[object]:
     return ctx.joined.get(id(module))
 
 
-def transposed(module) -> Optional[object]:
-    """Inside the decode step, ``module``'s weight transposed (an evaluated view) when the step
-    holds one for it and the module still has that weight; None elsewhere."""
+def transposed_matmul(module, x) -> Optional[object]:
+    """Inside the decode step, ``x @ module.weight.T`` over the weight transposes the step holds
+    (decode.TransposedWeights); None elsewhere, or when it holds none for ``module``."""
     ctx = active()
     if ctx is None or ctx.transposed is None:
         return None
-    return ctx.transposed.get(module)
+    return ctx.transposed.matmul(module, x)

@@ -76,20 +76,23 @@ def _step_graph(model):
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
 def test_step_multiplies_by_evaluated_weight_transposes(preset, monkeypatch):
-    """The compiled step multiplies by transposes evaluated before its trace: no Transpose per
-    projection in the graph it replays at every step, and the very same logits."""
+    """The compiled step multiplies by transposes evaluated before its trace: no Transpose (and
+    for one row no Flatten/Unflatten) per projection in the graph it replays at every step, and
+    the very same logits."""
     from gemma4_mlx import decode, step_context
 
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
     model = _random_model(preset)
     ops_with, logits_with = _step_graph(model)
     decode.release(model)
-    monkeypatch.setattr(step_context, "transposed", lambda module: None)
+    monkeypatch.setattr(step_context, "transposed_matmul", lambda module, x: None)
     ops_without, logits_without = _step_graph(model)
     assert np.array_equal(logits_with, logits_without)
     # at least q (or the joined q/k/v), o, the MLP's in and out per layer, and the tied head
-    assert ops_without["Transpose"] - ops_with["Transpose"] >= 3 * len(model.layers) + 1
-    assert sum(ops_with.values()) < sum(ops_without.values())
+    projections = 3 * len(model.layers) + 1  # at least q (or q/k/v), o, the MLP's in and out; the head
+    for name in ("Transpose", "Flatten", "Unflatten"):
+        assert ops_without[name] - ops_with[name] >= projections, name
+    assert ops_with["Matmul"] == ops_without["Matmul"]
 
 
 def test_one_trace_whatever_the_id_dtype(monkeypatch):
