@@ -181,16 +181,26 @@ def ple_tail(gate: nn.Module, projection: nn.Module, h: mx.array, per_layer_inpu
 def linear(module: nn.Module, x: mx.array) -> mx.array:
     """``module(x)``; inside the decode step a plain (no bias, not LoRA, ...) float or affine
     4/8-bit projection of few rows may go through the matvec kernels (``mv``, ``qmv``; both off
-    by default, see kernels/dispatch.py)."""
+    by default, see kernels/dispatch.py), and a float one otherwise multiplies by the step's
+    weight transposes (:func:`_product`)."""
     k = _gpu_kernels()
     if k is not None and _rows(x) <= 8 and "bias" not in module:
         if type(module) is nn.Linear:
-            return k.matvec(x, module["weight"], fallback=lambda x, _w: module(x))
+            return k.matvec(x, module["weight"], fallback=lambda x, _w: _product(module, x))
         if type(module) is nn.QuantizedLinear and module.mode == "affine" and "biases" in module:
             return k.quantized_matvec(x, module["weight"], module["scales"], module["biases"], module.group_size,
                                       module.bits, fallback=lambda x, *_: module(x))
-    out = step_context.transposed_matmul(module, x)  # what nn.Linear computes, in fewer primitives
-    return module(x) if out is None else out
+    return _product(module, x)
+
+
+def _product(module: nn.Module, x: mx.array) -> mx.array:
+    """``module(x)`` (``as_linear`` for an embedding); inside the decode step, the same product
+    over the weight transposes evaluated before its trace, in fewer primitives
+    (decode.TransposedWeights)."""
+    out = step_context.transposed_matmul(module, x)
+    if out is not None:
+        return out
+    return module.as_linear(x) if isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)) else module(x)
 
 
 def tied_head(embedding: nn.Module, x: mx.array) -> mx.array:
@@ -198,10 +208,10 @@ def tied_head(embedding: nn.Module, x: mx.array) -> mx.array:
     k = _gpu_kernels()
     if k is not None and _rows(x) <= 8:
         if type(embedding) is nn.Embedding:
-            return k.matvec(x, embedding["weight"], fallback=lambda x, _w: embedding.as_linear(x))
+            return k.matvec(x, embedding["weight"], fallback=lambda x, _w: _product(embedding, x))
         if type(embedding) is nn.QuantizedEmbedding and embedding.mode == "affine" and "biases" in embedding:
             return k.quantized_matvec(x, embedding["weight"], embedding["scales"], embedding["biases"],
                                       embedding.group_size, embedding.bits,
                                       fallback=lambda x, *_: embedding.as_linear(x))
-    out = step_context.transposed_matmul(embedding, x)
-    return embedding.as_linear(x) if out is None else out
+    return _product(embedding, x)
+

@@ -74,21 +74,34 @@ def _step_graph(model):
     return collections.Counter(re.findall(r'label ="([A-Za-z_0-9]+)', dot.getvalue())), np.array(out)
 
 
+ALL_KERNELS = ("mv,qmv,q_norm_rope,kv_norm_rope,attention,attention_prefix,ple_combine,ple_gate,residual_norm,"
+               "ple_tail")
+
+
+@pytest.mark.parametrize("kernel_path", [False, True], ids=["mlx", "kernels-falling-back"])
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
-def test_step_multiplies_by_evaluated_weight_transposes(preset, monkeypatch):
+def test_step_multiplies_by_evaluated_weight_transposes(preset, kernel_path, monkeypatch):
     """The compiled step multiplies by transposes evaluated before its trace: no Transpose (and
     for one row no Flatten/Unflatten) per projection in the graph it replays at every step, and
-    the very same logits."""
+    the very same logits. Also where the matvec kernels are asked first and fall back (a GPU with
+    ``mv`` off, the default: here the backend is forced and every kernel switched off)."""
+    import contextlib
+
     from gemma4_mlx import decode, step_context
+    from gemma4_mlx.kernels import dispatch
 
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
     model = _random_model(preset)
-    ops_with, logits_with = _step_graph(model)
-    decode.release(model)
-    monkeypatch.setattr(step_context, "transposed_matmul", lambda module, x: None)
-    ops_without, logits_without = _step_graph(model)
+    with contextlib.ExitStack() as stack:
+        if kernel_path:
+            monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", ALL_KERNELS)
+            stack.enter_context(dispatch.force_backend("cuda"))
+        ops_with, logits_with = _step_graph(model)
+        decode.release(model)
+        monkeypatch.setattr(step_context, "transposed_matmul", lambda module, x: None)
+        ops_without, logits_without = _step_graph(model)
+    dispatch.reset()
     assert np.array_equal(logits_with, logits_without)
-    # at least q (or the joined q/k/v), o, the MLP's in and out per layer, and the tied head
     projections = 3 * len(model.layers) + 1  # at least q (or q/k/v), o, the MLP's in and out; the head
     for name in ("Transpose", "Flatten", "Unflatten"):
         assert ops_without[name] - ops_with[name] >= projections, name
