@@ -186,21 +186,18 @@ def linear(module: nn.Module, x: mx.array) -> mx.array:
     k = _gpu_kernels()
     if k is not None and _rows(x) <= 8 and "bias" not in module:
         if type(module) is nn.Linear:
-            return k.matvec(x, module["weight"], fallback=lambda x, _w: _product(module, x))
+            return k.matvec(x, module["weight"], fallback=lambda x, _w: _product(module, x, module))
         if type(module) is nn.QuantizedLinear and module.mode == "affine" and "biases" in module:
             return k.quantized_matvec(x, module["weight"], module["scales"], module["biases"], module.group_size,
                                       module.bits, fallback=lambda x, *_: module(x))
-    return _product(module, x)
+    return _product(module, x, module)
 
 
-def _product(module: nn.Module, x: mx.array) -> mx.array:
-    """``module(x)`` (``as_linear`` for an embedding); inside the decode step, the same product
-    over the weight transposes evaluated before its trace, in fewer primitives
-    (decode.TransposedWeights)."""
+def _product(module: nn.Module, x: mx.array, plain) -> mx.array:
+    """``plain(x)`` (the module's own product); inside the decode step, the same product over the
+    weight transposes evaluated before its trace, in fewer primitives (decode.TransposedWeights)."""
     out = step_context.transposed_matmul(module, x)
-    if out is not None:
-        return out
-    return module.as_linear(x) if isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)) else module(x)
+    return plain(x) if out is None else out
 
 
 def tied_head(embedding: nn.Module, x: mx.array) -> mx.array:
@@ -208,10 +205,10 @@ def tied_head(embedding: nn.Module, x: mx.array) -> mx.array:
     k = _gpu_kernels()
     if k is not None and _rows(x) <= 8:
         if type(embedding) is nn.Embedding:
-            return k.matvec(x, embedding["weight"], fallback=lambda x, _w: _product(embedding, x))
+            return k.matvec(x, embedding["weight"], fallback=lambda x, _w: _product(embedding, x, embedding.as_linear))
         if type(embedding) is nn.QuantizedEmbedding and embedding.mode == "affine" and "biases" in embedding:
             return k.quantized_matvec(x, embedding["weight"], embedding["scales"], embedding["biases"],
                                       embedding.group_size, embedding.bits,
                                       fallback=lambda x, *_: embedding.as_linear(x))
-    return _product(embedding, x)
+    return _product(embedding, x, embedding.as_linear)
 
