@@ -3,8 +3,12 @@
 # Stage MLX first (../shared/device/README.md): call 1 carries .device/a, then
 #   call 2: carry [".device/b"], command: bash bench/gpu_session.sh imports   (the machine stays warm
 #           30 s between calls: issue the next at once; a fresh one needs calls 1-2 again)
-#   then e.g.: check (parity, ~3.5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
-#   steps (per-kernel ablation), presets, presets-bf16, ablate31, long, warm.
+#   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
+#   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
+#   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
+# Next visit (session 6): check (the step's weight transposes, one trace per generation and the
+# per-layer split are new since session 5's parity run), steps, NEW=128,512,2048 e2e (PyTorch no
+# longer imported through torchvision?), Q=4 NEW=128,2048 e2e, cold, then x2: BITS= nccl.
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
@@ -155,7 +159,7 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     GEMMA4_MLX_TEST_BACKEND=nccl MLX_ENABLE_TF32=0 timeout 240 python3 -m pytest -q -p no:cacheprovider \
       tests/test_sharding.py > "$OUT/nccl-tests.txt" 2>&1
     tail -3 "$OUT/nccl-tests.txt"; grep -h -E "^(FAILED|ERROR)|Error" "$OUT/nccl-tests.txt" | head -10
-    for bits in ${BITS:-0 4}; do
+    for bits in ${BITS-0 4}; do
       timeout 150 python3 bench/sharded.py --preset 31b --bits $bits --runs "${RUNS:-2}" \
         --out "$OUT/sharded-31b-q$bits-1.json" 2>&1 | tail -3
       timeout 150 mlx.launch --backend nccl -n 2 -- python3 bench/sharded.py --preset 31b --bits $bits \
