@@ -38,7 +38,7 @@ base, stock, _ = build_pair(BenchSettings(preset=preset, dtype="bfloat16", quant
 args, params = base.args, base.parameters()
 prompt = mx.array(np.random.default_rng(0).integers(0, args.vocab_size, (1, P)))
 SWITCHES = ("GEMMA4_MLX_KERNELS", "GEMMA4_MLX_KERNELS_DISABLE", "GEMMA4_MLX_COMPILE", "GEMMA4_MLX_FUSE",
-            "GEMMA4_MLX_NVRTC")
+            "GEMMA4_MLX_NVRTC", "GEMMA4_MLX_TRANSPOSES")
 VIEWS = {"Reshape", "Transpose", "Slice", "Squeeze", "ExpandDims", "Broadcast", "Unflatten", "Flatten",
          "AsStrided", "Split", "StopGradient"}
 
@@ -53,6 +53,7 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", {D: "qmv,ple_tail"}), ("o
            ("ours -ple", {D: "mv,qmv,ple_tail,ple_combine,ple_gate"}),
            ("ours -resnorm", {D: "mv,qmv,ple_tail,residual_norm"}),
            ("ours -fuse", {"GEMMA4_MLX_FUSE": "0"}),
+           ("ours -transposes", {"GEMMA4_MLX_TRANSPOSES": "0"}),  # weight.T traced per projection
            ("ours mlx kernels", {"GEMMA4_MLX_NVRTC": "0"}),  # built by mx.fast.cuda_kernel instead
            ("ours seeded", {"GEMMA4_MLX_NVRTC": "seed"}),  # cuda_kernel over MLX's cache seeded by our builds
            ("ours kernels off", {"GEMMA4_MLX_KERNELS": "off"}), ("ours no compile", {"GEMMA4_MLX_COMPILE": "0"})]

@@ -61,6 +61,12 @@ def joining_enabled() -> bool:
     return os.environ.get("GEMMA4_MLX_FUSE", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
+def transposes_enabled() -> bool:
+    """``GEMMA4_MLX_TRANSPOSES=0``: the decode step multiplies by ``weight.T`` as ``nn.Linear`` does,
+    without :class:`TransposedWeights` (ablations)."""
+    return os.environ.get("GEMMA4_MLX_TRANSPOSES", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
 def _switches() -> tuple:
     """The settings a traced step depends on besides the module tree."""
     from .kernels import dispatch
@@ -69,7 +75,8 @@ def _switches() -> tuple:
         mode = dispatch.get_mode()
     except ValueError:
         mode = "invalid"
-    return (mode, tuple(sorted(dispatch.disabled_kernels())), joining_enabled(), mx.default_device())
+    return (mode, tuple(sorted(dispatch.disabled_kernels())), joining_enabled(), transposes_enabled(),
+            mx.default_device())
 
 
 # ------------------------------------------------------------------ derived state
@@ -225,7 +232,7 @@ class TransposedWeights:
     def __init__(self, model: nn.Module, joined: Dict[int, "JoinedProjection"]):
         modules = [m for _, m in model.named_modules()] + [j.joint for j in joined.values()]
         self._views = {}
-        for m in modules:
+        for m in modules if transposes_enabled() else []:
             if (type(m) is nn.Linear and "bias" not in m) or type(m) is nn.Embedding:
                 t = m["weight"].T
                 self._views[id(m)] = (m, m["weight"], t, t[None])
