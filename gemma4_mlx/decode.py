@@ -135,6 +135,33 @@ class TreeSnapshot:
                 and all(_settings(m) == settings for m, settings in self._watched))
 
 
+# MLX's CUDA backend (0.32; mlx/backend/cuda/quantized/quantized.cpp) gives a one-row quantized
+# matmul its matrix-vector kernel on sm90 GPUs only up to 16,384 outputs and 16,384 inputs; past
+# that it takes the tiled GEMM (qmm_sm90). A joined projection must not push members that each
+# stay under the line over it: E2B's double-wide gate/up (2 x 12,288) and 31B's global q/k
+# (16,384 + 2,048) would leave the matrix-vector kernel, where stock's separate ones keep it.
+CUDA_QMV_MAX = 16384
+
+
+def _sm90_quantized_dispatch() -> bool:
+    from .kernels import cuda_build, dispatch
+
+    return dispatch.active_backend() == "cuda" and cuda_build.target_arch().startswith("sm_9")
+
+
+def _joint_keeps_qmv(members: List[nn.Module]) -> bool:
+    """Joining these quantized projections moves none of them off MLX's matrix-vector kernel."""
+    if not _sm90_quantized_dispatch():
+        return True
+    inputs = members[0]["scales"].shape[-1] * members[0].group_size
+    rows = [m["weight"].shape[0] for m in members]
+
+    def qmv(n: int) -> bool:
+        return n <= CUDA_QMV_MAX and inputs <= CUDA_QMV_MAX
+
+    return qmv(sum(rows)) or not any(qmv(n) for n in rows)
+
+
 def _projection_keys(module: nn.Module) -> List[str]:
     return [k for k in ("weight", "scales", "biases") if k in module]
 
@@ -184,6 +211,8 @@ class JoinedProjection:
             if any((m.group_size, m.bits, m.mode) != (first.group_size, first.bits, first.mode) for m in members):
                 return False
             if any(_projection_keys(m) != _projection_keys(first) for m in members):
+                return False
+            if not _joint_keeps_qmv(members):
                 return False
         return len({(m["weight"].dtype, m["weight"].shape[1]) for m in members}) == 1
 

@@ -140,3 +140,30 @@ def test_loading_joins_the_projections_without_a_second_copy(tmp_path, monkeypat
     joined = sum(f.joint.weight.nbytes for _, f in _fused_modules(model))
     assert joined > 0.5 * weights  # q/k/v and gate/up are most of the model
     assert mx.get_peak_memory() - start < weights + 0.25 * joined, (mx.get_peak_memory() - start, weights, joined)
+
+
+def test_quantized_joins_keep_mlx_cuda_matvec(monkeypatch):
+    """On an sm90 GPU MLX runs a one-row quantized matmul with its matrix-vector kernel only up to
+    16,384 outputs and inputs: members that each fit are not joined past that (E2B's double-wide
+    gate/up, 31B's global q/k), members already past it or a joint within it still are; elsewhere
+    (Metal, other GPUs, the CPU) every compatible set is joined."""
+    from gemma4_mlx import decode
+
+    def quantized(rows, cols=256):
+        layer = nn.QuantizedLinear(cols, rows, bias=False, group_size=64, bits=4)
+        mx.eval(layer.parameters())
+        return layer
+
+    double_wide = [quantized(12288), quantized(12288)]  # 24,576 joined
+    small = [quantized(8192), quantized(4096), quantized(4096)]  # 16,384 joined: still in
+    past = [quantized(21504), quantized(21504)]  # each already past the line
+    monkeypatch.setattr(decode, "_sm90_quantized_dispatch", lambda: True)
+    assert not decode.JoinedProjection.compatible(double_wide)
+    assert decode.JoinedProjection.compatible(small)
+    assert decode.JoinedProjection.compatible(past)
+    assert not decode.JoinedProjection.compatible([quantized(8192), quantized(10240)])  # 18,432
+    wide_inputs = [quantized(4096, cols=21504), quantized(4096, cols=21504)]  # K past the line
+    assert decode.JoinedProjection.compatible(wide_inputs)
+    monkeypatch.setattr(decode, "_sm90_quantized_dispatch", lambda: False)
+    assert decode.JoinedProjection.compatible(double_wide)
+    assert decode.JoinedProjection.compatible([quantized(8192), quantized(10240)])
