@@ -8,7 +8,8 @@
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
 # Next visit (session 6): check (the step's weight transposes, one trace per generation and the
 # per-layer split are new since session 5's parity run), steps, NEW=128,512,2048 e2e (PyTorch no
-# longer imported through torchvision?), Q=4 NEW=128,2048 e2e, cold, then x2: BITS= nccl.
+# longer imported through torchvision?), Q=4 NEW=128,2048 e2e, Q=4 steps, ablate31 (joins kept
+# under MLX's sm90 qmv limit now), cold, then x2: BITS= nccl.
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
