@@ -59,7 +59,7 @@ class Router(nn.Module):
 
     def __call__(self, x: mx.array) -> Tuple[mx.array, mx.array]:
         x = mx.fast.rms_norm(x, self.scale * self.root_size, self.eps)
-        scores = self.proj(x).astype(mx.float32)
+        scores = ops.linear(self.proj, x).astype(mx.float32)
         k = self.top_k
         idx = mx.stop_gradient(mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k])
         # softmax over the chosen logits == softmax over all, then renormalised over the top k
