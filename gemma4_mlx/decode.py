@@ -383,9 +383,15 @@ def _step_function(model_ref, counts: dict):
         ctx = active()
         if ctx is not None and ctx.tracing:
             counts["traces"] += 1
+        n = len(buffers) // 2
+        # each cache's slot and fill level as (1,) views, one Split each for all caches: an index
+        # per cache was a Slice, and a Gather (a launch) and a Squeeze, and the attention kernel
+        # reshaped the fill level of its producer layer's cache again for every layer
+        slot_of = mx.split(slots, n) if n > 1 else [slots]
+        valid_of = mx.split(valid, n) if n > 1 else [valid]
         caches = [
-            _SlotCache(buffers[2 * i], buffers[2 * i + 1], slots[i : i + 1], valid[i], offset, ring_windows[i])
-            for i in range(len(buffers) // 2)
+            _SlotCache(buffers[2 * i], buffers[2 * i + 1], slot_of[i], valid_of[i], offset, ring_windows[i])
+            for i in range(n)
         ]
         logits = model_ref()._eager(inputs, cache=caches)
         out = []
