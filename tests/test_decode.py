@@ -455,3 +455,21 @@ def test_input_embeddings_are_refused_clearly():
     model = _random_model("tiny")
     with pytest.raises(ValueError, match="input_embeddings are not supported"):
         model(mx.array([[1, 2]]), input_embeddings=mx.zeros((1, 2, 64)))
+
+
+def test_step_reads_each_cache_slot_without_a_gather(monkeypatch):
+    """The step hands every cache its slot and fill level through one Split each: the only Gathers
+    left are the embedding lookups (token table, per-layer table), however many caches there are
+    (an index per cache was a Gather launch, a Squeeze and a Slice)."""
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx.kernels import dispatch
+
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    others = ALL_KERNELS.replace("attention_prefix,", "")
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", others)
+    model = _random_model("tiny")
+    assert model.args.num_caches >= 3
+    with dispatch.force_backend("cuda"), dispatch.override_kernel("attention_prefix", K.attention_prefix_reference):
+        ops_graph, _ = _step_graph(model)
+    dispatch.reset()
+    assert ops_graph["Gather"] <= 2, ops_graph
