@@ -222,8 +222,14 @@ class JoinedProjection:
             for owner, name, m, views, keys in self._slots
         )
 
-    def __call__(self, x: mx.array) -> List[mx.array]:
-        return mx.split(ops.linear(self.joint, x), self.splits, axis=-1)
+    def __call__(self, x: mx.array, head_dim: int = 0) -> List[mx.array]:
+        """The members' outputs; with ``head_dim``, each already split into heads (B, L, heads,
+        head_dim): one Reshape of the joined output rather than one per member."""
+        y = ops.linear(self.joint, x)
+        if not head_dim:
+            return mx.split(y, self.splits, axis=-1)
+        y = y.reshape(*y.shape[:-1], -1, head_dim)
+        return mx.split(y, [s // head_dim for s in self.splits], axis=-2)
 
 
 def join_projections(model, previous: Dict[int, JoinedProjection]) -> Dict[int, JoinedProjection]:

@@ -104,17 +104,20 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         p = self.plan
         joined = step_context.joined(self, B * L)
+
+        def heads(y, n):
+            return y.reshape(B, L, n, p.head_dim)
+
         if joined is not None:
-            q, k, *v = joined(x)
+            q, k, *v = joined(x, head_dim=p.head_dim)  # (B, L, heads, d) each
         else:
-            q = ops.linear(self.q_proj, x)
-        q = q.reshape(B, L, self.num_heads, p.head_dim)
+            q = heads(ops.linear(self.q_proj, x), self.num_heads)
         if shared is None:
             offset = cache.offset if cache is not None else 0
             if joined is None:
-                k, v = ops.linear(self.k_proj, x), ([] if p.k_eq_v else [ops.linear(self.v_proj, x)])
-            k = k.reshape(B, L, self.num_kv_heads, p.head_dim)
-            v = k if p.k_eq_v else v[0].reshape(B, L, self.num_kv_heads, p.head_dim)
+                k = heads(ops.linear(self.k_proj, x), self.num_kv_heads)
+                v = [] if p.k_eq_v else [heads(ops.linear(self.v_proj, x), self.num_kv_heads)]
+            v = k if p.k_eq_v else v[0]
             keys, values = ops.kv_norm_rope(k, v, self.k_norm.weight, self._inv_freq, self._freqs, offset, self.eps)
             if cache is not None:
                 keys, values = cache.update_and_fetch(keys, values)
