@@ -268,7 +268,7 @@ class TransposedWeights:
         modules = [m for _, m in model.named_modules()] + [j.joint for j in joined.values()]
         self._views = {}
         for m in modules if transposes_enabled() else []:
-            if (type(m) is nn.Linear and "bias" not in m) or type(m) is nn.Embedding:
+            if ops.plain_linear(m) or type(m) is nn.Embedding:
                 t = m["weight"].T
                 self._views[id(m)] = (m, m["weight"], t, t[None])
         self._evaluated = False
@@ -392,7 +392,7 @@ def _step_function(model_ref, counts: dict):
         n = len(buffers) // 2
         # each cache's slot and fill level as (1,) views, one Split each for all caches: an index
         # per cache was a Slice, and a Gather (a launch) and a Squeeze, and the attention kernel
-        # reshaped the fill level of its producer layer's cache again for every layer
+        # reshaped the scalar fill level of its producer layer's cache for every layer
         slot_of = mx.split(slots, n) if n > 1 else [slots]
         valid_of = mx.split(valid, n) if n > 1 else [valid]
         caches = [
@@ -470,7 +470,12 @@ class CompiledDecoder:
             buffers += [c.keys, c.values]
         # a ring with spare slots (speculative decoding) also masks by distance to the window
         ring_windows = tuple(c.window if type(c) is SlidingWindowCache and c.reserve else None for c in cache)
-        return (inputs, mx.array(offsets.pop(), dtype=mx.int32), slots, valid, buffers, ring_windows), reserved
+        # One id dtype for every step. A generation's first step usually gets the prompt's last id
+        # (int32, from the tokenizer) and every later one a sampled id (uint32): two dtypes were
+        # two traces, and on a fresh GPU machine two sets of MLX-compiled kernels. (A negative id
+        # wraps high; the model clamps ids to the table either way.)
+        ids = inputs if inputs.dtype == mx.uint32 else inputs.astype(mx.uint32)
+        return (ids, mx.array(offsets.pop(), dtype=mx.int32), slots, valid, buffers, ring_windows), reserved
 
     def __call__(self, inputs: mx.array, cache: List[Any]) -> Optional[mx.array]:
         """Logits, or None when this call must take the eager path."""
@@ -478,12 +483,6 @@ class CompiledDecoder:
         if prepared is None:
             return None
         args, reserved = prepared
-        if inputs.dtype != mx.uint32:
-            # One id dtype for every step. A generation's first step usually gets the prompt's
-            # last id (int32, from the tokenizer) and every later one a sampled id (uint32): two
-            # dtypes were two traces, and on a fresh GPU machine two sets of MLX-compiled kernels.
-            # (A negative id wraps high; the model clamps ids to the table either way.)
-            args = (inputs.astype(mx.uint32),) + tuple(args[1:])
         self._check_kernels(args)
         self.transposed.evaluate()
         with _context(self.joined, tracing=True, transposed=self.transposed):

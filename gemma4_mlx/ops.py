@@ -89,7 +89,7 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: 
     if k is not None and valid is not None and getattr(cache, "ring_window", None) is None:
         # The compiled decode step: the kernel reads the filled prefix of the fixed buffer (its
         # fallback, the reference, is MLX's SDPA with the prefix mask).
-        return k.attention_prefix(queries, keys, values, valid.reshape(1), scale=1.0)
+        return k.attention_prefix(queries, keys, values, valid, scale=1.0)  # valid: (1,)
     # Eager chunks (2-16 new tokens) stay on MLX's SDPA: on the H200 the kernel was slower there
     # for the global layers (16 queries, D 512: 0.26x at 4k keys, 0.10x at 32k; bench/kernels.py).
     return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=1.0, mask=mask)
@@ -151,9 +151,11 @@ def _residual_norm(residual, branch, norm_weight, scalar, eps, next_weight=None)
     return out, mx.fast.rms_norm(out, next_weight, eps)
 
 
-def _plain_linear(module: nn.Module, dtype) -> bool:
-    """An exact ``nn.Linear`` without bias whose weight has ``dtype`` (not LoRA, quantized, ...)."""
-    return type(module) is nn.Linear and "bias" not in module and module["weight"].dtype == dtype
+def plain_linear(module: nn.Module, dtype=None) -> bool:
+    """An exact ``nn.Linear`` without bias (not LoRA, quantized, ...), of weights in ``dtype``
+    when one is given."""
+    return (type(module) is nn.Linear and "bias" not in module
+            and (dtype is None or module["weight"].dtype == dtype))
 
 
 def ple_tail(gate: nn.Module, projection: nn.Module, h: mx.array, per_layer_input: mx.array,
@@ -172,7 +174,7 @@ def ple_tail(gate: nn.Module, projection: nn.Module, h: mx.array, per_layer_inpu
 
     k = _gpu_kernels()
     # (how many rows the kernel takes is its own class key's business: more fall back to chain)
-    if k is not None and trace is None and _plain_linear(gate, h.dtype) and _plain_linear(projection, h.dtype):
+    if k is not None and trace is None and plain_linear(gate, h.dtype) and plain_linear(projection, h.dtype):
         return k.ple_tail(h, per_layer_input, gate["weight"], projection["weight"], norm_weight, scalar, eps,
                           next_weight, fallback=chain)
     return chain(h, per_layer_input)
