@@ -698,7 +698,7 @@ def serve(config: ServerConfig, model: str, adapter_path: Optional[str] = None, 
           draft_model: Optional[str] = None, group=None) -> int:
     """Load, check, bind, serve until SIGINT (exit 130) or SIGTERM (exit 0). Every failure before
     listening is a LoadError/OSError with one line; the caller prints it. ``group``: this is rank
-    0 of a sharded model (the other ranks run :func:`gemma4_mlx.server_distributed.serve_follower`);
+    0 of a sharded model (the other ranks run :func:`serve_follower`);
     a rank that leaves the group stops the server (exit 1)."""
     from .server_distributed import Lockstep
 

@@ -214,7 +214,6 @@ def common_checks(*, max_tokens: int, temp: float, top_p: float, top_k: int, min
         usage_error(str(e))
 
 
-# Kept for callers of the former name.
 def load_for_cli(model: str, adapter_path: Optional[str] = None, strict_memory: bool = False,
                  extra_eos_tokens: Optional[List[str]] = None):
     """(model, tokenizer), with ``--adapter-path``'s adapters applied and ``--extra-eos-token`` added."""
