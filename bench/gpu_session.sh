@@ -119,17 +119,6 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       env $([ "$setting" = default ] || echo "$setting") timeout 150 python3 bench/ablate.py e2b 0 2>&1 | tail -5 \
         | tee -a "$OUT/ablate-graphs.txt"
     done ;;
-  first)    # fresh processes, as a user meets them: stock, ours (cold kernel cache), ours again
-    rm -rf ~/.cache/gemma4_mlx
-    for run in stock ours ours stock; do
-      timeout 120 python3 bench/first_token.py $run e2b 402 128 2>&1 | tail -1 | tee -a "$OUT/first.jsonl"
-    done
-    for run in ours stock; do
-      timeout 120 python3 bench/first_token.py $run e2b 402 128 4 2>&1 | tail -1 | tee -a "$OUT/first.jsonl"
-    done
-    export CONFIGS="stock,ours,ours -fuse,ours kernels off,ours no compile"
-    STEPS=30 timeout 170 python3 bench/ablate.py e2b 0 2>&1 | tail -9 | tee "$OUT/ablate-e2b-bf16.txt"
-    MLX_USE_CUDA_GRAPHS=0 STEPS=30 timeout 150 python3 bench/ablate.py e2b 0 2>&1 | tail -9 | tee "$OUT/ablate-e2b-bf16-nographs.txt" ;;
   kernels)  # micro-benchmarks vs the stock op sequences, then the decode-step ablations
     timeout 200 python3 bench/kernels.py --iters 30 > "$OUT/kernels.txt" 2>&1; head -120 "$OUT/kernels.txt"
     STEPS=40 timeout 170 python3 bench/ablate.py e2b 0 2>&1 | tail -16 | tee "$OUT/ablate-e2b-bf16.txt"
@@ -169,5 +158,5 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       timeout 150 mlx.launch --backend nccl -n 2 -- python3 bench/sharded.py --preset 31b --bits $bits \
         --runs "${RUNS:-2}" --baseline "$OUT/sharded-31b-q$bits-1.json" --out "$OUT/sharded-31b-q$bits-2.json" 2>&1 | tail -12
     done ;;
-  *) echo "usage: bash bench/gpu_session.sh check|e2e|warm|long|steps|seed|grow|imports|cli|graphs|first|kernels|e2b|ablate31|presets|presets-bf16|cold|nccl" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh check|e2e|warm|long|steps|seed|grow|imports|cli|graphs|kernels|e2b|ablate31|presets|presets-bf16|cold|nccl" >&2; exit 2 ;;
 esac
