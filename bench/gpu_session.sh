@@ -6,10 +6,11 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 6): check (the step's weight transposes, one trace per generation and the
-# per-layer split are new since session 5's parity run), steps, NEW=128,512,2048 e2e (PyTorch no
-# longer imported through torchvision?), Q=4 NEW=128,2048 e2e, Q=4 steps, ablate31 (joins kept
-# under MLX's sm90 qmv limit now), cold, then x2: BITS= nccl.
+# Next visit (session 7): on nvidia-h200-x2 first: quant (MLX's quantized matmuls against the CPU:
+# which shapes are wrong on CUDA; session 6 saw a 4-bit MoE with 96-wide MLPs, group 32, give wrong
+# logits on one GPU with our kernels off), then BITS= nccl (the sharding tests over NCCL, now with
+# the CPU as the reference and generate as a fresh process); then on one H200: ablate31, cold,
+# presets.
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
@@ -143,6 +144,8 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       MLX_PTX_CACHE_DIR=$(mktemp -d) GEMMA4_MLX_CACHE=$(mktemp -d) timeout 150 python3 bench/first_token.py \
         $run e2b 402 16 2>&1 | tail -1 | tee -a "$OUT/cold.jsonl" | cut -c1-300
     done ;;
+  quant)    # MLX's quantized_matmul / gather_qmm on this GPU against the CPU, over K whole and sharded
+    timeout 300 python3 bench/quant_shapes.py 2>&1 | tail -40 | tee "$OUT/quant_shapes.txt" ;;
   nccl)     # issue 16, on nvidia-h200-x2: the sharding tests over NCCL (one GPU per process), then
             # 31B bf16 and 4-bit on 1 GPU against 2 (bench/sharded.py; RUNS default 2)
     export PATH=/root/site/bin:$PATH  # mlx.launch (the wheels are installed with --target)
@@ -158,5 +161,5 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       timeout 150 mlx.launch --backend nccl -n 2 -- python3 bench/sharded.py --preset 31b --bits $bits \
         --runs "${RUNS:-2}" --baseline "$OUT/sharded-31b-q$bits-1.json" --out "$OUT/sharded-31b-q$bits-2.json" 2>&1 | tail -12
     done ;;
-  *) echo "usage: bash bench/gpu_session.sh check|e2e|warm|long|steps|seed|grow|imports|cli|graphs|kernels|e2b|ablate31|presets|presets-bf16|cold|nccl" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh check|e2e|warm|long|steps|seed|grow|imports|cli|graphs|kernels|e2b|ablate31|presets|presets-bf16|cold|quant|nccl" >&2; exit 2 ;;
 esac
