@@ -205,8 +205,10 @@ class CudaKernel:
             params.append(f"const {_CTYPES[dt]}* __restrict__ {n}")
         for n, dt in zip(self.output_names, out_dtypes):
             params.append(f"{_CTYPES[dt]}* __restrict__ {n}")
-        for n, nd, (shp, strd, _) in zip(self.input_names, in_ndims, self._uses):
+        for n, nd, (shp, strd, ndim) in zip(self.input_names, in_ndims, self._uses):
             nd = max(nd, 1)
+            if ndim:  # each source is built for one ndim: a constant, not a parameter
+                locals_.append(f"  constexpr int {n}_ndim = {nd};")
             if shp:
                 params += [f"int {n}_shape_{i}" for i in range(nd)]
                 locals_.append(f"  const int {n}_shape[{nd}] = {{{', '.join(f'{n}_shape_{i}' for i in range(nd))}}};")

@@ -30,26 +30,23 @@ def _rows_per_warp(N: int) -> int:
 
 def quantized_matvec_kernel(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
     """Kernel version of :func:`quantized_matvec_reference` (same signature)."""
-    lead = x.shape[:-1]
-    K = x.shape[-1]
-    x2 = x.reshape(-1, K)
-    M, N = x2.shape[0], w.shape[0]
+    M, N = x.size // x.shape[-1], w.shape[0]
     MM = 1
     while MM < M:
         MM *= 2
     rows = _rows_per_warp(N)
     k = dispatch.get_kernel("qmv", ["x", "w", "scales", "biases"], ["y"])
     warps = -(-N // rows)
-    y = k(
-        inputs=[x2, w, scales, biases],
+    # x keeps its shape, y gets x's leading dims (no reshape primitives around the call)
+    return k(
+        inputs=[x, w, scales, biases],
         template=[("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", rows), ("MM", MM)],
         grid=(ceil_to(warps * 32, TG), 1, 1),
         threadgroup=(TG, 1, 1),
-        output_shapes=[(M, N)],
+        output_shapes=[(*x.shape[:-1], N)],
         output_dtypes=[x.dtype],
         **dispatch.init_kwargs(),
     )[0]
-    return y.reshape(*lead, N)
 
 
 def _class_key(x, w, scales, biases, group_size, bits):
@@ -74,7 +71,7 @@ def _probe(key):
     K = 4 * gs
     wf = dispatch.probe_normal((N, K), 21, mx.float32, 0.05)
     w, s, b = mx.quantize(wf, group_size=gs, bits=bits)
-    x = dispatch.probe_normal((MM, K), 22, dtype)
+    x = dispatch.probe_normal((MM, 1, K), 22, dtype)  # the decode step's (B, L, K)
     return (x, w, s.astype(dtype), b.astype(dtype), gs, bits)
 
 
