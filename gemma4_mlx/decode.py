@@ -222,6 +222,17 @@ class JoinedProjection:
             for owner, name, m, views, keys in self._slots
         )
 
+    def geglu(self, x: mx.array) -> mx.array:
+        """``geglu(gate, up)`` of a gate/up join: one matvec launch with the gate inside the decode
+        step when the matvec kernels are on (``ops.linear_geglu``), else the join and MLX's GeGLU."""
+
+        def unfused(x):
+            gate, up = self(x)
+            return ops.geglu(gate, up)
+
+        halves = len(self.splits) == 1 and 2 * self.splits[0] == self.joint["weight"].shape[0]
+        return ops.linear_geglu(self.joint, x, unfused) if halves else unfused(x)
+
     def __call__(self, x: mx.array, head_dim: int = 0) -> List[mx.array]:
         """The members' outputs; with ``head_dim``, each already split into heads (B, L, heads,
         head_dim): one Reshape of the joined output rather than one per member."""

@@ -32,9 +32,8 @@ class MLP(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         joined = step_context.joined(self, x.size // x.shape[-1])
         if joined is not None:
-            gate, up = joined(x)
-        else:
-            gate, up = ops.linear(self.gate_proj, x), ops.linear(self.up_proj, x)
+            return ops.linear(self.down_proj, joined.geglu(x))
+        gate, up = ops.linear(self.gate_proj, x), ops.linear(self.up_proj, x)
         return ops.linear(self.down_proj, ops.geglu(gate, up))
 
 

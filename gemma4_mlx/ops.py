@@ -9,7 +9,7 @@ fails its self-check (one warning) hands the call back to the MLX op sequence gi
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -167,7 +167,7 @@ def ple_tail(gate: nn.Module, projection: nn.Module, h: mx.array, per_layer_inpu
     default); everywhere else (and when it is off or fails its check) this op sequence runs."""
 
     def chain(h, per_layer_input, *_):
-        projected = linear(projection, ple_gate(linear(gate, h), per_layer_input))
+        projected = linear(projection, linear_gate(gate, h, per_layer_input))
         if trace is not None:
             trace["ple"] = projected
         return residual_norm(h, projected, norm_weight, scalar, eps, next_weight)
@@ -193,6 +193,32 @@ def linear(module: nn.Module, x: mx.array) -> mx.array:
             return k.quantized_matvec(x, module["weight"], module["scales"], module["biases"], module.group_size,
                                       module.bits, fallback=lambda x, *_: module(x))
     return _product(module, x, module)
+
+
+def linear_geglu(joint: nn.Module, x: mx.array, unfused: Callable[[mx.array], mx.array]) -> mx.array:
+    """``geglu(gate, up)`` of a joined gate/up projection (``joint``'s rows: gate, then up);
+    ``unfused(x)`` is the model's own op sequence. Inside the decode step, with the matvec
+    kernels on, one launch instead of the projection and the GeGLU."""
+    return _gated(joint, x, None, "geglu", unfused)
+
+
+def linear_gate(module: nn.Module, x: mx.array, z: mx.array) -> mx.array:
+    """``ple_gate(linear(module, x), z)``: a PLE layer's gate projection and gelu gate, in one
+    launch inside the decode step when the matvec kernels are on."""
+    return _gated(module, x, z, "gate", lambda x, *_: ple_gate(linear(module, x), z))
+
+
+def _gated(module: nn.Module, x: mx.array, z: Optional[mx.array], form: str, unfused) -> mx.array:
+    k = _gpu_kernels()
+    if k is not None and _rows(x) <= 8 and "bias" not in module:
+        extra = () if z is None else (z,)
+        if type(module) is nn.Linear:
+            return getattr(k, f"matvec_{form}")(x, module["weight"], *extra, fallback=lambda x, *_: unfused(x))
+        if type(module) is nn.QuantizedLinear and module.mode == "affine" and "biases" in module:
+            return getattr(k, f"quantized_matvec_{form}")(
+                x, module["weight"], module["scales"], module["biases"], module.group_size, module.bits, *extra,
+                fallback=lambda x, *_: unfused(x))
+    return unfused(x)
 
 
 def _product(module: nn.Module, x: mx.array, plain) -> mx.array:

@@ -37,8 +37,12 @@ def _cases():
         for scaled, nxt in ((True, True), (False, False)):
             yield res.residual_norm_kernel, res._probe((dt, dt, 1536, scaled, nxt))
         yield mv.matvec_kernel, mv._probe((dt, 4, 1))
+        yield mv.matvec_geglu_kernel, mv._probe((dt, 1, 2, mv.GEGLU))
+        yield mv.matvec_gate_kernel, mv._probe((dt, 1, 1, mv.GATE))
         for bits, gs in ((4, 64), (8, 32)):
             yield qmv.quantized_matvec_kernel, qmv._probe((dt, bits, gs, 4, 1))
+            yield qmv.quantized_matvec_geglu_kernel, qmv._probe((dt, bits, gs, 1, 2, mv.GEGLU))
+            yield qmv.quantized_matvec_gate_kernel, qmv._probe((dt, bits, gs, 1, 1, mv.GATE))
         for HD, scaled, nxt in ((1536, True, True), (1536, True, False), (2560, True, True), (2560, False, False)):
             yield _m["ple_tail"].ple_tail_kernel, _m["ple_tail"]._probe((dt, dt, dt, HD, 256, scaled, nxt))
 

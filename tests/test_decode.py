@@ -311,6 +311,76 @@ def test_decode_with_ple_tail_equals_decode_without(dtype, monkeypatch):
     dispatch.reset()
 
 
+GATED = {"mv": ("mv", "mv_geglu", "mv_gate"), "qmv": ("qmv", "qmv_geglu", "qmv_gate")}
+
+
+@pytest.mark.parametrize("bits", [0, 4])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_decode_with_the_gated_matvecs_equals_decode_without(dtype, bits, monkeypatch):
+    """The matvec kernels (``mv``; ``qmv`` for 4-bit) switched on, with their gated forms: every
+    joined gate/up projection takes ``*_geglu`` (projection and GeGLU in one launch) and every PLE
+    gate ``*_gate``, and the compiled step's logits stay those of the step without them. On a GPU
+    the kernels run (against the default kernel set); on the CPU the backend is forced, the other
+    kernels are off and each form is replaced by its reference (the wiring: dry run, self-check,
+    the traced step taking it in every layer)."""
+    import contextlib
+
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx.kernels import dispatch
+
+    gpu = dispatch.active_backend() is not None
+    family = "qmv" if bits else "mv"
+    others = "ple_tail" if gpu else ("q_norm_rope,kv_norm_rope,attention,attention_prefix,ple_combine,ple_gate,"
+                                     "residual_norm,ple_tail")
+    other_family = "mv" if bits else "qmv"
+    model = _kernel_shaped_model(seed=4)
+    ids = mx.array(np.random.default_rng(5).integers(0, model.args.vocab_size, size=(1, 24)))
+    calls = {name: 0 for name in GATED[family]}
+    prefix = "quantized_matvec" if bits else "matvec"
+
+    def spy(name):
+        form = name.split("_")[1] if "_" in name else ""
+        fn = getattr(K, f"{prefix}{'_' + form if form else ''}_{'kernel' if gpu else 'reference'}")
+
+        def run(*args):
+            if args[0].shape[-1] == model.args.hidden_size:  # not the self-check's probe (K 200 / 4 groups)
+                calls[name] += 1
+            return fn(*args)
+        return run
+
+    def run(mode, disable):
+        monkeypatch.setenv("GEMMA4_MLX_KERNELS", mode)
+        monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", disable)
+        monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+        dispatch.reset()
+        model.reset_compiled()
+        with contextlib.ExitStack() as stack:
+            if not gpu:
+                stack.enter_context(dispatch.force_backend("cuda"))
+            for name in calls:
+                stack.enter_context(dispatch.override_kernel(name, spy(name)))
+            cache = model.make_cache()
+            out = [model(ids[:, :16], cache=cache)]
+            out += [model(ids[:, i : i + 1], cache=cache) for i in range(16, 24)]
+            return np.concatenate([np.array(o.astype(mx.float32)) for o in out], axis=1)
+
+    if bits:  # the projections (not the embeddings) quantized, scales in float32 for the truth
+        import mlx.nn as nn
+
+        nn.quantize(model, group_size=64, bits=bits, class_predicate=lambda _p, m: isinstance(m, nn.Linear))
+    truth = run("off", "")  # float32, MLX ops
+    model.set_dtype(dtype)
+    off = run("auto", f"{others},{family},{other_family}")
+    assert not any(calls.values())
+    on = run("auto", f"{others},{other_family}")
+    n_layers, n_ple = len(model.layers), sum(p.has_ple for p in model.args.plan)
+    assert calls[f"{family}_geglu"] >= n_layers  # traced once: every joined gate/up took it
+    assert calls[f"{family}_gate"] >= n_ple > 0  # and every PLE gate
+    assert all(ok for k, (ok, _) in dispatch.verdicts().items() if k[0] in calls)
+    _assert_kernel_logits_close(on, off, truth, dtype, gpu)
+    dispatch.reset()
+
+
 @pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")  # the kernels without a spy cannot build here
 def test_kernels_run_only_in_the_compiled_step(monkeypatch):
     """Kernel launches cost Python time per call, and a kernel used before the first token would

@@ -515,6 +515,45 @@ def test_matvec_kernel(case, dtype):
     assert K.matvec_kernel(x.reshape(M, 1, Kd), w).shape == (M, 1, N)
 
 
+def _np_gelu_gate(g, u):
+    return 0.5 * g * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (g + 0.044715 * g ** 3))) * u
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_gated_matvec_references_vs_numpy(dtype):
+    """The gated forms' references: GeGLU of a joined gate/up product, and a gelu gate times z."""
+    x, w2, w, z = rnd((2, 1, 96), dtype), rnd((2 * 40, 96), dtype, 0.1), rnd((40, 96), dtype, 0.1), rnd((2, 1, 40), dtype)
+    y2 = f64(x) @ f64(w2).T
+    assert_close(K.matvec_geglu_reference(x, w2), _np_gelu_gate(y2[..., :40], y2[..., 40:]), dtype, "mv_geglu ref")
+    assert_close(K.matvec_gate_reference(x, w, z), _np_gelu_gate(f64(x) @ f64(w).T, f64(z)), dtype, "mv_gate ref")
+    q, sc, b = mx.quantize(rnd((2 * 40, 128), mx.float32, 0.05), group_size=64, bits=4)
+    xq = rnd((2, 1, 128), dtype)
+    yq = f64(xq) @ _np_dequant(q, sc.astype(dtype), b.astype(dtype), 64, 4).T
+    assert_close(K.quantized_matvec_geglu_reference(xq, q, sc.astype(dtype), b.astype(dtype), 64, 4),
+                 _np_gelu_gate(yq[..., :40], yq[..., 40:]), dtype, "qmv_geglu ref")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_gated_matvec_kernels(M, dtype):
+    """``mv`` / ``qmv`` with EPI 1 (joined gate/up + GeGLU) and EPI 2 (gelu gate times z) against
+    their references, on E2B's PLE gate width and an odd one."""
+    for N, Kd in ((256, 1536), (300, 384)):
+        x, w2, w = rnd((M, 1, Kd), dtype), rnd((2 * N, Kd), dtype, 0.05), rnd((N, Kd), dtype, 0.05)
+        z = rnd((M, 1, N), dtype)
+        assert_close(K.matvec_geglu_kernel(x, w2), K.matvec_geglu_reference(x, w2), dtype, "mv_geglu")
+        assert_close(K.matvec_gate_kernel(x, w, z), K.matvec_gate_reference(x, w, z), dtype, "mv_gate")
+        for bits, gs in ((4, 64), (8, 32), (4, 128)):
+            q2, s2, b2 = mx.quantize(rnd((2 * N, Kd), mx.float32, 0.05), group_size=gs, bits=bits)
+            q1, s1, b1 = mx.quantize(rnd((N, Kd), mx.float32, 0.05), group_size=gs, bits=bits)
+            s2, b2, s1, b1 = (a.astype(dtype) for a in (s2, b2, s1, b1))
+            assert_close(K.quantized_matvec_geglu_kernel(x, q2, s2, b2, gs, bits),
+                         K.quantized_matvec_geglu_reference(x, q2, s2, b2, gs, bits), dtype, f"qmv_geglu {bits} {gs}")
+            assert_close(K.quantized_matvec_gate_kernel(x, q1, s1, b1, gs, bits, z),
+                         K.quantized_matvec_gate_reference(x, q1, s1, b1, gs, bits, z), dtype, f"qmv_gate {bits} {gs}")
+
+
 @pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
 def test_decode_projections_reach_the_matvec_kernels_only_for_exact_types(monkeypatch):
     """Inside the decode step a plain Linear / QuantizedLinear / tied head may take the matvec

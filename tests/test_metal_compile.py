@@ -71,6 +71,11 @@ def _launches():
                         (ids, mx.zeros((4, NL * P), dt), mx.zeros((1, 2, NL * P), dt), mx.ones((P,), dt))))
         for N, M in ((256, 1), (262144, 1), (2048, 8)):
             out.append((f"mv {dt} N={N} M={M}", mv.matvec_kernel, (mx.zeros((M, 1536), dt), mx.zeros((N, 1536), dt))))
+        for M in (1, 4):  # the gated forms, in the decode step's (B, 1, K) layout
+            x = mx.zeros((M, 1, 1536), dt)
+            out.append((f"mv_geglu {dt} M={M}", mv.matvec_geglu_kernel, (x, mx.zeros((2 * 6144, 1536), dt))))
+            out.append((f"mv_gate {dt} M={M}", mv.matvec_gate_kernel,
+                        (x, mx.zeros((256, 1536), dt), mx.zeros((M, 1, 256), dt))))
         for bits in (4, 8):
             for gs in (32, 64, 128):
                 for N, M in ((256, 1), (262144, 1), (2048, 2), (2048, 8)):
@@ -80,6 +85,15 @@ def _launches():
                     out.append((f"qmv {dt} bits={bits} gs={gs} N={N} M={M}",
                                 lambda x, w, s, b, gs=gs, bits=bits: qmv.quantized_matvec_kernel(x, w, s, b, gs, bits),
                                 (mx.zeros((M, K), dt), w, sb, sb)))
+                x = mx.zeros((2, 1, K), dt)
+                w2, sb2 = mx.zeros((2 * 2048, K * bits // 32), mx.uint32), mx.zeros((2 * 2048, K // gs), dt)
+                out.append((f"qmv_geglu {dt} bits={bits} gs={gs}",
+                            lambda x, w, s, b, gs=gs, bits=bits: qmv.quantized_matvec_geglu_kernel(x, w, s, b, gs, bits),
+                            (x, w2, sb2, sb2)))
+                w1, sb1 = mx.zeros((256, K * bits // 32), mx.uint32), mx.zeros((256, K // gs), dt)
+                out.append((f"qmv_gate {dt} bits={bits} gs={gs}",
+                            lambda x, w, s, b, z, gs=gs, bits=bits: qmv.quantized_matvec_gate_kernel(x, w, s, b, gs, bits, z),
+                            (x, w1, sb1, sb1, mx.zeros((2, 1, 256), dt))))
         g = mx.zeros((1, 2, 256), dt)
         out.append((f"ple_gate {dt}", ple.ple_gate_kernel, (g, mx.zeros((1, 2, 4, 256), dt)[:, :, 1, :])))
         for HD in (1536, 2560, 2816, 5376):  # E2B, E4B, 26B-A4B, 31B

@@ -7,6 +7,8 @@ self-check per shape class, else the pure-MLX reference):
 * :func:`attention`
 * :func:`ple_combine`, :func:`ple_gate`
 * :func:`residual_norm` (norm + residual add + layer scalar + the next norm)
+* :func:`matvec`, :func:`quantized_matvec` and their gated forms (``_geglu``: a joined gate/up
+  projection and its GeGLU; ``_gate``: a PLE gate), off by default
 * :func:`ple_tail` (a PLE layer's close: gate and projection matvecs, gelu gate, residual_norm;
   off by default)
 
@@ -42,8 +44,28 @@ from .ple import (
 )
 from .residual import residual_norm, residual_norm_kernel, residual_norm_reference
 from .ple_tail import ple_tail, ple_tail_kernel, ple_tail_reference
-from .mv import matvec, matvec_kernel, matvec_reference
-from .qmv import quantized_matvec, quantized_matvec_kernel, quantized_matvec_reference
+from .mv import (
+    matvec,
+    matvec_gate,
+    matvec_gate_kernel,
+    matvec_gate_reference,
+    matvec_geglu,
+    matvec_geglu_kernel,
+    matvec_geglu_reference,
+    matvec_kernel,
+    matvec_reference,
+)
+from .qmv import (
+    quantized_matvec,
+    quantized_matvec_gate,
+    quantized_matvec_gate_kernel,
+    quantized_matvec_gate_reference,
+    quantized_matvec_geglu,
+    quantized_matvec_geglu_kernel,
+    quantized_matvec_geglu_reference,
+    quantized_matvec_kernel,
+    quantized_matvec_reference,
+)
 from .rope import (
     kv_norm_rope,
     kv_norm_rope_kernel,
@@ -57,7 +79,11 @@ from .rope import (
 
 __all__ = [
     "KernelCheckError", "active_backend", "get_mode", "kernels_enabled", "kernels_mode", "set_kernels_mode",
-    "matvec", "matvec_kernel", "matvec_reference", "quantized_matvec", "quantized_matvec_kernel", "quantized_matvec_reference",
+    "matvec", "matvec_kernel", "matvec_reference", "matvec_geglu", "matvec_geglu_kernel", "matvec_geglu_reference",
+    "matvec_gate", "matvec_gate_kernel", "matvec_gate_reference",
+    "quantized_matvec", "quantized_matvec_kernel", "quantized_matvec_reference", "quantized_matvec_geglu",
+    "quantized_matvec_geglu_kernel", "quantized_matvec_geglu_reference", "quantized_matvec_gate",
+    "quantized_matvec_gate_kernel", "quantized_matvec_gate_reference",
     "q_norm_rope", "kv_norm_rope", "attention", "attention_prefix", "attention_prefix_reference", "ple_combine", "ple_gate",
     "q_norm_rope_reference", "kv_norm_rope_reference", "attention_reference", "ple_combine_reference",
     "ple_gate_reference", "rms_norm_reference", "rope_reference", "gelu_tanh_reference",

@@ -123,6 +123,16 @@ def active_backend() -> str | None:
 DEFAULT_DISABLED = {"cuda": "mv,qmv,ple_tail", "metal": "mv,qmv,ple_tail"}
 
 
+# The gated matvec forms follow their matvec's switch (``mv`` off: all three float forms off),
+# and each can also be switched on its own name.
+SWITCH_OF = {"mv_geglu": "mv", "mv_gate": "mv", "qmv_geglu": "qmv", "qmv_gate": "qmv"}
+
+
+def is_disabled(name: str) -> bool:
+    off = disabled_kernels()
+    return name in off or SWITCH_OF.get(name, name) in off
+
+
 def disabled_kernels() -> frozenset:
     """Kernels switched off one by one: ``GEMMA4_MLX_KERNELS_DISABLE=mv,qmv`` (ablations);
     unset means the backend's :data:`DEFAULT_DISABLED`, an empty value enables every kernel."""
@@ -368,7 +378,7 @@ def run(
     every kernel must have been checked already (checking evaluates arrays)."""
     other = fallback or reference
     mode = get_mode()
-    if mode == "off" or class_key is None or name in disabled_kernels():
+    if mode == "off" or class_key is None or is_disabled(name):
         return other(*args)
     backend = active_backend()
     if backend is None:

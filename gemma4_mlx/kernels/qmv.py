@@ -1,19 +1,29 @@
-"""Quantized matrix-vector product for decode: ``x @ dequantize(W).T`` for up to 8 rows of x.
+"""Quantized matrix-vector products for decode, and the gated forms that follow a projection
+in Gemma 4, for up to 8 rows of x (the 4/8-bit twins of :mod:`.mv`):
+
+* :func:`quantized_matvec`: ``x @ dequantize(W).T``;
+* :func:`quantized_matvec_geglu`: a joined gate/up projection and its GeGLU in one launch;
+* :func:`quantized_matvec_gate`: ``gelu_tanh(x @ dequantize(W).T) * z`` (a PLE layer's gate).
 
 MLX's affine format (``mx.quantize``): W (N, K) packed into uint32 words of 32 / bits values,
 one scale and bias per ``group_size`` values of a row. The kernel
 (``custom_kernels/qmv.inc``) gives each warp ``ROWS`` output rows and lets its lanes stride
 over a row's words, so every warp streams 128 contiguous bytes of a row per step; the
 dequantization is folded into the dot product (``scale * (q . x) + bias * sum(x)`` per
-word). Reference: ``mx.quantized_matmul``.
+word). x keeps its shape (B, L, K). Reference: ``mx.quantized_matmul`` (and
+:func:`~gemma4_mlx.kernels.ple.ple_gate_reference` over it).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import mlx.core as mx
 
 from . import dispatch
 from .dispatch import TG, ceil_to
+from .mv import GATE, GEGLU, PLAIN, _mm
+from .ple import ple_gate_reference
 
 MAX_ROWS_OF_X = 8
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
@@ -23,25 +33,32 @@ def quantized_matvec_reference(x, w, scales, biases, group_size: int, bits: int)
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
 
 
+def quantized_matvec_geglu_reference(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
+    gate, up = mx.split(quantized_matvec_reference(x, w, scales, biases, group_size, bits), 2, axis=-1)
+    return ple_gate_reference(gate, up)
+
+
+def quantized_matvec_gate_reference(x, w, scales, biases, group_size: int, bits: int, z) -> mx.array:
+    return ple_gate_reference(quantized_matvec_reference(x, w, scales, biases, group_size, bits), z)
+
+
 def _rows_per_warp(N: int) -> int:
     # Enough warps to fill the GPU for small N; more rows in flight per warp for big N.
     return 4 if N >= 16384 else 1
 
 
-def quantized_matvec_kernel(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
-    """Kernel version of :func:`quantized_matvec_reference` (same signature)."""
-    M, N = x.size // x.shape[-1], w.shape[0]
-    MM = 1
-    while MM < M:
-        MM *= 2
+def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int) -> mx.array:
+    M = x.size // x.shape[-1]
+    N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
     rows = _rows_per_warp(N)
-    k = dispatch.get_kernel("qmv", ["x", "w", "scales", "biases"], ["y"])
-    warps = -(-N // rows)
-    # x keeps its shape, y gets x's leading dims (no reshape primitives around the call)
+    k = dispatch.get_kernel("qmv", ["x", "w", "scales", "biases", "z"], ["y"])
+    # x keeps its shape, y gets x's leading dims (no reshape primitives around the call); z is
+    # unused unless EPI 2 (the scales stand in: an array of the dtype)
     return k(
-        inputs=[x, w, scales, biases],
-        template=[("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", rows), ("MM", MM)],
-        grid=(ceil_to(warps * 32, TG), 1, 1),
+        inputs=[x, w, scales, biases, scales if z is None else z],
+        template=[("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", rows), ("MM", _mm(M)),
+                  ("EPI", epi)],
+        grid=(ceil_to(-(-N // rows) * 32, TG), 1, 1),
         threadgroup=(TG, 1, 1),
         output_shapes=[(*x.shape[:-1], N)],
         output_dtypes=[x.dtype],
@@ -49,7 +66,20 @@ def quantized_matvec_kernel(x, w, scales, biases, group_size: int, bits: int) ->
     )[0]
 
 
-def _class_key(x, w, scales, biases, group_size, bits):
+def quantized_matvec_kernel(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
+    """Kernel version of :func:`quantized_matvec_reference` (same signature)."""
+    return _launch(x, w, scales, biases, group_size, bits, None, PLAIN)
+
+
+def quantized_matvec_geglu_kernel(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
+    return _launch(x, w, scales, biases, group_size, bits, None, GEGLU)
+
+
+def quantized_matvec_gate_kernel(x, w, scales, biases, group_size: int, bits: int, z) -> mx.array:
+    return _launch(x, w, scales, biases, group_size, bits, z, GATE)
+
+
+def _class_key(x, w, scales, biases, group_size, bits, epi: int = PLAIN, z: Optional[mx.array] = None):
     if x.dtype not in _FLOATS or scales.dtype != x.dtype or biases is None or biases.dtype != x.dtype:
         return None
     if bits not in (4, 8) or group_size not in (32, 64, 128) or w.dtype != mx.uint32 or w.ndim != 2:
@@ -57,22 +87,26 @@ def _class_key(x, w, scales, biases, group_size, bits):
     K = x.shape[-1]
     if K % group_size or w.shape[1] * (32 // bits) != K or x.size // K > MAX_ROWS_OF_X:
         return None
-    M = x.size // K
-    MM = 1
-    while MM < M:
-        MM *= 2
-    return (str(x.dtype), bits, group_size, _rows_per_warp(w.shape[0]), MM)
+    N = w.shape[0]
+    if epi == GEGLU and N % 2:
+        return None
+    if epi == GATE and (z is None or z.dtype != x.dtype or tuple(z.shape) != (*x.shape[:-1], N)):
+        return None
+    N = N // 2 if epi == GEGLU else N
+    return (str(x.dtype), bits, group_size, _rows_per_warp(N), _mm(x.size // K), epi)
 
 
 def _probe(key):
     dtype = dispatch.dtype_from_key(key[0])
     bits, gs, rows, MM = key[1], key[2], key[3], key[4]
+    epi = key[5] if len(key) > 5 else PLAIN
     N = 16384 if rows > 1 else 300
     K = 4 * gs
-    wf = dispatch.probe_normal((N, K), 21, mx.float32, 0.05)
+    wf = dispatch.probe_normal((2 * N if epi == GEGLU else N, K), 21, mx.float32, 0.05)
     w, s, b = mx.quantize(wf, group_size=gs, bits=bits)
     x = dispatch.probe_normal((MM, 1, K), 22, dtype)  # the decode step's (B, L, K)
-    return (x, w, s.astype(dtype), b.astype(dtype), gs, bits)
+    args = (x, w, s.astype(dtype), b.astype(dtype), gs, bits)
+    return args + (dispatch.probe_normal((MM, 1, N), 23, dtype),) if epi == GATE else args
 
 
 def quantized_matvec(x, w, scales, biases, group_size: int, bits: int, *, fallback=None) -> mx.array:
@@ -83,3 +117,17 @@ def quantized_matvec(x, w, scales, biases, group_size: int, bits: int, *, fallba
         "qmv", key, quantized_matvec_reference, quantized_matvec_kernel, _probe,
         x, w, scales, biases, group_size, bits, fallback=fallback,
     )
+
+
+def quantized_matvec_geglu(x, w, scales, biases, group_size: int, bits: int, *, fallback=None) -> mx.array:
+    """``geglu(gate, up)`` of the quantized product split in halves (w = [gate rows; up rows])."""
+    key = _class_key(x, w, scales, biases, group_size, bits, GEGLU)
+    return dispatch.run("qmv_geglu", key, quantized_matvec_geglu_reference, quantized_matvec_geglu_kernel, _probe,
+                        x, w, scales, biases, group_size, bits, fallback=fallback)
+
+
+def quantized_matvec_gate(x, w, scales, biases, group_size: int, bits: int, z, *, fallback=None) -> mx.array:
+    """``gelu_tanh(x @ dequantize(w).T) * z``."""
+    key = _class_key(x, w, scales, biases, group_size, bits, GATE, z)
+    return dispatch.run("qmv_gate", key, quantized_matvec_gate_reference, quantized_matvec_gate_kernel, _probe,
+                        x, w, scales, biases, group_size, bits, z, fallback=fallback)
