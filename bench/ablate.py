@@ -46,11 +46,14 @@ D = "GEMMA4_MLX_KERNELS_DISABLE"
 # "ours" is the default (the matvec kernels "mv", "qmv" and the one-launch PLE close "ple_tail"
 # off); each other line changes one thing. A kernel switched off falls back to the model's MLX op
 # sequence (what stock runs).
-# "+mv" / "+qmv" include their gated forms (a joined gate/up and its GeGLU, a PLE gate: one launch
-# each); "plain" keeps those off, to tell the matvec from the fusions.
+# "+mv" / "+qmv" include their fused forms (a joined gate/up and its GeGLU, a PLE gate, each with
+# the residual norm ahead of it: one launch each); "-residual" keeps the norms apart, "plain" keeps
+# every fused form off, to tell the matvec from the fusions.
 CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", {D: "qmv,ple_tail"}), ("ours +qmv", {D: "mv,ple_tail"}),
-           ("ours +mv plain", {D: "qmv,ple_tail,mv_geglu,mv_gate"}),
-           ("ours +qmv plain", {D: "mv,ple_tail,qmv_geglu,qmv_gate"}),
+           ("ours +mv -residual", {D: "qmv,ple_tail,mv_residual"}),
+           ("ours +qmv -residual", {D: "mv,ple_tail,qmv_residual"}),
+           ("ours +mv plain", {D: "qmv,ple_tail,mv_geglu,mv_gate,mv_residual"}),
+           ("ours +qmv plain", {D: "mv,ple_tail,qmv_geglu,qmv_gate,qmv_residual"}),
            ("ours +ple_tail", {D: "mv,qmv"}),
            ("ours -attn", {D: "mv,qmv,ple_tail,attention_prefix,attention"}),
            ("ours -rope", {D: "mv,qmv,ple_tail,q_norm_rope,kv_norm_rope"}),

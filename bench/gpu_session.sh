@@ -11,8 +11,8 @@
 # logits on one GPU with our kernels off), then BITS= nccl (the sharding tests over NCCL, now with
 # the CPU as the reference and generate as a fresh process); then on one H200: check (GPU tests of
 # session 6's gated matvec forms), steps and Q=4 steps (the matvecs now take x without reshapes
-# and have gated forms: lines +mv, +mv plain, +qmv, +qmv plain; if +mv / +qmv win, make them the
-# default and run e2e again), ablate31, cold, presets.
+# and have fused forms: lines +mv, +mv -residual, +mv plain and the qmv ones; if +mv / +qmv win,
+# make them the default and run e2e again), ablate31, cold, presets.
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
@@ -68,8 +68,8 @@ case "${1:-}" in
     compare e2b-bf16-32k 250 --preset e2b -L 32768 --runs 2 -n 32 ;;
   steps)    # decode-step ablation (Q=4: 4-bit): every kernel switched off one at a time, and the
             # opt-in ones (matvec: mv / qmv, never measured since launches are seeded; ple_tail) on
-    export CONFIGS="stock,ours,ours -transposes,ours +mv,ours +mv plain,ours +qmv,ours +qmv plain,ours +ple_tail,ours -attn,ours -rope,ours -ple,ours -resnorm,ours -fuse,ours mlx kernels,ours kernels off,ours no compile"
-    ROUNDS=4 STEPS=15 timeout 280 python3 bench/ablate.py e2b "${Q:-0}" 2>&1 | tail -20 | tee "$OUT/ablate-e2b-q${Q:-0}.txt" ;;
+    export CONFIGS="stock,ours,ours -transposes,ours +mv,ours +mv -residual,ours +mv plain,ours +qmv,ours +qmv -residual,ours +qmv plain,ours +ple_tail,ours -attn,ours -rope,ours -ple,ours -resnorm,ours -fuse,ours mlx kernels,ours kernels off,ours no compile"
+    ROUNDS=4 STEPS=15 timeout 280 python3 bench/ablate.py e2b "${Q:-0}" 2>&1 | tail -22 | tee "$OUT/ablate-e2b-q${Q:-0}.txt" ;;
   seed)     # GEMMA4_MLX_NVRTC=seed: MLX's cuda_kernel over its cache seeded by our builds (one
             # fast build, MLX's cheap per-launch hash); then the per-launch cost against cubin size
     timeout 200 python3 bench/seed_check.py 2>&1 | tail -20 | tee "$OUT/seed_check.txt"

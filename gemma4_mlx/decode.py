@@ -230,8 +230,12 @@ class JoinedProjection:
             gate, up = self(x)
             return ops.geglu(gate, up)
 
-        halves = len(self.splits) == 1 and 2 * self.splits[0] == self.joint["weight"].shape[0]
-        return ops.linear_geglu(self.joint, x, unfused) if halves else unfused(x)
+        return ops.linear_geglu(self.joint, x, unfused) if self.halves else unfused(x)
+
+    @property
+    def halves(self) -> bool:
+        """Two members of equal height (gate and up): the joined matrix is [gate rows; up rows]."""
+        return len(self.splits) == 1 and 2 * self.splits[0] == self.joint["weight"].shape[0]
 
     def __call__(self, x: mx.array, head_dim: int = 0) -> List[mx.array]:
         """The members' outputs; with ``head_dim``, each already split into heads (B, L, heads,

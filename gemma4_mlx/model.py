@@ -167,10 +167,17 @@ class DecoderLayer(nn.Module):
         attn, kv = self.self_attn(normed, mask, cache, shared)
         if trace is not None:
             trace.update(input_norm=normed, attention=attn)
-        # Each sublayer's close (norm, residual add) and the next one's opening norm run fused.
-        h, ff_in = ops.residual_norm(x, attn, self.post_attention_layernorm.weight, None, eps,
-                                     self.pre_feedforward_layernorm.weight)
-        ff = self.mlp(ff_in)
+        # Each sublayer's close (norm, residual add) and the next one's opening norm run fused;
+        # with the MLP's gate/up joined (decode step), in the gate/up projection's launch too.
+        joined_mlp = None if self.plan.moe else step_context.joined(self.mlp, x.size // x.shape[-1])
+        if joined_mlp is not None:
+            h, gated = ops.residual_geglu(x, attn, self.post_attention_layernorm.weight, eps,
+                                          self.pre_feedforward_layernorm.weight, joined_mlp)
+            ff = ops.linear(self.mlp.down_proj, gated)
+        else:
+            h, ff_in = ops.residual_norm(x, attn, self.post_attention_layernorm.weight, None, eps,
+                                         self.pre_feedforward_layernorm.weight)
+            ff = self.mlp(ff_in)
         if trace is not None:
             trace["mlp"] = ff
         if self.plan.moe:
@@ -181,11 +188,11 @@ class DecoderLayer(nn.Module):
             ff = self.post_feedforward_layernorm_1(ff) + self.post_feedforward_layernorm_2(moe)
 
         if self.plan.has_ple:
-            h = ops.residual_norm(h, ff, self.post_feedforward_layernorm.weight, None, eps)
-            # gate projection, gelu gate, projection back, close: one launch in the decode step
-            # when the ple_tail kernel is on, else these four ops
+            # the feed-forward's close, gate projection, gelu gate, projection back, the layer's
+            # close: fewer launches in the decode step (ple_tail, or the matvecs' fused forms)
             out = ops.ple_tail(self.per_layer_input_gate, self.per_layer_projection, h, per_layer_input,
-                               self.post_per_layer_input_norm.weight, self.layer_scalar, eps, next_norm, trace)
+                               self.post_per_layer_input_norm.weight, self.layer_scalar, eps, next_norm, trace,
+                               branch=ff, branch_norm=self.post_feedforward_layernorm.weight)
         else:
             out = ops.residual_norm(h, ff, self.post_feedforward_layernorm.weight, self.layer_scalar, eps, next_norm)
         if next_norm is None:

@@ -160,24 +160,84 @@ def plain_linear(module: nn.Module, dtype=None) -> bool:
 
 def ple_tail(gate: nn.Module, projection: nn.Module, h: mx.array, per_layer_input: mx.array,
              norm_weight: mx.array, scalar: Optional[mx.array], eps: float,
-             next_weight: Optional[mx.array] = None, trace: Optional[dict] = None):
+             next_weight: Optional[mx.array] = None, trace: Optional[dict] = None, *,
+             branch: Optional[mx.array] = None, branch_norm: Optional[mx.array] = None):
     """A PLE layer's close: ``residual_norm(h, projection(ple_gate(gate(h), per_layer_input)),
     norm_weight, scalar, eps, next_weight)``. Inside the decode step, for few rows and plain
     float projections of h's dtype, the ``ple_tail`` kernel does it in one launch (off by
-    default); everywhere else (and when it is off or fails its check) this op sequence runs."""
+    default); everywhere else (and when it is off or fails its check) this op sequence runs.
 
-    def chain(h, per_layer_input, *_):
-        projected = linear(projection, linear_gate(gate, h, per_layer_input))
+    With ``branch``, ``h`` is the residual before the feed-forward's close,
+    ``residual_norm(h, branch, branch_norm)``, which comes first: inside the decode step with
+    the matvec kernels on, in the gate projection's launch (:func:`residual_gate`)."""
+
+    def close(h, g):
+        projected = linear(projection, g)
         if trace is not None:
             trace["ple"] = projected
         return residual_norm(h, projected, norm_weight, scalar, eps, next_weight)
 
+    def chain(h, per_layer_input, *_):
+        return close(h, linear_gate(gate, h, per_layer_input))
+
     k = _gpu_kernels()
     # (how many rows the kernel takes is its own class key's business: more fall back to chain)
-    if k is not None and trace is None and plain_linear(gate, h.dtype) and plain_linear(projection, h.dtype):
+    tail = k is not None and trace is None and plain_linear(gate, h.dtype) and plain_linear(projection, h.dtype)
+    if branch is not None:
+        if not (tail and not k.is_disabled("ple_tail")):
+            return close(*residual_gate(h, branch, branch_norm, eps, gate, per_layer_input))
+        h = residual_norm(h, branch, branch_norm, None, eps)
+    if tail:
         return k.ple_tail(h, per_layer_input, gate["weight"], projection["weight"], norm_weight, scalar, eps,
                           next_weight, fallback=chain)
     return chain(h, per_layer_input)
+
+
+def residual_gate(x: mx.array, branch: mx.array, norm_weight: mx.array, eps: float, gate: nn.Module,
+                  z: mx.array):
+    """``(h, g)``: ``h = residual_norm(x, branch, norm_weight)`` and ``g = ple_gate(gate(h), z)``;
+    inside the decode step with the matvec kernels on, one launch (``mv_residual``: every block
+    recomputes the norm ahead of its rows of the gate projection)."""
+
+    def unfused(*_):
+        h = residual_norm(x, branch, norm_weight, None, eps)
+        return h, linear_gate(gate, h, z)
+
+    return _residual_product(gate, x, branch, norm_weight, None, eps, z, "GATE", unfused)
+
+
+def residual_geglu(x: mx.array, branch: mx.array, norm_weight: mx.array, eps: float, next_weight: mx.array,
+                   joined):
+    """``(h, geglu(gate, up))``: ``h, xin = residual_norm(x, branch, norm_weight, None, eps,
+    next_weight)`` and the joined gate/up projection of ``xin`` with its GeGLU
+    (``joined``: a :class:`~gemma4_mlx.decode.JoinedProjection`); inside the decode step with the
+    matvec kernels on, one launch."""
+
+    def unfused(*_):
+        h, xin = residual_norm(x, branch, norm_weight, None, eps, next_weight)
+        return h, joined.geglu(xin)
+
+    if not joined.halves:
+        return unfused()
+    return _residual_product(joined.joint, x, branch, norm_weight, next_weight, eps, None, "GEGLU", unfused)
+
+
+def _residual_product(module: nn.Module, x, branch, norm_weight, next_weight, eps: float, z, form: str, unfused):
+    """The fused launch of :func:`residual_gate` / :func:`residual_geglu` for a plain float or
+    affine-quantized ``module`` inside the decode step; ``unfused()`` elsewhere (and as the
+    kernels' fallback)."""
+    k = _gpu_kernels()
+    if k is None or "bias" in module:
+        return unfused()
+    epi = getattr(k, form)
+    if plain_linear(module, x.dtype):
+        return k.residual_matvec(x, branch, norm_weight, None, next_weight, eps, module["weight"], z, epi,
+                                 fallback=unfused)
+    if type(module) is nn.QuantizedLinear and module.mode == "affine" and "biases" in module:
+        return k.quantized_residual_matvec(x, branch, norm_weight, None, next_weight, eps, module["weight"],
+                                           module["scales"], module["biases"], module.group_size, module.bits, z,
+                                           epi, fallback=unfused)
+    return unfused()
 
 
 def linear(module: nn.Module, x: mx.array) -> mx.array:

@@ -311,46 +311,55 @@ def test_decode_with_ple_tail_equals_decode_without(dtype, monkeypatch):
     dispatch.reset()
 
 
-GATED = {"mv": ("mv", "mv_geglu", "mv_gate"), "qmv": ("qmv", "qmv_geglu", "qmv_gate")}
-
-
-@pytest.mark.parametrize("bits", [0, 4])
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_decode_with_the_gated_matvecs_equals_decode_without(dtype, bits, monkeypatch):
-    """The matvec kernels (``mv``; ``qmv`` for 4-bit) switched on, with their gated forms: every
+@pytest.mark.parametrize("form", ["bf16-mv", "bf16-mv-residual", "f32-mv", "f32-mv-residual", "bf16-qmv4",
+                                  "f32-qmv4", "bf16-qmv4-residual", "f32-qmv4-residual"])
+def test_decode_with_the_matvec_forms_equals_decode_without(form, monkeypatch):
+    """The matvec kernels (``mv``; ``qmv`` for 4-bit) switched on, with their fused forms: every
     joined gate/up projection takes ``*_geglu`` (projection and GeGLU in one launch) and every PLE
-    gate ``*_gate``, and the compiled step's logits stay those of the step without them. On a GPU
-    the kernels run (against the default kernel set); on the CPU the backend is forced, the other
-    kernels are off and each form is replaced by its reference (the wiring: dry run, self-check,
-    the traced step taking it in every layer)."""
+    gate ``*_gate``; with residual_norm on too, both take ``*_residual`` instead (the norm ahead
+    of them in the same launch). The compiled step's logits stay those of the step without them.
+    On a GPU the kernels run (against the default kernel set); on the CPU the backend is forced,
+    the other kernels are off and each form is replaced by its reference (the wiring: dry run,
+    self-check, the traced step taking it in every layer)."""
     import contextlib
 
     import gemma4_mlx.kernels as K
     from gemma4_mlx.kernels import dispatch
 
+    dtype = mx.bfloat16 if form.startswith("bf16") else mx.float32
+    bits = 4 if "qmv4" in form else 0
+    prologue = form.endswith("residual")
     gpu = dispatch.active_backend() is not None
-    family = "qmv" if bits else "mv"
-    others = "ple_tail" if gpu else ("q_norm_rope,kv_norm_rope,attention,attention_prefix,ple_combine,ple_gate,"
-                                     "residual_norm,ple_tail")
-    other_family = "mv" if bits else "qmv"
+    family, other_family = ("qmv", "mv") if bits else ("mv", "qmv")
+    others = ["ple_tail"] if gpu else ["q_norm_rope", "kv_norm_rope", "attention", "attention_prefix", "ple_combine",
+                                       "ple_gate", "ple_tail"]
+    if not prologue:
+        others.append("residual_norm")
     model = _kernel_shaped_model(seed=4)
     ids = mx.array(np.random.default_rng(5).integers(0, model.args.vocab_size, size=(1, 24)))
-    calls = {name: 0 for name in GATED[family]}
-    prefix = "quantized_matvec" if bits else "matvec"
+    names = [family, f"{family}_geglu", f"{family}_gate"] + ([f"{family}_residual", "residual_norm"] if prologue else [])
+    calls = {name: 0 for name in names}
 
     def spy(name):
-        form = name.split("_")[1] if "_" in name else ""
-        fn = getattr(K, f"{prefix}{'_' + form if form else ''}_{'kernel' if gpu else 'reference'}")
+        if name == "residual_norm":
+            fn = K.residual_norm_kernel if gpu else K.residual_norm_reference
+        elif name.endswith("_residual"):
+            prefix = "quantized_residual_matvec" if bits else "residual_matvec"
+            fn = getattr(K, f"{prefix}_{'kernel' if gpu else 'reference'}")
+        else:
+            prefix = "quantized_matvec" if bits else "matvec"
+            form_ = name.split("_")[1] if "_" in name else ""
+            fn = getattr(K, f"{prefix}{'_' + form_ if form_ else ''}_{'kernel' if gpu else 'reference'}")
 
         def run(*args):
-            if args[0].shape[-1] == model.args.hidden_size:  # not the self-check's probe (K 200 / 4 groups)
+            if args[0].shape[-1] == model.args.hidden_size and args[0].shape[0] == 1:  # not a probe
                 calls[name] += 1
             return fn(*args)
         return run
 
     def run(mode, disable):
         monkeypatch.setenv("GEMMA4_MLX_KERNELS", mode)
-        monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", disable)
+        monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", ",".join(disable))
         monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
         dispatch.reset()
         model.reset_compiled()
@@ -368,14 +377,20 @@ def test_decode_with_the_gated_matvecs_equals_decode_without(dtype, bits, monkey
         import mlx.nn as nn
 
         nn.quantize(model, group_size=64, bits=bits, class_predicate=lambda _p, m: isinstance(m, nn.Linear))
-    truth = run("off", "")  # float32, MLX ops
+    truth = run("off", [])  # float32, MLX ops
     model.set_dtype(dtype)
-    off = run("auto", f"{others},{family},{other_family}")
-    assert not any(calls.values())
-    on = run("auto", f"{others},{other_family}")
+    off = run("auto", others + [family, other_family])
+    assert not any(calls[n] for n in names if n != "residual_norm")
+    for n in calls:
+        calls[n] = 0
+    on = run("auto", others + [other_family])
     n_layers, n_ple = len(model.layers), sum(p.has_ple for p in model.args.plan)
-    assert calls[f"{family}_geglu"] >= n_layers  # traced once: every joined gate/up took it
-    assert calls[f"{family}_gate"] >= n_ple > 0  # and every PLE gate
+    assert n_ple > 0
+    if prologue:  # traced once: every layer's gate/up and every PLE gate took the norm ahead of them
+        assert calls[f"{family}_residual"] >= n_layers + n_ple
+        assert calls[f"{family}_geglu"] == calls[f"{family}_gate"] == 0
+    else:  # every joined gate/up took *_geglu, every PLE gate *_gate
+        assert calls[f"{family}_geglu"] >= n_layers and calls[f"{family}_gate"] >= n_ple
     assert all(ok for k, (ok, _) in dispatch.verdicts().items() if k[0] in calls)
     _assert_kernel_logits_close(on, off, truth, dtype, gpu)
     dispatch.reset()

@@ -554,6 +554,35 @@ def test_gated_matvec_kernels(M, dtype):
                          K.quantized_matvec_gate_reference(x, q1, s1, b1, gs, bits, z), dtype, f"qmv_gate {bits} {gs}")
 
 
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("HD", [128, 1536, 2816, 5376])
+def test_residual_matvec_kernel(HD, dtype):
+    """``mv`` with the residual prologue (PRO 1: the product reads the next norm of the new
+    residual; PRO 2: the residual itself) against residual_norm's and the product's references,
+    for every form; the new residual comes back too."""
+    x, b = rnd((1, 1, HD), dtype, 2.0, seed=3), rnd((1, 1, HD), dtype, 5.0, seed=4)
+    nw, nn = (1 + rnd((HD,), mx.float32, 0.3, seed=5)).astype(dtype), (1 + rnd((HD,), mx.float32, 0.3, seed=6)).astype(dtype)
+    ls = mx.array([0.7], dtype=dtype)
+    for N in (256, 300, 16400):
+        w2, w, z = rnd((2 * N, HD), dtype, 0.05, seed=7), rnd((N, HD), dtype, 0.05, seed=8), rnd((1, 1, N), dtype, seed=9)
+        for epi, wt, zz in ((K.PLAIN, w, None), (K.GEGLU, w2, None), (K.GATE, w, z)):
+            for scalar, nxt in ((None, nn), (ls, None), (None, None)):
+                got = K.residual_matvec_kernel(x, b, nw, scalar, nxt, 1e-6, wt, zz, epi)
+                want = K.residual_matvec_reference(x, b, nw, scalar, nxt, 1e-6, wt, zz, epi)
+                assert_close(got[0], want[0], dtype, f"mv_residual h {epi} {HD}")
+                assert_close(got[1], want[1], dtype, f"mv_residual y {epi} {HD} {N}")
+            for bits, gs in ((4, 64), (8, 32)):
+                q2, s2, b2 = mx.quantize(rnd((2 * N, HD), mx.float32, 0.05, seed=10), group_size=gs, bits=bits)
+                q1, s1, b1 = mx.quantize(rnd((N, HD), mx.float32, 0.05, seed=11), group_size=gs, bits=bits)
+                s2, b2, s1, b1 = (a.astype(dtype) for a in (s2, b2, s1, b1))
+                for epi, qs, zz in ((K.PLAIN, (q1, s1, b1), None), (K.GEGLU, (q2, s2, b2), None), (K.GATE, (q1, s1, b1), z)):
+                    args = (x, b, nw, None, nn, 1e-6, *qs, gs, bits, zz, epi)
+                    got, want = K.quantized_residual_matvec_kernel(*args), K.quantized_residual_matvec_reference(*args)
+                    assert_close(got[0], want[0], dtype, f"qmv_residual h {bits} {HD}")
+                    assert_close(got[1], want[1], dtype, f"qmv_residual y {epi} {bits} {HD} {N}")
+
+
 @pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
 def test_decode_projections_reach_the_matvec_kernels_only_for_exact_types(monkeypatch):
     """Inside the decode step a plain Linear / QuantizedLinear / tied head may take the matvec

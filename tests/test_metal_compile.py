@@ -39,6 +39,7 @@ GXX = shutil.which("g++")
 needs_gxx = pytest.mark.skipif(GXX is None, reason="g++ not found: cannot syntax-check the Metal source")
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+# (fragments such as residual_prologue.inc are linted and compiled inside the bodies that insert them)
 BODIES = ["norm_rope", "attention_partial", "attention_combine", "ple_combine", "ple_gate", "residual_norm", "qmv", "mv",
           "ple_tail"]
 
@@ -76,6 +77,14 @@ def _launches():
             out.append((f"mv_geglu {dt} M={M}", mv.matvec_geglu_kernel, (x, mx.zeros((2 * 6144, 1536), dt))))
             out.append((f"mv_gate {dt} M={M}", mv.matvec_gate_kernel,
                         (x, mx.zeros((256, 1536), dt), mx.zeros((M, 1, 256), dt))))
+        for HD in (1536, 2560, 5376):  # the residual prologue: E2B, E4B, 31B widths
+            r, nw = mx.zeros((1, 1, HD), dt), mx.ones((HD,), dt)
+            out.append((f"mv_residual geglu {dt} HD={HD}",
+                        lambda r, b, nw, nn, w: mv.residual_matvec_kernel(r, b, nw, None, nn, 1e-6, w, None, mv.GEGLU),
+                        (r, r, nw, nw, mx.zeros((2 * 512, HD), dt))))
+            out.append((f"mv_residual gate {dt} HD={HD}",
+                        lambda r, b, nw, w, z: mv.residual_matvec_kernel(r, b, nw, None, None, 1e-6, w, z, mv.GATE),
+                        (r, r, nw, mx.zeros((256, HD), dt), mx.zeros((1, 1, 256), dt))))
         for bits in (4, 8):
             for gs in (32, 64, 128):
                 for N, M in ((256, 1), (262144, 1), (2048, 2), (2048, 8)):
@@ -91,6 +100,11 @@ def _launches():
                             lambda x, w, s, b, gs=gs, bits=bits: qmv.quantized_matvec_geglu_kernel(x, w, s, b, gs, bits),
                             (x, w2, sb2, sb2)))
                 w1, sb1 = mx.zeros((256, K * bits // 32), mx.uint32), mx.zeros((256, K // gs), dt)
+                r, nw = mx.zeros((1, 1, K), dt), mx.ones((K,), dt)
+                out.append((f"qmv_residual geglu {dt} bits={bits} gs={gs}",
+                            lambda r, b, nw, w, s, bb, gs=gs, bits=bits: qmv.quantized_residual_matvec_kernel(
+                                r, b, nw, None, nw, 1e-6, w, s, bb, gs, bits, None, mv.GEGLU),
+                            (r, r, nw, w2, sb2, sb2)))
                 out.append((f"qmv_gate {dt} bits={bits} gs={gs}",
                             lambda x, w, s, b, z, gs=gs, bits=bits: qmv.quantized_matvec_gate_kernel(x, w, s, b, gs, bits, z),
                             (x, w1, sb1, sb1, mx.zeros((2, 1, 256), dt))))

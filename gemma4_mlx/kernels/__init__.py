@@ -29,6 +29,7 @@ from .dispatch import (
     KernelCheckError,
     active_backend,
     get_mode,
+    is_disabled,
     kernels_enabled,
     kernels_mode,
     set_kernels_mode,
@@ -45,6 +46,9 @@ from .ple import (
 from .residual import residual_norm, residual_norm_kernel, residual_norm_reference
 from .ple_tail import ple_tail, ple_tail_kernel, ple_tail_reference
 from .mv import (
+    GATE,
+    GEGLU,
+    PLAIN,
     matvec,
     matvec_gate,
     matvec_gate_kernel,
@@ -54,6 +58,9 @@ from .mv import (
     matvec_geglu_reference,
     matvec_kernel,
     matvec_reference,
+    residual_matvec,
+    residual_matvec_kernel,
+    residual_matvec_reference,
 )
 from .qmv import (
     quantized_matvec,
@@ -65,6 +72,9 @@ from .qmv import (
     quantized_matvec_geglu_reference,
     quantized_matvec_kernel,
     quantized_matvec_reference,
+    quantized_residual_matvec,
+    quantized_residual_matvec_kernel,
+    quantized_residual_matvec_reference,
 )
 from .rope import (
     kv_norm_rope,
@@ -80,10 +90,12 @@ from .rope import (
 __all__ = [
     "KernelCheckError", "active_backend", "get_mode", "kernels_enabled", "kernels_mode", "set_kernels_mode",
     "matvec", "matvec_kernel", "matvec_reference", "matvec_geglu", "matvec_geglu_kernel", "matvec_geglu_reference",
-    "matvec_gate", "matvec_gate_kernel", "matvec_gate_reference",
+    "matvec_gate", "matvec_gate_kernel", "matvec_gate_reference", "residual_matvec", "residual_matvec_kernel",
+    "residual_matvec_reference", "PLAIN", "GEGLU", "GATE", "is_disabled",
     "quantized_matvec", "quantized_matvec_kernel", "quantized_matvec_reference", "quantized_matvec_geglu",
     "quantized_matvec_geglu_kernel", "quantized_matvec_geglu_reference", "quantized_matvec_gate",
-    "quantized_matvec_gate_kernel", "quantized_matvec_gate_reference",
+    "quantized_matvec_gate_kernel", "quantized_matvec_gate_reference", "quantized_residual_matvec",
+    "quantized_residual_matvec_kernel", "quantized_residual_matvec_reference",
     "q_norm_rope", "kv_norm_rope", "attention", "attention_prefix", "attention_prefix_reference", "ple_combine", "ple_gate",
     "q_norm_rope_reference", "kv_norm_rope_reference", "attention_reference", "ple_combine_reference",
     "ple_gate_reference", "rms_norm_reference", "rope_reference", "gelu_tanh_reference",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import warnings
 from importlib import resources
@@ -123,14 +124,15 @@ def active_backend() -> str | None:
 DEFAULT_DISABLED = {"cuda": "mv,qmv,ple_tail", "metal": "mv,qmv,ple_tail"}
 
 
-# The gated matvec forms follow their matvec's switch (``mv`` off: all three float forms off),
-# and each can also be switched on its own name.
-SWITCH_OF = {"mv_geglu": "mv", "mv_gate": "mv", "qmv_geglu": "qmv", "qmv_gate": "qmv"}
+# The matvec forms follow their matvec's switch (``mv`` off: every float form off), those with
+# the residual prologue also residual_norm's, and each can be switched on its own name.
+SWITCHES_OF = {"mv_geglu": ("mv",), "mv_gate": ("mv",), "mv_residual": ("mv", "residual_norm"),
+               "qmv_geglu": ("qmv",), "qmv_gate": ("qmv",), "qmv_residual": ("qmv", "residual_norm")}
 
 
 def is_disabled(name: str) -> bool:
     off = disabled_kernels()
-    return name in off or SWITCH_OF.get(name, name) in off
+    return name in off or any(s in off for s in SWITCHES_OF.get(name, ()))
 
 
 def disabled_kernels() -> frozenset:
@@ -252,9 +254,10 @@ def prelude(backend: str) -> tuple[str, str]:
 
 
 def body(name: str) -> str:
-    if name in _body_override:
-        return _body_override[name]
-    return read_source(f"{name}.inc")
+    """A kernel body, with each ``// @@insert <fragment>`` line replaced by ``<fragment>.inc``
+    (code two bodies share, such as the residual prologue of the matvecs)."""
+    text = _body_override[name] if name in _body_override else read_source(f"{name}.inc")
+    return re.sub(r"^// @@insert (\w+)$", lambda m: read_source(f"{m.group(1)}.inc"), text, flags=re.M)
 
 
 def kernel_source(name: str, backend: str, defines: Sequence[tuple[str, int]] = ()) -> tuple[str, str]:

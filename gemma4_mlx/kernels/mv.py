@@ -22,8 +22,10 @@ import mlx.core as mx
 from . import dispatch
 from .dispatch import TG, ceil_to
 from .ple import ple_gate_reference
+from .residual import residual_norm_reference
 
 MAX_ROWS_OF_X = 8
+MAX_PROLOGUE = 8192  # the prologue's row lives in shared memory: HD floats
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 PLAIN, GEGLU, GATE = 0, 1, 2  # the kernel's EPI
 
@@ -52,23 +54,48 @@ def _mm(M: int) -> int:
     return MM
 
 
-def _launch(x: mx.array, w: mx.array, z: Optional[mx.array], epi: int) -> mx.array:
+_NO_EPS = None
+
+
+def _unused_eps() -> mx.array:
+    global _NO_EPS
+    if _NO_EPS is None:
+        _NO_EPS = mx.zeros((1,), mx.float32)
+    return _NO_EPS
+
+
+def prologue_inputs(x: mx.array, prologue: Optional[tuple]):
+    """(PRO, HD, the prologue's inputs b / nw / ls / nn / eps, hout's shape) for a launch;
+    without a prologue, arrays of the dtype stand in for the inputs it does not read."""
+    if prologue is None:
+        return 0, 1, [x, x, x, x, _unused_eps()], (1,)
+    branch, nw, scalar, nn, eps = prologue
+    ls = mx.ones((1,), x.dtype) if scalar is None else scalar.reshape(-1)
+    extra = [branch, nw, ls, nn if nn is not None else nw, mx.array([eps], dtype=mx.float32)]
+    return (1 if nn is not None else 2), x.shape[-1], extra, x.shape
+
+
+def _launch(x: mx.array, w: mx.array, z: Optional[mx.array], epi: int, prologue: Optional[tuple] = None):
+    """The mv kernel. ``prologue`` = (branch, norm weight, scale or None, next norm weight or
+    None, eps): x is then a residual (one row) and the product reads residual_norm's result;
+    returns (new residual, y) instead of y."""
     M = x.size // x.shape[-1]
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
     rows = _rows_per_warp(N)
-    k = dispatch.get_kernel("mv", ["x", "w", "z"], ["y"])
+    k = dispatch.get_kernel("mv", ["x", "w", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"])
+    pro, HD, extra, hshape = prologue_inputs(x, prologue)
     # y gets x's leading dims: a reshape on each side would be two more primitives per
-    # projection, and each costs host time in every decode step. z is unused unless EPI 2
-    # (w stands in: any array of the dtype).
-    return k(
-        inputs=[x, w, w if z is None else z],
-        template=[("T", x.dtype), ("ROWS", rows), ("MM", _mm(M)), ("EPI", epi)],
+    # projection, and each costs host time in every decode step
+    y, h = k(
+        inputs=[x, w, w if z is None else z, *extra],
+        template=[("T", x.dtype), ("ROWS", rows), ("MM", _mm(M)), ("EPI", epi), ("PRO", pro), ("HD", HD)],
         grid=(ceil_to(-(-N // rows) * 32, TG), 1, 1),
         threadgroup=(TG, 1, 1),
-        output_shapes=[(*x.shape[:-1], N)],
-        output_dtypes=[x.dtype],
+        output_shapes=[(*x.shape[:-1], N), hshape],
+        output_dtypes=[x.dtype, x.dtype],
         **dispatch.init_kwargs(),
-    )[0]
+    )
+    return y if prologue is None else (h, y)
 
 
 def matvec_kernel(x: mx.array, w: mx.array) -> mx.array:
@@ -127,3 +154,56 @@ def matvec_gate(x: mx.array, w: mx.array, z: mx.array, *, fallback=None) -> mx.a
     """``gelu_tanh(x @ w.T) * z``."""
     return dispatch.run("mv_gate", _class_key(x, w, GATE, z), matvec_gate_reference, matvec_gate_kernel, _probe,
                         x, w, z, fallback=fallback)
+
+
+# ------------------------------------------- with residual_norm ahead of the product (one row)
+
+def residual_matvec_reference(x, branch, norm_weight, scalar, next_weight, eps: float, w, z=None, epi: int = PLAIN):
+    """``h, xin = residual_norm(x, branch, norm_weight, scalar, eps, next_weight)`` (``xin = h``
+    without ``next_weight``), then the form ``epi`` of the product over ``xin``: ``(h, y)``."""
+    out = residual_norm_reference(x, branch, norm_weight, scalar, eps, next_weight)
+    h, xin = out if next_weight is not None else (out, out)
+    if epi == GEGLU:
+        return h, matvec_geglu_reference(xin, w)
+    return h, (matvec_gate_reference(xin, w, z) if epi == GATE else matvec_reference(xin, w))
+
+
+def residual_matvec_kernel(x, branch, norm_weight, scalar, next_weight, eps: float, w, z=None, epi: int = PLAIN):
+    return _launch(x, w, z, epi, (branch, norm_weight, scalar, next_weight, eps))
+
+
+def prologue_key(x, branch, norm_weight, scalar, next_weight):
+    """The prologue's part of a class key, or None where it does not apply (more than one row,
+    a row too wide for shared memory, mismatched shapes or dtypes)."""
+    HD = x.shape[-1]
+    if x.size != HD or HD > MAX_PROLOGUE or tuple(branch.shape) != tuple(x.shape) or branch.dtype != x.dtype:
+        return None
+    if norm_weight.size != HD or (scalar is not None and scalar.size != 1):
+        return None
+    if next_weight is not None and next_weight.size != HD:
+        return None
+    return (1 if next_weight is not None else 2, HD, scalar is not None)
+
+
+def _residual_probe(key):
+    dtype = dispatch.dtype_from_key(key[0])
+    epi, pro, HD, scaled = key[3], key[4], key[5], key[6]
+    N = 16384 if key[1] > 1 else 300  # the launch's rows per warp follow N
+    x = dispatch.probe_normal((1, 1, HD), 34, dtype, 2.0)
+    branch = dispatch.probe_normal((1, 1, HD), 35, dtype, 5.0)
+    nw = (1 + dispatch.probe_normal((HD,), 36, mx.float32, 0.3)).astype(dtype)
+    nn = (1 + dispatch.probe_normal((HD,), 37, mx.float32, 0.3)).astype(dtype) if pro == 1 else None
+    w = dispatch.probe_normal((2 * N if epi == GEGLU else N, HD), 38, dtype, 0.05)
+    z = dispatch.probe_normal((1, 1, N), 39, dtype) if epi == GATE else None
+    return (x, branch, nw, mx.array([0.7], dtype=dtype) if scaled else None, nn, 1e-6, w, z, epi)
+
+
+def residual_matvec(x, branch, norm_weight, scalar, next_weight, eps: float, w, z=None, epi: int = PLAIN, *,
+                    fallback=None):
+    """:func:`residual_matvec_reference` as one launch (name ``mv_residual``: on with ``mv``, off
+    when ``mv`` or ``residual_norm`` is)."""
+    base = _class_key(x, w, epi, z)
+    pro = prologue_key(x, branch, norm_weight, scalar, next_weight) if base is not None else None
+    key = None if pro is None else base + pro
+    return dispatch.run("mv_residual", key, residual_matvec_reference, residual_matvec_kernel, _residual_probe,
+                        x, branch, norm_weight, scalar, next_weight, eps, w, z, epi, fallback=fallback)

@@ -22,8 +22,9 @@ import mlx.core as mx
 
 from . import dispatch
 from .dispatch import TG, ceil_to
-from .mv import GATE, GEGLU, PLAIN, _mm
+from .mv import GATE, GEGLU, PLAIN, _mm, prologue_inputs, prologue_key
 from .ple import ple_gate_reference
+from .residual import residual_norm_reference
 
 MAX_ROWS_OF_X = 8
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
@@ -47,23 +48,26 @@ def _rows_per_warp(N: int) -> int:
     return 4 if N >= 16384 else 1
 
 
-def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int) -> mx.array:
+def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int, prologue: Optional[tuple] = None):
+    """The qmv kernel; ``prologue`` as in :func:`.mv._launch` (then returns (new residual, y))."""
     M = x.size // x.shape[-1]
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
     rows = _rows_per_warp(N)
-    k = dispatch.get_kernel("qmv", ["x", "w", "scales", "biases", "z"], ["y"])
+    k = dispatch.get_kernel("qmv", ["x", "w", "scales", "biases", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"])
+    pro, HD, extra, hshape = prologue_inputs(x, prologue)
     # x keeps its shape, y gets x's leading dims (no reshape primitives around the call); z is
     # unused unless EPI 2 (the scales stand in: an array of the dtype)
-    return k(
-        inputs=[x, w, scales, biases, scales if z is None else z],
+    y, h = k(
+        inputs=[x, w, scales, biases, scales if z is None else z, *extra],
         template=[("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", rows), ("MM", _mm(M)),
-                  ("EPI", epi)],
+                  ("EPI", epi), ("PRO", pro), ("HD", HD)],
         grid=(ceil_to(-(-N // rows) * 32, TG), 1, 1),
         threadgroup=(TG, 1, 1),
-        output_shapes=[(*x.shape[:-1], N)],
-        output_dtypes=[x.dtype],
+        output_shapes=[(*x.shape[:-1], N), hshape],
+        output_dtypes=[x.dtype, x.dtype],
         **dispatch.init_kwargs(),
-    )[0]
+    )
+    return y if prologue is None else (h, y)
 
 
 def quantized_matvec_kernel(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
@@ -131,3 +135,48 @@ def quantized_matvec_gate(x, w, scales, biases, group_size: int, bits: int, z, *
     key = _class_key(x, w, scales, biases, group_size, bits, GATE, z)
     return dispatch.run("qmv_gate", key, quantized_matvec_gate_reference, quantized_matvec_gate_kernel, _probe,
                         x, w, scales, biases, group_size, bits, z, fallback=fallback)
+
+
+# ------------------------------------------- with residual_norm ahead of the product (one row)
+
+def quantized_residual_matvec_reference(x, branch, norm_weight, scalar, next_weight, eps: float, w, scales, biases,
+                                        group_size: int, bits: int, z=None, epi: int = PLAIN):
+    """:func:`.mv.residual_matvec_reference` with a quantized W: ``(h, y)``."""
+    out = residual_norm_reference(x, branch, norm_weight, scalar, eps, next_weight)
+    h, xin = out if next_weight is not None else (out, out)
+    args = (xin, w, scales, biases, group_size, bits)
+    if epi == GEGLU:
+        return h, quantized_matvec_geglu_reference(*args)
+    return h, (quantized_matvec_gate_reference(*args, z) if epi == GATE else quantized_matvec_reference(*args))
+
+
+def quantized_residual_matvec_kernel(x, branch, norm_weight, scalar, next_weight, eps: float, w, scales, biases,
+                                     group_size: int, bits: int, z=None, epi: int = PLAIN):
+    return _launch(x, w, scales, biases, group_size, bits, z, epi, (branch, norm_weight, scalar, next_weight, eps))
+
+
+def _residual_probe(key):
+    dtype = dispatch.dtype_from_key(key[0])
+    bits, gs, rows, epi, pro, HD, scaled = key[1], key[2], key[3], key[5], key[6], key[7], key[8]
+    N = 16384 if rows > 1 else 300  # the launch's rows per warp follow N
+    x = dispatch.probe_normal((1, 1, HD), 24, dtype, 2.0)
+    branch = dispatch.probe_normal((1, 1, HD), 25, dtype, 5.0)
+    nw = (1 + dispatch.probe_normal((HD,), 26, mx.float32, 0.3)).astype(dtype)
+    nn = (1 + dispatch.probe_normal((HD,), 27, mx.float32, 0.3)).astype(dtype) if pro == 1 else None
+    w, s, b = mx.quantize(dispatch.probe_normal((2 * N if epi == GEGLU else N, HD), 28, mx.float32, 0.05),
+                          group_size=gs, bits=bits)
+    z = dispatch.probe_normal((1, 1, N), 29, dtype) if epi == GATE else None
+    return (x, branch, nw, mx.array([0.7], dtype=dtype) if scaled else None, nn, 1e-6, w, s.astype(dtype),
+            b.astype(dtype), gs, bits, z, epi)
+
+
+def quantized_residual_matvec(x, branch, norm_weight, scalar, next_weight, eps: float, w, scales, biases,
+                              group_size: int, bits: int, z=None, epi: int = PLAIN, *, fallback=None):
+    """:func:`quantized_residual_matvec_reference` as one launch (name ``qmv_residual``: on with
+    ``qmv``, off when ``qmv`` or ``residual_norm`` is)."""
+    base = _class_key(x, w, scales, biases, group_size, bits, epi, z)
+    pro = prologue_key(x, branch, norm_weight, scalar, next_weight) if base is not None else None
+    key = None if pro is None else base + pro
+    return dispatch.run("qmv_residual", key, quantized_residual_matvec_reference, quantized_residual_matvec_kernel,
+                        _residual_probe, x, branch, norm_weight, scalar, next_weight, eps, w, scales, biases,
+                        group_size, bits, z, epi, fallback=fallback)
