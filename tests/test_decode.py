@@ -259,6 +259,30 @@ def test_logits_with_kernels_equal_logits_without(dtype, monkeypatch):
     dispatch.reset()
 
 
+def _logits_with_kernels(model, ids, prefill: int, monkeypatch, mode: str, disable: str, overrides: dict, gpu: bool):
+    """Prefill ``ids[:, :prefill]``, then decode the rest one token at a time through the compiled
+    step, with ``GEMMA4_MLX_KERNELS=mode``, ``..._DISABLE=disable`` and the kernels in
+    ``overrides`` replaced (the backend forced to CUDA where there is no GPU): every logit."""
+    import contextlib
+
+    from gemma4_mlx.kernels import dispatch
+
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", mode)
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", disable)
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    dispatch.reset()
+    model.reset_compiled()
+    with contextlib.ExitStack() as stack:
+        if not gpu:
+            stack.enter_context(dispatch.force_backend("cuda"))
+        for name, fn in overrides.items():
+            stack.enter_context(dispatch.override_kernel(name, fn))
+        cache = model.make_cache()
+        out = [model(ids[:, :prefill], cache=cache)]
+        out += [model(ids[:, i : i + 1], cache=cache) for i in range(prefill, ids.shape[1])]
+        return np.concatenate([np.array(o.astype(mx.float32)) for o in out], axis=1)
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_decode_with_ple_tail_equals_decode_without(dtype, monkeypatch):
     """The one-launch PLE close (``ple_tail``, off by default) switched on gives the compiled decode
@@ -266,8 +290,6 @@ def test_decode_with_ple_tail_equals_decode_without(dtype, monkeypatch):
     (``GEMMA4_MLX_KERNELS_DISABLE=mv,qmv`` against ``mv,qmv,ple_tail``); on the CPU the backend is
     forced, every other kernel switched off and the kernel replaced by its reference, which checks
     the wiring (dry run, self-check, the traced step taking it for every PLE layer)."""
-    import contextlib
-
     import gemma4_mlx.kernels as K
     from gemma4_mlx.kernels import dispatch
 
@@ -285,19 +307,7 @@ def test_decode_with_ple_tail_equals_decode_without(dtype, monkeypatch):
         return (K.ple_tail_kernel if gpu else K.ple_tail_reference)(*args)
 
     def run(mode, disable):
-        monkeypatch.setenv("GEMMA4_MLX_KERNELS", mode)
-        monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", disable)
-        monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
-        dispatch.reset()
-        model.reset_compiled()
-        with contextlib.ExitStack() as stack:
-            if not gpu:
-                stack.enter_context(dispatch.force_backend("cuda"))
-            stack.enter_context(dispatch.override_kernel("ple_tail", spy))
-            cache = model.make_cache()
-            out = [model(ids[:, :30], cache=cache)]
-            out += [model(ids[:, i : i + 1], cache=cache) for i in range(30, 40)]
-            return np.concatenate([np.array(o.astype(mx.float32)) for o in out], axis=1)
+        return _logits_with_kernels(model, ids, 30, monkeypatch, mode, disable, {"ple_tail": spy}, gpu)
 
     truth = run("off", "")  # float32, MLX ops
     model.set_dtype(dtype)
@@ -321,8 +331,6 @@ def test_decode_with_the_matvec_forms_equals_decode_without(form, monkeypatch):
     On a GPU the kernels run (against the default kernel set); on the CPU the backend is forced,
     the other kernels are off and each form is replaced by its reference (the wiring: dry run,
     self-check, the traced step taking it in every layer)."""
-    import contextlib
-
     import gemma4_mlx.kernels as K
     from gemma4_mlx.kernels import dispatch
 
@@ -358,20 +366,8 @@ def test_decode_with_the_matvec_forms_equals_decode_without(form, monkeypatch):
         return run
 
     def run(mode, disable):
-        monkeypatch.setenv("GEMMA4_MLX_KERNELS", mode)
-        monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", ",".join(disable))
-        monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
-        dispatch.reset()
-        model.reset_compiled()
-        with contextlib.ExitStack() as stack:
-            if not gpu:
-                stack.enter_context(dispatch.force_backend("cuda"))
-            for name in calls:
-                stack.enter_context(dispatch.override_kernel(name, spy(name)))
-            cache = model.make_cache()
-            out = [model(ids[:, :16], cache=cache)]
-            out += [model(ids[:, i : i + 1], cache=cache) for i in range(16, 24)]
-            return np.concatenate([np.array(o.astype(mx.float32)) for o in out], axis=1)
+        return _logits_with_kernels(model, ids, 16, monkeypatch, mode, ",".join(disable),
+                                    {name: spy(name) for name in calls}, gpu)
 
     if bits:  # the projections (not the embeddings) quantized, scales in float32 for the truth
         import mlx.nn as nn

@@ -117,13 +117,18 @@ def _class_key(x, w, epi: int = PLAIN, z: Optional[mx.array] = None):
     M = x.size // x.shape[-1]
     if M > MAX_ROWS_OF_X:
         return None
-    N = w.shape[0]
-    if epi == GEGLU and N % 2:
+    N = form_width(x, w.shape[0], epi, z)
+    return None if N is None else (str(x.dtype), _rows_per_warp(N), _mm(M), epi)
+
+
+def form_width(x: mx.array, rows_of_w: int, epi: int, z: Optional[mx.array]) -> Optional[int]:
+    """How many outputs the form ``epi`` gives for a W of ``rows_of_w`` rows (half of them for
+    GeGLU's gate/up), or None when it cannot take these inputs."""
+    if epi == GEGLU:
+        return None if rows_of_w % 2 else rows_of_w // 2
+    if epi == GATE and (z is None or z.dtype != x.dtype or tuple(z.shape) != (*x.shape[:-1], rows_of_w)):
         return None
-    if epi == GATE and (z is None or z.dtype != x.dtype or tuple(z.shape) != (*x.shape[:-1], N)):
-        return None
-    N = N // 2 if epi == GEGLU else N
-    return (str(x.dtype), _rows_per_warp(N), _mm(M), epi)
+    return rows_of_w
 
 
 def _probe(key):

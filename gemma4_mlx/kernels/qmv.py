@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from . import dispatch
 from .dispatch import TG, ceil_to
-from .mv import GATE, GEGLU, PLAIN, _mm, prologue_inputs, prologue_key
+from .mv import GATE, GEGLU, PLAIN, _mm, form_width, prologue_inputs, prologue_key
 from .ple import ple_gate_reference
 from .residual import residual_norm_reference
 
@@ -91,13 +91,8 @@ def _class_key(x, w, scales, biases, group_size, bits, epi: int = PLAIN, z: Opti
     K = x.shape[-1]
     if K % group_size or w.shape[1] * (32 // bits) != K or x.size // K > MAX_ROWS_OF_X:
         return None
-    N = w.shape[0]
-    if epi == GEGLU and N % 2:
-        return None
-    if epi == GATE and (z is None or z.dtype != x.dtype or tuple(z.shape) != (*x.shape[:-1], N)):
-        return None
-    N = N // 2 if epi == GEGLU else N
-    return (str(x.dtype), bits, group_size, _rows_per_warp(N), _mm(x.size // K), epi)
+    N = form_width(x, w.shape[0], epi, z)
+    return None if N is None else (str(x.dtype), bits, group_size, _rows_per_warp(N), _mm(x.size // K), epi)
 
 
 def _probe(key):
