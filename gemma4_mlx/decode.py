@@ -240,7 +240,10 @@ class JoinedProjection:
     def __call__(self, x: mx.array, head_dim: int = 0) -> List[mx.array]:
         """The members' outputs; with ``head_dim``, each already split into heads (B, L, heads,
         head_dim): one Reshape of the joined output rather than one per member."""
-        y = ops.linear(self.joint, x)
+        return self.split(ops.linear(self.joint, x), head_dim)
+
+    def split(self, y: mx.array, head_dim: int = 0) -> List[mx.array]:
+        """The members' outputs from the joined product ``y`` (see :meth:`__call__`)."""
         if not head_dim:
             return mx.split(y, self.splits, axis=-1)
         y = y.reshape(*y.shape[:-1], -1, head_dim)

@@ -98,9 +98,20 @@ class Attention(nn.Module):
         self._inv_freq = mx.array(plan.rope.inv_freq)
         self._freqs = mx.array(plan.rope.freqs)
 
-    def __call__(self, x: mx.array, mask, cache, shared: Optional[tuple]) -> Tuple[mx.array, tuple]:
-        """``shared`` is (keys, values, offset, cache) of the producer layer for shared-KV layers."""
-        B, L, _ = x.shape
+    def first_projection(self, rows: int) -> Optional[nn.Module]:
+        """The one projection that opens this attention (the joined q/k/v, or q alone in a
+        KV-shared layer), or None where it opens with several."""
+        joined = step_context.joined(self, rows)
+        if joined is not None:
+            return joined.joint
+        return self.q_proj if self.plan.is_kv_shared else None
+
+    def __call__(self, x: Optional[mx.array], mask, cache, shared: Optional[tuple],
+                 projected: Optional[mx.array] = None) -> Tuple[mx.array, tuple]:
+        """``shared`` is (keys, values, offset, cache) of the producer layer for shared-KV layers.
+        ``projected``: :meth:`first_projection`'s product of the normalised input, already made
+        (then ``x`` is not needed)."""
+        B, L = (x if projected is None else projected).shape[:2]
         p = self.plan
         joined = step_context.joined(self, B * L)
 
@@ -108,9 +119,10 @@ class Attention(nn.Module):
             return y.reshape(B, L, n, p.head_dim)
 
         if joined is not None:
-            q, k, *v = joined(x, head_dim=p.head_dim)  # (B, L, heads, d) each
+            # (B, L, heads, d) each
+            q, k, *v = joined(x, head_dim=p.head_dim) if projected is None else joined.split(projected, p.head_dim)
         else:
-            q = heads(ops.linear(self.q_proj, x), self.num_heads)
+            q = heads(ops.linear(self.q_proj, x) if projected is None else projected, self.num_heads)
         if shared is None:
             offset = cache.offset if cache is not None else 0
             if joined is None:
@@ -157,14 +169,26 @@ class DecoderLayer(nn.Module):
         self.eps = eps
 
     def __call__(self, x, mask, cache, per_layer_input=None, shared=None, trace=None, normed=None,
-                 next_norm: Optional[mx.array] = None):
+                 next_norm: Optional[mx.array] = None, defer: bool = False):
         """One layer. ``normed`` is ``input_layernorm(x)`` when the previous layer already made it;
         with ``next_norm`` (the following norm's weight) the layer also returns the next input
-        normalised. Returns (output, next input normalised or None, kv)."""
+        normalised. Returns (output, next input normalised or None, kv).
+
+        ``x`` may be the previous layer's close not yet applied (:class:`ops.PendingClose`): it
+        is applied with this layer's first projection (one launch in the decode step with the
+        matvecs on). With ``defer`` (and ``next_norm``) this layer leaves its own close so:
+        returns (the pending close, None, kv)."""
         eps = self.eps
-        if normed is None:
+        projected = None
+        if isinstance(x, ops.PendingClose):
+            first = self.self_attn.first_projection(x.residual.size // x.residual.shape[-1])
+            if first is not None:
+                x, projected = ops.close_and_project(x, first)
+            else:
+                x, normed = x.resolve()
+        if normed is None and projected is None:
             normed = self.input_layernorm(x)
-        attn, kv = self.self_attn(normed, mask, cache, shared)
+        attn, kv = self.self_attn(normed, mask, cache, shared, projected)
         if trace is not None:
             trace.update(input_norm=normed, attention=attn)
         # Each sublayer's close (norm, residual add) and the next one's opening norm run fused;
@@ -192,10 +216,13 @@ class DecoderLayer(nn.Module):
             # close: fewer launches in the decode step (ple_tail, or the matvecs' fused forms)
             out = ops.ple_tail(self.per_layer_input_gate, self.per_layer_projection, h, per_layer_input,
                                self.post_per_layer_input_norm.weight, self.layer_scalar, eps, next_norm, trace,
-                               branch=ff, branch_norm=self.post_feedforward_layernorm.weight)
+                               branch=ff, branch_norm=self.post_feedforward_layernorm.weight,
+                               defer=defer and next_norm is not None)
+        elif defer and next_norm is not None:
+            out = ops.PendingClose(h, ff, self.post_feedforward_layernorm.weight, self.layer_scalar, eps, next_norm)
         else:
             out = ops.residual_norm(h, ff, self.post_feedforward_layernorm.weight, self.layer_scalar, eps, next_norm)
-        if next_norm is None:
+        if next_norm is None or isinstance(out, ops.PendingClose):
             return out, None, kv
         return out[0], out[1], kv
 
@@ -259,7 +286,11 @@ class Gemma4TextModel(nn.Module):
         # Each layer also normalises the next layer's input (the last one: the final norm).
         next_norms = [layer.input_layernorm.weight for layer in self.layers[1:]] + [self.norm.weight]
         normed = None
-        for layer, p, next_norm in zip(self.layers, a.plan, next_norms):
+        # Inside the decode step each layer's close is left to the next layer's first projection
+        # (ops.PendingClose); the last one's feeds the final norm, and a trace wants every output.
+        defer = trace is None and step_context.active() is not None
+        last = len(self.layers) - 1
+        for i, (layer, p, next_norm) in enumerate(zip(self.layers, a.plan, next_norms)):
             c = cache[p.cache_index] if p.cache_index is not None else None
             shared = kv_by_layer[p.kv_source] if p.is_kv_shared else None
             record = {} if trace is not None else None
@@ -272,6 +303,7 @@ class Gemma4TextModel(nn.Module):
                 trace=record,
                 normed=normed,
                 next_norm=next_norm,
+                defer=defer and i < last,
             )
             if not p.is_kv_shared:
                 kv_by_layer[p.index] = kv

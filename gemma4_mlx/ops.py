@@ -9,7 +9,7 @@ fails its self-check (one warning) hands the call back to the MLX op sequence gi
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -161,7 +161,7 @@ def plain_linear(module: nn.Module, dtype=None) -> bool:
 def ple_tail(gate: nn.Module, projection: nn.Module, h: mx.array, per_layer_input: mx.array,
              norm_weight: mx.array, scalar: Optional[mx.array], eps: float,
              next_weight: Optional[mx.array] = None, trace: Optional[dict] = None, *,
-             branch: Optional[mx.array] = None, branch_norm: Optional[mx.array] = None):
+             branch: Optional[mx.array] = None, branch_norm: Optional[mx.array] = None, defer: bool = False):
     """A PLE layer's close: ``residual_norm(h, projection(ple_gate(gate(h), per_layer_input)),
     norm_weight, scalar, eps, next_weight)``. Inside the decode step, for few rows and plain
     float projections of h's dtype, the ``ple_tail`` kernel does it in one launch (off by
@@ -169,12 +169,16 @@ def ple_tail(gate: nn.Module, projection: nn.Module, h: mx.array, per_layer_inpu
 
     With ``branch``, ``h`` is the residual before the feed-forward's close,
     ``residual_norm(h, branch, branch_norm)``, which comes first: inside the decode step with
-    the matvec kernels on, in the gate projection's launch (:func:`residual_gate`)."""
+    the matvec kernels on, in the gate projection's launch (:func:`residual_gate`). With
+    ``defer`` (and ``next_weight``) the close is returned unapplied, a :class:`PendingClose`,
+    except where the ple_tail kernel has applied it."""
 
     def close(h, g):
         projected = linear(projection, g)
         if trace is not None:
             trace["ple"] = projected
+        if defer and next_weight is not None:
+            return PendingClose(h, projected, norm_weight, scalar, eps, next_weight)
         return residual_norm(h, projected, norm_weight, scalar, eps, next_weight)
 
     def chain(h, per_layer_input, *_):
@@ -191,6 +195,35 @@ def ple_tail(gate: nn.Module, projection: nn.Module, h: mx.array, per_layer_inpu
         return k.ple_tail(h, per_layer_input, gate["weight"], projection["weight"], norm_weight, scalar, eps,
                           next_weight, fallback=chain)
     return chain(h, per_layer_input)
+
+
+class PendingClose(NamedTuple):
+    """A layer's close, ``residual_norm(residual, branch, norm_weight, scalar, eps, next_weight)``,
+    left for the next layer to apply with its first projection (:func:`close_and_project`): in
+    the decode step with the matvecs on, one launch instead of two."""
+
+    residual: mx.array
+    branch: mx.array
+    norm_weight: mx.array
+    scalar: Optional[mx.array]
+    eps: float
+    next_weight: mx.array
+
+    def resolve(self) -> Tuple[mx.array, mx.array]:
+        """(the new residual, its next-normalised form): the close on its own."""
+        return residual_norm(self.residual, self.branch, self.norm_weight, self.scalar, self.eps, self.next_weight)
+
+
+def close_and_project(close: PendingClose, module: nn.Module) -> Tuple[mx.array, mx.array]:
+    """``(h, linear(module, normed))`` for ``h, normed = close.resolve()``; one launch inside the
+    decode step when the matvec kernels (and residual_norm) are on."""
+
+    def unfused(*_):
+        h, normed = close.resolve()
+        return h, linear(module, normed)
+
+    return _residual_product(module, close.residual, close.branch, close.norm_weight, close.next_weight, close.eps,
+                             None, "PLAIN", unfused, scalar=close.scalar)
 
 
 def residual_gate(x: mx.array, branch: mx.array, norm_weight: mx.array, eps: float, gate: nn.Module,
@@ -222,19 +255,20 @@ def residual_geglu(x: mx.array, branch: mx.array, norm_weight: mx.array, eps: fl
     return _residual_product(joined.joint, x, branch, norm_weight, next_weight, eps, None, "GEGLU", unfused)
 
 
-def _residual_product(module: nn.Module, x, branch, norm_weight, next_weight, eps: float, z, form: str, unfused):
-    """The fused launch of :func:`residual_gate` / :func:`residual_geglu` for a plain float or
-    affine-quantized ``module`` inside the decode step; ``unfused()`` elsewhere (and as the
-    kernels' fallback)."""
+def _residual_product(module: nn.Module, x, branch, norm_weight, next_weight, eps: float, z, form: str, unfused,
+                      scalar: Optional[mx.array] = None):
+    """The fused launch of :func:`residual_gate` / :func:`residual_geglu` /
+    :func:`close_and_project` for a plain float or affine-quantized ``module`` inside the decode
+    step; ``unfused()`` elsewhere (and as the kernels' fallback)."""
     k = _gpu_kernels()
     if k is None or "bias" in module:
         return unfused()
     epi = getattr(k, form)
     if plain_linear(module, x.dtype):
-        return k.residual_matvec(x, branch, norm_weight, None, next_weight, eps, module["weight"], z, epi,
+        return k.residual_matvec(x, branch, norm_weight, scalar, next_weight, eps, module["weight"], z, epi,
                                  fallback=unfused)
     if type(module) is nn.QuantizedLinear and module.mode == "affine" and "biases" in module:
-        return k.quantized_residual_matvec(x, branch, norm_weight, None, next_weight, eps, module["weight"],
+        return k.quantized_residual_matvec(x, branch, norm_weight, scalar, next_weight, eps, module["weight"],
                                            module["scales"], module["biases"], module.group_size, module.bits, z,
                                            epi, fallback=unfused)
     return unfused()
