@@ -43,22 +43,31 @@ VIEWS = {"Reshape", "Transpose", "Slice", "Squeeze", "ExpandDims", "Broadcast", 
          "AsStrided", "Split", "StopGradient"}
 
 D = "GEMMA4_MLX_KERNELS_DISABLE"
-# "ours" is the default (the matvec kernels "mv", "qmv" and the one-launch PLE close "ple_tail"
-# off); each other line changes one thing. A kernel switched off falls back to the model's MLX op
-# sequence (what stock runs).
-# "+mv" / "+qmv" include their fused forms (a joined gate/up and its GeGLU, a PLE gate, each with
-# the residual norm ahead of it: one launch each); "-residual" keeps the norms apart, "plain" keeps
-# every fused form off, to tell the matvec from the fusions.
-CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", {D: "qmv,ple_tail"}), ("ours +qmv", {D: "mv,ple_tail"}),
-           ("ours +mv -residual", {D: "qmv,ple_tail,mv_residual"}),
-           ("ours +qmv -residual", {D: "mv,ple_tail,qmv_residual"}),
-           ("ours +mv plain", {D: "qmv,ple_tail,mv_geglu,mv_gate,mv_residual"}),
-           ("ours +qmv plain", {D: "mv,ple_tail,qmv_geglu,qmv_gate,qmv_residual"}),
-           ("ours +ple_tail", {D: "mv,qmv"}),
-           ("ours -attn", {D: "mv,qmv,ple_tail,attention_prefix,attention"}),
-           ("ours -rope", {D: "mv,qmv,ple_tail,q_norm_rope,kv_norm_rope"}),
-           ("ours -ple", {D: "mv,qmv,ple_tail,ple_combine,ple_gate"}),
-           ("ours -resnorm", {D: "mv,qmv,ple_tail,residual_norm"}),
+DEFAULT_OFF = tuple(dispatch.DEFAULT_DISABLED["cuda"].split(","))
+
+
+def off(*more, on=()):
+    """``GEMMA4_MLX_KERNELS_DISABLE`` for the default set with ``on`` switched on, ``more`` off."""
+    return {D: ",".join([n for n in DEFAULT_OFF if n not in on] + list(more))}
+
+
+# "ours" is the default (the matvec kernels "mv", "qmv", the one-launch PLE close "ple_tail" and
+# the attention applying the q norm itself, "attention_prefix_q", off); each other line changes one
+# thing. A kernel switched off falls back to the model's MLX op sequence (what stock runs).
+# "+mv" / "+qmv" include their fused forms (a joined gate/up and its GeGLU, a PLE gate, a layer's
+# first projection, each with the residual norm ahead of it: one launch each); "-residual" keeps
+# the norms apart, "plain" keeps every fused form off, to tell the matvec from the fusions.
+CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=["mv"])), ("ours +qmv", off(on=["qmv"])),
+           ("ours +mv -residual", off("mv_residual", on=["mv"])),
+           ("ours +qmv -residual", off("qmv_residual", on=["qmv"])),
+           ("ours +mv plain", off("mv_geglu", "mv_gate", "mv_residual", on=["mv"])),
+           ("ours +qmv plain", off("qmv_geglu", "qmv_gate", "qmv_residual", on=["qmv"])),
+           ("ours +ple_tail", off(on=["ple_tail"])),
+           ("ours +attn_q", off(on=["attention_prefix_q"])),
+           ("ours -attn", off("attention_prefix", "attention")),
+           ("ours -rope", off("q_norm_rope", "kv_norm_rope")),
+           ("ours -ple", off("ple_combine", "ple_gate")),
+           ("ours -resnorm", off("residual_norm")),
            ("ours -fuse", {"GEMMA4_MLX_FUSE": "0"}),
            ("ours -transposes", {"GEMMA4_MLX_TRANSPOSES": "0"}),  # weight.T traced per projection
            ("ours mlx kernels", {"GEMMA4_MLX_NVRTC": "0"}),  # built by mx.fast.cuda_kernel instead

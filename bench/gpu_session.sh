@@ -68,8 +68,8 @@ case "${1:-}" in
     compare e2b-bf16-32k 250 --preset e2b -L 32768 --runs 2 -n 32 ;;
   steps)    # decode-step ablation (Q=4: 4-bit): every kernel switched off one at a time, and the
             # opt-in ones (matvec: mv / qmv, never measured since launches are seeded; ple_tail) on
-    export CONFIGS="stock,ours,ours -transposes,ours +mv,ours +mv -residual,ours +mv plain,ours +qmv,ours +qmv -residual,ours +qmv plain,ours +ple_tail,ours -attn,ours -rope,ours -ple,ours -resnorm,ours -fuse,ours mlx kernels,ours kernels off,ours no compile"
-    ROUNDS=4 STEPS=15 timeout 280 python3 bench/ablate.py e2b "${Q:-0}" 2>&1 | tail -22 | tee "$OUT/ablate-e2b-q${Q:-0}.txt" ;;
+    export CONFIGS="stock,ours,ours -transposes,ours +mv,ours +mv -residual,ours +mv plain,ours +qmv,ours +qmv -residual,ours +qmv plain,ours +attn_q,ours +ple_tail,ours -attn,ours -rope,ours -ple,ours -resnorm,ours -fuse,ours mlx kernels,ours kernels off,ours no compile"
+    ROUNDS=4 STEPS=15 timeout 280 python3 bench/ablate.py e2b "${Q:-0}" 2>&1 | tail -23 | tee "$OUT/ablate-e2b-q${Q:-0}.txt" ;;
   seed)     # GEMMA4_MLX_NVRTC=seed: MLX's cuda_kernel over its cache seeded by our builds (one
             # fast build, MLX's cheap per-launch hash); then the per-launch cost against cubin size
     timeout 200 python3 bench/seed_check.py 2>&1 | tail -20 | tee "$OUT/seed_check.txt"

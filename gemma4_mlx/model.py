@@ -135,8 +135,8 @@ class Attention(nn.Module):
             kv_cache = cache
         else:
             keys, values, offset, kv_cache = shared
-        queries = ops.q_norm_rope(q, self.q_norm.weight, self._inv_freq, self._freqs, offset, self.eps)
-        out = ops.attention(queries, keys, values, mask=mask, cache=kv_cache, window=self.window)
+        out = ops.attention_q(q, self.q_norm.weight, self._inv_freq, self._freqs, offset, self.eps, keys, values,
+                              mask, kv_cache, self.window)
         # (B, heads, L, d) -> (B, L, heads * d); for one position the heads are already in that
         # order: one Reshape, not a Transpose and a Reshape (every decode step, every layer)
         out = out.reshape(B, L, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)

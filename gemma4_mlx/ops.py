@@ -95,6 +95,23 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: 
     return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=1.0, mask=mask)
 
 
+def attention_q(q: mx.array, weight: mx.array, inv_freq: mx.array, freqs: mx.array, offset: Offset, eps: float,
+                keys: mx.array, values: mx.array, mask, cache: Any, window: int) -> mx.array:
+    """``attention(q_norm_rope(q, ...), keys, values, ...)`` for the raw q projection (B, L, H, D).
+    Where the decode step takes the prefix kernel, one kernel pair that applies the q norm and
+    RoPE itself (``attention_prefix_q``: a launch fewer per layer); elsewhere those two ops."""
+
+    def unfused(*_):
+        return attention(q_norm_rope(q, weight, inv_freq, freqs, offset, eps), keys, values, mask, cache, window)
+
+    k = _gpu_kernels()
+    valid = getattr(cache, "valid", None)
+    if k is not None and valid is not None and getattr(cache, "ring_window", None) is None:
+        return k.attention_prefix_q(q, weight, inv_freq, offset, eps, keys, values, valid, scale=1.0,
+                                    fallback=unfused)
+    return unfused()
+
+
 def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_weight: mx.array, *,
                 num_layers: int, ple_dim: int, projection_scale: float, table_scale: float,
                 eps: float) -> mx.array:

@@ -32,6 +32,8 @@ def _cases():
             yield K.kv_norm_rope_kernel, rope._probe_inputs((dt, D, H), True)
         for D, G, Lq, windowed in ((256, 8, 1, True), (512, 8, 1, False), (256, 2, 16, False), (512, 16, 1, False)):
             yield K.attention_kernel, att._probe_inputs((dt, D, G, Lq, windowed))
+        for D, G in ((256, 8), (512, 8)):
+            yield att._attention_prefix_q_kernel, att._probe_prefix_q((dt, D, G, 1, False))
         yield ple.ple_combine_kernel, ple._probe_combine((dt, dt, 256, 35))
         yield ple.ple_gate_kernel, ple._probe_gate((dt, dt))
         for scaled, nxt in ((True, True), (False, False)):

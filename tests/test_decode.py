@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from gemma4_mlx import Model, parse_config
+from gemma4_mlx import Model, parse_config, step_context
 from gemma4_mlx.presets import preset_config
 
 
@@ -389,6 +390,53 @@ def test_decode_with_the_matvec_forms_equals_decode_without(form, monkeypatch):
         assert calls[f"{family}_geglu"] == calls[f"{family}_gate"] == 0
     else:  # every joined gate/up took *_geglu, every PLE gate *_gate
         assert calls[f"{family}_geglu"] >= n_layers and calls[f"{family}_gate"] >= n_ple
+    assert all(ok for k, (ok, _) in dispatch.verdicts().items() if k[0] in calls)
+    _assert_kernel_logits_close(on, off, truth, dtype, gpu)
+    dispatch.reset()
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_decode_with_attention_applying_the_q_norm_equals_decode_without(dtype, monkeypatch):
+    """``attention_prefix_q`` (the prefix attention applying q_norm_rope itself, one launch fewer
+    per layer) against the two kernels it replaces: every layer on the prefix path takes it in the
+    traced step, with the same logits. On the CPU the backend is forced and the three kernels are
+    their references (the wiring)."""
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx.kernels import dispatch
+
+    gpu = dispatch.active_backend() is not None
+    others = "mv,qmv,ple_tail" if gpu else "mv,qmv,kv_norm_rope,attention,ple_combine,ple_gate,residual_norm,ple_tail"
+    model = _kernel_shaped_model(seed=6)
+    ids = mx.array(np.random.default_rng(7).integers(0, model.args.vocab_size, size=(1, 24)))
+    calls = {"attention_prefix_q": 0, "attention_prefix": 0, "q_norm_rope": 0}
+
+    def spy(name):
+        fn = getattr(K, f"{name}_reference") if not gpu else {
+            "attention_prefix_q": sys.modules["gemma4_mlx.kernels.attention"]._attention_prefix_q_kernel,
+            "attention_prefix": sys.modules["gemma4_mlx.kernels.attention"]._attention_prefix_kernel,
+            "q_norm_rope": K.q_norm_rope_kernel}[name]
+
+        def run(*args):
+            ctx = step_context.active()
+            if ctx is not None and ctx.tracing:  # the traced step itself (not a self-check's probe)
+                calls[name] += 1
+            return fn(*args)
+        return run
+
+    def run(mode, disable):
+        return _logits_with_kernels(model, ids, 16, monkeypatch, mode, disable, {n: spy(n) for n in calls}, gpu)
+
+    truth = run("off", "")
+    model.set_dtype(dtype)
+    off = run("auto", others + ",attention_prefix_q")
+    prefix_layers = calls["attention_prefix"]
+    assert calls["attention_prefix_q"] == 0 and prefix_layers > 0 and calls["q_norm_rope"] == len(model.layers)
+    for n in calls:
+        calls[n] = 0
+    on = run("auto", others)
+    # each layer on the prefix path now takes the one kernel pair; the others keep q_norm_rope
+    assert calls == {"attention_prefix_q": prefix_layers, "attention_prefix": 0,
+                     "q_norm_rope": len(model.layers) - prefix_layers}, calls
     assert all(ok for k, (ok, _) in dispatch.verdicts().items() if k[0] in calls)
     _assert_kernel_logits_close(on, off, truth, dtype, gpu)
     dispatch.reset()

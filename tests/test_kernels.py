@@ -583,6 +583,24 @@ def test_residual_matvec_kernel(HD, dtype):
                     assert_close(got[1], want[1], dtype, f"qmv_residual y {epi} {bits} {HD} {N}")
 
 
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", [(1, 8, 1, 256, 841), (2, 8, 1, 512, 300), (1, 16, 2, 128, 4096), (1, 8, 1, 256, 5)])
+def test_attention_prefix_q_kernel(case, dtype):
+    """The decode step's attention applying q_norm_rope itself (QNR) against q_norm_rope's and
+    the prefix attention's references, with per-sequence offsets."""
+    B, H, Hkv, D, N = case
+    q = rnd((B, 1, H, D), dtype, 3.0, seed=1)
+    w = (1 + rnd((D,), mx.float32, 0.5, seed=2)).astype(dtype)
+    inv = inv_freq_for(D, proportional=D == 512)
+    kbuf, vbuf = rnd((B, Hkv, N + 16, D), dtype, 0.2, seed=3), rnd((B, Hkv, N + 16, D), dtype, seed=4)
+    kv_len = mx.array([N], dtype=mx.int32)
+    offset = mx.array([N - 1 + 1000 * b for b in range(B)], dtype=mx.int32)
+    got = ATT._attention_prefix_q_kernel(q, w, inv, offset, 1e-6, kbuf, vbuf, kv_len)
+    want = K.attention_prefix_q_reference(q, w, inv, offset, 1e-6, kbuf, vbuf, kv_len)
+    assert_close(got, want, dtype, "attention_prefix_q")
+
+
 @pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
 def test_decode_projections_reach_the_matvec_kernels_only_for_exact_types(monkeypatch):
     """Inside the decode step a plain Linear / QuantizedLinear / tied head may take the matvec
@@ -906,11 +924,12 @@ def test_sources_are_importable_resources():
 def test_disable_list(monkeypatch):
     monkeypatch.delenv("GEMMA4_MLX_KERNELS_DISABLE", raising=False)
     # mv, qmv: measured slower than MLX's matmuls (not measured against MLX's Metal ones);
-    # ple_tail: not measured on a GPU yet
+    # ple_tail: slower on the H200; attention_prefix_q: not run on a GPU yet
+    default = {"mv", "qmv", "ple_tail", "attention_prefix_q"}
     with dispatch.force_backend("cuda"):
-        assert dispatch.disabled_kernels() == {"mv", "qmv", "ple_tail"}
+        assert dispatch.disabled_kernels() == default
     with dispatch.force_backend("metal"):
-        assert dispatch.disabled_kernels() == {"mv", "qmv", "ple_tail"}
+        assert dispatch.disabled_kernels() == default
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "")
     assert dispatch.disabled_kernels() == frozenset()
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "qmv, q_norm_rope")

@@ -65,6 +65,13 @@ def _launches():
                 kv = mx.zeros((1, 1, 40, D), dt)
                 out.append((f"attention {dt} D={D} G={G} Lq={Lq}",
                             lambda q, k, v: ATT.attention_kernel(q, k, v, 1.0, 0), (q, kv, kv)))
+            for G in (8, 16):  # the decode step's attention that applies the q norm and RoPE itself
+                q = mx.zeros((1, 1, G, D), dt)
+                kv = mx.zeros((1, 1, 40, D), dt)
+                out.append((f"attention_prefix_q {dt} D={D} G={G}",
+                            lambda q, w, inv, k, v: ATT._attention_prefix_q_kernel(
+                                q, w, inv, mx.array([3], dtype=mx.int32), 1e-6, k, v, mx.array([4], dtype=mx.int32)),
+                            (q, mx.ones((D,), dt), inv, kv, kv)))
         for P, NL in ((256, 35), (256, 42), (256, 30)):
             ids = mx.zeros((1, 2), mx.int32)
             out.append((f"ple_combine {dt} P={P} NL={NL}",

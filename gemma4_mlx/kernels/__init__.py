@@ -22,6 +22,8 @@ from .attention import (
     attention_kernel,
     attention_mask,
     attention_prefix,
+    attention_prefix_q,
+    attention_prefix_q_reference,
     attention_prefix_reference,
     attention_reference,
 )
@@ -96,7 +98,8 @@ __all__ = [
     "quantized_matvec_geglu_kernel", "quantized_matvec_geglu_reference", "quantized_matvec_gate",
     "quantized_matvec_gate_kernel", "quantized_matvec_gate_reference", "quantized_residual_matvec",
     "quantized_residual_matvec_kernel", "quantized_residual_matvec_reference",
-    "q_norm_rope", "kv_norm_rope", "attention", "attention_prefix", "attention_prefix_reference", "ple_combine", "ple_gate",
+    "q_norm_rope", "kv_norm_rope", "attention", "attention_prefix", "attention_prefix_reference", "attention_prefix_q",
+    "attention_prefix_q_reference", "ple_combine", "ple_gate",
     "q_norm_rope_reference", "kv_norm_rope_reference", "attention_reference", "ple_combine_reference",
     "ple_gate_reference", "rms_norm_reference", "rope_reference", "gelu_tanh_reference",
     "q_norm_rope_kernel", "kv_norm_rope_kernel", "attention_kernel", "ple_combine_kernel", "ple_gate_kernel",

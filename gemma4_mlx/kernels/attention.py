@@ -23,6 +23,7 @@ import mlx.core as mx
 
 from . import dispatch
 from .dispatch import TG
+from .rope import _offset_array, q_norm_rope_reference
 
 MAX_LQ = 16
 MAX_D = 512
@@ -71,12 +72,16 @@ def launch_plan(B: int, H: int, Hkv: int, Lq: int, N: int, D: int, window: int) 
 
 
 def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float, window: int,
-                     kv_len: mx.array | None = None) -> mx.array:
+                     kv_len: mx.array | None = None, q_norm_rope: tuple | None = None) -> mx.array:
     """Kernel version of :func:`attention_reference` (same signature).
 
     ``kv_len`` (int32, shape (1,)), when given, is how many leading keys of the buffer are in
     use; the launch geometry then depends only on the buffer size, so a traced decode step
-    can be replayed while the cache fills up. It requires ``window == 0``."""
+    can be replayed while the cache fills up. It requires ``window == 0``.
+
+    ``q_norm_rope`` = (weight, inv_freq, offset, eps): q is the raw projection, head-major
+    (B, H, Lq, D; any strides), and pass 1 applies :func:`~.rope.q_norm_rope_reference`'s
+    norm and rotation itself (no launch of its own)."""
     B, H, Lq, D = q.shape
     Hkv, N = keys.shape[1], keys.shape[2]
     if kv_len is None:
@@ -87,17 +92,25 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
     rows = B * Hkv * plan["QR"]
     ns = plan["nsplit"]
     k1 = dispatch.get_kernel(
-        "attention_partial", ["q", "keys", "values", "scale", "params", "kv_len"], ["po", "pm", "pl"],
+        "attention_partial",
+        ["q", "keys", "values", "scale", "params", "kv_len", "qw", "inv_freq", "qoff", "qeps"], ["po", "pm", "pl"],
         ensure_row_contiguous=False,
     )
+    scale_arr = mx.array([scale], dtype=mx.float32)
+    if q_norm_rope is None:  # the q-norm inputs are not read: small arrays of their dtypes stand in
+        qnr = [q, scale_arr, kv_len.reshape(1).astype(mx.int32), scale_arr]
+    else:
+        weight, inv_freq, offset, eps = q_norm_rope
+        qnr = [weight, inv_freq.astype(mx.float32), _offset_array(offset), mx.array([eps], dtype=mx.float32)]
     po, pm, pl = k1(
         inputs=[
             q, keys, values,
-            mx.array([scale], dtype=mx.float32),
+            scale_arr,
             mx.array([int(window), plan["kstart"], plan["chunk"], ns], dtype=mx.int32),
             kv_len.reshape(1).astype(mx.int32),
+            *qnr,
         ],
-        template=[("T", q.dtype), ("D", D), ("RT", plan["RT"])],
+        template=[("T", q.dtype), ("D", D), ("RT", plan["RT"]), ("QNR", int(q_norm_rope is not None))],
         grid=(ns * TG, plan["ntiles"], B * Hkv),
         threadgroup=(TG, 1, 1),
         output_shapes=[(rows, ns, D), (rows, ns), (rows, ns)],
@@ -170,6 +183,41 @@ def _attention_prefix_kernel(q, keys, values, kv_len, scale=1.0):
 def _probe_prefix(key):
     q, keys, values, scale, _ = _probe_inputs(key)
     return (q, keys, values, mx.array([keys.shape[2] - 37], dtype=mx.int32), scale)
+
+
+def attention_prefix_q_reference(q, weight, inv_freq, offset, eps: float, keys, values, kv_len, scale: float = 1.0):
+    """:func:`attention_prefix_reference` of ``q_norm_rope_reference(q, ...)``; q is the raw
+    projection (B, Lq, H, D)."""
+    return attention_prefix_reference(q_norm_rope_reference(q, weight, inv_freq, offset, eps), keys, values, kv_len,
+                                      scale)
+
+
+def _attention_prefix_q_kernel(q, weight, inv_freq, offset, eps: float, keys, values, kv_len, scale: float = 1.0):
+    return attention_kernel(q.transpose(0, 2, 1, 3), keys, values, scale, 0, kv_len, (weight, inv_freq, offset, eps))
+
+
+def _probe_prefix_q(key):
+    q, keys, values, kv_len, scale = _probe_prefix(key)
+    D = q.shape[-1]
+    w = (1 + dispatch.probe_normal((D,), 14, mx.float32, 0.5)).astype(q.dtype)
+    inv_freq = 1.0 / (10000.0 ** (mx.arange(0, D, 2, dtype=mx.float32) / D))
+    return (q.transpose(0, 2, 1, 3) * 3.0, w, inv_freq, mx.array([kv_len.item() - q.shape[2]], dtype=mx.int32), 1e-6,
+            keys, values, kv_len, scale)
+
+
+def attention_prefix_q(q: mx.array, weight: mx.array, inv_freq: mx.array, offset, eps: float, keys: mx.array,
+                       values: mx.array, kv_len: mx.array, scale: float = 1.0, *, fallback=None) -> mx.array:
+    """:func:`attention_prefix_q_reference` as one kernel pass pair on GPU (name
+    ``attention_prefix_q``: on unless ``attention_prefix`` or ``q_norm_rope`` is off): the q
+    norm and RoPE of the decode step need no launch of their own."""
+    B, Lq, H, D = q.shape
+    key = _class_key(q.transpose(0, 2, 1, 3), keys, values, 0)
+    if key is not None and (D % 64 or weight.size != D or inv_freq.size != D // 2):
+        key = None
+    return dispatch.run(
+        "attention_prefix_q", key, attention_prefix_q_reference, _attention_prefix_q_kernel, _probe_prefix_q,
+        q, weight, inv_freq, offset, eps, keys, values, kv_len, scale, fallback=fallback,
+    )
 
 
 def attention_prefix(q: mx.array, keys: mx.array, values: mx.array, kv_len: mx.array,

@@ -120,14 +120,17 @@ def active_backend() -> str | None:
 # as the starting point of faster ones; on Metal neither has been measured against MLX's own.
 # "ple_tail" (the PLE close of a layer in one launch instead of four) is correct on the H200 but
 # slower (E2B step 17.2 ms against 11.7: one block per row streams the weights); off, and
-# ``GEMMA4_MLX_KERNELS_DISABLE=mv,qmv`` switches it on.
-DEFAULT_DISABLED = {"cuda": "mv,qmv,ple_tail", "metal": "mv,qmv,ple_tail"}
+# ``GEMMA4_MLX_KERNELS_DISABLE=mv,qmv`` switches it on. "attention_prefix_q" (the decode step's
+# attention applying the q norm and RoPE itself) has not run on a GPU yet: off until measured.
+DEFAULT_DISABLED = {"cuda": "mv,qmv,ple_tail,attention_prefix_q", "metal": "mv,qmv,ple_tail,attention_prefix_q"}
 
 
-# The matvec forms follow their matvec's switch (``mv`` off: every float form off), those with
-# the residual prologue also residual_norm's, and each can be switched on its own name.
+# The fused forms follow the switches of what they fuse (``mv`` off: every float matvec form
+# off; the residual prologue also residual_norm's; attention with the q norm both of theirs),
+# and each can be switched on its own name.
 SWITCHES_OF = {"mv_geglu": ("mv",), "mv_gate": ("mv",), "mv_residual": ("mv", "residual_norm"),
-               "qmv_geglu": ("qmv",), "qmv_gate": ("qmv",), "qmv_residual": ("qmv", "residual_norm")}
+               "qmv_geglu": ("qmv",), "qmv_gate": ("qmv",), "qmv_residual": ("qmv", "residual_norm"),
+               "attention_prefix_q": ("attention_prefix", "q_norm_rope")}
 
 
 def is_disabled(name: str) -> bool:
