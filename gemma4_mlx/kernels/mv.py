@@ -25,7 +25,9 @@ from .ple import ple_gate_reference
 from .residual import residual_norm_reference
 
 MAX_ROWS_OF_X = 8
-MAX_PROLOGUE = 8192  # the prologue's row lives in shared memory: HD floats
+# The prologue's row lives in threadgroup memory (HD floats and 16 for the reductions): within
+# Metal's 32 KB per threadgroup (CUDA's static limit is 48 KB). Gemma 4's widest is 5,376.
+MAX_PROLOGUE = (32768 - 64) // 4
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 PLAIN, GEGLU, GATE = 0, 1, 2  # the kernel's EPI
 
