@@ -11,8 +11,9 @@
 # logits on one GPU with our kernels off), then BITS= nccl (the sharding tests over NCCL, now with
 # the CPU as the reference and generate as a fresh process); then on one H200: check (GPU tests of
 # session 6's gated matvec forms), steps and Q=4 steps (the matvecs now take x without reshapes
-# and have fused forms: lines +mv, +mv -residual, +mv plain and the qmv ones; if +mv / +qmv win,
-# make them the default and run e2e again), ablate31, cold, presets.
+# and have fused forms: lines +mv, +mv -residual, +mv plain and the qmv ones; +attn_q, the
+# attention applying the q norm itself; make the winners the default and run e2e again),
+# ablate31, cold, presets.
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
