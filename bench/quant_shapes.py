@@ -4,9 +4,11 @@ sharded: ``python bench/quant_shapes.py`` prints one line per case that disagree
 Why (session 6, two H200s, MLX 0.32.4): a 4-bit MoE checkpoint with 96-wide MLPs (3 groups of 32)
 gave wrong logits on one GPU with every gemma4-mlx kernel off, and different wrong values from run
 to run; the CPU and the float32 checkpoint were right. MLX's CUDA dispatch picks its kernel by K
-(multiples of 64: the tiled GEMMs; otherwise its matrix-vector kernel for every row count), and a
-sharded 26B-A4B has K = 352 (704 / 2) and 1,056 (2,112 / 2). This sweep finds which shapes are
-wrong, for quantized_matmul (dense layers) and gather_qmm (the experts).
+(multiples of 64: the tiled GEMMs; otherwise its matrix-vector kernel for every row count). A
+26B-A4B quantized with groups of 32 and sharded over 2 has K = 352 (704 / 2) and 1,056 (2,112 / 2)
+(sharding._bounds splits by whole groups: with groups of 64 it is 384 / 320 and 1,088 / 1,024).
+This sweep finds which shapes are wrong, for quantized_matmul (dense layers) and gather_qmm (the
+experts).
 """
 import itertools
 import sys
@@ -39,7 +41,7 @@ def case(op, m, n, k, bits, group, dtype, experts=4):
 
 
 def main():
-    ks = [int(a) for a in sys.argv[1:]] or [96, 128, 352, 704, 1536, 2816]
+    ks = [int(a) for a in sys.argv[1:]] or [96, 128, 352, 704, 1056, 1536, 2816]
     bad = total = 0
     # N too: MLX's sm90 GEMM takes any N whose rows align for TMA, tile multiple or not (a sharded
     # or 26B-A4B-like width: 2,112 = 16.5 tiles of 128)

@@ -76,6 +76,14 @@ def make_mask(h: mx.array, cache: Any, window: Optional[int]):
     return create_attention_mask(h, cache, window_size=window)
 
 
+def _prefix_fill(cache: Any) -> Optional[mx.array]:
+    """The fill level of a compiled decode step's slot cache whose attention reads the filled
+    prefix of its buffer, else None. The prefix kernels read every filled slot: not for a ring
+    with slots outside the window."""
+    valid = getattr(cache, "valid", None)
+    return valid if valid is not None and getattr(cache, "ring_window", None) is None else None
+
+
 def attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: Any, window: int) -> mx.array:
     """Attention of head-major queries over keys in time order (queries are the last positions).
 
@@ -84,9 +92,8 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: 
     buffer of which ``cache.valid`` slots are filled), or a batch/quantized cache (generic path).
     """
     k = _gpu_kernels()
-    valid = getattr(cache, "valid", None)
-    # The prefix kernel reads every filled slot: not for a ring with slots outside the window.
-    if k is not None and valid is not None and getattr(cache, "ring_window", None) is None:
+    valid = _prefix_fill(cache)
+    if k is not None and valid is not None:
         # The compiled decode step: the kernel reads the filled prefix of the fixed buffer (its
         # fallback, the reference, is MLX's SDPA with the prefix mask).
         return k.attention_prefix(queries, keys, values, valid, scale=1.0)  # valid: (1,)
@@ -105,8 +112,8 @@ def attention_q(q: mx.array, weight: mx.array, inv_freq: mx.array, freqs: mx.arr
         return attention(q_norm_rope(q, weight, inv_freq, freqs, offset, eps), keys, values, mask, cache, window)
 
     k = _gpu_kernels()
-    valid = getattr(cache, "valid", None)
-    if k is not None and valid is not None and getattr(cache, "ring_window", None) is None:
+    valid = _prefix_fill(cache)
+    if k is not None and valid is not None:
         return k.attention_prefix_q(q, weight, inv_freq, offset, eps, keys, values, valid, scale=1.0,
                                     fallback=unfused)
     return unfused()
@@ -175,6 +182,12 @@ def plain_linear(module: nn.Module, dtype=None) -> bool:
             and (dtype is None or module["weight"].dtype == dtype))
 
 
+def affine_quantized(module: nn.Module, cls=nn.QuantizedLinear) -> bool:
+    """An exact ``cls`` (``nn.QuantizedLinear`` or ``nn.QuantizedEmbedding``) in MLX's affine mode
+    (scales and biases), without bias: what the quantized matvec kernels take."""
+    return type(module) is cls and module.mode == "affine" and "biases" in module and "bias" not in module
+
+
 def ple_tail(gate: nn.Module, projection: nn.Module, h: mx.array, per_layer_input: mx.array,
              norm_weight: mx.array, scalar: Optional[mx.array], eps: float,
              next_weight: Optional[mx.array] = None, trace: Optional[dict] = None, *,
@@ -205,9 +218,10 @@ def ple_tail(gate: nn.Module, projection: nn.Module, h: mx.array, per_layer_inpu
     # (how many rows the kernel takes is its own class key's business: more fall back to chain)
     tail = k is not None and trace is None and plain_linear(gate, h.dtype) and plain_linear(projection, h.dtype)
     if branch is not None:
-        if not (tail and not k.is_disabled("ple_tail")):
+        if tail and not k.is_disabled("ple_tail"):
+            h = residual_norm(h, branch, branch_norm, None, eps)  # the ple_tail kernel starts from the closed h
+        else:
             return close(*residual_gate(h, branch, branch_norm, eps, gate, per_layer_input))
-        h = residual_norm(h, branch, branch_norm, None, eps)
     if tail:
         return k.ple_tail(h, per_layer_input, gate["weight"], projection["weight"], norm_weight, scalar, eps,
                           next_weight, fallback=chain)
@@ -278,13 +292,13 @@ def _residual_product(module: nn.Module, x, branch, norm_weight, next_weight, ep
     :func:`close_and_project` for a plain float or affine-quantized ``module`` inside the decode
     step; ``unfused()`` elsewhere (and as the kernels' fallback)."""
     k = _gpu_kernels()
-    if k is None or "bias" in module:
+    if k is None:
         return unfused()
     epi = getattr(k, form)
     if plain_linear(module, x.dtype):
         return k.residual_matvec(x, branch, norm_weight, scalar, next_weight, eps, module["weight"], z, epi,
                                  fallback=unfused)
-    if type(module) is nn.QuantizedLinear and module.mode == "affine" and "biases" in module:
+    if affine_quantized(module):
         return k.quantized_residual_matvec(x, branch, norm_weight, scalar, next_weight, eps, module["weight"],
                                            module["scales"], module["biases"], module.group_size, module.bits, z,
                                            epi, fallback=unfused)
@@ -297,10 +311,10 @@ def linear(module: nn.Module, x: mx.array) -> mx.array:
     by default, see kernels/dispatch.py), and a float one otherwise multiplies by the step's
     weight transposes (:func:`_product`)."""
     k = _gpu_kernels()
-    if k is not None and _rows(x) <= 8 and "bias" not in module:
-        if type(module) is nn.Linear:
+    if k is not None and _rows(x) <= 8:
+        if plain_linear(module):
             return k.matvec(x, module["weight"], fallback=lambda x, _w: _product(module, x, module))
-        if type(module) is nn.QuantizedLinear and module.mode == "affine" and "biases" in module:
+        if affine_quantized(module):
             return k.quantized_matvec(x, module["weight"], module["scales"], module["biases"], module.group_size,
                                       module.bits, fallback=lambda x, *_: module(x))
     return _product(module, x, module)
@@ -321,11 +335,11 @@ def linear_gate(module: nn.Module, x: mx.array, z: mx.array) -> mx.array:
 
 def _gated(module: nn.Module, x: mx.array, z: Optional[mx.array], form: str, unfused) -> mx.array:
     k = _gpu_kernels()
-    if k is not None and _rows(x) <= 8 and "bias" not in module:
+    if k is not None and _rows(x) <= 8:
         extra = () if z is None else (z,)
-        if type(module) is nn.Linear:
+        if plain_linear(module):
             return getattr(k, f"matvec_{form}")(x, module["weight"], *extra, fallback=lambda x, *_: unfused(x))
-        if type(module) is nn.QuantizedLinear and module.mode == "affine" and "biases" in module:
+        if affine_quantized(module):
             return getattr(k, f"quantized_matvec_{form}")(
                 x, module["weight"], module["scales"], module["biases"], module.group_size, module.bits, *extra,
                 fallback=lambda x, *_: unfused(x))
@@ -345,7 +359,7 @@ def tied_head(embedding: nn.Module, x: mx.array) -> mx.array:
     if k is not None and _rows(x) <= 8:
         if type(embedding) is nn.Embedding:
             return k.matvec(x, embedding["weight"], fallback=lambda x, _w: _product(embedding, x, embedding.as_linear))
-        if type(embedding) is nn.QuantizedEmbedding and embedding.mode == "affine" and "biases" in embedding:
+        if affine_quantized(embedding, nn.QuantizedEmbedding):
             return k.quantized_matvec(x, embedding["weight"], embedding["scales"], embedding["biases"],
                                       embedding.group_size, embedding.bits,
                                       fallback=lambda x, *_: embedding.as_linear(x))

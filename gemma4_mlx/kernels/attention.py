@@ -23,7 +23,7 @@ import mlx.core as mx
 
 from . import dispatch
 from .dispatch import TG
-from .rope import _offset_array, q_norm_rope_reference
+from .rope import offset_array, q_norm_rope_reference
 
 MAX_LQ = 16
 MAX_D = 512
@@ -101,7 +101,7 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
         qnr = [q, scale_arr, kv_len.reshape(1).astype(mx.int32), scale_arr]
     else:
         weight, inv_freq, offset, eps = q_norm_rope
-        qnr = [weight, inv_freq.astype(mx.float32), _offset_array(offset), mx.array([eps], dtype=mx.float32)]
+        qnr = [weight, inv_freq.astype(mx.float32), offset_array(offset), mx.array([eps], dtype=mx.float32)]
     po, pm, pl = k1(
         inputs=[
             q, keys, values,
@@ -207,9 +207,10 @@ def _probe_prefix_q(key):
 
 def attention_prefix_q(q: mx.array, weight: mx.array, inv_freq: mx.array, offset, eps: float, keys: mx.array,
                        values: mx.array, kv_len: mx.array, scale: float = 1.0, *, fallback=None) -> mx.array:
-    """:func:`attention_prefix_q_reference` as one kernel pass pair on GPU (name
-    ``attention_prefix_q``: on unless ``attention_prefix`` or ``q_norm_rope`` is off): the q
-    norm and RoPE of the decode step need no launch of their own."""
+    """:func:`attention_prefix_q_reference` as one kernel pass pair on GPU: the q norm and RoPE
+    of the decode step need no launch of their own. Name ``attention_prefix_q``: off by default
+    (``dispatch.DEFAULT_DISABLED``, not yet run on a GPU), and off whenever ``attention_prefix``
+    or ``q_norm_rope`` is."""
     B, Lq, H, D = q.shape
     key = _class_key(q.transpose(0, 2, 1, 3), keys, values, 0)
     if key is not None and (D % 64 or weight.size != D or inv_freq.size != D // 2):

@@ -46,6 +46,7 @@ def matvec_gate_reference(x: mx.array, w: mx.array, z: mx.array) -> mx.array:
 
 
 def _rows_per_warp(N: int) -> int:
+    # Enough warps to fill the GPU for small N; more rows in flight per warp for big N.
     return 4 if N >= 16384 else 1
 
 
@@ -165,11 +166,16 @@ def matvec_gate(x: mx.array, w: mx.array, z: mx.array, *, fallback=None) -> mx.a
 
 # ------------------------------------------- with residual_norm ahead of the product (one row)
 
-def residual_matvec_reference(x, branch, norm_weight, scalar, next_weight, eps: float, w, z=None, epi: int = PLAIN):
-    """``h, xin = residual_norm(x, branch, norm_weight, scalar, eps, next_weight)`` (``xin = h``
-    without ``next_weight``), then the form ``epi`` of the product over ``xin``: ``(h, y)``."""
+def residual_and_input(x, branch, norm_weight, scalar, next_weight, eps: float):
+    """The prologue's reference: ``(h, xin)`` with ``h, xin = residual_norm(x, branch, norm_weight,
+    scalar, eps, next_weight)``, or ``xin = h`` without ``next_weight``."""
     out = residual_norm_reference(x, branch, norm_weight, scalar, eps, next_weight)
-    h, xin = out if next_weight is not None else (out, out)
+    return out if next_weight is not None else (out, out)
+
+
+def residual_matvec_reference(x, branch, norm_weight, scalar, next_weight, eps: float, w, z=None, epi: int = PLAIN):
+    """:func:`residual_and_input`, then the form ``epi`` of the product over ``xin``: ``(h, y)``."""
+    h, xin = residual_and_input(x, branch, norm_weight, scalar, next_weight, eps)
     if epi == GEGLU:
         return h, matvec_geglu_reference(xin, w)
     return h, (matvec_gate_reference(xin, w, z) if epi == GATE else matvec_reference(xin, w))
@@ -192,17 +198,23 @@ def prologue_key(x, branch, norm_weight, scalar, next_weight):
     return (1 if next_weight is not None else 2, HD, scalar is not None)
 
 
-def _residual_probe(key):
-    dtype = dispatch.dtype_from_key(key[0])
-    epi, pro, HD, scaled = key[3], key[4], key[5], key[6]
-    N = 16384 if key[1] > 1 else 300  # the launch's rows per warp follow N
+def prologue_probe(dtype, pro: int, HD: int, scaled: bool) -> tuple:
+    """A self-check's prologue inputs: (residual, branch, norm weight, scale or None, next norm
+    weight or None, eps)."""
     x = dispatch.probe_normal((1, 1, HD), 34, dtype, 2.0)
     branch = dispatch.probe_normal((1, 1, HD), 35, dtype, 5.0)
     nw = (1 + dispatch.probe_normal((HD,), 36, mx.float32, 0.3)).astype(dtype)
     nn = (1 + dispatch.probe_normal((HD,), 37, mx.float32, 0.3)).astype(dtype) if pro == 1 else None
+    return (x, branch, nw, mx.array([0.7], dtype=dtype) if scaled else None, nn, 1e-6)
+
+
+def _residual_probe(key):
+    dtype = dispatch.dtype_from_key(key[0])
+    epi, pro, HD, scaled = key[3], key[4], key[5], key[6]
+    N = 16384 if key[1] > 1 else 300  # the launch's rows per warp follow N
     w = dispatch.probe_normal((2 * N if epi == GEGLU else N, HD), 38, dtype, 0.05)
     z = dispatch.probe_normal((1, 1, N), 39, dtype) if epi == GATE else None
-    return (x, branch, nw, mx.array([0.7], dtype=dtype) if scaled else None, nn, 1e-6, w, z, epi)
+    return (*prologue_probe(dtype, pro, HD, scaled), w, z, epi)
 
 
 def residual_matvec(x, branch, norm_weight, scalar, next_weight, eps: float, w, z=None, epi: int = PLAIN, *,

@@ -22,12 +22,9 @@ import mlx.core as mx
 
 from . import dispatch
 from .dispatch import TG, ceil_to
-from .mv import GATE, GEGLU, PLAIN, _mm, form_width, prologue_inputs, prologue_key
+from .mv import (_FLOATS, GATE, GEGLU, MAX_ROWS_OF_X, PLAIN, _mm, _rows_per_warp, form_width, prologue_inputs,
+                 prologue_key, prologue_probe, residual_and_input)
 from .ple import ple_gate_reference
-from .residual import residual_norm_reference
-
-MAX_ROWS_OF_X = 8
-_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
 
 def quantized_matvec_reference(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
@@ -41,11 +38,6 @@ def quantized_matvec_geglu_reference(x, w, scales, biases, group_size: int, bits
 
 def quantized_matvec_gate_reference(x, w, scales, biases, group_size: int, bits: int, z) -> mx.array:
     return ple_gate_reference(quantized_matvec_reference(x, w, scales, biases, group_size, bits), z)
-
-
-def _rows_per_warp(N: int) -> int:
-    # Enough warps to fill the GPU for small N; more rows in flight per warp for big N.
-    return 4 if N >= 16384 else 1
 
 
 def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int, prologue: Optional[tuple] = None):
@@ -137,8 +129,7 @@ def quantized_matvec_gate(x, w, scales, biases, group_size: int, bits: int, z, *
 def quantized_residual_matvec_reference(x, branch, norm_weight, scalar, next_weight, eps: float, w, scales, biases,
                                         group_size: int, bits: int, z=None, epi: int = PLAIN):
     """:func:`.mv.residual_matvec_reference` with a quantized W: ``(h, y)``."""
-    out = residual_norm_reference(x, branch, norm_weight, scalar, eps, next_weight)
-    h, xin = out if next_weight is not None else (out, out)
+    h, xin = residual_and_input(x, branch, norm_weight, scalar, next_weight, eps)
     args = (xin, w, scales, biases, group_size, bits)
     if epi == GEGLU:
         return h, quantized_matvec_geglu_reference(*args)
@@ -154,15 +145,10 @@ def _residual_probe(key):
     dtype = dispatch.dtype_from_key(key[0])
     bits, gs, rows, epi, pro, HD, scaled = key[1], key[2], key[3], key[5], key[6], key[7], key[8]
     N = 16384 if rows > 1 else 300  # the launch's rows per warp follow N
-    x = dispatch.probe_normal((1, 1, HD), 24, dtype, 2.0)
-    branch = dispatch.probe_normal((1, 1, HD), 25, dtype, 5.0)
-    nw = (1 + dispatch.probe_normal((HD,), 26, mx.float32, 0.3)).astype(dtype)
-    nn = (1 + dispatch.probe_normal((HD,), 27, mx.float32, 0.3)).astype(dtype) if pro == 1 else None
     w, s, b = mx.quantize(dispatch.probe_normal((2 * N if epi == GEGLU else N, HD), 28, mx.float32, 0.05),
                           group_size=gs, bits=bits)
     z = dispatch.probe_normal((1, 1, N), 29, dtype) if epi == GATE else None
-    return (x, branch, nw, mx.array([0.7], dtype=dtype) if scaled else None, nn, 1e-6, w, s.astype(dtype),
-            b.astype(dtype), gs, bits, z, epi)
+    return (*prologue_probe(dtype, pro, HD, scaled), w, s.astype(dtype), b.astype(dtype), gs, bits, z, epi)
 
 
 def quantized_residual_matvec(x, branch, norm_weight, scalar, next_weight, eps: float, w, scales, biases,

@@ -69,7 +69,7 @@ _INPUTS_Q = ["x", "w", "inv_freq", "offset", "eps"]
 _INPUTS_KV = ["x", "xv", "w", "inv_freq", "offset", "eps"]
 
 
-def _offset_array(offset) -> mx.array:
+def offset_array(offset) -> mx.array:
     if isinstance(offset, mx.array):
         return offset.reshape(-1).astype(mx.int32)
     return mx.array([int(offset)], dtype=mx.int32)
@@ -88,7 +88,7 @@ def _launch(pair: bool, x, xv, weight, inv_freq, offset, eps):
     inputs = [x] + ([xv] if pair else []) + [
         weight,
         inv_freq.astype(mx.float32),
-        _offset_array(offset),
+        offset_array(offset),
         mx.array([eps], dtype=mx.float32),
     ]
     shape = (B, H, L, D)
