@@ -26,8 +26,6 @@ STOCK_CLASS = "mlx_lm.models.gemma4_text.Model"
 OURS_CLASS = "gemma4_mlx.model.Model"
 
 
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("e2e-work")

@@ -125,14 +125,20 @@ def _param_bytes(model) -> int:
 
 
 # -- launching a group -----------------------------------------------------------------------
+def _pythonpath(*first: Path) -> str:
+    """PYTHONPATH for a child process: ``first``, then the caller's own entries (where the GPU
+    machine's MLX wheels are)."""
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join([str(f) for f in first] + rest)
+
+
 def run_group(n: int, job: dict, tmp_path: Path):
     """Run the worker as an n-process group (ring, or NCCL with BACKEND); returns each rank's
     (returncode, output)."""
     _needs_processes(n)
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps({"size": n, "out": str(tmp_path), **job}))
-    paths = [str(HERE), str(HERE.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    env = {**os.environ, "PYTHONPATH": _pythonpath(HERE, HERE.parent)}
     if BACKEND == "nccl":
         env.update(NCCL_HOST_IP="127.0.0.1", NCCL_PORT=str(free_ports(1)[0]), MLX_WORLD_SIZE=str(n))
         per_rank = [{"MLX_RANK": str(r), "CUDA_VISIBLE_DEVICES": str(r)} for r in range(n)]
@@ -252,7 +258,7 @@ def test_generate_under_mlx_launch(ckpts, tmp_path):
     _needs_processes(2)
     args = ["generate", "--model", str(ckpts["tiny-31b"]), "--prompt", "Hello there", "--greedy", "--max-tokens", "6"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONPATH"] = _pythonpath(HERE.parent)
     command = [sys.executable, "-m", "gemma4_mlx.cli"] + args
     single = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
     assert single.returncode == 0, single.stderr
