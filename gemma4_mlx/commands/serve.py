@@ -11,6 +11,7 @@ import typer
 from . import app, user_errors
 from .generate import NUM_DRAFT_OPT, STRICT_MEMORY_OPT
 
+
 def _usage_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(2)
