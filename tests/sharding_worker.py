@@ -31,6 +31,23 @@ def free_ports(n: int) -> List[int]:
             s.close()
 
 
+def free_port_pair() -> int:
+    """A local port p with p + 1 free too, both checked now: ``mlx.launch --backend ring -p p``
+    gives rank i port p + i (a bound or a listening p + 1 was not checked before)."""
+    for _ in range(50):
+        p = free_ports(1)[0]
+        if p >= 65535:
+            continue
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", p))
+                b.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+        return p
+    raise RuntimeError("no two consecutive free local ports")
+
+
 def greedy_run(model, prompt: List[int], steps: int, modes=("0", "1"), forward: bool = True) -> Dict[str, np.ndarray]:
     """Greedy decoding of ``prompt`` for each ``GEMMA4_MLX_COMPILE`` mode (0: eager one-token
     steps, 1: the compiled step): the prompt's logits, the tokens and the logits every step saw;
