@@ -147,8 +147,20 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       MLX_PTX_CACHE_DIR=$(mktemp -d) GEMMA4_MLX_CACHE=$(mktemp -d) timeout 150 python3 bench/first_token.py \
         $run e2b 402 16 2>&1 | tail -1 | tee -a "$OUT/cold.jsonl" | cut -c1-300
     done ;;
-  quant)    # MLX's quantized_matmul / gather_qmm on this GPU against the CPU, over K whole and sharded
-    timeout 300 python3 bench/quant_shapes.py 2>&1 | tail -40 | tee "$OUT/quant_shapes.txt" ;;
+  quant)    # MLX's quantized_matmul / gather_qmm on this GPU against the CPU: every quantized layer
+            # of the 4-bit MoE the NCCL test fails on (hidden 64, MLPs 96, group 32), then the sweep
+            # over K whole and sharded (QUANT_S bounds it, default 240)
+    python3 -c "
+from gemma4_mlx.checkpoint import convert_checkpoint, write_random_checkpoint
+from gemma4_mlx.presets import preset_config
+import mlx.core as mx
+cfg = preset_config('tiny-moe'); cfg.update(intermediate_size=96, moe_intermediate_size=96)
+with mx.stream(mx.cpu):  # the CPU's quantizer: the checkpoint the CPU suite writes
+    src = write_random_checkpoint(cfg, '/root/moe96', dtype='float32', seed=4)
+    convert_checkpoint(src, '/root/moe96-4bit', quantize=True, q_bits=4, q_group_size=32)" > "$OUT/moe96.txt" 2>&1
+    timeout 120 python3 bench/quant_shapes.py --checkpoint /root/moe96-4bit 2>&1 | tail -60 | tee "$OUT/quant_moe96.txt"
+    timeout "${QUANT_S:-240}" python3 bench/quant_shapes.py 2>&1 | tail -60 > "$OUT/quant_shapes.txt"
+    grep -c WRONG "$OUT/quant_shapes.txt"; grep -v "bfloat16" "$OUT/quant_shapes.txt" | head -20; tail -1 "$OUT/quant_shapes.txt" ;;
   nccl)     # issue 16, on nvidia-h200-x2: the sharding tests over NCCL (one GPU per process), then
             # 31B bf16 and 4-bit on 1 GPU against 2 (bench/sharded.py; RUNS default 2)
     export PATH=/root/site/bin:$PATH  # mlx.launch (the wheels are installed with --target)
