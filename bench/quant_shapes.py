@@ -90,6 +90,20 @@ def sweep(ks):
     print(f"{bad} of {total} cases disagree with the CPU on {DEVICE}; mlx {mx.__version__}")
 
 
+def focus():
+    """Small widths around the failing checkpoint's, every row count up to 16: which M, N, K."""
+    bad = total = 0
+    for (k, n), m, bits, group, op in itertools.product(
+            ((64, 96), (96, 64), (64, 64), (96, 96), (64, 128), (128, 96), (128, 128), (64, 160), (64, 2112)),
+            list(range(1, 17)) + [24, 32, 64], (4, 8), (32, 64), ("quantized_matmul", "gather_qmm")):
+        if k % group:
+            continue
+        total += 1
+        bad += _report(f"{op} m={m} n={n} k={k} bits={bits} group={group} float32",
+                       *case(op, m, n, k, bits, group, mx.float32))
+    print(f"{bad} of {total} small cases disagree with the CPU on {DEVICE}; mlx {mx.__version__}")
+
+
 def checkpoint(path):
     """Every quantized layer of the checkpoint on both devices, then the model's logits."""
     import mlx.nn as nn
@@ -134,9 +148,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("k", nargs="*", type=int, help="input widths to sweep (default: Gemma 4's, whole and sharded)")
     ap.add_argument("--checkpoint", help="check every quantized layer of this checkpoint instead")
+    ap.add_argument("--focus", action="store_true", help="small widths, every row count up to 16")
     args = ap.parse_args()
     if args.checkpoint:
         checkpoint(args.checkpoint)
+    elif args.focus:
+        focus()
     else:
         sweep(args.k or [128, 352, 704, 1056, 1536, 2816])
 

@@ -316,7 +316,7 @@ def linear(module: nn.Module, x: mx.array) -> mx.array:
             return k.matvec(x, module["weight"], fallback=lambda x, _w: _product(module, x, module))
         if affine_quantized(module):
             return k.quantized_matvec(x, module["weight"], module["scales"], module["biases"], module.group_size,
-                                      module.bits, fallback=lambda x, *_: module(x))
+                                      module.bits, fallback=lambda x, *_: _product(module, x, module))
     return _product(module, x, module)
 
 
@@ -350,7 +350,27 @@ def _product(module: nn.Module, x: mx.array, plain) -> mx.array:
     """``plain(x)`` (the module's own product); inside the decode step, the same product over the
     weight transposes evaluated before its trace, in fewer primitives (decode.TransposedWeights)."""
     out = step_context.transposed_matmul(module, x)
-    return plain(x) if out is None else out
+    if out is not None:
+        return out
+    if _one_group_per_row(module):
+        return _dequantized_product(module, x)
+    return plain(x)
+
+
+def _one_group_per_row(module: nn.Module) -> bool:
+    """An affine-quantized layer whose input width is one quantization group. MLX 0.32.4's CUDA
+    quantized_matmul gives wrong values for these from 2 rows on (different ones run to run: it
+    reads memory it does not own; bench/quant_shapes.py --focus on an H200, session 7; e.g. K 64,
+    group 64). Only test-sized widths meet it, such as a small MoE's router (8 bits, group 64)."""
+    if type(module) not in (nn.QuantizedLinear, nn.QuantizedEmbedding) or getattr(module, "mode", "affine") != "affine":
+        return False
+    return module["weight"].shape[-1] * 32 // module.bits == module.group_size
+
+
+def _dequantized_product(module: nn.Module, x: mx.array) -> mx.array:
+    w = mx.dequantize(module["weight"], module["scales"], module["biases"], module.group_size, module.bits)
+    y = x @ w.astype(x.dtype).T
+    return y + module["bias"] if "bias" in module else y
 
 
 def tied_head(embedding: nn.Module, x: mx.array) -> mx.array:
@@ -362,6 +382,6 @@ def tied_head(embedding: nn.Module, x: mx.array) -> mx.array:
         if affine_quantized(embedding, nn.QuantizedEmbedding):
             return k.quantized_matvec(x, embedding["weight"], embedding["scales"], embedding["biases"],
                                       embedding.group_size, embedding.bits,
-                                      fallback=lambda x, *_: embedding.as_linear(x))
+                                      fallback=lambda x, *_: _product(embedding, x, embedding.as_linear))
     return _product(embedding, x, embedding.as_linear)
 

@@ -252,15 +252,17 @@ def _mlx_launch():
 
 def test_generate_under_mlx_launch(ckpts, tmp_path):
     """`mlx.launch --backend ring -n 2 -- gemma4-mlx generate ...` (or nccl): the single-process
-    output, printed once. Both are fresh processes, as a user runs them (on two H200s the same
-    command run in this process, after the fixtures had used the GPU, failed in MLX's allocator:
-    "cudaMemcpy ... invalid argument")."""
+    output, printed once. Both are fresh processes, as a user runs them. On two H200s (session 7)
+    the single process failed in MLX's allocator ("cudaMemcpy ... invalid argument", in
+    move_to_unified_memory) after printing two newlines: it runs with GEMMA4_MLX_DEBUG=1, so a
+    failure shows its traceback."""
     _needs_processes(2)
     args = ["generate", "--model", str(ckpts["tiny-31b"]), "--prompt", "Hello there", "--greedy", "--max-tokens", "6"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
     env["PYTHONPATH"] = _pythonpath(HERE.parent)
     command = [sys.executable, "-m", "gemma4_mlx.cli"] + args
-    single = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    single = subprocess.run(command, env=dict(env, GEMMA4_MLX_DEBUG="1"), capture_output=True, text=True,
+                            timeout=TIMEOUT, stdin=subprocess.DEVNULL)
     assert single.returncode == 0, single.stderr
     for _ in range(3):  # the launcher listens on ports p and p+1: retry if another process took one
         port = free_port_pair()
