@@ -4,8 +4,10 @@ MLX generates the full Metal source of a ``mx.fast.metal_kernel`` call made
 inside ``mx.export_function`` tracing and prints it with ``verbose=True``
 (see tests/metal_stub/capture.py). Each source of every template
 instantiation the model uses is syntax-checked with
-``g++ -std=c++17 -fsyntax-only -Wno-attributes`` against
-tests/metal_stub/metal_stub.h. A planted error must fail the check. A lint
+``g++ -std=c++17 -fsyntax-only -Wno-attributes -Werror=shadow`` against
+tests/metal_stub/metal_stub.h (shadowing is an error: a local ``xs`` in qmv.inc hid the
+prologue's shared row of the same name and the fused kernel read its own registers, wrong on
+the GPU while every CPU check passed). A planted error must fail the check. A lint
 keeps CUDA-only constructs out of the Metal source, Metal-only ones out of
 the CUDA body + prelude, and both out of the shared bodies.
 
