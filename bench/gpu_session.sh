@@ -6,14 +6,14 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 7): on nvidia-h200-x2 first: quant (MLX's quantized matmuls against the CPU:
-# which shapes are wrong on CUDA; session 6 saw a 4-bit MoE with 96-wide MLPs, group 32, give wrong
-# logits on one GPU with our kernels off), then BITS= nccl (the sharding tests over NCCL, now with
-# the CPU as the reference and generate as a fresh process); then on one H200: check (GPU tests of
-# session 6's gated matvec forms), steps and Q=4 steps (the matvecs now take x without reshapes
-# and have fused forms: lines +mv, +mv -residual, +mv plain and the qmv ones; +attn_q, the
-# attention applying the q norm itself; make the winners the default and run e2e again),
-# ablate31, cold, presets.
+# Next visit (session 8), on nvidia-h200-x2 (two parts can run at once, one per GPU, with
+# CUDA_VISIBLE_DEVICES): BITS= nccl (session 7: the logits test passed for every family once a
+# one-group quantized layer stopped going through MLX's quantized_matmul; the mlx.launch test's
+# single-process generate failed with "cudaMemcpy ... invalid argument": it now runs with
+# GEMMA4_MLX_DEBUG=1, so nccl-tests.txt has the traceback); chain (our matvec kernels in every
+# launch layout against MLX's matmul, per product, in a compiled chain: which layout, if any,
+# beats cuBLAS; session 7's steps had +mv ~14 us slower per product); check (the split-K mv/qmv and
+# the qmv_residual fix on the GPU); then steps / Q=4 steps with the winning layouts.
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
@@ -147,6 +147,9 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       MLX_PTX_CACHE_DIR=$(mktemp -d) GEMMA4_MLX_CACHE=$(mktemp -d) timeout 150 python3 bench/first_token.py \
         $run e2b 402 16 2>&1 | tail -1 | tee -a "$OUT/cold.jsonl" | cut -c1-300
     done ;;
+  chain)    # issue 14: our mv / qmv in every launch layout (rows per group x warps per group) against
+            # MLX's matmul, bf16 and 4-bit, E2B / E4B / 31B shapes, per product in a compiled chain
+    timeout "${CHAIN_S:-400}" python3 bench/matvec_chain.py ${FAMILIES:+--families $FAMILIES} 2>&1 | tee "$OUT/matvec_chain.txt" | tail -80 ;;
   quant)    # MLX's quantized_matmul / gather_qmm on this GPU against the CPU: every quantized layer
             # of the 4-bit MoE the NCCL test fails on (hidden 64, MLPs 96, group 32), then the sweep
             # over K whole and sharded (QUANT_S bounds it, default 240)

@@ -6,9 +6,9 @@ projection in Gemma 4, for up to 8 rows of x:
   ``gelu_tanh(x @ Wg.T) * (x @ Wu.T)``, in one launch (the MLP's opening);
 * :func:`matvec_gate`: ``gelu_tanh(x @ W.T) * z`` (a PLE layer's gate).
 
-Kernel ``custom_kernels/mv.inc`` (template EPI picks the form): one warp per ``ROWS`` output
-rows, each lane reading 8 consecutive weights per step (a warp streams 512 contiguous bytes of
-a bf16 row), float accumulation; the projection is rounded to the dtype before the gate, as
+Kernel ``custom_kernels/mv.inc`` (template EPI picks the form): ``SPLIT`` warps per ``ROWS``
+output rows (:func:`layout`), each lane reading 8 consecutive weights per step (a warp streams
+512 contiguous bytes of a bf16 row), float accumulation; the projection is rounded to the dtype before the gate, as
 the unfused ops round it. x keeps its shape (B, L, K): no reshape around the call. References:
 ``x @ W.T`` and :func:`~gemma4_mlx.kernels.ple.ple_gate_reference` over it.
 """
@@ -45,9 +45,23 @@ def matvec_gate_reference(x: mx.array, w: mx.array, z: mx.array) -> mx.array:
     return ple_gate_reference(x @ w.T, z)
 
 
-def _rows_per_warp(N: int) -> int:
-    # Enough warps to fill the GPU for small N; more rows in flight per warp for big N.
-    return 4 if N >= 16384 else 1
+def layout(N: int, K: int, per_step: int = 256) -> tuple:
+    """(ROWS, SPLIT) of a launch: output rows per warp group and warps per group (split-K), for
+    N outputs of K inputs, a warp covering ``per_step`` of K per step. Big N: 4 rows per warp,
+    more rows in flight; otherwise a row's K is split over up to 8 warps while each still takes
+    at least 2 steps (E2B's 256 x 1536 k_proj: 2 warps per row, not one walking 1536 alone)."""
+    if N >= 16384:
+        return 4, 1
+    split = 1
+    while split < 8 and K >= 4 * per_step * split:
+        split *= 2
+    return 1, split
+
+
+def probe_shape(rows_split: tuple, per_step: int = 256, tail: int = 0) -> tuple:
+    """(N, K) of a self-check input whose :func:`layout` is ``rows_split``."""
+    rows, split = rows_split
+    return (16384, 2 * per_step + tail) if rows > 1 else (300, 2 * per_step * split + tail)
 
 
 def _mm(M: int) -> int:
@@ -78,21 +92,24 @@ def prologue_inputs(x: mx.array, prologue: Optional[tuple]):
     return (1 if nn is not None else 2), x.shape[-1], extra, x.shape
 
 
-def _launch(x: mx.array, w: mx.array, z: Optional[mx.array], epi: int, prologue: Optional[tuple] = None):
+def _launch(x: mx.array, w: mx.array, z: Optional[mx.array], epi: int, prologue: Optional[tuple] = None,
+            rows_split: Optional[tuple] = None):
     """The mv kernel. ``prologue`` = (branch, norm weight, scale or None, next norm weight or
     None, eps): x is then a residual (one row) and the product reads residual_norm's result;
-    returns (new residual, y) instead of y."""
+    returns (new residual, y) instead of y. ``rows_split``: another layout than
+    :func:`layout`'s (bench/matvec_chain.py compares them)."""
     M = x.size // x.shape[-1]
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
-    rows = _rows_per_warp(N)
+    rows, split = rows_split or layout(N, x.shape[-1])
     k = dispatch.get_kernel("mv", ["x", "w", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"])
     pro, HD, extra, hshape = prologue_inputs(x, prologue)
     # y gets x's leading dims: a reshape on each side would be two more primitives per
     # projection, and each costs host time in every decode step
     y, h = k(
         inputs=[x, w, w if z is None else z, *extra],
-        template=[("T", x.dtype), ("ROWS", rows), ("MM", _mm(M)), ("EPI", epi), ("PRO", pro), ("HD", HD)],
-        grid=(ceil_to(-(-N // rows) * 32, TG), 1, 1),
+        template=[("T", x.dtype), ("ROWS", rows), ("SPLIT", split), ("MM", _mm(M)), ("EPI", epi), ("PRO", pro),
+                  ("HD", HD)],
+        grid=(ceil_to(-(-N // rows) * 32 * split, TG), 1, 1),
         threadgroup=(TG, 1, 1),
         output_shapes=[(*x.shape[:-1], N), hshape],
         output_dtypes=[x.dtype, x.dtype],
@@ -121,7 +138,7 @@ def _class_key(x, w, epi: int = PLAIN, z: Optional[mx.array] = None):
     if M > MAX_ROWS_OF_X:
         return None
     N = form_width(x, w.shape[0], epi, z)
-    return None if N is None else (str(x.dtype), _rows_per_warp(N), _mm(M), epi)
+    return None if N is None else (str(x.dtype), layout(N, x.shape[-1]), _mm(M), epi)
 
 
 def form_width(x: mx.array, rows_of_w: int, epi: int, z: Optional[mx.array]) -> Optional[int]:
@@ -136,11 +153,11 @@ def form_width(x: mx.array, rows_of_w: int, epi: int, z: Optional[mx.array]) -> 
 
 def _probe(key):
     dtype = dispatch.dtype_from_key(key[0])
-    rows, MM, epi = key[1], key[2], key[3] if len(key) > 3 else PLAIN
-    N = 16384 if rows > 1 else 300
-    w = dispatch.probe_normal((2 * N if epi == GEGLU else N, 200), 31, dtype, 0.05)
+    MM, epi = key[2], key[3] if len(key) > 3 else PLAIN
+    N, K = probe_shape(key[1], tail=4)  # a last step of 4 values: the scalar loads
+    w = dispatch.probe_normal((2 * N if epi == GEGLU else N, K), 31, dtype, 0.05)
     # (rows, 1, K): the decode step's (B, L, K) layout
-    x = dispatch.probe_normal((MM, 1, 200), 32, dtype)
+    x = dispatch.probe_normal((MM, 1, K), 32, dtype)
     if epi == GATE:
         return (x, w, dispatch.probe_normal((MM, 1, N), 33, dtype))
     return (x, w)
@@ -211,7 +228,7 @@ def prologue_probe(dtype, pro: int, HD: int, scaled: bool) -> tuple:
 def _residual_probe(key):
     dtype = dispatch.dtype_from_key(key[0])
     epi, pro, HD, scaled = key[3], key[4], key[5], key[6]
-    N = 16384 if key[1] > 1 else 300  # the launch's rows per warp follow N
+    N = probe_shape(key[1])[0]  # HD is K: the same layout as the launch's
     w = dispatch.probe_normal((2 * N if epi == GEGLU else N, HD), 38, dtype, 0.05)
     z = dispatch.probe_normal((1, 1, N), 39, dtype) if epi == GATE else None
     return (*prologue_probe(dtype, pro, HD, scaled), w, z, epi)

@@ -7,8 +7,8 @@ in Gemma 4, for up to 8 rows of x (the 4/8-bit twins of :mod:`.mv`):
 
 MLX's affine format (``mx.quantize``): W (N, K) packed into uint32 words of 32 / bits values,
 one scale and bias per ``group_size`` values of a row. The kernel
-(``custom_kernels/qmv.inc``) gives each warp ``ROWS`` output rows and lets its lanes stride
-over a row's words, so every warp streams 128 contiguous bytes of a row per step; the
+(``custom_kernels/qmv.inc``) gives ``SPLIT`` warps ``ROWS`` output rows
+(:func:`~gemma4_mlx.kernels.mv.layout`) and lets their lanes stride over a row's words, so every warp streams 128 contiguous bytes of a row per step; the
 dequantization is folded into the dot product (``scale * (q . x) + bias * sum(x)`` per
 word). x keeps its shape (B, L, K). Reference: ``mx.quantized_matmul`` (and
 :func:`~gemma4_mlx.kernels.ple.ple_gate_reference` over it).
@@ -22,8 +22,8 @@ import mlx.core as mx
 
 from . import dispatch
 from .dispatch import TG, ceil_to
-from .mv import (_FLOATS, GATE, GEGLU, MAX_ROWS_OF_X, PLAIN, _mm, _rows_per_warp, form_width, prologue_inputs,
-                 prologue_key, prologue_probe, residual_and_input)
+from .mv import (_FLOATS, GATE, GEGLU, MAX_ROWS_OF_X, PLAIN, _mm, form_width, layout, probe_shape,
+                 prologue_inputs, prologue_key, prologue_probe, residual_and_input)
 from .ple import ple_gate_reference
 
 
@@ -40,20 +40,22 @@ def quantized_matvec_gate_reference(x, w, scales, biases, group_size: int, bits:
     return ple_gate_reference(quantized_matvec_reference(x, w, scales, biases, group_size, bits), z)
 
 
-def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int, prologue: Optional[tuple] = None):
-    """The qmv kernel; ``prologue`` as in :func:`.mv._launch` (then returns (new residual, y))."""
+def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int, prologue: Optional[tuple] = None,
+            rows_split: Optional[tuple] = None):
+    """The qmv kernel; ``prologue`` and ``rows_split`` as in :func:`.mv._launch` (with a
+    prologue it returns (new residual, y))."""
     M = x.size // x.shape[-1]
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
-    rows = _rows_per_warp(N)
+    rows, split = rows_split or layout(N, x.shape[-1], _per_step(bits))
     k = dispatch.get_kernel("qmv", ["x", "w", "scales", "biases", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"])
     pro, HD, extra, hshape = prologue_inputs(x, prologue)
     # x keeps its shape, y gets x's leading dims (no reshape primitives around the call); z is
     # unused unless EPI 2 (the scales stand in: an array of the dtype)
     y, h = k(
         inputs=[x, w, scales, biases, scales if z is None else z, *extra],
-        template=[("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", rows), ("MM", _mm(M)),
-                  ("EPI", epi), ("PRO", pro), ("HD", HD)],
-        grid=(ceil_to(-(-N // rows) * 32, TG), 1, 1),
+        template=[("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", rows), ("SPLIT", split),
+                  ("MM", _mm(M)), ("EPI", epi), ("PRO", pro), ("HD", HD)],
+        grid=(ceil_to(-(-N // rows) * 32 * split, TG), 1, 1),
         threadgroup=(TG, 1, 1),
         output_shapes=[(*x.shape[:-1], N), hshape],
         output_dtypes=[x.dtype, x.dtype],
@@ -84,15 +86,19 @@ def _class_key(x, w, scales, biases, group_size, bits, epi: int = PLAIN, z: Opti
     if K % group_size or w.shape[1] * (32 // bits) != K or x.size // K > MAX_ROWS_OF_X:
         return None
     N = form_width(x, w.shape[0], epi, z)
-    return None if N is None else (str(x.dtype), bits, group_size, _rows_per_warp(N), _mm(x.size // K), epi)
+    return None if N is None else (str(x.dtype), bits, group_size, layout(N, K, _per_step(bits)), _mm(x.size // K),
+                                   epi)
+
+
+def _per_step(bits: int) -> int:
+    return 32 * (32 // bits)  # values of a row a warp covers per step: one word per lane
 
 
 def _probe(key):
     dtype = dispatch.dtype_from_key(key[0])
-    bits, gs, rows, MM = key[1], key[2], key[3], key[4]
+    bits, gs, MM = key[1], key[2], key[4]
     epi = key[5] if len(key) > 5 else PLAIN
-    N = 16384 if rows > 1 else 300
-    K = 4 * gs
+    N, K = probe_shape(key[3], _per_step(bits))  # a multiple of every group size
     wf = dispatch.probe_normal((2 * N if epi == GEGLU else N, K), 21, mx.float32, 0.05)
     w, s, b = mx.quantize(wf, group_size=gs, bits=bits)
     x = dispatch.probe_normal((MM, 1, K), 22, dtype)  # the decode step's (B, L, K)
@@ -143,8 +149,8 @@ def quantized_residual_matvec_kernel(x, branch, norm_weight, scalar, next_weight
 
 def _residual_probe(key):
     dtype = dispatch.dtype_from_key(key[0])
-    bits, gs, rows, epi, pro, HD, scaled = key[1], key[2], key[3], key[5], key[6], key[7], key[8]
-    N = 16384 if rows > 1 else 300  # the launch's rows per warp follow N
+    bits, gs, epi, pro, HD, scaled = key[1], key[2], key[5], key[6], key[7], key[8]
+    N = probe_shape(key[3], _per_step(bits))[0]  # HD is K: the same layout as the launch's
     w, s, b = mx.quantize(dispatch.probe_normal((2 * N if epi == GEGLU else N, HD), 28, mx.float32, 0.05),
                           group_size=gs, bits=bits)
     z = dispatch.probe_normal((1, 1, N), 29, dtype) if epi == GATE else None
