@@ -358,13 +358,17 @@ def _product(module: nn.Module, x: mx.array, plain) -> mx.array:
 
 
 def _one_group_per_row(module: nn.Module) -> bool:
-    """An affine-quantized layer whose input width is one quantization group. MLX 0.32.4's CUDA
-    quantized_matmul gives wrong values for these from 2 rows on (different ones run to run: it
-    reads memory it does not own; bench/quant_shapes.py --focus on an H200, session 7; e.g. K 64,
-    group 64). Only test-sized widths meet it, such as a small MoE's router (8 bits, group 64)."""
+    """On CUDA, an affine-quantized layer whose input width is one quantization group. MLX
+    0.32.4's CUDA quantized_matmul gives wrong values for these from 2 rows on (different ones
+    run to run: it reads memory it does not own; bench/quant_shapes.py --focus on an H200,
+    session 7; e.g. K 64, group 64). Only test-sized widths meet it, such as a small MoE's router
+    (8 bits, group 64). Elsewhere MLX's op is right and stays, so the logits stay stock's."""
     if type(module) not in (nn.QuantizedLinear, nn.QuantizedEmbedding) or getattr(module, "mode", "affine") != "affine":
         return False
-    return module["weight"].shape[-1] * 32 // module.bits == module.group_size
+    from .kernels import dispatch
+
+    return (dispatch.active_backend() == "cuda"
+            and module["weight"].shape[-1] * 32 // module.bits == module.group_size)
 
 
 def _dequantized_product(module: nn.Module, x: mx.array) -> mx.array:

@@ -101,10 +101,12 @@ def test_mlx_community_quantized_checkpoint(sources, tmp_path, variant, bits, gr
 
 
 def test_layers_of_one_quantization_group_skip_mlx_quantized_matmul(monkeypatch):
-    """A quantized layer whose input is one group wide (a small MoE's 8-bit router: K 64, group
-    64) multiplies by its dequantized weight: MLX 0.32.4's CUDA quantized_matmul gives wrong,
-    varying values there from 2 rows on (bench/quant_shapes.py --focus). Wider layers keep MLX's op."""
+    """On CUDA, a quantized layer whose input is one group wide (a small MoE's 8-bit router: K 64,
+    group 64) multiplies by its dequantized weight: MLX 0.32.4's CUDA quantized_matmul gives
+    wrong, varying values there from 2 rows on (bench/quant_shapes.py --focus). Wider layers, and
+    every layer on other backends, keep MLX's op (here: the CUDA backend pretended on the CPU)."""
     from gemma4_mlx import ops
+    from gemma4_mlx.kernels import dispatch
 
     calls = []
     real = mx.quantized_matmul
@@ -113,9 +115,12 @@ def test_layers_of_one_quantization_group_skip_mlx_quantized_matmul(monkeypatch)
     router = nn.QuantizedLinear.from_linear(nn.Linear(64, 8, bias=False), group_size=64, bits=8)
     head = nn.QuantizedEmbedding.from_embedding(nn.Embedding(40, 64), group_size=64, bits=4)
     wide = nn.QuantizedLinear.from_linear(nn.Linear(64, 8, bias=True), group_size=32, bits=4)
-    for got, module in ((ops.linear(router, x), router), (ops.tied_head(head, x), head)):
-        w = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits)
-        np.testing.assert_allclose(np.array(got), np.array(x @ w.T), rtol=1e-5, atol=1e-5)
-    assert calls == []
-    np.testing.assert_allclose(np.array(ops.linear(wide, x)), np.array(wide(x)), rtol=1e-6)
-    assert len(calls) == 2  # ours and the module's own call
+    with dispatch.force_backend("cuda"):
+        for got, module in ((ops.linear(router, x), router), (ops.tied_head(head, x), head)):
+            w = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits)
+            np.testing.assert_allclose(np.array(got), np.array(x @ w.T), rtol=1e-5, atol=1e-5)
+        assert calls == []
+        np.testing.assert_allclose(np.array(ops.linear(wide, x)), np.array(wide(x)), rtol=1e-6)
+        assert len(calls) == 2  # ours and the module's own call
+    np.testing.assert_array_equal(np.array(ops.linear(router, x)), np.array(router(x)))  # CPU: MLX's op
+    assert len(calls) == 4
