@@ -2,7 +2,8 @@
 compiled graph, each reading its own weights. ``python bench/matvec_chain.py`` prints, per
 projection shape of each family (N outputs x K inputs), the time per product and the GB/s of
 MLX's matmul and of our ``mv`` / ``qmv`` kernels in every launch layout (rows per warp group x
-warps per group, split-K), and how far each result is from MLX's.
+warps per group, split-K; for qmv x words per lane per step), and how far each result is from
+MLX's.
 
 Why: in the decode-step ablation (session 7, H200) switching ``mv`` on cost ~14 us per product
 against MLX's matmul on E2B's shapes, while bench/kernels.py (16 independent calls per sync)
@@ -59,7 +60,8 @@ def _product(kind, rows_split, bits):
 def measure(N, K, depth, runs, bits, gpu):
     ws, vs = _weights(N, K, depth, bits, 1), _weights(K, N, depth, bits, 2)
     x = mx.random.normal((1, 1, K), key=mx.random.key(3)).astype(mx.bfloat16)
-    variants = [("mlx", None)] + ([("ours", None)] + [("ours", ls) for ls in LAYOUTS] if gpu else [])
+    layouts = [(*ls, wpl) for ls in LAYOUTS for wpl in (1, 4)] if bits else LAYOUTS
+    variants = [("mlx", None)] + ([("ours", None)] + [("ours", ls) for ls in layouts] if gpu else [])
     rows = []
     want = None
     for kind, ls in variants:
@@ -82,9 +84,9 @@ def measure(N, K, depth, runs, bits, gpu):
         if want is None:
             want = got
         err = (mx.abs(got - want).max() / (mx.abs(want).max() + 1e-6)).item()
-        label = kind if ls is None else f"{kind} {ls[0]}x{ls[1]}"
+        label = kind if ls is None else f"{kind} " + "x".join(map(str, ls))
         if kind == "ours" and ls is None:
-            label += f" (default {mv.layout(N, K, 32 * 32 // bits if bits else 256)})"
+            label += f" (default {qmv.quantized_layout(N, K, bits, 64) if bits else mv.layout(N, K)})"
         nbytes = N * K * (bits / 8 + 4 / 64 if bits else 2)
         rows.append((label, per * 1e6, nbytes / per / 1e9, err))
     return rows

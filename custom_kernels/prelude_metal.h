@@ -20,6 +20,10 @@ template <typename T>
 K_INLINE void k_load8(const device T* p, int s, thread float* v) {
   for (int j = 0; j < 8; j++) v[j] = static_cast<float>(p[j * s]);
 }
+// Four words p[0..3] (the CUDA prelude's one uses a vector load).
+K_INLINE void k_load4u(const device uint32_t* p, thread unsigned int* u) {
+  for (int j = 0; j < 4; j++) u[j] = p[j];
+}
 // @@SOURCE
   const int k_bx = int(threadgroup_position_in_grid.x);
   const int k_by = int(threadgroup_position_in_grid.y);

@@ -46,15 +46,16 @@ def _cases():
         for epi, pro, HD, scaled in ((mv.GEGLU, 1, 1536, False), (mv.GATE, 2, 2560, False), (mv.PLAIN, 1, 5376, True)):
             yield mv.residual_matvec_kernel, mv._residual_probe((dt, mv.layout(300, HD), 1, epi, pro, HD, scaled))
         for bits, gs in ((4, 64), (8, 32)):
-            step = 32 * 32 // bits
-            yield qmv.quantized_matvec_kernel, qmv._probe((dt, bits, gs, (4, 1), 1))
-            yield qmv.quantized_matvec_kernel, qmv._probe((dt, bits, gs, (1, 8), 1))
-            yield qmv.quantized_matvec_geglu_kernel, qmv._probe((dt, bits, gs, (1, 2), 2, mv.GEGLU))
-            yield qmv.quantized_matvec_gate_kernel, qmv._probe((dt, bits, gs, (1, 1), 1, mv.GATE))
+            # (rows, split, words per lane)
+            yield qmv.quantized_matvec_kernel, qmv._probe((dt, bits, gs, (4, 1, 4), 1))
+            yield qmv.quantized_matvec_kernel, qmv._probe((dt, bits, gs, (1, 8, 1), 1))
+            yield qmv.quantized_matvec_kernel, qmv._probe((dt, bits, gs, (1, 2, 4), 4))
+            yield qmv.quantized_matvec_geglu_kernel, qmv._probe((dt, bits, gs, (1, 2, 1), 2, mv.GEGLU))
+            yield qmv.quantized_matvec_gate_kernel, qmv._probe((dt, bits, gs, (1, 1, 4), 1, mv.GATE))
             yield qmv.quantized_residual_matvec_kernel, qmv._residual_probe(
-                (dt, bits, gs, mv.layout(300, 1536, step), 1, mv.GEGLU, 1, 1536, False))
+                (dt, bits, gs, qmv.quantized_layout(300, 1536, bits, gs), 1, mv.GEGLU, 1, 1536, False))
             yield qmv.quantized_residual_matvec_kernel, qmv._residual_probe(
-                (dt, bits, gs, mv.layout(300, 2560, step), 1, mv.GATE, 2, 2560, True))
+                (dt, bits, gs, qmv.quantized_layout(300, 2560, bits, gs, 1), 1, mv.GATE, 2, 2560, True))
         for HD, scaled, nxt in ((1536, True, True), (1536, True, False), (2560, True, True), (2560, False, False)):
             yield _m["ple_tail"].ple_tail_kernel, _m["ple_tail"]._probe((dt, dt, dt, HD, 256, scaled, nxt))
 

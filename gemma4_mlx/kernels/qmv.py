@@ -7,10 +7,10 @@ in Gemma 4, for up to 8 rows of x (the 4/8-bit twins of :mod:`.mv`):
 
 MLX's affine format (``mx.quantize``): W (N, K) packed into uint32 words of 32 / bits values,
 one scale and bias per ``group_size`` values of a row. The kernel
-(``custom_kernels/qmv.inc``) gives ``SPLIT`` warps ``ROWS`` output rows
-(:func:`~gemma4_mlx.kernels.mv.layout`) and lets their lanes stride over a row's words, so every warp streams 128 contiguous bytes of a row per step; the
-dequantization is folded into the dot product (``scale * (q . x) + bias * sum(x)`` per
-word). x keeps its shape (B, L, K). Reference: ``mx.quantized_matmul`` (and
+(``custom_kernels/qmv.inc``) gives ``SPLIT`` warps ``ROWS`` output rows (:func:`quantized_layout`)
+and lets their lanes stride over a row's words, ``WPL`` at a time (4: every warp streams 512
+contiguous bytes of a row per step); the dequantization is folded into the dot product
+(``scale * (q . x) + bias * sum(x)`` per group). x keeps its shape (B, L, K). Reference: ``mx.quantized_matmul`` (and
 :func:`~gemma4_mlx.kernels.ple.ple_gate_reference` over it).
 """
 
@@ -42,11 +42,11 @@ def quantized_matvec_gate_reference(x, w, scales, biases, group_size: int, bits:
 
 def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int, prologue: Optional[tuple] = None,
             rows_split: Optional[tuple] = None):
-    """The qmv kernel; ``prologue`` and ``rows_split`` as in :func:`.mv._launch` (with a
-    prologue it returns (new residual, y))."""
+    """The qmv kernel; ``prologue`` as in :func:`.mv._launch` (then it returns (new residual,
+    y)); ``rows_split``: a (ROWS, SPLIT, WPL) other than :func:`quantized_layout`'s."""
     M = x.size // x.shape[-1]
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
-    rows, split = rows_split or layout(N, x.shape[-1], _per_step(bits))
+    rows, split, wpl = rows_split or quantized_layout(N, x.shape[-1], bits, group_size)
     k = dispatch.get_kernel("qmv", ["x", "w", "scales", "biases", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"])
     pro, HD, extra, hshape = prologue_inputs(x, prologue)
     # x keeps its shape, y gets x's leading dims (no reshape primitives around the call); z is
@@ -54,7 +54,7 @@ def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int, prolo
     y, h = k(
         inputs=[x, w, scales, biases, scales if z is None else z, *extra],
         template=[("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", rows), ("SPLIT", split),
-                  ("MM", _mm(M)), ("EPI", epi), ("PRO", pro), ("HD", HD)],
+                  ("WPL", wpl), ("MM", _mm(M)), ("EPI", epi), ("PRO", pro), ("HD", HD)],
         grid=(ceil_to(-(-N // rows) * 32 * split, TG), 1, 1),
         threadgroup=(TG, 1, 1),
         output_shapes=[(*x.shape[:-1], N), hshape],
@@ -86,19 +86,31 @@ def _class_key(x, w, scales, biases, group_size, bits, epi: int = PLAIN, z: Opti
     if K % group_size or w.shape[1] * (32 // bits) != K or x.size // K > MAX_ROWS_OF_X:
         return None
     N = form_width(x, w.shape[0], epi, z)
-    return None if N is None else (str(x.dtype), bits, group_size, layout(N, K, _per_step(bits)), _mm(x.size // K),
-                                   epi)
+    return None if N is None else (str(x.dtype), bits, group_size, quantized_layout(N, K, bits, group_size),
+                                   _mm(x.size // K), epi)
 
 
-def _per_step(bits: int) -> int:
-    return 32 * (32 // bits)  # values of a row a warp covers per step: one word per lane
+def quantized_layout(N: int, K: int, bits: int, group_size: int, words_per_lane: int = 4) -> tuple:
+    """(ROWS, SPLIT, WPL): :func:`~gemma4_mlx.kernels.mv.layout` for a warp covering 32 * WPL
+    words of a row per step; WPL 4 (one 16-byte load per lane) where it divides a group's words."""
+    wpl = words_per_lane if (group_size * bits // 32) % words_per_lane == 0 else 1
+    return (*layout(N, K, _per_step(bits, wpl)), wpl)
+
+
+def _per_step(bits: int, wpl: int) -> int:
+    return 32 * wpl * (32 // bits)  # values of a row a warp covers per step
+
+
+def _probe_shape(qlayout: tuple, bits: int) -> tuple:
+    """(N, K) of a self-check input with the layout ``qlayout`` (K: whole groups of any size)."""
+    return probe_shape(qlayout[:2], _per_step(bits, qlayout[2]))
 
 
 def _probe(key):
     dtype = dispatch.dtype_from_key(key[0])
     bits, gs, MM = key[1], key[2], key[4]
     epi = key[5] if len(key) > 5 else PLAIN
-    N, K = probe_shape(key[3], _per_step(bits))  # a multiple of every group size
+    N, K = _probe_shape(key[3], bits)
     wf = dispatch.probe_normal((2 * N if epi == GEGLU else N, K), 21, mx.float32, 0.05)
     w, s, b = mx.quantize(wf, group_size=gs, bits=bits)
     x = dispatch.probe_normal((MM, 1, K), 22, dtype)  # the decode step's (B, L, K)
@@ -150,7 +162,7 @@ def quantized_residual_matvec_kernel(x, branch, norm_weight, scalar, next_weight
 def _residual_probe(key):
     dtype = dispatch.dtype_from_key(key[0])
     bits, gs, epi, pro, HD, scaled = key[1], key[2], key[5], key[6], key[7], key[8]
-    N = probe_shape(key[3], _per_step(bits))[0]  # HD is K: the same layout as the launch's
+    N = _probe_shape(key[3], bits)[0]  # HD is K: the same layout as the launch's
     w, s, b = mx.quantize(dispatch.probe_normal((2 * N if epi == GEGLU else N, HD), 28, mx.float32, 0.05),
                           group_size=gs, bits=bits)
     z = dispatch.probe_normal((1, 1, N), 29, dtype) if epi == GATE else None
