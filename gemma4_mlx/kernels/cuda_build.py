@@ -242,24 +242,29 @@ class CudaKernel:
         if prefetching():
             return [mx.zeros(tuple(s), dtype=d) for s, d in zip(output_shapes, output_dtypes)]
         cubin = future.result()
-        scalars: List[int] = []
+        kw = {} if stream is None else {"stream": stream}
+        return mx.fast.precompiled_cuda_kernel(
+            name=self.name, compiled_source=cubin, inputs=inputs,
+            output_shapes=[tuple(s) for s in output_shapes], output_dtypes=list(output_dtypes),
+            scalars=self.scalars(inputs), grid=tuple(grid), threadgroup=tuple(threadgroup), shared_memory=0,
+            init_value=init_value, ensure_row_contiguous=True, **kw,
+        )
+
+    def scalars(self, inputs) -> List[int]:
+        """The int arguments after the buffers: each input's shape and (row-contiguous) strides
+        where the body reads them, in :meth:`full_source`'s order."""
+        out: List[int] = []
         for x, (shp, strd, _) in zip(inputs, self._uses):
             shape = list(x.shape) or [1]
             if shp:
-                scalars += [int(s) for s in shape]
+                out += [int(s) for s in shape]
             if strd:
                 strides, acc = [], 1
                 for s in reversed(shape):  # row-contiguous: MLX copies other inputs first
                     strides.append(acc)
                     acc *= int(s)
-                scalars += list(reversed(strides))
-        kw = {} if stream is None else {"stream": stream}
-        return mx.fast.precompiled_cuda_kernel(
-            name=self.name, compiled_source=cubin, inputs=inputs,
-            output_shapes=[tuple(s) for s in output_shapes], output_dtypes=list(output_dtypes),
-            scalars=scalars, grid=tuple(grid), threadgroup=tuple(threadgroup), shared_memory=0,
-            init_value=init_value, ensure_row_contiguous=True, **kw,
-        )
+                out += list(reversed(strides))
+        return out
 
 
 def reset() -> None:

@@ -1,0 +1,77 @@
+// CPU stand-in for prelude_cuda.h's header part (tests/kernel_emulator): every GPU thread of a
+// block is an OS thread, the block's threads walk the blocks one at a time (so K_SHARED arrays
+// can be function statics), K_BARRIER is a std::barrier of the block, and a warp reduction goes
+// through a 32-slot exchange between two waits on the warp's barrier.
+#include <barrier>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#define K_TG 256
+#define K_SHARED static
+#define K_SHARED_PTR
+#define K_INLINE inline
+#define K_NEG_INF (-INFINITY)
+#define K_BARRIER() emu_block_barrier->arrive_and_wait()
+#define __global__
+#define __launch_bounds__(n)
+#define __restrict__ __restrict
+struct emu_dim3 {
+  unsigned x, y, z;
+};
+inline thread_local emu_dim3 blockIdx, threadIdx;
+struct emu_warp {
+  std::barrier<>* bar;
+  float slot[32];
+};
+inline emu_warp* emu_warps;
+inline std::barrier<>* emu_block_barrier;
+inline float emu_warp_reduce(float v, bool max) {
+  emu_warp& w = emu_warps[threadIdx.x >> 5];
+  w.slot[threadIdx.x & 31] = v;
+  w.bar->arrive_and_wait();
+  float r = max ? w.slot[0] : 0.0f;
+  for (int i = 0; i < 32; i++) r = max ? std::fmax(r, w.slot[i]) : r + w.slot[i];
+  w.bar->arrive_and_wait();
+  return r;
+}
+inline float k_warp_sum(float v) { return emu_warp_reduce(v, false); }
+inline float k_warp_max(float v) { return emu_warp_reduce(v, true); }
+inline float k_exp(float x) { return std::exp(x); }
+inline float k_rsqrt(float x) { return 1.0f / std::sqrt(x); }
+inline float k_cos(float x) { return float(std::cos(double(x))); }
+inline float k_sin(float x) { return float(std::sin(double(x))); }
+inline float k_tanh(float x) { return std::tanh(x); }
+struct bf16_t {
+  uint16_t bits;
+  bf16_t() = default;
+  bf16_t(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+      bits = 0x7fc0;
+    } else {
+      u += 0x7fffu + ((u >> 16) & 1u);
+      bits = uint16_t(u >> 16);
+    }
+  }
+  operator float() const {
+    uint32_t u = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+struct half_t {
+  _Float16 v;
+  half_t() = default;
+  half_t(float f) : v(static_cast<_Float16>(f)) {}
+  operator float() const { return float(v); }
+};
+template <typename T>
+inline void k_load8(const T* p, int s, float* v) {
+  for (int j = 0; j < 8; j++) v[j] = static_cast<float>(p[j * s]);
+}
+inline void k_load4u(const uint32_t* p, unsigned int* u) {
+  for (int j = 0; j < 4; j++) u[j] = p[j];
+}

@@ -1,0 +1,88 @@
+"""The matvec kernel bodies run on the CPU emulator (tests/kernel_emulator) against their
+references, in every launch layout and form: the logic a GPU runs, checked where there is none.
+Session 7's qmv_residual bug (a local array hiding the prologue's shared row) passed every CPU
+check and failed every case on the H200; here it fails."""
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from kernel_emulator import GXX, emulated_cuda
+
+from gemma4_mlx.kernels import mv, qmv
+
+pytestmark = pytest.mark.skipif(GXX is None, reason="g++ not found: cannot build the emulated kernels")
+
+# (rows, split) of mv; qmv adds words per lane. Widths: whole steps and a ragged last one.
+MV_LAYOUTS = [None, (1, 1), (1, 2), (1, 8), (4, 1)]
+QMV_LAYOUTS = [None, (1, 1, 1), (1, 2, 4), (1, 8, 1), (4, 1, 4)]
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    with emulated_cuda(monkeypatch):
+        yield
+
+
+def _rnd(shape, seed, scale=1.0, dtype=mx.float32):
+    return (scale * mx.random.normal(shape, key=mx.random.key(seed))).astype(dtype)
+
+
+def _close(got, want, what, atol=2e-5):
+    got, want = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))
+    assert got.shape == want.shape, what
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=atol, err_msg=what)
+
+
+@pytest.mark.parametrize("K,N,M", [(1540, 37, 1), (520, 20, 3)])
+def test_mv_every_layout_and_form(emulated, K, N, M):
+    x, w, w2, z = _rnd((M, 1, K), 1), _rnd((N, K), 2, 0.05), _rnd((2 * N, K), 3, 0.05), _rnd((M, 1, N), 4)
+    for layout in MV_LAYOUTS:
+        _close(mv._launch(x, w, None, mv.PLAIN, rows_split=layout), mv.matvec_reference(x, w), f"mv {layout}")
+    _close(mv._launch(x, w2, None, mv.GEGLU, rows_split=(1, 2)), mv.matvec_geglu_reference(x, w2), "mv geglu")
+    _close(mv._launch(x, w, z, mv.GATE, rows_split=(1, 8)), mv.matvec_gate_reference(x, w, z), "mv gate")
+
+
+@pytest.mark.parametrize("bits,gs", [(4, 64), (8, 32)])
+def test_qmv_every_layout_and_form(emulated, bits, gs):
+    K, N, M = 1536, 21, 2
+    x, z = _rnd((M, 1, K), 5), _rnd((M, 1, N), 6)
+    w, s, b = mx.quantize(_rnd((N, K), 7, 0.05), group_size=gs, bits=bits)
+    w2, s2, b2 = mx.quantize(_rnd((2 * N, K), 8, 0.05), group_size=gs, bits=bits)
+    for layout in QMV_LAYOUTS:
+        got = qmv._launch(x, w, s, b, gs, bits, None, mv.PLAIN, rows_split=layout)
+        _close(got, qmv.quantized_matvec_reference(x, w, s, b, gs, bits), f"qmv {bits} {layout}")
+    _close(qmv._launch(x, w2, s2, b2, gs, bits, None, mv.GEGLU, rows_split=(1, 2, 4)),
+           qmv.quantized_matvec_geglu_reference(x, w2, s2, b2, gs, bits), "qmv geglu")
+    _close(qmv._launch(x, w, s, b, gs, bits, z, mv.GATE, rows_split=(1, 1, 1)),
+           qmv.quantized_matvec_gate_reference(x, w, s, b, gs, bits, z), "qmv gate")
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["mv", "qmv"])
+def test_residual_prologue_forms(emulated, quantized):
+    """PRO 1 (the product reads the next norm of the new residual) and PRO 2 (the residual),
+    with and without the layer scalar: the new residual and the product."""
+    HD, N = 512, 24
+    x, branch = _rnd((1, 1, HD), 9, 2.0), _rnd((1, 1, HD), 10, 5.0)
+    nw, nn = 1 + _rnd((HD,), 11, 0.3), 1 + _rnd((HD,), 12, 0.3)
+    wf = _rnd((N, HD), 13, 0.05)
+    for scalar, nxt in ((None, nn), (mx.array([0.7]), None)):
+        if quantized:
+            w, s, b = mx.quantize(wf, group_size=64, bits=4)
+            args = (x, branch, nw, scalar, nxt, 1e-6, w, s, b, 64, 4, None, mv.PLAIN)
+            got, want = qmv.quantized_residual_matvec_kernel(*args), qmv.quantized_residual_matvec_reference(*args)
+        else:
+            args = (x, branch, nw, scalar, nxt, 1e-6, wf, None, mv.PLAIN)
+            got, want = mv.residual_matvec_kernel(*args), mv.residual_matvec_reference(*args)
+        _close(got[0], want[0], f"new residual, next norm {nxt is not None}")
+        _close(got[1], want[1], f"product, next norm {nxt is not None}", atol=1e-4)
+
+
+def test_emulated_bf16_rounds_as_the_gpu(emulated):
+    """bf16 storage and rounding (the emulator's bf16_t): the product rounds once, to bf16."""
+    x, w = _rnd((1, 1, 264), 14, 1.0, mx.bfloat16), _rnd((40, 264), 15, 0.05, mx.bfloat16)
+    got = mv._launch(x, w, None, mv.PLAIN)
+    want = (x.astype(mx.float32) @ w.astype(mx.float32).T).astype(mx.bfloat16)
+    assert got.dtype == mx.bfloat16
+    _close(got, want, "bf16", atol=0.02)
