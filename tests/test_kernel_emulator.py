@@ -86,3 +86,25 @@ def test_emulated_bf16_rounds_as_the_gpu(emulated):
     want = (x.astype(mx.float32) @ w.astype(mx.float32).T).astype(mx.bfloat16)
     assert got.dtype == mx.bfloat16
     _close(got, want, "bf16", atol=0.02)
+
+
+@pytest.mark.parametrize("D,H,Hkv,N,window,filled", [
+    (32, 4, 2, 8, 8, None),      # the tiny 31B's sliding layers: head dim 32, a full window of 8
+    (64, 4, 1, 1024, 0, 18),     # its global layers: the prefix of a preallocated buffer
+    (256, 8, 1, 300, 0, 257),    # E2B-like
+])
+def test_attention_passes(emulated, D, H, Hkv, N, window, filled):
+    """Flash-decoding's two passes (attention_partial, attention_combine) on the shapes the tiny
+    checkpoints decode with, float32: equal to the reference, and no write outside an output."""
+    import sys
+
+    ATT = sys.modules["gemma4_mlx.kernels.attention"]  # the package exports a function of that name
+    q = _rnd((1, H, 1, D), 16)
+    kbuf, vbuf = _rnd((1, Hkv, N, D), 17, 4 / D ** 0.5), _rnd((1, Hkv, N, D), 18)
+    if filled is None:
+        _close(ATT.attention_kernel(q, kbuf, vbuf, 1.0, window), ATT.attention_reference(q, kbuf, vbuf, 1.0, window),
+               f"attention D {D}", atol=1e-5)
+    else:
+        kv_len = mx.array([filled], dtype=mx.int32)
+        _close(ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len),
+               ATT.attention_prefix_reference(q, kbuf, vbuf, kv_len), f"attention_prefix D {D}", atol=1e-5)

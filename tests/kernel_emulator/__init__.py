@@ -29,6 +29,7 @@ PRELUDE = (HERE / "prelude_cpu.h").read_text()
 GXX = shutil.which("g++")
 _BUILD_DIR = Path(tempfile.mkdtemp(prefix="gemma4_emu_"))
 _libs: dict = {}
+GUARD = 64  # canary elements on each side of an output
 _NP = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16, mx.int32: np.int32,
        mx.uint32: np.uint32, mx.int64: np.int64, mx.uint16: np.uint16, mx.int16: np.int16, mx.uint8: np.uint8,
        mx.int8: np.int8, mx.bool_: np.bool_}
@@ -101,18 +102,24 @@ class EmulatedKernel:
         lib = _build(text + _launcher(self.cuda.name, [ctype[x.dtype] for x in inputs],
                                       [ctype[d] for d in output_dtypes], len(scalars)))
         ins = [_to_numpy(x) for x in inputs]
-        outs = []
+        outs, guarded = [], []
         for shape, dt in zip(output_shapes, output_dtypes):
-            o = np.zeros(tuple(shape), _NP[dt])
-            if init_value is not None:
-                fill = mx.full((1,), init_value, dt)
-                o[...] = _to_numpy(fill)[0]
+            # GUARD canary elements on each side of every output: a write out of bounds shows
+            n = int(np.prod(shape, dtype=np.int64))
+            g = np.full((n + 2 * GUARD) * np.dtype(_NP[dt]).itemsize, 0x5A, np.uint8).view(_NP[dt])
+            o = g[GUARD:GUARD + n].reshape(tuple(shape))
+            o[...] = 0 if init_value is None else _to_numpy(mx.full((1,), init_value, dt))[0]
             outs.append(o)
+            guarded.append(g)
         bufs = (ctypes.c_void_p * (len(ins) + len(outs)))(*[a.ctypes.data for a in ins + outs])
         sc = (ctypes.c_int * max(1, len(scalars)))(*scalars)
         if any(g % t for g, t in zip(grid, threadgroup)):
             raise ValueError(f"{self.cuda.name}: grid {grid} is not whole threadgroups of {threadgroup}")
         lib.emu_launch(bufs, sc, *(int(g // t) for g, t in zip(grid, threadgroup)), int(threadgroup[0]))
+        for name, g in zip(self.cuda.output_names, guarded):
+            pads = np.concatenate([g[:GUARD], g[-GUARD:]]).view(np.uint8)
+            if not np.all(pads == 0x5A):
+                raise AssertionError(f"{self.cuda.name}: wrote outside its output {name!r}")
         return [mx.array(o).view(mx.bfloat16) if dt == mx.bfloat16 else mx.array(o)
                 for o, dt in zip(outs, output_dtypes)]
 
