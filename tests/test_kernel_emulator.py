@@ -108,3 +108,22 @@ def test_attention_passes(emulated, D, H, Hkv, N, window, filled):
         kv_len = mx.array([filled], dtype=mx.int32)
         _close(ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len),
                ATT.attention_prefix_reference(q, kbuf, vbuf, kv_len), f"attention_prefix D {D}", atol=1e-5)
+
+
+def test_every_other_kernel_on_the_emulator():
+    """test_kernels.py's GPU-only tests of the other kernel bodies (RoPE, attention and its q
+    prologue, PLE, residual norm, the PLE tail, the strict-mode public functions) on the
+    emulator, float32 (GEMMA4_MLX_TEST_EMULATE=1; the matvecs are this file's own tests)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, GEMMA4_MLX_TEST_EMULATE="1")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here / "test_kernels.py"),
+                          "-k", "not matvec and not qmv"], capture_output=True, text=True, env=env, timeout=900,
+                         cwd=here.parent)
+    assert out.returncode == 0, out.stdout[-6000:]
+    summary = out.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, summary  # every GPU-only test ran
