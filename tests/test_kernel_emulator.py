@@ -127,3 +127,46 @@ def test_every_other_kernel_on_the_emulator():
     assert out.returncode == 0, out.stdout[-6000:]
     summary = out.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, summary  # every GPU-only test ran
+
+
+@pytest.mark.parametrize("family", ["tiny-31b", "kernel-shaped E2B"])
+def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatch, family):
+    """A model's decode steps with its kernels on (the emulator, outside the compiled step:
+    kernel_scope) give the logits of the steps without them: the kernels' wiring and their logic
+    together, float32. The tiny 31B: head dims 32 / 64, a window of 8 that the 24 tokens wrap."""
+    from mlx.utils import tree_map
+    from test_decode import _kernel_shaped_model
+
+    from gemma4_mlx import step_context
+    from gemma4_mlx.config import parse_config
+    from gemma4_mlx.kernels import dispatch
+    from gemma4_mlx.model import Model
+    from gemma4_mlx.presets import preset_config
+
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "0")
+    if family == "tiny-31b":
+        model = Model(parse_config(preset_config("tiny-31b")))
+        model.update(tree_map(lambda p: (1.0 + 0.1 * _rnd(p.shape, 20)) if p.ndim == 1 else _rnd(p.shape, 21, 0.05),
+                              model.parameters()))
+    else:
+        model = _kernel_shaped_model(seed=4)
+    ids = mx.array(np.random.default_rng(5).integers(0, model.args.vocab_size, size=(1, 24)))
+
+    def decode(kernels):
+        cache = model.make_cache()
+        out = [model(ids[:, :16], cache=cache)[:, -1:]]
+        for i in range(16, 24):
+            if kernels:
+                with step_context.kernel_scope():
+                    out.append(model(ids[:, i:i + 1], cache=cache))
+            else:
+                with dispatch.force_backend("none"):
+                    out.append(model(ids[:, i:i + 1], cache=cache))
+            mx.eval(out[-1])
+        return mx.concatenate(out, axis=1)
+
+    want, got = decode(False), decode(True)
+    verdicts = dispatch.verdicts()
+    assert all(ok for ok, _ in verdicts.values()), verdicts  # each passed its self-check: none fell back
+    assert {"q_norm_rope", "kv_norm_rope", "residual_norm"} <= {k[0] for k in verdicts}, verdicts
+    _close(got, want, family, atol=1e-4)
