@@ -7,7 +7,7 @@
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
 # Next visit (session 8), on nvidia-h200-x2 (two parts can run at once, one per GPU, with
-# CUDA_VISIBLE_DEVICES): BITS= nccl (session 7: the logits test passed for every family once a
+# CUDA_VISIBLE_DEVICES): memcpy (~1 min: which switch the generate failure below follows), BITS= nccl (session 7: the logits test passed for every family once a
 # one-group quantized layer stopped going through MLX's quantized_matmul; the mlx.launch test's
 # single-process generate failed with "cudaMemcpy ... invalid argument": it now runs with
 # GEMMA4_MLX_DEBUG=1, so nccl-tests.txt has the traceback); chain (our matvec kernels in every
@@ -146,6 +146,21 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     for run in stock ours stock ours; do
       MLX_PTX_CACHE_DIR=$(mktemp -d) GEMMA4_MLX_CACHE=$(mktemp -d) timeout 150 python3 bench/first_token.py \
         $run e2b 402 16 2>&1 | tail -1 | tee -a "$OUT/cold.jsonl" | cut -c1-300
+    done ;;
+  memcpy)   # issue 16: `gemma4-mlx generate` on the tiny 31B float32 checkpoint failed in a fresh process
+            # on two H200s (session 7: "cudaMemcpy ... invalid argument" after two tokens); the
+            # traceback, then the same command with one switch changed at a time
+    python3 -c "
+import mlx.core as mx
+from gemma4_mlx.checkpoint import write_random_checkpoint
+with mx.stream(mx.cpu):
+    write_random_checkpoint('tiny-31b', '/root/t31', dtype='float32', seed=3)" > /dev/null 2>&1
+    for env in "" "CUDA_VISIBLE_DEVICES=0" "GEMMA4_MLX_KERNELS=off" "GEMMA4_MLX_COMPILE=0" "GEMMA4_MLX_NVRTC=0" \
+               "GEMMA4_MLX_TRANSPOSES=0" "GEMMA4_MLX_FUSE=0"; do
+      env $env timeout 120 python3 -m gemma4_mlx.cli --debug generate --model /root/t31 --prompt "Hello there" \
+        --greedy --max-tokens 6 > "$OUT/memcpy.out" 2> "$OUT/memcpy.err"
+      echo "== [$env] exit $? stdout $(od -c < "$OUT/memcpy.out" | head -1 | cut -c9-60)"
+      grep -v "^ *$" "$OUT/memcpy.err" | tail -4 | tee -a "$OUT/memcpy.txt"
     done ;;
   chain)    # issue 14: our mv / qmv in every launch layout (rows per group x warps per group) against
             # MLX's matmul, bf16 and 4-bit, E2B / E4B / 31B shapes, per product in a compiled chain
