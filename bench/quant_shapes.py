@@ -73,35 +73,34 @@ def _report(name, err, scale, varies, ok):
     return not ok
 
 
-def sweep(ks):
+def _tally(cases, what: str) -> None:
+    """Run ``(label, case arguments)`` pairs, print each that disagrees, then the count."""
     bad = total = 0
+    for label, args in cases:
+        total += 1
+        bad += _report(label, *case(*args))
+    print(f"{bad} of {total} {what} disagree with the CPU on {DEVICE}; mlx {mx.__version__}")
+
+
+def sweep(ks):
     # the failing checkpoint's shapes first (hidden 64, MLP and experts 96), then Gemma 4's
     shapes = [("gather_qmm", 96, 64), ("gather_qmm", 64, 96), ("quantized_matmul", 96, 64),
               ("quantized_matmul", 64, 96)]
     shapes += [(op, k, n) for op in ("gather_qmm", "quantized_matmul") for k in ks for n in (256, 2112)]
-    for (op, k, n), m, bits, group, dtype in itertools.product(
-            shapes, (1, 10, 64), (4, 8), (32, 64), (mx.float32, mx.bfloat16)):
-        if k % group:
-            continue
-        for sort in ((False, True) if op == "gather_qmm" and m * 2 >= 64 else (False,)):
-            total += 1
-            bad += _report(f"{op} m={m} n={n} k={k} bits={bits} group={group} {dtype}{' sorted' if sort else ''}",
-                           *case(op, m, n, k, bits, group, dtype, sort=sort))
-    print(f"{bad} of {total} cases disagree with the CPU on {DEVICE}; mlx {mx.__version__}")
+    _tally(((f"{op} m={m} n={n} k={k} bits={bits} group={group} {dtype}{' sorted' if sort else ''}",
+             (op, m, n, k, bits, group, dtype, 4, sort))
+            for (op, k, n), m, bits, group, dtype in itertools.product(
+                shapes, (1, 10, 64), (4, 8), (32, 64), (mx.float32, mx.bfloat16)) if k % group == 0
+            for sort in ((False, True) if op == "gather_qmm" and m * 2 >= 64 else (False,))), "cases")
 
 
 def focus():
     """Small widths around the failing checkpoint's, every row count up to 16: which M, N, K."""
-    bad = total = 0
-    for (k, n), m, bits, group, op in itertools.product(
-            ((64, 96), (96, 64), (64, 64), (96, 96), (64, 128), (128, 96), (128, 128), (64, 160), (64, 2112)),
-            list(range(1, 17)) + [24, 32, 64], (4, 8), (32, 64), ("quantized_matmul", "gather_qmm")):
-        if k % group:
-            continue
-        total += 1
-        bad += _report(f"{op} m={m} n={n} k={k} bits={bits} group={group} float32",
-                       *case(op, m, n, k, bits, group, mx.float32))
-    print(f"{bad} of {total} small cases disagree with the CPU on {DEVICE}; mlx {mx.__version__}")
+    _tally(((f"{op} m={m} n={n} k={k} bits={bits} group={group} float32", (op, m, n, k, bits, group, mx.float32))
+            for (k, n), m, bits, group, op in itertools.product(
+                ((64, 96), (96, 64), (64, 64), (96, 96), (64, 128), (128, 96), (128, 128), (64, 160), (64, 2112)),
+                list(range(1, 17)) + [24, 32, 64], (4, 8), (32, 64), ("quantized_matmul", "gather_qmm"))
+            if k % group == 0), "small cases")
 
 
 def checkpoint(path):
