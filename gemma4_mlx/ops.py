@@ -365,10 +365,11 @@ def _one_group_per_row(module: nn.Module) -> bool:
     (8 bits, group 64). Elsewhere MLX's op is right and stays, so the logits stay stock's."""
     if type(module) not in (nn.QuantizedLinear, nn.QuantizedEmbedding) or getattr(module, "mode", "affine") != "affine":
         return False
+    if module["weight"].shape[-1] * 32 // module.bits != module.group_size:
+        return False  # every real layer leaves here, before the backend is asked
     from .kernels import dispatch
 
-    return (dispatch.active_backend() == "cuda"
-            and module["weight"].shape[-1] * 32 // module.bits == module.group_size)
+    return dispatch.active_backend() == "cuda"
 
 
 def _dequantized_product(module: nn.Module, x: mx.array) -> mx.array:

@@ -115,13 +115,15 @@ def active_backend() -> str | None:
 
 
 # Off unless asked for, per backend. "mv" and "qmv" each replace one MLX matmul and measured
-# slower than it on the H100/H200 (every shape of bench/kernels.py, and the E2B 4-bit decode
-# step: 8.9 ms without qmv, 9.8 ms with it; docs/benchmarks.md). Kept, tested and compile-checked
-# as the starting point of faster ones; on Metal neither has been measured against MLX's own.
+# slower than it on the H100/H200 (every shape of bench/kernels.py; the E2B decode step, session
+# 7: bf16 10.16 ms without mv, 12.90 with it and its fused forms; 4-bit 11.05 without qmv, 13.56
+# with; docs/benchmarks.md). Kept, tested and compile-checked as the starting point of faster
+# ones; on Metal neither has been measured against MLX's own.
 # "ple_tail" (the PLE close of a layer in one launch instead of four) is correct on the H200 but
 # slower (E2B step 17.2 ms against 11.7: one block per row streams the weights); off, and
 # ``GEMMA4_MLX_KERNELS_DISABLE=mv,qmv`` switches it on. "attention_prefix_q" (the decode step's
-# attention applying the q norm and RoPE itself) has not run on a GPU yet: off until measured.
+# attention applying the q norm and RoPE itself) is correct on the H200 but no faster there
+# (session 7: bf16 10.04 ms against 10.16, 4-bit 11.75 against 11.05): off.
 DEFAULT_DISABLED = {"cuda": "mv,qmv,ple_tail,attention_prefix_q", "metal": "mv,qmv,ple_tail,attention_prefix_q"}
 
 
