@@ -273,6 +273,11 @@ def kernel_source(name: str, backend: str, defines: Sequence[tuple[str, int]] = 
     return head, defs + src + body(name) + undefs
 
 
+def kernel_name(name: str, variant: str = "") -> str:
+    """The function name a kernel body is compiled under."""
+    return f"gemma4_{name}{'_' + variant if variant else ''}"
+
+
 def get_kernel(
     name: str,
     input_names: Sequence[str],
@@ -290,7 +295,7 @@ def get_kernel(
     if k is not None:
         return k
     header, source = kernel_source(name, backend, defines)
-    kname = f"gemma4_{name}{'_' + variant if variant else ''}"
+    kname = kernel_name(name, variant)
     if backend == "metal":
         k = mx.fast.metal_kernel(
             name=kname, input_names=list(input_names), output_names=list(output_names),

@@ -130,7 +130,7 @@ def emulated_cuda(monkeypatch):
     def get_kernel(name, input_names, output_names, *, backend=None, defines=(), ensure_row_contiguous=True,
                    variant=""):
         _, source = dispatch.kernel_source(name, "cuda", defines)
-        return EmulatedKernel(f"gemma4_{name}{'_' + variant if variant else ''}", input_names, output_names, source)
+        return EmulatedKernel(dispatch.kernel_name(name, variant), input_names, output_names, source)
 
     monkeypatch.setattr(dispatch, "get_kernel", get_kernel)
     with dispatch.force_backend("cuda"):
