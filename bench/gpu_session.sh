@@ -162,6 +162,66 @@ with mx.stream(mx.cpu):
       echo "== [$env] exit $? stdout $(od -c < "$OUT/memcpy.out" | head -1 | cut -c9-60)"
       grep -v "^ *$" "$OUT/memcpy.err" | tail -4 | tee -a "$OUT/memcpy.txt"
     done ;;
+  memloop)  # issue 16: the "cudaMemcpy ... invalid argument" of a fresh `generate` is intermittent (session 8:
+            # 1 of 7 runs, under no one switch): N (default 10) fresh runs each of ours, ours with
+            # CUDA_LAUNCH_BLOCKING=1, and stock mlx-lm's generate on the same checkpoint; every failure's stderr kept
+    python3 -c "
+import mlx.core as mx
+from gemma4_mlx.checkpoint import write_random_checkpoint
+with mx.stream(mx.cpu):
+    write_random_checkpoint('tiny-31b', '/root/t31', dtype='float32', seed=3)" > /dev/null 2>&1
+    for side in ${SIDES:-ours blocking stock}; do
+      fails=0
+      for i in $(seq "${N:-10}"); do
+        case $side in
+          ours)     cmd=(python3 -m gemma4_mlx.cli --debug generate --model /root/t31 --prompt "Hello there" --greedy --max-tokens 8) ;;
+          blocking) cmd=(env CUDA_LAUNCH_BLOCKING=1 python3 -m gemma4_mlx.cli --debug generate --model /root/t31 --prompt "Hello there" --greedy --max-tokens 8) ;;
+          stock)    cmd=(python3 -m mlx_lm generate --model /root/t31 --prompt "Hello there" --max-tokens 8 --temp 0) ;;
+        esac
+        timeout 120 "${cmd[@]}" > "$OUT/loop.out" 2> "$OUT/loop.err"
+        rc=$?
+        if [ $rc -ne 0 ]; then fails=$((fails + 1)); cp "$OUT/loop.err" "$OUT/fail-$side-$i.err"; fi
+      done
+      echo "== $side: $fails of ${N:-10} runs failed" | tee -a "$OUT/memloop.txt"
+    done
+    for f in "$OUT"/fail-*.err; do [ -f "$f" ] && { echo "-- $f"; grep -v "^ *$" "$f" | tail -3; }; done | head -40 ;;
+  membisect)  # issue 16: the memloop failure rate under one switch at a time (N runs each, JOBS at once)
+    python3 -c "
+import mlx.core as mx
+from gemma4_mlx.checkpoint import write_random_checkpoint
+with mx.stream(mx.cpu):
+    write_random_checkpoint('tiny-31b', '/root/t31', dtype='float32', seed=3)" > /dev/null 2>&1
+    one() {  # one <tag> <i> <env...>
+      local tag=$1 i=$2; shift 2
+      env "$@" timeout 120 python3 -m gemma4_mlx.cli --debug generate --model /root/t31 --prompt "Hello there" \
+        --greedy --max-tokens 8 > "$OUT/b-$tag-$i.out" 2> "$OUT/b-$tag-$i.err" && rm -f "$OUT/b-$tag-$i.err"
+    }
+    k=0
+    for env in "BASE=1" "GEMMA4_MLX_KERNELS=off" "GEMMA4_MLX_COMPILE=0" "GEMMA4_MLX_NVRTC=0" "GEMMA4_MLX_TRANSPOSES=0" \
+               "GEMMA4_MLX_FUSE=0" "MLX_USE_CUDA_GRAPHS=0" "CUDA_VISIBLE_DEVICES=0" ${EXTRA_ENVS:-}; do
+      k=$((k + 1))
+      for i in $(seq "${N:-6}"); do
+        one "$k" "$i" $env &
+        [ $(jobs -r | wc -l) -ge "${JOBS:-4}" ] && wait -n
+      done
+      wait
+      echo "== [$env] $(ls "$OUT"/b-$k-*.err 2>/dev/null | wc -l) of ${N:-6} failed" | tee -a "$OUT/membisect.txt"
+    done
+    for f in "$OUT"/b-*.err; do [ -f "$f" ] && { echo "-- $f"; grep -v "^ *$" "$f" | tail -2; }; done | head -30 ;;
+  curdev)   # issue 16: the current CUDA device around each decode step, self-check and eval (bench/current_device.py), N runs, all at once
+    [ -d /root/t31 ] || python3 -c "
+import mlx.core as mx
+from gemma4_mlx.checkpoint import write_random_checkpoint
+with mx.stream(mx.cpu):
+    write_random_checkpoint('tiny-31b', '/root/t31', dtype='float32', seed=3)" > /dev/null 2>&1
+    for i in $(seq "${N:-6}"); do
+      env ${CURDEV_ENV:-} timeout 120 python3 bench/current_device.py /root/t31 --prompt "Hello there" --greedy --max-tokens 8 \
+        > "$OUT/cd-$i.out" 2> "$OUT/cd-$i.err" &
+    done
+    wait
+    for i in $(seq "${N:-6}"); do
+      echo "-- run $i: $(grep -c "invalid argument" "$OUT/cd-$i.err") failures"; grep "current_device\]" "$OUT/cd-$i.err" | head -${LINES_EACH:-12}
+    done ;;
   chain)    # issue 14: our mv / qmv in every launch layout (rows per group x warps per group) against
             # MLX's matmul, bf16 and 4-bit, E2B / E4B / 31B shapes, per product in a compiled chain
     timeout "${CHAIN_S:-400}" python3 bench/matvec_chain.py ${FAMILIES:+--families $FAMILIES} 2>&1 | tee "$OUT/matvec_chain.txt" | tail -80 ;;

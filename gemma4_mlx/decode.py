@@ -38,7 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from . import ops
+from . import cuda_context, ops
 from .cache import SlidingWindowCache
 from .step_context import _context, active
 
@@ -481,6 +481,7 @@ class CompiledDecoder:
             reserved = [_reserve_slot(c) for c in cache]
         except _NeedsEager:
             return None
+        cuda_context.ensure_current()  # host-made arrays below: see cuda_context
         slots = mx.array([s for s, _ in reserved], dtype=mx.int32)
         valid = mx.array([v for _, v in reserved], dtype=mx.int32)
         buffers = []

@@ -28,6 +28,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from . import cuda_context
 from .cache import make_prompt_cache
 from .chat_format import (
     ReasoningParser,
@@ -445,6 +446,7 @@ def stream_generate(
     parser = ReasoningParser()
     calls_parser = ToolCallParser() if tools else None
     n_prompt = len(tokens)
+    cuda_context.ensure_current()  # before the prompt's array is made: see cuda_context
     if draft_model is None:
         steps = ((token, logprobs, False) for token, logprobs in generate_step(
             mx.array(tokens), model, max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,

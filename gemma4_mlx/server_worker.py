@@ -30,6 +30,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from . import cuda_context
 from .chat_format import ReasoningParser
 from .server_api import GenerationRequest
 from .server_distributed import IDLE_TICK, GroupLost, group_failure
@@ -414,6 +415,7 @@ class Worker:
 
     def _steps(self, r: GenerationRequest, sampler, processors, progress, job: Optional[Job]):
         """``(token, logprobs)``: mlx-lm's step, or the exact speculative one (counted in ``job``)."""
+        cuda_context.ensure_current()  # before the prompt's array is made: see cuda_context
         if self.draft_model is None:
             return generate_step(
                 mx.array(r.prompt), self.model, max_tokens=r.max_tokens, sampler=sampler,
