@@ -51,23 +51,26 @@ def off(*more, on=()):
     return {D: ",".join([n for n in DEFAULT_OFF if n not in on] + list(more))}
 
 
-# "ours" is the default (the matvec kernels "mv", "qmv", the one-launch PLE close "ple_tail" and
-# the attention applying the q norm itself, "attention_prefix_q", off); each other line changes one
-# thing. A kernel switched off falls back to the model's MLX op sequence (what stock runs).
+# "ours" is the default (the matvec kernels "mv", "qmv", the one-launch PLE close "ple_tail", the
+# attention applying the q norm itself, "attention_prefix_q", and on CUDA the fused norm + residual
+# "residual_norm", off); each other line changes one thing. A kernel switched off falls back to
+# the model's MLX op sequence (what stock runs).
 # "+mv" / "+qmv" include their fused forms (a joined gate/up and its GeGLU, a PLE gate, a layer's
-# first projection, each with the residual norm ahead of it: one launch each); "-residual" keeps
+# first projection, each with the residual norm ahead of it: one launch each; these follow
+# residual_norm's switch too, so it is switched on with them); "-residual" keeps
 # the norms apart, "plain" keeps every fused form off, to tell the matvec from the fusions.
-CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=["mv"])), ("ours +qmv", off(on=["qmv"])),
-           ("ours +mv -residual", off("mv_residual", on=["mv"])),
-           ("ours +qmv -residual", off("qmv_residual", on=["qmv"])),
+CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=["mv", "residual_norm"])),
+           ("ours +qmv", off(on=["qmv", "residual_norm"])),
+           ("ours +mv -residual", off("mv_residual", on=["mv", "residual_norm"])),
+           ("ours +qmv -residual", off("qmv_residual", on=["qmv", "residual_norm"])),
            ("ours +mv plain", off("mv_geglu", "mv_gate", "mv_residual", on=["mv"])),
            ("ours +qmv plain", off("qmv_geglu", "qmv_gate", "qmv_residual", on=["qmv"])),
            ("ours +ple_tail", off(on=["ple_tail"])),
            ("ours +attn_q", off(on=["attention_prefix_q"])),
+           ("ours +resnorm", off(on=["residual_norm"])),
            ("ours -attn", off("attention_prefix", "attention")),
            ("ours -rope", off("q_norm_rope", "kv_norm_rope")),
            ("ours -ple", off("ple_combine", "ple_gate")),
-           ("ours -resnorm", off("residual_norm")),
            ("ours -fuse", {"GEMMA4_MLX_FUSE": "0"}),
            ("ours -transposes", {"GEMMA4_MLX_TRANSPOSES": "0"}),  # weight.T traced per projection
            ("ours mlx kernels", {"GEMMA4_MLX_NVRTC": "0"}),  # built by mx.fast.cuda_kernel instead

@@ -6,14 +6,13 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 8), on nvidia-h200-x2 (two parts can run at once, one per GPU, with
-# CUDA_VISIBLE_DEVICES): memcpy (~1 min: which switch the generate failure below follows), BITS= nccl (session 7: the logits test passed for every family once a
-# one-group quantized layer stopped going through MLX's quantized_matmul; the mlx.launch test's
-# single-process generate failed with "cudaMemcpy ... invalid argument": it now runs with
-# GEMMA4_MLX_DEBUG=1, so nccl-tests.txt has the traceback); chain (our matvec kernels in every
-# launch layout against MLX's matmul, per product, in a compiled chain: which layout, if any,
-# beats cuBLAS; session 7's steps had +mv ~14 us slower per product); check (the split-K mv/qmv and
-# the qmv_residual fix on the GPU); then steps / Q=4 steps with the winning layouts.
+# Next visit (session 9): issue 14. One GPU is enough (nvidia-h200). `steps` and `Q=4 steps` with
+# the new defaults (residual_norm off on CUDA since session 8); `ablate31` (31B 4-bit: session 8
+# left 1.2-2 ms of its gap unexplained with residual_norm off; try CONFIGS with "ours -fuse" and
+# "ours kernels off"), then `e2e` and `presets` for docs/benchmarks.md's tables with the new
+# defaults. `chain` (our matvec kernels, every launch layout, against MLX per product) and the
+# two-GPU parts (`nccl`, `memloop`: the "cudaMemcpy ... invalid argument" of session 7, fixed in
+# session 8 by gemma4_mlx/cuda_context.py) need not run again unless their code changes.
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
@@ -69,7 +68,7 @@ case "${1:-}" in
     compare e2b-bf16-32k 250 --preset e2b -L 32768 --runs 2 -n 32 ;;
   steps)    # decode-step ablation (Q=4: 4-bit): every kernel switched off one at a time, and the
             # opt-in ones (matvec: mv / qmv, never measured since launches are seeded; ple_tail) on
-    export CONFIGS="stock,ours,ours -transposes,ours +mv,ours +mv -residual,ours +mv plain,ours +qmv,ours +qmv -residual,ours +qmv plain,ours +attn_q,ours +ple_tail,ours -attn,ours -rope,ours -ple,ours -resnorm,ours -fuse,ours mlx kernels,ours kernels off,ours no compile"
+    export CONFIGS="stock,ours,ours -transposes,ours +mv,ours +mv -residual,ours +mv plain,ours +qmv,ours +qmv -residual,ours +qmv plain,ours +attn_q,ours +ple_tail,ours -attn,ours -rope,ours -ple,ours +resnorm,ours -fuse,ours mlx kernels,ours kernels off,ours no compile"
     ROUNDS=4 STEPS=15 timeout 280 python3 bench/ablate.py e2b "${Q:-0}" 2>&1 | tail -23 | tee "$OUT/ablate-e2b-q${Q:-0}.txt" ;;
   seed)     # GEMMA4_MLX_NVRTC=seed: MLX's cuda_kernel over its cache seeded by our builds (one
             # fast build, MLX's cheap per-launch hash); then the per-launch cost against cubin size

@@ -23,6 +23,19 @@ _m = {n: sys.modules[f"gemma4_mlx.kernels.{n}"]
 DTYPES = ["mlx.core.float32", "mlx.core.float16", "mlx.core.bfloat16"]
 
 
+def _mv_layout(rows_split, epi):
+    """mv's launch in the given layout (the public functions take mv.layout's)."""
+    def launch(x, w, z=None):
+        return _m["mv"]._launch(x, w, z, epi, rows_split=rows_split)
+    return launch
+
+
+def _qmv_layout(rows_split, epi):
+    def launch(x, w, s, b, gs, bits, z=None):
+        return _m["qmv"]._launch(x, w, s, b, gs, bits, z, epi, rows_split=rows_split)
+    return launch
+
+
 def _cases():
     """(kernel function, probe arguments) covering the shape classes of the four families."""
     rope, att, ple, res, mv, qmv = (_m[n] for n in ("rope", "attention", "ple", "residual", "mv", "qmv"))
@@ -38,20 +51,20 @@ def _cases():
         yield ple.ple_gate_kernel, ple._probe_gate((dt, dt))
         for scaled, nxt in ((True, True), (False, False)):
             yield res.residual_norm_kernel, res._probe((dt, dt, 1536, scaled, nxt))
-        # layouts (rows per group, warps per group): big N; split-K over 1, 2 and 8 warps
-        yield mv.matvec_kernel, mv._probe((dt, (4, 1), 1))
-        yield mv.matvec_kernel, mv._probe((dt, (1, 8), 1))
+        # layouts (rows per group, warps per group), those mv.layout gives and those it does not
+        # (4 rows, 8 warps: launched with rows_split, as bench/matvec_chain.py does)
+        for ls in ((4, 1), (1, 8), (1, 4)):
+            yield _mv_layout(ls, mv.PLAIN), mv._probe((dt, ls, 1))
         yield mv.matvec_geglu_kernel, mv._probe((dt, (1, 2), 2, mv.GEGLU))
         yield mv.matvec_gate_kernel, mv._probe((dt, (1, 1), 1, mv.GATE))
         for epi, pro, HD, scaled in ((mv.GEGLU, 1, 1536, False), (mv.GATE, 2, 2560, False), (mv.PLAIN, 1, 5376, True)):
             yield mv.residual_matvec_kernel, mv._residual_probe((dt, mv.layout(300, HD), 1, epi, pro, HD, scaled))
         for bits, gs in ((4, 64), (8, 32)):
             # (rows, split, words per lane)
-            yield qmv.quantized_matvec_kernel, qmv._probe((dt, bits, gs, (4, 1, 4), 1))
-            yield qmv.quantized_matvec_kernel, qmv._probe((dt, bits, gs, (1, 8, 1), 1))
-            yield qmv.quantized_matvec_kernel, qmv._probe((dt, bits, gs, (1, 2, 4), 4))
-            yield qmv.quantized_matvec_geglu_kernel, qmv._probe((dt, bits, gs, (1, 2, 1), 2, mv.GEGLU))
-            yield qmv.quantized_matvec_gate_kernel, qmv._probe((dt, bits, gs, (1, 1, 4), 1, mv.GATE))
+            for ls, M in (((4, 1, 4), 1), ((1, 8, 1), 1), ((1, 2, 4), 4), ((1, 4, 1), 1)):
+                yield _qmv_layout(ls, mv.PLAIN), qmv._probe((dt, bits, gs, ls, M))
+            yield _qmv_layout((1, 2, 1), mv.GEGLU), qmv._probe((dt, bits, gs, (1, 2, 1), 2, mv.GEGLU))
+            yield _qmv_layout((1, 1, 4), mv.GATE), qmv._probe((dt, bits, gs, (1, 1, 4), 1, mv.GATE))
             yield qmv.quantized_residual_matvec_kernel, qmv._residual_probe(
                 (dt, bits, gs, qmv.quantized_layout(300, 1536, bits, gs), 1, mv.GEGLU, 1, 1536, False))
             yield qmv.quantized_residual_matvec_kernel, qmv._residual_probe(
@@ -165,9 +178,11 @@ def test_prepare_at_load_starts_every_kernel_build_of_the_decode_step(fresh_buil
     with dispatch.force_backend("cuda"):
         decode.prepare(model)
     names = {src.split("void __launch_bounds__(K_TG) ")[1].split("(")[0] for src, _ in cuda_build._builds}
-    # norm+RoPE for q and k/v, both attention passes, PLE, the sublayer closes
+    # norm+RoPE for q and k/v, both attention passes, PLE; not the sublayer closes (residual_norm
+    # is off by default on CUDA), nor anything else switched off
     assert {"gemma4_norm_rope_q", "gemma4_norm_rope_kv", "gemma4_attention_partial", "gemma4_attention_combine",
-            "gemma4_ple_gate", "gemma4_ple_combine", "gemma4_residual_norm"} <= names, names
+            "gemma4_ple_gate", "gemma4_ple_combine"} <= names, names
+    assert not any(n.startswith(("gemma4_residual", "gemma4_mv", "gemma4_qmv", "gemma4_ple_tail")) for n in names), names
     assert all(f.result() for f in cuda_build._builds.values())
 
 

@@ -124,7 +124,12 @@ def active_backend() -> str | None:
 # ``GEMMA4_MLX_KERNELS_DISABLE=mv,qmv`` switches it on. "attention_prefix_q" (the decode step's
 # attention applying the q norm and RoPE itself) is correct on the H200 but no faster there
 # (session 7: bf16 10.04 ms against 10.16, 4-bit 11.75 against 11.05): off.
-DEFAULT_DISABLED = {"cuda": "mv,qmv,ple_tail,attention_prefix_q", "metal": "mv,qmv,ple_tail,attention_prefix_q"}
+# "residual_norm" (a sublayer's norm + residual + the next norm in one launch) is off on CUDA: on
+# the H200 every step measured was as fast or faster without it, the more so the wider the row
+# (session 8, 4-bit at 841 tokens: 31B 38.8 ms with it, 36.6 without; E4B 13.8 / 13.2; session 7,
+# E2B: 10.16 / 10.10 bf16, 11.05 / 10.86 4-bit). Not measured on Metal, where it stays on.
+DEFAULT_DISABLED = {"cuda": "mv,qmv,ple_tail,attention_prefix_q,residual_norm",
+                    "metal": "mv,qmv,ple_tail,attention_prefix_q"}
 
 
 # The fused forms follow the switches of what they fuse (``mv`` off: every float matvec form

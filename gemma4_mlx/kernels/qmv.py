@@ -90,9 +90,11 @@ def _class_key(x, w, scales, biases, group_size, bits, epi: int = PLAIN, z: Opti
                                    _mm(x.size // K), epi)
 
 
-def quantized_layout(N: int, K: int, bits: int, group_size: int, words_per_lane: int = 4) -> tuple:
+def quantized_layout(N: int, K: int, bits: int, group_size: int, words_per_lane: int = 1) -> tuple:
     """(ROWS, SPLIT, WPL): :func:`~gemma4_mlx.kernels.mv.layout` for a warp covering 32 * WPL
-    words of a row per step; WPL 4 (one 16-byte load per lane) where it divides a group's words."""
+    words of a row per step. WPL 1 by default: one 4-byte word per lane per step beat the
+    16-byte loads of WPL 4 on every shape measured (H200, session 8, often by 1.5x); 4 is taken
+    only when asked and when it divides a group's words."""
     wpl = words_per_lane if (group_size * bits // 32) % words_per_lane == 0 else 1
     return (*layout(N, K, _per_step(bits, wpl)), wpl)
 
