@@ -37,6 +37,17 @@ compare() {  # compare <out subdir> <timeout s> <args...>
   timeout "$limit" python3 -X faulthandler -m bench.compare "$@" --out "$dir" > "$dir/stdout.txt" 2> "$dir/stderr.txt"
   echo "== $dir (exit $?): $*"; tail -18 "$dir/stdout.txt"
 }
+tiny31() {  # the tiny 31B float32 checkpoint the issue-16 parts run `generate` on (written once)
+  [ -d /root/t31 ] || python3 -c "
+import mlx.core as mx
+from gemma4_mlx.checkpoint import write_random_checkpoint
+with mx.stream(mx.cpu):
+    write_random_checkpoint('tiny-31b', '/root/t31', dtype='float32', seed=3)" > /dev/null 2>&1
+}
+generate31() {  # ours, a fresh process on it (environment switches as VAR=value arguments)
+  (export "$@"; timeout 120 python3 -m gemma4_mlx.cli --debug generate --model /root/t31 --prompt "Hello there" \
+    --greedy --max-tokens 8)
+}
 case "${1:-}" in
   check)    # session 3: our NVRTC builds on this machine, then the CUDA parity run at the CPU's
             # float32 tolerances (TF32 off) over the kernels, the decode step, determinism and
@@ -146,54 +157,30 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       MLX_PTX_CACHE_DIR=$(mktemp -d) GEMMA4_MLX_CACHE=$(mktemp -d) timeout 150 python3 bench/first_token.py \
         $run e2b 402 16 2>&1 | tail -1 | tee -a "$OUT/cold.jsonl" | cut -c1-300
     done ;;
-  memcpy)   # issue 16: `gemma4-mlx generate` on the tiny 31B float32 checkpoint failed in a fresh process
-            # on two H200s (session 7: "cudaMemcpy ... invalid argument" after two tokens); the
-            # traceback, then the same command with one switch changed at a time
-    python3 -c "
-import mlx.core as mx
-from gemma4_mlx.checkpoint import write_random_checkpoint
-with mx.stream(mx.cpu):
-    write_random_checkpoint('tiny-31b', '/root/t31', dtype='float32', seed=3)" > /dev/null 2>&1
-    for env in "" "CUDA_VISIBLE_DEVICES=0" "GEMMA4_MLX_KERNELS=off" "GEMMA4_MLX_COMPILE=0" "GEMMA4_MLX_NVRTC=0" \
-               "GEMMA4_MLX_TRANSPOSES=0" "GEMMA4_MLX_FUSE=0"; do
-      env $env timeout 120 python3 -m gemma4_mlx.cli --debug generate --model /root/t31 --prompt "Hello there" \
-        --greedy --max-tokens 6 > "$OUT/memcpy.out" 2> "$OUT/memcpy.err"
-      echo "== [$env] exit $? stdout $(od -c < "$OUT/memcpy.out" | head -1 | cut -c9-60)"
-      grep -v "^ *$" "$OUT/memcpy.err" | tail -4 | tee -a "$OUT/memcpy.txt"
-    done ;;
   memloop)  # issue 16: the "cudaMemcpy ... invalid argument" of a fresh `generate` is intermittent (session 8:
             # 1 of 7 runs, under no one switch): N (default 10) fresh runs each of ours, ours with
             # CUDA_LAUNCH_BLOCKING=1, and stock mlx-lm's generate on the same checkpoint; every failure's stderr kept
-    python3 -c "
-import mlx.core as mx
-from gemma4_mlx.checkpoint import write_random_checkpoint
-with mx.stream(mx.cpu):
-    write_random_checkpoint('tiny-31b', '/root/t31', dtype='float32', seed=3)" > /dev/null 2>&1
+    tiny31
     for side in ${SIDES:-ours blocking stock}; do
       fails=0
       for i in $(seq "${N:-10}"); do
         case $side in
-          ours)     cmd=(python3 -m gemma4_mlx.cli --debug generate --model /root/t31 --prompt "Hello there" --greedy --max-tokens 8) ;;
-          blocking) cmd=(env CUDA_LAUNCH_BLOCKING=1 python3 -m gemma4_mlx.cli --debug generate --model /root/t31 --prompt "Hello there" --greedy --max-tokens 8) ;;
-          stock)    cmd=(python3 -m mlx_lm generate --model /root/t31 --prompt "Hello there" --max-tokens 8 --temp 0) ;;
-        esac
-        timeout 120 "${cmd[@]}" > "$OUT/loop.out" 2> "$OUT/loop.err"
+          ours)     generate31 BASE=1 ;;
+          blocking) generate31 CUDA_LAUNCH_BLOCKING=1 ;;
+          stock)    timeout 120 python3 -m mlx_lm generate --model /root/t31 --prompt "Hello there" --max-tokens 8 --temp 0 ;;
+        esac > "$OUT/loop.out" 2> "$OUT/loop.err"
         rc=$?
         if [ $rc -ne 0 ]; then fails=$((fails + 1)); cp "$OUT/loop.err" "$OUT/fail-$side-$i.err"; fi
       done
       echo "== $side: $fails of ${N:-10} runs failed" | tee -a "$OUT/memloop.txt"
     done
     for f in "$OUT"/fail-*.err; do [ -f "$f" ] && { echo "-- $f"; grep -v "^ *$" "$f" | tail -3; }; done | head -40 ;;
-  membisect)  # issue 16: the memloop failure rate under one switch at a time (N runs each, JOBS at once)
-    python3 -c "
-import mlx.core as mx
-from gemma4_mlx.checkpoint import write_random_checkpoint
-with mx.stream(mx.cpu):
-    write_random_checkpoint('tiny-31b', '/root/t31', dtype='float32', seed=3)" > /dev/null 2>&1
+  membisect)  # issue 16: the memloop failure rate under one switch at a time (N runs each, JOBS at once;
+              # session 7's `memcpy` part ran each switch once)
+    tiny31
     one() {  # one <tag> <i> <env...>
       local tag=$1 i=$2; shift 2
-      env "$@" timeout 120 python3 -m gemma4_mlx.cli --debug generate --model /root/t31 --prompt "Hello there" \
-        --greedy --max-tokens 8 > "$OUT/b-$tag-$i.out" 2> "$OUT/b-$tag-$i.err" && rm -f "$OUT/b-$tag-$i.err"
+      generate31 "$@" > "$OUT/b-$tag-$i.out" 2> "$OUT/b-$tag-$i.err" && rm -f "$OUT/b-$tag-$i.err"
     }
     k=0
     for env in "BASE=1" "GEMMA4_MLX_KERNELS=off" "GEMMA4_MLX_COMPILE=0" "GEMMA4_MLX_NVRTC=0" "GEMMA4_MLX_TRANSPOSES=0" \
@@ -208,11 +195,7 @@ with mx.stream(mx.cpu):
     done
     for f in "$OUT"/b-*.err; do [ -f "$f" ] && { echo "-- $f"; grep -v "^ *$" "$f" | tail -2; }; done | head -30 ;;
   curdev)   # issue 16: the current CUDA device around each decode step, self-check and eval (bench/current_device.py), N runs, all at once
-    [ -d /root/t31 ] || python3 -c "
-import mlx.core as mx
-from gemma4_mlx.checkpoint import write_random_checkpoint
-with mx.stream(mx.cpu):
-    write_random_checkpoint('tiny-31b', '/root/t31', dtype='float32', seed=3)" > /dev/null 2>&1
+    tiny31
     for i in $(seq "${N:-6}"); do
       env ${CURDEV_ENV:-} timeout 120 python3 bench/current_device.py /root/t31 --prompt "Hello there" --greedy --max-tokens 8 \
         > "$OUT/cd-$i.out" 2> "$OUT/cd-$i.err" &
