@@ -12,8 +12,8 @@ of 8 runs (the compiled step builds its slot arrays on the host every step; stoc
 makes no such array after the prompt, 0 of 8), never with one GPU visible.
 
 :func:`ensure_current` puts the default device's primary context back before we make host
-arrays. It costs one driver call per use where more than one GPU is visible, and nothing
-elsewhere (one GPU, the CPU, Metal).
+arrays. It costs one driver call per use where more than one GPU is visible; elsewhere (one
+GPU, the CPU, Metal) it decides so once per process and then returns at once.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ _contexts: dict = {}  # device ordinal -> its primary context (retained for the 
 
 
 def _load_driver():
+    """libcuda where MLX runs on CUDA and more than one GPU is visible, else None."""
+    if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+        return None
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError:
@@ -43,9 +46,9 @@ def _load_driver():
 
 
 def _default_ordinal() -> Optional[int]:
-    """The CUDA ordinal of MLX's default device, or None when it is not a CUDA GPU."""
+    """The CUDA ordinal of MLX's default device, or None when it is not a GPU (the CPU)."""
     device = mx.default_device()
-    if device.type != mx.gpu or not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+    if device.type != mx.gpu:
         return None
     found = re.search(r"(\d+)\)\s*$", str(device))  # "Device(gpu, 0)": the index is not an attribute
     return int(found.group(1)) if found else 0
@@ -54,18 +57,16 @@ def _default_ordinal() -> Optional[int]:
 def ensure_current() -> None:
     """Make MLX's default device current in this thread if another device's context is."""
     global _needed, _driver
-    if _needed is False:
-        return
-    ordinal = _default_ordinal()
-    if ordinal is None:
-        return
-    if _needed is None:
+    if _needed is None:  # once per process: Metal, the CPU build and one GPU never need it
         with _lock:
             if _needed is None:
                 _driver = _load_driver()
                 _needed = _driver is not None
-        if not _needed:
-            return
+    if not _needed:
+        return
+    ordinal = _default_ordinal()
+    if ordinal is None:
+        return
     lib = _driver
     current = ctypes.c_int(-1)
     if lib.cuCtxGetDevice(ctypes.byref(current)) == 0 and current.value == ordinal:

@@ -78,23 +78,18 @@ def test_one_gpu_asks_the_driver_once(gpu):
     assert loads == [1]
 
 
-def test_cpu_never_loads_the_driver(monkeypatch):
+def test_without_cuda_libcuda_is_never_opened(monkeypatch):
+    """The CPU build (and Metal): decided once, without loading libcuda, and then nothing."""
     cuda_context.reset()
-    monkeypatch.setattr(cuda_context, "_load_driver", lambda: pytest.fail("driver loaded on the CPU"))
-    with mx.stream(mx.cpu):
-        prev = mx.default_device()
-        mx.set_default_device(mx.cpu)
-        try:
-            cuda_context.ensure_current()
-        finally:
-            mx.set_default_device(prev)
+    monkeypatch.setattr(cuda_context.mx, "cuda", type("NoCuda", (), {"is_available": staticmethod(lambda: False)}))
+    monkeypatch.setattr(cuda_context.ctypes, "CDLL", lambda *_: pytest.fail("libcuda opened without CUDA"))
+    cuda_context.ensure_current()
+    cuda_context.ensure_current()
+    assert cuda_context._needed is False
     cuda_context.reset()
 
 
 def test_default_ordinal_on_this_backend():
-    # On the CPU (CI) there is no CUDA ordinal; on a CUDA machine it is the default GPU's.
+    # On the CPU (CI) there is no GPU ordinal; on a GPU it is the default one's.
     ordinal = cuda_context._default_ordinal()
-    if mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available():
-        assert ordinal == 0
-    else:
-        assert ordinal is None
+    assert ordinal == (0 if mx.default_device() == mx.gpu else None)
