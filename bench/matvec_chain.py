@@ -88,7 +88,7 @@ def measure(N, K, depth, runs, bits, gpu):
         err = (mx.abs(got - want).max() / (mx.abs(want).max() + 1e-6)).item()
         label = kind if ls is None else f"{kind} " + "x".join(map(str, ls))
         if kind == "ours" and ls is None:
-            label += f" (default {qmv.quantized_layout(N, K, bits, 64) if bits else mv.layout(N, K)})"
+            label += f" (default {qmv.quantized_layout(K, bits, 64) if bits else mv.layout(K)})"
         nbytes = N * K * (bits / 8 + 4 / 64 if bits else 2)
         rows.append((label, per * 1e6, nbytes / per / 1e9, err))
     return rows

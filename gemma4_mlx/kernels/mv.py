@@ -45,10 +45,10 @@ def matvec_gate_reference(x: mx.array, w: mx.array, z: mx.array) -> mx.array:
     return ple_gate_reference(x @ w.T, z)
 
 
-def layout(N: int, K: int, per_step: int = 256) -> tuple:
+def layout(K: int, per_step: int = 256) -> tuple:
     """(ROWS, SPLIT) of a launch: output rows per warp group and warps per group (split-K), for
-    N outputs of K inputs, a warp covering ``per_step`` of K per step: one row per group, its K
-    split over 2 warps from 4 steps' worth of K and over 4 from 16. On the H200 (session 8,
+    K inputs, a warp covering ``per_step`` of K per step (the number of outputs does not enter):
+    one row per group, its K split over 2 warps from 4 steps' worth of K and over 4 from 16. On the H200 (session 8,
     bench/matvec_chain.py, E2B / E4B / 31B's shapes in a compiled chain) this was on average
     2% and at most 10% slower than the best layout of each shape; 4 rows per group and 8 warps
     were slower everywhere."""
@@ -56,11 +56,14 @@ def layout(N: int, K: int, per_step: int = 256) -> tuple:
     return 1, split
 
 
+PROBE_N = 300  # outputs of a self-check's product: more than one block's worth, not a multiple of it
+
+
 def probe_shape(rows_split: tuple, per_step: int = 256, tail: int = 0) -> tuple:
     """(N, K) of a self-check input whose :func:`layout` is ``rows_split`` (for a layout the rule
     never gives, an input of 16 steps of K: tests launch those with ``rows_split``)."""
     _, split = rows_split
-    return 300, {1: 2, 2: 4}.get(split, 16) * per_step + tail
+    return PROBE_N, {1: 2, 2: 4}.get(split, 16) * per_step + tail
 
 
 def _mm(M: int) -> int:
@@ -99,7 +102,7 @@ def _launch(x: mx.array, w: mx.array, z: Optional[mx.array], epi: int, prologue:
     :func:`layout`'s (bench/matvec_chain.py compares them)."""
     M = x.size // x.shape[-1]
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
-    rows, split = rows_split or layout(N, x.shape[-1])
+    rows, split = rows_split or layout(x.shape[-1])
     k = dispatch.get_kernel("mv", ["x", "w", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"])
     pro, HD, extra, hshape = prologue_inputs(x, prologue)
     # y gets x's leading dims: a reshape on each side would be two more primitives per
@@ -137,7 +140,7 @@ def _class_key(x, w, epi: int = PLAIN, z: Optional[mx.array] = None):
     if M > MAX_ROWS_OF_X:
         return None
     N = form_width(x, w.shape[0], epi, z)
-    return None if N is None else (str(x.dtype), layout(N, x.shape[-1]), _mm(M), epi)
+    return None if N is None else (str(x.dtype), layout(x.shape[-1]), _mm(M), epi)
 
 
 def form_width(x: mx.array, rows_of_w: int, epi: int, z: Optional[mx.array]) -> Optional[int]:
@@ -227,7 +230,7 @@ def prologue_probe(dtype, pro: int, HD: int, scaled: bool) -> tuple:
 def _residual_probe(key):
     dtype = dispatch.dtype_from_key(key[0])
     epi, pro, HD, scaled = key[3], key[4], key[5], key[6]
-    N = probe_shape(key[1])[0]  # HD is K: the same layout as the launch's
+    N = PROBE_N  # HD is K: the same layout as the launch's
     w = dispatch.probe_normal((2 * N if epi == GEGLU else N, HD), 38, dtype, 0.05)
     z = dispatch.probe_normal((1, 1, N), 39, dtype) if epi == GATE else None
     return (*prologue_probe(dtype, pro, HD, scaled), w, z, epi)

@@ -8,8 +8,8 @@ in Gemma 4, for up to 8 rows of x (the 4/8-bit twins of :mod:`.mv`):
 MLX's affine format (``mx.quantize``): W (N, K) packed into uint32 words of 32 / bits values,
 one scale and bias per ``group_size`` values of a row. The kernel
 (``custom_kernels/qmv.inc``) gives ``SPLIT`` warps ``ROWS`` output rows (:func:`quantized_layout`)
-and lets their lanes stride over a row's words, ``WPL`` at a time (4: every warp streams 512
-contiguous bytes of a row per step); the dequantization is folded into the dot product
+and lets their lanes stride over a row's words, ``WPL`` at a time (1 by default; 4, one 16-byte
+load per lane, measured slower); the dequantization is folded into the dot product
 (``scale * (q . x) + bias * sum(x)`` per group). x keeps its shape (B, L, K). Reference: ``mx.quantized_matmul`` (and
 :func:`~gemma4_mlx.kernels.ple.ple_gate_reference` over it).
 """
@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from . import dispatch
 from .dispatch import TG, ceil_to
-from .mv import (_FLOATS, GATE, GEGLU, MAX_ROWS_OF_X, PLAIN, _mm, form_width, layout, probe_shape,
+from .mv import (_FLOATS, GATE, GEGLU, MAX_ROWS_OF_X, PLAIN, PROBE_N, _mm, form_width, layout, probe_shape,
                  prologue_inputs, prologue_key, prologue_probe, residual_and_input)
 from .ple import ple_gate_reference
 
@@ -46,7 +46,7 @@ def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int, prolo
     y)); ``rows_split``: a (ROWS, SPLIT, WPL) other than :func:`quantized_layout`'s."""
     M = x.size // x.shape[-1]
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
-    rows, split, wpl = rows_split or quantized_layout(N, x.shape[-1], bits, group_size)
+    rows, split, wpl = rows_split or quantized_layout(x.shape[-1], bits, group_size)
     k = dispatch.get_kernel("qmv", ["x", "w", "scales", "biases", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"])
     pro, HD, extra, hshape = prologue_inputs(x, prologue)
     # x keeps its shape, y gets x's leading dims (no reshape primitives around the call); z is
@@ -86,17 +86,17 @@ def _class_key(x, w, scales, biases, group_size, bits, epi: int = PLAIN, z: Opti
     if K % group_size or w.shape[1] * (32 // bits) != K or x.size // K > MAX_ROWS_OF_X:
         return None
     N = form_width(x, w.shape[0], epi, z)
-    return None if N is None else (str(x.dtype), bits, group_size, quantized_layout(N, K, bits, group_size),
+    return None if N is None else (str(x.dtype), bits, group_size, quantized_layout(K, bits, group_size),
                                    _mm(x.size // K), epi)
 
 
-def quantized_layout(N: int, K: int, bits: int, group_size: int, words_per_lane: int = 1) -> tuple:
+def quantized_layout(K: int, bits: int, group_size: int, words_per_lane: int = 1) -> tuple:
     """(ROWS, SPLIT, WPL): :func:`~gemma4_mlx.kernels.mv.layout` for a warp covering 32 * WPL
     words of a row per step. WPL 1 by default: one 4-byte word per lane per step beat the
     16-byte loads of WPL 4 on every shape measured (H200, session 8, often by 1.5x); 4 is taken
     only when asked and when it divides a group's words."""
     wpl = words_per_lane if (group_size * bits // 32) % words_per_lane == 0 else 1
-    return (*layout(N, K, _per_step(bits, wpl)), wpl)
+    return (*layout(K, _per_step(bits, wpl)), wpl)
 
 
 def _per_step(bits: int, wpl: int) -> int:
@@ -164,7 +164,7 @@ def quantized_residual_matvec_kernel(x, branch, norm_weight, scalar, next_weight
 def _residual_probe(key):
     dtype = dispatch.dtype_from_key(key[0])
     bits, gs, epi, pro, HD, scaled = key[1], key[2], key[5], key[6], key[7], key[8]
-    N = _probe_shape(key[3], bits)[0]  # HD is K: the same layout as the launch's
+    N = PROBE_N  # HD is K: the same layout as the launch's
     w, s, b = mx.quantize(dispatch.probe_normal((2 * N if epi == GEGLU else N, HD), 28, mx.float32, 0.05),
                           group_size=gs, bits=bits)
     z = dispatch.probe_normal((1, 1, N), 29, dtype) if epi == GATE else None
