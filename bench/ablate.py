@@ -65,6 +65,7 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=["mv", "residual_n
            ("ours +qmv -residual", off("qmv_residual", on=["qmv", "residual_norm"])),
            ("ours +mv plain", off("mv_geglu", "mv_gate", "mv_residual", on=["mv"])),
            ("ours +qmv plain", off("qmv_geglu", "qmv_gate", "qmv_residual", on=["qmv"])),
+           ("ours +qmv fused", off("qmv_residual", on=["qmv"])),  # the gated forms, no residual_norm
            ("ours +ple_tail", off(on=["ple_tail"])),
            ("ours +attn_q", off(on=["attention_prefix_q"])),
            ("ours +resnorm", off(on=["residual_norm"])),

@@ -67,6 +67,19 @@ case "${1:-}" in
     for i in 0 1 2 3 4 5 6 7; do tail -1 "$OUT/parity.$i.txt"; done | tee "$OUT/parity.txt"
     grep -h -A25 -E "^_____" "$OUT"/parity.?.txt | head -60
     grep -h -E "^(FAILED|ERROR)" "$OUT"/parity.?.txt | head -30 ;;
+  qcheck)   # the quantized matvec (qmv and its fused forms) on CUDA at the CPU's float32 tolerances:
+            # the kernel tests, the decode step and the fusions with qmv, in 4 processes
+    python3 -m pytest -q -p no:cacheprovider --collect-only tests/test_kernels.py tests/test_decode.py tests/test_fusion.py \
+      -k "qmv or quantized" 2>/dev/null | grep '::' > "$OUT/ids.txt"
+    echo "$(wc -l < "$OUT/ids.txt") test ids"
+    for i in 0 1 2 3; do
+      awk -v i=$i 'NR % 4 == i' "$OUT/ids.txt" > "$OUT/ids.$i"
+      (mapfile -t ids < "$OUT/ids.$i"; MLX_ENABLE_TF32=0 timeout 300 python3 -m pytest -q -p no:cacheprovider \
+        "${ids[@]}" > "$OUT/qcheck.$i.txt" 2>&1) &
+    done
+    wait
+    for i in 0 1 2 3; do tail -1 "$OUT/qcheck.$i.txt"; done
+    grep -h -E "^(FAILED|ERROR)" "$OUT"/qcheck.?.txt | head -30 ;;
   e2e)      # end to end, fresh processes (the README's headline), E2B: NEW (default 128,2048) new tokens,
             # RUNS (default 1) warm runs per side after each side's first run on a fresh machine; Q=4
             # for 4-bit (converted from the bf16 checkpoint, which is written once per machine)
@@ -79,7 +92,7 @@ case "${1:-}" in
     compare e2b-bf16-32k 250 --preset e2b -L 32768 --runs 2 -n 32 ;;
   steps)    # decode-step ablation (Q=4: 4-bit): every kernel switched off one at a time, and the
             # opt-in ones (matvec: mv / qmv, never measured since launches are seeded; ple_tail) on
-    export CONFIGS="stock,ours,ours -transposes,ours +mv,ours +mv -residual,ours +mv plain,ours +qmv,ours +qmv -residual,ours +qmv plain,ours +attn_q,ours +ple_tail,ours -attn,ours -rope,ours -ple,ours +resnorm,ours -fuse,ours mlx kernels,ours kernels off,ours no compile"
+    export CONFIGS="${CONFIGS:-stock,ours,ours -transposes,ours +mv,ours +mv -residual,ours +mv plain,ours +qmv,ours +qmv -residual,ours +qmv plain,ours +attn_q,ours +ple_tail,ours -attn,ours -rope,ours -ple,ours +resnorm,ours -fuse,ours mlx kernels,ours kernels off,ours no compile}"
     ROUNDS=4 STEPS=15 timeout 280 python3 bench/ablate.py e2b "${Q:-0}" 2>&1 | tail -23 | tee "$OUT/ablate-e2b-q${Q:-0}.txt" ;;
   seed)     # GEMMA4_MLX_NVRTC=seed: MLX's cuda_kernel over its cache seeded by our builds (one
             # fast build, MLX's cheap per-launch hash); then the per-launch cost against cubin size
@@ -206,7 +219,7 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     done ;;
   chain)    # issue 14: our mv / qmv in every launch layout (rows per group x warps per group) against
             # MLX's matmul, bf16 and 4-bit, E2B / E4B / 31B shapes, per product in a compiled chain
-    timeout "${CHAIN_S:-400}" python3 bench/matvec_chain.py ${FAMILIES:+--families $FAMILIES} 2>&1 | tee "$OUT/matvec_chain.txt" | tail -80 ;;
+    timeout "${CHAIN_S:-400}" python3 bench/matvec_chain.py ${FAMILIES:+--families $FAMILIES} ${BITS:+--bits $BITS} 2>&1 | tee "$OUT/matvec_chain.txt" | tail -80 ;;
   quant)    # MLX's quantized_matmul / gather_qmm on this GPU against the CPU: every quantized layer
             # of the 4-bit MoE the NCCL test fails on (hidden 64, MLPs 96, group 32), then the sweep
             # over K whole and sharded (QUANT_S bounds it, default 240)

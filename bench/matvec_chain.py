@@ -36,6 +36,9 @@ SHAPES = {
     "31B": {"qkv": (8192 + 2 * 4096, 5376), "o": (5376, 8192), "gate/up": (2 * 21504, 5376), "down": (5376, 21504)},
 }
 LAYOUTS = [(1, 1), (1, 2), (1, 4), (1, 8), (4, 1)]
+# qmv: (rows, split, words per lane); 16-byte loads (4 words) with 1-4 rows per warp group since
+# the conversion-free dequantization (session 9)
+QLAYOUTS = [(1, 2, 1), (1, 4, 1), (1, 1, 4), (1, 2, 4), (1, 4, 4), (2, 1, 4), (2, 2, 4), (2, 4, 4), (4, 1, 4), (4, 2, 4)]
 
 
 def _weights(n_out, n_in, depth, bits, seed):
@@ -60,7 +63,7 @@ def _product(kind, rows_split, bits):
 def measure(N, K, depth, runs, bits, gpu):
     ws, vs = _weights(N, K, depth, bits, 1), _weights(K, N, depth, bits, 2)
     x = mx.random.normal((1, 1, K), key=mx.random.key(3)).astype(mx.bfloat16)
-    layouts = [(*ls, wpl) for ls in LAYOUTS for wpl in (1, 4)] if bits else LAYOUTS
+    layouts = QLAYOUTS if bits else LAYOUTS
     variants = [("mlx", None)] + ([("ours", None)] + [("ours", ls) for ls in layouts] if gpu else [])
     rows = []
     want = None

@@ -22,6 +22,7 @@ K_INLINE float k_rsqrt(float x) { return rsqrtf(x); }
 K_INLINE float k_cos(float x) { return float(cos(double(x))); }
 K_INLINE float k_sin(float x) { return float(sin(double(x))); }
 K_INLINE float k_tanh(float x) { return tanhf(x); }
+K_INLINE float k_as_float(unsigned int u) { return __uint_as_float(u); }
 // Eight values p[0], p[s], ..., p[7 s] as float: one 16-byte load (two for 4-byte types) when
 // they are contiguous and the address is 16-byte aligned, else eight scalar loads.
 template <typename T>

@@ -15,6 +15,7 @@ K_INLINE float k_rsqrt(float x) { return metal::precise::rsqrt(x); }
 K_INLINE float k_cos(float x) { return metal::precise::cos(x); }
 K_INLINE float k_sin(float x) { return metal::precise::sin(x); }
 K_INLINE float k_tanh(float x) { return metal::precise::tanh(x); }
+K_INLINE float k_as_float(unsigned int u) { return as_type<float>(u); }
 // Eight values p[0], p[s], ..., p[7 s] as float (the CUDA prelude's one uses vector loads).
 template <typename T>
 K_INLINE void k_load8(const device T* p, int s, thread float* v) {

@@ -90,13 +90,12 @@ def _class_key(x, w, scales, biases, group_size, bits, epi: int = PLAIN, z: Opti
                                    _mm(x.size // K), epi)
 
 
-def quantized_layout(K: int, bits: int, group_size: int, words_per_lane: int = 1) -> tuple:
-    """(ROWS, SPLIT, WPL): :func:`~gemma4_mlx.kernels.mv.layout` for a warp covering 32 * WPL
-    words of a row per step. WPL 1 by default: one 4-byte word per lane per step beat the
-    16-byte loads of WPL 4 on every shape measured (H200, session 8, often by 1.5x); 4 is taken
-    only when asked and when it divides a group's words."""
+def quantized_layout(K: int, bits: int, group_size: int, words_per_lane: int = 4, rows: int = 2) -> tuple:
+    """(ROWS, SPLIT, WPL): ``rows`` output rows per warp group, each lane taking ``words_per_lane``
+    words of a row per step (4: one 16-byte load) where that divides a group's words (else 1), and
+    :func:`~gemma4_mlx.kernels.mv.layout`'s split-K for a warp covering 32 * WPL words per step."""
     wpl = words_per_lane if (group_size * bits // 32) % words_per_lane == 0 else 1
-    return (*layout(K, _per_step(bits, wpl)), wpl)
+    return (rows, layout(K, _per_step(bits, wpl))[1], wpl)
 
 
 def _per_step(bits: int, wpl: int) -> int:

@@ -42,6 +42,11 @@ inline float k_rsqrt(float x) { return 1.0f / std::sqrt(x); }
 inline float k_cos(float x) { return float(std::cos(double(x))); }
 inline float k_sin(float x) { return float(std::sin(double(x))); }
 inline float k_tanh(float x) { return std::tanh(x); }
+inline float k_as_float(unsigned int u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 struct bf16_t {
   uint16_t bits;
   bf16_t() = default;

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cmath>
+#include <cstring>
 
 #define device
 #define constant
@@ -27,6 +28,13 @@ struct bfloat16_t {
   bfloat16_t(float) {}
   operator float() const { return 0.0f; }
 };
+
+template <typename To, typename From>
+inline To as_type(From v) {
+  To t;
+  std::memcpy(&t, &v, sizeof(To));
+  return t;
+}
 
 enum class mem_flags { mem_none, mem_device, mem_threadgroup };
 inline void threadgroup_barrier(mem_flags) {}
