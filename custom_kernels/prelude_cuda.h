@@ -7,6 +7,8 @@
 #define K_BARRIER() __syncthreads()
 #define K_NEG_INF (-__int_as_float(0x7f800000))
 #define K_INLINE __device__ __forceinline__
+// before a loop over a register array: left rolled, its indices would send the array to local memory
+#define K_UNROLL _Pragma("unroll")
 K_INLINE float k_warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -38,6 +40,15 @@ K_INLINE void k_load8(const T* p, int s, float* v) {
   } else {
     for (int j = 0; j < 8; j++) v[j] = static_cast<float>(p[j * s]);
   }
+}
+// Four words p[0..3] from a 16-byte aligned p: one 16-byte load, no branch (a branch around an
+// array's writes can send the array to local memory).
+struct k_words4 {
+  unsigned int x, y, z, w;
+};
+K_INLINE k_words4 k_ld16(const uint32_t* p) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  return {v.x, v.y, v.z, v.w};
 }
 // Four words p[0..3]: one 16-byte load when the address is 16-byte aligned, else four.
 K_INLINE void k_load4u(const uint32_t* p, unsigned int* u) {

@@ -8,6 +8,7 @@
 #define K_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define K_NEG_INF (-INFINITY)
 #define K_INLINE inline
+#define K_UNROLL _Pragma("unroll")
 K_INLINE float k_warp_sum(float v) { return simd_sum(v); }
 K_INLINE float k_warp_max(float v) { return simd_max(v); }
 K_INLINE float k_exp(float x) { return metal::exp(x); }
@@ -20,6 +21,14 @@ K_INLINE float k_as_float(unsigned int u) { return as_type<float>(u); }
 template <typename T>
 K_INLINE void k_load8(const device T* p, int s, thread float* v) {
   for (int j = 0; j < 8; j++) v[j] = static_cast<float>(p[j * s]);
+}
+// Four words p[0..3] from a 16-byte aligned p: one vector load.
+struct k_words4 {
+  unsigned int x, y, z, w;
+};
+K_INLINE k_words4 k_ld16(const device uint32_t* p) {
+  const uint4 v = *reinterpret_cast<const device uint4*>(p);
+  return {v.x, v.y, v.z, v.w};
 }
 // Four words p[0..3] (the CUDA prelude's one uses a vector load).
 K_INLINE void k_load4u(const device uint32_t* p, thread unsigned int* u) {

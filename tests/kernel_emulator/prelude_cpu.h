@@ -11,6 +11,7 @@
 #define K_SHARED static
 #define K_SHARED_PTR
 #define K_INLINE inline
+#define K_UNROLL
 #define K_NEG_INF (-INFINITY)
 #define K_BARRIER() emu_block_barrier->arrive_and_wait()
 #define __global__
@@ -76,6 +77,13 @@ struct half_t {
 template <typename T>
 inline void k_load8(const T* p, int s, float* v) {
   for (int j = 0; j < 8; j++) v[j] = static_cast<float>(p[j * s]);
+}
+struct k_words4 {
+  unsigned int x, y, z, w;
+};
+inline k_words4 k_ld16(const uint32_t* p) {
+  if (reinterpret_cast<size_t>(p) & 15) __builtin_trap();  // the GPU's 16-byte load faults there too
+  return {p[0], p[1], p[2], p[3]};
 }
 inline void k_load4u(const uint32_t* p, unsigned int* u) {
   for (int j = 0; j < 4; j++) u[j] = p[j];

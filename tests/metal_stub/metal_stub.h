@@ -17,6 +17,7 @@
 typedef unsigned int uint;
 typedef unsigned short ushort;
 struct uint3 { uint x, y, z; };
+struct alignas(16) uint4 { uint x, y, z, w; };
 struct half {
   half() = default;
   half(float) {}

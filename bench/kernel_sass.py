@@ -1,0 +1,91 @@
+"""What a kernel body compiles to on an NVIDIA GPU, without one: registers, spills and the
+instruction mix of its hottest loop. NVRTC (``pip install nvidia-cuda-nvrtc``) builds the exact
+source our CUDA path builds; ``cuobjdump`` (``pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm``) disassembles it.
+
+    python bench/kernel_sass.py qmv --template T=bfloat16 BITS=4 GS=64 ROWS=2 SPLIT=2 WPL=4 MM=1 EPI=0 PRO=0 HD=1
+
+A memory-bound matvec has to keep few instructions per byte and many bytes in flight: this shows
+both sides of that (``--sass`` prints the whole disassembly).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx.core as mx  # noqa: E402
+
+from gemma4_mlx.kernels import cuda_build, dispatch, nvrtc  # noqa: E402
+
+INPUTS = {"qmv": ["x", "w", "scales", "biases", "z", "b", "nw", "ls", "nn", "eps"],
+          "mv": ["x", "w", "z", "b", "nw", "ls", "nn", "eps"]}
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+
+def _cuobjdump() -> str:
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import nvidia.cu13 as cu  # the pip wheel's bin/ folder
+        return str(Path(list(cu.__path__)[0]) / "bin" / "cuobjdump")
+    except ImportError:
+        sys.exit("cuobjdump not found: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
+
+
+def build(name: str, template: dict, arch: str) -> tuple[bytes, str]:
+    inputs = INPUTS[name]
+    head, src = dispatch.kernel_source(name, "cuda", ())
+    k = cuda_build.CudaKernel(dispatch.kernel_name(name), inputs, ["y", "hout"], src,
+                              dispatch.read_source("cuda_types.h") + head)
+    T = DTYPES[template.pop("T", "bfloat16")]
+    dtypes = {"x": T, "w": mx.uint32 if name == "qmv" else T, "eps": mx.float32}
+    tmpl = [("T", T)] + [(k_, int(v)) for k_, v in template.items()]
+    source = k.full_source([dtypes.get(n, T) for n in inputs], [3] + [2] * (len(inputs) - 1), [T, T], tmpl)
+    log = []
+    cubin = nvrtc.compile_source(source, arch=arch, options=["--ptxas-options=--verbose"])
+    return cubin, "\n".join(log)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("name", choices=sorted(INPUTS))
+    ap.add_argument("--template", nargs="*", default=[], help="NAME=VALUE ...")
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--sass", action="store_true")
+    args = ap.parse_args()
+    cubin, _ = build(args.name, dict(t.split("=", 1) for t in args.template), args.arch)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        tool = _cuobjdump()
+        env = {"PATH": str(Path(tool).parent) + ":/usr/bin:/bin"}  # cuobjdump runs nvdisasm from its folder
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, env=env).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, env=env).stdout
+    print(" ".join(line.strip() for line in res.splitlines() if "REG" in line))
+    if args.sass:
+        print(sass)
+    ops = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)]
+    # the hottest loop: the longest stretch a backward branch jumps over
+    code = [(int(m.group(1), 16), m.group(2), line) for line in sass.splitlines()
+            for m in [re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)] if m]
+    span = (0, -1)
+    for at, op, line in code:
+        m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", line) if op == "BRA" else None
+        if m and m.group(1) and int(m.group(1), 16) < at and at - int(m.group(1), 16) > span[1] - span[0]:
+            span = (int(m.group(1), 16), at)
+    loop = [op for at, op, _ in code if span[0] <= at <= span[1]]
+    print(f"{len(ops)} instructions; longest loop {len(loop)}:")
+    for op, n in collections.Counter(o.split(".")[0] for o in loop).most_common(18):
+        print(f"  {op:10s} {n}")
+
+
+if __name__ == "__main__":
+    main()
