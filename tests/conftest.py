@@ -24,3 +24,13 @@ if "MLX_PTX_CACHE_DIR" not in os.environ:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "reference: needs transformers + torch (the numerical reference)")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _qmv_at_every_size(monkeypatch):
+    """The test models are tiny: in tests the quantized matvec kernel takes products of every size
+    (its size rule, measured on real models' shapes, has its own test)."""
+    monkeypatch.setattr("gemma4_mlx.kernels.qmv.MIN_VALUES", {})

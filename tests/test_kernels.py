@@ -955,16 +955,39 @@ def test_matvec_layout_rule_and_its_probes():
     assert qmv.quantized_layout(1536, 4, 16)[2] == 1  # a group of 16 is 2 words
 
 
+def test_qmv_size_rule(monkeypatch):
+    """On CUDA the quantized matvec takes only products of at least qmv.MIN_VALUES weights (where
+    it beat MLX's quantized_matmul on the H200); smaller ones stay MLX's. Shapes only: nothing is
+    evaluated."""
+    from gemma4_mlx.kernels import mv, qmv
+
+    monkeypatch.setattr(qmv, "MIN_VALUES", {"cuda": 1 << 25})
+
+    def key(n, k, epi=mv.PLAIN):
+        x = mx.zeros((1, 1, k), mx.bfloat16)
+        w = mx.zeros((n, k // 8), mx.uint32)
+        s = mx.zeros((n, k // 64), mx.bfloat16)
+        return qmv._class_key(x, w, s, s, 64, 4, epi)
+
+    with dispatch.force_backend("cuda"):
+        assert key(2 * 10240, 2560, mv.GEGLU) is not None  # E4B's joined gate/up: 52 M weights
+        assert key(5376, 8192) is not None  # 31B's o projection
+        assert key(2560, 10240) is None  # E4B's down projection: 26 M, MLX's
+        assert key(2 * 6144, 1536, mv.GEGLU) is None  # E2B's joined gate/up
+    with dispatch.force_backend("metal"):  # no rule measured there
+        assert key(2560, 10240) is not None
+
+
 def test_disable_list(monkeypatch):
     monkeypatch.delenv("GEMMA4_MLX_KERNELS_DISABLE", raising=False)
-    # mv, qmv: measured slower than MLX's matmuls (not measured against MLX's Metal ones);
-    # ple_tail: slower on the H200; attention_prefix_q: no faster there; residual_norm: slower
-    # on the H200 (not measured on Metal, where it stays on)
-    default = {"mv", "qmv", "ple_tail", "attention_prefix_q"}
+    # mv: measured slower than MLX's matmuls; qmv: on on CUDA (its size rule decides), not
+    # measured against MLX's Metal one; ple_tail: slower on the H200; attention_prefix_q: no
+    # faster there; residual_norm: slower on the H200 (not measured on Metal, where it stays on)
+    default = {"mv", "ple_tail", "attention_prefix_q"}
     with dispatch.force_backend("cuda"):
         assert dispatch.disabled_kernels() == default | {"residual_norm"}
     with dispatch.force_backend("metal"):
-        assert dispatch.disabled_kernels() == default
+        assert dispatch.disabled_kernels() == default | {"qmv"}
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "")
     assert dispatch.disabled_kernels() == frozenset()
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "qmv, q_norm_rope")

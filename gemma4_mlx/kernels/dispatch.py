@@ -114,21 +114,22 @@ def active_backend() -> str | None:
     return None
 
 
-# Off unless asked for, per backend. "mv" and "qmv" each replace one MLX matmul and measured
-# slower than it on the H100/H200 (every shape of bench/kernels.py; the E2B decode step, session
-# 7: bf16 10.16 ms without mv, 12.90 with it and its fused forms; 4-bit 11.05 without qmv, 13.56
-# with; docs/benchmarks.md). Kept, tested and compile-checked as the starting point of faster
-# ones; on Metal neither has been measured against MLX's own.
+# Off unless asked for, per backend. "mv" replaces one MLX matmul and measured slower than it on
+# the H100/H200 (every shape of bench/kernels.py; the E2B decode step, session 7: bf16 10.16 ms
+# without mv, 12.90 with it and its fused forms; docs/benchmarks.md). "qmv" is on on CUDA since
+# session 9 for the products its size rule takes (qmv.MIN_VALUES: E4B's gate/up and every 31B
+# product, where its conversion-free dequantization beats MLX's quantized_matmul), off on Metal
+# (not measured there against MLX's own). Both are kept, tested and compile-checked.
 # "ple_tail" (the PLE close of a layer in one launch instead of four) is correct on the H200 but
 # slower (E2B step 17.2 ms against 11.7: one block per row streams the weights); off, and
-# ``GEMMA4_MLX_KERNELS_DISABLE=mv,qmv`` switches it on. "attention_prefix_q" (the decode step's
+# ``GEMMA4_MLX_KERNELS_DISABLE=mv`` switches it on. "attention_prefix_q" (the decode step's
 # attention applying the q norm and RoPE itself) is correct on the H200 but no faster there
 # (session 7: bf16 10.04 ms against 10.16, 4-bit 11.75 against 11.05): off.
 # "residual_norm" (a sublayer's norm + residual + the next norm in one launch) is off on CUDA: on
 # the H200 every step measured was as fast or faster without it, the more so the wider the row
 # (session 8, 4-bit at 841 tokens: 31B 38.8 ms with it, 36.6 without; E4B 13.8 / 13.2; session 7,
 # E2B: 10.16 / 10.10 bf16, 11.05 / 10.86 4-bit). Not measured on Metal, where it stays on.
-DEFAULT_DISABLED = {"cuda": "mv,qmv,ple_tail,attention_prefix_q,residual_norm",
+DEFAULT_DISABLED = {"cuda": "mv,ple_tail,attention_prefix_q,residual_norm",
                     "metal": "mv,qmv,ple_tail,attention_prefix_q"}
 
 

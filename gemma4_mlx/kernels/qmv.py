@@ -77,7 +77,19 @@ def quantized_matvec_gate_kernel(x, w, scales, biases, group_size: int, bits: in
     return _launch(x, w, scales, biases, group_size, bits, z, GATE)
 
 
+# The smallest product (weights' outputs x inputs, a joined gate/up's both halves) the kernel takes
+# on each backend; a smaller one stays MLX's quantized_matmul. On the H200 (session 9,
+# bench/matvec_chain.py, 4-bit) the kernel beat MLX from E4B's joined gate/up (20,480 x 2,560:
+# 42 against 47 us) and on every 31B product (its joined gate/up 104 against 152 us), tied with
+# 31B's o projection (5,376 x 8,192), and lost below: E4B's down projection (2,560 x 10,240) and
+# every E2B product, where each launch costs it ~10 us more than MLX's (20 against 10-12 us for
+# the smallest). Not measured on Metal, where qmv is off by default.
+MIN_VALUES = {"cuda": 1 << 25}
+
+
 def _class_key(x, w, scales, biases, group_size, bits, epi: int = PLAIN, z: Optional[mx.array] = None):
+    if w.ndim == 2 and w.shape[0] * x.shape[-1] < MIN_VALUES.get(dispatch.active_backend(), 0):
+        return None
     if x.dtype not in _FLOATS or scales.dtype != x.dtype or biases is None or biases.dtype != x.dtype:
         return None
     if bits not in (4, 8) or group_size not in (32, 64, 128) or w.dtype != mx.uint32 or w.ndim != 2:
