@@ -68,17 +68,17 @@ case "${1:-}" in
     grep -h -A25 -E "^_____" "$OUT"/parity.?.txt | head -60
     grep -h -E "^(FAILED|ERROR)" "$OUT"/parity.?.txt | head -30 ;;
   qcheck)   # the quantized matvec (qmv and its fused forms) on CUDA at the CPU's float32 tolerances:
-            # the kernel tests, the decode step and the fusions with qmv, in 4 processes
+            # the kernel tests, the decode step and the fusions with qmv, in 8 processes
     python3 -m pytest -q -p no:cacheprovider --collect-only tests/test_kernels.py tests/test_decode.py tests/test_fusion.py \
       -k "qmv or quantized" 2>/dev/null | grep '::' > "$OUT/ids.txt"
     echo "$(wc -l < "$OUT/ids.txt") test ids"
-    for i in 0 1 2 3; do
-      awk -v i=$i 'NR % 4 == i' "$OUT/ids.txt" > "$OUT/ids.$i"
+    for i in 0 1 2 3 4 5 6 7; do
+      awk -v i=$i 'NR % 8 == i' "$OUT/ids.txt" > "$OUT/ids.$i"
       (mapfile -t ids < "$OUT/ids.$i"; MLX_ENABLE_TF32=0 timeout 300 python3 -m pytest -q -p no:cacheprovider \
         "${ids[@]}" > "$OUT/qcheck.$i.txt" 2>&1) &
     done
     wait
-    for i in 0 1 2 3; do tail -1 "$OUT/qcheck.$i.txt"; done
+    for i in 0 1 2 3 4 5 6 7; do tail -1 "$OUT/qcheck.$i.txt"; done
     grep -h -E "^(FAILED|ERROR)" "$OUT"/qcheck.?.txt | head -30 ;;
   e2e)      # end to end, fresh processes (the README's headline), E2B: NEW (default 128,2048) new tokens,
             # RUNS (default 1) warm runs per side after each side's first run on a fresh machine; Q=4
