@@ -150,11 +150,17 @@ def _sm90_quantized_dispatch() -> bool:
 
 
 def _joint_keeps_qmv(members: List[nn.Module]) -> bool:
-    """Joining these quantized projections moves none of them off MLX's matrix-vector kernel."""
+    """Joining these quantized projections moves none of them off MLX's matrix-vector kernel (or
+    the joint is large enough for ours: qmv's size rule, qmv on)."""
     if not _sm90_quantized_dispatch():
         return True
+    from .kernels import dispatch, qmv as qmv_kernel
+
     inputs = members[0]["scales"].shape[-1] * members[0].group_size
     rows = [m["weight"].shape[0] for m in members]
+    ours = dispatch.get_mode() != "off" and not dispatch.is_disabled("qmv")
+    if ours and sum(rows) * inputs >= qmv_kernel.MIN_VALUES.get("cuda", 0):
+        return True  # E4B's gate/up (2 x 10,240 x 2,560) joined: our kernel runs it, and its GeGLU
 
     def qmv(n: int) -> bool:
         return n <= CUDA_QMV_MAX and inputs <= CUDA_QMV_MAX

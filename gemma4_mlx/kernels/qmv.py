@@ -28,7 +28,13 @@ from .ple import ple_gate_reference
 
 
 def quantized_matvec_reference(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
-    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    """In float32, rounded to x's dtype once at the end (the kernel accumulates in float): MLX's CUDA
+    quantized_matmul sums 4-bit products in the input's dtype, and in bf16 over K = 16,384 its
+    error passed the self-check's tolerance (the H200, session 9: 12 of 300 outputs)."""
+    f32 = mx.float32
+    y = mx.quantized_matmul(x.astype(f32), w, scales.astype(f32), biases.astype(f32), transpose=True,
+                            group_size=group_size, bits=bits)
+    return y.astype(x.dtype)
 
 
 def quantized_matvec_geglu_reference(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
