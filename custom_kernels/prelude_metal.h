@@ -22,6 +22,11 @@ template <typename T>
 K_INLINE void k_load8(const device T* p, int s, thread float* v) {
   for (int j = 0; j < 8; j++) v[j] = static_cast<float>(p[j * s]);
 }
+// Eight contiguous values from a 16-byte aligned p as float (the CUDA prelude's one is one vector load).
+template <typename T>
+K_INLINE void k_ld8f(const device T* p, thread float* v) {
+  for (int j = 0; j < 8; j++) v[j] = static_cast<float>(p[j]);
+}
 // Four words p[0..3] from a 16-byte aligned p: one vector load.
 struct k_words4 {
   unsigned int x, y, z, w;

@@ -52,7 +52,7 @@ def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int, prolo
     y)); ``rows_split``: a (ROWS, SPLIT, WPL) other than :func:`quantized_layout`'s."""
     M = x.size // x.shape[-1]
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
-    rows, split, wpl = rows_split or quantized_layout(x.shape[-1], bits, group_size)
+    rows, split, wpl = rows_split or quantized_layout(x.shape[-1], bits, group_size, epi=epi)
     k = dispatch.get_kernel("qmv", ["x", "w", "scales", "biases", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"])
     pro, HD, extra, hshape = prologue_inputs(x, prologue)
     # x keeps its shape, y gets x's leading dims (no reshape primitives around the call); z is
@@ -104,16 +104,20 @@ def _class_key(x, w, scales, biases, group_size, bits, epi: int = PLAIN, z: Opti
     if K % group_size or w.shape[1] * (32 // bits) != K or x.size // K > MAX_ROWS_OF_X:
         return None
     N = form_width(x, w.shape[0], epi, z)
-    return None if N is None else (str(x.dtype), bits, group_size, quantized_layout(K, bits, group_size),
+    return None if N is None else (str(x.dtype), bits, group_size, quantized_layout(K, bits, group_size, epi=epi),
                                    _mm(x.size // K), epi)
 
 
-def quantized_layout(K: int, bits: int, group_size: int, words_per_lane: int = 4, rows: int = 2) -> tuple:
-    """(ROWS, SPLIT, WPL): ``rows`` output rows per warp group, each lane taking ``words_per_lane``
-    words of a row per step (4: one 16-byte load) where that divides a group's words (else 1), and
-    :func:`~gemma4_mlx.kernels.mv.layout`'s split-K for a warp covering 32 * WPL words per step."""
+def quantized_layout(K: int, bits: int, group_size: int, words_per_lane: int = 4, rows: int = 2,
+                     epi: int = PLAIN) -> tuple:
+    """(ROWS, SPLIT, WPL): ``rows`` weight rows per warp group (a GeGLU form's output row reads
+    two: its gate and up rows, so it gets half as many outputs), each lane taking
+    ``words_per_lane`` words of a row per step (4: one 16-byte load) where that divides a group's
+    words (else 1), and :func:`~gemma4_mlx.kernels.mv.layout`'s split-K for a warp covering
+    32 * WPL words per step. Two rows of 16-byte loads fit 64 registers (4 blocks of 256 threads
+    per SM); on the H200 (session 9, bench/matvec_chain.py) they beat one row and matched four."""
     wpl = words_per_lane if (group_size * bits // 32) % words_per_lane == 0 else 1
-    return (rows, layout(K, _per_step(bits, wpl))[1], wpl)
+    return (max(1, rows // 2) if epi == GEGLU else rows, layout(K, _per_step(bits, wpl))[1], wpl)
 
 
 def _per_step(bits: int, wpl: int) -> int:

@@ -78,6 +78,11 @@ template <typename T>
 inline void k_load8(const T* p, int s, float* v) {
   for (int j = 0; j < 8; j++) v[j] = static_cast<float>(p[j * s]);
 }
+template <typename T>
+inline void k_ld8f(const T* p, float* v) {
+  if (reinterpret_cast<size_t>(p) & 15) __builtin_trap();  // the GPU's 16-byte load faults there too
+  for (int j = 0; j < 8; j++) v[j] = static_cast<float>(p[j]);
+}
 struct k_words4 {
   unsigned int x, y, z, w;
 };
