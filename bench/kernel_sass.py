@@ -40,7 +40,9 @@ def _cuobjdump() -> str:
         sys.exit("cuobjdump not found: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
 
 
-def build(name: str, template: dict, arch: str) -> tuple[bytes, str]:
+def build(name: str, template: dict, arch: str = "sm_90") -> bytes:
+    """The cubin our CUDA path builds for body ``name`` with ``template`` (T=bfloat16 unless given)."""
+    template = dict(template)
     inputs = INPUTS[name]
     head, src = dispatch.kernel_source(name, "cuda", ())
     k = cuda_build.CudaKernel(dispatch.kernel_name(name), inputs, ["y", "hout"], src,
@@ -49,9 +51,21 @@ def build(name: str, template: dict, arch: str) -> tuple[bytes, str]:
     dtypes = {"x": T, "w": mx.uint32 if name == "qmv" else T, "eps": mx.float32}
     tmpl = [("T", T)] + [(k_, int(v)) for k_, v in template.items()]
     source = k.full_source([dtypes.get(n, T) for n in inputs], [3] + [2] * (len(inputs) - 1), [T, T], tmpl)
-    log = []
-    cubin = nvrtc.compile_source(source, arch=arch, options=["--ptxas-options=--verbose"])
-    return cubin, "\n".join(log)
+    return nvrtc.compile_source(source, arch=arch)
+
+
+def _tool_output(cubin: bytes, flag: str) -> str:
+    tool = _cuobjdump()
+    env = {"PATH": str(Path(tool).parent) + ":/usr/bin:/bin"}  # cuobjdump runs nvdisasm from its folder
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, env=env).stdout
+
+
+def resources(cubin: bytes) -> dict:
+    """{"REG": registers per thread, "STACK": bytes of local memory per thread, ...}."""
+    return {k: int(v) for k, v in re.findall(r"\b([A-Z]+(?:\[\d\])?):(\d+)", _tool_output(cubin, "-res-usage"))}
 
 
 def main():
@@ -61,15 +75,9 @@ def main():
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--sass", action="store_true")
     args = ap.parse_args()
-    cubin, _ = build(args.name, dict(t.split("=", 1) for t in args.template), args.arch)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        tool = _cuobjdump()
-        env = {"PATH": str(Path(tool).parent) + ":/usr/bin:/bin"}  # cuobjdump runs nvdisasm from its folder
-        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, env=env).stdout
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, env=env).stdout
-    print(" ".join(line.strip() for line in res.splitlines() if "REG" in line))
+    cubin = build(args.name, dict(t.split("=", 1) for t in args.template), args.arch)
+    print(" ".join(f"{k}:{v}" for k, v in resources(cubin).items()))
+    sass = _tool_output(cubin, "-sass")
     if args.sass:
         print(sass)
     ops = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)]
