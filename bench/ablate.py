@@ -51,9 +51,10 @@ def off(*more, on=()):
     return {D: ",".join([n for n in DEFAULT_OFF if n not in on] + list(more))}
 
 
-# "ours" is the default (the matvec kernels "mv", "qmv", the one-launch PLE close "ple_tail", the
+# "ours" is the default (the float matvec "mv", the one-launch PLE close "ple_tail", the
 # attention applying the q norm itself, "attention_prefix_q", and on CUDA the fused norm + residual
-# "residual_norm", off); each other line changes one thing. A kernel switched off falls back to
+# "residual_norm", off; on CUDA the 4-bit/8-bit matvec "qmv" on for products of >= 2^25 weights);
+# each other line changes one thing. A kernel switched off falls back to
 # the model's MLX op sequence (what stock runs).
 # "+mv" / "+qmv" include their fused forms (a joined gate/up and its GeGLU, a PLE gate, a layer's
 # first projection, each with the residual norm ahead of it: one launch each; these follow
@@ -66,6 +67,7 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=["mv", "residual_n
            ("ours +mv plain", off("mv_geglu", "mv_gate", "mv_residual", on=["mv"])),
            ("ours +qmv plain", off("qmv_geglu", "qmv_gate", "qmv_residual", on=["qmv"])),
            ("ours +qmv fused", off("qmv_residual", on=["qmv"])),  # the gated forms, no residual_norm
+           ("ours -qmv", off("qmv")),  # MLX's quantized_matmul for every product (the default before session 9)
            ("ours +ple_tail", off(on=["ple_tail"])),
            ("ours +attn_q", off(on=["attention_prefix_q"])),
            ("ours +resnorm", off(on=["residual_norm"])),

@@ -6,13 +6,13 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 9): issue 14. One GPU is enough (nvidia-h200). `steps` and `Q=4 steps` with
-# the new defaults (residual_norm off on CUDA since session 8); `ablate31` (31B 4-bit: session 8
-# left 1.2-2 ms of its gap unexplained with residual_norm off; try CONFIGS with "ours -fuse" and
-# "ours kernels off"), then `e2e` and `presets` for docs/benchmarks.md's tables with the new
-# defaults. `chain` (our matvec kernels, every launch layout, against MLX per product) and the
-# two-GPU parts (`nccl`, `memloop`: the "cudaMemcpy ... invalid argument" of session 7, fixed in
-# session 8 by gemma4_mlx/cuda_context.py) need not run again unless their code changes.
+# Next visit (session 10): issue 14. One GPU is enough (nvidia-h200). Session 9 turned qmv on
+# on CUDA for products of >= 2^25 weights (31B 4-bit step 1.26x, E4B 4-bit 1.39x). Measure first
+# what it changed unmeasured: `Q=4 steps` with CONFIGS="stock,ours,ours -qmv" (E2B 4-bit: its
+# tied head now takes qmv), then `presets` with more runs (E4B bf16 read 0.92x in compare but
+# 1.47x in the step ablation; 26B-A4B 4-bit 0.99x), then `e2e` (NEW=128,2048, and Q=4) for the
+# README's tables (still session 6's). `qcheck` (~4 min) after any change to qmv.inc; `chain`
+# (BITS=4 FAMILIES=31B,E4B, ~1.5 min) to time the kernel per product against MLX's.
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
