@@ -48,38 +48,32 @@ generate31() {  # ours, a fresh process on it (environment switches as VAR=value
   (export "$@"; timeout 120 python3 -m gemma4_mlx.cli --debug generate --model /root/t31 --prompt "Hello there" \
     --greedy --max-tokens 8)
 }
+parity() {  # parity <name> <timeout s> <pytest collection args...>: those tests on CUDA at the CPU's
+            # float32 tolerances (TF32 off), in 8 processes; $OUT/<name>.N.txt each
+  local name=$1 limit=$2; shift 2
+  python3 -m pytest -q -p no:cacheprovider --collect-only "$@" 2>/dev/null | grep '::' > "$OUT/ids.txt"
+  echo "$(wc -l < "$OUT/ids.txt") test ids"
+  for i in 0 1 2 3 4 5 6 7; do
+    awk -v i=$i 'NR % 8 == i' "$OUT/ids.txt" > "$OUT/ids.$i"
+    # one argument per line: parametrised ids may hold spaces
+    (mapfile -t ids < "$OUT/ids.$i"; MLX_ENABLE_TF32=0 timeout "$limit" python3 -m pytest -q -p no:cacheprovider \
+      "${ids[@]}" > "$OUT/$name.$i.txt" 2>&1) &
+  done
+  wait
+  for i in 0 1 2 3 4 5 6 7; do tail -1 "$OUT/$name.$i.txt"; done | tee "$OUT/$name.txt"
+  grep -h -A25 -E "^_____" "$OUT"/$name.?.txt | head -60
+  grep -h -E "^(FAILED|ERROR)" "$OUT"/$name.?.txt | head -30
+}
 case "${1:-}" in
   check)    # session 3: our NVRTC builds on this machine, then the CUDA parity run at the CPU's
             # float32 tolerances (TF32 off) over the kernels, the decode step, determinism and
             # every way of changing a model
     python3 -c "from gemma4_mlx.kernels import nvrtc, cuda_build as c; print('nvrtc', nvrtc.path(), nvrtc.version(), c.target_arch(), c.enabled())"
-    python3 -m pytest -q -p no:cacheprovider --collect-only tests/test_kernels.py tests/test_decode.py \
-      tests/test_fusion.py tests/test_cuda_build.py tests/test_determinism.py tests/test_model_changes.py \
-      2>/dev/null | grep '::' > "$OUT/ids.txt"
-    echo "$(wc -l < "$OUT/ids.txt") test ids"
-    for i in 0 1 2 3 4 5 6 7; do
-      awk -v i=$i 'NR % 8 == i' "$OUT/ids.txt" > "$OUT/ids.$i"
-      # one argument per line: parametrised ids may hold spaces
-      (mapfile -t ids < "$OUT/ids.$i"; MLX_ENABLE_TF32=0 timeout 400 python3 -m pytest -q -p no:cacheprovider \
-        "${ids[@]}" > "$OUT/parity.$i.txt" 2>&1) &
-    done
-    wait
-    for i in 0 1 2 3 4 5 6 7; do tail -1 "$OUT/parity.$i.txt"; done | tee "$OUT/parity.txt"
-    grep -h -A25 -E "^_____" "$OUT"/parity.?.txt | head -60
-    grep -h -E "^(FAILED|ERROR)" "$OUT"/parity.?.txt | head -30 ;;
+    parity parity 400 tests/test_kernels.py tests/test_decode.py tests/test_fusion.py tests/test_cuda_build.py \
+      tests/test_determinism.py tests/test_model_changes.py ;;
   qcheck)   # the quantized matvec (qmv and its fused forms) on CUDA at the CPU's float32 tolerances:
             # the kernel tests, the decode step and the fusions with qmv, in 8 processes
-    python3 -m pytest -q -p no:cacheprovider --collect-only tests/test_kernels.py tests/test_decode.py tests/test_fusion.py \
-      -k "qmv or quantized" 2>/dev/null | grep '::' > "$OUT/ids.txt"
-    echo "$(wc -l < "$OUT/ids.txt") test ids"
-    for i in 0 1 2 3 4 5 6 7; do
-      awk -v i=$i 'NR % 8 == i' "$OUT/ids.txt" > "$OUT/ids.$i"
-      (mapfile -t ids < "$OUT/ids.$i"; MLX_ENABLE_TF32=0 timeout 300 python3 -m pytest -q -p no:cacheprovider \
-        "${ids[@]}" > "$OUT/qcheck.$i.txt" 2>&1) &
-    done
-    wait
-    for i in 0 1 2 3 4 5 6 7; do tail -1 "$OUT/qcheck.$i.txt"; done
-    grep -h -E "^(FAILED|ERROR)" "$OUT"/qcheck.?.txt | head -30 ;;
+    parity qcheck 300 tests/test_kernels.py tests/test_decode.py tests/test_fusion.py -k "qmv or quantized" ;;
   e2e)      # end to end, fresh processes (the README's headline), E2B: NEW (default 128,2048) new tokens,
             # RUNS (default 1) warm runs per side after each side's first run on a fresh machine; Q=4
             # for 4-bit (converted from the bf16 checkpoint, which is written once per machine)

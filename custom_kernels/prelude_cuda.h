@@ -25,24 +25,9 @@ K_INLINE float k_cos(float x) { return float(cos(double(x))); }
 K_INLINE float k_sin(float x) { return float(sin(double(x))); }
 K_INLINE float k_tanh(float x) { return tanhf(x); }
 K_INLINE float k_as_float(unsigned int u) { return __uint_as_float(u); }
-// Eight values p[0], p[s], ..., p[7 s] as float: one 16-byte load (two for 4-byte types) when
-// they are contiguous and the address is 16-byte aligned, else eight scalar loads.
-template <typename T>
-K_INLINE void k_load8(const T* p, int s, float* v) {
-  if (s == 1 && (size_t(p) & size_t(15)) == 0) {
-    uint4 u[2];
-    u[0] = reinterpret_cast<const uint4*>(p)[0];
-    if (sizeof(T) == 4) {
-      u[1] = reinterpret_cast<const uint4*>(p)[1];
-    }
-    const T* e = reinterpret_cast<const T*>(u);
-    for (int j = 0; j < 8; j++) v[j] = static_cast<float>(e[j]);
-  } else {
-    for (int j = 0; j < 8; j++) v[j] = static_cast<float>(p[j * s]);
-  }
-}
-// Eight contiguous values from a 16-byte aligned p as float: k_load8 without its alignment test
-// (in a hot loop the untaken path's loads still cost issue slots: they are predicated, not skipped).
+// Eight contiguous values from a 16-byte aligned p as float: one 16-byte load (two for 4-byte
+// types), no alignment test (in a hot loop the untaken path's loads still cost issue slots:
+// they are predicated, not skipped).
 template <typename T>
 K_INLINE void k_ld8f(const T* p, float* v) {
   uint4 u[2];
@@ -52,6 +37,16 @@ K_INLINE void k_ld8f(const T* p, float* v) {
   }
   const T* e = reinterpret_cast<const T*>(u);
   for (int j = 0; j < 8; j++) v[j] = static_cast<float>(e[j]);
+}
+// Eight values p[0], p[s], ..., p[7 s] as float: k_ld8f when they are contiguous and the
+// address is 16-byte aligned, else eight scalar loads.
+template <typename T>
+K_INLINE void k_load8(const T* p, int s, float* v) {
+  if (s == 1 && (size_t(p) & size_t(15)) == 0) {
+    k_ld8f(p, v);
+  } else {
+    for (int j = 0; j < 8; j++) v[j] = static_cast<float>(p[j * s]);
+  }
 }
 // Four words p[0..3] from a 16-byte aligned p: one 16-byte load, no branch (a branch around an
 // array's writes can send the array to local memory).
