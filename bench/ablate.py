@@ -53,7 +53,7 @@ def off(*more, on=()):
 
 # "ours" is the default (the float matvec "mv", the one-launch PLE close "ple_tail", the
 # attention applying the q norm itself, "attention_prefix_q", and on CUDA the fused norm + residual
-# "residual_norm", off; on CUDA the 4-bit/8-bit matvec "qmv" on for products of >= 2^25 weights);
+# "residual_norm", off; on CUDA the quantized matvec "qmv" on for 4-bit products of >= 2^25 weights);
 # each other line changes one thing. A kernel switched off falls back to
 # the model's MLX op sequence (what stock runs).
 # "+mv" / "+qmv" include their fused forms (a joined gate/up and its GeGLU, a PLE gate, a layer's

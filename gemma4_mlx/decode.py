@@ -159,7 +159,7 @@ def _joint_keeps_qmv(members: List[nn.Module]) -> bool:
     inputs = members[0]["scales"].shape[-1] * members[0].group_size
     rows = [m["weight"].shape[0] for m in members]
     ours = dispatch.get_mode() != "off" and not dispatch.is_disabled("qmv")
-    if ours and sum(rows) * inputs >= qmv_kernel.MIN_VALUES.get("cuda", 0):
+    if ours and sum(rows) * inputs >= qmv_kernel.min_values(members[0].bits, "cuda"):
         return True  # E4B's gate/up (2 x 10,240 x 2,560) joined: our kernel runs it, and its GeGLU
 
     def qmv(n: int) -> bool:

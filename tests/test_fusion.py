@@ -158,7 +158,7 @@ def test_quantized_joins_keep_mlx_cuda_matvec(monkeypatch):
     small = [quantized(8192), quantized(4096), quantized(4096)]  # 16,384 joined: still in
     past = [quantized(21504), quantized(21504)]  # each already past the line
     monkeypatch.setattr(decode, "_sm90_quantized_dispatch", lambda: True)
-    monkeypatch.setattr("gemma4_mlx.kernels.qmv.MIN_VALUES", {"cuda": 1 << 25})
+    monkeypatch.setattr("gemma4_mlx.kernels.qmv.MIN_VALUES", {"cuda": {4: 1 << 25}})
     big = [quantized(10240, cols=2560), quantized(10240, cols=2560)]  # E4B's gate/up: our qmv takes the joint
     assert decode.JoinedProjection.compatible(big)
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "qmv")  # MLX's kernels then: the line holds

@@ -956,24 +956,25 @@ def test_matvec_layout_rule_and_its_probes():
 
 
 def test_qmv_size_rule(monkeypatch):
-    """On CUDA the quantized matvec takes only products of at least qmv.MIN_VALUES weights (where
-    it beat MLX's quantized_matmul on the H200); smaller ones stay MLX's. Shapes only: nothing is
+    """On CUDA the quantized matvec takes only 4-bit products of at least 2^25 weights (where it
+    beat MLX's quantized_matmul on the H200); smaller ones and 8-bit ones stay MLX's. Shapes only: nothing is
     evaluated."""
     from gemma4_mlx.kernels import mv, qmv
 
-    monkeypatch.setattr(qmv, "MIN_VALUES", {"cuda": 1 << 25})
+    monkeypatch.setattr(qmv, "MIN_VALUES", {"cuda": {4: 1 << 25}})
 
-    def key(n, k, epi=mv.PLAIN):
+    def key(n, k, epi=mv.PLAIN, bits=4):
         x = mx.zeros((1, 1, k), mx.bfloat16)
-        w = mx.zeros((n, k // 8), mx.uint32)
+        w = mx.zeros((n, k * bits // 32), mx.uint32)
         s = mx.zeros((n, k // 64), mx.bfloat16)
-        return qmv._class_key(x, w, s, s, 64, 4, epi)
+        return qmv._class_key(x, w, s, s, 64, bits, epi)
 
     with dispatch.force_backend("cuda"):
         assert key(2 * 10240, 2560, mv.GEGLU) is not None  # E4B's joined gate/up: 52 M weights
         assert key(5376, 8192) is not None  # 31B's o projection
         assert key(2560, 10240) is None  # E4B's down projection: 26 M, MLX's
         assert key(2 * 6144, 1536, mv.GEGLU) is None  # E2B's joined gate/up
+        assert key(2 * 21504, 5376, mv.GEGLU, bits=8) is None  # 8-bit: not timed on the GPU, MLX's
     with dispatch.force_backend("metal"):  # no rule measured there
         assert key(2560, 10240) is not None
 

@@ -89,12 +89,20 @@ def quantized_matvec_gate_kernel(x, w, scales, biases, group_size: int, bits: in
 # 42 against 47 us) and on every 31B product (its joined gate/up 104 against 152 us), tied with
 # 31B's o projection (5,376 x 8,192), and lost below: E4B's down projection (2,560 x 10,240) and
 # every E2B product, where each launch costs it ~10 us more than MLX's (20 against 10-12 us for
-# the smallest). Not measured on Metal, where qmv is off by default.
-MIN_VALUES = {"cuda": 1 << 25}
+# the smallest). Per backend, per bits; bits a backend's rule does not list stay MLX's (8-bit:
+# not timed on the GPU yet). No rule for a backend: every size (Metal, where qmv is off by default).
+MIN_VALUES = {"cuda": {4: 1 << 25}}
+
+
+def min_values(bits: int, backend: Optional[str] = None) -> float:
+    """The smallest product (weights) the kernel takes for ``bits`` on ``backend`` (default: the
+    active one); infinity where it takes none."""
+    rule = MIN_VALUES.get(backend or dispatch.active_backend())
+    return 0 if rule is None else rule.get(bits, float("inf"))
 
 
 def _class_key(x, w, scales, biases, group_size, bits, epi: int = PLAIN, z: Optional[mx.array] = None):
-    if w.ndim == 2 and w.shape[0] * x.shape[-1] < MIN_VALUES.get(dispatch.active_backend(), 0):
+    if w.ndim == 2 and w.shape[0] * x.shape[-1] < min_values(bits):
         return None
     if x.dtype not in _FLOATS or scales.dtype != x.dtype or biases is None or biases.dtype != x.dtype:
         return None
