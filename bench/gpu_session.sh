@@ -9,7 +9,7 @@
 # Next visit (session 10): issue 14. One GPU is enough (nvidia-h200). Session 9 turned qmv on
 # on CUDA for products of >= 2^25 weights (31B 4-bit step 1.26x, E4B 4-bit 1.39x). Measure first
 # what it changed unmeasured: `Q=4 steps` with CONFIGS="stock,ours,ours -qmv" (E2B 4-bit: its
-# tied head now takes qmv), then `presets` with more runs (E4B bf16 read 0.92x in compare but
+# tied head and its KV-shared layers' double-wide gate/up, 37.7 M weights, now take qmv), then `presets` with more runs (E4B bf16 read 0.92x in compare but
 # 1.47x in the step ablation; 26B-A4B 4-bit 0.99x), then `e2e` (NEW=128,2048, and Q=4) for the
 # README's tables (still session 6's). `qcheck` (~4 min) after any change to qmv.inc; `chain`
 # (BITS=4 FAMILIES=31B,E4B, ~1.5 min) to time the kernel per product against MLX's; BITS=8 has

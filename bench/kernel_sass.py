@@ -80,7 +80,6 @@ def main():
     sass = _tool_output(cubin, "-sass")
     if args.sass:
         print(sass)
-    ops = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)]
     # the hottest loop: the longest stretch a backward branch jumps over
     code = [(int(m.group(1), 16), m.group(2), line) for line in sass.splitlines()
             for m in [re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)] if m]
@@ -90,7 +89,7 @@ def main():
         if m and m.group(1) and int(m.group(1), 16) < at and at - int(m.group(1), 16) > span[1] - span[0]:
             span = (int(m.group(1), 16), at)
     loop = [op for at, op, _ in code if span[0] <= at <= span[1]]
-    print(f"{len(ops)} instructions; longest loop {len(loop)}:")
+    print(f"{len(code)} instructions; longest loop {len(loop)}:")
     for op, n in collections.Counter(o.split(".")[0] for o in loop).most_common(18):
         print(f"  {op:10s} {n}")
 

@@ -57,18 +57,6 @@ K_INLINE k_words4 k_ld16(const uint32_t* p) {
   const uint4 v = *reinterpret_cast<const uint4*>(p);
   return {v.x, v.y, v.z, v.w};
 }
-// Four words p[0..3]: one 16-byte load when the address is 16-byte aligned, else four.
-K_INLINE void k_load4u(const uint32_t* p, unsigned int* u) {
-  if ((size_t(p) & size_t(15)) == 0) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    u[0] = v.x;
-    u[1] = v.y;
-    u[2] = v.z;
-    u[3] = v.w;
-  } else {
-    for (int j = 0; j < 4; j++) u[j] = p[j];
-  }
-}
 // @@SOURCE
   const int k_bx = int(blockIdx.x);
   const int k_by = int(blockIdx.y);

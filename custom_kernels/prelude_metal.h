@@ -35,10 +35,6 @@ K_INLINE k_words4 k_ld16(const device uint32_t* p) {
   const uint4 v = *reinterpret_cast<const device uint4*>(p);
   return {v.x, v.y, v.z, v.w};
 }
-// Four words p[0..3] (the CUDA prelude's one uses a vector load).
-K_INLINE void k_load4u(const device uint32_t* p, thread unsigned int* u) {
-  for (int j = 0; j < 4; j++) u[j] = p[j];
-}
 // @@SOURCE
   const int k_bx = int(threadgroup_position_in_grid.x);
   const int k_by = int(threadgroup_position_in_grid.y);

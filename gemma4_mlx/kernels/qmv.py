@@ -7,11 +7,12 @@ in Gemma 4, for up to 8 rows of x (the 4/8-bit twins of :mod:`.mv`):
 
 MLX's affine format (``mx.quantize``): W (N, K) packed into uint32 words of 32 / bits values,
 one scale and bias per ``group_size`` values of a row. The kernel
-(``custom_kernels/qmv.inc``) gives ``SPLIT`` warps ``ROWS`` output rows (:func:`quantized_layout`)
-and lets their lanes stride over a row's words, ``WPL`` at a time (1 by default; 4, one 16-byte
-load per lane, measured slower); the dequantization is folded into the dot product
-(``scale * (q . x) + bias * sum(x)`` per group). x keeps its shape (B, L, K). Reference: ``mx.quantized_matmul`` (and
-:func:`~gemma4_mlx.kernels.ple.ple_gate_reference` over it).
+(``custom_kernels/qmv.inc``) gives ``SPLIT`` warps ``ROWS`` weight rows (:func:`quantized_layout`)
+and lets their lanes stride over a row's words, ``WPL`` at a time (4 by default: one 16-byte
+load per lane); the dequantization needs no integer-to-float conversion and is folded into the
+dot product (``scale * (q . x) + bias * sum(x)`` per group). x keeps its shape (B, L, K).
+Reference: ``mx.quantized_matmul`` in float32 (and :func:`~gemma4_mlx.kernels.ple.ple_gate_reference`
+over it). On CUDA only products of :func:`min_values` weights or more take the kernel.
 """
 
 from __future__ import annotations

@@ -61,12 +61,7 @@ struct bf16_t {
       bits = uint16_t(u >> 16);
     }
   }
-  operator float() const {
-    uint32_t u = uint32_t(bits) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
+  operator float() const { return k_as_float(uint32_t(bits) << 16); }
 };
 struct half_t {
   _Float16 v;
@@ -89,7 +84,4 @@ struct k_words4 {
 inline k_words4 k_ld16(const uint32_t* p) {
   if (reinterpret_cast<size_t>(p) & 15) __builtin_trap();  // the GPU's 16-byte load faults there too
   return {p[0], p[1], p[2], p[3]};
-}
-inline void k_load4u(const uint32_t* p, unsigned int* u) {
-  for (int j = 0; j < 4; j++) u[j] = p[j];
 }
