@@ -30,7 +30,11 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _qmv_at_every_size(monkeypatch):
-    """The test models are tiny: in tests the quantized matvec kernel takes products of every size
-    (its size rule, measured on real models' shapes, has its own test)."""
-    monkeypatch.setattr("gemma4_mlx.kernels.qmv.MIN_VALUES", {})
+def qmv_size_rule(monkeypatch):
+    """The test models are tiny: in tests the quantized matvec kernel takes products of every size.
+    Yields the package's own size rule (qmv.MIN_VALUES), for the tests that check it."""
+    from gemma4_mlx.kernels import qmv
+
+    rule = qmv.MIN_VALUES
+    monkeypatch.setattr(qmv, "MIN_VALUES", {})
+    yield rule

@@ -142,7 +142,7 @@ def test_loading_joins_the_projections_without_a_second_copy(tmp_path, monkeypat
     assert mx.get_peak_memory() - start < weights + 0.25 * joined, (mx.get_peak_memory() - start, weights, joined)
 
 
-def test_quantized_joins_keep_mlx_cuda_matvec(monkeypatch):
+def test_quantized_joins_keep_mlx_cuda_matvec(monkeypatch, qmv_size_rule):
     """On an sm90 GPU MLX runs a one-row quantized matmul with its matrix-vector kernel only up to
     16,384 outputs and inputs: members that each fit are not joined past that (E2B's double-wide
     gate/up, 31B's global q/k), members already past it or a joint within it still are; elsewhere
@@ -158,7 +158,7 @@ def test_quantized_joins_keep_mlx_cuda_matvec(monkeypatch):
     small = [quantized(8192), quantized(4096), quantized(4096)]  # 16,384 joined: still in
     past = [quantized(21504), quantized(21504)]  # each already past the line
     monkeypatch.setattr(decode, "_sm90_quantized_dispatch", lambda: True)
-    monkeypatch.setattr("gemma4_mlx.kernels.qmv.MIN_VALUES", {"cuda": {4: 1 << 25}})
+    monkeypatch.setattr("gemma4_mlx.kernels.qmv.MIN_VALUES", qmv_size_rule)  # the package's own
     big = [quantized(10240, cols=2560), quantized(10240, cols=2560)]  # E4B's gate/up: our qmv takes the joint
     assert decode.JoinedProjection.compatible(big)
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "qmv")  # MLX's kernels then: the line holds

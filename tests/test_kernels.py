@@ -955,13 +955,13 @@ def test_matvec_layout_rule_and_its_probes():
     assert qmv.quantized_layout(1536, 4, 16)[2] == 1  # a group of 16 is 2 words
 
 
-def test_qmv_size_rule(monkeypatch):
+def test_qmv_size_rule(monkeypatch, qmv_size_rule):
     """On CUDA the quantized matvec takes only 4-bit products of at least 2^25 weights (where it
     beat MLX's quantized_matmul on the H200); smaller ones and 8-bit ones stay MLX's. Shapes only: nothing is
     evaluated."""
     from gemma4_mlx.kernels import mv, qmv
 
-    monkeypatch.setattr(qmv, "MIN_VALUES", {"cuda": {4: 1 << 25}})
+    monkeypatch.setattr(qmv, "MIN_VALUES", qmv_size_rule)  # the package's rule, not the tests' "every size"
 
     def key(n, k, epi=mv.PLAIN, bits=4):
         x = mx.zeros((1, 1, k), mx.bfloat16)
