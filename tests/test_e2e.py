@@ -113,6 +113,10 @@ def test_shim_times_each_side_alone(tiny_checkpoint, tmp_path):
         assert rec["load_calls"] == 1 and rec["stream_calls"] == 1
         assert rec["model_class"] == (STOCK_CLASS if side == "stock" else OURS_CLASS)
         assert rec["gemma4_mlx_imported"] is (side == "ours")  # stock's process never imports our package
+        if side == "stock":
+            assert rec["kernel_verdicts"] is None
+        else:  # the CPU runs no custom kernel: nothing checked, nothing failed
+            assert rec["kernel_verdicts"] == {"passed": 0, "failed": []}
         assert rec["prompt_tokens"] == n
         assert rec["tokens_generated"] == len(rec["tokens"]) and 0 < rec["tokens_generated"] <= NEW_TOKENS
         assert 0 <= rec["shim_start_s"] < rec["main_s"] < rec["load_start_s"] < rec["load_end_s"]
@@ -143,7 +147,9 @@ def test_cold_start_bookkeeping_and_alternation(tmp_path):
                 "caches": dict(spec.caches), "caches_empty_at_spawn": all(empty.values()), "wall_s": base + 2,
                 "startup_s": 0.1, "before_load_s": 0.15, "load_s": 0.2, "ttft_s": base, "ttft_after_load_s": base - 0.3, "decode_tps": 50.0,
                 "gap_median_s": 0.02, "gap_max_s": 0.04, "gap_ratio": 2.0, "tokens_generated": spec.new_tokens,
-                "peak_memory_gb": 0.1, "prompt_tokens": 20, "tokens": list(range(spec.new_tokens))}
+                "peak_memory_gb": 0.1, "prompt_tokens": 20, "tokens": list(range(spec.new_tokens)),
+                "kernel_verdicts": ({"passed": 3, "failed": ["qmv ('cuda', 4): mismatch"]}
+                                    if spec.side == "ours" and spec.round == 1 else None)}
 
     s = E2ESettings(preset="tiny", new_tokens=[4, 8], runs=2, work=str(tmp_path / "work"))
     res = run_e2e(s, log=lambda m: None, runner=fake)
@@ -172,6 +178,11 @@ def test_cold_start_bookkeeping_and_alternation(tmp_path):
     assert not list((tmp_path / "work").glob("run-*"))
     table = e2e_report.format_table(res)
     assert "first run on a fresh machine (4): ours" in table and "8 new tokens: ours/stock" in table
+    # A kernel that fell back to MLX ops is named under the table, once per run it happened in.
+    fell_back = [ln for ln in table.splitlines() if "self-check failed" in ln]
+    ours_round_1 = [sp for sp in specs if sp.side == "ours" and sp.round == 1]
+    assert ours_round_1 and len(fell_back) == len(ours_round_1)
+    assert all("round 1" in ln and "qmv ('cuda', 4): mismatch" in ln for ln in fell_back)
 
 
 # --- failures -------------------------------------------------------------------------------------

@@ -451,7 +451,9 @@ class CommandRunner:
                        "(the command no longer looks them up where e2e_child patches them)")
         if not rec.get("tokens_generated"):
             self._fail(spec, shown, err_path, "generated no token")
-        return run_numbers(rec, wall, spec, shown, empty_before)
+        numbers = run_numbers(rec, wall, spec, shown, empty_before)
+        numbers["stderr_tail"] = _tail(err_path, lines=4)
+        return numbers
 
     def _fail(self, spec: RunSpec, shown: str, err_path: Path, what: str) -> None:
         tail = _tail(err_path)
@@ -503,6 +505,7 @@ def run_numbers(rec: Dict[str, Any], wall: float, spec: RunSpec, command: str, c
         "shim": {k: rec.get(k) for k in ("shim_start_s", "main_s", "load_start_s", "load_end_s", "stream_start_s",
                                          "first_token_s", "last_token_s", "end_s")},
         "tokens": rec.get("tokens") or [],
+        "kernel_verdicts": rec.get("kernel_verdicts"),
     }
     return out
 

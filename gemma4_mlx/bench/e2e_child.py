@@ -92,6 +92,7 @@ class Recorder:
         rec["tokens_generated"] = n
         rec["gemma4_mlx_imported"] = "gemma4_mlx" in sys.modules  # never, on stock's side
         rec["tokens"] = self.tokens
+        rec["kernel_verdicts"] = _kernel_verdicts()
         if self.last is not None:
             rec["prompt_tokens"] = int(getattr(self.last, "prompt_tokens", 0) or 0)
             rec["finish_reason"] = getattr(self.last, "finish_reason", None)
@@ -178,6 +179,18 @@ class PatchOnImport:
             if name in sys.modules:  # already imported: patch it now
                 self.pending.pop(name)(sys.modules[name])
         sys.meta_path.insert(0, self)
+
+
+def _kernel_verdicts() -> dict | None:
+    """Our kernels' self-check verdicts in this process (None on stock's side): how many passed,
+    and each failure's kernel, shape class and reason. A kernel that failed ran as MLX ops, which
+    changes what the run's timings measure."""
+    if "gemma4_mlx" not in sys.modules:
+        return None
+    from gemma4_mlx.kernels import dispatch
+    verdicts = dispatch.verdicts()
+    failed = [f"{key[0]} {key[1:]}: {reason}" for key, (ok, reason) in verdicts.items() if not ok]
+    return {"passed": len(verdicts) - len(failed), "failed": failed}
 
 
 def run_ours(rec: Recorder, argv) -> None:

@@ -83,6 +83,12 @@ def _notes(results: Dict[str, Any]) -> List[str]:
         d = vs["first_divergence"]
         notes.append(f"ours and stock first differ at generated token {d['position']} "
                      f"(ours {d['ours']}, stock {d['stock']}; bf16 may drift)")
+    for r in results["runs"]:
+        failed = (r.get("kernel_verdicts") or {}).get("failed")
+        if failed:
+            which = "first run" if r.get("cold") else f"round {r.get('round')}"
+            notes.append(f"ours' {which} ({r['new_tokens']} new tokens) ran these kernels as MLX ops after "
+                         f"their self-check failed: " + "; ".join(failed))
     short = sorted({(r["side"], r["new_tokens"], r["tokens_generated"]) for r in results["runs"]
                     if r["tokens_generated"] < r["new_tokens"]})
     if short:
