@@ -36,7 +36,7 @@ SHAPES = {
     "31B": {"qkv": (8192 + 2 * 4096, 5376), "o": (5376, 8192), "gate/up": (2 * 21504, 5376), "down": (5376, 21504)},
 }
 LAYOUTS = [(1, 1), (1, 2), (1, 4), (1, 8), (4, 1)]
-# qmv: (rows, split, words per lane[, prefetch steps]); 16-byte loads (4 words) with 1-4 rows per warp group since
+# qmv: (rows, split, words per lane); 16-byte loads (4 words) with 1-4 rows per warp group since
 # the conversion-free dequantization (session 9)
 QLAYOUTS = [(1, 2, 1), (1, 4, 1), (1, 1, 4), (1, 2, 4), (1, 4, 4), (2, 1, 4), (2, 2, 4), (2, 4, 4), (4, 1, 4), (4, 2, 4)]
 
@@ -60,12 +60,10 @@ def _product(kind, rows_split, bits):
     return lambda x, w: mv._launch(x, w, None, mv.PLAIN, rows_split=rows_split)
 
 
-def measure(N, K, depth, runs, bits, gpu, grid=True, prefetch=()):
+def measure(N, K, depth, runs, bits, gpu):
     ws, vs = _weights(N, K, depth, bits, 1), _weights(K, N, depth, bits, 2)
     x = mx.random.normal((1, 1, K), key=mx.random.key(3)).astype(mx.bfloat16)
-    layouts = (QLAYOUTS if bits else LAYOUTS) if grid else []
-    if bits:  # the default layout with each prefetch distance (qmv's PF)
-        layouts = [(*qmv.quantized_layout(K, bits, 64)[:3], pf) for pf in prefetch] + layouts
+    layouts = QLAYOUTS if bits else LAYOUTS
     variants = [("mlx", None)] + ([("ours", None)] + [("ours", ls) for ls in layouts] if gpu else [])
     rows = []
     want = None
@@ -106,9 +104,6 @@ def main():
     ap.add_argument("--depth", type=int, default=16, help="pairs of products per chain")
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--scale", type=int, default=1, help="divide every width by this (a CPU smoke run)")
-    ap.add_argument("--prefetch", default="1,2,4",
-                    help="qmv: the default layout again with each of these prefetch distances (steps; '' none)")
-    ap.add_argument("--no-grid", dest="grid", action="store_false", help="only the default layout (and --prefetch)")
     args = ap.parse_args()
     gpu = dispatch.active_backend() is not None
     print(f"mlx {mx.__version__}, device {mx.default_device()}, our kernels {'on' if gpu else 'off (no GPU)'}; "
@@ -120,8 +115,7 @@ def main():
                 # scaled widths stay multiples of 128: 2 groups of 64 at least (one group per row
                 # is the MLX CUDA bug of quant_shapes.py)
                 N, K = (max(128, d // args.scale // 128 * 128) for d in (N, K))
-                prefetch = [int(p) for p in args.prefetch.split(",") if p]
-                for label, us, gbs, err in measure(N, K, args.depth, args.runs, bits, gpu, args.grid, prefetch):
+                for label, us, gbs, err in measure(N, K, args.depth, args.runs, bits, gpu):
                     print(f"{fam + ' ' + name + (f' q{bits}' if bits else ' bf16') + f' {N}x{K}':28s} {label:28s} "
                           f"{us:11.2f} {gbs:8.1f} {err:9.2e}", flush=True)
 

@@ -57,12 +57,6 @@ K_INLINE k_words4 k_ld16(const uint32_t* p) {
   const uint4 v = *reinterpret_cast<const uint4*>(p);
   return {v.x, v.y, v.z, v.w};
 }
-// A hint that p's line will be read soon: brought into L2 ahead of the load, with no register
-// to hold it (a matvec's loads wait on DRAM; more of them in flight needs registers or this).
-template <typename T>
-K_INLINE void k_prefetch(const T* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
 // @@SOURCE
   const int k_bx = int(blockIdx.x);
   const int k_by = int(blockIdx.y);

@@ -35,9 +35,6 @@ K_INLINE k_words4 k_ld16(const device uint32_t* p) {
   const uint4 v = *reinterpret_cast<const device uint4*>(p);
   return {v.x, v.y, v.z, v.w};
 }
-// A hint that p's line will be read soon (the CUDA prelude's one prefetches into L2; here none).
-template <typename T>
-K_INLINE void k_prefetch(const device T* p) {}
 // @@SOURCE
   const int k_bx = int(threadgroup_position_in_grid.x);
   const int k_by = int(threadgroup_position_in_grid.y);

@@ -60,8 +60,8 @@ def _cases():
         for epi, pro, HD, scaled in ((mv.GEGLU, 1, 1536, False), (mv.GATE, 2, 2560, False), (mv.PLAIN, 1, 5376, True)):
             yield mv.residual_matvec_kernel, mv._residual_probe((dt, mv.layout(HD), 1, epi, pro, HD, scaled))
         for bits, gs in ((4, 64), (8, 32)):
-            # (rows, split, words per lane[, steps prefetched ahead])
-            for ls, M in (((4, 1, 4), 1), ((1, 8, 1), 1), ((1, 2, 4), 4), ((1, 4, 1), 1), ((2, 2, 4, 2), 1)):
+            # (rows, split, words per lane)
+            for ls, M in (((4, 1, 4), 1), ((1, 8, 1), 1), ((1, 2, 4), 4), ((1, 4, 1), 1)):
                 yield _qmv_layout(ls, mv.PLAIN), qmv._probe((dt, bits, gs, ls, M))
             yield _qmv_layout((1, 2, 1), mv.GEGLU), qmv._probe((dt, bits, gs, (1, 2, 1), 2, mv.GEGLU))
             yield _qmv_layout((1, 1, 4), mv.GATE), qmv._probe((dt, bits, gs, (1, 1, 4), 1, mv.GATE))

@@ -14,9 +14,9 @@ from gemma4_mlx.kernels import mv, qmv
 
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ not found: cannot build the emulated kernels")
 
-# (rows, split) of mv; qmv adds words per lane (and steps to prefetch ahead). Widths: whole steps and a ragged last one.
+# (rows, split) of mv; qmv adds words per lane. Widths: whole steps and a ragged last one.
 MV_LAYOUTS = [None, (1, 1), (1, 2), (1, 8), (4, 1)]
-QMV_LAYOUTS = [None, (1, 1, 1), (1, 2, 4), (1, 8, 1), (4, 1, 4), (2, 2, 4, 1), (1, 1, 1, 3)]  # (..., PF)
+QMV_LAYOUTS = [None, (1, 1, 1), (1, 2, 4), (1, 8, 1), (4, 1, 4)]
 
 
 @pytest.fixture

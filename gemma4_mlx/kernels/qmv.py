@@ -50,10 +50,10 @@ def quantized_matvec_gate_reference(x, w, scales, biases, group_size: int, bits:
 def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int, prologue: Optional[tuple] = None,
             rows_split: Optional[tuple] = None):
     """The qmv kernel; ``prologue`` as in :func:`.mv._launch` (then it returns (new residual,
-    y)); ``rows_split``: a (ROWS, SPLIT, WPL[, PF]) other than :func:`quantized_layout`'s."""
+    y)); ``rows_split``: a (ROWS, SPLIT, WPL) other than :func:`quantized_layout`'s."""
     M = x.size // x.shape[-1]
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
-    rows, split, wpl, pf = (*(rows_split or quantized_layout(x.shape[-1], bits, group_size, epi=epi)), 0)[:4]
+    rows, split, wpl = rows_split or quantized_layout(x.shape[-1], bits, group_size, epi=epi)
     k = dispatch.get_kernel("qmv", ["x", "w", "scales", "biases", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"])
     pro, HD, extra, hshape = prologue_inputs(x, prologue)
     # x keeps its shape, y gets x's leading dims (no reshape primitives around the call); z is
@@ -61,7 +61,7 @@ def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int, prolo
     y, h = k(
         inputs=[x, w, scales, biases, scales if z is None else z, *extra],
         template=[("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", rows), ("SPLIT", split),
-                  ("WPL", wpl), ("PF", pf), ("MM", _mm(M)), ("EPI", epi), ("PRO", pro), ("HD", HD)],
+                  ("WPL", wpl), ("MM", _mm(M)), ("EPI", epi), ("PRO", pro), ("HD", HD)],
         grid=(ceil_to(-(-N // rows) * 32 * split, TG), 1, 1),
         threadgroup=(TG, 1, 1),
         output_shapes=[(*x.shape[:-1], N), hshape],
@@ -117,22 +117,16 @@ def _class_key(x, w, scales, biases, group_size, bits, epi: int = PLAIN, z: Opti
                                    _mm(x.size // K), epi)
 
 
-# Steps ahead whose weights each lane prefetches into L2 (the kernel's PF; 0: none). A hint with
-# no register held, for more bytes in flight than 64 registers allow; not yet timed on a GPU.
-PREFETCH_STEPS = 0
-
-
 def quantized_layout(K: int, bits: int, group_size: int, words_per_lane: int = 4, rows: int = 2,
                      epi: int = PLAIN) -> tuple:
-    """(ROWS, SPLIT, WPL, PF): ``rows`` weight rows per warp group (a GeGLU form's output row reads
+    """(ROWS, SPLIT, WPL): ``rows`` weight rows per warp group (a GeGLU form's output row reads
     two: its gate and up rows, so it gets half as many outputs), each lane taking
     ``words_per_lane`` words of a row per step (4: one 16-byte load) where that divides a group's
-    words (else 1), :func:`~gemma4_mlx.kernels.mv.layout`'s split-K for a warp covering
-    32 * WPL words per step, and :data:`PREFETCH_STEPS`. Two rows of 16-byte loads fit 64
-    registers (4 blocks of 256 threads per SM); on the H200 (session 9, bench/matvec_chain.py)
-    they beat one row and matched four."""
+    words (else 1), and :func:`~gemma4_mlx.kernels.mv.layout`'s split-K for a warp covering
+    32 * WPL words per step. Two rows of 16-byte loads fit 64 registers (4 blocks of 256 threads
+    per SM); on the H200 (session 9, bench/matvec_chain.py) they beat one row and matched four."""
     wpl = words_per_lane if (group_size * bits // 32) % words_per_lane == 0 else 1
-    return (max(1, rows // 2) if epi == GEGLU else rows, layout(K, _per_step(bits, wpl))[1], wpl, PREFETCH_STEPS)
+    return (max(1, rows // 2) if epi == GEGLU else rows, layout(K, _per_step(bits, wpl))[1], wpl)
 
 
 def _per_step(bits: int, wpl: int) -> int:

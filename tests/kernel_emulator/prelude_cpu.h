@@ -85,5 +85,3 @@ inline k_words4 k_ld16(const uint32_t* p) {
   if (reinterpret_cast<size_t>(p) & 15) __builtin_trap();  // the GPU's 16-byte load faults there too
   return {p[0], p[1], p[2], p[3]};
 }
-template <typename T>
-inline void k_prefetch(const T*) {}  // a cache hint: nothing to emulate
