@@ -214,7 +214,7 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     done ;;
   chain)    # issue 14: our mv / qmv in every launch layout (rows per group x warps per group) against
             # MLX's matmul, bf16 and 4-bit, E2B / E4B / 31B shapes, per product in a compiled chain
-    timeout "${CHAIN_S:-400}" python3 bench/matvec_chain.py ${FAMILIES:+--families $FAMILIES} ${BITS:+--bits $BITS} 2>&1 | tee "$OUT/matvec_chain.txt" | tail -80 ;;
+    timeout "${CHAIN_S:-400}" python3 bench/matvec_chain.py ${FAMILIES:+--families $FAMILIES} ${BITS:+--bits $BITS} ${CHAIN_ARGS:-} 2>&1 | tee "$OUT/matvec_chain.txt" | tail -80 ;;
   quant)    # MLX's quantized_matmul / gather_qmm on this GPU against the CPU: every quantized layer
             # of the 4-bit MoE the NCCL test fails on (hidden 64, MLPs 96, group 32), then the sweep
             # over K whole and sharded (QUANT_S bounds it, default 240)

@@ -60,10 +60,10 @@ def _product(kind, rows_split, bits):
     return lambda x, w: mv._launch(x, w, None, mv.PLAIN, rows_split=rows_split)
 
 
-def measure(N, K, depth, runs, bits, gpu):
+def measure(N, K, depth, runs, bits, gpu, grid=True):
     ws, vs = _weights(N, K, depth, bits, 1), _weights(K, N, depth, bits, 2)
     x = mx.random.normal((1, 1, K), key=mx.random.key(3)).astype(mx.bfloat16)
-    layouts = QLAYOUTS if bits else LAYOUTS
+    layouts = (QLAYOUTS if bits else LAYOUTS) if grid else []
     variants = [("mlx", None)] + ([("ours", None)] + [("ours", ls) for ls in layouts] if gpu else [])
     rows = []
     want = None
@@ -104,6 +104,7 @@ def main():
     ap.add_argument("--depth", type=int, default=16, help="pairs of products per chain")
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--scale", type=int, default=1, help="divide every width by this (a CPU smoke run)")
+    ap.add_argument("--no-grid", dest="grid", action="store_false", help="MLX's and our default layout only")
     args = ap.parse_args()
     gpu = dispatch.active_backend() is not None
     print(f"mlx {mx.__version__}, device {mx.default_device()}, our kernels {'on' if gpu else 'off (no GPU)'}; "
@@ -115,7 +116,7 @@ def main():
                 # scaled widths stay multiples of 128: 2 groups of 64 at least (one group per row
                 # is the MLX CUDA bug of quant_shapes.py)
                 N, K = (max(128, d // args.scale // 128 * 128) for d in (N, K))
-                for label, us, gbs, err in measure(N, K, args.depth, args.runs, bits, gpu):
+                for label, us, gbs, err in measure(N, K, args.depth, args.runs, bits, gpu, args.grid):
                     print(f"{fam + ' ' + name + (f' q{bits}' if bits else ' bf16') + f' {N}x{K}':28s} {label:28s} "
                           f"{us:11.2f} {gbs:8.1f} {err:9.2e}", flush=True)
 
