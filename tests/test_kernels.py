@@ -956,9 +956,9 @@ def test_matvec_layout_rule_and_its_probes():
 
 
 def test_qmv_size_rule(monkeypatch, qmv_size_rule):
-    """On CUDA the quantized matvec takes only 4-bit products of at least 2^25 weights (where it
-    beat MLX's quantized_matmul on the H200); smaller ones and 8-bit ones stay MLX's. Shapes only: nothing is
-    evaluated."""
+    """On CUDA the quantized matvec takes only 4-bit products of at least 2^25 weights and 8-bit
+    ones of at least 2^27 (where it beat MLX's quantized_matmul on the H200); smaller ones stay
+    MLX's. Shapes only: nothing is evaluated."""
     from gemma4_mlx.kernels import mv, qmv
 
     monkeypatch.setattr(qmv, "MIN_VALUES", qmv_size_rule)  # the package's rule, not the tests' "every size"
@@ -974,7 +974,9 @@ def test_qmv_size_rule(monkeypatch, qmv_size_rule):
         assert key(5376, 8192) is not None  # 31B's o projection
         assert key(2560, 10240) is None  # E4B's down projection: 26 M, MLX's
         assert key(2 * 6144, 1536, mv.GEGLU) is None  # E2B's joined gate/up
-        assert key(2 * 21504, 5376, mv.GEGLU, bits=8) is None  # 8-bit: not timed on the GPU, MLX's
+        assert key(2 * 21504, 5376, mv.GEGLU, bits=8) is not None  # 31B's 8-bit gate/up: 231 M
+        assert key(5376, 21504, bits=8) is None  # 31B's 8-bit down: 116 M, a tie: MLX's
+        assert key(2 * 10240, 2560, mv.GEGLU, bits=8) is None  # E4B's 8-bit gate/up: 52 M
     with dispatch.force_backend("metal"):  # no rule measured there
         assert key(2560, 10240) is not None
 

@@ -118,7 +118,8 @@ def active_backend() -> str | None:
 # the H100/H200 (every shape of bench/kernels.py; the E2B decode step, session 7: bf16 10.16 ms
 # without mv, 12.90 with it and its fused forms; docs/benchmarks.md). "qmv" is on on CUDA since
 # session 9 for the 4-bit products its size rule takes (qmv.MIN_VALUES: E4B's gate/up and every 31B
-# product, where its conversion-free dequantization beats MLX's quantized_matmul), off on Metal
+# product, where its conversion-free dequantization beats MLX's quantized_matmul; since session 10
+# 8-bit ones from 2^27 weights: 31B's gate/up and the tied heads), off on Metal
 # (not measured there against MLX's own). Both are kept, tested and compile-checked.
 # "ple_tail" (the PLE close of a layer in one launch instead of four) is correct on the H200 but
 # slower (E2B step 17.2 ms against 11.7: one block per row streams the weights); off, and

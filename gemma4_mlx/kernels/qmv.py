@@ -90,9 +90,12 @@ def quantized_matvec_gate_kernel(x, w, scales, biases, group_size: int, bits: in
 # 42 against 47 us) and on every 31B product (its joined gate/up 104 against 152 us), tied with
 # 31B's o projection (5,376 x 8,192), and lost below: E4B's down projection (2,560 x 10,240) and
 # every E2B product, where each launch costs it ~10 us more than MLX's (20 against 10-12 us for
-# the smallest). Per backend, per bits; bits a backend's rule does not list stay MLX's (8-bit:
-# not timed on the GPU yet). No rule for a backend: every size (Metal, where qmv is off by default).
-MIN_VALUES = {"cuda": {4: 1 << 25}}
+# the smallest). 8-bit (session 10, twice): MLX's kernel reads 8-bit weights at 1.3-2.1 TB/s, and
+# ours beat it reliably only on 31B's joined gate/up (231 M weights: 102-103 against 116-117 us);
+# 31B's down (116 M) tied (62 / 66 against 69 / 67), its q/k/v (88 M) and o lost or tied, and E4B's
+# gate/up (52 M) won by 6-11%. Per backend, per bits; bits a backend's rule does not list stay
+# MLX's. No rule for a backend: every size (Metal, where qmv is off by default).
+MIN_VALUES = {"cuda": {4: 1 << 25, 8: 1 << 27}}
 
 
 def min_values(bits: int, backend: Optional[str] = None) -> float:
