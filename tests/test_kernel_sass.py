@@ -2,8 +2,9 @@
 exact source our CUDA path builds, cuobjdump reads its resources): at one row of x (decode) every
 default layout keeps its registers in registers (no local memory: session 9 found a rolled loop
 sending its word arrays there) and within 64 per thread where K is split over warps (31B's
-products: 4 blocks of 256 threads per SM), 72 without (E4B's gate/up: 3 blocks). Fewer warps in
-flight read the weights slower: the two-steps variant at 80 registers was slower on the H200."""
+products: 4 blocks of 256 threads per SM), 80 without (E4B's gate/up: 3 blocks, as at 72: registers
+are given out 8 at a time). Fewer warps in flight read the weights slower: the two-steps variant
+at 80 registers where K is split was slower on the H200."""
 from __future__ import annotations
 
 import sys
@@ -37,4 +38,4 @@ def test_qmv_default_layouts_fit_registers(sass, bits, epi, K):
     template = dict(T="bfloat16", BITS=bits, GS=64, ROWS=rows, SPLIT=split, WPL=wpl, MM=1, EPI=epi, PRO=0, HD=1)
     res = sass.resources(sass.build("qmv", template))
     assert res["STACK"] == 0 and res["LOCAL"] == 0, res
-    assert res["REG"] <= (64 if split > 1 else 72), res
+    assert res["REG"] <= (64 if split > 1 else 80), res
