@@ -6,14 +6,15 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 10): issue 14. One GPU is enough (nvidia-h200). Session 9 turned qmv on
-# on CUDA for products of >= 2^25 weights (31B 4-bit step 1.26x, E4B 4-bit 1.39x). Measure first
-# what it changed unmeasured: `Q=4 steps` with CONFIGS="stock,ours,ours -qmv" (E2B 4-bit: its
-# tied head and its KV-shared layers' double-wide gate/up, 37.7 M weights, now take qmv), then `presets` with more runs (E4B bf16 read 0.92x in compare but
-# 1.47x in the step ablation; 26B-A4B 4-bit 0.99x), then `e2e` (NEW=128,2048, and Q=4) for the
-# README's tables (still session 6's). `qcheck` (~4 min) after any change to qmv.inc; `chain`
-# (BITS=4 FAMILIES=31B,E4B, ~1.5 min) to time the kernel per product against MLX's; BITS=8 has
-# never been timed (8-bit stays MLX's by qmv.MIN_VALUES until it is).
+# Next visit (session 11): issue 14. One GPU is enough (nvidia-h200). First `qcheck` (~4.5 min):
+# session 10 landed, unrun on a GPU, the 4-bit pair dequantization in qmv.inc (hot loop 516 -> 439
+# instructions) and 8-bit qmv for products of >= 2^27 weights. Then `chain` (BITS=4,8
+# FAMILIES=31B,E4B CHAIN_ARGS=--no-grid, ~15 s) against session 10's numbers (31B 4-bit gate/up:
+# ours 87.9, MLX 150.5 us; docs/benchmarks.md "GPU, session 10"). Then `Q=4 e2e` with RUNS=3
+# NEW=128 (~7 min): session 10's later fresh processes of ours decoded 4-bit at 7.0-7.6 ms per
+# token against 4.9 ms in the first; the runs now record kernel_verdicts and stderr_tail. If time
+# is left: `steps` Q=8 (the 8-bit rule, unmeasured in a step), `presets-bf16` (26B-A4B / 31B bf16
+# never measured).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
