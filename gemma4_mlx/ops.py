@@ -169,10 +169,24 @@ def residual_norm(residual: mx.array, branch: mx.array, norm_weight: mx.array, s
 def _residual_norm(residual, branch, norm_weight, scalar, eps, next_weight=None):
     out = residual + mx.fast.rms_norm(branch, norm_weight, eps)
     if scalar is not None:
-        out = out * scalar
+        out = out * _fused_input(scalar)
     if next_weight is None:
         return out
     return out, mx.fast.rms_norm(out, next_weight, eps)
+
+
+def _fused_input(scalar: mx.array) -> mx.array:
+    """``scalar`` as an input of the kernels MLX fuses in the decode step, not as a constant.
+
+    mx.compile bakes a size-1 array the trace captured (a layer's ``layer_scalar``) into the
+    source of the element-wise kernel it fuses it into, and names the kernel after its value: with
+    a real checkpoint's per-layer values every layer's close was a kernel of its own, each compiled
+    by MLX's JIT on a fresh GPU machine (seconds each) and loaded by every process. Behind a
+    reshape (a view: nothing is launched) it is the kernel's argument, and the layers share one.
+    Outside the step nothing is fused: unchanged."""
+    if scalar.size != 1 or step_context.active() is None:
+        return scalar
+    return scalar.reshape(())
 
 
 def plain_linear(module: nn.Module, dtype=None) -> bool:

@@ -129,6 +129,44 @@ def test_one_trace_whatever_the_id_dtype(monkeypatch):
     assert model._decoder.counts["traces"] == 1
 
 
+_STEP_WITH_SCALARS = """
+import sys
+import mlx.core as mx
+from gemma4_mlx import Model, parse_config
+from gemma4_mlx.presets import preset_config
+model = Model(parse_config(preset_config("tiny")))
+mx.eval(model.parameters())
+for i, layer in enumerate(model.layers):  # a real checkpoint's layer_scalar differs per layer
+    layer.layer_scalar = mx.array([1.0 if sys.argv[1] == "ones" else 0.5 + 0.1 * i])
+cache = model.make_cache()
+mx.eval(model(mx.array([[5, 6, 7, 8]]), cache=cache))
+for _ in range(2):
+    mx.eval(model(mx.array([[9]], dtype=mx.uint32), cache=cache))
+"""
+
+
+def test_step_kernels_do_not_depend_on_the_layer_scalars(tmp_path):
+    """MLX bakes a size-1 array the trace captured into the fused kernel's source and names the
+    kernel after its value: a layer_scalar multiplied in the step's close made one kernel per
+    distinct value, i.e. per layer with a real checkpoint (random ones have ones), each compiled
+    by MLX's JIT on a fresh GPU machine. The CPU compiles the same fused kernels into a folder
+    under TMPDIR, named the same way: per-layer values may add none."""
+    import glob
+    import os
+    import subprocess
+
+    def kernels_after(values: str) -> int:
+        env = dict(os.environ, TMPDIR=str(tmp_path), GEMMA4_MLX_COMPILE="1")
+        r = subprocess.run([sys.executable, "-c", _STEP_WITH_SCALARS, values], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return len(glob.glob(str(tmp_path / "mlx" / "*" / "cpu" / "*.so")))
+
+    with_ones = kernels_after("ones")
+    assert with_ones > 0  # the step compiled fused kernels (into this folder)
+    assert kernels_after("per-layer") == with_ones
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-e4b", "tiny-moe", "tiny-31b"])
 def test_compiled_decode_matches_eager(preset, monkeypatch):
     model = _random_model(preset)

@@ -223,7 +223,10 @@ def prepare_checkpoint(s: E2ESettings, log: Callable[[str], None] = print) -> Di
         info["source"] = "preset"
         info["weights"] = f"random (write_random_checkpoint, seed {s.seed})"
         base = work / f"{s.preset}-{s.dtype}-seed{s.seed}"
-        base_spec = {"preset": s.preset, "dtype": s.dtype, "seed": s.seed, "writer": "write_random_checkpoint"}
+        from ..checkpoint.random_weights import WEIGHTS_REVISION
+
+        base_spec = {"preset": s.preset, "dtype": s.dtype, "seed": s.seed, "writer": "write_random_checkpoint",
+                     "revision": WEIGHTS_REVISION}
         reused = _make(base, base_spec, lambda f: write_random_checkpoint(s.preset, f, dtype=s.dtype, seed=s.seed,
                                                                           force=True),
                        f"preset {s.preset} ({s.dtype})", log)

@@ -16,13 +16,17 @@ QUANT_GROUP_SIZE = 64
 
 def random_weights(model: nn.Module, dtype: mx.Dtype, seed: int, std: float = WEIGHT_STD,
                    evaluate: bool = True) -> List[Tuple[str, mx.array]]:
-    """Fixed-seed weights: N(0, std) for matrices (projections, embeddings, experts), the module's
-    own init (ones) for norms, scales and layer scalars. Evaluated one tensor at a time, or left
-    lazy (``evaluate=False``) for a caller that quantizes them first."""
+    """Fixed-seed weights: N(0, std) for matrices (projections, embeddings, experts), 0.95-1.05 for
+    the layer scalars (per layer, as in a trained checkpoint: all ones once hid a compiled-step
+    kernel per distinct value), the module's own init (ones) for norms and scales. Evaluated one
+    tensor at a time, or left lazy (``evaluate=False``) for a caller that quantizes them first."""
     out = []
     for i, (name, p) in enumerate(tree_flatten(model.parameters())):
+        key = mx.random.key(seed * 100_003 + i)
         if p.ndim >= 2:
-            w = mx.random.normal(p.shape, dtype=dtype, scale=std, key=mx.random.key(seed * 100_003 + i))
+            w = mx.random.normal(p.shape, dtype=dtype, scale=std, key=key)
+        elif name.endswith("layer_scalar"):
+            w = (0.95 + 0.1 * mx.random.uniform(shape=p.shape, key=key)).astype(dtype)
         else:
             w = p.astype(dtype)
         if evaluate:
@@ -129,7 +133,7 @@ def build_pair(s: BenchSettings) -> Tuple[nn.Module, nn.Module, Dict[str, Any]]:
         # Quantized: the full-precision weights are made and quantized one layer at a time, so the
         # 26B/31B presets never hold the whole model in bf16 next to its 4-bit copy.
         ours.update(tree_unflatten(random_weights(ours, DTYPES[s.dtype], s.seed, evaluate=not s.quantize)))
-        meta.update(source="preset", preset=s.preset, weights=f"random N(0, {WEIGHT_STD}) for matrices, ones for "
+        meta.update(source="preset", preset=s.preset, weights=f"random N(0, {WEIGHT_STD}) for matrices, 0.95-1.05 for layer scalars, ones for "
                     f"norms/scales, seed {s.seed}")
         if s.quantize:
             quantize_model(ours, s.quantize)

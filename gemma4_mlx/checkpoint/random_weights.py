@@ -70,7 +70,13 @@ def checkpoint_config(preset_or_config: Union[str, Dict[str, Any]], *, dtype: st
     }
 
 
-# kinds: "embed", "linear" (fan-in = last dim), "norm" (~1), "ones" (exactly 1)
+# What the writer draws, by revision: a folder written by an earlier one is written again by the
+# benchmarks that reuse folders (bench/e2e.py). 2: per-layer layer_scalar values (1: all ones).
+WEIGHTS_REVISION = 2
+
+# kinds: "embed", "linear" (fan-in = last dim), "norm" (~1), "scalar" (0.95-1.05: a trained
+# checkpoint's layer_scalar differs per layer, and so must a benchmark's: per-layer values once
+# gave the compiled decode step a kernel per layer, which all-ones checkpoints hid)
 TensorSpec = Tuple[str, Tuple[int, ...], str]
 
 
@@ -125,7 +131,7 @@ def hf_tensor_specs(args: ModelArgs, wrapper: bool = False) -> List[TensorSpec]:
                 (lp + "per_layer_projection.weight", (H, ple), "linear"),
                 (lp + "post_per_layer_input_norm.weight", (H,), "norm"),
             ]
-        specs.append((lp + "layer_scalar", (1,), "ones"))
+        specs.append((lp + "layer_scalar", (1,), "scalar"))
     specs.append((f"{pre}norm.weight", (H,), "norm"))
     if not args.tie_word_embeddings:
         specs.append(("lm_head.weight", (args.vocab_size, H), "linear"))
@@ -154,8 +160,8 @@ def _tensor_chunks(spec: TensorSpec, rng: np.random.Generator, dtype: str, hidde
                    chunk_elems: int = 1 << 24) -> Iterator[bytes]:
     name, shape, kind = spec
     total = int(np.prod(shape))
-    if kind == "ones":
-        yield _to_dtype(np.ones(total, np.float32), dtype)
+    if kind == "scalar":
+        yield _to_dtype(0.95 + 0.1 * rng.random(total, dtype=np.float32), dtype)
         return
     if kind == "norm":
         yield _to_dtype(1.0 + 0.05 * rng.standard_normal(total, dtype=np.float32), dtype)
