@@ -124,7 +124,7 @@ def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_w
                 eps: float) -> mx.array:
     """(RMSNorm(projection * s) + table[ids] * sqrt(P)) * 2^-0.5, shaped (B, L, layers, P)."""
     dtype = projection.dtype
-    proj = projection * mx.array(projection_scale, dtype=dtype)
+    proj = projection * fused_scalar(mx.array(projection_scale, dtype=dtype))
 
     def mlx_ops(inputs, _table_weight, proj, norm_weight, table_scale, eps):
         proj = mx.fast.rms_norm(proj.reshape(*proj.shape[:-1], num_layers, ple_dim), norm_weight, eps)
@@ -169,24 +169,25 @@ def residual_norm(residual: mx.array, branch: mx.array, norm_weight: mx.array, s
 def _residual_norm(residual, branch, norm_weight, scalar, eps, next_weight=None):
     out = residual + mx.fast.rms_norm(branch, norm_weight, eps)
     if scalar is not None:
-        out = out * _fused_input(scalar)
+        out = out * fused_scalar(scalar)
     if next_weight is None:
         return out
     return out, mx.fast.rms_norm(out, next_weight, eps)
 
 
-def _fused_input(scalar: mx.array) -> mx.array:
+def fused_scalar(scalar: mx.array) -> mx.array:
     """``scalar`` as an input of the kernels MLX fuses in the decode step, not as a constant.
 
-    mx.compile bakes a size-1 array the trace captured (a layer's ``layer_scalar``) into the
-    source of the element-wise kernel it fuses it into, and names the kernel after its value: with
-    a real checkpoint's per-layer values every layer's close was a kernel of its own, each compiled
-    by MLX's JIT on a fresh GPU machine (seconds each) and loaded by every process. Behind a
-    reshape (a view: nothing is launched) it is the kernel's argument, and the layers share one.
-    Outside the step nothing is fused: unchanged."""
+    mx.compile bakes a size-1 array without a primitive (a layer's ``layer_scalar``, a scale made
+    with ``mx.array``) into the source of the element-wise kernel it fuses it into, and names the
+    kernel after its value: with a real checkpoint's per-layer values every layer's close was a
+    kernel of its own, and each scale another, each compiled by MLX's JIT on a fresh GPU machine
+    (seconds each) and loaded by every process. Behind a reshape (a view: nothing is launched)
+    it is the kernel's argument, and kernels that differ only in the value are one. Outside the
+    step nothing is fused: unchanged."""
     if scalar.size != 1 or step_context.active() is None:
         return scalar
-    return scalar.reshape(())
+    return scalar.reshape((1,) if scalar.ndim == 0 else ())  # another shape: a reshape to its own is no op
 
 
 def plain_linear(module: nn.Module, dtype=None) -> bool:
