@@ -129,8 +129,8 @@ def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_w
     def mlx_ops(inputs, _table_weight, proj, norm_weight, table_scale, eps):
         proj = mx.fast.rms_norm(proj.reshape(*proj.shape[:-1], num_layers, ple_dim), norm_weight, eps)
         rows = table(inputs)
-        rows = (rows * mx.array(table_scale, dtype=rows.dtype)).reshape(*inputs.shape, num_layers, ple_dim)
-        return (proj + rows.astype(dtype)) * mx.array(2.0**-0.5, dtype=dtype)
+        rows = (rows * fused_scalar(mx.array(table_scale, dtype=rows.dtype))).reshape(*inputs.shape, num_layers, ple_dim)
+        return (proj + rows.astype(dtype)) * fused_scalar(mx.array(2.0**-0.5, dtype=dtype))
 
     kern = _gpu_kernels()
     if kern is not None and isinstance(table, nn.Embedding):
