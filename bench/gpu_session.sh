@@ -12,9 +12,13 @@
 # FAMILIES=31B,E4B CHAIN_ARGS=--no-grid, ~15 s) against session 10's numbers (31B 4-bit gate/up:
 # ours 87.9, MLX 150.5 us; docs/benchmarks.md "GPU, session 10"). Then `Q=4 e2e` with RUNS=3
 # NEW=128 (~7 min): session 10's later fresh processes of ours decoded 4-bit at 7.0-7.6 ms per
-# token against 4.9 ms in the first; the runs now record kernel_verdicts and stderr_tail. If time
-# is left: `steps` Q=8 (the 8-bit rule, unmeasured in a step), `presets-bf16` (26B-A4B / 31B bf16
-# never measured).
+# token against 4.9 ms in the first; the runs now record kernel_verdicts and stderr_tail. Then
+# `cold` (~3 min): the benchmarks' random weights now have per-layer layer scalars, as a real
+# checkpoint does, and the step passes them to MLX's fused kernels as arguments (ops.fused_scalar):
+# ours' first-process module list should hold one add + layer-scalar kernel, not one per layer
+# (session 10's list: docs/results/2026-11-28-h200-s10/cold-modules.txt). If time is left:
+# `steps` Q=8 (the 8-bit rule, unmeasured in a step), `presets-bf16` (26B-A4B / 31B bf16 never
+# measured).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
