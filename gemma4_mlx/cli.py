@@ -9,8 +9,9 @@ import os
 import sys
 
 
-def _interrupted() -> None:
-    print("interrupted", file=sys.stderr)
+def _interrupted(report: bool = True) -> None:
+    if report:
+        print("interrupted", file=sys.stderr)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -50,9 +51,11 @@ def main(argv=None) -> None:
         try:
             app(args=args, prog_name="gemma4-mlx", standalone_mode=True)
         except SystemExit as e:
-            # typer turns a Ctrl-C outside a command's error handling into a silent exit 130
-            if e.code == 130 and not interrupt_reported():
-                _interrupted()
+            # typer turns a Ctrl-C outside a command's error handling into a silent exit 130; a
+            # command that reported its Ctrl-C itself leaves by os._exit too (a plain exit could
+            # still end as -2 for the reason in _interrupted: seen once in CI)
+            if e.code == 130:
+                _interrupted(report=not interrupt_reported())
             raise
     except KeyboardInterrupt:
         _interrupted()
