@@ -14,17 +14,32 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
-# GeGLU (tanh GELU) and the logit soft-cap are the same ops as stock's: reuse its compiled ones.
-from mlx_lm.models.gemma4_text import geglu, logit_softcap  # noqa: F401 (geglu is used by the model)
-
 from . import step_context
 
 Offset = Union[int, mx.array]
 
 
+# GeGLU (tanh GELU) and the logit soft-cap: stock's ops, compiled per shape rather than shapeless
+# as mlx-lm's are. MLX names a fused kernel after its tape, and a shapeless trace's tape differs
+# from the decode step's for the same ops: with mlx-lm's, the prefill and the step each had a
+# kernel of their own (and the shapeless GeGLU a second one for its GELU), each compiled by MLX's
+# JIT on a fresh GPU machine (4-7 s each on the H200, session 10). Traced per shape, the prefill
+# makes the very kernels the step uses. The traces are per input shape: prefill chunks (at most
+# prefill_step_size long) bound how many there are.
+@mx.compile
+def geglu(gate: mx.array, x: mx.array) -> mx.array:
+    return nn.gelu_approx(gate) * x
+
+
+@mx.compile
+def _softcap(x: mx.array, cap: mx.array) -> mx.array:
+    return mx.tanh(x / cap) * cap
+
+
 def softcap(x: mx.array, cap: float) -> mx.array:
-    """cap * tanh(x / cap), stock mlx-lm's compiled op."""
-    return logit_softcap(cap, x)
+    """cap * tanh(x / cap), as stock computes it."""
+    # a 0-d array with a primitive: an input of the fused kernel in the step as in the prefill
+    return _softcap(x, mx.array([cap], dtype=x.dtype).reshape(()))
 
 
 def _gpu_kernels():
@@ -124,13 +139,13 @@ def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_w
                 eps: float) -> mx.array:
     """(RMSNorm(projection * s) + table[ids] * sqrt(P)) * 2^-0.5, shaped (B, L, layers, P)."""
     dtype = projection.dtype
-    proj = projection * fused_scalar(mx.array(projection_scale, dtype=dtype))
+    proj = projection * fused_scalar(mx.array([projection_scale], dtype=dtype))
 
     def mlx_ops(inputs, _table_weight, proj, norm_weight, table_scale, eps):
         proj = mx.fast.rms_norm(proj.reshape(*proj.shape[:-1], num_layers, ple_dim), norm_weight, eps)
         rows = table(inputs)
-        rows = (rows * fused_scalar(mx.array(table_scale, dtype=rows.dtype))).reshape(*inputs.shape, num_layers, ple_dim)
-        return (proj + rows.astype(dtype)) * fused_scalar(mx.array(2.0**-0.5, dtype=dtype))
+        rows = (rows * fused_scalar(mx.array([table_scale], dtype=rows.dtype))).reshape(*inputs.shape, num_layers, ple_dim)
+        return (proj + rows.astype(dtype)) * fused_scalar(mx.array([2.0**-0.5], dtype=dtype))
 
     kern = _gpu_kernels()
     if kern is not None and isinstance(table, nn.Embedding):
@@ -187,7 +202,9 @@ def fused_scalar(scalar: mx.array) -> mx.array:
     step nothing is fused: unchanged."""
     if scalar.size != 1 or step_context.active() is None:
         return scalar
-    return scalar.reshape((1,) if scalar.ndim == 0 else ())  # another shape: a reshape to its own is no op
+    if scalar.ndim == 0:  # a reshape to its own shape is no op: through (1,) (callers pass (1,))
+        scalar = scalar.reshape((1,))
+    return scalar.reshape(())  # 0-d: the kernel's scalar argument
 
 
 def plain_linear(module: nn.Module, dtype=None) -> bool:

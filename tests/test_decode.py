@@ -167,6 +167,43 @@ def test_step_kernels_do_not_depend_on_the_layer_scalars(tmp_path):
     assert kernels_after("per-layer") == with_ones
 
 
+_PREFILL_THEN_STEP = """
+import glob, json, os, sys
+import mlx.core as mx
+from gemma4_mlx import Model, parse_config
+from gemma4_mlx.presets import preset_config
+def kernels():
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(os.environ["TMPDIR"], "mlx", "*", "cpu", "*.so")))
+model = Model(parse_config(preset_config("tiny")))
+mx.eval(model.parameters())
+cache = model.make_cache()
+mx.eval(model(mx.array([[5, 6, 7, 8, 9, 10]]), cache=cache))
+prefill = kernels()
+for _ in range(2):
+    mx.eval(model(mx.array([[9]], dtype=mx.uint32), cache=cache))
+print(json.dumps({"prefill": prefill, "step": sorted(set(kernels()) - set(prefill))}))
+"""
+
+
+def test_step_reuses_the_prefills_geglu_and_softcap_kernels(tmp_path):
+    """The GeGLU and the logit soft-cap are traced per shape (mlx-lm's are shapeless), so the
+    prefill fuses them into the very kernels the decode step's trace makes: the step adds no
+    kernel of its own for them (each was a JIT compile of 3-7 s on a fresh GPU machine). The CPU
+    compiles the same fused kernels, named by their tapes, under TMPDIR."""
+    import json
+    import os
+    import subprocess
+
+    env = dict(os.environ, TMPDIR=str(tmp_path), GEMMA4_MLX_COMPILE="1")
+    r = subprocess.run([sys.executable, "-c", _PREFILL_THEN_STEP], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    tanh = [k for k in seen["prefill"] if "Tanh" in k]
+    assert any("Power" in k for k in tanh) and any("Divide" in k for k in tanh)  # the GeGLU, the soft-cap
+    assert seen["step"] and not [k for k in seen["step"] if "Tanh" in k], seen["step"]
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-e4b", "tiny-moe", "tiny-31b"])
 def test_compiled_decode_matches_eager(preset, monkeypatch):
     model = _random_model(preset)
