@@ -270,12 +270,12 @@ class Gemma4TextModel(nn.Module):
         a = self.args
         # MLX does not bounds-check gathers: an id outside a table (only possible through the
         # drop-in path; our generate refuses such ids with a clear error) must not read past it.
-        # Clamped in the graph: free in the compiled step, one tiny op per eager call.
-        h = self.embed_tokens(mx.clip(inputs, 0, a.vocab_size - 1))
+        # Clamped in the graph: one launch in the compiled step, one tiny op per eager call.
+        h = self.embed_tokens(ops.clamp_ids(inputs, a.vocab_size))
         h = h * ops.fused_scalar(mx.array([a.hidden_size**0.5], dtype=h.dtype))
         per_layer = None
         if a.hidden_size_per_layer_input:
-            per_layer = self.per_layer_inputs(mx.clip(inputs, 0, a.vocab_size_per_layer_input - 1), h)
+            per_layer = self.per_layer_inputs(ops.clamp_ids(inputs, a.vocab_size_per_layer_input), h)
             # each layer's (B, L, P) slice: one Split for all of them rather than an index (a
             # Slice and a Squeeze) per layer, two primitives against 70 in every E2B decode step
             per_layer = mx.split(per_layer.reshape(*per_layer.shape[:2], -1), a.num_hidden_layers, axis=-1)
