@@ -159,7 +159,7 @@ def _joint_keeps_qmv(members: List[nn.Module]) -> bool:
     inputs = members[0]["scales"].shape[-1] * members[0].group_size
     rows = [m["weight"].shape[0] for m in members]
     ours = dispatch.get_mode() != "off" and not dispatch.is_disabled("qmv")
-    if ours and sum(rows) * inputs >= qmv_kernel.min_values(members[0].bits, "cuda"):
+    if ours and qmv_kernel.takes(sum(rows) * inputs, members[0].bits, "cuda"):
         return True  # E4B's gate/up (2 x 10,240 x 2,560) joined: our kernel runs it, and its GeGLU
 
     def qmv(n: int) -> bool:
@@ -312,6 +312,53 @@ class TransposedWeights:
         return x @ (entry[3] if x.ndim == 3 and x.shape[0] == 1 else entry[2])
 
 
+class StepScalars:
+    """The model's size-1 parameters (each layer's ``layer_scalar``) stacked per dtype into one
+    array, evaluated before the trace; inside it one Split per stack hands each out.
+
+    mx.compile bakes a size-1 array without a primitive into the source of the element-wise kernel
+    it fuses it into and names the kernel after its value: a trained checkpoint's per-layer
+    scalars made one fused kernel per layer, each JIT-compiled by MLX on a fresh GPU machine. A
+    Split's piece has a primitive, so it is the kernel's argument and the layers share one kernel;
+    one Split for all layers, not a primitive per layer (each is replayed at every token).
+    """
+
+    def __init__(self, model: nn.Module):
+        from mlx.utils import tree_flatten
+
+        groups: Dict[Any, list] = {}
+        for _, p in tree_flatten(model.parameters()):
+            if p.size == 1:
+                groups.setdefault(p.dtype, []).append(p)
+        self._where = {}  # id -> (the array, its stack, its index)
+        self._stacks = []
+        for arrays in groups.values():
+            if len(arrays) < 2:
+                continue  # a Split of one would hand back the stack itself, a constant again
+            stack = mx.concatenate([a.reshape(1) for a in arrays])
+            self._stacks.append(stack)
+            for i, a in enumerate(arrays):
+                self._where[id(a)] = (a, stack, i)
+        self._evaluated = False
+
+    def evaluate(self) -> None:
+        """Before a trace: a lazy stack would be traced as its Concatenate after all."""
+        if not self._evaluated:
+            mx.eval(self._stacks)
+            self._evaluated = True
+
+    def piece(self, array: mx.array, pieces: Dict[int, list]) -> Optional[mx.array]:
+        """``array``'s piece of its stack's Split (made once per trace, kept in ``pieces``), or
+        None when ``array`` is not one of the stacked ones."""
+        entry = self._where.get(id(array))
+        if entry is None or entry[0] is not array:
+            return None
+        _, stack, i = entry
+        if id(stack) not in pieces:
+            pieces[id(stack)] = mx.split(stack, stack.size)
+        return pieces[id(stack)][i]
+
+
 # ------------------------------------------------------------------ caches inside the step
 
 class _SlotCache:
@@ -444,6 +491,7 @@ class CompiledDecoder:
         self.joined = join_projections(model, previous.joined if previous is not None else {})
         self.snapshot = TreeSnapshot(model)  # after joining: the members now hold views
         self.transposed = TransposedWeights(model, self.joined)
+        self.scalars = StepScalars(model)
         # The traced function reaches the model through a weak reference: the model holds its
         # decoder, and a strong one would keep both alive until a garbage collection.
         self.counts = {"traces": 0}  # how often the step was traced (tests, benchmarks)
@@ -457,7 +505,7 @@ class CompiledDecoder:
     def collect_kernels(self, args) -> list:
         """Dry-run the step (a graph that is never evaluated): the kernels it would use."""
         needed: list = []
-        with _context(self.joined, collect=needed, transposed=self.transposed):
+        with _context(self.joined, collect=needed, transposed=self.transposed, scalars=self.scalars):
             self._forward(*args)
         return needed
 
@@ -510,7 +558,8 @@ class CompiledDecoder:
         args, reserved = prepared
         self._check_kernels(args)
         self.transposed.evaluate()
-        with _context(self.joined, tracing=True, transposed=self.transposed):
+        self.scalars.evaluate()
+        with _context(self.joined, tracing=True, transposed=self.transposed, scalars=self.scalars):
             logits, new = self._step(*args)
         for i, c in enumerate(cache):
             c.keys, c.values = new[2 * i], new[2 * i + 1]

@@ -202,7 +202,7 @@ def clamp_ids(ids: mx.array, table_size: int) -> mx.array:
     import numpy as np
 
     # one bound per trace and size: the PLE table's clamp is then the embedding's, merged by MLX
-    bounds = ctx.__dict__.setdefault("id_bounds", {})
+    bounds = ctx.id_bounds
     key = (ids.shape, table_size)
     if key not in bounds:
         bounds[key] = mx.array(np.full(ids.shape, table_size - 1, dtype=np.uint32))
@@ -216,11 +216,15 @@ def fused_scalar(scalar: mx.array) -> mx.array:
     with ``mx.array``) into the source of the element-wise kernel it fuses it into, and names the
     kernel after its value: with a real checkpoint's per-layer values every layer's close was a
     kernel of its own, and each scale another, each compiled by MLX's JIT on a fresh GPU machine
-    (seconds each) and loaded by every process. Behind a reshape (a view: nothing is launched)
-    it is the kernel's argument, and kernels that differ only in the value are one. Outside the
-    step nothing is fused: unchanged."""
+    (seconds each) and loaded by every process. A parameter comes as its piece of the step's one
+    Split of all of them (decode.StepScalars); anything else behind a reshape (a view: nothing is
+    launched). Either way it is the kernel's argument, and kernels that differ only in the value
+    are one. Outside the step nothing is fused: unchanged."""
     if scalar.size != 1 or step_context.active() is None:
         return scalar
+    piece = step_context.scalar_input(scalar)
+    if piece is not None:
+        return piece
     if scalar.ndim == 0:  # a reshape to its own shape is no op: through (1,) (callers pass (1,))
         scalar = scalar.reshape((1,))
     return scalar.reshape(())  # 0-d: the kernel's scalar argument

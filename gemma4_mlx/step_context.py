@@ -16,19 +16,22 @@ JOINED_MAX_ROWS = 8
 
 class _Context:
     def __init__(self, joined: Dict[int, object], collect: Optional[list], tracing: bool,
-                 transposed: Optional[object] = None):
+                 transposed: Optional[object] = None, scalars: Optional[object] = None):
         self.joined = joined
         self.collect = collect  # a dry run: record the kernels met, launch none
         self.tracing = tracing  # inside mx.compile's trace: nothing may be evaluated
         self.transposed = transposed  # the step's weight transposes (decode.TransposedWeights)
+        self.scalars = scalars  # the step's size-1 parameters, stacked (decode.StepScalars)
+        self.scalar_pieces: Dict[object, list] = {}  # this trace's one Split of each stack
+        self.id_bounds: Dict[tuple, object] = {}  # this trace's id clamp bounds (ops.clamp_ids)
 
 
 _active: List[_Context] = []
 
 
 @contextlib.contextmanager
-def _context(joined, collect=None, tracing=False, transposed=None):
-    _active.append(_Context(joined, collect, tracing, transposed))
+def _context(joined, collect=None, tracing=False, transposed=None, scalars=None):
+    _active.append(_Context(joined, collect, tracing, transposed, scalars))
     try:
         yield
     finally:
@@ -61,3 +64,13 @@ def transposed_matmul(module, x) -> Optional[object]:
     if ctx is None or ctx.transposed is None:
         return None
     return ctx.transposed.matmul(module, x)
+
+
+def scalar_input(array) -> Optional[object]:
+    """Inside the decode step, ``array`` (a size-1 parameter of the model, e.g. a layer's
+    ``layer_scalar``) as its piece of the step's one Split of the stacked scalars
+    (decode.StepScalars); None elsewhere, or when the step holds none for it."""
+    ctx = active()
+    if ctx is None or ctx.scalars is None:
+        return None
+    return ctx.scalars.piece(array, ctx.scalar_pieces)

@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..checkpoint.random_weights import LAYER_SCALAR_RANGE
 from .settings import DTYPES, BenchmarkError, BenchSettings
 
 WEIGHT_STD = 0.02
@@ -26,7 +27,8 @@ def random_weights(model: nn.Module, dtype: mx.Dtype, seed: int, std: float = WE
         if p.ndim >= 2:
             w = mx.random.normal(p.shape, dtype=dtype, scale=std, key=key)
         elif name.endswith("layer_scalar"):
-            w = (0.95 + 0.1 * mx.random.uniform(shape=p.shape, key=key)).astype(dtype)
+            low, width = LAYER_SCALAR_RANGE
+            w = (low + width * mx.random.uniform(shape=p.shape, key=key)).astype(dtype)
         else:
             w = p.astype(dtype)
         if evaluate:

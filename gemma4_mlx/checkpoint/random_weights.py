@@ -73,6 +73,8 @@ def checkpoint_config(preset_or_config: Union[str, Dict[str, Any]], *, dtype: st
 # What the writer draws, by revision: a folder written by an earlier one is written again by the
 # benchmarks that reuse folders (bench/e2e.py). 2: per-layer layer_scalar values (1: all ones).
 WEIGHTS_REVISION = 2
+# the layer scalars' range, low and width (also the in-process benchmark pair's, bench/pair.py)
+LAYER_SCALAR_RANGE = (0.95, 0.1)
 
 # kinds: "embed", "linear" (fan-in = last dim), "norm" (~1), "scalar" (0.95-1.05: a trained
 # checkpoint's layer_scalar differs per layer, and so must a benchmark's: per-layer values once
@@ -161,7 +163,8 @@ def _tensor_chunks(spec: TensorSpec, rng: np.random.Generator, dtype: str, hidde
     name, shape, kind = spec
     total = int(np.prod(shape))
     if kind == "scalar":
-        yield _to_dtype(0.95 + 0.1 * rng.random(total, dtype=np.float32), dtype)
+        low, width = LAYER_SCALAR_RANGE
+        yield _to_dtype(low + width * rng.random(total, dtype=np.float32), dtype)
         return
     if kind == "norm":
         yield _to_dtype(1.0 + 0.05 * rng.standard_normal(total, dtype=np.float32), dtype)

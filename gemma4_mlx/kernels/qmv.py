@@ -105,8 +105,13 @@ def min_values(bits: int, backend: Optional[str] = None) -> float:
     return 0 if rule is None else rule.get(bits, float("inf"))
 
 
+def takes(values: int, bits: int, backend: Optional[str] = None) -> bool:
+    """Whether the kernel takes a product of ``values`` weights of ``bits`` on ``backend``."""
+    return values >= min_values(bits, backend)
+
+
 def _class_key(x, w, scales, biases, group_size, bits, epi: int = PLAIN, z: Optional[mx.array] = None):
-    if w.ndim == 2 and w.shape[0] * x.shape[-1] < min_values(bits):
+    if w.ndim == 2 and not takes(w.shape[0] * x.shape[-1], bits):
         return None
     if x.dtype not in _FLOATS or scales.dtype != x.dtype or biases is None or biases.dtype != x.dtype:
         return None
