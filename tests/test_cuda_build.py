@@ -19,7 +19,7 @@ from gemma4_mlx.kernels import cuda_build, dispatch, nvrtc
 pytestmark = pytest.mark.skipif(not nvrtc.available(), reason="NVRTC not installed (pip install nvidia-cuda-nvrtc)")
 
 _m = {n: sys.modules[f"gemma4_mlx.kernels.{n}"]
-      for n in ("rope", "attention", "ple", "residual", "mv", "qmv", "ple_tail")}
+      for n in ("rope", "attention", "ple", "residual", "mv", "qmv", "ple_tail", "scalar")}
 DTYPES = ["mlx.core.float32", "mlx.core.float16", "mlx.core.bfloat16"]
 
 
@@ -49,6 +49,8 @@ def _cases():
             yield att._attention_prefix_q_kernel, att._probe_prefix_q((dt, D, G, 1, False))
         yield ple.ple_combine_kernel, ple._probe_combine((dt, dt, 256, 35))
         yield ple.ple_gate_kernel, ple._probe_gate((dt, dt))
+        for form in (0, 1, 2):
+            yield _m["scalar"].scale_kernel, _m["scalar"]._probe((dt, form))
         for scaled, nxt in ((True, True), (False, False)):
             yield res.residual_norm_kernel, res._probe((dt, dt, 1536, scaled, nxt))
         # layouts (rows per group, warps per group), those mv.layout gives and those it does not

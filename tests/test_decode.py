@@ -683,3 +683,45 @@ def test_step_reads_each_cache_slot_without_a_gather(monkeypatch):
         ops_graph, _ = _step_graph(model)
     dispatch.reset()
     assert ops_graph["Gather"] <= 2, ops_graph
+
+
+@pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
+def test_gpu_scale_ops_and_geglu_go_through_our_kernels(monkeypatch):
+    """On a GPU the decode step's scale ops (the embedding's and the PLE projection's scales, each
+    layer's close with its scalar, the soft-cap) and the GeGLU, prefill's too, run in kernels of
+    ours: as MLX's fused kernels each was a JIT compile of seconds on a fresh GPU machine
+    (session 11's cold run), none of which stock has. Their outputs are the reference's."""
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx.kernels import dispatch
+
+    model = _random_model("tiny")
+    seen = {"prefill": set(), "step": set()}
+    phase = ["prefill"]
+
+    def spy(name, ref):
+        def run(*args):
+            seen[phase[0]].add(name if name == "geglu" else f"scale {args[3]}")
+            return ref(*args)
+        return run
+
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "auto")
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "mv,qmv,q_norm_rope,kv_norm_rope,attention,attention_prefix,"
+                                                     "ple_combine,ple_gate,residual_norm,ple_tail")
+    dispatch.reset()
+    cache, reference = model.make_cache(), model.make_cache()
+    prompt = mx.array([[5, 6, 7, 8, 9, 10]])
+    with dispatch.force_backend("cuda"), dispatch.override_kernel("geglu", spy("geglu", K.ple_gate_reference)), \
+            dispatch.override_kernel("scale", spy("scale", K.scale_reference)):
+        logits = model(prompt, cache=cache)
+        assert seen["prefill"] == {"geglu", "scale 2"}  # eager: the others are plain MLX ops
+        phase[0] = "step"
+        step = model(mx.array([[9]], dtype=mx.uint32), cache=cache)
+        assert model._decoder.counts["traces"] == 1
+        assert seen["step"] == {"geglu", "scale 0", "scale 1", "scale 2"}
+    dispatch.reset()
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "off")
+    want = model(prompt, cache=reference)
+    np.testing.assert_allclose(np.array(logits), np.array(want), rtol=1e-5, atol=1e-5)
+    want = model(mx.array([[9]], dtype=mx.uint32), cache=reference)
+    np.testing.assert_allclose(np.array(step), np.array(want), rtol=1e-4, atol=1e-4)

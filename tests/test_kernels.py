@@ -675,6 +675,51 @@ def test_ple_kernels(shape, dtype):
 
 @gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1536), (1, 1, 262144), (2, 5, 300), (1, 1, 7)])
+def test_scale_kernel_forms(shape, dtype):
+    """x * s, (x + y) * s and the soft-cap, against the op sequence each replaces (and the MLP's
+    GeGLU through the ple_gate kernel, contiguous and as halves of a joined output)."""
+    from gemma4_mlx.kernels import scalar as S
+
+    x, y = rnd(shape, dtype, 3.0), rnd(shape, dtype, 3.0)
+    for form, sv, xs in ((S.SCALE, 39.19, x), (S.RESIDUAL, 0.97, x), (S.SOFTCAP, 30.0, x * 15)):
+        s = mx.array([sv], dtype=dtype)
+        assert_close(K.scale_kernel(xs, y, s, form), K.scale_reference(xs, y, s, form), dtype, f"scale form {form}")
+    joined = rnd((*shape[:-1], 2 * shape[-1]), dtype, 2.0)
+    gate, up = joined[..., : shape[-1]], joined[..., shape[-1]:]
+    assert_close(K.ple_gate_kernel(gate, up), K.ple_gate_reference(gate, up), dtype, "geglu halves")
+
+
+def test_scale_reference_is_the_op_sequence():
+    """The reference (and the fallback) is stock's op sequence, bit for bit."""
+    from gemma4_mlx.kernels import scalar as S
+
+    x, y = rnd((1, 3, 64), mx.bfloat16, 40.0, seed=5), rnd((1, 3, 64), mx.bfloat16, 3.0, seed=6)
+    s = mx.array([30.0], mx.bfloat16)
+    assert mx.array_equal(K.scale_reference(x, y, s, S.SCALE), x * s.reshape(()))
+    assert mx.array_equal(K.scale_reference(x, y, s, S.RESIDUAL), (x + y) * s.reshape(()))
+    assert mx.array_equal(K.scale_reference(x, y, s, S.SOFTCAP), mx.tanh(x / s.reshape(())) * s.reshape(()))
+
+
+def test_scale_kernels_take_only_a_scalar_of_the_values_dtype(monkeypatch):
+    """A float32 scalar on bf16 values promotes the product in MLX: that stays MLX's op; so do
+    mismatched residual shapes."""
+    from gemma4_mlx.kernels import scalar as S
+
+    ran = []
+    monkeypatch.setitem(dispatch._impl_override, "scale", lambda *a: ran.append(a[3]) or S.scale_reference(*a))
+    with dispatch.force_backend("cuda"):
+        dispatch._verdicts.update({("scale", "cuda", "mlx.core.bfloat16", f): (True, "") for f in range(3)})
+        x = mx.ones((1, 1, 8), mx.bfloat16)
+        assert K.scale(x, mx.array([2.0]), fallback=lambda: "mlx") == "mlx"
+        assert K.residual_scale(x, mx.ones((1, 2, 8), mx.bfloat16), mx.array([2.0], mx.bfloat16),
+                                fallback=lambda: "mlx") == "mlx"
+        out = K.softcap(x, mx.array([2.0], mx.bfloat16), fallback=lambda: "mlx")
+    assert ran == [S.SOFTCAP] and out.dtype == mx.bfloat16
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("rows,HD", [(1, 1536), (14, 2560), (1, 2816), (33, 5376), (3, 100), (2, 16384)])
 @pytest.mark.parametrize("scaled,nxt", [(False, False), (True, False), (False, True), (True, True)],
                          ids=["plain", "scalar", "next", "scalar+next"])
@@ -928,7 +973,7 @@ def test_attention_launch_plan_covers_keys():
 
 def test_sources_are_importable_resources():
     for name in ("norm_rope", "attention_partial", "attention_combine", "ple_combine", "ple_gate", "residual_norm",
-                 "ple_tail"):
+                 "ple_tail", "scale"):
         assert "k_" in dispatch.body(name)
     for backend in ("metal", "cuda"):
         head, src = dispatch.prelude(backend)

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from metal_stub.capture import gxx_check, metal_sources  # noqa: E402
 
 from gemma4_mlx.kernels import dispatch  # noqa: E402
-from gemma4_mlx.kernels import mv, ple, qmv, residual, rope  # noqa: E402
+from gemma4_mlx.kernels import mv, ple, qmv, residual, rope, scalar  # noqa: E402
 from gemma4_mlx.kernels import ple_tail as _ple_tail_fn  # noqa: E402,F401
 
 PLE_TAIL = sys.modules["gemma4_mlx.kernels.ple_tail"]
@@ -43,7 +43,7 @@ needs_gxx = pytest.mark.skipif(GXX is None, reason="g++ not found: cannot syntax
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 # (fragments such as residual_prologue.inc are linted and compiled inside the bodies that insert them)
 BODIES = ["norm_rope", "attention_partial", "attention_combine", "ple_combine", "ple_gate", "residual_norm", "qmv", "mv",
-          "ple_tail"]
+          "ple_tail", "scale"]
 
 
 def _launches():
@@ -119,6 +119,9 @@ def _launches():
                             (x, w1, sb1, sb1, mx.zeros((2, 1, 256), dt))))
         g = mx.zeros((1, 2, 256), dt)
         out.append((f"ple_gate {dt}", ple.ple_gate_kernel, (g, mx.zeros((1, 2, 4, 256), dt)[:, :, 1, :])))
+        for form in (0, 1, 2):
+            out.append((f"scale {dt} form={form}", lambda x, y, s, form=form: scalar.scale_kernel(x, y, s, form),
+                        (mx.zeros((1, 1, 1536), dt), mx.zeros((1, 1, 1536), dt), mx.ones((1,), dt))))
         for HD in (1536, 2560, 2816, 5376):  # E2B, E4B, 26B-A4B, 31B
             r = mx.zeros((1, 2, HD), dt)
             w = mx.ones((HD,), dt)
