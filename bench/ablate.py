@@ -74,6 +74,7 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=["mv", "residual_n
            ("ours -attn", off("attention_prefix", "attention")),
            ("ours -rope", off("q_norm_rope", "kv_norm_rope")),
            ("ours -ple", off("ple_combine", "ple_gate")),
+           ("ours -scale", off("scale", "geglu")),  # the scale ops and the GeGLU as MLX's fused kernels
            ("ours -fuse", {"GEMMA4_MLX_FUSE": "0"}),
            ("ours -transposes", {"GEMMA4_MLX_TRANSPOSES": "0"}),  # weight.T traced per projection
            ("ours mlx kernels", {"GEMMA4_MLX_NVRTC": "0"}),  # built by mx.fast.cuda_kernel instead

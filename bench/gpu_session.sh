@@ -164,6 +164,15 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     for p in "26b-a4b" "31b"; do
       compare "${p//-/}bf16" 280 --preset $p -L 841 --runs 3 -n 32
     done ;;
+  fresh)    # session 11: the scale ops and the GeGLU in kernels of ours (kernels/scalar.py, kernels.geglu):
+            # their CUDA parity with the compiled step's, ours' first run over empty kernel caches (what
+            # MLX still JIT-compiles, and when), then the step with and without them (Q=4: 4-bit)
+    parity fresh 200 tests/test_kernels.py tests/test_decode.py -k "scale or ple_kernels or compiled_decode_matches_eager"
+    MLX_PTX_CACHE_DIR=$(mktemp -d) GEMMA4_MLX_CACHE=$(mktemp -d) timeout 150 python3 bench/first_token.py \
+      ours e2b 402 16 2>&1 | tail -1 | tee -a "$OUT/cold.jsonl" | cut -c1-300
+    python3 -c "import json; [print(m) for l in open('$OUT/cold.jsonl') for m in json.loads(l)['modules']]"
+    export CONFIGS="stock,ours,ours -scale"
+    ROUNDS=4 STEPS=15 timeout 150 python3 bench/ablate.py e2b "${Q:-0}" 2>&1 | tail -7 | tee "$OUT/ablate-scale.txt" ;;
   cold)     # a first run on a fresh machine, in process: each side over empty kernel caches (twice, the
             # second pair after the driver's own cache is warm), listing what MLX compiled and when
     for run in stock ours stock ours; do

@@ -19,36 +19,66 @@ from . import step_context
 Offset = Union[int, mx.array]
 
 
-# GeGLU (tanh GELU) and the logit soft-cap: stock's ops, compiled per shape rather than shapeless
-# as mlx-lm's are. MLX names a fused kernel after its tape, and a shapeless trace's tape differs
-# from the decode step's for the same ops: with mlx-lm's, the prefill and the step each had a
-# kernel of their own (and the shapeless GeGLU a second one for its GELU), each compiled by MLX's
-# JIT on a fresh GPU machine (4-7 s each on the H200, session 10). Traced per shape, the prefill
-# makes the very kernels the step uses. The traces are per input shape: prefill chunks (at most
-# prefill_step_size long) bound how many there are.
+# GeGLU (tanh GELU) and the logit soft-cap, MLX's way: stock's ops, compiled per shape rather than
+# shapeless as mlx-lm's are (a shapeless trace's tape differs from the decode step's, so each
+# would have a fused kernel of its own). On a GPU both go through kernels of ours instead
+# (geglu, softcap below): MLX's CUDA backend JIT-compiles each fused kernel on a machine's first
+# run, seconds apiece (the GeGLU 8.5 s on the H200, session 11), ours build in milliseconds.
 @mx.compile
-def geglu(gate: mx.array, x: mx.array) -> mx.array:
+def _mlx_geglu(gate: mx.array, x: mx.array) -> mx.array:
     return nn.gelu_approx(gate) * x
 
 
 @mx.compile
-def _softcap(x: mx.array, cap: mx.array) -> mx.array:
+def _mlx_softcap(x: mx.array, cap: mx.array) -> mx.array:
     return mx.tanh(x / cap) * cap
 
 
+def geglu(gate: mx.array, x: mx.array) -> mx.array:
+    """gelu_tanh(gate) * x: the ple_gate kernel on a GPU (prefill and decode step alike), else
+    MLX's ops."""
+    k = _gpu_kernels(eager=True)
+    if k is not None:
+        return k.geglu(gate, x, fallback=_mlx_geglu)
+    return _mlx_geglu(gate, x)
+
+
 def softcap(x: mx.array, cap: float) -> mx.array:
-    """cap * tanh(x / cap), as stock computes it."""
+    """cap * tanh(x / cap), as stock computes it (each op rounded to x's dtype)."""
     # a 0-d array with a primitive: an input of the fused kernel in the step as in the prefill
-    return _softcap(x, mx.array([cap], dtype=x.dtype).reshape(()))
+    cap_array = mx.array([cap], dtype=x.dtype)
+    k = _gpu_kernels(eager=True)
+    if k is not None:
+        return k.softcap(x, cap_array, fallback=lambda: _mlx_softcap(x, cap_array.reshape(())))
+    return _mlx_softcap(x, cap_array.reshape(()))
 
 
-def _gpu_kernels():
+def scaled(x: mx.array, scalar: mx.array, residual: Optional[mx.array] = None) -> mx.array:
+    """``x * scalar`` (``(residual + x) * scalar`` with ``residual``) for a size-1 ``scalar``. In
+    the decode step on a GPU one kernel of ours (kernels.scale), where MLX would fuse the ops
+    into a kernel its JIT compiles on a machine's first run; elsewhere MLX's ops, the scalar
+    passed as the fused kernel's argument (:func:`fused_scalar`)."""
+    k = _gpu_kernels()
+    if k is not None:
+        # the kernel's input as it is (a layer's: its piece of the step's Split), no reshape
+        piece = step_context.scalar_input(scalar)
+        s = piece if piece is not None else scalar
+        s_op = fused_scalar(scalar)
+        if residual is None:
+            return k.scale(x, s, fallback=lambda: x * s_op)
+        return k.residual_scale(residual, x, s, fallback=lambda: (residual + x) * s_op)
+    s = fused_scalar(scalar)
+    return x * s if residual is None else (residual + x) * s
+
+
+def _gpu_kernels(eager: bool = False):
     """The kernels module inside the compiled decode step when custom kernels may run here (GPU
     backend, mode not off); None elsewhere. Eager calls (prefill chunks, batched caches,
     ``GEMMA4_MLX_COMPILE=0``) take MLX's ops: launching kernels from Python there cost more than
-    they saved (H100, E2B: 24.0 ms per eager step with kernels against stock's 15.2 ms), and a
-    prefill that needs no custom kernel needs no kernel build before the first token."""
-    if step_context.active() is None:
+    they saved (H100, E2B: 24.0 ms per eager step with kernels against stock's 15.2 ms). With
+    ``eager``, outside the step too: for the element-wise ops whose MLX form is a fused kernel
+    even eagerly (``mx.compile``d), which MLX's JIT would compile on a machine's first run."""
+    if step_context.active() is None and not eager:
         return None
     from . import kernels
 
@@ -139,7 +169,7 @@ def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_w
                 eps: float) -> mx.array:
     """(RMSNorm(projection * s) + table[ids] * sqrt(P)) * 2^-0.5, shaped (B, L, layers, P)."""
     dtype = projection.dtype
-    proj = projection * fused_scalar(mx.array([projection_scale], dtype=dtype))
+    proj = scaled(projection, mx.array([projection_scale], dtype=dtype))
 
     def mlx_ops(inputs, _table_weight, proj, norm_weight, table_scale, eps):
         proj = mx.fast.rms_norm(proj.reshape(*proj.shape[:-1], num_layers, ple_dim), norm_weight, eps)
@@ -182,9 +212,8 @@ def residual_norm(residual: mx.array, branch: mx.array, norm_weight: mx.array, s
 
 
 def _residual_norm(residual, branch, norm_weight, scalar, eps, next_weight=None):
-    out = residual + mx.fast.rms_norm(branch, norm_weight, eps)
-    if scalar is not None:
-        out = out * fused_scalar(scalar)
+    normed = mx.fast.rms_norm(branch, norm_weight, eps)
+    out = residual + normed if scalar is None else scaled(normed, scalar, residual)
     if next_weight is None:
         return out
     return out, mx.fast.rms_norm(out, next_weight, eps)

@@ -5,7 +5,8 @@ self-check per shape class, else the pure-MLX reference):
 
 * :func:`q_norm_rope`, :func:`kv_norm_rope`
 * :func:`attention`
-* :func:`ple_combine`, :func:`ple_gate`
+* :func:`ple_combine`, :func:`ple_gate` (and :func:`geglu`, the MLP's, through its kernel)
+* :func:`scale`, :func:`residual_scale`, :func:`softcap` (a runtime scalar, element-wise)
 * :func:`residual_norm` (norm + residual add + layer scalar + the next norm)
 * :func:`matvec`, :func:`quantized_matvec` and their gated forms (``_geglu``: a joined gate/up
   projection and its GeGLU; ``_gate``: a PLE gate), off by default
@@ -37,6 +38,7 @@ from .dispatch import (
     set_kernels_mode,
 )
 from .ple import (
+    geglu,
     gelu_tanh_reference,
     ple_combine,
     ple_combine_kernel,
@@ -46,6 +48,7 @@ from .ple import (
     ple_gate_reference,
 )
 from .residual import residual_norm, residual_norm_kernel, residual_norm_reference
+from .scalar import residual_scale, scale, scale_kernel, scale_reference, softcap
 from .ple_tail import ple_tail, ple_tail_kernel, ple_tail_reference
 from .mv import (
     GATE,
@@ -104,5 +107,6 @@ __all__ = [
     "ple_gate_reference", "rms_norm_reference", "rope_reference", "gelu_tanh_reference",
     "q_norm_rope_kernel", "kv_norm_rope_kernel", "attention_kernel", "ple_combine_kernel", "ple_gate_kernel",
     "attention_mask", "residual_norm", "residual_norm_kernel", "residual_norm_reference",
-    "ple_tail", "ple_tail_kernel", "ple_tail_reference",
+    "ple_tail", "ple_tail_kernel", "ple_tail_reference", "geglu", "scale", "residual_scale", "softcap",
+    "scale_kernel", "scale_reference",
 ]
