@@ -76,13 +76,19 @@ def _gpu_kernels(eager: bool = False):
     backend, mode not off); None elsewhere. Eager calls (prefill chunks, batched caches,
     ``GEMMA4_MLX_COMPILE=0``) take MLX's ops: launching kernels from Python there cost more than
     they saved (H100, E2B: 24.0 ms per eager step with kernels against stock's 15.2 ms). With
-    ``eager``, outside the step too: for the element-wise ops whose MLX form is a fused kernel
-    even eagerly (``mx.compile``d), which MLX's JIT would compile on a machine's first run."""
+    ``eager``, outside the step too on CUDA: for the element-wise ops whose MLX form is a fused
+    kernel even eagerly (``mx.compile``d), which MLX's CUDA JIT compiles on a machine's first run
+    (seconds each). Metal compiles those in milliseconds, so its prefill keeps MLX's fused form
+    (ours is not measured against it there)."""
     if step_context.active() is None and not eager:
         return None
     from . import kernels
 
-    return kernels if kernels.kernels_enabled() else None
+    if not kernels.kernels_enabled():
+        return None
+    if step_context.active() is None and kernels.active_backend() != "cuda":
+        return None
+    return kernels
 
 
 def _rope(x: mx.array, freqs: mx.array, offset: Offset) -> mx.array:

@@ -718,6 +718,12 @@ def test_gpu_scale_ops_and_geglu_go_through_our_kernels(monkeypatch):
         step = model(mx.array([[9]], dtype=mx.uint32), cache=cache)
         assert model._decoder.counts["traces"] == 1
         assert seen["step"] == {"geglu", "scale 0", "scale 1", "scale 2"}
+    with dispatch.force_backend("metal"), dispatch.override_kernel("geglu", spy("geglu", K.ple_gate_reference)), \
+            dispatch.override_kernel("scale", spy("scale", K.scale_reference)):
+        phase[0] = "metal prefill"  # Metal JIT-compiles MLX's fused forms in milliseconds: kept
+        seen["metal prefill"] = set()
+        mx.eval(model(prompt, cache=model.make_cache()))
+        assert seen["metal prefill"] == set()
     dispatch.reset()
     monkeypatch.setenv("GEMMA4_MLX_KERNELS", "off")
     want = model(prompt, cache=reference)

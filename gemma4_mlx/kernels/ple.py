@@ -75,7 +75,7 @@ def ple_gate_kernel(gate, per_layer_input):
     return k(
         inputs=[gate, per_layer_input],
         template=[("T", gate.dtype)],
-        grid=(ceil_to(gate.size, TG), 1, 1),
+        grid=(ceil_to(gate.shape[2], TG), gate.shape[1], gate.shape[0]),
         threadgroup=(TG, 1, 1),
         output_shapes=[gate.shape],
         output_dtypes=[gate.dtype],
@@ -118,7 +118,7 @@ def ple_gate(gate: mx.array, per_layer_input: mx.array, *, fallback=None) -> mx.
     ``per_layer_input`` may be a strided slice (e.g. ``pli[:, :, i, :]``)."""
     key = None
     if (gate.ndim == 3 and gate.dtype in _FLOATS and tuple(per_layer_input.shape) == tuple(gate.shape)
-            and per_layer_input.dtype in _FLOATS):
+            and per_layer_input.dtype in _FLOATS and _fits_grid(gate)):
         key = (str(gate.dtype), str(per_layer_input.dtype))
     return dispatch.run("ple_gate", key, ple_gate_reference, ple_gate_kernel, _probe_gate, gate, per_layer_input,
                         fallback=fallback)
@@ -136,9 +136,14 @@ def geglu(gate: mx.array, up: mx.array, *, fallback=None) -> mx.array:
         return geglu(g3, u3, fallback=lambda *_: fallback(gate, up).reshape(g3.shape)).reshape(shape)
     key = None
     if (gate.ndim == 3 and gate.dtype in _FLOATS and tuple(up.shape) == tuple(gate.shape)
-            and up.dtype == gate.dtype):
+            and up.dtype == gate.dtype and _fits_grid(gate)):
         key = (str(gate.dtype), str(up.dtype))
     return dispatch.run("geglu", key, ple_gate_reference, ple_gate_kernel, _probe_gate, gate, up, fallback=fallback)
+
+
+def _fits_grid(gate: mx.array) -> bool:
+    """(L, B) are the launch grid's y and z: within CUDA's 65,535 (Metal's limits are larger)."""
+    return gate.shape[0] <= 65535 and gate.shape[1] <= 65535
 
 
 def _probe_gate(key):
