@@ -35,8 +35,8 @@ def _mlx_softcap(x: mx.array, cap: mx.array) -> mx.array:
 
 
 def geglu(gate: mx.array, x: mx.array) -> mx.array:
-    """gelu_tanh(gate) * x: the ple_gate kernel on a GPU (prefill and decode step alike), else
-    MLX's ops."""
+    """gelu_tanh(gate) * x: the ple_gate kernel in the decode step on a GPU and on CUDA in eager
+    graphs too (the prefill), else MLX's ops."""
     k = _gpu_kernels(eager=True)
     if k is not None:
         return k.geglu(gate, x, fallback=_mlx_geglu)
@@ -44,8 +44,9 @@ def geglu(gate: mx.array, x: mx.array) -> mx.array:
 
 
 def softcap(x: mx.array, cap: float) -> mx.array:
-    """cap * tanh(x / cap), as stock computes it (each op rounded to x's dtype)."""
-    # a 0-d array with a primitive: an input of the fused kernel in the step as in the prefill
+    """cap * tanh(x / cap), as stock computes it (each op rounded to x's dtype); where
+    :func:`geglu` takes its kernel, the scale kernel's soft-cap form."""
+    # MLX's form gets the cap as a 0-d array with a primitive: its fused kernel's argument
     cap_array = mx.array([cap], dtype=x.dtype)
     k = _gpu_kernels(eager=True)
     if k is not None:
