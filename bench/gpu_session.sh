@@ -6,19 +6,16 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 11): issue 14. One GPU is enough (nvidia-h200). First `qcheck` (~4.5 min):
-# session 10 landed, unrun on a GPU, the 4-bit pair dequantization in qmv.inc (hot loop 516 -> 439
-# instructions) and 8-bit qmv for products of >= 2^27 weights. Then `chain` (BITS=4,8
-# FAMILIES=31B,E4B CHAIN_ARGS=--no-grid, ~15 s) against session 10's numbers (31B 4-bit gate/up:
-# ours 87.9, MLX 150.5 us; docs/benchmarks.md "GPU, session 10"). Then `Q=4 e2e` with RUNS=3
-# NEW=128 (~7 min): session 10's later fresh processes of ours decoded 4-bit at 7.0-7.6 ms per
-# token against 4.9 ms in the first; the runs now record kernel_verdicts and stderr_tail. Then
-# `cold` (~3 min): the benchmarks' random weights now have per-layer layer scalars, as a real
-# checkpoint does, and the step passes them to MLX's fused kernels as arguments (ops.fused_scalar):
-# ours' first-process module list should hold one add + layer-scalar kernel, not one per layer
-# (session 10's list: docs/results/2026-11-28-h200-s10/cold-modules.txt). If time is left:
-# `steps` Q=8 (the 8-bit rule, unmeasured in a step), `presets-bf16` (26B-A4B / 31B bf16 never
-# measured).
+# Next visit (session 12): issue 14. One GPU is enough (nvidia-h200). Session 11 moved the step's
+# scale ops, the soft-cap and the GeGLU (prefill included, on CUDA) into kernels of ours and measured
+# the first form (`fresh`: a fresh machine's first token 7.4 s against ~30 s); landed after it,
+# unrun on a GPU: the scale kernel without a Reshape per call, and ple_gate (so the GeGLU) launched
+# per (column block, position, batch row) instead of dividing per value. First `check` (~3.5 min:
+# parity of everything, those two included). Then `warm` and `presets` (~4.5 min): the prefill
+# cells with the GeGLU kernel in the prefill (unmeasured: E2B @841 / 4096 read 1.41x / 1.15x with
+# MLX's GeGLU in session 11; E4B 4-bit 0.986x, 31B 4-bit 0.968x). Then `e2e` (bf16, NEW=128 RUNS=3,
+# ~6 min with the checkpoint): the README's fresh-machine row end to end, and `fresh` again with
+# Q unset for the step (ours against `ours -scale`). If time is left: `long` (32k prefill 0.97x).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at

@@ -130,8 +130,11 @@ def active_backend() -> str | None:
 # the H200 every step measured was as fast or faster without it, the more so the wider the row
 # (session 8, 4-bit at 841 tokens: 31B 38.8 ms with it, 36.6 without; E4B 13.8 / 13.2; session 7,
 # E2B: 10.16 / 10.10 bf16, 11.05 / 10.86 4-bit). Not measured on Metal, where it stays on.
+# "scale" and "geglu" (session 11) replace MLX's fused element-wise kernels one for one, to spare
+# MLX's CUDA JIT (seconds per kernel on a machine's first run); Metal compiles those in
+# milliseconds, so there they stay MLX's: off.
 DEFAULT_DISABLED = {"cuda": "mv,ple_tail,attention_prefix_q,residual_norm",
-                    "metal": "mv,qmv,ple_tail,attention_prefix_q"}
+                    "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu"}
 
 
 # The fused forms follow the switches of what they fuse (``mv`` off: every float matvec form
