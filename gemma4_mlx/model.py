@@ -336,7 +336,10 @@ class Model(nn.Module):
                 logits = decode.decoder_for(self)(inputs, cache)
                 if logits is not None:
                     return logits
-        return self._eager(inputs, cache=cache, trace=trace, return_hidden=return_hidden)
+        if cache is None:
+            return self._eager(inputs, cache=cache, trace=trace, return_hidden=return_hidden)
+        with step_context.cached_call():
+            return self._eager(inputs, cache=cache, trace=trace, return_hidden=return_hidden)
 
     def shard(self, group: Optional[mx.distributed.Group] = None) -> None:
         """Tensor parallelism over ``group`` (mlx-lm's ``sharded_load`` convention); see

@@ -80,8 +80,9 @@ def _gpu_kernels(eager: bool = False):
     ``eager``, outside the step too on CUDA: for the element-wise ops whose MLX form is a fused
     kernel even eagerly (``mx.compile``d), which MLX's CUDA JIT compiles on a machine's first run
     (seconds each). Metal compiles those in milliseconds, so its prefill keeps MLX's fused form
-    (ours is not measured against it there)."""
-    if step_context.active() is None and not eager:
+    (ours is not measured against it there). Only in a model call with a KV cache: a call without
+    one may be a training forward, and custom kernels have no gradient."""
+    if step_context.active() is None and not (eager and step_context.in_cached_call()):
         return None
     from . import kernels
 

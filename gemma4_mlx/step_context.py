@@ -44,6 +44,24 @@ def kernel_scope():
     return _context({})
 
 
+_cached_calls: List[bool] = []
+
+
+@contextlib.contextmanager
+def cached_call():
+    """A model call with a KV cache: inference (prefill, an eager step). Outside one (a training
+    forward, whose graph may be differentiated) no custom kernel runs: they have no gradient."""
+    _cached_calls.append(True)
+    try:
+        yield
+    finally:
+        _cached_calls.pop()
+
+
+def in_cached_call() -> bool:
+    return bool(_cached_calls)
+
+
 def active() -> Optional[_Context]:
     """The decode step being traced (or dry-run), or None outside it."""
     return _active[-1] if _active else None

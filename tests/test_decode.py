@@ -687,10 +687,12 @@ def test_step_reads_each_cache_slot_without_a_gather(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
 def test_gpu_scale_ops_and_geglu_go_through_our_kernels(monkeypatch):
-    """On a GPU the decode step's scale ops (the embedding's and the PLE projection's scales, each
-    layer's close with its scalar, the soft-cap) and the GeGLU, prefill's too, run in kernels of
-    ours: as MLX's fused kernels each was a JIT compile of seconds on a fresh GPU machine
-    (session 11's cold run), none of which stock has. Their outputs are the reference's."""
+    """On CUDA the decode step's scale ops (the embedding's and the PLE projection's scales, each
+    layer's close with its scalar, the soft-cap) and the GeGLU, a cached prefill's too, run in
+    kernels of ours: as MLX's fused kernels each was a JIT compile of seconds on a fresh GPU
+    machine (session 11's cold run), none of which stock has. Their outputs are the reference's.
+    A call without a cache (a training forward: kernels have no gradient) and Metal's prefill
+    keep MLX's ops."""
     import gemma4_mlx.kernels as K
     from gemma4_mlx.kernels import dispatch
 
@@ -712,6 +714,8 @@ def test_gpu_scale_ops_and_geglu_go_through_our_kernels(monkeypatch):
     prompt = mx.array([[5, 6, 7, 8, 9, 10]])
     with dispatch.force_backend("cuda"), dispatch.override_kernel("geglu", spy("geglu", K.ple_gate_reference)), \
             dispatch.override_kernel("scale", spy("scale", K.scale_reference)):
+        mx.eval(model(prompt))  # no cache: maybe a training forward; kernels have no gradient
+        assert seen["prefill"] == set()
         logits = model(prompt, cache=cache)
         assert seen["prefill"] == {"geglu", "scale 2"}  # eager: the others are plain MLX ops
         phase[0] = "step"
