@@ -37,7 +37,7 @@ def _mlx_softcap(x: mx.array, cap: mx.array) -> mx.array:
 def geglu(gate: mx.array, x: mx.array) -> mx.array:
     """gelu_tanh(gate) * x: the ple_gate kernel in the decode step on a GPU and on CUDA in eager
     graphs too (the prefill), else MLX's ops."""
-    k = _gpu_kernels(eager=True)
+    k = _gpu_kernels(eager_for=gate)
     if k is not None:
         return k.geglu(gate, x, fallback=_mlx_geglu)
     return _mlx_geglu(gate, x)
@@ -48,7 +48,7 @@ def softcap(x: mx.array, cap: float) -> mx.array:
     :func:`geglu` takes its kernel, the scale kernel's soft-cap form."""
     # MLX's form gets the cap as a 0-d array with a primitive: its fused kernel's argument
     cap_array = mx.array([cap], dtype=x.dtype)
-    k = _gpu_kernels(eager=True)
+    k = _gpu_kernels(eager_for=x)
     if k is not None:
         return k.softcap(x, cap_array, fallback=lambda: _mlx_softcap(x, cap_array.reshape(())))
     return _mlx_softcap(x, cap_array.reshape(()))
@@ -72,23 +72,28 @@ def scaled(x: mx.array, scalar: mx.array, residual: Optional[mx.array] = None) -
     return x * s if residual is None else (residual + x) * s
 
 
-def _gpu_kernels(eager: bool = False):
+def _gpu_kernels(eager_for: Optional[mx.array] = None):
     """The kernels module inside the compiled decode step when custom kernels may run here (GPU
     backend, mode not off); None elsewhere. Eager calls (prefill chunks, batched caches,
     ``GEMMA4_MLX_COMPILE=0``) take MLX's ops: launching kernels from Python there cost more than
-    they saved (H100, E2B: 24.0 ms per eager step with kernels against stock's 15.2 ms). With
-    ``eager``, outside the step too on CUDA: for the element-wise ops whose MLX form is a fused
-    kernel even eagerly (``mx.compile``d), which MLX's CUDA JIT compiles on a machine's first run
-    (seconds each). Metal compiles those in milliseconds, so its prefill keeps MLX's fused form
-    (ours is not measured against it there). Only in a model call with a KV cache: a call without
-    one may be a training forward, and custom kernels have no gradient."""
-    if step_context.active() is None and not (eager and step_context.in_cached_call()):
+    they saved (H100, E2B: 24.0 ms per eager step with kernels against stock's 15.2 ms).
+
+    ``eager_for`` (a (B, L, ...) operand): outside the step too, for the element-wise ops whose MLX
+    form is a fused kernel even eagerly (``mx.compile``d), which MLX's CUDA JIT compiles on a
+    machine's first run (seconds each), where all of these hold: CUDA (Metal compiles those in
+    milliseconds; ours are not measured against them there), a model call with a KV cache (a
+    call without one may be a training forward, and custom kernels have no gradient), and more
+    than one position (a prefill chunk; an eager one-token step, ``batch_generate``'s, keeps
+    MLX's compiled call, a few microseconds cheaper in Python at every token)."""
+    if step_context.active() is None and eager_for is None:
         return None
     from . import kernels
 
     if not kernels.kernels_enabled():
         return None
-    if step_context.active() is None and kernels.active_backend() != "cuda":
+    if step_context.active() is None and not (
+            kernels.active_backend() == "cuda" and step_context.in_cached_call()
+            and eager_for.ndim >= 2 and eager_for.shape[1] > 1):
         return None
     return kernels
 

@@ -718,6 +718,12 @@ def test_gpu_scale_ops_and_geglu_go_through_our_kernels(monkeypatch):
         assert seen["prefill"] == set()
         logits = model(prompt, cache=cache)
         assert seen["prefill"] == {"geglu", "scale 2"}  # eager: the others are plain MLX ops
+        phase[0] = "eager step"  # one position, uncompiled (batch_generate's): MLX's calls
+        seen["eager step"] = set()
+        monkeypatch.setenv("GEMMA4_MLX_COMPILE", "0")
+        mx.eval(model(mx.array([[4]]), cache=model.make_cache()))
+        assert seen["eager step"] == set()
+        monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
         phase[0] = "step"
         step = model(mx.array([[9]], dtype=mx.uint32), cache=cache)
         assert model._decoder.counts["traces"] == 1
