@@ -11,7 +11,8 @@
 # the first form (`fresh`: a fresh machine's first token 7.4 s against ~30 s); landed after it,
 # unrun on a GPU: the scale kernel without a Reshape per call, and ple_gate (so the GeGLU) launched
 # per (column block, position, batch row) instead of dividing per value. First `check` (~3.5 min:
-# parity of everything, those two included). Then `warm` and `presets` (~4.5 min): the prefill
+# parity of everything, those two included), then `elementwise` (~30 s: ours against MLX's fused
+# forms, GB/s of each). Then `warm` and `presets` (~4.5 min): the prefill
 # cells with the GeGLU kernel in the prefill (unmeasured: E2B @841 / 4096 read 1.41x / 1.15x with
 # MLX's GeGLU in session 11; E4B 4-bit 0.986x, 31B 4-bit 0.968x). Then `e2e` (bf16, NEW=128 RUNS=3,
 # ~6 min with the checkpoint): the README's fresh-machine row end to end, and `fresh` again with
@@ -170,6 +171,11 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     python3 -c "import json; [print(m) for l in open('$OUT/cold.jsonl') for m in json.loads(l)['modules']]"
     export CONFIGS="stock,ours,ours -scale"
     ROUNDS=4 STEPS=15 timeout 150 python3 bench/ablate.py e2b "${Q:-0}" 2>&1 | tail -7 | tee "$OUT/ablate-scale.txt" ;;
+  elementwise)  # session 11's kernels against the MLX forms they replace (bench/kernels.py): the GeGLU at
+            # decode and 512-token prefill shapes (the prefill's now runs ours on CUDA), the layer
+            # close's (x + y) * s, the soft-cap; ~30 s
+    timeout 200 python3 bench/kernels.py --only geglu 2>&1 | tee "$OUT/kernels-geglu.txt" | tail -8
+    timeout 200 python3 bench/kernels.py --only scale 2>&1 | tee "$OUT/kernels-scale.txt" | tail -10 ;;
   cold)     # a first run on a fresh machine, in process: each side over empty kernel caches (twice, the
             # second pair after the driver's own cache is warm), listing what MLX compiled and when
     for run in stock ours stock ours; do

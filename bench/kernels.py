@@ -27,6 +27,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 import gemma4_mlx.kernels as K  # noqa: E402
+from gemma4_mlx.ops import _mlx_geglu, _mlx_softcap  # noqa: E402  (the model's MLX forms)
 
 # name: (hidden, heads, kv_heads, head_dim, global_head_dim, layers, ple_dim, window)
 # Shapes approximate the Gemma 4 configs; adjust when the configs are final.
@@ -96,6 +97,10 @@ def stock_residual_norm(res, branch, w, ls, eps, wn):
     return h, mx.fast.rms_norm(h, wn, eps)
 
 
+def _mlx_softcap_of(x, cap):
+    return _mlx_softcap(x, cap.reshape(()))
+
+
 # ----------------------------------------------------------------- cases
 
 def cases(dtype, only):
@@ -122,6 +127,17 @@ def cases(dtype, only):
                 gate = rnd(1, L, P)
                 pli = rnd(1, L, NL, P)[:, :, 3, :]
                 yield ("ple_gate", f"{name} {phase}", stock_ple_gate, K.ple_gate, (gate, pli), 3 * gate.nbytes)
+            # the MLP's GeGLU over the halves of a joined gate/up output (session 11: the prefill's
+            # too, on CUDA), against the compiled op sequence the model falls back to
+            I = 4 * m["hidden"]
+            joined = rnd(1, L, 2 * I)
+            yield ("geglu", f"{name} {phase} I={I}", _mlx_geglu, K.geglu,
+                   (joined[..., :I], joined[..., I:]), 3 * joined.nbytes // 2)
+            # a layer's close with its scalar where the norm runs apart: (residual + normed) * s
+            res = rnd(1, L, m["hidden"])
+            yield ("scale", f"{name} {phase} residual", lambda x, y, s: (x + y) * s.reshape(()),
+                   K.residual_scale,
+                   (res, rnd(1, L, m["hidden"]), mx.array([0.97], dtype)), 3 * res.nbytes)
             # a sublayer's close + the next norm: rms_norm, add, scale, rms_norm -> one launch
             res = rnd(1, L, m["hidden"])
             w = mx.ones((m["hidden"],), dtype)
@@ -143,6 +159,11 @@ def cases(dtype, only):
             wq, sc, bi = mx.quantize(w, group_size=64, bits=4)
             yield ("qmv4", f"{name} {label} {n_out}x{n_in}", K.quantized_matvec_reference, qmv,
                    (x, wq, sc, bi, 64, 4), wq.nbytes + sc.nbytes + bi.nbytes + x.nbytes)
+        # the final soft-cap over one token's logits (the step's last element-wise op)
+        logits = rnd(1, 1, 262144 if K.active_backend() is not None else VOCAB) * 20
+        cap = mx.array([30.0], dtype)
+        yield ("scale", f"{name} softcap", _mlx_softcap_of, K.softcap,
+               (logits, cap), 2 * logits.nbytes)
         # attention: decode (Lq=1) and a short chunk (Lq=16), sliding and global
         for Lq in (1, 16):
             for (D, N, window) in ((m["D"], 4096, m["window"]), (m["Dg"], 4096, 0), (m["Dg"], 32768, 0)):

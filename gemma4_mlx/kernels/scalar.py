@@ -53,27 +53,29 @@ def scale_kernel(x: mx.array, y: mx.array, s: mx.array, form: int) -> mx.array:
 def _run(x: mx.array, y: mx.array, s: mx.array, form: int, fallback) -> mx.array:
     if x.ndim != 3 and x.size > 0 and tuple(y.shape) == tuple(x.shape):
         x3, y3 = x.reshape(1, -1, x.shape[-1] if x.ndim else 1), y.reshape(1, -1, y.shape[-1] if y.ndim else 1)
-        return _run(x3, y3, s, form, lambda: fallback().reshape(x3.shape)).reshape(x.shape)
+        inner = None if fallback is None else (lambda: fallback().reshape(x3.shape))
+        return _run(x3, y3, s, form, inner).reshape(x.shape)
     key = None
     # (a scalar of another dtype promotes the product in MLX: that stays MLX's)
     if x.dtype in _FLOATS and s.size == 1 and s.dtype == x.dtype and x.size > 0 and (form != RESIDUAL or (
             y.dtype == x.dtype and tuple(y.shape) == tuple(x.shape))):
         key = (str(x.dtype), form)
+    # the caller's op where the kernel does not run (None: the reference)
     return dispatch.run("scale", key, scale_reference, scale_kernel, _probe, x, y, s, form,
-                        fallback=lambda x, y, s, _form: fallback())
+                        fallback=None if fallback is None else lambda x, y, s, _form: fallback())
 
 
-def scale(x: mx.array, s: mx.array, *, fallback) -> mx.array:
+def scale(x: mx.array, s: mx.array, *, fallback=None) -> mx.array:
     """``x * s`` for a size-1 ``s``; ``fallback()`` (the caller's op) where the kernel does not run."""
     return _run(x, x, s, SCALE, fallback)
 
 
-def residual_scale(x: mx.array, y: mx.array, s: mx.array, *, fallback) -> mx.array:
+def residual_scale(x: mx.array, y: mx.array, s: mx.array, *, fallback=None) -> mx.array:
     """``(x + y) * s`` for a size-1 ``s``, the sum rounded to x's dtype first."""
     return _run(x, y, s, RESIDUAL, fallback)
 
 
-def softcap(x: mx.array, cap: mx.array, *, fallback) -> mx.array:
+def softcap(x: mx.array, cap: mx.array, *, fallback=None) -> mx.array:
     """``tanh(x / cap) * cap`` for a size-1 ``cap``."""
     return _run(x, x, cap, SOFTCAP, fallback)
 
