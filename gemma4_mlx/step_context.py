@@ -7,6 +7,7 @@ joined projections; :mod:`gemma4_mlx.decode` sets the context. Imports nothing o
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Dict, List, Optional
 
 # Decode steps multiply few rows: one matmul over the joined weights beats several there (fewer
@@ -44,22 +45,22 @@ def kernel_scope():
     return _context({})
 
 
-_cached_calls: List[bool] = []
+_cached_calls = threading.local()  # per thread: a server's generation beside another thread's calls
 
 
 @contextlib.contextmanager
 def cached_call():
     """A model call with a KV cache: inference (prefill, an eager step). Outside one (a training
     forward, whose graph may be differentiated) no custom kernel runs: they have no gradient."""
-    _cached_calls.append(True)
+    _cached_calls.depth = getattr(_cached_calls, "depth", 0) + 1
     try:
         yield
     finally:
-        _cached_calls.pop()
+        _cached_calls.depth -= 1
 
 
 def in_cached_call() -> bool:
-    return bool(_cached_calls)
+    return getattr(_cached_calls, "depth", 0) > 0
 
 
 def active() -> Optional[_Context]:

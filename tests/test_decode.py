@@ -740,3 +740,18 @@ def test_gpu_scale_ops_and_geglu_go_through_our_kernels(monkeypatch):
     np.testing.assert_allclose(np.array(logits), np.array(want), rtol=1e-5, atol=1e-5)
     want = model(mx.array([[9]], dtype=mx.uint32), cache=reference)
     np.testing.assert_allclose(np.array(step), np.array(want), rtol=1e-4, atol=1e-4)
+
+
+def test_a_cached_call_is_its_threads_alone():
+    """A server's generation (a cached call, where eager kernels may run) does not open the way
+    for another thread's uncached, maybe differentiated, forward."""
+    import threading
+
+    seen = []
+    with step_context.cached_call():
+        other = threading.Thread(target=lambda: seen.append(step_context.in_cached_call()))
+        other.start()
+        other.join()
+        seen.append(step_context.in_cached_call())
+    seen.append(step_context.in_cached_call())
+    assert seen == [False, True, False]
