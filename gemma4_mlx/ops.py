@@ -186,9 +186,11 @@ def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_w
 
     def mlx_ops(inputs, _table_weight, proj, norm_weight, table_scale, eps):
         proj = mx.fast.rms_norm(proj.reshape(*proj.shape[:-1], num_layers, ple_dim), norm_weight, eps)
+        # (a quantized table's path, the kernel's fallback: the scales through scaled(), whose
+        # kernels in the decode step spare MLX's JIT a fused kernel each on a fresh GPU machine)
         rows = table(inputs)
-        rows = (rows * fused_scalar(mx.array([table_scale], dtype=rows.dtype))).reshape(*inputs.shape, num_layers, ple_dim)
-        return (proj + rows.astype(dtype)) * fused_scalar(mx.array([2.0**-0.5], dtype=dtype))
+        rows = scaled(rows, mx.array([table_scale], dtype=rows.dtype)).reshape(*inputs.shape, num_layers, ple_dim)
+        return scaled(rows.astype(dtype), mx.array([2.0**-0.5], dtype=dtype), residual=proj)
 
     kern = _gpu_kernels()
     if kern is not None and isinstance(table, nn.Embedding):

@@ -6,6 +6,7 @@ import copy
 import sys
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_map
@@ -132,6 +133,7 @@ def test_one_trace_whatever_the_id_dtype(monkeypatch):
 _STEP_WITH_SCALARS = """
 import sys
 import mlx.core as mx
+import mlx.nn as nn
 from gemma4_mlx import Model, parse_config
 from gemma4_mlx.presets import preset_config
 model = Model(parse_config(preset_config("tiny")))
@@ -170,6 +172,7 @@ def test_step_kernels_do_not_depend_on_the_layer_scalars(tmp_path):
 _PREFILL_THEN_STEP = """
 import glob, json, os, sys
 import mlx.core as mx
+import mlx.nn as nn
 from gemma4_mlx import Model, parse_config
 from gemma4_mlx.presets import preset_config
 def kernels():
@@ -755,3 +758,44 @@ def test_a_cached_call_is_its_threads_alone():
         seen.append(step_context.in_cached_call())
     seen.append(step_context.in_cached_call())
     assert seen == [False, True, False]
+
+
+@pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
+@pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "4-bit"])
+def test_gpu_step_scales_every_scalar_in_our_kernel(quantized, monkeypatch):
+    """Every scale op of the decode step goes to the scale kernel on CUDA, the 4-bit model's PLE
+    too (a quantized table takes the PLE combine's op path: its table scale and its 2^-0.5 were
+    two more fused kernels for MLX's JIT, session 11's 4-bit e2e). Counted at the trace: the
+    embedding's and the projection's scales (and the quantized table's), each layer's close (and
+    the quantized combine's), the soft-cap."""
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx.kernels import dispatch
+
+    model = _kernel_shaped_model()  # a PLE width the combine kernel takes
+    model.update(tree_map(lambda p: p.astype(mx.bfloat16), model.parameters()))
+    if quantized:
+        nn.quantize(model, group_size=32, bits=4, class_predicate=lambda _p, m: hasattr(m, "to_quantized")
+                    and m.weight.shape[-1] % 32 == 0)
+        assert isinstance(model.model.embed_tokens_per_layer, nn.QuantizedEmbedding)
+    mx.eval(model.parameters())
+    forms = []
+
+    def spy(*args):
+        if args[0].shape[-1] != 500:  # not the self-check's probe
+            forms.append(args[3])
+        return K.scale_reference(*args)
+
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "auto")
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    # the PLE combine's kernel on (its reference standing in): a plain table takes it
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", ALL_KERNELS.replace(",scale", "").replace("ple_combine,", ""))
+    dispatch.reset()
+    with dispatch.force_backend("cuda"), dispatch.override_kernel("scale", spy), \
+            dispatch.override_kernel("ple_combine", K.ple_combine_reference):
+        cache = model.make_cache()
+        mx.eval(model(mx.array([[5, 6, 7, 8]]), cache=cache))
+        forms.clear()
+        mx.eval(model(mx.array([[9]], dtype=mx.uint32), cache=cache))
+    dispatch.reset()
+    layers = len(model.layers)
+    assert forms.count(0) == 2 + quantized and forms.count(1) == layers + quantized and forms.count(2) == 1, forms
