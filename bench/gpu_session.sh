@@ -15,8 +15,11 @@
 # forms, GB/s of each). Then `warm` and `presets` (~4.5 min): the prefill
 # cells with the GeGLU kernel in the prefill (unmeasured: E2B @841 / 4096 read 1.41x / 1.15x with
 # MLX's GeGLU in session 11; E4B 4-bit 0.986x, 31B 4-bit 0.968x). Then `e2e` (bf16, NEW=128 RUNS=3,
-# ~6 min with the checkpoint): the README's fresh-machine row end to end, and `fresh` again with
-# Q unset for the step (ours against `ours -scale`). If time is left: `long` (32k prefill 0.97x).
+# ~6 min with the checkpoint) and `Q=4 NEW=128 RUNS=1 e2e`: the README's fresh-machine rows end to
+# end (4-bit's first-process module list should now hold of ours only the dynamic offset beside
+# what stock compiles: its PLE scales went through the scale kernel last, `0efe2ac`), and `fresh`
+# again with Q unset for the step (ours against `ours -scale`). If time is left: `long` (32k
+# prefill 0.97x).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
