@@ -19,7 +19,9 @@
 # end (4-bit's first-process module list should now hold of ours only the dynamic offset beside
 # what stock compiles: its PLE scales went through the scale kernel last, `0efe2ac`), and `fresh`
 # again with Q unset for the step (ours against `ours -scale`). If time is left: `long` (32k
-# prefill 0.97x).
+# prefill 0.97x), and a fresh-machine first run of 26B-A4B 4-bit per side (bench/first_token.py
+# <side> 26b-a4b 402 16 4 over empty caches, as `cold` does for E2B): ours' compiled step may fuse the
+# MoE router's element-wise ops into kernels MLX JIT-compiles where stock's eager step does not.
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
