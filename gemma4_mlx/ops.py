@@ -59,17 +59,19 @@ def scaled(x: mx.array, scalar: mx.array, residual: Optional[mx.array] = None) -
     the decode step on a GPU one kernel of ours (kernels.scale), where MLX would fuse the ops
     into a kernel its JIT compiles on a machine's first run; elsewhere MLX's ops, the scalar
     passed as the fused kernel's argument (:func:`fused_scalar`)."""
+    def mlx_ops():
+        s = fused_scalar(scalar)
+        return x * s if residual is None else (residual + x) * s
+
     k = _gpu_kernels()
-    if k is not None:
-        # the kernel's input as it is (a layer's: its piece of the step's Split), no reshape
-        piece = step_context.scalar_input(scalar)
-        s = piece if piece is not None else scalar
-        s_op = fused_scalar(scalar)
-        if residual is None:
-            return k.scale(x, s, fallback=lambda: x * s_op)
-        return k.residual_scale(residual, x, s, fallback=lambda: (residual + x) * s_op)
-    s = fused_scalar(scalar)
-    return x * s if residual is None else (residual + x) * s
+    if k is None:
+        return mlx_ops()
+    # the kernel's input as it is (a layer's: its piece of the step's Split), no reshape
+    piece = step_context.scalar_input(scalar)
+    s = piece if piece is not None else scalar
+    if residual is None:
+        return k.scale(x, s, fallback=mlx_ops)
+    return k.residual_scale(residual, x, s, fallback=mlx_ops)
 
 
 def _gpu_kernels(eager_for: Optional[mx.array] = None):

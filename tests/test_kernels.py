@@ -1084,3 +1084,19 @@ def test_bfloat16_reference_path_as_accurate_as_stock():
     stock_err = np.abs(np.array(stock(ids).astype(mx.float32)) - truth).max()
     ours_err = np.abs(ours_out - truth).max()
     assert ours_err <= 1.5 * stock_err + 1e-3, (ours_err, stock_err)
+
+
+def test_scale_takes_any_rank_through_rows(monkeypatch):
+    """Values of another rank than 3 go through the kernel as (1, -1, width) rows and come back in
+    their shape; a 0-d value (no rows) stays the caller's op."""
+    from gemma4_mlx.kernels import scalar as S
+
+    shapes = []
+    monkeypatch.setitem(dispatch._impl_override, "scale", lambda *a: shapes.append(a[0].shape) or S.scale_reference(*a))
+    with dispatch.force_backend("cuda"):
+        dispatch._verdicts[("scale", "cuda", "mlx.core.float32", S.RESIDUAL)] = (True, "")
+        x, y, s = rnd((2, 3, 4, 8), seed=7), rnd((2, 3, 4, 8), seed=8), mx.array([0.5])
+        out = K.residual_scale(x, y, s)
+        assert out.shape == x.shape and mx.allclose(out, (x + y) * 0.5)
+        assert K.residual_scale(mx.array(1.0), mx.array(2.0), s, fallback=lambda: "mlx") == "mlx"
+    assert shapes == [(1, 24, 8)]

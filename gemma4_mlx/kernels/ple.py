@@ -116,10 +116,7 @@ def _probe_combine(key):
 def ple_gate(gate: mx.array, per_layer_input: mx.array, *, fallback=None) -> mx.array:
     """gelu_tanh(gate) * per_layer_input, (B, L, P); output in gate's dtype.
     ``per_layer_input`` may be a strided slice (e.g. ``pli[:, :, i, :]``)."""
-    key = None
-    if (gate.ndim == 3 and gate.dtype in _FLOATS and tuple(per_layer_input.shape) == tuple(gate.shape)
-            and per_layer_input.dtype in _FLOATS and _fits_grid(gate)):
-        key = (str(gate.dtype), str(per_layer_input.dtype))
+    key = _gate_class(gate, per_layer_input)
     return dispatch.run("ple_gate", key, ple_gate_reference, ple_gate_kernel, _probe_gate, gate, per_layer_input,
                         fallback=fallback)
 
@@ -134,16 +131,19 @@ def geglu(gate: mx.array, up: mx.array, *, fallback=None) -> mx.array:
     if gate.ndim != 3 and tuple(up.shape) == tuple(shape) and gate.ndim >= 1:
         g3, u3 = gate.reshape(1, -1, shape[-1]), up.reshape(1, -1, shape[-1])
         return geglu(g3, u3, fallback=lambda *_: fallback(gate, up).reshape(g3.shape)).reshape(shape)
-    key = None
-    if (gate.ndim == 3 and gate.dtype in _FLOATS and tuple(up.shape) == tuple(gate.shape)
-            and up.dtype == gate.dtype and _fits_grid(gate)):
-        key = (str(gate.dtype), str(up.dtype))
+    # (another dtype for up would promote MLX's product: that stays MLX's)
+    key = _gate_class(gate, up) if up.dtype == gate.dtype else None
     return dispatch.run("geglu", key, ple_gate_reference, ple_gate_kernel, _probe_gate, gate, up, fallback=fallback)
 
 
-def _fits_grid(gate: mx.array) -> bool:
-    """(L, B) are the launch grid's y and z: within CUDA's 65,535 (Metal's limits are larger)."""
-    return gate.shape[0] <= 65535 and gate.shape[1] <= 65535
+def _gate_class(gate: mx.array, other: mx.array):
+    """The ple_gate kernel's shape class for ``gate`` and its multiplier, or None where it does not
+    run: 3-D float inputs of one shape, (L, B) within the launch grid's y and z (CUDA's 65,535;
+    Metal's limits are larger)."""
+    if (gate.ndim == 3 and gate.dtype in _FLOATS and tuple(other.shape) == tuple(gate.shape)
+            and other.dtype in _FLOATS and gate.shape[0] <= 65535 and gate.shape[1] <= 65535):
+        return (str(gate.dtype), str(other.dtype))
+    return None
 
 
 def _probe_gate(key):

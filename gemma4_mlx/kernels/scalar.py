@@ -51,13 +51,13 @@ def scale_kernel(x: mx.array, y: mx.array, s: mx.array, form: int) -> mx.array:
 
 
 def _run(x: mx.array, y: mx.array, s: mx.array, form: int, fallback) -> mx.array:
-    if x.ndim != 3 and x.size > 0 and tuple(y.shape) == tuple(x.shape):
-        x3, y3 = x.reshape(1, -1, x.shape[-1] if x.ndim else 1), y.reshape(1, -1, y.shape[-1] if y.ndim else 1)
+    if x.ndim not in (0, 3) and x.size > 0 and tuple(y.shape) == tuple(x.shape):
+        x3, y3 = x.reshape(1, -1, x.shape[-1]), y.reshape(1, -1, y.shape[-1])
         inner = None if fallback is None else (lambda: fallback().reshape(x3.shape))
         return _run(x3, y3, s, form, inner).reshape(x.shape)
     key = None
     # (a scalar of another dtype promotes the product in MLX: that stays MLX's)
-    if x.dtype in _FLOATS and s.size == 1 and s.dtype == x.dtype and x.size > 0 and (form != RESIDUAL or (
+    if x.ndim == 3 and x.dtype in _FLOATS and s.size == 1 and s.dtype == x.dtype and x.size > 0 and (form != RESIDUAL or (
             y.dtype == x.dtype and tuple(y.shape) == tuple(x.shape))):
         key = (str(x.dtype), form)
     # the caller's op where the kernel does not run (None: the reference)
@@ -80,10 +80,13 @@ def softcap(x: mx.array, cap: mx.array, *, fallback=None) -> mx.array:
     return _run(x, x, cap, SOFTCAP, fallback)
 
 
+PROBE_SHAPE = (2, 1, 500)  # 1000 values: a ragged last block
+
+
 def _probe(key):
     dt, form = dispatch.dtype_from_key(key[0]), key[1]
-    # 1000 values: a ragged last block; soft-cap inputs spanning the cap (tanh's flat ends)
-    x = dispatch.probe_normal((2, 1, 500), 51, dt, 40.0 if form == SOFTCAP else 3.0)
-    y = dispatch.probe_normal((2, 1, 500), 52, dt, 3.0)
+    # soft-cap inputs spanning the cap (tanh's flat ends)
+    x = dispatch.probe_normal(PROBE_SHAPE, 51, dt, 40.0 if form == SOFTCAP else 3.0)
+    y = dispatch.probe_normal(PROBE_SHAPE, 52, dt, 3.0)
     s = mx.array([30.0 if form == SOFTCAP else 0.93], dtype=dt)
     return (x, y, s, form)
