@@ -28,7 +28,24 @@ def _interrupted(report: bool = True) -> None:
 _TORCH_FREE_COMMANDS = ("generate", "chat", "serve")
 
 
+_start_interrupts = []  # SIGINTs that arrived while the command's modules were imported
+
+
+def _on_start_sigint(signum, frame):
+    _start_interrupts.append(signum)
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> None:
+    import signal
+
+    # While the modules import, a Ctrl-C is also recorded: an import that swallows the
+    # KeyboardInterrupt (a bare except or a finalizer in some dependency; CI once saw a `generate`
+    # run all 2,000 tokens after a SIGINT at 0.8 s and exit 0) must not cancel it.
+    default_handler = signal.getsignal(signal.SIGINT)
+    start_handler_set = default_handler is signal.default_int_handler
+    if start_handler_set:
+        signal.signal(signal.SIGINT, _on_start_sigint)
     try:
         import importlib
 
@@ -47,6 +64,10 @@ def main(argv=None) -> None:
 
         for name in COMMAND_MODULES:
             importlib.import_module(f"gemma4_mlx.commands.{name}")
+        if start_handler_set:
+            signal.signal(signal.SIGINT, default_handler)  # commands handle Ctrl-C as they always did
+            if _start_interrupts:
+                raise KeyboardInterrupt
         args = expand_multi_value_flags(list(sys.argv[1:] if argv is None else argv))
         try:
             app(args=args, prog_name="gemma4-mlx", standalone_mode=True)

@@ -366,6 +366,34 @@ def test_ctrl_c_during_start_is_interrupted_exit_130(tiny_ckpt):  # noqa: F811
         assert err.decode().strip().splitlines()[-1] == "interrupted" and b"Traceback" not in err, (delay, err)
 
 
+_SWALLOWED_AT_START = """
+import builtins, os, signal, sys, time
+import gemma4_mlx.cli as cli
+real_import = builtins.__import__
+state = {"done": False}
+def import_that_swallows(name, *args, **kwargs):
+    if not state["done"] and name.startswith("typer"):
+        state["done"] = True
+        try:  # a dependency whose import eats a KeyboardInterrupt (a bare except)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        except:  # noqa: E722
+            pass
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = import_that_swallows
+cli.main(["generate", "--model", sys.argv[1], "-p", "hi", "-m", "5", "--ignore-chat-template"])
+"""
+
+
+def test_ctrl_c_swallowed_by_an_import_still_ends_the_command(tiny_ckpt):  # noqa: F811
+    """A SIGINT during start-up that some import swallows is still a Ctrl-C: one line, 130 (CI
+    once saw `generate` run to the end and exit 0 after a SIGINT at 0.8 s)."""
+    r = subprocess.run([sys.executable, "-c", _SWALLOWED_AT_START, str(tiny_ckpt)], capture_output=True,
+                       timeout=120)
+    assert r.returncode == 130, r.stderr.decode()[-500:]
+    assert r.stderr.decode().strip().splitlines()[-1] == "interrupted" and b"Traceback" not in r.stderr
+
+
 # -- issue 12: --adapter-path -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def adapter(tiny_ckpt, tmp_path_factory):  # noqa: F811
