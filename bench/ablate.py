@@ -112,12 +112,23 @@ def prefilled(model):
     return cache
 
 
-def steps(model, cache, n):
+def steps(model, cache, n, parts=None):
+    """``n`` steps' times; ``parts`` (a list) also gets each step's (call, encode, wait): the model
+    call (a compiled step: its replay), ``async_eval``'s return (the host recording the step's
+    kernels; the GPU starts on what was recorded meanwhile), then the sync (the GPU's remaining
+    work). A host-bound step spends its time in the first two, a GPU-bound one waits."""
     tok, ts = mx.array([[11]]), []
     for _ in range(n):
         t = time.perf_counter()
-        mx.eval(model(tok, cache=cache))
-        ts.append(time.perf_counter() - t)
+        out = model(tok, cache=cache)
+        t1 = time.perf_counter()
+        mx.async_eval(out)
+        t2 = time.perf_counter()
+        mx.eval(out)
+        t3 = time.perf_counter()
+        ts.append(t3 - t)
+        if parts is not None:
+            parts.append((t1 - t, t2 - t1, t3 - t2))
     return ts
 
 
@@ -146,13 +157,13 @@ for name, env in CONFIGS:
         print(f"  (op count failed for {name}: {type(e).__name__}: {e})")
         ops = (0, 0, collections.Counter())
     # the step's buffers keep one shape for the whole measurement (one trace)
-    lines[name] = dict(model=model, env=env, cache=cache, ops=ops, times=[], rounds=[])
+    lines[name] = dict(model=model, env=env, cache=cache, ops=ops, times=[], rounds=[], parts=[])
     mx.clear_cache()
 
 for r in range(R):
     for name, line in lines.items():
         use(line["env"])
-        ts = steps(line["model"], line["cache"], S)
+        ts = steps(line["model"], line["cache"], S, line["parts"])
         line["times"] += ts
         line["rounds"].append(statistics.median(ts) * 1e3)
 
@@ -164,6 +175,11 @@ for name, line in lines.items():
     vs = f"  {ref / med:4.2f}x stock" if ref else ""
     print(f"  {name:18s} {med:7.2f} | {min(line['rounds']):7.2f} ms ({1000 / med:6.1f} tok/s){vs}"
           f"  ops {line['ops'][0]:5d} / {line['ops'][1]:5d}  rounds {[round(x, 2) for x in line['rounds']]}")
+print("  host / GPU split, median ms per step: model call (replay) + async_eval's return (host recording) "
+      "+ the sync's wait (GPU behind the host); host-bound when the wait is short")
+for name, line in lines.items():
+    call, encode, wait = (statistics.median(p[i] for p in line["parts"]) * 1e3 for i in range(3))
+    print(f"  {name:18s} call {call:6.2f}  encode {encode:6.2f}  wait {wait:6.2f}")
 for name in ("stock", "ours"):
     if name in lines:
         print(f"  {name} step primitives:", ", ".join(f"{k} {n}" for k, n in lines[name]["ops"][2].most_common(14)))

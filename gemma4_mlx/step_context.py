@@ -27,16 +27,26 @@ class _Context:
         self.id_bounds: Dict[tuple, object] = {}  # this trace's id clamp bounds (ops.clamp_ids)
 
 
-_active: List[_Context] = []
+# Per thread: mx.compile traces on the calling thread, and while one thread traces its step another
+# (a server's second model call) must keep running MLX's ops, not the step's kernels and joins.
+_steps = threading.local()
+
+
+def _stack() -> List[_Context]:
+    stack = getattr(_steps, "stack", None)
+    if stack is None:
+        stack = _steps.stack = []
+    return stack
 
 
 @contextlib.contextmanager
 def _context(joined, collect=None, tracing=False, transposed=None, scalars=None):
-    _active.append(_Context(joined, collect, tracing, transposed, scalars))
+    stack = _stack()
+    stack.append(_Context(joined, collect, tracing, transposed, scalars))
     try:
         yield
     finally:
-        _active.pop()
+        stack.pop()
 
 
 def kernel_scope():
@@ -65,7 +75,8 @@ def in_cached_call() -> bool:
 
 def active() -> Optional[_Context]:
     """The decode step being traced (or dry-run), or None outside it."""
-    return _active[-1] if _active else None
+    stack = _stack()
+    return stack[-1] if stack else None
 
 
 def joined(module, rows: int) -> Optional[object]:

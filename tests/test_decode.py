@@ -136,6 +136,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from gemma4_mlx import Model, parse_config
 from gemma4_mlx.presets import preset_config
+mx.set_default_device(mx.cpu)  # the CPU writes its fused kernels under TMPDIR (a GPU: elsewhere, with ours)
 model = Model(parse_config(preset_config("tiny")))
 mx.eval(model.parameters())
 for i, layer in enumerate(model.layers):  # a real checkpoint's layer_scalar differs per layer
@@ -177,6 +178,7 @@ from gemma4_mlx import Model, parse_config
 from gemma4_mlx.presets import preset_config
 def kernels():
     return sorted(os.path.basename(p) for p in glob.glob(os.path.join(os.environ["TMPDIR"], "mlx", "*", "cpu", "*.so")))
+mx.set_default_device(mx.cpu)  # the op path, as the CPU compiles it under TMPDIR (a GPU runs our kernels there)
 model = Model(parse_config(preset_config("tiny")))
 mx.eval(model.parameters())
 cache = model.make_cache()
@@ -758,6 +760,21 @@ def test_a_cached_call_is_its_threads_alone():
         seen.append(step_context.in_cached_call())
     seen.append(step_context.in_cached_call())
     assert seen == [False, True, False]
+
+
+def test_a_traced_step_is_its_threads_alone():
+    """While one thread traces its decode step, another thread's model call sees no step: it runs
+    MLX's ops, without the step's kernels, joins or scalar pieces."""
+    import threading
+
+    seen = []
+    with step_context.kernel_scope():
+        other = threading.Thread(target=lambda: seen.append(step_context.active()))
+        other.start()
+        other.join()
+        seen.append(step_context.active() is not None)
+    seen.append(step_context.active())
+    assert seen == [None, True, None]
 
 
 @pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
