@@ -157,6 +157,15 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     compare e2b-bf16 170 --preset e2b -L 128,841,4096 --runs 3 -n 64
     compare e2b-q4 170 --preset e2b -q 4 -L 128,841,4096 --runs 3 -n 64
     compare e2b-bf16-hf 100 --preset e2b -L 841 --runs 1 -n 16 --with-transformers ;;
+  split)    # session 12: where a step's time goes (bench/ablate.py's host/GPU split: the compiled call's replay,
+            # async_eval's return = the host recording kernels, the sync's wait = the GPU behind), for
+            # MLX's ops only, ours, and the fused forms that were slower (residual_norm, mv): is a custom
+            # kernel's launch dearer on the host than MLX's, or its GPU time longer? (~5 min)
+    which nsys ncu 2>&1 | head -2; ls /usr/local/cuda/bin 2>/dev/null | tr '\n' ' ' | cut -c1-400; echo
+    export CONFIGS="stock,ours,ours +resnorm,ours +mv,ours +mv -residual,ours kernels off,ours no compile"
+    ROUNDS=4 STEPS=15 timeout 240 python3 bench/ablate.py e2b 0 2>&1 | tail -19 | tee "$OUT/split-e2b-q0.txt"
+    export CONFIGS="stock,ours,ours +resnorm,ours +qmv fused,ours kernels off"
+    ROUNDS=4 STEPS=15 timeout 200 python3 bench/ablate.py e4b 4 2>&1 | tail -15 | tee "$OUT/split-e4b-q4.txt" ;;
   ablate31) # why 31B 4-bit decode ran 0.80x stock in session 2: one switch at a time
     STEPS=30 timeout 500 python3 bench/ablate.py 31b 4 2>&1 | tail -16 | tee "$OUT/ablate-31b-q4.txt" ;;
   presets)  # the other families at 841 tokens: E4B both, 26B-A4B and 31B in 4-bit
