@@ -166,6 +166,14 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     ROUNDS=4 STEPS=15 timeout 240 python3 bench/ablate.py e2b 0 2>&1 | tail -19 | tee "$OUT/split-e2b-q0.txt"
     export CONFIGS="stock,ours,ours +resnorm,ours +qmv fused,ours kernels off"
     ROUNDS=4 STEPS=15 timeout 200 python3 bench/ablate.py e4b 4 2>&1 | tail -15 | tee "$OUT/split-e4b-q4.txt" ;;
+  profile)  # session 12: each kernel's GPU time in one E2B step (bench/step_profile.py under ncu), ours then stock
+    for side in ${SIDES:-ours stock}; do
+      timeout ${PROF_S:-200} ncu --metrics gpu__time_duration.sum --csv --log-file "$OUT/prof-$side.csv" \
+        python3 bench/step_profile.py e2b "${Q:-0}" $side > "$OUT/prof-$side.log" 2>&1; echo "ncu exit $?"
+      tail -3 "$OUT/prof-$side.log"
+      python3 bench/step_profile.py --read "$OUT/prof-$side.csv" 2>&1 | tee "$OUT/prof-$side.txt" | head -30
+      gzip -f "$OUT/prof-$side.csv"
+    done ;;
   ablate31) # why 31B 4-bit decode ran 0.80x stock in session 2: one switch at a time
     STEPS=30 timeout 500 python3 bench/ablate.py 31b 4 2>&1 | tail -16 | tee "$OUT/ablate-31b-q4.txt" ;;
   presets)  # the other families at 841 tokens: E4B both, 26B-A4B and 31B in 4-bit

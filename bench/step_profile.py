@@ -1,0 +1,75 @@
+"""GPU time of each kernel in one decode step, under Nsight Compute (the step's host/GPU split in
+bench/ablate.py says how far the GPU lags; this says which kernels it spends that time in).
+
+Usage (on the GPU machine): ncu --metrics gpu__time_duration.sum --csv --log-file P.csv \
+    python3 bench/step_profile.py PRESET BITS SIDE   (SIDE: ours or stock), then
+    python3 bench/step_profile.py --read P.csv
+Between measured steps the script launches a marker kernel (``step_marker``), so the reader can
+cut the profile into steps; it reports the median step's kernels grouped by name.
+"""
+import collections
+import csv
+import statistics
+import sys
+
+MARKER = "step_marker"
+
+
+def run(preset: str, bits: int, side: str, steps: int = 3) -> None:
+    import mlx.core as mx
+    import numpy as np
+
+    from gemma4_mlx.bench.pair import build_pair
+    from gemma4_mlx.bench.settings import BenchSettings
+
+    ours, stock, _ = build_pair(BenchSettings(preset=preset, dtype="bfloat16", quantize=bits or None).resolve())
+    model = ours if side == "ours" else stock
+    marker = mx.fast.cuda_kernel(name=MARKER, input_names=["x"], output_names=["y"],
+                                 source="y[0] = x[0];")
+    cache = model.make_cache()
+    if side == "ours":
+        from gemma4_mlx.decode import reserve
+
+        reserve(cache, 64, 16)
+    prompt = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, (1, 64)))
+    mx.eval(model(prompt, cache=cache))
+    tok = mx.array([[11]])
+    for i in range(3 + steps):
+        mx.eval(model(tok, cache=cache))
+        one = mx.ones((1,))
+        mx.eval(marker(inputs=[one], output_shapes=[(1,)], output_dtypes=[mx.float32], grid=(1, 1, 1),
+                       threadgroup=(1, 1, 1))[0])
+
+
+def read(path: str) -> None:
+    rows = []
+    with open(path) as f:
+        lines = [ln for ln in f if ln.startswith('"')]
+    for r in csv.DictReader(lines):
+        if r.get("Metric Name") == "gpu__time_duration.sum":
+            value = float(r["Metric Value"].replace(",", ""))
+            unit = r.get("Metric Unit", "nsecond")
+            us = value / 1000 if unit.startswith("n") else value * (1000 if unit.startswith("m") else 1)
+            rows.append((r["Kernel Name"], us))
+    cuts = [i for i, (n, _) in enumerate(rows) if MARKER in n]
+    steps = [rows[a + 1:b] for a, b in zip(cuts[2:], cuts[3:])]  # the first markers follow warm-up steps
+    if not steps:
+        print("no marked steps in", path)
+        return
+    totals = [sum(us for _, us in s) for s in steps]
+    step = steps[totals.index(sorted(totals)[len(totals) // 2])]
+    print(f"{len(steps)} marked steps, GPU time per step (sum of kernel durations) us: "
+          f"{[round(t) for t in totals]}; median step: {len(step)} kernels, {statistics.median(totals):.0f} us")
+    by = collections.defaultdict(list)
+    for name, us in step:
+        by[name.split("(")[0][:70]].append(us)
+    print(f"{'kernel':70s} {'n':>5s} {'sum us':>9s} {'median us':>10s}")
+    for name, v in sorted(by.items(), key=lambda kv: -sum(kv[1]))[:40]:
+        print(f"{name:70s} {len(v):5d} {sum(v):9.1f} {statistics.median(v):10.2f}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--read":
+        read(sys.argv[2])
+    else:
+        run(sys.argv[1], int(sys.argv[2]), sys.argv[3])
