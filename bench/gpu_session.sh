@@ -168,7 +168,7 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     ROUNDS=4 STEPS=15 timeout 200 python3 bench/ablate.py e4b 4 2>&1 | tail -15 | tee "$OUT/split-e4b-q4.txt" ;;
   profile)  # session 12: each kernel's GPU time in one E2B step (bench/step_profile.py under ncu), ours then stock
     for side in ${SIDES:-ours stock}; do
-      timeout ${PROF_S:-200} ncu --metrics gpu__time_duration.sum --csv --log-file "$OUT/prof-$side.csv" \
+      timeout ${PROF_S:-200} ncu --profile-from-start off --metrics gpu__time_duration.sum --csv --log-file "$OUT/prof-$side.csv" \
         python3 bench/step_profile.py e2b "${Q:-0}" $side > "$OUT/prof-$side.log" 2>&1; echo "ncu exit $?"
       tail -3 "$OUT/prof-$side.log"
       python3 bench/step_profile.py --read "$OUT/prof-$side.csv" 2>&1 | tee "$OUT/prof-$side.txt" | head -30

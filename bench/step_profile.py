@@ -1,14 +1,15 @@
 """GPU time of each kernel in one decode step, under Nsight Compute (the step's host/GPU split in
 bench/ablate.py says how far the GPU lags; this says which kernels it spends that time in).
 
-Usage (on the GPU machine): ncu --metrics gpu__time_duration.sum --csv --log-file P.csv \
-    python3 bench/step_profile.py PRESET BITS SIDE   (SIDE: ours or stock), then
+Usage (on the GPU machine): ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
+    --log-file P.csv python3 bench/step_profile.py PRESET BITS SIDE   (SIDE: ours or stock), then
     python3 bench/step_profile.py --read P.csv
 Between measured steps the script launches a marker kernel (``step_marker``), so the reader can
 cut the profile into steps; it reports the median step's kernels grouped by name.
 """
 import collections
 import csv
+import ctypes
 import statistics
 import sys
 
@@ -33,12 +34,18 @@ def run(preset: str, bits: int, side: str, steps: int = 3) -> None:
         reserve(cache, 64, 16)
     prompt = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, (1, 64)))
     mx.eval(model(prompt, cache=cache))
-    tok = mx.array([[11]])
-    for i in range(3 + steps):
+    tok, one = mx.array([[11]]), mx.ones((1,))
+    for _ in range(3):  # trace, kernel checks, warm-up: not profiled
         mx.eval(model(tok, cache=cache))
-        one = mx.ones((1,))
+    mx.eval(one)
+    # ncu --profile-from-start off profiles from here (the driver API: MLX may link the runtime statically)
+    driver = ctypes.CDLL("libcuda.so.1")
+    driver.cuProfilerStart()
+    for _ in range(steps):
+        mx.eval(model(tok, cache=cache))
         mx.eval(marker(inputs=[one], output_shapes=[(1,)], output_dtypes=[mx.float32], grid=(1, 1, 1),
                        threadgroup=(1, 1, 1))[0])
+    driver.cuProfilerStop()
 
 
 def read(path: str) -> None:
@@ -52,7 +59,7 @@ def read(path: str) -> None:
             us = value / 1000 if unit.startswith("n") else value * (1000 if unit.startswith("m") else 1)
             rows.append((r["Kernel Name"], us))
     cuts = [i for i, (n, _) in enumerate(rows) if MARKER in n]
-    steps = [rows[a + 1:b] for a, b in zip(cuts[2:], cuts[3:])]  # the first markers follow warm-up steps
+    steps = [rows[a + 1:b] for a, b in zip([-1] + cuts, cuts)]  # each step ends with its marker
     if not steps:
         print("no marked steps in", path)
         return
