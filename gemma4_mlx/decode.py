@@ -372,8 +372,12 @@ class _SlotCache:
         self.ring_window = ring_window
 
     def update_and_fetch(self, k: mx.array, v: mx.array):
-        self.keys = mx.slice_update(self.keys, k, self.slot, axes=(2,))
-        self.values = mx.slice_update(self.values, v, self.slot, axes=(2,))
+        # A scatter along the position axis, not mx.slice_update: MLX 0.32's CUDA DynamicSliceUpdate
+        # launches one thread per element of the whole buffer (not of the update), ~23 us per write
+        # for a 512-slot window and growing with the context (H200, bench/step_profile.py).
+        slot = mx.broadcast_to(self.slot.reshape(1, 1, 1, 1), k.shape)
+        self.keys = mx.put_along_axis(self.keys, slot, k, axis=2)
+        self.values = mx.put_along_axis(self.values, slot, v, axis=2)
         return self.keys, self.values
 
     def make_mask(self, N: int, window_size: Optional[int] = None, return_array: bool = False):

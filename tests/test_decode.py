@@ -108,6 +108,18 @@ def test_step_multiplies_by_evaluated_weight_transposes(preset, kernel_path, mon
     assert ops_with["Matmul"] == ops_without["Matmul"]
 
 
+def test_step_writes_each_cache_buffer_by_a_scatter(monkeypatch):
+    """Each cache the step writes takes its new key and value by a scatter along the position
+    axis, not by MLX's DynamicSliceUpdate: on CUDA (MLX 0.32) that launches a thread per element
+    of the whole buffer, ~23 us a write at a 512-slot window and more as the context grows."""
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    model = _random_model("tiny")
+    ops, _ = _step_graph(model)
+    own_kv = sum(1 for layer in model.layers if not layer.plan.is_kv_shared)
+    assert ops["DynamicSliceUpdate"] == 0 and ops["SliceUpdate"] == 0, ops
+    assert ops["ScatterAxis"] == 2 * own_kv, (ops["ScatterAxis"], own_kv)
+
+
 def test_one_trace_whatever_the_id_dtype(monkeypatch):
     """mlx-lm's generate feeds the prompt's last id (int32) to the first step and sampled ids
     (uint32) after it: one trace serves both (each dtype was its own trace, and on a fresh GPU
