@@ -171,7 +171,7 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       timeout ${PROF_S:-200} ncu --profile-from-start off --metrics gpu__time_duration.sum --csv --log-file "$OUT/prof-$side.csv" \
         python3 bench/step_profile.py e2b "${Q:-0}" $side > "$OUT/prof-$side.log" 2>&1; echo "ncu exit $?"
       tail -3 "$OUT/prof-$side.log"
-      python3 bench/step_profile.py --read "$OUT/prof-$side.csv" 2>&1 | tee "$OUT/prof-$side.txt" | head -30
+      python3 bench/step_profile.py --read "$OUT/prof-$side.csv" "$OUT/prof-$side.log" 2>&1 | tee "$OUT/prof-$side.txt" | head -30
       gzip -f "$OUT/prof-$side.csv"
     done ;;
   ablate31) # why 31B 4-bit decode ran 0.80x stock in session 2: one switch at a time

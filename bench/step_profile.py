@@ -3,7 +3,7 @@ bench/ablate.py says how far the GPU lags; this says which kernels it spends tha
 
 Usage (on the GPU machine): ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
     --log-file P.csv python3 bench/step_profile.py PRESET BITS SIDE   (SIDE: ours or stock), then
-    python3 bench/step_profile.py --read P.csv
+    python3 bench/step_profile.py --read P.csv [the run's stdout: names our seeded kernels]
 Between measured steps the script launches a marker kernel (``step_marker``), so the reader can
 cut the profile into steps; it reports the median step's kernels grouped by name.
 """
@@ -46,9 +46,21 @@ def run(preset: str, bits: int, side: str, steps: int = 3) -> None:
         mx.eval(marker(inputs=[one], output_shapes=[(1,)], output_dtypes=[mx.float32], grid=(1, 1, 1),
                        threadgroup=(1, 1, 1))[0])
     driver.cuProfilerStop()
+    # our kernels run under their seeded symbols (gemma4_seed_<hash>): MLX's cache lists each one's name
+    from gemma4_mlx.kernels.cuda_build import mlx_cache_dir
+
+    for listing in sorted(mlx_cache_dir().glob("*.txt")):
+        for line in listing.read_text(errors="replace").splitlines():
+            kname, _, symbol = line.partition("\t")
+            if symbol.startswith("gemma4_seed_"):
+                print("seed", symbol, kname.rsplit("::", 1)[-1])
 
 
-def read(path: str) -> None:
+def read(path: str, log: str = "") -> None:
+    names = {}
+    if log:
+        with open(log) as f:
+            names = {p[1]: p[2] for p in (ln.split() for ln in f) if len(p) == 3 and p[0] == "seed"}
     rows = []
     with open(path) as f:
         lines = [ln for ln in f if ln.startswith('"')]
@@ -69,7 +81,8 @@ def read(path: str) -> None:
           f"{[round(t) for t in totals]}; median step: {len(step)} kernels, {statistics.median(totals):.0f} us")
     by = collections.defaultdict(list)
     for name, us in step:
-        by[name.split("(")[0][:70]].append(us)
+        name = name.split("(")[0]
+        by[names.get(name, name)[:70]].append(us)
     print(f"{'kernel':70s} {'n':>5s} {'sum us':>9s} {'median us':>10s}")
     for name, v in sorted(by.items(), key=lambda kv: -sum(kv[1]))[:40]:
         print(f"{name:70s} {len(v):5d} {sum(v):9.1f} {statistics.median(v):10.2f}")
@@ -77,6 +90,6 @@ def read(path: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "--read":
-        read(sys.argv[2])
+        read(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "")
     else:
         run(sys.argv[1], int(sys.argv[2]), sys.argv[3])
