@@ -6,22 +6,24 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 12): issue 14. One GPU is enough (nvidia-h200). Session 11 moved the step's
-# scale ops, the soft-cap and the GeGLU (prefill included, on CUDA) into kernels of ours and measured
-# the first form (`fresh`: a fresh machine's first token 7.4 s against ~30 s); landed after it,
-# unrun on a GPU: the scale kernel without a Reshape per call, and ple_gate (so the GeGLU) launched
-# per (column block, position, batch row) instead of dividing per value. First `check` (~3.5 min:
-# parity of everything, those two included), then `elementwise` (~30 s: ours against MLX's fused
-# forms, GB/s of each). Then `warm` and `presets` (~4.5 min): the prefill
-# cells with the GeGLU kernel in the prefill (unmeasured: E2B @841 / 4096 read 1.41x / 1.15x with
-# MLX's GeGLU in session 11; E4B 4-bit 0.986x, 31B 4-bit 0.968x). Then `e2e` (bf16, NEW=128 RUNS=3,
-# ~6 min with the checkpoint) and `Q=4 NEW=128 RUNS=1 e2e`: the README's fresh-machine rows end to
-# end (4-bit's first-process module list should now hold of ours only the dynamic offset beside
-# what stock compiles: its PLE scales went through the scale kernel last, `0efe2ac`), and `fresh`
-# again with Q unset for the step (ours against `ours -scale`). If time is left: `long` (32k
-# prefill 0.97x), and a fresh-machine first run of 26B-A4B 4-bit per side (bench/first_token.py
-# <side> 26b-a4b 402 16 4 over empty caches, as `cold` does for E2B): ours' compiled step may fuse the
-# MoE router's element-wise ops into kernels MLX JIT-compiles where stock's eager step does not.
+# Next visit (session 13): issue 14. One GPU is enough (nvidia-h200). Session 12 measured session 11's
+# final form (check, fresh, e2e, warm, presets: docs/benchmarks.md "GPU, session 12"), split the step
+# into host and GPU time (ours is now GPU-bound, stock host-bound) and profiled every kernel of a step
+# under ncu (`profile`). Two changes followed, unrun on a GPU (633175a): the step's cache write is a
+# scatter (MLX's DynamicSliceUpdate took 23 us a write: a thread per buffer element), and attention
+# pass 1 splits 32 keys, not 128 (E2B's sliding layers: 4 threadgroups, 40 us). In this order:
+#   1. `check` (~3.5 min): parity with both changes (attention with more splits, the scatter).
+#   2. `fresh` (~2.5 min): the scatter's MLX JIT on a fresh machine (module scatter_axis_*: 88 kernel
+#      variants, where compute_dynamic_offset's module took ~1 s; first token 5.9 s in session 12),
+#      and the step against stock.
+#   3. `split` (~3.5 min): the host/GPU split again; expected ours' wait ~0 and a step ~4.5 ms.
+#   4. `profile` (~2.5 min; kernels now named): the attention and the scatter's GPU time; then with
+#      GEMMA4_MLX_KERNELS_DISABLE set to the default less residual_norm (see bench/ablate.py's
+#      `off(on=["residual_norm"])`): why `+resnorm` costs ~17 us of host per launch and, on 4-bit,
+#      GPU time (its qmv_residual forms recompute the norm in every threadgroup: a suspect).
+#   5. `warm` + `presets`, and `long` (32k: the cache write grew with the context).
+# If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
+# at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at

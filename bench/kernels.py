@@ -1,7 +1,7 @@
 """Micro-benchmark: each gemma4_mlx kernel vs the stock MLX op sequence it
 replaces, on E2B / E4B / 31B-like decode and prefill shapes.
 
-    python bench/kernels.py [--dtype bfloat16] [--iters 50] [--only attention]
+    python bench/kernels.py [--dtype bfloat16] [--iters 50] [--only attention] [--keys-per-split 32]
 
 Prints the measured copy bandwidth, then per case: median time per call (16 independent
 calls evaluated together, so one sync does not dominate small shapes) of the stock
@@ -189,7 +189,11 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--only", default="")
+    ap.add_argument("--keys-per-split", type=int, default=0,
+                    help="attention pass 1's minimum keys per split (default: the kernel's own)")
     a = ap.parse_args()
+    if a.keys_per_split:
+        sys.modules["gemma4_mlx.kernels.attention"].MIN_KEYS_PER_SPLIT = a.keys_per_split
     dtype = getattr(mx, a.dtype)
     backend = K.active_backend()
     print(f"device={mx.default_device()} backend={backend or 'reference (no kernels)'} dtype={a.dtype}")
