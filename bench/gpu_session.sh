@@ -22,6 +22,8 @@
 #      `off(on=["residual_norm"])`): why `+resnorm` costs ~17 us of host per launch and, on 4-bit,
 #      GPU time (its qmv_residual forms recompute the norm in every threadgroup: a suspect).
 #   5. `warm` + `presets`, and `long` (32k: the cache write grew with the context).
+#   6. `loadprof` (~1 min with the e2e checkpoint, +2.5 min without): ours' load() is 0.4-0.9 s longer
+#      than stock's on the GPU, though 0.6 s shorter on the CPU (e2b-mini, session 12): cProfile of both.
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
@@ -110,6 +112,26 @@ case "${1:-}" in
       timeout 150 python3 bench/first_token.py $run e2b 402 2048 2>&1 | tail -1 | tee -a "$OUT/grow.jsonl"
     done
     GEMMA4_MLX_NVRTC=seed timeout 150 python3 bench/first_token.py ours e2b 402 2048 2>&1 | tail -1 | tee -a "$OUT/grow.jsonl" ;;
+  loadprof) # session 12: ours' load() is 0.4-0.9 s longer than stock's on the GPU (not on the CPU): each
+            # side's load of the E2B bf16 checkpoint in fresh processes, alternated, under cProfile
+    [ -d /root/e2e/e2b-bfloat16-seed0 ] || python3 -c "
+from gemma4_mlx.checkpoint import write_random_checkpoint
+write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16', seed=0)" > /dev/null 2>&1
+    for side in stock ours stock ours; do
+      timeout 120 python3 -c "
+import cProfile, pstats, sys, time
+side = sys.argv[1]
+load = __import__('mlx_lm' if side == 'stock' else 'gemma4_mlx').load
+import mlx.core as mx
+prof = cProfile.Profile()
+t = time.perf_counter()
+prof.enable()
+model, tok = load('/root/e2e/e2b-bfloat16-seed0')
+mx.synchronize()
+prof.disable()
+print(side, 'load s', round(time.perf_counter() - t, 3))
+pstats.Stats(prof).sort_stats('cumulative').print_stats(18)" $side 2>&1 | grep -v "^$" | head -40 | tee -a "$OUT/loadprof.txt" | head -3
+    done ;;
   imports)  # what a command imports before load(), and who pulls PyTorch in (lean_imports did not keep it out here)
     python3 -m gemma4_mlx.cli init --preset tiny --out /root/tinyck -q --force > /dev/null 2>&1
     python3 -X importtime -c "import sys; from gemma4_mlx.cli import main; main(sys.argv[1:])" generate --model /root/tinyck \
