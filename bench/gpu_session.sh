@@ -186,9 +186,9 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
             # MLX's ops only, ours, and the fused forms that were slower (residual_norm, mv): is a custom
             # kernel's launch dearer on the host than MLX's, or its GPU time longer? (~5 min)
     which nsys ncu 2>&1 | head -2; ls /usr/local/cuda/bin 2>/dev/null | tr '\n' ' ' | cut -c1-400; echo
-    export CONFIGS="stock,ours,ours +resnorm,ours +mv,ours +mv -residual,ours kernels off,ours no compile"
+    export CONFIGS="stock,ours,ours slice write,ours +resnorm,ours +mv,ours kernels off,ours no compile"
     ROUNDS=4 STEPS=15 timeout 240 python3 bench/ablate.py e2b 0 2>&1 | tail -19 | tee "$OUT/split-e2b-q0.txt"
-    export CONFIGS="stock,ours,ours +resnorm,ours +qmv fused,ours kernels off"
+    export CONFIGS="stock,ours,ours slice write,ours +resnorm,ours kernels off"
     ROUNDS=4 STEPS=15 timeout 200 python3 bench/ablate.py e4b 4 2>&1 | tail -15 | tee "$OUT/split-e4b-q4.txt" ;;
   profile)  # session 12: each kernel's GPU time in one E2B step (bench/step_profile.py under ncu), ours then stock
     for side in ${SIDES:-ours stock}; do
@@ -215,8 +215,8 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     MLX_PTX_CACHE_DIR=$(mktemp -d) GEMMA4_MLX_CACHE=$(mktemp -d) timeout 150 python3 bench/first_token.py \
       ours e2b 402 16 2>&1 | tail -1 | tee -a "$OUT/cold.jsonl" | cut -c1-300
     python3 -c "import json; [print(m) for l in open('$OUT/cold.jsonl') for m in json.loads(l)['modules']]"
-    export CONFIGS="stock,ours,ours -scale"
-    ROUNDS=4 STEPS=15 timeout 150 python3 bench/ablate.py e2b "${Q:-0}" 2>&1 | tail -7 | tee "$OUT/ablate-scale.txt" ;;
+    export CONFIGS="stock,ours,ours -scale,ours slice write"
+    ROUNDS=4 STEPS=15 timeout 150 python3 bench/ablate.py e2b "${Q:-0}" 2>&1 | tail -13 | tee "$OUT/ablate-scale.txt" ;;
   elementwise)  # session 11's kernels against the MLX forms they replace (bench/kernels.py): the GeGLU at
             # decode and 512-token prefill shapes (the prefill's now runs ours on CUDA), the layer
             # close's (x + y) * s, the soft-cap; ~30 s

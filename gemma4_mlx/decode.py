@@ -67,6 +67,12 @@ def transposes_enabled() -> bool:
     return os.environ.get("GEMMA4_MLX_TRANSPOSES", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
+def kv_scatter_enabled() -> bool:
+    """``GEMMA4_MLX_KV_WRITE=slice``: the decode step writes each new key/value with
+    ``mx.slice_update`` (its form until session 12) instead of a scatter (ablations)."""
+    return os.environ.get("GEMMA4_MLX_KV_WRITE", "scatter").strip().lower() != "slice"
+
+
 def _switches() -> tuple:
     """The settings a traced step depends on besides the module tree."""
     from .kernels import dispatch
@@ -76,7 +82,7 @@ def _switches() -> tuple:
     except ValueError:
         mode = "invalid"
     return (mode, tuple(sorted(dispatch.disabled_kernels())), joining_enabled(), transposes_enabled(),
-            mx.default_device())
+            kv_scatter_enabled(), mx.default_device())
 
 
 # ------------------------------------------------------------------ derived state
@@ -365,13 +371,18 @@ class _SlotCache:
     """Stands in for a cache inside the traced step: write at ``slot``, mask unfilled slots."""
 
     def __init__(self, keys: mx.array, values: mx.array, slot: mx.array, valid: mx.array, offset: mx.array,
-                 ring_window: Optional[int] = None):
+                 ring_window: Optional[int] = None, scatter: bool = True):
         self.keys, self.values = keys, values
+        self.scatter = scatter
         self.slot, self.valid, self.offset = slot, valid, offset
         # A SlidingWindowCache with spare slots: its ring holds more than the window.
         self.ring_window = ring_window
 
     def update_and_fetch(self, k: mx.array, v: mx.array):
+        if not self.scatter:
+            self.keys = mx.slice_update(self.keys, k, self.slot, axes=(2,))
+            self.values = mx.slice_update(self.values, v, self.slot, axes=(2,))
+            return self.keys, self.values
         # A scatter along the position axis, not mx.slice_update: MLX 0.32's CUDA DynamicSliceUpdate
         # launches one thread per element of the whole buffer (not of the update), ~23 us per write
         # for a 512-slot window and growing with the context (H200, bench/step_profile.py).
@@ -470,8 +481,9 @@ def _step_function(model_ref, counts: dict):
         # reshaped the scalar fill level of its producer layer's cache for every layer
         slot_of = mx.split(slots, n) if n > 1 else [slots]
         valid_of = mx.split(valid, n) if n > 1 else [valid]
+        scatter = kv_scatter_enabled()
         caches = [
-            _SlotCache(buffers[2 * i], buffers[2 * i + 1], slot_of[i], valid_of[i], offset, ring_windows[i])
+            _SlotCache(buffers[2 * i], buffers[2 * i + 1], slot_of[i], valid_of[i], offset, ring_windows[i], scatter)
             for i in range(n)
         ]
         logits = model_ref()._eager(inputs, cache=caches)

@@ -114,10 +114,15 @@ def test_step_writes_each_cache_buffer_by_a_scatter(monkeypatch):
     of the whole buffer, ~23 us a write at a 512-slot window and more as the context grows."""
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
     model = _random_model("tiny")
-    ops, _ = _step_graph(model)
+    ops, logits = _step_graph(model)
     own_kv = sum(1 for layer in model.layers if not layer.plan.is_kv_shared)
     assert ops["DynamicSliceUpdate"] == 0 and ops["SliceUpdate"] == 0, ops
     assert ops["ScatterAxis"] == 2 * own_kv, (ops["ScatterAxis"], own_kv)
+    # the switch for ablations: the step is traced again, with the slice update, to the same logits
+    monkeypatch.setenv("GEMMA4_MLX_KV_WRITE", "slice")
+    ops_slice, logits_slice = _step_graph(model)
+    assert ops_slice["ScatterAxis"] == 0 and ops_slice["DynamicSliceUpdate"] == 2 * own_kv, ops_slice
+    assert np.array_equal(logits, logits_slice)
 
 
 def test_one_trace_whatever_the_id_dtype(monkeypatch):
