@@ -971,6 +971,10 @@ def test_attention_launch_plan_covers_keys():
         assert p["RT"] * p["ntiles"] >= p["QR"] and p["RT"] * D <= 2048
     big = ATT.launch_plan(1, 8, 1, 1, 32768, 512, 0)
     assert big["nsplit"] * big["ntiles"] >= 132  # fills an H100 with one kv head
+    # E2B's sliding decode (8 heads on one kv head, a 512-slot window): a warp walks its keys one
+    # after another, and at 16 keys a warp (4 threadgroups) a call took ~40 us on the H200
+    window = ATT.launch_plan(1, 8, 1, 1, 512, 256, 512)
+    assert window["chunk"] // (dispatch.TG // 32) <= 4 and window["nsplit"] >= 16, window
 
 
 def test_sources_are_importable_resources():
