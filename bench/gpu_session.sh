@@ -190,13 +190,15 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     ROUNDS=4 STEPS=15 timeout 240 python3 bench/ablate.py e2b 0 2>&1 | tail -19 | tee "$OUT/split-e2b-q0.txt"
     export CONFIGS="stock,ours,ours slice write,ours +resnorm,ours kernels off"
     ROUNDS=4 STEPS=15 timeout 200 python3 bench/ablate.py e4b 4 2>&1 | tail -15 | tee "$OUT/split-e4b-q4.txt" ;;
-  profile)  # session 12: each kernel's GPU time in one E2B step (bench/step_profile.py under ncu), ours then stock
+  profile)  # session 12: each kernel's GPU time in one step (bench/step_profile.py under ncu), ours then stock;
+            # PRESET (default e2b), Q=4 for 4-bit, TAG names the files (e.g. a run with GEMMA4_MLX_KERNELS_DISABLE set)
     for side in ${SIDES:-ours stock}; do
-      timeout ${PROF_S:-200} ncu --profile-from-start off --metrics gpu__time_duration.sum --csv --log-file "$OUT/prof-$side.csv" \
-        python3 bench/step_profile.py e2b "${Q:-0}" $side > "$OUT/prof-$side.log" 2>&1; echo "ncu exit $?"
-      tail -3 "$OUT/prof-$side.log"
-      python3 bench/step_profile.py --read "$OUT/prof-$side.csv" "$OUT/prof-$side.log" 2>&1 | tee "$OUT/prof-$side.txt" | head -30
-      gzip -f "$OUT/prof-$side.csv"
+      f="$OUT/prof-$side${TAG:+-$TAG}"
+      timeout ${PROF_S:-200} ncu --profile-from-start off --metrics gpu__time_duration.sum --csv --log-file "$f.csv" \
+        python3 bench/step_profile.py "${PRESET:-e2b}" "${Q:-0}" $side > "$f.log" 2>&1; echo "ncu exit $?"
+      grep -v "^seed " "$f.log" | tail -3
+      python3 bench/step_profile.py --read "$f.csv" "$f.log" 2>&1 | tee "$f.txt" | head -30
+      gzip -f "$f.csv"
     done ;;
   ablate31) # why 31B 4-bit decode ran 0.80x stock in session 2: one switch at a time
     STEPS=30 timeout 500 python3 bench/ablate.py 31b 4 2>&1 | tail -16 | tee "$OUT/ablate-31b-q4.txt" ;;
