@@ -17,10 +17,10 @@
 #      variants, where compute_dynamic_offset's module took ~1 s; first token 5.9 s in session 12),
 #      and the step against stock.
 #   3. `split` (~3.5 min): the host/GPU split again; expected ours' wait ~0 and a step ~4.5 ms.
-#   4. `profile` (~2.5 min; kernels now named): the attention and the scatter's GPU time; then with
-#      GEMMA4_MLX_KERNELS_DISABLE set to the default less residual_norm (see bench/ablate.py's
-#      `off(on=["residual_norm"])`): why `+resnorm` costs ~17 us of host per launch and, on 4-bit,
-#      GPU time (its qmv_residual forms recompute the norm in every threadgroup: a suspect).
+#   4. `profile` (~2.5 min; kernels now named): the attention and the scatter's GPU time; then
+#      `GEMMA4_MLX_KERNELS_DISABLE=mv,ple_tail,attention_prefix_q SIDES=ours TAG=resnorm` (and Q=4):
+#      why `+resnorm` costs ~17 us of host per launch and, on 4-bit, GPU time (its qmv_residual
+#      forms recompute the norm in every threadgroup: a suspect).
 #   5. `warm` + `presets`, and `long` (32k: the cache write grew with the context).
 #   6. `loadprof` (~1 min with the e2e checkpoint, +2.5 min without): ours' load() is 0.4-0.9 s longer
 #      than stock's on the GPU, though 0.6 s shorter on the CPU (e2b-mini, session 12): cProfile of both.
