@@ -27,15 +27,16 @@ class _Context:
         self.id_bounds: Dict[tuple, object] = {}  # this trace's id clamp bounds (ops.clamp_ids)
 
 
-# Per thread: mx.compile traces on the calling thread, and while one thread traces its step another
-# (a server's second model call) must keep running MLX's ops, not the step's kernels and joins.
-_steps = threading.local()
+# Per thread, both the step stack and the cached-call depth: mx.compile traces on the calling
+# thread, and while one thread traces its step or generates, another (a server's second model
+# call) must keep running MLX's ops, not the step's kernels and joins.
+_thread = threading.local()
 
 
 def _stack() -> List[_Context]:
-    stack = getattr(_steps, "stack", None)
+    stack = getattr(_thread, "steps", None)
     if stack is None:
-        stack = _steps.stack = []
+        stack = _thread.steps = []
     return stack
 
 
@@ -55,22 +56,19 @@ def kernel_scope():
     return _context({})
 
 
-_cached_calls = threading.local()  # per thread: a server's generation beside another thread's calls
-
-
 @contextlib.contextmanager
 def cached_call():
     """A model call with a KV cache: inference (prefill, an eager step). Outside one (a training
     forward, whose graph may be differentiated) no custom kernel runs: they have no gradient."""
-    _cached_calls.depth = getattr(_cached_calls, "depth", 0) + 1
+    _thread.cached_depth = getattr(_thread, "cached_depth", 0) + 1
     try:
         yield
     finally:
-        _cached_calls.depth -= 1
+        _thread.cached_depth -= 1
 
 
 def in_cached_call() -> bool:
-    return getattr(_cached_calls, "depth", 0) > 0
+    return getattr(_thread, "cached_depth", 0) > 0
 
 
 def active() -> Optional[_Context]:
