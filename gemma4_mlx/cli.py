@@ -38,12 +38,15 @@ def _on_start_sigint(signum, frame):
 
 def main(argv=None) -> None:
     import signal
+    import threading
 
     # While the modules import, a Ctrl-C is also recorded: an import that swallows the
     # KeyboardInterrupt (a bare except or a finalizer in some dependency; CI once saw a `generate`
     # run all 2,000 tokens after a SIGINT at 0.8 s and exit 0) must not cancel it.
+    # (Only Python's default handler is replaced, and only where one can be set: the main thread.)
     default_handler = signal.getsignal(signal.SIGINT)
-    start_handler_set = default_handler is signal.default_int_handler
+    start_handler_set = (default_handler is signal.default_int_handler
+                         and threading.current_thread() is threading.main_thread())
     if start_handler_set:
         signal.signal(signal.SIGINT, _on_start_sigint)
     try:

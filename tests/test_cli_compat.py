@@ -471,3 +471,26 @@ def test_generate_runs_without_importing_torch(tiny_ckpt, torch_env):  # noqa: F
     ref = run(["generate", "--model", str(tiny_ckpt), "--prompt", "hello there, how are you", "--max-tokens", "12",
                "--temp", "0"])
     assert ref.exit_code == 0 and ref.stdout == reply
+
+
+def test_main_runs_outside_the_main_thread():
+    """A program may run the CLI from a worker thread: the start-up Ctrl-C guard sets a signal
+    handler only where Python allows one (the main thread), and the command still runs."""
+    import threading
+
+    from gemma4_mlx import cli
+
+    codes = []
+
+    def run():
+        try:
+            cli.main(["info", "--help"])
+        except SystemExit as e:
+            codes.append(e.code)
+        except BaseException as e:  # noqa: BLE001 - what the thread met is the finding
+            codes.append(repr(e))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(60)
+    assert codes == [0], codes
