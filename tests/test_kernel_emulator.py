@@ -113,6 +113,31 @@ def test_attention_passes(emulated, D, H, Hkv, N, window, filled):
                ATT.attention_prefix_reference(q, kbuf, vbuf, kv_len), f"attention_prefix D {D}", atol=1e-5)
 
 
+@pytest.mark.parametrize("D,H,Hkv,Lq,window", [
+    (64, 4, 2, 1, 0),      # splits of up to 100 keys: three tiles of 32 and a ragged fourth
+    (64, 4, 2, 1, 70),     # a window that starts inside a split's tiles
+    (32, 8, 1, 3, 0),      # three queries per head: rows that see different last keys
+])
+def test_attention_splits_of_several_tiles(emulated, monkeypatch, D, H, Hkv, Lq, window):
+    """Pass 1 walks a split in tiles of 32 keys; the softmax carries its max and sum from tile to
+    tile (a rescale). The model's shapes give splits of at most 32 keys on small contexts, so the
+    splits are widened here (MIN_KEYS_PER_SPLIT), as long contexts widen them (32k keys: ~62)."""
+    import sys
+
+    ATT = sys.modules["gemma4_mlx.kernels.attention"]
+    monkeypatch.setattr(ATT, "MIN_KEYS_PER_SPLIT", 100)
+    N = 300
+    assert ATT.launch_plan(1, H, Hkv, Lq, N, D, window)["chunk"] > 64
+    q = _rnd((1, H, Lq, D), 21)
+    kbuf, vbuf = _rnd((1, Hkv, N, D), 22, 6 / D ** 0.5), _rnd((1, Hkv, N, D), 23)
+    _close(ATT.attention_kernel(q, kbuf, vbuf, 1.0, window), ATT.attention_reference(q, kbuf, vbuf, 1.0, window),
+           f"attention D {D} window {window}", atol=1e-5)
+    if not window:
+        kv_len = mx.array([233], dtype=mx.int32)
+        _close(ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len),
+               ATT.attention_prefix_reference(q, kbuf, vbuf, kv_len), f"attention_prefix D {D}", atol=1e-5)
+
+
 def test_every_other_kernel_on_the_emulator():
     """test_kernels.py's GPU-only tests of the other kernel bodies (RoPE, attention and its q
     prologue, PLE, residual norm, the PLE tail, the strict-mode public functions) on the

@@ -28,11 +28,10 @@ from .rope import offset_array, q_norm_rope_reference
 MAX_LQ = 16
 MAX_D = 512
 TARGET_BLOCKS = 528  # about 4 threadgroups per SM on an H100 (132 SMs)
-# Each warp of a split walks its keys one after another (a load, then a dependent reduction per
-# query row), so a split's time grows with its keys per warp. At 128 keys per split (16 per warp)
-# E2B's sliding layers (one kv head, a 512-slot window) ran on 4 threadgroups, ~40 us a call on the
-# H200 (session 12's bench/step_profile.py): more than MLX's matmul-softmax-matmul. 32 keys are 4
-# per warp: 16 threadgroups there; the combine pass reads the larger partials.
+# A split's keys go by in tiles of 32 (attention_partial.inc), so a split of up to 32 keys is one
+# tile. Session 12's profile (H200): E2B's sliding layers (one kv head, a 512-slot window) on 4
+# threadgroups of 128 keys took ~40 us a call, more than MLX's matmul-softmax-matmul; at 32 keys
+# they have 16 threadgroups, and the combine pass reads the larger partials.
 MIN_KEYS_PER_SPLIT = 32
 
 
