@@ -3,6 +3,7 @@ instruction mix of its hottest loop. NVRTC (``pip install nvidia-cuda-nvrtc``) b
 source our CUDA path builds; ``cuobjdump`` (``pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm``) disassembles it.
 
     python bench/kernel_sass.py qmv --template T=bfloat16 BITS=4 GS=64 ROWS=2 SPLIT=2 WPL=4 MM=1 EPI=0 PRO=0 HD=1
+    python bench/kernel_sass.py attention_partial --template T=bfloat16 D=256 RT=8 QNR=0
 
 A memory-bound matvec has to keep few instructions per byte and many bytes in flight: this shows
 both sides of that (``--sass`` prints the whole disassembly).
@@ -24,8 +25,20 @@ import mlx.core as mx  # noqa: E402
 
 from gemma4_mlx.kernels import cuda_build, dispatch, nvrtc  # noqa: E402
 
-INPUTS = {"qmv": ["x", "w", "scales", "biases", "z", "b", "nw", "ls", "nn", "eps"],
-          "mv": ["x", "w", "z", "b", "nw", "ls", "nn", "eps"]}
+# Per body: its inputs, outputs, and the input dtypes and ndims that are not (T, 2-D; x: 3-D).
+KERNELS = {
+    "qmv": dict(inputs=["x", "w", "scales", "biases", "z", "b", "nw", "ls", "nn", "eps"], outputs=["y", "hout"],
+                dtypes={"w": mx.uint32, "eps": mx.float32}, ndims={"x": 3}),
+    "mv": dict(inputs=["x", "w", "z", "b", "nw", "ls", "nn", "eps"], outputs=["y", "hout"],
+               dtypes={"eps": mx.float32}, ndims={"x": 3}),
+    "attention_partial": dict(
+        inputs=["q", "keys", "values", "scale", "params", "kv_len", "qw", "inv_freq", "qoff", "qeps"],
+        outputs=["po", "pm", "pl"], out_dtype=mx.float32,
+        dtypes={"scale": mx.float32, "params": mx.int32, "kv_len": mx.int32, "inv_freq": mx.float32,
+                "qoff": mx.int32, "qeps": mx.float32},
+        ndims={"q": 4, "keys": 4, "values": 4, "scale": 1, "params": 1, "kv_len": 1, "qw": 1, "inv_freq": 1,
+               "qoff": 1, "qeps": 1}),
+}
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 
@@ -43,14 +56,15 @@ def _cuobjdump() -> str:
 def build(name: str, template: dict, arch: str = "sm_90") -> bytes:
     """The cubin our CUDA path builds for body ``name`` with ``template`` (T=bfloat16 unless given)."""
     template = dict(template)
-    inputs = INPUTS[name]
+    spec = KERNELS[name]
+    inputs, outputs = spec["inputs"], spec["outputs"]
     head, src = dispatch.kernel_source(name, "cuda", ())
-    k = cuda_build.CudaKernel(dispatch.kernel_name(name), inputs, ["y", "hout"], src,
+    k = cuda_build.CudaKernel(dispatch.kernel_name(name), inputs, outputs, src,
                               dispatch.read_source("cuda_types.h") + head)
     T = DTYPES[template.pop("T", "bfloat16")]
-    dtypes = {"x": T, "w": mx.uint32 if name == "qmv" else T, "eps": mx.float32}
     tmpl = [("T", T)] + [(k_, int(v)) for k_, v in template.items()]
-    source = k.full_source([dtypes.get(n, T) for n in inputs], [3] + [2] * (len(inputs) - 1), [T, T], tmpl)
+    source = k.full_source([spec["dtypes"].get(n, T) for n in inputs], [spec["ndims"].get(n, 2) for n in inputs],
+                           [spec.get("out_dtype", T)] * len(outputs), tmpl)
     return nvrtc.compile_source(source, arch=arch)
 
 
@@ -70,7 +84,7 @@ def resources(cubin: bytes) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("name", choices=sorted(INPUTS))
+    ap.add_argument("name", choices=sorted(KERNELS))
     ap.add_argument("--template", nargs="*", default=[], help="NAME=VALUE ...")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--sass", action="store_true")

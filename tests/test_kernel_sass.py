@@ -39,3 +39,11 @@ def test_qmv_default_layouts_fit_registers(sass, bits, epi, K):
     res = sass.resources(sass.build("qmv", template))
     assert res["STACK"] == 0 and res["LOCAL"] == 0, res
     assert res["REG"] <= (64 if split > 1 else 80), res
+
+
+@pytest.mark.parametrize("D,RT", [(256, 8), (512, 4)])  # Gemma 4's sliding and global layers, one query
+def test_attention_partial_keeps_its_arrays_in_registers(sass, D, RT):
+    """Pass 1's q rows, value tile and sums stay in registers (its first form kept its sums in
+    local memory: a rolled loop over rows indexed them)."""
+    res = sass.resources(sass.build("attention_partial", dict(T="bfloat16", D=D, RT=RT, QNR=0)))
+    assert res["STACK"] == 0 and res["LOCAL"] == 0, res
