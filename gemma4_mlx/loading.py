@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import jit_warmup
 from .folder import CONFIG_FILE, checkpoint_file, tokenizer_files
 from .config import ConfigError, ModelArgs, parse_config
 from .errors import LoadError
@@ -161,6 +162,8 @@ def load_model(path: Union[str, Path], lazy: bool = False, revision: Optional[st
     # also validates every safetensors header
     check_memory(model_path, strict=strict_memory, available=group_memory(group))
     weights = model.sanitize(read_weights(weight_files(model_path)))
+    if group is None:  # (a process of a group: its device is set up by the launch, left alone)
+        jit_warmup.start(jit_warmup.weights_dtype(weights))  # MLX's JIT, while the weights are read
     if args.quantization:
         _quantize(model, args.quantization, weights, model_path / "config.json")
     check_weights(model, weights, model_path)
