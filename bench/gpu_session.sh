@@ -219,6 +219,23 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     python3 -c "import json; [print(m) for l in open('$OUT/cold.jsonl') for m in json.loads(l)['modules']]"
     export CONFIGS="stock,ours,ours -scale,ours slice write"
     ROUNDS=4 STEPS=15 timeout 150 python3 bench/ablate.py e2b "${Q:-0}" 2>&1 | tail -13 | tee "$OUT/ablate-scale.txt" ;;
+  attn)     # session 13: attention pass 1 in tiles of 32 keys (attention_partial.inc, unrun on a GPU when
+            # written): its CUDA parity (every attention test, the decode step, determinism), ~2 min
+    parity attn 300 tests/test_kernels.py tests/test_decode.py tests/test_determinism.py -k "attention or decode or determin" ;;
+  prefill)  # session 13: E2B's 32k prefill ran 0.77-0.90x stock (`long`): one kernel off at a time (bench/prefill_ablate.py), ~1.5 min
+    ROUNDS=3 timeout 240 python3 bench/prefill_ablate.py e2b 32768 2>&1 | tail -9 | tee "$OUT/prefill-32k.txt" ;;
+  warmup)   # session 13: MLX's JIT modules (token lookups, the cache write's scatter) built on a thread while
+            # load() reads the weights (gemma4_mlx/jit_warmup.py): ours' load + first token from the E2B
+            # checkpoint over empty kernel caches (a fresh machine), with the warm-up and without, alternated
+    [ -d /root/e2e/e2b-bfloat16-seed0 ] || python3 -c "
+from gemma4_mlx.checkpoint import write_random_checkpoint
+write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16', seed=0)" > /dev/null 2>&1
+    for w in 1 0 1 0; do
+      GEMMA4_MLX_JIT_WARMUP=$w MLX_PTX_CACHE_DIR=$(mktemp -d) GEMMA4_MLX_CACHE=$(mktemp -d) timeout 150 \
+        python3 bench/first_token.py ours /root/e2e/e2b-bfloat16-seed0 402 16 2>&1 | tail -1 | \
+        python3 -c "import json,sys; d=json.loads(sys.stdin.read()); d['warmup']=$w; print(json.dumps(d))" | \
+        tee -a "$OUT/warmup.jsonl" | cut -c1-260
+    done ;;
   elementwise)  # session 11's kernels against the MLX forms they replace (bench/kernels.py): the GeGLU at
             # decode and 512-token prefill shapes (the prefill's now runs ours on CUDA), the layer
             # close's (x + y) * s, the soft-cap; ~30 s

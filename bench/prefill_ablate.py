@@ -1,0 +1,62 @@
+"""Prefill ablations on one warm GPU: where ours' long prompts lose to stock (E2B at 32k: 0.77-0.90x
+in session 13's `long`, 0.97x in session 10), one kernel switched off at a time.
+
+Usage: python3 bench/prefill_ablate.py PRESET [PROMPT_TOKENS] (default e2b 32768); ROUNDS (3).
+Every configuration prefills the same prompt through mlx-lm's generate_step (chunks of 2,048, as
+`compare` does) up to its first token; the configurations take turns, ROUNDS rounds, one warm-up
+round first. Ours' configurations are one model with the kernel switches set in the environment
+between runs (the prefill is eager: each call reads them). Reported: each line's median time to
+the first token and its ratio to stock, from this run only.
+"""
+import os
+import statistics
+import sys
+
+import mlx.core as mx
+import numpy as np
+
+from gemma4_mlx.bench.measure import one_run
+from gemma4_mlx.bench.pair import build_pair
+from gemma4_mlx.bench.settings import BenchSettings
+from gemma4_mlx.kernels import dispatch
+
+preset = sys.argv[1] if len(sys.argv) > 1 else "e2b"
+P = int(sys.argv[2]) if len(sys.argv) > 2 else 32768
+R = int(os.environ.get("ROUNDS", 3))
+ours, stock, _ = build_pair(BenchSettings(preset=preset, dtype="bfloat16").resolve())
+prompt = mx.array(np.random.default_rng(0).integers(300, ours.args.vocab_size, P))
+default_off = dispatch.DEFAULT_DISABLED["cuda"]
+# name -> (model, GEMMA4_MLX_KERNELS_DISABLE or None for the default, kernels mode)
+CONFIGS = {
+    "stock": (stock, None, "auto"),
+    "ours": (ours, None, "auto"),
+    "ours -geglu": (ours, default_off + ",geglu", "auto"),
+    "ours -scale": (ours, default_off + ",scale", "auto"),
+    "ours -ple": (ours, default_off + ",ple_combine,ple_gate", "auto"),
+    "ours -rope": (ours, default_off + ",q_norm_rope,kv_norm_rope", "auto"),
+    "ours kernels off": (ours, None, "off"),
+}
+
+
+def run(name):
+    model, disable, mode = CONFIGS[name]
+    if disable is None:
+        os.environ.pop("GEMMA4_MLX_KERNELS_DISABLE", None)
+    else:
+        os.environ["GEMMA4_MLX_KERNELS_DISABLE"] = disable
+    with dispatch.kernels_mode(mode):
+        return one_run(model, prompt, 1)["ttft_s"]
+
+
+for name in CONFIGS:  # warm-up: kernel builds, self-checks, MLX's JIT
+    run(name)
+times = {name: [] for name in CONFIGS}
+for _ in range(R):
+    for name in CONFIGS:
+        times[name].append(run(name))
+base = statistics.median(times["stock"])
+print(f"{preset} prefill of {P} tokens (chunks of 2048), median of {R} rounds; ours/stock as time ratio (lower is better)")
+for name, ts in times.items():
+    med = statistics.median(ts)
+    print(f"  {name:18s} {med * 1e3:8.1f} ms  {med / base:5.3f}x stock time  {P / med:9.0f} tok/s  "
+          f"runs {[round(t * 1e3, 1) for t in ts]}")
