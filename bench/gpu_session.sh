@@ -221,7 +221,8 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     ROUNDS=4 STEPS=15 timeout 150 python3 bench/ablate.py e2b "${Q:-0}" 2>&1 | tail -13 | tee "$OUT/ablate-scale.txt" ;;
   attn)     # session 13: attention pass 1 in tiles of 32 keys (attention_partial.inc, unrun on a GPU when
             # written): its CUDA parity (every attention test, the decode step, determinism), ~2 min
-    parity attn 300 tests/test_kernels.py tests/test_decode.py tests/test_determinism.py -k "attention or decode or determin" ;;
+    parity attn 300 tests/test_kernels.py tests/test_decode.py tests/test_determinism.py -k "attention or decode or determin"
+    MLX_ENABLE_TF32=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_jit_warmup.py 2>&1 | tail -3 ;;
   prefill)  # session 13: E2B's 32k prefill ran 0.77-0.90x stock (`long`): one kernel off at a time (bench/prefill_ablate.py), ~1.5 min
     ROUNDS=3 timeout 240 python3 bench/prefill_ablate.py e2b 32768 2>&1 | tail -9 | tee "$OUT/prefill-32k.txt" ;;
   warmup)   # session 13: MLX's JIT modules (token lookups, the cache write's scatter) built on a thread while

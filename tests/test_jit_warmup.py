@@ -18,8 +18,9 @@ def fresh(monkeypatch):
     jit_warmup.wait()
 
 
-def test_nothing_starts_off_cuda(fresh):
-    assert not jit_warmup.enabled()  # the CPU backend here
+def test_nothing_starts_off_cuda(fresh, monkeypatch):
+    monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)
+    assert not jit_warmup.enabled()
     assert jit_warmup.start(mx.bfloat16) is None
     assert jit_warmup._started == {}
 
