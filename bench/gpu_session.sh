@@ -223,8 +223,11 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
             # written): its CUDA parity (every attention test, the decode step, determinism), ~2 min
     parity attn 300 tests/test_kernels.py tests/test_decode.py tests/test_determinism.py -k "attention or decode or determin"
     MLX_ENABLE_TF32=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_jit_warmup.py 2>&1 | tail -3 ;;
-  prefill)  # session 13: E2B's 32k prefill ran 0.77-0.90x stock (`long`): one kernel off at a time (bench/prefill_ablate.py), ~1.5 min
-    ROUNDS=3 timeout 240 python3 bench/prefill_ablate.py e2b 32768 2>&1 | tail -9 | tee "$OUT/prefill-32k.txt" ;;
+  prefill)  # session 13: E2B's prefill ran 0.77-0.90x stock at 32k (`long`), 0.79-0.99x at 4,096 (`warm`): one kernel
+            # off at a time, the prefill alone (bench/prefill_ablate.py), ~2 min; then `PREFILL=2048 TAG=prefill
+            # bash bench/gpu_session.sh profile` for each kernel's GPU time in a 4,096-token prompt's second chunk
+    ROUNDS=3 timeout 240 python3 bench/prefill_ablate.py e2b 32768 2>&1 | tail -9 | tee "$OUT/prefill-32k.txt"
+    ROUNDS=5 timeout 150 python3 bench/prefill_ablate.py e2b 4096 2>&1 | tail -9 | tee "$OUT/prefill-4096.txt" ;;
   warmup)   # session 13: MLX's JIT modules (token lookups, the cache write's scatter) built on a thread while
             # load() reads the weights (gemma4_mlx/jit_warmup.py): ours' load + first token from the E2B
             # checkpoint over empty kernel caches (a fresh machine), with the warm-up and without, alternated

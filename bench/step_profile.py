@@ -4,19 +4,22 @@ bench/ablate.py says how far the GPU lags; this says which kernels it spends tha
 Usage (on the GPU machine): ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
     --log-file P.csv python3 bench/step_profile.py PRESET BITS SIDE   (SIDE: ours or stock), then
     python3 bench/step_profile.py --read P.csv [the run's stdout: names our seeded kernels]
+With PREFILL=N the measured "step" is instead a prompt chunk of N tokens after N tokens already
+in a fresh cache (a 2N-token prompt's second chunk, as mlx-lm's generate_step runs it).
 Between measured steps the script launches a marker kernel (``step_marker``), so the reader can
 cut the profile into steps; it reports the median step's kernels grouped by name.
 """
 import collections
 import csv
 import ctypes
+import os
 import statistics
 import sys
 
 MARKER = "step_marker"
 
 
-def run(preset: str, bits: int, side: str, steps: int = 3) -> None:
+def run(preset: str, bits: int, side: str, steps: int = 3, prefill: int = 0) -> None:
     import mlx.core as mx
     import numpy as np
 
@@ -41,10 +44,26 @@ def run(preset: str, bits: int, side: str, steps: int = 3) -> None:
     # ncu --profile-from-start off profiles from here (the driver API: MLX may link the runtime statically)
     driver = ctypes.CDLL("libcuda.so.1")
     driver.cuProfilerStart()
-    for _ in range(steps):
-        mx.eval(model(tok, cache=cache))
-        mx.eval(marker(inputs=[one], output_shapes=[(1,)], output_dtypes=[mx.float32], grid=(1, 1, 1),
-                       threadgroup=(1, 1, 1))[0])
+    mark = lambda: mx.eval(marker(inputs=[one], output_shapes=[(1,)], output_dtypes=[mx.float32],  # noqa: E731
+                                  grid=(1, 1, 1), threadgroup=(1, 1, 1))[0])
+    if not prefill:
+        for _ in range(steps):
+            mx.eval(model(tok, cache=cache))
+            mark()
+    else:  # each "step" is one prompt chunk of `prefill` tokens after as many in a fresh cache
+        driver.cuProfilerStop()
+        rng = np.random.default_rng(1)
+        for i in range(steps + 1):  # the first: shapes met once (kernel checks, MLX's JIT), not profiled
+            cache = model.make_cache()
+            first, chunk = (mx.array(rng.integers(0, model.args.vocab_size, (1, prefill))) for _ in range(2))
+            model(first, cache=cache)
+            mx.eval([c.state for c in cache])
+            if i:
+                driver.cuProfilerStart()
+            model(chunk, cache=cache)
+            mx.eval([c.state for c in cache])  # as generate_step's prefill: the caches, not the logits
+            mark()
+            driver.cuProfilerStop()
     driver.cuProfilerStop()
     # our kernels run under their seeded symbols (gemma4_seed_<hash>): MLX's cache lists each one's name
     from gemma4_mlx.kernels.cuda_build import mlx_cache_dir
@@ -92,4 +111,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "--read":
         read(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "")
     else:
-        run(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+        run(sys.argv[1], int(sys.argv[2]), sys.argv[3], prefill=int(os.environ.get("PREFILL", 0)))
