@@ -6,24 +6,20 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 13): issue 14. One GPU is enough (nvidia-h200). Session 12 measured session 11's
-# final form (check, fresh, e2e, warm, presets: docs/benchmarks.md "GPU, session 12"), split the step
-# into host and GPU time (ours is now GPU-bound, stock host-bound) and profiled every kernel of a step
-# under ncu (`profile`). Two changes followed, unrun on a GPU (633175a): the step's cache write is a
-# scatter (MLX's DynamicSliceUpdate took 23 us a write: a thread per buffer element), and attention
-# pass 1 splits 32 keys, not 128 (E2B's sliding layers: 4 threadgroups, 40 us). In this order:
-#   1. `check` (~3.5 min): parity with both changes (attention with more splits, the scatter).
-#   2. `fresh` (~2.5 min): the scatter's MLX JIT on a fresh machine (module scatter_axis_*: 88 kernel
-#      variants, where compute_dynamic_offset's module took ~1 s; first token 5.9 s in session 12),
-#      and the step against stock.
-#   3. `split` (~3.5 min): the host/GPU split again; expected ours' wait ~0 and a step ~4.5 ms.
-#   4. `profile` (~2.5 min; kernels now named): the attention and the scatter's GPU time; then
-#      `GEMMA4_MLX_KERNELS_DISABLE=mv,ple_tail,attention_prefix_q SIDES=ours TAG=resnorm` (and Q=4):
-#      why `+resnorm` costs ~17 us of host per launch and, on 4-bit, GPU time (its qmv_residual
-#      forms recompute the norm in every threadgroup: a suspect).
-#   5. `warm` + `presets`, and `long` (32k: the cache write grew with the context).
-#   6. `loadprof` (~1 min with the e2e checkpoint, +2.5 min without): ours' load() is 0.4-0.9 s longer
-#      than stock's on the GPU, though 0.6 s shorter on the CPU (e2b-mini, session 12): cProfile of both.
+# Next visit (session 14): issue 14. One GPU is enough (nvidia-h200). Session 13 measured session 12's
+# scatter write (2.8 us a write, 1.87x decode at 32k) and 32-key splits, then redid attention pass 1
+# in tiles (15 us a call, was 29-40; ours' GPU time per E2B step 4.6 ms against stock's 5.5: ours is
+# host-bound again) and had load() warm MLX's JIT up on a thread (first token on a fresh machine
+# 7.5-8.5 s after load(), 14.9-17.0 without). Open: prefill below stock in several cells (E2B 4,096
+# and 32k, E4B; noisy machine). In this order:
+#   1. `prefill` (~2 min): the prefill alone, one kernel off at a time (bench/prefill_ablate.py; its
+#      session-13 form timed a decode-step trace too: void); then `PREFILL=2048 TAG=prefill bash
+#      bench/gpu_session.sh profile` (~2 min): each kernel's GPU time in a prompt chunk, both sides.
+#   2. `split` (~3.5 min): the host/GPU split with the new pass 1; `+resnorm` now that the GPU is not
+#      the bound (its launches: 547 against 721); then `GEMMA4_MLX_KERNELS_DISABLE=mv,ple_tail,
+#      attention_prefix_q SIDES=ours TAG=resnorm bash bench/gpu_session.sh profile` (and Q=4).
+#   3. `e2e` with NEW=128 RUNS=3 (~4 min): the README's fresh-process table on the final code.
+#   4. `presets` + `long` (~5 min): the other families and 32k with the new pass 1.
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
