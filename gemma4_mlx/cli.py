@@ -28,27 +28,19 @@ def _interrupted(report: bool = True) -> None:
 _TORCH_FREE_COMMANDS = ("generate", "chat", "serve")
 
 
-_start_interrupts = []  # SIGINTs that arrived while the command's modules were imported
-
-
-def _on_start_sigint(signum, frame):
-    _start_interrupts.append(signum)
-    raise KeyboardInterrupt
-
-
 def main(argv=None) -> None:
-    import signal
-    import threading
+    from .interrupts import recording_sigints
 
-    # While the modules import, a Ctrl-C is also recorded: an import that swallows the
-    # KeyboardInterrupt (a bare except or a finalizer in some dependency; CI once saw a `generate`
-    # run all 2,000 tokens after a SIGINT at 0.8 s and exit 0) must not cancel it.
-    # (Only Python's default handler is replaced, and only where one can be set: the main thread.)
-    default_handler = signal.getsignal(signal.SIGINT)
-    start_handler_set = (default_handler is signal.default_int_handler
-                         and threading.current_thread() is threading.main_thread())
-    if start_handler_set:
-        signal.signal(signal.SIGINT, _on_start_sigint)
+    # Every Ctrl-C during the command is also recorded (interrupts.py says why): one that a
+    # start-up import swallows still ends the command, and an error that follows one is reported
+    # as `interrupted` (in _run_command and commands.user_errors).
+    with recording_sigints():
+        _run_command(argv)
+
+
+def _run_command(argv) -> None:
+    from .interrupts import sigint_unhandled
+
     try:
         import importlib
 
@@ -67,10 +59,8 @@ def main(argv=None) -> None:
 
         for name in COMMAND_MODULES:
             importlib.import_module(f"gemma4_mlx.commands.{name}")
-        if start_handler_set:
-            signal.signal(signal.SIGINT, default_handler)  # commands handle Ctrl-C as they always did
-            if _start_interrupts:
-                raise KeyboardInterrupt
+        if sigint_unhandled():  # an import swallowed the KeyboardInterrupt
+            raise KeyboardInterrupt
         args = expand_multi_value_flags(list(sys.argv[1:] if argv is None else argv))
         try:
             app(args=args, prog_name="gemma4-mlx", standalone_mode=True)
@@ -80,6 +70,10 @@ def main(argv=None) -> None:
             # still end as -2 for the reason in _interrupted: seen once in CI)
             if e.code == 130:
                 _interrupted(report=not interrupt_reported())
+            raise
+        except Exception:
+            if sigint_unhandled():  # an error that escaped the commands' error policy, made of a Ctrl-C
+                _interrupted()
             raise
     except KeyboardInterrupt:
         _interrupted()

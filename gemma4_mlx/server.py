@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 from urllib.parse import urlsplit
 
+from .interrupts import sigint_handled
 from .server_api import (
     APIError,
     GenerationRequest,
@@ -743,6 +744,7 @@ def serve(config: ServerConfig, model: str, adapter_path: Optional[str] = None, 
     try:
         httpd.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
+        sigint_handled()  # a graceful stop: an error while stopping is reported as itself
         code = 130
     except _Terminate:
         code = 0

@@ -394,6 +394,78 @@ def test_ctrl_c_swallowed_by_an_import_still_ends_the_command(tiny_ckpt):  # noq
     assert r.stderr.decode().strip().splitlines()[-1] == "interrupted" and b"Traceback" not in r.stderr
 
 
+# transformers' lazy modules turn a KeyboardInterrupt in an import into "Could not import module
+# ...": here mlx-lm's tokenizer loading meets a real SIGINT and does the same.
+_SIGINT_BECOMES_AN_ERROR = """
+import os, signal, sys, time
+import mlx_lm.utils
+def load_tokenizer(*args, **kwargs):
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    except KeyboardInterrupt:
+        raise ImportError("Could not import module 'GemmaTokenizer'") from None
+    raise AssertionError("the SIGINT never came")
+mlx_lm.utils.load_tokenizer = load_tokenizer
+from gemma4_mlx.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_an_error_made_of_a_ctrl_c_is_interrupted_exit_130(tiny_ckpt):  # noqa: F811
+    """A SIGINT that a dependency turns into an error is still a Ctrl-C: `interrupted` and 130,
+    not `error: ...: tokenizer could not be loaded (...)` and 1 (a CI flake of the test above)."""
+    r = subprocess.run([sys.executable, "-c", _SIGINT_BECOMES_AN_ERROR, "generate", "--model", str(tiny_ckpt),
+                        "-p", "hi", "-m", "5", "--ignore-chat-template"], capture_output=True, timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 130, err[-500:]
+    assert err.strip().splitlines()[-1] == "interrupted" and "error:" not in err and "Traceback" not in err, err
+
+
+# chat stops its first reply with a real SIGINT, then reading the next line fails.
+_CHAT_STOPS_A_REPLY_THEN_FAILS = """
+import os, signal, sys, time
+from gemma4_mlx.commands import chat
+lines = iter(["hi"])
+def read_line(prompt):
+    line = next(lines, None)
+    if line is None:
+        raise OSError("the terminal went away")
+    return line
+def write_piece(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+    raise AssertionError("the SIGINT never came")
+chat.read_line, chat.write_piece = read_line, write_piece
+from gemma4_mlx.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_chat_error_after_a_stopped_reply_is_that_error(tiny_ckpt):  # noqa: F811
+    """chat handles the Ctrl-C that stops a reply and goes on: a later error is reported as itself."""
+    r = subprocess.run([sys.executable, "-c", _CHAT_STOPS_A_REPLY_THEN_FAILS, "chat", "--model", str(tiny_ckpt),
+                        "-m", "5"], capture_output=True, timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 1, err[-500:]
+    assert "(reply stopped)" in err and err.strip().splitlines()[-1] == "error: the terminal went away", err
+    assert "interrupted" not in err and "Traceback" not in err, err
+
+
+def test_main_leaves_the_sigint_handler_as_it_found_it():
+    """cli.main records Ctrl-C only while the command runs: a program that calls it gets Python's
+    handler back, and the typer app run directly records nothing."""
+    from gemma4_mlx import cli, interrupts
+
+    before = signal.getsignal(signal.SIGINT)
+    assert before is signal.default_int_handler
+    with pytest.raises(SystemExit) as e:
+        cli.main(["info", "--help"])
+    assert e.value.code == 0
+    assert signal.getsignal(signal.SIGINT) is before and not interrupts.sigint_unhandled()
+    assert run(["info", "--help"]).exit_code == 0 and signal.getsignal(signal.SIGINT) is before
+
+
 # -- issue 12: --adapter-path -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def adapter(tiny_ckpt, tmp_path_factory):  # noqa: F811

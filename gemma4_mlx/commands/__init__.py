@@ -13,6 +13,8 @@ import sys
 
 import typer
 
+from ..interrupts import sigint_unhandled
+
 # Modules imported by gemma4_mlx.cli; each adds its commands to ``app``.
 COMMAND_MODULES = ("generate", "chat", "serve", "checkpoint", "info", "compare", "validate", "mlx_lm")
 
@@ -41,9 +43,17 @@ def interrupt_reported() -> bool:
     return _debug.get("interrupted", False)
 
 
+def _interrupted() -> typer.Exit:
+    """Say ``interrupted``; returns the exit (130) for the caller to raise."""
+    print("interrupted", file=sys.stderr)
+    _debug["interrupted"] = True
+    return typer.Exit(130)
+
+
 @contextlib.contextmanager
 def user_errors():
-    """Turn expected failures into ``error: <one line>`` and exit code 1 (2 for bad usage)."""
+    """Turn expected failures into ``error: <one line>`` and exit code 1 (2 for bad usage); Ctrl-C,
+    and an error that follows a Ctrl-C no code handled, into ``interrupted`` and exit code 130."""
     from ..config import ConfigError
     from ..loading import LoadError
 
@@ -52,11 +62,11 @@ def user_errors():
     except typer.Exit:
         raise
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        _debug["interrupted"] = True
-        raise typer.Exit(130)
+        raise _interrupted()
     except (ConfigError, LoadError, ValueError, FileNotFoundError, FileExistsError, PermissionError, OSError,
             KeyError, RuntimeError) as e:
+        if sigint_unhandled():  # a dependency turned the Ctrl-C into this error (interrupts.py)
+            raise _interrupted()
         if debug_enabled():
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from ..interrupts import sigint_handled
 from . import app, user_errors
 from .generate import (
     ADAPTER_OPT, DRAFT_OPT, EXTRA_EOS_OPT, KV_BITS_OPT, KV_GROUP_OPT, KV_START_OPT,
@@ -48,6 +49,7 @@ def stream_reply(replies, show_thinking: bool, stats: bool) -> list:
             calls.extend(r.tool_calls)
             last = r
     except KeyboardInterrupt:
+        sigint_handled()  # the chat goes on: a later error is that error, not this Ctrl-C
         replies.close()
         print("\n(reply stopped)", file=sys.stderr)
         calls = []
@@ -136,7 +138,8 @@ def chat(
         while True:
             try:
                 line = read_line(">> ")
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # ends the chat as end of input does (exit 0)
+                sigint_handled()
                 sys.stdout.write("\n")
                 break
             if line is None:  # EOF
@@ -174,7 +177,8 @@ def run_tool_rounds(session, calls, show_thinking: bool, stats: bool) -> bool:
             print(format_tool_call(call))
             try:
                 line = read_line(f"result of {call.name}>> ")
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # ends the chat as end of input does (exit 0)
+                sigint_handled()
                 sys.stdout.write("\n")
                 return False
             if line is None or line.strip() in ("/exit", "/quit"):
