@@ -4,11 +4,15 @@ Python's default handler turns SIGINT into a KeyboardInterrupt, and a dependency
 (an import with a bare except: CI once saw ``generate`` run all 2,000 tokens after a SIGINT at
 0.8 s and exit 0) or turn it into another error (transformers' lazy modules make an interrupted
 import "Could not import module ...", which the loader reports as "tokenizer could not be
-loaded", exit 1). So, while :func:`recording_sigints` is in effect, a SIGINT is also written
-down: ``cli.main`` ends the command if one was swallowed while its modules imported, and the
-error policy (``commands.user_errors``, ``cli.main``) reports an error that follows one as
-``interrupted`` (exit 130). Code that handles a Ctrl-C itself and goes on calls
-:func:`sigint_handled`. (A Ctrl-C swallowed later with no error after it is still lost.)
+loaded", exit 1), or raise it in a finalizer, where Python prints "Exception ignored in ..."
+and a traceback and goes on (the ``regex`` package's ``__del__``, during ``load()``). So, while
+:func:`recording_sigints` is in effect, a SIGINT is also written down, and a KeyboardInterrupt
+that reaches Python's unraisable hook is not printed (it is that Ctrl-C: recorded already).
+``cli.main`` ends the command if one was swallowed while its modules imported; the commands
+check after loading a model (``raise_if_interrupted``) and when their body ends
+(``commands.user_errors``); the error policy (``commands.user_errors``, ``cli.main``) reports an
+error that follows one as ``interrupted`` (exit 130). Code that handles a Ctrl-C itself and goes
+on calls :func:`sigint_handled`.
 
 Only ``cli.main`` records: a program that runs the typer app or the Python API keeps its own
 SIGINT handling. Nothing heavy is imported here (not even typing): the recording starts before
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 
 _unhandled = {"sigint": False}
@@ -39,17 +44,32 @@ def recording_sigints():
         yield
         return
     _unhandled["sigint"] = False
+    previous_hook = sys.unraisablehook
+
+    def unraisable(info):
+        if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
+            return  # our handler's KeyboardInterrupt, raised in a finalizer: recorded, not printed
+        previous_hook(info)
+
     signal.signal(signal.SIGINT, _record_sigint)
+    sys.unraisablehook = unraisable
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
         _unhandled["sigint"] = False  # a program that runs the CLI twice starts clean
 
 
 def sigint_unhandled() -> bool:
     """Whether a SIGINT arrived that no code has handled: an error now is that Ctrl-C's doing."""
     return _unhandled["sigint"]
+
+
+def raise_if_interrupted() -> None:
+    """KeyboardInterrupt if a SIGINT arrived that no code handled (a dependency swallowed it)."""
+    if _unhandled["sigint"]:
+        raise KeyboardInterrupt
 
 
 def sigint_handled() -> None:

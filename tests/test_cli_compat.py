@@ -422,6 +422,48 @@ def test_an_error_made_of_a_ctrl_c_is_interrupted_exit_130(tiny_ckpt):  # noqa: 
     assert err.strip().splitlines()[-1] == "interrupted" and "error:" not in err and "Traceback" not in err, err
 
 
+# A real SIGINT during loading that the loading swallows: raised in a finalizer (Python prints
+# "Exception ignored in ..." and goes on; the regex package's __del__ in transformers' imports) or
+# eaten by a bare except. Either way no error follows it.
+_SIGINT_SWALLOWED_IN_LOAD = """
+import gc, os, signal, sys, time
+import mlx_lm.utils
+real = mlx_lm.utils.load_tokenizer
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+def load_tokenizer(*args, **kwargs):
+    if sys.argv[1] == "finalizer":
+        Finalized()
+        gc.collect()
+    else:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except:  # noqa: E722
+            pass
+    return real(*args, **kwargs)
+mlx_lm.utils.load_tokenizer = load_tokenizer
+from gemma4_mlx.cli import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("where", ["finalizer", "bare except"])
+def test_ctrl_c_swallowed_while_loading_ends_the_command(tiny_ckpt, where):  # noqa: F811
+    """A SIGINT that the loading swallows is still a Ctrl-C, before any token: `interrupted`, 130,
+    no traceback (CI: a SIGINT at 0.8 s ran all 2,000 tokens and exited 0)."""
+    r = subprocess.run([sys.executable, "-c", _SIGINT_SWALLOWED_IN_LOAD, where, "generate", "--model",
+                        str(tiny_ckpt), "-p", "hi", "-m", "2000", "--ignore-chat-template"], capture_output=True,
+                       timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 130, err[-500:]
+    assert err.strip().splitlines()[-1] == "interrupted", err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert r.stdout.strip() == b"", r.stdout[-300:]  # no generation
+
+
 # chat stops its first reply with a real SIGINT, then reading the next line fails.
 _CHAT_STOPS_A_REPLY_THEN_FAILS = """
 import os, signal, sys, time

@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from ..interrupts import sigint_unhandled
+from ..interrupts import raise_if_interrupted, sigint_unhandled
 
 # Modules imported by gemma4_mlx.cli; each adds its commands to ``app``.
 COMMAND_MODULES = ("generate", "chat", "serve", "checkpoint", "info", "compare", "validate", "mlx_lm")
@@ -59,6 +59,7 @@ def user_errors():
 
     try:
         yield
+        raise_if_interrupted()  # a Ctrl-C that a dependency swallowed on the way is still one
     except typer.Exit:
         raise
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import typer
 
+from ..interrupts import raise_if_interrupted
 from . import app, user_errors
 
 MODEL_HELP = "Checkpoint folder or Hugging Face repo id (owner/name)."
@@ -220,6 +221,7 @@ def load_for_cli(model: str, adapter_path: Optional[str] = None, strict_memory: 
     from ..generation import add_end_tokens, load_with_adapters
 
     m, tok = load_with_adapters(model, adapter_path, strict_memory=strict_memory)
+    raise_if_interrupted()  # a Ctrl-C that the loading's imports swallowed: not a whole generation later
     if extra_eos_tokens:
         add_end_tokens(tok, extra_eos_tokens)
     return m, tok
