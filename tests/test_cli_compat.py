@@ -464,6 +464,29 @@ def test_ctrl_c_swallowed_while_loading_ends_the_command(tiny_ckpt, where):  # n
     assert r.stdout.strip() == b"", r.stdout[-300:]  # no generation
 
 
+# mlx-lm's own command meets a real SIGINT, handles it (as its server does) and returns.
+_MLX_LM_HANDLES_ITS_CTRL_C = """
+import os, signal, sys, time
+import gemma4_mlx.mlx_lm_shim as shim
+def run(args):
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    except KeyboardInterrupt:
+        print("server stopped")
+shim.run = run
+from gemma4_mlx.cli import main
+main(["mlx-lm", "server"])
+"""
+
+
+def test_a_ctrl_c_that_mlx_lms_command_handles_is_its_own():
+    """`gemma4-mlx mlx-lm server` exits as mlx-lm's command does after it handled a Ctrl-C (0)."""
+    r = subprocess.run([sys.executable, "-c", _MLX_LM_HANDLES_ITS_CTRL_C], capture_output=True, timeout=120)
+    assert r.returncode == 0 and b"server stopped" in r.stdout, r.stderr.decode()[-500:]
+    assert b"interrupted" not in r.stderr, r.stderr
+
+
 # chat stops its first reply with a real SIGINT, then reading the next line fails.
 _CHAT_STOPS_A_REPLY_THEN_FAILS = """
 import os, signal, sys, time

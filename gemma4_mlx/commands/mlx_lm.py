@@ -7,6 +7,7 @@ from typing import List
 
 import typer
 
+from ..interrupts import sigint_handled
 from . import app, user_errors
 
 
@@ -32,3 +33,4 @@ def mlx_lm_command(ctx: typer.Context) -> None:
             print(f"error: expected an mlx-lm command first, got {args[0]!r}", file=sys.stderr)
             raise typer.Exit(2)
         run(args)
+        sigint_handled()  # a Ctrl-C that mlx-lm's command handled and returned from (its server): its exit, not ours
