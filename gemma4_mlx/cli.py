@@ -10,6 +10,12 @@ import sys
 
 
 def _interrupted(report: bool = True) -> None:
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while leaving: no traceback
+    except ValueError:  # not the main thread: nothing to set there
+        pass
     if report:
         print("interrupted", file=sys.stderr)
     for stream in (sys.stdout, sys.stderr):

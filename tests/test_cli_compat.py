@@ -354,14 +354,24 @@ def test_thinking_is_off_by_default_even_when_the_template_defaults_it_on(tiny_c
 
 # -- issue 13: Ctrl-C while the command starts -------------------------------------------------------------
 def test_ctrl_c_during_start_is_interrupted_exit_130(tiny_ckpt):  # noqa: F811
-    """SIGINT while Python imports typer, MLX and mlx-lm or loads the model: one line, 130."""
+    """SIGINT while Python imports typer, MLX and mlx-lm or loads the model: one line, 130.
+
+    A Ctrl-C can be lost outright: MLX's CPU backend asks `system("g++ --version")` once per
+    process before its first compiled kernel, and glibc's system() ignores SIGINT in the caller
+    while the child runs (~7 ms, seen with strace). A SIGINT there never reaches Python (about one
+    run in a hundred here, at 0.8 s: the command ran all 2,000 tokens and exited 0). A user
+    presses Ctrl-C again; so does this test, once, if the command is still running 3 s later."""
     for delay in (0.3, 0.8, 1.5):
         proc = subprocess.Popen([sys.executable, "-m", "gemma4_mlx.cli", "generate", "--model", str(tiny_ckpt),
                                  "-p", "hi", "-m", "2000", "--ignore-chat-template"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        try:
+            out, err = proc.communicate(timeout=3)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=120)
         assert proc.returncode == 130, (delay, err.decode()[-500:])
         assert err.decode().strip().splitlines()[-1] == "interrupted" and b"Traceback" not in err, (delay, err)
 
