@@ -12,7 +12,9 @@ that reaches Python's unraisable hook is not printed (it is that Ctrl-C: recorde
 check after loading a model (``raise_if_interrupted``) and when their body ends
 (``commands.user_errors``); the error policy (``commands.user_errors``, ``cli.main``) reports an
 error that follows one as ``interrupted`` (exit 130). Code that handles a Ctrl-C itself and goes
-on calls :func:`sigint_handled`.
+on calls :func:`sigint_handled`. A SIGINT that comes while a native library has it ignored never
+reaches Python and cannot be recorded: glibc's ``system()`` ignores it in the caller while the
+child runs, and MLX's CPU backend calls ``system("g++ --version")`` once per process (~7 ms).
 
 Only ``cli.main`` records: a program that runs the typer app or the Python API keeps its own
 SIGINT handling. Nothing heavy is imported here (not even typing): the recording starts before
