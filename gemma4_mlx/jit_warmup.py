@@ -22,6 +22,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from . import cuda_context
+
 ENV_VAR = "GEMMA4_MLX_JIT_WARMUP"
 
 _lock = threading.Lock()
@@ -37,6 +39,7 @@ def enabled() -> bool:
 
 def _build(dtype: mx.Dtype) -> None:
     try:
+        cuda_context.ensure_current()  # host-made arrays below, in a new thread: see cuda_context
         table = mx.zeros((4, 8), dtype=dtype)
         ring = mx.zeros((1, 1, 4, 8), dtype=dtype)
         slot = mx.zeros((1, 1, 1, 8), dtype=mx.int32)

@@ -39,12 +39,16 @@ def test_one_thread_per_dtype_and_it_finishes(fresh, monkeypatch):
     real = jit_warmup._build
     monkeypatch.setattr(jit_warmup, "_build", lambda dt: (built.append((dt, threading.current_thread().name)),
                                                           real(dt)))
+    current = []
+    monkeypatch.setattr(jit_warmup.cuda_context, "ensure_current",
+                        lambda: current.append(threading.current_thread().name))
     first = jit_warmup.start(mx.float32)
     assert first is not None and jit_warmup.start(mx.float32) is first
     assert jit_warmup.start(mx.int32) is None  # no floating dtype, nothing to build
     jit_warmup.wait()
     assert not first.is_alive() and not first.daemon
     assert built == [(mx.float32, "gemma4-jit-warmup")]
+    assert current == ["gemma4-jit-warmup"]  # its device made current in its own thread first
 
 
 def test_weights_dtype_is_the_one_most_weights_are_in():
