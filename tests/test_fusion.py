@@ -135,11 +135,36 @@ def test_loading_joins_the_projections_without_a_second_copy(tmp_path, monkeypat
     mx.clear_cache()
     start = mx.get_active_memory()
     mx.reset_peak_memory()
+    from gemma4_mlx import decode
+
+    evaluations = []
+    real = decode._evaluate
+    monkeypatch.setattr(decode, "_evaluate", lambda group: (evaluations.append(len(group)), real(group)))
     model = load_model(path)
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     joined = sum(f.joint.weight.nbytes for _, f in _fused_modules(model))
     assert joined > 0.5 * weights  # q/k/v and gate/up are most of the model
     assert mx.get_peak_memory() - start < weights + 0.25 * joined, (mx.get_peak_memory() - start, weights, joined)
+    # every joint evaluated once, in groups of about an eighth of the joined bytes (this small
+    # model's 8 joints: one each; E2B's 70: 8 or 9 groups)
+    assert sum(evaluations) == len(_fused_modules(model)) and len(evaluations) <= decode.JOIN_GROUPS + 1
+
+
+def test_joints_are_evaluated_a_group_at_a_time(tmp_path, monkeypatch):
+    """Not one evaluation per module (each a round trip to the files at load): groups by bytes."""
+    from gemma4_mlx import decode, load_model
+    from gemma4_mlx.checkpoint import write_random_checkpoint
+
+    path = write_random_checkpoint("tiny-31b", tmp_path / "m", dtype="float32", seed=1)
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    monkeypatch.setattr(decode, "JOIN_GROUPS", 2)
+    evaluations = []
+    real = decode._evaluate
+    monkeypatch.setattr(decode, "_evaluate", lambda group: (evaluations.append(len(group)), real(group)))
+    model = load_model(path)
+    assert sum(evaluations) == len(_fused_modules(model)) == 8 and len(evaluations) <= 3, evaluations
+    for _, joined in _fused_modules(model):
+        assert joined.holds()  # every member a view of its evaluated joint
 
 
 def test_quantized_joins_keep_mlx_cuda_matvec(monkeypatch, qmv_size_rule):
