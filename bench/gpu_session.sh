@@ -20,6 +20,8 @@
 #      attention_prefix_q SIDES=ours TAG=resnorm bash bench/gpu_session.sh profile` (and Q=4).
 #   3. `e2e` with NEW=128 RUNS=3 (~4 min): the README's fresh-process table on the final code.
 #   4. `presets` + `long` (~5 min): the other families and 32k with the new pass 1.
+#   5. `loadprof` (~1 min with the e2e checkpoint): the joins now evaluate in ~8 groups (31fcf8e), not
+#      70 modules one at a time (1.64 s of ours' load() in session 13).
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
