@@ -136,6 +136,12 @@ def test_attention_splits_of_several_tiles(emulated, monkeypatch, D, H, Hkv, Lq,
         kv_len = mx.array([233], dtype=mx.int32)
         _close(ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len),
                ATT.attention_prefix_reference(q, kbuf, vbuf, kv_len), f"attention_prefix D {D}", atol=1e-5)
+        if D % 64 == 0:  # pass 1 with the q norm and RoPE in its prologue (attention_prefix_q)
+            raw = _rnd((1, Lq, H, D), 24, 3.0)
+            w, inv_freq = 1 + _rnd((D,), 25, 0.5), 1.0 / (10000.0 ** (mx.arange(0, D, 2, dtype=mx.float32) / D))
+            args = (raw, w, inv_freq, mx.array([233 - Lq], dtype=mx.int32), 1e-6, kbuf, vbuf, kv_len)
+            _close(ATT._attention_prefix_q_kernel(*args), ATT.attention_prefix_q_reference(*args),
+                   f"attention_prefix_q D {D}", atol=1e-4)
 
 
 def test_every_other_kernel_on_the_emulator():
