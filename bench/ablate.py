@@ -71,6 +71,8 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=["mv", "residual_n
            ("ours +ple_tail", off(on=["ple_tail"])),
            ("ours +attn_q", off(on=["attention_prefix_q"])),
            ("ours +resnorm", off(on=["residual_norm"])),
+           # the fused norm alone, not its 4-bit matvec forms (which recompute the norm per block)
+           ("ours +resnorm -qmvres", off("qmv_residual", on=["residual_norm"])),
            ("ours -attn", off("attention_prefix", "attention")),
            ("ours -rope", off("q_norm_rope", "kv_norm_rope")),
            ("ours -ple", off("ple_combine", "ple_gate")),

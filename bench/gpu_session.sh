@@ -186,7 +186,7 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     which nsys ncu 2>&1 | head -2; ls /usr/local/cuda/bin 2>/dev/null | tr '\n' ' ' | cut -c1-400; echo
     export CONFIGS="stock,ours,ours slice write,ours +resnorm,ours +mv,ours kernels off,ours no compile"
     ROUNDS=4 STEPS=15 timeout 240 python3 bench/ablate.py e2b 0 2>&1 | tail -19 | tee "$OUT/split-e2b-q0.txt"
-    export CONFIGS="stock,ours,ours slice write,ours +resnorm,ours kernels off"
+    export CONFIGS="stock,ours,ours slice write,ours +resnorm,ours +resnorm -qmvres,ours kernels off"
     ROUNDS=4 STEPS=15 timeout 200 python3 bench/ablate.py e4b 4 2>&1 | tail -15 | tee "$OUT/split-e4b-q4.txt" ;;
   profile)  # session 12: each kernel's GPU time in one step (bench/step_profile.py under ncu), ours then stock;
             # PRESET (default e2b), Q=4 for 4-bit, TAG names the files (e.g. a run with GEMMA4_MLX_KERNELS_DISABLE set)
