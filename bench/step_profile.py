@@ -30,41 +30,54 @@ def run(preset: str, bits: int, side: str, steps: int = 3, prefill: int = 0) -> 
     model = ours if side == "ours" else stock
     marker = mx.fast.cuda_kernel(name=MARKER, input_names=["x"], output_names=["y"],
                                  source="y[0] = x[0];")
-    cache = model.make_cache()
-    if side == "ours":
-        from gemma4_mlx.decode import reserve
-
-        reserve(cache, 64, 16)
-    prompt = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, (1, 64)))
-    mx.eval(model(prompt, cache=cache))
-    tok, one = mx.array([[11]]), mx.ones((1,))
-    for _ in range(3):  # trace, kernel checks, warm-up: not profiled
-        mx.eval(model(tok, cache=cache))
+    one = mx.ones((1,))
     mx.eval(one)
-    # ncu --profile-from-start off profiles from here (the driver API: MLX may link the runtime statically)
+    # ncu --profile-from-start off profiles between these (the driver API: MLX may link the runtime statically)
     driver = ctypes.CDLL("libcuda.so.1")
-    driver.cuProfilerStart()
-    mark = lambda: mx.eval(marker(inputs=[one], output_shapes=[(1,)], output_dtypes=[mx.float32],  # noqa: E731
-                                  grid=(1, 1, 1), threadgroup=(1, 1, 1))[0])
-    if not prefill:
-        for _ in range(steps):
-            mx.eval(model(tok, cache=cache))
-            mark()
-    else:  # each "step" is one prompt chunk of `prefill` tokens after as many in a fresh cache
+
+    def measured(work):
+        driver.cuProfilerStart()
+        work()
+        mx.eval(marker(inputs=[one], output_shapes=[(1,)], output_dtypes=[mx.float32], grid=(1, 1, 1),
+                       threadgroup=(1, 1, 1))[0])
         driver.cuProfilerStop()
-        rng = np.random.default_rng(1)
-        for i in range(steps + 1):  # the first: shapes met once (kernel checks, MLX's JIT), not profiled
-            cache = model.make_cache()
-            first, chunk = (mx.array(rng.integers(0, model.args.vocab_size, (1, prefill))) for _ in range(2))
-            model(first, cache=cache)
-            mx.eval([c.state for c in cache])
-            if i:
-                driver.cuProfilerStart()
+
+    if not prefill:
+        cache = model.make_cache()
+        if side == "ours":
+            from gemma4_mlx.decode import reserve
+
+            reserve(cache, 64, 16)
+        prompt = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, (1, 64)))
+        mx.eval(model(prompt, cache=cache))
+        tok = mx.array([[11]])
+        for _ in range(3):  # trace, kernel checks, warm-up: not profiled
+            mx.eval(model(tok, cache=cache))
+        for _ in range(steps):
+            measured(lambda: mx.eval(model(tok, cache=cache)))
+        _print_seeded()
+        return
+    # each "step" is one prompt chunk of `prefill` tokens after as many in a fresh cache; evaluated as
+    # generate_step's prefill evaluates it (the caches, not the logits)
+    rng = np.random.default_rng(1)
+    for i in range(steps + 1):  # the first: shapes met once (kernel checks, MLX's JIT), not profiled
+        cache = model.make_cache()
+        first, chunk = (mx.array(rng.integers(0, model.args.vocab_size, (1, prefill))) for _ in range(2))
+        model(first, cache=cache)
+        mx.eval([c.state for c in cache])
+
+        def chunk_step():
             model(chunk, cache=cache)
-            mx.eval([c.state for c in cache])  # as generate_step's prefill: the caches, not the logits
-            mark()
-            driver.cuProfilerStop()
-    driver.cuProfilerStop()
+            mx.eval([c.state for c in cache])
+
+        if i:
+            measured(chunk_step)
+        else:
+            chunk_step()
+    _print_seeded()
+
+
+def _print_seeded() -> None:
     # our kernels run under their seeded symbols (gemma4_seed_<hash>): MLX's cache lists each one's name
     from gemma4_mlx.kernels.cuda_build import mlx_cache_dir
 
