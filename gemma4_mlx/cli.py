@@ -45,7 +45,7 @@ def main(argv=None) -> None:
 
 
 def _run_command(argv) -> None:
-    from .interrupts import sigint_unhandled
+    from .interrupts import raise_if_interrupted, sigint_unhandled
 
     try:
         import importlib
@@ -65,8 +65,7 @@ def _run_command(argv) -> None:
 
         for name in COMMAND_MODULES:
             importlib.import_module(f"gemma4_mlx.commands.{name}")
-        if sigint_unhandled():  # an import swallowed the KeyboardInterrupt
-            raise KeyboardInterrupt
+        raise_if_interrupted()  # an import swallowed the KeyboardInterrupt
         args = expand_multi_value_flags(list(sys.argv[1:] if argv is None else argv))
         try:
             app(args=args, prog_name="gemma4-mlx", standalone_mode=True)

@@ -33,8 +33,9 @@ _started: dict = {}  # dtype -> thread
 def enabled() -> bool:
     if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "off", "false", "no"):
         return False
-    cuda = getattr(mx, "cuda", None)
-    return mx.default_device() == mx.gpu and cuda is not None and cuda.is_available()
+    from .kernels.dispatch import active_backend
+
+    return active_backend() == "cuda"
 
 
 def _build(dtype: mx.Dtype) -> None:

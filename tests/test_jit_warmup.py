@@ -8,6 +8,7 @@ import mlx.core as mx
 import pytest
 
 from gemma4_mlx import jit_warmup
+from gemma4_mlx.kernels import dispatch
 from test_generate import tiny_ckpt  # noqa: F401  (fixture)
 
 
@@ -18,19 +19,19 @@ def fresh(monkeypatch):
     jit_warmup.wait()
 
 
-def test_nothing_starts_off_cuda(fresh, monkeypatch):
-    monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)
-    assert not jit_warmup.enabled()
-    assert jit_warmup.start(mx.bfloat16) is None
+def test_nothing_starts_off_cuda(fresh):
+    for backend in ("none", "metal"):
+        with dispatch.force_backend(backend):
+            assert not jit_warmup.enabled()
+            assert jit_warmup.start(mx.bfloat16) is None
     assert jit_warmup._started == {}
 
 
 def test_the_switch_turns_it_off(fresh, monkeypatch):
-    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
-    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
-    assert jit_warmup.enabled()
-    monkeypatch.setenv(jit_warmup.ENV_VAR, "0")
-    assert not jit_warmup.enabled()
+    with dispatch.force_backend("cuda"):
+        assert jit_warmup.enabled()
+        monkeypatch.setenv(jit_warmup.ENV_VAR, "0")
+        assert not jit_warmup.enabled()
 
 
 def test_one_thread_per_dtype_and_it_finishes(fresh, monkeypatch):
