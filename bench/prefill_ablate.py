@@ -29,8 +29,9 @@ from gemma4_mlx.kernels import dispatch
 preset = sys.argv[1] if len(sys.argv) > 1 else "e2b"
 P = int(sys.argv[2]) if len(sys.argv) > 2 else 32768
 R = int(os.environ.get("ROUNDS", 3))
-STEP = 2048  # mlx-lm's prefill_step_size
-ours, stock, _ = build_pair(BenchSettings(preset=preset, dtype="bfloat16").resolve())
+settings = BenchSettings(preset=preset, dtype="bfloat16").resolve()
+STEP = settings.prefill_step_size  # the harness's (mlx-lm's generate_step default)
+ours, stock, _ = build_pair(settings)
 prompt = mx.array(np.random.default_rng(0).integers(300, ours.args.vocab_size, P))
 default_off = dispatch.DEFAULT_DISABLED["cuda"]
 # name -> (model, GEMMA4_MLX_KERNELS_DISABLE or None for the default, kernels mode)
