@@ -221,6 +221,13 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
             # written): its CUDA parity (every attention test, the decode step, determinism), ~2 min
     parity attn 300 tests/test_kernels.py tests/test_decode.py tests/test_determinism.py -k "attention or decode or determin"
     MLX_ENABLE_TF32=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_jit_warmup.py 2>&1 | tail -3 ;;
+  prefillhost)  # session 14: the prefill's GPU time per chunk is stock's (21.0 against 21.6 ms) but its wall time
+            # 1.24-1.34x: the graph build (Python) against the evaluation per chunk, each side, and a cProfile (~2 min)
+    ROUNDS=5 timeout 200 python3 bench/prefill_host.py e2b 4096 2>&1 | tee "$OUT/prefillhost-4096.txt" | head -70
+    ROUNDS=2 timeout 200 python3 bench/prefill_host.py e2b 32768 2>&1 | tee "$OUT/prefillhost-32k.txt" | head -4 ;;
+  eager)    # session 14: the host cost of one eager call of each op the prefill runs, ours' kernel path against
+            # MLX's form (bench/eager_calls.py, ~20 s)
+    timeout 120 python3 bench/eager_calls.py 2048 2>&1 | tee "$OUT/eager-2048.txt" | head -60 ;;
   prefill)  # session 13: E2B's prefill ran 0.77-0.90x stock at 32k (`long`), 0.79-0.99x at 4,096 (`warm`): one kernel
             # off at a time, the prefill alone (bench/prefill_ablate.py), ~2 min; then `PREFILL=2048 TAG=prefill
             # bash bench/gpu_session.sh profile` for each kernel's GPU time in a 4,096-token prompt's second chunk

@@ -34,10 +34,11 @@ STEP = settings.prefill_step_size  # the harness's (mlx-lm's generate_step defau
 ours, stock, _ = build_pair(settings)
 prompt = mx.array(np.random.default_rng(0).integers(300, ours.args.vocab_size, P))
 default_off = dispatch.DEFAULT_DISABLED["cuda"]
-# name -> (model, GEMMA4_MLX_KERNELS_DISABLE or None for the default, kernels mode)
+# name -> (model, GEMMA4_MLX_KERNELS_DISABLE or None for the default, kernels mode[, other switches])
 CONFIGS = {
     "stock": (stock, None, "auto"),
     "ours": (ours, None, "auto"),
+    "ours no overlap": (ours, None, "auto", {"GEMMA4_MLX_PREFILL_OVERLAP": "0"}),
     "ours -geglu": (ours, default_off + ",geglu", "auto"),
     "ours -scale": (ours, default_off + ",scale", "auto"),
     "ours -ple": (ours, default_off + ",ple_combine,ple_gate", "auto"),
@@ -57,8 +58,14 @@ def prefill(model) -> float:
     return time.perf_counter() - t
 
 
+SWITCHES = sorted({k for c in CONFIGS.values() if len(c) > 3 for k in c[3]})
+
+
 def run(name):
-    model, disable, mode = CONFIGS[name]
+    model, disable, mode, *switches = CONFIGS[name]
+    for key in SWITCHES:
+        os.environ.pop(key, None)
+    os.environ.update(switches[0] if switches else {})
     if disable is None:
         os.environ.pop("GEMMA4_MLX_KERNELS_DISABLE", None)
     else:

@@ -38,7 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from . import cuda_context, ops
+from . import cuda_context, ops, switches
 from .cache import SlidingWindowCache
 from .step_context import _context, active
 
@@ -53,18 +53,18 @@ def compile_enabled() -> bool:
     raw = os.environ.get("GEMMA4_MLX_COMPILE", "auto").strip().lower()
     if raw in ("", "auto"):
         return mx.default_device() == mx.gpu
-    return raw not in ("0", "off", "false", "no")
+    return raw not in switches.OFF_VALUES
 
 
 def joining_enabled() -> bool:
     """``GEMMA4_MLX_FUSE=0`` keeps q/k/v and gate/up apart in the decode step (ablations)."""
-    return os.environ.get("GEMMA4_MLX_FUSE", "1").strip().lower() not in ("0", "off", "false", "no")
+    return switches.env_flag("GEMMA4_MLX_FUSE")
 
 
 def transposes_enabled() -> bool:
     """``GEMMA4_MLX_TRANSPOSES=0``: the decode step multiplies by ``weight.T`` as ``nn.Linear`` does,
     without :class:`TransposedWeights` (ablations)."""
-    return os.environ.get("GEMMA4_MLX_TRANSPOSES", "1").strip().lower() not in ("0", "off", "false", "no")
+    return switches.env_flag("GEMMA4_MLX_TRANSPOSES")
 
 
 def kv_scatter_enabled() -> bool:

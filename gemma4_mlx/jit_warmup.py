@@ -16,13 +16,12 @@ have waited for its own build. Only on CUDA: Metal builds these in milliseconds.
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Optional
 
 import mlx.core as mx
 
-from . import cuda_context
+from . import cuda_context, switches
 
 ENV_VAR = "GEMMA4_MLX_JIT_WARMUP"
 
@@ -31,7 +30,7 @@ _started: dict = {}  # dtype -> thread
 
 
 def enabled() -> bool:
-    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "off", "false", "no"):
+    if not switches.env_flag(ENV_VAR):
         return False
     from .kernels.dispatch import active_backend
 

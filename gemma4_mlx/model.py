@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from . import decode, ops, step_context
+from . import decode, ops, step_context, switches
 from .cache import make_caches
 from .config import LayerPlan, ModelArgs
 
@@ -289,6 +289,8 @@ class Gemma4TextModel(nn.Module):
         # Inside the decode step each layer's close is left to the next layer's first projection
         # (ops.PendingClose); the last one's feeds the final norm, and a trace wants every output.
         defer = trace is None and step_context.active() is not None
+        overlap = trace is None and not defer and h.shape[1] > 1 and any(c is not None for c in cache) \
+            and switches.env_flag(OVERLAP_ENV)
         last = len(self.layers) - 1
         for i, (layer, p, next_norm) in enumerate(zip(self.layers, a.plan, next_norms)):
             c = cache[p.cache_index] if p.cache_index is not None else None
@@ -307,10 +309,31 @@ class Gemma4TextModel(nn.Module):
             )
             if not p.is_kv_shared:
                 kv_by_layer[p.index] = kv
+                if overlap and c is not None:
+                    overlap = _start_evaluation(kv[:2])
             if trace is not None:
                 record["out"] = h
                 trace.append(record)
         return normed
+
+
+# ``0``: a prompt chunk's graph is built whole before anything runs (ablations).
+OVERLAP_ENV = "GEMMA4_MLX_PREFILL_OVERLAP"
+
+
+def _start_evaluation(arrays) -> bool:
+    """Start computing a cache-writing layer's keys and values while Python builds the next
+    layers. mlx-lm's generate_step builds a whole prompt chunk's graph before it evaluates the
+    caches, and the device idles while Python builds (E2B on the H200: 12 ms of a 28 ms chunk,
+    session 14). Only what the caches need starts early: the KV-shared layers and the head stay
+    lazy, as stock leaves them for all chunks but the last. False inside a transformation
+    (``mx.compile``, ``mx.grad``, ``mx.vmap``), where nothing may be evaluated: the call then
+    stays lazy."""
+    try:
+        mx.async_eval(arrays)
+    except ValueError:
+        return False
+    return True
 
 
 class Model(nn.Module):

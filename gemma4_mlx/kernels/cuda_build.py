@@ -17,6 +17,7 @@ no NVRTC is found) and, with the Metal prelude, under ``metal_kernel``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -50,7 +51,12 @@ SEED_CHECKED_MLX = ((0, 32, 1), (0, 33, 0))  # [from, before)
 
 def _mlx_version() -> tuple:
     """MLX's (major, minor, patch); (0, 0, 0) when it does not read as one."""
-    match = re.match(r"(\d+)\.(\d+)\.(\d+)", mx.__version__)
+    return _parse_version(mx.__version__)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_version(text: str) -> tuple:
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", text)
     return tuple(int(g) for g in match.groups()) if match else (0, 0, 0)
 
 
@@ -63,16 +69,22 @@ def mode() -> str:
     fast build per kernel, MLX's cheap per-launch hash of the source); ``own``/``1``: our builds
     launched through ``precompiled_cuda_kernel`` (MLX hashes the whole cubin at each launch);
     ``0``: MLX's ``cuda_kernel`` alone. Without an NVRTC library: ``0``."""
-    raw = os.environ.get("GEMMA4_MLX_NVRTC", "auto").strip().lower()
+    # read at every eager kernel call (a prefill chunk's dozens): the parse is remembered
+    return _resolve_mode(os.environ.get("GEMMA4_MLX_NVRTC", "auto"), nvrtc.available(), mx.__version__)
+
+
+@functools.lru_cache(maxsize=32)
+def _resolve_mode(setting: str, have_nvrtc: bool, mlx_version: str) -> str:
+    raw = setting.strip().lower()
     if raw not in _NVRTC_VALUES:
         raise ValueError(f"GEMMA4_MLX_NVRTC={raw!r}: expected auto, seed, own or 0")
-    if raw in ("0", "off", "false", "no") or not nvrtc.available():
+    if raw in ("0", "off", "false", "no") or not have_nvrtc:
         return "off"
     if raw == "seed":
         return "seed"
     if raw in ("", "auto"):
         low, high = SEED_CHECKED_MLX
-        return "seed" if low <= _mlx_version() < high else "own"
+        return "seed" if low <= _parse_version(mlx_version) < high else "own"
     return "own"
 
 

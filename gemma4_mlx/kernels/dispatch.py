@@ -24,6 +24,7 @@ the environment variable ``GEMMA4_MLX_KERNELS``:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import threading
@@ -156,7 +157,13 @@ def disabled_kernels() -> frozenset:
     raw = os.environ.get("GEMMA4_MLX_KERNELS_DISABLE")
     if raw is None:
         raw = DEFAULT_DISABLED.get(active_backend() or "cuda", "mv")
-    return frozenset(n.strip() for n in raw.split(",") if n.strip())
+    return _names(raw)
+
+
+@functools.lru_cache(maxsize=64)
+def _names(listing: str) -> frozenset:
+    # read at every kernel call of an eager prefill chunk: the split is remembered
+    return frozenset(n.strip() for n in listing.split(",") if n.strip())
 
 
 def kernels_enabled() -> bool:

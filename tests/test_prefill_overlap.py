@@ -1,0 +1,110 @@
+"""A prompt chunk starts its cache-writing layers on the device while Python builds the rest
+(model._start_evaluation): the same logits and caches as a call built whole, only the caches' inputs
+started early (never the KV-shared layers or the head), and nothing started where evaluation is not
+allowed (compile, grad) or not wanted (one position, no cache, the switch off)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_map
+
+from gemma4_mlx import Model, parse_config
+from gemma4_mlx import model as model_module
+from gemma4_mlx.presets import preset_config
+
+PROMPT = [3, 9, 4, 1, 7, 2, 8, 5, 6, 11, 13, 10]
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = Model(parse_config(preset_config("tiny")))
+    mx.random.seed(0)
+    m.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05 + (1.0 if p.ndim == 1 else 0.0), m.parameters()))
+    mx.eval(m.parameters())
+    return m
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """Every array list mx.async_eval is given (and still evaluated)."""
+    calls = []
+    real = mx.async_eval
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(mx, "async_eval", spy)
+    return calls
+
+
+def _prefill(model, chunks=(7, 5)):
+    cache = model.make_cache()
+    start, logits = 0, None
+    for n in chunks:
+        logits = model(mx.array([PROMPT[start:start + n]]), cache=cache)
+        start += n
+    mx.eval(logits, [c.state for c in cache])
+    return np.array(logits.astype(mx.float32)), [np.array(a) for c in cache for a in c.state]
+
+
+def test_starts_each_cache_writing_layer_once_per_chunk(model, started, monkeypatch):
+    monkeypatch.delenv(model_module.OVERLAP_ENV, raising=False)
+    writers = [p for p in model.args.plan if not p.is_kv_shared]
+    assert 0 < len(writers) < len(model.args.plan), "the tiny preset must have KV-shared layers"
+    cache = model.make_cache()
+    model(mx.array([PROMPT[:7]]), cache=cache)
+    assert len(started) == len(writers)
+    # each call got that layer's keys and values, which are what its cache now holds
+    for (arrays,), p in zip(started, writers):
+        keys, values = arrays
+        c = cache[p.cache_index]
+        stored_k, stored_v = c.state[0], c.state[1]
+        mx.eval(stored_k, stored_v)
+        assert keys.shape[-2] == 7 and np.array_equal(np.array(keys), np.array(stored_k[..., :7, :]))
+        assert np.array_equal(np.array(values), np.array(stored_v[..., :7, :]))
+
+
+def test_same_logits_and_caches_with_and_without(model, started, monkeypatch):
+    monkeypatch.setenv(model_module.OVERLAP_ENV, "0")
+    whole = _prefill(model)
+    assert not started
+    monkeypatch.setenv(model_module.OVERLAP_ENV, "1")
+    overlapped = _prefill(model)
+    assert started
+    np.testing.assert_array_equal(whole[0], overlapped[0])
+    assert len(whole[1]) == len(overlapped[1])
+    for a, b in zip(whole[1], overlapped[1]):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["one position", "no cache"])
+def test_nothing_started_where_not_a_prompt_chunk(model, started, monkeypatch, case):
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "0")  # the eager one-token call, not the traced step
+    monkeypatch.delenv(model_module.OVERLAP_ENV, raising=False)
+    if case == "one position":
+        cache = model.make_cache()
+        model(mx.array([PROMPT[:1]]), cache=cache)
+    else:
+        model(mx.array([PROMPT]))
+    assert not started
+
+
+def test_inside_transformations_the_call_stays_lazy(model, monkeypatch):
+    """mx.compile and mx.grad forbid evaluation: the call neither fails nor changes its result."""
+    monkeypatch.delenv(model_module.OVERLAP_ENV, raising=False)
+    expected = _prefill(model, chunks=(12,))[0]
+
+    def prefill_logits(tokens):
+        return model(tokens, cache=model.make_cache())
+
+    compiled = np.array(mx.compile(prefill_logits)(mx.array([PROMPT])).astype(mx.float32))
+    np.testing.assert_allclose(compiled, expected, rtol=1e-5, atol=1e-5)
+
+    def loss(scale):
+        return (prefill_logits(mx.array([PROMPT])) * scale).sum()
+
+    grad = mx.grad(loss)(mx.array(1.0))
+    np.testing.assert_allclose(float(grad), float(expected.sum()), rtol=1e-4)
