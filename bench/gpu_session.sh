@@ -202,7 +202,7 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     STEPS=30 timeout 500 python3 bench/ablate.py 31b 4 2>&1 | tail -16 | tee "$OUT/ablate-31b-q4.txt" ;;
   presets)  # the other families at 841 tokens: E4B both, 26B-A4B and 31B in 4-bit
     for p in "e4b" "e4b -q 4" "26b-a4b -q 4" "31b -q 4"; do
-      compare "$(echo $p | tr -d ' -')" 140 --preset $p -L 841 --runs 3 -n 32
+      compare "$(echo $p | tr -d ' -')" 200 --preset $p -L 841 --runs 3 -n 32
     done ;;
   presets-bf16)  # 26B-A4B (~52 GB) and 31B (~62 GB) in bf16
     for p in "26b-a4b" "31b"; do
@@ -228,6 +228,9 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
   eager)    # session 14: the host cost of one eager call of each op the prefill runs, ours' kernel path against
             # MLX's form (bench/eager_calls.py, ~20 s)
     timeout 120 python3 bench/eager_calls.py 2048 2>&1 | tee "$OUT/eager-2048.txt" | head -60 ;;
+  launch)   # session 14: host cost per launch: a cuda_kernel with a short and with a 10 KB source (MLX hashes
+            # the source at every launch), MLX's own add (bench/launch_cost.py, ~30 s)
+    timeout 100 python3 bench/launch_cost.py 2>&1 | tail -6 | tee "$OUT/launch_cost.txt" ;;
   prefill)  # session 13: E2B's prefill ran 0.77-0.90x stock at 32k (`long`), 0.79-0.99x at 4,096 (`warm`): one kernel
             # off at a time, the prefill alone (bench/prefill_ablate.py), ~2 min; then `PREFILL=2048 TAG=prefill
             # bash bench/gpu_session.sh profile` for each kernel's GPU time in a 4,096-token prompt's second chunk

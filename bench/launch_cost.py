@@ -1,5 +1,7 @@
 """Host cost of one mx.fast.precompiled_cuda_kernel launch against its cubin's size (MLX hashes
-the whole cubin at every launch), and of the same kernel through mx.fast.cuda_kernel."""
+the whole cubin at every launch), of the same kernel through mx.fast.cuda_kernel with a short
+source and with one as long as our kernels' (~10 KB: MLX hashes its source at every launch too),
+and of one of MLX's own element-wise ops."""
 import time
 
 import mlx.core as mx
@@ -32,16 +34,23 @@ for label, src in (("small", SMALL), ("big", BIG)):
         t2 = time.perf_counter()
     print(f"{label}: cubin {len(cubin)} bytes: build {1e6*(t1-t)/2000:.2f} us/launch, eval {1e6*(t2-t1)/2000:.2f} us/launch")
 body = "y[threadIdx.x] = x[threadIdx.x] + 1.0f;"
-k = mx.fast.cuda_kernel(name="k2", input_names=["x"], output_names=["y"], source=body)
-def launch2(v):
-    return k(inputs=[v], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(32,)], output_dtypes=[mx.float32])[0]
-for rep in range(3):
-    y = x
-    for _ in range(2000):
-        y = launch2(y)
-    mx.eval(y)
-    t = time.perf_counter(); y = x
-    for _ in range(2000):
-        y = launch2(y)
-    t1 = time.perf_counter(); mx.eval(y); t2 = time.perf_counter()
-print(f"cuda_kernel: build {1e6*(t1-t)/2000:.2f} us/launch, eval {1e6*(t2-t1)/2000:.2f} us/launch")
+
+
+def per_launch(label, launch):
+    for rep in range(3):
+        y = x
+        for _ in range(2000):
+            y = launch(y)
+        mx.eval(y)
+        t = time.perf_counter(); y = x
+        for _ in range(2000):
+            y = launch(y)
+        t1 = time.perf_counter(); mx.eval(y); t2 = time.perf_counter()
+    print(f"{label}: build {1e6*(t1-t)/2000:.2f} us/launch, eval {1e6*(t2-t1)/2000:.2f} us/launch")
+
+
+for label, source in (("cuda_kernel", body), ("cuda_kernel, 10 KB source", body + "\n//" + "x" * 10000 + "\n")):
+    k = mx.fast.cuda_kernel(name=f"k{len(source)}", input_names=["x"], output_names=["y"], source=source)
+    per_launch(label, lambda v, k=k: k(inputs=[v], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(32,)],
+                                        output_dtypes=[mx.float32])[0])
+per_launch("MLX's add", lambda v: v + 1.0)

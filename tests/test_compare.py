@@ -13,6 +13,7 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
+from gemma4_mlx.bench import environment
 from gemma4_mlx.bench.measure import METRICS, SIDES, greedy_tokens, make_prompt, token_check
 from gemma4_mlx.bench.pair import build_pair, stock_model_for
 from gemma4_mlx.bench.reference import transformers_reference
@@ -62,9 +63,11 @@ def test_harness_structure_and_both_sides_ran(tiny_pair):
     for key in ("settings", "environment", "model", "token_check", "runs", "medians", "ratios", "forward_calls"):
         assert key in res
     env = res["environment"]
-    for key in ("device", "mlx", "mlx_lm", "date", "git_commit", "command", "kernels"):
+    for key in ("device", "mlx", "mlx_lm", "date", "git_commit", "source_digest", "command", "kernels"):
         assert key in env
     assert env["mlx"] and env["mlx_lm"]
+    # the code that ran, by content (the GPU machine's git metadata may be stale)
+    assert len(env["source_digest"]) == 16 and env["source_digest"] == environment.source_digest()
 
     # both models really ran, the same number of times (same loop for both)
     assert type(ours).calls > 0 and type(ours).calls == type(stock).calls
@@ -181,7 +184,8 @@ COMPARE_JSON_KEYS = {
                                 "preset", "prompt_lengths", "quantize", "runs", "seed", "warmup",
                                 "with_transformers")),
     *(f"environment.{k}" for k in ("command", "cpu", "cpu_count", "date", "device", "device_info", "gemma4_mlx",
-                                   "git_commit", "gpu_name", "kernels", "mlx", "mlx_lm", "platform", "python")),
+                                   "git_commit", "gpu_name", "kernels", "mlx", "mlx_lm", "platform", "python",
+                                   "source_digest")),
     *(f"model.{k}" for k in ("hidden_size", "num_hidden_layers", "parameter_bytes", "parameter_tensors",
                              "parameters", "preset", "quantization", "source", "vocab_size", "weight_dtypes",
                              "weights")),
@@ -258,3 +262,19 @@ def test_checkpoint_pair_and_per_layer_dialect(tmp_path):
     build_checkpoint(per_layer, "e2b", False, "per_layer")
     with pytest.raises(BenchmarkError, match="per_layer_config"):
         build_pair(BenchSettings(model=str(per_layer)).resolve())
+
+
+def test_source_digest_follows_the_package_code(monkeypatch, tmp_path):
+    """The digest names the code by content: another file's bytes give another digest."""
+    import shutil
+    from pathlib import Path
+
+    package = Path(environment.__file__).resolve().parents[1]
+    copy = tmp_path / "gemma4_mlx"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(environment, "__file__", str(copy / "bench" / "environment.py"))
+    same = environment.source_digest()
+    assert same == environment.source_digest()
+    kernel = next(copy.rglob("*.inc"))
+    kernel.write_text(kernel.read_text() + "\n// changed\n")
+    assert environment.source_digest() != same

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import platform
 import shutil
@@ -51,6 +52,21 @@ def git_commit() -> Optional[str]:
         return None
     dirty = _run_text(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT)
     return sha + ("-dirty" if dirty else "")
+
+
+def source_digest() -> str:
+    """A digest of the code that ran: the package's Python files and kernel sources, by path and
+    content. ``git_commit`` reads the folder's git metadata, which a copy of a working tree (the GPU
+    machine's) may carry stale: recompute this over a checkout to tell which commit it matches."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parents[1]
+    files = [f for pattern in ("**/*.py", "**/*.inc", "**/*.h") for f in package.glob(pattern)]
+    for path in sorted(set(files)):
+        rel = path.relative_to(package).as_posix()
+        if "__pycache__" in rel:
+            continue
+        digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def _version(mod: str) -> Optional[str]:
@@ -107,6 +123,7 @@ def environment() -> Dict[str, Any]:
         "gemma4_mlx": _version("gemma4-mlx"),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
+        "source_digest": source_digest(),
         "command": _command_line(),
         "kernels": kernels_info(),
     }
