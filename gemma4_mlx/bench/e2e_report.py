@@ -137,7 +137,7 @@ def markdown_table(results: Dict[str, Any]) -> str:
         "",
         f"- device: {env['device']}{' — ' + env['gpu_name'] if env.get('gpu_name') else ''} ({env['cpu']}, "
         f"{env['cpu_count']} CPUs); MLX {env['mlx']}, mlx-lm {env['mlx_lm']}, Python {env['python']}",
-        f"- date {env['date']}, commit {env['git_commit']}",
+        f"- date {env['date']}, commit {env['git_commit']}, code digest {env.get('source_digest')}",
         f"- checkpoint: {c.get('path')} ({c.get('source')}{', ' + c['weights'] if c.get('weights') else ''})",
         f"- {s['runs']} warm run(s) per side and new-token count (alternated, who goes first swapped every round), "
         "after one first run per side with empty kernel caches",

@@ -87,7 +87,7 @@ def markdown_table(results: Dict[str, Any]) -> str:
         "",
         f"- device: {env['device']}{' — ' + env['gpu_name'] if env.get('gpu_name') else ''} ({env['cpu']}, {env['cpu_count']} CPUs)",
         f"- MLX {env['mlx']}, mlx-lm {env['mlx_lm']}, Python {env['python']}",
-        f"- date {env['date']}, commit {env['git_commit']}, kernels {env['kernels'].get('mode', env['kernels'].get('env'))}",
+        f"- date {env['date']}, commit {env['git_commit']} (code digest {env.get('source_digest')}), kernels {env['kernels'].get('mode', env['kernels'].get('env'))}",
         f"- dtype {s['dtype']}" + (f", {s['quantize']}-bit group 64" if s.get("quantize") else "")
         + f", {s['runs']} runs per side (alternated), {s['warmup']} warm-up, {s['decode_tokens']} decode tokens",
         f"- command: `{env['command']}`",
