@@ -6,22 +6,18 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 14): issue 14. One GPU is enough (nvidia-h200). Session 13 measured session 12's
-# scatter write (2.8 us a write, 1.87x decode at 32k) and 32-key splits, then redid attention pass 1
-# in tiles (15 us a call, was 29-40; ours' GPU time per E2B step 4.6 ms against stock's 5.5: ours is
-# host-bound again) and had load() warm MLX's JIT up on a thread (first token on a fresh machine
-# 7.5-8.5 s after load(), 14.9-17.0 without). Open: prefill below stock in several cells (E2B 4,096
-# and 32k, E4B; noisy machine). In this order:
-#   1. `prefill` (~2 min): the prefill alone, one kernel off at a time (bench/prefill_ablate.py; its
-#      session-13 form timed a decode-step trace too: void); then `PREFILL=2048 TAG=prefill bash
-#      bench/gpu_session.sh profile` (~2 min): each kernel's GPU time in a prompt chunk, both sides.
-#   2. `split` (~3.5 min): the host/GPU split with the new pass 1; `+resnorm` now that the GPU is not
-#      the bound (its launches: 547 against 721); then `GEMMA4_MLX_KERNELS_DISABLE=mv,ple_tail,
-#      attention_prefix_q SIDES=ours TAG=resnorm bash bench/gpu_session.sh profile` (and Q=4).
-#   3. `e2e` with NEW=128 RUNS=3 (~4 min): the README's fresh-process table on the final code.
-#   4. `presets` + `long` (~5 min): the other families and 32k with the new pass 1.
-#   5. `loadprof` (~1 min with the e2e checkpoint): the joins now evaluate in ~8 groups (31fcf8e), not
-#      70 modules one at a time (1.64 s of ours' load() in session 13).
+# Next visit (session 15): issue 14. One GPU is enough (nvidia-h200). Session 14 found why the prefill
+# lagged (the GPU idled while Python built each chunk: ours' build 12.5 ms against stock's 6.0) and
+# started each cache-writing layer on the device as soon as it is built (6ce7c09): prefill 1.15x at
+# 4,096, 1.23-1.33x at 32k; fresh-process E2B bf16 0.47x wall, 2.09x decode (docs/benchmarks.md,
+# session 14). In this order:
+#   1. `check` (~4.5 min): parity on CUDA with the overlap (nothing there changed the kernels).
+#   2. `launch` then `split`: whatever the session changed about custom-kernel launches (MLX hashes a
+#      kernel's whole source at each launch: 6.05 us with 10 KB against 3.37 with a short one).
+#   3. `prefill` (~2 min) and `eager`: the eager kernel calls' host cost (22.7 us a call against MLX's
+#      1.75) is now ~4% of the host-bound prefill (`kernels off` 0.814x against 0.867x).
+#   4. `presets` (26B-A4B 4-bit did not build within 140 s in session 14; 200 s now) and `warm`
+#      (E2B at 128 / 841 / 4,096 with the overlap).
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
