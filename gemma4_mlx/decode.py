@@ -81,8 +81,10 @@ def _switches() -> tuple:
         mode = dispatch.get_mode()
     except ValueError:
         mode = "invalid"
+    from .kernels import cuda_build
+
     return (mode, tuple(sorted(dispatch.disabled_kernels())), joining_enabled(), transposes_enabled(),
-            kv_scatter_enabled(), mx.default_device())
+            kv_scatter_enabled(), cuda_build.short_sources(), mx.default_device())
 
 
 # ------------------------------------------------------------------ derived state

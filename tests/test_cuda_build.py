@@ -9,6 +9,7 @@ parity suite's job (tests/test_kernels.py on the device).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -249,3 +250,81 @@ def test_seeding_into_a_folder_that_cannot_be_written_is_not_an_error(fresh_buil
     (kernel,) = [k for k in dispatch._kernel_cache.values() if isinstance(k, cuda_build.SeededKernel)]
     (fut,) = kernel._seeded.values()
     assert fut.exception() is None and fut.result().startswith("custom_kernel_gemma4_ple_gate")
+
+
+def _expand_includes(text: str) -> str:
+    """``text`` with each ``#include "PATH"`` line replaced by that file's content."""
+    out = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith('#include "'):
+            out.append(Path(line.split('"')[1]).read_text())
+        else:
+            out.append(line)
+    return "".join(out)
+
+
+def test_short_sources_give_mlx_include_lines_for_every_kernel(fresh_builds, tmp_path, monkeypatch):
+    """GEMMA4_MLX_SHORT_SOURCES=1: MLX gets a few include lines per kernel instead of its header and
+    body (MLX hashes the source it generates at every launch); they name the same shape/stride
+    parameters, include exactly our text, compile with NVRTC, and the module seeded is the one MLX
+    names after the short source."""
+    monkeypatch.setenv("GEMMA4_MLX_NVRTC", "seed")
+    monkeypatch.setenv(cuda_build.SHORT_SOURCES_ENV, "1")
+    with dispatch.force_backend("cuda"), cuda_build.prefetch():
+        for kernel, args in _cases():
+            kernel(*args)
+    kernels = [k for k in dispatch._kernel_cache.values() if isinstance(k, cuda_build.SeededKernel)]
+    assert len(kernels) >= 10 and all(k.short for k in kernels)
+    for k in kernels:
+        header, body = k.given_sources()
+        assert (header, body) != (k.header, k.source) and len(header) + len(body) < 600, k.name
+        assert _expand_includes(header) == k.header + "\n" or _expand_includes(header) == k.header
+        assert _expand_includes(body).split("\n", 1)[1] == k.source, k.name
+        assert cuda_build.shape_uses(body, k.input_names) == k._uses
+        for fut in k._seeded.values():
+            module = fut.result()
+            assert (tmp_path / "mlx" / f"{module}.ptx").stat().st_size > 1000
+    # the seeded name is MLX's for the short source, and that source is a fraction of the full one
+    k = next(k for k in kernels if "attention_partial" in k.name)
+    (key, fut), = list(k._seeded.items())[:1]
+    inputs = [mx.zeros((1,) * nd, dtype=dt) for dt, nd in key[0]]
+    kname = cuda_build.mlx_kernel_name(k.name, key[2])
+    short = cuda_build.mlx_source(kname, *k.given_sources(), k.input_names, inputs, k.output_names, list(key[1]),
+                                  list(key[2]), k._uses)
+    full = cuda_build.mlx_source(kname, k.header, k.source, k.input_names, inputs, k.output_names, list(key[1]),
+                                 list(key[2]), k._uses)
+    assert fut.result() == f"{kname}_{cuda_build.std_hash(short):x}"
+    assert len(short) * 5 < len(full)
+    # were MLX to compile the short form itself, NVRTC would read the same code from the files
+    symbol = "short_form_check"
+    own = cuda_build.SeededKernel(k.name, k.input_names, k.output_names, k.given_sources()[1],
+                                  k.given_sources()[0], dispatch.read_source("cuda_types.h") + k.given_sources()[0],
+                                  k.ensure_row_contiguous)
+    own._uses = k._uses
+    cubin = nvrtc.compile_source(own.our_source(symbol, inputs, list(key[1]), list(key[2])), arch="sm_90")
+    assert len(cubin) > 1000
+
+
+def test_short_sources_fall_back_to_the_full_text_where_files_cannot_be_written(fresh_builds, tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMMA4_MLX_NVRTC", "seed")
+    monkeypatch.setenv(cuda_build.SHORT_SOURCES_ENV, "1")
+    blocker = tmp_path / "blocked"
+    blocker.write_text("")
+    monkeypatch.setenv("GEMMA4_MLX_CACHE", str(blocker / "cache"))  # a file where the folder should be
+    with dispatch.force_backend("cuda"), cuda_build.prefetch():
+        K.ple_gate_kernel(*_m["ple"]._probe_gate(("mlx.core.bfloat16", "mlx.core.bfloat16")))
+    (kernel,) = [k for k in dispatch._kernel_cache.values() if isinstance(k, cuda_build.SeededKernel)]
+    assert kernel.given_sources() == (kernel.header, kernel.source)
+
+
+def test_short_sources_switch_is_part_of_the_kernel_and_step_keys(fresh_builds, monkeypatch):
+    from gemma4_mlx import decode
+
+    monkeypatch.setenv("GEMMA4_MLX_NVRTC", "seed")
+    monkeypatch.delenv(cuda_build.SHORT_SOURCES_ENV, raising=False)
+    with dispatch.force_backend("cuda"):
+        full, step = dispatch.get_kernel("ple_gate", ["gate", "pli"], ["out"]), decode._switches()
+        monkeypatch.setenv(cuda_build.SHORT_SOURCES_ENV, "1")
+        short = dispatch.get_kernel("ple_gate", ["gate", "pli"], ["out"])
+        assert short is not full and short.short and not full.short
+        assert decode._switches() != step

@@ -88,6 +88,21 @@ def _resolve_mode(setting: str, have_nvrtc: bool, mlx_version: str) -> str:
     return "own"
 
 
+SHORT_SOURCES_ENV = "GEMMA4_MLX_SHORT_SOURCES"
+
+
+def short_sources() -> bool:
+    """``GEMMA4_MLX_SHORT_SOURCES=1`` (seed mode only; off by default until measured on a GPU): MLX
+    is given a few include lines in place of each kernel's header and body, which are written to
+    files under our cache folder. MLX hashes the whole source it generates at every launch (6.05 us
+    a launch with a 10 KB source against 3.37 with a short one on the H200, bench/launch_cost.py),
+    and launches our seeded build either way; were it ever to compile the kernel itself, the
+    includes give it the very same code."""
+    from .. import switches
+
+    return switches.env_flag(SHORT_SOURCES_ENV, default=False)
+
+
 def enabled() -> bool:
     """Our NVRTC builds are used (``GEMMA4_MLX_NVRTC`` not ``0`` and an NVRTC library found)."""
     return mode() != "off"
@@ -392,13 +407,48 @@ class SeededKernel:
     instantiation's first launch. Callable the same way."""
 
     def __init__(self, name: str, input_names, output_names, source: str, header: str, own_header: str,
-                 ensure_row_contiguous: bool):
+                 ensure_row_contiguous: bool, short: bool = False):
         self.name, self.input_names, self.output_names = name, list(input_names), list(output_names)
         self.source, self.header, self.own_header = source, header, own_header
         self.ensure_row_contiguous = ensure_row_contiguous
         self._kernel = None  # MLX's object, made at the first launch (it needs the CUDA back-end)
         self._uses = shape_uses(source, self.input_names)
         self._seeded: Dict[tuple, Future] = {}
+        # (header, body) MLX is given: ours, or with short sources the lines that include them
+        self._given: Optional[Tuple[str, str]] = None
+        self.short = short
+
+    def given_sources(self) -> Tuple[str, str]:
+        """The header and body MLX generates its source from (and names the module by). With
+        short sources, decided once per kernel: include lines, where the files can be written and
+        the lines name the same shape/stride/ndim parameters; ours otherwise."""
+        if self._given is None:
+            self._given = (self._short_sources() if self.short else None) or (self.header, self.source)
+        return self._given
+
+    def _short_sources(self) -> Optional[Tuple[str, str]]:
+        digest = hashlib.sha256((self.header + "\0" + self.source).encode()).hexdigest()[:16]
+        folder = cache_dir() / "sources"
+        files = {folder / f"{self.name}_{digest}.h": self.header, folder / f"{self.name}_{digest}.inc": self.source}
+        if any(c in str(folder) for c in '"\\\n'):
+            return None  # not writable as an include line
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for path, text in files.items():
+                if not (path.is_file() and path.read_text() == text):
+                    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+                    tmp.write_text(text)
+                    os.replace(tmp, path)
+        except (OSError, UnicodeDecodeError):
+            return None  # MLX gets our sources themselves, as without the switch
+        header_file, body_file = files
+        # the parameter names MLX looks for in the body, so that it passes the ones ours reads
+        used = [f"{n}_{kind}" for n, flags in zip(self.input_names, self._uses)
+                for kind, on in zip(("shape", "strides", "ndim"), flags) if on]
+        body = f"// {' '.join(used)}\n#include \"{body_file}\"\n"
+        if shape_uses(body, self.input_names) != self._uses:
+            return None
+        return f"#include \"{header_file}\"\n", body
 
     def our_source(self, symbol: str, inputs, output_dtypes, template) -> str:
         """Our build of the kernel with MLX's parameter layout."""
@@ -424,7 +474,8 @@ class SeededKernel:
         if fut is not None:
             return fut
         kname = mlx_kernel_name(self.name, template)
-        module = f"{kname}_{std_hash(mlx_source(kname, self.header, self.source, self.input_names, inputs, self.output_names, output_dtypes, template, self._uses)):x}"
+        header, source = self.given_sources()
+        module = f"{kname}_{std_hash(mlx_source(kname, header, source, self.input_names, inputs, self.output_names, output_dtypes, template, self._uses)):x}"
         # The function's name follows our source (and the target): a module MLX's name matches
         # but an older build of ours (other shared header, other arch) filled is built again.
         arch = target_arch()
@@ -471,9 +522,10 @@ class SeededKernel:
         if init_value is not None:
             kw["init_value"] = init_value
         if self._kernel is None:
+            header, source = self.given_sources()
             self._kernel = mx.fast.cuda_kernel(name=self.name, input_names=self.input_names,
-                                               output_names=self.output_names, source=self.source,
-                                               header=self.header, ensure_row_contiguous=self.ensure_row_contiguous)
+                                               output_names=self.output_names, source=source,
+                                               header=header, ensure_row_contiguous=self.ensure_row_contiguous)
         return self._kernel(inputs=inputs, template=list(template), grid=tuple(grid), threadgroup=tuple(threadgroup),
                            output_shapes=[tuple(s) for s in output_shapes], output_dtypes=list(output_dtypes),
                            verbose=verbose, **kw)

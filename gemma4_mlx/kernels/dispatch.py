@@ -307,7 +307,8 @@ def get_kernel(
 ):
     """The MLX custom-kernel object for ``name`` on ``backend`` (cached)."""
     backend = backend or active_backend() or "metal"
-    key = (name, backend, variant, tuple(defines), ensure_row_contiguous, cuda_build.mode() if backend == "cuda" else "")
+    cuda = (cuda_build.mode(), cuda_build.short_sources()) if backend == "cuda" else ()
+    key = (name, backend, variant, tuple(defines), ensure_row_contiguous, cuda)
     k = _kernel_cache.get(key)
     if k is not None:
         return k
@@ -320,7 +321,8 @@ def get_kernel(
         )
     elif backend == "cuda" and cuda_build.mode() == "seed":
         k = cuda_build.SeededKernel(kname, input_names, output_names, source, header,
-                                    read_source("cuda_types.h") + header, ensure_row_contiguous)
+                                    read_source("cuda_types.h") + header, ensure_row_contiguous,
+                                    short=cuda_build.short_sources())
     elif backend == "cuda" and cuda_build.enabled():
         k = cuda_build.CudaKernel(kname, input_names, output_names, source,
                                   read_source("cuda_types.h") + header)
