@@ -82,8 +82,9 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=["mv", "residual_n
            ("ours slice write", {"GEMMA4_MLX_KV_WRITE": "slice"}),  # the cache write before session 12
            ("ours mlx kernels", {"GEMMA4_MLX_NVRTC": "0"}),  # built by mx.fast.cuda_kernel instead
            ("ours seeded", {"GEMMA4_MLX_NVRTC": "seed"}),  # cuda_kernel over MLX's cache seeded by our builds
-           # MLX given include lines instead of each kernel's text (it hashes that text at every launch)
-           ("ours short sources", {"GEMMA4_MLX_SHORT_SOURCES": "1"}),
+           # MLX given each kernel's text instead of include lines (it hashes that text at every launch;
+           # the default until session 14)
+           ("ours full sources", {"GEMMA4_MLX_SHORT_SOURCES": "0"}),
            ("ours kernels off", {"GEMMA4_MLX_KERNELS": "off"}), ("ours no compile", {"GEMMA4_MLX_COMPILE": "0"})]
 if os.environ.get("CONFIGS"):
     keep = [c.strip() for c in os.environ["CONFIGS"].split(",")]

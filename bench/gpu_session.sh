@@ -227,10 +227,10 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
   launch)   # session 14: host cost per launch: a cuda_kernel with a short and with a 10 KB source (MLX hashes
             # the source at every launch), MLX's own add (bench/launch_cost.py, ~30 s)
     timeout 100 python3 bench/launch_cost.py 2>&1 | tail -6 | tee "$OUT/launch_cost.txt" ;;
-  short)    # session 14: GEMMA4_MLX_SHORT_SOURCES=1 (MLX given include lines for each kernel's text): MLX finds
-            # the seeded modules under the short names (bench/seed_check.py), then the step with and without (~2.5 min)
-    GEMMA4_MLX_SHORT_SOURCES=1 timeout ${SEED_S:-80} python3 bench/seed_check.py 2>&1 | tail -12 | tee "$OUT/seed-short.txt"
-    CONFIGS="stock,ours,ours short sources" ROUNDS=${ROUNDS:-4} STEPS=15 timeout ${SPLIT_S:-200} python3 bench/ablate.py e2b 0 2>&1 \
+  short)    # session 14: short sources (MLX given include lines for each kernel's text; the default since): MLX
+            # finds the seeded modules under the short names (bench/seed_check.py), then the step with and without (~2.5 min)
+    timeout ${SEED_S:-80} python3 bench/seed_check.py 2>&1 | tail -12 | tee "$OUT/seed-short.txt"
+    CONFIGS="stock,ours,ours full sources" ROUNDS=${ROUNDS:-4} STEPS=15 timeout ${SPLIT_S:-200} python3 bench/ablate.py e2b 0 2>&1 \
       | tail -12 | tee "$OUT/split-short.txt" ;;
   prefill)  # session 13: E2B's prefill ran 0.77-0.90x stock at 32k (`long`), 0.79-0.99x at 4,096 (`warm`): one kernel
             # off at a time, the prefill alone (bench/prefill_ablate.py), ~2 min; then `PREFILL=2048 TAG=prefill

@@ -322,6 +322,8 @@ def test_short_sources_switch_is_part_of_the_kernel_and_step_keys(fresh_builds, 
 
     monkeypatch.setenv("GEMMA4_MLX_NVRTC", "seed")
     monkeypatch.delenv(cuda_build.SHORT_SOURCES_ENV, raising=False)
+    assert cuda_build.short_sources()  # the default
+    monkeypatch.setenv(cuda_build.SHORT_SOURCES_ENV, "0")
     with dispatch.force_backend("cuda"):
         full, step = dispatch.get_kernel("ple_gate", ["gate", "pli"], ["out"]), decode._switches()
         monkeypatch.setenv(cuda_build.SHORT_SOURCES_ENV, "1")
