@@ -305,12 +305,17 @@ def test_short_sources_give_mlx_include_lines_for_every_kernel(fresh_builds, tmp
     assert len(cubin) > 1000
 
 
-def test_short_sources_fall_back_to_the_full_text_where_files_cannot_be_written(fresh_builds, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["a file where the folder should be", "a quote in the path"])
+def test_short_sources_fall_back_to_the_full_text_where_files_cannot_be_included(fresh_builds, tmp_path,
+                                                                                  monkeypatch, where):
     monkeypatch.setenv("GEMMA4_MLX_NVRTC", "seed")
     monkeypatch.setenv(cuda_build.SHORT_SOURCES_ENV, "1")
-    blocker = tmp_path / "blocked"
-    blocker.write_text("")
-    monkeypatch.setenv("GEMMA4_MLX_CACHE", str(blocker / "cache"))  # a file where the folder should be
+    if where.startswith("a file"):
+        blocker = tmp_path / "blocked"
+        blocker.write_text("")
+        monkeypatch.setenv("GEMMA4_MLX_CACHE", str(blocker / "cache"))
+    else:
+        monkeypatch.setenv("GEMMA4_MLX_CACHE", str(tmp_path / 'say "cheese"'))
     with dispatch.force_backend("cuda"), cuda_build.prefetch():
         K.ple_gate_kernel(*_m["ple"]._probe_gate(("mlx.core.bfloat16", "mlx.core.bfloat16")))
     (kernel,) = [k for k in dispatch._kernel_cache.values() if isinstance(k, cuda_build.SeededKernel)]

@@ -416,19 +416,24 @@ class SeededKernel:
         self._seeded: Dict[tuple, Future] = {}
         # (header, body) MLX is given: ours, or with short sources the lines that include them
         self._given: Optional[Tuple[str, str]] = None
+        self._given_lock = threading.Lock()
         self.short = short
 
     def given_sources(self) -> Tuple[str, str]:
         """The header and body MLX generates its source from (and names the module by). With
         short sources, decided once per kernel: include lines, where the files can be written and
         the lines name the same shape/stride/ndim parameters; ours otherwise."""
-        if self._given is None:
-            self._given = (self._short_sources() if self.short else None) or (self.header, self.source)
-        return self._given
+        with self._given_lock:  # the prefetch threads and the caller's: one decision per kernel
+            if self._given is None:
+                self._given = (self._short_sources() if self.short else None) or (self.header, self.source)
+            return self._given
 
     def _short_sources(self) -> Optional[Tuple[str, str]]:
         digest = hashlib.sha256((self.header + "\0" + self.source).encode()).hexdigest()[:16]
-        folder = cache_dir() / "sources"
+        try:
+            folder = cache_dir() / "sources"
+        except nvrtc.NvrtcError:
+            return None
         files = {folder / f"{self.name}_{digest}.h": self.header, folder / f"{self.name}_{digest}.inc": self.source}
         if any(c in str(folder) for c in '"\\\n'):
             return None  # not writable as an include line
