@@ -108,3 +108,28 @@ def test_inside_transformations_the_call_stays_lazy(model, monkeypatch):
 
     grad = mx.grad(loss)(mx.array(1.0))
     np.testing.assert_allclose(float(grad), float(expected.sum()), rtol=1e-4)
+
+
+def test_mlx_lm_generate_step_gives_the_same_tokens_with_and_without(model, monkeypatch):
+    """The drop-in path: mlx-lm's generate_step over a prompt of several chunks (prefill_step_size 4),
+    greedy, the same tokens either way, and the overlap did start layers on the way (generate_step
+    calls mx.async_eval itself, so the model's own starts are counted)."""
+    from mlx_lm.generate import generate_step
+
+    started = []
+    real = model_module._start_evaluation
+    monkeypatch.setattr(model_module, "_start_evaluation", lambda arrays: started.append(1) or real(arrays))
+    prompt = mx.array(PROMPT + PROMPT[::-1])
+
+    def tokens():
+        out = []
+        for token, _ in generate_step(prompt, model, max_tokens=6, prefill_step_size=4):
+            out.append(int(token))
+        return out
+
+    monkeypatch.setenv(model_module.OVERLAP_ENV, "0")
+    whole = tokens()
+    assert not started
+    monkeypatch.delenv(model_module.OVERLAP_ENV)
+    assert tokens() == whole and len(whole) == 6
+    assert started
