@@ -10,6 +10,8 @@ import contextlib
 import threading
 from typing import Dict, List, Optional
 
+from . import switches
+
 # Decode steps multiply few rows: one matmul over the joined weights beats several there (fewer
 # launches, one longer weight stream). More rows than this use the member projections.
 JOINED_MAX_ROWS = 8
@@ -59,10 +61,12 @@ def kernel_scope():
 @contextlib.contextmanager
 def cached_call():
     """A model call with a KV cache: inference (prefill, an eager step). Outside one (a training
-    forward, whose graph may be differentiated) no custom kernel runs: they have no gradient."""
+    forward, whose graph may be differentiated) no custom kernel runs: they have no gradient.
+    Inside, the environment switches are read once (:func:`switches.frozen`)."""
     _thread.cached_depth = getattr(_thread, "cached_depth", 0) + 1
     try:
-        yield
+        with switches.frozen():
+            yield
     finally:
         _thread.cached_depth -= 1
 

@@ -1,16 +1,51 @@
-"""The project's on/off environment switches, read one way (ablations and opt-outs)."""
+"""The project's environment switches, read one way (ablations and opt-outs).
+
+A model call reads its switches hundreds of times (each eager kernel call of a prompt chunk reads
+several: ~1 us apiece from ``os.environ``); inside :func:`frozen` (a model call with a cache, see
+``step_context.cached_call``) each is read once and remembered until the block ends."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from typing import Iterator, Optional
 
 OFF_VALUES = ("0", "off", "false", "no")
+
+_frozen = threading.local()
+
+
+def env(name: str) -> Optional[str]:
+    """``os.environ.get(name)``; inside :func:`frozen`, the value at its first read there."""
+    values = getattr(_frozen, "values", None)
+    if values is None:
+        return os.environ.get(name)
+    try:
+        return values[name]
+    except KeyError:
+        value = values[name] = os.environ.get(name)
+        return value
+
+
+@contextlib.contextmanager
+def frozen() -> Iterator[None]:
+    """Within: each switch is read from the environment once (per thread; nested blocks share the
+    outermost's values)."""
+    if getattr(_frozen, "values", None) is not None:
+        yield
+        return
+    _frozen.values = {}
+    try:
+        yield
+    finally:
+        _frozen.values = None
 
 
 def env_flag(name: str, default: bool = True) -> bool:
     """``$name`` as a switch: unset or empty gives ``default``; 0 / off / false / no (any case)
     turn it off; any other value turns it on."""
-    raw = os.environ.get(name, "").strip().lower()
+    raw = (env(name) or "").strip().lower()
     if not raw:
         return default
     return raw not in OFF_VALUES

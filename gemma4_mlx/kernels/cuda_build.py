@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
+from .. import switches
 from . import nvrtc
 
 _CTYPES = {
@@ -70,7 +71,7 @@ def mode() -> str:
     launched through ``precompiled_cuda_kernel`` (MLX hashes the whole cubin at each launch);
     ``0``: MLX's ``cuda_kernel`` alone. Without an NVRTC library: ``0``."""
     # read at every eager kernel call (a prefill chunk's dozens): the parse is remembered
-    return _resolve_mode(os.environ.get("GEMMA4_MLX_NVRTC", "auto"), nvrtc.available(), mx.__version__)
+    return _resolve_mode(switches.env("GEMMA4_MLX_NVRTC") or "auto", nvrtc.available(), mx.__version__)
 
 
 @functools.lru_cache(maxsize=32)
@@ -98,8 +99,6 @@ def short_sources() -> bool:
     against 3.37 with a short one on the H200, bench/launch_cost.py) and launches our seeded build
     either way; were it ever to compile the kernel itself, the includes give it the very same code.
     H200, E2B bf16 decode step: host time 4.94 ms against 5.47 (session 14)."""
-    from .. import switches
-
     return switches.env_flag(SHORT_SOURCES_ENV, default=True)
 
 

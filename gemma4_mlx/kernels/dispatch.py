@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import re
 import threading
 import warnings
@@ -34,6 +33,7 @@ from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
+from .. import switches
 from ..step_context import active
 from . import cuda_build
 
@@ -71,7 +71,7 @@ def get_mode() -> str:
     """The current mode: the override, else ``$GEMMA4_MLX_KERNELS``, else auto."""
     if _mode_override is not None:
         return _mode_override
-    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    mode = (switches.env(ENV_VAR) or "auto").strip().lower() or "auto"
     if mode not in MODES:
         raise ValueError(f"{ENV_VAR}={mode!r}: expected one of {MODES}")
     return mode
@@ -154,7 +154,7 @@ def is_disabled(name: str) -> bool:
 def disabled_kernels() -> frozenset:
     """Kernels switched off one by one: ``GEMMA4_MLX_KERNELS_DISABLE=mv,qmv`` (ablations);
     unset means the backend's :data:`DEFAULT_DISABLED`, an empty value enables every kernel."""
-    raw = os.environ.get("GEMMA4_MLX_KERNELS_DISABLE")
+    raw = switches.env("GEMMA4_MLX_KERNELS_DISABLE")
     if raw is None:
         raw = DEFAULT_DISABLED.get(active_backend() or "cuda", "mv")
     return _names(raw)

@@ -1,0 +1,40 @@
+"""The environment switches: one parse, and read once per model call (switches.frozen)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from gemma4_mlx import step_context, switches
+
+
+@pytest.mark.parametrize("raw, default, expected", [
+    (None, True, True), (None, False, False), ("", True, True), ("", False, False),
+    ("0", True, False), (" OFF ", True, False), ("false", True, False), ("No", True, False),
+    ("1", False, True), ("yes", False, True), ("anything", False, True),
+])
+def test_env_flag(monkeypatch, raw, default, expected):
+    if raw is None:
+        monkeypatch.delenv("GEMMA4_MLX_TEST_SWITCH", raising=False)
+    else:
+        monkeypatch.setenv("GEMMA4_MLX_TEST_SWITCH", raw)
+    assert switches.env_flag("GEMMA4_MLX_TEST_SWITCH", default) is expected
+
+
+def test_frozen_reads_each_switch_once_per_block(monkeypatch):
+    monkeypatch.setenv("GEMMA4_MLX_TEST_SWITCH", "a")
+    with step_context.cached_call():  # a model call with a cache
+        assert switches.env("GEMMA4_MLX_TEST_SWITCH") == "a"
+        monkeypatch.setenv("GEMMA4_MLX_TEST_SWITCH", "b")
+        with step_context.cached_call():  # nested: the outer block's values
+            assert switches.env("GEMMA4_MLX_TEST_SWITCH") == "a"
+        assert switches.env("GEMMA4_MLX_TEST_SWITCH") == "a"
+        seen = []
+        other = threading.Thread(target=lambda: seen.append(switches.env("GEMMA4_MLX_TEST_SWITCH")))
+        other.start()
+        other.join()
+        assert seen == ["b"]  # another thread is not inside this block
+    assert switches.env("GEMMA4_MLX_TEST_SWITCH") == "b"  # the next call reads it again
+    with step_context.cached_call():
+        assert switches.env("GEMMA4_MLX_TEST_SWITCH") == "b"
