@@ -11,12 +11,17 @@
 # started each cache-writing layer on the device as soon as it is built (6ce7c09): prefill 1.15x at
 # 4,096, 1.23-1.33x at 32k; fresh-process E2B bf16 0.47x wall, 2.09x decode (docs/benchmarks.md,
 # session 14). In this order:
-#   1. `check` (~4.5 min): parity on CUDA with the overlap (nothing there changed the kernels).
-#   2. `launch` then `split`: whatever the session changed about custom-kernel launches (MLX hashes a
-#      kernel's whole source at each launch: 6.05 us with 10 KB against 3.37 with a short one).
-#   3. `prefill` (~2 min) and `eager`: the eager kernel calls' host cost (22.7 us a call against MLX's
-#      1.75) is now ~4% of the host-bound prefill (`kernels off` 0.814x against 0.867x).
-#   4. `presets` (26B-A4B 4-bit did not build within 140 s in session 14; 200 s now) and `warm`
+#   1. `check` (~4.5 min): parity on CUDA with the overlap and the short sources (the default since
+#      625a688: MLX given include lines for our kernels' text; seed_check passed with them once).
+#   2. `short` (~2.5 min): the step with and without short sources again (one run: host 4.94 against
+#      5.47 ms a step); then `split` with `+resnorm` (fewer launches are now as cheap on the host as
+#      MLX's) and `GEMMA4_MLX_KERNELS_DISABLE=mv,ple_tail,attention_prefix_q SIDES=ours TAG=resnorm
+#      bash bench/gpu_session.sh profile`: its GPU time was higher in session 14's visit 1.
+#   3. `e2e` with NEW=128 RUNS=3 (~4.5 min): the README's fresh-process table with the short sources.
+#   4. `prefill` (~2 min) and `eager`: the eager kernel calls' host cost (22.7 us a call against MLX's
+#      1.75 before session 14's switch snapshot) was ~4-6% of the prefill (`kernels off` 0.814x
+#      against 0.867x).
+#   5. `presets` (26B-A4B 4-bit did not build within 140 s in session 14; 200 s now) and `warm`
 #      (E2B at 128 / 841 / 4,096 with the overlap).
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
