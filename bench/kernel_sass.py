@@ -38,6 +38,8 @@ KERNELS = {
                 "qoff": mx.int32, "qeps": mx.float32},
         ndims={"q": 4, "keys": 4, "values": 4, "scale": 1, "params": 1, "kv_len": 1, "qw": 1, "inv_freq": 1,
                "qoff": 1, "qeps": 1}),
+    "residual_norm": dict(inputs=["res", "branch", "w", "ls", "wn", "eps"], outputs=["out", "nrm"],
+                          dtypes={"eps": mx.float32}, ndims={"res": 2, "branch": 2, "w": 1, "ls": 1, "wn": 1, "eps": 1}),
 }
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
