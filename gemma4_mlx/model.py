@@ -289,8 +289,8 @@ class Gemma4TextModel(nn.Module):
         # Inside the decode step each layer's close is left to the next layer's first projection
         # (ops.PendingClose); the last one's feeds the final norm, and a trace wants every output.
         defer = trace is None and step_context.active() is not None
-        overlap = trace is None and not defer and h.shape[1] > 1 and any(c is not None for c in cache) \
-            and switches.env_flag(OVERLAP_ENV)
+        overlap = trace is None and not defer and h.shape[1] >= OVERLAP_MIN_POSITIONS \
+            and any(c is not None for c in cache) and switches.env_flag(OVERLAP_ENV)
         last = len(self.layers) - 1
         for i, (layer, p, next_norm) in enumerate(zip(self.layers, a.plan, next_norms)):
             c = cache[p.cache_index] if p.cache_index is not None else None
@@ -319,6 +319,10 @@ class Gemma4TextModel(nn.Module):
 
 # ``0``: a prompt chunk's graph is built whole before anything runs (ablations).
 OVERLAP_ENV = "GEMMA4_MLX_PREFILL_OVERLAP"
+# Prompt chunks only: a speculative round's verification (a few positions) needs every layer's
+# output at once, and each early start is an evaluation of its own; the gain was measured on
+# chunks of 2,048 positions, the cost of many small starts on few positions was not.
+OVERLAP_MIN_POSITIONS = 32
 
 
 def _start_evaluation(arrays) -> bool:

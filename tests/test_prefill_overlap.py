@@ -26,6 +26,13 @@ def model():
     return m
 
 
+@pytest.fixture(autouse=True)
+def short_chunks_count(monkeypatch):
+    """The tiny prompts here are chunks of a few positions: let those overlap too (the threshold
+    has its own test)."""
+    monkeypatch.setattr(model_module, "OVERLAP_MIN_POSITIONS", 2)
+
+
 @pytest.fixture
 def started(monkeypatch):
     """Every array list mx.async_eval is given (and still evaluated)."""
@@ -80,13 +87,21 @@ def test_same_logits_and_caches_with_and_without(model, started, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("case", ["one position", "no cache"])
+@pytest.mark.parametrize("case", ["one position", "fewer positions than a prompt chunk", "no cache"])
 def test_nothing_started_where_not_a_prompt_chunk(model, started, monkeypatch, case):
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "0")  # the eager one-token call, not the traced step
     monkeypatch.delenv(model_module.OVERLAP_ENV, raising=False)
     if case == "one position":
         cache = model.make_cache()
         model(mx.array([PROMPT[:1]]), cache=cache)
+    elif case.startswith("fewer"):  # a speculative round's verification, say
+        monkeypatch.setattr(model_module, "OVERLAP_MIN_POSITIONS", 32)
+        cache = model.make_cache()
+        model(mx.array([PROMPT[:8]]), cache=cache)
+        assert not started
+        model(mx.array([(PROMPT * 3)[:32]]), cache=model.make_cache())  # a chunk of the threshold's size does
+        assert started
+        return
     else:
         model(mx.array([PROMPT]))
     assert not started
