@@ -335,3 +335,17 @@ def test_short_sources_switch_is_part_of_the_kernel_and_step_keys(fresh_builds, 
         short = dispatch.get_kernel("ple_gate", ["gate", "pli"], ["out"])
         assert short is not full and short.short and not full.short
         assert decode._switches() != step
+
+
+def test_short_sources_include_absolute_paths_under_a_relative_cache_setting(fresh_builds, tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMMA4_MLX_NVRTC", "seed")
+    monkeypatch.setenv(cuda_build.SHORT_SOURCES_ENV, "1")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GEMMA4_MLX_CACHE", "relative-cache")
+    with dispatch.force_backend("cuda"), cuda_build.prefetch():
+        K.ple_gate_kernel(*_m["ple"]._probe_gate(("mlx.core.bfloat16", "mlx.core.bfloat16")))
+    (kernel,) = [k for k in dispatch._kernel_cache.values() if isinstance(k, cuda_build.SeededKernel)]
+    header, body = kernel.given_sources()
+    for text in (header, body):
+        path = Path(text.split('#include "')[1].split('"')[0])
+        assert path.is_absolute() and path.is_file() and str(tmp_path / "relative-cache") in str(path)

@@ -430,7 +430,8 @@ class SeededKernel:
     def _short_sources(self) -> Optional[Tuple[str, str]]:
         digest = hashlib.sha256((self.header + "\0" + self.source).encode()).hexdigest()[:16]
         try:
-            folder = cache_dir() / "sources"
+            # absolute: NVRTC would resolve a relative include against whatever folder it compiles in
+            folder = (cache_dir() / "sources").absolute()
         except nvrtc.NvrtcError:
             return None
         files = {folder / f"{self.name}_{digest}.h": self.header, folder / f"{self.name}_{digest}.inc": self.source}
