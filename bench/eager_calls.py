@@ -15,15 +15,18 @@ import mlx.nn as nn
 
 from gemma4_mlx import ops, step_context
 from gemma4_mlx.kernels import dispatch
+from gemma4_mlx.presets import preset_config
 
 ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
 N = int(os.environ.get("N", 200))
-HIDDEN, WIDTH, PLE = 1536, 6144, 256
+_e2b = preset_config("e2b")
+_e2b = _e2b.get("text_config", _e2b)
+HIDDEN, WIDTH, PLE = _e2b["hidden_size"], _e2b["intermediate_size"], _e2b["hidden_size_per_layer_input"]
 dt = mx.bfloat16
 gate = mx.random.normal((1, ROWS, WIDTH)).astype(dt)
 up = mx.random.normal((1, ROWS, WIDTH)).astype(dt)
 pg = mx.random.normal((1, ROWS, PLE)).astype(dt)
-pli = mx.random.normal((1, ROWS, 35, PLE)).astype(dt)[:, :, 3, :]
+pli = mx.random.normal((1, ROWS, _e2b["num_hidden_layers"], PLE)).astype(dt)[:, :, 3, :]
 x = mx.random.normal((1, ROWS, HIDDEN)).astype(dt)
 w = mx.ones((HIDDEN,), dtype=dt)
 lin = nn.Linear(HIDDEN, HIDDEN, bias=False)
@@ -55,7 +58,9 @@ def per_call(fn) -> float:
 
 with step_context.cached_call():
     for fn in CASES.values():  # builds, self-checks, MLX's JIT
-        mx.eval(fn()) if isinstance(fn(), mx.array) else None
+        out = fn()
+        if isinstance(out, mx.array):
+            mx.eval(out)
     print(f"host cost per eager call, {ROWS} rows, bf16 (median of 5 x {N} calls; nothing evaluated)")
     for name, fn in CASES.items():
         print(f"  {name:24s} {per_call(fn) * 1e6:8.2f} us")

@@ -30,7 +30,6 @@ other one, and the same request gives the same tokens whatever ran before.
 from __future__ import annotations
 
 import operator
-import os
 import weakref
 from typing import Any, Dict, List, Optional
 
@@ -50,7 +49,7 @@ def compile_enabled() -> bool:
     step measured slower than the eager one (e2b-mini, float32, 2 cores: 77 against 74 ms per
     token, stock 74 ms), because there the time is the matmuls, not the per-op dispatch the
     compiled step removes."""
-    raw = os.environ.get("GEMMA4_MLX_COMPILE", "auto").strip().lower()
+    raw = (switches.env("GEMMA4_MLX_COMPILE") or "auto").strip().lower()
     if raw in ("", "auto"):
         return mx.default_device() == mx.gpu
     return raw not in switches.OFF_VALUES
@@ -70,7 +69,7 @@ def transposes_enabled() -> bool:
 def kv_scatter_enabled() -> bool:
     """``GEMMA4_MLX_KV_WRITE=slice``: the decode step writes each new key/value with
     ``mx.slice_update`` (its form until session 12) instead of a scatter (ablations)."""
-    return os.environ.get("GEMMA4_MLX_KV_WRITE", "scatter").strip().lower() != "slice"
+    return (switches.env("GEMMA4_MLX_KV_WRITE") or "scatter").strip().lower() != "slice"
 
 
 def _switches() -> tuple:

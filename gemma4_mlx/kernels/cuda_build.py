@@ -50,18 +50,14 @@ _arch: Optional[str] = None
 SEED_CHECKED_MLX = ((0, 32, 1), (0, 33, 0))  # [from, before)
 
 
-def _mlx_version() -> tuple:
-    """MLX's (major, minor, patch); (0, 0, 0) when it does not read as one."""
-    return _parse_version(mx.__version__)
-
-
 @functools.lru_cache(maxsize=8)
 def _parse_version(text: str) -> tuple:
+    """An MLX version's (major, minor, patch); (0, 0, 0) when it does not read as one."""
     match = re.match(r"(\d+)\.(\d+)\.(\d+)", text)
     return tuple(int(g) for g in match.groups()) if match else (0, 0, 0)
 
 
-_NVRTC_VALUES = ("", "auto", "seed", "own", "1", "on", "true", "yes", "0", "off", "false", "no")
+_NVRTC_VALUES = ("", "auto", "seed", "own", "1", "on", "true", "yes") + switches.OFF_VALUES
 
 
 def mode() -> str:
@@ -79,7 +75,7 @@ def _resolve_mode(setting: str, have_nvrtc: bool, mlx_version: str) -> str:
     raw = setting.strip().lower()
     if raw not in _NVRTC_VALUES:
         raise ValueError(f"GEMMA4_MLX_NVRTC={raw!r}: expected auto, seed, own or 0")
-    if raw in ("0", "off", "false", "no") or not have_nvrtc:
+    if raw in switches.OFF_VALUES or not have_nvrtc:
         return "off"
     if raw == "seed":
         return "seed"
