@@ -1,7 +1,8 @@
 """A prompt chunk starts its cache-writing layers on the device while Python builds the rest
 (model._start_evaluation): the same logits and caches as a call built whole, only the caches' inputs
 started early (never the KV-shared layers or the head), and nothing started where evaluation is not
-allowed (compile, grad) or not wanted (one position, no cache, the switch off)."""
+allowed (compile, grad) or not wanted (one position, no cache, the switch off, the CPU by default).
+These tests run on the CPU, so they switch it on (``1``) where they want it."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def _prefill(model, chunks=(7, 5)):
 
 
 def test_starts_each_cache_writing_layer_once_per_chunk(model, started, monkeypatch):
-    monkeypatch.delenv(model_module.OVERLAP_ENV, raising=False)
+    monkeypatch.setenv(model_module.OVERLAP_ENV, "1")
     writers = [p for p in model.args.plan if not p.is_kv_shared]
     assert 0 < len(writers) < len(model.args.plan), "the tiny preset must have KV-shared layers"
     cache = model.make_cache()
@@ -90,7 +91,7 @@ def test_same_logits_and_caches_with_and_without(model, started, monkeypatch):
 @pytest.mark.parametrize("case", ["one position", "fewer positions than a prompt chunk", "no cache"])
 def test_nothing_started_where_not_a_prompt_chunk(model, started, monkeypatch, case):
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "0")  # the eager one-token call, not the traced step
-    monkeypatch.delenv(model_module.OVERLAP_ENV, raising=False)
+    monkeypatch.setenv(model_module.OVERLAP_ENV, "1")
     if case == "one position":
         cache = model.make_cache()
         model(mx.array([PROMPT[:1]]), cache=cache)
@@ -109,7 +110,7 @@ def test_nothing_started_where_not_a_prompt_chunk(model, started, monkeypatch, c
 
 def test_inside_transformations_the_call_stays_lazy(model, monkeypatch):
     """mx.compile and mx.grad forbid evaluation: the call neither fails nor changes its result."""
-    monkeypatch.delenv(model_module.OVERLAP_ENV, raising=False)
+    monkeypatch.setenv(model_module.OVERLAP_ENV, "1")
     expected = _prefill(model, chunks=(12,))[0]
 
     def prefill_logits(tokens):
@@ -145,6 +146,16 @@ def test_mlx_lm_generate_step_gives_the_same_tokens_with_and_without(model, monk
     monkeypatch.setenv(model_module.OVERLAP_ENV, "0")
     whole = tokens()
     assert not started
-    monkeypatch.delenv(model_module.OVERLAP_ENV)
+    monkeypatch.setenv(model_module.OVERLAP_ENV, "1")
     assert tokens() == whole and len(whole) == 6
     assert started
+
+
+def test_auto_means_a_gpu_only(model, started, monkeypatch):
+    """Unset (auto): on the default device's kind. These tests run on the CPU: nothing starts."""
+    monkeypatch.delenv(model_module.OVERLAP_ENV, raising=False)
+    assert model_module.overlap_enabled() is (mx.default_device() == mx.gpu)
+    model(mx.array([PROMPT[:7]]), cache=model.make_cache())
+    assert bool(started) is (mx.default_device() == mx.gpu)
+    monkeypatch.setenv(model_module.OVERLAP_ENV, "off")
+    assert not model_module.overlap_enabled()
