@@ -38,6 +38,10 @@ KERNELS = {
                 "qoff": mx.int32, "qeps": mx.float32},
         ndims={"q": 4, "keys": 4, "values": 4, "scale": 1, "params": 1, "kv_len": 1, "qw": 1, "inv_freq": 1,
                "qoff": 1, "qeps": 1}),
+    "norm_rope": dict(inputs=["x", "xv", "w", "inv_freq", "offset", "eps"], outputs=["out", "vout"],
+                      defines=[("KV_PAIR", 1)],
+                      dtypes={"inv_freq": mx.float32, "offset": mx.int32, "eps": mx.float32},
+                      ndims={"x": 4, "xv": 4, "w": 1, "inv_freq": 1, "offset": 1, "eps": 1}),
     "residual_norm": dict(inputs=["res", "branch", "w", "ls", "wn", "eps"], outputs=["out", "nrm"],
                           dtypes={"eps": mx.float32}, ndims={"res": 2, "branch": 2, "w": 1, "ls": 1, "wn": 1, "eps": 1}),
 }
@@ -60,7 +64,7 @@ def build(name: str, template: dict, arch: str = "sm_90") -> bytes:
     template = dict(template)
     spec = KERNELS[name]
     inputs, outputs = spec["inputs"], spec["outputs"]
-    head, src = dispatch.kernel_source(name, "cuda", ())
+    head, src = dispatch.kernel_source(name, "cuda", spec.get("defines", ()))
     k = cuda_build.CudaKernel(dispatch.kernel_name(name), inputs, outputs, src,
                               dispatch.read_source("cuda_types.h") + head)
     T = DTYPES[template.pop("T", "bfloat16")]
