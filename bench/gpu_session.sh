@@ -232,6 +232,16 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
   launch)   # session 14: host cost per launch: a cuda_kernel with a short and with a 10 KB source (MLX hashes
             # the source at every launch), MLX's own add (bench/launch_cost.py, ~30 s)
     timeout 100 python3 bench/launch_cost.py 2>&1 | tail -6 | tee "$OUT/launch_cost.txt" ;;
+  loads)    # session 15: residual_norm, the mv/qmv residual prologue and norm_rope now load a row before their
+            # first store (each later load waited behind a store it might alias: 12.1 us a residual_norm under ncu);
+            # mv can issue several steps' loads before their products (UNR): parity of those kernels, the step
+            # with each fused form, the chain of E2B's bf16 products in every layout (~5 min)
+    parity loads 200 tests/test_kernels.py tests/test_fusion.py tests/test_decode.py -k "residual or rope or mv or prologue"
+    CONFIGS="stock,ours,ours +resnorm,ours +mv,ours +mv -residual,ours +attn_q,ours kernels off" ROUNDS=4 STEPS=15 \
+      timeout 200 python3 bench/ablate.py e2b 0 2>&1 | tail -19 | tee "$OUT/loads-e2b-q0.txt"
+    CONFIGS="stock,ours,ours +resnorm,ours +resnorm -qmvres" ROUNDS=4 STEPS=15 \
+      timeout 150 python3 bench/ablate.py e4b 4 2>&1 | tail -12 | tee "$OUT/loads-e4b-q4.txt"
+    timeout 150 python3 bench/matvec_chain.py --families E2B --bits 0 2>&1 | tee "$OUT/matvec_chain-e2b.txt" | tail -75 ;;
   short)    # session 14: short sources (MLX given include lines for each kernel's text; the default since): MLX
             # finds the seeded modules under the short names (bench/seed_check.py), then the step with and without (~2.5 min)
     timeout ${SEED_S:-80} python3 bench/seed_check.py 2>&1 | tail -12 | tee "$OUT/seed-short.txt"

@@ -35,7 +35,8 @@ SHAPES = {
     "E4B": {"qkv": (2048 + 2 * 512, 2560), "o": (2560, 2048), "gate/up": (2 * 10240, 2560), "down": (2560, 10240)},
     "31B": {"qkv": (8192 + 2 * 4096, 5376), "o": (5376, 8192), "gate/up": (2 * 21504, 5376), "down": (5376, 21504)},
 }
-LAYOUTS = [(1, 1), (1, 2), (1, 4), (1, 8), (4, 1)]
+# mv: (rows, split) or (rows, split, steps of K whose loads a lane issues together)
+LAYOUTS = [(1, 1), (1, 2), (1, 4), (1, 8), (4, 1), (1, 1, 2), (1, 1, 3), (1, 1, 4), (1, 2, 2), (1, 2, 3), (1, 4, 2)]
 # qmv: (rows, split, words per lane); 16-byte loads (4 words) with 1-4 rows per warp group since
 # the conversion-free dequantization (session 9)
 QLAYOUTS = [(1, 2, 1), (1, 4, 1), (1, 1, 4), (1, 2, 4), (1, 4, 4), (2, 1, 4), (2, 2, 4), (2, 4, 4), (4, 1, 4), (4, 2, 4)]

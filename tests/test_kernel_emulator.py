@@ -14,8 +14,9 @@ from gemma4_mlx.kernels import mv, qmv
 
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ not found: cannot build the emulated kernels")
 
-# (rows, split) of mv; qmv adds words per lane. Widths: whole steps and a ragged last one.
-MV_LAYOUTS = [None, (1, 1), (1, 2), (1, 8), (4, 1)]
+# (rows, split) of mv, or (rows, split, steps in flight); qmv adds words per lane. Widths: whole
+# steps and a ragged last one (left to the step-by-step loop after the steps in flight).
+MV_LAYOUTS = [None, (1, 1), (1, 2), (1, 8), (4, 1), (1, 1, 2), (1, 2, 4), (4, 1, 3)]
 QMV_LAYOUTS = [None, (1, 1, 1), (1, 2, 4), (1, 8, 1), (4, 1, 4)]
 
 
@@ -40,8 +41,18 @@ def test_mv_every_layout_and_form(emulated, K, N, M):
     x, w, w2, z = _rnd((M, 1, K), 1), _rnd((N, K), 2, 0.05), _rnd((2 * N, K), 3, 0.05), _rnd((M, 1, N), 4)
     for layout in MV_LAYOUTS:
         _close(mv._launch(x, w, None, mv.PLAIN, rows_split=layout), mv.matvec_reference(x, w), f"mv {layout}")
-    _close(mv._launch(x, w2, None, mv.GEGLU, rows_split=(1, 2)), mv.matvec_geglu_reference(x, w2), "mv geglu")
+    for layout in ((1, 2), (1, 1, 3)):
+        _close(mv._launch(x, w2, None, mv.GEGLU, rows_split=layout), mv.matvec_geglu_reference(x, w2),
+               f"mv geglu {layout}")
     _close(mv._launch(x, w, z, mv.GATE, rows_split=(1, 8)), mv.matvec_gate_reference(x, w, z), "mv gate")
+    _close(mv._launch(x, w, z, mv.GATE, rows_split=(2, 1, 2)), mv.matvec_gate_reference(x, w, z), "mv gate, 2 steps")
+
+
+def test_mv_steps_in_flight_misaligned_rows(emulated):
+    """A K that is not a multiple of 8 leaves the rows misaligned: every step goes one by one."""
+    K, N = 1036, 19
+    x, w = _rnd((1, 1, K), 14), _rnd((N, K), 15, 0.05)
+    _close(mv._launch(x, w, None, mv.PLAIN, rows_split=(1, 1, 4)), mv.matvec_reference(x, w), "mv K % 8 != 0")
 
 
 @pytest.mark.parametrize("bits,gs", [(4, 64), (8, 32)])
@@ -78,6 +89,8 @@ def test_residual_prologue_forms(emulated, quantized):
         else:
             args = (x, branch, nw, scalar, nxt, 1e-6, wf, None, mv.PLAIN)
             got, want = mv.residual_matvec_kernel(*args), mv.residual_matvec_reference(*args)
+            stepped = mv._launch(x, wf, None, mv.PLAIN, (branch, nw, scalar, nxt, 1e-6), rows_split=(1, 1, 2))
+            _close(stepped[1], want[1], f"product, two steps in flight, next norm {nxt is not None}", atol=1e-4)
         _close(got[0], want[0], f"new residual, next norm {nxt is not None}")
         _close(got[1], want[1], f"product, next norm {nxt is not None}", atol=1e-4)
 

@@ -56,6 +56,10 @@ def layout(K: int, per_step: int = 256) -> tuple:
     return 1, split
 
 
+# Steps of K whose weight loads a lane issues before their products (the kernel's UNR): 1 until
+# bench/matvec_chain.py shows more to be faster on a GPU (its layouts with a third entry).
+STEPS_IN_FLIGHT = 1
+
 PROBE_N = 300  # outputs of a self-check's product: more than one block's worth, not a multiple of it
 
 
@@ -99,18 +103,20 @@ def _launch(x: mx.array, w: mx.array, z: Optional[mx.array], epi: int, prologue:
     """The mv kernel. ``prologue`` = (branch, norm weight, scale or None, next norm weight or
     None, eps): x is then a residual (one row) and the product reads residual_norm's result;
     returns (new residual, y) instead of y. ``rows_split``: another layout than
-    :func:`layout`'s (bench/matvec_chain.py compares them)."""
+    :func:`layout`'s, (rows, split) or (rows, split, steps in flight) (bench/matvec_chain.py
+    compares them)."""
     M = x.size // x.shape[-1]
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
-    rows, split = rows_split or layout(x.shape[-1])
+    rows, split, *unr = rows_split or layout(x.shape[-1])
+    unr = unr[0] if unr else STEPS_IN_FLIGHT
     k = dispatch.get_kernel("mv", ["x", "w", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"])
     pro, HD, extra, hshape = prologue_inputs(x, prologue)
     # y gets x's leading dims: a reshape on each side would be two more primitives per
     # projection, and each costs host time in every decode step
     y, h = k(
         inputs=[x, w, w if z is None else z, *extra],
-        template=[("T", x.dtype), ("ROWS", rows), ("SPLIT", split), ("MM", _mm(M)), ("EPI", epi), ("PRO", pro),
-                  ("HD", HD)],
+        template=[("T", x.dtype), ("ROWS", rows), ("SPLIT", split), ("UNR", unr), ("MM", _mm(M)), ("EPI", epi),
+                  ("PRO", pro), ("HD", HD)],
         grid=(ceil_to(-(-N // rows) * 32 * split, TG), 1, 1),
         threadgroup=(TG, 1, 1),
         output_shapes=[(*x.shape[:-1], N), hshape],
