@@ -52,8 +52,9 @@ def off(*more, on=()):
 
 
 # "ours" is the default (the float matvec "mv", the one-launch PLE close "ple_tail", the
-# attention applying the q norm itself, "attention_prefix_q", and on CUDA the fused norm + residual
-# "residual_norm", off; on CUDA the quantized matvec "qmv" on for 4-bit products of >= 2^25 weights);
+# attention applying the q norm itself, "attention_prefix_q", off; the fused norm + residual
+# "residual_norm" on since session 15; on CUDA the quantized matvec "qmv" on for 4-bit products of
+# >= 2^25 weights);
 # each other line changes one thing. A kernel switched off falls back to
 # the model's MLX op sequence (what stock runs).
 # "+mv" / "+qmv" include their fused forms (a joined gate/up and its GeGLU, a PLE gate, a layer's
@@ -71,6 +72,7 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=["mv", "residual_n
            ("ours +ple_tail", off(on=["ple_tail"])),
            ("ours +attn_q", off(on=["attention_prefix_q"])),
            ("ours +resnorm", off(on=["residual_norm"])),
+           ("ours -resnorm", off("residual_norm")),  # the default until session 15
            # the fused norm alone, not its 4-bit matvec forms (which recompute the norm per block)
            ("ours +resnorm -qmvres", off("qmv_residual", on=["residual_norm"])),
            ("ours -attn", off("attention_prefix", "attention")),

@@ -596,7 +596,7 @@ def test_residual_norm_kernel_runs_in_decode_steps_not_over_prefill_chunks(monke
 
     monkeypatch.setenv("GEMMA4_MLX_KERNELS", "auto")
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
-    # Metal's default set, where residual_norm is on (CUDA's leaves it off since session 8)
+    # Metal's default set (residual_norm on, as on CUDA)
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", dispatch.DEFAULT_DISABLED["metal"])
     dispatch.reset()
     with dispatch.force_backend("cuda"), dispatch.override_kernel("residual_norm", spy):

@@ -191,8 +191,7 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     from gemma4_mlx.presets import preset_config
 
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "0")
-    # residual_norm too, though CUDA leaves it off by default (it is Metal's default, same body)
-    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", dispatch.DEFAULT_DISABLED["cuda"].replace("residual_norm", ""))
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", dispatch.DEFAULT_DISABLED["cuda"])
     if family == "tiny-31b":
         model = Model(parse_config(preset_config("tiny-31b")))
         model.update(tree_map(lambda p: (1.0 + 0.1 * _rnd(p.shape, 20)) if p.ndim == 1 else _rnd(p.shape, 21, 0.05),

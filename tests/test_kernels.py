@@ -1036,10 +1036,10 @@ def test_disable_list(monkeypatch):
     monkeypatch.delenv("GEMMA4_MLX_KERNELS_DISABLE", raising=False)
     # mv: measured slower than MLX's matmuls; qmv: on on CUDA (its size rule decides), not
     # measured against MLX's Metal one; ple_tail: slower on the H200; attention_prefix_q: no
-    # faster there; residual_norm: slower on the H200 (not measured on Metal, where it stays on)
+    # faster there; residual_norm: on on both since session 15
     default = {"mv", "ple_tail", "attention_prefix_q"}
     with dispatch.force_backend("cuda"):
-        assert dispatch.disabled_kernels() == default | {"residual_norm"}
+        assert dispatch.disabled_kernels() == default
     with dispatch.force_backend("metal"):
         assert dispatch.disabled_kernels() == default | {"qmv", "scale", "geglu"}
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "")

@@ -127,14 +127,16 @@ def active_backend() -> str | None:
 # ``GEMMA4_MLX_KERNELS_DISABLE=mv`` switches it on. "attention_prefix_q" (the decode step's
 # attention applying the q norm and RoPE itself) is correct on the H200 but no faster there
 # (session 7: bf16 10.04 ms against 10.16, 4-bit 11.75 against 11.05): off.
-# "residual_norm" (a sublayer's norm + residual + the next norm in one launch) is off on CUDA: on
-# the H200 every step measured was as fast or faster without it, the more so the wider the row
-# (session 8, 4-bit at 841 tokens: 31B 38.8 ms with it, 36.6 without; E4B 13.8 / 13.2; session 7,
-# E2B: 10.16 / 10.10 bf16, 11.05 / 10.86 4-bit). Not measured on Metal, where it stays on.
+# "residual_norm" (a sublayer's norm + residual + the next norm in one launch) is on everywhere
+# since session 15. Sessions 7-8 found it slower on the H200, the more so the wider the row (31B
+# 4-bit 38.8 ms a step with it, 36.6 without): its body issued each load behind a store it might
+# alias, a memory round trip per element group (12.1 us a launch at E2B's 1,536 under ncu). Loading
+# the row first halved that (5.95 us), and E2B bf16's step then read 1.90x stock with it against
+# 1.83x without, E4B 4-bit 1.60x against 1.57x (session 15, one run).
 # "scale" and "geglu" (session 11) replace MLX's fused element-wise kernels one for one, to spare
 # MLX's CUDA JIT (seconds per kernel on a machine's first run); Metal compiles those in
 # milliseconds, so there they stay MLX's: off.
-DEFAULT_DISABLED = {"cuda": "mv,ple_tail,attention_prefix_q,residual_norm",
+DEFAULT_DISABLED = {"cuda": "mv,ple_tail,attention_prefix_q",
                     "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu"}
 
 
