@@ -53,8 +53,8 @@ def off(*more, on=()):
 
 # "ours" is the default (the float matvec "mv", the one-launch PLE close "ple_tail", the
 # attention applying the q norm itself, "attention_prefix_q", off; the fused norm + residual
-# "residual_norm" on since session 15; on CUDA the quantized matvec "qmv" on for 4-bit products of
-# >= 2^25 weights);
+# "residual_norm" on since session 15, except inside the 4-bit matvec, "qmv_residual"; on CUDA the
+# quantized matvec "qmv" on for 4-bit products of >= 2^25 weights);
 # each other line changes one thing. A kernel switched off falls back to
 # the model's MLX op sequence (what stock runs).
 # "+mv" / "+qmv" include their fused forms (a joined gate/up and its GeGLU, a PLE gate, a layer's
@@ -62,12 +62,12 @@ def off(*more, on=()):
 # residual_norm's switch too, so it is switched on with them); "-residual" keeps
 # the norms apart, "plain" keeps every fused form off, to tell the matvec from the fusions.
 CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=["mv", "residual_norm"])),
-           ("ours +qmv", off(on=["qmv", "residual_norm"])),
+           ("ours +qmv", off(on=["qmv", "residual_norm", "qmv_residual"])),
            ("ours +mv -residual", off("mv_residual", on=["mv", "residual_norm"])),
-           ("ours +qmv -residual", off("qmv_residual", on=["qmv", "residual_norm"])),
+           ("ours +qmv -residual", off(on=["qmv", "residual_norm"])),
            ("ours +mv plain", off("mv_geglu", "mv_gate", "mv_residual", on=["mv"])),
            ("ours +qmv plain", off("qmv_geglu", "qmv_gate", "qmv_residual", on=["qmv"])),
-           ("ours +qmv fused", off("qmv_residual", on=["qmv"])),  # the gated forms, no residual_norm
+           ("ours +qmv fused", off("qmv_residual", "residual_norm", on=["qmv"])),  # the gated forms, no residual_norm
            ("ours -qmv", off("qmv")),  # MLX's quantized_matmul for every product (the default before session 9)
            ("ours +ple_tail", off(on=["ple_tail"])),
            ("ours +attn_q", off(on=["attention_prefix_q"])),
@@ -75,6 +75,7 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=["mv", "residual_n
            ("ours -resnorm", off("residual_norm")),  # the default until session 15
            # the fused norm alone, not its 4-bit matvec forms (which recompute the norm per block)
            ("ours +resnorm -qmvres", off("qmv_residual", on=["residual_norm"])),
+           ("ours +qmvres", off(on=["qmv_residual"])),  # the default in session 15's first commits
            ("ours -attn", off("attention_prefix", "attention")),
            ("ours -rope", off("q_norm_rope", "kv_norm_rope")),
            ("ours -ple", off("ple_combine", "ple_gate")),

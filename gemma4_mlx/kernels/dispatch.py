@@ -132,11 +132,15 @@ def active_backend() -> str | None:
 # 4-bit 38.8 ms a step with it, 36.6 without): its body issued each load behind a store it might
 # alias, a memory round trip per element group (12.1 us a launch at E2B's 1,536 under ncu). Loading
 # the row first halved that (5.95 us), and E2B bf16's step then read 1.90x stock with it against
-# 1.83x without, E4B 4-bit 1.60x against 1.57x (session 15, one run).
+# 1.83x without, E4B 4-bit 1.60x against 1.57x (session 15, one run). Its form inside the 4-bit
+# matvec, "qmv_residual", is off on CUDA: every block of the product computes the row's norms again
+# before its rows (a block holds a few rows, so that is about as many bytes again as the weights),
+# and 31B 4-bit's step took 34.3 ms with it against 20.9 without (19.4 without residual_norm at all;
+# E2B 4-bit 7.51 / 6.85 / 6.85; session 15). The float "mv_residual" goes with "mv" (off).
 # "scale" and "geglu" (session 11) replace MLX's fused element-wise kernels one for one, to spare
 # MLX's CUDA JIT (seconds per kernel on a machine's first run); Metal compiles those in
 # milliseconds, so there they stay MLX's: off.
-DEFAULT_DISABLED = {"cuda": "mv,ple_tail,attention_prefix_q",
+DEFAULT_DISABLED = {"cuda": "mv,ple_tail,attention_prefix_q,qmv_residual",
                     "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu"}
 
 
