@@ -230,8 +230,9 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
             # MLX's form (bench/eager_calls.py, ~20 s)
     timeout 120 python3 bench/eager_calls.py 2048 2>&1 | tee "$OUT/eager-2048.txt" | head -60 ;;
   launch)   # session 14: host cost per launch: a cuda_kernel with a short and with a 10 KB source (MLX hashes
-            # the source at every launch), MLX's own add (bench/launch_cost.py, ~30 s)
-    timeout 100 python3 bench/launch_cost.py 2>&1 | tail -6 | tee "$OUT/launch_cost.txt" ;;
+            # the source at every launch), MLX's own add; since session 15 also 8 inputs, shape/stride
+            # parameters, 2 outputs (what our kernels' signatures add; bench/launch_cost.py, ~40 s)
+    timeout 100 python3 bench/launch_cost.py 2>&1 | tail -9 | tee "$OUT/launch_cost.txt" ;;
   loads)    # session 15: residual_norm, the mv/qmv residual prologue and norm_rope now load a row before their
             # first store (each later load waited behind a store it might alias: 12.1 us a residual_norm under ncu);
             # mv can issue several steps' loads before their products (UNR): parity of those kernels, the step

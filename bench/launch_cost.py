@@ -1,7 +1,10 @@
 """Host cost of one mx.fast.precompiled_cuda_kernel launch against its cubin's size (MLX hashes
 the whole cubin at every launch), of the same kernel through mx.fast.cuda_kernel with a short
 source and with one as long as our kernels' (~10 KB: MLX hashes its source at every launch too),
-and of one of MLX's own element-wise ops."""
+and of one of MLX's own element-wise ops. Then what our kernels' signatures add to a launch: seven
+more inputs (mv takes eight), shape and stride parameters of three inputs, a second output (mv and
+residual_norm write two): in session 15's chain of E2B products, each of ours took 3-4 us more than
+MLX's matmul of the same shape, the smallest (1536 x 256) too."""
 import time
 
 import mlx.core as mx
@@ -41,3 +44,19 @@ for label, source in (("cuda_kernel", body), ("cuda_kernel, 10 KB source", body 
     per_launch(label, lambda v, k=k: k(inputs=[v], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(32,)],
                                         output_dtypes=[mx.float32])[0])
 per_launch("MLX's add", lambda v: v + 1.0)
+
+extra = [mx.ones((32,)) for _ in range(7)]
+mx.eval(extra)
+names = [f"e{i}" for i in range(7)]
+forms = {
+    "cuda_kernel, 8 inputs": (["x"] + names, ["y"], body, lambda v: [v] + extra),
+    "cuda_kernel, shapes and strides of 3 inputs": (
+        ["x", "e0", "e1"], ["y"], "y[threadIdx.x] = x[threadIdx.x] + 1.0f + float(x_shape[0] + e0_strides[0] + "
+        "e1_shape[0] + x_strides[0] + e0_shape[0] + e1_strides[0]) * 0.0f;", lambda v: [v] + extra[:2]),
+    "cuda_kernel, 2 outputs": (["x"], ["y", "z"], "y[threadIdx.x] = x[threadIdx.x] + 1.0f; z[0] = 0.0f;", lambda v: [v]),
+}
+for label, (ins, outs, src, inputs) in forms.items():
+    k = mx.fast.cuda_kernel(name=f"k{abs(hash(label)) % 10**8}", input_names=ins, output_names=outs, source=src)
+    per_launch(label, lambda v, k=k, outs=outs, inputs=inputs: k(
+        inputs=inputs(v), grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(32,)] * len(outs),
+        output_dtypes=[mx.float32] * len(outs))[0])

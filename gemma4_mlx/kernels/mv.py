@@ -56,9 +56,11 @@ def layout(K: int, per_step: int = 256) -> tuple:
     return 1, split
 
 
-# Steps of K whose weight loads a lane issues before their products (the kernel's UNR): 1 until
-# bench/matvec_chain.py shows more to be faster on a GPU (its layouts with a third entry).
-STEPS_IN_FLIGHT = 1
+# Steps of K whose weight loads a lane issues before their products (the kernel's UNR). Two were
+# as fast or faster than one on every E2B bf16 shape in a compiled chain (H200, session 15, layout
+# 1 x 2, us per product: gate/up 24.2 against 29.9, o 16.8 / 17.3, down 21.5 / 24.0, q/k/v 17.7 /
+# 18.2; MLX's matmul 24.2, 13.7, 18.2, 14.8); three or four were no faster.
+STEPS_IN_FLIGHT = 2
 
 PROBE_N = 300  # outputs of a self-check's product: more than one block's worth, not a multiple of it
 
