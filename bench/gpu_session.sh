@@ -6,23 +6,17 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 15): issue 14. One GPU is enough (nvidia-h200). Session 14 found why the prefill
-# lagged (the GPU idled while Python built each chunk: ours' build 12.5 ms against stock's 6.0) and
-# started each cache-writing layer on the device as soon as it is built (6ce7c09): prefill 1.15x at
-# 4,096, 1.23-1.33x at 32k; fresh-process E2B bf16 0.47x wall, 2.09x decode (docs/benchmarks.md,
-# session 14). In this order:
-#   1. `check` (~4.5 min): parity on CUDA with the overlap and the short sources (the default since
-#      625a688: MLX given include lines for our kernels' text; seed_check passed with them once).
-#   2. `short` (~2.5 min): the step with and without short sources again (one run: host 4.94 against
-#      5.47 ms a step); then `split` with `+resnorm` (fewer launches are now as cheap on the host as
-#      MLX's) and `GEMMA4_MLX_KERNELS_DISABLE=mv,ple_tail,attention_prefix_q SIDES=ours TAG=resnorm
-#      bash bench/gpu_session.sh profile`: its GPU time was higher in session 14's visit 1.
-#   3. `e2e` with NEW=128 RUNS=3 (~4.5 min): the README's fresh-process table with the short sources.
-#   4. `prefill` (~2 min) and `eager`: the eager kernel calls' host cost (22.7 us a call against MLX's
-#      1.75 before session 14's switch snapshot) was ~4-6% of the prefill (`kernels off` 0.814x
-#      against 0.867x).
-#   5. `presets` (26B-A4B 4-bit did not build within 140 s in session 14; 200 s now) and `warm`
-#      (E2B at 128 / 841 / 4,096 with the overlap).
+# Next visit (session 16): issue 14. One GPU is enough (nvidia-h200). Session 15 found residual_norm
+# issuing each load behind a store (12.1 -> 5.95 us a launch once the row is loaded first) and put it on
+# by default on CUDA, with its 4-bit matvec form qmv_residual off (31B 4-bit step 34.3 -> 20.9 ms, 1.52x
+# stock); docs/benchmarks.md, session 15. In this order:
+#   1. `defaults` (~4 min): the step with and without residual_norm, more rounds (E4B 4-bit read 1.60x
+#      against 1.57x in one visit and 1.52x against 1.82x in the next), E2B bf16 / 4-bit, 31B 4-bit.
+#   2. `launch` (~40 s): what our kernels' signatures add to a launch (8 inputs, shape/stride parameters,
+#      2 outputs): our mv was 3-4 us a product behind MLX's matmul on every E2B shape, the smallest too.
+#   3. `presets` (~5 min): E4B, 26B-A4B and 31B at 841 with the new defaults (26B-A4B 4-bit unmeasured
+#      since session 13; 31B 4-bit read 1.17x in `compare` against 1.52x in the step harness).
+#   4. `Q=4 NEW=128 RUNS=3 e2e` (~5 min, the README's 4-bit rows are from session 12), `prefill` if time is left.
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
@@ -233,6 +227,11 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
             # the source at every launch), MLX's own add; since session 15 also 8 inputs, shape/stride
             # parameters, 2 outputs (what our kernels' signatures add; bench/launch_cost.py, ~40 s)
     timeout 100 python3 bench/launch_cost.py 2>&1 | tail -9 | tee "$OUT/launch_cost.txt" ;;
+  defaults) # session 16: residual_norm on (the default since session 15) against off, 6 rounds a line
+    for pq in "e2b 0" "e2b 4" "e4b 4" "31b 4"; do
+      CONFIGS="stock,ours,ours -resnorm" ROUNDS=6 STEPS=15 timeout 110 python3 bench/ablate.py $pq 2>&1 | tail -8 \
+        | tee "$OUT/defaults-${pq// /-q}.txt" | head -4
+    done ;;
   loads)    # session 15: residual_norm, the mv/qmv residual prologue and norm_rope now load a row before their
             # first store (each later load waited behind a store it might alias: 12.1 us a residual_norm under ncu);
             # mv can issue several steps' loads before their products (UNR): parity of those kernels, the step
