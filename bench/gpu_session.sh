@@ -17,6 +17,8 @@
 #   3. `presets` (~5 min): E4B, 26B-A4B and 31B at 841 with the new defaults (26B-A4B 4-bit unmeasured
 #      since session 13; 31B 4-bit read 1.17x in `compare` against 1.52x in the step harness).
 #   4. `Q=4 NEW=128 RUNS=3 e2e` (~5 min, the README's 4-bit rows are from session 12), `prefill` if time is left.
+#   5. `mvdetail` (~2 min): Nsight Compute's full set for the fused matvec forms (why 72.5 us a launch):
+#      the route to ~370 launches a step instead of ~550 (issue 14's "a handful of launches a layer").
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
@@ -232,6 +234,15 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       CONFIGS="stock,ours,ours -resnorm" ROUNDS=6 STEPS=15 timeout 110 python3 bench/ablate.py $pq 2>&1 | tail -8 \
         | tee "$OUT/defaults-${pq// /-q}.txt" | head -4
     done ;;
+  mvdetail) # session 16: why the fused matvec forms are slow on the GPU (session 15, ncu: the joined gate/up
+            # with its residual prologue 72.5 us a launch, q/k/v with it 34.1, the plain products 3.8-10.8):
+            # Nsight Compute's full set (occupancy, stall reasons, shared-memory conflicts) for the first
+            # launches of each mv form in one E2B bf16 step with every fused form on (~2 min)
+    GEMMA4_MLX_KERNELS_DISABLE=ple_tail,attention_prefix_q timeout ${PROF_S:-200} ncu --profile-from-start off \
+      --set full -k regex:gemma4_mv --launch-count 8 --page details --print-units base \
+      python3 bench/step_profile.py e2b 0 ours > "$OUT/mvdetail.txt" 2>&1; echo "ncu exit $?"
+    grep -E "custom_kernel_gemma4_mv|Duration|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Memory Throughput|L1/TEX Hit|Bank Conflicts|One or More Eligible|Issue Slot|No Eligible" \
+      "$OUT/mvdetail.txt" | head -90 ;;
   loads)    # session 15: residual_norm, the mv/qmv residual prologue and norm_rope now load a row before their
             # first store (each later load waited behind a store it might alias: 12.1 us a residual_norm under ncu);
             # mv can issue several steps' loads before their products (UNR): parity of those kernels, the step
