@@ -42,6 +42,9 @@ KERNELS = {
                       defines=[("KV_PAIR", 1)],
                       dtypes={"inv_freq": mx.float32, "offset": mx.int32, "eps": mx.float32},
                       ndims={"x": 4, "xv": 4, "w": 1, "inv_freq": 1, "offset": 1, "eps": 1}),
+    "ple_combine": dict(inputs=["ids", "table", "proj", "w", "table_scale", "eps"], outputs=["out"],
+                        dtypes={"ids": mx.int32, "table_scale": mx.float32, "eps": mx.float32},
+                        ndims={"ids": 2, "table": 2, "proj": 4, "w": 1, "table_scale": 1, "eps": 1}),
     "residual_norm": dict(inputs=["res", "branch", "w", "ls", "wn", "eps"], outputs=["out", "nrm"],
                           dtypes={"eps": mx.float32}, ndims={"res": 2, "branch": 2, "w": 1, "ls": 1, "wn": 1, "eps": 1}),
 }

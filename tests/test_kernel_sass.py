@@ -74,3 +74,11 @@ def test_residual_norm_loads_its_row_before_storing(sass, HD, nxt):
 def test_norm_rope_loads_its_row_before_storing(sass, D, H):
     text = sass._tool_output(sass.build("norm_rope", dict(T="bfloat16", D=D, H=H)), "-sass")
     assert _loads_after_first_store(text) == []
+
+
+@pytest.mark.parametrize("P,NL", [(256, 35), (256, 42)])  # E2B's and E4B's per-layer inputs
+def test_ple_combine_loads_its_row_before_storing(sass, P, NL):
+    """(Its earlier form passed too: with no condition around the loads NVCC hoisted them over the
+    restrict-qualified stores itself. Metal's kernels get no restrict, so the body loads first.)"""
+    text = sass._tool_output(sass.build("ple_combine", dict(T="bfloat16", P=P, NL=NL)), "-sass")
+    assert _loads_after_first_store(text) == []
