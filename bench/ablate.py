@@ -141,8 +141,10 @@ def steps(model, cache, n, parts=None):
     return ts
 
 
-def step_ops(model):
-    """Primitives in one decode step's graph (after the trace: what each later step evaluates)."""
+def step_ops(model, name=""):
+    """Primitives in one decode step's graph (after the trace: what each later step evaluates).
+    With STEP_DOT=DIR the graph is also written there as <line>.dot (where the views come from:
+    each one costs host time when the step is replayed)."""
     cache = model.make_cache()
     mx.eval(model(prompt[:, :40], cache=cache))
     mx.eval(model(mx.array([[11]]), cache=cache))
@@ -150,6 +152,10 @@ def step_ops(model):
     f = io.StringIO()
     mx.export_to_dot(f, out, *[a for c in cache if getattr(c, "keys", None) is not None for a in (c.keys, c.values)])
     names = re.findall(r'label ="([A-Za-z_0-9]+)', f.getvalue())
+    if os.environ.get("STEP_DOT"):
+        os.makedirs(os.environ["STEP_DOT"], exist_ok=True)
+        with open(os.path.join(os.environ["STEP_DOT"], re.sub(r"[^A-Za-z0-9+-]+", "_", name or "step") + ".dot"), "w") as out:
+            out.write(f.getvalue())
     mx.eval(out)
     return len(names), sum(n not in VIEWS for n in names), collections.Counter(names)
 
@@ -161,7 +167,7 @@ for name, env in CONFIGS:
     cache = prefilled(model)
     steps(model, cache, 5)  # trace, kernel checks, warm-up
     try:
-        ops = step_ops(model)
+        ops = step_ops(model, name)
     except Exception as e:  # the timings matter more than the count
         print(f"  (op count failed for {name}: {type(e).__name__}: {e})")
         ops = (0, 0, collections.Counter())

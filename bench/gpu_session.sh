@@ -231,7 +231,9 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     timeout 100 python3 bench/launch_cost.py 2>&1 | tail -9 | tee "$OUT/launch_cost.txt" ;;
   defaults) # session 16: residual_norm on (the default since session 15) against off, 6 rounds a line
     for pq in "e2b 0" "e2b 4" "e4b 4" "31b 4"; do
-      CONFIGS="stock,ours,ours -resnorm" ROUNDS=6 STEPS=15 timeout 110 python3 bench/ablate.py $pq 2>&1 | tail -8 \
+      # the step graphs too (STEP_DOT: where the ~250 views of ours' E2B step come from; each costs host time)
+      STEP_DOT="$OUT/dots-${pq// /-q}" CONFIGS="stock,ours,ours -resnorm" ROUNDS=6 STEPS=15 timeout 110 \
+        python3 bench/ablate.py $pq 2>&1 | tail -8 \
         | tee "$OUT/defaults-${pq// /-q}.txt" | head -4
     done ;;
   mvdetail) # session 16: why the fused matvec forms are slow on the GPU (session 15, ncu: the joined gate/up
