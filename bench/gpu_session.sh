@@ -12,12 +12,16 @@
 # stock); docs/benchmarks.md, session 15. In this order:
 #   1. `defaults` (~4 min): the step with and without residual_norm, more rounds (E4B 4-bit read 1.60x
 #      against 1.57x in one visit and 1.52x against 1.82x in the next), E2B bf16 / 4-bit, 31B 4-bit.
-#   2. `launch` (~40 s): what our kernels' signatures add to a launch (8 inputs, shape/stride parameters,
+#   2. `prefill` (~3 min): a sliding layer's long prompt chunk now goes in query blocks over the keys each
+#      block sees (gemma4_mlx/window_attention.py, on by default, unmeasured on a GPU; the line
+#      `ours dense window` is the old path): E2B's unfused attention was ~11 of a 21 ms chunk, and a
+#      2,048-token chunk's sliding layers computed 2.5x the scores a band needs. If it holds, `warm`.
+#   3. `launch` (~40 s): what our kernels' signatures add to a launch (8 inputs, shape/stride parameters,
 #      2 outputs): our mv was 3-4 us a product behind MLX's matmul on every E2B shape, the smallest too.
-#   3. `presets` (~5 min): E4B, 26B-A4B and 31B at 841 with the new defaults (26B-A4B 4-bit unmeasured
+#   4. `presets` (~5 min): E4B, 26B-A4B and 31B at 841 with the new defaults (26B-A4B 4-bit unmeasured
 #      since session 13; 31B 4-bit read 1.17x in `compare` against 1.52x in the step harness).
-#   4. `Q=4 NEW=128 RUNS=3 e2e` (~5 min, the README's 4-bit rows are from session 12), `prefill` if time is left.
-#   5. `mvdetail` (~2 min): Nsight Compute's full set for the fused matvec forms (why 72.5 us a launch):
+#   5. `Q=4 NEW=128 RUNS=3 e2e` (~5 min, the README's 4-bit rows are from session 12).
+#   6. `mvdetail` (~2 min): Nsight Compute's full set for the fused matvec forms (why 72.5 us a launch):
 #      the route to ~370 launches a step instead of ~550 (issue 14's "a handful of launches a layer").
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).

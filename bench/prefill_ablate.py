@@ -1,7 +1,8 @@
 """Prefill ablations on one warm GPU: where ours' long prompts lose to stock (E2B at 32k: 0.77-0.90x
 in session 13's `long`, 0.97x in session 10), one kernel switched off at a time.
 
-Usage: python3 bench/prefill_ablate.py PRESET [PROMPT_TOKENS] (default e2b 32768); ROUNDS (3).
+Usage: python3 bench/prefill_ablate.py PRESET [PROMPT_TOKENS] (default e2b 32768); ROUNDS (3);
+CONFIGS=ours,... to run those lines only (and stock).
 Every configuration runs the prompt's chunks of 2,048 over a fresh mlx-lm prompt cache, evaluating
 the caches after each chunk (mlx-lm's generate_step does the same, then a one-token step for the
 last token and its logits: left out here, so a configuration change, which makes ours trace its
@@ -29,6 +30,7 @@ from gemma4_mlx.kernels import dispatch
 preset = sys.argv[1] if len(sys.argv) > 1 else "e2b"
 P = int(sys.argv[2]) if len(sys.argv) > 2 else 32768
 R = int(os.environ.get("ROUNDS", 3))
+ONLY = [c.strip() for c in os.environ.get("CONFIGS", "").split(",") if c.strip()]
 settings = BenchSettings(preset=preset, dtype="bfloat16").resolve()
 STEP = settings.prefill_step_size  # the harness's (mlx-lm's generate_step default)
 ours, stock, _ = build_pair(settings)
@@ -39,6 +41,9 @@ CONFIGS = {
     "stock": (stock, None, "auto"),
     "ours": (ours, None, "auto"),
     "ours no overlap": (ours, None, "auto", {"GEMMA4_MLX_PREFILL_OVERLAP": "0"}),
+    # a sliding layer's chunk over the whole masked rectangle, as stock (session 15's default: in
+    # query blocks over the keys each block sees, gemma4_mlx/window_attention.py)
+    "ours dense window": (ours, None, "auto", {"GEMMA4_MLX_BANDED_WINDOW": "0"}),
     "ours -geglu": (ours, default_off + ",geglu", "auto"),
     "ours -scale": (ours, default_off + ",scale", "auto"),
     "ours -ple": (ours, default_off + ",ple_combine,ple_gate", "auto"),
@@ -74,6 +79,8 @@ def run(name):
         return prefill(model)
 
 
+if ONLY:  # CONFIGS=stock,ours,...: those lines only (stock always: the ratios' base)
+    CONFIGS = {n: c for n, c in CONFIGS.items() if n == "stock" or n in ONLY}
 for name in CONFIGS:  # warm-up: kernel builds, self-checks, MLX's JIT
     run(name)
 times = {name: [] for name in CONFIGS}
