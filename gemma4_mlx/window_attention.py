@@ -38,8 +38,8 @@ def applies(queries: mx.array, keys: mx.array, mask: Any, cache: Any, window: Op
     """True for a prompt chunk of a sliding layer whose keys are the window - 1 positions before
     the chunk (or fewer, at the start of the sequence) then the chunk, in time order, with the
     plain causal-window mask: our ``SlidingWindowCache`` (not quantized) or no cache."""
-    if not window or queries.ndim != 4 or keys.ndim != 4:
-        return False
+    if not window or not isinstance(keys, mx.array) or queries.ndim != 4 or keys.ndim != 4:
+        return False  # (a quantized cache's keys are (packed, scales, biases))
     L, N = queries.shape[2], keys.shape[2]
     if L < MIN_WINDOWS_PER_CHUNK * window or not 0 <= N - L <= window - 1:
         return False

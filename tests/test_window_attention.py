@@ -85,6 +85,7 @@ def test_applies_only_where_the_layout_is_known(monkeypatch):
     assert not window_attention.applies(q, keys, mask, cache, 0)  # a full-attention layer
     assert not window_attention.applies(q, _rnd((1, 1, 3 * W, 8), 8), mask, cache, W)  # more history than a window
     assert not window_attention.applies(q, keys, mask, QuantizedSlidingWindowCache(W), W)
+    assert not window_attention.applies(q, (keys, keys, keys), mask, None, W)  # quantized keys
     assert not window_attention.applies(q, keys, mask, RotatingKVCache(max_size=W), W)  # not our layout
     assert not window_attention.applies(q, keys, mask, _cache_after(2 * W, 40), W)  # another window
     assert not window_attention.applies(q, keys, mask[None, None], cache, W)  # a batch's padding mask
