@@ -267,8 +267,11 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
   prefill)  # session 13: E2B's prefill ran 0.77-0.90x stock at 32k (`long`), 0.79-0.99x at 4,096 (`warm`): one kernel
             # off at a time, the prefill alone (bench/prefill_ablate.py), ~2 min; then `PREFILL=2048 TAG=prefill
             # bash bench/gpu_session.sh profile` for each kernel's GPU time in a 4,096-token prompt's second chunk
-    ROUNDS=3 timeout 240 python3 bench/prefill_ablate.py e2b 32768 2>&1 | tail -9 | tee "$OUT/prefill-32k.txt"
-    ROUNDS=5 timeout 150 python3 bench/prefill_ablate.py e2b 4096 2>&1 | tail -9 | tee "$OUT/prefill-4096.txt" ;;
+    # session 15's banded window (its CUDA parity first: same outputs as the dense mask, model included)
+    MLX_ENABLE_TF32=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_window_attention.py 2>&1 | tail -3 \
+      | tee "$OUT/window-attention-tests.txt"
+    ROUNDS=3 timeout 240 python3 bench/prefill_ablate.py e2b 32768 2>&1 | tail -10 | tee "$OUT/prefill-32k.txt"
+    ROUNDS=5 timeout 150 python3 bench/prefill_ablate.py e2b 4096 2>&1 | tail -10 | tee "$OUT/prefill-4096.txt" ;;
   warmup)   # session 13: MLX's JIT modules (token lookups, the cache write's scatter) built on a thread while
             # load() reads the weights (gemma4_mlx/jit_warmup.py): ours' load + first token from the E2B
             # checkpoint over empty kernel caches (a fresh machine), with the warm-up and without, alternated

