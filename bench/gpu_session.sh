@@ -12,10 +12,11 @@
 # stock); docs/benchmarks.md, session 15. In this order:
 #   1. `defaults` (~4 min): the step with and without residual_norm, more rounds (E4B 4-bit read 1.60x
 #      against 1.57x in one visit and 1.52x against 1.82x in the next), E2B bf16 / 4-bit, 31B 4-bit.
-#   2. `prefill` (~3 min): a sliding layer's long prompt chunk now goes in query blocks over the keys each
-#      block sees (gemma4_mlx/window_attention.py, on by default, unmeasured on a GPU; the line
-#      `ours dense window` is the old path): E2B's unfused attention was ~11 of a 21 ms chunk, and a
-#      2,048-token chunk's sliding layers computed 2.5x the scores a band needs. If it holds, `warm`.
+#   2. `prefill` (~3 min): a long prompt chunk's attention now goes in query blocks over the keys each
+#      block sees (gemma4_mlx/chunk_attention.py, on by default, unmeasured on a GPU; the lines
+#      `ours dense window` / `ours dense causal` are the old paths): E2B's unfused attention was ~11 of
+#      a 21 ms chunk, and a 2,048-token chunk's sliding layers computed 3.3x the scores their bands
+#      need (the full layers' first two chunks 1.6x / 1.2x). If it holds, `warm`.
 #   3. `launch` (~40 s): what our kernels' signatures add to a launch (8 inputs, shape/stride parameters,
 #      2 outputs): our mv was 3-4 us a product behind MLX's matmul on every E2B shape, the smallest too.
 #   4. `presets` (~5 min): E4B, 26B-A4B and 31B at 841 with the new defaults (26B-A4B 4-bit unmeasured
@@ -268,10 +269,10 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
             # off at a time, the prefill alone (bench/prefill_ablate.py), ~2 min; then `PREFILL=2048 TAG=prefill
             # bash bench/gpu_session.sh profile` for each kernel's GPU time in a 4,096-token prompt's second chunk
     # session 15's banded window (its CUDA parity first: same outputs as the dense mask, model included)
-    MLX_ENABLE_TF32=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_window_attention.py 2>&1 | tail -3 \
-      | tee "$OUT/window-attention-tests.txt"
-    ROUNDS=3 timeout 240 python3 bench/prefill_ablate.py e2b 32768 2>&1 | tail -10 | tee "$OUT/prefill-32k.txt"
-    ROUNDS=5 timeout 150 python3 bench/prefill_ablate.py e2b 4096 2>&1 | tail -10 | tee "$OUT/prefill-4096.txt" ;;
+    MLX_ENABLE_TF32=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_chunk_attention.py 2>&1 | tail -3 \
+      | tee "$OUT/chunk-attention-tests.txt"
+    ROUNDS=3 timeout 240 python3 bench/prefill_ablate.py e2b 32768 2>&1 | tail -11 | tee "$OUT/prefill-32k.txt"
+    ROUNDS=5 timeout 150 python3 bench/prefill_ablate.py e2b 4096 2>&1 | tail -11 | tee "$OUT/prefill-4096.txt" ;;
   warmup)   # session 13: MLX's JIT modules (token lookups, the cache write's scatter) built on a thread while
             # load() reads the weights (gemma4_mlx/jit_warmup.py): ours' load + first token from the E2B
             # checkpoint over empty kernel caches (a fresh machine), with the warm-up and without, alternated

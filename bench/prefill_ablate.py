@@ -41,9 +41,10 @@ CONFIGS = {
     "stock": (stock, None, "auto"),
     "ours": (ours, None, "auto"),
     "ours no overlap": (ours, None, "auto", {"GEMMA4_MLX_PREFILL_OVERLAP": "0"}),
-    # a sliding layer's chunk over the whole masked rectangle, as stock (session 15's default: in
-    # query blocks over the keys each block sees, gemma4_mlx/window_attention.py)
+    # a chunk's attention over the whole masked rectangle, as stock (session 15's default: in query
+    # blocks over the keys each block sees, gemma4_mlx/chunk_attention.py): sliding layers, full ones
     "ours dense window": (ours, None, "auto", {"GEMMA4_MLX_BANDED_WINDOW": "0"}),
+    "ours dense causal": (ours, None, "auto", {"GEMMA4_MLX_BLOCKED_CAUSAL": "0"}),
     "ours -geglu": (ours, default_off + ",geglu", "auto"),
     "ours -scale": (ours, default_off + ",scale", "auto"),
     "ours -ple": (ours, default_off + ",ple_combine,ple_gate", "auto"),

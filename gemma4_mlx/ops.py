@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
-from . import step_context, window_attention
+from . import chunk_attention, step_context
 
 Offset = Union[int, mx.array]
 
@@ -159,9 +159,12 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: 
         return k.attention_prefix(queries, keys, values, valid, scale=1.0)  # valid: (1,)
     # Eager chunks (2-16 new tokens) stay on MLX's SDPA: on the H200 the kernel was slower there
     # for the global layers (16 queries, D 512: 0.26x at 4k keys, 0.10x at 32k; bench/kernels.py).
-    # A sliding layer's long prompt chunk goes in query blocks over the keys each can see.
-    if window_attention.applies(queries, keys, mask, cache, window):
-        return window_attention.banded_window_attention(queries, keys, values, window, scale=1.0)
+    # A long prompt chunk goes in query blocks, each over the keys it can see (sliding layers: a
+    # band; full layers' first chunks: up to the block's last query).
+    if chunk_attention.applies(queries, keys, mask, cache, window):
+        return chunk_attention.banded_window_attention(queries, keys, values, window, scale=1.0)
+    if chunk_attention.causal_applies(queries, keys, mask, cache, window):
+        return chunk_attention.blocked_causal_attention(queries, keys, values, scale=1.0)
     return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=1.0, mask=mask)
 
 

@@ -1,17 +1,23 @@
-"""Sliding-window attention of a long prompt chunk, computed in query blocks over the band of keys
-each block can see.
+"""Attention of a long prompt chunk in query blocks, each over only the keys it can see.
 
-A sliding layer's chunk of L queries attends to the window - 1 positions before it and to itself:
-L x (window - 1 + L) scores, of which each query may use at most ``window``. Gemma 4's head dims
-(256, 512) are past what the fused SDPA kernels take (cuDNN: 128 on CUDA; Metal's: 128), so MLX
-computes every score of that rectangle, masks it and softmaxes it in memory: at a 2,048-token
-chunk and a 512 window that is 2.5x the scores a query block's band holds, and on the H200 the
-unfused attention was ~11 of a 21 ms E2B chunk (session 14). Here the chunk's queries go in
-blocks of ``block`` (default: half the window); block b sees the ``block + window - 1`` keys that
-end at its last query, all blocks in one SDPA call (the blocks as batch entries, one band mask
-that also hides the history a sequence's first blocks lack). Same softmax over the same visible
-keys as the dense mask. On the 2-core CPU, E2B's shapes at a 2,048-token chunk (8 heads, one kv
-head, D 256, float32): dense 12.4 s, blocks of the window 5.1 s, of half of it 4.4 s.
+Gemma 4's head dims (256, 512) are past what the fused SDPA kernels take (cuDNN: 128 on CUDA;
+Metal's: 128), so MLX computes a chunk's attention as the whole rectangle of scores, masks it and
+softmaxes it in memory: on the H200 that unfused attention was ~11 of a 21 ms E2B chunk
+(session 14). Two shapes of it waste most of that rectangle:
+
+* A sliding layer's chunk of L queries attends to the window - 1 positions before it and to
+  itself: L x (window - 1 + L) scores, of which each query may use at most ``window`` (a 2,048-token
+  chunk, window 512: 3.3x what blocks of half a window need). :func:`banded_window_attention` takes
+  the queries in blocks; block b sees the ``block + window - 1`` keys that end at its last query,
+  all blocks in one SDPA call (the blocks as batch entries, one band mask that also hides the
+  history a sequence's first blocks lack). On the 2-core CPU, E2B's shapes at a 2,048-token chunk
+  (8 heads, one kv head, D 256, float32): dense 12.4 s, blocks of the window 5.1 s, of half of it
+  4.4 s.
+* A full layer's chunk that is most of its keys (the first chunks of a prompt): the causal mask
+  hides up to half the rectangle. :func:`blocked_causal_attention` takes the queries in blocks,
+  each over the keys up to its last query (one SDPA call per block).
+
+Same softmax over the same visible keys as the dense mask in both.
 """
 
 from __future__ import annotations
@@ -24,13 +30,18 @@ import mlx.core as mx
 from . import switches
 
 ENV = "GEMMA4_MLX_BANDED_WINDOW"
+CAUSAL_ENV = "GEMMA4_MLX_BLOCKED_CAUSAL"
 # Below this many windows per chunk the band is most of the rectangle (L = 2 windows: 0.67 of the
 # dense scores, at a copy of the keys and the queries per block).
 MIN_WINDOWS_PER_CHUNK = 2
+# Causal blocks: queries per block, and when: at least two blocks, and a chunk that is at least
+# half of its keys (the first two chunks of a prompt: 37% and 19% of the scores saved for chunks of
+# 2,048; past that the masked triangle is a small part, and each block reads its keys again).
+CAUSAL_BLOCK = 512
 
 
 def enabled() -> bool:
-    """``GEMMA4_MLX_BANDED_WINDOW=0`` keeps the dense masked attention (ablations)."""
+    """``GEMMA4_MLX_BANDED_WINDOW=0`` keeps a sliding layer's dense masked attention (ablations)."""
     return switches.env_flag(ENV)
 
 
@@ -103,3 +114,38 @@ def _band_mask(blocks: int, q_block: int, span: int, window: int, front: int) ->
     except ValueError:  # a transformation that forbids evaluating: it stays a (constant) graph
         pass
     return mask
+
+
+def causal_applies(queries: mx.array, keys: mx.array, mask: Any, cache: Any, window: Optional[int]) -> bool:
+    """True for a full layer's prompt chunk of at least two :data:`CAUSAL_BLOCK` blocks that is at
+    least half of its keys, under the plain causal mask, over mlx-lm's ``KVCache`` (keys in time
+    order, the chunk last) or no cache. ``GEMMA4_MLX_BLOCKED_CAUSAL=0`` turns it off."""
+    if window or not isinstance(mask, str) or mask != "causal" or not isinstance(keys, mx.array):
+        return False
+    if queries.ndim != 4 or keys.ndim != 4:
+        return False
+    L, N = queries.shape[2], keys.shape[2]
+    if L < 2 * CAUSAL_BLOCK or not L <= N <= 2 * L:
+        return False
+    if cache is not None:
+        from mlx_lm.models.cache import KVCache
+
+        if type(cache) is not KVCache:
+            return False
+    return switches.env_flag(CAUSAL_ENV)
+
+
+def blocked_causal_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float = 1.0,
+                             block: int = CAUSAL_BLOCK) -> mx.array:
+    """Causal attention of ``queries`` (B, H, L, D), the last L of the N positions of ``keys`` /
+    ``values`` (B, Hkv, N, D), ``block`` queries at a time, each block over the keys up to its
+    last query. Returns (B, H, L, D)."""
+    L, N = queries.shape[2], keys.shape[2]
+    before = N - L
+    outs = []
+    for start in range(0, L, block):
+        stop = min(L, start + block)
+        seen = before + stop
+        outs.append(mx.fast.scaled_dot_product_attention(
+            queries[:, :, start:stop], keys[:, :, :seen], values[:, :, :seen], scale=scale, mask="causal"))
+    return mx.concatenate(outs, axis=2)
