@@ -1,8 +1,9 @@
 """Attention of a long prompt chunk in query blocks, each over only the keys it can see.
 
-Gemma 4's head dims (256, 512) are past what the fused SDPA kernels take (cuDNN: 128 on CUDA;
-Metal's: 128), so MLX computes a chunk's attention as the whole rectangle of scores, masks it and
-softmaxes it in memory: on the H200 that unfused attention was ~11 of a 21 ms E2B chunk
+Gemma 4's head dims (256, 512) are past what MLX's fused SDPA kernels take for long queries
+(cuDNN on CUDA: 128; Metal's full-attention kernel stops at 256 and MLX routes 256 to the unfused
+path as the faster there), so MLX computes a chunk's attention as the whole rectangle of scores,
+masks it and softmaxes it in memory: on the H200 that unfused attention was ~11 of a 21 ms E2B chunk
 (session 14). Two shapes of it waste most of that rectangle:
 
 * A sliding layer's chunk of L queries attends to the window - 1 positions before it and to
