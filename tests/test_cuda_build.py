@@ -349,3 +349,34 @@ def test_short_sources_include_absolute_paths_under_a_relative_cache_setting(fre
     for text in (header, body):
         path = Path(text.split('#include "')[1].split('"')[0])
         assert path.is_absolute() and path.is_file() and str(tmp_path / "relative-cache") in str(path)
+
+
+def test_a_build_lands_in_the_cache_folder_of_its_request(fresh_builds, tmp_path, monkeypatch):
+    """A build runs on a pool thread, maybe after the caller's working folder or setting changed
+    (a test's monkeypatch undone: session 15 found a cubin from a relative-cache test committed in
+    the repository): the cubin goes where the cache was when the build was asked for."""
+    from concurrent.futures import Future
+
+    queued = []
+
+    class Deferred:  # runs nothing until told: the pool thread that gets to it late
+        def submit(self, fn, *args):
+            fut = Future()
+            queued.append((fut, fn, args))
+            return fut
+
+    monkeypatch.setattr(cuda_build, "_executor", lambda: Deferred())
+    asked, later = tmp_path / "asked", tmp_path / "later"
+    asked.mkdir()
+    later.mkdir()
+    monkeypatch.chdir(asked)
+    monkeypatch.setenv("GEMMA4_MLX_CACHE", "relative-cache")
+    source = 'extern "C" __global__ void k(float* y) { y[0] = 1.0f; }\n'
+    fut = cuda_build.cubin_future(source)
+    monkeypatch.chdir(later)
+    monkeypatch.setenv("GEMMA4_MLX_CACHE", str(tmp_path / "other"))
+    (pending, fn, args), = queued
+    pending.set_result(fn(*args))
+    assert fut.result()
+    assert list((asked / "relative-cache").rglob("*.cubin")) and not list(later.rglob("*"))
+    assert not (tmp_path / "other").exists()

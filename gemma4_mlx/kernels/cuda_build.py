@@ -112,10 +112,13 @@ def target_arch() -> str:
 
 
 def cache_dir() -> Path:
+    """Where our cubins and short-source files go, absolute: a relative ``GEMMA4_MLX_CACHE`` is
+    taken against the folder the caller is in now, not whatever folder a build thread (or NVRTC
+    resolving an include) meets later."""
     root = os.environ.get("GEMMA4_MLX_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "gemma4_mlx")
     major, minor = nvrtc.version()
-    return Path(root) / "cuda" / f"nvrtc{major}.{minor}-{target_arch()}"
+    return (Path(root) / "cuda" / f"nvrtc{major}.{minor}-{target_arch()}").absolute()
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -127,10 +130,9 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
-def _build(source: str, arch: str) -> bytes:
-    """The cubin of ``source``: from the disk cache, else compiled and stored (atomically)."""
+def _build(source: str, arch: str, folder: Path) -> bytes:
+    """The cubin of ``source``: from the disk cache ``folder``, else compiled and stored (atomically)."""
     digest = hashlib.sha256(source.encode()).hexdigest()
-    folder = cache_dir()
     path = folder / f"{digest}.cubin"
     try:
         data = path.read_bytes()
@@ -156,7 +158,9 @@ def cubin_future(source: str) -> Future:
     with _pool_lock:
         fut = _builds.get(key)
     if fut is None:
-        fut = _executor().submit(_build, source, arch)
+        # the folder as the request sees it (the pool thread may run after the caller's
+        # environment or working folder changed)
+        fut = _executor().submit(_build, source, arch, cache_dir())
         with _pool_lock:
             fut = _builds.setdefault(key, fut)
     return fut
@@ -426,8 +430,7 @@ class SeededKernel:
     def _short_sources(self) -> Optional[Tuple[str, str]]:
         digest = hashlib.sha256((self.header + "\0" + self.source).encode()).hexdigest()[:16]
         try:
-            # absolute: NVRTC would resolve a relative include against whatever folder it compiles in
-            folder = (cache_dir() / "sources").absolute()
+            folder = cache_dir() / "sources"  # absolute: NVRTC resolves includes from elsewhere
         except nvrtc.NvrtcError:
             return None
         files = {folder / f"{self.name}_{digest}.h": self.header, folder / f"{self.name}_{digest}.inc": self.source}
