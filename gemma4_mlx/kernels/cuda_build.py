@@ -487,15 +487,16 @@ class SeededKernel:
         symbol = f"gemma4_seed_{digest.hexdigest()[:16]}"
         ours = self.our_source(symbol, inputs, output_dtypes, template)
         listing = f"mlx::core::cu::{kname}\t{symbol}\n"
+        # both folders as this request sees them (the pool thread may run after they changed)
+        folder, ours_folder = mlx_cache_dir(), cache_dir()
 
         def write():
-            folder = mlx_cache_dir()
             try:
                 if (folder / f"{module}.ptx").is_file() and (folder / f"{module}.txt").read_text() == listing:
                     return module
             except (OSError, UnicodeDecodeError):
                 pass
-            cubin = _build(ours, arch)
+            cubin = _build(ours, arch, ours_folder)
             tag = f".{os.getpid()}.{threading.get_ident()}.tmp"
             try:
                 folder.mkdir(parents=True, exist_ok=True)
