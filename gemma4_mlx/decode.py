@@ -49,10 +49,7 @@ def compile_enabled() -> bool:
     step measured slower than the eager one (e2b-mini, float32, 2 cores: 77 against 74 ms per
     token, stock 74 ms), because there the time is the matmuls, not the per-op dispatch the
     compiled step removes."""
-    raw = (switches.env("GEMMA4_MLX_COMPILE") or "auto").strip().lower()
-    if raw in ("", "auto"):
-        return mx.default_device() == mx.gpu
-    return raw not in switches.OFF_VALUES
+    return switches.gpu_default_flag("GEMMA4_MLX_COMPILE")
 
 
 def joining_enabled() -> bool:

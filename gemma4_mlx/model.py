@@ -325,10 +325,7 @@ def overlap_enabled() -> bool:
     Python builds; on the CPU the same cores do both, and E2B-mini's prefill gained nothing (ours
     at 0.984-0.999 of stock's speed in five runs with it, 1.004 in one without; session 14). ``1`` / ``0`` force it
     (``0``: a prompt chunk's graph is built whole before anything runs, as for ablations)."""
-    raw = (switches.env(OVERLAP_ENV) or "auto").strip().lower()
-    if raw == "auto":
-        return mx.default_device() == mx.gpu
-    return raw not in switches.OFF_VALUES
+    return switches.gpu_default_flag(OVERLAP_ENV)
 # Prompt chunks only: a speculative round's verification (a few positions) needs every layer's
 # output at once, and each early start is an evaluation of its own; the gain was measured on
 # chunks of 2,048 positions, the cost of many small starts on few positions was not.

@@ -42,6 +42,18 @@ def frozen() -> Iterator[None]:
         _frozen.values = None
 
 
+def gpu_default_flag(name: str) -> bool:
+    """``$name`` as auto / on / off: unset, empty or ``auto`` mean on where the default device is a
+    GPU (the compiled decode step, the prefill overlap: both help only where a device runs while
+    Python builds); otherwise :func:`env_flag`'s reading."""
+    raw = (env(name) or "").strip().lower()
+    if raw in ("", "auto"):
+        import mlx.core as mx
+
+        return mx.default_device() == mx.gpu
+    return raw not in OFF_VALUES
+
+
 def env_flag(name: str, default: bool = True) -> bool:
     """``$name`` as a switch: unset or empty gives ``default``; 0 / off / false / no (any case)
     turn it off; any other value turns it on."""

@@ -22,6 +22,21 @@ def test_env_flag(monkeypatch, raw, default, expected):
     assert switches.env_flag("GEMMA4_MLX_TEST_SWITCH", default) is expected
 
 
+@pytest.mark.parametrize("raw", [None, "", "auto", " AUTO ", "1", "on", "0", "off"])
+def test_gpu_default_flag(monkeypatch, raw):
+    """The compiled step's and the prefill overlap's switch: unset, empty and auto follow the
+    device (empty once forced the overlap on, on the CPU too)."""
+    import mlx.core as mx
+
+    if raw is None:
+        monkeypatch.delenv("GEMMA4_MLX_TEST_SWITCH", raising=False)
+    else:
+        monkeypatch.setenv("GEMMA4_MLX_TEST_SWITCH", raw)
+    on_gpu = mx.default_device() == mx.gpu
+    want = {"1": True, "on": True, "0": False, "off": False}.get((raw or "").strip().lower(), on_gpu)
+    assert switches.gpu_default_flag("GEMMA4_MLX_TEST_SWITCH") is want
+
+
 def test_frozen_reads_each_switch_once_per_block(monkeypatch):
     monkeypatch.setenv("GEMMA4_MLX_TEST_SWITCH", "a")
     with step_context.cached_call():  # a model call with a cache
