@@ -41,15 +41,11 @@ MIN_WINDOWS_PER_CHUNK = 2
 CAUSAL_BLOCK = 512
 
 
-def enabled() -> bool:
-    """``GEMMA4_MLX_BANDED_WINDOW=0`` keeps a sliding layer's dense masked attention (ablations)."""
-    return switches.env_flag(ENV)
-
-
-def applies(queries: mx.array, keys: mx.array, mask: Any, cache: Any, window: Optional[int]) -> bool:
+def window_applies(queries: mx.array, keys: mx.array, mask: Any, cache: Any, window: Optional[int]) -> bool:
     """True for a prompt chunk of a sliding layer whose keys are the window - 1 positions before
     the chunk (or fewer, at the start of the sequence) then the chunk, in time order, with the
-    plain causal-window mask: our ``SlidingWindowCache`` (not quantized) or no cache."""
+    plain causal-window mask: our ``SlidingWindowCache`` (not quantized) or no cache.
+    ``GEMMA4_MLX_BANDED_WINDOW=0`` turns it off."""
     if not window or not isinstance(keys, mx.array) or queries.ndim != 4 or keys.ndim != 4:
         return False  # (a quantized cache's keys are (packed, scales, biases))
     L, N = queries.shape[2], keys.shape[2]
@@ -62,7 +58,7 @@ def applies(queries: mx.array, keys: mx.array, mask: Any, cache: Any, window: Op
             return False
     if isinstance(mask, mx.array) and mask.ndim != 2:
         return False  # a batch's padding mask
-    return enabled()
+    return switches.env_flag(ENV)
 
 
 def banded_window_attention(queries: mx.array, keys: mx.array, values: mx.array, window: int,

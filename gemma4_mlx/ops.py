@@ -161,7 +161,7 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: 
     # for the global layers (16 queries, D 512: 0.26x at 4k keys, 0.10x at 32k; bench/kernels.py).
     # A long prompt chunk goes in query blocks, each over the keys it can see (sliding layers: a
     # band; full layers' first chunks: up to the block's last query).
-    if chunk_attention.applies(queries, keys, mask, cache, window):
+    if chunk_attention.window_applies(queries, keys, mask, cache, window):
         return chunk_attention.banded_window_attention(queries, keys, values, window, scale=1.0)
     if chunk_attention.causal_applies(queries, keys, mask, cache, window):
         return chunk_attention.blocked_causal_attention(queries, keys, values, scale=1.0)

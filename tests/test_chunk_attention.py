@@ -81,18 +81,18 @@ def test_applies_only_where_the_layout_is_known(monkeypatch):
     keys = _rnd((1, 1, 2 * W + W - 1, 8), 7)
     mask = create_causal_mask(2 * W, W - 1, window_size=W)
     cache = _cache_after(W, 40)
-    assert chunk_attention.applies(q, keys, mask, cache, W)
-    assert chunk_attention.applies(q, keys[:, :, W - 1:], "causal", None, W)  # no cache: no history
-    assert not chunk_attention.applies(q[:, :, : 2 * W - 1], keys[:, :, 1:], mask[1:], cache, W)  # short chunk
-    assert not chunk_attention.applies(q, keys, mask, cache, 0)  # a full-attention layer
-    assert not chunk_attention.applies(q, _rnd((1, 1, 3 * W, 8), 8), mask, cache, W)  # more history than a window
-    assert not chunk_attention.applies(q, keys, mask, QuantizedSlidingWindowCache(W), W)
-    assert not chunk_attention.applies(q, (keys, keys, keys), mask, None, W)  # quantized keys
-    assert not chunk_attention.applies(q, keys, mask, RotatingKVCache(max_size=W), W)  # not our layout
-    assert not chunk_attention.applies(q, keys, mask, _cache_after(2 * W, 40), W)  # another window
-    assert not chunk_attention.applies(q, keys, mask[None, None], cache, W)  # a batch's padding mask
+    assert chunk_attention.window_applies(q, keys, mask, cache, W)
+    assert chunk_attention.window_applies(q, keys[:, :, W - 1:], "causal", None, W)  # no cache: no history
+    assert not chunk_attention.window_applies(q[:, :, : 2 * W - 1], keys[:, :, 1:], mask[1:], cache, W)  # short chunk
+    assert not chunk_attention.window_applies(q, keys, mask, cache, 0)  # a full-attention layer
+    assert not chunk_attention.window_applies(q, _rnd((1, 1, 3 * W, 8), 8), mask, cache, W)  # more history than a window
+    assert not chunk_attention.window_applies(q, keys, mask, QuantizedSlidingWindowCache(W), W)
+    assert not chunk_attention.window_applies(q, (keys, keys, keys), mask, None, W)  # quantized keys
+    assert not chunk_attention.window_applies(q, keys, mask, RotatingKVCache(max_size=W), W)  # not our layout
+    assert not chunk_attention.window_applies(q, keys, mask, _cache_after(2 * W, 40), W)  # another window
+    assert not chunk_attention.window_applies(q, keys, mask[None, None], cache, W)  # a batch's padding mask
     monkeypatch.setenv(chunk_attention.ENV, "0")
-    assert not chunk_attention.applies(q, keys, mask, cache, W)
+    assert not chunk_attention.window_applies(q, keys, mask, cache, W)
 
 
 @pytest.fixture(scope="module")
