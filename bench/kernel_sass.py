@@ -45,6 +45,7 @@ KERNELS = {
     "ple_combine": dict(inputs=["ids", "table", "proj", "w", "table_scale", "eps"], outputs=["out"],
                         dtypes={"ids": mx.int32, "table_scale": mx.float32, "eps": mx.float32},
                         ndims={"ids": 2, "table": 2, "proj": 4, "w": 1, "table_scale": 1, "eps": 1}),
+    "ple_gate": dict(inputs=["gate", "pli"], outputs=["out"], dtypes={}, ndims={"gate": 3, "pli": 3}),
     "residual_norm": dict(inputs=["res", "branch", "w", "ls", "wn", "eps"], outputs=["out", "nrm"],
                           dtypes={"eps": mx.float32}, ndims={"res": 2, "branch": 2, "w": 1, "ls": 1, "wn": 1, "eps": 1}),
 }

@@ -49,6 +49,13 @@ CONFIGS = {
     "ours -scale": (ours, default_off + ",scale", "auto"),
     "ours -ple": (ours, default_off + ",ple_combine,ple_gate", "auto"),
     "ours -rope": (ours, default_off + ",q_norm_rope,kv_norm_rope", "auto"),
+    "ours -resnorm": (ours, default_off + ",residual_norm", "auto"),
+    "ours -geglu -resnorm": (ours, default_off + ",geglu,residual_norm", "auto"),
+    "ours -elementwise": (ours, default_off + ",geglu,scale,ple_combine,ple_gate,residual_norm", "auto"),
+    "ours -elementwise dense": (ours, default_off + ",geglu,scale,ple_combine,ple_gate,residual_norm", "auto",
+                                {"GEMMA4_MLX_BANDED_WINDOW": "0", "GEMMA4_MLX_BLOCKED_CAUSAL": "0"}),
+    "ours -elementwise -rope": (ours, default_off + ",geglu,scale,ple_combine,ple_gate,residual_norm,q_norm_rope,kv_norm_rope", "auto"),
+    "ours kernels off dense": (ours, None, "off", {"GEMMA4_MLX_BANDED_WINDOW": "0", "GEMMA4_MLX_BLOCKED_CAUSAL": "0"}),
     "ours kernels off": (ours, None, "off"),
 }
 

@@ -64,7 +64,9 @@ def test_banded_under_compile_grad_and_vmap():
     for argnum in range(3):
         g = mx.grad(lambda *a: (chunk_attention.banded_window_attention(*a, 16) ** 2).sum(), argnums=argnum)(q, k, v)
         w = mx.grad(lambda *a: (_dense(*a, 16) ** 2).sum(), argnums=argnum)(q, k, v)
-        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-5)
+        # float32 sums in another order: CUDA's dense gradient and the banded one differed by 1.3e-5
+        # in one of 2,560 values of about 1e-2 (session 16, H200)
+        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=5e-5)
 
 
 def _cache_after(window, positions):

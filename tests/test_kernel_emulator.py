@@ -218,3 +218,18 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     assert all(ok for ok, _ in verdicts.values()), verdicts  # each passed its self-check: none fell back
     assert {"q_norm_rope", "kv_norm_rope", "residual_norm"} <= {k[0] for k in verdicts}, verdicts
     _close(got, want, family, atol=1e-4)
+
+
+@pytest.mark.parametrize("B,L,P", [(1, 1, 96), (2, 3, 2100), (1, 2, 6144)])
+def test_ple_gate_strided_views(emulated, B, L, P):
+    """The GeGLU over the halves of a joined gate/up output (row stride 2P) and over a layer's slice
+    of the PLE combine (B, L, NL, P)[:, :, i], a ragged last block."""
+    from gemma4_mlx.kernels import ple
+    joined = _rnd((B, L, 2 * P), 41, 2.0)
+    gate, up = joined[..., :P], joined[..., P:]
+    _close(ple.ple_gate_kernel(gate, up), ple.ple_gate_reference(gate, up), f"geglu halves {B, L, P}")
+    pli = _rnd((B, L, 3, P), 42)[:, :, 1, :]
+    _close(ple.ple_gate_kernel(gate, pli), ple.ple_gate_reference(gate, pli), f"ple gate slice {B, L, P}")
+    bf = joined.astype(mx.bfloat16)
+    _close(ple.ple_gate_kernel(bf[..., :P], bf[..., P:]), ple.ple_gate_reference(bf[..., :P], bf[..., P:]),
+           f"geglu bf16 {B, L, P}", atol=1e-2)
