@@ -6,24 +6,19 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 16): issue 14. One GPU is enough (nvidia-h200). Session 15 found residual_norm
-# issuing each load behind a store (12.1 -> 5.95 us a launch once the row is loaded first) and put it on
-# by default on CUDA, with its 4-bit matvec form qmv_residual off (31B 4-bit step 34.3 -> 20.9 ms, 1.52x
-# stock); docs/benchmarks.md, session 15. In this order:
-#   1. `defaults` (~4 min): the step with and without residual_norm, more rounds (E4B 4-bit read 1.60x
-#      against 1.57x in one visit and 1.52x against 1.82x in the next), E2B bf16 / 4-bit, 31B 4-bit.
-#   2. `prefill` (~3 min): a long prompt chunk's attention now goes in query blocks over the keys each
-#      block sees (gemma4_mlx/chunk_attention.py, on by default, unmeasured on a GPU; the lines
-#      `ours dense window` / `ours dense causal` are the old paths): E2B's unfused attention was ~11 of
-#      a 21 ms chunk, and a 2,048-token chunk's sliding layers computed 3.3x the scores their bands
-#      need (the full layers' first two chunks 1.6x / 1.2x). If it holds, `warm`.
-#   3. `launch` (~40 s): what our kernels' signatures add to a launch (8 inputs, shape/stride parameters,
-#      2 outputs): our mv was 3-4 us a product behind MLX's matmul on every E2B shape, the smallest too.
-#   4. `presets` (~5 min): E4B, 26B-A4B and 31B at 841 with the new defaults (26B-A4B 4-bit unmeasured
-#      since session 13; 31B 4-bit read 1.17x in `compare` against 1.52x in the step harness).
-#   5. `Q=4 NEW=128 RUNS=3 e2e` (~5 min, the README's 4-bit rows are from session 12).
-#   6. `mvdetail` (~2 min): Nsight Compute's full set for the fused matvec forms (why 72.5 us a launch):
-#      the route to ~370 launches a step instead of ~550 (issue 14's "a handful of launches a layer").
+# Next visit (session 17): issue 14. One GPU is enough (nvidia-h200). Session 16 settled residual_norm on (6 rounds,
+# four cells), measured the chunk attention on the GPU (E2B's 2,048-token chunk: 14.1 ms of GPU time against stock's
+# 21.6) and found the prefill host-bound instead; ncu showed the fused matvec forms losing to 7-way shared-memory
+# bank conflicts (padded away in 096c25f, unmeasured) and a long serial prologue; docs/benchmarks.md, session 16.
+# In this order:
+#   1. `mvdetail` (~3 min): the padded prologue under ncu (conflicts gone? how much of 45 / 33 / 14.5 us is left?) and
+#      the one-wave PLE-gate form's stall samples per SASS instruction: where its ~680 instructions a warp wait.
+#   2. `fused` (~4 min): whether the fused forms (373 launches a step against 547) now beat the default.
+#   3. `overlap` (~4 min), then `compare e2b -L 841,4096 --runs 5`: the prefill overlap lost at 841 and 4,096
+#      in session 16 (the machine's noise needs more rounds).
+#   4. `launch` twice (a single run in session 16: 2 outputs +3.3 us, 8 inputs +1.6 us a launch) before trimming
+#      the kernels' signatures per form.
+#   5. `presets` for 26B-A4B 4-bit's peak memory (+2.9% in session 16).
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
@@ -241,15 +236,40 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
         python3 bench/ablate.py $pq 2>&1 | tail -8 \
         | tee "$OUT/defaults-${pq// /-q}.txt" | head -4
     done ;;
-  mvdetail) # session 16: why the fused matvec forms are slow on the GPU (session 15, ncu: the joined gate/up
-            # with its residual prologue 72.5 us a launch, q/k/v with it 34.1, the plain products 3.8-10.8):
-            # Nsight Compute's full set (occupancy, stall reasons, shared-memory conflicts) for the first
-            # launches of each mv form in one E2B bf16 step with every fused form on (~2 min)
-    GEMMA4_MLX_KERNELS_DISABLE=ple_tail,attention_prefix_q timeout ${PROF_S:-200} ncu --profile-from-start off \
-      --set full -k regex:gemma4_mv --launch-count 8 --page details --print-units base \
-      python3 bench/step_profile.py e2b 0 ours > "$OUT/mvdetail.txt" 2>&1; echo "ncu exit $?"
-    grep -E "custom_kernel_gemma4_mv|Duration|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Memory Throughput|L1/TEX Hit|Bank Conflicts|One or More Eligible|Issue Slot|No Eligible" \
-      "$OUT/mvdetail.txt" | head -90 ;;
+  mvdetail) # session 16: the fused matvec forms on the GPU (session 16's ncu: the joined gate/up with its residual
+            # prologue 45 us a launch, q/k/v with it 33, the one-wave PLE gate with it 14.5, the plain products 4-6;
+            # 7-way shared-load bank conflicts, padded away in 096c25f): Nsight Compute's full set for the first
+            # 8 mv launches of one E2B bf16 step with every fused form on, then the per-instruction stall samples
+            # (source page, SASS) of the one-wave PLE-gate form (~3 min). MLX names our seeded kernels
+            # gemma4_seed_<hash>: a run without ncu lists the mv ones first (session 16's regex on gemma4_mv matched none).
+    export GEMMA4_MLX_KERNELS_DISABLE=ple_tail,attention_prefix_q
+    timeout 100 python3 bench/step_profile.py e2b 0 ours > "$OUT/mvnames.log" 2>&1
+    names=$(awk '$1 == "seed" && $3 ~ /gemma4_mv_/ {print $2}' "$OUT/mvnames.log" | paste -sd'|')
+    gate=$(awk '$1 == "seed" && $3 ~ /gemma4_mv_.*_2_2_[0-9]+$/ {print $2; exit}' "$OUT/mvnames.log")
+    echo "mv kernels: ${names:-none found}; PLE-gate prologue form: ${gate:-none}"
+    timeout ${PROF_S:-150} ncu --profile-from-start off --set full -k "regex:($names)" --launch-count 8 --page details \
+      --print-units base python3 bench/step_profile.py e2b 0 ours > "$OUT/mvdetail.txt" 2>&1; echo "ncu exit $?"
+    grep -E "gemma4_seed_[0-9a-f]+ \(|^ +Duration|Achieved Occupancy|Registers Per|bank conflict|One or More Eligible" \
+      "$OUT/mvdetail.txt" | head -60
+    [ -n "$gate" ] && timeout ${PROF_S:-150} ncu --profile-from-start off --set full --import-source no -k "$gate" \
+      --launch-count 1 --page source --print-source sass --csv python3 bench/step_profile.py e2b 0 ours \
+      > "$OUT/mvsource.csv" 2>&1; echo "ncu source exit $?"; head -c 3000 "$OUT/mvsource.csv"
+    gzip -f "$OUT/mvsource.csv" "$OUT/mvdetail.txt"
+    unset GEMMA4_MLX_KERNELS_DISABLE ;;
+  fused)    # session 17: the fused matvec forms (mv with its GeGLU / gate / residual-prologue forms: 373 launches an E2B
+            # step against the default's 547) after 096c25f's padded prologue row, E2B bf16 and 31B 4-bit (~4 min)
+    CONFIGS="stock,ours,ours +mv,ours +mv -residual,ours +qmvres" ROUNDS=${ROUNDS:-5} STEPS=15 timeout 200 \
+      python3 bench/ablate.py e2b 0 2>&1 | tail -14 | tee "$OUT/fused-e2b-q0.txt"
+    CONFIGS="stock,ours,ours +qmvres,ours +qmv fused" ROUNDS=${ROUNDS:-5} STEPS=15 timeout 200 \
+      python3 bench/ablate.py 31b 4 2>&1 | tail -12 | tee "$OUT/fused-31b-q4.txt" ;;
+  overlap)  # session 17: the prefill overlap per prompt length (it lost at 841 and 4,096 in session 16, won at 32k),
+            # more rounds for this machine's noise (~4 min)
+    for n in 841 4096; do
+      CONFIGS="ours,ours no overlap,ours kernels off" ROUNDS=9 timeout 120 python3 bench/prefill_ablate.py e2b $n 2>&1 \
+        | tail -5 | tee "$OUT/overlap-$n.txt"
+    done
+    CONFIGS="ours,ours no overlap" ROUNDS=5 timeout 150 python3 bench/prefill_ablate.py e2b 32768 2>&1 | tail -4 \
+      | tee "$OUT/overlap-32k.txt" ;;
   loads)    # session 15: residual_norm, the mv/qmv residual prologue and norm_rope now load a row before their
             # first store (each later load waited behind a store it might alias: 12.1 us a residual_norm under ncu);
             # mv can issue several steps' loads before their products (UNR): parity of those kernels, the step
