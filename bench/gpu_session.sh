@@ -263,13 +263,14 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     CONFIGS="stock,ours,ours +qmvres,ours +qmv fused" ROUNDS=${ROUNDS:-5} STEPS=15 timeout 200 \
       python3 bench/ablate.py 31b 4 2>&1 | tail -12 | tee "$OUT/fused-31b-q4.txt" ;;
   overlap)  # session 17: the prefill overlap per prompt length (it lost at 841 and 4,096 in session 16, won at 32k),
-            # more rounds for this machine's noise (~4 min)
+            # and with fewer starts a chunk (GEMMA4_MLX_PREFILL_OVERLAP=N: every Nth cache-writing layer and the last);
+            # more rounds for this machine's noise (~5 min)
     for n in 841 4096; do
-      CONFIGS="ours,ours no overlap,ours kernels off" ROUNDS=9 timeout 120 python3 bench/prefill_ablate.py e2b $n 2>&1 \
-        | tail -5 | tee "$OUT/overlap-$n.txt"
+      CONFIGS="ours,ours no overlap,ours overlap/3,ours overlap/5,ours overlap last,ours kernels off" ROUNDS=9 timeout 150 \
+        python3 bench/prefill_ablate.py e2b $n 2>&1 | tail -8 | tee "$OUT/overlap-$n.txt"
     done
-    CONFIGS="ours,ours no overlap" ROUNDS=5 timeout 150 python3 bench/prefill_ablate.py e2b 32768 2>&1 | tail -4 \
-      | tee "$OUT/overlap-32k.txt" ;;
+    CONFIGS="ours,ours no overlap,ours overlap/3,ours overlap/5" ROUNDS=5 timeout 200 python3 bench/prefill_ablate.py e2b 32768 \
+      2>&1 | tail -6 | tee "$OUT/overlap-32k.txt" ;;
   loads)    # session 15: residual_norm, the mv/qmv residual prologue and norm_rope now load a row before their
             # first store (each later load waited behind a store it might alias: 12.1 us a residual_norm under ncu);
             # mv can issue several steps' loads before their products (UNR): parity of those kernels, the step

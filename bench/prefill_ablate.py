@@ -41,6 +41,11 @@ CONFIGS = {
     "stock": (stock, None, "auto"),
     "ours": (ours, None, "auto"),
     "ours no overlap": (ours, None, "auto", {"GEMMA4_MLX_PREFILL_OVERLAP": "0"}),
+    # fewer starts a chunk (every 3rd / 5th cache-writing layer and the last; E2B has 15 of them;
+    # "last" starts only the last): each start is an evaluation with a host cost of its own
+    "ours overlap/3": (ours, None, "auto", {"GEMMA4_MLX_PREFILL_OVERLAP": "3"}),
+    "ours overlap/5": (ours, None, "auto", {"GEMMA4_MLX_PREFILL_OVERLAP": "5"}),
+    "ours overlap last": (ours, None, "auto", {"GEMMA4_MLX_PREFILL_OVERLAP": "1000"}),
     # a chunk's attention over the whole masked rectangle, as stock (session 15's default: in query
     # blocks over the keys each block sees, gemma4_mlx/chunk_attention.py): sliding layers, full ones
     "ours dense window": (ours, None, "auto", {"GEMMA4_MLX_BANDED_WINDOW": "0"}),

@@ -289,8 +289,12 @@ class Gemma4TextModel(nn.Module):
         # Inside the decode step each layer's close is left to the next layer's first projection
         # (ops.PendingClose); the last one's feeds the final norm, and a trace wants every output.
         defer = trace is None and step_context.active() is not None
-        overlap = trace is None and not defer and h.shape[1] >= OVERLAP_MIN_POSITIONS \
-            and any(c is not None for c in cache) and overlap_enabled()
+        stride = overlap_stride() if trace is None and not defer and h.shape[1] >= OVERLAP_MIN_POSITIONS \
+            and any(c is not None for c in cache) else 0
+        overlap = stride > 0
+        # the last cache-writing layer always starts: the KV-shared tail and the head build after it
+        last_writer = max(p.index for p in a.plan if not p.is_kv_shared)
+        writers_seen = 0
         last = len(self.layers) - 1
         for i, (layer, p, next_norm) in enumerate(zip(self.layers, a.plan, next_norms)):
             c = cache[p.cache_index] if p.cache_index is not None else None
@@ -310,7 +314,9 @@ class Gemma4TextModel(nn.Module):
             if not p.is_kv_shared:
                 kv_by_layer[p.index] = kv
                 if overlap and c is not None:
-                    overlap = _start_evaluation(kv[:2])
+                    writers_seen += 1
+                    if writers_seen % stride == 0 or p.index == last_writer:
+                        overlap = _start_evaluation(kv[:2])
             if trace is not None:
                 record["out"] = h
                 trace.append(record)
@@ -325,7 +331,20 @@ def overlap_enabled() -> bool:
     Python builds; on the CPU the same cores do both, and E2B-mini's prefill gained nothing (ours
     at 0.984-0.999 of stock's speed in five runs with it, 1.004 in one without; session 14). ``1`` / ``0`` force it
     (``0``: a prompt chunk's graph is built whole before anything runs, as for ablations)."""
-    return switches.gpu_default_flag(OVERLAP_ENV)
+    return overlap_stride() > 0
+
+
+def overlap_stride() -> int:
+    """Every how many cache-writing layers a chunk starts evaluating (0: never): a whole number
+    N >= 1 in ``GEMMA4_MLX_PREFILL_OVERLAP`` starts every Nth (and the last); otherwise the
+    switch's auto / on / off reading, on meaning every layer. Each start is an evaluation of its
+    own, at a host cost: on the H200 the overlap lost ~4 ms of a single 841-token chunk (24.4
+    against 20.5 ms) and won 49 ms of a 32k prompt (session 16); fewer starts a chunk are the
+    ablation between the two."""
+    raw = (switches.env(OVERLAP_ENV) or "").strip()
+    if raw.isdigit():
+        return int(raw)
+    return 1 if switches.gpu_default_flag(OVERLAP_ENV) else 0
 # Prompt chunks only: a speculative round's verification (a few positions) needs every layer's
 # output at once, and each early start is an evaluation of its own; the gain was measured on
 # chunks of 2,048 positions, the cost of many small starts on few positions was not.

@@ -159,3 +159,27 @@ def test_auto_means_a_gpu_only(model, started, monkeypatch):
     assert bool(started) is (mx.default_device() == mx.gpu)
     monkeypatch.setenv(model_module.OVERLAP_ENV, "off")
     assert not model_module.overlap_enabled()
+
+
+@pytest.mark.parametrize("stride", [2, 3, 100])
+def test_a_stride_starts_every_nth_writer_and_the_last(model, started, monkeypatch, stride):
+    """GEMMA4_MLX_PREFILL_OVERLAP=N: every Nth cache-writing layer starts, and the last one, whatever
+    N; the same logits and caches as the chunk built whole."""
+    writers = [p for p in model.args.plan if not p.is_kv_shared]
+    monkeypatch.setenv(model_module.OVERLAP_ENV, "0")
+    whole = _prefill(model, chunks=(12,))
+    monkeypatch.setenv(model_module.OVERLAP_ENV, str(stride))
+    assert model_module.overlap_stride() == stride and model_module.overlap_enabled()
+    cache = model.make_cache()
+    model(mx.array([PROMPT[:7]]), cache=cache)  # within the tiny preset's window of 8: caches hold every position
+    chosen = [p for i, p in enumerate(writers, 1) if i % stride == 0 or p is writers[-1]]
+    assert len(started) == len(chosen) >= 1
+    for (arrays,), p in zip(started, chosen):
+        stored = cache[p.cache_index].state[0]
+        mx.eval(stored)
+        assert np.array_equal(np.array(arrays[0]), np.array(stored[..., :7, :]))
+    del started[:]
+    strided = _prefill(model, chunks=(12,))
+    np.testing.assert_array_equal(whole[0], strided[0])
+    for a, b in zip(whole[1], strided[1]):
+        np.testing.assert_array_equal(a, b)
