@@ -18,7 +18,8 @@
 #      in session 16 (the machine's noise needs more rounds).
 #   4. `launch` twice (a single run in session 16: 2 outputs +3.3 us, 8 inputs +1.6 us a launch) before trimming
 #      the kernels' signatures per form.
-#   5. `presets` for 26B-A4B 4-bit's peak memory (+2.9% in session 16).
+#   5. `presets` for 26B-A4B 4-bit's peak memory (+2.9% in session 16); `views` (~1 min) for the kernel wrappers'
+#      views before the un-reshaped-layout work.
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
@@ -256,6 +257,9 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       > "$OUT/mvsource.csv" 2>&1; echo "ncu source exit $?"; head -c 3000 "$OUT/mvsource.csv"
     gzip -f "$OUT/mvsource.csv" "$OUT/mvdetail.txt"
     unset GEMMA4_MLX_KERNELS_DISABLE ;;
+  views)    # session 17: the views each source line adds to the traced decode step on the kernel path (session 16's dots:
+            # 237 views next to 547 launches in E2B's step; the CPU trace misses the kernel wrappers'), ~1 min
+    timeout 150 python3 bench/step_views.py e2b 2>&1 | tee "$OUT/views-e2b.txt" | head -40 ;;
   fused)    # session 17: the fused matvec forms (mv with its GeGLU / gate / residual-prologue forms: 373 launches an E2B
             # step against the default's 547) after 096c25f's padded prologue row, E2B bf16 and 31B 4-bit (~4 min)
     CONFIGS="stock,ours,ours +mv,ours +mv -residual,ours +qmvres" ROUNDS=${ROUNDS:-5} STEPS=15 timeout 200 \

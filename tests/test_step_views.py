@@ -1,0 +1,19 @@
+"""bench/step_views.py counts the views each source line adds to the traced decode step, and puts
+mx's functions back afterwards."""
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import step_views  # noqa: E402
+
+
+def test_finds_the_attention_output_reshape_and_restores_mx(capsys, monkeypatch):
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    before = (mx.array.reshape, mx.split, mx.broadcast_to)
+    step_views.main("tiny")
+    out = capsys.readouterr().out
+    assert "view calls made while tracing the decode step" in out
+    assert "gemma4_mlx/model.py" in out and "out.reshape(B, L, -1)" in out
+    assert (mx.array.reshape, mx.split, mx.broadcast_to) == before
