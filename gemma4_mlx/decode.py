@@ -248,6 +248,8 @@ class JoinedProjection:
         step when the matvec kernels are on (``ops.linear_geglu``), else the join and MLX's GeGLU."""
 
         def unfused(x):
+            if self.halves:
+                return ops.geglu_joined(ops.linear(self.joint, x))
             gate, up = self(x)
             return ops.geglu(gate, up)
 

@@ -43,6 +43,20 @@ def geglu(gate: mx.array, x: mx.array) -> mx.array:
     return _mlx_geglu(gate, x)
 
 
+def geglu_joined(joined: mx.array) -> mx.array:
+    """:func:`geglu` of the two halves of a joined gate/up product (..., 2N): in the decode step on a
+    GPU one kernel reads both (no Split primitive to replay at every token), else MLX's split."""
+
+    def halves(joined):
+        gate, up = mx.split(joined, 2, axis=-1)
+        return geglu(gate, up)
+
+    k = _gpu_kernels()
+    if k is not None:
+        return k.geglu_joined(joined, fallback=halves)
+    return halves(joined)
+
+
 def softcap(x: mx.array, cap: float) -> mx.array:
     """cap * tanh(x / cap), as stock computes it (each op rounded to x's dtype); where
     :func:`geglu` takes its kernel, the scale kernel's soft-cap form."""

@@ -50,6 +50,7 @@ def _cases():
             yield att._attention_prefix_q_kernel, att._probe_prefix_q((dt, D, G, 1, False))
         yield ple.ple_combine_kernel, ple._probe_combine((dt, dt, 256, 35))
         yield ple.ple_gate_kernel, ple._probe_gate((dt, dt))
+        yield ple.geglu_joined_kernel, ple._probe_joined((dt,))
         for form in (0, 1, 2):
             yield _m["scalar"].scale_kernel, _m["scalar"]._probe((dt, form))
         for scaled, nxt in ((True, True), (False, False)):

@@ -735,6 +735,7 @@ def test_gpu_scale_ops_and_geglu_go_through_our_kernels(monkeypatch):
     cache, reference = model.make_cache(), model.make_cache()
     prompt = mx.array([[5, 6, 7, 8, 9, 10]])
     with dispatch.force_backend("cuda"), dispatch.override_kernel("geglu", spy("geglu", K.ple_gate_reference)), \
+            dispatch.override_kernel("geglu_joined", spy("geglu", K.geglu_joined_reference)), \
             dispatch.override_kernel("scale", spy("scale", K.scale_reference)):
         mx.eval(model(prompt))  # no cache: maybe a training forward; kernels have no gradient
         assert seen["prefill"] == set()
@@ -834,3 +835,43 @@ def test_gpu_step_scales_every_scalar_in_our_kernel(quantized, monkeypatch):
     dispatch.reset()
     layers = len(model.layers)
     assert forms.count(0) == 2 + quantized and forms.count(1) == layers + quantized and forms.count(2) == 1, forms
+
+
+def test_step_geglu_reads_the_joined_gate_up_product(monkeypatch):
+    """In the decode step on a GPU the MLP's GeGLU takes the joined gate/up product whole (one
+    kernel reads both halves: no Split primitive replayed at every token), once a layer, and the
+    step's logits are those of MLX's ops."""
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx.kernels import dispatch
+
+    model = _random_model("tiny")
+    prompt = mx.array([[5, 6, 7, 8, 9, 10]])
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "off")
+    dispatch.reset()
+    cache = model.make_cache()
+    model(prompt, cache=cache)
+    want = model(mx.array([[9]], dtype=mx.uint32), cache=cache)
+    mx.eval(want)
+    widths = []
+
+    def spy(joined):
+        widths.append(joined.shape)
+        return K.geglu_joined_reference(joined)
+
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "auto")
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", ALL_KERNELS.replace(",geglu", ""))
+    dispatch.reset()
+    from gemma4_mlx import decode
+
+    decode.release(model)  # the step traced again, now on the kernel path
+    cache = model.make_cache()
+    with dispatch.force_backend("cuda"), dispatch.override_kernel("geglu_joined", spy), \
+            dispatch.override_kernel("geglu", K.ple_gate_reference):  # the prefill's (eager) GeGLU
+        model(prompt, cache=cache)
+        got = model(mx.array([[9]], dtype=mx.uint32), cache=cache)
+        mx.eval(got)
+    dispatch.reset()
+    step = [w for w in widths if w[:2] == (1, 1)]  # not the self-check's probe
+    assert [w[-1] for w in step] == [2 * p.mlp_width for p in model.args.plan]
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), rtol=1e-5, atol=1e-5)

@@ -233,3 +233,16 @@ def test_ple_gate_strided_views(emulated, B, L, P):
     bf = joined.astype(mx.bfloat16)
     _close(ple.ple_gate_kernel(bf[..., :P], bf[..., P:]), ple.ple_gate_reference(bf[..., :P], bf[..., P:]),
            f"geglu bf16 {B, L, P}", atol=1e-2)
+
+
+@pytest.mark.parametrize("B,L,P", [(1, 1, 96), (2, 3, 2100), (1, 1, 6144)])
+def test_geglu_joined_reads_both_halves(emulated, B, L, P):
+    """The GeGLU of a joined gate/up product (B, L, 2P) in one kernel: the halves as the Split gives
+    them, a strided view too (a row of a wider buffer), float32 and bf16."""
+    from gemma4_mlx.kernels import ple
+    joined = _rnd((B, L, 2 * P), 43, 2.0)
+    _close(ple.geglu_joined_kernel(joined), ple.geglu_joined_reference(joined), f"joined {B, L, P}")
+    wide = _rnd((B, L, 2 * P + 6), 44, 2.0)[..., 3:3 + 2 * P]
+    _close(ple.geglu_joined_kernel(wide), ple.geglu_joined_reference(wide), f"joined view {B, L, P}")
+    bf = joined.astype(mx.bfloat16)
+    _close(ple.geglu_joined_kernel(bf), ple.geglu_joined_reference(bf), f"joined bf16 {B, L, P}", atol=1e-2)

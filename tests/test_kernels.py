@@ -678,7 +678,8 @@ def test_ple_kernels(shape, dtype):
 @pytest.mark.parametrize("shape", [(1, 1, 1536), (1, 1, 262144), (2, 5, 300), (1, 1, 7)])
 def test_scale_kernel_forms(shape, dtype):
     """x * s, (x + y) * s and the soft-cap, against the op sequence each replaces (and the MLP's
-    GeGLU through the ple_gate kernel, contiguous and as halves of a joined output)."""
+    GeGLU through the ple_gate kernel, contiguous and as halves of a joined output, and its joined
+    form reading that output whole)."""
     from gemma4_mlx.kernels import scalar as S
 
     x, y = rnd(shape, dtype, 3.0), rnd(shape, dtype, 3.0)
@@ -688,6 +689,7 @@ def test_scale_kernel_forms(shape, dtype):
     joined = rnd((*shape[:-1], 2 * shape[-1]), dtype, 2.0)
     gate, up = joined[..., : shape[-1]], joined[..., shape[-1]:]
     assert_close(K.ple_gate_kernel(gate, up), K.ple_gate_reference(gate, up), dtype, "geglu halves")
+    assert_close(K.geglu_joined_kernel(joined), K.geglu_joined_reference(joined), dtype, "geglu joined")
 
 
 def test_scale_reference_is_the_op_sequence():

@@ -39,6 +39,9 @@ from .dispatch import (
 )
 from .ple import (
     geglu,
+    geglu_joined,
+    geglu_joined_kernel,
+    geglu_joined_reference,
     gelu_tanh_reference,
     ple_combine,
     ple_combine_kernel,
@@ -107,6 +110,7 @@ __all__ = [
     "ple_gate_reference", "rms_norm_reference", "rope_reference", "gelu_tanh_reference",
     "q_norm_rope_kernel", "kv_norm_rope_kernel", "attention_kernel", "ple_combine_kernel", "ple_gate_kernel",
     "attention_mask", "residual_norm", "residual_norm_kernel", "residual_norm_reference",
-    "ple_tail", "ple_tail_kernel", "ple_tail_reference", "geglu", "scale", "residual_scale", "softcap",
+    "ple_tail", "ple_tail_kernel", "ple_tail_reference", "geglu", "geglu_joined", "geglu_joined_kernel",
+    "geglu_joined_reference", "scale", "residual_scale", "softcap",
     "scale_kernel", "scale_reference",
 ]

@@ -149,7 +149,7 @@ DEFAULT_DISABLED = {"cuda": "mv,ple_tail,attention_prefix_q,qmv_residual",
 # and each can be switched on its own name.
 SWITCHES_OF = {"mv_geglu": ("mv",), "mv_gate": ("mv",), "mv_residual": ("mv", "residual_norm"),
                "qmv_geglu": ("qmv",), "qmv_gate": ("qmv",), "qmv_residual": ("qmv", "residual_norm"),
-               "attention_prefix_q": ("attention_prefix", "q_norm_rope")}
+               "attention_prefix_q": ("attention_prefix", "q_norm_rope"), "geglu_joined": ("geglu",)}
 
 
 def is_disabled(name: str) -> bool:

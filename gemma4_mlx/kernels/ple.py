@@ -48,6 +48,11 @@ def ple_gate_reference(gate, per_layer_input):
     return (gelu_tanh_reference(gate) * per_layer_input.astype(gate.dtype)).astype(gate.dtype)
 
 
+def geglu_joined_reference(joined):
+    gate, up = mx.split(joined, 2, axis=-1)
+    return ple_gate_reference(gate, up)
+
+
 # ---------------------------------------------------------------- kernels
 
 def ple_combine_kernel(input_ids, table, projection, norm_weight, table_scale, eps):
@@ -79,6 +84,21 @@ def ple_gate_kernel(gate, per_layer_input):
         threadgroup=(TG, 1, 1),
         output_shapes=[gate.shape],
         output_dtypes=[gate.dtype],
+        **dispatch.init_kwargs(),
+    )[0]
+
+
+def geglu_joined_kernel(joined):
+    P = joined.shape[2] // 2
+    k = dispatch.get_kernel("ple_gate", ["gate"], ["out"], ensure_row_contiguous=False, defines=[("JOINED", 1)],
+                            variant="joined")
+    return k(
+        inputs=[joined],
+        template=[("T", joined.dtype)],
+        grid=(ceil_to(P, TG), joined.shape[1], joined.shape[0]),
+        threadgroup=(TG, 1, 1),
+        output_shapes=[(*joined.shape[:2], P)],
+        output_dtypes=[joined.dtype],
         **dispatch.init_kwargs(),
     )[0]
 
@@ -134,6 +154,23 @@ def geglu(gate: mx.array, up: mx.array, *, fallback=None) -> mx.array:
     # (another dtype for up would promote MLX's product: that stays MLX's)
     key = _gate_class(gate, up) if up.dtype == gate.dtype else None
     return dispatch.run("geglu", key, ple_gate_reference, ple_gate_kernel, _probe_gate, gate, up, fallback=fallback)
+
+
+def geglu_joined(joined: mx.array, *, fallback=None) -> mx.array:
+    """``gelu_tanh(gate) * up`` of a joined gate/up product (B, L, 2P): [gate | up] along the last
+    axis. One kernel reads both halves, so the decode step holds no Split between the product and
+    the GeGLU (a primitive replayed and evaluated at every token; 35 of them in E2B's step). Its
+    switch is ``geglu``'s (``dispatch.SWITCHES_OF``)."""
+    key = None
+    if (joined.ndim == 3 and joined.dtype in _FLOATS and joined.shape[2] % 2 == 0
+            and joined.shape[0] <= 65535 and joined.shape[1] <= 65535):
+        key = (str(joined.dtype),)
+    return dispatch.run("geglu_joined", key, geglu_joined_reference, geglu_joined_kernel, _probe_joined, joined,
+                        fallback=fallback)
+
+
+def _probe_joined(key):
+    return (dispatch.probe_normal((2, 3, 2 * 96), 33, dispatch.dtype_from_key(key[0]), 2.0)[:, :, :190],)
 
 
 def _gate_class(gate: mx.array, other: mx.array):
