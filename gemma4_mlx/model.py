@@ -135,11 +135,12 @@ class Attention(nn.Module):
             kv_cache = cache
         else:
             keys, values, offset, kv_cache = shared
+        # (B, L, heads * d) for the output projection; one position comes in that layout (in the
+        # decode step straight from the attention kernel: no Reshape or Transpose at every token)
         out = ops.attention_q(q, self.q_norm.weight, self._inv_freq, self._freqs, offset, self.eps, keys, values,
-                              mask, kv_cache, self.window)
-        # (B, heads, L, d) -> (B, L, heads * d); for one position the heads are already in that
-        # order: one Reshape, not a Transpose and a Reshape (every decode step, every layer)
-        out = out.reshape(B, L, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+                              mask, kv_cache, self.window, rows=L == 1)
+        if L != 1:
+            out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return ops.linear(self.o_proj, out), (keys, values, offset, kv_cache)
 
 

@@ -158,19 +158,27 @@ def _prefix_fill(cache: Any) -> Optional[mx.array]:
     return valid if valid is not None and getattr(cache, "ring_window", None) is None else None
 
 
-def attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: Any, window: int) -> mx.array:
+def attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: Any, window: int,
+              rows: bool = False) -> mx.array:
     """Attention of head-major queries over keys in time order (queries are the last positions).
 
     ``cache`` is the producer layer's cache: a plain mlx-lm cache (keys in time order, or a
     full rotating window for one query), the compiled decode step's slot cache (a fixed
     buffer of which ``cache.valid`` slots are filled), or a batch/quantized cache (generic path).
+    ``rows`` (one query): the output as (B, 1, H * D), the output projection's input; the decode
+    step's kernel writes it so, with no Reshape primitive after it (one a layer at every token).
     """
     k = _gpu_kernels()
     valid = _prefix_fill(cache)
     if k is not None and valid is not None:
         # The compiled decode step: the kernel reads the filled prefix of the fixed buffer (its
         # fallback, the reference, is MLX's SDPA with the prefix mask).
-        return k.attention_prefix(queries, keys, values, valid, scale=1.0)  # valid: (1,)
+        return k.attention_prefix(queries, keys, values, valid, 1.0, rows)  # valid: (1,)
+    out = _attention(queries, keys, values, mask, cache, window)
+    return out.reshape(out.shape[0], 1, -1) if rows else out
+
+
+def _attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: Any, window: int) -> mx.array:
     # Eager chunks (2-16 new tokens) stay on MLX's SDPA: on the H200 the kernel was slower there
     # for the global layers (16 queries, D 512: 0.26x at 4k keys, 0.10x at 32k; bench/kernels.py).
     # A long prompt chunk goes in query blocks, each over the keys it can see (sliding layers: a
@@ -183,18 +191,20 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: 
 
 
 def attention_q(q: mx.array, weight: mx.array, inv_freq: mx.array, freqs: mx.array, offset: Offset, eps: float,
-                keys: mx.array, values: mx.array, mask, cache: Any, window: int) -> mx.array:
+                keys: mx.array, values: mx.array, mask, cache: Any, window: int, rows: bool = False) -> mx.array:
     """``attention(q_norm_rope(q, ...), keys, values, ...)`` for the raw q projection (B, L, H, D).
     Where the decode step takes the prefix kernel, one kernel pair that applies the q norm and
-    RoPE itself (``attention_prefix_q``: a launch fewer per layer); elsewhere those two ops."""
+    RoPE itself (``attention_prefix_q``: a launch fewer per layer); elsewhere those two ops.
+    ``rows``: as :func:`attention`'s."""
 
     def unfused(*_):
-        return attention(q_norm_rope(q, weight, inv_freq, freqs, offset, eps), keys, values, mask, cache, window)
+        return attention(q_norm_rope(q, weight, inv_freq, freqs, offset, eps), keys, values, mask, cache, window,
+                         rows)
 
     k = _gpu_kernels()
     valid = _prefix_fill(cache)
     if k is not None and valid is not None:
-        return k.attention_prefix_q(q, weight, inv_freq, offset, eps, keys, values, valid, scale=1.0,
+        return k.attention_prefix_q(q, weight, inv_freq, offset, eps, keys, values, valid, 1.0, rows,
                                     fallback=unfused)
     return unfused()
 

@@ -875,3 +875,44 @@ def test_step_geglu_reads_the_joined_gate_up_product(monkeypatch):
     step = [w for w in widths if w[:2] == (1, 1)]  # not the self-check's probe
     assert [w[-1] for w in step] == [2 * p.mlp_width for p in model.args.plan]
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), rtol=1e-5, atol=1e-5)
+
+
+def test_step_attention_writes_the_output_projections_layout(monkeypatch):
+    """In the decode step the attention kernel writes one query's output as (B, 1, H * D), the
+    output projection's input (no Reshape primitive after it at every token); the step's logits
+    are those of MLX's ops."""
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx import decode
+    from gemma4_mlx.kernels import dispatch
+
+    model = _kernel_shaped_model()
+    prompt = mx.array([[1, 2, 3, 4, 5, 6]])
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "off")
+    dispatch.reset()
+    cache = model.make_cache()
+    model(prompt, cache=cache)
+    want = model(mx.array([[7]], dtype=mx.uint32), cache=cache)
+    mx.eval(want)
+    seen = []
+
+    def spy(*args):
+        out = K.attention_prefix_reference(*args)
+        ctx = step_context.active()
+        if ctx is not None and ctx.tracing:
+            seen.append((args[5], tuple(out.shape), args[0].shape))
+        return out
+
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "auto")
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", ALL_KERNELS.replace("attention_prefix,", ""))
+    dispatch.reset()
+    decode.release(model)
+    cache = model.make_cache()
+    with dispatch.force_backend("cuda"), dispatch.override_kernel("attention_prefix", spy):
+        model(prompt, cache=cache)
+        got = model(mx.array([[7]], dtype=mx.uint32), cache=cache)
+        mx.eval(got)
+    dispatch.reset()
+    assert seen and all(rows for rows, _, _ in seen)
+    assert all(out == (q[0], 1, q[1] * q[3]) for _, out, q in seen)
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), rtol=1e-5, atol=1e-5)

@@ -246,3 +246,24 @@ def test_geglu_joined_reads_both_halves(emulated, B, L, P):
     _close(ple.geglu_joined_kernel(wide), ple.geglu_joined_reference(wide), f"joined view {B, L, P}")
     bf = joined.astype(mx.bfloat16)
     _close(ple.geglu_joined_kernel(bf), ple.geglu_joined_reference(bf), f"joined bf16 {B, L, P}", atol=1e-2)
+
+
+@pytest.mark.parametrize("D,G", [(256, 8), (512, 2)])
+def test_attention_prefix_rows_layout(emulated, D, G):
+    """One query's attention written as (B, 1, H * D), the output projection's layout, by the same
+    kernel pair: the values of the head-major output, and the q-norm form's too."""
+    import sys
+
+    A = sys.modules["gemma4_mlx.kernels.attention"]  # (the package's `attention` is the function)
+    key = ("mlx.core.float32", D, G, 1, False)
+    q, keys, values, kv_len, scale = A._probe_prefix(key)
+    want = A.attention_prefix_reference(q, keys, values, kv_len, scale)
+    plain = A._attention_prefix_kernel(q, keys, values, kv_len, scale)
+    assert plain.shape == q.shape  # head-major unless asked
+    _close(plain, want, f"head-major D={D}", atol=1e-4)
+    got = A._attention_prefix_kernel(q, keys, values, kv_len, scale, True)
+    assert got.shape == (q.shape[0], 1, q.shape[1] * D)
+    _close(got, want.reshape(got.shape), f"rows D={D}", atol=1e-4)
+    _close(got, A.attention_prefix_reference(q, keys, values, kv_len, scale, True), f"rows ref D={D}", atol=1e-4)
+    args = A._probe_prefix_q(key + (True,))
+    _close(A._attention_prefix_q_kernel(*args), A.attention_prefix_q_reference(*args), f"q rows D={D}", atol=1e-4)

@@ -469,6 +469,10 @@ def test_attention_prefix_kernel(case, dtype):
     want = np_attention(f64(q), f64(kbuf)[:, :, :N], f64(vbuf)[:, :, :N], 1.0, 0)
     assert_close(ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len), want, dtype, "attention_prefix")
     assert_close(K.attention_prefix_reference(q, kbuf, vbuf, kv_len), want, dtype, "attention_prefix ref")
+    if Lq == 1:  # the decode step's layout: (B, 1, H * D), the output projection's input
+        rows = ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len, 1.0, True)
+        assert rows.shape == (B, 1, Hkv * G * D)
+        assert_close(rows, want.reshape(B, 1, -1), dtype, "attention_prefix rows")
 
 
 QMV_CASES = [(M, N, Kd, bits, gs) for (M, N, Kd) in ((1, 300, 256), (3, 70, 512), (1, 16400, 128), (8, 17, 384))
@@ -613,6 +617,9 @@ def test_attention_prefix_q_kernel(case, dtype):
     got = ATT._attention_prefix_q_kernel(q, w, inv, offset, 1e-6, kbuf, vbuf, kv_len)
     want = K.attention_prefix_q_reference(q, w, inv, offset, 1e-6, kbuf, vbuf, kv_len)
     assert_close(got, want, dtype, "attention_prefix_q")
+    got = ATT._attention_prefix_q_kernel(q, w, inv, offset, 1e-6, kbuf, vbuf, kv_len, 1.0, True)
+    assert got.shape == (B, 1, H * D)
+    assert_close(got, want.reshape(B, 1, -1), dtype, "attention_prefix_q rows")
 
 
 @pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")

@@ -76,7 +76,7 @@ def launch_plan(B: int, H: int, Hkv: int, Lq: int, N: int, D: int, window: int) 
 
 
 def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float, window: int,
-                     kv_len: mx.array | None = None, q_norm_rope: tuple | None = None) -> mx.array:
+                     kv_len: mx.array | None = None, q_norm_rope: tuple | None = None, rows: bool = False) -> mx.array:
     """Kernel version of :func:`attention_reference` (same signature).
 
     ``kv_len`` (int32, shape (1,)), when given, is how many leading keys of the buffer are in
@@ -85,15 +85,20 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
 
     ``q_norm_rope`` = (weight, inv_freq, offset, eps): q is the raw projection, head-major
     (B, H, Lq, D; any strides), and pass 1 applies :func:`~.rope.q_norm_rope_reference`'s
-    norm and rotation itself (no launch of its own)."""
+    norm and rotation itself (no launch of its own).
+
+    ``rows`` (one query, Lq == 1): the output as (B, 1, H * D), the layout the output projection
+    takes, which for one query is the same memory as (B, H, 1, D): no Reshape primitive after it."""
     B, H, Lq, D = q.shape
+    if rows and Lq != 1:
+        raise ValueError("rows needs one query (Lq == 1): with more the heads are not each query's row")
     Hkv, N = keys.shape[1], keys.shape[2]
     if kv_len is None:
         kv_len = mx.array([N], dtype=mx.int32)
     elif window:
         raise ValueError("kv_len needs window == 0 (a rotating buffer holds exactly the window)")
     plan = launch_plan(B, H, Hkv, Lq, N, D, int(window))
-    rows = B * Hkv * plan["QR"]
+    query_rows = B * Hkv * plan["QR"]
     ns = plan["nsplit"]
     k1 = dispatch.get_kernel(
         "attention_partial",
@@ -117,7 +122,7 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
         template=[("T", q.dtype), ("D", D), ("RT", plan["RT"]), ("QNR", int(q_norm_rope is not None))],
         grid=(ns * TG, plan["ntiles"], B * Hkv),
         threadgroup=(TG, 1, 1),
-        output_shapes=[(rows, ns, D), (rows, ns), (rows, ns)],
+        output_shapes=[(query_rows, ns, D), (query_rows, ns), (query_rows, ns)],
         output_dtypes=[mx.float32] * 3,
         **dispatch.init_kwargs(),
     )
@@ -127,7 +132,7 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
         template=[("T", q.dtype), ("D", D)],
         grid=(B * H * Lq * TG, 1, 1),  # one threadgroup per output row
         threadgroup=(TG, 1, 1),
-        output_shapes=[(B, H, Lq, D)],
+        output_shapes=[(B, Lq, H * D) if rows else (B, H, Lq, D)],
         output_dtypes=[q.dtype],
         **dispatch.init_kwargs(),
     )[0]
@@ -171,66 +176,83 @@ def attention(q: mx.array, keys: mx.array, values: mx.array, scale: float = 1.0,
 
 
 def attention_prefix_reference(q: mx.array, keys: mx.array, values: mx.array, kv_len: mx.array,
-                               scale: float = 1.0) -> mx.array:
+                               scale: float = 1.0, rows: bool = False) -> mx.array:
     """Attention over the first ``kv_len`` keys of a preallocated buffer (N slots); query i
-    sits at key index kv_len - Lq + i. ``kv_len`` is an int32 array of shape (1,)."""
-    Lq, N = q.shape[2], keys.shape[2]
+    sits at key index kv_len - Lq + i. ``kv_len`` is an int32 array of shape (1,). ``rows``: one
+    query's output as (B, 1, H * D) (:func:`attention_kernel`)."""
+    B, H, Lq, D = q.shape
+    N = keys.shape[2]
     qpos = kv_len.astype(mx.int32) - Lq + mx.arange(Lq, dtype=mx.int32)[:, None]
     mask = mx.arange(N, dtype=mx.int32)[None, :] <= qpos
-    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=float(scale), mask=mask)
+    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=float(scale), mask=mask)
+    return out.reshape(B, Lq, H * D) if rows else out
 
 
-def _attention_prefix_kernel(q, keys, values, kv_len, scale=1.0):
-    return attention_kernel(q, keys, values, scale, 0, kv_len)
+def _attention_prefix_kernel(q, keys, values, kv_len, scale=1.0, rows=False):
+    return attention_kernel(q, keys, values, scale, 0, kv_len, rows=rows)
 
 
 def _probe_prefix(key):
+    """The probe of a prefix class; a class key with a sixth entry (rows) adds it to the arguments."""
     q, keys, values, scale, _ = _probe_inputs(key)
-    return (q, keys, values, mx.array([keys.shape[2] - 37], dtype=mx.int32), scale)
+    return (q, keys, values, mx.array([keys.shape[2] - 37], dtype=mx.int32), scale) + tuple(key[5:])
 
 
-def attention_prefix_q_reference(q, weight, inv_freq, offset, eps: float, keys, values, kv_len, scale: float = 1.0):
+def attention_prefix_q_reference(q, weight, inv_freq, offset, eps: float, keys, values, kv_len, scale: float = 1.0,
+                                 rows: bool = False):
     """:func:`attention_prefix_reference` of ``q_norm_rope_reference(q, ...)``; q is the raw
     projection (B, Lq, H, D)."""
     return attention_prefix_reference(q_norm_rope_reference(q, weight, inv_freq, offset, eps), keys, values, kv_len,
-                                      scale)
+                                      scale, rows)
 
 
-def _attention_prefix_q_kernel(q, weight, inv_freq, offset, eps: float, keys, values, kv_len, scale: float = 1.0):
-    return attention_kernel(q.transpose(0, 2, 1, 3), keys, values, scale, 0, kv_len, (weight, inv_freq, offset, eps))
+def _attention_prefix_q_kernel(q, weight, inv_freq, offset, eps: float, keys, values, kv_len, scale: float = 1.0,
+                               rows: bool = False):
+    return attention_kernel(q.transpose(0, 2, 1, 3), keys, values, scale, 0, kv_len, (weight, inv_freq, offset, eps),
+                            rows=rows)
 
 
 def _probe_prefix_q(key):
-    q, keys, values, kv_len, scale = _probe_prefix(key)
+    q, keys, values, kv_len, scale = _probe_prefix(key[:5])
     D = q.shape[-1]
     w = (1 + dispatch.probe_normal((D,), 14, mx.float32, 0.5)).astype(q.dtype)
     inv_freq = 1.0 / (10000.0 ** (mx.arange(0, D, 2, dtype=mx.float32) / D))
     return (q.transpose(0, 2, 1, 3) * 3.0, w, inv_freq, mx.array([kv_len.item() - q.shape[2]], dtype=mx.int32), 1e-6,
-            keys, values, kv_len, scale)
+            keys, values, kv_len, scale) + tuple(key[5:])
 
 
 def attention_prefix_q(q: mx.array, weight: mx.array, inv_freq: mx.array, offset, eps: float, keys: mx.array,
-                       values: mx.array, kv_len: mx.array, scale: float = 1.0, *, fallback=None) -> mx.array:
+                       values: mx.array, kv_len: mx.array, scale: float = 1.0, rows: bool = False, *,
+                       fallback=None) -> mx.array:
     """:func:`attention_prefix_q_reference` as one kernel pass pair on GPU: the q norm and RoPE
     of the decode step need no launch of their own. Name ``attention_prefix_q``: off by default
     (``dispatch.DEFAULT_DISABLED``: correct on the H200, no faster), and off whenever ``attention_prefix``
     or ``q_norm_rope`` is."""
     B, Lq, H, D = q.shape
+    if rows and Lq != 1:
+        raise ValueError("rows needs one query (Lq == 1)")
     key = _class_key(q.transpose(0, 2, 1, 3), keys, values, 0)
     if key is not None and (D % 64 or weight.size != D or inv_freq.size != D // 2):
         key = None
+    if key is not None and rows:
+        key = key + (True,)
     return dispatch.run(
         "attention_prefix_q", key, attention_prefix_q_reference, _attention_prefix_q_kernel, _probe_prefix_q,
-        q, weight, inv_freq, offset, eps, keys, values, kv_len, scale, fallback=fallback,
+        q, weight, inv_freq, offset, eps, keys, values, kv_len, scale, rows, fallback=fallback,
     )
 
 
 def attention_prefix(q: mx.array, keys: mx.array, values: mx.array, kv_len: mx.array,
-                     scale: float = 1.0, *, fallback=None) -> mx.array:
+                     scale: float = 1.0, rows: bool = False, *, fallback=None) -> mx.array:
     """:func:`attention_prefix_reference` as a kernel on GPU. The decode step compiled with
-    ``mx.compile`` uses this: the buffer's shape stays fixed while ``kv_len`` grows."""
+    ``mx.compile`` uses this: the buffer's shape stays fixed while ``kv_len`` grows. ``rows`` (one
+    query): the output as (B, 1, H * D), checked as a class of its own."""
+    if rows and q.shape[2] != 1:
+        raise ValueError("rows needs one query (Lq == 1)")
     key = _class_key(q, keys, values, 0)
+    if key is not None and rows:
+        key = key + (True,)
     return dispatch.run(
         "attention_prefix", key, attention_prefix_reference, _attention_prefix_kernel, _probe_prefix,
-        q, keys, values, kv_len, scale, fallback=fallback,
+        q, keys, values, kv_len, scale, rows, fallback=fallback,
     )
