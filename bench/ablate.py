@@ -73,6 +73,8 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=["mv", "residual_n
            ("ours +attn_q", off(on=["attention_prefix_q"])),
            ("ours +resnorm", off(on=["residual_norm"])),
            ("ours -resnorm", off("residual_norm")),  # the default until session 15
+           # the GeGLU over the gate/up Split instead of the joined product (session 16: a Split less a layer)
+           ("ours -geglu_joined", off("geglu_joined")),
            # the fused norm alone, not its 4-bit matvec forms (which recompute the norm per block)
            ("ours +resnorm -qmvres", off("qmv_residual", on=["residual_norm"])),
            ("ours +qmvres", off(on=["qmv_residual"])),  # the default in session 15's first commits

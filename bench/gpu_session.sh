@@ -11,9 +11,15 @@
 # 21.6) and found the prefill host-bound instead; ncu showed the fused matvec forms losing to 7-way shared-memory
 # bank conflicts (padded away in 096c25f, unmeasured) and a long serial prologue; docs/benchmarks.md, session 16.
 # In this order:
+#   0. `check` (~3.5 min): CUDA parity first. Two changes of the default decode step are unrun on a GPU
+#      (d58dc70: the GeGLU reads the joined gate/up product; a28447e: the attention kernel writes the output
+#      projection's layout), and 096c25f pads the prologue forms' shared row. If anything fails, fix that first.
 #   1. `mvdetail` (~3 min): the padded prologue under ncu (conflicts gone? how much of 45 / 33 / 14.5 us is left?) and
 #      the one-wave PLE-gate form's stall samples per SASS instruction: where its ~680 instructions a warp wait.
-#   2. `fused` (~4 min): whether the fused forms (373 launches a step against 547) now beat the default.
+#   2. `fused` (~4 min): whether the fused forms (373 launches a step against 547) now beat the default; and
+#      the views session 16 removed (d58dc70: the GeGLU reads the joined gate/up product, `ours -geglu_joined`
+#      puts the Split back; a28447e: the attention kernel writes the o_proj layout): the step's primitive
+#      count should read ~70 fewer than session 16's 801 / 547.
 #   3. `overlap` (~4 min), then `compare e2b -L 841,4096 --runs 5`: the prefill overlap lost at 841 and 4,096
 #      in session 16 (the machine's noise needs more rounds).
 #   4. `launch` twice (a single run in session 16: 2 outputs +3.3 us, 8 inputs +1.6 us a launch) before trimming
@@ -262,7 +268,7 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     timeout 150 python3 bench/step_views.py e2b 2>&1 | tee "$OUT/views-e2b.txt" | head -40 ;;
   fused)    # session 17: the fused matvec forms (mv with its GeGLU / gate / residual-prologue forms: 373 launches an E2B
             # step against the default's 547) after 096c25f's padded prologue row, E2B bf16 and 31B 4-bit (~4 min)
-    CONFIGS="stock,ours,ours +mv,ours +mv -residual,ours +qmvres" ROUNDS=${ROUNDS:-5} STEPS=15 timeout 200 \
+    CONFIGS="stock,ours,ours -geglu_joined,ours +mv,ours +mv -residual,ours +qmvres" ROUNDS=${ROUNDS:-5} STEPS=15 timeout 240 \
       python3 bench/ablate.py e2b 0 2>&1 | tail -14 | tee "$OUT/fused-e2b-q0.txt"
     CONFIGS="stock,ours,ours +qmvres,ours +qmv fused" ROUNDS=${ROUNDS:-5} STEPS=15 timeout 200 \
       python3 bench/ablate.py 31b 4 2>&1 | tail -12 | tee "$OUT/fused-31b-q4.txt" ;;
