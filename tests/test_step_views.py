@@ -9,11 +9,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import step_views  # noqa: E402
 
 
-def test_finds_the_attention_output_reshape_and_restores_mx(capsys, monkeypatch):
+def test_finds_the_step_views_by_source_line_and_restores_mx(capsys, monkeypatch):
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
     before = (mx.array.reshape, mx.split, mx.broadcast_to)
     step_views.main("tiny")
     out = capsys.readouterr().out
     assert "view calls made while tracing the decode step" in out
-    assert "gemma4_mlx/model.py" in out and "out.reshape(B, L, -1)" in out
+    # (on the CPU the step takes MLX's ops: the joined q/k/v product split into heads, for one)
+    assert "gemma4_mlx/decode.py" in out and "mx.split" in out and ".reshape" in out
     assert (mx.array.reshape, mx.split, mx.broadcast_to) == before
