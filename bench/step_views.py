@@ -6,7 +6,7 @@ and each call made while tracing is counted by its caller's file and line.
 
 Usage: python3 bench/step_views.py [PRESET] (default e2b-mini; random bf16 weights, lazily built).
 On a GPU the trace takes the kernel path (views of the kernel wrappers included); on the CPU the
-compiled step is forced (GEMMA4_MLX_COMPILE=1) and takes MLX's ops, so the wrappers' views are
+compiled step is forced (GEMMA4_MLX_COMPILE=1 when run as a script) and takes MLX's ops, so the wrappers' views are
 missing there while the model's own are the same.
 """
 import collections
@@ -16,8 +16,6 @@ import traceback
 
 import mlx.core as mx
 from mlx.utils import tree_map
-
-os.environ.setdefault("GEMMA4_MLX_COMPILE", "1")
 
 from gemma4_mlx import Model, parse_config, step_context  # noqa: E402
 from gemma4_mlx.presets import preset_config  # noqa: E402
@@ -57,4 +55,7 @@ def main(preset: str) -> None:
 
 
 if __name__ == "__main__":
+    # the compiled step is the GPU's default; forced here so that the CPU traces it too (set at run
+    # time, not at import: an importer's environment, and its subprocesses', stay as they were)
+    os.environ.setdefault("GEMMA4_MLX_COMPILE", "1")
     main(sys.argv[1] if len(sys.argv) > 1 else "e2b-mini")

@@ -1,12 +1,22 @@
 """bench/step_views.py counts the views each source line adds to the traced decode step, and puts
-mx's functions back afterwards."""
+mx's functions back afterwards; importing it changes no environment variable (it once set
+GEMMA4_MLX_COMPILE=1 at import, which reached every later test's subprocesses: a sharded server
+then compiled its step and hung on a lost rank)."""
+import os
 import sys
 from pathlib import Path
 
 import mlx.core as mx
 
+_ENV_BEFORE = dict(os.environ)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import step_views  # noqa: E402
+
+_ENV_AFTER = dict(os.environ)
+
+
+def test_import_leaves_the_environment_alone():
+    assert _ENV_AFTER == _ENV_BEFORE
 
 
 def test_finds_the_step_views_by_source_line_and_restores_mx(capsys, monkeypatch):
