@@ -1,5 +1,5 @@
 """bench/step_views.py counts the views each source line adds to the traced decode step, and puts
-mx's functions back afterwards; importing it changes no environment variable (it once set
+mx's functions back afterwards; importing it sets none of our switches (it once set
 GEMMA4_MLX_COMPILE=1 at import, which reached every later test's subprocesses: a sharded server
 then compiled its step and hung on a lost rank)."""
 import os
@@ -8,14 +8,18 @@ from pathlib import Path
 
 import mlx.core as mx
 
-_ENV_BEFORE = dict(os.environ)
+def _ours():
+    return {k: v for k, v in os.environ.items() if k.startswith("GEMMA4_MLX_")}
+
+
+_ENV_BEFORE = _ours()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import step_views  # noqa: E402
 
-_ENV_AFTER = dict(os.environ)
+_ENV_AFTER = _ours()
 
 
-def test_import_leaves_the_environment_alone():
+def test_import_leaves_our_switches_alone():
     assert _ENV_AFTER == _ENV_BEFORE
 
 
