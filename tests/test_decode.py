@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 
@@ -837,41 +838,53 @@ def test_gpu_step_scales_every_scalar_in_our_kernel(quantized, monkeypatch):
     assert forms.count(0) == 2 + quantized and forms.count(1) == layers + quantized and forms.count(2) == 1, forms
 
 
+def _step_without_and_with(model, prompt, token, monkeypatch, enabled: str, overrides: dict):
+    """One decode step's logits after ``prompt`` with every kernel off, then with only
+    ``enabled`` (a name in ALL_KERNELS) on, on a pretended CUDA backend whose kernels are
+    ``overrides`` (name -> function), the step traced again for it: ``(want, got)``."""
+    from gemma4_mlx import decode
+    from gemma4_mlx.kernels import dispatch
+
+    def step():
+        cache = model.make_cache()
+        model(prompt, cache=cache)
+        out = model(mx.array([[token]], dtype=mx.uint32), cache=cache)
+        mx.eval(out)
+        return out
+
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "off")
+    dispatch.reset()
+    want = step()
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "auto")
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", ",".join(n for n in ALL_KERNELS.split(",") if n != enabled))
+    dispatch.reset()
+    decode.release(model)  # the step traced again, now on the kernel path
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dispatch.force_backend("cuda"))
+        for name, fn in overrides.items():
+            stack.enter_context(dispatch.override_kernel(name, fn))
+        got = step()
+    dispatch.reset()
+    return want, got
+
+
 def test_step_geglu_reads_the_joined_gate_up_product(monkeypatch):
     """In the decode step on a GPU the MLP's GeGLU takes the joined gate/up product whole (one
     kernel reads both halves: no Split primitive replayed at every token), once a layer, and the
     step's logits are those of MLX's ops."""
     import gemma4_mlx.kernels as K
-    from gemma4_mlx.kernels import dispatch
 
     model = _random_model("tiny")
-    prompt = mx.array([[5, 6, 7, 8, 9, 10]])
-    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
-    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "off")
-    dispatch.reset()
-    cache = model.make_cache()
-    model(prompt, cache=cache)
-    want = model(mx.array([[9]], dtype=mx.uint32), cache=cache)
-    mx.eval(want)
     widths = []
 
     def spy(joined):
         widths.append(joined.shape)
         return K.geglu_joined_reference(joined)
 
-    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "auto")
-    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", ALL_KERNELS.replace(",geglu", ""))
-    dispatch.reset()
-    from gemma4_mlx import decode
-
-    decode.release(model)  # the step traced again, now on the kernel path
-    cache = model.make_cache()
-    with dispatch.force_backend("cuda"), dispatch.override_kernel("geglu_joined", spy), \
-            dispatch.override_kernel("geglu", K.ple_gate_reference):  # the prefill's (eager) GeGLU
-        model(prompt, cache=cache)
-        got = model(mx.array([[9]], dtype=mx.uint32), cache=cache)
-        mx.eval(got)
-    dispatch.reset()
+    # (the prefill's eager GeGLU takes the "geglu" kernel: its reference here)
+    want, got = _step_without_and_with(model, mx.array([[5, 6, 7, 8, 9, 10]]), 9, monkeypatch, "geglu",
+                                       {"geglu_joined": spy, "geglu": K.ple_gate_reference})
     step = [w for w in widths if w[:2] == (1, 1)]  # not the self-check's probe
     assert [w[-1] for w in step] == [2 * p.mlp_width for p in model.args.plan]
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), rtol=1e-5, atol=1e-5)
@@ -882,18 +895,8 @@ def test_step_attention_writes_the_output_projections_layout(monkeypatch):
     output projection's input (no Reshape primitive after it at every token); the step's logits
     are those of MLX's ops."""
     import gemma4_mlx.kernels as K
-    from gemma4_mlx import decode
-    from gemma4_mlx.kernels import dispatch
 
     model = _kernel_shaped_model()
-    prompt = mx.array([[1, 2, 3, 4, 5, 6]])
-    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
-    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "off")
-    dispatch.reset()
-    cache = model.make_cache()
-    model(prompt, cache=cache)
-    want = model(mx.array([[7]], dtype=mx.uint32), cache=cache)
-    mx.eval(want)
     seen = []
 
     def spy(*args):
@@ -903,16 +906,8 @@ def test_step_attention_writes_the_output_projections_layout(monkeypatch):
             seen.append((args[5], tuple(out.shape), args[0].shape))
         return out
 
-    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "auto")
-    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", ALL_KERNELS.replace("attention_prefix,", ""))
-    dispatch.reset()
-    decode.release(model)
-    cache = model.make_cache()
-    with dispatch.force_backend("cuda"), dispatch.override_kernel("attention_prefix", spy):
-        model(prompt, cache=cache)
-        got = model(mx.array([[7]], dtype=mx.uint32), cache=cache)
-        mx.eval(got)
-    dispatch.reset()
+    want, got = _step_without_and_with(model, mx.array([[1, 2, 3, 4, 5, 6]]), 7, monkeypatch, "attention_prefix",
+                                       {"attention_prefix": spy})
     assert seen and all(rows for rows, _, _ in seen)
     assert all(out == (q[0], 1, q[1] * q[3]) for _, out, q in seen)
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), rtol=1e-5, atol=1e-5)
