@@ -294,7 +294,7 @@ class Gemma4TextModel(nn.Module):
             and any(c is not None for c in cache) else 0
         overlap = stride > 0
         # the last cache-writing layer always starts: the KV-shared tail and the head build after it
-        last_writer = max(p.index for p in a.plan if not p.is_kv_shared)
+        last_writer = max(p.index for p in a.plan if not p.is_kv_shared) if overlap else -1
         writers_seen = 0
         last = len(self.layers) - 1
         for i, (layer, p, next_norm) in enumerate(zip(self.layers, a.plan, next_norms)):
@@ -327,21 +327,16 @@ class Gemma4TextModel(nn.Module):
 OVERLAP_ENV = "GEMMA4_MLX_PREFILL_OVERLAP"
 
 
-def overlap_enabled() -> bool:
-    """``GEMMA4_MLX_PREFILL_OVERLAP``: auto (default): on a GPU only, where the device runs while
-    Python builds; on the CPU the same cores do both, and E2B-mini's prefill gained nothing (ours
-    at 0.984-0.999 of stock's speed in five runs with it, 1.004 in one without; session 14). ``1`` / ``0`` force it
-    (``0``: a prompt chunk's graph is built whole before anything runs, as for ablations)."""
-    return overlap_stride() > 0
-
-
 def overlap_stride() -> int:
-    """Every how many cache-writing layers a chunk starts evaluating (0: never): a whole number
-    N >= 1 in ``GEMMA4_MLX_PREFILL_OVERLAP`` starts every Nth (and the last); otherwise the
-    switch's auto / on / off reading, on meaning every layer. Each start is an evaluation of its
-    own, at a host cost: on the H200 the overlap lost ~4 ms of a single 841-token chunk (24.4
-    against 20.5 ms) and won 49 ms of a 32k prompt (session 16); fewer starts a chunk are the
-    ablation between the two."""
+    """Every how many cache-writing layers a prompt chunk starts evaluating (0: never), from
+    ``GEMMA4_MLX_PREFILL_OVERLAP``: auto (default) is every layer on a GPU only, where the device
+    runs while Python builds; on the CPU the same cores do both, and E2B-mini's prefill gained
+    nothing (ours at 0.984-0.999 of stock's speed in five runs with it, 1.004 in one without;
+    session 14). ``1`` / ``0`` force it on / off (``0``: a chunk's graph is built whole before
+    anything runs, as for ablations); a whole number N starts every Nth and the last. Each start
+    is an evaluation of its own, at a host cost: on the H200 the overlap lost ~4 ms of a single
+    841-token chunk (24.4 against 20.5 ms) and won 49 ms of a 32k prompt (session 16); fewer
+    starts a chunk are the ablation between the two."""
     raw = (switches.env(OVERLAP_ENV) or "").strip()
     if raw.isdigit():
         return int(raw)
