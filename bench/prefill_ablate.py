@@ -36,6 +36,9 @@ STEP = settings.prefill_step_size  # the harness's (mlx-lm's generate_step defau
 ours, stock, _ = build_pair(settings)
 prompt = mx.array(np.random.default_rng(0).integers(300, ours.args.vocab_size, P))
 default_off = dispatch.DEFAULT_DISABLED["cuda"]
+# the prefill's element-wise kernels (on CUDA, eager calls too), and both chunk-attention forms off
+ELEMENTWISE = default_off + ",geglu,scale,ple_combine,ple_gate,residual_norm"
+DENSE = {"GEMMA4_MLX_BANDED_WINDOW": "0", "GEMMA4_MLX_BLOCKED_CAUSAL": "0"}
 # name -> (model, GEMMA4_MLX_KERNELS_DISABLE or None for the default, kernels mode[, other switches])
 CONFIGS = {
     "stock": (stock, None, "auto"),
@@ -56,11 +59,10 @@ CONFIGS = {
     "ours -rope": (ours, default_off + ",q_norm_rope,kv_norm_rope", "auto"),
     "ours -resnorm": (ours, default_off + ",residual_norm", "auto"),
     "ours -geglu -resnorm": (ours, default_off + ",geglu,residual_norm", "auto"),
-    "ours -elementwise": (ours, default_off + ",geglu,scale,ple_combine,ple_gate,residual_norm", "auto"),
-    "ours -elementwise dense": (ours, default_off + ",geglu,scale,ple_combine,ple_gate,residual_norm", "auto",
-                                {"GEMMA4_MLX_BANDED_WINDOW": "0", "GEMMA4_MLX_BLOCKED_CAUSAL": "0"}),
-    "ours -elementwise -rope": (ours, default_off + ",geglu,scale,ple_combine,ple_gate,residual_norm,q_norm_rope,kv_norm_rope", "auto"),
-    "ours kernels off dense": (ours, None, "off", {"GEMMA4_MLX_BANDED_WINDOW": "0", "GEMMA4_MLX_BLOCKED_CAUSAL": "0"}),
+    "ours -elementwise": (ours, ELEMENTWISE, "auto"),
+    "ours -elementwise dense": (ours, ELEMENTWISE, "auto", DENSE),
+    "ours -elementwise -rope": (ours, ELEMENTWISE + ",q_norm_rope,kv_norm_rope", "auto"),
+    "ours kernels off dense": (ours, None, "off", DENSE),
     "ours kernels off": (ours, None, "off"),
 }
 
