@@ -327,20 +327,25 @@ class Gemma4TextModel(nn.Module):
 OVERLAP_ENV = "GEMMA4_MLX_PREFILL_OVERLAP"
 
 
+# Every how many cache-writing layers a chunk starts on a GPU by default. Each start is an
+# evaluation of its own, at a host cost: on the H200 every layer (1) lost to none at 841 and 4,096
+# tokens and won at 32k (session 16); every 5th (E2B: 3 of its 15) beat both at all three
+# (prefill_ablate, caches evaluated, median of 9 / 9 / 5 rounds, session 17: 12.5 against 14.2 /
+# 14.2 ms, 48.8 against 55.7 / 52.8, 346 against 400 / 456; every 3rd in between).
+GPU_OVERLAP_STRIDE = 5
+
+
 def overlap_stride() -> int:
     """Every how many cache-writing layers a prompt chunk starts evaluating (0: never), from
-    ``GEMMA4_MLX_PREFILL_OVERLAP``: auto (default) is every layer on a GPU only, where the device
-    runs while Python builds; on the CPU the same cores do both, and E2B-mini's prefill gained
-    nothing (ours at 0.984-0.999 of stock's speed in five runs with it, 1.004 in one without;
-    session 14). ``1`` / ``0`` force it on / off (``0``: a chunk's graph is built whole before
-    anything runs, as for ablations); a whole number N starts every Nth and the last. Each start
-    is an evaluation of its own, at a host cost: on the H200 the overlap lost ~4 ms of a single
-    841-token chunk (24.4 against 20.5 ms) and won 49 ms of a 32k prompt (session 16); fewer
-    starts a chunk are the ablation between the two."""
+    ``GEMMA4_MLX_PREFILL_OVERLAP``: auto (default) is every :data:`GPU_OVERLAP_STRIDE`-th and the
+    last on a GPU only, where the device runs while Python builds; on the CPU the same cores do
+    both, and E2B-mini's prefill gained nothing (ours at 0.984-0.999 of stock's speed in five runs
+    with it, 1.004 in one without; session 14). ``0`` turns it off (a chunk's graph is built whole
+    before anything runs, as for ablations); a whole number N starts every Nth and the last."""
     raw = (switches.env(OVERLAP_ENV) or "").strip()
     if raw.isdigit():
         return int(raw)
-    return 1 if switches.gpu_default_flag(OVERLAP_ENV) else 0
+    return GPU_OVERLAP_STRIDE if switches.gpu_default_flag(OVERLAP_ENV) else 0
 # Prompt chunks only: a speculative round's verification (a few positions) needs every layer's
 # output at once, and each early start is an evaluation of its own; the gain was measured on
 # chunks of 2,048 positions, the cost of many small starts on few positions was not.
