@@ -95,6 +95,23 @@ def test_residual_prologue_forms(emulated, quantized):
         _close(got[1], want[1], f"product, next norm {nxt is not None}", atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", [(1, 1, 2), (1, 2, 3), (1, 1, 3), (2, 2, 2)])
+def test_residual_prologue_with_steps_in_flight(emulated, layout):
+    """mv's prologue forms request their first steps' weights before the prologue, the next ones
+    at the end of each step (session 17): several rounds of that, a remainder step by step, and
+    (1, 2, 3) at this width, where one warp of a pair has whole steps for the early loads and the
+    other none."""
+    HD, N = 1280, 12
+    x, branch = _rnd((1, 1, HD), 16, 2.0), _rnd((1, 1, HD), 17, 5.0)
+    nw, nn = 1 + _rnd((HD,), 18, 0.3), 1 + _rnd((HD,), 19, 0.3)
+    w, w2, z = _rnd((N, HD), 20, 0.05), _rnd((2 * N, HD), 21, 0.05), _rnd((1, 1, N), 22)
+    for epi, wt, zz in ((mv.PLAIN, w, None), (mv.GEGLU, w2, None), (mv.GATE, w, z)):
+        want = mv.residual_matvec_reference(x, branch, nw, None, nn, 1e-6, wt, zz, epi)
+        got = mv._launch(x, wt, zz, epi, (branch, nw, None, nn, 1e-6), rows_split=layout)
+        _close(got[0], want[0], f"new residual {epi} {layout}")
+        _close(got[1], want[1], f"product {epi} {layout}", atol=1e-4)
+
+
 def test_emulated_bf16_rounds_as_the_gpu(emulated):
     """bf16 storage and rounding (the emulator's bf16_t): the product rounds once, to bf16."""
     x, w = _rnd((1, 1, 264), 14, 1.0, mx.bfloat16), _rnd((40, 264), 15, 0.05, mx.bfloat16)

@@ -1013,6 +1013,10 @@ def test_matvec_layout_rule_and_its_probes():
             assert qmv.quantized_layout(qmv._probe_shape(ql, bits)[1], bits, 64) == ql
     assert qmv.quantized_layout(1536, 4, 64, 1)[2] == 1  # asked for
     assert qmv.quantized_layout(1536, 4, 16)[2] == 1  # a group of 16 is 2 words
+    # steps in flight: 2, or with the residual prologue a warp's whole share of K up to 3 steps
+    # (E2B's hidden width: every weight a warp reads goes out before the prologue)
+    assert [mv.steps_in_flight(K, mv.layout(K)[1], False) for K in (256, 1536, 2560, 5376)] == [2, 2, 2, 2]
+    assert [mv.steps_in_flight(K, mv.layout(K)[1], True) for K in (256, 1536, 2560, 5376)] == [2, 3, 2, 2]
 
 
 def test_qmv_size_rule(monkeypatch, qmv_size_rule):

@@ -61,6 +61,18 @@ def layout(K: int, per_step: int = 256) -> tuple:
 # 1 x 2, us per product: gate/up 24.2 against 29.9, o 16.8 / 17.3, down 21.5 / 24.0, q/k/v 17.7 /
 # 18.2; MLX's matmul 24.2, 13.7, 18.2, 14.8); three or four were no faster.
 STEPS_IN_FLIGHT = 2
+# With the residual prologue, a warp's first steps are requested before the prologue runs
+# (mv.inc): where a warp's whole share of K is at most this many steps (E2B's 1,536 over 2 warps:
+# 3), all of it goes out at once, and nothing waits behind the prologue's chain but the products.
+PROLOGUE_STEPS_IN_FLIGHT = 3
+
+
+def steps_in_flight(K: int, split: int, prologue: bool, per_step: int = 256) -> int:
+    """The kernel's UNR for a launch over K inputs split over ``split`` warps."""
+    steps = -(-K // (per_step * split))
+    if prologue and STEPS_IN_FLIGHT < steps <= PROLOGUE_STEPS_IN_FLIGHT:
+        return steps
+    return STEPS_IN_FLIGHT
 
 PROBE_N = 300  # outputs of a self-check's product: more than one block's worth, not a multiple of it
 
@@ -110,7 +122,7 @@ def _launch(x: mx.array, w: mx.array, z: Optional[mx.array], epi: int, prologue:
     M = x.size // x.shape[-1]
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
     rows, split, *unr = rows_split or layout(x.shape[-1])
-    unr = unr[0] if unr else STEPS_IN_FLIGHT
+    unr = unr[0] if unr else steps_in_flight(x.shape[-1], split, prologue is not None)
     k = dispatch.get_kernel("mv", ["x", "w", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"])
     pro, HD, extra, hshape = prologue_inputs(x, prologue)
     # y gets x's leading dims: a reshape on each side would be two more primitives per
