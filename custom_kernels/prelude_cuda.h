@@ -25,6 +25,12 @@ K_INLINE float k_cos(float x) { return float(cos(double(x))); }
 K_INLINE float k_sin(float x) { return float(sin(double(x))); }
 K_INLINE float k_tanh(float x) { return tanhf(x); }
 K_INLINE float k_as_float(unsigned int u) { return __uint_as_float(u); }
+// K_BARRIER() once the values folded into `bits` (k_fold) are loaded: ptxas sinks loads of
+// read-only inputs needed only after a barrier below it, a second memory round trip after the
+// first (ncu, session 17: 58% of a prologue form's stall samples); a barrier that reduces a
+// predicate of them must have them first.
+K_INLINE unsigned int k_fold(unsigned int bits, float v) { return bits ^ __float_as_uint(v); }
+K_INLINE void k_barrier_after(unsigned int bits) { (void)__syncthreads_or(bits == 0x7fc00001u); }
 // Eight contiguous values from a 16-byte aligned p as float: one 16-byte load (two for 4-byte
 // types), no alignment test (in a hot loop the untaken path's loads still cost issue slots:
 // they are predicated, not skipped).

@@ -17,6 +17,11 @@ K_INLINE float k_cos(float x) { return metal::precise::cos(x); }
 K_INLINE float k_sin(float x) { return metal::precise::sin(x); }
 K_INLINE float k_tanh(float x) { return metal::precise::tanh(x); }
 K_INLINE float k_as_float(unsigned int u) { return as_type<float>(u); }
+// K_BARRIER() once the values folded into `bits` are loaded (the CUDA prelude's reduces a
+// predicate of them, so that its compiler cannot sink their loads below the barrier; here a plain
+// barrier: whether Metal's compiler sinks them is unmeasured).
+K_INLINE unsigned int k_fold(unsigned int bits, float v) { return bits ^ as_type<unsigned int>(v); }
+#define k_barrier_after(bits) ((void)(bits), K_BARRIER())
 // Eight values p[0], p[s], ..., p[7 s] as float (the CUDA prelude's one uses vector loads).
 template <typename T>
 K_INLINE void k_load8(const device T* p, int s, thread float* v) {

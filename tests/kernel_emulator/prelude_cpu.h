@@ -48,6 +48,12 @@ inline float k_as_float(unsigned int u) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+inline unsigned int k_fold(unsigned int bits, float v) {
+  unsigned int u;
+  std::memcpy(&u, &v, 4);
+  return bits ^ u;
+}
+#define k_barrier_after(bits) ((void)(bits), K_BARRIER())
 struct bf16_t {
   uint16_t bits;
   bf16_t() = default;
