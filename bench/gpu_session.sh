@@ -268,6 +268,19 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     unset GEMMA4_MLX_KERNELS_DISABLE ;;
   mvcheck)  # session 17: the mv kernel's parity on CUDA (its prologue forms now read the padded row in 16-byte loads)
     parity mvcheck 200 tests/test_kernels.py tests/test_fusion.py tests/test_decode.py -k "matvec or residual or mv" ;;
+  barrier)  # session 17 (dbead71): residual_norm's and the prologue forms' loads held ahead of their barrier, the gate's
+            # z ahead of the split's: their parity on CUDA, the step with and without the fused forms, and the mv
+            # launches' ncu times (no source page), in one short call (~4 min)
+    parity barrier 90 tests/test_kernels.py tests/test_fusion.py tests/test_decode.py -k "residual"
+    CONFIGS="stock,ours,ours +mv,ours +mv -residual" ROUNDS=${ROUNDS:-4} STEPS=15 timeout 75 \
+      python3 bench/ablate.py e2b 0 2>&1 | tail -11 | tee "$OUT/barrier-e2b-q0.txt"
+    export GEMMA4_MLX_KERNELS_DISABLE=ple_tail,attention_prefix_q
+    timeout 45 python3 bench/step_profile.py e2b 0 ours > "$OUT/mvnames.log" 2>&1
+    names=$(awk '$1 == "seed" && $3 ~ /gemma4_(mv|residual_norm)_/ {print $2}' "$OUT/mvnames.log" | paste -sd'|')
+    timeout 55 ncu --profile-from-start off --section SpeedOfLight --section LaunchStats -k "regex:($names)" \
+      --launch-count 12 --print-units base python3 bench/step_profile.py e2b 0 ours > "$OUT/barrier-ncu.txt" 2>&1
+    echo "ncu exit $?"; grep -E "gemma4_seed_[0-9a-f]+ \(|^ +Duration|Registers Per" "$OUT/barrier-ncu.txt" | head -40
+    unset GEMMA4_MLX_KERNELS_DISABLE ;;
   views)    # session 17: the views each source line adds to the traced decode step on the kernel path (session 16's dots:
             # 237 views next to 547 launches in E2B's step; the CPU trace misses the kernel wrappers'), ~1 min
     timeout 150 python3 bench/step_views.py e2b 2>&1 | tee "$OUT/views-e2b.txt" | head -40 ;;
