@@ -1019,6 +1019,33 @@ def test_matvec_layout_rule_and_its_probes():
     assert [mv.steps_in_flight(K, mv.layout(K)[1], True) for K in (256, 1536, 2560, 5376)] == [2, 3, 2, 2]
 
 
+def test_matvec_forms_pass_only_what_they_read(monkeypatch):
+    """Each extra input or output of a custom kernel costs MLX's host time at every launch
+    (session 17): mv / qmv without the residual prologue pass x, w [, scales, biases] [, z] and
+    get y alone; the prologue forms take the whole signature."""
+    from gemma4_mlx.kernels import mv
+
+    asked = []
+    monkeypatch.setattr(dispatch, "get_kernel", lambda name, ins, outs, **kw: asked.append((name, ins, outs, kw)))
+    mv.form_kernel("mv", ["x", "w"], mv.PLAIN, False)
+    mv.form_kernel("mv", ["x", "w"], mv.GEGLU, False)
+    mv.form_kernel("qmv", ["x", "w", "scales", "biases"], mv.GATE, False)
+    mv.form_kernel("mv", ["x", "w"], mv.PLAIN, True)
+    assert [(n, i, o) for n, i, o, _ in asked] == [
+        ("mv", ["x", "w"], ["y"]),
+        ("mv", ["x", "w"], ["y"]),
+        ("qmv", ["x", "w", "scales", "biases", "z"], ["y"]),
+        ("mv", ["x", "w", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"]),
+    ]
+    assert asked[0][3] == dict(defines=[("NO_PROLOGUE_INPUTS", 1), ("NO_Z", 1)], variant="bare")
+    assert asked[2][3] == dict(defines=[("NO_PROLOGUE_INPUTS", 1), ("NO_Z", 0)], variant="gate")
+    assert asked[3][3] == {}
+    x, w, z = mx.zeros((1, 1, 16)), mx.zeros((8, 16)), mx.zeros((1, 1, 8))
+    assert mv.prologue_inputs(x, None, mv.PLAIN, None) == (0, 1, [], [])
+    pro, HD, extra, shapes = mv.prologue_inputs(x, z, mv.GATE, None)
+    assert (pro, HD, len(extra), shapes) == (0, 1, 1, []) and extra[0] is z
+
+
 def test_qmv_size_rule(monkeypatch, qmv_size_rule):
     """On CUDA the quantized matvec takes only 4-bit products of at least 2^25 weights and 8-bit
     ones of at least 2^27 (where it beat MLX's quantized_matmul on the H200); smaller ones stay

@@ -91,25 +91,32 @@ def _mm(M: int) -> int:
     return MM
 
 
-_NO_EPS = None
+PROLOGUE_INPUTS = ["b", "nw", "ls", "nn", "eps"]
 
 
-def _unused_eps() -> mx.array:
-    global _NO_EPS
-    if _NO_EPS is None:
-        _NO_EPS = mx.zeros((1,), mx.float32)
-    return _NO_EPS
+def form_kernel(name: str, product_inputs: list, epi: int, with_prologue: bool):
+    """The kernel object of one form of ``name`` (mv / qmv): a launch passes only the inputs and
+    outputs its form reads (matvec_inputs.inc). Each extra input or output costs MLX's host time
+    at every launch (bench/launch_cost.py on the H200, session 17: ~0.5-1 us for 6 more inputs,
+    ~2-3 us for a second output), and the decode step launches these forms ~100-300 times."""
+    z = ["z"] if epi == GATE or with_prologue else []
+    if with_prologue:
+        return dispatch.get_kernel(name, [*product_inputs, *z, *PROLOGUE_INPUTS], ["y", "hout"])
+    return dispatch.get_kernel(name, [*product_inputs, *z], ["y"],
+                               defines=[("NO_PROLOGUE_INPUTS", 1), ("NO_Z", int(not z))],
+                               variant="gate" if z else "bare")
 
 
-def prologue_inputs(x: mx.array, prologue: Optional[tuple]):
-    """(PRO, HD, the prologue's inputs b / nw / ls / nn / eps, hout's shape) for a launch;
-    without a prologue, arrays of the dtype stand in for the inputs it does not read."""
+def prologue_inputs(x: mx.array, z: Optional[mx.array], epi: int, prologue: Optional[tuple]):
+    """(PRO, HD, the inputs after the product's own, the output shapes after y's) for a launch of
+    :func:`form_kernel`'s signature: z where the form reads it (a stand-in of the dtype for a
+    prologue form that does not), then the prologue's b / nw / ls / nn / eps and hout."""
     if prologue is None:
-        return 0, 1, [x, x, x, x, _unused_eps()], (1,)
+        return 0, 1, ([z] if epi == GATE else []), []
     branch, nw, scalar, nn, eps = prologue
     ls = mx.ones((1,), x.dtype) if scalar is None else scalar.reshape(-1)
-    extra = [branch, nw, ls, nn if nn is not None else nw, mx.array([eps], dtype=mx.float32)]
-    return (1 if nn is not None else 2), x.shape[-1], extra, x.shape
+    extra = [x if z is None else z, branch, nw, ls, nn if nn is not None else nw, mx.array([eps], dtype=mx.float32)]
+    return (1 if nn is not None else 2), x.shape[-1], extra, [x.shape]
 
 
 def _launch(x: mx.array, w: mx.array, z: Optional[mx.array], epi: int, prologue: Optional[tuple] = None,
@@ -123,21 +130,21 @@ def _launch(x: mx.array, w: mx.array, z: Optional[mx.array], epi: int, prologue:
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
     rows, split, *unr = rows_split or layout(x.shape[-1])
     unr = unr[0] if unr else steps_in_flight(x.shape[-1], split, prologue is not None)
-    k = dispatch.get_kernel("mv", ["x", "w", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"])
-    pro, HD, extra, hshape = prologue_inputs(x, prologue)
+    k = form_kernel("mv", ["x", "w"], epi, prologue is not None)
+    pro, HD, extra, hshapes = prologue_inputs(x, z, epi, prologue)
     # y gets x's leading dims: a reshape on each side would be two more primitives per
     # projection, and each costs host time in every decode step
-    y, h = k(
-        inputs=[x, w, w if z is None else z, *extra],
+    out = k(
+        inputs=[x, w, *extra],
         template=[("T", x.dtype), ("ROWS", rows), ("SPLIT", split), ("UNR", unr), ("MM", _mm(M)), ("EPI", epi),
                   ("PRO", pro), ("HD", HD)],
         grid=(ceil_to(-(-N // rows) * 32 * split, TG), 1, 1),
         threadgroup=(TG, 1, 1),
-        output_shapes=[(*x.shape[:-1], N), hshape],
-        output_dtypes=[x.dtype, x.dtype],
+        output_shapes=[(*x.shape[:-1], N), *hshapes],
+        output_dtypes=[x.dtype] * (1 + len(hshapes)),
         **dispatch.init_kwargs(),
     )
-    return y if prologue is None else (h, y)
+    return out[0] if prologue is None else (out[1], out[0])
 
 
 def matvec_kernel(x: mx.array, w: mx.array) -> mx.array:

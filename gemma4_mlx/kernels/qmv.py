@@ -24,7 +24,7 @@ import mlx.core as mx
 from . import dispatch
 from .dispatch import TG, ceil_to
 from .mv import (_FLOATS, GATE, GEGLU, MAX_ROWS_OF_X, PLAIN, PROBE_N, _mm, form_width, layout, probe_shape,
-                 prologue_inputs, prologue_key, prologue_probe, residual_and_input)
+                 form_kernel, prologue_inputs, prologue_key, prologue_probe, residual_and_input)
 from .ple import ple_gate_reference
 
 
@@ -54,21 +54,20 @@ def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int, prolo
     M = x.size // x.shape[-1]
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
     rows, split, wpl = rows_split or quantized_layout(x.shape[-1], bits, group_size, epi=epi)
-    k = dispatch.get_kernel("qmv", ["x", "w", "scales", "biases", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"])
-    pro, HD, extra, hshape = prologue_inputs(x, prologue)
-    # x keeps its shape, y gets x's leading dims (no reshape primitives around the call); z is
-    # unused unless EPI 2 (the scales stand in: an array of the dtype)
-    y, h = k(
-        inputs=[x, w, scales, biases, scales if z is None else z, *extra],
+    k = form_kernel("qmv", ["x", "w", "scales", "biases"], epi, prologue is not None)
+    pro, HD, extra, hshapes = prologue_inputs(x, z, epi, prologue)
+    # x keeps its shape, y gets x's leading dims (no reshape primitives around the call)
+    out = k(
+        inputs=[x, w, scales, biases, *extra],
         template=[("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", rows), ("SPLIT", split),
                   ("WPL", wpl), ("MM", _mm(M)), ("EPI", epi), ("PRO", pro), ("HD", HD)],
         grid=(ceil_to(-(-N // rows) * 32 * split, TG), 1, 1),
         threadgroup=(TG, 1, 1),
-        output_shapes=[(*x.shape[:-1], N), hshape],
-        output_dtypes=[x.dtype, x.dtype],
+        output_shapes=[(*x.shape[:-1], N), *hshapes],
+        output_dtypes=[x.dtype] * (1 + len(hshapes)),
         **dispatch.init_kwargs(),
     )
-    return y if prologue is None else (h, y)
+    return out[0] if prologue is None else (out[1], out[0])
 
 
 def quantized_matvec_kernel(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
