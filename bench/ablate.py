@@ -38,7 +38,7 @@ base, stock, _ = build_pair(BenchSettings(preset=preset, dtype="bfloat16", quant
 args, params = base.args, base.parameters()
 prompt = mx.array(np.random.default_rng(0).integers(0, args.vocab_size, (1, P)))
 SWITCHES = ("GEMMA4_MLX_KERNELS", "GEMMA4_MLX_KERNELS_DISABLE", "GEMMA4_MLX_COMPILE", "GEMMA4_MLX_FUSE",
-            "GEMMA4_MLX_NVRTC", "GEMMA4_MLX_TRANSPOSES", "GEMMA4_MLX_KV_WRITE")
+            "GEMMA4_MLX_NVRTC", "GEMMA4_MLX_TRANSPOSES", "GEMMA4_MLX_KV_WRITE", "GEMMA4_MLX_FORM_SIGNATURES")
 VIEWS = {"Reshape", "Transpose", "Slice", "Squeeze", "ExpandDims", "Broadcast", "Unflatten", "Flatten",
          "AsStrided", "Split", "StopGradient"}
 
@@ -83,6 +83,9 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=["mv", "residual_n
            ("ours -ple", off("ple_combine", "ple_gate")),
            ("ours -scale", off("scale", "geglu")),  # the scale ops and the GeGLU as MLX's fused kernels
            ("ours -fuse", {"GEMMA4_MLX_FUSE": "0"}),
+           # every mv / qmv form launched with the whole signature (8-10 inputs, 2 outputs; before session 17)
+           ("ours full signatures", {"GEMMA4_MLX_FORM_SIGNATURES": "0"}),
+           ("ours +mv full signatures", {**off(on=["mv", "residual_norm"]), "GEMMA4_MLX_FORM_SIGNATURES": "0"}),
            ("ours -transposes", {"GEMMA4_MLX_TRANSPOSES": "0"}),  # weight.T traced per projection
            ("ours slice write", {"GEMMA4_MLX_KV_WRITE": "slice"}),  # the cache write before session 12
            ("ours mlx kernels", {"GEMMA4_MLX_NVRTC": "0"}),  # built by mx.fast.cuda_kernel instead

@@ -48,6 +48,19 @@ def test_mv_every_layout_and_form(emulated, K, N, M):
     _close(mv._launch(x, w, z, mv.GATE, rows_split=(2, 1, 2)), mv.matvec_gate_reference(x, w, z), "mv gate, 2 steps")
 
 
+def test_whole_signature_ablation(emulated, monkeypatch):
+    """GEMMA4_MLX_FORM_SIGNATURES=0: the forms without a prologue launched with every input and
+    both outputs, as before session 17, compute the same."""
+    monkeypatch.setenv(mv.FORM_SIGNATURES_ENV, "0")
+    K, N = 520, 20
+    x, w, z = _rnd((1, 1, K), 23), _rnd((N, K), 24, 0.05), _rnd((1, 1, N), 25)
+    _close(mv._launch(x, w, z, mv.GATE), mv.matvec_gate_reference(x, w, z), "mv gate, whole signature")
+    q, s, b = mx.quantize(_rnd((N, K + 56), 26, 0.05), group_size=64, bits=4)
+    xq = _rnd((1, 1, K + 56), 27)
+    _close(qmv._launch(xq, q, s, b, 64, 4, None, mv.PLAIN), qmv.quantized_matvec_reference(xq, q, s, b, 64, 4),
+           "qmv, whole signature", 6e-5)
+
+
 def test_mv_steps_in_flight_misaligned_rows(emulated):
     """A K that is not a multiple of 8 leaves the rows misaligned: every step goes one by one."""
     K, N = 1036, 19

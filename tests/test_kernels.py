@@ -1044,6 +1044,12 @@ def test_matvec_forms_pass_only_what_they_read(monkeypatch):
     assert mv.prologue_inputs(x, None, mv.PLAIN, None) == (0, 1, [], [])
     pro, HD, extra, shapes = mv.prologue_inputs(x, z, mv.GATE, None)
     assert (pro, HD, len(extra), shapes) == (0, 1, 1, []) and extra[0] is z
+    # GEMMA4_MLX_FORM_SIGNATURES=0 (the ablation): the whole signature for every form
+    monkeypatch.setenv(mv.FORM_SIGNATURES_ENV, "0")
+    mv.form_kernel("mv", ["x", "w"], mv.PLAIN, False)
+    assert asked[-1][1:3] == (["x", "w", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"])
+    pro, HD, extra, shapes = mv.prologue_inputs(x, None, mv.PLAIN, None)
+    assert (pro, HD, len(extra), shapes) == (0, 1, 6, [(1,)])
 
 
 def test_qmv_size_rule(monkeypatch, qmv_size_rule):
