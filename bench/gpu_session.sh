@@ -6,26 +6,20 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 17): issue 14. One GPU is enough (nvidia-h200). Session 16 settled residual_norm on (6 rounds,
-# four cells), measured the chunk attention on the GPU (E2B's 2,048-token chunk: 14.1 ms of GPU time against stock's
-# 21.6) and found the prefill host-bound instead; ncu showed the fused matvec forms losing to 7-way shared-memory
-# bank conflicts (padded away in 096c25f, unmeasured) and a long serial prologue; docs/benchmarks.md, session 16.
+# Next visit (session 18): issue 14. One GPU is enough (nvidia-h200). Session 17 measured E2B decode at 2.01x in
+# `compare` @841, made the prefill overlap every 5th cache-writing layer (faster at 841 / 4,096 / 32k), and found the
+# fused matvec forms' prologue still 14-43 us a launch after three changes (16-byte reads of the padded row, weights
+# requested before the prologue, loads held ahead of the barriers); docs/benchmarks.md, session 17.
 # In this order:
-#   0. `check` (~3.5 min): CUDA parity first. Two changes of the default decode step are unrun on a GPU
-#      (d58dc70: the GeGLU reads the joined gate/up product; a28447e: the attention kernel writes the output
-#      projection's layout), and 096c25f pads the prologue forms' shared row. If anything fails, fix that first.
-#   1. `mvdetail` (~3 min): the padded prologue under ncu (conflicts gone? how much of 45 / 33 / 14.5 us is left?) and
-#      the one-wave PLE-gate form's stall samples per SASS instruction: where its ~680 instructions a warp wait.
-#   2. `fused` (~4 min): whether the fused forms (373 launches a step against 547) now beat the default; and
-#      the views session 16 removed (d58dc70: the GeGLU reads the joined gate/up product, `ours -geglu_joined`
-#      puts the Split back; a28447e: the attention kernel writes the o_proj layout): the step's primitive
-#      count should read ~70 fewer than session 16's 801 / 547.
-#   3. `overlap` (~4 min), then `compare e2b -L 841,4096 --runs 5`: the prefill overlap lost at 841 and 4,096
-#      in session 16 (the machine's noise needs more rounds).
-#   4. `launch` twice (a single run in session 16: 2 outputs +3.3 us, 8 inputs +1.6 us a launch) before trimming
-#      the kernels' signatures per form.
-#   5. `presets` for 26B-A4B 4-bit's peak memory (+2.9% in session 16); `views` (~1 min) for the kernel wrappers'
-#      views before the un-reshaped-layout work.
+#   0. `check` (~3.5 min): CUDA parity first. Unrun on a GPU: 9ba02c2 / 5a12a17 (each mv / qmv form passes only what it
+#      reads: the 4-bit default step's qmv launches changed signature) and dbead71's barrier in residual_norm (the
+#      default step's fused norm; 98 of its 102 residual tests ran in session 17, all passed).
+#   1. `signatures` (~5 min): the per-form signatures against GEMMA4_MLX_FORM_SIGNATURES=0, E2B / 31B 4-bit and +mv.
+#   2. `mvdetail` (~3 min): the source page (per-instruction stall samples) of the prologue forms at dbead71+: what
+#      they wait on now that no load sits behind a barrier; then decide between a grid that loops over rows (one
+#      prologue per block for many rows), eps / the layer scalar as constants, or dropping the prologue forms.
+#   3. `overlap` with "ours overlap last" at 32k too (it was the fastest at 841 / 4,096, unrun at 32k), then
+#      `presets` for 26B-A4B 4-bit's peak memory (+2.9% twice now: reproducible).
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
@@ -268,6 +262,15 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     unset GEMMA4_MLX_KERNELS_DISABLE ;;
   mvcheck)  # session 17: the mv kernel's parity on CUDA (its prologue forms now read the padded row in 16-byte loads)
     parity mvcheck 200 tests/test_kernels.py tests/test_fusion.py tests/test_decode.py -k "matvec or residual or mv" ;;
+  signatures) # session 18: 9ba02c2's per-form signatures (a form without the prologue passes x, w [, scales, biases]
+            # [, z] and gets y alone) against the whole one (GEMMA4_MLX_FORM_SIGNATURES=0), where qmv / mv launch:
+            # E2B and 31B 4-bit (qmv on by default), E2B bf16 with +mv; 6 rounds a line (~5 min)
+    for pq in "e2b 4" "31b 4"; do
+      CONFIGS="stock,ours,ours full signatures" ROUNDS=6 STEPS=15 timeout 110 python3 bench/ablate.py $pq 2>&1 \
+        | tail -7 | tee "$OUT/signatures-${pq// /-q}.txt" | head -4
+    done
+    CONFIGS="stock,ours,ours +mv,ours +mv full signatures" ROUNDS=6 STEPS=15 timeout 110 python3 bench/ablate.py e2b 0 \
+      2>&1 | tail -9 | tee "$OUT/signatures-e2b-q0.txt" | head -5 ;;
   barrier)  # session 17 (dbead71): residual_norm's and the prologue forms' loads held ahead of their barrier, the gate's
             # z ahead of the split's: their parity on CUDA, the step with and without the fused forms, and the mv
             # launches' ncu times (no source page), in one short call (~4 min)
