@@ -300,7 +300,7 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       CONFIGS="ours,ours no overlap,ours overlap/3,ours overlap/5,ours overlap last,ours kernels off" ROUNDS=9 timeout 150 \
         python3 bench/prefill_ablate.py e2b $n 2>&1 | tail -8 | tee "$OUT/overlap-$n.txt"
     done
-    CONFIGS="ours,ours no overlap,ours overlap/3,ours overlap/5" ROUNDS=5 timeout 200 python3 bench/prefill_ablate.py e2b 32768 \
+    CONFIGS="ours,ours no overlap,ours overlap/5,ours overlap last" ROUNDS=5 timeout 200 python3 bench/prefill_ablate.py e2b 32768 \
       2>&1 | tail -6 | tee "$OUT/overlap-32k.txt" ;;
   loads)    # session 15: residual_norm, the mv/qmv residual prologue and norm_rope now load a row before their
             # first store (each later load waited behind a store it might alias: 12.1 us a residual_norm under ncu);
