@@ -297,7 +297,7 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
             # and with fewer starts a chunk (GEMMA4_MLX_PREFILL_OVERLAP=N: every Nth cache-writing layer and the last);
             # more rounds for this machine's noise (~5 min)
     for n in 841 4096; do
-      CONFIGS="ours,ours no overlap,ours overlap/3,ours overlap/5,ours overlap last,ours kernels off" ROUNDS=9 timeout 150 \
+      CONFIGS="ours,ours overlap/1,ours no overlap,ours overlap/3,ours overlap last,ours kernels off" ROUNDS=9 timeout 150 \
         python3 bench/prefill_ablate.py e2b $n 2>&1 | tail -8 | tee "$OUT/overlap-$n.txt"
     done
     CONFIGS="ours,ours no overlap,ours overlap/5,ours overlap last" ROUNDS=5 timeout 200 python3 bench/prefill_ablate.py e2b 32768 \

@@ -44,8 +44,10 @@ CONFIGS = {
     "stock": (stock, None, "auto"),
     "ours": (ours, None, "auto"),
     "ours no overlap": (ours, None, "auto", {"GEMMA4_MLX_PREFILL_OVERLAP": "0"}),
-    # fewer starts a chunk (every 3rd / 5th cache-writing layer and the last; E2B has 15 of them;
-    # "last" starts only the last): each start is an evaluation with a host cost of its own
+    # every / every 3rd / 5th (the GPU default since session 17) cache-writing layer and the last
+    # (E2B has 15 of them; "last" starts only the last): each start is an evaluation with a host
+    # cost of its own
+    "ours overlap/1": (ours, None, "auto", {"GEMMA4_MLX_PREFILL_OVERLAP": "1"}),
     "ours overlap/3": (ours, None, "auto", {"GEMMA4_MLX_PREFILL_OVERLAP": "3"}),
     "ours overlap/5": (ours, None, "auto", {"GEMMA4_MLX_PREFILL_OVERLAP": "5"}),
     "ours overlap last": (ours, None, "auto", {"GEMMA4_MLX_PREFILL_OVERLAP": "1000"}),
