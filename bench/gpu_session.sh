@@ -11,7 +11,8 @@
 # fused matvec forms' prologue still 14-43 us a launch after three changes (16-byte reads of the padded row, weights
 # requested before the prologue, loads held ahead of the barriers); docs/benchmarks.md, session 17.
 # In this order:
-#   0. `check` (~3.5 min): CUDA parity first. Unrun on a GPU: 9ba02c2 / 5a12a17 (each mv / qmv form passes only what it
+#   0. `check` (~3.5 min): CUDA parity first. Unrun on a GPU: the bf16 rounding in one instruction (cuda_types.h,
+#      every kernel of ours that stores bf16), 9ba02c2 / 5a12a17 (each mv / qmv form passes only what it
 #      reads: the 4-bit default step's qmv launches changed signature) and dbead71's barrier in residual_norm (the
 #      default step's fused norm; 98 of its 102 residual tests ran in session 17, all passed).
 #   1. `signatures` (~5 min): the per-form signatures against GEMMA4_MLX_FORM_SIGNATURES=0, E2B / 31B 4-bit and +mv.
