@@ -1052,6 +1052,32 @@ def test_matvec_forms_pass_only_what_they_read(monkeypatch):
     assert (pro, HD, len(extra), shapes) == (0, 1, 6, [(1,)])
 
 
+def test_residual_norm_without_the_next_norm_passes_neither_wn_nor_nrm(monkeypatch):
+    """residual_norm's NEXT == 0 launch (no next norm) has one input and one output fewer: each
+    costs MLX's host time at every launch (session 17)."""
+    from gemma4_mlx.kernels import residual
+
+    asked = []
+
+    def fake_get_kernel(name, ins, outs, **kw):
+        asked.append((name, ins, outs, kw))
+
+        def launch(inputs, output_shapes, output_dtypes, **_):
+            asked.append(len(inputs))
+            return [mx.zeros(shape, dt) for shape, dt in zip(output_shapes, output_dtypes)]
+        return launch
+
+    monkeypatch.setattr(dispatch, "get_kernel", fake_get_kernel)
+    x, w = mx.zeros((1, 1, 64)), mx.ones((64,))
+    out = residual.residual_norm_kernel(x, x, w, None, 1e-6)
+    assert isinstance(out, mx.array) and out.shape == x.shape
+    out, nrm = residual.residual_norm_kernel(x, x, w, None, 1e-6, w)
+    assert nrm.shape == x.shape
+    assert asked == [("residual_norm", ["res", "branch", "w", "ls", "eps"], ["out"],
+                      dict(defines=[("NO_NEXT", 1)], variant="single")), 5,
+                     ("residual_norm", ["res", "branch", "w", "ls", "wn", "eps"], ["out", "nrm"], {}), 6]
+
+
 def test_qmv_size_rule(monkeypatch, qmv_size_rule):
     """On CUDA the quantized matvec takes only 4-bit products of at least 2^25 weights and 8-bit
     ones of at least 2^27 (where it beat MLX's quantized_matmul on the H200); smaller ones stay
