@@ -10,7 +10,7 @@ import pytest
 
 from kernel_emulator import GXX, emulated_cuda
 
-from gemma4_mlx.kernels import mv, qmv
+from gemma4_mlx.kernels import dispatch, mv, qmv
 
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ not found: cannot build the emulated kernels")
 
@@ -51,7 +51,7 @@ def test_mv_every_layout_and_form(emulated, K, N, M):
 def test_whole_signature_ablation(emulated, monkeypatch):
     """GEMMA4_MLX_FORM_SIGNATURES=0: the forms without a prologue launched with every input and
     both outputs, as before session 17, compute the same."""
-    monkeypatch.setenv(mv.FORM_SIGNATURES_ENV, "0")
+    monkeypatch.setenv(dispatch.FORM_SIGNATURES_ENV, "0")
     K, N = 520, 20
     x, w, z = _rnd((1, 1, K), 23), _rnd((N, K), 24, 0.05), _rnd((1, 1, N), 25)
     _close(mv._launch(x, w, z, mv.GATE), mv.matvec_gate_reference(x, w, z), "mv gate, whole signature")

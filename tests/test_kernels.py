@@ -1040,12 +1040,12 @@ def test_matvec_forms_pass_only_what_they_read(monkeypatch):
     assert asked[0][3] == dict(defines=[("NO_PROLOGUE_INPUTS", 1), ("NO_Z", 1)], variant="bare")
     assert asked[2][3] == dict(defines=[("NO_PROLOGUE_INPUTS", 1), ("NO_Z", 0)], variant="gate")
     assert asked[3][3] == {}
-    x, w, z = mx.zeros((1, 1, 16)), mx.zeros((8, 16)), mx.zeros((1, 1, 8))
+    x, z = mx.zeros((1, 1, 16)), mx.zeros((1, 1, 8))
     assert mv.prologue_inputs(x, None, mv.PLAIN, None) == (0, 1, [], [])
     pro, HD, extra, shapes = mv.prologue_inputs(x, z, mv.GATE, None)
     assert (pro, HD, len(extra), shapes) == (0, 1, 1, []) and extra[0] is z
     # GEMMA4_MLX_FORM_SIGNATURES=0 (the ablation): the whole signature for every form
-    monkeypatch.setenv(mv.FORM_SIGNATURES_ENV, "0")
+    monkeypatch.setenv(dispatch.FORM_SIGNATURES_ENV, "0")
     mv.form_kernel("mv", ["x", "w"], mv.PLAIN, False)
     assert asked[-1][1:3] == (["x", "w", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"])
     pro, HD, extra, shapes = mv.prologue_inputs(x, None, mv.PLAIN, None)
@@ -1076,6 +1076,10 @@ def test_residual_norm_without_the_next_norm_passes_neither_wn_nor_nrm(monkeypat
     assert asked == [("residual_norm", ["res", "branch", "w", "ls", "eps"], ["out"],
                       dict(defines=[("NO_NEXT", 1)], variant="single")), 5,
                      ("residual_norm", ["res", "branch", "w", "ls", "wn", "eps"], ["out", "nrm"], {}), 6]
+    del asked[:]
+    monkeypatch.setenv(dispatch.FORM_SIGNATURES_ENV, "0")  # the ablation: the whole signature
+    assert residual.residual_norm_kernel(x, x, w, None, 1e-6).shape == x.shape
+    assert asked == [("residual_norm", ["res", "branch", "w", "ls", "wn", "eps"], ["out", "nrm"], {}), 6]
 
 
 def test_qmv_size_rule(monkeypatch, qmv_size_rule):

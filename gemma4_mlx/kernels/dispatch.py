@@ -301,6 +301,16 @@ def kernel_name(name: str, variant: str = "") -> str:
     return f"gemma4_{name}{'_' + variant if variant else ''}"
 
 
+FORM_SIGNATURES_ENV = "GEMMA4_MLX_FORM_SIGNATURES"
+
+
+def form_signatures() -> bool:
+    """Whether a kernel with several forms launches each with only the inputs and outputs it
+    reads (mv, qmv, residual_norm; each extra one costs MLX's host time at every launch, session
+    17); ``GEMMA4_MLX_FORM_SIGNATURES=0`` gives every form the whole signature (ablations)."""
+    return switches.env_flag(FORM_SIGNATURES_ENV)
+
+
 def get_kernel(
     name: str,
     input_names: Sequence[str],

@@ -19,7 +19,6 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .. import switches
 from . import dispatch
 from .dispatch import TG, ceil_to
 from .ple import ple_gate_reference
@@ -93,7 +92,6 @@ def _mm(M: int) -> int:
 
 
 PROLOGUE_INPUTS = ["b", "nw", "ls", "nn", "eps"]
-FORM_SIGNATURES_ENV = "GEMMA4_MLX_FORM_SIGNATURES"
 
 
 def form_kernel(name: str, product_inputs: list, epi: int, with_prologue: bool):
@@ -101,8 +99,9 @@ def form_kernel(name: str, product_inputs: list, epi: int, with_prologue: bool):
     outputs its form reads (matvec_inputs.inc). Each extra input or output costs MLX's host time
     at every launch (bench/launch_cost.py on the H200, session 17: ~0.5-1 us for 6 more inputs,
     ~2-3 us for a second output), and the decode step launches these forms ~100-300 times.
-    ``GEMMA4_MLX_FORM_SIGNATURES=0`` gives every form the whole signature (ablations)."""
-    with_prologue = with_prologue or not switches.env_flag(FORM_SIGNATURES_ENV)
+    ``GEMMA4_MLX_FORM_SIGNATURES=0`` gives every form the whole signature (ablations:
+    :func:`.dispatch.form_signatures`)."""
+    with_prologue = with_prologue or not dispatch.form_signatures()
     z = ["z"] if epi == GATE or with_prologue else []
     if with_prologue:
         return dispatch.get_kernel(name, [*product_inputs, *z, *PROLOGUE_INPUTS], ["y", "hout"])
@@ -115,7 +114,7 @@ def prologue_inputs(x: mx.array, z: Optional[mx.array], epi: int, prologue: Opti
     """(PRO, HD, the inputs after the product's own, the output shapes after y's) for a launch of
     :func:`form_kernel`'s signature: z where the form reads it (a stand-in of the dtype for a
     prologue form that does not), then the prologue's b / nw / ls / nn / eps and hout."""
-    if prologue is None and switches.env_flag(FORM_SIGNATURES_ENV):
+    if prologue is None and dispatch.form_signatures():
         return 0, 1, ([z] if epi == GATE else []), []
     if prologue is None:  # the whole signature, its prologue inputs unread: arrays of the dtype stand in
         return 0, 1, [x if z is None else z, x, x, x, x, mx.zeros((1,), mx.float32)], [(1,)]

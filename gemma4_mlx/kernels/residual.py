@@ -46,20 +46,21 @@ def residual_norm_kernel(residual: mx.array, branch: mx.array, norm_weight: mx.a
     nxt = next_weight is not None
     # without the next norm, no wn input and no nrm output (each costs MLX's host time at every
     # launch: a second output ~2-3 us on the H200, session 17's bench/launch_cost.py)
-    if nxt:
+    whole = nxt or not dispatch.form_signatures()
+    if whole:
         k = dispatch.get_kernel("residual_norm", ["res", "branch", "w", "ls", "wn", "eps"], ["out", "nrm"])
     else:
         k = dispatch.get_kernel("residual_norm", ["res", "branch", "w", "ls", "eps"], ["out"],
                                 defines=[("NO_NEXT", 1)], variant="single")
     ls = mx.ones((1,), dt) if scalar is None else scalar.reshape(-1)
     outs = k(
-        inputs=[residual, branch, norm_weight, ls, *([next_weight] if nxt else []),
+        inputs=[residual, branch, norm_weight, ls, *([next_weight if nxt else ls] if whole else []),
                 mx.array([eps], dtype=mx.float32)],
         template=[("T", dt), ("HD", HD), ("NEXT", int(nxt))],
         grid=(residual.size // HD * TG, 1, 1),
         threadgroup=(TG, 1, 1),
-        output_shapes=[residual.shape] * (1 + nxt),
-        output_dtypes=[dt] * (1 + nxt),
+        output_shapes=[residual.shape, *([residual.shape if nxt else (1,)] if whole else [])],
+        output_dtypes=[dt] * (1 + whole),
         **dispatch.init_kwargs(),
     )
     return (outs[0], outs[1]) if nxt else outs[0]
