@@ -36,7 +36,12 @@ set -uo pipefail
 source .device/b/setup.sh >/dev/null || exit 1
 FINAL=${OUT:-out}
 OUT=$(mktemp -d)
-trap 'tar czf "$FINAL/${PART:-session}.tgz" -C "$OUT" . 2>/dev/null' EXIT
+pack() {  # one archive a part; a part run twice in one call gets <part>-2.tgz, ... (session 17 lost a run that way)
+  local name="$FINAL/${PART:-session}.tgz" n=2
+  while [ -e "$name" ]; do name="$FINAL/${PART:-session}-$n.tgz"; n=$((n + 1)); done
+  tar czf "$name" -C "$OUT" . 2>/dev/null
+}
+trap pack EXIT
 PART=${1:-}
 mkdir -p "$FINAL"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>/dev/null
