@@ -101,15 +101,17 @@ def _gpu_kernels(eager_for: Optional[mx.array] = None):
     call without one may be a training forward, and custom kernels have no gradient), and more
     than one position (a prefill chunk; an eager one-token step, ``batch_generate``'s, keeps
     MLX's compiled call, a few microseconds cheaper in Python at every token)."""
-    if step_context.active() is None and eager_for is None:
+    outside_step = step_context.active() is None
+    # the cheap tests first: an eager one-token step (every CPU token) leaves before the backend
+    # and the mode are asked
+    if outside_step and (eager_for is None or eager_for.ndim < 2 or eager_for.shape[1] <= 1
+                         or not step_context.in_cached_call()):
         return None
     from . import kernels
 
     if not kernels.kernels_enabled():
         return None
-    if step_context.active() is None and not (
-            kernels.active_backend() == "cuda" and step_context.in_cached_call()
-            and eager_for.ndim >= 2 and eager_for.shape[1] > 1):
+    if outside_step and kernels.active_backend() != "cuda":
         return None
     return kernels
 

@@ -76,8 +76,9 @@ def in_cached_call() -> bool:
 
 
 def active() -> Optional[_Context]:
-    """The decode step being traced (or dry-run), or None outside it."""
-    stack = _stack()
+    """The decode step being traced (or dry-run), or None outside it (asked ~200 times a model
+    call, hence no call of :func:`_stack` here)."""
+    stack = getattr(_thread, "steps", None)
     return stack[-1] if stack else None
 
 
