@@ -1082,6 +1082,31 @@ def test_residual_norm_without_the_next_norm_passes_neither_wn_nor_nrm(monkeypat
     assert asked == [("residual_norm", ["res", "branch", "w", "ls", "wn", "eps"], ["out", "nrm"], {}), 6]
 
 
+def test_attention_without_the_q_norm_passes_no_q_norm_inputs(monkeypatch):
+    """Pass 1 without the q norm (the default step's) launches without qw / inv_freq / qoff /
+    qeps (session 17); GEMMA4_MLX_FORM_SIGNATURES=0 puts them back (ablations)."""
+    asked = []
+
+    def fake_get_kernel(name, ins, outs, **kw):
+        asked.append((name, list(ins), kw))
+
+        def launch(inputs, output_shapes, output_dtypes, **_):
+            asked.append(len(inputs))
+            return [mx.zeros(shape, dt) for shape, dt in zip(output_shapes, output_dtypes)]
+        return launch
+
+    monkeypatch.setattr(dispatch, "get_kernel", fake_get_kernel)
+    q, kv = mx.zeros((1, 4, 1, 64)), mx.zeros((1, 2, 16, 64))
+    ATT.attention_kernel(q, kv, kv, 1.0, 0)
+    assert asked[:2] == [("attention_partial", ["q", "keys", "values", "scale", "params", "kv_len"],
+                          dict(ensure_row_contiguous=False, defines=[("NO_QNR_INPUTS", 1)], variant="plain")), 6]
+    del asked[:]
+    monkeypatch.setenv(dispatch.FORM_SIGNATURES_ENV, "0")
+    ATT.attention_kernel(q, kv, kv, 1.0, 0)
+    assert asked[:2] == [("attention_partial", ["q", "keys", "values", "scale", "params", "kv_len", "qw", "inv_freq",
+                                                "qoff", "qeps"], dict(ensure_row_contiguous=False)), 10]
+
+
 def test_qmv_size_rule(monkeypatch, qmv_size_rule):
     """On CUDA the quantized matvec takes only 4-bit products of at least 2^25 weights and 8-bit
     ones of at least 2^27 (where it beat MLX's quantized_matmul on the H200); smaller ones stay

@@ -100,14 +100,18 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
     plan = launch_plan(B, H, Hkv, Lq, N, D, int(window))
     query_rows = B * Hkv * plan["QR"]
     ns = plan["nsplit"]
+    # without the q norm (QNR 0, the default step's), no q-norm inputs: each input costs MLX's host
+    # time at every launch (dispatch.form_signatures; the body gets stand-ins it never reads)
+    whole = q_norm_rope is not None or not dispatch.form_signatures()
     k1 = dispatch.get_kernel(
         "attention_partial",
-        ["q", "keys", "values", "scale", "params", "kv_len", "qw", "inv_freq", "qoff", "qeps"], ["po", "pm", "pl"],
-        ensure_row_contiguous=False,
+        ["q", "keys", "values", "scale", "params", "kv_len", *(["qw", "inv_freq", "qoff", "qeps"] if whole else [])],
+        ["po", "pm", "pl"], ensure_row_contiguous=False,
+        **({} if whole else dict(defines=[("NO_QNR_INPUTS", 1)], variant="plain")),
     )
     scale_arr = mx.array([scale], dtype=mx.float32)
-    if q_norm_rope is None:  # the q-norm inputs are not read: small arrays of their dtypes stand in
-        qnr = [q, scale_arr, kv_len.reshape(1).astype(mx.int32), scale_arr]
+    if q_norm_rope is None:  # the whole signature's q-norm inputs are not read: small arrays stand in
+        qnr = [q, scale_arr, kv_len.reshape(1).astype(mx.int32), scale_arr] if whole else []
     else:
         weight, inv_freq, offset, eps = q_norm_rope
         qnr = [weight, inv_freq.astype(mx.float32), offset_array(offset), mx.array([eps], dtype=mx.float32)]
