@@ -12,10 +12,12 @@
 # requested before the prologue, loads held ahead of the barriers); docs/benchmarks.md, session 17.
 # In this order:
 #   0. `check` (~3.5 min): CUDA parity first. Unrun on a GPU: the bf16 rounding in one instruction (cuda_types.h,
-#      every kernel of ours that stores bf16), 9ba02c2 / 5a12a17 (each mv / qmv form passes only what it
-#      reads: the 4-bit default step's qmv launches changed signature) and dbead71's barrier in residual_norm (the
-#      default step's fused norm; 98 of its 102 residual tests ran in session 17, all passed).
-#   1. `signatures` (~5 min): the per-form signatures against GEMMA4_MLX_FORM_SIGNATURES=0, E2B / 31B 4-bit and +mv.
+#      every kernel of ours that stores bf16), the per-form signatures (9ba02c2 / 5a12a17 mv and qmv, 0821775
+#      residual_norm, 760bfb0 attention pass 1: launches of the default steps changed signature) and dbead71's
+#      barrier in residual_norm (the default step's fused norm; 98 of its 102 residual tests ran in session 17,
+#      all passed).
+#   1. `signatures` (~5 min): the per-form signatures against GEMMA4_MLX_FORM_SIGNATURES=0, E2B / 31B 4-bit and
+#      E2B bf16 with and without +mv (residual_norm's and attention's signatures changed in every step).
 #   2. `mvdetail` (~3 min): the source page (per-instruction stall samples) of the prologue forms at dbead71+: what
 #      they wait on now that no load sits behind a barrier; then decide between a grid that loops over rows (one
 #      prologue per block for many rows), eps / the layer scalar as constants, or dropping the prologue forms.
@@ -268,14 +270,16 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     unset GEMMA4_MLX_KERNELS_DISABLE ;;
   mvcheck)  # session 17: the mv kernel's parity on CUDA (its prologue forms now read the padded row in 16-byte loads)
     parity mvcheck 200 tests/test_kernels.py tests/test_fusion.py tests/test_decode.py -k "matvec or residual or mv" ;;
-  signatures) # session 18: 9ba02c2's per-form signatures (a form without the prologue passes x, w [, scales, biases]
-            # [, z] and gets y alone) against the whole one (GEMMA4_MLX_FORM_SIGNATURES=0), where qmv / mv launch:
-            # E2B and 31B 4-bit (qmv on by default), E2B bf16 with +mv; 6 rounds a line (~5 min)
+  signatures) # session 18: the per-form signatures (mv / qmv without the prologue: x, w [, scales, biases] [, z] -> y;
+            # residual_norm without the next norm; attention pass 1 without the q norm) against the whole ones
+            # (GEMMA4_MLX_FORM_SIGNATURES=0): E2B and 31B 4-bit (qmv on by default), E2B bf16 with and without +mv;
+            # 6 rounds a line (~5 min)
     for pq in "e2b 4" "31b 4"; do
       CONFIGS="stock,ours,ours full signatures" ROUNDS=6 STEPS=15 timeout 110 python3 bench/ablate.py $pq 2>&1 \
         | tail -7 | tee "$OUT/signatures-${pq// /-q}.txt" | head -4
     done
-    CONFIGS="stock,ours,ours +mv,ours +mv full signatures" ROUNDS=6 STEPS=15 timeout 110 python3 bench/ablate.py e2b 0 \
+    CONFIGS="stock,ours,ours full signatures,ours +mv,ours +mv full signatures" ROUNDS=6 STEPS=15 timeout 130 \
+      python3 bench/ablate.py e2b 0 \
       2>&1 | tail -9 | tee "$OUT/signatures-e2b-q0.txt" | head -5 ;;
   barrier)  # session 17 (dbead71): residual_norm's and the prologue forms' loads held ahead of their barrier, the gate's
             # z ahead of the split's: their parity on CUDA, the step with and without the fused forms, and the mv
