@@ -1041,14 +1041,14 @@ def test_matvec_forms_pass_only_what_they_read(monkeypatch):
     assert asked[2][3] == dict(defines=[("NO_PROLOGUE_INPUTS", 1), ("NO_Z", 0)], variant="gate")
     assert asked[3][3] == {}
     x, z = mx.zeros((1, 1, 16)), mx.zeros((1, 1, 8))
-    assert mv.prologue_inputs(x, None, mv.PLAIN, None) == (0, 1, [], [])
-    pro, HD, extra, shapes = mv.prologue_inputs(x, z, mv.GATE, None)
+    assert mv.prologue_inputs(x, None, mv.PLAIN, None, False) == (0, 1, [], [])
+    pro, HD, extra, shapes = mv.prologue_inputs(x, z, mv.GATE, None, False)
     assert (pro, HD, len(extra), shapes) == (0, 1, 1, []) and extra[0] is z
     # GEMMA4_MLX_FORM_SIGNATURES=0 (the ablation): the whole signature for every form
     monkeypatch.setenv(dispatch.FORM_SIGNATURES_ENV, "0")
-    mv.form_kernel("mv", ["x", "w"], mv.PLAIN, False)
-    assert asked[-1][1:3] == (["x", "w", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"])
-    pro, HD, extra, shapes = mv.prologue_inputs(x, None, mv.PLAIN, None)
+    _, whole = mv.form_kernel("mv", ["x", "w"], mv.PLAIN, False)
+    assert whole and asked[-1][1:3] == (["x", "w", "z", "b", "nw", "ls", "nn", "eps"], ["y", "hout"])
+    pro, HD, extra, shapes = mv.prologue_inputs(x, None, mv.PLAIN, None, whole)
     assert (pro, HD, len(extra), shapes) == (0, 1, 6, [(1,)])
 
 

@@ -100,14 +100,12 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
     plan = launch_plan(B, H, Hkv, Lq, N, D, int(window))
     query_rows = B * Hkv * plan["QR"]
     ns = plan["nsplit"]
-    # without the q norm (QNR 0, the default step's), no q-norm inputs: each input costs MLX's host
-    # time at every launch (dispatch.form_signatures; the body gets stand-ins it never reads)
-    whole = q_norm_rope is not None or not dispatch.form_signatures()
-    k1 = dispatch.get_kernel(
-        "attention_partial",
-        ["q", "keys", "values", "scale", "params", "kv_len", *(["qw", "inv_freq", "qoff", "qeps"] if whole else [])],
-        ["po", "pm", "pl"], ensure_row_contiguous=False,
-        **({} if whole else dict(defines=[("NO_QNR_INPUTS", 1)], variant="plain")),
+    # without the q norm (QNR 0, the default step's), no q-norm inputs (dispatch.get_form_kernel)
+    plain = ["q", "keys", "values", "scale", "params", "kv_len"]
+    k1, whole = dispatch.get_form_kernel(
+        "attention_partial", [*plain, "qw", "inv_freq", "qoff", "qeps"], ["po", "pm", "pl"],
+        None if q_norm_rope is not None else (plain, ["po", "pm", "pl"], [("NO_QNR_INPUTS", 1)], "plain"),
+        ensure_row_contiguous=False,
     )
     scale_arr = mx.array([scale], dtype=mx.float32)
     if q_norm_rope is None:  # the whole signature's q-norm inputs are not read: small arrays stand in

@@ -305,10 +305,25 @@ FORM_SIGNATURES_ENV = "GEMMA4_MLX_FORM_SIGNATURES"
 
 
 def form_signatures() -> bool:
-    """Whether a kernel with several forms launches each with only the inputs and outputs it
-    reads (mv, qmv, residual_norm; each extra one costs MLX's host time at every launch, session
-    17); ``GEMMA4_MLX_FORM_SIGNATURES=0`` gives every form the whole signature (ablations)."""
+    """``GEMMA4_MLX_FORM_SIGNATURES`` (default on; ``0``: every form the whole signature, for
+    ablations): read by :func:`get_form_kernel`, and by the decode step's settings, which a traced
+    step holds (its launches' signatures follow it)."""
     return switches.env_flag(FORM_SIGNATURES_ENV)
+
+
+def get_form_kernel(name: str, input_names: Sequence[str], output_names: Sequence[str],
+                    trimmed: tuple | None = None, **kwargs) -> tuple:
+    """``(kernel, whole)`` for one form of a kernel whose forms read different inputs (mv, qmv,
+    residual_norm, attention pass 1): ``trimmed`` = (inputs, outputs, defines, variant) of a
+    form that reads fewer than the whole signature, its body given stand-ins for the rest under
+    those defines; None for a form that needs all. Each input or output costs MLX's host time at
+    every launch (H200, session 17: a second output ~2-3 us, six more inputs ~0.5-1 us).
+    ``GEMMA4_MLX_FORM_SIGNATURES=0`` gives every form the whole signature (ablations). ``whole``
+    tells the caller which inputs to pass."""
+    if trimmed is None or not form_signatures():
+        return get_kernel(name, input_names, output_names, **kwargs), True
+    inputs, outputs, defines, variant = trimmed
+    return get_kernel(name, inputs, outputs, defines=defines, variant=variant, **kwargs), False
 
 
 def get_kernel(

@@ -94,27 +94,22 @@ def _mm(M: int) -> int:
 PROLOGUE_INPUTS = ["b", "nw", "ls", "nn", "eps"]
 
 
-def form_kernel(name: str, product_inputs: list, epi: int, with_prologue: bool):
-    """The kernel object of one form of ``name`` (mv / qmv): a launch passes only the inputs and
-    outputs its form reads (matvec_inputs.inc). Each extra input or output costs MLX's host time
-    at every launch (bench/launch_cost.py on the H200, session 17: ~0.5-1 us for 6 more inputs,
-    ~2-3 us for a second output), and the decode step launches these forms ~100-300 times.
-    ``GEMMA4_MLX_FORM_SIGNATURES=0`` gives every form the whole signature (ablations:
-    :func:`.dispatch.form_signatures`)."""
-    with_prologue = with_prologue or not dispatch.form_signatures()
-    z = ["z"] if epi == GATE or with_prologue else []
-    if with_prologue:
-        return dispatch.get_kernel(name, [*product_inputs, *z, *PROLOGUE_INPUTS], ["y", "hout"])
-    return dispatch.get_kernel(name, [*product_inputs, *z], ["y"],
-                               defines=[("NO_PROLOGUE_INPUTS", 1), ("NO_Z", int(not z))],
-                               variant="gate" if z else "bare")
+def form_kernel(name: str, product_inputs: list, epi: int, with_prologue: bool) -> tuple:
+    """``(kernel, whole)`` for one form of ``name`` (mv / qmv, :func:`.dispatch.get_form_kernel`):
+    without the prologue a launch passes only the product's inputs [, z] and gets y alone
+    (matvec_inputs.inc); the decode step launches these forms ~100-300 times."""
+    gate = epi == GATE
+    trimmed = None if with_prologue else ([*product_inputs, *(["z"] if gate else [])], ["y"],
+                                          [("NO_PROLOGUE_INPUTS", 1), ("NO_Z", int(not gate))],
+                                          "gate" if gate else "bare")
+    return dispatch.get_form_kernel(name, [*product_inputs, "z", *PROLOGUE_INPUTS], ["y", "hout"], trimmed)
 
 
-def prologue_inputs(x: mx.array, z: Optional[mx.array], epi: int, prologue: Optional[tuple]):
+def prologue_inputs(x: mx.array, z: Optional[mx.array], epi: int, prologue: Optional[tuple], whole: bool):
     """(PRO, HD, the inputs after the product's own, the output shapes after y's) for a launch of
-    :func:`form_kernel`'s signature: z where the form reads it (a stand-in of the dtype for a
-    prologue form that does not), then the prologue's b / nw / ls / nn / eps and hout."""
-    if prologue is None and dispatch.form_signatures():
+    :func:`form_kernel`'s signature (``whole``: the whole one): z where the form reads it (a
+    stand-in of the dtype where it does not), then the prologue's b / nw / ls / nn / eps and hout."""
+    if not whole:
         return 0, 1, ([z] if epi == GATE else []), []
     if prologue is None:  # the whole signature, its prologue inputs unread: arrays of the dtype stand in
         return 0, 1, [x if z is None else z, x, x, x, x, mx.zeros((1,), mx.float32)], [(1,)]
@@ -135,8 +130,8 @@ def _launch(x: mx.array, w: mx.array, z: Optional[mx.array], epi: int, prologue:
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
     rows, split, *unr = rows_split or layout(x.shape[-1])
     unr = unr[0] if unr else steps_in_flight(x.shape[-1], split, prologue is not None)
-    k = form_kernel("mv", ["x", "w"], epi, prologue is not None)
-    pro, HD, extra, hshapes = prologue_inputs(x, z, epi, prologue)
+    k, whole = form_kernel("mv", ["x", "w"], epi, prologue is not None)
+    pro, HD, extra, hshapes = prologue_inputs(x, z, epi, prologue, whole)
     # y gets x's leading dims: a reshape on each side would be two more primitives per
     # projection, and each costs host time in every decode step
     out = k(

@@ -54,8 +54,8 @@ def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int, prolo
     M = x.size // x.shape[-1]
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
     rows, split, wpl = rows_split or quantized_layout(x.shape[-1], bits, group_size, epi=epi)
-    k = form_kernel("qmv", ["x", "w", "scales", "biases"], epi, prologue is not None)
-    pro, HD, extra, hshapes = prologue_inputs(x, z, epi, prologue)
+    k, whole = form_kernel("qmv", ["x", "w", "scales", "biases"], epi, prologue is not None)
+    pro, HD, extra, hshapes = prologue_inputs(x, z, epi, prologue, whole)
     # x keeps its shape, y gets x's leading dims (no reshape primitives around the call)
     out = k(
         inputs=[x, w, scales, biases, *extra],

@@ -44,14 +44,10 @@ def residual_norm_kernel(residual: mx.array, branch: mx.array, norm_weight: mx.a
     HD = residual.shape[-1]
     dt = residual.dtype
     nxt = next_weight is not None
-    # without the next norm, no wn input and no nrm output (each costs MLX's host time at every
-    # launch: a second output ~2-3 us on the H200, session 17's bench/launch_cost.py)
-    whole = nxt or not dispatch.form_signatures()
-    if whole:
-        k = dispatch.get_kernel("residual_norm", ["res", "branch", "w", "ls", "wn", "eps"], ["out", "nrm"])
-    else:
-        k = dispatch.get_kernel("residual_norm", ["res", "branch", "w", "ls", "eps"], ["out"],
-                                defines=[("NO_NEXT", 1)], variant="single")
+    # without the next norm, no wn input and no nrm output (dispatch.get_form_kernel)
+    k, whole = dispatch.get_form_kernel(
+        "residual_norm", ["res", "branch", "w", "ls", "wn", "eps"], ["out", "nrm"],
+        None if nxt else (["res", "branch", "w", "ls", "eps"], ["out"], [("NO_NEXT", 1)], "single"))
     ls = mx.ones((1,), dt) if scalar is None else scalar.reshape(-1)
     outs = k(
         inputs=[residual, branch, norm_weight, ls, *([next_weight if nxt else ls] if whole else []),
