@@ -109,6 +109,18 @@ def test_step_multiplies_by_evaluated_weight_transposes(preset, kernel_path, mon
     assert ops_with["Matmul"] == ops_without["Matmul"]
 
 
+def test_step_settings_follow_the_form_signatures_switch(monkeypatch):
+    """The traced step's launches take their signatures from GEMMA4_MLX_FORM_SIGNATURES: a step
+    traced under one value is not replayed under the other (the settings it is held against
+    differ)."""
+    from gemma4_mlx import decode
+
+    monkeypatch.delenv("GEMMA4_MLX_FORM_SIGNATURES", raising=False)
+    per_form = decode._switches()
+    monkeypatch.setenv("GEMMA4_MLX_FORM_SIGNATURES", "0")
+    assert decode._switches() != per_form
+
+
 def test_step_writes_each_cache_buffer_by_a_scatter(monkeypatch):
     """Each cache the step writes takes its new key and value by a scatter along the position
     axis, not by MLX's DynamicSliceUpdate: on CUDA (MLX 0.32) that launches a thread per element
