@@ -296,6 +296,7 @@ class Gemma4TextModel(nn.Module):
         # the last cache-writing layer always starts: the KV-shared tail and the head build after it
         last_writer = max(p.index for p in a.plan if not p.is_kv_shared) if overlap else -1
         writers_seen = 0
+        in_flight = None  # the last started layer's keys and values, until the next start
         last = len(self.layers) - 1
         for i, (layer, p, next_norm) in enumerate(zip(self.layers, a.plan, next_norms)):
             c = cache[p.cache_index] if p.cache_index is not None else None
@@ -318,6 +319,9 @@ class Gemma4TextModel(nn.Module):
                     writers_seen += 1
                     if writers_seen % stride == 0 or p.index == last_writer:
                         overlap = _start_evaluation(kv[:2])
+                        if overlap:
+                            _wait_for(in_flight)
+                            in_flight = kv[:2]
             if trace is not None:
                 record["out"] = h
                 trace.append(record)
@@ -331,7 +335,9 @@ OVERLAP_ENV = "GEMMA4_MLX_PREFILL_OVERLAP"
 # evaluation of its own, at a host cost: on the H200 every layer (1) lost to none at 841 and 4,096
 # tokens and won at 32k (session 16); every 5th (E2B: 3 of its 15) beat both at all three
 # (prefill_ablate, caches evaluated, median of 9 / 9 / 5 rounds, session 17: 12.5 against 14.2 /
-# 14.2 ms, 48.8 against 55.7 / 52.8, 346 against 400 / 456; every 3rd in between).
+# 14.2 ms, 48.8 against 55.7 / 52.8, 346 against 400 / 456; every 3rd in between). Those starts
+# ran unbounded, and on 31B 4-bit they cost peak memory (session 18: see _wait_for); the bound on
+# starts in flight is unmeasured on a GPU yet.
 GPU_OVERLAP_STRIDE = 5
 
 
@@ -365,6 +371,18 @@ def _start_evaluation(arrays) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _wait_for(started) -> None:
+    """Hold Python until an earlier start has run, so that at most two starts are in flight.
+    MLX throttles the host only by the command buffers an evaluation commits when full (ten in
+    flight); each start also ends with a commit that is not counted, so starts alone let Python
+    run a whole chunk ahead of the device, and every buffer the queued work uses stays allocated
+    until it has run: 31B 4-bit's peak memory at 841 tokens was 32.6 GB with a start every 5th
+    layer against 27.4 GB with none and stock's 26.6 (H200, session 18), 58.1 GB at 4,096 tokens
+    with one every layer. The device still has the newer start to run while Python waits."""
+    if started is not None:
+        mx.eval(started)
 
 
 class Model(nn.Module):
