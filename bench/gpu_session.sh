@@ -6,23 +6,22 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 18): issue 14. One GPU is enough (nvidia-h200). Session 17 measured E2B decode at 2.01x in
-# `compare` @841, made the prefill overlap every 5th cache-writing layer (faster at 841 / 4,096 / 32k), and found the
-# fused matvec forms' prologue still 14-43 us a launch after three changes (16-byte reads of the padded row, weights
-# requested before the prologue, loads held ahead of the barriers); docs/benchmarks.md, session 17.
+# Next visit (session 19): issue 14. One GPU is enough (nvidia-h200). Session 18 found the prefill overlap's
+# default (a start every 5th cache-writing layer) costing 31B 4-bit +22.8% peak memory @841 (+88.6% @4,096 with
+# every layer): MLX does not count a start's closing commit against its ten command buffers in flight, so Python
+# ran a chunk ahead of the device. ec1d15c makes each start wait for the one before (unmeasured on a GPU).
 # In this order:
-#   0. `check` (~3.5 min): CUDA parity first. Unrun on a GPU: the bf16 rounding in one instruction (cuda_types.h,
-#      every kernel of ours that stores bf16), the per-form signatures (9ba02c2 / 5a12a17 mv and qmv, 0821775
-#      residual_norm, 760bfb0 attention pass 1: launches of the default steps changed signature) and dbead71's
-#      barrier in residual_norm (the default step's fused norm; 98 of its 102 residual tests ran in session 17,
-#      all passed).
-#   1. `signatures` (~5 min): the per-form signatures against GEMMA4_MLX_FORM_SIGNATURES=0, E2B / 31B 4-bit and
-#      E2B bf16 with and without +mv (residual_norm's and attention's signatures changed in every step).
-#   2. `mvdetail` (~3 min): the source page (per-instruction stall samples) of the prologue forms at dbead71+: what
-#      they wait on now that no load sits behind a barrier; then decide between a grid that loops over rows (one
-#      prologue per block for many rows), eps / the layer scalar as constants, or dropping the prologue forms.
-#   3. `overlap` with "ours overlap last" at 32k too (it was the fastest at 841 / 4,096, unrun at 32k), then
-#      `presets` for 26B-A4B 4-bit's peak memory (+2.9% twice now: reproducible).
+#   0. `memory` (~8 min with the 31B checkpoint's writing, its own call): 31B 4-bit @841 / 4,096 at overlap 5, 0
+#      and 1, 26B-A4B 4-bit @841; then `memory-small` (~4 min): E2B bf16 and E4B 4-bit, overlap 5 and 0, speed
+#      too. The target: peak memory <= stock + 1% in every cell; if the bound is not enough, the GPU default goes
+#      to 0 (no overlap; 31B +3.0% @841 in session 18, kernels off -1.5%: find what our kernel path adds).
+#   1. `check` only if kernels or the step changed since 3bec77f + ec1d15c (session 18: 893 of 893 passed).
+#   2. The matvec prologue forms (off by default): session 18's source page (mvdetail) has 77% of the PLE-gate
+#      form's stall samples and 67% of the q/k/v form's on long-scoreboard waits, 52% / 57% of all of them on the
+#      first use of the prologue's row loads (two-byte loads, 6 a thread from each of 2-3 arrays, every block the
+#      same 1,536-wide row): 640-1,536 blocks each read the same few KB before any weight. Next: a grid that loops
+#      over rows (one prologue per block, ~2 blocks per SM) or 16-byte loads there, measured with `fused`.
+#   3. `Q=4 NEW=128 e2e` and `e2e` (bf16) after the memory fix: fresh-process figures.
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
@@ -270,17 +269,32 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     unset GEMMA4_MLX_KERNELS_DISABLE ;;
   mvcheck)  # session 17: the mv kernel's parity on CUDA (its prologue forms now read the padded row in 16-byte loads)
     parity mvcheck 200 tests/test_kernels.py tests/test_fusion.py tests/test_decode.py -k "matvec or residual or mv" ;;
+  memory)   # session 19: peak memory of the prefill overlap with each start waiting for the one before (ec1d15c;
+            # session 18 measured it unbounded: 31B 4-bit @841 32.6 GB at every 5th layer, 27.4 none, 24.5 every
+            # layer, stock 26.6; @4,096 58.1 GB every layer, 33.3 last only, stock 30.8). One run a line, 8 tokens;
+            # the 31B checkpoint is written first on a fresh machine (~3 min), so give it a call of its own (~8 min)
+    mem() { local n=$1; shift; (export "$@"; timeout 150 python3 -m bench.compare $P --runs 1 -n 8 --out "$OUT/$n" \
+      > "$OUT/$n.txt" 2>&1); echo "== $n $* (exit $?)"; grep -E "^peak|^prefill tok|^decode tok" "$OUT/$n.txt"; }
+    P="--preset 31b -q 4 -L 841,4096"
+    for ov in 5 0 1; do mem "31b-ov$ov" GEMMA4_MLX_PREFILL_OVERLAP=$ov; done
+    P="--preset 26b-a4b -q 4 -L 841"; mem 26b-ov5 GEMMA4_MLX_PREFILL_OVERLAP=5 ;;
+  memory-small) # session 19: the same for E2B bf16 and E4B 4-bit at 841 / 4,096 (speed too: the wait's cost), ~4 min
+    mem() { local n=$1; shift; (export "$@"; timeout 110 python3 -m bench.compare $P --runs 2 -n 16 --out "$OUT/$n" \
+      > "$OUT/$n.txt" 2>&1); echo "== $n $* (exit $?)"; grep -E "^peak|^prefill tok|^decode tok" "$OUT/$n.txt"; }
+    for P in "--preset e2b -L 841,4096" "--preset e4b -q 4 -L 841,4096"; do
+      for ov in 5 0; do mem "$(echo $P | cut -d' ' -f2)-ov$ov" GEMMA4_MLX_PREFILL_OVERLAP=$ov; done
+    done ;;
   signatures) # session 18: the per-form signatures (mv / qmv without the prologue: x, w [, scales, biases] [, z] -> y;
             # residual_norm without the next norm; attention pass 1 without the q norm) against the whole ones
             # (GEMMA4_MLX_FORM_SIGNATURES=0): E2B and 31B 4-bit (qmv on by default), E2B bf16 with and without +mv;
             # 6 rounds a line (~5 min)
     for pq in "e2b 4" "31b 4"; do
       CONFIGS="stock,ours,ours full signatures" ROUNDS=6 STEPS=15 timeout 110 python3 bench/ablate.py $pq 2>&1 \
-        | tail -7 | tee "$OUT/signatures-${pq// /-q}.txt" | head -4
+        | tail -12 | tee "$OUT/signatures-${pq// /-q}.txt" | head -4
     done
     CONFIGS="stock,ours,ours full signatures,ours +mv,ours +mv full signatures" ROUNDS=6 STEPS=15 timeout 130 \
       python3 bench/ablate.py e2b 0 \
-      2>&1 | tail -9 | tee "$OUT/signatures-e2b-q0.txt" | head -5 ;;
+      2>&1 | tail -16 | tee "$OUT/signatures-e2b-q0.txt" | head -6 ;;
   barrier)  # session 17 (dbead71): residual_norm's and the prologue forms' loads held ahead of their barrier, the gate's
             # z ahead of the split's: their parity on CUDA, the step with and without the fused forms, and the mv
             # launches' ncu times (no source page), in one short call (~4 min)
