@@ -19,8 +19,10 @@
 #   2. The matvec prologue forms (off by default): session 18's source page (mvdetail) has 77% of the PLE-gate
 #      form's stall samples and 67% of the q/k/v form's on long-scoreboard waits, 52% / 57% of all of them on the
 #      first use of the prologue's row loads (two-byte loads, 6 a thread from each of 2-3 arrays, every block the
-#      same 1,536-wide row): 640-1,536 blocks each read the same few KB before any weight. Next: a grid that loops
-#      over rows (one prologue per block, ~2 blocks per SM) or 16-byte loads there, measured with `fused`.
+#      same 1,536-wide row). The SASS showed why: the x / nw loads were issued after the weights' conversion and
+#      b's reduction, three memory round trips in a row. b03d93c issues every prologue load first (SASS: all loads
+#      of the block before the first wait). Run `mvcheck` (its parity on CUDA: unrun), then `fused` and `mvdetail`
+#      (~4 + 3 min). If the forms still lose: a grid that loops over rows (one prologue per block).
 #   3. `Q=4 NEW=128 e2e` and `e2e` (bf16) after the memory fix: fresh-process figures.
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
