@@ -681,16 +681,31 @@ def serve_follower(config: ServerConfig, model: str, adapter_path: Optional[str]
     """A rank other than 0 of a sharded ``serve``: load this process's shard, then run every
     generation rank 0 announces, in step with it, until it stops the server (exit 0)."""
     from .distributed import world
+    from .peer_watch import PEER_LOST_GRACE, PeerWatch, hostfile_addresses, peer_connections
     from .server_distributed import Lockstep, follow
 
     group = world()
+    connections = peer_connections(hostfile_addresses())  # before anything else of this process opens one
     worker = Worker(model_loader(model, adapter_path, strict_memory, draft_model), debug=config.debug,
                     prefill_step_size=config.prefill_step_size, num_draft_tokens=config.num_draft_tokens)
     worker.load_models()
     # Ctrl-C in mlx.launch's terminal reaches every process; rank 0 decides when the group
     # stops (a process leaving on its own would strand the others in a collective).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    follow(worker, Lockstep(group), debug=config.debug)
+    followed = threading.Event()
+
+    def rank0_lost(why: str) -> None:
+        # follow() raises GroupLost itself when MLX fails the collective; where MLX never
+        # completes it (peer_watch.py), this process leaves without it
+        if not followed.wait(PEER_LOST_GRACE):
+            print(f"error: rank 0 is gone ({why})", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    PeerWatch(connections, rank0_lost).start()
+    try:
+        follow(worker, Lockstep(group), debug=config.debug)
+    finally:
+        followed.set()
     print(f"gemma4-mlx serve: rank {group.rank()}: rank 0 stopped the server", file=sys.stderr, flush=True)
     return 0
 
@@ -701,8 +716,11 @@ def serve(config: ServerConfig, model: str, adapter_path: Optional[str] = None, 
     listening is a LoadError/OSError with one line; the caller prints it. ``group``: this is rank
     0 of a sharded model (the other ranks run :func:`serve_follower`);
     a rank that leaves the group stops the server (exit 1)."""
+    from .peer_watch import PeerWatch, hostfile_addresses, peer_connections
     from .server_distributed import Lockstep
 
+    # the group's connections, taken before anything else of this process opens one
+    group_connections = [] if group is None else peer_connections(hostfile_addresses())
     app = ServerApp(model_loader(model, adapter_path, strict_memory, draft_model), config,
                     model_name=served_name(model), lockstep=None if group is None else Lockstep(group))
     try:
@@ -734,6 +752,7 @@ def serve(config: ServerConfig, model: str, adapter_path: Optional[str] = None, 
     app.worker.on_fatal = lambda why: threading.Thread(target=httpd.shutdown, daemon=True).start()
     if app.worker.fatal is not None:
         app.worker.on_fatal(app.worker.fatal)
+    PeerWatch(group_connections, app.worker.peer_lost).start()
     previous = signal.signal(signal.SIGTERM, terminate)
     drafting = (f"; speculative decoding with {draft_model}, {config.num_draft_tokens} drafted tokens per step"
                 if draft_model is not None else "")
@@ -757,10 +776,14 @@ def serve(config: ServerConfig, model: str, adapter_path: Optional[str] = None, 
         signal.signal(signal.SIGTERM, hurry)
         print("gemma4-mlx serve: stopping", file=sys.stderr, flush=True)
         httpd.server_close()
-        stopped = app.stop(timeout=60)
+        # a broken group may hold the generation thread in a collective that never ends
+        stopped = app.stop(timeout=60 if app.worker.fatal is None else 5)
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if not stopped:
+            if app.worker.fatal is not None:
+                print(f"error: {app.worker.fatal}", file=sys.stderr, flush=True)
+                os._exit(1)
             print("gemma4-mlx serve: the generation did not stop within 60 s; exiting", file=sys.stderr, flush=True)
             os._exit(code)
     if app.worker.fatal is not None:

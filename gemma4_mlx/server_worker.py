@@ -33,6 +33,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from . import cuda_context
 from .chat_format import ReasoningParser
 from .server_api import GenerationRequest
+from .peer_watch import PEER_LOST_GRACE
 from .server_distributed import IDLE_TICK, GroupLost, group_failure
 from .tools import TOOL_CALL_START, TOOL_RESPONSE_START, ToolCall, ToolCallParser
 
@@ -298,13 +299,28 @@ class Worker:
                     pass
 
     def _finish(self, job: Job, outcome: str, event) -> None:
-        job.outcome = outcome
-        job.events.put(event)
-        with self._lock:
+        with self._lock:  # once: peer_lost may answer a job whose thread answers it too
+            if job.outcome is not None:
+                return
+            job.outcome = outcome
             self._admitted -= 1
             self.completed += 1
+        job.events.put(event)
         self.last_job = job
         job.done.set()
+
+    def peer_lost(self, why: str, grace: float = PEER_LOST_GRACE) -> None:
+        """A process of the group is gone (:class:`~gemma4_mlx.peer_watch.PeerWatch`): after
+        ``grace`` seconds in which the generation thread's own error may arrive, answer the
+        running job and break the worker, which stops the server. The thread may be stuck in
+        a collective that never ends (peer_watch.py), so nothing here waits for it."""
+        if self._stopping.wait(grace):  # the thread failed on its own, or the server stops anyway
+            return
+        why = f"another process of the group is gone ({why})"
+        job = self._current
+        if job is not None:
+            self._finish(job, "failed", Failed(503, f"the server is stopping: {why}"))
+        self._broken(why)
 
     def _check(self, job: Job) -> None:
         if job.cancel.is_set() or self._stopping.is_set():

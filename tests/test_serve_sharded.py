@@ -280,9 +280,14 @@ def test_rank_0_that_cannot_listen_ends_every_rank(tiny_path, tmp_path):
     assert "Traceback" not in g.log(1), g.logs_text()
 
 
-def test_a_rank_that_dies_mid_generation_ends_the_server(tiny_path, tok, tmp_path):
+@pytest.mark.parametrize("compiled", ["0", "1"])
+def test_a_rank_that_dies_mid_generation_ends_the_server(tiny_path, tok, tmp_path, monkeypatch, compiled):
     """The other rank killed while rank 0 streams: the client gets an error event, and rank 0
-    exits 1 with one error line instead of waiting forever for the lost rank."""
+    exits 1 with one error line instead of waiting forever for the lost rank. With the compiled
+    decode step (the default on a GPU) rank 0 had queued the next step's collectives, and MLX's
+    ring never completes one queued after a peer is lost: it hung in about half the runs until
+    peer_watch.py (session 18)."""
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", compiled)
     g = Group(tiny_path, tmp_path)
     try:
         stream = _open_stream(g.port(), {"messages": [{"role": "user", "content": "go"}], "max_tokens": 4000,
@@ -303,6 +308,27 @@ def test_a_rank_that_dies_mid_generation_ends_the_server(tiny_path, tok, tmp_pat
     errors = [line for line in g.log(0).splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: another process of the group is gone"), g.logs_text()
     assert "Traceback" not in g.log(0), g.logs_text()
+
+
+@pytest.mark.parametrize("compiled", ["0", "1"])
+def test_rank_0_dying_mid_generation_ends_the_other_ranks(tiny_path, tok, tmp_path, monkeypatch, compiled):
+    """Rank 0 killed while it streams: the other rank exits 1 with one error line, whether MLX
+    fails its collective or leaves it waiting (peer_watch.py)."""
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", compiled)
+    g = Group(tiny_path, tmp_path)
+    try:
+        stream = _open_stream(g.port(), {"messages": [{"role": "user", "content": "go"}], "max_tokens": 4000,
+                                         "stream": True, "logit_bias": no_end_bias(tok)})
+        g.procs[0].kill()
+        stream.close()
+        code = g.procs[1].wait(timeout=60)
+    finally:
+        g.kill()
+    assert code == 1, g.logs_text()
+    # (the other ranks' stderr carries their rank: distributed.quiet_other_ranks)
+    errors = [line for line in g.log(1).splitlines() if line.startswith("[rank 1] error:")]
+    assert len(errors) == 1 and errors[0].startswith("[rank 1] error: rank 0 is gone"), g.logs_text()
+    assert "Traceback" not in g.log(1), g.logs_text()
 
 
 @pytest.mark.parametrize("drafter", ["gemma4", "mtp"])
