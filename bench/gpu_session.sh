@@ -255,17 +255,17 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     export GEMMA4_MLX_KERNELS_DISABLE=ple_tail,attention_prefix_q
     timeout 100 python3 bench/step_profile.py e2b 0 ours > "$OUT/mvnames.log" 2>&1
     names=$(awk '$1 == "seed" && $3 ~ /gemma4_mv_/ {print $2}' "$OUT/mvnames.log" | paste -sd'|')
-    # the one-wave PLE gate (EPI 2, PRO 2) and q/k/v (EPI 0, PRO 1) prologue forms at E2B's width: the
+    # the one-wave PLE gate (EPI 2, PRO 2), q/k/v (EPI 0, PRO 1) and gate/up (EPI 1, PRO 1) prologue forms at E2B's width: the
     # seed list also holds the self-checks' HD=128 builds, which this step never launches (session 17's
     # regex picked one of those and profiled nothing)
-    gate=$(awk '$1 == "seed" && $3 ~ /gemma4_mv_.*_(2_2|0_1)_1536$/ {print $2}' "$OUT/mvnames.log" | paste -sd'|')
+    gate=$(awk '$1 == "seed" && $3 ~ /gemma4_mv_bfloat16_t_.*_(2_2|0_1|1_1)_1536$/ {print $2}' "$OUT/mvnames.log" | paste -sd'|')
     echo "mv kernels: ${names:-none found}; prologue forms for the source page: ${gate:-none}"
     timeout ${PROF_S:-150} ncu --profile-from-start off --set full -k "regex:($names)" --launch-count 8 --page details \
       --print-units base python3 bench/step_profile.py e2b 0 ours > "$OUT/mvdetail.txt" 2>&1; echo "ncu exit $?"
     grep -E "gemma4_seed_[0-9a-f]+ \(|^ +Duration|Achieved Occupancy|Registers Per|bank conflict|One or More Eligible" \
       "$OUT/mvdetail.txt" | head -60
     [ -n "$gate" ] && timeout ${PROF_S:-150} ncu --profile-from-start off --set full --import-source no -k "regex:($gate)" \
-      --launch-count 2 --page source --print-source sass --csv python3 bench/step_profile.py e2b 0 ours \
+      --launch-count 3 --page source --print-source sass --csv python3 bench/step_profile.py e2b 0 ours \
       > "$OUT/mvsource.csv" 2>&1; echo "ncu source exit $?"; head -c 3000 "$OUT/mvsource.csv"
     gzip -f "$OUT/mvsource.csv" "$OUT/mvdetail.txt"
     unset GEMMA4_MLX_KERNELS_DISABLE ;;
