@@ -45,8 +45,18 @@ def hostfile_addresses(path: Optional[str] = None) -> set:
             for address in rank:
                 host, port = str(address).rsplit(":", 1)
                 addresses.add((host, int(port)))
+                addresses.update(_resolved(host, int(port)))
         return addresses
     except (OSError, ValueError, TypeError, AttributeError):
+        return set()
+
+
+def _resolved(host: str, port: int) -> set:
+    """``host``'s addresses where it is a name (the ring resolves hostfile names the same way);
+    sockets report numeric addresses."""
+    try:
+        return {(info[4][0], port) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except (OSError, UnicodeError):
         return set()
 
 

@@ -79,6 +79,8 @@ def test_hostfile_addresses(tmp_path):
     for bad in ("not json", json.dumps([["10.0.0.1"]]), json.dumps([["10.0.0.1:port"]])):
         hostfile.write_text(bad)
         assert peer_watch.hostfile_addresses(str(hostfile)) == set(), bad
+    hostfile.write_text(json.dumps([["localhost:5000"]]))  # a name: its addresses too
+    assert ("127.0.0.1", 5000) in peer_watch.hostfile_addresses(str(hostfile))
     assert peer_watch.hostfile_addresses(str(tmp_path / "missing.json")) == set()
     assert peer_watch.hostfile_addresses("") == set()
 
