@@ -21,6 +21,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from typing import Callable, Iterable, List, Optional
 
 HOSTFILE_ENV = "MLX_HOSTFILE"
@@ -92,6 +93,12 @@ def peer_connections(addresses: set) -> List[socket.socket]:
     return found
 
 
+def group_connections() -> List[socket.socket]:
+    """:func:`peer_connections` at ``MLX_HOSTFILE``'s addresses: call it right after the group
+    formed, before anything else of this process opens a connection."""
+    return peer_connections(hostfile_addresses())
+
+
 def closed_by_peer(connection: socket.socket) -> Optional[str]:
     """Why ``connection`` is finished (its peer closed it, or it failed), or None while it lives.
     Peeks at one byte without waiting: what the group's backend reads is left in place."""
@@ -112,7 +119,6 @@ class PeerWatch:
         self.connections = connections
         self.on_lost = on_lost
         self.interval = interval
-        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gemma4-mlx-peer-watch", daemon=True)
 
     def start(self) -> "PeerWatch":
@@ -120,11 +126,9 @@ class PeerWatch:
             self._thread.start()
         return self
 
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+    def _run(self) -> None:  # a daemon: it ends with the process, or once it has told
+        while True:
+            time.sleep(self.interval)
             for connection in self.connections:
                 why = closed_by_peer(connection)
                 if why is not None:

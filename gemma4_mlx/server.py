@@ -681,11 +681,11 @@ def serve_follower(config: ServerConfig, model: str, adapter_path: Optional[str]
     """A rank other than 0 of a sharded ``serve``: load this process's shard, then run every
     generation rank 0 announces, in step with it, until it stops the server (exit 0)."""
     from .distributed import world
-    from .peer_watch import PEER_LOST_GRACE, PeerWatch, hostfile_addresses, peer_connections
+    from .peer_watch import PEER_LOST_GRACE, PeerWatch, group_connections
     from .server_distributed import Lockstep, follow
 
     group = world()
-    connections = peer_connections(hostfile_addresses())  # before anything else of this process opens one
+    connections = group_connections()
     worker = Worker(model_loader(model, adapter_path, strict_memory, draft_model), debug=config.debug,
                     prefill_step_size=config.prefill_step_size, num_draft_tokens=config.num_draft_tokens)
     worker.load_models()
@@ -716,11 +716,10 @@ def serve(config: ServerConfig, model: str, adapter_path: Optional[str] = None, 
     listening is a LoadError/OSError with one line; the caller prints it. ``group``: this is rank
     0 of a sharded model (the other ranks run :func:`serve_follower`);
     a rank that leaves the group stops the server (exit 1)."""
-    from .peer_watch import PeerWatch, hostfile_addresses, peer_connections
+    from .peer_watch import PeerWatch, group_connections
     from .server_distributed import Lockstep
 
-    # the group's connections, taken before anything else of this process opens one
-    group_connections = [] if group is None else peer_connections(hostfile_addresses())
+    connections = [] if group is None else group_connections()
     app = ServerApp(model_loader(model, adapter_path, strict_memory, draft_model), config,
                     model_name=served_name(model), lockstep=None if group is None else Lockstep(group))
     try:
@@ -752,7 +751,7 @@ def serve(config: ServerConfig, model: str, adapter_path: Optional[str] = None, 
     app.worker.on_fatal = lambda why: threading.Thread(target=httpd.shutdown, daemon=True).start()
     if app.worker.fatal is not None:
         app.worker.on_fatal(app.worker.fatal)
-    PeerWatch(group_connections, app.worker.peer_lost).start()
+    PeerWatch(connections, app.worker.peer_lost).start()
     previous = signal.signal(signal.SIGTERM, terminate)
     drafting = (f"; speculative decoding with {draft_model}, {config.num_draft_tokens} drafted tokens per step"
                 if draft_model is not None else "")

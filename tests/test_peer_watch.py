@@ -94,9 +94,8 @@ def test_the_watch_tells_once_when_a_connection_ends(tcp_pair):
     assert not told
     far.close()
     assert done.wait(5)
-    time.sleep(0.1)
-    watch.stop()
-    assert told == ["its connection closed"]
+    watch._thread.join(5)
+    assert not watch._thread.is_alive() and told == ["its connection closed"]
 
 
 def test_a_watch_without_connections_does_nothing():

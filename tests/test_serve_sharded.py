@@ -280,6 +280,13 @@ def test_rank_0_that_cannot_listen_ends_every_rank(tiny_path, tmp_path):
     assert "Traceback" not in g.log(1), g.logs_text()
 
 
+def _endless_stream(g: Group, tok) -> socket.socket:
+    """A streamed chat reply that will not end on its own (no end token, 4,000 tokens), opened
+    and under way: the group is mid-generation."""
+    return _open_stream(g.port(), {"messages": [{"role": "user", "content": "go"}], "max_tokens": 4000,
+                                   "stream": True, "logit_bias": no_end_bias(tok)})
+
+
 @pytest.mark.parametrize("compiled", ["0", "1"])
 def test_a_rank_that_dies_mid_generation_ends_the_server(tiny_path, tok, tmp_path, monkeypatch, compiled):
     """The other rank killed while rank 0 streams: the client gets an error event, and rank 0
@@ -290,8 +297,7 @@ def test_a_rank_that_dies_mid_generation_ends_the_server(tiny_path, tok, tmp_pat
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", compiled)
     g = Group(tiny_path, tmp_path)
     try:
-        stream = _open_stream(g.port(), {"messages": [{"role": "user", "content": "go"}], "max_tokens": 4000,
-                                         "stream": True, "logit_bias": no_end_bias(tok)})
+        stream = _endless_stream(g, tok)
         g.procs[1].kill()
         rest = b""
         while True:
@@ -317,8 +323,7 @@ def test_rank_0_dying_mid_generation_ends_the_other_ranks(tiny_path, tok, tmp_pa
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", compiled)
     g = Group(tiny_path, tmp_path)
     try:
-        stream = _open_stream(g.port(), {"messages": [{"role": "user", "content": "go"}], "max_tokens": 4000,
-                                         "stream": True, "logit_bias": no_end_bias(tok)})
+        stream = _endless_stream(g, tok)
         g.procs[0].kill()
         stream.close()
         code = g.procs[1].wait(timeout=60)
