@@ -284,7 +284,7 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     mem() { local n=$1; shift; (export "$@"; timeout 110 python3 -m bench.compare $P --runs 2 -n 16 --out "$OUT/$n" \
       > "$OUT/$n.txt" 2>&1); echo "== $n $* (exit $?)"; grep -E "^peak|^prefill tok|^decode tok" "$OUT/$n.txt"; }
     for P in "--preset e2b -L 841,4096" "--preset e4b -q 4 -L 841,4096"; do
-      for ov in 5 0; do mem "$(echo $P | cut -d' ' -f2)-ov$ov" GEMMA4_MLX_PREFILL_OVERLAP=$ov; done
+      for ov in ${OVS:-5 0}; do mem "$(echo $P | cut -d' ' -f2)-ov$ov" GEMMA4_MLX_PREFILL_OVERLAP=$ov; done
     done ;;
   signatures) # session 18: the per-form signatures (mv / qmv without the prologue: x, w [, scales, biases] [, z] -> y;
             # residual_norm without the next norm; attention pass 1 without the q norm) against the whole ones

@@ -332,13 +332,13 @@ OVERLAP_ENV = "GEMMA4_MLX_PREFILL_OVERLAP"
 
 
 # Every how many cache-writing layers a chunk starts on a GPU by default. Each start is an
-# evaluation of its own, at a host cost: on the H200 every layer (1) lost to none at 841 and 4,096
-# tokens and won at 32k (session 16); every 5th (E2B: 3 of its 15) beat both at all three
-# (prefill_ablate, caches evaluated, median of 9 / 9 / 5 rounds, session 17: 12.5 against 14.2 /
-# 14.2 ms, 48.8 against 55.7 / 52.8, 346 against 400 / 456; every 3rd in between). Those starts
-# ran unbounded, and on 31B 4-bit they cost peak memory (session 18: see _wait_for); the bound on
-# starts in flight is unmeasured on a GPU yet.
-GPU_OVERLAP_STRIDE = 5
+# evaluation of its own, at a host cost. With each start waiting for the one before (_wait_for),
+# every layer (1) has the lowest peak memory of 0 / 1 / 5 in every cell measured on the H200
+# (session 19, one run each, ours / stock: 31B 4-bit 0.753 / 0.823 @841 / 4,096 against 0.795 /
+# 1.064 at 5 and 1.030 / 1.016 at 0; 26B-A4B 4-bit 0.806 / 0.703; E2B bf16 0.958 / 0.873; E4B
+# 4-bit 0.689 / 0.480) at a prefill speed level with every 5th (docs/benchmarks.md, session 19).
+# Unbounded, every 5th had won on speed (session 17) and lost memory (session 18).
+GPU_OVERLAP_STRIDE = 1
 
 
 def overlap_stride() -> int:
