@@ -38,7 +38,8 @@ base, stock, _ = build_pair(BenchSettings(preset=preset, dtype="bfloat16", quant
 args, params = base.args, base.parameters()
 prompt = mx.array(np.random.default_rng(0).integers(0, args.vocab_size, (1, P)))
 SWITCHES = ("GEMMA4_MLX_KERNELS", "GEMMA4_MLX_KERNELS_DISABLE", "GEMMA4_MLX_COMPILE", "GEMMA4_MLX_FUSE",
-            "GEMMA4_MLX_NVRTC", "GEMMA4_MLX_TRANSPOSES", "GEMMA4_MLX_KV_WRITE", "GEMMA4_MLX_FORM_SIGNATURES")
+            "GEMMA4_MLX_NVRTC", "GEMMA4_MLX_TRANSPOSES", "GEMMA4_MLX_KV_WRITE", "GEMMA4_MLX_FORM_SIGNATURES",
+            "GEMMA4_MLX_PROLOGUE_BLOCKS")
 VIEWS = {"Reshape", "Transpose", "Slice", "Squeeze", "ExpandDims", "Broadcast", "Unflatten", "Flatten",
          "AsStrided", "Split", "StopGradient"}
 
@@ -78,6 +79,12 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=["mv", "residual_n
            # the fused norm alone, not its 4-bit matvec forms (which recompute the norm per block)
            ("ours +resnorm -qmvres", off("qmv_residual", on=["residual_norm"])),
            ("ours +qmvres", off(on=["qmv_residual"])),  # the default in session 15's first commits
+           # the prologue forms with a block for every set of row groups (before session 19), or at
+           # most 132 / 528 blocks (the default: 264, each block taking its sets in turn)
+           *((f"ours +mv blocks {n}", {**off(on=["mv", "residual_norm"]), "GEMMA4_MLX_PROLOGUE_BLOCKS": str(n)})
+             for n in (0, 132, 528)),
+           *((f"ours +qmvres blocks {n}", {**off(on=["qmv_residual"]), "GEMMA4_MLX_PROLOGUE_BLOCKS": str(n)})
+             for n in (0, 132, 528)),
            ("ours -attn", off("attention_prefix", "attention")),
            ("ours -rope", off("q_norm_rope", "kv_norm_rope")),
            ("ours -ple", off("ple_combine", "ple_gate")),

@@ -6,24 +6,19 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 19): issue 14. One GPU is enough (nvidia-h200). Session 18 found the prefill overlap's
-# default (a start every 5th cache-writing layer) costing 31B 4-bit +22.8% peak memory @841 (+88.6% @4,096 with
-# every layer): MLX does not count a start's closing commit against its ten command buffers in flight, so Python
-# ran a chunk ahead of the device. ec1d15c makes each start wait for the one before (unmeasured on a GPU).
+# Next visit (session 20): issue 14. One GPU is enough (nvidia-h200). Session 19 measured the bounded prefill
+# overlap (every layer is the GPU default now: peak memory within stock + 1% everywhere) and found the matvec
+# prologue forms still slow after b03d93c (ncu: gate/up 41.5 us, q/k/v 25.2, plain products 4-13): each of their
+# 1,536 / 640 blocks computes the same norm of the same row. Session 19 capped their blocks (mv.PROLOGUE_BLOCKS,
+# 264; each block takes LOOP sets of row groups in turn, one prologue a block): emulated, compiled, unrun on a GPU.
 # In this order:
-#   0. `memory` (~8 min with the 31B checkpoint's writing, its own call): 31B 4-bit @841 / 4,096 at overlap 5, 0
-#      and 1, 26B-A4B 4-bit @841; then `memory-small` (~4 min): E2B bf16 and E4B 4-bit, overlap 5 and 0, speed
-#      too. The target: peak memory <= stock + 1% in every cell; if the bound is not enough, the GPU default goes
-#      to 0 (no overlap; 31B +3.0% @841 in session 18, kernels off -1.5%: find what our kernel path adds).
-#   1. `check` only if kernels or the step changed since 3bec77f + ec1d15c (session 18: 893 of 893 passed).
-#   2. The matvec prologue forms (off by default): session 18's source page (mvdetail) has 77% of the PLE-gate
-#      form's stall samples and 67% of the q/k/v form's on long-scoreboard waits, 52% / 57% of all of them on the
-#      first use of the prologue's row loads (two-byte loads, 6 a thread from each of 2-3 arrays, every block the
-#      same 1,536-wide row). The SASS showed why: the x / nw loads were issued after the weights' conversion and
-#      b's reduction, three memory round trips in a row. b03d93c issues every prologue load first (SASS: all loads
-#      of the block before the first wait). Run `mvcheck` (its parity on CUDA: unrun), then `fused` and `mvdetail`
-#      (~4 + 3 min). If the forms still lose: a grid that loops over rows (one prologue per block).
-#   3. `Q=4 NEW=128 e2e` and `e2e` (bf16) after the memory fix: fresh-process figures.
+#   1. `loop` (~6 min): their CUDA parity, then the step with +mv / +qmvres at caps 0 (before), 132, 264, 528.
+#      If +mv beats the default (E2B bf16 1.63x in session 19, 547 launches against 373): make it the default
+#      (dispatch.DEFAULT_DISABLED), and +qmvres likewise on 31B 4-bit; then `check` and `presets`.
+#   2. `mvdetail` (~2 min): the prologue forms' ncu durations at the chosen cap (the regex now matches LOOP).
+#   3. 26B-A4B 4-bit @4,096 decode read 1.02x in one run (1.63x @841): `compare --preset 26b-a4b -q 4 -L 4096`
+#      twice; if it stays low, `steps` there.
+#   4. `e2e` (bf16) and `Q=4 NEW=128 e2e` with the new default, if it changed.
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
@@ -258,7 +253,7 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     # the one-wave PLE gate (EPI 2, PRO 2), q/k/v (EPI 0, PRO 1) and gate/up (EPI 1, PRO 1) prologue forms at E2B's width: the
     # seed list also holds the self-checks' HD=128 builds, which this step never launches (session 17's
     # regex picked one of those and profiled nothing)
-    gate=$(awk '$1 == "seed" && $3 ~ /gemma4_mv_bfloat16_t_.*_(2_2|0_1|1_1)_1536$/ {print $2}' "$OUT/mvnames.log" | paste -sd'|')
+    gate=$(awk '$1 == "seed" && $3 ~ /gemma4_mv_bfloat16_t_.*_(2_2|0_1|1_1)_1536_[0-9]+$/ {print $2}' "$OUT/mvnames.log" | paste -sd'|')
     echo "mv kernels: ${names:-none found}; prologue forms for the source page: ${gate:-none}"
     timeout ${PROF_S:-150} ncu --profile-from-start off --set full -k "regex:($names)" --launch-count 8 --page details \
       --print-units base python3 bench/step_profile.py e2b 0 ours > "$OUT/mvdetail.txt" 2>&1; echo "ncu exit $?"
@@ -269,6 +264,14 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       > "$OUT/mvsource.csv" 2>&1; echo "ncu source exit $?"; head -c 3000 "$OUT/mvsource.csv"
     gzip -f "$OUT/mvsource.csv" "$OUT/mvdetail.txt"
     unset GEMMA4_MLX_KERNELS_DISABLE ;;
+  loop)     # session 19: the prologue forms with their blocks capped (mv.PROLOGUE_BLOCKS, 264; a block takes LOOP sets of
+            # row groups in turn): their parity on CUDA (test_residual_matvec_kernel's 16,400 outputs loop), then the step
+            # with +mv (E2B bf16) and +qmvres (31B 4-bit) at caps 0 (a block a set, before), 132, 264 (default), 528 (~6 min)
+    parity loopcheck 200 tests/test_kernels.py tests/test_fusion.py tests/test_decode.py -k "matvec or residual or mv"
+    CONFIGS="stock,ours,ours +mv,ours +mv blocks 0,ours +mv blocks 132,ours +mv blocks 528,ours +mv -residual" ROUNDS=${ROUNDS:-4} \
+      STEPS=15 timeout 200 python3 bench/ablate.py e2b 0 2>&1 | tail -18 | tee "$OUT/loop-e2b-q0.txt"
+    CONFIGS="stock,ours,ours +qmvres,ours +qmvres blocks 0,ours +qmvres blocks 132,ours +qmvres blocks 528" ROUNDS=${ROUNDS:-4} \
+      STEPS=15 timeout 200 python3 bench/ablate.py 31b 4 2>&1 | tail -16 | tee "$OUT/loop-31b-q4.txt" ;;
   mvcheck)  # session 17: the mv kernel's parity on CUDA (its prologue forms now read the padded row in 16-byte loads)
     parity mvcheck 200 tests/test_kernels.py tests/test_fusion.py tests/test_decode.py -k "matvec or residual or mv" ;;
   memory)   # session 19: peak memory of the prefill overlap with each start waiting for the one before (ec1d15c;

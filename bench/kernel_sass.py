@@ -2,7 +2,7 @@
 instruction mix of its hottest loop. NVRTC (``pip install nvidia-cuda-nvrtc``) builds the exact
 source our CUDA path builds; ``cuobjdump`` (``pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm``) disassembles it.
 
-    python bench/kernel_sass.py qmv --template T=bfloat16 BITS=4 GS=64 ROWS=2 SPLIT=2 WPL=4 MM=1 EPI=0 PRO=0 HD=1
+    python bench/kernel_sass.py qmv --template T=bfloat16 BITS=4 GS=64 ROWS=2 SPLIT=2 WPL=4 MM=1 EPI=0 PRO=0 HD=1 LOOP=1
     python bench/kernel_sass.py attention_partial --template T=bfloat16 D=256 RT=8 QNR=0
 
 A memory-bound matvec has to keep few instructions per byte and many bytes in flight: this shows

@@ -61,8 +61,10 @@ def _cases():
             yield _mv_layout(ls, mv.PLAIN), mv._probe((dt, ls, 1))
         yield mv.matvec_geglu_kernel, mv._probe((dt, (1, 2), 2, mv.GEGLU))
         yield mv.matvec_gate_kernel, mv._probe((dt, (1, 1), 1, mv.GATE))
-        for epi, pro, HD, scaled in ((mv.GEGLU, 1, 1536, False), (mv.GATE, 2, 2560, False), (mv.PLAIN, 1, 5376, True)):
-            yield mv.residual_matvec_kernel, mv._residual_probe((dt, mv.layout(HD), 1, epi, pro, HD, scaled))
+        # the prologue forms with their blocks looping over groups of rows (LOOP 3) and without (1)
+        for epi, pro, HD, scaled, looped in ((mv.GEGLU, 1, 1536, False, True), (mv.GATE, 2, 2560, False, False),
+                                             (mv.PLAIN, 1, 5376, True, True)):
+            yield mv.residual_matvec_kernel, mv._residual_probe((dt, mv.layout(HD), 1, epi, pro, HD, scaled, looped))
         for bits, gs in ((4, 64), (8, 32)):
             # (rows, split, words per lane)
             for ls, M in (((4, 1, 4), 1), ((1, 8, 1), 1), ((1, 2, 4), 4), ((1, 4, 1), 1)):
@@ -70,9 +72,9 @@ def _cases():
             yield _qmv_layout((1, 2, 1), mv.GEGLU), qmv._probe((dt, bits, gs, (1, 2, 1), 2, mv.GEGLU))
             yield _qmv_layout((1, 1, 4), mv.GATE), qmv._probe((dt, bits, gs, (1, 1, 4), 1, mv.GATE))
             yield qmv.quantized_residual_matvec_kernel, qmv._residual_probe(
-                (dt, bits, gs, qmv.quantized_layout(1536, bits, gs), 1, mv.GEGLU, 1, 1536, False))
+                (dt, bits, gs, qmv.quantized_layout(1536, bits, gs), 1, mv.GEGLU, 1, 1536, False, True))
             yield qmv.quantized_residual_matvec_kernel, qmv._residual_probe(
-                (dt, bits, gs, qmv.quantized_layout(2560, bits, gs, 1), 1, mv.GATE, 2, 2560, True))
+                (dt, bits, gs, qmv.quantized_layout(2560, bits, gs, 1), 1, mv.GATE, 2, 2560, True, False))
         for HD, scaled, nxt in ((1536, True, True), (1536, True, False), (2560, True, True), (2560, False, False)):
             yield _m["ple_tail"].ple_tail_kernel, _m["ple_tail"]._probe((dt, dt, dt, HD, 256, scaled, nxt))
 

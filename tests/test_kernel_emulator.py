@@ -125,6 +125,53 @@ def test_residual_prologue_with_steps_in_flight(emulated, layout):
         _close(got[1], want[1], f"product {epi} {layout}", atol=1e-4)
 
 
+@pytest.mark.parametrize("layout,most_blocks", [((1, 2, 2), 3), ((1, 1, 3), 2), ((2, 2, 2), 2), ((1, 8), 1)])
+def test_prologue_forms_loop_over_rows(emulated, layout, most_blocks):
+    """A prologue form's blocks capped (most_blocks): each block computes the norm once and takes
+    its groups of rows in turn (LOOP), with a turn partly and one wholly past the last row (the
+    whole block leaves), and split_part reused from turn to turn; mv in every form, then qmv."""
+    HD, N = 1280, 37
+    x, branch = _rnd((1, 1, HD), 23, 2.0), _rnd((1, 1, HD), 24, 5.0)
+    nw, nn = 1 + _rnd((HD,), 25, 0.3), 1 + _rnd((HD,), 26, 0.3)
+    w, w2, z = _rnd((N, HD), 27, 0.05), _rnd((2 * N, HD), 28, 0.05), _rnd((1, 1, N), 29)
+    rows, split = layout[0], layout[1]
+    assert mv.grid_and_loop(N, rows, split, most_blocks)[1] > 1
+    for epi, wt, zz in ((mv.PLAIN, w, None), (mv.GEGLU, w2, None), (mv.GATE, w, z)):
+        want = mv.residual_matvec_reference(x, branch, nw, None, nn, 1e-6, wt, zz, epi)
+        got = mv._launch(x, wt, zz, epi, (branch, nw, None, nn, 1e-6), rows_split=layout, most_blocks=most_blocks)
+        _close(got[0], want[0], f"new residual {epi} {layout}")
+        _close(got[1], want[1], f"product {epi} {layout}", atol=1e-4)
+    q, s, b = mx.quantize(w, group_size=64, bits=4)
+    qlayout = (rows, split, 1)
+    assert mv.grid_and_loop(N, rows, split, most_blocks)[1] > 1
+    args = (x, branch, nw, mx.array([0.7]), None, 1e-6, q, s, b, 64, 4, None, mv.PLAIN)
+    want = qmv.quantized_residual_matvec_reference(*args)
+    got = qmv._launch(x, q, s, b, 64, 4, None, mv.PLAIN, (branch, nw, mx.array([0.7]), None, 1e-6),
+                      rows_split=qlayout, most_blocks=most_blocks)
+    _close(got[0], want[0], f"qmv new residual {qlayout}")
+    _close(got[1], want[1], f"qmv product {qlayout}", atol=1e-4)
+
+
+def test_prologue_self_check_loops_where_launches_do(emulated):
+    """A class whose launches loop its blocks is self-checked with a looping launch (three turns),
+    one whose launches do not with one block a group: the verdict covers what runs."""
+    HD = 1536
+    x, branch = _rnd((1, 1, HD), 30, 2.0), _rnd((1, 1, HD), 31, 5.0)
+    nw, nn = 1 + _rnd((HD,), 32, 0.3), 1 + _rnd((HD,), 33, 0.3)
+    rows_split = mv.layout(HD)
+    big, small = 64 * mv.prologue_blocks(), 40
+    keys = {}
+    for N in (big, small):
+        key = mv.prologue_key(x, branch, nw, None, nn, N, rows_split)
+        keys[N] = key
+        args = mv._residual_probe(("float32", rows_split, 1, mv.PLAIN, *key))
+        most = args[-1]
+        assert (mv.grid_and_loop(mv.PROBE_N, *rows_split, most)[1] == 3) is (N == big)
+        got, want = mv.residual_matvec_kernel(*args), mv.residual_matvec_reference(*args)
+        _close(got[1], want[1], f"probe of N {N}", atol=1e-4)
+    assert keys[big][-1] is True and keys[small][-1] is False
+
+
 def test_emulated_bf16_rounds_as_the_gpu(emulated):
     """bf16 storage and rounding (the emulator's bf16_t): the product rounds once, to bf16."""
     x, w = _rnd((1, 1, 264), 14, 1.0, mx.bfloat16), _rnd((40, 264), 15, 0.05, mx.bfloat16)

@@ -35,7 +35,7 @@ def sass():
 @pytest.mark.parametrize("K", [2560, 5376, 21504])
 def test_qmv_default_layouts_fit_registers(sass, bits, epi, K):
     rows, split, wpl = qmv.quantized_layout(K, bits, 64, epi=epi)
-    template = dict(T="bfloat16", BITS=bits, GS=64, ROWS=rows, SPLIT=split, WPL=wpl, MM=1, EPI=epi, PRO=0, HD=1)
+    template = dict(T="bfloat16", BITS=bits, GS=64, ROWS=rows, SPLIT=split, WPL=wpl, MM=1, EPI=epi, PRO=0, HD=1, LOOP=1)
     res = sass.resources(sass.build("qmv", template))
     assert res["STACK"] == 0 and res["LOCAL"] == 0, res
     assert res["REG"] <= (64 if split > 1 else 80), res

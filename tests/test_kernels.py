@@ -578,7 +578,8 @@ def test_gated_matvec_kernels(M, dtype):
 def test_residual_matvec_kernel(HD, dtype):
     """``mv`` with the residual prologue (PRO 1: the product reads the next norm of the new
     residual; PRO 2: the residual itself) against residual_norm's and the product's references,
-    for every form; the new residual comes back too."""
+    for every form; the new residual comes back too. At 16,400 outputs the blocks are capped
+    (mv.PROLOGUE_BLOCKS) and take their groups of rows in turn (LOOP > 1); 256 and 300 do not."""
     x, b = rnd((1, 1, HD), dtype, 2.0, seed=3), rnd((1, 1, HD), dtype, 5.0, seed=4)
     nw, nn = (1 + rnd((HD,), mx.float32, 0.3, seed=5)).astype(dtype), (1 + rnd((HD,), mx.float32, 0.3, seed=6)).astype(dtype)
     ls = mx.array([0.7], dtype=dtype)

@@ -19,8 +19,9 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .. import switches
 from . import dispatch
-from .dispatch import TG, ceil_to
+from .dispatch import TG
 from .ple import ple_gate_reference
 from .residual import residual_norm_reference
 
@@ -76,6 +77,41 @@ def steps_in_flight(K: int, split: int, prologue: bool, per_step: int = 256) -> 
 
 PROBE_N = 300  # outputs of a self-check's product: more than one block's worth, not a multiple of it
 
+# A launch with the residual prologue computes the same norm of the same row in every block before
+# its product (ncu, H200, session 19: E2B bf16's gate/up with it 41.5 us a launch over 1,536 blocks,
+# q/k/v 25.2 us over 640; the plain products 4-13 us). So such a launch has at most this many
+# blocks, each taking its groups of rows in turn (the kernel's LOOP): two blocks of 256 threads on
+# each of the H200's 132 SMs, as many as the gate/up form's 100 registers let in at once.
+PROLOGUE_BLOCKS = 264
+PROLOGUE_BLOCKS_ENV = "GEMMA4_MLX_PROLOGUE_BLOCKS"
+
+
+def prologue_blocks() -> int:
+    """The most blocks a prologue form is launched with: :data:`PROLOGUE_BLOCKS`, or
+    ``GEMMA4_MLX_PROLOGUE_BLOCKS`` (0: a block for every group of rows, as before session 19;
+    ablations)."""
+    raw = (switches.env(PROLOGUE_BLOCKS_ENV) or "").strip()
+    return int(raw) if raw.isdigit() else PROLOGUE_BLOCKS
+
+
+def grid_and_loop(N: int, rows: int, split: int, most_blocks: int = 0) -> tuple:
+    """(grid, LOOP) of a matvec launch over N outputs in groups of ``rows`` rows, ``split`` warps a
+    group: a block for each TG / (32 split) groups, or with ``most_blocks`` (> 0) at most that many
+    blocks, each taking LOOP such sets of groups in turn."""
+    blocks = -(-(-(-N // rows) * 32 * split) // TG)
+    loop = -(-blocks // most_blocks) if 0 < most_blocks < blocks else 1
+    return (-(-blocks // loop) * TG, 1, 1), loop
+
+
+def probe_blocks(N: int, rows: int, split: int, looped: bool) -> int:
+    """The ``most_blocks`` a self-check launches a prologue form with: 0 (one block a group) for a
+    class whose launches do not loop, else a cap under which its blocks take three turns (the last
+    one partly past N, for PROBE_N)."""
+    if not looped:
+        return 0
+    blocks = grid_and_loop(N, rows, split)[0][0] // TG
+    return max(1, -(-blocks // 3))
+
 
 def probe_shape(rows_split: tuple, per_step: int = 256, tail: int = 0) -> tuple:
     """(N, K) of a self-check input whose :func:`layout` is ``rows_split`` (for a layout the rule
@@ -120,31 +156,41 @@ def prologue_inputs(x: mx.array, z: Optional[mx.array], epi: int, prologue: Opti
 
 
 def _launch(x: mx.array, w: mx.array, z: Optional[mx.array], epi: int, prologue: Optional[tuple] = None,
-            rows_split: Optional[tuple] = None):
+            rows_split: Optional[tuple] = None, most_blocks: Optional[int] = None):
     """The mv kernel. ``prologue`` = (branch, norm weight, scale or None, next norm weight or
     None, eps): x is then a residual (one row) and the product reads residual_norm's result;
     returns (new residual, y) instead of y. ``rows_split``: another layout than
     :func:`layout`'s, (rows, split) or (rows, split, steps in flight) (bench/matvec_chain.py
-    compares them)."""
+    compares them). ``most_blocks``: a prologue launch's cap on blocks (:func:`grid_and_loop`;
+    default :func:`prologue_blocks`)."""
     M = x.size // x.shape[-1]
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
     rows, split, *unr = rows_split or layout(x.shape[-1])
     unr = unr[0] if unr else steps_in_flight(x.shape[-1], split, prologue is not None)
     k, whole = form_kernel("mv", ["x", "w"], epi, prologue is not None)
     pro, HD, extra, hshapes = prologue_inputs(x, z, epi, prologue, whole)
+    grid, loop = launch_grid(N, rows, split, prologue, most_blocks)
     # y gets x's leading dims: a reshape on each side would be two more primitives per
     # projection, and each costs host time in every decode step
     out = k(
         inputs=[x, w, *extra],
         template=[("T", x.dtype), ("ROWS", rows), ("SPLIT", split), ("UNR", unr), ("MM", _mm(M)), ("EPI", epi),
-                  ("PRO", pro), ("HD", HD)],
-        grid=(ceil_to(-(-N // rows) * 32 * split, TG), 1, 1),
+                  ("PRO", pro), ("HD", HD), ("LOOP", loop)],
+        grid=grid,
         threadgroup=(TG, 1, 1),
         output_shapes=[(*x.shape[:-1], N), *hshapes],
         output_dtypes=[x.dtype] * (1 + len(hshapes)),
         **dispatch.init_kwargs(),
     )
     return out[0] if prologue is None else (out[1], out[0])
+
+
+def launch_grid(N: int, rows: int, split: int, prologue: Optional[tuple], most_blocks: Optional[int]) -> tuple:
+    """(grid, LOOP) of a launch: a prologue form's blocks capped (``most_blocks``, default
+    :func:`prologue_blocks`), every other form's one block a set of groups."""
+    if prologue is None:
+        return grid_and_loop(N, rows, split)
+    return grid_and_loop(N, rows, split, prologue_blocks() if most_blocks is None else most_blocks)
 
 
 def matvec_kernel(x: mx.array, w: mx.array) -> mx.array:
@@ -222,21 +268,25 @@ def residual_and_input(x, branch, norm_weight, scalar, next_weight, eps: float):
     return out if next_weight is not None else (out, out)
 
 
-def residual_matvec_reference(x, branch, norm_weight, scalar, next_weight, eps: float, w, z=None, epi: int = PLAIN):
-    """:func:`residual_and_input`, then the form ``epi`` of the product over ``xin``: ``(h, y)``."""
+def residual_matvec_reference(x, branch, norm_weight, scalar, next_weight, eps: float, w, z=None, epi: int = PLAIN,
+                              most_blocks: Optional[int] = None):
+    """:func:`residual_and_input`, then the form ``epi`` of the product over ``xin``: ``(h, y)``
+    (``most_blocks``: the kernel's launch, which the reference takes and ignores)."""
     h, xin = residual_and_input(x, branch, norm_weight, scalar, next_weight, eps)
     if epi == GEGLU:
         return h, matvec_geglu_reference(xin, w)
     return h, (matvec_gate_reference(xin, w, z) if epi == GATE else matvec_reference(xin, w))
 
 
-def residual_matvec_kernel(x, branch, norm_weight, scalar, next_weight, eps: float, w, z=None, epi: int = PLAIN):
-    return _launch(x, w, z, epi, (branch, norm_weight, scalar, next_weight, eps))
+def residual_matvec_kernel(x, branch, norm_weight, scalar, next_weight, eps: float, w, z=None, epi: int = PLAIN,
+                           most_blocks: Optional[int] = None):
+    return _launch(x, w, z, epi, (branch, norm_weight, scalar, next_weight, eps), most_blocks=most_blocks)
 
 
-def prologue_key(x, branch, norm_weight, scalar, next_weight):
+def prologue_key(x, branch, norm_weight, scalar, next_weight, N: int, rows_split: tuple):
     """The prologue's part of a class key, or None where it does not apply (more than one row,
-    a row too wide for shared memory, mismatched shapes or dtypes)."""
+    a row too wide for shared memory, mismatched shapes or dtypes): (PRO, HD, scaled, whether
+    a launch of N outputs in this (rows, split, ...) layout loops its blocks)."""
     HD = x.shape[-1]
     if x.size != HD or HD > MAX_PROLOGUE or tuple(branch.shape) != tuple(x.shape) or branch.dtype != x.dtype:
         return None
@@ -244,7 +294,8 @@ def prologue_key(x, branch, norm_weight, scalar, next_weight):
         return None
     if next_weight is not None and next_weight.size != HD:
         return None
-    return (1 if next_weight is not None else 2, HD, scalar is not None)
+    looped = grid_and_loop(N, rows_split[0], rows_split[1], prologue_blocks())[1] > 1
+    return (1 if next_weight is not None else 2, HD, scalar is not None, looped)
 
 
 def prologue_probe(dtype, pro: int, HD: int, scaled: bool) -> tuple:
@@ -259,11 +310,12 @@ def prologue_probe(dtype, pro: int, HD: int, scaled: bool) -> tuple:
 
 def _residual_probe(key):
     dtype = dispatch.dtype_from_key(key[0])
-    epi, pro, HD, scaled = key[3], key[4], key[5], key[6]
+    epi, pro, HD, scaled, looped = key[3], key[4], key[5], key[6], key[7]
     N = PROBE_N  # HD is K: the same layout as the launch's
     w = dispatch.probe_normal((2 * N if epi == GEGLU else N, HD), 38, dtype, 0.05)
     z = dispatch.probe_normal((1, 1, N), 39, dtype) if epi == GATE else None
-    return (*prologue_probe(dtype, pro, HD, scaled), w, z, epi)
+    rows, split = key[1]
+    return (*prologue_probe(dtype, pro, HD, scaled), w, z, epi, probe_blocks(N, rows, split, looped))
 
 
 def residual_matvec(x, branch, norm_weight, scalar, next_weight, eps: float, w, z=None, epi: int = PLAIN, *,
@@ -271,7 +323,8 @@ def residual_matvec(x, branch, norm_weight, scalar, next_weight, eps: float, w, 
     """:func:`residual_matvec_reference` as one launch (name ``mv_residual``: on with ``mv``, off
     when ``mv`` or ``residual_norm`` is)."""
     base = _class_key(x, w, epi, z)
-    pro = prologue_key(x, branch, norm_weight, scalar, next_weight) if base is not None else None
+    pro = None if base is None else prologue_key(x, branch, norm_weight, scalar, next_weight,
+                                                 form_width(x, w.shape[0], epi, z), base[1])
     key = None if pro is None else base + pro
     return dispatch.run("mv_residual", key, residual_matvec_reference, residual_matvec_kernel, _residual_probe,
                         x, branch, norm_weight, scalar, next_weight, eps, w, z, epi, fallback=fallback)

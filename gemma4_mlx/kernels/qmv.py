@@ -22,9 +22,10 @@ from typing import Optional
 import mlx.core as mx
 
 from . import dispatch
-from .dispatch import TG, ceil_to
+from .dispatch import TG
 from .mv import (_FLOATS, GATE, GEGLU, MAX_ROWS_OF_X, PLAIN, PROBE_N, _mm, form_width, layout, probe_shape,
-                 form_kernel, prologue_inputs, prologue_key, prologue_probe, residual_and_input)
+                 form_kernel, launch_grid, probe_blocks, prologue_inputs, prologue_key, prologue_probe,
+                 residual_and_input)
 from .ple import ple_gate_reference
 
 
@@ -48,20 +49,21 @@ def quantized_matvec_gate_reference(x, w, scales, biases, group_size: int, bits:
 
 
 def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int, prologue: Optional[tuple] = None,
-            rows_split: Optional[tuple] = None):
-    """The qmv kernel; ``prologue`` as in :func:`.mv._launch` (then it returns (new residual,
-    y)); ``rows_split``: a (ROWS, SPLIT, WPL) other than :func:`quantized_layout`'s."""
+            rows_split: Optional[tuple] = None, most_blocks: Optional[int] = None):
+    """The qmv kernel; ``prologue`` and ``most_blocks`` as in :func:`.mv._launch` (then it returns
+    (new residual, y)); ``rows_split``: a (ROWS, SPLIT, WPL) other than :func:`quantized_layout`'s."""
     M = x.size // x.shape[-1]
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
     rows, split, wpl = rows_split or quantized_layout(x.shape[-1], bits, group_size, epi=epi)
     k, whole = form_kernel("qmv", ["x", "w", "scales", "biases"], epi, prologue is not None)
     pro, HD, extra, hshapes = prologue_inputs(x, z, epi, prologue, whole)
+    grid, loop = launch_grid(N, rows, split, prologue, most_blocks)
     # x keeps its shape, y gets x's leading dims (no reshape primitives around the call)
     out = k(
         inputs=[x, w, scales, biases, *extra],
         template=[("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", rows), ("SPLIT", split),
-                  ("WPL", wpl), ("MM", _mm(M)), ("EPI", epi), ("PRO", pro), ("HD", HD)],
-        grid=(ceil_to(-(-N // rows) * 32 * split, TG), 1, 1),
+                  ("WPL", wpl), ("MM", _mm(M)), ("EPI", epi), ("PRO", pro), ("HD", HD), ("LOOP", loop)],
+        grid=grid,
         threadgroup=(TG, 1, 1),
         output_shapes=[(*x.shape[:-1], N), *hshapes],
         output_dtypes=[x.dtype] * (1 + len(hshapes)),
@@ -184,8 +186,10 @@ def quantized_matvec_gate(x, w, scales, biases, group_size: int, bits: int, z, *
 # ------------------------------------------- with residual_norm ahead of the product (one row)
 
 def quantized_residual_matvec_reference(x, branch, norm_weight, scalar, next_weight, eps: float, w, scales, biases,
-                                        group_size: int, bits: int, z=None, epi: int = PLAIN):
-    """:func:`.mv.residual_matvec_reference` with a quantized W: ``(h, y)``."""
+                                        group_size: int, bits: int, z=None, epi: int = PLAIN,
+                                        most_blocks: Optional[int] = None):
+    """:func:`.mv.residual_matvec_reference` with a quantized W: ``(h, y)`` (``most_blocks``
+    ignored, as there)."""
     h, xin = residual_and_input(x, branch, norm_weight, scalar, next_weight, eps)
     args = (xin, w, scales, biases, group_size, bits)
     if epi == GEGLU:
@@ -194,18 +198,22 @@ def quantized_residual_matvec_reference(x, branch, norm_weight, scalar, next_wei
 
 
 def quantized_residual_matvec_kernel(x, branch, norm_weight, scalar, next_weight, eps: float, w, scales, biases,
-                                     group_size: int, bits: int, z=None, epi: int = PLAIN):
-    return _launch(x, w, scales, biases, group_size, bits, z, epi, (branch, norm_weight, scalar, next_weight, eps))
+                                     group_size: int, bits: int, z=None, epi: int = PLAIN,
+                                     most_blocks: Optional[int] = None):
+    return _launch(x, w, scales, biases, group_size, bits, z, epi, (branch, norm_weight, scalar, next_weight, eps),
+                   most_blocks=most_blocks)
 
 
 def _residual_probe(key):
     dtype = dispatch.dtype_from_key(key[0])
-    bits, gs, epi, pro, HD, scaled = key[1], key[2], key[5], key[6], key[7], key[8]
+    bits, gs, epi, pro, HD, scaled, looped = key[1], key[2], key[5], key[6], key[7], key[8], key[9]
     N = PROBE_N  # HD is K: the same layout as the launch's
+    rows, split = key[3][0], key[3][1]
     w, s, b = mx.quantize(dispatch.probe_normal((2 * N if epi == GEGLU else N, HD), 28, mx.float32, 0.05),
                           group_size=gs, bits=bits)
     z = dispatch.probe_normal((1, 1, N), 29, dtype) if epi == GATE else None
-    return (*prologue_probe(dtype, pro, HD, scaled), w, s.astype(dtype), b.astype(dtype), gs, bits, z, epi)
+    return (*prologue_probe(dtype, pro, HD, scaled), w, s.astype(dtype), b.astype(dtype), gs, bits, z, epi,
+            probe_blocks(N, rows, split, looped))
 
 
 def quantized_residual_matvec(x, branch, norm_weight, scalar, next_weight, eps: float, w, scales, biases,
@@ -213,7 +221,8 @@ def quantized_residual_matvec(x, branch, norm_weight, scalar, next_weight, eps: 
     """:func:`quantized_residual_matvec_reference` as one launch (name ``qmv_residual``: on with
     ``qmv``, off when ``qmv`` or ``residual_norm`` is)."""
     base = _class_key(x, w, scales, biases, group_size, bits, epi, z)
-    pro = prologue_key(x, branch, norm_weight, scalar, next_weight) if base is not None else None
+    pro = None if base is None else prologue_key(x, branch, norm_weight, scalar, next_weight,
+                                                 form_width(x, w.shape[0], epi, z), base[3])
     key = None if pro is None else base + pro
     return dispatch.run("qmv_residual", key, quantized_residual_matvec_reference, quantized_residual_matvec_kernel,
                         _residual_probe, x, branch, norm_weight, scalar, next_weight, eps, w, scales, biases,
