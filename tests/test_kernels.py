@@ -1020,6 +1020,31 @@ def test_matvec_layout_rule_and_its_probes():
     assert [mv.steps_in_flight(K, mv.layout(K)[1], True) for K in (256, 1536, 2560, 5376)] == [2, 3, 2, 2]
 
 
+def test_prologue_launches_cover_every_row_once(monkeypatch):
+    """mv.grid_and_loop: a capped launch's blocks times their turns cover every set of row groups,
+    with no block wholly idle, at most ``most_blocks`` blocks; uncapped (0), one block a set, as
+    before session 19. The cap comes from GEMMA4_MLX_PROLOGUE_BLOCKS, default PROLOGUE_BLOCKS,
+    and only the prologue forms take it."""
+    from gemma4_mlx.kernels import mv
+
+    for N in (1, 37, 256, 300, 1536, 6144, 16400, 262144):
+        for rows, split in ((1, 1), (1, 2), (2, 2), (1, 4), (4, 1), (1, 8)):
+            sets = -(-(-(-N // rows) * 32 * split) // dispatch.TG)
+            assert mv.grid_and_loop(N, rows, split) == ((sets * dispatch.TG, 1, 1), 1)
+            for most in (1, 3, 132, 264, 528):
+                (threads, _, _), loop = mv.grid_and_loop(N, rows, split, most)
+                blocks = threads // dispatch.TG
+                assert blocks <= max(most, 1) and blocks * loop >= sets > (blocks - 1) * loop, (N, rows, split, most)
+                assert loop == 1 or blocks == most or sets <= most * loop
+    monkeypatch.delenv(mv.PROLOGUE_BLOCKS_ENV, raising=False)
+    assert mv.prologue_blocks() == mv.PROLOGUE_BLOCKS
+    monkeypatch.setenv(mv.PROLOGUE_BLOCKS_ENV, "0")
+    assert mv.launch_grid(16400, 1, 2, ("prologue",), None)[1] == 1
+    monkeypatch.setenv(mv.PROLOGUE_BLOCKS_ENV, "100")
+    assert mv.launch_grid(16400, 1, 2, ("prologue",), None) == ((100 * dispatch.TG, 1, 1), 41)  # 4,100 sets
+    assert mv.launch_grid(16400, 1, 2, None, None)[1] == 1  # no prologue: never capped
+
+
 def test_matvec_forms_pass_only_what_they_read(monkeypatch):
     """Each extra input or output of a custom kernel costs MLX's host time at every launch
     (session 17): mv / qmv without the residual prologue pass x, w [, scales, biases] [, z] and
