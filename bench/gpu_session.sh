@@ -278,11 +278,12 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
             # session 18 measured it unbounded: 31B 4-bit @841 32.6 GB at every 5th layer, 27.4 none, 24.5 every
             # layer, stock 26.6; @4,096 58.1 GB every layer, 33.3 last only, stock 30.8). One run a line, 8 tokens;
             # the 31B checkpoint is written first on a fresh machine (~3 min), so give it a call of its own (~8 min)
-    mem() { local n=$1; shift; (export "$@"; timeout 150 python3 -m bench.compare $P --runs 1 -n 8 --out "$OUT/$n" \
+    mem() { local n=$1; shift; (export "$@"; timeout ${MEM_S:-150} python3 -m bench.compare $P --runs 1 -n 8 --out "$OUT/$n" \
       > "$OUT/$n.txt" 2>&1); echo "== $n $* (exit $?)"; grep -E "^peak|^prefill tok|^decode tok" "$OUT/$n.txt"; }
     P="--preset 31b -q 4 -L 841,4096"
     for ov in 5 0 1; do mem "31b-ov$ov" GEMMA4_MLX_PREFILL_OVERLAP=$ov; done
-    P="--preset 26b-a4b -q 4 -L 841"; mem 26b-ov5 GEMMA4_MLX_PREFILL_OVERLAP=5 ;;
+    # a fresh machine writes the 26B-A4B checkpoint first (session 19: 150 s was not enough)
+    P="--preset 26b-a4b -q 4 -L 841"; MEM_S=330 mem 26b-ov5 GEMMA4_MLX_PREFILL_OVERLAP=5 ;;
   memory-small) # session 19: the same for E2B bf16 and E4B 4-bit at 841 / 4,096 (speed too: the wait's cost), ~4 min
     mem() { local n=$1; shift; (export "$@"; timeout 110 python3 -m bench.compare $P --runs 2 -n 16 --out "$OUT/$n" \
       > "$OUT/$n.txt" 2>&1); echo "== $n $* (exit $?)"; grep -E "^peak|^prefill tok|^decode tok" "$OUT/$n.txt"; }
