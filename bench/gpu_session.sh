@@ -50,6 +50,13 @@ compare() {  # compare <out subdir> <timeout s> <args...>
   timeout "$limit" python3 -X faulthandler -m bench.compare "$@" --out "$dir" > "$dir/stdout.txt" 2> "$dir/stderr.txt"
   echo "== $dir (exit $?): $*"; tail -18 "$dir/stdout.txt"
 }
+mem() {  # mem <name> VAR=value...: one `compare` of $P with those switches (MEM_S timeout, MEM_RUNS runs, MEM_N
+         # tokens), then its peak memory and speed lines (the parts `memory` and `memory-small`)
+  local n=$1; shift
+  (export "$@"; timeout ${MEM_S:-150} python3 -m bench.compare $P --runs ${MEM_RUNS:-1} -n ${MEM_N:-8} --out "$OUT/$n" \
+    > "$OUT/$n.txt" 2>&1)
+  echo "== $n $* (exit $?)"; grep -E "^peak|^prefill tok|^decode tok" "$OUT/$n.txt"
+}
 tiny31() {  # the tiny 31B float32 checkpoint the issue-16 parts run `generate` on (written once)
   [ -d /root/t31 ] || python3 -c "
 import mlx.core as mx
@@ -278,17 +285,15 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
             # session 18 measured it unbounded: 31B 4-bit @841 32.6 GB at every 5th layer, 27.4 none, 24.5 every
             # layer, stock 26.6; @4,096 58.1 GB every layer, 33.3 last only, stock 30.8). One run a line, 8 tokens;
             # the 31B checkpoint is written first on a fresh machine (~3 min), so give it a call of its own (~8 min)
-    mem() { local n=$1; shift; (export "$@"; timeout ${MEM_S:-150} python3 -m bench.compare $P --runs 1 -n 8 --out "$OUT/$n" \
-      > "$OUT/$n.txt" 2>&1); echo "== $n $* (exit $?)"; grep -E "^peak|^prefill tok|^decode tok" "$OUT/$n.txt"; }
     P="--preset 31b -q 4 -L 841,4096"
     for ov in 5 0 1; do mem "31b-ov$ov" GEMMA4_MLX_PREFILL_OVERLAP=$ov; done
     # a fresh machine writes the 26B-A4B checkpoint first (session 19: 150 s was not enough)
     P="--preset 26b-a4b -q 4 -L 841"; MEM_S=330 mem 26b-ov5 GEMMA4_MLX_PREFILL_OVERLAP=5 ;;
   memory-small) # session 19: the same for E2B bf16 and E4B 4-bit at 841 / 4,096 (speed too: the wait's cost), ~4 min
-    mem() { local n=$1; shift; (export "$@"; timeout 110 python3 -m bench.compare $P --runs 2 -n 16 --out "$OUT/$n" \
-      > "$OUT/$n.txt" 2>&1); echo "== $n $* (exit $?)"; grep -E "^peak|^prefill tok|^decode tok" "$OUT/$n.txt"; }
     for P in "--preset e2b -L 841,4096" "--preset e4b -q 4 -L 841,4096"; do
-      for ov in ${OVS:-5 0}; do mem "$(echo $P | cut -d' ' -f2)-ov$ov" GEMMA4_MLX_PREFILL_OVERLAP=$ov; done
+      for ov in ${OVS:-5 0}; do
+        MEM_S=110 MEM_RUNS=2 MEM_N=16 mem "$(echo $P | cut -d' ' -f2)-ov$ov" GEMMA4_MLX_PREFILL_OVERLAP=$ov
+      done
     done ;;
   signatures) # session 18: the per-form signatures (mv / qmv without the prologue: x, w [, scales, biases] [, z] -> y;
             # residual_norm without the next norm; attention pass 1 without the q norm) against the whole ones
