@@ -52,17 +52,22 @@ def off(*more, on=()):
     return {D: ",".join([n for n in DEFAULT_OFF if n not in on] + list(more))}
 
 
-# "ours" is the default (the float matvec "mv", the one-launch PLE close "ple_tail", the
-# attention applying the q norm itself, "attention_prefix_q", off; the fused norm + residual
-# "residual_norm" on since session 15, except inside the 4-bit matvec, "qmv_residual"; on CUDA the
-# quantized matvec "qmv" on for 4-bit products of >= 2^25 weights);
+# "ours" is the default (the float matvec "mv" and its gated forms on since session 20, their
+# residual prologue "mv_residual", the one-launch PLE close "ple_tail", the attention applying the
+# q norm itself, "attention_prefix_q", off; the fused norm + residual "residual_norm" on since
+# session 15, except inside the 4-bit matvec, "qmv_residual"; on CUDA the quantized matvec "qmv" on
+# for 4-bit products of >= 2^25 weights);
 # each other line changes one thing. A kernel switched off falls back to
 # the model's MLX op sequence (what stock runs).
 # "+mv" / "+qmv" include their fused forms (a joined gate/up and its GeGLU, a PLE gate, a layer's
 # first projection, each with the residual norm ahead of it: one launch each; these follow
 # residual_norm's switch too, so it is switched on with them); "-residual" keeps
-# the norms apart, "plain" keeps every fused form off, to tell the matvec from the fusions.
-CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=["mv", "residual_norm"])),
+# the norms apart (for mv the default since session 20), "plain" keeps every fused form off, to
+# tell the matvec from the fusions; "-mv" is MLX's matmul for every float product (the default
+# before session 20).
+MV_ALL = ["mv", "residual_norm", "mv_residual"]
+CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
+           ("ours -mv", off("mv")),
            ("ours +qmv", off(on=["qmv", "residual_norm", "qmv_residual"])),
            ("ours +mv -residual", off("mv_residual", on=["mv", "residual_norm"])),
            ("ours +qmv -residual", off(on=["qmv", "residual_norm"])),
@@ -81,20 +86,21 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=["mv", "residual_n
            ("ours +qmvres", off(on=["qmv_residual"])),  # the default in session 15's first commits
            # the prologue forms with a block for every set of row groups (before session 19), or at
            # most 132 / 528 blocks (the default: 264, each block taking its sets in turn)
-           ("ours +mv blocks 0", {**off(on=["mv", "residual_norm"]), "GEMMA4_MLX_PROLOGUE_BLOCKS": "0"}),
-           ("ours +mv blocks 132", {**off(on=["mv", "residual_norm"]), "GEMMA4_MLX_PROLOGUE_BLOCKS": "132"}),
-           ("ours +mv blocks 528", {**off(on=["mv", "residual_norm"]), "GEMMA4_MLX_PROLOGUE_BLOCKS": "528"}),
+           ("ours +mv blocks 0", {**off(on=MV_ALL), "GEMMA4_MLX_PROLOGUE_BLOCKS": "0"}),
+           ("ours +mv blocks 132", {**off(on=MV_ALL), "GEMMA4_MLX_PROLOGUE_BLOCKS": "132"}),
+           ("ours +mv blocks 528", {**off(on=MV_ALL), "GEMMA4_MLX_PROLOGUE_BLOCKS": "528"}),
            ("ours +qmvres blocks 0", {**off(on=["qmv_residual"]), "GEMMA4_MLX_PROLOGUE_BLOCKS": "0"}),
            ("ours +qmvres blocks 132", {**off(on=["qmv_residual"]), "GEMMA4_MLX_PROLOGUE_BLOCKS": "132"}),
            ("ours +qmvres blocks 528", {**off(on=["qmv_residual"]), "GEMMA4_MLX_PROLOGUE_BLOCKS": "528"}),
            ("ours -attn", off("attention_prefix", "attention")),
+           ("ours -moe", off("norm_pair", "moe_topk")),  # a MoE layer's small ops as MLX's (before session 20)
            ("ours -rope", off("q_norm_rope", "kv_norm_rope")),
            ("ours -ple", off("ple_combine", "ple_gate")),
            ("ours -scale", off("scale", "geglu")),  # the scale ops and the GeGLU as MLX's fused kernels
            ("ours -fuse", {"GEMMA4_MLX_FUSE": "0"}),
            # every mv / qmv form launched with the whole signature (8-10 inputs, 2 outputs; before session 17)
            ("ours full signatures", {"GEMMA4_MLX_FORM_SIGNATURES": "0"}),
-           ("ours +mv full signatures", {**off(on=["mv", "residual_norm"]), "GEMMA4_MLX_FORM_SIGNATURES": "0"}),
+           ("ours +mv full signatures", {**off(on=MV_ALL), "GEMMA4_MLX_FORM_SIGNATURES": "0"}),
            ("ours -transposes", {"GEMMA4_MLX_TRANSPOSES": "0"}),  # weight.T traced per projection
            ("ours slice write", {"GEMMA4_MLX_KV_WRITE": "slice"}),  # the cache write before session 12
            ("ours mlx kernels", {"GEMMA4_MLX_NVRTC": "0"}),  # built by mx.fast.cuda_kernel instead

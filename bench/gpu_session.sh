@@ -6,19 +6,18 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 20): issue 14. One GPU is enough (nvidia-h200). Session 19 measured the bounded prefill
-# overlap (every layer is the GPU default now: peak memory within stock + 1% everywhere) and found the matvec
-# prologue forms still slow after b03d93c (ncu: gate/up 41.5 us, q/k/v 25.2, plain products 4-13): each of their
-# 1,536 / 640 blocks computes the same norm of the same row. Session 19 capped their blocks (mv.PROLOGUE_BLOCKS,
-# 264; each block takes LOOP sets of row groups in turn, one prologue a block): emulated, compiled, unrun on a GPU.
-# In this order:
-#   1. `loop` (~6 min): their CUDA parity, then the step with +mv / +qmvres at caps 0 (before), 132, 264, 528.
-#      If +mv beats the default (E2B bf16 1.63x in session 19, 547 launches against 373): make it the default
-#      (dispatch.DEFAULT_DISABLED), and +qmvres likewise on 31B 4-bit; then `check` and `presets`.
-#   2. `mvdetail` (~2 min): the prologue forms' ncu durations at the chosen cap (the regex now matches LOOP).
-#   3. 26B-A4B 4-bit @4,096 decode read 1.02x in one run (1.63x @841): `compare --preset 26b-a4b -q 4 -L 4096`
-#      twice; if it stays low, `steps` there.
-#   4. `e2e` (bf16) and `Q=4 NEW=128 e2e` with the new default, if it changed.
+# Next visit (session 21): issue 14. One GPU is enough (nvidia-h200). Session 20 timed the capped prologue forms
+# (still slower: both stay off), made the float matvec `mv` with its gated forms the CUDA default (E2B / E4B bf16
+# step 1-13% faster in every paired run; e2e bf16 decode 2.15x), and put a MoE layer's small ops in three kernels
+# (norm_pair, moe_topk: parity 58 / 58; 26B-A4B bf16 step 7.85 ms against 8.30 without). In this order:
+#   1. `moe` again for the 4-bit line (it timed out on a fresh machine in session 20: run `Q=4 e2e` or any
+#      4-bit compare first so MLX's quantized kernels are compiled, or give the line 300 s), then
+#      `compare --preset 26b-a4b -q 4 -L 841,4096` twice (the 1.5x target; 1.28x / 1.39x @4,096 without them).
+#   2. `check` (the whole CUDA parity suite on the new defaults; session 20 ran it with the mv default set by
+#      environment: 891 / 894, the 3 fixed since).
+#   3. `Q=4 NEW=128 RUNS=2 e2e` and `NEW=2048 RUNS=1 e2e` (the 2048 rows are from session 10).
+#   4. What's left of 26B-A4B's step: the experts' mixture (Multiply + Sum, 2 launches a layer) and the
+#      gather_qmm's Arange (3 a layer) are the next MLX ops there; `steps` on 26b-a4b to see the split.
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
@@ -271,6 +270,15 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       > "$OUT/mvsource.csv" 2>&1; echo "ncu source exit $?"; head -c 3000 "$OUT/mvsource.csv"
     gzip -f "$OUT/mvsource.csv" "$OUT/mvdetail.txt"
     unset GEMMA4_MLX_KERNELS_DISABLE ;;
+  moe)      # session 20: a MoE layer's small ops as two kernels (norm_pair: the router's and the experts' input
+            # norms, the branches' closing norms and sum; moe_topk: the router's choice), 26B-A4B's step being
+            # host-bound (session 20: 1,091 launching primitives, encode 7.1 ms of a 10.9 ms step): their parity on
+            # CUDA, then the step with and without them, 4-bit and bf16 (~4 min)
+    parity moecheck 200 tests/test_kernels.py tests/test_decode.py -k "norm_pair or moe"
+    for pq in "26b-a4b 4" "26b-a4b 0"; do
+      CONFIGS="stock,ours,ours -moe" ROUNDS=${ROUNDS:-5} STEPS=15 timeout ${MOE_S:-300} python3 bench/ablate.py $pq 2>&1 \
+        | tail -12 | tee "$OUT/moe-${pq// /-q}.txt"
+    done ;;
   loop)     # session 19: the prologue forms with their blocks capped (mv.PROLOGUE_BLOCKS, 264; a block takes LOOP sets of
             # row groups in turn): their parity on CUDA (test_residual_matvec_kernel's 16,400 outputs loop), then the step
             # with +mv (E2B bf16) and +qmvres (31B 4-bit) at caps 0 (a block a set, before), 132, 264 (default), 528 (~6 min)

@@ -56,15 +56,12 @@ class Router(nn.Module):
         self.eps = args.rms_norm_eps
         self.root_size = args.hidden_size**-0.5
 
-    def __call__(self, x: mx.array) -> Tuple[mx.array, mx.array]:
-        x = mx.fast.rms_norm(x, self.scale * self.root_size, self.eps)
-        scores = ops.linear(self.proj, x).astype(mx.float32)
-        k = self.top_k
-        idx = mx.stop_gradient(mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k])
-        # softmax over the chosen logits == softmax over all, then renormalised over the top k
-        weights = mx.softmax(mx.take_along_axis(scores, idx, axis=-1), axis=-1)
-        weights = weights * self.per_expert_scale[idx].astype(mx.float32)
-        return idx, weights
+    def __call__(self, x: mx.array, normed: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
+        """(expert ids, float32 weights) for ``x``; ``normed`` is x's router norm when the caller
+        made it already (:func:`ops.moe_norms`)."""
+        if normed is None:
+            normed = mx.fast.rms_norm(x, self.scale * self.root_size, self.eps)
+        return ops.moe_topk(ops.linear(self.proj, normed), self.per_expert_scale, self.top_k)
 
 
 class Experts(nn.Module):
@@ -206,11 +203,14 @@ class DecoderLayer(nn.Module):
         if trace is not None:
             trace["mlp"] = ff
         if self.plan.moe:
-            idx, weights = self.router(h)
-            moe = self.experts(self.pre_feedforward_layernorm_2(h), idx, weights)
+            router_in, experts_in = ops.moe_norms(h, self.router.scale, self.router.root_size,
+                                                  self.pre_feedforward_layernorm_2.weight, eps)
+            idx, weights = self.router(h, router_in)
+            moe = self.experts(experts_in, idx, weights)
             if trace is not None:
                 trace["moe"] = moe
-            ff = self.post_feedforward_layernorm_1(ff) + self.post_feedforward_layernorm_2(moe)
+            ff = ops.moe_close(ff, moe, self.post_feedforward_layernorm_1.weight,
+                               self.post_feedforward_layernorm_2.weight, eps)
 
         if self.plan.has_ple:
             # the feed-forward's close, gate projection, gelu gate, projection back, the layer's

@@ -268,6 +268,52 @@ def _residual_norm(residual, branch, norm_weight, scalar, eps, next_weight=None)
     return out, mx.fast.rms_norm(out, next_weight, eps)
 
 
+def _moe_norms(h, router_scale, pre_experts_weight, root_size, eps):
+    return (mx.fast.rms_norm(h, router_scale * root_size, eps), mx.fast.rms_norm(h, pre_experts_weight, eps))
+
+
+def moe_norms(h: mx.array, router_scale: mx.array, root_size: float, pre_experts_weight: mx.array, eps: float):
+    """A MoE layer's two inputs from ``h``: the router's ``RMSNorm_{scale * root_size}(h)`` and the
+    experts' ``RMSNorm_{pre_experts_weight}(h)``. One launch in the decode step (norm_pair)."""
+    k = _gpu_kernels()
+    if k is not None and _rows(h) <= RESIDUAL_NORM_MAX_ROWS:
+        return k.norm_pair(h, None, router_scale, pre_experts_weight, root_size, eps,
+                           fallback=lambda x, _x2, w1, w2, s, e: _moe_norms(x, w1, w2, s, e))
+    return _moe_norms(h, router_scale, pre_experts_weight, root_size, eps)
+
+
+def _moe_topk(scores, per_expert_scale, k):
+    scores = scores.astype(mx.float32)
+    idx = mx.stop_gradient(mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k])
+    # softmax over the chosen logits == softmax over all, then renormalised over the top k
+    weights = mx.softmax(mx.take_along_axis(scores, idx, axis=-1), axis=-1)
+    return idx, weights * per_expert_scale[idx].astype(mx.float32)
+
+
+def moe_topk(scores: mx.array, per_expert_scale: mx.array, k: int):
+    """The router's choice from its projection's ``scores`` (..., E): ``(ids, weights)``, the ``k``
+    highest scores' experts and ``softmax(their scores) * per_expert_scale[ids]`` (float32). One
+    launch in the decode step (moe_topk; ids highest first there, in any order here)."""
+    kern = _gpu_kernels()
+    if kern is not None and _rows(scores) <= RESIDUAL_NORM_MAX_ROWS:
+        return kern.moe_topk(scores, per_expert_scale, k, fallback=_moe_topk)
+    return _moe_topk(scores, per_expert_scale, k)
+
+
+def _moe_close(dense, mixture, dense_weight, mixture_weight, eps):
+    return mx.fast.rms_norm(dense, dense_weight, eps) + mx.fast.rms_norm(mixture, mixture_weight, eps)
+
+
+def moe_close(dense: mx.array, mixture: mx.array, dense_weight: mx.array, mixture_weight: mx.array, eps: float):
+    """A MoE layer's feed-forward output: ``RMSNorm_{dense_weight}(dense) + RMSNorm_{mixture_weight}
+    (mixture)`` (the dense MLP's and the experts'). One launch in the decode step (norm_pair)."""
+    k = _gpu_kernels()
+    if k is not None and _rows(dense) <= RESIDUAL_NORM_MAX_ROWS:
+        return k.norm_pair(dense, mixture, dense_weight, mixture_weight, 1.0, eps,
+                           fallback=lambda x, x2, w1, w2, _s, e: _moe_close(x, x2, w1, w2, e))
+    return _moe_close(dense, mixture, dense_weight, mixture_weight, eps)
+
+
 def clamp_ids(ids: mx.array, table_size: int) -> mx.array:
     """``ids`` clipped to ``[0, table_size)``: MLX does not bounds-check gathers, so an id outside a
     table must not reach one. In the decode step (uint32 ids: never below 0) a single minimum

@@ -20,7 +20,7 @@ from gemma4_mlx.kernels import cuda_build, dispatch, nvrtc
 pytestmark = pytest.mark.skipif(not nvrtc.available(), reason="NVRTC not installed (pip install nvidia-cuda-nvrtc)")
 
 _m = {n: sys.modules[f"gemma4_mlx.kernels.{n}"]
-      for n in ("rope", "attention", "ple", "residual", "mv", "qmv", "ple_tail", "scalar")}
+      for n in ("rope", "attention", "ple", "residual", "mv", "qmv", "ple_tail", "scalar", "moe")}
 DTYPES = ["mlx.core.float32", "mlx.core.float16", "mlx.core.bfloat16"]
 
 
@@ -55,6 +55,10 @@ def _cases():
             yield _m["scalar"].scale_kernel, _m["scalar"]._probe((dt, form))
         for scaled, nxt in ((True, True), (False, False)):
             yield res.residual_norm_kernel, res._probe((dt, dt, 1536, scaled, nxt))
+        for summed in (False, True):  # 26B-A4B's width; the router's weight in another dtype
+            yield _m["moe"].norm_pair_kernel, _m["moe"]._probe_pair((dt, "mlx.core.float32", dt, 2816, summed))
+        for E, k in ((128, 8), (8, 2)):
+            yield _m["moe"].moe_topk_kernel, _m["moe"]._probe_topk((dt, dt, E, k))
         # layouts (rows per group, warps per group), those mv.layout gives and those it does not
         # (4 rows, 8 warps: launched with rows_split, as bench/matvec_chain.py does)
         for ls in ((4, 1), (1, 8), (1, 4)):
@@ -185,11 +189,13 @@ def test_prepare_at_load_starts_every_kernel_build_of_the_decode_step(fresh_buil
         decode.prepare(model)
     names = {src.split("void __launch_bounds__(K_TG) ")[1].split("(")[0] for src, _ in cuda_build._builds}
     # norm+RoPE for q and k/v, both attention passes, PLE, the sublayer closes (residual_norm, on
-    # by default since session 15); nothing switched off (the matvecs, the PLE tail); pass 1 without
-    # the q norm ("attention_prefix_q" is off) in its signature without the q-norm inputs (session 17)
+    # by default since session 15), the float matvec's plain and gated forms (on since session 20);
+    # nothing switched off (the 4-bit matvec on float weights, the PLE tail); pass 1 without the q norm
+    # ("attention_prefix_q" is off) in its signature without the q-norm inputs (session 17)
     assert {"gemma4_norm_rope_q", "gemma4_norm_rope_kv", "gemma4_attention_partial_plain", "gemma4_attention_combine",
-            "gemma4_ple_gate", "gemma4_ple_combine", "gemma4_residual_norm"} <= names, names
-    assert not any(n.startswith(("gemma4_mv", "gemma4_qmv", "gemma4_ple_tail")) for n in names), names
+            "gemma4_ple_gate", "gemma4_ple_combine", "gemma4_residual_norm", "gemma4_mv_bare",
+            "gemma4_mv_gate"} <= names, names
+    assert not any(n.startswith(("gemma4_qmv", "gemma4_ple_tail")) for n in names), names
     assert all(f.result() for f in cuda_build._builds.values())
 
 

@@ -87,7 +87,8 @@ def test_step_multiplies_by_evaluated_weight_transposes(preset, kernel_path, mon
     """The compiled step multiplies by transposes evaluated before its trace: no Transpose (and
     for one row no Flatten/Unflatten) per projection in the graph it replays at every step, and
     the very same logits. Also where the matvec kernels are asked first and fall back (a GPU with
-    ``mv`` off, the default: here the backend is forced and every kernel switched off)."""
+    ``mv`` off: here the backend is forced and every kernel switched off). On a GPU the first case
+    switches the matvecs off (``mv`` is on there by default and reads the weights untransposed)."""
     import contextlib
 
     from gemma4_mlx.kernels import dispatch
@@ -95,6 +96,8 @@ def test_step_multiplies_by_evaluated_weight_transposes(preset, kernel_path, mon
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
     model = _random_model(preset)
     with contextlib.ExitStack() as stack:
+        if not kernel_path and dispatch.active_backend() is not None:
+            monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", dispatch.DEFAULT_DISABLED[dispatch.active_backend()] + ",mv,qmv")
         if kernel_path:
             monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", ALL_KERNELS)
             stack.enter_context(dispatch.force_backend("cuda"))
@@ -429,6 +432,53 @@ def test_decode_with_ple_tail_equals_decode_without(dtype, monkeypatch):
     n_ple = sum(p.has_ple for p in model.args.plan)
     assert n_ple > 0 and len(calls) >= n_ple  # traced once: every PLE layer took the kernel
     assert all(ok for k, (ok, _) in dispatch.verdicts().items() if k[0] == "ple_tail")
+    _assert_kernel_logits_close(on, off, truth, dtype, gpu)
+    dispatch.reset()
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_decode_with_the_moe_kernels_equals_decode_without(dtype, monkeypatch):
+    """A MoE layer's small ops in the decode step, ``norm_pair`` (the router's and the experts'
+    input norms; the dense and expert branches' closing norms and sum) and ``moe_topk`` (the
+    router's choice), give the step's logits without them, and every MoE layer takes both. On a
+    GPU the kernels run against the default set; on the CPU the backend is forced, the other
+    kernels are off and these two are their references (the wiring: dry run, self-check, the
+    traced step taking them in every MoE layer)."""
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx.kernels import dispatch
+
+    gpu = dispatch.active_backend() is not None
+    if dtype != mx.float32 and not gpu:
+        pytest.skip("MLX's CPU gather_mm (the experts' unquantized products) takes float32 only")
+    base = dispatch.DEFAULT_DISABLED["cuda"]
+    others = base if gpu else base + ",mv,qmv,q_norm_rope,kv_norm_rope,attention,attention_prefix,residual_norm,scale,geglu"
+    model = _random_model("tiny-moe", seed=3)
+    HD = model.args.hidden_size
+    ids = mx.array(np.random.default_rng(4).integers(0, model.args.vocab_size, size=(1, 20)))
+    calls = {"norm_pair split": 0, "norm_pair sum": 0, "moe_topk": 0}
+
+    def pair(x, x2, *rest):
+        if tuple(x.shape) == (1, 1, HD):  # not the self-check's probe
+            calls["norm_pair sum" if x2 is not None else "norm_pair split"] += 1
+        return (K.norm_pair_kernel if gpu else K.norm_pair_reference)(x, x2, *rest)
+
+    def topk(scores, *rest):
+        if scores.shape[:2] == (1, 1):
+            calls["moe_topk"] += 1
+        return (K.moe_topk_kernel if gpu else K.moe_topk_reference)(scores, *rest)
+
+    def run(mode, disable):
+        return _logits_with_kernels(model, ids, 12, monkeypatch, mode, disable,
+                                    {"norm_pair": pair, "moe_topk": topk}, gpu)
+
+    truth = run("off", "")  # float32, MLX ops
+    model.set_dtype(dtype)
+    off = run("auto", others + ",norm_pair,moe_topk")
+    assert not any(calls.values())
+    on = run("auto", others)
+    n_moe = sum(p.moe for p in model.args.plan)
+    assert n_moe > 0 and all(n >= n_moe for n in calls.values()), calls  # traced once: every MoE layer
+    assert all(ok for k, (ok, _) in dispatch.verdicts().items() if k[0] in ("norm_pair", "moe_topk"))
     _assert_kernel_logits_close(on, off, truth, dtype, gpu)
     dispatch.reset()
 

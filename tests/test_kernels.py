@@ -251,6 +251,70 @@ def test_ops_residual_norm_is_the_unfused_sequence():
     assert mx.array_equal(ops.residual_norm(res, br, w, None, 1e-6), res + mx.fast.rms_norm(br, w, 1e-6))
 
 
+def _moe_scores(rows, E, dtype, seed):
+    """Scores with no two alike in a row (a shuffled ramp, the self-check probe's way): the top k
+    is one answer whatever order a sort breaks ties in."""
+    ramp = np.linspace(-4.0, 4.0, E)
+    order = np.argsort(np.random.default_rng(seed).random((rows, E)), axis=-1)
+    return mx.array(ramp[order], dtype=mx.float32).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("summed", [False, True], ids=["split", "sum"])
+def test_norm_pair_reference_vs_numpy(summed, dtype):
+    x, x2 = rnd((2, 3, 200), dtype, 2.0, seed=5), rnd((2, 3, 200), dtype, 5.0, seed=6)
+    w1 = (1 + rnd((200,), mx.float32, 0.3, seed=7)).astype(dtype)
+    w2 = (1 + rnd((200,), mx.float32, 0.3, seed=8)).astype(dtype)
+    if summed:
+        got = K.norm_pair_reference(x, x2, w1, w2, 1.0, 1e-6)
+        assert got.dtype == dtype
+        assert_close(got, np_rms(f64(x), f64(w1), 1e-6) + np_rms(f64(x2), f64(w2), 1e-6), dtype, "norm_pair sum")
+    else:
+        y1, y2 = K.norm_pair_reference(x, None, w1, w2, 200 ** -0.5, 1e-6)
+        assert y1.dtype == y2.dtype == dtype
+        assert_close(y1, np_rms(f64(x), f64(w1) * 200 ** -0.5, 1e-6), dtype, "norm_pair router")
+        assert_close(y2, np_rms(f64(x), f64(w2), 1e-6), dtype, "norm_pair experts")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_moe_topk_reference_vs_numpy(dtype):
+    scores = _moe_scores(6, 128, dtype, 1)
+    pes = (1 + rnd((128,), mx.float32, 0.3, seed=2)).astype(dtype)
+    ids, weights = K.moe_topk_reference(scores, pes, 8)
+    assert ids.dtype == mx.uint32 and weights.dtype == mx.float32 and ids.shape == weights.shape == (6, 8)
+    s = f64(scores)
+    want = np.argsort(-s, axis=-1, kind="stable")[:, :8]
+    np.testing.assert_array_equal(np.array(ids), want)  # highest first
+    top = np.take_along_axis(s, want, axis=-1)
+    soft = np.exp(top - top[:, :1]) / np.exp(top - top[:, :1]).sum(-1, keepdims=True)
+    assert_close(weights, soft * f64(pes)[want], mx.float32, "moe_topk weights")
+
+
+def test_ops_moe_are_the_module_sequence():
+    """On the MLX path the MoE layer's ops are exactly the module sequence they replace (bit for
+    bit), the router's as it was written before them."""
+    from gemma4_mlx import ops
+
+    dt = mx.bfloat16
+    h, dense, mixture = (rnd((1, 3, 96), dt, 2.0, seed=i) for i in (1, 2, 3))
+    scale, w2, w3 = (rnd((96,), dt, seed=i) for i in (4, 5, 6))
+    root = 96 ** -0.5
+    dispatch.set_kernels_mode("off")  # the MLX path (on a GPU the kernels would run)
+    router_in, experts_in = ops.moe_norms(h, scale, root, w2, 1e-6)
+    assert mx.array_equal(router_in, mx.fast.rms_norm(h, scale * root, 1e-6))
+    assert mx.array_equal(experts_in, mx.fast.rms_norm(h, w2, 1e-6))
+    assert mx.array_equal(ops.moe_close(dense, mixture, w2, w3, 1e-6),
+                          mx.fast.rms_norm(dense, w2, 1e-6) + mx.fast.rms_norm(mixture, w3, 1e-6))
+    scores = rnd((1, 3, 16), dt, seed=7)
+    pes = rnd((16,), dt, seed=8)
+    ids, weights = ops.moe_topk(scores, pes, 4)
+    s32 = scores.astype(mx.float32)
+    want = mx.argpartition(-s32, kth=3, axis=-1)[..., :4]
+    assert mx.array_equal(ids, want)
+    assert mx.array_equal(weights, mx.softmax(mx.take_along_axis(s32, want, axis=-1), axis=-1)
+                          * pes[want].astype(mx.float32))
+
+
 @pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
 @pytest.mark.parametrize("how", ["disabled", "failed check"])
 def test_model_ops_fall_back_to_the_mlx_op_sequence_not_the_oracle(how, monkeypatch):
@@ -749,6 +813,46 @@ def test_residual_norm_kernel(rows, HD, scaled, nxt, dtype):
         assert_close(out, ref, dtype, "residual_norm out")
 
 
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("rows,HD", [(1, 2816), (3, 100), (14, 2560), (2, 16384)])
+@pytest.mark.parametrize("summed", [False, True], ids=["split", "sum"])
+def test_norm_pair_kernel(rows, HD, summed, dtype):
+    x, x2 = rnd((rows, HD), dtype, 2.0), rnd((rows, HD), dtype, 5.0) if summed else None
+    w1 = (1 + rnd((HD,), mx.float32, 0.3)).astype(dtype)
+    w2 = (1 + rnd((HD,), mx.float32, 0.3)).astype(dtype)
+    scale = 1.0 if summed else HD ** -0.5
+    out = K.norm_pair_kernel(x, x2, w1, w2, scale, 1e-6)
+    ref = K.norm_pair_reference(x, x2, w1, w2, scale, 1e-6)
+    if summed:
+        assert_close(out, ref, dtype, "norm_pair sum")
+    else:
+        assert_close(out[0], ref[0], dtype, "norm_pair router")
+        assert_close(out[1], ref[1], dtype, "norm_pair experts")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("rows,E,k", [(1, 128, 8), (5, 128, 8), (3, 256, 8), (2, 8, 2), (4, 33, 33), (1, 64, 1)])
+def test_moe_topk_kernel(rows, E, k, dtype):
+    scores = _moe_scores(rows, E, dtype, rows + E)
+    pes = (1 + rnd((E,), mx.float32, 0.3)).astype(dtype)
+    ids, weights = K.moe_topk_kernel(scores, pes, k)
+    want_ids, want_weights = K.moe_topk_reference(scores, pes, k)
+    np.testing.assert_array_equal(np.array(ids), np.array(want_ids))
+    assert weights.dtype == mx.float32
+    assert_close(weights, want_weights, mx.float32, "moe_topk weights")
+
+
+@gpu_only
+def test_moe_topk_kernel_breaks_ties_by_the_lower_id():
+    scores = mx.zeros((2, 128), mx.bfloat16)
+    scores[1, 100] = 1.0
+    ids, weights = K.moe_topk_kernel(scores, mx.ones((128,), mx.bfloat16), 4)
+    np.testing.assert_array_equal(np.array(ids), [[0, 1, 2, 3], [100, 0, 1, 2]])
+    np.testing.assert_allclose(np.array(weights[0]), 0.25, rtol=1e-6)
+
+
 PLE_TAIL_CASES = [(1, 1, 1536, 256), (1, 1, 2560, 256), (1, 3, 1536, 256), (2, 4, 1536, 256), (1, 1, 128, 64),
                   (1, 2, 200, 24)]
 
@@ -1161,15 +1265,18 @@ def test_qmv_size_rule(monkeypatch, qmv_size_rule):
 
 def test_disable_list(monkeypatch):
     monkeypatch.delenv("GEMMA4_MLX_KERNELS_DISABLE", raising=False)
-    # mv: measured slower than MLX's matmuls; qmv: on on CUDA (its size rule decides), not
-    # measured against MLX's Metal one; ple_tail: slower on the H200; attention_prefix_q: no
-    # faster there; residual_norm: on on both since session 15, but not inside CUDA's 4-bit
-    # matvec (qmv_residual: each block computes the norms again)
-    default = {"mv", "ple_tail", "attention_prefix_q"}
+    # mv: on on CUDA since session 20 (its gated forms spare launches), unmeasured on Metal; qmv:
+    # on on CUDA (its size rule decides), not measured against MLX's Metal one; ple_tail: slower
+    # on the H200; attention_prefix_q: no faster there; residual_norm: on on both since session
+    # 15, but not inside CUDA's matvecs (mv_residual, qmv_residual: each block computes the norms
+    # again)
+    default = {"ple_tail", "attention_prefix_q"}
     with dispatch.force_backend("cuda"):
-        assert dispatch.disabled_kernels() == default | {"qmv_residual"}
+        assert dispatch.disabled_kernels() == default | {"mv_residual", "qmv_residual"}
+        assert not dispatch.is_disabled("mv_geglu") and dispatch.is_disabled("mv_residual")
     with dispatch.force_backend("metal"):
-        assert dispatch.disabled_kernels() == default | {"qmv", "scale", "geglu"}
+        assert dispatch.disabled_kernels() == default | {"mv", "qmv", "scale", "geglu"}
+        assert dispatch.is_disabled("mv_geglu")
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "")
     assert dispatch.disabled_kernels() == frozenset()
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "qmv, q_norm_rope")

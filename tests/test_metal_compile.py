@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from metal_stub.capture import gxx_check, metal_sources  # noqa: E402
 
 from gemma4_mlx.kernels import dispatch  # noqa: E402
-from gemma4_mlx.kernels import mv, ple, qmv, residual, rope, scalar  # noqa: E402
+from gemma4_mlx.kernels import moe, mv, ple, qmv, residual, rope, scalar  # noqa: E402
 from gemma4_mlx.kernels import ple_tail as _ple_tail_fn  # noqa: E402,F401
 
 PLE_TAIL = sys.modules["gemma4_mlx.kernels.ple_tail"]
@@ -43,7 +43,7 @@ needs_gxx = pytest.mark.skipif(GXX is None, reason="g++ not found: cannot syntax
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 # (fragments such as residual_prologue.inc are linted and compiled inside the bodies that insert them)
 BODIES = ["norm_rope", "attention_partial", "attention_combine", "ple_combine", "ple_gate", "residual_norm", "qmv", "mv",
-          "ple_tail", "scale"]
+          "ple_tail", "scale", "norm_pair", "moe_topk"]
 
 
 def _launches():
@@ -130,6 +130,14 @@ def _launches():
                         lambda r, p, w: residual.residual_norm_kernel(r, p, w, None, 1e-6), (r, r, w)))
             out.append((f"residual_norm {dt} HD={HD} next",
                         lambda r, p, w: residual.residual_norm_kernel(r, p, w, mx.array([0.5], dt), 1e-6, w), (r, r, w)))
+        for summed in (False, True):  # 26B-A4B's MoE layers
+            x = mx.zeros((1, 1, 2816), dt)
+            out.append((f"norm_pair {dt} sum={int(summed)}",
+                        lambda x, w, summed=summed: moe.norm_pair_kernel(x, x if summed else None, w, w,
+                                                                         1.0 if summed else 0.02, 1e-6),
+                        (x, mx.ones((2816,), dt))))
+        out.append((f"moe_topk {dt}", lambda s, p: moe.moe_topk_kernel(s, p, 8), (mx.zeros((1, 1, 128), dt),
+                                                                                   mx.ones((128,), dt))))
         for HD, P in ((1536, 256), (2560, 256)):  # E2B, E4B
             h = mx.zeros((1, 2, HD), dt)
             pli = mx.zeros((1, 2, 4, P), dt)[:, :, 1, :]

@@ -8,6 +8,7 @@ self-check per shape class, else the pure-MLX reference):
 * :func:`ple_combine`, :func:`ple_gate` (and :func:`geglu`, the MLP's, through its kernel)
 * :func:`scale`, :func:`residual_scale`, :func:`softcap` (a runtime scalar, element-wise)
 * :func:`residual_norm` (norm + residual add + layer scalar + the next norm)
+* :func:`norm_pair`, :func:`moe_topk` (a MoE layer's two norms at a time; the router's top-k)
 * :func:`matvec`, :func:`quantized_matvec` and their gated forms (``_geglu``: a joined gate/up
   projection and its GeGLU; ``_gate``: a PLE gate), off by default
 * :func:`ple_tail` (a PLE layer's close: gate and projection matvecs, gelu gate, residual_norm;
@@ -51,6 +52,14 @@ from .ple import (
     ple_gate_reference,
 )
 from .residual import residual_norm, residual_norm_kernel, residual_norm_reference
+from .moe import (
+    moe_topk,
+    moe_topk_kernel,
+    moe_topk_reference,
+    norm_pair,
+    norm_pair_kernel,
+    norm_pair_reference,
+)
 from .scalar import residual_scale, scale, scale_kernel, scale_reference, softcap
 from .ple_tail import ple_tail, ple_tail_kernel, ple_tail_reference
 from .mv import (
@@ -112,5 +121,6 @@ __all__ = [
     "attention_mask", "residual_norm", "residual_norm_kernel", "residual_norm_reference",
     "ple_tail", "ple_tail_kernel", "ple_tail_reference", "geglu", "geglu_joined", "geglu_joined_kernel",
     "geglu_joined_reference", "scale", "residual_scale", "softcap",
-    "scale_kernel", "scale_reference",
+    "scale_kernel", "scale_reference", "norm_pair", "norm_pair_kernel", "norm_pair_reference", "moe_topk",
+    "moe_topk_kernel", "moe_topk_reference",
 ]

@@ -115,16 +115,20 @@ def active_backend() -> str | None:
     return None
 
 
-# Off unless asked for, per backend. "mv" replaces one MLX matmul and measured slower than it on
-# the H100/H200 (every shape of bench/kernels.py; the E2B decode step, session 7: bf16 10.16 ms
-# without mv, 12.90 with it and its fused forms; docs/benchmarks.md). "qmv" is on on CUDA since
+# Off unless asked for, per backend. "mv" (the float matvec with its GeGLU and PLE-gate forms) is on
+# on CUDA since session 20: alone it is no faster than MLX's matmul (bench/kernels.py), but its fused
+# forms spare 70 launches of E2B's step (84 of E4B's), and the step read faster with it in every
+# paired run on the H200 (E2B bf16 5.82 / 5.20 ms against 6.07 / 5.25, E4B bf16 7.36 / 7.94 against
+# 7.73 / 8.15, 8 rounds each; 31B bf16 level, 23.5 against 23.2; docs/benchmarks.md, session 20).
+# Session 7 measured it slower (10.16 ms without, 12.90 with it) with the residual prologue forms,
+# which stay off: "mv_residual" below. "qmv" is on on CUDA since
 # session 9 for the 4-bit products its size rule takes (qmv.MIN_VALUES: E4B's gate/up and every 31B
 # product, where its conversion-free dequantization beats MLX's quantized_matmul; since session 10
 # 8-bit ones from 2^27 weights: 31B's gate/up and the tied heads), off on Metal
 # (not measured there against MLX's own). Both are kept, tested and compile-checked.
 # "ple_tail" (the PLE close of a layer in one launch instead of four) is correct on the H200 but
 # slower (E2B step 17.2 ms against 11.7: one block per row streams the weights); off, and
-# ``GEMMA4_MLX_KERNELS_DISABLE=mv`` switches it on. "attention_prefix_q" (the decode step's
+# ``GEMMA4_MLX_KERNELS_DISABLE=mv_residual`` switches it on. "attention_prefix_q" (the decode step's
 # attention applying the q norm and RoPE itself) is correct on the H200 but no faster there
 # (session 7: bf16 10.04 ms against 10.16, 4-bit 11.75 against 11.05): off.
 # "residual_norm" (a sublayer's norm + residual + the next norm in one launch) is on everywhere
@@ -136,11 +140,14 @@ def active_backend() -> str | None:
 # matvec, "qmv_residual", is off on CUDA: every block of the product computes the row's norms again
 # before its rows (a block holds a few rows, so that is about as many bytes again as the weights),
 # and 31B 4-bit's step took 34.3 ms with it against 20.9 without (19.4 without residual_norm at all;
-# E2B 4-bit 7.51 / 6.85 / 6.85; session 15). The float "mv_residual" goes with "mv" (off).
+# E2B 4-bit 7.51 / 6.85 / 6.85; session 15). The float "mv_residual" is off on CUDA for the same
+# reason: capped at mv.PROLOGUE_BLOCKS blocks (session 19) its gate/up form still took 32.8 us a
+# launch under ncu (41.5 uncapped; the plain products 4-13 us), and E2B bf16's step 7.45 ms with it
+# against 5.86 without (session 20).
 # "scale" and "geglu" (session 11) replace MLX's fused element-wise kernels one for one, to spare
 # MLX's CUDA JIT (seconds per kernel on a machine's first run); Metal compiles those in
 # milliseconds, so there they stay MLX's: off.
-DEFAULT_DISABLED = {"cuda": "mv,ple_tail,attention_prefix_q,qmv_residual",
+DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual",
                     "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu"}
 
 

@@ -1,0 +1,147 @@
+"""The small ops around a MoE layer's experts (26B-A4B), fused.
+
+A MoE layer's feed-forward runs the dense MLP and the experts side by side. Around the experts'
+products the module sequence is a row of small launches, each a few values to a row wide, which
+is host time in the decode step (26B-A4B's step is bound by its host):
+
+* :func:`norm_pair` (``x2`` None) gives the router's input ``RMSNorm_{scale * hidden**-0.5}(h)`` and the experts' input
+  ``RMSNorm_{pre_feedforward_layernorm_2}(h)`` from one sum of squares (three launches: the weight
+  scaling and two norms);
+* :func:`moe_topk`: the router's choice from its projection's scores, ids highest first and
+  weights ``softmax(chosen scores) * per_expert_scale[ids]`` in float32 (six launches: astype,
+  argpartition, gather, softmax, gather, product);
+* :func:`norm_pair` with ``x2``: the branches' close ``RMSNorm_w1(dense) + RMSNorm_w2(mixture)``
+  (three launches).
+
+Numerics follow the module sequence: norms in float32 rounded to the input dtype (the scaled
+router weight rounded to its dtype first, as ``scale * root_size`` is), the two normalised
+branches rounded before their sum. ``moe_topk``'s ids come highest score first (ties: the lower
+id); the MLX sequence's ``argpartition`` leaves them in any order, which only reorders the sum of
+the experts' outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+from . import dispatch
+from .dispatch import TG
+from .rope import rms_norm_reference
+
+_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+MAX_HIDDEN = 16384  # the row lives in registers: HD / 256 floats per thread, twice
+MAX_EXPERTS = TG  # a thread a score
+
+
+# ------------------------------------------------------------- references
+
+def scaled_weight(w: mx.array, scale: float) -> mx.array:
+    """``w * scale`` as the module computes it: the Python float taken in w's dtype."""
+    return w * mx.array(scale, dtype=w.dtype)
+
+
+def norm_pair_reference(x: mx.array, x2: Optional[mx.array], w1: mx.array, w2: mx.array, scale1: float,
+                        eps: float):
+    """``x2`` None: ``(RMSNorm_{w1 * scale1}(x), RMSNorm_w2(x))``; else
+    ``RMSNorm_w1(x) + RMSNorm_w2(x2)`` (``scale1`` 1)."""
+    if x2 is None:
+        return rms_norm_reference(x, scaled_weight(w1, scale1), eps), rms_norm_reference(x, w2, eps)
+    return rms_norm_reference(x, w1, eps) + rms_norm_reference(x2, w2, eps)
+
+
+def moe_topk_reference(scores: mx.array, per_expert_scale: mx.array, k: int) -> Tuple[mx.array, mx.array]:
+    """(ids (..., k) uint32 highest score first, weights (..., k) float32)."""
+    s = scores.astype(mx.float32)
+    ids = mx.argsort(-s, axis=-1)[..., :k].astype(mx.uint32)
+    weights = mx.softmax(mx.take_along_axis(s, ids, axis=-1), axis=-1)
+    return ids, weights * per_expert_scale[ids].astype(mx.float32)
+
+
+# ---------------------------------------------------------------- kernels
+
+def norm_pair_kernel(x: mx.array, x2: Optional[mx.array], w1: mx.array, w2: mx.array, scale1: float, eps: float):
+    HD = x.shape[-1]
+    summed = x2 is not None
+    k, whole = dispatch.get_form_kernel(
+        "norm_pair", ["x", "x2", "w1", "w2", "s1", "eps"], ["y1", "y2"],
+        (["x", "x2", "w1", "w2", "s1", "eps"], ["y1"], [("PAIR_SUM", 1)], "sum") if summed
+        else (["x", "w1", "w2", "s1", "eps"], ["y1", "y2"], [("PAIR_SPLIT", 1)], "split"))
+    # the scale in w1's dtype, as the module multiplies by it
+    s1 = mx.array(scale1, dtype=w1.dtype).astype(mx.float32).reshape(1)
+    inputs = [x, *([x2 if summed else x] if whole or summed else []), w1, w2, s1, mx.array([eps], dtype=mx.float32)]
+    outs = k(
+        inputs=inputs,
+        template=[("T", x.dtype), ("W", w1.dtype), ("HD", HD), ("SUM", int(summed))],
+        grid=(x.size // HD * TG, 1, 1),
+        threadgroup=(TG, 1, 1),
+        output_shapes=[x.shape] * (1 if summed and not whole else 2),
+        output_dtypes=[x.dtype] * (1 if summed and not whole else 2),
+        **dispatch.init_kwargs(),
+    )
+    return outs[0] if summed else (outs[0], outs[1])
+
+
+def moe_topk_kernel(scores: mx.array, per_expert_scale: mx.array, k: int) -> Tuple[mx.array, mx.array]:
+    E = scores.shape[-1]
+    rows = scores.size // E
+    kern = dispatch.get_kernel("moe_topk", ["scores", "pes"], ["idx", "weights"])
+    idx, weights = kern(
+        inputs=[scores, per_expert_scale],
+        template=[("T", scores.dtype), ("S", per_expert_scale.dtype), ("E", E), ("TOPK", k)],
+        grid=(rows * TG, 1, 1),
+        threadgroup=(TG, 1, 1),
+        output_shapes=[(*scores.shape[:-1], k)] * 2,
+        output_dtypes=[mx.uint32, mx.float32],
+        **dispatch.init_kwargs(),
+    )
+    return idx, weights
+
+
+# ------------------------------------------------------------ dispatching
+
+def norm_pair(x: mx.array, x2: Optional[mx.array], w1: mx.array, w2: mx.array, scale1: float, eps: float, *,
+              fallback=None):
+    """See the module docstring; ``fallback`` (the model's MLX ops) takes the same arguments."""
+    HD = x.shape[-1]
+    key = None
+    if (x.dtype in _FLOATS and x.ndim >= 1 and HD <= MAX_HIDDEN and w1.size == HD and w2.size == HD
+            and w1.dtype in _FLOATS and w2.dtype in _FLOATS
+            and (x2 is None or (tuple(x2.shape) == tuple(x.shape) and x2.dtype == x.dtype and scale1 == 1.0))):
+        key = (str(x.dtype), str(w1.dtype), str(w2.dtype), HD, x2 is not None)
+    return dispatch.run("norm_pair", key, norm_pair_reference, norm_pair_kernel, _probe_pair,
+                        x, x2, w1, w2, scale1, eps, fallback=fallback)
+
+
+def moe_topk(scores: mx.array, per_expert_scale: mx.array, k: int, *, fallback=None):
+    """(ids, weights) of the ``k`` highest ``scores`` (..., E); see the module docstring."""
+    E = scores.shape[-1]
+    key = None
+    if (scores.dtype in _FLOATS and per_expert_scale.dtype in _FLOATS and per_expert_scale.size == E
+            and 0 < k <= E <= MAX_EXPERTS):
+        key = (str(scores.dtype), str(per_expert_scale.dtype), E, k)
+    return dispatch.run("moe_topk", key, moe_topk_reference, moe_topk_kernel, _probe_topk,
+                        scores, per_expert_scale, k, fallback=fallback)
+
+
+def _probe_pair(key):
+    dt, wdt, w2dt, HD, summed = (dispatch.dtype_from_key(key[0]), dispatch.dtype_from_key(key[1]),
+                                 dispatch.dtype_from_key(key[2]), key[3], key[4])
+    x = dispatch.probe_normal((2, 3, HD), 51, dt, 2.0)
+    x2 = dispatch.probe_normal((2, 3, HD), 52, dt, 5.0) if summed else None
+    w1 = (1 + dispatch.probe_normal((HD,), 53, mx.float32, 0.3)).astype(wdt)
+    w2 = (1 + dispatch.probe_normal((HD,), 54, mx.float32, 0.3)).astype(w2dt)
+    return (x, x2, w1, w2, 1.0 if summed else HD ** -0.5, 1e-6)
+
+
+def _probe_topk(key):
+    dt, sdt, E, k = dispatch.dtype_from_key(key[0]), dispatch.dtype_from_key(key[1]), key[2], key[3]
+    # distinct scores in every row (a tie may go either way in the reference's sort): a shuffled
+    # ramp, so the probe's choice is the one answer
+    rows = 5
+    ramp = mx.arange(E, dtype=mx.float32) * (8.0 / E) - 4.0
+    order = mx.argsort(mx.random.uniform(shape=(rows, E), key=mx.random.key(55)), axis=-1)
+    scores = ramp[order].astype(dt)
+    pes = (1 + dispatch.probe_normal((E,), 56, mx.float32, 0.3)).astype(sdt)
+    return (scores, pes, k)
