@@ -16,8 +16,9 @@
 #   2. `check` (the whole CUDA parity suite on the new defaults; session 20 ran it with the mv default set by
 #      environment: 891 / 894, the 3 fixed since).
 #   3. `Q=4 NEW=128 RUNS=2 e2e` and `NEW=2048 RUNS=1 e2e` (the 2048 rows are from session 10).
-#   4. What's left of 26B-A4B's step: the experts' mixture (Multiply + Sum, 2 launches a layer) and the
-#      gather_qmm's Arange (3 a layer) are the next MLX ops there; `steps` on 26b-a4b to see the split.
+#   After visit 2 the experts' mixture went into the close's launch (norm_pair FORM 2) and their gathers got
+#   constant batch indices (no Arange): 150 launches fewer a 26B-A4B step, emulated and compiled, unrun on a GPU;
+#   `moe` measures them too (its parity covers the mix form; `-moe` switches norm_pair / moe_topk, not the indices).
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a

@@ -72,8 +72,18 @@ class Experts(nn.Module):
         )
 
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
-        y = self.switch_glu(x, idx)
-        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        """The mixture: each chosen expert's output summed by its router weight."""
+        return ops.expert_mixture(self.outputs(x, idx), weights)
+
+    def outputs(self, x: mx.array, idx: mx.array) -> mx.array:
+        """The chosen experts' outputs, (..., k, hidden)."""
+        return ops.switch_glu(self.switch_glu, x, idx)
+
+    @property
+    def mixes_alone(self) -> bool:
+        """True unless a subclass changes the mixture (a sharded one all-sums it across ranks):
+        only then may the layer's close make the mixture itself."""
+        return type(self).__call__ is Experts.__call__
 
 
 class Attention(nn.Module):
@@ -206,11 +216,15 @@ class DecoderLayer(nn.Module):
             router_in, experts_in = ops.moe_norms(h, self.router.scale, self.router.root_size,
                                                   self.pre_feedforward_layernorm_2.weight, eps)
             idx, weights = self.router(h, router_in)
-            moe = self.experts(experts_in, idx, weights)
-            if trace is not None:
-                trace["moe"] = moe
-            ff = ops.moe_close(ff, moe, self.post_feedforward_layernorm_1.weight,
-                               self.post_feedforward_layernorm_2.weight, eps)
+            post_dense, post_moe = self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight
+            if trace is None and self.experts.mixes_alone:
+                # the mixture in the close's launch (decode step)
+                ff = ops.moe_close(ff, self.experts.outputs(experts_in, idx), post_dense, post_moe, eps, weights)
+            else:
+                moe = self.experts(experts_in, idx, weights)
+                if trace is not None:
+                    trace["moe"] = moe
+                ff = ops.moe_close(ff, moe, post_dense, post_moe, eps)
 
         if self.plan.has_ple:
             # the feed-forward's close, gate projection, gelu gate, projection back, the layer's

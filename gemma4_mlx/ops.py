@@ -278,7 +278,7 @@ def moe_norms(h: mx.array, router_scale: mx.array, root_size: float, pre_experts
     k = _gpu_kernels()
     if k is not None and _rows(h) <= RESIDUAL_NORM_MAX_ROWS:
         return k.norm_pair(h, None, router_scale, pre_experts_weight, root_size, eps,
-                           fallback=lambda x, _x2, w1, w2, s, e: _moe_norms(x, w1, w2, s, e))
+                           fallback=lambda x, _x2, w1, w2, s, e, _mw: _moe_norms(x, w1, w2, s, e))
     return _moe_norms(h, router_scale, pre_experts_weight, root_size, eps)
 
 
@@ -300,18 +300,28 @@ def moe_topk(scores: mx.array, per_expert_scale: mx.array, k: int):
     return _moe_topk(scores, per_expert_scale, k)
 
 
-def _moe_close(dense, mixture, dense_weight, mixture_weight, eps):
+def expert_mixture(outputs: mx.array, weights: mx.array) -> mx.array:
+    """The experts' outputs (..., k, HD) summed by their router weights (..., k)."""
+    return (outputs * weights[..., None].astype(outputs.dtype)).sum(axis=-2)
+
+
+def _moe_close(dense, mixture, dense_weight, mixture_weight, eps, mix_weights=None):
+    if mix_weights is not None:
+        mixture = expert_mixture(mixture, mix_weights)
     return mx.fast.rms_norm(dense, dense_weight, eps) + mx.fast.rms_norm(mixture, mixture_weight, eps)
 
 
-def moe_close(dense: mx.array, mixture: mx.array, dense_weight: mx.array, mixture_weight: mx.array, eps: float):
+def moe_close(dense: mx.array, mixture: mx.array, dense_weight: mx.array, mixture_weight: mx.array, eps: float,
+              mix_weights: Optional[mx.array] = None):
     """A MoE layer's feed-forward output: ``RMSNorm_{dense_weight}(dense) + RMSNorm_{mixture_weight}
-    (mixture)`` (the dense MLP's and the experts'). One launch in the decode step (norm_pair)."""
+    (mixture)`` (the dense MLP's and the experts'). With ``mix_weights``, ``mixture`` is the experts'
+    outputs (..., k, HD), mixed here (:func:`expert_mixture`). One launch in the decode step
+    (norm_pair)."""
     k = _gpu_kernels()
     if k is not None and _rows(dense) <= RESIDUAL_NORM_MAX_ROWS:
-        return k.norm_pair(dense, mixture, dense_weight, mixture_weight, 1.0, eps,
-                           fallback=lambda x, x2, w1, w2, _s, e: _moe_close(x, x2, w1, w2, e))
-    return _moe_close(dense, mixture, dense_weight, mixture_weight, eps)
+        return k.norm_pair(dense, mixture, dense_weight, mixture_weight, 1.0, eps, mix_weights,
+                           fallback=lambda x, x2, w1, w2, _s, e, mw: _moe_close(x, x2, w1, w2, e, mw))
+    return _moe_close(dense, mixture, dense_weight, mixture_weight, eps, mix_weights)
 
 
 def clamp_ids(ids: mx.array, table_size: int) -> mx.array:
@@ -326,11 +336,56 @@ def clamp_ids(ids: mx.array, table_size: int) -> mx.array:
     import numpy as np
 
     # one bound per trace and size: the PLE table's clamp is then the embedding's, merged by MLX
-    bounds = ctx.id_bounds
-    key = (ids.shape, table_size)
+    bounds = ctx.index_constants
+    key = ("bound", ids.shape, table_size)
     if key not in bounds:
         bounds[key] = mx.array(np.full(ids.shape, table_size - 1, dtype=np.uint32))
     return mx.minimum(ids, bounds[key])
+
+
+def _batch_indices(ctx, shape: tuple) -> mx.array:
+    """``arange(prod(shape)).reshape(shape)`` (uint32) as data, not an op: a constant of the trace."""
+    import numpy as np
+
+    key = ("batch", tuple(shape))
+    if key not in ctx.index_constants:
+        ctx.index_constants[key] = mx.array(np.arange(int(np.prod(shape)), dtype=np.uint32).reshape(shape))
+    return ctx.index_constants[key]
+
+
+def _plain_switch_glu(glu) -> bool:
+    """mlx-lm's SwitchGLU with its own projections, bias-free: what :func:`switch_glu` reproduces
+    (a LoRA or otherwise changed projection keeps the module's call)."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
+
+    return type(glu) is SwitchGLU and all(
+        type(p) in (SwitchLinear, QuantizedSwitchLinear) and "bias" not in p
+        for p in (glu.gate_proj, glu.up_proj, glu.down_proj))
+
+
+def _switch_product(proj, x: mx.array, idx: mx.array, batch: mx.array) -> mx.array:
+    if "scales" in proj:  # QuantizedSwitchLinear
+        return mx.gather_qmm(x, proj["weight"], proj["scales"], proj.get("biases"), lhs_indices=batch,
+                             rhs_indices=idx, transpose=True, group_size=proj.group_size, bits=proj.bits,
+                             mode=proj.mode, global_scale=proj.global_scale)
+    return mx.gather_mm(x, proj["weight"].swapaxes(-1, -2), lhs_indices=batch, rhs_indices=idx)
+
+
+def switch_glu(glu, x: mx.array, idx: mx.array) -> mx.array:
+    """``glu(x, idx)``, mlx-lm's SwitchGLU: the chosen experts' outputs (..., k, hidden). In the
+    decode step its gathers get their batch indices as constants of the trace: given none, MLX
+    makes them with an Arange launch per product (three a MoE layer, 90 a 26B-A4B step)."""
+    ctx = step_context.active()
+    # SwitchGLU sorts 64 or more (token, expert) pairs first: that path stays the module's
+    if ctx is None or idx.size >= 64 or not _plain_switch_glu(glu):
+        return glu(x, idx)
+    idx = mx.stop_gradient(idx)
+    x = mx.expand_dims(x, (-2, -3))  # (..., 1, 1, hidden): a batch entry per position
+    per_position = _batch_indices(ctx, (*idx.shape[:-1], 1))
+    up = _switch_product(glu.up_proj, x, idx, per_position)
+    gate = _switch_product(glu.gate_proj, x, idx, per_position)
+    # the activation's output holds a batch entry per (position, expert)
+    return _switch_product(glu.down_proj, glu.activation(up, gate), idx, _batch_indices(ctx, idx.shape)).squeeze(-2)
 
 
 def fused_scalar(scalar: mx.array) -> mx.array:

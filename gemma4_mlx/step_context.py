@@ -26,7 +26,9 @@ class _Context:
         self.transposed = transposed  # the step's weight transposes (decode.TransposedWeights)
         self.scalars = scalars  # the step's size-1 parameters, stacked (decode.StepScalars)
         self.scalar_pieces: Dict[object, list] = {}  # this trace's one Split of each stack
-        self.id_bounds: Dict[tuple, object] = {}  # this trace's id clamp bounds (ops.clamp_ids)
+        # this trace's constant index arrays: id clamp bounds (ops.clamp_ids), the experts' gathers'
+        # batch indices (ops.switch_glu)
+        self.index_constants: Dict[tuple, object] = {}
 
 
 # Per thread, both the step stack and the cached-call depth: mx.compile traces on the calling

@@ -55,8 +55,8 @@ def _cases():
             yield _m["scalar"].scale_kernel, _m["scalar"]._probe((dt, form))
         for scaled, nxt in ((True, True), (False, False)):
             yield res.residual_norm_kernel, res._probe((dt, dt, 1536, scaled, nxt))
-        for summed in (False, True):  # 26B-A4B's width; the router's weight in another dtype
-            yield _m["moe"].norm_pair_kernel, _m["moe"]._probe_pair((dt, "mlx.core.float32", dt, 2816, summed))
+        for form, kx in ((0, 1), (1, 1), (2, 8)):  # 26B-A4B's width; the router's weight in another dtype
+            yield _m["moe"].norm_pair_kernel, _m["moe"]._probe_pair((dt, "mlx.core.float32", dt, 2816, form, kx))
         for E, k in ((128, 8), (8, 2)):
             yield _m["moe"].moe_topk_kernel, _m["moe"]._probe_topk((dt, dt, E, k))
         # layouts (rows per group, warps per group), those mv.layout gives and those it does not

@@ -112,6 +112,23 @@ def test_step_multiplies_by_evaluated_weight_transposes(preset, kernel_path, mon
     assert ops_with["Matmul"] == ops_without["Matmul"]
 
 
+def test_step_gives_the_experts_gathers_their_batch_indices(monkeypatch):
+    """In the compiled step the experts' three gathers a MoE layer take their batch indices as
+    constants of the trace (ops.switch_glu): no Arange per product, the very same logits as the
+    module's own SwitchGLU call."""
+    from gemma4_mlx import ops
+
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    model = _random_model("tiny-moe")
+    ops_with, logits_with = _step_graph(model)
+    monkeypatch.setattr(ops, "switch_glu", lambda glu, x, idx: glu(x, idx))
+    model.reset_compiled()
+    ops_without, logits_without = _step_graph(model)
+    assert np.array_equal(logits_with, logits_without)
+    n_moe = sum(p.moe for p in model.args.plan)
+    assert n_moe > 0 and ops_without["Arange"] - ops_with["Arange"] == 3 * n_moe, (ops_with, ops_without)
+
+
 def test_step_settings_follow_the_form_signatures_switch(monkeypatch):
     """The traced step's launches take their signatures from GEMMA4_MLX_FORM_SIGNATURES: a step
     traced under one value is not replayed under the other (the settings it is held against
@@ -439,8 +456,9 @@ def test_decode_with_ple_tail_equals_decode_without(dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_decode_with_the_moe_kernels_equals_decode_without(dtype, monkeypatch):
     """A MoE layer's small ops in the decode step, ``norm_pair`` (the router's and the experts'
-    input norms; the dense and expert branches' closing norms and sum) and ``moe_topk`` (the
-    router's choice), give the step's logits without them, and every MoE layer takes both. On a
+    input norms; the experts' mixture, the dense and expert branches' closing norms and sum) and
+    ``moe_topk`` (the router's choice), give the step's logits without them, and every MoE layer
+    takes both forms of the one and the other. On a
     GPU the kernels run against the default set; on the CPU the backend is forced, the other
     kernels are off and these two are their references (the wiring: dry run, self-check, the
     traced step taking them in every MoE layer)."""
@@ -455,11 +473,11 @@ def test_decode_with_the_moe_kernels_equals_decode_without(dtype, monkeypatch):
     model = _random_model("tiny-moe", seed=3)
     HD = model.args.hidden_size
     ids = mx.array(np.random.default_rng(4).integers(0, model.args.vocab_size, size=(1, 20)))
-    calls = {"norm_pair split": 0, "norm_pair sum": 0, "moe_topk": 0}
+    calls = {"norm_pair split": 0, "norm_pair mix": 0, "moe_topk": 0}
 
     def pair(x, x2, *rest):
         if tuple(x.shape) == (1, 1, HD):  # not the self-check's probe
-            calls["norm_pair sum" if x2 is not None else "norm_pair split"] += 1
+            calls["norm_pair mix" if x2 is not None and rest[-1] is not None else "norm_pair split"] += 1
         return (K.norm_pair_kernel if gpu else K.norm_pair_reference)(x, x2, *rest)
 
     def topk(scores, *rest):

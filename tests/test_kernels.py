@@ -266,6 +266,11 @@ def test_norm_pair_reference_vs_numpy(summed, dtype):
     w1 = (1 + rnd((200,), mx.float32, 0.3, seed=7)).astype(dtype)
     w2 = (1 + rnd((200,), mx.float32, 0.3, seed=8)).astype(dtype)
     if summed:
+        outputs = rnd((2, 3, 4, 200), dtype, 5.0, seed=9)
+        mw = mx.softmax(rnd((2, 3, 4), mx.float32, seed=10), axis=-1)
+        got = K.norm_pair_reference(x, outputs, w1, w2, 1.0, 1e-6, mw)
+        mixed = (f64(outputs) * f64(mw)[..., None]).sum(-2)
+        assert_close(got, np_rms(f64(x), f64(w1), 1e-6) + np_rms(mixed, f64(w2), 1e-6), dtype, "norm_pair mix")
         got = K.norm_pair_reference(x, x2, w1, w2, 1.0, 1e-6)
         assert got.dtype == dtype
         assert_close(got, np_rms(f64(x), f64(w1), 1e-6) + np_rms(f64(x2), f64(w2), 1e-6), dtype, "norm_pair sum")
@@ -305,6 +310,10 @@ def test_ops_moe_are_the_module_sequence():
     assert mx.array_equal(experts_in, mx.fast.rms_norm(h, w2, 1e-6))
     assert mx.array_equal(ops.moe_close(dense, mixture, w2, w3, 1e-6),
                           mx.fast.rms_norm(dense, w2, 1e-6) + mx.fast.rms_norm(mixture, w3, 1e-6))
+    outputs, mw = rnd((1, 3, 4, 96), dt, seed=9), mx.softmax(rnd((1, 3, 4), mx.float32, seed=10), axis=-1)
+    mixed = (outputs * mw[..., None].astype(dt)).sum(axis=-2)
+    assert mx.array_equal(ops.moe_close(dense, outputs, w2, w3, 1e-6, mw),
+                          mx.fast.rms_norm(dense, w2, 1e-6) + mx.fast.rms_norm(mixed, w3, 1e-6))
     scores = rnd((1, 3, 16), dt, seed=7)
     pes = rnd((16,), dt, seed=8)
     ids, weights = ops.moe_topk(scores, pes, 4)
@@ -816,14 +825,18 @@ def test_residual_norm_kernel(rows, HD, scaled, nxt, dtype):
 @gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("rows,HD", [(1, 2816), (3, 100), (14, 2560), (2, 16384)])
-@pytest.mark.parametrize("summed", [False, True], ids=["split", "sum"])
-def test_norm_pair_kernel(rows, HD, summed, dtype):
-    x, x2 = rnd((rows, HD), dtype, 2.0), rnd((rows, HD), dtype, 5.0) if summed else None
+@pytest.mark.parametrize("form", ["split", "sum", "mix8", "mix3"])
+def test_norm_pair_kernel(rows, HD, form, dtype):
+    summed = form != "split"
+    kx = int(form[3:]) if form.startswith("mix") else 0
+    x = rnd((rows, HD), dtype, 2.0)
+    x2 = rnd((rows, kx, HD) if kx else (rows, HD), dtype, 5.0) if summed else None
+    mw = mx.softmax(rnd((rows, kx), mx.float32), axis=-1) if kx else None
     w1 = (1 + rnd((HD,), mx.float32, 0.3)).astype(dtype)
     w2 = (1 + rnd((HD,), mx.float32, 0.3)).astype(dtype)
     scale = 1.0 if summed else HD ** -0.5
-    out = K.norm_pair_kernel(x, x2, w1, w2, scale, 1e-6)
-    ref = K.norm_pair_reference(x, x2, w1, w2, scale, 1e-6)
+    out = K.norm_pair_kernel(x, x2, w1, w2, scale, 1e-6, mw)
+    ref = K.norm_pair_reference(x, x2, w1, w2, scale, 1e-6, mw)
     if summed:
         assert_close(out, ref, dtype, "norm_pair sum")
     else:

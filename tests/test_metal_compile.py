@@ -130,12 +130,11 @@ def _launches():
                         lambda r, p, w: residual.residual_norm_kernel(r, p, w, None, 1e-6), (r, r, w)))
             out.append((f"residual_norm {dt} HD={HD} next",
                         lambda r, p, w: residual.residual_norm_kernel(r, p, w, mx.array([0.5], dt), 1e-6, w), (r, r, w)))
-        for summed in (False, True):  # 26B-A4B's MoE layers
-            x = mx.zeros((1, 1, 2816), dt)
-            out.append((f"norm_pair {dt} sum={int(summed)}",
-                        lambda x, w, summed=summed: moe.norm_pair_kernel(x, x if summed else None, w, w,
-                                                                         1.0 if summed else 0.02, 1e-6),
-                        (x, mx.ones((2816,), dt))))
+        x, w = mx.zeros((1, 1, 2816), dt), mx.ones((2816,), dt)  # 26B-A4B's MoE layers
+        out.append((f"norm_pair {dt} split", lambda x, w: moe.norm_pair_kernel(x, None, w, w, 0.02, 1e-6), (x, w)))
+        out.append((f"norm_pair {dt} sum", lambda x, w: moe.norm_pair_kernel(x, x, w, w, 1.0, 1e-6), (x, w)))
+        out.append((f"norm_pair {dt} mix", lambda x, y, w, mw: moe.norm_pair_kernel(x, y, w, w, 1.0, 1e-6, mw),
+                    (x, mx.zeros((1, 1, 8, 2816), dt), w, mx.ones((1, 1, 8), mx.float32))))
         out.append((f"moe_topk {dt}", lambda s, p: moe.moe_topk_kernel(s, p, 8), (mx.zeros((1, 1, 128), dt),
                                                                                    mx.ones((128,), dt))))
         for HD, P in ((1536, 256), (2560, 256)):  # E2B, E4B

@@ -228,3 +228,23 @@ def test_a_lora_scale_edited_in_place_after_tracing(monkeypatch):
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
     decoder = decode.decoder_for(ours)
     assert decode.decoder_for(ours) is decoder
+
+
+def test_moe_experts_adapted_or_quantized_after_tracing(monkeypatch):
+    """The decode step reproduces mlx-lm's SwitchGLU call itself (ops.switch_glu: the gathers'
+    batch indices as constants of the trace) only for its own projections: LoRA'd experts keep
+    their module's call, and quantized ones the quantized product, each after the step was traced."""
+    from mlx_lm.tuner.lora import LoRASwitchLinear
+
+    ours, stock = _pair("tiny-moe")
+    _trace(ours, monkeypatch)
+    for m in (ours, stock):
+        m.layers[-1].experts.switch_glu.up_proj = LoRASwitchLinear.from_base(
+            m.layers[-1].experts.switch_glu.up_proj, r=4, scale=2.0)
+    stock.load_weights(_nonzero_lora(ours), strict=False)
+    _check(ours, stock, monkeypatch)
+    for m in (ours, stock):
+        nn.quantize(m, group_size=32, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized")
+                    and m.weight.shape[-1] % 32 == 0 and "experts" in p)
+    assert type(ours.layers[0].experts.switch_glu.gate_proj).__name__ == "QuantizedSwitchLinear"
+    _check(ours, stock, monkeypatch, tol=1e-3)

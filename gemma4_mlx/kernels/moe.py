@@ -11,7 +11,9 @@ is host time in the decode step (26B-A4B's step is bound by its host):
   weights ``softmax(chosen scores) * per_expert_scale[ids]`` in float32 (six launches: astype,
   argpartition, gather, softmax, gather, product);
 * :func:`norm_pair` with ``x2``: the branches' close ``RMSNorm_w1(dense) + RMSNorm_w2(mixture)``
-  (three launches).
+  (three launches); with ``mix_weights`` too, ``x2`` holds the experts' outputs (..., k, HD) and the
+  mixture ``sum_j x2_j * mix_weights_j`` is made in the same launch (two more), where the experts
+  are not sharded (a sharded mixture is all-summed before its norm).
 
 Numerics follow the module sequence: norms in float32 rounded to the input dtype (the scaled
 router weight rounded to its dtype first, as ``scale * root_size`` is), the two normalised
@@ -42,12 +44,20 @@ def scaled_weight(w: mx.array, scale: float) -> mx.array:
     return w * mx.array(scale, dtype=w.dtype)
 
 
+def mixture(outputs: mx.array, weights: mx.array) -> mx.array:
+    """The experts' mixture as the module makes it: outputs (..., k, HD), weights (..., k)."""
+    return (outputs * weights[..., None].astype(outputs.dtype)).sum(axis=-2)
+
+
 def norm_pair_reference(x: mx.array, x2: Optional[mx.array], w1: mx.array, w2: mx.array, scale1: float,
-                        eps: float):
+                        eps: float, mix_weights: Optional[mx.array] = None):
     """``x2`` None: ``(RMSNorm_{w1 * scale1}(x), RMSNorm_w2(x))``; else
-    ``RMSNorm_w1(x) + RMSNorm_w2(x2)`` (``scale1`` 1)."""
+    ``RMSNorm_w1(x) + RMSNorm_w2(x2)`` (``scale1`` 1), x2 the mixture of the experts' outputs
+    ``x2`` by ``mix_weights`` when those are given."""
     if x2 is None:
         return rms_norm_reference(x, scaled_weight(w1, scale1), eps), rms_norm_reference(x, w2, eps)
+    if mix_weights is not None:
+        x2 = mixture(x2, mix_weights)
     return rms_norm_reference(x, w1, eps) + rms_norm_reference(x2, w2, eps)
 
 
@@ -61,26 +71,36 @@ def moe_topk_reference(scores: mx.array, per_expert_scale: mx.array, k: int) -> 
 
 # ---------------------------------------------------------------- kernels
 
-def norm_pair_kernel(x: mx.array, x2: Optional[mx.array], w1: mx.array, w2: mx.array, scale1: float, eps: float):
+# (inputs, outputs, define, variant) of each form launched with only what it reads and writes
+_FORMS = {0: (["x", "w1", "w2", "s1", "eps"], ["y1", "y2"], "PAIR_SPLIT", "split"),
+          1: (["x", "x2", "w1", "w2", "s1", "eps"], ["y1"], "PAIR_SUM", "sum"),
+          2: (["x", "x2", "mw", "w1", "w2", "s1", "eps"], ["y1"], "PAIR_MIX", "mix")}
+
+
+def norm_pair_kernel(x: mx.array, x2: Optional[mx.array], w1: mx.array, w2: mx.array, scale1: float, eps: float,
+                     mix_weights: Optional[mx.array] = None):
     HD = x.shape[-1]
-    summed = x2 is not None
-    k, whole = dispatch.get_form_kernel(
-        "norm_pair", ["x", "x2", "w1", "w2", "s1", "eps"], ["y1", "y2"],
-        (["x", "x2", "w1", "w2", "s1", "eps"], ["y1"], [("PAIR_SUM", 1)], "sum") if summed
-        else (["x", "w1", "w2", "s1", "eps"], ["y1", "y2"], [("PAIR_SPLIT", 1)], "split"))
+    form = 0 if x2 is None else 1 if mix_weights is None else 2
+    kx = mix_weights.shape[-1] if form == 2 else 1
+    inputs, outputs, define, variant = _FORMS[form]
+    k, whole = dispatch.get_form_kernel("norm_pair", ["x", "x2", "mw", "w1", "w2", "s1", "eps"], ["y1", "y2"],
+                                        (inputs, outputs, [(define, 1)], variant))
     # the scale in w1's dtype, as the module multiplies by it
     s1 = mx.array(scale1, dtype=w1.dtype).astype(mx.float32).reshape(1)
-    inputs = [x, *([x2 if summed else x] if whole or summed else []), w1, w2, s1, mx.array([eps], dtype=mx.float32)]
+    given = {"x": x, "x2": x if x2 is None else x2, "mw": s1 if mix_weights is None else mix_weights.astype(mx.float32),
+             "w1": w1, "w2": w2, "s1": s1, "eps": mx.array([eps], dtype=mx.float32)}
+    names = ["x", "x2", "mw", "w1", "w2", "s1", "eps"] if whole else inputs
+    n_out = 2 if whole else len(outputs)
     outs = k(
-        inputs=inputs,
-        template=[("T", x.dtype), ("W", w1.dtype), ("HD", HD), ("SUM", int(summed))],
+        inputs=[given[n] for n in names],
+        template=[("T", x.dtype), ("W", w1.dtype), ("HD", HD), ("FORM", form), ("KX", kx)],
         grid=(x.size // HD * TG, 1, 1),
         threadgroup=(TG, 1, 1),
-        output_shapes=[x.shape] * (1 if summed and not whole else 2),
-        output_dtypes=[x.dtype] * (1 if summed and not whole else 2),
+        output_shapes=[x.shape] * n_out,
+        output_dtypes=[x.dtype] * n_out,
         **dispatch.init_kwargs(),
     )
-    return outs[0] if summed else (outs[0], outs[1])
+    return (outs[0], outs[1]) if form == 0 else outs[0]
 
 
 def moe_topk_kernel(scores: mx.array, per_expert_scale: mx.array, k: int) -> Tuple[mx.array, mx.array]:
@@ -101,17 +121,28 @@ def moe_topk_kernel(scores: mx.array, per_expert_scale: mx.array, k: int) -> Tup
 
 # ------------------------------------------------------------ dispatching
 
-def norm_pair(x: mx.array, x2: Optional[mx.array], w1: mx.array, w2: mx.array, scale1: float, eps: float, *,
-              fallback=None):
+MAX_MIXED = 32  # experts mixed in the close: their weights live in registers
+
+
+def norm_pair(x: mx.array, x2: Optional[mx.array], w1: mx.array, w2: mx.array, scale1: float, eps: float,
+              mix_weights: Optional[mx.array] = None, *, fallback=None):
     """See the module docstring; ``fallback`` (the model's MLX ops) takes the same arguments."""
     HD = x.shape[-1]
+    form = 0 if x2 is None else 1 if mix_weights is None else 2
+    if form == 2:
+        kx = mix_weights.shape[-1]
+        fits = (0 < kx <= MAX_MIXED and tuple(x2.shape) == (*x.shape[:-1], kx, HD)
+                and tuple(mix_weights.shape) == (*x.shape[:-1], kx) and mix_weights.dtype in _FLOATS)
+    else:
+        kx = 1
+        fits = mix_weights is None and (x2 is None or tuple(x2.shape) == tuple(x.shape))
     key = None
-    if (x.dtype in _FLOATS and x.ndim >= 1 and HD <= MAX_HIDDEN and w1.size == HD and w2.size == HD
+    if (fits and x.dtype in _FLOATS and x.ndim >= 1 and HD <= MAX_HIDDEN and w1.size == HD and w2.size == HD
             and w1.dtype in _FLOATS and w2.dtype in _FLOATS
-            and (x2 is None or (tuple(x2.shape) == tuple(x.shape) and x2.dtype == x.dtype and scale1 == 1.0))):
-        key = (str(x.dtype), str(w1.dtype), str(w2.dtype), HD, x2 is not None)
+            and (x2 is None or (x2.dtype == x.dtype and scale1 == 1.0))):
+        key = (str(x.dtype), str(w1.dtype), str(w2.dtype), HD, form, kx)
     return dispatch.run("norm_pair", key, norm_pair_reference, norm_pair_kernel, _probe_pair,
-                        x, x2, w1, w2, scale1, eps, fallback=fallback)
+                        x, x2, w1, w2, scale1, eps, mix_weights, fallback=fallback)
 
 
 def moe_topk(scores: mx.array, per_expert_scale: mx.array, k: int, *, fallback=None):
@@ -126,13 +157,15 @@ def moe_topk(scores: mx.array, per_expert_scale: mx.array, k: int, *, fallback=N
 
 
 def _probe_pair(key):
-    dt, wdt, w2dt, HD, summed = (dispatch.dtype_from_key(key[0]), dispatch.dtype_from_key(key[1]),
-                                 dispatch.dtype_from_key(key[2]), key[3], key[4])
+    dt, wdt, w2dt, HD, form, kx = (dispatch.dtype_from_key(key[0]), dispatch.dtype_from_key(key[1]),
+                                   dispatch.dtype_from_key(key[2]), *key[3:])
     x = dispatch.probe_normal((2, 3, HD), 51, dt, 2.0)
-    x2 = dispatch.probe_normal((2, 3, HD), 52, dt, 5.0) if summed else None
+    x2 = {0: None, 1: dispatch.probe_normal((2, 3, HD), 52, dt, 5.0),
+          2: dispatch.probe_normal((2, 3, kx, HD), 52, dt, 5.0)}[form]
+    mw = mx.softmax(dispatch.probe_normal((2, 3, kx), 57, mx.float32), axis=-1) if form == 2 else None
     w1 = (1 + dispatch.probe_normal((HD,), 53, mx.float32, 0.3)).astype(wdt)
     w2 = (1 + dispatch.probe_normal((HD,), 54, mx.float32, 0.3)).astype(w2dt)
-    return (x, x2, w1, w2, 1.0 if summed else HD ** -0.5, 1e-6)
+    return (x, x2, w1, w2, HD ** -0.5 if form == 0 else 1.0, 1e-6, mw)
 
 
 def _probe_topk(key):
