@@ -39,7 +39,7 @@ args, params = base.args, base.parameters()
 prompt = mx.array(np.random.default_rng(0).integers(0, args.vocab_size, (1, P)))
 SWITCHES = ("GEMMA4_MLX_KERNELS", "GEMMA4_MLX_KERNELS_DISABLE", "GEMMA4_MLX_COMPILE", "GEMMA4_MLX_FUSE",
             "GEMMA4_MLX_NVRTC", "GEMMA4_MLX_TRANSPOSES", "GEMMA4_MLX_KV_WRITE", "GEMMA4_MLX_FORM_SIGNATURES",
-            "GEMMA4_MLX_PROLOGUE_BLOCKS")
+            "GEMMA4_MLX_PROLOGUE_BLOCKS", "GEMMA4_MLX_EXPERT_INDICES")
 VIEWS = {"Reshape", "Transpose", "Slice", "Squeeze", "ExpandDims", "Broadcast", "Unflatten", "Flatten",
          "AsStrided", "Split", "StopGradient"}
 
@@ -94,6 +94,8 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours +qmvres blocks 528", {**off(on=["qmv_residual"]), "GEMMA4_MLX_PROLOGUE_BLOCKS": "528"}),
            ("ours -attn", off("attention_prefix", "attention")),
            ("ours -moe", off("norm_pair", "moe_topk")),  # a MoE layer's small ops as MLX's (before session 20)
+           # the experts' gathers' batch indices made by MLX (an Arange a product; before session 20)
+           ("ours -expert indices", {"GEMMA4_MLX_EXPERT_INDICES": "0"}),
            ("ours -rope", off("q_norm_rope", "kv_norm_rope")),
            ("ours -ple", off("ple_combine", "ple_gate")),
            ("ours -scale", off("scale", "geglu")),  # the scale ops and the GeGLU as MLX's fused kernels

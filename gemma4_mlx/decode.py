@@ -80,7 +80,8 @@ def _switches() -> tuple:
     from .kernels import cuda_build
 
     return (mode, tuple(sorted(dispatch.disabled_kernels())), joining_enabled(), transposes_enabled(),
-            kv_scatter_enabled(), cuda_build.short_sources(), dispatch.form_signatures(), mx.default_device())
+            kv_scatter_enabled(), ops.expert_indices_enabled(), cuda_build.short_sources(), dispatch.form_signatures(),
+            mx.default_device())
 
 
 # ------------------------------------------------------------------ derived state

@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
-from . import chunk_attention, step_context
+from . import chunk_attention, step_context, switches
 
 Offset = Union[int, mx.array]
 
@@ -371,13 +371,19 @@ def _switch_product(proj, x: mx.array, idx: mx.array, batch: mx.array) -> mx.arr
     return mx.gather_mm(x, proj["weight"].swapaxes(-1, -2), lhs_indices=batch, rhs_indices=idx)
 
 
+def expert_indices_enabled() -> bool:
+    """``GEMMA4_MLX_EXPERT_INDICES=0``: the decode step's experts take mlx-lm's SwitchGLU call as it
+    is, their gathers' batch indices made by MLX (ablations; see :func:`switch_glu`)."""
+    return switches.env_flag("GEMMA4_MLX_EXPERT_INDICES")
+
+
 def switch_glu(glu, x: mx.array, idx: mx.array) -> mx.array:
     """``glu(x, idx)``, mlx-lm's SwitchGLU: the chosen experts' outputs (..., k, hidden). In the
     decode step its gathers get their batch indices as constants of the trace: given none, MLX
     makes them with an Arange launch per product (three a MoE layer, 90 a 26B-A4B step)."""
     ctx = step_context.active()
     # SwitchGLU sorts 64 or more (token, expert) pairs first: that path stays the module's
-    if ctx is None or idx.size >= 64 or not _plain_switch_glu(glu):
+    if ctx is None or idx.size >= 64 or not expert_indices_enabled() or not _plain_switch_glu(glu):
         return glu(x, idx)
     idx = mx.stop_gradient(idx)
     x = mx.expand_dims(x, (-2, -3))  # (..., 1, 1, hidden): a batch entry per position
