@@ -97,7 +97,8 @@ def test_step_multiplies_by_evaluated_weight_transposes(preset, kernel_path, mon
     model = _random_model(preset)
     with contextlib.ExitStack() as stack:
         if not kernel_path and dispatch.active_backend() is not None:
-            monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", dispatch.DEFAULT_DISABLED[dispatch.active_backend()] + ",mv,qmv")
+            default = dispatch.DEFAULT_DISABLED[dispatch.active_backend()]
+            monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", default + ",mv,qmv")
         if kernel_path:
             monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", ALL_KERNELS)
             stack.enter_context(dispatch.force_backend("cuda"))
@@ -468,7 +469,8 @@ def test_decode_with_the_moe_kernels_equals_decode_without(dtype, monkeypatch):
     if dtype != mx.float32 and not gpu:
         pytest.skip("MLX's CPU gather_mm (the experts' unquantized products) takes float32 only")
     base = dispatch.DEFAULT_DISABLED["cuda"]
-    others = base if gpu else base + ",mv,qmv,q_norm_rope,kv_norm_rope,attention,attention_prefix,residual_norm,scale,geglu"
+    others = base if gpu else (base + ",mv,qmv,q_norm_rope,kv_norm_rope,attention,attention_prefix,residual_norm,"
+                               "scale,geglu")
     model = _random_model("tiny-moe", seed=3)
     HD = model.args.hidden_size
     ids = mx.array(np.random.default_rng(4).integers(0, model.args.vocab_size, size=(1, 20)))

@@ -4,9 +4,9 @@ A MoE layer's feed-forward runs the dense MLP and the experts side by side. Arou
 products the module sequence is a row of small launches, each a few values to a row wide, which
 is host time in the decode step (26B-A4B's step is bound by its host):
 
-* :func:`norm_pair` (``x2`` None) gives the router's input ``RMSNorm_{scale * hidden**-0.5}(h)`` and the experts' input
-  ``RMSNorm_{pre_feedforward_layernorm_2}(h)`` from one sum of squares (three launches: the weight
-  scaling and two norms);
+* :func:`norm_pair` (``x2`` None) gives the router's input ``RMSNorm_{scale * hidden**-0.5}(h)``
+  and the experts' input ``RMSNorm_{pre_feedforward_layernorm_2}(h)`` from one sum of squares
+  (three launches: the weight scaling and two norms);
 * :func:`moe_topk`: the router's choice from its projection's scores, ids highest first and
   weights ``softmax(chosen scores) * per_expert_scale[ids]`` in float32 (six launches: astype,
   argpartition, gather, softmax, gather, product);
