@@ -39,7 +39,7 @@ args, params = base.args, base.parameters()
 prompt = mx.array(np.random.default_rng(0).integers(0, args.vocab_size, (1, P)))
 SWITCHES = ("GEMMA4_MLX_KERNELS", "GEMMA4_MLX_KERNELS_DISABLE", "GEMMA4_MLX_COMPILE", "GEMMA4_MLX_FUSE",
             "GEMMA4_MLX_NVRTC", "GEMMA4_MLX_TRANSPOSES", "GEMMA4_MLX_KV_WRITE", "GEMMA4_MLX_FORM_SIGNATURES",
-            "GEMMA4_MLX_PROLOGUE_BLOCKS", "GEMMA4_MLX_EXPERT_INDICES")
+            "GEMMA4_MLX_PROLOGUE_BLOCKS", "GEMMA4_MLX_EXPERT_INDICES", "GEMMA4_MLX_QMV_MIN")
 VIEWS = {"Reshape", "Transpose", "Slice", "Squeeze", "ExpandDims", "Broadcast", "Unflatten", "Flatten",
          "AsStrided", "Split", "StopGradient"}
 
@@ -75,6 +75,8 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours +qmv plain", off("qmv_geglu", "qmv_gate", "qmv_residual", on=["qmv"])),
            ("ours +qmv fused", off("qmv_residual", "residual_norm", on=["qmv"])),  # the gated forms, no residual_norm
            ("ours -qmv", off("qmv")),  # MLX's quantized_matmul for every product (the default before session 9)
+           # the 4-bit matvec for every 4- / 8-bit product, its size rule set aside (its gated forms spare launches)
+           ("ours +qmv all sizes", {"GEMMA4_MLX_QMV_MIN": "0"}),
            ("ours +ple_tail", off(on=["ple_tail"])),
            ("ours +attn_q", off(on=["attention_prefix_q"])),
            ("ours +resnorm", off(on=["residual_norm"])),

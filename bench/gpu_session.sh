@@ -19,7 +19,8 @@
 #   After visit 2 the experts' mixture went into the close's launch (norm_pair FORM 2) and their gathers got
 #   constant batch indices (no Arange): 150 launches fewer a 26B-A4B step, emulated and compiled, unrun on a GPU;
 #   `moe` measures them too (its parity covers the mix form; `-moe` switches norm_pair / moe_topk off,
-#   `-expert indices` the constant indices).
+#   `-expert indices` the constant indices; `+qmv all sizes` gives our 4-bit matvec, and its gated forms, every
+#   product: 26B-A4B's are all below its size rule, and its step is host-bound).
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
@@ -278,7 +279,7 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
             # CUDA, then the step with and without them, 4-bit and bf16 (~4 min)
     parity moecheck 200 tests/test_kernels.py tests/test_decode.py -k "norm_pair or moe"
     for pq in "26b-a4b 4" "26b-a4b 0"; do
-      CONFIGS="stock,ours,ours -moe,ours -expert indices" ROUNDS=${ROUNDS:-5} STEPS=15 timeout ${MOE_S:-300} python3 bench/ablate.py $pq 2>&1 \
+      CONFIGS="stock,ours,ours -moe,ours -expert indices,ours +qmv all sizes" ROUNDS=${ROUNDS:-5} STEPS=15 timeout ${MOE_S:-300} python3 bench/ablate.py $pq 2>&1 \
         | tail -12 | tee "$OUT/moe-${pq// /-q}.txt"
     done ;;
   loop)     # session 19: the prologue forms with their blocks capped (mv.PROLOGUE_BLOCKS, 264; a block takes LOOP sets of

@@ -1274,6 +1274,15 @@ def test_qmv_size_rule(monkeypatch, qmv_size_rule):
         assert key(2 * 10240, 2560, mv.GEGLU, bits=8) is None  # E4B's 8-bit gate/up: 52 M
     with dispatch.force_backend("metal"):  # no rule measured there
         assert key(2560, 10240) is not None
+    # the ablations' override: every size, or a bound of its own; a value that is no number is refused
+    monkeypatch.setenv("GEMMA4_MLX_QMV_MIN", "0")
+    with dispatch.force_backend("cuda"):
+        assert key(2 * 6144, 1536, mv.GEGLU) is not None and key(2 * 1056, 2816, bits=8) is not None
+        monkeypatch.setenv("GEMMA4_MLX_QMV_MIN", str(1 << 30))
+        assert key(2 * 21504, 5376, mv.GEGLU, bits=8) is None
+        monkeypatch.setenv("GEMMA4_MLX_QMV_MIN", "many")
+        with pytest.raises(ValueError, match="GEMMA4_MLX_QMV_MIN='many'"):
+            key(5376, 8192)
 
 
 def test_disable_list(monkeypatch):

@@ -21,6 +21,7 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .. import switches
 from . import dispatch
 from .dispatch import TG
 from .mv import (_FLOATS, GATE, GEGLU, MAX_ROWS_OF_X, PLAIN, PROBE_N, _mm, form_width, layout, probe_shape,
@@ -97,11 +98,19 @@ def quantized_matvec_gate_kernel(x, w, scales, biases, group_size: int, bits: in
 # gate/up (52 M) won by 6-11%. Per backend, per bits; bits a backend's rule does not list stay
 # MLX's. No rule for a backend: every size (Metal, where qmv is off by default).
 MIN_VALUES = {"cuda": {4: 1 << 25, 8: 1 << 27}}
+MIN_VALUES_ENV = "GEMMA4_MLX_QMV_MIN"
 
 
 def min_values(bits: int, backend: Optional[str] = None) -> float:
     """The smallest product (weights) the kernel takes for ``bits`` on ``backend`` (default: the
-    active one); infinity where it takes none."""
+    active one); infinity where it takes none. ``GEMMA4_MLX_QMV_MIN=N`` puts N in place of every
+    rule (ablations: ``0`` gives the kernel every 4- and 8-bit product)."""
+    override = switches.env(MIN_VALUES_ENV)
+    if override is not None and override.strip():
+        try:
+            return max(0, int(override))
+        except ValueError:
+            raise ValueError(f"{MIN_VALUES_ENV}={override!r}: expected a whole number of weights") from None
     rule = MIN_VALUES.get(backend or dispatch.active_backend())
     return 0 if rule is None else rule.get(bits, float("inf"))
 
