@@ -77,11 +77,11 @@ def _switches() -> tuple:
         mode = dispatch.get_mode()
     except ValueError:
         mode = "invalid"
-    from .kernels import cuda_build, qmv
+    from .kernels import cuda_build, mv, qmv
 
-    return (mode, tuple(sorted(dispatch.disabled_kernels())), switches.env(qmv.MIN_VALUES_ENV), joining_enabled(),
-            transposes_enabled(), kv_scatter_enabled(), ops.expert_indices_enabled(), cuda_build.short_sources(),
-            dispatch.form_signatures(), mx.default_device())
+    return (mode, tuple(sorted(dispatch.disabled_kernels())), switches.env(qmv.MIN_VALUES_ENV),
+            switches.env(mv.PROLOGUE_BLOCKS_ENV), joining_enabled(), transposes_enabled(), kv_scatter_enabled(),
+            ops.expert_indices_enabled(), cuda_build.short_sources(), dispatch.form_signatures(), mx.default_device())
 
 
 # ------------------------------------------------------------------ derived state

@@ -54,6 +54,17 @@ def gpu_default_flag(name: str) -> bool:
     return raw not in OFF_VALUES
 
 
+def env_count(name: str) -> Optional[int]:
+    """``$name`` as a whole number >= 0, None when unset or empty; any other value is refused with
+    one ValueError naming the switch."""
+    raw = (env(name) or "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"{name}={raw!r}: expected a whole number (0 or more)")
+    return int(raw)
+
+
 def env_flag(name: str, default: bool = True) -> bool:
     """``$name`` as a switch: unset or empty gives ``default``; 0 / off / false / no (any case)
     turn it off; any other value turns it on."""

@@ -1160,6 +1160,9 @@ def test_prologue_launches_cover_every_row_once(monkeypatch):
     monkeypatch.setenv(mv.PROLOGUE_BLOCKS_ENV, "100")
     assert mv.launch_grid(16400, 1, 2, ("prologue",), None) == ((100 * dispatch.TG, 1, 1), 41)  # 4,100 sets
     assert mv.launch_grid(16400, 1, 2, None, None)[1] == 1  # no prologue: never capped
+    monkeypatch.setenv(mv.PROLOGUE_BLOCKS_ENV, "-3")
+    with pytest.raises(ValueError, match="GEMMA4_MLX_PROLOGUE_BLOCKS='-3': expected a whole number"):
+        mv.prologue_blocks()
 
 
 def test_matvec_forms_pass_only_what_they_read(monkeypatch):
@@ -1281,7 +1284,7 @@ def test_qmv_size_rule(monkeypatch, qmv_size_rule):
         monkeypatch.setenv("GEMMA4_MLX_QMV_MIN", str(1 << 30))
         assert key(2 * 21504, 5376, mv.GEGLU, bits=8) is None
         monkeypatch.setenv("GEMMA4_MLX_QMV_MIN", "many")
-        with pytest.raises(ValueError, match="GEMMA4_MLX_QMV_MIN='many'"):
+        with pytest.raises(ValueError, match="GEMMA4_MLX_QMV_MIN='many': expected a whole number"):
             key(5376, 8192)
 
 

@@ -191,6 +191,20 @@ def test_a_switch_changed_after_tracing_rebuilds_the_step(monkeypatch):
     assert ours._decoder.joined
 
 
+@pytest.mark.parametrize("switch,value", [("GEMMA4_MLX_PROLOGUE_BLOCKS", "7"), ("GEMMA4_MLX_QMV_MIN", "0"),
+                                          ("GEMMA4_MLX_EXPERT_INDICES", "0")])
+def test_the_kernel_launch_switches_rebuild_the_step(switch, value, monkeypatch):
+    """Switches read while the step is traced (a prologue launch's block cap, the quantized
+    matvec's size rule, the experts' batch indices) are part of its settings: a new value traces
+    a new step instead of replaying the old one."""
+    ours, _ = _pair()
+    _trace(ours, monkeypatch)
+    first = ours._decoder
+    monkeypatch.setenv(switch, value)
+    _gap(ours)
+    assert ours._decoder is not first
+
+
 def test_token_ids_outside_the_vocabulary_read_nothing_past_the_tables(monkeypatch):
     """Through the drop-in path (mlx_lm.generate and friends take any ids) an id outside the
     vocabulary gives the clamped id's result, eager and compiled, never a read past the table."""

@@ -90,8 +90,8 @@ def prologue_blocks() -> int:
     """The most blocks a prologue form is launched with: :data:`PROLOGUE_BLOCKS`, or
     ``GEMMA4_MLX_PROLOGUE_BLOCKS`` (0: a block for every group of rows, as before session 19;
     ablations)."""
-    raw = (switches.env(PROLOGUE_BLOCKS_ENV) or "").strip()
-    return int(raw) if raw.isdigit() else PROLOGUE_BLOCKS
+    count = switches.env_count(PROLOGUE_BLOCKS_ENV)
+    return PROLOGUE_BLOCKS if count is None else count
 
 
 def grid_and_loop(N: int, rows: int, split: int, most_blocks: int = 0) -> tuple:

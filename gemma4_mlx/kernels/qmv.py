@@ -105,12 +105,9 @@ def min_values(bits: int, backend: Optional[str] = None) -> float:
     """The smallest product (weights) the kernel takes for ``bits`` on ``backend`` (default: the
     active one); infinity where it takes none. ``GEMMA4_MLX_QMV_MIN=N`` puts N in place of every
     rule (ablations: ``0`` gives the kernel every 4- and 8-bit product)."""
-    override = switches.env(MIN_VALUES_ENV)
-    if override is not None and override.strip():
-        try:
-            return max(0, int(override))
-        except ValueError:
-            raise ValueError(f"{MIN_VALUES_ENV}={override!r}: expected a whole number of weights") from None
+    override = switches.env_count(MIN_VALUES_ENV)
+    if override is not None:
+        return override
     rule = MIN_VALUES.get(backend or dispatch.active_backend())
     return 0 if rule is None else rule.get(bits, float("inf"))
 
