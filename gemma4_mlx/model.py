@@ -45,7 +45,8 @@ class _GeGLU(nn.Module):
 
 
 class Router(nn.Module):
-    """Top-k expert choice: scale-free norm, learned scale * hidden^-0.5, projection, softmax."""
+    """Top-k expert choice: norm with the learned scale * hidden^-0.5 (made by the layer with the
+    experts' input norm, :func:`ops.moe_norms`), projection, softmax over the top k."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -53,14 +54,10 @@ class Router(nn.Module):
         self.scale = mx.ones((args.hidden_size,))
         self.per_expert_scale = mx.ones((args.num_experts,))
         self.top_k = args.top_k_experts
-        self.eps = args.rms_norm_eps
         self.root_size = args.hidden_size**-0.5
 
-    def __call__(self, x: mx.array, normed: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
-        """(expert ids, float32 weights) for ``x``; ``normed`` is x's router norm when the caller
-        made it already (:func:`ops.moe_norms`)."""
-        if normed is None:
-            normed = mx.fast.rms_norm(x, self.scale * self.root_size, self.eps)
+    def __call__(self, normed: mx.array) -> Tuple[mx.array, mx.array]:
+        """(expert ids, float32 weights) for the router's normalised input ``normed``."""
         return ops.moe_topk(ops.linear(self.proj, normed), self.per_expert_scale, self.top_k)
 
 
@@ -215,7 +212,7 @@ class DecoderLayer(nn.Module):
         if self.plan.moe:
             router_in, experts_in = ops.moe_norms(h, self.router.scale, self.router.root_size,
                                                   self.pre_feedforward_layernorm_2.weight, eps)
-            idx, weights = self.router(h, router_in)
+            idx, weights = self.router(router_in)
             post_dense, post_moe = self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight
             if trace is None and self.experts.mixes_alone:
                 # the mixture in the close's launch (decode step)
