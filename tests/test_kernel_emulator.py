@@ -252,11 +252,12 @@ def test_every_other_kernel_on_the_emulator():
     assert " passed" in summary and "skipped" not in summary, summary  # every GPU-only test ran
 
 
-@pytest.mark.parametrize("family", ["tiny-31b", "kernel-shaped E2B", "kernel-shaped E2B, fused forms looped"])
+@pytest.mark.parametrize("family", ["tiny-31b", "tiny-moe", "kernel-shaped E2B", "kernel-shaped E2B, fused forms looped"])
 def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatch, family):
     """A model's decode steps with its kernels on (the emulator, outside the compiled step:
     kernel_scope) give the logits of the steps without them: the kernels' wiring and their logic
-    together, float32. The tiny 31B: head dims 32 / 64, a window of 8 that the 24 tokens wrap.
+    together, float32. The tiny 31B: head dims 32 / 64, a window of 8 that the 24 tokens wrap; the
+    tiny MoE as well, its layers' norms, router choice and experts' mixture in norm_pair / moe_topk.
     "fused forms looped": the matvec kernels and their residual-prologue forms on (off by default),
     each prologue launch in one block that takes every set of rows in turn."""
     from mlx.utils import tree_map
@@ -274,8 +275,8 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
         disabled = [n for n in disabled if n not in ("mv", "mv_residual", "qmv_residual")]
         monkeypatch.setenv("GEMMA4_MLX_PROLOGUE_BLOCKS", "1")
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", ",".join(disabled))
-    if family == "tiny-31b":
-        model = Model(parse_config(preset_config("tiny-31b")))
+    if family in ("tiny-31b", "tiny-moe"):
+        model = Model(parse_config(preset_config(family)))
         model.update(tree_map(lambda p: (1.0 + 0.1 * _rnd(p.shape, 20)) if p.ndim == 1 else _rnd(p.shape, 21, 0.05),
                               model.parameters()))
     else:
@@ -299,6 +300,9 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     verdicts = dispatch.verdicts()
     assert all(ok for ok, _ in verdicts.values()), verdicts  # each passed its self-check: none fell back
     assert {"q_norm_rope", "kv_norm_rope", "residual_norm"} <= {k[0] for k in verdicts}, verdicts
+    if family == "tiny-moe":  # every form of both: the router's and experts' inputs, the close with the mixture
+        assert {("norm_pair", 0), ("norm_pair", 2), ("moe_topk", None)} <= {
+            (k[0], k[-2] if k[0] == "norm_pair" else None) for k in verdicts}, verdicts
     if family.endswith("looped"):  # the prologue forms ran, and their classes loop
         looped = [k for k in verdicts if k[0] == "mv_residual"]
         assert looped and all(k[-1] is True for k in looped), verdicts
