@@ -273,6 +273,12 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       > "$OUT/mvsource.csv" 2>&1; echo "ncu source exit $?"; head -c 3000 "$OUT/mvsource.csv"
     gzip -f "$OUT/mvsource.csv" "$OUT/mvdetail.txt"
     unset GEMMA4_MLX_KERNELS_DISABLE ;;
+  blocks)   # session 21: a prompt chunk's 4-bit experts in blocks of one expert's rows (gemma4_mlx/expert_blocks.py;
+            # MLX's CUDA gather_qmm takes one row a pair): the layer alone at 26B-A4B's shapes, its tests on CUDA,
+            # then 26B-A4B 4-bit `compare` (the prefill rows; ~7 min on a fresh machine)
+    timeout 150 python3 bench/expert_blocks.py 64,256,841,2048,4096 2>&1 | tee "$OUT/expert-blocks.txt"
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_expert_blocks.py 2>&1 | tail -3
+    compare c26 ${C26_S:-330} --preset 26b-a4b -q 4 -L 841,4096 --runs ${RUNS:-3} -n ${NEW:-32} ;;
   moe)      # session 20: a MoE layer's small ops as two kernels (norm_pair: the router's and the experts' input
             # norms, the branches' closing norms and sum; moe_topk: the router's choice), 26B-A4B's step being
             # host-bound (session 20: 1,091 launching primitives, encode 7.1 ms of a 10.9 ms step): their parity on

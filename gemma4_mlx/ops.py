@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
-from . import chunk_attention, step_context, switches
+from . import chunk_attention, expert_blocks, step_context, switches
 
 Offset = Union[int, mx.array]
 
@@ -378,12 +378,20 @@ def expert_indices_enabled() -> bool:
 
 
 def switch_glu(glu, x: mx.array, idx: mx.array) -> mx.array:
-    """``glu(x, idx)``, mlx-lm's SwitchGLU: the chosen experts' outputs (..., k, hidden). In the
-    decode step its gathers get their batch indices as constants of the trace: given none, MLX
+    """``glu(x, idx)``, mlx-lm's SwitchGLU: the chosen experts' outputs (..., k, hidden). A prompt
+    chunk's quantized experts go in blocks of rows (:mod:`expert_blocks`). In the decode step its gathers get their batch indices as constants of the trace: given none, MLX
     makes them with an Arange launch per product (three a MoE layer, 90 a 26B-A4B step)."""
     ctx = step_context.active()
+    if ctx is None:
+        # a prompt chunk (inference: a training forward keeps mlx-lm's call): its sorted pairs in
+        # blocks of one expert's rows (expert_blocks)
+        if idx.size > idx.shape[-1] and step_context.in_cached_call() and expert_blocks.takes(glu):
+            rows = expert_blocks.rows_per_block(idx.size, glu.gate_proj["weight"].shape[0])
+            if rows:
+                return expert_blocks.blocked_switch_glu(glu, x, idx, rows)
+        return glu(x, idx)
     # SwitchGLU sorts 64 or more (token, expert) pairs first: that path stays the module's
-    if ctx is None or idx.size >= 64 or not expert_indices_enabled() or not _plain_switch_glu(glu):
+    if idx.size >= 64 or not expert_indices_enabled() or not _plain_switch_glu(glu):
         return glu(x, idx)
     idx = mx.stop_gradient(idx)
     x = mx.expand_dims(x, (-2, -3))  # (..., 1, 1, hidden): a batch entry per position

@@ -1,0 +1,107 @@
+"""A long prompt chunk's quantized experts in blocks of rows that share one expert.
+
+mlx-lm's SwitchGLU sorts a chunk's (position, expert) pairs by expert and hands MLX's
+``gather_qmm`` one row per pair. MLX's CUDA backend then runs its tiled quantized matmul with one
+row a tile (16 rows of tensor-core work, and the expert's whole weight tile read again for every
+pair: 26B-A4B's 2,048-position chunk is 16,384 pairs, 128 experts of 704 x 2,816), where its bf16
+``gather_mm`` groups the sorted rows (a grouped GEMM). Here the sorted pairs are laid out in blocks
+of ``rows`` rows, each block one expert's (the last of an expert's blocks padded with a zero row),
+so ``gather_qmm`` takes ``rows`` rows a product and reads each weight tile once a block. All shapes
+are static (at most ``ceil((pairs + experts x (rows - 1)) / rows)`` blocks), so the layout costs a
+few small ops and no synchronisation; a padded row computes zeros and is never read back.
+
+``GEMMA4_MLX_EXPERT_BLOCKS``: unset or ``auto`` blocks chunks of at least :data:`MIN_ROWS` rows an
+expert on average on CUDA; ``0`` never (mlx-lm's call); a power of two N blocks every chunk of more
+than one position in N rows, on any backend (tests, ablations).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+
+from . import switches
+
+BLOCKS_ENV = "GEMMA4_MLX_EXPERT_BLOCKS"
+
+# Rows a block, auto: the largest power of two up to MAX_ROWS with at most half a block of padding
+# an expert costing a quarter of the rows or less (rows <= pairs / (2 x experts)); none below
+# MIN_ROWS (MLX's tiles are 16 rows or more, 64 at most).
+MIN_ROWS = 8
+MAX_ROWS = 64
+
+
+def rows_per_block(pairs: int, experts: int, backend: Optional[str] = None) -> int:
+    """Rows a block for a chunk of ``pairs`` (position, expert) pairs over ``experts`` experts; 0
+    for mlx-lm's call (one row a pair)."""
+    raw = (switches.env(BLOCKS_ENV) or "").strip().lower()
+    if raw not in ("", "auto"):
+        forced = switches.env_count(BLOCKS_ENV)
+        if forced and forced & (forced - 1):
+            raise ValueError(f"{BLOCKS_ENV}={forced}: expected 0, auto or a power of two")
+        return forced
+    if backend is None:
+        from .kernels import dispatch
+
+        backend = dispatch.active_backend()
+    if backend != "cuda":
+        return 0  # Metal's gather_qmm has its own path for sorted rows (unmeasured against this)
+    rows = MAX_ROWS
+    while rows >= MIN_ROWS and 2 * experts * rows > pairs:
+        rows //= 2
+    return rows if rows >= MIN_ROWS else 0
+
+
+def _product(proj, x: mx.array, experts: mx.array) -> mx.array:
+    return mx.gather_qmm(x, proj["weight"], proj["scales"], proj.get("biases"), rhs_indices=experts,
+                         transpose=True, group_size=proj.group_size, bits=proj.bits, mode=proj.mode)
+
+
+def blocked_switch_glu(glu, x: mx.array, idx: mx.array, rows: int) -> mx.array:
+    """``glu(x, idx)`` (mlx-lm's SwitchGLU of quantized projections: the chosen experts' outputs,
+    (..., k, hidden)) computed in blocks of ``rows`` rows of one expert each."""
+    experts = glu.gate_proj["weight"].shape[0]
+    k, hidden = idx.shape[-1], x.shape[-1]
+    flat = mx.stop_gradient(idx).flatten().astype(mx.uint32)
+    pairs = flat.size
+    # blocks: an expert's pairs take ceil(count / rows) of them; padding only where an expert has pairs
+    blocks = -(-(pairs + min(experts, pairs) * (rows - 1)) // rows)
+
+    order = mx.argsort(flat)  # the pairs by expert (stable: by position within an expert)
+    by_expert = flat[order]
+    counts = mx.zeros((experts,), mx.int32).at[flat].add(1)
+    padded = (counts + (rows - 1)) // rows * rows
+    padded_end = mx.cumsum(padded)
+    padded_start, start = padded_end - padded, mx.cumsum(counts) - counts
+    # the padded row of each sorted pair: its expert's first row plus its rank among that expert's
+    row_of_sorted = padded_start[by_expert] + mx.arange(pairs, dtype=mx.int32) - start[by_expert]
+
+    # each padded row's position (a pair's row) or the zero row after the last position (padding)
+    positions = x.reshape(-1, hidden)
+    source = mx.full((blocks * rows,), positions.shape[0], mx.uint32)
+    source[row_of_sorted] = (order // k).astype(mx.uint32)
+    rows_in = mx.concatenate([positions, mx.zeros((1, hidden), positions.dtype)])[source]
+    # a block's expert: how many experts' padded rows end at or before its first row
+    first_rows = mx.arange(blocks, dtype=mx.int32)[:, None] * rows
+    block_expert = mx.minimum((padded_end[None, :] <= first_rows).sum(axis=1), experts - 1).astype(mx.uint32)
+
+    xb = rows_in.reshape(blocks, rows, hidden)
+    up = _product(glu.up_proj, xb, block_expert)
+    gate = _product(glu.gate_proj, xb, block_expert)
+    out = _product(glu.down_proj, glu.activation(up, gate), block_expert).reshape(blocks * rows, hidden)
+
+    # back to the pairs' own order: pair order[j] was written to row row_of_sorted[j]
+    row_of_pair = mx.zeros((pairs,), mx.int32)
+    row_of_pair[order] = row_of_sorted
+    return out[row_of_pair].reshape(*idx.shape, hidden)
+
+
+def takes(glu) -> bool:
+    """mlx-lm's SwitchGLU with its own bias-free projections, all three quantized (affine, no
+    global scale): what :func:`blocked_switch_glu` reproduces."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
+
+    return type(glu) is SwitchGLU and all(
+        type(p) is QuantizedSwitchLinear and "bias" not in p and p.mode == "affine"
+        and getattr(p, "global_scale", None) is None
+        for p in (glu.gate_proj, glu.up_proj, glu.down_proj))
