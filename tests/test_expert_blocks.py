@@ -57,7 +57,7 @@ def test_the_rows_a_block(monkeypatch):
     assert expert_blocks.rows_per_block(2048, 128, "cuda") == 8
     assert expert_blocks.rows_per_block(2047, 128, "cuda") == 0
     assert expert_blocks.rows_per_block(10 ** 6, 128, "cuda") == 64
-    for backend in ("metal", None, "cpu"):
+    for backend in ("metal", "cpu"):
         assert expert_blocks.rows_per_block(16384, 128, backend) == 0
     monkeypatch.setenv(ENV, "auto")
     assert expert_blocks.rows_per_block(16384, 128, "cuda") == 64
