@@ -92,7 +92,7 @@ case "${1:-}" in
             # every way of changing a model
     python3 -c "from gemma4_mlx.kernels import nvrtc, cuda_build as c; print('nvrtc', nvrtc.path(), nvrtc.version(), c.target_arch(), c.enabled())"
     parity parity 400 tests/test_kernels.py tests/test_decode.py tests/test_fusion.py tests/test_cuda_build.py \
-      tests/test_determinism.py tests/test_model_changes.py ;;
+      tests/test_determinism.py tests/test_model_changes.py tests/test_expert_blocks.py ;;
   qcheck)   # the quantized matvec (qmv and its fused forms) on CUDA at the CPU's float32 tolerances:
             # the kernel tests, the decode step and the fusions with qmv, in 8 processes
     parity qcheck 300 tests/test_kernels.py tests/test_decode.py tests/test_fusion.py -k "qmv or quantized" ;;

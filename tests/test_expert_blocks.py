@@ -49,6 +49,17 @@ def test_blocked_experts_equal_switch_glu(spread, shape):
                                    err_msg=f"{spread} {shape} rows {rows}")
 
 
+@pytest.mark.parametrize("bits,group_size", [(8, 64), (4, 32)])
+def test_blocked_experts_other_quantizations(bits, group_size):
+    mx.random.seed(3)
+    glu = SwitchGLU(128, 64, 16, activation=_GeGLU(), bias=False)
+    nn.quantize(glu, group_size=group_size, bits=bits, class_predicate=lambda p, m: hasattr(m, "to_quantized"))
+    x = mx.random.normal((1, 45, 128), key=mx.random.key(4))
+    idx = _spread("crowded", (1, 45, 4), 16, 5)
+    np.testing.assert_allclose(np.array(expert_blocks.blocked_switch_glu(glu, x, idx, 16)), np.array(glu(x, idx)),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_the_rows_a_block(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     # auto: CUDA only, the largest power of two <= pairs / (2 x experts), 8 to 64
