@@ -6,21 +6,19 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 21): issue 14. One GPU is enough (nvidia-h200). Session 20 timed the capped prologue forms
-# (still slower: both stay off), made the float matvec `mv` with its gated forms the CUDA default (E2B / E4B bf16
-# step 1-13% faster in every paired run; e2e bf16 decode 2.15x), and put a MoE layer's small ops in three kernels
-# (norm_pair, moe_topk: parity 58 / 58; 26B-A4B bf16 step 7.85 ms against 8.30 without). In this order:
-#   1. `moe` again for the 4-bit line (it timed out on a fresh machine in session 20: run `Q=4 e2e` or any
-#      4-bit compare first so MLX's quantized kernels are compiled, or give the line 300 s), then
-#      `compare --preset 26b-a4b -q 4 -L 841,4096` twice (the 1.5x target; 1.28x / 1.39x @4,096 without them).
-#   2. `check` (the whole CUDA parity suite on the new defaults; session 20 ran it with the mv default set by
-#      environment: 891 / 894, the 3 fixed since).
-#   3. `Q=4 NEW=128 RUNS=2 e2e` and `NEW=2048 RUNS=1 e2e` (the 2048 rows are from session 10).
-#   After visit 2 the experts' mixture went into the close's launch (norm_pair FORM 2) and their gathers got
-#   constant batch indices (no Arange): 150 launches fewer a 26B-A4B step, emulated and compiled, unrun on a GPU;
-#   `moe` measures them too (its parity covers the mix form; `-moe` switches norm_pair / moe_topk off,
-#   `-expert indices` the constant indices; `+qmv all sizes` gives our 4-bit matvec, and its gated forms, every
-#   product: 26B-A4B's are all below its size rule, and its step is host-bound).
+# Next visit (session 22): issue 14. One GPU is enough (nvidia-h200). Session 21 put a prompt chunk's 4-bit experts
+# in blocks of one expert's rows (gemma4_mlx/expert_blocks.py): 26B-A4B 4-bit prefill 5.61x / 7.76x @841 / 4,096,
+# same 32 greedy tokens; the MoE kernels' steps read 1.28x (4-bit) / 1.50x (bf16); check 978 / 978. In this order:
+#   1. `blocks` again, with more time now (the layer micro-benchmark and the CUDA tests ran out of 150 / 90 s on the
+#      fresh machine: MLX's JIT compiles a quantized matmul per tile size; `c26` is the compare it ran after them).
+#      It says which rows a block win at 64-4,096 positions, and whether the rule (rows <= pairs / (2 x experts),
+#      8-64) picks them.
+#   2. `check` (now with tests/test_expert_blocks.py), then `Q=8 c26` (its experts take the blocks too,
+#      unmeasured) and `compare --e2e --preset 26b-a4b -q 4 --new-tokens 128 --runs 1` (a fresh process's first
+#      token after a long prompt; the checkpoint takes minutes to write on a fresh machine: a call of its own).
+#   3. Paired step runs of `ours` against `ours +qmv all sizes` (GEMMA4_MLX_QMV_MIN=0) on 26B-A4B 4-bit and E2B / E4B
+#      4-bit (session 21, one run each: 1.39x against 1.28x on 26B-A4B, 1.55x against 1.52x on E2B): the size
+#      rule was set on the kernel's GPU time alone, while the gated forms spare launches of a host-bound step.
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
@@ -274,11 +272,14 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     gzip -f "$OUT/mvsource.csv" "$OUT/mvdetail.txt"
     unset GEMMA4_MLX_KERNELS_DISABLE ;;
   blocks)   # session 21: a prompt chunk's 4-bit experts in blocks of one expert's rows (gemma4_mlx/expert_blocks.py;
-            # MLX's CUDA gather_qmm takes one row a pair): the layer alone at 26B-A4B's shapes, its tests on CUDA,
-            # then 26B-A4B 4-bit `compare` (the prefill rows; ~7 min on a fresh machine)
-    timeout 150 python3 bench/expert_blocks.py 64,256,841,2048,4096 2>&1 | tee "$OUT/expert-blocks.txt"
-    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_expert_blocks.py 2>&1 | tail -3
-    compare c26 ${C26_S:-330} --preset 26b-a4b -q 4 -L 841,4096 --runs ${RUNS:-3} -n ${NEW:-32} ;;
+            # MLX's CUDA gather_qmm takes one row a pair): the layer alone at 26B-A4B's shapes, then its tests on
+            # CUDA (session 21: 150 / 90 s were not enough on a fresh machine, MLX's JIT compiling a quantized
+            # matmul per tile size)
+    timeout ${BLOCKS_S:-300} python3 bench/expert_blocks.py 64,256,841,2048,4096 2>&1 | tee "$OUT/expert-blocks.txt"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_expert_blocks.py 2>&1 | tail -3 ;;
+  c26)      # session 21: 26B-A4B `compare` (Q=4 default; the prefill rows go through the experts' blocks; ~6 min on a
+            # fresh machine)
+    compare c26 ${C26_S:-400} --preset 26b-a4b -q ${Q:-4} -L 841,4096 --runs ${RUNS:-3} -n ${NEW:-32} ;;
   moe)      # session 20: a MoE layer's small ops as two kernels (norm_pair: the router's and the experts' input
             # norms, the branches' closing norms and sum; moe_topk: the router's choice), 26B-A4B's step being
             # host-bound (session 20: 1,091 launching primitives, encode 7.1 ms of a 10.9 ms step): their parity on
