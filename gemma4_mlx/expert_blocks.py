@@ -45,7 +45,10 @@ def rows_per_block(pairs: int, experts: int, backend: Optional[str] = None) -> i
 
         backend = dispatch.active_backend()
     if backend != "cuda":
-        return 0  # Metal's gather_qmm has its own path for sorted rows (unmeasured against this)
+        # the CPU's quantized matmul is bound by its arithmetic, not by reading weights: the padded
+        # rows cost more than the reads they save (session 21: 1.2-4.9x slower, docs/benchmarks.md);
+        # Metal's gather_qmm has its own path for sorted rows (unmeasured against this)
+        return 0
     rows = MAX_ROWS
     while rows >= MIN_ROWS and 2 * experts * rows > pairs:
         rows //= 2
