@@ -70,7 +70,7 @@ def blocked_switch_glu(glu, x: mx.array, idx: mx.array, rows: int) -> mx.array:
     # blocks: an expert's pairs take ceil(count / rows) of them; padding only where an expert has pairs
     blocks = -(-(pairs + min(experts, pairs) * (rows - 1)) // rows)
 
-    order = mx.argsort(flat)  # the pairs by expert (stable: by position within an expert)
+    order = mx.argsort(flat)  # the pairs by expert (any order within one: each gets a row of its own)
     by_expert = flat[order]
     counts = mx.zeros((experts,), mx.int32).at[flat].add(1)
     padded = (counts + (rows - 1)) // rows * rows
