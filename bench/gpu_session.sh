@@ -287,7 +287,7 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     parity moecheck 200 tests/test_kernels.py tests/test_decode.py -k "norm_pair or moe"
     for pq in "26b-a4b 4" "26b-a4b 0"; do
       CONFIGS="stock,ours,ours -moe,ours -expert indices,ours +qmv all sizes" ROUNDS=${ROUNDS:-5} STEPS=15 timeout ${MOE_S:-300} python3 bench/ablate.py $pq 2>&1 \
-        | tail -12 | tee "$OUT/moe-${pq// /-q}.txt"
+        | tail -16 | tee "$OUT/moe-${pq// /-q}.txt"
     done ;;
   loop)     # session 19: the prologue forms with their blocks capped (mv.PROLOGUE_BLOCKS, 264; a block takes LOOP sets of
             # row groups in turn): their parity on CUDA (test_residual_matvec_kernel's 16,400 outputs loop), then the step
