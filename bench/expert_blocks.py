@@ -1,7 +1,7 @@
 """One MoE layer's experts over a prompt chunk: mlx-lm's SwitchGLU (one row a (position, expert)
 pair) against gemma4_mlx.expert_blocks (blocks of one expert's rows), 26B-A4B's shapes (128
 experts, top 8, 2,816 x 704), 4-bit group 64, bf16 activations; the bf16 experts' SwitchGLU (MLX's
-grouped GEMM for sorted rows) as the yardstick. Median ms of RUNS evaluations a line, after two
+grouped GEMM for sorted rows) as the yardstick, and those in blocks of 32 rows. Median ms of RUNS evaluations a line, after two
 warm-ups; the outputs' largest difference from SwitchGLU's.
 
 Usage: python3 bench/expert_blocks.py [POSITIONS,...] (default 256,841,2048,4096; RUNS=10)
@@ -50,6 +50,8 @@ def main(positions) -> None:
         line = [f"{n:5d} positions: switch_glu 4-bit {timed(lambda: glu(x, idx)):8.2f}"]
         try:
             line.append(f"bf16 {timed(lambda: float_glu(x, idx)):7.2f}")
+            # the bf16 experts in blocks (not the default: MLX's gather_mm groups sorted rows itself)
+            line.append(f"bf16 blocks 32 {timed(lambda: expert_blocks.blocked_switch_glu(float_glu, x, idx, 32)):7.2f}")
         except RuntimeError:  # MLX's CPU gather_mm is float32 only
             line.append("bf16 n/a")
         auto = expert_blocks.rows_per_block(idx.size, EXPERTS, "cuda")

@@ -10,9 +10,10 @@ so ``gather_qmm`` takes ``rows`` rows a product and reads each weight tile once 
 are static (at most ``ceil((pairs + experts x (rows - 1)) / rows)`` blocks), so the layout costs a
 few small ops and no synchronisation; a padded row computes zeros and is never read back.
 
-``GEMMA4_MLX_EXPERT_BLOCKS``: unset or ``auto`` blocks chunks of at least :data:`MIN_ROWS` rows an
-expert on average on CUDA; ``0`` never (mlx-lm's call); a power of two N blocks every chunk of more
-than one position in N rows, on any backend (tests, ablations).
+``GEMMA4_MLX_EXPERT_BLOCKS``: unset or ``auto`` blocks the quantized experts of chunks of at least
+2 x :data:`MIN_ROWS` pairs an expert on CUDA; ``0`` never (mlx-lm's call); a power of two N blocks
+every chunk of more than one position in N rows, on any backend, unquantized experts too (tests,
+ablations: MLX's ``gather_mm`` groups sorted rows itself, so those are not blocked by default).
 """
 from __future__ import annotations
 
@@ -31,14 +32,22 @@ MIN_ROWS = 8
 MAX_ROWS = 64
 
 
-def rows_per_block(pairs: int, experts: int, backend: Optional[str] = None) -> int:
-    """Rows a block for a chunk of ``pairs`` (position, expert) pairs over ``experts`` experts; 0
-    for mlx-lm's call (one row a pair)."""
+def forced_rows() -> Optional[int]:
+    """``GEMMA4_MLX_EXPERT_BLOCKS`` as a number of rows (0: never), None for ``auto``."""
     raw = (switches.env(BLOCKS_ENV) or "").strip().lower()
-    if raw not in ("", "auto"):
-        forced = switches.env_count(BLOCKS_ENV)
-        if forced and forced & (forced - 1):
-            raise ValueError(f"{BLOCKS_ENV}={forced}: expected 0, auto or a power of two")
+    if raw in ("", "auto"):
+        return None
+    forced = switches.env_count(BLOCKS_ENV)
+    if forced and forced & (forced - 1):
+        raise ValueError(f"{BLOCKS_ENV}={forced}: expected 0, auto or a power of two")
+    return forced
+
+
+def rows_per_block(pairs: int, experts: int, backend: Optional[str] = None) -> int:
+    """Rows a block for a chunk of ``pairs`` (position, expert) pairs over ``experts`` quantized
+    experts; 0 for mlx-lm's call (one row a pair)."""
+    forced = forced_rows()
+    if forced is not None:
         return forced
     if backend is None:
         from .kernels import dispatch
@@ -55,14 +64,27 @@ def rows_per_block(pairs: int, experts: int, backend: Optional[str] = None) -> i
     return rows if rows >= MIN_ROWS else 0
 
 
+def rows_for(glu, idx: mx.array) -> int:
+    """Rows a block for ``glu`` (mlx-lm's SwitchGLU) over the expert ids ``idx`` of a prompt chunk;
+    0 for the module's own call. Quantized experts follow :func:`rows_per_block`; unquantized ones
+    (MLX's ``gather_mm`` groups sorted rows itself) only a forced number (ablations)."""
+    if idx.size <= idx.shape[-1] or not _plain(glu):
+        return 0
+    if _quantized(glu):
+        return rows_per_block(idx.size, glu.gate_proj["weight"].shape[0])
+    return forced_rows() or 0
+
+
 def _product(proj, x: mx.array, experts: mx.array) -> mx.array:
+    if "scales" not in proj:
+        return mx.gather_mm(x, proj["weight"].swapaxes(-1, -2), rhs_indices=experts)
     return mx.gather_qmm(x, proj["weight"], proj["scales"], proj.get("biases"), rhs_indices=experts,
                          transpose=True, group_size=proj.group_size, bits=proj.bits, mode=proj.mode)
 
 
 def blocked_switch_glu(glu, x: mx.array, idx: mx.array, rows: int) -> mx.array:
-    """``glu(x, idx)`` (mlx-lm's SwitchGLU of quantized projections: the chosen experts' outputs,
-    (..., k, hidden)) computed in blocks of ``rows`` rows of one expert each."""
+    """``glu(x, idx)`` (mlx-lm's SwitchGLU: the chosen experts' outputs, (..., k, hidden)) computed
+    in blocks of ``rows`` rows of one expert each."""
     experts = glu.gate_proj["weight"].shape[0]
     k, hidden = idx.shape[-1], x.shape[-1]
     flat = mx.stop_gradient(idx).flatten().astype(mx.uint32)
@@ -99,12 +121,21 @@ def blocked_switch_glu(glu, x: mx.array, idx: mx.array, rows: int) -> mx.array:
     return out[row_of_pair].reshape(*idx.shape, hidden)
 
 
-def takes(glu) -> bool:
-    """mlx-lm's SwitchGLU with its own bias-free projections, all three quantized (affine, no
-    global scale): what :func:`blocked_switch_glu` reproduces."""
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
+def _plain(glu) -> bool:
+    """mlx-lm's SwitchGLU with its own bias-free projections, all three unquantized or all three
+    quantized in affine mode without a global scale: what :func:`blocked_switch_glu` reproduces
+    (a LoRA'd projection keeps the module's call)."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
 
-    return type(glu) is SwitchGLU and all(
-        type(p) is QuantizedSwitchLinear and "bias" not in p and p.mode == "affine"
-        and getattr(p, "global_scale", None) is None
-        for p in (glu.gate_proj, glu.up_proj, glu.down_proj))
+    projections = (glu.gate_proj, glu.up_proj, glu.down_proj) if type(glu) is SwitchGLU else ()
+    kinds = {type(p) for p in projections}
+    if not projections or len(kinds) != 1 or any("bias" in p for p in projections):
+        return False
+    if kinds == {SwitchLinear}:
+        return True
+    return kinds == {QuantizedSwitchLinear} and all(
+        p.mode == "affine" and getattr(p, "global_scale", None) is None for p in projections)
+
+
+def _quantized(glu) -> bool:
+    return "scales" in glu.gate_proj

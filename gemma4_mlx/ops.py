@@ -385,11 +385,8 @@ def switch_glu(glu, x: mx.array, idx: mx.array) -> mx.array:
     if ctx is None:
         # a prompt chunk (inference: a training forward keeps mlx-lm's call): its sorted pairs in
         # blocks of one expert's rows (expert_blocks)
-        if idx.size > idx.shape[-1] and step_context.in_cached_call() and expert_blocks.takes(glu):
-            rows = expert_blocks.rows_per_block(idx.size, glu.gate_proj["weight"].shape[0])
-            if rows:
-                return expert_blocks.blocked_switch_glu(glu, x, idx, rows)
-        return glu(x, idx)
+        rows = expert_blocks.rows_for(glu, idx) if step_context.in_cached_call() else 0
+        return expert_blocks.blocked_switch_glu(glu, x, idx, rows) if rows else glu(x, idx)
     # SwitchGLU sorts 64 or more (token, expert) pairs first: that path stays the module's
     if idx.size >= 64 or not expert_indices_enabled() or not _plain_switch_glu(glu):
         return glu(x, idx)

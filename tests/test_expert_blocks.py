@@ -82,10 +82,35 @@ def test_the_rows_a_block(monkeypatch):
             expert_blocks.rows_per_block(16384, 128, "cuda")
 
 
-def test_only_quantized_affine_experts_are_taken():
-    glu = _quantized_glu()
-    assert expert_blocks.takes(glu)
-    assert not expert_blocks.takes(SwitchGLU(128, 64, 16, activation=_GeGLU(), bias=False))  # bf16: MLX groups those
+def test_which_experts_are_blocked(monkeypatch):
+    """Quantized experts by the rule; unquantized ones (MLX's gather_mm groups sorted rows) only
+    when a number is forced; one position, a changed projection or biases never."""
+    from mlx_lm.tuner.lora import LoRASwitchLinear
+
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(expert_blocks, "rows_per_block", lambda pairs, experts: 8)
+    quantized, float_glu = _quantized_glu(), SwitchGLU(128, 64, 16, activation=_GeGLU(), bias=False)
+    chunk, one = mx.zeros((1, 40, 4), mx.uint32), mx.zeros((1, 1, 4), mx.uint32)
+    assert expert_blocks.rows_for(quantized, chunk) == 8
+    assert expert_blocks.rows_for(quantized, one) == 0
+    assert expert_blocks.rows_for(float_glu, chunk) == 0
+    monkeypatch.setenv(ENV, "16")
+    assert expert_blocks.rows_for(float_glu, chunk) == 16
+    biased = SwitchGLU(128, 64, 16, activation=_GeGLU(), bias=True)
+    adapted = _quantized_glu()
+    adapted.up_proj = LoRASwitchLinear.from_base(adapted.up_proj, r=4)
+    for glu in (biased, adapted):
+        assert expert_blocks.rows_for(glu, chunk) == 0
+
+
+def test_blocked_float_experts_equal_switch_glu():
+    """The forced blocks over unquantized experts (float32: MLX's CPU gather_mm)."""
+    mx.random.seed(6)
+    glu = SwitchGLU(128, 64, 16, activation=_GeGLU(), bias=False)
+    x = mx.random.normal((2, 30, 128), key=mx.random.key(7))
+    idx = _spread("crowded", (2, 30, 4), 16, 8)
+    np.testing.assert_allclose(np.array(expert_blocks.blocked_switch_glu(glu, x, idx, 8)), np.array(glu(x, idx)),
+                               rtol=1e-5, atol=1e-5)
 
 
 def _quantized_pair():
