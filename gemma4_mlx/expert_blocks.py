@@ -5,7 +5,7 @@ mlx-lm's SwitchGLU sorts a chunk's (position, expert) pairs by expert and hands 
 row a tile (16 rows of tensor-core work, and the expert's whole weight tile read again for every
 pair: 26B-A4B's 2,048-position chunk is 16,384 pairs, 128 experts of 704 x 2,816), where its bf16
 ``gather_mm`` groups the sorted rows (a grouped GEMM). Here the sorted pairs are laid out in blocks
-of ``rows`` rows, each block one expert's (the last of an expert's blocks padded with a zero row),
+of ``rows`` rows, each block one expert's (the last of an expert's blocks padded with zero rows),
 so ``gather_qmm`` takes ``rows`` rows a product and reads each weight tile once a block. All shapes
 are static (at most ``ceil((pairs + experts x (rows - 1)) / rows)`` blocks), so the layout costs a
 few small ops and no synchronisation; a padded row computes zeros and is never read back.
