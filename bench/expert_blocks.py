@@ -1,35 +1,33 @@
 """One MoE layer's experts over a prompt chunk: mlx-lm's SwitchGLU (one row a (position, expert)
 pair) against gemma4_mlx.expert_blocks (blocks of one expert's rows), 26B-A4B's shapes (128
 experts, top 8, 2,816 x 704), 4-bit group 64, bf16 activations; the bf16 experts' SwitchGLU (MLX's
-grouped GEMM for sorted rows) as the yardstick, and those in blocks of 32 rows. Median ms of RUNS evaluations a line, after two
-warm-ups; the outputs' largest difference from SwitchGLU's.
+grouped GEMM for sorted rows) as the yardstick, and those in blocks of 32 rows. Median ms of RUNS
+evaluations a line, after three warm-ups (bench/kernels.py's timeit); the outputs' largest
+difference from SwitchGLU's.
 
 Usage: python3 bench/expert_blocks.py [POSITIONS,...] (default 256,841,2048,4096; RUNS=10)
 """
 import os
 import sys
-import time
+from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchGLU
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gemma4_mlx import expert_blocks
-from gemma4_mlx.model import _GeGLU
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from mlx_lm.models.switch_layers import SwitchGLU  # noqa: E402
+
+from bench.kernels import timeit  # noqa: E402
+from gemma4_mlx import expert_blocks  # noqa: E402
+from gemma4_mlx.model import _GeGLU  # noqa: E402
 
 EXPERTS, TOP_K, HIDDEN, WIDTH = 128, 8, 2816, 704
 RUNS = int(os.environ.get("RUNS", "10"))
 
 
 def timed(fn) -> float:
-    for _ in range(2):
-        mx.eval(fn())
-    times = []
-    for _ in range(RUNS):
-        t = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - t)
-    return 1e3 * sorted(times)[len(times) // 2]
+    """Median ms of RUNS evaluations, one call each."""
+    return 1e3 * timeit(fn, RUNS, batch=1)
 
 
 def main(positions) -> None:

@@ -21,7 +21,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from . import switches
+from . import switch_layers, switches
 
 BLOCKS_ENV = "GEMMA4_MLX_EXPERT_BLOCKS"
 
@@ -75,13 +75,6 @@ def rows_for(glu, idx: mx.array) -> int:
     return forced_rows() or 0
 
 
-def _product(proj, x: mx.array, experts: mx.array) -> mx.array:
-    if "scales" not in proj:
-        return mx.gather_mm(x, proj["weight"].swapaxes(-1, -2), rhs_indices=experts)
-    return mx.gather_qmm(x, proj["weight"], proj["scales"], proj.get("biases"), rhs_indices=experts,
-                         transpose=True, group_size=proj.group_size, bits=proj.bits, mode=proj.mode)
-
-
 def blocked_switch_glu(glu, x: mx.array, idx: mx.array, rows: int) -> mx.array:
     """``glu(x, idx)`` (mlx-lm's SwitchGLU: the chosen experts' outputs, (..., k, hidden)) computed
     in blocks of ``rows`` rows of one expert each."""
@@ -111,9 +104,9 @@ def blocked_switch_glu(glu, x: mx.array, idx: mx.array, rows: int) -> mx.array:
     block_expert = mx.minimum((padded_end[None, :] <= first_rows).sum(axis=1), experts - 1).astype(mx.uint32)
 
     xb = rows_in.reshape(blocks, rows, hidden)
-    up = _product(glu.up_proj, xb, block_expert)
-    gate = _product(glu.gate_proj, xb, block_expert)
-    out = _product(glu.down_proj, glu.activation(up, gate), block_expert).reshape(blocks * rows, hidden)
+    up = switch_layers.product(glu.up_proj, xb, block_expert)
+    gate = switch_layers.product(glu.gate_proj, xb, block_expert)
+    out = switch_layers.product(glu.down_proj, glu.activation(up, gate), block_expert).reshape(blocks * rows, hidden)
 
     # back to the pairs' own order: pair order[j] was written to row row_of_sorted[j]
     row_of_pair = mx.zeros((pairs,), mx.int32)
@@ -122,19 +115,16 @@ def blocked_switch_glu(glu, x: mx.array, idx: mx.array, rows: int) -> mx.array:
 
 
 def _plain(glu) -> bool:
-    """mlx-lm's SwitchGLU with its own bias-free projections, all three unquantized or all three
-    quantized in affine mode without a global scale: what :func:`blocked_switch_glu` reproduces
-    (a LoRA'd projection keeps the module's call)."""
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
-
-    projections = (glu.gate_proj, glu.up_proj, glu.down_proj) if type(glu) is SwitchGLU else ()
-    kinds = {type(p) for p in projections}
-    if not projections or len(kinds) != 1 or any("bias" in p for p in projections):
+    """:func:`switch_layers.own_projections`, all three of one kind: unquantized, or quantized in
+    affine mode without a global scale."""
+    if not switch_layers.own_projections(glu):
         return False
-    if kinds == {SwitchLinear}:
+    projections = (glu.gate_proj, glu.up_proj, glu.down_proj)
+    quantized = ["scales" in p for p in projections]
+    if not any(quantized):
         return True
-    return kinds == {QuantizedSwitchLinear} and all(
-        p.mode == "affine" and getattr(p, "global_scale", None) is None for p in projections)
+    return all(quantized) and all(p.mode == "affine" and getattr(p, "global_scale", None) is None
+                                  for p in projections)
 
 
 def _quantized(glu) -> bool:

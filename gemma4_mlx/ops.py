@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
-from . import chunk_attention, expert_blocks, step_context, switches
+from . import chunk_attention, expert_blocks, step_context, switch_layers, switches
 
 Offset = Union[int, mx.array]
 
@@ -353,24 +353,6 @@ def _batch_indices(ctx, shape: tuple) -> mx.array:
     return ctx.index_constants[key]
 
 
-def _plain_switch_glu(glu) -> bool:
-    """mlx-lm's SwitchGLU with its own projections, bias-free: what :func:`switch_glu` reproduces
-    (a LoRA or otherwise changed projection keeps the module's call)."""
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
-
-    return type(glu) is SwitchGLU and all(
-        type(p) in (SwitchLinear, QuantizedSwitchLinear) and "bias" not in p
-        for p in (glu.gate_proj, glu.up_proj, glu.down_proj))
-
-
-def _switch_product(proj, x: mx.array, idx: mx.array, batch: mx.array) -> mx.array:
-    if "scales" in proj:  # QuantizedSwitchLinear
-        return mx.gather_qmm(x, proj["weight"], proj["scales"], proj.get("biases"), lhs_indices=batch,
-                             rhs_indices=idx, transpose=True, group_size=proj.group_size, bits=proj.bits,
-                             mode=proj.mode, global_scale=proj.global_scale)
-    return mx.gather_mm(x, proj["weight"].swapaxes(-1, -2), lhs_indices=batch, rhs_indices=idx)
-
-
 def expert_indices_enabled() -> bool:
     """``GEMMA4_MLX_EXPERT_INDICES=0``: the decode step's experts take mlx-lm's SwitchGLU call as it
     is, their gathers' batch indices made by MLX (ablations; see :func:`switch_glu`)."""
@@ -379,8 +361,9 @@ def expert_indices_enabled() -> bool:
 
 def switch_glu(glu, x: mx.array, idx: mx.array) -> mx.array:
     """``glu(x, idx)``, mlx-lm's SwitchGLU: the chosen experts' outputs (..., k, hidden). A prompt
-    chunk's quantized experts go in blocks of rows (:mod:`expert_blocks`). In the decode step its gathers get their batch indices as constants of the trace: given none, MLX
-    makes them with an Arange launch per product (three a MoE layer, 90 a 26B-A4B step)."""
+    chunk's quantized experts go in blocks of rows (:mod:`expert_blocks`). In the decode step its
+    gathers get their batch indices as constants of the trace: given none, MLX makes them with an
+    Arange launch per product (three a MoE layer, 90 a 26B-A4B step)."""
     ctx = step_context.active()
     if ctx is None:
         # a prompt chunk (inference: a training forward keeps mlx-lm's call): its sorted pairs in
@@ -388,15 +371,16 @@ def switch_glu(glu, x: mx.array, idx: mx.array) -> mx.array:
         rows = expert_blocks.rows_for(glu, idx) if step_context.in_cached_call() else 0
         return expert_blocks.blocked_switch_glu(glu, x, idx, rows) if rows else glu(x, idx)
     # SwitchGLU sorts 64 or more (token, expert) pairs first: that path stays the module's
-    if idx.size >= 64 or not expert_indices_enabled() or not _plain_switch_glu(glu):
+    if idx.size >= 64 or not expert_indices_enabled() or not switch_layers.own_projections(glu):
         return glu(x, idx)
     idx = mx.stop_gradient(idx)
     x = mx.expand_dims(x, (-2, -3))  # (..., 1, 1, hidden): a batch entry per position
     per_position = _batch_indices(ctx, (*idx.shape[:-1], 1))
-    up = _switch_product(glu.up_proj, x, idx, per_position)
-    gate = _switch_product(glu.gate_proj, x, idx, per_position)
+    up = switch_layers.product(glu.up_proj, x, idx, per_position)
+    gate = switch_layers.product(glu.gate_proj, x, idx, per_position)
     # the activation's output holds a batch entry per (position, expert)
-    return _switch_product(glu.down_proj, glu.activation(up, gate), idx, _batch_indices(ctx, idx.shape)).squeeze(-2)
+    return switch_layers.product(glu.down_proj, glu.activation(up, gate), idx,
+                                 _batch_indices(ctx, idx.shape)).squeeze(-2)
 
 
 def fused_scalar(scalar: mx.array) -> mx.array:
