@@ -271,6 +271,14 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       > "$OUT/mvsource.csv" 2>&1; echo "ncu source exit $?"; head -c 3000 "$OUT/mvsource.csv"
     gzip -f "$OUT/mvsource.csv" "$OUT/mvdetail.txt"
     unset GEMMA4_MLX_KERNELS_DISABLE ;;
+  fill)     # session 22: a prompt's chunks written by Model.fill_cache (gemma4_mlx/prompt_fill.py: the cache-writing
+            # layers alone, the KV-shared tail and the head never built), as ours' generation and `compare` now run them:
+            # the prefill alone with and without it (E2B bf16 @841 / 4,096), then `compare` E2B bf16 (FILL_S each)
+    for n in 841 4096; do
+      CONFIGS="stock,ours,ours -fill" ROUNDS=${ROUNDS:-7} timeout ${FILL_S:-150} python3 bench/prefill_ablate.py e2b $n 2>&1 \
+        | tail -4 | tee "$OUT/fill-e2b-$n.txt"
+    done
+    compare fill-e2b ${FILL_S:-150} --preset e2b -L 841,4096 --runs ${RUNS:-3} -n ${NEW:-32} ;;
   blocks)   # session 21: a prompt chunk's 4-bit experts in blocks of one expert's rows (gemma4_mlx/expert_blocks.py;
             # MLX's CUDA gather_qmm takes one row a pair): the layer alone at 26B-A4B's shapes, then its tests on
             # CUDA (session 21: 150 / 90 s were not enough on a fresh machine, MLX's JIT compiling a quantized

@@ -6,7 +6,9 @@ CONFIGS=ours,... to run those lines only (and stock).
 Every configuration runs the prompt's chunks of 2,048 over a fresh mlx-lm prompt cache, evaluating
 the caches after each chunk (mlx-lm's generate_step does the same, then a one-token step for the
 last token and its logits: left out here, so a configuration change, which makes ours trace its
-decode step again, costs nothing in the timing). The configurations take turns, ROUNDS rounds,
+decode step again, costs nothing in the timing). Ours writes the chunks as its generation does
+(gemma4_mlx.prompt_fill: the cache-writing layers alone); "ours -fill" calls the model as
+generate_step does. The configurations take turns, ROUNDS rounds,
 one warm-up round first. Ours' configurations are one model with the kernel switches set in the
 environment between runs (the prefill is eager: each call reads them). Reported: each line's
 median time and its ratio to stock, from this run only.
@@ -25,6 +27,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from gemma4_mlx.bench.pair import build_pair
 from gemma4_mlx.bench.settings import BenchSettings
+from gemma4_mlx import prompt_fill
 from gemma4_mlx.kernels import dispatch
 
 preset = sys.argv[1] if len(sys.argv) > 1 else "e2b"
@@ -43,6 +46,7 @@ DENSE = {"GEMMA4_MLX_BANDED_WINDOW": "0", "GEMMA4_MLX_BLOCKED_CAUSAL": "0"}
 CONFIGS = {
     "stock": (stock, None, "auto"),
     "ours": (ours, None, "auto"),
+    "ours -fill": (ours, None, "auto", {prompt_fill.PROMPT_FILL_ENV: "0"}),
     "ours no overlap": (ours, None, "auto", {"GEMMA4_MLX_PREFILL_OVERLAP": "0"}),
     # every / every 3rd / 5th (the GPU default since session 17) cache-writing layer and the last
     # (E2B has 15 of them; "last" starts only the last): each start is an evaluation with a host
@@ -71,10 +75,11 @@ CONFIGS = {
 
 def prefill(model) -> float:
     cache = make_prompt_cache(model)
+    write = model.fill_cache if prompt_fill.fills_itself(model) else model
     mx.synchronize()
     t = time.perf_counter()
     for start in range(0, P, STEP):
-        model(prompt[None, start:start + STEP], cache=cache)
+        write(prompt[None, start:start + STEP], cache)
         mx.eval([c.state for c in cache])
     mx.synchronize()
     return time.perf_counter() - t

@@ -1,6 +1,7 @@
 """Text generation for Gemma 4, built on mlx-lm's generation machinery.
 
-:func:`stream_generate` runs :func:`mlx_lm.generate.generate_step` (prefill in steps, async decode,
+:func:`stream_generate` runs :func:`mlx_lm.generate.generate_step` (through
+:func:`gemma4_mlx.prompt_fill.generate_steps`: prefill in steps, async decode,
 prompt caches), samples with :func:`mlx_lm.sample_utils.make_sampler`, and adds what Gemma 4
 needs on top: its chat format (special-token text in caller content kept as text), stopping on
 every end-of-turn id the checkpoint declares (the end marker itself is never emitted), the
@@ -24,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Union
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -38,6 +38,7 @@ from .chat_format import (
     encode_tool_results,
 )
 from .decode import reserve as reserve_decode
+from .prompt_fill import generate_steps
 from .tools import TOOL_RESPONSE_START, ToolCall, ToolCallParser, normalize_tools
 from .speculative import (
     DEFAULT_NUM_DRAFT_TOKENS,
@@ -448,7 +449,7 @@ def stream_generate(
     n_prompt = len(tokens)
     cuda_context.ensure_current()  # before the prompt's array is made: see cuda_context
     if draft_model is None:
-        steps = ((token, logprobs, False) for token, logprobs in generate_step(
+        steps = ((token, logprobs, False) for token, logprobs in generate_steps(
             mx.array(tokens), model, max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
             prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, **kv_options, **step_kwargs))
     else:

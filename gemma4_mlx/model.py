@@ -278,7 +278,9 @@ class Gemma4TextModel(nn.Module):
             masks[p.layer_type] = ops.make_mask(h, c, window)
         return masks
 
-    def __call__(self, inputs: mx.array, cache=None, trace: Optional[list] = None):
+    def __call__(self, inputs: mx.array, cache=None, trace: Optional[list] = None, fill_only: bool = False):
+        """The final-normed hidden states; with ``fill_only``, nothing: the layers after the last
+        cache-writing one are not built (see :meth:`Model.fill_cache`)."""
         a = self.args
         # MLX does not bounds-check gathers: an id outside a table (only possible through the
         # drop-in path; our generate refuses such ids with a clear error) must not read past it.
@@ -309,7 +311,11 @@ class Gemma4TextModel(nn.Module):
         writers_seen = 0
         in_flight = None  # the last started layer's keys and values, until the next start
         last = len(self.layers) - 1
+        if fill_only:
+            last = max(p.index for p in a.plan if not p.is_kv_shared)
         for i, (layer, p, next_norm) in enumerate(zip(self.layers, a.plan, next_norms)):
+            if i > last:
+                break
             c = cache[p.cache_index] if p.cache_index is not None else None
             shared = kv_by_layer[p.kv_source] if p.is_kv_shared else None
             record = {} if trace is not None else None
@@ -336,7 +342,7 @@ class Gemma4TextModel(nn.Module):
             if trace is not None:
                 record["out"] = h
                 trace.append(record)
-        return normed
+        return None if fill_only else normed
 
 
 OVERLAP_ENV = "GEMMA4_MLX_PREFILL_OVERLAP"
@@ -423,6 +429,18 @@ class Model(nn.Module):
             return self._eager(inputs, cache=cache, trace=trace, return_hidden=return_hidden)
         with step_context.cached_call():
             return self._eager(inputs, cache=cache, trace=trace, return_hidden=return_hidden)
+
+    def fill_cache(self, inputs: mx.array, cache) -> None:
+        """Build the writes of a prompt chunk's keys and values into ``cache`` (lazily, as a call
+        does: evaluate the caches' ``state`` next), and nothing that only the logits need: the
+        KV-shared layers, the final norm and the head are not built at all. mlx-lm's prefill calls
+        the model and evaluates the caches alone, so lazy evaluation already spares the device
+        that work; this spares the host building its graph, which the device waits through
+        (:mod:`gemma4_mlx.prompt_fill`)."""
+        if inputs.ndim != 2:
+            raise ValueError(f"fill_cache takes token ids of shape (batch, length), got {inputs.shape}")
+        with step_context.cached_call():
+            self.model(inputs, cache=cache[: self.args.num_caches], fill_only=True)
 
     def shard(self, group: Optional[mx.distributed.Group] = None) -> None:
         """Tensor parallelism over ``group`` (mlx-lm's ``sharded_load`` convention); see

@@ -1,5 +1,6 @@
 """The server's one generation thread: a bounded queue of jobs, each decoded with mlx-lm's
-``generate_step`` (samplers and logits processors from ``mlx_lm.sample_utils``), or with
+``generate_step`` (through :func:`gemma4_mlx.prompt_fill.generate_steps`; samplers and logits
+processors from ``mlx_lm.sample_utils``), or with
 :func:`gemma4_mlx.speculative.speculative_generate_step` when the server was started with a draft
 model (the same tokens under greedy sampling), cancellable between prefill chunks and between
 tokens.
@@ -26,12 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from . import cuda_context
 from .chat_format import ReasoningParser
+from .prompt_fill import generate_steps
 from .server_api import GenerationRequest
 from .peer_watch import PEER_LOST_GRACE
 from .server_distributed import IDLE_TICK, GroupLost, group_failure
@@ -433,7 +434,7 @@ class Worker:
         """``(token, logprobs)``: mlx-lm's step, or the exact speculative one (counted in ``job``)."""
         cuda_context.ensure_current()  # before the prompt's array is made: see cuda_context
         if self.draft_model is None:
-            return generate_step(
+            return generate_steps(
                 mx.array(r.prompt), self.model, max_tokens=r.max_tokens, sampler=sampler,
                 logits_processors=processors or None, prompt_cache=make_prompt_cache(self.model),
                 prefill_step_size=self.prefill_step_size, prompt_progress_callback=progress,

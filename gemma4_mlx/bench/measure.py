@@ -15,7 +15,8 @@ SIDES = ("ours", "stock")
 
 
 class Counted:
-    """Delegating wrapper that counts forward calls (proof that a side really ran)."""
+    """Delegating wrapper that counts forward calls (proof that a side really ran); a prompt chunk
+    written by ours' ``fill_cache`` counts as one, as the model call it replaces."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -26,7 +27,15 @@ class Counted:
         return self.model(*args, **kwargs)
 
     def __getattr__(self, name):
-        return getattr(self.model, name)
+        attr = getattr(self.model, name)
+        if name != "fill_cache":
+            return attr
+
+        def fill_cache(*args, **kwargs):
+            self.calls += 1
+            return attr(*args, **kwargs)
+
+        return fill_cache
 
 
 def make_prompt(length: int, vocab_size: int, seed: int) -> mx.array:
@@ -36,10 +45,12 @@ def make_prompt(length: int, vocab_size: int, seed: int) -> mx.array:
 
 
 def greedy_tokens(model, prompt: mx.array, n: int, prefill_step_size: int = 2048) -> List[int]:
-    """``n`` greedy tokens through mlx-lm's generate_step (the prompt prefilled in chunks)."""
-    from mlx_lm.generate import generate_step
+    """``n`` greedy tokens through each side's generation: mlx-lm's generate_step (the prompt
+    prefilled in chunks), for ours through :func:`gemma4_mlx.prompt_fill.generate_steps` as
+    ``gemma4_mlx.stream_generate`` runs it (its chunks fill the caches alone)."""
+    from ..prompt_fill import generate_steps
 
-    return [int(t) for t, _ in generate_step(prompt, model, max_tokens=n, prefill_step_size=prefill_step_size)]
+    return [int(t) for t, _ in generate_steps(prompt, model, max_tokens=n, prefill_step_size=prefill_step_size)]
 
 
 def last_logits(model, prompt: mx.array, prefill_step_size: int = 2048) -> mx.array:
@@ -89,14 +100,15 @@ def token_check(ours, stock, prompt: mx.array, n: int, dtype_name: str, prefill_
 
 
 def one_run(model, prompt: mx.array, decode_tokens: int, prefill_step_size: int = 2048) -> Dict[str, float]:
-    """Prefill ``prompt`` and greedily decode ``decode_tokens`` tokens with mlx-lm's generate_step."""
-    from mlx_lm.generate import generate_step
+    """Prefill ``prompt`` and greedily decode ``decode_tokens`` tokens through the side's generation
+    (:func:`greedy_tokens`)."""
+    from ..prompt_fill import generate_steps
 
     mx.clear_cache()
     mx.synchronize()
     mx.reset_peak_memory()
     base = mx.get_active_memory()
-    gen = generate_step(prompt, model, max_tokens=decode_tokens, prefill_step_size=prefill_step_size)
+    gen = generate_steps(prompt, model, max_tokens=decode_tokens, prefill_step_size=prefill_step_size)
     t0 = time.perf_counter()
     first, _ = next(gen)
     t1 = time.perf_counter()
