@@ -1,7 +1,7 @@
 """One MoE layer's experts over a prompt chunk: mlx-lm's SwitchGLU (one row a (position, expert)
 pair) against gemma4_mlx.expert_blocks (blocks of one expert's rows), 26B-A4B's shapes (128
 experts, top 8, 2,816 x 704), 4-bit group 64, bf16 activations; the bf16 experts' SwitchGLU (MLX's
-grouped GEMM for sorted rows) as the yardstick, and those in blocks of 32 rows. Median ms of RUNS
+grouped GEMM for sorted rows) as the yardstick, and those in blocks of 8-64 rows. Median ms of RUNS
 evaluations a line, after three warm-ups (bench/kernels.py's timeit); the outputs' largest
 difference from SwitchGLU's.
 
@@ -46,13 +46,16 @@ def main(positions) -> None:
         mx.eval(x, idx)
         want = glu(x, idx)
         line = [f"{n:5d} positions: switch_glu 4-bit {timed(lambda: glu(x, idx)):8.2f}"]
+        auto = expert_blocks.rows_per_block(idx.size, EXPERTS, "cuda")
         try:
             line.append(f"bf16 {timed(lambda: float_glu(x, idx)):7.2f}")
-            # the bf16 experts in blocks (not the default: MLX's gather_mm groups sorted rows itself)
-            line.append(f"bf16 blocks 32 {timed(lambda: expert_blocks.blocked_switch_glu(float_glu, x, idx, 32)):7.2f}")
+            # the bf16 experts in blocks (MLX's gather_mm groups sorted rows itself, one row a pair)
+            for rows in (8, 16, 32, 64):
+                mark = "*" if rows == auto else ""
+                line.append(f"bf16 blocks {rows}{mark} "
+                            f"{timed(lambda: expert_blocks.blocked_switch_glu(float_glu, x, idx, rows)):7.2f}")
         except RuntimeError:  # MLX's CPU gather_mm is float32 only
             line.append("bf16 n/a")
-        auto = expert_blocks.rows_per_block(idx.size, EXPERTS, "cuda")
         for rows in (8, 16, 32, 64):
             got = expert_blocks.blocked_switch_glu(glu, x, idx, rows)
             diff = mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item()

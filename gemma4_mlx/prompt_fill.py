@@ -12,7 +12,8 @@ last prompt token to ``generate_step`` with the filled cache. Same caches, so th
 It keeps ``generate_step``'s own prefill where that would change what is computed or seen:
 logits processors (they are shown the prompt's tokens as ``generate_step`` consumes them), a
 quantized KV cache (``kv_bits``: ``generate_step`` quantizes between chunks, so later chunks
-attend to quantized keys), input embeddings, and models without ``fill_cache`` (stock's).
+attend to quantized keys), input embeddings, and models without ``fill_cache`` (stock's, and
+wrappers that only forward attributes to ours).
 ``GEMMA4_MLX_PROMPT_FILL=0`` keeps it everywhere (an opt-out, and the ablation).
 """
 from typing import Callable, Iterator, Optional, Tuple
@@ -28,8 +29,10 @@ PROMPT_FILL_ENV = "GEMMA4_MLX_PROMPT_FILL"
 
 def fills_itself(model, *, logits_processors=None, kv_bits: Optional[int] = None,
                  input_embeddings: Optional[mx.array] = None) -> bool:
-    """Whether :func:`generate_steps` writes the prompt's chunks with ``model.fill_cache``."""
-    return (callable(getattr(model, "fill_cache", None)) and not logits_processors and kv_bits is None
+    """Whether :func:`generate_steps` writes the prompt's chunks with ``model.fill_cache``. Looked
+    up on the model's class: a wrapper that forwards attributes to a model (``__getattr__``) but
+    does its own work in ``__call__`` must see every chunk, as under ``generate_step``."""
+    return (callable(getattr(type(model), "fill_cache", None)) and not logits_processors and kv_bits is None
             and input_embeddings is None and env_flag(PROMPT_FILL_ENV))
 
 

@@ -15,8 +15,7 @@ SIDES = ("ours", "stock")
 
 
 class Counted:
-    """Delegating wrapper that counts forward calls (proof that a side really ran); a prompt chunk
-    written by ours' ``fill_cache`` counts as one, as the model call it replaces."""
+    """Delegating wrapper that counts forward calls (proof that a side really ran)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -27,15 +26,21 @@ class Counted:
         return self.model(*args, **kwargs)
 
     def __getattr__(self, name):
-        attr = getattr(self.model, name)
-        if name != "fill_cache":
-            return attr
+        return getattr(self.model, name)
 
-        def fill_cache(*args, **kwargs):
-            self.calls += 1
-            return attr(*args, **kwargs)
 
-        return fill_cache
+class CountedFill(Counted):
+    """:class:`Counted` for ours: a prompt chunk written by ``fill_cache`` counts as one call, as the
+    model call it replaces."""
+
+    def fill_cache(self, *args, **kwargs):
+        self.calls += 1
+        return self.model.fill_cache(*args, **kwargs)
+
+
+def counted(model: nn.Module) -> Counted:
+    """The counting wrapper for ``model``: it has ``fill_cache`` where the model has."""
+    return CountedFill(model) if callable(getattr(type(model), "fill_cache", None)) else Counted(model)
 
 
 def make_prompt(length: int, vocab_size: int, seed: int) -> mx.array:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .environment import PROJECT_ROOT, environment
-from .measure import METRICS, SIDES, Counted, make_prompt, median, one_run, token_check
+from .measure import METRICS, SIDES, counted, make_prompt, median, one_run, token_check
 from .pair import build_pair
 from .reference import transformers_reference
 from .settings import BenchSettings
@@ -33,7 +33,7 @@ def run_benchmark(settings: Optional[BenchSettings] = None, pair: Optional[Tuple
     else:
         ours, stock = pair
         meta = dict(meta or {"source": "given"})
-    sides = {"ours": Counted(ours), "stock": Counted(stock)}
+    sides = {"ours": counted(ours), "stock": counted(stock)}
     vocab = meta.get("vocab_size") or ours.args.vocab_size
     env = environment()
     log(f"device {env['device']}{' (' + env['gpu_name'] + ')' if env['gpu_name'] else ''}, "
