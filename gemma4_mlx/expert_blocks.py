@@ -1,19 +1,21 @@
-"""A long prompt chunk's quantized experts in blocks of rows that share one expert.
+"""A long prompt chunk's experts in blocks of rows that share one expert.
 
 mlx-lm's SwitchGLU sorts a chunk's (position, expert) pairs by expert and hands MLX's
 ``gather_qmm`` one row per pair. MLX's CUDA backend then runs its tiled quantized matmul with one
 row a tile (16 rows of tensor-core work, and the expert's whole weight tile read again for every
-pair: 26B-A4B's 2,048-position chunk is 16,384 pairs, 128 experts of 704 x 2,816), where its bf16
-``gather_mm`` groups the sorted rows (a grouped GEMM). Here the sorted pairs are laid out in blocks
-of ``rows`` rows, each block one expert's (the last of an expert's blocks padded with zero rows),
-so ``gather_qmm`` takes ``rows`` rows a product and reads each weight tile once a block. All shapes
-are static (at most ``ceil((pairs + experts x (rows - 1)) / rows)`` blocks), so the layout costs a
-few small ops and no synchronisation; a padded row computes zeros and is never read back.
+pair: 26B-A4B's 2,048-position chunk is 16,384 pairs, 128 experts of 704 x 2,816). Its bf16
+``gather_mm`` groups the sorted rows, yet is slower than a batched product of blocks too (session
+22, 26B-A4B's shapes on the H200: 3.39 against 2.06 ms at 841 positions, 7.23 against 4.69 at
+4,096). Here the sorted pairs are laid out in blocks of ``rows`` rows, each block one expert's (the
+last of an expert's blocks padded with zero rows), so the product takes ``rows`` rows a block and
+reads each weight tile once a block. All shapes are static (at most ``ceil((pairs + experts x
+(rows - 1)) / rows)`` blocks), so the layout costs a few small ops and no synchronisation; a padded
+row computes zeros and is never read back.
 
-``GEMMA4_MLX_EXPERT_BLOCKS``: unset or ``auto`` blocks the quantized experts of chunks of at least
-2 x :data:`MIN_ROWS` pairs an expert on CUDA; ``0`` never (mlx-lm's call); a power of two N blocks
-every chunk of more than one position in N rows, on any backend, unquantized experts too (tests,
-ablations: MLX's ``gather_mm`` groups sorted rows itself, so those are not blocked by default).
+``GEMMA4_MLX_EXPERT_BLOCKS``: unset or ``auto`` blocks the experts (bf16 / float, or quantized in
+affine mode) of chunks of at least :data:`MIN_PAIRS_PER_EXPERT` pairs an expert on CUDA
+(:func:`rows_per_block`); ``0`` never (mlx-lm's call); a power of two N blocks every chunk of more
+than one position in N rows, on any backend (tests, ablations).
 """
 from __future__ import annotations
 
@@ -25,11 +27,16 @@ from . import switch_layers, switches
 
 BLOCKS_ENV = "GEMMA4_MLX_EXPERT_BLOCKS"
 
-# Rows a block, auto: the largest power of two up to MAX_ROWS with at most half a block of padding
-# an expert costing a quarter of the rows or less (rows <= pairs / (2 x experts)); none below
-# MIN_ROWS (MLX's tiles are 16 rows or more, 64 at most).
+# Rows a block, auto: the pairs an expert gets on average, up to the next power of two, within
+# MIN_ROWS..MAX_ROWS (MLX's tiles are 16 rows or more, 64 at most); blocks only from
+# MIN_PAIRS_PER_EXPERT pairs an expert. Session 22 (H200, 26B-A4B's shapes, one layer 4-bit, ms,
+# mlx-lm's call / the best rows): 64 positions (4 pairs an expert) 2.15 / 1.21 in 8 rows; 256 (16)
+# 7.01 / 1.45 in 16; 841 (53) 22.1 / 2.42 in 64; 2,048 and 4,096 64 rows (3.51, 5.59 against
+# 52.8, 104.5). Session 21's rule (rows <= pairs / (2 x experts), none from 16 pairs an expert
+# down) took half or less of these rows, and no blocks at 64 positions.
 MIN_ROWS = 8
 MAX_ROWS = 64
+MIN_PAIRS_PER_EXPERT = 4
 
 
 def forced_rows() -> Optional[int]:
@@ -44,8 +51,8 @@ def forced_rows() -> Optional[int]:
 
 
 def rows_per_block(pairs: int, experts: int, backend: Optional[str] = None) -> int:
-    """Rows a block for a chunk of ``pairs`` (position, expert) pairs over ``experts`` quantized
-    experts; 0 for mlx-lm's call (one row a pair)."""
+    """Rows a block for a chunk of ``pairs`` (position, expert) pairs over ``experts`` experts; 0
+    for mlx-lm's call (one row a pair)."""
     forced = forced_rows()
     if forced is not None:
         return forced
@@ -54,25 +61,25 @@ def rows_per_block(pairs: int, experts: int, backend: Optional[str] = None) -> i
 
         backend = dispatch.active_backend()
     if backend != "cuda":
-        # the CPU's quantized matmul is bound by its arithmetic, not by reading weights: the padded
-        # rows cost more than the reads they save (session 21: 1.2-4.9x slower, docs/benchmarks.md);
-        # Metal's gather_qmm has its own path for sorted rows (unmeasured against this)
+        # the CPU's matmuls are bound by their arithmetic, not by reading weights: the padded rows
+        # cost more than the reads they save (session 21, 4-bit: 1.2-4.9x slower,
+        # docs/benchmarks.md); Metal's gather_qmm / gather_mm have their own paths for sorted rows
+        # (unmeasured against this)
         return 0
-    rows = MAX_ROWS
-    while rows >= MIN_ROWS and 2 * experts * rows > pairs:
-        rows //= 2
-    return rows if rows >= MIN_ROWS else 0
+    if pairs < MIN_PAIRS_PER_EXPERT * experts:
+        return 0
+    rows = MIN_ROWS
+    while rows < MAX_ROWS and rows * experts < pairs:
+        rows *= 2
+    return rows
 
 
 def rows_for(glu, idx: mx.array) -> int:
-    """Rows a block for ``glu`` (mlx-lm's SwitchGLU) over the expert ids ``idx`` of a prompt chunk;
-    0 for the module's own call. Quantized experts follow :func:`rows_per_block`; unquantized ones
-    (MLX's ``gather_mm`` groups sorted rows itself) only a forced number (ablations)."""
+    """Rows a block for ``glu`` (mlx-lm's SwitchGLU) over the expert ids ``idx`` of a prompt chunk
+    (:func:`rows_per_block`); 0 for the module's own call."""
     if idx.size <= idx.shape[-1] or not _plain(glu):
         return 0
-    if _quantized(glu):
-        return rows_per_block(idx.size, glu.gate_proj["weight"].shape[0])
-    return forced_rows() or 0
+    return rows_per_block(idx.size, glu.gate_proj["weight"].shape[0])
 
 
 def blocked_switch_glu(glu, x: mx.array, idx: mx.array, rows: int) -> mx.array:
@@ -126,6 +133,3 @@ def _plain(glu) -> bool:
     return all(quantized) and all(p.mode == "affine" and getattr(p, "global_scale", None) is None
                                   for p in projections)
 
-
-def _quantized(glu) -> bool:
-    return "scales" in glu.gate_proj

@@ -361,7 +361,7 @@ def expert_indices_enabled() -> bool:
 
 def switch_glu(glu, x: mx.array, idx: mx.array) -> mx.array:
     """``glu(x, idx)``, mlx-lm's SwitchGLU: the chosen experts' outputs (..., k, hidden). A prompt
-    chunk's quantized experts go in blocks of rows (:mod:`expert_blocks`). In the decode step its
+    chunk's experts go in blocks of rows (:mod:`expert_blocks`). In the decode step its
     gathers get their batch indices as constants of the trace: given none, MLX makes them with an
     Arange launch per product (three a MoE layer, 90 a 26B-A4B step)."""
     ctx = step_context.active()

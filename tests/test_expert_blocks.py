@@ -1,4 +1,4 @@
-"""A prompt chunk's quantized experts in blocks of one expert's rows (gemma4_mlx.expert_blocks):
+"""A prompt chunk's experts (quantized or not) in blocks of one expert's rows (gemma4_mlx.expert_blocks):
 the same outputs as mlx-lm's SwitchGLU (one row a pair) for any spread of the pairs over the
 experts, the rule that picks the rows a block, and a whole model's prefill through it."""
 from __future__ import annotations
@@ -62,11 +62,16 @@ def test_blocked_experts_other_quantizations(bits, group_size):
 
 def test_the_rows_a_block(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    # auto: CUDA only, the largest power of two <= pairs / (2 x experts), 8 to 64
+    # auto: CUDA only, the pairs an expert gets up to the next power of two, 8 to 64, from 4 an expert
     assert expert_blocks.rows_per_block(16384, 128, "cuda") == 64  # 26B-A4B, a 2,048-position chunk
-    assert expert_blocks.rows_per_block(6720, 128, "cuda") == 16  # 840 positions
-    assert expert_blocks.rows_per_block(2048, 128, "cuda") == 8
-    assert expert_blocks.rows_per_block(2047, 128, "cuda") == 0
+    assert expert_blocks.rows_per_block(6720, 128, "cuda") == 64  # 840 positions: 52.5 an expert
+    assert expert_blocks.rows_per_block(4096, 128, "cuda") == 32  # exactly 32 an expert
+    assert expert_blocks.rows_per_block(4097, 128, "cuda") == 64
+    assert expert_blocks.rows_per_block(2048, 128, "cuda") == 16  # 256 positions
+    assert expert_blocks.rows_per_block(1025, 128, "cuda") == 16
+    assert expert_blocks.rows_per_block(1024, 128, "cuda") == 8
+    assert expert_blocks.rows_per_block(512, 128, "cuda") == 8  # 64 positions: 4 an expert
+    assert expert_blocks.rows_per_block(511, 128, "cuda") == 0
     assert expert_blocks.rows_per_block(10 ** 6, 128, "cuda") == 64
     for backend in ("metal", "cpu"):
         assert expert_blocks.rows_per_block(16384, 128, backend) == 0
@@ -83,8 +88,8 @@ def test_the_rows_a_block(monkeypatch):
 
 
 def test_which_experts_are_blocked(monkeypatch):
-    """Quantized experts by the rule; unquantized ones (MLX's gather_mm groups sorted rows) only
-    when a number is forced; one position, a changed projection or biases never."""
+    """Quantized and unquantized experts by the rule; one position, a changed projection or biases
+    never."""
     from mlx_lm.tuner.lora import LoRASwitchLinear
 
     monkeypatch.delenv(ENV, raising=False)
@@ -93,9 +98,8 @@ def test_which_experts_are_blocked(monkeypatch):
     chunk, one = mx.zeros((1, 40, 4), mx.uint32), mx.zeros((1, 1, 4), mx.uint32)
     assert expert_blocks.rows_for(quantized, chunk) == 8
     assert expert_blocks.rows_for(quantized, one) == 0
-    assert expert_blocks.rows_for(float_glu, chunk) == 0
-    monkeypatch.setenv(ENV, "16")
-    assert expert_blocks.rows_for(float_glu, chunk) == 16
+    assert expert_blocks.rows_for(float_glu, chunk) == 8
+    assert expert_blocks.rows_for(float_glu, one) == 0
     biased = SwitchGLU(128, 64, 16, activation=_GeGLU(), bias=True)
     adapted = _quantized_glu()
     adapted.up_proj = LoRASwitchLinear.from_base(adapted.up_proj, r=4)

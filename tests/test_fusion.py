@@ -169,13 +169,15 @@ def test_joints_are_evaluated_a_group_at_a_time(tmp_path, monkeypatch):
 
 def test_quantized_joins_keep_mlx_cuda_matvec(monkeypatch, qmv_size_rule):
     """On an sm90 GPU MLX runs a one-row quantized matmul with its matrix-vector kernel only up to
-    16,384 outputs and inputs: members that each fit are not joined past that (E2B's double-wide
-    gate/up, 31B's global q/k), members already past it or a joint within it still are; elsewhere
-    (Metal, other GPUs, the CPU) every compatible set is joined."""
+    16,384 outputs and inputs: where MLX's kernel would run the joint (8-bit below qmv's size rule,
+    or qmv off), members that each fit are not joined past that (E2B's double-wide gate/up, 31B's
+    global q/k), members already past it or a joint within it still are; a joint our qmv takes is
+    joined (every 4-bit one on CUDA since session 22); elsewhere (Metal, other GPUs, the CPU) every
+    compatible set is joined."""
     from gemma4_mlx import decode
 
-    def quantized(rows, cols=256):
-        layer = nn.QuantizedLinear(cols, rows, bias=False, group_size=64, bits=4)
+    def quantized(rows, cols=256, bits=8):
+        layer = nn.QuantizedLinear(cols, rows, bias=False, group_size=64, bits=bits)
         mx.eval(layer.parameters())
         return layer
 
@@ -184,11 +186,12 @@ def test_quantized_joins_keep_mlx_cuda_matvec(monkeypatch, qmv_size_rule):
     past = [quantized(21504), quantized(21504)]  # each already past the line
     monkeypatch.setattr(decode, "_sm90_quantized_dispatch", lambda: True)
     monkeypatch.setattr("gemma4_mlx.kernels.qmv.MIN_VALUES", qmv_size_rule)  # the package's own
-    big = [quantized(10240, cols=2560), quantized(10240, cols=2560)]  # E4B's gate/up: our qmv takes the joint
-    assert decode.JoinedProjection.compatible(big)
-    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "qmv")  # MLX's kernels then: the line holds
-    assert not decode.JoinedProjection.compatible(big)
-    monkeypatch.delenv("GEMMA4_MLX_KERNELS_DISABLE")
+    for big in ([quantized(10240, cols=2560, bits=4), quantized(10240, cols=2560, bits=4)],  # E4B's gate/up
+                [quantized(12288, bits=4), quantized(12288, bits=4)]):  # E2B's 4-bit double-wide gate/up
+        assert decode.JoinedProjection.compatible(big)  # our qmv takes the joint
+        monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "qmv")  # MLX's kernels then: the line holds
+        assert not decode.JoinedProjection.compatible(big)
+        monkeypatch.delenv("GEMMA4_MLX_KERNELS_DISABLE")
     assert not decode.JoinedProjection.compatible(double_wide)
     assert decode.JoinedProjection.compatible(small)
     assert decode.JoinedProjection.compatible(past)

@@ -122,9 +122,10 @@ def active_backend() -> str | None:
 # 7.73 / 8.15, 8 rounds each; 31B bf16 level, 23.5 against 23.2; docs/benchmarks.md, session 20).
 # Session 7 measured it slower (10.16 ms without, 12.90 with it) with the residual prologue forms,
 # which stay off: "mv_residual" below. "qmv" is on on CUDA since
-# session 9 for the 4-bit products its size rule takes (qmv.MIN_VALUES: E4B's gate/up and every 31B
-# product, where its conversion-free dequantization beats MLX's quantized_matmul; since session 10
-# 8-bit ones from 2^27 weights: 31B's gate/up and the tied heads), off on Metal
+# session 9 for the products its size rule takes (qmv.MIN_VALUES: every 4-bit one since session 22,
+# before then E4B's gate/up and every 31B product, where its conversion-free dequantization beats
+# MLX's quantized_matmul; since session 10 8-bit ones from 2^27 weights: 31B's gate/up and the tied
+# heads), off on Metal
 # (not measured there against MLX's own). Both are kept, tested and compile-checked.
 # "ple_tail" (the PLE close of a layer in one launch instead of four) is correct on the H200 but
 # slower (E2B step 17.2 ms against 11.7: one block per row streams the weights); off, and
