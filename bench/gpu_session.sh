@@ -278,7 +278,9 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       CONFIGS="stock,ours,ours -fill" ROUNDS=${ROUNDS:-7} timeout ${FILL_S:-150} python3 bench/prefill_ablate.py e2b $n 2>&1 \
         | tail -4 | tee "$OUT/fill-e2b-$n.txt"
     done
-    compare fill-e2b ${FILL_S:-150} --preset e2b -L 841,4096 --runs ${RUNS:-3} -n ${NEW:-32} ;;
+    compare fill-e2b ${FILL_S:-150} --preset e2b -L 841,4096 --runs ${RUNS:-3} -n ${NEW:-32}
+    # the same caches and tokens filled or called, bf16 on this GPU
+    timeout ${FILL_S:-150} python3 bench/fill_check.py e2b 841 2>&1 | tail -4 | tee "$OUT/fill-check.txt" ;;
   blocks)   # session 21: a prompt chunk's 4-bit experts in blocks of one expert's rows (gemma4_mlx/expert_blocks.py;
             # MLX's CUDA gather_qmm takes one row a pair): the layer alone at 26B-A4B's shapes, then its tests on
             # CUDA (session 21: 150 / 90 s were not enough on a fresh machine, MLX's JIT compiling a quantized
