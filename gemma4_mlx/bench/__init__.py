@@ -1,9 +1,11 @@
 """Head-to-head benchmark: this package's Gemma 4 against stock mlx-lm's ``gemma4_text``.
 
 Both models live in one process with *identical* weights (the same ``mx.array`` objects: stock's
-parameters are replaced by ours with ``Module.update``), go through the same generation loop
-(mlx-lm's :func:`mlx_lm.generate.generate_step`, greedy, with its async-eval pipelining), and are
-measured alternately, run by run (ours, stock, ours, stock ...), after a warm-up of both.
+parameters are replaced by ours with ``Module.update``), go through mlx-lm's
+:func:`mlx_lm.generate.generate_step` (greedy, with its async-eval pipelining; ours as its
+``stream_generate`` runs it, :func:`gemma4_mlx.prompt_fill.generate_steps`: the prompt's chunks
+written by the cache-writing layers alone), and are measured alternately, run by run (ours,
+stock, ours, stock ...), after a warm-up of both.
 
 Per prompt length the harness reports the medians of
 
