@@ -15,6 +15,8 @@ quantized KV cache (``kv_bits``: ``generate_step`` quantizes between chunks, so 
 attend to quantized keys), input embeddings, and models without ``fill_cache`` (stock's, and
 wrappers that only forward attributes to ours).
 ``GEMMA4_MLX_PROMPT_FILL=0`` keeps it everywhere (an opt-out, and the ablation).
+:func:`gemma4_mlx.speculative.speculative_generate_step` fills its target's prompt the same way
+where its drafter does not read the target's hidden states (an MTP assistant does).
 """
 from typing import Callable, Iterator, Optional, Tuple
 

@@ -34,6 +34,7 @@ from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, maybe_quantize_kv_cache
 
 from .assistant import AssistantModel, check_pair, load_assistant, target_contexts
 from .cache import _WindowRing, make_prompt_cache
+from .prompt_fill import fills_itself
 
 DEFAULT_NUM_DRAFT_TOKENS = 3
 
@@ -330,13 +331,20 @@ def speculative_generate_step(
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs
 
-    # Prefill every prompt token but the last, in steps; the last starts the first round.
+    # Prefill every prompt token but the last, in steps; the last starts the first round. Where
+    # no drafter reads the target's hidden states, the chunks build only the cache-writing layers
+    # (prompt_fill; a quantized KV cache keeps the full call, quantized between chunks).
+    fill = not needs_hidden and fills_itself(model, kv_bits=kv_bits)
     total = int(prompt.size)
     hidden = None
     done = 0
     while total - done > 1:
         n = min(prefill_step_size, total - 1 - done)
-        _, h = target(prompt[done : done + n])
+        if fill:
+            model.fill_cache(prompt[done : done + n][None], cache)
+            h = None
+        else:
+            _, h = target(prompt[done : done + n])
         mx.eval([c.state for c in cache])
         if h is not None:
             hidden = h[:, -1:, :]

@@ -297,3 +297,29 @@ def test_cli_draft_model_flags(tiny_ckpt, assistant_ckpts, tmp_path):  # noqa: F
     assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "vocabulary" in r.stderr
     chat = run(app, ["chat", "--model", str(tiny_ckpt), "-n", "8", "--draft-model", str(tiny_ckpt)], input="hi\nmore\n")
     assert chat.exit_code == 0, chat.output
+
+
+@pytest.mark.parametrize("switch", ["auto", "0"])
+def test_the_targets_prompt_is_filled_where_no_drafter_reads_its_hidden_states(target, drafters, assistant_ckpts,
+                                                                               monkeypatch, switch):
+    """A model drafter: the target's prompt chunks go through Model.fill_cache (gemma4_mlx.prompt_fill),
+    unless switched off; an MTP drafter reads the target's hidden states, so its prompt is called.
+    The tokens are plain greedy's either way (and the cache then holds the same positions)."""
+    from gemma4_mlx import prompt_fill
+
+    monkeypatch.setenv(prompt_fill.PROMPT_FILL_ENV, switch)
+    filled = []
+    real = type(target).fill_cache
+    monkeypatch.setattr(type(target), "fill_cache",
+                        lambda self, inputs, cache: filled.append(int(inputs.shape[1])) or real(self, inputs, cache))
+    prompt = _prompt(3 * WINDOW)
+    want = plain_greedy(target, prompt, 12)
+    out = list(speculative_generate_step(mx.array(prompt), target, drafters["perturbed"], num_draft_tokens=3,
+                                         max_tokens=12, prefill_step_size=10))
+    assert [t for t, _, _ in out] == want
+    assert filled == ([10, 10, 3] if switch == "auto" else [])
+    filled.clear()
+    mtp = load_draft_model(assistant_ckpts["dense"])
+    out = list(speculative_generate_step(mx.array(prompt), target, mtp, num_draft_tokens=3, max_tokens=12,
+                                         prefill_step_size=10))
+    assert [t for t, _, _ in out] == want and filled == []
