@@ -6,19 +6,16 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 22): issue 14. One GPU is enough (nvidia-h200). Session 21 put a prompt chunk's 4-bit experts
-# in blocks of one expert's rows (gemma4_mlx/expert_blocks.py): 26B-A4B 4-bit prefill 5.61x / 7.76x @841 / 4,096,
-# same 32 greedy tokens; the MoE kernels' steps read 1.28x (4-bit) / 1.50x (bf16); check 978 / 978. In this order:
-#   1. `blocks` again, with more time now (the layer micro-benchmark and the CUDA tests ran out of 150 / 90 s on the
-#      fresh machine: MLX's JIT compiles a quantized matmul per tile size; `c26` is the compare it ran after them).
-#      It says which rows a block win at 64-4,096 positions, and whether the rule (rows <= pairs / (2 x experts),
-#      8-64) picks them.
-#   2. `check` (now with tests/test_expert_blocks.py), then `Q=8 c26` (its experts take the blocks too,
-#      unmeasured) and `compare --e2e --preset 26b-a4b -q 4 --new-tokens 128 --runs 1` (a fresh process's first
-#      token after a long prompt; the checkpoint takes minutes to write on a fresh machine: a call of its own).
-#   3. Paired step runs of `ours` against `ours +qmv all sizes` (GEMMA4_MLX_QMV_MIN=0) on 26B-A4B 4-bit and E2B / E4B
-#      4-bit (session 21, one run each: 1.39x against 1.28x on 26B-A4B, 1.55x against 1.52x on E2B): the size
-#      rule was set on the kernel's GPU time alone, while the gated forms spare launches of a host-bound step.
+# Next visit (session 23): issue 14. One GPU is enough (nvidia-h200). Session 22 wrote the prompt's chunks with the
+# cache-writing layers alone (gemma4_mlx/prompt_fill.py: E2B bf16 prefill 1.44x / 1.26x in `compare`, caches identical
+# filled or called), blocked the bf16 experts too with new rows (26B-A4B bf16 prefill 1.87x / 1.34x, 4-bit 6.02x /
+# 8.23x) and gave our 4-bit matvec every product (steps 1-8% faster in every paired run). In this order:
+#   1. `check` (parity on the new defaults: every 4-bit product through qmv; the tests' own rule is every size), then
+#      `NEW=128 RUNS=1 e2e` and `Q=4 NEW=128 RUNS=1 e2e` (the user's command with the prompt fill: TTFT and wall; the
+#      checkpoint takes ~2.5 min to write on a fresh machine, so a call each).
+#   2. The cells still under 1.3x prefill (E2B bf16 @4,096 1.26x, E4B bf16 @841 1.27x, E4B 4-bit @4,096 1.25x): where
+#      a chunk's GPU time goes now (`PREFILL=2048 TAG=prefill profile`, ncu), and `fill` again for the spread.
+#   3. The 26B-A4B 4-bit step harness on the new default (`moe`: 1.28x in session 21, 1.39x with every 4-bit size).
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
