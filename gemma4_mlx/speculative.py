@@ -98,8 +98,10 @@ class ModelDrafter(Drafter):
 
     def __init__(self, model: nn.Module, num_draft_tokens: int, *, prefill_step_size: int = 512,
                  max_kv_size: Optional[int] = None, cache: Optional[list] = None,
-                 quantize_cache: Optional[Callable[[list], None]] = None):
+                 quantize_cache: Optional[Callable[[list], None]] = None, fill: bool = False):
         self.model = model
+        # the fed tokens' chunks through model.fill_cache (prompt_fill): their logits are never read
+        self.fill = fill
         if cache is None:
             cache = _make_cache(model, max_kv_size, num_draft_tokens)
         for c in cache:  # one-token steps then a trim: the rings need that many spare slots
@@ -115,7 +117,10 @@ class ModelDrafter(Drafter):
     def _feed(self, tokens: mx.array) -> None:
         while tokens.size > 0:
             n = min(self.prefill_step_size, tokens.size)
-            self.model(tokens[:n][None], cache=self.cache)
+            if self.fill:
+                self.model.fill_cache(tokens[:n][None], self.cache)
+            else:
+                self.model(tokens[:n][None], cache=self.cache)
             self.quantize_cache(self.cache)
             mx.eval([c.state for c in self.cache])
             tokens = tokens[n:]
@@ -207,14 +212,15 @@ class AssistantDrafter(Drafter):
 
 def make_drafter(draft_model: Any, target: nn.Module, num_draft_tokens: int, *, prefill_step_size: int = 512,
                  max_kv_size: Optional[int] = None, cache: Optional[list] = None,
-                 quantize_cache: Optional[Callable[[list], None]] = None) -> Drafter:
-    """A :class:`Drafter` for a draft model object (or one already made)."""
+                 quantize_cache: Optional[Callable[[list], None]] = None, fill: bool = False) -> Drafter:
+    """A :class:`Drafter` for a draft model object (or one already made); ``fill``: a draft model
+    writes the tokens it is fed with ``fill_cache`` (:class:`ModelDrafter`)."""
     if isinstance(draft_model, Drafter):
         return draft_model
     if isinstance(draft_model, AssistantModel):
         return AssistantDrafter(draft_model, target)
     return ModelDrafter(draft_model, num_draft_tokens, prefill_step_size=prefill_step_size,
-                        max_kv_size=max_kv_size, cache=cache, quantize_cache=quantize_cache)
+                        max_kv_size=max_kv_size, cache=cache, quantize_cache=quantize_cache, fill=fill)
 
 
 def make_draft_cache(draft_model: Any, num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
@@ -307,7 +313,8 @@ def speculative_generate_step(
     quantize = functools.partial(maybe_quantize_kv_cache, quantized_kv_start=quantized_kv_start,
                                  kv_group_size=kv_group_size, kv_bits=kv_bits)
     drafter = make_drafter(draft_model, model, num_draft_tokens, prefill_step_size=prefill_step_size,
-                           max_kv_size=max_kv_size, cache=draft_cache, quantize_cache=quantize)
+                           max_kv_size=max_kv_size, cache=draft_cache, quantize_cache=quantize,
+                           fill=fills_itself(draft_model, kv_bits=kv_bits))
     needs_hidden = drafter.needs_hidden
     if prompt_cache is None:
         prompt_cache = make_session_caches(model, draft_model, num_draft_tokens, max_kv_size)[0]

@@ -302,22 +302,28 @@ def test_cli_draft_model_flags(tiny_ckpt, assistant_ckpts, tmp_path):  # noqa: F
 @pytest.mark.parametrize("switch", ["auto", "0"])
 def test_the_targets_prompt_is_filled_where_no_drafter_reads_its_hidden_states(target, drafters, assistant_ckpts,
                                                                                monkeypatch, switch):
-    """A model drafter: the target's prompt chunks go through Model.fill_cache (gemma4_mlx.prompt_fill),
+    """A model drafter: the target's prompt chunks, and what the draft model is fed (the prompt, and
+    the tokens that bring it level at the end), go through Model.fill_cache (gemma4_mlx.prompt_fill),
     unless switched off; an MTP drafter reads the target's hidden states, so its prompt is called.
-    The tokens are plain greedy's either way (and the cache then holds the same positions)."""
+    The tokens are plain greedy's either way."""
     from gemma4_mlx import prompt_fill
 
     monkeypatch.setenv(prompt_fill.PROMPT_FILL_ENV, switch)
     filled = []
+    draft = drafters["perturbed"]
     real = type(target).fill_cache
-    monkeypatch.setattr(type(target), "fill_cache",
-                        lambda self, inputs, cache: filled.append(int(inputs.shape[1])) or real(self, inputs, cache))
+    monkeypatch.setattr(type(target), "fill_cache", lambda self, inputs, cache: filled.append(
+        ("target" if self is target else "draft", int(inputs.shape[1]))) or real(self, inputs, cache))
     prompt = _prompt(3 * WINDOW)
     want = plain_greedy(target, prompt, 12)
-    out = list(speculative_generate_step(mx.array(prompt), target, drafters["perturbed"], num_draft_tokens=3,
+    out = list(speculative_generate_step(mx.array(prompt), target, draft, num_draft_tokens=3,
                                          max_tokens=12, prefill_step_size=10))
     assert [t for t, _, _ in out] == want
-    assert filled == ([10, 10, 3] if switch == "auto" else [])
+    if switch == "auto":
+        assert [n for who, n in filled if who == "target"] == [10, 10, 3]
+        assert [n for who, n in filled if who == "draft"][:3] == [10, 10, 3]
+    else:
+        assert filled == []
     filled.clear()
     mtp = load_draft_model(assistant_ckpts["dense"])
     out = list(speculative_generate_step(mx.array(prompt), target, mtp, num_draft_tokens=3, max_tokens=12,
