@@ -35,14 +35,18 @@ def _module(name: str) -> types.ModuleType:
 
 @contextlib.contextmanager
 def use_gemma4_mlx() -> Iterator[None]:
-    """Within the block, mlx-lm loads Gemma 4 checkpoints as :class:`gemma4_mlx.model.Model`."""
+    """Within the block, mlx-lm loads Gemma 4 checkpoints as :class:`gemma4_mlx.model.Model`, and
+    its ``generate_step`` writes such a model's prompt chunks as this package's generation does
+    (:func:`gemma4_mlx.prompt_fill.in_mlx_lm`)."""
     import gemma4_mlx.model  # noqa: F401  (imports what it uses of stock mlx-lm first)
+    from .prompt_fill import in_mlx_lm
 
     saved = {name: sys.modules.get(name) for name in GEMMA4_MODULES}
     for name in GEMMA4_MODULES:
         sys.modules[name] = _module(name)
     try:
-        yield
+        with in_mlx_lm():
+            yield
     finally:
         for name, module in saved.items():
             if module is None:

@@ -14,10 +14,12 @@ logits processors (they are shown the prompt's tokens as ``generate_step`` consu
 quantized KV cache (``kv_bits``: ``generate_step`` quantizes between chunks, so later chunks
 attend to quantized keys), input embeddings, and models without ``fill_cache`` (stock's, and
 wrappers that only forward attributes to ours).
-``GEMMA4_MLX_PROMPT_FILL=0`` keeps it everywhere (an opt-out, and the ablation).
+``GEMMA4_MLX_PROMPT_FILL=0`` keeps it everywhere (an opt-out, and the ablation). mlx-lm's own
+commands run through ``gemma4-mlx mlx-lm`` get it too (:func:`in_mlx_lm`).
 :func:`gemma4_mlx.speculative.speculative_generate_step` fills its target's prompt the same way
 where its drafter does not read the target's hidden states (an MTP assistant does).
 """
+import contextlib
 from typing import Callable, Iterator, Optional, Tuple
 
 import mlx.core as mx
@@ -38,7 +40,7 @@ def fills_itself(model, *, logits_processors=None, kv_bits: Optional[int] = None
             and input_embeddings is None and env_flag(PROMPT_FILL_ENV))
 
 
-def generate_steps(prompt: mx.array, model, *, prompt_cache: Optional[list] = None,
+def generate_steps(prompt: mx.array, model, stream=generation_stream, *, prompt_cache: Optional[list] = None,
                    max_kv_size: Optional[int] = None, prefill_step_size: int = 2048,
                    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
                    **kwargs) -> Iterator[Tuple[int, mx.array]]:
@@ -48,7 +50,7 @@ def generate_steps(prompt: mx.array, model, *, prompt_cache: Optional[list] = No
     kwargs.update(max_kv_size=max_kv_size, prefill_step_size=prefill_step_size)
     if not fills_itself(model, logits_processors=kwargs.get("logits_processors"), kv_bits=kwargs.get("kv_bits"),
                         input_embeddings=kwargs.get("input_embeddings")):
-        yield from generate_step(prompt, model, prompt_cache=prompt_cache,
+        yield from generate_step(prompt, model, stream, prompt_cache=prompt_cache,
                                  prompt_progress_callback=prompt_progress_callback, **kwargs)
         return
     if prefill_step_size < 1:
@@ -59,7 +61,7 @@ def generate_steps(prompt: mx.array, model, *, prompt_cache: Optional[list] = No
     total = int(prompt.size)
     done = 0
     progress(done, total)
-    with mx.stream(generation_stream):
+    with mx.stream(stream):
         while total - done > 1:
             n = min(prefill_step_size, total - done - 1)
             model.fill_cache(prompt[done:done + n][None], prompt_cache)
@@ -73,5 +75,25 @@ def generate_steps(prompt: mx.array, model, *, prompt_cache: Optional[list] = No
         if processed:
             progress(done + processed, done + of)
 
-    yield from generate_step(prompt[done:], model, prompt_cache=prompt_cache, prompt_progress_callback=rest_progress,
-                             **kwargs)
+    yield from generate_step(prompt[done:], model, stream, prompt_cache=prompt_cache,
+                             prompt_progress_callback=rest_progress, **kwargs)
+
+
+@contextlib.contextmanager
+def in_mlx_lm() -> Iterator[None]:
+    """Within the block, ``mlx_lm.generate.generate_step`` (what mlx-lm's ``stream_generate`` and
+    ``generate`` call) is :func:`generate_steps`: mlx-lm's commands run through
+    ``gemma4-mlx mlx-lm`` fill our model's prompt as our own generation does (other models are
+    :func:`generate_steps`' fallback: mlx-lm's own step). Modules that imported the function by
+    name before (``mlx_lm.cache_prompt``) keep mlx-lm's."""
+    import sys
+
+    import mlx_lm.generate  # noqa: F401  (the package exports a function of the same name)
+
+    module = sys.modules["mlx_lm.generate"]
+    saved = module.generate_step
+    module.generate_step = generate_steps
+    try:
+        yield
+    finally:
+        module.generate_step = saved

@@ -45,16 +45,27 @@ def test_loader_builds_our_model_only_inside_the_shim(per_layer_ckpt):
     assert stock.Model is not Model  # restored afterwards
 
 
-def test_mlx_lm_generate(per_layer_ckpt, capsys):
+def test_mlx_lm_generate(per_layer_ckpt, capsys, monkeypatch):
+    """mlx-lm's generate on our model, its prompt written by Model.fill_cache inside the shim
+    (gemma4_mlx.prompt_fill.in_mlx_lm): the same text as mlx-lm's own step gives outside it."""
+    import sys
+
     import mlx_lm
 
-    from gemma4_mlx import load
+    from gemma4_mlx import Model, load
 
+    filled = []
+    real = Model.fill_cache
+    monkeypatch.setattr(Model, "fill_cache", lambda self, ids, cache: filled.append(ids.shape[1]) or real(self, ids, cache))
+    stock_step = sys.modules["mlx_lm.generate"].generate_step
     run(["generate", "--model", str(per_layer_ckpt), "--prompt", "hello", "-m", "6", "--verbose", "False"])
     out = capsys.readouterr().out
+    assert len(filled) == 1 and sys.modules["mlx_lm.generate"].generate_step is stock_step  # restored
     model, tok = load(per_layer_ckpt)
     prompt = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)
+    assert filled == [len(prompt) - 1]
     assert out == mlx_lm.generate(model, tok, prompt, max_tokens=6) + "\n"
+    assert filled == [len(prompt) - 1]  # outside the shim: mlx-lm's own step
 
 
 def test_mlx_lm_lora_then_generate_fuse_and_cache_prompt(per_layer_ckpt, tmp_path, capsys):
