@@ -13,8 +13,10 @@
 #   1. `check` (parity on the new defaults: every 4-bit product through qmv; the tests' own rule is every size), then
 #      `NEW=128 RUNS=1 e2e` and `Q=4 NEW=128 RUNS=1 e2e` (the user's command with the prompt fill: TTFT and wall; the
 #      checkpoint takes ~2.5 min to write on a fresh machine, so a call each).
-#   2. The cells still under 1.3x prefill (E2B bf16 @4,096 1.26x, E4B bf16 @841 1.27x, E4B 4-bit @4,096 1.25x): where
-#      a chunk's GPU time goes now (`PREFILL=2048 TAG=prefill profile`, ncu), and `fill` again for the spread.
+#   2. The cells still under 1.3x prefill (E2B bf16 @4,096 1.26x, E4B bf16 @841 1.27x, E4B 4-bit @4,096 1.25x): `fill`
+#      again (now with the overlap's settings beside the default: with the KV-shared layers unbuilt, ours' Python build
+#      of an E2B chunk is below stock's, 2.95 against 3.66 ms on the CPU with the CUDA path's wrappers, so the starts
+#      may cost more than they hide), then where a chunk's GPU time goes (`PREFILL=2048 TAG=prefill profile`, ncu).
 #   3. The 26B-A4B 4-bit step harness on the new default (`moe`: 1.28x in session 21, 1.39x with every 4-bit size).
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
@@ -272,8 +274,10 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
             # layers alone, the KV-shared tail and the head never built), as ours' generation and `compare` now run them:
             # the prefill alone with and without it (E2B bf16 @841 / 4,096), then `compare` E2B bf16 (FILL_S each)
     for n in 841 4096; do
-      CONFIGS="stock,ours,ours -fill" ROUNDS=${ROUNDS:-7} timeout ${FILL_S:-150} python3 bench/prefill_ablate.py e2b $n 2>&1 \
-        | tail -4 | tee "$OUT/fill-e2b-$n.txt"
+      # with the tail unbuilt, the overlap's starts may no longer pay at 841 (session 17, before the fill: the last only
+      # 11.9 ms against every 5th's 12.5): its settings beside the default
+      CONFIGS="stock,ours,ours -fill,ours no overlap,ours overlap/5,ours overlap last" ROUNDS=${ROUNDS:-7} \
+        timeout ${FILL_S:-150} python3 bench/prefill_ablate.py e2b $n 2>&1 | tail -7 | tee "$OUT/fill-e2b-$n.txt"
     done
     compare fill-e2b ${FILL_S:-150} --preset e2b -L 841,4096 --runs ${RUNS:-3} -n ${NEW:-32}
     # the same caches and tokens filled or called, bf16 on this GPU
