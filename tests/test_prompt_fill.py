@@ -162,3 +162,15 @@ def test_stream_generate_fills_the_prompt(loaded, monkeypatch):  # noqa: F811
     monkeypatch.setenv(prompt_fill.PROMPT_FILL_ENV, "0")
     again = list(stream_generate(model, tokenizer, PROMPT, max_tokens=3, prefill_step_size=4))
     assert fills == [] and [r.token for r in again] == [r.token for r in replies]
+
+
+def test_generate_steps_with_a_capped_cache(tiny, monkeypatch):
+    """``max_kv_size`` (every layer's KV capped below the prompt): filled chunks and generate_step's
+    own give the same tokens and log-probabilities."""
+    fills = _spy_fill(monkeypatch, tiny)
+    ours, _ = _steps(prompt_fill.generate_steps, tiny, PROMPT, max_kv_size=8)
+    theirs, _ = _steps(generate_step, tiny, PROMPT, max_kv_size=8)
+    assert fills == [4, 4, 4]
+    assert [t for t, _ in ours] == [t for t, _ in theirs]
+    for (_, a), (_, b) in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
