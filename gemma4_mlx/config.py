@@ -174,6 +174,12 @@ class ModelArgs:
     def num_caches(self) -> int:
         return sum(1 for p in self.plan if p.cache_index is not None)
 
+    @property
+    def last_cache_writer(self) -> int:
+        """The last layer that writes a KV cache: the layers after it (the KV-shared tail) only
+        read earlier layers' caches."""
+        return max(p.index for p in self.plan if not p.is_kv_shared)
+
     @classmethod
     def from_dict(cls, config: Dict[str, Any]) -> "ModelArgs":
         return parse_config(config)

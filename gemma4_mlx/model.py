@@ -307,12 +307,10 @@ class Gemma4TextModel(nn.Module):
             and any(c is not None for c in cache) else 0
         overlap = stride > 0
         # the last cache-writing layer always starts: the KV-shared tail and the head build after it
-        last_writer = max(p.index for p in a.plan if not p.is_kv_shared) if overlap else -1
+        last_writer = a.last_cache_writer if overlap else -1
         writers_seen = 0
         in_flight = None  # the last started layer's keys and values, until the next start
-        last = len(self.layers) - 1
-        if fill_only:
-            last = max(p.index for p in a.plan if not p.is_kv_shared)
+        last = a.last_cache_writer if fill_only else len(self.layers) - 1
         for i, (layer, p, next_norm) in enumerate(zip(self.layers, a.plan, next_norms)):
             if i > last:
                 break

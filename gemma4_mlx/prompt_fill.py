@@ -31,13 +31,18 @@ from .switches import env_flag
 PROMPT_FILL_ENV = "GEMMA4_MLX_PROMPT_FILL"
 
 
+def has_fill_cache(model) -> bool:
+    """Whether ``model``'s class defines ``fill_cache``. Looked up on the class: a wrapper that
+    forwards attributes to a model (``__getattr__``) but does its own work in ``__call__`` must see
+    every chunk, as under ``generate_step``."""
+    return callable(getattr(type(model), "fill_cache", None))
+
+
 def fills_itself(model, *, logits_processors=None, kv_bits: Optional[int] = None,
                  input_embeddings: Optional[mx.array] = None) -> bool:
-    """Whether :func:`generate_steps` writes the prompt's chunks with ``model.fill_cache``. Looked
-    up on the model's class: a wrapper that forwards attributes to a model (``__getattr__``) but
-    does its own work in ``__call__`` must see every chunk, as under ``generate_step``."""
-    return (callable(getattr(type(model), "fill_cache", None)) and not logits_processors and kv_bits is None
-            and input_embeddings is None and env_flag(PROMPT_FILL_ENV))
+    """Whether :func:`generate_steps` writes the prompt's chunks with ``model.fill_cache``."""
+    return (has_fill_cache(model) and not logits_processors and kv_bits is None and input_embeddings is None
+            and env_flag(PROMPT_FILL_ENV))
 
 
 def generate_steps(prompt: mx.array, model, stream=generation_stream, *, prompt_cache: Optional[list] = None,

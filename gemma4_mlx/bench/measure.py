@@ -40,7 +40,9 @@ class CountedFill(Counted):
 
 def counted(model: nn.Module) -> Counted:
     """The counting wrapper for ``model``: it has ``fill_cache`` where the model has."""
-    return CountedFill(model) if callable(getattr(type(model), "fill_cache", None)) else Counted(model)
+    from ..prompt_fill import has_fill_cache
+
+    return CountedFill(model) if has_fill_cache(model) else Counted(model)
 
 
 def make_prompt(length: int, vocab_size: int, seed: int) -> mx.array:
