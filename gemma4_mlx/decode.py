@@ -405,7 +405,7 @@ class StepScalars:
             return None
         _, stack, i = entry
         if id(stack) not in pieces:
-            pieces[id(stack)] = mx.split(stack, stack.size)
+            pieces[id(stack)] = ops.split_even(stack, stack.size, axis=0)
         return pieces[id(stack)][i]
 
 
@@ -523,8 +523,8 @@ def _step_function(model_ref, counts: dict):
         # each cache's slot and fill level as (1,) views, one Split each for all caches: an index
         # per cache was a Slice, and a Gather (a launch) and a Squeeze, and the attention kernel
         # reshaped the scalar fill level of its producer layer's cache for every layer
-        slot_of = mx.split(slots, n) if n > 1 else [slots]
-        valid_of = mx.split(valid, n) if n > 1 else [valid]
+        slot_of = ops.split_even(slots, n, axis=0)
+        valid_of = ops.split_even(valid, n, axis=0)
         scatter = kv_scatter_enabled()
         caches = [
             _SlotCache(buffers[2 * i], buffers[2 * i + 1], slot_of[i], valid_of[i], offset, ring_windows[i], scatter)
@@ -608,7 +608,8 @@ class CompiledDecoder:
         # two traces, and on a fresh GPU machine two sets of MLX-compiled kernels. (A negative id
         # wraps high; the model clamps ids to the table either way.)
         ids = inputs if inputs.dtype == mx.uint32 else inputs.astype(mx.uint32)
-        return (ids, mx.array(offsets.pop(), dtype=mx.int32), slots, valid, buffers, ring_windows), reserved
+        # the position as (1,), the form the RoPE kernels take: a scalar was a Reshape per kernel call
+        return (ids, mx.array([offsets.pop()], dtype=mx.int32), slots, valid, buffers, ring_windows), reserved
 
     def __call__(self, inputs: mx.array, cache: List[Any]) -> Optional[mx.array]:
         """Logits, or None when this call must take the eager path."""

@@ -992,3 +992,87 @@ def test_step_attention_writes_the_output_projections_layout(monkeypatch):
     assert seen and all(rows for rows, _, _ in seen)
     assert all(out == (q[0], 1, q[1] * q[3]) for _, out, q in seen)
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 10, 11, 15, 35, 101])
+def test_split_even_is_mx_split_in_split_primitives(parts):
+    """ops.split_even hands back mx.split's pieces, made by Split primitives of at most 10 pieces
+    (MLX makes a Slice a piece past 10: one primitive replayed per piece at every token)."""
+    import collections
+    import io
+    import re
+
+    from gemma4_mlx import ops
+
+    a = mx.arange(parts * 6, dtype=mx.float32).reshape(2, parts * 3)
+    pieces = ops.split_even(a, parts, axis=-1)
+    want = mx.split(a, parts, axis=-1) if parts > 1 else [a]
+    assert len(pieces) == len(want)
+    for got, ref in zip(pieces, want):
+        assert got.shape == ref.shape and np.array_equal(np.array(got), np.array(ref))
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *[p + 0 for p in ops.split_even(a, parts, axis=-1)])
+    ops_seen = collections.Counter(re.findall(r'label ="([A-Za-z_0-9]+)', dot.getvalue()))
+    assert ops_seen["Slice"] == 0, ops_seen
+    if parts == 1:
+        assert not ops_seen["Split"]
+    elif parts <= 100:  # one Split of the groups, one a group (10 pieces at most each)
+        assert ops_seen["Split"] <= 1 + (-(-parts // ops.SPLIT_MAX_PIECES) if parts > 10 else 0), ops_seen
+    else:
+        assert ops_seen["Split"] <= parts // 3, ops_seen
+    with pytest.raises(ValueError, match="equal parts"):
+        ops.split_even(mx.zeros((2, 23)), 11)
+
+
+def test_step_splits_make_no_slices_and_its_scalars_need_no_reshape(monkeypatch):
+    """Inside the traced step no split asks MLX for more than 10 pieces (each past 10 is a Slice:
+    E2B's per-layer inputs, its caches' slots and fill levels and its layer scalars were ~100 of
+    them at every token), the position comes as the (1,) array the RoPE kernels take, and the
+    kernels' 1-d inputs are passed as they are (``reshape(-1)`` of a (1,) array is a Reshape all
+    the same). A model of 15 layers (12 caches); the same logits as the eager path."""
+    from gemma4_mlx import decode
+    from gemma4_mlx.kernels import dispatch, rope
+
+    cfg = dict(preset_config("tiny"))
+    cfg.update(num_hidden_layers=15, num_kv_shared_layers=3,
+               layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 5)
+    model = Model(parse_config(cfg))
+    mx.random.seed(0)
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05 + (1.0 if p.ndim == 1 else 0.0),
+                          model.parameters()))
+    mx.eval(model.parameters())
+    assert model.args.num_caches > 10
+
+    asked = []
+    split = mx.split
+
+    def recording(a, indices_or_sections, axis=0, **kw):
+        if decode.active() is not None and decode.active().tracing:
+            n = indices_or_sections if isinstance(indices_or_sections, int) else len(indices_or_sections) + 1
+            asked.append(n)
+        return split(a, indices_or_sections, axis=axis, **kw)
+
+    monkeypatch.setattr(mx, "split", recording)
+    prompt = mx.array([[1, 2, 3, 4, 5]])
+    compiled, *_ = _greedy(model, prompt, 3, monkeypatch, compiled=True)
+    eager, *_ = _greedy(model, prompt, 3, monkeypatch, compiled=False)
+    assert compiled == eager
+    assert asked and max(asked) <= 10, asked
+
+    cache = model.make_cache()
+    mx.eval(model(prompt, cache=cache))
+    (_, offset, *_), _ = decode.CompiledDecoder.step_args(cache[: model.args.num_caches], mx.array([[3]]))
+    assert offset.shape == (1,) and offset.dtype == mx.int32 and offset.item() == 5
+    one = mx.array([2.0])
+
+    def primitives(a):
+        import io
+        import re
+
+        dot = io.StringIO()
+        mx.export_to_dot(dot, a + a)
+        return re.findall(r'label ="([A-Za-z_0-9]+)', dot.getvalue())
+
+    assert primitives(rope.offset_array(offset)) == ["Add"]
+    assert primitives(dispatch.vector(one)) == ["Add"]
+    assert primitives(dispatch.vector(mx.array(2.0))) == ["Reshape", "Add"]

@@ -150,7 +150,7 @@ def prologue_inputs(x: mx.array, z: Optional[mx.array], epi: int, prologue: Opti
     if prologue is None:  # the whole signature, its prologue inputs unread: arrays of the dtype stand in
         return 0, 1, [x if z is None else z, x, x, x, x, mx.zeros((1,), mx.float32)], [(1,)]
     branch, nw, scalar, nn, eps = prologue
-    ls = mx.ones((1,), x.dtype) if scalar is None else scalar.reshape(-1)
+    ls = mx.ones((1,), x.dtype) if scalar is None else dispatch.vector(scalar)
     extra = [x if z is None else z, branch, nw, ls, nn if nn is not None else nw, mx.array([eps], dtype=mx.float32)]
     return (1 if nn is not None else 2), x.shape[-1], extra, [x.shape]
 
