@@ -303,8 +303,8 @@ class Gemma4TextModel(nn.Module):
         # Inside the decode step each layer's close is left to the next layer's first projection
         # (ops.PendingClose); the last one's feeds the final norm, and a trace wants every output.
         defer = trace is None and step_context.active() is not None
-        stride = overlap_stride() if trace is None and not defer and h.shape[1] >= OVERLAP_MIN_POSITIONS \
-            and any(c is not None for c in cache) else 0
+        stride = overlap_stride(h.shape[1], a.hidden_size) if trace is None and not defer \
+            and h.shape[1] >= OVERLAP_MIN_POSITIONS and any(c is not None for c in cache) else 0
         overlap = stride > 0
         # the last cache-writing layer always starts: the KV-shared tail and the head build after it
         last_writer = a.last_cache_writer if overlap else -1
@@ -356,17 +356,37 @@ OVERLAP_ENV = "GEMMA4_MLX_PREFILL_OVERLAP"
 GPU_OVERLAP_STRIDE = 1
 
 
-def overlap_stride() -> int:
-    """Every how many cache-writing layers a prompt chunk starts evaluating (0: never), from
-    ``GEMMA4_MLX_PREFILL_OVERLAP``: auto (default) is every :data:`GPU_OVERLAP_STRIDE`-th and the
-    last on a GPU only, where the device runs while Python builds; on the CPU the same cores do
-    both, and E2B-mini's prefill gained nothing (ours at 0.984-0.999 of stock's speed in five runs
-    with it, 1.004 in one without; session 14). ``0`` turns it off (a chunk's graph is built whole
-    before anything runs, as for ablations); a whole number N starts every Nth and the last."""
+# A short chunk of a small model starts at its last cache-writing layer only: there a start every
+# layer, each waiting for the one before, costs the host more than it overlaps. H200, session 23
+# (bench/prefill_ablate.py, bf16, 7 rounds, ms against stock's): E4B @841 every layer 27.6, last only
+# 23.8, none 24.5, stock 21.1; E2B @841 12.2 / 11.3 / 11.2, stock 11.3; and E4B @4,096 (chunks of
+# 2,048) every layer 53.0, last only 66.8, stock 73.2. 26B-A4B and 31B (hidden 2,816 / 5,376) keep
+# every layer at every length: their peak memory below stock's at 841 came from it (session 19).
+SHORT_CHUNK_POSITIONS = 1024
+SHORT_CHUNK_MAX_HIDDEN = 2560
+LAST_ONLY = 1 << 30  # a stride no model reaches: only the last cache-writing layer starts
+
+
+def overlap_stride(positions: Optional[int] = None, hidden_size: Optional[int] = None) -> int:
+    """Every how many cache-writing layers a prompt chunk of ``positions`` starts evaluating (0:
+    never), from ``GEMMA4_MLX_PREFILL_OVERLAP``: auto (default) and on are every
+    :data:`GPU_OVERLAP_STRIDE`-th and the last on a GPU only, where the device runs while Python
+    builds, or the last alone for a short chunk of a small model (:data:`SHORT_CHUNK_POSITIONS`,
+    :data:`SHORT_CHUNK_MAX_HIDDEN`); on the CPU the same cores do both, and E2B-mini's prefill
+    gained nothing (ours at 0.984-0.999 of stock's speed in five runs with it, 1.004 in one
+    without; session 14). ``0`` turns it off (a chunk's graph is built whole before anything
+    runs, as for ablations); a whole number N starts every Nth and the last, whatever the chunk."""
     raw = (switches.env(OVERLAP_ENV) or "").strip()
     if raw.isdigit():
         return int(raw)
-    return GPU_OVERLAP_STRIDE if switches.gpu_default_flag(OVERLAP_ENV) else 0
+    if not switches.gpu_default_flag(OVERLAP_ENV):
+        return 0
+    if positions is not None and hidden_size is not None and positions < SHORT_CHUNK_POSITIONS \
+            and hidden_size <= SHORT_CHUNK_MAX_HIDDEN:
+        return LAST_ONLY
+    return GPU_OVERLAP_STRIDE
+
+
 # Prompt chunks only: a speculative round's verification (a few positions) needs every layer's
 # output at once, and each early start is an evaluation of its own; the gain was measured on
 # chunks of 2,048 positions, the cost of many small starts on few positions was not.
