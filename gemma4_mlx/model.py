@@ -356,23 +356,25 @@ OVERLAP_ENV = "GEMMA4_MLX_PREFILL_OVERLAP"
 GPU_OVERLAP_STRIDE = 1
 
 
-# A short chunk of a small model starts at its last cache-writing layer only: there a start every
-# layer, each waiting for the one before, costs the host more than it overlaps. H200, session 23
-# (bench/prefill_ablate.py, bf16, 7 rounds, ms against stock's): E4B @841 every layer 27.6, last only
-# 23.8, none 24.5, stock 21.1; E2B @841 12.2 / 11.3 / 11.2, stock 11.3; and E4B @4,096 (chunks of
-# 2,048) every layer 53.0, last only 66.8, stock 73.2. 26B-A4B and 31B (hidden 2,816 / 5,376) keep
-# every layer at every length: their peak memory below stock's at 841 came from it (session 19).
+# A short chunk of a small model starts every 5th cache-writing layer: there a start every layer,
+# each waiting for the one before, costs the host more than it overlaps. H200, session 23
+# (bench/prefill_ablate.py, bf16, 7 rounds, ms; stock 21.1 / 11.3): E4B @841 every layer 27.6, every
+# 5th 23.7, last only 23.8, none 24.5; E2B @841 12.2 / 11.6 / 11.3 / 11.2. Every 5th keeps peak memory
+# under stock's (`compare` @841: E4B 0.996, E2B 0.994; last only 1.002-1.014 on E4B). At 4,096 (chunks
+# of 2,048) every layer wins (E4B 53.0 against 54.9 every 5th, stock 73.2); 26B-A4B and 31B (hidden
+# 2,816 / 5,376) keep every layer at every length: their peak memory below stock's came from it
+# (session 19).
 SHORT_CHUNK_POSITIONS = 1024
 SHORT_CHUNK_MAX_HIDDEN = 2560
-LAST_ONLY = 1 << 30  # a stride no model reaches: only the last cache-writing layer starts
+SHORT_CHUNK_STRIDE = 5
 
 
 def overlap_stride(positions: Optional[int] = None, hidden_size: Optional[int] = None) -> int:
     """Every how many cache-writing layers a prompt chunk of ``positions`` starts evaluating (0:
     never), from ``GEMMA4_MLX_PREFILL_OVERLAP``: auto (default) and on are every
     :data:`GPU_OVERLAP_STRIDE`-th and the last on a GPU only, where the device runs while Python
-    builds, or the last alone for a short chunk of a small model (:data:`SHORT_CHUNK_POSITIONS`,
-    :data:`SHORT_CHUNK_MAX_HIDDEN`); on the CPU the same cores do both, and E2B-mini's prefill
+    builds, or every :data:`SHORT_CHUNK_STRIDE`-th for a short chunk of a small model
+    (:data:`SHORT_CHUNK_POSITIONS`, :data:`SHORT_CHUNK_MAX_HIDDEN`); on the CPU the same cores do both, and E2B-mini's prefill
     gained nothing (ours at 0.984-0.999 of stock's speed in five runs with it, 1.004 in one
     without; session 14). ``0`` turns it off (a chunk's graph is built whole before anything
     runs, as for ablations); a whole number N starts every Nth and the last, whatever the chunk."""
@@ -383,7 +385,7 @@ def overlap_stride(positions: Optional[int] = None, hidden_size: Optional[int] =
         return 0
     if positions is not None and hidden_size is not None and positions < SHORT_CHUNK_POSITIONS \
             and hidden_size <= SHORT_CHUNK_MAX_HIDDEN:
-        return LAST_ONLY
+        return SHORT_CHUNK_STRIDE
     return GPU_OVERLAP_STRIDE
 
 
