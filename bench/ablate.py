@@ -79,6 +79,7 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours +qmv all sizes", {"GEMMA4_MLX_QMV_MIN": "0"}),
            ("ours +ple_tail", off(on=["ple_tail"])),
            ("ours +attn_q", off(on=["attention_prefix_q"])),
+           ("ours +attn fused", off(on=["attention_fused"])),  # session 23: attention in one launch a layer
            ("ours +resnorm", off(on=["residual_norm"])),
            ("ours -resnorm", off("residual_norm")),  # the default until session 15
            # the GeGLU over the gate/up Split instead of the joined product (session 16: a Split less a layer)

@@ -6,18 +6,16 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 23): issue 14. One GPU is enough (nvidia-h200). Session 22 wrote the prompt's chunks with the
-# cache-writing layers alone (gemma4_mlx/prompt_fill.py: E2B bf16 prefill 1.44x / 1.26x in `compare`, caches identical
-# filled or called), blocked the bf16 experts too with new rows (26B-A4B bf16 prefill 1.87x / 1.34x, 4-bit 6.02x /
-# 8.23x) and gave our 4-bit matvec every product (steps 1-8% faster in every paired run). In this order:
-#   1. `check` (parity on the new defaults: every 4-bit product through qmv; the tests' own rule is every size), then
-#      `NEW=128 RUNS=1 e2e` and `Q=4 NEW=128 RUNS=1 e2e` (the user's command with the prompt fill: TTFT and wall; the
-#      checkpoint takes ~2.5 min to write on a fresh machine, so a call each).
-#   2. The cells still under 1.3x prefill (E2B bf16 @4,096 1.26x, E4B bf16 @841 1.27x, E4B 4-bit @4,096 1.25x): `fill`
-#      again (now with the overlap's settings beside the default: with the KV-shared layers unbuilt, ours' Python build
-#      of an E2B chunk is below stock's, 2.95 against 3.66 ms on the CPU with the CUDA path's wrappers, so the starts
-#      may cost more than they hide), then where a chunk's GPU time goes (`PREFILL=2048 TAG=prefill profile`, ncu).
-#   3. The 26B-A4B 4-bit step harness on the new default (`moe`: 1.28x in session 21, 1.39x with every 4-bit size).
+# Next visit (session 24): issue 14. One GPU is enough (nvidia-h200). Session 23 measured the fill end to end (E2B
+# bf16 128 tokens 1.96x decode, 0.50x wall; 4-bit 2.64x / 0.41x, one run), found `check`'s only failures to be MLX's
+# qmm_sm80 reading past a tiny matrix's scales (docs/upstream.md 6), cut the step's views (571 primitives, 477
+# launching), started short chunks of E2B / E4B every 5th writer (E4B @841 prefill 1.33x) and wrote attention in one
+# launch a layer (attention_fused, off: checked on the CPU emulator only). In this order:
+#   1. `attnfused` (its CUDA parity test, then the step with and without it, E2B bf16 / 4-bit, E4B bf16); if it is
+#      correct and faster, switch it on (dispatch.DEFAULT_DISABLED["cuda"]) and run `check` on that default.
+#   2. `NEW=128 RUNS=2 e2e` and `Q=4 NEW=128 RUNS=2 e2e` (the user's command; 2 runs: one run spreads 1.4-2.1x).
+#   3. E4B 4-bit @841 / 4,096 and E4B bf16 @4,096 in `compare` (1.25x prefill and 1.44x decode in their last runs).
+#   4. The 26B-A4B 4-bit step harness (`moe`: 1.28x in session 21, 1.39x with every 4-bit size).
 # If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
 # at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
@@ -270,6 +268,15 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       > "$OUT/mvsource.csv" 2>&1; echo "ncu source exit $?"; head -c 3000 "$OUT/mvsource.csv"
     gzip -f "$OUT/mvsource.csv" "$OUT/mvdetail.txt"
     unset GEMMA4_MLX_KERNELS_DISABLE ;;
+  attnfused)  # session 23: the decode step's attention in one launch a layer (attention_fused, off by default: pass
+            # 1's last block of each group merges the splits; the emulator checks the body): its parity on CUDA, then
+            # the step with and without it, E2B bf16 and 4-bit, E4B bf16 (~4 min)
+    MLX_ENABLE_TF32=0 timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_decode.py \
+      -k "fused_attention" 2>&1 | tail -15
+    for pq in "e2b 0" "e2b 4" "e4b 0"; do
+      CONFIGS="stock,ours,ours +attn fused" ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${FUSED_S:-150} python3 bench/ablate.py $pq \
+        2>&1 | tail -9 | tee "$OUT/attnfused-${pq// /-q}.txt"
+    done ;;
   fill)     # session 22: a prompt's chunks written by Model.fill_cache (gemma4_mlx/prompt_fill.py: the cache-writing
             # layers alone, the KV-shared tail and the head never built), as ours' generation and `compare` now run them:
             # the prefill alone with and without it (E2B bf16 @841 / 4,096), then `compare` E2B bf16 (FILL_S each)

@@ -576,6 +576,34 @@ def test_decode_with_the_matvec_forms_equals_decode_without(form, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_decode_with_the_fused_attention_equals_the_two_passes(dtype, monkeypatch):
+    """``attention_fused`` (off by default): the decode step's prefix attention in one launch, the
+    last block of each group merging the splits, against the two passes, strict (a failed check
+    raises); the fused classes are the ones checked and used, and every launch leaves the counters
+    zero. GPU only: the emulator cannot run inside the compiled step (tests/test_kernel_emulator.py
+    checks the body)."""
+    from gemma4_mlx.kernels import dispatch
+
+    if dispatch.active_backend() != "cuda":
+        pytest.skip("the fused attention runs on CUDA (its body: test_kernel_emulator.py)")
+    ATT = sys.modules["gemma4_mlx.kernels.attention"]
+    model = _kernel_shaped_model(seed=8)
+    ids = mx.array(np.random.default_rng(9).integers(0, model.args.vocab_size, size=(1, 24)))
+    truth = _logits_with_kernels(model, ids, 16, monkeypatch, "off", "", {}, True)
+    model.set_dtype(dtype)
+    default = dispatch.DEFAULT_DISABLED["cuda"]
+    assert "attention_fused" in default.split(",")
+    two = _logits_with_kernels(model, ids, 16, monkeypatch, "strict", default, {}, True)
+    assert not any(k[0] == "attention_prefix" and k[-1] is True and len(k) == 9 for k in dispatch.verdicts())
+    on = ",".join(n for n in default.split(",") if n != "attention_fused")
+    one = _logits_with_kernels(model, ids, 16, monkeypatch, "strict", on, {}, True)
+    assert any(k[0] == "attention_prefix" and k[-1] is True and len(k) == 9 for k in dispatch.verdicts())
+    _assert_kernel_logits_close(one, two, truth, dtype, True)
+    assert not np.array(ATT._counter["slots"]).any()
+    dispatch.reset()
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_decode_with_attention_applying_the_q_norm_equals_decode_without(dtype, monkeypatch):
     """``attention_prefix_q`` (the prefix attention applying q_norm_rope itself, one launch fewer
     per layer) against the two kernels it replaces: every layer on the prefix path takes it in the

@@ -233,6 +233,65 @@ def test_attention_splits_of_several_tiles(emulated, monkeypatch, D, H, Hkv, Lq,
                    f"attention_prefix_q D {D}", atol=1e-4)
 
 
+@pytest.mark.parametrize("D,H,Hkv,Lq,N,filled,rows", [
+    (256, 8, 1, 1, 512, 300, True),   # E2B's sliding layers: one kv head, 8 query heads, rows out
+    (64, 4, 2, 1, 1024, 1000, False),  # two kv heads: a counter slot each
+    (32, 8, 1, 3, 300, 233, False),   # three queries a head: two row tiles of a group
+    (64, 4, 2, 1, 300, 1, False),     # one key: most splits see nothing (-inf rows merge to 0)
+])
+def test_attention_fused_is_the_two_passes(emulated, D, H, Hkv, Lq, N, filled, rows):
+    """The fused form (one launch: the last block of each group merges the splits) equals the
+    reference and the two passes, rows out or head-major; every launch leaves its counters zero
+    (read back from the kernel's own copy here: the emulator hands the body a copy of each input),
+    and plans past FUSED_MAX_SPLITS take the two passes."""
+    import sys
+
+    ATT = sys.modules["gemma4_mlx.kernels.attention"]
+    q = _rnd((1, H, Lq, D), 31)
+    kbuf, vbuf = _rnd((1, Hkv, N, D), 32, 4 / D ** 0.5), _rnd((1, Hkv, N, D), 33)
+    kv_len = mx.array([filled], dtype=mx.int32)
+    plan = ATT.launch_plan(1, H, Hkv, Lq, N, D, 0)
+    assert plan["nsplit"] > 1 and plan["nsplit"] <= ATT.FUSED_MAX_SPLITS
+    want = ATT.attention_prefix_reference(q, kbuf, vbuf, kv_len, rows=rows)
+    two = ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len, rows=rows)
+    one = ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len, rows=rows, fused=True)
+    assert one.shape == want.shape == two.shape
+    _close(one, want, f"attention fused D {D}", atol=1e-5)
+    _close(one, two, f"attention fused against the two passes D {D}", atol=1e-6)
+
+
+def test_attention_fused_counts_its_blocks_and_leaves_the_counters_zero(emulated, monkeypatch):
+    """The counters the fused form hands its body: zero before a launch, and after it too (the
+    body's atomics on its copy are read back through a spy on the emulated launch's inputs); a
+    plan of more splits than FUSED_MAX_SPLITS launches the two passes instead."""
+    import sys
+
+    import kernel_emulator
+
+    ATT = sys.modules["gemma4_mlx.kernels.attention"]
+    seen = []
+    to_numpy = kernel_emulator._to_numpy
+
+    def spy(a):
+        arr = to_numpy(a)
+        if a.dtype == mx.int32 and a.size == ATT.COUNTER_SLOTS:
+            seen.append(arr)
+        return arr
+
+    monkeypatch.setattr(kernel_emulator, "_to_numpy", spy)
+    q = _rnd((1, 8, 1, 64), 34)
+    kbuf, vbuf = _rnd((1, 1, 600, 64), 35, 0.5), _rnd((1, 1, 600, 64), 36)
+    kv_len = mx.array([590], dtype=mx.int32)
+    one = ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len, fused=True)
+    assert len(seen) == 1 and not seen[0].any()
+    _close(one, ATT.attention_prefix_reference(q, kbuf, vbuf, kv_len), "attention fused", atol=1e-5)
+    monkeypatch.setattr(ATT, "FUSED_MAX_SPLITS", 2)
+    assert ATT.launch_plan(1, 8, 1, 1, 600, 64, 0)["nsplit"] > 2
+    two = ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len, fused=True)
+    assert len(seen) == 1  # no counter handed over: the two passes
+    _close(two, one, "attention fused past its splits", atol=1e-6)
+
+
 def test_every_other_kernel_on_the_emulator():
     """test_kernels.py's GPU-only tests of the other kernel bodies (RoPE, attention and its q
     prologue, PLE, residual norm, the PLE tail, the strict-mode public functions) on the

@@ -1296,8 +1296,8 @@ def test_disable_list(monkeypatch):
     # on on CUDA (its size rule decides), not measured against MLX's Metal one; ple_tail: slower
     # on the H200; attention_prefix_q: no faster there; residual_norm: on on both since session
     # 15, but not inside CUDA's matvecs (mv_residual, qmv_residual: each block computes the norms
-    # again)
-    default = {"ple_tail", "attention_prefix_q"}
+    # again); attention_fused: not yet measured on a GPU (and its prelude functions are CUDA's only)
+    default = {"ple_tail", "attention_prefix_q", "attention_fused"}
     with dispatch.force_backend("cuda"):
         assert dispatch.disabled_kernels() == default | {"mv_residual", "qmv_residual"}
         assert not dispatch.is_disabled("mv_geglu") and dispatch.is_disabled("mv_residual")

@@ -33,6 +33,28 @@ TARGET_BLOCKS = 528  # about 4 threadgroups per SM on an H100 (132 SMs)
 # threadgroups of 128 keys took ~40 us a call, more than MLX's matmul-softmax-matmul; at 32 keys
 # they have 16 threadgroups, and the combine pass reads the larger partials.
 MIN_KEYS_PER_SPLIT = 32
+# The fused form (name ``attention_fused``; CUDA, off by default until measured): pass 1's last
+# block of each group merges the splits, one launch a layer instead of two in the decode step,
+# which MLX's host cost per launch bounds. Its merge is one block's serial loop over the splits
+# (the combine pass gives a block to each row), so it takes at most FUSED_MAX_SPLITS; its blocks
+# count in one int32 array of COUNTER_SLOTS, made once, that every launch leaves zero.
+FUSED_MAX_SPLITS = 64
+COUNTER_SLOTS = 4096
+_counter: dict = {}
+
+
+def _fused_counter() -> mx.array | None:
+    """The fused form's counters (zeros, evaluated once outside any trace: the self-check makes
+    them before the decode step is traced), or None where they cannot be made now."""
+    counter = _counter.get("slots")
+    if counter is None:
+        counter = mx.zeros((COUNTER_SLOTS,), dtype=mx.int32)
+        try:
+            mx.eval(counter)
+        except ValueError:  # inside a transformation: the two-pass form
+            return None
+        _counter["slots"] = counter
+    return counter
 
 
 def attention_mask(Lq: int, N: int, window: int) -> mx.array:
@@ -76,7 +98,8 @@ def launch_plan(B: int, H: int, Hkv: int, Lq: int, N: int, D: int, window: int) 
 
 
 def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float, window: int,
-                     kv_len: mx.array | None = None, q_norm_rope: tuple | None = None, rows: bool = False) -> mx.array:
+                     kv_len: mx.array | None = None, q_norm_rope: tuple | None = None, rows: bool = False,
+                     fused: bool = False) -> mx.array:
     """Kernel version of :func:`attention_reference` (same signature).
 
     ``kv_len`` (int32, shape (1,)), when given, is how many leading keys of the buffer are in
@@ -88,7 +111,10 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
     norm and rotation itself (no launch of its own).
 
     ``rows`` (one query, Lq == 1): the output as (B, 1, H * D), the layout the output projection
-    takes, which for one query is the same memory as (B, H, 1, D): no Reshape primitive after it."""
+    takes, which for one query is the same memory as (B, H, 1, D): no Reshape primitive after it.
+
+    ``fused``: one launch (pass 1's last block of a group merges the splits) where the plan allows
+    (:data:`FUSED_MAX_SPLITS`, :data:`COUNTER_SLOTS`; q_norm_rope None), else the two passes."""
     B, H, Lq, D = q.shape
     if rows and Lq != 1:
         raise ValueError("rows needs one query (Lq == 1): with more the heads are not each query's row")
@@ -100,6 +126,24 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
     plan = launch_plan(B, H, Hkv, Lq, N, D, int(window))
     query_rows = B * Hkv * plan["QR"]
     ns = plan["nsplit"]
+    out_shape = (B, Lq, H * D) if rows else (B, H, Lq, D)
+    counter = _fused_counter() if fused and q_norm_rope is None and ns <= FUSED_MAX_SPLITS \
+        and plan["ntiles"] * B * Hkv <= COUNTER_SLOTS else None
+    if counter is not None:
+        k = dispatch.get_kernel("attention_partial", ["q", "keys", "values", "scale", "params", "kv_len", "counter"],
+                                ["ws", "out"], defines=[("NO_QNR_INPUTS", 1), ("ATTN_FUSED", 1)], variant="fused",
+                                ensure_row_contiguous=False)
+        return k(
+            inputs=[q, keys, values, mx.array([scale], dtype=mx.float32),
+                    mx.array([int(window), plan["kstart"], plan["chunk"], ns, plan["ntiles"]], dtype=mx.int32),
+                    kv_len.reshape(1).astype(mx.int32), counter],
+            template=[("T", q.dtype), ("D", D), ("RT", plan["RT"]), ("QNR", 0)],
+            grid=(ns * TG, plan["ntiles"], B * Hkv),
+            threadgroup=(TG, 1, 1),
+            output_shapes=[(query_rows * ns * (D + 2),), out_shape],
+            output_dtypes=[mx.float32, q.dtype],
+            **dispatch.init_kwargs(),
+        )[1]
     # without the q norm (QNR 0, the default step's), no q-norm inputs (dispatch.get_form_kernel)
     plain = ["q", "keys", "values", "scale", "params", "kv_len"]
     k1, whole = dispatch.get_form_kernel(
@@ -134,7 +178,7 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
         template=[("T", q.dtype), ("D", D)],
         grid=(B * H * Lq * TG, 1, 1),  # one threadgroup per output row
         threadgroup=(TG, 1, 1),
-        output_shapes=[(B, Lq, H * D) if rows else (B, H, Lq, D)],
+        output_shapes=[out_shape],
         output_dtypes=[q.dtype],
         **dispatch.init_kwargs(),
     )[0]
@@ -178,10 +222,11 @@ def attention(q: mx.array, keys: mx.array, values: mx.array, scale: float = 1.0,
 
 
 def attention_prefix_reference(q: mx.array, keys: mx.array, values: mx.array, kv_len: mx.array,
-                               scale: float = 1.0, rows: bool = False) -> mx.array:
+                               scale: float = 1.0, rows: bool = False, fused: bool = False) -> mx.array:
     """Attention over the first ``kv_len`` keys of a preallocated buffer (N slots); query i
     sits at key index kv_len - Lq + i. ``kv_len`` is an int32 array of shape (1,). ``rows``: one
-    query's output as (B, 1, H * D) (:func:`attention_kernel`)."""
+    query's output as (B, 1, H * D) (:func:`attention_kernel`); ``fused`` (the kernel's launch
+    form) changes nothing here."""
     B, H, Lq, D = q.shape
     N = keys.shape[2]
     qpos = kv_len.astype(mx.int32) - Lq + mx.arange(Lq, dtype=mx.int32)[:, None]
@@ -190,12 +235,13 @@ def attention_prefix_reference(q: mx.array, keys: mx.array, values: mx.array, kv
     return out.reshape(B, Lq, H * D) if rows else out
 
 
-def _attention_prefix_kernel(q, keys, values, kv_len, scale=1.0, rows=False):
-    return attention_kernel(q, keys, values, scale, 0, kv_len, rows=rows)
+def _attention_prefix_kernel(q, keys, values, kv_len, scale=1.0, rows=False, fused=False):
+    return attention_kernel(q, keys, values, scale, 0, kv_len, rows=rows, fused=fused)
 
 
 def _probe_prefix(key):
-    """The probe of a prefix class; a class key with a sixth entry (rows) adds it to the arguments."""
+    """The probe of a prefix class; a class key's entries after the fifth (rows, fused) are added
+    to the arguments."""
     q, keys, values, scale, _ = _probe_inputs(key)
     return (q, keys, values, mx.array([keys.shape[2] - 37], dtype=mx.int32), scale) + tuple(key[5:])
 
@@ -248,13 +294,18 @@ def attention_prefix(q: mx.array, keys: mx.array, values: mx.array, kv_len: mx.a
                      scale: float = 1.0, rows: bool = False, *, fallback=None) -> mx.array:
     """:func:`attention_prefix_reference` as a kernel on GPU. The decode step compiled with
     ``mx.compile`` uses this: the buffer's shape stays fixed while ``kv_len`` grows. ``rows`` (one
-    query): the output as (B, 1, H * D), checked as a class of its own."""
+    query): the output as (B, 1, H * D), checked as a class of its own. With ``attention_fused`` on
+    (off by default), one launch instead of two (:func:`attention_kernel`'s ``fused``), a class of
+    its own too."""
     if rows and q.shape[2] != 1:
         raise ValueError("rows needs one query (Lq == 1)")
     key = _class_key(q, keys, values, 0)
-    if key is not None and rows:
+    fused = key is not None and not dispatch.is_disabled("attention_fused")
+    if fused:
+        key = key + (rows, True)
+    elif key is not None and rows:
         key = key + (True,)
     return dispatch.run(
         "attention_prefix", key, attention_prefix_reference, _attention_prefix_kernel, _probe_prefix,
-        q, keys, values, kv_len, scale, rows, fallback=fallback,
+        q, keys, values, kv_len, scale, rows, fused, fallback=fallback,
     )

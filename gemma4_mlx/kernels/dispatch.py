@@ -131,7 +131,12 @@ def active_backend() -> str | None:
 # slower (E2B step 17.2 ms against 11.7: one block per row streams the weights); off, and
 # ``GEMMA4_MLX_KERNELS_DISABLE=mv_residual`` switches it on. "attention_prefix_q" (the decode step's
 # attention applying the q norm and RoPE itself) is correct on the H200 but no faster there
-# (session 7: bf16 10.04 ms against 10.16, 4-bit 11.75 against 11.05): off.
+# (session 7: bf16 10.04 ms against 10.16, 4-bit 11.75 against 11.05): off. "attention_fused" (the
+# decode step's attention in one launch: pass 1's last block of each group merges the splits,
+# counting the group's blocks in an int32 array it leaves zero; session 23) is checked on the CPU
+# emulator only, not yet on a GPU: off until measured (bench/gpu_session.sh attnfused). It needs a
+# device-wide fence and atomics the Metal prelude does not define: off there, and a switch-on
+# fails its self-check on Metal (one warning) and takes MLX's attention.
 # "residual_norm" (a sublayer's norm + residual + the next norm in one launch) is on everywhere
 # since session 15. Sessions 7-8 found it slower on the H200, the more so the wider the row (31B
 # 4-bit 38.8 ms a step with it, 36.6 without): its body issued each load behind a store it might
@@ -148,8 +153,8 @@ def active_backend() -> str | None:
 # "scale" and "geglu" (session 11) replace MLX's fused element-wise kernels one for one, to spare
 # MLX's CUDA JIT (seconds per kernel on a machine's first run); Metal compiles those in
 # milliseconds, so there they stay MLX's: off.
-DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual",
-                    "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu"}
+DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual,attention_fused",
+                    "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused"}
 
 
 # The fused forms follow the switches of what they fuse (``mv`` off: every float matvec form
@@ -157,7 +162,8 @@ DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residua
 # and each can be switched on its own name.
 SWITCHES_OF = {"mv_geglu": ("mv",), "mv_gate": ("mv",), "mv_residual": ("mv", "residual_norm"),
                "qmv_geglu": ("qmv",), "qmv_gate": ("qmv",), "qmv_residual": ("qmv", "residual_norm"),
-               "attention_prefix_q": ("attention_prefix", "q_norm_rope"), "geglu_joined": ("geglu",)}
+               "attention_prefix_q": ("attention_prefix", "q_norm_rope"), "geglu_joined": ("geglu",),
+               "attention_fused": ("attention_prefix",)}
 
 
 def is_disabled(name: str) -> bool:
