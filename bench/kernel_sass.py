@@ -38,6 +38,12 @@ KERNELS = {
                 "qoff": mx.int32, "qeps": mx.float32},
         ndims={"q": 4, "keys": 4, "values": 4, "scale": 1, "params": 1, "kv_len": 1, "qw": 1, "inv_freq": 1,
                "qoff": 1, "qeps": 1}),
+    # pass 1 with the merge (attention.py's fused form): its scratch in float32, its output in T
+    "attention_fused": dict(
+        body="attention_partial", inputs=["q", "keys", "values", "scale", "params", "kv_len", "counter"],
+        outputs=["ws", "out"], out_dtypes=[mx.float32, None], defines=[("NO_QNR_INPUTS", 1), ("ATTN_FUSED", 1)],
+        dtypes={"scale": mx.float32, "params": mx.int32, "kv_len": mx.int32, "counter": mx.int32},
+        ndims={"q": 4, "keys": 4, "values": 4, "scale": 1, "params": 1, "kv_len": 1, "counter": 1}),
     "norm_rope": dict(inputs=["x", "xv", "w", "inv_freq", "offset", "eps"], outputs=["out", "vout"],
                       defines=[("KV_PAIR", 1)],
                       dtypes={"inv_freq": mx.float32, "offset": mx.int32, "eps": mx.float32},
@@ -68,13 +74,15 @@ def build(name: str, template: dict, arch: str = "sm_90") -> bytes:
     template = dict(template)
     spec = KERNELS[name]
     inputs, outputs = spec["inputs"], spec["outputs"]
-    head, src = dispatch.kernel_source(name, "cuda", spec.get("defines", ()))
-    k = cuda_build.CudaKernel(dispatch.kernel_name(name), inputs, outputs, src,
+    body = spec.get("body", name)
+    head, src = dispatch.kernel_source(body, "cuda", spec.get("defines", ()))
+    k = cuda_build.CudaKernel(dispatch.kernel_name(body), inputs, outputs, src,
                               dispatch.read_source("cuda_types.h") + head)
     T = DTYPES[template.pop("T", "bfloat16")]
     tmpl = [("T", T)] + [(k_, int(v)) for k_, v in template.items()]
+    out_dtypes = [d or T for d in spec.get("out_dtypes", [spec.get("out_dtype", T)] * len(outputs))]
     source = k.full_source([spec["dtypes"].get(n, T) for n in inputs], [spec["ndims"].get(n, 2) for n in inputs],
-                           [spec.get("out_dtype", T)] * len(outputs), tmpl)
+                           out_dtypes, tmpl)
     return nvrtc.compile_source(source, arch=arch)
 
 

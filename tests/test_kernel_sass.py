@@ -49,6 +49,15 @@ def test_attention_partial_keeps_its_arrays_in_registers(sass, D, RT):
     assert res["STACK"] == 0 and res["LOCAL"] == 0, res
 
 
+@pytest.mark.parametrize("D,RT", [(256, 8), (512, 4)])
+def test_attention_fused_builds_and_keeps_its_arrays_in_registers(sass, D, RT):
+    """The fused form (pass 1 and the merge, attention_fused: off by default, first built on a GPU
+    next visit) compiles for sm_90 as our CUDA path builds it, its atomics and fences included,
+    with no local memory."""
+    res = sass.resources(sass.build("attention_fused", dict(T="bfloat16", D=D, RT=RT, QNR=0)))
+    assert res["STACK"] == 0 and res["LOCAL"] == 0, res
+
+
 def _loads_after_first_store(sass_text: str) -> list:
     """The global loads of a kernel's inputs that come after its first global store, in address
     order. Loads of 8 and 16 bytes are left out: these kernels read their inputs 2 or 4 bytes at a
