@@ -12,7 +12,9 @@
 # launching), started short chunks of E2B / E4B every 5th writer (E4B @841 prefill 1.33x) and wrote attention in one
 # launch a layer (attention_fused, off: checked on the CPU emulator only). In this order:
 #   1. `attnfused` (its CUDA parity test, then the step with and without it, E2B bf16 / 4-bit, E4B bf16); if it is
-#      correct and faster, switch it on (dispatch.DEFAULT_DISABLED["cuda"]) and run `check` on that default.
+#      correct and faster, switch it on (dispatch.DEFAULT_DISABLED["cuda"]) and run `check` on that default. Its GPU
+#      time a launch: `GEMMA4_MLX_KERNELS_DISABLE=mv_residual,ple_tail,attention_prefix_q,qmv_residual TAG=fused
+#      SIDES=ours profile` (ncu; the two passes: 15 us + the combine for E2B's sliding layers in session 13).
 #   2. `NEW=128 RUNS=2 e2e` and `Q=4 NEW=128 RUNS=2 e2e` (the user's command; 2 runs: one run spreads 1.4-2.1x).
 #   3. E4B 4-bit @841 / 4,096 and E4B bf16 @4,096 in `compare` (1.25x prefill and 1.44x decode in their last runs).
 #   4. The 26B-A4B 4-bit step harness (`moe`: 1.28x in session 21, 1.39x with every 4-bit size).

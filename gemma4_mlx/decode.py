@@ -415,10 +415,11 @@ class _SlotCache:
     """Stands in for a cache inside the traced step: write at ``slot``, mask unfilled slots."""
 
     def __init__(self, keys: mx.array, values: mx.array, slot: mx.array, valid: mx.array, offset: mx.array,
-                 ring_window: Optional[int] = None, scatter: bool = True):
+                 ring_window: Optional[int] = None, scatter: bool = True, index: Optional[mx.array] = None):
         self.keys, self.values = keys, values
         self.scatter = scatter
         self.slot, self.valid, self.offset = slot, valid, offset
+        self.index = slot.reshape(1, 1, 1, 1) if index is None else index  # the slot as the scatter's 4-d index
         # A SlidingWindowCache with spare slots: its ring holds more than the window.
         self.ring_window = ring_window
 
@@ -430,7 +431,7 @@ class _SlotCache:
         # A scatter along the position axis, not mx.slice_update: MLX 0.32's CUDA DynamicSliceUpdate
         # launches one thread per element of the whole buffer (not of the update), ~23 us per write
         # for a 512-slot window and growing with the context (H200, bench/step_profile.py).
-        slot = mx.broadcast_to(self.slot.reshape(1, 1, 1, 1), k.shape)
+        slot = mx.broadcast_to(self.index, k.shape)
         self.keys = mx.put_along_axis(self.keys, slot, k, axis=2)
         self.values = mx.put_along_axis(self.values, slot, v, axis=2)
         return self.keys, self.values
@@ -525,9 +526,14 @@ def _step_function(model_ref, counts: dict):
         # reshaped the scalar fill level of its producer layer's cache for every layer
         slot_of = ops.split_even(slots, n, axis=0)
         valid_of = ops.split_even(valid, n, axis=0)
+        # the scatter's index as (1, 1, 1, 1) pieces of one Reshape: a reshape per cache was 15 in
+        # E2B's step (the (1,) pieces above are what the masks and the slice update take; the
+        # pieces nobody reads are not in the traced graph)
+        index_of = ops.split_even(slots.reshape(n, 1, 1, 1), n, axis=0)
         scatter = kv_scatter_enabled()
         caches = [
-            _SlotCache(buffers[2 * i], buffers[2 * i + 1], slot_of[i], valid_of[i], offset, ring_windows[i], scatter)
+            _SlotCache(buffers[2 * i], buffers[2 * i + 1], slot_of[i], valid_of[i], offset, ring_windows[i], scatter,
+                       index_of[i])
             for i in range(n)
         ]
         logits = model_ref()._eager(inputs, cache=caches)

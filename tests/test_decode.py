@@ -1057,7 +1057,8 @@ def test_step_splits_make_no_slices_and_its_scalars_need_no_reshape(monkeypatch)
     E2B's per-layer inputs, its caches' slots and fill levels and its layer scalars were ~100 of
     them at every token), the position comes as the (1,) array the RoPE kernels take, and the
     kernels' 1-d inputs are passed as they are (``reshape(-1)`` of a (1,) array is a Reshape all
-    the same). A model of 15 layers (12 caches); the same logits as the eager path."""
+    the same), and no cache reshapes its slot into the scatter's index (one Reshape for all). A
+    model of 15 layers (12 caches); the same logits as the eager path."""
     from gemma4_mlx import decode
     from gemma4_mlx.kernels import dispatch, rope
 
@@ -1080,12 +1081,24 @@ def test_step_splits_make_no_slices_and_its_scalars_need_no_reshape(monkeypatch)
             asked.append(n)
         return split(a, indices_or_sections, axis=axis, **kw)
 
+    reshaped = []
+    reshape = mx.array.reshape
+
+    def recording_reshape(a, *shape, **kw):
+        # (to 0-d on purpose: MLX's fused ops take a scalar so as their argument, ops.fused_scalar)
+        if decode.active() is not None and decode.active().tracing and a.ndim == 1 and a.size == 1 \
+                and shape not in ((), ((),)):
+            reshaped.append(shape)
+        return reshape(a, *shape, **kw)
+
     monkeypatch.setattr(mx, "split", recording)
+    monkeypatch.setattr(mx.array, "reshape", recording_reshape)
     prompt = mx.array([[1, 2, 3, 4, 5]])
     compiled, *_ = _greedy(model, prompt, 3, monkeypatch, compiled=True)
     eager, *_ = _greedy(model, prompt, 3, monkeypatch, compiled=False)
     assert compiled == eager
     assert asked and max(asked) <= 10, asked
+    assert not reshaped, reshaped  # no (1,) piece reshaped per cache (the scatter's index) or per call
 
     cache = model.make_cache()
     mx.eval(model(prompt, cache=cache))
