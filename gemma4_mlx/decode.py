@@ -415,11 +415,11 @@ class _SlotCache:
     """Stands in for a cache inside the traced step: write at ``slot``, mask unfilled slots."""
 
     def __init__(self, keys: mx.array, values: mx.array, slot: mx.array, valid: mx.array, offset: mx.array,
-                 ring_window: Optional[int] = None, scatter: bool = True, index: Optional[mx.array] = None):
+                 ring_window: Optional[int], scatter: bool, index: mx.array):
         self.keys, self.values = keys, values
         self.scatter = scatter
         self.slot, self.valid, self.offset = slot, valid, offset
-        self.index = slot.reshape(1, 1, 1, 1) if index is None else index  # the slot as the scatter's 4-d index
+        self.index = index  # the slot as the scatter's (1, 1, 1, 1) index
         # A SlidingWindowCache with spare slots: its ring holds more than the window.
         self.ring_window = ring_window
 

@@ -130,50 +130,38 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
     query_rows = B * Hkv * plan["QR"]
     ns = plan["nsplit"]
     out_shape = (B, Lq, H * D) if rows else (B, H, Lq, D)
+    # what every form of pass 1 takes first (params[4], the tiles, is read by the fused form only)
+    scale_arr = mx.array([scale], dtype=mx.float32)
+    kv_n = kv_len.reshape(1).astype(mx.int32)
+    inputs = [q, keys, values, scale_arr,
+              mx.array([int(window), plan["kstart"], plan["chunk"], ns, plan["ntiles"]], dtype=mx.int32), kv_n]
+    launch = dict(template=[("T", q.dtype), ("D", D), ("RT", plan["RT"]), ("QNR", int(q_norm_rope is not None))],
+                  grid=(ns * TG, plan["ntiles"], B * Hkv), threadgroup=(TG, 1, 1), **dispatch.init_kwargs())
+    plain = ["q", "keys", "values", "scale", "params", "kv_len"]
     counter = _fused_counter() if fused and q_norm_rope is None and ns <= FUSED_MAX_SPLITS \
         and plan["ntiles"] * B * Hkv <= COUNTER_SLOTS else None
     if counter is not None:
-        k = dispatch.get_kernel("attention_partial", ["q", "keys", "values", "scale", "params", "kv_len", "counter"],
-                                ["ws", "out"], defines=[("NO_QNR_INPUTS", 1), ("ATTN_FUSED", 1)], variant="fused",
+        k = dispatch.get_kernel("attention_partial", [*plain, "counter"], ["ws", "out"],
+                                defines=[("NO_QNR_INPUTS", 1), ("ATTN_FUSED", 1)], variant="fused",
                                 ensure_row_contiguous=False)
-        return k(
-            inputs=[q, keys, values, mx.array([scale], dtype=mx.float32),
-                    mx.array([int(window), plan["kstart"], plan["chunk"], ns, plan["ntiles"]], dtype=mx.int32),
-                    kv_len.reshape(1).astype(mx.int32), counter],
-            template=[("T", q.dtype), ("D", D), ("RT", plan["RT"]), ("QNR", 0)],
-            grid=(ns * TG, plan["ntiles"], B * Hkv),
-            threadgroup=(TG, 1, 1),
-            output_shapes=[(query_rows * ns * (D + 2),), out_shape],
-            output_dtypes=[mx.float32, q.dtype],
-            **dispatch.init_kwargs(),
-        )[1]
+        return k(inputs=[*inputs, counter], output_shapes=[(query_rows * ns * (D + 2),), out_shape],
+                 output_dtypes=[mx.float32, q.dtype], **launch)[1]
     # without the q norm (QNR 0, the default step's), no q-norm inputs (dispatch.get_form_kernel)
-    plain = ["q", "keys", "values", "scale", "params", "kv_len"]
     k1, whole = dispatch.get_form_kernel(
         "attention_partial", [*plain, "qw", "inv_freq", "qoff", "qeps"], ["po", "pm", "pl"],
         None if q_norm_rope is not None else (plain, ["po", "pm", "pl"], [("NO_QNR_INPUTS", 1)], "plain"),
         ensure_row_contiguous=False,
     )
-    scale_arr = mx.array([scale], dtype=mx.float32)
     if q_norm_rope is None:  # the whole signature's q-norm inputs are not read: small arrays stand in
-        qnr = [q, scale_arr, kv_len.reshape(1).astype(mx.int32), scale_arr] if whole else []
+        qnr = [q, scale_arr, kv_n, scale_arr] if whole else []
     else:
         weight, inv_freq, offset, eps = q_norm_rope
         qnr = [weight, inv_freq.astype(mx.float32), offset_array(offset), mx.array([eps], dtype=mx.float32)]
     po, pm, pl = k1(
-        inputs=[
-            q, keys, values,
-            scale_arr,
-            mx.array([int(window), plan["kstart"], plan["chunk"], ns], dtype=mx.int32),
-            kv_len.reshape(1).astype(mx.int32),
-            *qnr,
-        ],
-        template=[("T", q.dtype), ("D", D), ("RT", plan["RT"]), ("QNR", int(q_norm_rope is not None))],
-        grid=(ns * TG, plan["ntiles"], B * Hkv),
-        threadgroup=(TG, 1, 1),
+        inputs=[*inputs, *qnr],
         output_shapes=[(query_rows, ns, D), (query_rows, ns), (query_rows, ns)],
         output_dtypes=[mx.float32] * 3,
-        **dispatch.init_kwargs(),
+        **launch,
     )
     k2 = dispatch.get_kernel("attention_combine", ["po", "pm", "pl"], ["out"])
     return k2(
