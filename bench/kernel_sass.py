@@ -31,6 +31,15 @@ KERNELS = {
                 dtypes={"w": mx.uint32, "eps": mx.float32}, ndims={"x": 3}),
     "mv": dict(inputs=["x", "w", "z", "b", "nw", "ls", "nn", "eps"], outputs=["y", "hout"],
                dtypes={"eps": mx.float32}, ndims={"x": 3}),
+    # the closing forms (mv.py / qmv.py's matvec_close: the product and its sublayer's close)
+    "mv_close": dict(body="mv", inputs=["x", "w", "res", "cw", "ls", "cn", "eps", "counter"], outputs=["hout", "nout"],
+                     defines=[("MATVEC_CLOSE", 1), ("CLOSE_NO_NEXT", 0)],
+                     dtypes={"eps": mx.float32, "counter": mx.int32},
+                     ndims={"x": 3, "res": 3, "cw": 1, "ls": 1, "cn": 1, "eps": 1, "counter": 1}),
+    "qmv_close": dict(body="qmv", inputs=["x", "w", "scales", "biases", "res", "cw", "ls", "cn", "eps", "counter"],
+                      outputs=["hout", "nout"], defines=[("MATVEC_CLOSE", 1), ("CLOSE_NO_NEXT", 0)],
+                      dtypes={"w": mx.uint32, "eps": mx.float32, "counter": mx.int32},
+                      ndims={"x": 3, "res": 3, "cw": 1, "ls": 1, "cn": 1, "eps": 1, "counter": 1}),
     "attention_partial": dict(
         inputs=["q", "keys", "values", "scale", "params", "kv_len", "qw", "inv_freq", "qoff", "qeps"],
         outputs=["po", "pm", "pl"], out_dtype=mx.float32,

@@ -68,6 +68,18 @@ K_INLINE k_words4 k_ld16(const uint32_t* p) {
 #define K_DEVICE_FENCE() __threadfence()
 K_INLINE int k_atomic_add(const int* p, int v) { return atomicAdd(const_cast<int*>(p), v); }
 K_INLINE void k_atomic_zero(const int* p) { atomicExch(const_cast<int*>(p), 0); }
+// A value another block of this launch stored (a matvec closing form's last block reads the
+// rows): a volatile load, which this SM's L1 does not serve.
+template <typename T>
+K_INLINE float k_load_coherent(const T* p) {
+  if constexpr (sizeof(T) == 4) {
+    return *reinterpret_cast<const volatile float*>(p);
+  } else {
+    T v;
+    *reinterpret_cast<unsigned short*>(&v) = *reinterpret_cast<const volatile unsigned short*>(p);
+    return static_cast<float>(v);
+  }
+}
 // @@SOURCE
   const int k_bx = int(blockIdx.x);
   const int k_by = int(blockIdx.y);

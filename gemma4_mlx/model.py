@@ -30,11 +30,15 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(width, hidden, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
+        return self.unprojected(x).product()
+
+    def unprojected(self, x: mx.array) -> "ops.Unprojected":
+        """The MLP with its down projection left for the close to make (:class:`ops.Unprojected`)."""
         joined = step_context.joined(self, x.size // x.shape[-1])
         if joined is not None:
-            return ops.linear(self.down_proj, joined.geglu(x))
+            return ops.Unprojected(self.down_proj, joined.geglu(x))
         gate, up = ops.linear(self.gate_proj, x), ops.linear(self.up_proj, x)
-        return ops.linear(self.down_proj, ops.geglu(gate, up))
+        return ops.Unprojected(self.down_proj, ops.geglu(gate, up))
 
 
 class _GeGLU(nn.Module):
@@ -114,7 +118,8 @@ class Attention(nn.Module):
                  projected: Optional[mx.array] = None) -> Tuple[mx.array, tuple]:
         """``shared`` is (keys, values, offset, cache) of the producer layer for shared-KV layers.
         ``projected``: :meth:`first_projection`'s product of the normalised input, already made
-        (then ``x`` is not needed)."""
+        (then ``x`` is not needed). Returns the output projection unmade (:class:`ops.Unprojected`)
+        and the kv."""
         B, L = (x if projected is None else projected).shape[:2]
         p = self.plan
         joined = step_context.joined(self, B * L)
@@ -145,7 +150,8 @@ class Attention(nn.Module):
                               mask, kv_cache, self.window, rows=L == 1)
         if L != 1:
             out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return ops.linear(self.o_proj, out), (keys, values, offset, kv_cache)
+        # the output projection is made by the layer's close (in its launch, in the decode step)
+        return ops.Unprojected(self.o_proj, out), (keys, values, offset, kv_cache)
 
 
 class DecoderLayer(nn.Module):
@@ -195,21 +201,24 @@ class DecoderLayer(nn.Module):
             normed = self.input_layernorm(x)
         attn, kv = self.self_attn(normed, mask, cache, shared, projected)
         if trace is not None:
+            attn = attn.product()
             trace.update(input_norm=normed, attention=attn)
-        # Each sublayer's close (norm, residual add) and the next one's opening norm run fused;
-        # with the MLP's gate/up joined (decode step), in the gate/up projection's launch too.
+        # Each sublayer's close (norm, residual add) and the next one's opening norm run fused: in
+        # the decode step, in the launch of the projection before them (ops.project_and_close), or
+        # (those forms off) of the one after them (the MLP's joined gate/up).
         joined_mlp = None if self.plan.moe else step_context.joined(self.mlp, x.size // x.shape[-1])
         if joined_mlp is not None:
             h, gated = ops.residual_geglu(x, attn, self.post_attention_layernorm.weight, eps,
                                           self.pre_feedforward_layernorm.weight, joined_mlp)
-            ff = ops.linear(self.mlp.down_proj, gated)
+            ff = ops.Unprojected(self.mlp.down_proj, gated)
         else:
             h, ff_in = ops.residual_norm(x, attn, self.post_attention_layernorm.weight, None, eps,
                                          self.pre_feedforward_layernorm.weight)
-            ff = self.mlp(ff_in)
+            ff = self.mlp.unprojected(ff_in)
         if trace is not None:
-            trace["mlp"] = ff
+            ff = trace["mlp"] = ops.product(ff)
         if self.plan.moe:
+            ff = ops.product(ff)
             router_in, experts_in = ops.moe_norms(h, self.router.scale, self.router.root_size,
                                                   self.pre_feedforward_layernorm_2.weight, eps)
             idx, weights = self.router(router_in)
@@ -230,8 +239,9 @@ class DecoderLayer(nn.Module):
                                self.post_per_layer_input_norm.weight, self.layer_scalar, eps, next_norm, trace,
                                branch=ff, branch_norm=self.post_feedforward_layernorm.weight,
                                defer=defer and next_norm is not None)
-        elif defer and next_norm is not None:
-            out = ops.PendingClose(h, ff, self.post_feedforward_layernorm.weight, self.layer_scalar, eps, next_norm)
+        elif defer and next_norm is not None and not ops.closes(ff):
+            out = ops.PendingClose(h, ops.product(ff), self.post_feedforward_layernorm.weight, self.layer_scalar, eps,
+                                   next_norm)
         else:
             out = ops.residual_norm(h, ff, self.post_feedforward_layernorm.weight, self.layer_scalar, eps, next_norm)
         if next_norm is None or isinstance(out, ops.PendingClose):

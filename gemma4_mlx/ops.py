@@ -276,7 +276,11 @@ RESIDUAL_NORM_MAX_ROWS = 16
 def residual_norm(residual: mx.array, branch: mx.array, norm_weight: mx.array, scalar: Optional[mx.array],
                   eps: float, next_weight: Optional[mx.array] = None):
     """A sublayer's close, ``(residual + RMSNorm_w(branch)) * scalar`` (no scale for None), and
-    with ``next_weight`` the next sublayer's input ``RMSNorm_next(out)``: ``(out, normed)``."""
+    with ``next_weight`` the next sublayer's input ``RMSNorm_next(out)``: ``(out, normed)``.
+    ``branch`` may be :class:`Unprojected`: its projection is then made here (with the close,
+    :func:`project_and_close`)."""
+    if isinstance(branch, Unprojected):
+        return project_and_close(branch, residual, norm_weight, scalar, eps, next_weight)
     k = _gpu_kernels()
     # The kernel saves launches, which is what a decode step is short of; over many rows (only a
     # large batch reaches here: kernels run in the decode step alone) MLX's vectorised rms_norm
@@ -460,11 +464,11 @@ def ple_tail(gate: nn.Module, projection: nn.Module, h: mx.array, per_layer_inpu
     except where the ple_tail kernel has applied it."""
 
     def close(h, g):
-        projected = linear(projection, g)
+        projected = Unprojected(projection, g)
         if trace is not None:
-            trace["ple"] = projected
-        if defer and next_weight is not None:
-            return PendingClose(h, projected, norm_weight, scalar, eps, next_weight)
+            projected = trace["ple"] = projected.product()
+        if defer and next_weight is not None and not closes(projected):
+            return PendingClose(h, product(projected), norm_weight, scalar, eps, next_weight)
         return residual_norm(h, projected, norm_weight, scalar, eps, next_weight)
 
     def chain(h, per_layer_input, *_):
@@ -482,6 +486,64 @@ def ple_tail(gate: nn.Module, projection: nn.Module, h: mx.array, per_layer_inpu
         return k.ple_tail(h, per_layer_input, gate["weight"], projection["weight"], norm_weight, scalar, eps,
                           next_weight, fallback=chain)
     return chain(h, per_layer_input)
+
+
+class Unprojected(NamedTuple):
+    """A sublayer's last projection, ``linear(module, x)``, left for its close to make: inside the
+    decode step, where a matvec's closing form takes it (:func:`closes`), the projection and the
+    close are one launch (:func:`project_and_close`)."""
+
+    module: nn.Module
+    x: mx.array
+
+    def product(self) -> mx.array:
+        return linear(self.module, self.x)
+
+
+def product(branch) -> mx.array:
+    """``branch`` as an array (an :class:`Unprojected` one projected)."""
+    return branch.product() if isinstance(branch, Unprojected) else branch
+
+
+def _closing_form(branch: Unprojected) -> Optional[str]:
+    """The matvec closing form (``mv_close`` / ``qmv_close``) that may take ``branch`` and its close
+    in one launch here, or None."""
+    k = _gpu_kernels()
+    if k is None or _rows(branch.x) > 8:
+        return None
+    if plain_linear(branch.module, branch.x.dtype):
+        name = "mv_close"
+    elif affine_quantized(branch.module):
+        name = "qmv_close"
+    else:
+        return None
+    return None if k.is_disabled(name) else name
+
+
+def closes(branch) -> bool:
+    """Whether ``branch`` is an :class:`Unprojected` that a closing form may take with its close:
+    then the close is not left to a fused opening (a prologue form, :class:`PendingClose`)."""
+    return isinstance(branch, Unprojected) and _closing_form(branch) is not None
+
+
+def project_and_close(branch: Unprojected, residual: mx.array, norm_weight: mx.array, scalar: Optional[mx.array],
+                      eps: float, next_weight: Optional[mx.array] = None):
+    """``residual_norm(residual, branch.product(), norm_weight, scalar, eps, next_weight)``: inside
+    the decode step, for few rows of a plain float or affine-quantized projection whose output is
+    the residual's width, one launch whose last block to finish closes the rows (``mv_close`` /
+    ``qmv_close``); elsewhere, and as their fallback, the projection and residual_norm."""
+
+    def unfused(*_):
+        return residual_norm(residual, branch.product(), norm_weight, scalar, eps, next_weight)
+
+    form = _closing_form(branch)
+    if form is None:
+        return unfused()
+    k, m, x = _gpu_kernels(), branch.module, branch.x
+    if form == "mv_close":
+        return k.matvec_close(x, m["weight"], residual, norm_weight, scalar, eps, next_weight, fallback=unfused)
+    return k.quantized_matvec_close(x, m["weight"], m["scales"], m["biases"], m.group_size, m.bits, residual,
+                                    norm_weight, scalar, eps, next_weight, fallback=unfused)
 
 
 class PendingClose(NamedTuple):
@@ -519,6 +581,11 @@ def residual_gate(x: mx.array, branch: mx.array, norm_weight: mx.array, eps: flo
     inside the decode step with the matvec kernels on, one launch (``mv_residual``: every block
     recomputes the norm ahead of its rows of the gate projection)."""
 
+    if closes(branch):  # the close in the branch's projection, then the gate projection
+        h = project_and_close(branch, x, norm_weight, None, eps)
+        return h, linear_gate(gate, h, z)
+    branch = product(branch)
+
     def unfused(*_):
         h = residual_norm(x, branch, norm_weight, None, eps)
         return h, linear_gate(gate, h, z)
@@ -532,6 +599,11 @@ def residual_geglu(x: mx.array, branch: mx.array, norm_weight: mx.array, eps: fl
     next_weight)`` and the joined gate/up projection of ``xin`` with its GeGLU
     (``joined``: a :class:`~gemma4_mlx.decode.JoinedProjection`); inside the decode step with the
     matvec kernels on, one launch."""
+
+    if closes(branch):  # the close in the branch's projection, then the gate/up projection
+        h, xin = project_and_close(branch, x, norm_weight, None, eps, next_weight)
+        return h, joined.geglu(xin)
+    branch = product(branch)
 
     def unfused(*_):
         h, xin = residual_norm(x, branch, norm_weight, None, eps, next_weight)

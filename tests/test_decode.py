@@ -599,7 +599,67 @@ def test_decode_with_the_fused_attention_equals_the_two_passes(dtype, monkeypatc
     one = _logits_with_kernels(model, ids, 16, monkeypatch, "strict", on, {}, True)
     assert any(k[0] == "attention_prefix" and k[-1] is True and len(k) == 9 for k in dispatch.verdicts())
     _assert_kernel_logits_close(one, two, truth, dtype, True)
-    assert ATT._counters and not any(np.array(c).any() for c in ATT._counters.values())
+    counters = [c for (owner, _), c in dispatch._block_counters.items() if owner == "attention"]
+    assert counters and not any(np.array(c).any() for c in counters)
+    dispatch.reset()
+
+
+@pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "4-bit"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_decode_with_the_closing_matvecs_equals_decode_without(dtype, quantized, monkeypatch):
+    """``mv_close`` / ``qmv_close``: the o, down and PLE projections each with its sublayer's close
+    in one launch (the launch's last block closes the row), against the default kernel set,
+    strict. Every such projection of the traced step takes the form (3 a PLE layer) and no
+    residual_norm launch is left. On the CPU the backend is forced and the kernels are their
+    references (the wiring; the bodies: test_kernel_emulator.py); on a GPU, CUDA's kernels (the
+    counter left zero)."""
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx.kernels import dispatch
+
+    gpu = dispatch.active_backend() is not None
+    if gpu and dispatch.active_backend() != "cuda":
+        pytest.skip("the closing forms run on CUDA")
+    model = _kernel_shaped_model(seed=10)
+    ids = mx.array(np.random.default_rng(11).integers(0, model.args.vocab_size, size=(1, 24)))
+    truth = _logits_with_kernels(model, ids, 16, monkeypatch, "off", "", {}, True)
+    model.set_dtype(dtype)
+    if quantized:
+        nn.quantize(model, group_size=64, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Linear))
+        monkeypatch.setenv("GEMMA4_MLX_QMV_MIN", "0")
+    form = "qmv_close" if quantized else "mv_close"
+    default = dispatch.DEFAULT_DISABLED["cuda"]
+    assert form in default.split(",")
+    calls = {"residual_norm": 0, form: 0}
+    overrides = {}
+    if not gpu:  # the matvecs and closes as their references (counted), every other kernel off
+        default += ",q_norm_rope,kv_norm_rope,attention,attention_prefix,ple_combine,ple_gate,scale,geglu"
+        refs = {"residual_norm": K.residual_norm_reference, "mv_close": K.matvec_close_reference,
+                "qmv_close": K.quantized_matvec_close_reference, "mv": K.matvec_reference,
+                "mv_geglu": K.matvec_geglu_reference, "mv_gate": K.matvec_gate_reference,
+                "qmv": K.quantized_matvec_reference, "qmv_geglu": K.quantized_matvec_geglu_reference,
+                "qmv_gate": K.quantized_matvec_gate_reference}
+        for name, ref in refs.items():
+            def counted(*a, _n=name, _r=ref):
+                calls[_n] = calls.get(_n, 0) + 1
+                return _r(*a)
+            overrides[name] = counted
+    mode = "strict" if gpu else "auto"
+    off = _logits_with_kernels(model, ids, 16, monkeypatch, mode, default, overrides, gpu)
+    before = dict(calls)
+    on = _logits_with_kernels(model, ids, 16, monkeypatch, mode,
+                              ",".join(n for n in default.split(",") if n != form), overrides, gpu)
+    if gpu:  # (overridden kernels have no self-check)
+        assert any(k[0] == form for k in dispatch.verdicts()), dispatch.verdicts()
+        assert all(ok for k, (ok, _) in dispatch.verdicts().items() if k[0] == form)
+    else:  # traced once: three closes a PLE layer, all in a projection's launch
+        n_ple = sum(p.has_ple for p in model.args.plan)
+        closed_apart = calls["residual_norm"] - before["residual_norm"]  # the prompt's, in both runs
+        assert calls[form] - before[form] >= 3 * n_ple and closed_apart + 3 * n_ple <= before["residual_norm"], calls
+    _assert_kernel_logits_close(on, off, truth, dtype, gpu)
+    if gpu:
+        counters = [c for (owner, _), c in dispatch._block_counters.items() if owner == "matvec_close"]
+        assert counters and not any(np.array(c).any() for c in counters)
     dispatch.reset()
 
 

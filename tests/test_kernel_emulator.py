@@ -292,6 +292,42 @@ def test_attention_fused_counts_its_blocks_and_leaves_the_counters_zero(emulated
     _close(two, one, "attention fused past its splits", atol=1e-6)
 
 
+@pytest.mark.parametrize("K,N,M", [(1540, 300, 1), (520, 37, 3), (2056, 2816, 1)])
+def test_matvec_closing_forms(emulated, monkeypatch, K, N, M):
+    """mv_close / qmv_close (the product and its sublayer's close in one launch: the launch's last
+    block closes the rows in place) equal the product followed by residual_norm's reference, with
+    and without the scale and the next norm, for one and several rows (each closed by that block);
+    every launch hands the body a zero counter and leaves it zero."""
+    import kernel_emulator
+
+    seen = []
+    to_numpy = kernel_emulator._to_numpy
+
+    def spy(a):
+        arr = to_numpy(a)
+        if a.dtype == mx.int32 and a.size == 1:
+            seen.append(arr)
+        return arr
+
+    monkeypatch.setattr(kernel_emulator, "_to_numpy", spy)
+    x, w = _rnd((M, 1, K), 41), _rnd((N, K), 42, 0.05)
+    res, nw, nn = _rnd((M, 1, N), 43, 2.0), 1 + _rnd((N,), 44, 0.3), 1 + _rnd((N,), 45, 0.3)
+    ls = mx.array([0.7])
+    q, s, b = mx.quantize(_rnd((N, K + 56), 46, 0.05), group_size=64, bits=4) if (K + 56) % 64 == 0 else (None,) * 3
+    xq = _rnd((M, 1, K + 56), 47)
+    for scalar, nxt in ((None, nn), (ls, None), (ls, nn), (None, None)):
+        got = mv.matvec_close_kernel(x, w, res, nw, scalar, 1e-6, nxt)
+        want = mv.matvec_close_reference(x, w, res, nw, scalar, 1e-6, nxt)
+        for g, r in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want))):
+            _close(g, r, f"mv_close {scalar is not None} {nxt is not None}", atol=1e-5)
+        if q is not None:
+            got = qmv.quantized_matvec_close_kernel(xq, q, s, b, 64, 4, res, nw, scalar, 1e-6, nxt)
+            want = qmv.quantized_matvec_close_reference(xq, q, s, b, 64, 4, res, nw, scalar, 1e-6, nxt)
+            for g, r in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want))):
+                _close(g, r, f"qmv_close {scalar is not None} {nxt is not None}", atol=1e-4)
+    assert len(seen) == 4 * (1 + (q is not None)) and not any(c.any() for c in seen)
+
+
 def test_every_other_kernel_on_the_emulator():
     """test_kernels.py's GPU-only tests of the other kernel bodies (RoPE, attention and its q
     prologue, PLE, residual norm, the PLE tail, the strict-mode public functions) on the
@@ -311,14 +347,17 @@ def test_every_other_kernel_on_the_emulator():
     assert " passed" in summary and "skipped" not in summary, summary  # every GPU-only test ran
 
 
-@pytest.mark.parametrize("family", ["tiny-31b", "tiny-moe", "kernel-shaped E2B", "kernel-shaped E2B, fused forms looped"])
+@pytest.mark.parametrize("family", ["tiny-31b", "tiny-moe", "kernel-shaped E2B", "kernel-shaped E2B, fused forms looped",
+                                    "kernel-shaped E2B, closing forms", "tiny-moe, closing forms"])
 def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatch, family):
     """A model's decode steps with its kernels on (the emulator, outside the compiled step:
     kernel_scope) give the logits of the steps without them: the kernels' wiring and their logic
     together, float32. The tiny 31B: head dims 32 / 64, a window of 8 that the 24 tokens wrap; the
     tiny MoE as well, its layers' norms, router choice and experts' mixture in norm_pair / moe_topk.
     "fused forms looped": the matvec kernels and their residual-prologue forms on (off by default),
-    each prologue launch in one block that takes every set of rows in turn."""
+    each prologue launch in one block that takes every set of rows in turn. "closing forms": the
+    matvecs' closing forms on (mv_close / qmv_close: the o, down and PLE projections with their
+    closes), the tiny MoE's o projection too."""
     from mlx.utils import tree_map
     from test_decode import _kernel_shaped_model
 
@@ -333,9 +372,13 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     if family.endswith("looped"):
         disabled = [n for n in disabled if n not in ("mv", "mv_residual", "qmv_residual")]
         monkeypatch.setenv("GEMMA4_MLX_PROLOGUE_BLOCKS", "1")
+    closing = family.endswith("closing forms")
+    if closing:
+        disabled = [n for n in disabled if n not in ("mv", "mv_close")]
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", ",".join(disabled))
-    if family in ("tiny-31b", "tiny-moe"):
-        model = Model(parse_config(preset_config(family)))
+    dispatch.reset()  # the verdicts below are this model's
+    if family.startswith(("tiny-31b", "tiny-moe")):
+        model = Model(parse_config(preset_config(family.split(",")[0])))
         model.update(tree_map(lambda p: (1.0 + 0.1 * _rnd(p.shape, 20)) if p.ndim == 1 else _rnd(p.shape, 21, 0.05),
                               model.parameters()))
     else:
@@ -358,7 +401,14 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     want, got = decode(False), decode(True)
     verdicts = dispatch.verdicts()
     assert all(ok for ok, _ in verdicts.values()), verdicts  # each passed its self-check: none fell back
-    assert {"q_norm_rope", "kv_norm_rope", "residual_norm"} <= {k[0] for k in verdicts}, verdicts
+    # (with the closing forms every close of a PLE layer is in a projection's launch)
+    closed_alone = set() if closing and "E2B" in family else {"residual_norm"}
+    assert {"q_norm_rope", "kv_norm_rope"} | closed_alone <= {k[0] for k in verdicts}, verdicts
+    if closing:  # with the next norm (o), without (down, before the PLE gate), scaled (the PLE projection)
+        forms = {k[-2:] for k in verdicts if k[0] == "mv_close"}
+        assert forms == {(False, True), (False, False), (True, True)} if "E2B" in family else (False, True) in forms, \
+            verdicts
+        assert "mv_residual" not in {k[0] for k in verdicts}
     if family == "tiny-moe":  # every form of both: the router's and experts' inputs, the close with the mixture
         assert {("norm_pair", 0), ("norm_pair", 2), ("moe_topk", None)} <= {
             (k[0], k[-2] if k[0] == "norm_pair" else None) for k in verdicts}, verdicts

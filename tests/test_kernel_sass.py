@@ -58,6 +58,26 @@ def test_attention_fused_builds_and_keeps_its_arrays_in_registers(sass, D, RT):
     assert res["STACK"] == 0 and res["LOCAL"] == 0, res
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["mv", "qmv"])
+@pytest.mark.parametrize("CH", [1536, 2560, 2816])
+def test_closing_forms_build_within_their_registers(sass, quantized, CH):
+    """The matvecs' closing forms (mv_close / qmv_close: the product, then the launch's last block
+    closing the row) compile for sm_90 as our CUDA path builds them, counter atomics and coherent
+    loads included, with no local memory, and within the registers mv.CLOSE_MAX_WIDTH was set by
+    (bf16 mv 48-70 a thread at E2B's to 26B-A4B's widths, 4-bit qmv 73-78)."""
+    assert CH <= mv.CLOSE_MAX_WIDTH
+    if quantized:
+        rows, split, wpl = qmv.quantized_layout(2048, 4, 64)
+        template = dict(T="bfloat16", BITS=4, GS=64, ROWS=rows, SPLIT=split, WPL=wpl, MM=1, EPI=0, PRO=0, HD=1,
+                        LOOP=1, CH=CH)
+    else:
+        rows, split = mv.layout(2048)
+        template = dict(T="bfloat16", ROWS=rows, SPLIT=split, UNR=2, MM=1, EPI=0, PRO=0, HD=1, LOOP=1, CH=CH)
+    res = sass.resources(sass.build("qmv_close" if quantized else "mv_close", template))
+    assert res["STACK"] == 0 and res["LOCAL"] == 0, res
+    assert res["REG"] <= 80, res
+
+
 def _loads_after_first_store(sass_text: str) -> list:
     """The global loads of a kernel's inputs that come after its first global store, in address
     order. Loads of 8 and 16 bytes are left out: these kernels read their inputs 2 or 4 bytes at a

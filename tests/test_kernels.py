@@ -677,6 +677,31 @@ def test_residual_matvec_kernel(HD, dtype):
 
 @gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("K_,N,M", [(2048, 1536, 1), (6144, 1536, 1), (256, 1536, 1), (4096, 2816, 1), (2560, 2560, 4)])
+def test_matvec_close_kernel(K_, N, M, dtype):
+    """The closing forms (mv_close / qmv_close: E2B's o / down / PLE projections, 26B-A4B's and E4B's
+    widths, several rows) against the product and residual_norm's references, every form of the
+    close; each launch leaves its counter zero (the next one's blocks count from it)."""
+    x, w = rnd((M, 1, K_), dtype, seed=21), rnd((N, K_), dtype, 0.05, seed=22)
+    res = rnd((M, 1, N), dtype, 2.0, seed=23)
+    nw, nn = (1 + rnd((N,), mx.float32, 0.3, seed=24)).astype(dtype), (1 + rnd((N,), mx.float32, 0.3, seed=25)).astype(dtype)
+    q, s, b = mx.quantize(rnd((N, K_), mx.float32, 0.05, seed=26), group_size=64, bits=4)
+    s, b = s.astype(dtype), b.astype(dtype)
+    for scalar, nxt in ((None, nn), (None, None), (mx.array([0.7], dtype=dtype), nn)):
+        for got, want, what in (
+                (K.matvec_close_kernel(x, w, res, nw, scalar, 1e-6, nxt),
+                 K.matvec_close_reference(x, w, res, nw, scalar, 1e-6, nxt), "mv_close"),
+                (K.quantized_matvec_close_kernel(x, q, s, b, 64, 4, res, nw, scalar, 1e-6, nxt),
+                 K.quantized_matvec_close_reference(x, q, s, b, 64, 4, res, nw, scalar, 1e-6, nxt), "qmv_close")):
+            got, want = (got, want) if nxt is not None else ((got,), (want,))
+            for g, r in zip(got, want):
+                assert_close(g, r, dtype, f"{what} {K_} {N} {M} {scalar is not None} {nxt is not None}")
+    counters = [c for (owner, _), c in dispatch._block_counters.items() if owner == "matvec_close"]
+    assert counters and not any(np.array(c).any() for c in counters)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("case", [(1, 8, 1, 256, 841), (2, 8, 1, 512, 300), (1, 16, 2, 128, 4096), (1, 8, 1, 256, 5)])
 def test_attention_prefix_q_kernel(case, dtype):
     """The decode step's attention applying q_norm_rope itself (QNR) against q_norm_rope's and
@@ -1296,8 +1321,9 @@ def test_disable_list(monkeypatch):
     # on on CUDA (its size rule decides), not measured against MLX's Metal one; ple_tail: slower
     # on the H200; attention_prefix_q: no faster there; residual_norm: on on both since session
     # 15, but not inside CUDA's matvecs (mv_residual, qmv_residual: each block computes the norms
-    # again); attention_fused: not yet measured on a GPU (and its prelude functions are CUDA's only)
-    default = {"ple_tail", "attention_prefix_q", "attention_fused"}
+    # again); attention_fused: no faster on the H200 (session 24; its prelude functions are CUDA's
+    # only); mv_close / qmv_close: not yet measured on a GPU (CUDA only, as attention_fused)
+    default = {"ple_tail", "attention_prefix_q", "attention_fused", "mv_close", "qmv_close"}
     with dispatch.force_backend("cuda"):
         assert dispatch.disabled_kernels() == default | {"mv_residual", "qmv_residual"}
         assert not dispatch.is_disabled("mv_geglu") and dispatch.is_disabled("mv_residual")

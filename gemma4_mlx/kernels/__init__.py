@@ -78,6 +78,9 @@ from .mv import (
     residual_matvec,
     residual_matvec_kernel,
     residual_matvec_reference,
+    matvec_close,
+    matvec_close_kernel,
+    matvec_close_reference,
 )
 from .qmv import (
     quantized_matvec,
@@ -92,6 +95,9 @@ from .qmv import (
     quantized_residual_matvec,
     quantized_residual_matvec_kernel,
     quantized_residual_matvec_reference,
+    quantized_matvec_close,
+    quantized_matvec_close_kernel,
+    quantized_matvec_close_reference,
 )
 from .rope import (
     kv_norm_rope,
@@ -108,11 +114,12 @@ __all__ = [
     "KernelCheckError", "active_backend", "get_mode", "kernels_enabled", "kernels_mode", "set_kernels_mode",
     "matvec", "matvec_kernel", "matvec_reference", "matvec_geglu", "matvec_geglu_kernel", "matvec_geglu_reference",
     "matvec_gate", "matvec_gate_kernel", "matvec_gate_reference", "residual_matvec", "residual_matvec_kernel",
-    "residual_matvec_reference", "PLAIN", "GEGLU", "GATE", "is_disabled",
+    "residual_matvec_reference", "matvec_close", "matvec_close_kernel", "matvec_close_reference", "PLAIN", "GEGLU", "GATE", "is_disabled",
     "quantized_matvec", "quantized_matvec_kernel", "quantized_matvec_reference", "quantized_matvec_geglu",
     "quantized_matvec_geglu_kernel", "quantized_matvec_geglu_reference", "quantized_matvec_gate",
     "quantized_matvec_gate_kernel", "quantized_matvec_gate_reference", "quantized_residual_matvec",
-    "quantized_residual_matvec_kernel", "quantized_residual_matvec_reference",
+    "quantized_residual_matvec_kernel", "quantized_residual_matvec_reference", "quantized_matvec_close",
+    "quantized_matvec_close_kernel", "quantized_matvec_close_reference",
     "q_norm_rope", "kv_norm_rope", "attention", "attention_prefix", "attention_prefix_reference", "attention_prefix_q",
     "attention_prefix_q_reference", "ple_combine", "ple_gate",
     "q_norm_rope_reference", "kv_norm_rope_reference", "attention_reference", "ple_combine_reference",

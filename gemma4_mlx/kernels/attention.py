@@ -37,27 +37,14 @@ MIN_KEYS_PER_SPLIT = 32
 # block of each group merges the splits, one launch a layer instead of two in the decode step,
 # which MLX's host cost per launch bounds. Its merge is one block's serial loop over the splits
 # (the combine pass gives a block to each row), so it takes at most FUSED_MAX_SPLITS; its blocks
-# count in an int32 array of COUNTER_SLOTS that every launch leaves zero, one a stream (launches on
-# one stream run in turn; two streams' could overlap).
+# count in an int32 array of COUNTER_SLOTS that every launch leaves zero, one a stream.
 FUSED_MAX_SPLITS = 64
 COUNTER_SLOTS = 4096
-_counters: dict = {}
 
 
 def _fused_counter() -> mx.array | None:
-    """The fused form's counters for the current stream (zeros, evaluated once outside any trace:
-    the self-check makes them before the decode step is traced), or None where they cannot be
-    made now."""
-    stream = str(mx.default_stream(mx.default_device()))
-    counter = _counters.get(stream)
-    if counter is None:
-        counter = mx.zeros((COUNTER_SLOTS,), dtype=mx.int32)
-        try:
-            mx.eval(counter)
-        except ValueError:  # inside a transformation: the two-pass form
-            return None
-        _counters[stream] = counter
-    return counter
+    """The fused form's counters for the current stream (:func:`.dispatch.block_counter`)."""
+    return dispatch.block_counter("attention", COUNTER_SLOTS)
 
 
 def attention_mask(Lq: int, N: int, window: int) -> mx.array:

@@ -153,8 +153,8 @@ def active_backend() -> str | None:
 # "scale" and "geglu" (session 11) replace MLX's fused element-wise kernels one for one, to spare
 # MLX's CUDA JIT (seconds per kernel on a machine's first run); Metal compiles those in
 # milliseconds, so there they stay MLX's: off.
-DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual,attention_fused",
-                    "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused"}
+DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual,attention_fused,mv_close,qmv_close",
+                    "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused,mv_close,qmv_close"}
 
 
 # The fused forms follow the switches of what they fuse (``mv`` off: every float matvec form
@@ -163,7 +163,8 @@ DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residua
 SWITCHES_OF = {"mv_geglu": ("mv",), "mv_gate": ("mv",), "mv_residual": ("mv", "residual_norm"),
                "qmv_geglu": ("qmv",), "qmv_gate": ("qmv",), "qmv_residual": ("qmv", "residual_norm"),
                "attention_prefix_q": ("attention_prefix", "q_norm_rope"), "geglu_joined": ("geglu",),
-               "attention_fused": ("attention_prefix",)}
+               "attention_fused": ("attention_prefix",), "mv_close": ("mv", "residual_norm"),
+               "qmv_close": ("qmv", "residual_norm")}
 
 
 def is_disabled(name: str) -> bool:
@@ -304,9 +305,13 @@ def prelude(backend: str) -> tuple[str, str]:
 
 def body(name: str) -> str:
     """A kernel body, with each ``// @@insert <fragment>`` line replaced by ``<fragment>.inc``
-    (code two bodies share, such as the residual prologue of the matvecs)."""
+    (code two bodies share, such as the residual prologue of the matvecs), fragments' own too."""
     text = _body_override[name] if name in _body_override else read_source(f"{name}.inc")
-    return re.sub(r"^// @@insert (\w+)$", lambda m: read_source(f"{m.group(1)}.inc"), text, flags=re.M)
+    for _ in range(4):  # a fragment may insert another (the matvecs' close: residual_norm_row)
+        text, n = re.subn(r"^// @@insert (\w+)$", lambda m: read_source(f"{m.group(1)}.inc"), text, flags=re.M)
+        if not n:
+            break
+    return text
 
 
 def kernel_source(name: str, backend: str, defines: Sequence[tuple[str, int]] = ()) -> tuple[str, str]:
@@ -388,6 +393,29 @@ def get_kernel(
     with _lock:
         _kernel_cache[key] = k
     return k
+
+
+_block_counters: dict = {}
+
+
+def block_counter(owner: str, slots: int) -> mx.array | None:
+    """``owner``'s int32 counters (``slots`` of them) for the current stream, or None where they
+    cannot be made now. The kernels whose last block to finish does a launch's final step
+    (attention's fused form, the matvecs' closing forms) count their blocks in them and leave
+    them zero, so one array serves every launch of a stream: one stream's launches run in turn
+    (in MLX's CUDA graphs too: each of these launches reads what the one before wrote), while two
+    streams' could overlap. Made and evaluated once, outside any trace (the self-check runs before
+    the decode step is traced)."""
+    key = (owner, str(mx.default_stream(mx.default_device())))
+    counter = _block_counters.get(key)
+    if counter is None:
+        counter = mx.zeros((slots,), dtype=mx.int32)
+        try:
+            mx.eval(counter)
+        except ValueError:  # inside a transformation
+            return None
+        _block_counters[key] = counter
+    return counter
 
 
 def ceil_to(n: int, m: int) -> int:

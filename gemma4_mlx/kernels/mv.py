@@ -328,3 +328,104 @@ def residual_matvec(x, branch, norm_weight, scalar, next_weight, eps: float, w, 
     key = None if pro is None else base + pro
     return dispatch.run("mv_residual", key, residual_matvec_reference, residual_matvec_kernel, _residual_probe,
                         x, branch, norm_weight, scalar, next_weight, eps, w, z, epi, fallback=fallback)
+
+
+# ------------------------------------------- with the sublayer's close after the product (CUDA)
+
+# A closing form's last block holds its row in registers (residual_norm_row.inc: four values a
+# thread per 256 of the width), and the whole launch is given the registers that part needs (NVRTC
+# for sm_90, one row: bf16 mv 32 a thread without the close, 48 with E2B's 1,536, 64 with E4B's
+# 2,560, 70 with 26B-A4B's 2,816, 140 with 31B's 5,376; 4-bit qmv 64 without, 73-78 up to 2,816,
+# 140 at 5,376). Fewer blocks of the product fit an SM the more it takes, so the close stops at
+# 26B-A4B's width: 31B keeps the product and residual_norm apart.
+CLOSE_MAX_WIDTH = 2816
+# The closing forms' blocks count in one int32 (dispatch.block_counter), zero between launches.
+CLOSE_COUNTER = "matvec_close"
+
+
+def matvec_close_reference(x, w, residual, norm_weight, scalar, eps: float, next_weight=None):
+    """``residual_norm(residual, x @ w.T, norm_weight, scalar, eps, next_weight)``: a sublayer's
+    last projection and its close (``(out, normed)`` with ``next_weight``)."""
+    return residual_norm_reference(residual, matvec_reference(x, w), norm_weight, scalar, eps, next_weight)
+
+
+def close_key(x, N: int, residual, norm_weight, scalar, next_weight) -> Optional[tuple]:
+    """The close's part of a closing form's class key (N outputs, the residual's width), or None
+    where it does not apply: (N, scaled, with the next norm)."""
+    if N > CLOSE_MAX_WIDTH or residual.dtype != x.dtype or tuple(residual.shape) != (*x.shape[:-1], N):
+        return None
+    if norm_weight.size != N or (scalar is not None and scalar.size != 1):
+        return None
+    if next_weight is not None and next_weight.size != N:
+        return None
+    return (N, scalar is not None, next_weight is not None)
+
+
+def close_probe(dtype, MM: int, N: int, scaled: bool, nxt: bool) -> tuple:
+    """A self-check's close inputs: (residual, norm weight, scale or None, eps, next norm weight or None)."""
+    residual = dispatch.probe_normal((MM, 1, N), 44, dtype, 2.0)
+    nw = (1 + dispatch.probe_normal((N,), 45, mx.float32, 0.3)).astype(dtype)
+    nn = (1 + dispatch.probe_normal((N,), 46, mx.float32, 0.3)).astype(dtype) if nxt else None
+    return residual, nw, (mx.array([0.7], dtype=dtype) if scaled else None), 1e-6, nn
+
+
+def close_launch(name: str, product: list, template: list, x, N: int, residual, norm_weight, scalar, eps: float,
+                 next_weight, grid: tuple):
+    """One launch of ``name``'s (mv / qmv) closing form: ``product`` its product's (input name,
+    array) pairs, ``template`` its product's template. The new residual, and with ``next_weight``
+    its next norm too; None where the counter cannot be made (inside a transformation that has not
+    seen one yet)."""
+    counter = dispatch.block_counter(CLOSE_COUNTER, 1)
+    if counter is None:
+        return None
+    nxt = next_weight is not None
+    k = dispatch.get_kernel(name, [*(n for n, _ in product), "res", "cw", "ls", *(["cn"] if nxt else []), "eps",
+                                   "counter"],
+                            ["hout", *(["nout"] if nxt else [])],
+                            defines=[("MATVEC_CLOSE", 1), ("CLOSE_NO_NEXT", int(not nxt))],
+                            variant="close" if nxt else "close_out")
+    ls = mx.ones((1,), x.dtype) if scalar is None else dispatch.vector(scalar)
+    out = k(
+        inputs=[*(a for _, a in product), residual, norm_weight, ls, *([next_weight] if nxt else []),
+                mx.array([eps], dtype=mx.float32), counter],
+        template=[*template, ("CH", N)],
+        grid=grid,
+        threadgroup=(TG, 1, 1),
+        output_shapes=[residual.shape] * (1 + nxt),
+        output_dtypes=[x.dtype] * (1 + nxt),
+        **dispatch.init_kwargs(),
+    )
+    return (out[0], out[1]) if nxt else out[0]
+
+
+def matvec_close_kernel(x, w, residual, norm_weight, scalar, eps: float, next_weight=None):
+    """Kernel version of :func:`matvec_close_reference` (same signature)."""
+    M, N = x.size // x.shape[-1], w.shape[0]
+    rows, split = layout(x.shape[-1])
+    template = [("T", x.dtype), ("ROWS", rows), ("SPLIT", split), ("UNR", steps_in_flight(x.shape[-1], split, False)),
+                ("MM", _mm(M)), ("EPI", PLAIN), ("PRO", 0), ("HD", 1), ("LOOP", 1)]
+    out = close_launch("mv", [("x", x), ("w", w)], template, x, N, residual, norm_weight, scalar, eps, next_weight,
+                       grid_and_loop(N, rows, split)[0])
+    if out is None:
+        return matvec_close_reference(x, w, residual, norm_weight, scalar, eps, next_weight)
+    return out
+
+
+def _close_probe(key):
+    dtype, MM = dispatch.dtype_from_key(key[0]), key[2]
+    N, scaled, nxt = key[-3:]
+    _, K = probe_shape(key[1], tail=8)
+    x = dispatch.probe_normal((MM, 1, K), 47, dtype)
+    w = dispatch.probe_normal((N, K), 48, dtype, 0.05)
+    residual, nw, scalar, eps, nn = close_probe(dtype, MM, N, scaled, nxt)
+    return (x, w, residual, nw, scalar, eps, nn)
+
+
+def matvec_close(x, w, residual, norm_weight, scalar, eps: float, next_weight=None, *, fallback=None):
+    """:func:`matvec_close_reference` as one launch (name ``mv_close``: CUDA; off when ``mv`` or
+    ``residual_norm`` is): the launch's last block to finish closes the rows."""
+    base = _class_key(x, w)
+    close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, scalar, next_weight)
+    key = None if close is None else (*base[:3], "close", *close)
+    return dispatch.run("mv_close", key, matvec_close_reference, matvec_close_kernel, _close_probe,
+                        x, w, residual, norm_weight, scalar, eps, next_weight, fallback=fallback)

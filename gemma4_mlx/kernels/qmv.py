@@ -24,9 +24,10 @@ import mlx.core as mx
 from .. import switches
 from . import dispatch
 from .dispatch import TG
-from .mv import (_FLOATS, GATE, GEGLU, MAX_ROWS_OF_X, PLAIN, PROBE_N, _mm, form_width, layout, probe_shape,
-                 form_kernel, launch_grid, probe_blocks, prologue_inputs, prologue_key, prologue_probe,
-                 residual_and_input)
+from .mv import (_FLOATS, GATE, GEGLU, MAX_ROWS_OF_X, PLAIN, PROBE_N, _mm, close_key, close_launch, close_probe,
+                 form_width, layout, probe_shape, form_kernel, grid_and_loop, launch_grid, probe_blocks,
+                 prologue_inputs, prologue_key, prologue_probe, residual_and_input)
+from .residual import residual_norm_reference
 from .ple import ple_gate_reference
 
 
@@ -238,3 +239,48 @@ def quantized_residual_matvec(x, branch, norm_weight, scalar, next_weight, eps: 
     return dispatch.run("qmv_residual", key, quantized_residual_matvec_reference, quantized_residual_matvec_kernel,
                         _residual_probe, x, branch, norm_weight, scalar, next_weight, eps, w, scales, biases,
                         group_size, bits, z, epi, fallback=fallback)
+
+
+# ------------------------------------------- with the sublayer's close after the product (CUDA)
+
+def quantized_matvec_close_reference(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, scalar,
+                                     eps: float, next_weight=None):
+    """:func:`.mv.matvec_close_reference` with a quantized W."""
+    return residual_norm_reference(residual, quantized_matvec_reference(x, w, scales, biases, group_size, bits),
+                                   norm_weight, scalar, eps, next_weight)
+
+
+def quantized_matvec_close_kernel(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, scalar,
+                                  eps: float, next_weight=None):
+    M, N = x.size // x.shape[-1], w.shape[0]
+    rows, split, wpl = quantized_layout(x.shape[-1], bits, group_size)
+    template = [("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", rows), ("SPLIT", split), ("WPL", wpl),
+                ("MM", _mm(M)), ("EPI", PLAIN), ("PRO", 0), ("HD", 1), ("LOOP", 1)]
+    out = close_launch("qmv", [("x", x), ("w", w), ("scales", scales), ("biases", biases)], template, x, N, residual,
+                       norm_weight, scalar, eps, next_weight, grid_and_loop(N, rows, split)[0])
+    if out is None:
+        return quantized_matvec_close_reference(x, w, scales, biases, group_size, bits, residual, norm_weight, scalar,
+                                                eps, next_weight)
+    return out
+
+
+def _close_probe(key):
+    dtype, bits, gs, MM = dispatch.dtype_from_key(key[0]), key[1], key[2], key[4]
+    N, scaled, nxt = key[-3:]
+    _, K = _probe_shape(key[3], bits)
+    w, s, b = mx.quantize(dispatch.probe_normal((N, K), 49, mx.float32, 0.05), group_size=gs, bits=bits)
+    x = dispatch.probe_normal((MM, 1, K), 50, dtype)
+    residual, nw, scalar, eps, nn = close_probe(dtype, MM, N, scaled, nxt)
+    return (x, w, s.astype(dtype), b.astype(dtype), gs, bits, residual, nw, scalar, eps, nn)
+
+
+def quantized_matvec_close(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, scalar,
+                           eps: float, next_weight=None, *, fallback=None):
+    """:func:`quantized_matvec_close_reference` as one launch (name ``qmv_close``: CUDA; off when
+    ``qmv`` or ``residual_norm`` is)."""
+    base = _class_key(x, w, scales, biases, group_size, bits)
+    close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, scalar, next_weight)
+    key = None if close is None else (*base[:5], "close", *close)
+    return dispatch.run("qmv_close", key, quantized_matvec_close_reference, quantized_matvec_close_kernel,
+                        _close_probe, x, w, scales, biases, group_size, bits, residual, norm_weight, scalar, eps,
+                        next_weight, fallback=fallback)

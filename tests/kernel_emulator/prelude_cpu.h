@@ -41,6 +41,8 @@ inline float k_warp_max(float v) { return emu_warp_reduce(v, true); }
 #define K_DEVICE_FENCE() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 inline int k_atomic_add(const int* p, int v) { return __atomic_fetch_add(const_cast<int*>(p), v, __ATOMIC_SEQ_CST); }
 inline void k_atomic_zero(const int* p) { __atomic_store_n(const_cast<int*>(p), 0, __ATOMIC_SEQ_CST); }
+template <typename T>
+inline float k_load_coherent(const T* p) { return static_cast<float>(*p); }
 inline float k_exp(float x) { return std::exp(x); }
 inline float k_rsqrt(float x) { return 1.0f / std::sqrt(x); }
 inline float k_cos(float x) { return float(std::cos(double(x))); }
