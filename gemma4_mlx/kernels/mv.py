@@ -339,8 +339,10 @@ def residual_matvec(x, branch, norm_weight, scalar, next_weight, eps: float, w, 
 # 140 at 5,376). Fewer blocks of the product fit an SM the more it takes, so the close stops at
 # 26B-A4B's width: 31B keeps the product and residual_norm apart.
 CLOSE_MAX_WIDTH = 2816
-# The closing forms' blocks count in one int32 (dispatch.block_counter), zero between launches.
+# The closing forms' blocks count in the first int32 of an array (dispatch.block_counter), zero
+# between launches.
 CLOSE_COUNTER = "matvec_close"
+CLOSE_COUNTER_SLOTS = 1
 
 
 def matvec_close_reference(x, w, residual, norm_weight, scalar, eps: float, next_weight=None):
@@ -375,7 +377,7 @@ def close_launch(name: str, product: list, template: list, x, N: int, residual, 
     array) pairs, ``template`` its product's template. The new residual, and with ``next_weight``
     its next norm too; None where the counter cannot be made (inside a transformation that has not
     seen one yet)."""
-    counter = dispatch.block_counter(CLOSE_COUNTER, 1)
+    counter = dispatch.block_counter(CLOSE_COUNTER, CLOSE_COUNTER_SLOTS)
     if counter is None:
         return None
     nxt = next_weight is not None
