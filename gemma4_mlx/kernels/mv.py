@@ -340,9 +340,13 @@ def residual_matvec(x, branch, norm_weight, scalar, next_weight, eps: float, w, 
 # 26B-A4B's width: 31B keeps the product and residual_norm apart.
 CLOSE_MAX_WIDTH = 2816
 # The closing forms' blocks count in the first int32 of an array (dispatch.block_counter), zero
-# between launches.
+# between launches. Not a one-element array: MLX's CUDA allocator puts arrays of 8 bytes or less in
+# a pool of managed memory whose pages the host touches, and there each block's atomic cost ~1 us,
+# one block after another (session 24, H200: an E2B o projection with its close 661 us a launch
+# eagerly on one int32, 111 on 16,384 of them, the product and residual_norm apart 111;
+# bench/close_probe.py).
 CLOSE_COUNTER = "matvec_close"
-CLOSE_COUNTER_SLOTS = 1
+CLOSE_COUNTER_SLOTS = 16384
 
 
 def matvec_close_reference(x, w, residual, norm_weight, scalar, eps: float, next_weight=None):
