@@ -80,7 +80,7 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours +ple_tail", off(on=["ple_tail"])),
            ("ours +attn_q", off(on=["attention_prefix_q"])),
            ("ours +attn fused", off(on=["attention_fused"])),  # session 23: attention in one launch a layer
-           ("ours +close", off(on=["mv_close", "qmv_close"])),  # session 24: the o / down / PLE products with their closes
+           ("ours -close", off("mv_close", "qmv_close")),  # session 24: the o / down / PLE products with their closes
            ("ours +resnorm", off(on=["residual_norm"])),
            ("ours -resnorm", off("residual_norm")),  # the default until session 15
            # the GeGLU over the gate/up Split instead of the joined product (session 16: a Split less a layer)

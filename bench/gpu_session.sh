@@ -271,12 +271,12 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     gzip -f "$OUT/mvsource.csv" "$OUT/mvdetail.txt"
     unset GEMMA4_MLX_KERNELS_DISABLE ;;
   close)    # session 24: the o / down / PLE products with their sublayer's close in one launch (mv_close /
-            # qmv_close, off by default: the launch's last block closes the row): parity on CUDA, then the step with
-            # and without, E2B bf16 / 4-bit, E4B bf16 / 4-bit (~5 min)
+            # qmv_close, on by default since session 24: the launch's last block closes the row): parity on CUDA,
+            # then the step with and without, E2B bf16 / 4-bit, E4B bf16 / 4-bit (~5 min)
     MLX_ENABLE_TF32=0 timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_decode.py \
       tests/test_kernels.py -k "closing_matvecs or matvec_close" 2>&1 | tail -15
     for pq in "e2b 0" "e2b 4" "e4b 0" "e4b 4"; do
-      CONFIGS="stock,ours,ours +close" ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${CLOSE_S:-150} python3 bench/ablate.py $pq \
+      CONFIGS="stock,ours,ours -close" ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${CLOSE_S:-150} python3 bench/ablate.py $pq \
         2>&1 | tail -9 | tee "$OUT/close-${pq// /-q}.txt"
     done ;;
   attnfused)  # session 23: the decode step's attention in one launch a layer (attention_fused, off by default: pass

@@ -609,8 +609,8 @@ def test_decode_with_the_fused_attention_equals_the_two_passes(dtype, monkeypatc
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_decode_with_the_closing_matvecs_equals_decode_without(dtype, quantized, monkeypatch):
     """``mv_close`` / ``qmv_close``: the o, down and PLE projections each with its sublayer's close
-    in one launch (the launch's last block closes the row), against the default kernel set,
-    strict. Every such projection of the traced step takes the form (3 a PLE layer) and no
+    in one launch (the launch's last block closes the row), against the default kernel set without
+    them, strict. Every such projection of the traced step takes the form (3 a PLE layer) and no
     residual_norm launch is left. On the CPU the backend is forced and the kernels are their
     references (the wiring; the bodies: test_kernel_emulator.py); on a GPU, CUDA's kernels (the
     counter left zero)."""
@@ -629,7 +629,8 @@ def test_decode_with_the_closing_matvecs_equals_decode_without(dtype, quantized,
         monkeypatch.setenv("GEMMA4_MLX_QMV_MIN", "0")
     form = "qmv_close" if quantized else "mv_close"
     default = dispatch.DEFAULT_DISABLED["cuda"]
-    assert form in default.split(",")
+    assert form not in default.split(",")  # on by default since session 24: off against on below
+    default += f",{form}"
     calls = {"residual_norm": 0, form: 0}
     overrides = {}
     if not gpu:  # the matvecs and closes as their references (counted), every other kernel off

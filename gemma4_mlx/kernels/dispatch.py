@@ -150,10 +150,16 @@ def active_backend() -> str | None:
 # reason: capped at mv.PROLOGUE_BLOCKS blocks (session 19) its gate/up form still took 32.8 us a
 # launch under ncu (41.5 uncapped; the plain products 4-13 us), and E2B bf16's step 7.45 ms with it
 # against 5.86 without (session 20).
+# "mv_close" / "qmv_close" (session 24: the o, down and PLE projections each with its sublayer's
+# close, the launch's last block closing the row; CUDA only) are on on CUDA: E2B's step 372 launches
+# against 477, ms median of 7 rounds without / with on the H200: E2B bf16 5.49 / 5.43, 4-bit 5.75 /
+# 5.61, E4B bf16 8.88 / 8.65, 4-bit 9.30 / 8.83. "attention_fused" (session 23) is off: 2.01x / 1.97x
+# stock on E2B bf16, 1.51x / 1.42x E4B (session 24; its last block's merge took its GPU time from
+# 20.5 to 35.7 us a launch on E2B's sliding layers).
 # "scale" and "geglu" (session 11) replace MLX's fused element-wise kernels one for one, to spare
 # MLX's CUDA JIT (seconds per kernel on a machine's first run); Metal compiles those in
 # milliseconds, so there they stay MLX's: off.
-DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual,attention_fused,mv_close,qmv_close",
+DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual,attention_fused",
                     "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused,mv_close,qmv_close"}
 
 
