@@ -525,6 +525,8 @@ def test_decode_with_the_matvec_forms_equals_decode_without(form, monkeypatch):
                                        "ple_gate", "ple_tail"]
     if not prologue:
         others.append("residual_norm")
+    else:  # the closes ahead of the products: not in the projections before them (mv_close / qmv_close)
+        others += ["mv_close", "qmv_close"]
     model = _kernel_shaped_model(seed=4)
     ids = mx.array(np.random.default_rng(5).integers(0, model.args.vocab_size, size=(1, 24)))
     names = [family, f"{family}_geglu", f"{family}_gate"] + ([f"{family}_residual", "residual_norm"] if prologue else [])
