@@ -405,7 +405,7 @@ class StepScalars:
             return None
         _, stack, i = entry
         if id(stack) not in pieces:
-            pieces[id(stack)] = ops.split_even(stack, stack.size, axis=0)
+            pieces[id(stack)] = mx.split(stack, stack.size)
         return pieces[id(stack)][i]
 
 
@@ -415,11 +415,10 @@ class _SlotCache:
     """Stands in for a cache inside the traced step: write at ``slot``, mask unfilled slots."""
 
     def __init__(self, keys: mx.array, values: mx.array, slot: mx.array, valid: mx.array, offset: mx.array,
-                 ring_window: Optional[int], scatter: bool, index: mx.array):
+                 ring_window: Optional[int] = None, scatter: bool = True):
         self.keys, self.values = keys, values
         self.scatter = scatter
         self.slot, self.valid, self.offset = slot, valid, offset
-        self.index = index  # the slot as the scatter's (1, 1, 1, 1) index
         # A SlidingWindowCache with spare slots: its ring holds more than the window.
         self.ring_window = ring_window
 
@@ -431,7 +430,7 @@ class _SlotCache:
         # A scatter along the position axis, not mx.slice_update: MLX 0.32's CUDA DynamicSliceUpdate
         # launches one thread per element of the whole buffer (not of the update), ~23 us per write
         # for a 512-slot window and growing with the context (H200, bench/step_profile.py).
-        slot = mx.broadcast_to(self.index, k.shape)
+        slot = mx.broadcast_to(self.slot.reshape(1, 1, 1, 1), k.shape)
         self.keys = mx.put_along_axis(self.keys, slot, k, axis=2)
         self.values = mx.put_along_axis(self.values, slot, v, axis=2)
         return self.keys, self.values
@@ -524,16 +523,14 @@ def _step_function(model_ref, counts: dict):
         # each cache's slot and fill level as (1,) views, one Split each for all caches: an index
         # per cache was a Slice, and a Gather (a launch) and a Squeeze, and the attention kernel
         # reshaped the scalar fill level of its producer layer's cache for every layer
-        slot_of = ops.split_even(slots, n, axis=0)
-        valid_of = ops.split_even(valid, n, axis=0)
-        # the scatter's index as (1, 1, 1, 1) pieces of one Reshape: a reshape per cache was 15 in
-        # E2B's step (the (1,) pieces above are what the masks and the slice update take; the
-        # pieces nobody reads are not in the traced graph)
-        index_of = ops.split_even(slots.reshape(n, 1, 1, 1), n, axis=0)
+        # (session 23's split into trees of at most 10 pieces, the (1,) position and the kernels' 1-d
+        # inputs passed as they are broke batched compiled decode on the H200 and are undone:
+        # docs/benchmarks.md, session 24)
+        slot_of = mx.split(slots, n) if n > 1 else [slots]
+        valid_of = mx.split(valid, n) if n > 1 else [valid]
         scatter = kv_scatter_enabled()
         caches = [
-            _SlotCache(buffers[2 * i], buffers[2 * i + 1], slot_of[i], valid_of[i], offset, ring_windows[i], scatter,
-                       index_of[i])
+            _SlotCache(buffers[2 * i], buffers[2 * i + 1], slot_of[i], valid_of[i], offset, ring_windows[i], scatter)
             for i in range(n)
         ]
         logits = model_ref()._eager(inputs, cache=caches)
@@ -614,8 +611,7 @@ class CompiledDecoder:
         # two traces, and on a fresh GPU machine two sets of MLX-compiled kernels. (A negative id
         # wraps high; the model clamps ids to the table either way.)
         ids = inputs if inputs.dtype == mx.uint32 else inputs.astype(mx.uint32)
-        # the position as (1,), the form the RoPE kernels take: a scalar was a Reshape per kernel call
-        return (ids, mx.array([offsets.pop()], dtype=mx.int32), slots, valid, buffers, ring_windows), reserved
+        return (ids, mx.array(offsets.pop(), dtype=mx.int32), slots, valid, buffers, ring_windows), reserved
 
     def __call__(self, inputs: mx.array, cache: List[Any]) -> Optional[mx.array]:
         """Logits, or None when this call must take the eager path."""

@@ -9,7 +9,7 @@ fails its self-check (one warning) hands the call back to the MLX op sequence gi
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,33 +18,6 @@ from . import chunk_attention, expert_blocks, step_context, switch_layers, switc
 
 Offset = Union[int, mx.array]
 
-
-# MLX makes one Split primitive of a split into at most 10 pieces, and a Slice per piece beyond
-# that (mlx/ops.cpp): E2B's 35 per-layer inputs were 35 Slices, its 15 caches' slots and fill levels
-# 30 more, each replayed and evaluated at every decoded token.
-SPLIT_MAX_PIECES = 10
-
-
-def split_even(a: mx.array, parts: int, axis: int = -1) -> List[mx.array]:
-    """``mx.split(a, parts, axis)`` as a tree of Split primitives of at most 10 pieces each
-    (35 pieces: 5 primitives, not 35 Slices); the same views."""
-    if parts <= SPLIT_MAX_PIECES:
-        return mx.split(a, parts, axis=axis) if parts > 1 else [a]
-    size = a.shape[axis] // parts
-    if size * parts != a.shape[axis]:
-        raise ValueError(f"split_even: axis of {a.shape[axis]} does not split into {parts} equal parts")
-    # as few groups as hold every piece, at most 10 (a group of more than 10 is split the same way)
-    groups = min(SPLIT_MAX_PIECES, -(-parts // SPLIT_MAX_PIECES))
-    per_group = -(-parts // groups)
-    counts = [min(per_group, parts - start) for start in range(0, parts, per_group)]
-    bounds, at = [], 0
-    for n in counts[:-1]:
-        at += n * size
-        bounds.append(at)
-    pieces: List[mx.array] = []
-    for group, n in zip(mx.split(a, bounds, axis=axis), counts):
-        pieces += split_even(group, n, axis)
-    return pieces
 
 # GeGLU (tanh GELU) and the logit soft-cap, MLX's way: stock's ops, compiled per shape rather than
 # shapeless as mlx-lm's are (a shapeless trace's tape differs from the decode step's, so each

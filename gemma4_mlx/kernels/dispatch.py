@@ -285,13 +285,6 @@ def probe_normal(shape, seed: int, dtype=mx.float32, scale: float = 1.0) -> mx.a
     return (mx.random.normal(shape, key=mx.random.key(seed)) * scale).astype(dtype)
 
 
-def vector(a: mx.array) -> mx.array:
-    """``a`` as a 1-d array, itself when it is one: ``reshape(-1)`` of a (1,) array is a Reshape
-    primitive all the same (MLX only skips a reshape to the very shape given), and the decode
-    step's scalars and position come as (1,) pieces, one Reshape a kernel call at every token."""
-    return a if a.ndim == 1 else a.reshape(-1)
-
-
 def dtype_from_key(name: str):
     return getattr(mx, name.split(".")[-1])
 

@@ -71,7 +71,7 @@ _INPUTS_KV = ["x", "xv", "w", "inv_freq", "offset", "eps"]
 
 def offset_array(offset) -> mx.array:
     if isinstance(offset, mx.array):
-        return dispatch.vector(offset).astype(mx.int32)
+        return offset.reshape(-1).astype(mx.int32)
     return mx.array([int(offset)], dtype=mx.int32)
 
 
