@@ -51,13 +51,13 @@ def main():
     print(f"apart (mv + residual_norm): {apart:8.1f} us")
     want = mv.matvec_close_reference(x, w, res, nw, None, 1e-6, nn)
     src = dispatch.read_source("matvec_close.inc")
-    for fence in ("all", "one"):
+    for fence in ("one", "all"):
         for slots in (1, 16384):
             mv.CLOSE_COUNTER_SLOTS = slots
             mv.CLOSE_COUNTER = f"probe-{slots}-{fence}"
             dispatch._kernel_cache.clear()
-            text = src if fence == "all" else src.replace(FENCE_ALL, FENCE_ONE)
-            assert fence == "all" or text != src
+            text = src if fence == "one" else src.replace(FENCE_ONE, FENCE_ALL)
+            assert fence == "one" or text != src
             orig = dispatch.read_source
 
             def patched(name, _t=text, _o=orig):
