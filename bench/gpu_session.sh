@@ -6,20 +6,18 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 24): issue 14. One GPU is enough (nvidia-h200). Session 23 measured the fill end to end (E2B
-# bf16 128 tokens 1.96x decode, 0.50x wall; 4-bit 2.64x / 0.41x, one run), found `check`'s only failures to be MLX's
-# qmm_sm80 reading past a tiny matrix's scales (docs/upstream.md 6), cut the step's views (571 primitives, 477
-# launching), started short chunks of E2B / E4B every 5th writer (E4B @841 prefill 1.33x) and wrote attention in one
-# launch a layer (attention_fused, off: checked on the CPU emulator only). In this order:
-#   1. `attnfused` (its CUDA parity test, then the step with and without it, E2B bf16 / 4-bit, E4B bf16); if it is
-#      correct and faster, switch it on (dispatch.DEFAULT_DISABLED["cuda"]) and run `check` on that default. Its GPU
-#      time a launch: `GEMMA4_MLX_KERNELS_DISABLE=mv_residual,ple_tail,attention_prefix_q,qmv_residual TAG=fused
-#      SIDES=ours profile` (ncu; the two passes: 15 us + the combine for E2B's sliding layers in session 13).
-#   2. `NEW=128 RUNS=2 e2e` and `Q=4 NEW=128 RUNS=2 e2e` (the user's command; 2 runs: one run spreads 1.4-2.1x).
-#   3. E4B 4-bit @841 / 4,096 and E4B bf16 @4,096 in `compare` (1.25x prefill and 1.44x decode in their last runs).
+# Next visit (session 25): issue 14. One GPU is enough (nvidia-h200). Session 24 measured attention_fused (correct, no
+# faster: off), wrote mv_close / qmv_close (the o / down / PLE products with their sublayer's close in one launch, on by
+# default on CUDA: 1-5% of a step) and undid session 23's views cut (586c6de broke two-row compiled decode on the H200:
+# test_compiled_decode_matches_eager, bisected; the undo, ec3a965, is not yet run on a GPU). In this order:
+#   1. `check` (the whole CUDA parity run on the undone step; test_compiled_decode_matches_eager must pass), then
+#      `close` (the closes' parity, and the step with and without them on the final tree).
+#   2. `NEW=128 RUNS=2 e2e` and `Q=4 NEW=128 RUNS=2 e2e` (the user's command on the every-5th rule and the closes).
+#   3. E4B 4-bit @841 / 4,096 and E4B bf16 @4,096 in `compare`.
 #   4. The 26B-A4B 4-bit step harness (`moe`: 1.28x in session 21, 1.39x with every 4-bit size).
-# If the attention is still slow, sweep `bench/kernels.py --only attention --keys-per-split N`
-# at 16 / 32 / 64 (eager calls: launch-bound at small N; `profile` gives the GPU time).
+# The closes moved ~0.5 ms a step from the host to the GPU (the last block of each launch closing its row after the
+# product): `profile` with and without them says where; a close spread over the launch's last few blocks, or the
+# row's norm summed by every block as it stores (atomics on a float row sum), would shorten that tail.
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
