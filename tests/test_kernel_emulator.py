@@ -30,6 +30,25 @@ def _rnd(shape, seed, scale=1.0, dtype=mx.float32):
     return (scale * mx.random.normal(shape, key=mx.random.key(seed))).astype(dtype)
 
 
+def _counters_seen(monkeypatch, slots: int) -> list:
+    """The int32 counter arrays of ``slots`` elements that emulated launches hand their bodies, as
+    the bodies leave them (the emulator gives a body a copy of each input: read back through a spy
+    on that copy)."""
+    import kernel_emulator
+
+    seen = []
+    to_numpy = kernel_emulator._to_numpy
+
+    def spy(a):
+        arr = to_numpy(a)
+        if a.dtype == mx.int32 and a.size == slots:
+            seen.append(arr)
+        return arr
+
+    monkeypatch.setattr(kernel_emulator, "_to_numpy", spy)
+    return seen
+
+
 def _close(got, want, what, atol=2e-5):
     got, want = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))
     assert got.shape == want.shape, what
@@ -266,19 +285,8 @@ def test_attention_fused_counts_its_blocks_and_leaves_the_counters_zero(emulated
     plan of more splits than FUSED_MAX_SPLITS launches the two passes instead."""
     import sys
 
-    import kernel_emulator
-
     ATT = sys.modules["gemma4_mlx.kernels.attention"]
-    seen = []
-    to_numpy = kernel_emulator._to_numpy
-
-    def spy(a):
-        arr = to_numpy(a)
-        if a.dtype == mx.int32 and a.size == ATT.COUNTER_SLOTS:
-            seen.append(arr)
-        return arr
-
-    monkeypatch.setattr(kernel_emulator, "_to_numpy", spy)
+    seen = _counters_seen(monkeypatch, ATT.COUNTER_SLOTS)
     q = _rnd((1, 8, 1, 64), 34)
     kbuf, vbuf = _rnd((1, 1, 600, 64), 35, 0.5), _rnd((1, 1, 600, 64), 36)
     kv_len = mx.array([590], dtype=mx.int32)
@@ -298,18 +306,7 @@ def test_matvec_closing_forms(emulated, monkeypatch, K, N, M):
     block closes the rows in place) equal the product followed by residual_norm's reference, with
     and without the scale and the next norm, for one and several rows (each closed by that block);
     every launch hands the body a zero counter and leaves it zero."""
-    import kernel_emulator
-
-    seen = []
-    to_numpy = kernel_emulator._to_numpy
-
-    def spy(a):
-        arr = to_numpy(a)
-        if a.dtype == mx.int32 and a.size == mv.CLOSE_COUNTER_SLOTS:
-            seen.append(arr)
-        return arr
-
-    monkeypatch.setattr(kernel_emulator, "_to_numpy", spy)
+    seen = _counters_seen(monkeypatch, mv.CLOSE_COUNTER_SLOTS)
     x, w = _rnd((M, 1, K), 41), _rnd((N, K), 42, 0.05)
     res, nw, nn = _rnd((M, 1, N), 43, 2.0), 1 + _rnd((N,), 44, 0.3), 1 + _rnd((N,), 45, 0.3)
     ls = mx.array([0.7])
