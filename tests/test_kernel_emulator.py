@@ -345,16 +345,17 @@ def test_every_other_kernel_on_the_emulator():
 
 
 @pytest.mark.parametrize("family", ["tiny-31b", "tiny-moe", "kernel-shaped E2B", "kernel-shaped E2B, fused forms looped",
-                                    "kernel-shaped E2B, closing forms", "tiny-moe, closing forms"])
+                                    "kernel-shaped E2B, closes apart"])
 def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatch, family):
     """A model's decode steps with its kernels on (the emulator, outside the compiled step:
     kernel_scope) give the logits of the steps without them: the kernels' wiring and their logic
     together, float32. The tiny 31B: head dims 32 / 64, a window of 8 that the 24 tokens wrap; the
     tiny MoE as well, its layers' norms, router choice and experts' mixture in norm_pair / moe_topk.
-    "fused forms looped": the matvec kernels and their residual-prologue forms on (off by default),
-    each prologue launch in one block that takes every set of rows in turn. "closing forms": the
-    matvecs' closing forms on (mv_close / qmv_close: the o, down and PLE projections with their
-    closes), the tiny MoE's o projection too."""
+    By default the matvecs' closing forms take the o, down and PLE projections with their closes
+    (mv_close: the tiny MoE's o projection, the tiny 31B's o and down ones). "fused forms looped":
+    the closes apart and the matvecs' residual-prologue forms on (off by default), each prologue
+    launch in one block that takes every set of rows in turn; "closes apart": the closing forms off,
+    residual_norm's own launches."""
     from mlx.utils import tree_map
     from test_decode import _kernel_shaped_model
 
@@ -366,12 +367,12 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
 
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "0")
     disabled = dispatch.DEFAULT_DISABLED["cuda"].split(",")
+    closing = "," not in family
+    if not closing:
+        disabled += ["mv_close", "qmv_close"]
     if family.endswith("looped"):
         disabled = [n for n in disabled if n not in ("mv", "mv_residual", "qmv_residual")]
         monkeypatch.setenv("GEMMA4_MLX_PROLOGUE_BLOCKS", "1")
-    closing = family.endswith("closing forms")
-    if closing:
-        disabled = [n for n in disabled if n not in ("mv", "mv_close")]
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", ",".join(disabled))
     dispatch.reset()  # the verdicts below are this model's
     if family.startswith(("tiny-31b", "tiny-moe")):
@@ -398,14 +399,16 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     want, got = decode(False), decode(True)
     verdicts = dispatch.verdicts()
     assert all(ok for ok, _ in verdicts.values()), verdicts  # each passed its self-check: none fell back
-    # (with the closing forms every close of a PLE layer is in a projection's launch)
-    closed_alone = set() if closing and "E2B" in family else {"residual_norm"}
+    # (with the closing forms every close but a MoE layer's is in a projection's launch)
+    closed_alone = {"residual_norm"} if not closing or family == "tiny-moe" else set()
     assert {"q_norm_rope", "kv_norm_rope"} | closed_alone <= {k[0] for k in verdicts}, verdicts
-    if closing:  # with the next norm (o), without (down, before the PLE gate), scaled (the PLE projection)
-        forms = {k[-2:] for k in verdicts if k[0] == "mv_close"}
-        assert forms == {(False, True), (False, False), (True, True)} if "E2B" in family else (False, True) in forms, \
-            verdicts
-        assert "mv_residual" not in {k[0] for k in verdicts}
+    forms = {k[-2:] for k in verdicts if k[0] == "mv_close"}
+    if not closing:
+        assert not forms, verdicts
+    elif "E2B" in family:  # with the next norm (o), without (down, before the PLE gate), scaled (the PLE projection)
+        assert forms == {(False, True), (False, False), (True, True)}, verdicts
+    else:  # o with the next norm; the tiny 31B's down projection scaled, with the next norm
+        assert (False, True) in forms and (family == "tiny-moe" or (True, True) in forms), verdicts
     if family == "tiny-moe":  # every form of both: the router's and experts' inputs, the close with the mixture
         assert {("norm_pair", 0), ("norm_pair", 2), ("moe_topk", None)} <= {
             (k[0], k[-2] if k[0] == "norm_pair" else None) for k in verdicts}, verdicts
