@@ -10,7 +10,8 @@
 # faster: off), wrote mv_close / qmv_close (the o / down / PLE products with their sublayer's close in one launch, on by
 # default on CUDA: 1-5% of a step) and undid session 23's views cut (586c6de broke two-row compiled decode on the H200:
 # test_compiled_decode_matches_eager, bisected; the undo, ec3a965, is not yet run on a GPU). In this order:
-#   1. `check` (the whole CUDA parity run on the undone step; test_compiled_decode_matches_eager must pass), then
+#   1. `check` (the whole CUDA parity run on the undone step: test_compiled_decode_matches_eager and
+#      test_compiled_decode_with_the_default_kernels_matches_eager must pass), then
 #      `close` (the closes' parity, and the step with and without them on the final tree).
 #   2. `NEW=128 RUNS=2 e2e` and `Q=4 NEW=128 RUNS=2 e2e` (the user's command on the every-5th rule and the closes).
 #   3. E4B 4-bit @841 / 4,096 and E4B bf16 @4,096 in `compare`.

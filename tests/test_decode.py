@@ -289,6 +289,24 @@ def test_compiled_decode_matches_eager(preset, monkeypatch):
             assert np.max(np.abs(np.array(a) - np.array(b))) <= GPU_F32_TOL * np.max(np.abs(np.array(b)))
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_compiled_decode_with_the_default_kernels_matches_eager(rows, monkeypatch):
+    """A model whose shapes every default kernel takes (head dims 64 / 128, PLE 64, a window of 16
+    that the steps wrap), float32: its compiled steps against the eager model's, one and two rows,
+    fed the same tokens. On a GPU the compiled step runs every default kernel and the eager one MLX's
+    ops, so this compares the two paths as a user's generation meets them (session 23's views cut
+    passed every kernel-against-kernel parity test and failed here, two rows, on the H200); on the
+    CPU both are MLX's ops."""
+    model = _kernel_shaped_model(seed=12)
+    prompt = mx.array(np.random.default_rng(13).integers(0, model.args.vocab_size, size=(rows, 11)))
+    eager_tokens, eager_rows, _ = _greedy(model, prompt, 24, monkeypatch, compiled=False)
+    _, compiled_rows, _ = _greedy(model, prompt, 24, monkeypatch, compiled=True, feed=eager_tokens)
+    tol = 1e-4 if mx.default_device() == mx.cpu else GPU_F32_TOL
+    err = np.abs(compiled_rows - eager_rows).max(axis=(1, 2))
+    assert err.max() <= tol * np.max(np.abs(eager_rows)), err
+    assert model._decoder.counts["traces"] >= 1
+
+
 def test_prompt_cache_round_trip_after_compiled_decode(tmp_path, monkeypatch):
     from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
