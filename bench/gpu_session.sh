@@ -15,7 +15,9 @@
 #      `close` (the closes' parity, and the step with and without them on the final tree).
 #   2. `NEW=128 RUNS=2 e2e` and `Q=4 NEW=128 RUNS=2 e2e` (the user's command on the every-5th rule and the closes).
 #   3. E4B 4-bit @841 / 4,096 and E4B bf16 @4,096 in `compare`.
-#   4. The 26B-A4B 4-bit step harness (`moe`: 1.28x in session 21, 1.39x with every 4-bit size).
+#   4. The 26B-A4B 4-bit step harness (`moe`: 1.28x in session 21, 1.39x with every 4-bit size; now with `-close` and
+#      `+moe close`, norm_pair_close: a MoE layer's close in its mixture's launch, 30 launches fewer a step, off until
+#      measured: switch it on if its parity passes and it is faster).
 # The closes moved ~0.5 ms a step from the host to the GPU (the last block of each launch closing its row after the
 # product): `profile` with and without them says where; a close spread over the launch's last few blocks, or the
 # row's norm summed by every block as it stores (atomics on a float row sum), would shorten that tail.
@@ -314,9 +316,11 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
             # norms, the branches' closing norms and sum; moe_topk: the router's choice), 26B-A4B's step being
             # host-bound (session 20: 1,091 launching primitives, encode 7.1 ms of a 10.9 ms step): their parity on
             # CUDA, then the step with and without them, 4-bit and bf16 (~4 min)
+    # (session 24: with the o projections' closes on by default; norm_pair_close, off by default, closes each MoE
+    # layer in its mixture's launch)
     parity moecheck 200 tests/test_kernels.py tests/test_decode.py -k "norm_pair or moe"
     for pq in "26b-a4b 4" "26b-a4b 0"; do
-      CONFIGS="stock,ours,ours -moe,ours -expert indices,ours +qmv all sizes" ROUNDS=${ROUNDS:-5} STEPS=15 timeout ${MOE_S:-300} python3 bench/ablate.py $pq 2>&1 \
+      CONFIGS="stock,ours,ours -close,ours +moe close,ours -moe" ROUNDS=${ROUNDS:-5} STEPS=15 timeout ${MOE_S:-300} python3 bench/ablate.py $pq 2>&1 \
         | tail -16 | tee "$OUT/moe-${pq// /-q}.txt"
     done ;;
   loop)     # session 19: the prologue forms with their blocks capped (mv.PROLOGUE_BLOCKS, 264; a block takes LOOP sets of

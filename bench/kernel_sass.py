@@ -40,6 +40,12 @@ KERNELS = {
                       outputs=["hout", "nout"], defines=[("MATVEC_CLOSE", 1), ("CLOSE_NO_NEXT", 0)],
                       dtypes={"w": mx.uint32, "eps": mx.float32, "counter": mx.int32},
                       ndims={"x": 3, "res": 3, "cw": 1, "ls": 1, "cn": 1, "eps": 1, "counter": 1}),
+    # a MoE layer's feed-forward output with the layer's close (moe.py's norm_pair_close, FORM 2)
+    "norm_pair_close": dict(body="norm_pair", inputs=["x", "x2", "mw", "w1", "w2", "s1", "eps", "res", "cw", "ls", "cn"],
+                            outputs=["hout", "nout"], defines=[("PAIR_MIX", 1), ("PAIR_CLOSE", 1), ("CLOSE_NO_NEXT", 0)],
+                            dtypes={"mw": mx.float32, "s1": mx.float32, "eps": mx.float32},
+                            ndims={"x": 3, "x2": 4, "mw": 3, "w1": 1, "w2": 1, "s1": 1, "eps": 1, "res": 3, "cw": 1,
+                                   "ls": 1, "cn": 1}),
     "attention_partial": dict(
         inputs=["q", "keys", "values", "scale", "params", "kv_len", "qw", "inv_freq", "qoff", "qeps"],
         outputs=["po", "pm", "pl"], out_dtype=mx.float32,
@@ -88,7 +94,8 @@ def build(name: str, template: dict, arch: str = "sm_90") -> bytes:
     k = cuda_build.CudaKernel(dispatch.kernel_name(body), inputs, outputs, src,
                               dispatch.read_source("cuda_types.h") + head)
     T = DTYPES[template.pop("T", "bfloat16")]
-    tmpl = [("T", T)] + [(k_, int(v)) for k_, v in template.items()]
+    # (other dtype parameters, such as norm_pair's W, by name too)
+    tmpl = [("T", T)] + [(k_, DTYPES[v] if v in DTYPES else int(v)) for k_, v in template.items()]
     out_dtypes = [d or T for d in spec.get("out_dtypes", [spec.get("out_dtype", T)] * len(outputs))]
     source = k.full_source([spec["dtypes"].get(n, T) for n in inputs], [spec["ndims"].get(n, 2) for n in inputs],
                            out_dtypes, tmpl)

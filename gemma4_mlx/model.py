@@ -224,8 +224,14 @@ class DecoderLayer(nn.Module):
             idx, weights = self.router(router_in)
             post_dense, post_moe = self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight
             if trace is None and self.experts.mixes_alone:
-                # the mixture in the close's launch (decode step)
-                ff = ops.moe_close(ff, self.experts.outputs(experts_in, idx), post_dense, post_moe, eps, weights)
+                # the mixture in the close's launch (decode step), and the layer's close too where
+                # that launch can take it (norm_pair_close)
+                outputs = self.experts.outputs(experts_in, idx)
+                if not self.plan.has_ple and ops.moe_closes_in_place(ff):
+                    out = ops.moe_close(ff, outputs, post_dense, post_moe, eps, weights,
+                                        close=(h, self.post_feedforward_layernorm.weight, self.layer_scalar, next_norm))
+                    return (out, None, kv) if next_norm is None else (out[0], out[1], kv)
+                ff = ops.moe_close(ff, outputs, post_dense, post_moe, eps, weights)
             else:
                 moe = self.experts(experts_in, idx, weights)
                 if trace is not None:

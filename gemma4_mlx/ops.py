@@ -316,16 +316,36 @@ def _moe_close(dense, mixture, dense_weight, mixture_weight, eps, mix_weights=No
 
 
 def moe_close(dense: mx.array, mixture: mx.array, dense_weight: mx.array, mixture_weight: mx.array, eps: float,
-              mix_weights: Optional[mx.array] = None):
+              mix_weights: Optional[mx.array] = None, close: Optional[tuple] = None):
     """A MoE layer's feed-forward output: ``RMSNorm_{dense_weight}(dense) + RMSNorm_{mixture_weight}
     (mixture)`` (the dense MLP's and the experts'). With ``mix_weights``, ``mixture`` is the experts'
     outputs (..., k, HD), mixed here (:func:`expert_mixture`). One launch in the decode step
-    (norm_pair)."""
+    (norm_pair). With ``close`` = (residual, norm weight, scale or None, next norm weight or None),
+    the layer's close after it too, :func:`residual_norm` of the output: in the decode step in the
+    same launch where ``norm_pair_close`` is on (:func:`moe_closes_in_place`)."""
+    if close is not None:
+        residual, close_weight, scalar, next_weight = close
+
+        def apart(*_):
+            ff = moe_close(dense, mixture, dense_weight, mixture_weight, eps, mix_weights)
+            return residual_norm(residual, ff, close_weight, scalar, eps, next_weight)
+
+        if moe_closes_in_place(dense):
+            return _gpu_kernels().norm_pair_close(dense, mixture, dense_weight, mixture_weight, eps, mix_weights,
+                                                  residual, close_weight, scalar, next_weight, fallback=apart)
+        return apart()
     k = _gpu_kernels()
     if k is not None and _rows(dense) <= RESIDUAL_NORM_MAX_ROWS:
         return k.norm_pair(dense, mixture, dense_weight, mixture_weight, 1.0, eps, mix_weights,
                            fallback=lambda x, x2, w1, w2, _s, e, mw: _moe_close(x, x2, w1, w2, e, mw))
     return _moe_close(dense, mixture, dense_weight, mixture_weight, eps, mix_weights)
+
+
+def moe_closes_in_place(dense: mx.array) -> bool:
+    """Whether a MoE layer's close may run in its feed-forward output's launch here (the decode
+    step, ``norm_pair_close`` on): then the layer closes there, not in the next layer's opening."""
+    k = _gpu_kernels()
+    return k is not None and _rows(dense) <= RESIDUAL_NORM_MAX_ROWS and not k.is_disabled("norm_pair_close")
 
 
 def clamp_ids(ids: mx.array, table_size: int) -> mx.array:

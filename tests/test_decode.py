@@ -471,6 +471,51 @@ def test_decode_with_ple_tail_equals_decode_without(dtype, monkeypatch):
     dispatch.reset()
 
 
+@pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_decode_with_the_moe_close_in_place_equals_decode_without(dtype, monkeypatch):
+    """``norm_pair_close`` (off by default): a MoE layer's feed-forward output and the layer's close
+    in one launch. Every MoE layer of the traced step takes it (no residual_norm launch left after
+    its experts), with the logits of the default set. On the CPU the backend is forced and the
+    kernels are their references (the wiring); on a GPU, CUDA's kernels, strict."""
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx.kernels import dispatch
+
+    gpu = dispatch.active_backend() is not None
+    if dtype != mx.float32 and not gpu:
+        pytest.skip("MLX's CPU gather_mm (the experts' unquantized products) takes float32 only")
+    model = _random_model("tiny-moe", seed=5)
+    ids = mx.array(np.random.default_rng(6).integers(0, model.args.vocab_size, size=(1, 20)))
+    default = dispatch.DEFAULT_DISABLED["cuda"]
+    assert "norm_pair_close" in default.split(",")
+    calls = {"norm_pair_close": 0, "residual_norm": 0}
+    overrides = {}
+    if not gpu:
+        default += ",mv,qmv,mv_close,qmv_close,q_norm_rope,kv_norm_rope,attention,attention_prefix,scale,geglu"
+        refs = {"norm_pair_close": K.norm_pair_close_reference, "residual_norm": K.residual_norm_reference,
+                "norm_pair": K.norm_pair_reference, "moe_topk": K.moe_topk_reference}
+        for name, ref in refs.items():
+            def counted(*a, _n=name, _r=ref):
+                calls[_n] = calls.get(_n, 0) + 1
+                return _r(*a)
+            overrides[name] = counted
+    mode = "strict" if gpu else "auto"
+    truth = _logits_with_kernels(model, ids, 12, monkeypatch, "off", "", {}, True)
+    model.set_dtype(dtype)
+    off = _logits_with_kernels(model, ids, 12, monkeypatch, mode, default, overrides, gpu)
+    before = dict(calls)
+    on = _logits_with_kernels(model, ids, 12, monkeypatch, mode,
+                              ",".join(n for n in default.split(",") if n != "norm_pair_close"), overrides, gpu)
+    if gpu:
+        assert any(k[0] == "norm_pair_close" for k in dispatch.verdicts()), dispatch.verdicts()
+    else:  # traced once: every MoE layer closed in place, none by residual_norm after its experts
+        n_moe = sum(p.moe for p in model.args.plan)
+        assert before["norm_pair_close"] == 0 and calls["norm_pair_close"] >= n_moe, calls
+        assert calls["residual_norm"] - before["residual_norm"] <= before["residual_norm"] - n_moe, calls
+    _assert_kernel_logits_close(on, off, truth, dtype, gpu)
+    dispatch.reset()
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_decode_with_the_moe_kernels_equals_decode_without(dtype, monkeypatch):
     """A MoE layer's small ops in the decode step, ``norm_pair`` (the router's and the experts'

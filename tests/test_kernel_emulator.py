@@ -345,7 +345,7 @@ def test_every_other_kernel_on_the_emulator():
 
 
 @pytest.mark.parametrize("family", ["tiny-31b", "tiny-moe", "kernel-shaped E2B", "kernel-shaped E2B, fused forms looped",
-                                    "kernel-shaped E2B, closes apart"])
+                                    "kernel-shaped E2B, closes apart", "tiny-moe, closed in place"])
 def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatch, family):
     """A model's decode steps with its kernels on (the emulator, outside the compiled step:
     kernel_scope) give the logits of the steps without them: the kernels' wiring and their logic
@@ -367,9 +367,12 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
 
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "0")
     disabled = dispatch.DEFAULT_DISABLED["cuda"].split(",")
-    closing = "," not in family
+    closing = "," not in family or family.endswith("in place")
     if not closing:
         disabled += ["mv_close", "qmv_close"]
+    in_place = family.endswith("in place")  # norm_pair_close on (off by default)
+    if in_place:
+        disabled = [n for n in disabled if n != "norm_pair_close"]
     if family.endswith("looped"):
         disabled = [n for n in disabled if n not in ("mv", "mv_residual", "qmv_residual")]
         monkeypatch.setenv("GEMMA4_MLX_PROLOGUE_BLOCKS", "1")
@@ -401,6 +404,9 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     assert all(ok for ok, _ in verdicts.values()), verdicts  # each passed its self-check: none fell back
     # (with the closing forms every close but a MoE layer's is in a projection's launch)
     closed_alone = {"residual_norm"} if not closing or family == "tiny-moe" else set()
+    if in_place:  # every close of the tiny MoE's layers in a launch of its own making
+        assert "norm_pair_close" in {k[0] for k in verdicts} and "residual_norm" not in {k[0] for k in verdicts}, \
+            verdicts
     assert {"q_norm_rope", "kv_norm_rope"} | closed_alone <= {k[0] for k in verdicts}, verdicts
     forms = {k[-2:] for k in verdicts if k[0] == "mv_close"}
     if not closing:
@@ -408,9 +414,9 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     elif "E2B" in family:  # with the next norm (o), without (down, before the PLE gate), scaled (the PLE projection)
         assert forms == {(False, True), (False, False), (True, True)}, verdicts
     else:  # o with the next norm; the tiny 31B's down projection scaled, with the next norm
-        assert (False, True) in forms and (family == "tiny-moe" or (True, True) in forms), verdicts
-    if family == "tiny-moe":  # every form of both: the router's and experts' inputs, the close with the mixture
-        assert {("norm_pair", 0), ("norm_pair", 2), ("moe_topk", None)} <= {
+        assert (False, True) in forms and (family.startswith("tiny-moe") or (True, True) in forms), verdicts
+    if family.startswith("tiny-moe"):  # every form of both: the router's and experts' inputs, the close with the mixture
+        assert {("norm_pair", 0), ("norm_pair", 0 if in_place else 2), ("moe_topk", None)} <= {
             (k[0], k[-2] if k[0] == "norm_pair" else None) for k in verdicts}, verdicts
     if family.endswith("looped"):  # the prologue forms ran, and their classes loop
         looped = [k for k in verdicts if k[0] == "mv_residual"]

@@ -78,6 +78,13 @@ def test_closing_forms_build_within_their_registers(sass, quantized, CH):
     assert res["REG"] <= 80, res
 
 
+def test_moe_close_in_place_builds_without_local_memory(sass):
+    """norm_pair's form with the layer's close (norm_pair_close, 26B-A4B's width, 8 experts mixed)
+    compiles for sm_90 as our CUDA path builds it, the row in registers, no local memory."""
+    res = sass.resources(sass.build("norm_pair_close", dict(T="bfloat16", W="bfloat16", HD=2816, FORM=2, KX=8)))
+    assert res["STACK"] == 0 and res["LOCAL"] == 0, res
+
+
 def _loads_after_first_store(sass_text: str) -> list:
     """The global loads of a kernel's inputs that come after its first global store, in address
     order. Loads of 8 and 16 bytes are left out: these kernels read their inputs 2 or 4 bytes at a

@@ -57,6 +57,9 @@ from .moe import (
     moe_topk_kernel,
     moe_topk_reference,
     norm_pair,
+    norm_pair_close,
+    norm_pair_close_kernel,
+    norm_pair_close_reference,
     norm_pair_kernel,
     norm_pair_reference,
 )
@@ -128,6 +131,7 @@ __all__ = [
     "attention_mask", "residual_norm", "residual_norm_kernel", "residual_norm_reference",
     "ple_tail", "ple_tail_kernel", "ple_tail_reference", "geglu", "geglu_joined", "geglu_joined_kernel",
     "geglu_joined_reference", "scale", "residual_scale", "softcap",
-    "scale_kernel", "scale_reference", "norm_pair", "norm_pair_kernel", "norm_pair_reference", "moe_topk",
+    "scale_kernel", "scale_reference", "norm_pair", "norm_pair_close", "norm_pair_close_kernel",
+    "norm_pair_close_reference", "norm_pair_kernel", "norm_pair_reference", "moe_topk",
     "moe_topk_kernel", "moe_topk_reference",
 ]

@@ -156,11 +156,14 @@ def active_backend() -> str | None:
 # 5.61, E4B bf16 8.88 / 8.65, 4-bit 9.30 / 8.83. "attention_fused" (session 23) is off: 2.01x / 1.97x
 # stock on E2B bf16, 1.51x / 1.42x E4B (session 24; its last block's merge took its GPU time from
 # 20.5 to 35.7 us a launch on E2B's sliding layers).
+# "norm_pair_close" (session 24: a MoE layer's feed-forward output and the layer's close in the block
+# that holds the row, one launch fewer a MoE layer) is off until measured on a GPU.
 # "scale" and "geglu" (session 11) replace MLX's fused element-wise kernels one for one, to spare
 # MLX's CUDA JIT (seconds per kernel on a machine's first run); Metal compiles those in
 # milliseconds, so there they stay MLX's: off.
-DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual,attention_fused",
-                    "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused,mv_close,qmv_close"}
+DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual,attention_fused,norm_pair_close",
+                    "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused,mv_close,qmv_close,"
+                             "norm_pair_close"}
 
 
 # The fused forms follow the switches of what they fuse (``mv`` off: every float matvec form
@@ -170,7 +173,7 @@ SWITCHES_OF = {"mv_geglu": ("mv",), "mv_gate": ("mv",), "mv_residual": ("mv", "r
                "qmv_geglu": ("qmv",), "qmv_gate": ("qmv",), "qmv_residual": ("qmv", "residual_norm"),
                "attention_prefix_q": ("attention_prefix", "q_norm_rope"), "geglu_joined": ("geglu",),
                "attention_fused": ("attention_prefix",), "mv_close": ("mv", "residual_norm"),
-               "qmv_close": ("qmv", "residual_norm")}
+               "qmv_close": ("qmv", "residual_norm"), "norm_pair_close": ("norm_pair", "residual_norm")}
 
 
 def is_disabled(name: str) -> bool:

@@ -30,6 +30,7 @@ import mlx.core as mx
 
 from . import dispatch
 from .dispatch import TG
+from .residual import residual_norm_reference
 from .rope import rms_norm_reference
 
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
@@ -127,6 +128,12 @@ MAX_MIXED = 32  # experts mixed in the close: their weights live in registers
 def norm_pair(x: mx.array, x2: Optional[mx.array], w1: mx.array, w2: mx.array, scale1: float, eps: float,
               mix_weights: Optional[mx.array] = None, *, fallback=None):
     """See the module docstring; ``fallback`` (the model's MLX ops) takes the same arguments."""
+    return dispatch.run("norm_pair", _pair_key(x, x2, w1, w2, scale1, mix_weights), norm_pair_reference,
+                        norm_pair_kernel, _probe_pair, x, x2, w1, w2, scale1, eps, mix_weights, fallback=fallback)
+
+
+def _pair_key(x, x2, w1, w2, scale1: float, mix_weights) -> Optional[tuple]:
+    """norm_pair's class key (dtypes, HD, FORM, KX), or None where the kernel does not take these."""
     HD = x.shape[-1]
     form = 0 if x2 is None else 1 if mix_weights is None else 2
     if form == 2:
@@ -136,13 +143,73 @@ def norm_pair(x: mx.array, x2: Optional[mx.array], w1: mx.array, w2: mx.array, s
     else:
         kx = 1
         fits = mix_weights is None and (x2 is None or tuple(x2.shape) == tuple(x.shape))
-    key = None
     if (fits and x.dtype in _FLOATS and x.ndim >= 1 and HD <= MAX_HIDDEN and w1.size == HD and w2.size == HD
             and w1.dtype in _FLOATS and w2.dtype in _FLOATS
             and (x2 is None or (x2.dtype == x.dtype and scale1 == 1.0))):
-        key = (str(x.dtype), str(w1.dtype), str(w2.dtype), HD, form, kx)
-    return dispatch.run("norm_pair", key, norm_pair_reference, norm_pair_kernel, _probe_pair,
-                        x, x2, w1, w2, scale1, eps, mix_weights, fallback=fallback)
+        return (str(x.dtype), str(w1.dtype), str(w2.dtype), HD, form, kx)
+    return None
+
+
+def norm_pair_close_reference(x, x2, w1, w2, eps: float, mix_weights, residual, close_weight, scalar,
+                              next_weight=None):
+    """A MoE layer's feed-forward output (:func:`norm_pair_reference` with ``x2``) and the layer's
+    close after it, ``residual_norm(residual, that, close_weight, scalar, eps, next_weight)``."""
+    return residual_norm_reference(residual, norm_pair_reference(x, x2, w1, w2, 1.0, eps, mix_weights), close_weight,
+                                   scalar, eps, next_weight)
+
+
+def norm_pair_close_kernel(x, x2, w1, w2, eps: float, mix_weights, residual, close_weight, scalar, next_weight=None):
+    HD = x.shape[-1]
+    form = 1 if mix_weights is None else 2
+    kx = mix_weights.shape[-1] if form == 2 else 1
+    nxt = next_weight is not None
+    inputs, _, define, variant = _FORMS[form]
+    k = dispatch.get_kernel("norm_pair", [*inputs, "res", "cw", "ls", *(["cn"] if nxt else [])],
+                            ["hout", *(["nout"] if nxt else [])],
+                            defines=[(define, 1), ("PAIR_CLOSE", 1), ("CLOSE_NO_NEXT", int(not nxt))],
+                            variant=f"{variant}_close" + ("" if nxt else "_out"))
+    s1 = mx.ones((1,), mx.float32)
+    given = {"x": x, "x2": x2, "mw": s1 if mix_weights is None else mix_weights.astype(mx.float32), "w1": w1,
+             "w2": w2, "s1": s1, "eps": mx.array([eps], dtype=mx.float32)}
+    ls = mx.ones((1,), x.dtype) if scalar is None else scalar.reshape(-1)
+    outs = k(
+        inputs=[*(given[n] for n in inputs), residual, close_weight, ls, *([next_weight] if nxt else [])],
+        template=[("T", x.dtype), ("W", w1.dtype), ("HD", HD), ("FORM", form), ("KX", kx)],
+        grid=(x.size // HD * TG, 1, 1),
+        threadgroup=(TG, 1, 1),
+        output_shapes=[x.shape] * (1 + nxt),
+        output_dtypes=[x.dtype] * (1 + nxt),
+        **dispatch.init_kwargs(),
+    )
+    return (outs[0], outs[1]) if nxt else outs[0]
+
+
+def norm_pair_close(x, x2, w1, w2, eps: float, mix_weights, residual, close_weight, scalar, next_weight=None, *,
+                    fallback=None):
+    """:func:`norm_pair_close_reference` in one launch (name ``norm_pair_close``; off when
+    ``norm_pair`` or ``residual_norm`` is): the block that makes a row's feed-forward output closes
+    the layer on it."""
+    HD = x.shape[-1]
+    base = None
+    if mix_weights is None or mix_weights.shape[-1] <= MAX_MIXED:
+        base = _pair_key(x, x2, w1, w2, 1.0, mix_weights)
+    key = None
+    if (base is not None and base[4] != 0 and residual.dtype == x.dtype and tuple(residual.shape) == tuple(x.shape)
+            and close_weight.size == HD and (scalar is None or scalar.size == 1)
+            and (next_weight is None or next_weight.size == HD)):
+        key = (*base, "close", scalar is not None, next_weight is not None)
+    return dispatch.run("norm_pair_close", key, norm_pair_close_reference, norm_pair_close_kernel, _probe_pair_close,
+                        x, x2, w1, w2, eps, mix_weights, residual, close_weight, scalar, next_weight,
+                        fallback=fallback)
+
+
+def _probe_pair_close(key):
+    x, x2, w1, w2, _, eps, mw = _probe_pair(key[:6])
+    dt, HD = x.dtype, key[3]
+    residual = dispatch.probe_normal(x.shape, 61, dt, 2.0)
+    cw = (1 + dispatch.probe_normal((HD,), 62, mx.float32, 0.3)).astype(dt)
+    cn = (1 + dispatch.probe_normal((HD,), 63, mx.float32, 0.3)).astype(dt) if key[-1] else None
+    return (x, x2, w1, w2, eps, mw, residual, cw, mx.array([0.7], dtype=dt) if key[-2] else None, cn)
 
 
 def moe_topk(scores: mx.array, per_expert_scale: mx.array, k: int, *, fallback=None):
