@@ -409,6 +409,17 @@ def test_logits_with_kernels_equal_logits_without(dtype, monkeypatch):
     dispatch.reset()
 
 
+def _counted(calls: dict, references: dict) -> dict:
+    """Kernel overrides that run each name's reference and count its calls in ``calls``."""
+    def counting(name, reference):
+        def run(*args):
+            calls[name] = calls.get(name, 0) + 1
+            return reference(*args)
+        return run
+
+    return {name: counting(name, reference) for name, reference in references.items()}
+
+
 def _logits_with_kernels(model, ids, prefill: int, monkeypatch, mode: str, disable: str, overrides: dict, gpu: bool):
     """Prefill ``ids[:, :prefill]``, then decode the rest one token at a time through the compiled
     step, with ``GEMMA4_MLX_KERNELS=mode``, ``..._DISABLE=disable`` and the kernels in
@@ -492,13 +503,9 @@ def test_decode_with_the_moe_close_in_place_equals_decode_without(dtype, monkeyp
     overrides = {}
     if not gpu:
         default += ",mv,qmv,mv_close,qmv_close,q_norm_rope,kv_norm_rope,attention,attention_prefix,scale,geglu"
-        refs = {"norm_pair_close": K.norm_pair_close_reference, "residual_norm": K.residual_norm_reference,
-                "norm_pair": K.norm_pair_reference, "moe_topk": K.moe_topk_reference}
-        for name, ref in refs.items():
-            def counted(*a, _n=name, _r=ref):
-                calls[_n] = calls.get(_n, 0) + 1
-                return _r(*a)
-            overrides[name] = counted
+        overrides = _counted(calls, {"norm_pair_close": K.norm_pair_close_reference,
+                                     "residual_norm": K.residual_norm_reference, "norm_pair": K.norm_pair_reference,
+                                     "moe_topk": K.moe_topk_reference})
     mode = "strict" if gpu else "auto"
     truth = _logits_with_kernels(model, ids, 12, monkeypatch, "off", "", {}, True)
     model.set_dtype(dtype)
@@ -700,16 +707,12 @@ def test_decode_with_the_closing_matvecs_equals_decode_without(dtype, quantized,
     overrides = {}
     if not gpu:  # the matvecs and closes as their references (counted), every other kernel off
         default += ",q_norm_rope,kv_norm_rope,attention,attention_prefix,ple_combine,ple_gate,scale,geglu"
-        refs = {"residual_norm": K.residual_norm_reference, "mv_close": K.matvec_close_reference,
-                "qmv_close": K.quantized_matvec_close_reference, "mv": K.matvec_reference,
-                "mv_geglu": K.matvec_geglu_reference, "mv_gate": K.matvec_gate_reference,
-                "qmv": K.quantized_matvec_reference, "qmv_geglu": K.quantized_matvec_geglu_reference,
-                "qmv_gate": K.quantized_matvec_gate_reference}
-        for name, ref in refs.items():
-            def counted(*a, _n=name, _r=ref):
-                calls[_n] = calls.get(_n, 0) + 1
-                return _r(*a)
-            overrides[name] = counted
+        overrides = _counted(calls, {"residual_norm": K.residual_norm_reference, "mv_close": K.matvec_close_reference,
+                                     "qmv_close": K.quantized_matvec_close_reference, "mv": K.matvec_reference,
+                                     "mv_geglu": K.matvec_geglu_reference, "mv_gate": K.matvec_gate_reference,
+                                     "qmv": K.quantized_matvec_reference,
+                                     "qmv_geglu": K.quantized_matvec_geglu_reference,
+                                     "qmv_gate": K.quantized_matvec_gate_reference})
     mode = "strict" if gpu else "auto"
     off = _logits_with_kernels(model, ids, 16, monkeypatch, mode, default, overrides, gpu)
     before = dict(calls)
