@@ -63,8 +63,8 @@ K_INLINE k_words4 k_ld16(const uint32_t* p) {
   const uint4 v = *reinterpret_cast<const uint4*>(p);
   return {v.x, v.y, v.z, v.w};
 }
-// Cross-block counting (attention's fused form): a device-wide fence, and atomics on an int32
-// input the kernel owns between launches (a const pointer in MLX's signature).
+// Cross-block counting (attention's fused form, the matvecs' closing forms): a device-wide fence,
+// and atomics on an int32 input the kernel owns between launches (a const pointer in MLX's signature).
 #define K_DEVICE_FENCE() __threadfence()
 K_INLINE int k_atomic_add(const int* p, int v) { return atomicAdd(const_cast<int*>(p), v); }
 K_INLINE void k_atomic_zero(const int* p) { atomicExch(const_cast<int*>(p), 0); }

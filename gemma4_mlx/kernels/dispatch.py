@@ -131,12 +131,10 @@ def active_backend() -> str | None:
 # slower (E2B step 17.2 ms against 11.7: one block per row streams the weights); off, and
 # ``GEMMA4_MLX_KERNELS_DISABLE=mv_residual`` switches it on. "attention_prefix_q" (the decode step's
 # attention applying the q norm and RoPE itself) is correct on the H200 but no faster there
-# (session 7: bf16 10.04 ms against 10.16, 4-bit 11.75 against 11.05): off. "attention_fused" (the
-# decode step's attention in one launch: pass 1's last block of each group merges the splits,
-# counting the group's blocks in an int32 array it leaves zero; session 23) is checked on the CPU
-# emulator only, not yet on a GPU: off until measured (bench/gpu_session.sh attnfused). It needs a
-# device-wide fence and atomics the Metal prelude does not define: off there, and a switch-on
-# fails its self-check on Metal (one warning) and takes MLX's attention.
+# (session 7: bf16 10.04 ms against 10.16, 4-bit 11.75 against 11.05): off. "attention_fused",
+# "mv_close", "qmv_close" and "norm_pair_close" are below; the first three need a device-wide fence
+# and atomics the Metal prelude does not define: off there (switched on, they fail their self-check
+# on Metal with one warning and take the op sequence they replace).
 # "residual_norm" (a sublayer's norm + residual + the next norm in one launch) is on everywhere
 # since session 15. Sessions 7-8 found it slower on the H200, the more so the wider the row (31B
 # 4-bit 38.8 ms a step with it, 36.6 without): its body issued each load behind a store it might
@@ -153,9 +151,10 @@ def active_backend() -> str | None:
 # "mv_close" / "qmv_close" (session 24: the o, down and PLE projections each with its sublayer's
 # close, the launch's last block closing the row; CUDA only) are on on CUDA: E2B's step 372 launches
 # against 477, ms median of 7 rounds without / with on the H200: E2B bf16 5.49 / 5.43, 4-bit 5.75 /
-# 5.61, E4B bf16 8.88 / 8.65, 4-bit 9.30 / 8.83. "attention_fused" (session 23) is off: 2.01x / 1.97x
-# stock on E2B bf16, 1.51x / 1.42x E4B (session 24; its last block's merge took its GPU time from
-# 20.5 to 35.7 us a launch on E2B's sliding layers).
+# 5.61, E4B bf16 8.88 / 8.65, 4-bit 9.30 / 8.83. "attention_fused" (session 23: the decode step's
+# attention in one launch, pass 1's last block of each group merging the splits) is off: correct,
+# and 2.01x / 1.97x stock on E2B bf16, 1.51x / 1.42x E4B (session 24; its last block's merge took
+# its GPU time from 20.5 to 35.7 us a launch on E2B's sliding layers).
 # "norm_pair_close" (session 24: a MoE layer's feed-forward output and the layer's close in the block
 # that holds the row, one launch fewer a MoE layer) is off until measured on a GPU.
 # "scale" and "geglu" (session 11) replace MLX's fused element-wise kernels one for one, to spare

@@ -190,9 +190,7 @@ def norm_pair_close(x, x2, w1, w2, eps: float, mix_weights, residual, close_weig
     ``norm_pair`` or ``residual_norm`` is): the block that makes a row's feed-forward output closes
     the layer on it."""
     HD = x.shape[-1]
-    base = None
-    if mix_weights is None or mix_weights.shape[-1] <= MAX_MIXED:
-        base = _pair_key(x, x2, w1, w2, 1.0, mix_weights)
+    base = _pair_key(x, x2, w1, w2, 1.0, mix_weights)
     key = None
     if (base is not None and base[4] != 0 and residual.dtype == x.dtype and tuple(residual.shape) == tuple(x.shape)
             and close_weight.size == HD and (scalar is None or scalar.size == 1)
