@@ -81,7 +81,8 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours +attn_q", off(on=["attention_prefix_q"])),
            ("ours +attn fused", off(on=["attention_fused"])),  # session 23: attention in one launch a layer
            ("ours -close", off("mv_close", "qmv_close")),  # session 24: the o / down / PLE products with their closes
-           ("ours +moe close", off(on=["norm_pair_close"])),  # session 24: a MoE layer's close in its mixture's launch
+           # session 24: a MoE layer's close in its mixture's launch (the default on CUDA since session 25)
+           ("ours -moe close", off("norm_pair_close")),
            ("ours +resnorm", off(on=["residual_norm"])),
            ("ours -resnorm", off("residual_norm")),  # the default until session 15
            # the GeGLU over the gate/up Split instead of the joined product (session 16: a Split less a layer)

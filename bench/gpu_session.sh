@@ -316,11 +316,11 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
             # norms, the branches' closing norms and sum; moe_topk: the router's choice), 26B-A4B's step being
             # host-bound (session 20: 1,091 launching primitives, encode 7.1 ms of a 10.9 ms step): their parity on
             # CUDA, then the step with and without them, 4-bit and bf16 (~4 min)
-    # (session 24: with the o projections' closes on by default; norm_pair_close, off by default, closes each MoE
-    # layer in its mixture's launch)
+    # (session 24: with the o projections' closes on by default; norm_pair_close, on by default on CUDA since
+    # session 25, closes each MoE layer in its mixture's launch)
     parity moecheck 200 tests/test_kernels.py tests/test_decode.py -k "norm_pair or moe"
     for pq in "26b-a4b 4" "26b-a4b 0"; do
-      CONFIGS="stock,ours,ours -close,ours +moe close,ours -moe" ROUNDS=${ROUNDS:-5} STEPS=15 timeout ${MOE_S:-300} python3 bench/ablate.py $pq 2>&1 \
+      CONFIGS="stock,ours,ours -close,ours -moe close,ours -moe" ROUNDS=${ROUNDS:-5} STEPS=15 timeout ${MOE_S:-300} python3 bench/ablate.py $pq 2>&1 \
         | tail -16 | tee "$OUT/moe-${pq// /-q}.txt"
     done ;;
   loop)     # session 19: the prologue forms with their blocks capped (mv.PROLOGUE_BLOCKS, 264; a block takes LOOP sets of

@@ -485,10 +485,11 @@ def test_decode_with_ple_tail_equals_decode_without(dtype, monkeypatch):
 @pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_decode_with_the_moe_close_in_place_equals_decode_without(dtype, monkeypatch):
-    """``norm_pair_close`` (off by default): a MoE layer's feed-forward output and the layer's close
-    in one launch. Every MoE layer of the traced step takes it (no residual_norm launch left after
-    its experts), with the logits of the default set. On the CPU the backend is forced and the
-    kernels are their references (the wiring); on a GPU, CUDA's kernels, strict."""
+    """``norm_pair_close`` (on by default on CUDA since session 25): a MoE layer's feed-forward output
+    and the layer's close in one launch. Every MoE layer of the traced step takes it (no
+    residual_norm launch left after its experts), with the logits of the step without it. On the CPU
+    the backend is forced and the kernels are their references (the wiring); on a GPU, CUDA's
+    kernels, strict."""
     import gemma4_mlx.kernels as K
     from gemma4_mlx.kernels import dispatch
 
@@ -498,7 +499,7 @@ def test_decode_with_the_moe_close_in_place_equals_decode_without(dtype, monkeyp
     model = _random_model("tiny-moe", seed=5)
     ids = mx.array(np.random.default_rng(6).integers(0, model.args.vocab_size, size=(1, 20)))
     default = dispatch.DEFAULT_DISABLED["cuda"]
-    assert "norm_pair_close" in default.split(",")
+    assert "norm_pair_close" not in default.split(",")
     calls = {"norm_pair_close": 0, "residual_norm": 0}
     overrides = {}
     if not gpu:
@@ -509,10 +510,9 @@ def test_decode_with_the_moe_close_in_place_equals_decode_without(dtype, monkeyp
     mode = "strict" if gpu else "auto"
     truth = _logits_with_kernels(model, ids, 12, monkeypatch, "off", "", {}, True)
     model.set_dtype(dtype)
-    off = _logits_with_kernels(model, ids, 12, monkeypatch, mode, default, overrides, gpu)
+    off = _logits_with_kernels(model, ids, 12, monkeypatch, mode, default + ",norm_pair_close", overrides, gpu)
     before = dict(calls)
-    on = _logits_with_kernels(model, ids, 12, monkeypatch, mode,
-                              ",".join(n for n in default.split(",") if n != "norm_pair_close"), overrides, gpu)
+    on = _logits_with_kernels(model, ids, 12, monkeypatch, mode, default, overrides, gpu)
     if gpu:
         assert any(k[0] == "norm_pair_close" for k in dispatch.verdicts()), dispatch.verdicts()
     else:  # traced once: every MoE layer closed in place, none by residual_norm after its experts

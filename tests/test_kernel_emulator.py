@@ -345,14 +345,15 @@ def test_every_other_kernel_on_the_emulator():
 
 
 @pytest.mark.parametrize("family", ["tiny-31b", "tiny-moe", "kernel-shaped E2B", "kernel-shaped E2B, fused forms looped",
-                                    "kernel-shaped E2B, closes apart", "tiny-moe, closed in place"])
+                                    "kernel-shaped E2B, closes apart", "tiny-moe, closed apart"])
 def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatch, family):
     """A model's decode steps with its kernels on (the emulator, outside the compiled step:
     kernel_scope) give the logits of the steps without them: the kernels' wiring and their logic
     together, float32. The tiny 31B: head dims 32 / 64, a window of 8 that the 24 tokens wrap; the
     tiny MoE as well, its layers' norms, router choice and experts' mixture in norm_pair / moe_topk.
     By default the matvecs' closing forms take the o, down and PLE projections with their closes
-    (mv_close: the tiny MoE's o projection, the tiny 31B's o and down ones). "fused forms looped":
+    (mv_close: the tiny MoE's o projection, the tiny 31B's o and down ones), and a MoE layer closes in
+    its mixture's launch (norm_pair_close); "closed apart": that close in residual_norm's launch. "fused forms looped":
     the closes apart and the matvecs' residual-prologue forms on (off by default), each prologue
     launch in one block that takes every set of rows in turn; "closes apart": the closing forms off,
     residual_norm's own launches."""
@@ -367,12 +368,12 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
 
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "0")
     disabled = dispatch.DEFAULT_DISABLED["cuda"].split(",")
-    closing = "," not in family or family.endswith("in place")
+    closing = "," not in family or family.endswith("closed apart")
     if not closing:
         disabled += ["mv_close", "qmv_close"]
-    in_place = family.endswith("in place")  # norm_pair_close on (off by default)
-    if in_place:
-        disabled = [n for n in disabled if n != "norm_pair_close"]
+    in_place = family == "tiny-moe"  # norm_pair_close on (the default)
+    if family.endswith("closed apart"):
+        disabled += ["norm_pair_close"]
     if family.endswith("looped"):
         disabled = [n for n in disabled if n not in ("mv", "mv_residual", "qmv_residual")]
         monkeypatch.setenv("GEMMA4_MLX_PROLOGUE_BLOCKS", "1")
@@ -403,7 +404,7 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     verdicts = dispatch.verdicts()
     assert all(ok for ok, _ in verdicts.values()), verdicts  # each passed its self-check: none fell back
     # (with the closing forms every close but a MoE layer's is in a projection's launch)
-    closed_alone = {"residual_norm"} if not closing or family == "tiny-moe" else set()
+    closed_alone = {"residual_norm"} if not closing or family.endswith("closed apart") else set()
     if in_place:  # every close of the tiny MoE's layers in a launch of its own making
         assert "norm_pair_close" in {k[0] for k in verdicts} and "residual_norm" not in {k[0] for k in verdicts}, \
             verdicts

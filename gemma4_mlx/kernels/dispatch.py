@@ -156,11 +156,14 @@ def active_backend() -> str | None:
 # and 2.01x / 1.97x stock on E2B bf16, 1.51x / 1.42x E4B (session 24; its last block's merge took
 # its GPU time from 20.5 to 35.7 us a launch on E2B's sliding layers).
 # "norm_pair_close" (session 24: a MoE layer's feed-forward output and the layer's close in the block
-# that holds the row, one launch fewer a MoE layer) is off until measured on a GPU.
+# that holds the row, one launch fewer a MoE layer) is on on CUDA since session 25: its parity passed
+# there, and 26B-A4B 4-bit's step read 9.15 / 11.30 ms with it against 9.56 / 11.59 without (median of
+# 5 and 7 rounds, two runs on the H200; bf16 8.63 against 8.53, within the run's spread); 30 launches
+# fewer a step. Off on Metal (not measured there).
 # "scale" and "geglu" (session 11) replace MLX's fused element-wise kernels one for one, to spare
 # MLX's CUDA JIT (seconds per kernel on a machine's first run); Metal compiles those in
 # milliseconds, so there they stay MLX's: off.
-DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual,attention_fused,norm_pair_close",
+DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual,attention_fused",
                     "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused,mv_close,qmv_close,"
                              "norm_pair_close"}
 
