@@ -8,7 +8,9 @@ mlx_lm.stream_generate on stock's gemma4_text) and prints one JSON line: seconds
 to the first token, decode tok/s, median and worst gap between two tokens, process time so far.
 Run it in a fresh process per measurement (that is the point: kernel builds, traces and caches
 of a first use all land here). With MLX_PTX_CACHE_DIR set, the line also lists the kernel
-modules MLX wrote there and when.
+modules MLX wrote there and when. Ours is prepared as its load() prepares it (the joins, the
+kernels' builds started). FIRST_TOKEN_PROFILE=FILE writes a cProfile of the generation up to its
+first token there (cumulative, top 40).
 """
 import json
 import os
@@ -50,6 +52,10 @@ def main():
             del ours
         else:
             del stock
+        if side == "ours":  # as load() leaves it
+            from gemma4_mlx.decode import prepare
+
+            prepare(model)
         mx.eval(model.parameters())
         build_s = time.perf_counter() - t
         folder = tempfile.mkdtemp()
@@ -64,10 +70,21 @@ def main():
         from mlx_lm import stream_generate
 
         gen = stream_generate(model, tok, prompt, max_tokens=n_new)
+    profile_to = os.environ.get("FIRST_TOKEN_PROFILE")
+    prof = None
+    if profile_to:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     start, start_wall = time.perf_counter(), time.time()
     stamps = []
     for _ in gen:
         stamps.append(time.perf_counter())
+        if prof is not None:
+            prof.disable()
+            _write_profile(prof, profile_to)
+            prof = None
     gaps = np.diff(stamps)
     print(json.dumps({
         "side": side, "preset": preset, "bits": bits, "prompt": n_prompt, "new": len(stamps),
@@ -80,7 +97,26 @@ def main():
         "process_s": round(time.perf_counter() - T0, 3),
         "env": {k: v for k, v in os.environ.items() if k.startswith(("GEMMA4_MLX", "MLX_"))},
         "modules": compiled_modules(start_wall),
+        "self_checks": _self_checks() if side == "ours" else None,
     }), flush=True)
+
+
+def _write_profile(prof, path: str) -> None:
+    import io
+    import pstats
+
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
+    with open(path, "w") as f:
+        f.write(text.getvalue())
+
+
+def _self_checks():
+    """How many kernel classes ours self-checked in this process, and how many passed."""
+    from gemma4_mlx.kernels import dispatch
+
+    verdicts = dispatch.verdicts()
+    return {"classes": len(verdicts), "passed": sum(1 for ok, _ in verdicts.values() if ok)}
 
 
 def compiled_modules(since: float):

@@ -271,6 +271,22 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       > "$OUT/mvsource.csv" 2>&1; echo "ncu source exit $?"; head -c 3000 "$OUT/mvsource.csv"
     gzip -f "$OUT/mvsource.csv" "$OUT/mvdetail.txt"
     unset GEMMA4_MLX_KERNELS_DISABLE ;;
+  ttft)     # session 25: ours' first token after load() came 0.85 s against stock's 0.64 (E2B bf16, 402 tokens,
+            # session 25's e2e; level in session 23): fresh processes, 16 tokens, alternated: stock, ours, ours
+            # without the closing matvecs; then one of ours under cProfile up to its first token (~2 min)
+    for r in 1 2; do
+      for run in stock ours "ours -close"; do
+        (if [ "$run" = "ours -close" ]; then
+           export GEMMA4_MLX_KERNELS_DISABLE=mv_residual,ple_tail,attention_prefix_q,qmv_residual,attention_fused,mv_close,qmv_close
+         fi
+         timeout 120 python3 bench/first_token.py ${run%% *} e2b 402 16 ${Q:-0} 2>&1 | tail -1 | \
+           python3 -c "import json,sys; d=json.loads(sys.stdin.read()); d['run']='$run'; print(json.dumps(d))" \
+           | tee -a "$OUT/ttft.jsonl" | cut -c1-300)
+      done
+    done
+    FIRST_TOKEN_PROFILE="$OUT/ttft-profile.txt" timeout 120 python3 bench/first_token.py ours e2b 402 16 ${Q:-0} \
+      2>&1 | tail -1 | cut -c1-300
+    head -60 "$OUT/ttft-profile.txt" ;;
   close)    # session 24: the o / down / PLE products with their sublayer's close in one launch (mv_close /
             # qmv_close, on by default since session 24: the launch's last block closes the row): parity on CUDA,
             # then the step with and without, E2B bf16 / 4-bit, E4B bf16 / 4-bit (~5 min)
