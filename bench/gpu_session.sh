@@ -287,6 +287,29 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     FIRST_TOKEN_PROFILE="$OUT/ttft-profile.txt" timeout 120 python3 bench/first_token.py ours e2b 402 16 ${Q:-0} \
       2>&1 | tail -1 | cut -c1-300
     head -60 "$OUT/ttft-profile.txt" ;;
+  kdetail)  # session 25: why E2B's slowest launches are slow (ncu sections, one launch of each): attention pass 1 on a
+            # sliding layer (15 us for 0.5 MB of cache), the closing down / PLE projections (16.7 / 9.7 us), the
+            # joined gate/up with its GeGLU (24 us) (~1.5 min)
+    timeout 240 ncu --profile-from-start off -k "regex:attention_partial_plain_bfloat16_t_256|mv_close|mv_bare_bfloat16_t_1_2_2_1_1" \
+      -c 10 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section MemoryWorkloadAnalysis --section SchedulerStats --page details --csv --log-file "$OUT/kdetail.csv" \
+      python3 bench/step_profile.py "${PRESET:-e2b}" "${Q:-0}" ours > "$OUT/kdetail.log" 2>&1; echo "ncu exit $?"
+    python3 - "$OUT/kdetail.csv" <<'PY' | tee "$OUT/kdetail.txt"
+import csv, sys
+rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+head, seen, keep = rows[0], set(), ("Duration", "Registers Per Thread", "Achieved Occupancy", "Theoretical Occupancy",
+    "Memory Throughput", "DRAM Throughput", "Grid Size", "Block Size", "Warp Cycles Per Issued Instruction",
+    "Issue Slots Busy", "No Eligible", "Local", "Waves Per SM", "L2 Hit Rate", "Mem Busy", "Max Bandwidth",
+    "Dynamic Shared", "Static Shared", "Active Warps Per Scheduler", "Eligible Warps")
+ix = {n: head.index(n) for n in ("ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value")}
+for r in rows[1:]:
+    name = r[ix["Kernel Name"]][:70]
+    if (name, r[ix["Metric Name"]]) in seen or not any(k in r[ix["Metric Name"]] for k in keep):
+        continue
+    seen.add((name, r[ix["Metric Name"]]))
+    print(f"{r[ix['ID']]:>3} {name:70} {r[ix['Metric Name']][:40]:40} {r[ix['Metric Value']]:>12} {r[ix['Metric Unit']]}")
+PY
+    gzip -f "$OUT/kdetail.csv" ;;
   close)    # session 24: the o / down / PLE products with their sublayer's close in one launch (mv_close /
             # qmv_close, on by default since session 24: the launch's last block closes the row): parity on CUDA,
             # then the step with and without, E2B bf16 / 4-bit, E4B bf16 / 4-bit (~5 min)
