@@ -651,8 +651,8 @@ def release(model) -> None:
 
 def prepare(model) -> None:
     """At load, where the compiled step will run: build the decode state (join the projections)
-    now rather than before the first token, and start building the custom kernels the step will
-    use, in the background, while the weights load and the prompt is prefilled."""
+    now rather than before the first token, and start building and self-checking the custom
+    kernels the step will use, on a thread, while the weights load and the prompt is prefilled."""
     if not compile_enabled():
         return
     dec = decoder_for(model)
@@ -666,4 +666,4 @@ def prepare(model) -> None:
     model._eager(mx.zeros((1, 1), dtype=mx.int32), cache=cache)
     prepared = CompiledDecoder.step_args(cache, mx.zeros((1, 1), dtype=mx.int32))
     if prepared is not None:
-        dispatch.prefetch(dec.collect_kernels(prepared[0]))
+        dispatch.check_ahead(dec.collect_kernels(prepared[0]))

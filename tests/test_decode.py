@@ -444,6 +444,66 @@ def _logits_with_kernels(model, ids, prefill: int, monkeypatch, mode: str, disab
         return np.concatenate([np.array(o.astype(mx.float32)) for o in out], axis=1)
 
 
+@pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
+@pytest.mark.parametrize("kernel", ["right", "wrong"])
+def test_kernel_checks_started_at_load_run_on_a_thread_once(kernel, monkeypatch):
+    """``decode.prepare`` (at load) self-checks the step's kernels on a thread
+    (``dispatch.check_ahead``): the first step waits for them and checks none again, and a kernel
+    that failed there is reported at the first step as any failed check is (``strict`` raises,
+    ``auto`` takes the reference with the same logits). On the CPU the backend is forced, the
+    closes' kernel is residual_norm's reference (or a wrong one) and the other kernels are off."""
+    import threading
+
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx import decode
+    from gemma4_mlx.kernels import dispatch
+
+    if dispatch.active_backend() is not None:
+        pytest.skip("the wiring, on the CPU (a GPU checks ahead at every load)")
+    model = _kernel_shaped_model(seed=7)
+    ids = mx.array(np.random.default_rng(8).integers(0, model.args.vocab_size, size=(1, 14)))
+    disable = (dispatch.DEFAULT_DISABLED["cuda"] + ",mv,qmv,q_norm_rope,kv_norm_rope,attention,attention_prefix,"
+               "ple_combine,ple_gate,scale,geglu")
+    truth = _logits_with_kernels(model, ids, 10, monkeypatch, "off", "", {}, False)
+
+    def broken(*args):
+        return [o + 1.0 for o in K.residual_norm_reference(*args)]
+
+    checks = []
+    real = dispatch.self_check
+
+    def counted(name, key, *rest):
+        checks.append((key, threading.current_thread().name))
+        return real(name, key, *rest)
+
+    monkeypatch.setattr(dispatch, "self_check", counted)
+    monkeypatch.setattr(dispatch, "ahead_when_forced", True)
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", disable)
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    for mode in ("auto", "strict"):
+        monkeypatch.setenv("GEMMA4_MLX_KERNELS", mode)
+        dispatch.reset()
+        model.reset_compiled()
+        checks.clear()
+        impl = K.residual_norm_reference if kernel == "right" else broken
+        with dispatch.force_backend("cuda"), dispatch.override_kernel("residual_norm", impl):
+            decode.prepare(model)
+            cache = model.make_cache()
+            out = [model(ids[:, :10], cache=cache)]
+            if kernel == "wrong" and mode == "strict":
+                with pytest.raises(K.KernelCheckError, match="residual_norm"):
+                    model(ids[:, 10:11], cache=cache)
+                continue
+            out += [model(ids[:, i:i + 1], cache=cache) for i in range(10, ids.shape[1])]
+        got = np.concatenate([np.array(o.astype(mx.float32)) for o in out], axis=1)
+        keys = [k for k, _ in checks]
+        assert checks and all(t == "gemma4-kernel-checks" for _, t in checks), checks  # none at the first step
+        assert len(keys) == len(set(keys)) and {k[0] for k in keys} == {"residual_norm"}, keys
+        assert all(ok == (kernel == "right") for k, (ok, _) in dispatch.verdicts().items() if k[0] == "residual_norm")
+        np.testing.assert_allclose(got, truth, rtol=1e-4, atol=1e-4)
+    dispatch.reset()
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_decode_with_ple_tail_equals_decode_without(dtype, monkeypatch):
     """The one-launch PLE close (``ple_tail``, off by default) switched on gives the compiled decode

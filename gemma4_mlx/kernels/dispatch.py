@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
-from .. import switches
+from .. import cuda_context, switches
 from ..step_context import active
 from . import cuda_build
 
@@ -274,6 +274,7 @@ def init_kwargs() -> dict:
 
 def reset() -> None:
     """Forget verdicts, warnings and built kernels (tests)."""
+    wait_ahead()
     with _lock:
         _verdicts.clear()
         _warned.clear()
@@ -542,18 +543,71 @@ def prefetch(needed: Sequence[tuple]) -> None:
 
 def check_all(needed: Sequence[tuple]) -> None:
     """Self-check every kernel a dry run of the decode step collected (``strict`` raises on the
-    first failure; ``auto`` warns once per kernel and shape class). The builds run in parallel
-    first."""
+    first failure; ``auto`` warns once per kernel and shape class). Checks started ahead
+    (:func:`check_ahead`) are waited for; the builds of the rest run in parallel first."""
     mode = get_mode()
-    prefetch(needed)
+    wait_ahead()
+    prefetch([n for n in needed if n[1] not in _verdicts])
     seen = set()
     for name, key, reference, kernel, probe, class_key in needed:
-        if key in seen or key in _verdicts:
+        if key in seen:
             continue
         seen.add(key)
-        ok, reason = _check(name, key, reference, kernel, probe, class_key)
+        ok, reason = _verdicts.get(key) or _check(name, key, reference, kernel, probe, class_key)
         if not ok:
             _fail(name, key, reason, mode)
+
+
+# Self-checks started at load on a thread (check_ahead): on CUDA each compares a kernel with its
+# reference on the GPU and waits for both, ~4 ms a shape class, ~0.15 s for E2B's 25 before its
+# first token (H200, session 25's `ttft` profile). On a thread they run while the weights are read
+# and the prompt is filled; the step's check_all waits for them.
+_ahead: list = []
+# A backend forced on a machine without it (tests) has kernels that cannot launch: there the checks
+# wait for the step (which the tests give references) and only the builds start ahead, unless a
+# test sets this.
+ahead_when_forced = False
+
+
+def check_ahead(needed: Sequence[tuple]) -> None:
+    """Start building and self-checking ``needed`` (a dry run's collection) on a thread, without
+    waiting; :func:`check_all` (and :func:`wait_ahead`) wait for it. CUDA only (Metal builds and
+    checks in milliseconds). A failure is recorded as a verdict, reported where the kernel is
+    needed (check_all, or its first use)."""
+    todo = [n for n in needed if n[1] not in _verdicts]
+    if active_backend() != "cuda" or not todo:
+        return
+    if _backend_override is not None and not ahead_when_forced:
+        prefetch(todo)
+        return
+    thread = threading.Thread(target=_check_each, args=(todo,), name="gemma4-kernel-checks")
+    with _lock:
+        _ahead.append(thread)
+    thread.start()
+
+
+def _check_each(todo: Sequence[tuple]) -> None:
+    try:
+        cuda_context.ensure_current()  # arrays made in a new thread: see cuda_context
+        prefetch(todo)
+        for name, key, reference, kernel, probe, class_key in todo:
+            if key not in _verdicts:
+                _check(name, key, reference, kernel, probe, class_key)
+    except Exception:  # noqa: BLE001 - ahead of need only: check_all checks what this did not
+        pass
+
+
+def wait_ahead() -> None:
+    """Until the checks started by :func:`check_ahead` are done. The closing kernels' block
+    counters are per stream, and this thread's stream is not the checks' one: its counters are
+    made here, outside any trace, for every owner the checks made one for."""
+    with _lock:
+        threads, _ahead[:] = list(_ahead), []
+    for thread in threads:
+        thread.join()
+    if threads:
+        for (owner, _), counter in list(_block_counters.items()):
+            block_counter(owner, counter.size)
 
 
 def tolerance(dtype) -> tuple[float, float]:
