@@ -290,20 +290,24 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
   kdetail)  # session 25: why E2B's slowest launches are slow (ncu sections, one launch of each): attention pass 1 on a
             # sliding layer (15 us for 0.5 MB of cache), the closing down / PLE projections (16.7 / 9.7 us), the
             # joined gate/up with its GeGLU (24 us) (~1.5 min)
-    timeout 240 ncu --profile-from-start off -k "regex:attention_partial_plain_bfloat16_t_256|mv_close|mv_bare_bfloat16_t_1_2_2_1_1" \
-      -c 10 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    # (session 25's first try matched nothing: in the default seed mode the functions are gemma4_seed_<hash>; our own
+    # builds keep the body's name, gemma4_<kernel>[_<form>], and launch the same code)
+    GEMMA4_MLX_NVRTC=own timeout 240 ncu --profile-from-start off -k "regex:gemma4_(attention_partial|mv_close|mv_bare)" \
+      -c 14 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section MemoryWorkloadAnalysis --section SchedulerStats --page details --csv --log-file "$OUT/kdetail.csv" \
       python3 bench/step_profile.py "${PRESET:-e2b}" "${Q:-0}" ours > "$OUT/kdetail.log" 2>&1; echo "ncu exit $?"
     python3 - "$OUT/kdetail.csv" <<'PY' | tee "$OUT/kdetail.txt"
 import csv, sys
 rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+if not rows:
+    sys.exit("no kernel profiled: " + open(sys.argv[1]).read()[:600])
 head, seen, keep = rows[0], set(), ("Duration", "Registers Per Thread", "Achieved Occupancy", "Theoretical Occupancy",
     "Memory Throughput", "DRAM Throughput", "Grid Size", "Block Size", "Warp Cycles Per Issued Instruction",
     "Issue Slots Busy", "No Eligible", "Local", "Waves Per SM", "L2 Hit Rate", "Mem Busy", "Max Bandwidth",
     "Dynamic Shared", "Static Shared", "Active Warps Per Scheduler", "Eligible Warps")
 ix = {n: head.index(n) for n in ("ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value")}
 for r in rows[1:]:
-    name = r[ix["Kernel Name"]][:70]
+    name = f'{r[ix["Kernel Name"]][:50]} {r[head.index("Grid Size")] if "Grid Size" in head else ""}'[:70]
     if (name, r[ix["Metric Name"]]) in seen or not any(k in r[ix["Metric Name"]] for k in keep):
         continue
     seen.add((name, r[ix["Metric Name"]]))
