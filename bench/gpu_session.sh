@@ -1,26 +1,25 @@
 #!/usr/bin/env bash
 # One device visit's work, in parts that each fit a 10-minute device call.
-# Stage MLX first (../shared/device/README.md): call 1 carries .device/a, then
+# Stage MLX first (../shared/device/README.md; `bash bench/device_stage.sh` stages it and splits the wheel so
+# that each call's carry fits beside the tracked tree: 64 MiB a call in all): call 1 carries .device/a, then
 #   call 2: carry [".device/b"], command: bash bench/gpu_session.sh imports   (the machine stays warm
 #           30 s between calls: issue the next at once; a fresh one needs calls 1-2 again)
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 25): issue 14. One GPU is enough (nvidia-h200). Session 24 measured attention_fused (correct, no
-# faster: off), wrote mv_close / qmv_close (the o / down / PLE products with their sublayer's close in one launch, on by
-# default on CUDA: 1-5% of a step) and undid session 23's views cut (586c6de broke two-row compiled decode on the H200:
-# test_compiled_decode_matches_eager, bisected; the undo, ec3a965, is not yet run on a GPU). In this order:
-#   1. `check` (the whole CUDA parity run on the undone step: test_compiled_decode_matches_eager and
-#      test_compiled_decode_with_the_default_kernels_matches_eager must pass), then
-#      `close` (the closes' parity, and the step with and without them on the final tree).
-#   2. `NEW=128 RUNS=2 e2e` and `Q=4 NEW=128 RUNS=2 e2e` (the user's command on the every-5th rule and the closes).
-#   3. E4B 4-bit @841 / 4,096 and E4B bf16 @4,096 in `compare`.
-#   4. The 26B-A4B 4-bit step harness (`moe`: 1.28x in session 21, 1.39x with every 4-bit size; now with `-close` and
-#      `+moe close`, norm_pair_close: a MoE layer's close in its mixture's launch, 30 launches fewer a step, off until
-#      measured: switch it on if its parity passes and it is faster).
-# The closes moved ~0.5 ms a step from the host to the GPU (the last block of each launch closing its row after the
-# product): `profile` with and without them says where; a close spread over the launch's last few blocks, or the
-# row's norm summed by every block as it stores (atomics on a float row sum), would shorten that tail.
+# Next visit (session 26): issue 14. One GPU is enough (nvidia-h200). Session 25 ran `check` on the undone views cut
+# (1,030 passed), e2e (E2B bf16 2.40x decode, 4-bit 2.08x), E4B `compare`, switched norm_pair_close on (26B-A4B 4-bit
+# step 1.34x -> 1.40x), profiled E2B's step (3.98 ms of GPU time: gate/up 0.71 ms at ~2.9 TB/s, down + close 0.53 ms,
+# attention 0.76 ms: pass 1 15 us for half a megabyte) and moved the kernels' self-checks to load (a thread): the first
+# token after load() 0.46 s against stock's 0.43 in one in-process probe. In this order:
+#   1. `scalars` (~1 min): do our kernels pay for scalars MLX keeps in managed memory (<= 8 bytes, host-made)? Then
+#      `constants` (~5 min): GEMMA4_MLX_DEVICE_CONSTANTS=1 (written in session 25, off until measured: the kernels'
+#      eps / scales / launch parameters from GPU-made arrays of more than 8 bytes, and the step's position, slots and
+#      fill levels packed into one host array that the step copies to device memory once): its parity, and the step
+#      with and without it. Switch it on (dispatch.device_constants' default) if it passes and is faster.
+#   2. `kdetail` (~1.5 min): ncu's sections on attention pass 1, the closing products, the joined gate/up.
+#   3. `NEW=128 RUNS=2 e2e` and `Q=4 ...` (the first token after load() with the checks at load; the 2.5x cell).
+#   4. `check` after any change to the step.
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
@@ -287,6 +286,38 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     FIRST_TOKEN_PROFILE="$OUT/ttft-profile.txt" timeout 120 python3 bench/first_token.py ours e2b 402 16 ${Q:-0} \
       2>&1 | tail -1 | cut -c1-300
     head -60 "$OUT/ttft-profile.txt" ;;
+  scalars)  # session 25: do our kernels pay for reading scalars MLX keeps in managed memory (arrays of <= 8 bytes,
+            # host-made arrays)? bench/scalar_probe.py: a volatile read chain per place, then small launches under
+            # ncu, their GPU time per place (~1 min)
+    timeout 120 python3 bench/scalar_probe.py chain 2>&1 | tee "$OUT/scalars-chain.txt"
+    timeout 150 ncu --metrics gpu__time_duration.sum --csv --log-file "$OUT/scalars.csv" \
+      python3 bench/scalar_probe.py launches > "$OUT/scalars-launches.txt" 2>&1; echo "ncu exit $?"
+    cat "$OUT/scalars-launches.txt"
+    python3 - "$OUT/scalars.csv" <<'PY' | tee "$OUT/scalars.txt"
+import collections, csv, statistics, sys
+rows = list(csv.reader(l for l in open(sys.argv[1]) if l.startswith('"')))
+if not rows:
+    sys.exit("nothing profiled")
+head = rows[0]
+name, unit, value = head.index("Kernel Name"), head.index("Metric Unit"), head.index("Metric Value")
+us = collections.defaultdict(list)
+for r in rows[1:]:
+    v = float(r[value].replace(",", ""))
+    us[r[name][:40]].append(v / 1000 if r[unit].startswith("n") else v * (1000 if r[unit].startswith("m") else 1))
+for k, v in sorted(us.items()):
+    print(f"{k:40s} n={len(v):3d} median {statistics.median(v):7.2f} us  max {max(v):7.2f}")
+PY
+    gzip -f "$OUT/scalars.csv" ;;
+  constants)  # session 25: GEMMA4_MLX_DEVICE_CONSTANTS=1 (the kernels' eps / scales / launch parameters and the
+            # step's per-token integers in device memory; off by default until measured): the decode parity tests
+            # with it on (the compiled-against-eager ones included), then the step with and without it, E2B bf16 /
+            # 4-bit and 26B-A4B 4-bit (~5 min)
+    (export GEMMA4_MLX_DEVICE_CONSTANTS=1; parity constcheck 200 tests/test_decode.py tests/test_kernels.py \
+      -k "compiled or closing or matvec_close or moe or device_constants")
+    for pq in "e2b 0" "e2b 4" "26b-a4b 4"; do
+      CONFIGS="stock,ours,ours +device constants" ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${CONST_S:-100} \
+        python3 bench/ablate.py $pq 2>&1 | tail -9 | tee "$OUT/constants-${pq// /-q}.txt"
+    done ;;
   kdetail)  # session 25: why E2B's slowest launches are slow (ncu sections, one launch of each): attention pass 1 on a
             # sliding layer (15 us for 0.5 MB of cache), the closing down / PLE projections (16.7 / 9.7 us), the
             # joined gate/up with its GeGLU (24 us) (~1.5 min)

@@ -79,7 +79,7 @@ def _switches() -> tuple:
         mode = "invalid"
     from .kernels import cuda_build, mv, qmv
 
-    return (mode, tuple(sorted(dispatch.disabled_kernels())), switches.env(qmv.MIN_VALUES_ENV),
+    return (mode, tuple(sorted(dispatch.disabled_kernels())), dispatch.device_constants(), switches.env(qmv.MIN_VALUES_ENV),
             switches.env(mv.PROLOGUE_BLOCKS_ENV), joining_enabled(), transposes_enabled(), kv_scatter_enabled(),
             ops.expert_indices_enabled(), cuda_build.short_sources(), dispatch.form_signatures(), mx.default_device())
 
@@ -520,6 +520,10 @@ def _step_function(model_ref, counts: dict):
         if ctx is not None and ctx.tracing:
             counts["traces"] += 1
         n = len(buffers) // 2
+        if slots is None:  # the per-token integers packed (dispatch.device_constants): one copy to device
+            # memory, which every kernel then reads, instead of each reading the host's managed buffer
+            offset, slots, valid = mx.split(offset + 0, [1, 1 + n])
+            offset = offset.reshape(())
         # each cache's slot and fill level as (1,) views, one Split each for all caches: an index
         # per cache was a Slice, and a Gather (a launch) and a Squeeze, and the attention kernel
         # reshaped the scalar fill level of its producer layer's cache for every layer
@@ -599,18 +603,23 @@ class CompiledDecoder:
         except _NeedsEager:
             return None
         cuda_context.ensure_current()  # host-made arrays below: see cuda_context
-        slots = mx.array([s for s, _ in reserved], dtype=mx.int32)
-        valid = mx.array([v for _, v in reserved], dtype=mx.int32)
-        buffers = []
-        for c in cache:
-            buffers += [c.keys, c.values]
-        # a ring with spare slots (speculative decoding) also masks by distance to the window
-        ring_windows = tuple(c.window if type(c) is SlidingWindowCache and c.reserve else None for c in cache)
         # One id dtype for every step. A generation's first step usually gets the prompt's last id
         # (int32, from the tokenizer) and every later one a sampled id (uint32): two dtypes were
         # two traces, and on a fresh GPU machine two sets of MLX-compiled kernels. (A negative id
         # wraps high; the model clamps ids to the table either way.)
         ids = inputs if inputs.dtype == mx.uint32 else inputs.astype(mx.uint32)
+        # a ring with spare slots (speculative decoding) also masks by distance to the window
+        ring_windows = tuple(c.window if type(c) is SlidingWindowCache and c.reserve else None for c in cache)
+        buffers = []
+        for c in cache:
+            buffers += [c.keys, c.values]
+        from .kernels import dispatch
+
+        if dispatch.device_constants():  # one host array, copied to device memory in the step
+            packed = mx.array([offsets.pop()] + [s for s, _ in reserved] + [v for _, v in reserved], dtype=mx.int32)
+            return (ids, packed, None, None, buffers, ring_windows), reserved
+        slots = mx.array([s for s, _ in reserved], dtype=mx.int32)
+        valid = mx.array([v for _, v in reserved], dtype=mx.int32)
         return (ids, mx.array(offsets.pop(), dtype=mx.int32), slots, valid, buffers, ring_windows), reserved
 
     def __call__(self, inputs: mx.array, cache: List[Any]) -> Optional[mx.array]:

@@ -302,7 +302,7 @@ class Gemma4TextModel(nn.Module):
         # drop-in path; our generate refuses such ids with a clear error) must not read past it.
         # Clamped in the graph: one launch in the compiled step, one tiny op per eager call.
         h = self.embed_tokens(ops.clamp_ids(inputs, a.vocab_size))
-        h = ops.scaled(h, mx.array([a.hidden_size**0.5], dtype=h.dtype))
+        h = ops.scaled(h, ops.constant(a.hidden_size**0.5, h.dtype))
         per_layer = None
         if a.hidden_size_per_layer_input:
             per_layer = self.per_layer_inputs(ops.clamp_ids(inputs, a.vocab_size_per_layer_input), h)

@@ -61,7 +61,7 @@ def softcap(x: mx.array, cap: float) -> mx.array:
     """cap * tanh(x / cap), as stock computes it (each op rounded to x's dtype); where
     :func:`geglu` takes its kernel, the scale kernel's soft-cap form."""
     # MLX's form gets the cap as a 0-d array with a primitive: its fused kernel's argument
-    cap_array = mx.array([cap], dtype=x.dtype)
+    cap_array = constant(cap, x.dtype)
     k = _gpu_kernels(eager_for=x)
     if k is not None:
         return k.softcap(x, cap_array, fallback=lambda: _mlx_softcap(x, cap_array.reshape(())))
@@ -86,6 +86,14 @@ def scaled(x: mx.array, scalar: mx.array, residual: Optional[mx.array] = None) -
     if residual is None:
         return k.scale(x, s, fallback=mlx_ops)
     return k.residual_scale(residual, x, s, fallback=mlx_ops)
+
+
+def constant(value: float, dtype) -> mx.array:
+    """``mx.array([value], dtype)``, in device memory where the kernels' constants are
+    (``kernels.dispatch.constant``)."""
+    from .kernels import dispatch
+
+    return dispatch.constant(value, dtype)
 
 
 def _gpu_kernels(eager_for: Optional[mx.array] = None):
@@ -216,15 +224,15 @@ def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_w
                 eps: float) -> mx.array:
     """(RMSNorm(projection * s) + table[ids] * sqrt(P)) * 2^-0.5, shaped (B, L, layers, P)."""
     dtype = projection.dtype
-    proj = scaled(projection, mx.array([projection_scale], dtype=dtype))
+    proj = scaled(projection, constant(projection_scale, dtype))
 
     def mlx_ops(inputs, _table_weight, proj, norm_weight, table_scale, eps):
         proj = mx.fast.rms_norm(proj.reshape(*proj.shape[:-1], num_layers, ple_dim), norm_weight, eps)
         # (a quantized table's path, the kernel's fallback: the scales through scaled(), whose
         # kernels in the decode step spare MLX's JIT a fused kernel each on a fresh GPU machine)
         rows = table(inputs)
-        rows = scaled(rows, mx.array([table_scale], dtype=rows.dtype)).reshape(*inputs.shape, num_layers, ple_dim)
-        return scaled(rows.astype(dtype), mx.array([2.0**-0.5], dtype=dtype), residual=proj)
+        rows = scaled(rows, constant(table_scale, rows.dtype)).reshape(*inputs.shape, num_layers, ple_dim)
+        return scaled(rows.astype(dtype), constant(2.0**-0.5, dtype), residual=proj)
 
     kern = _gpu_kernels()
     if kern is not None and isinstance(table, nn.Embedding):

@@ -444,6 +444,85 @@ def _logits_with_kernels(model, ids, prefill: int, monkeypatch, mode: str, disab
         return np.concatenate([np.array(o.astype(mx.float32)) for o in out], axis=1)
 
 
+def test_device_constants_are_made_once_off_the_trace_with_their_values(monkeypatch):
+    """``dispatch.constant`` (GEMMA4_MLX_DEVICE_CONSTANTS=1, CUDA): the values, shape (n,) and dtype
+    of ``mx.array``, rounded through ``via`` first; made once per values (the same array again) by
+    the maker's thread, so a traced function can take one it has not seen; off (the default) or
+    off CUDA, a plain ``mx.array`` each time."""
+    import threading
+
+    from gemma4_mlx.kernels import dispatch
+
+    made = []
+    real = dispatch._make_constant
+
+    def spy(*args):
+        made.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(dispatch, "_make_constant", spy)
+    monkeypatch.setattr(dispatch, "_constants", {})
+    monkeypatch.delenv(dispatch.DEVICE_CONSTANTS_ENV, raising=False)
+    with dispatch.force_backend("cuda"):
+        assert not dispatch.device_constants()
+        assert dispatch.constant(1e-6, mx.float32) is not dispatch.constant(1e-6, mx.float32) and not made
+    monkeypatch.setenv(dispatch.DEVICE_CONSTANTS_ENV, "1")
+    assert dispatch.active_backend() is not None or not dispatch.device_constants()  # CUDA only
+    with dispatch.force_backend("cuda"):
+        eps = dispatch.constant(1e-6, mx.float32)
+        assert eps is dispatch.constant(1e-6, mx.float32) and made == ["gemma4-constants_0"]
+        assert eps.shape == (1,) and eps.dtype == mx.float32 and eps.item() == np.float32(1e-6)
+        params = dispatch.constant([512, 0, 32, 16, 1], mx.int32)
+        assert params.shape == (5,) and params.tolist() == [512, 0, 32, 16, 1]
+        third = dispatch.constant(1 / 3, mx.float32, via=mx.bfloat16)
+        assert third.item() == mx.array(1 / 3, dtype=mx.bfloat16).astype(mx.float32).item() != np.float32(1 / 3)
+        assert dispatch.unit(mx.bfloat16).dtype == mx.bfloat16 and dispatch.unit(mx.bfloat16).item() == 1.0
+        scale = mx.compile(lambda x: x * dispatch.constant(0.25, mx.float32))  # first met inside the trace
+        assert scale(mx.ones((3,))).tolist() == [0.25] * 3
+        assert len(made) == 5
+
+
+def test_decode_with_device_constants_equals_decode_without(monkeypatch):
+    """With GEMMA4_MLX_DEVICE_CONSTANTS=1 the compiled step takes its position, slots and fill levels
+    as one packed array copied in the step, and its constants from ``dispatch.constant``: the same
+    logits. On the CPU the backend is forced and the kernels are off but residual_norm (its
+    reference) and the scale ops."""
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx.kernels import dispatch
+
+    if dispatch.active_backend() is not None:
+        pytest.skip("the wiring, on the CPU (a GPU runs it in the kernels' parity run)")
+    model = _kernel_shaped_model(seed=9)
+    ids = mx.array(np.random.default_rng(10).integers(0, model.args.vocab_size, size=(1, 30)))
+    disable = (dispatch.DEFAULT_DISABLED["cuda"] + ",mv,qmv,q_norm_rope,kv_norm_rope,attention,attention_prefix,"
+               "ple_combine,ple_gate,geglu")
+    overrides = {"residual_norm": K.residual_norm_reference, "scale": K.scale_reference}
+    monkeypatch.setattr(dispatch, "_constants", {})
+    want = _logits_with_kernels(model, ids, 12, monkeypatch, "strict", disable, overrides, False)
+    packed = []
+    real = decode_module().CompiledDecoder.step_args
+
+    def spy(cache, inputs):
+        out = real(cache, inputs)
+        packed.append(out is not None and out[0][2] is None)
+        return out
+
+    monkeypatch.setattr(decode_module().CompiledDecoder, "step_args", staticmethod(spy))
+    monkeypatch.setenv(dispatch.DEVICE_CONSTANTS_ENV, "1")
+    got = _logits_with_kernels(model, ids, 12, monkeypatch, "strict", disable, overrides, False)
+    assert packed and all(packed), packed
+    # the soft-cap's and the embedding's scale (the kernels' own constants: their parity run on a GPU)
+    assert {(30.0,), (model.args.hidden_size**0.5,)} <= {k[0] for k in dispatch._constants}, list(dispatch._constants)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    dispatch.reset()
+
+
+def decode_module():
+    from gemma4_mlx import decode
+
+    return decode
+
+
 @pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
 @pytest.mark.parametrize("kernel", ["right", "wrong"])
 def test_kernel_checks_started_at_load_run_on_a_thread_once(kernel, monkeypatch):

@@ -345,7 +345,8 @@ def test_every_other_kernel_on_the_emulator():
 
 
 @pytest.mark.parametrize("family", ["tiny-31b", "tiny-moe", "kernel-shaped E2B", "kernel-shaped E2B, fused forms looped",
-                                    "kernel-shaped E2B, closes apart", "tiny-moe, closed apart"])
+                                    "kernel-shaped E2B, closes apart", "tiny-moe, closed apart",
+                                    "kernel-shaped E2B, device constants", "tiny-moe, device constants"])
 def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatch, family):
     """A model's decode steps with its kernels on (the emulator, outside the compiled step:
     kernel_scope) give the logits of the steps without them: the kernels' wiring and their logic
@@ -356,7 +357,8 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     its mixture's launch (norm_pair_close); "closed apart": that close in residual_norm's launch. "fused forms looped":
     the closes apart and the matvecs' residual-prologue forms on (off by default), each prologue
     launch in one block that takes every set of rows in turn; "closes apart": the closing forms off,
-    residual_norm's own launches."""
+    residual_norm's own launches; "device constants": the kernels' eps, scales and launch parameters
+    from ``dispatch.constant``'s views (GEMMA4_MLX_DEVICE_CONSTANTS=1)."""
     from mlx.utils import tree_map
     from test_decode import _kernel_shaped_model
 
@@ -368,10 +370,13 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
 
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "0")
     disabled = dispatch.DEFAULT_DISABLED["cuda"].split(",")
-    closing = "," not in family or family.endswith("closed apart")
+    constants = family.endswith("device constants")
+    if constants:
+        monkeypatch.setenv("GEMMA4_MLX_DEVICE_CONSTANTS", "1")
+    closing = "," not in family or family.endswith(("closed apart", "device constants"))
     if not closing:
         disabled += ["mv_close", "qmv_close"]
-    in_place = family == "tiny-moe"  # norm_pair_close on (the default)
+    in_place = family in ("tiny-moe", "tiny-moe, device constants")  # norm_pair_close on (the default)
     if family.endswith("closed apart"):
         disabled += ["norm_pair_close"]
     if family.endswith("looped"):
@@ -422,6 +427,10 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     if family.endswith("looped"):  # the prologue forms ran, and their classes loop
         looped = [k for k in verdicts if k[0] == "mv_residual"]
         assert looped and all(k[-1] is True for k in looped), verdicts
+    if constants:  # the kernels took their eps from a device constant
+        from gemma4_mlx.kernels import dispatch as d
+
+        assert (model.args.rms_norm_eps,) in {k[0] for k in d._constants}, list(d._constants)
     _close(got, want, family, atol=1e-4)
 
 

@@ -110,7 +110,7 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
         raise ValueError("rows needs one query (Lq == 1): with more the heads are not each query's row")
     Hkv, N = keys.shape[1], keys.shape[2]
     if kv_len is None:
-        kv_len = mx.array([N], dtype=mx.int32)
+        kv_len = dispatch.constant(N, mx.int32)
     elif window:
         raise ValueError("kv_len needs window == 0 (a rotating buffer holds exactly the window)")
     plan = launch_plan(B, H, Hkv, Lq, N, D, int(window))
@@ -118,10 +118,10 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
     ns = plan["nsplit"]
     out_shape = (B, Lq, H * D) if rows else (B, H, Lq, D)
     # what every form of pass 1 takes first (params[4], the tiles, is read by the fused form only)
-    scale_arr = mx.array([scale], dtype=mx.float32)
+    scale_arr = dispatch.constant(float(scale), mx.float32)
     kv_n = kv_len.reshape(1).astype(mx.int32)
     inputs = [q, keys, values, scale_arr,
-              mx.array([int(window), plan["kstart"], plan["chunk"], ns, plan["ntiles"]], dtype=mx.int32), kv_n]
+              dispatch.constant([int(window), plan["kstart"], plan["chunk"], ns, plan["ntiles"]], mx.int32), kv_n]
     launch = dict(template=[("T", q.dtype), ("D", D), ("RT", plan["RT"]), ("QNR", int(q_norm_rope is not None))],
                   grid=(ns * TG, plan["ntiles"], B * Hkv), threadgroup=(TG, 1, 1), **dispatch.init_kwargs())
     plain = ["q", "keys", "values", "scale", "params", "kv_len"]
@@ -143,7 +143,7 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
         qnr = [q, scale_arr, kv_n, scale_arr] if whole else []
     else:
         weight, inv_freq, offset, eps = q_norm_rope
-        qnr = [weight, inv_freq.astype(mx.float32), offset_array(offset), mx.array([eps], dtype=mx.float32)]
+        qnr = [weight, inv_freq.astype(mx.float32), offset_array(offset), dispatch.constant(eps, mx.float32)]
     po, pm, pl = k1(
         inputs=[*inputs, *qnr],
         output_shapes=[(query_rows, ns, D), (query_rows, ns), (query_rows, ns)],

@@ -400,6 +400,64 @@ def get_kernel(
     return k
 
 
+# ------------------------------------------------------------ constants in device memory
+
+DEVICE_CONSTANTS_ENV = "GEMMA4_MLX_DEVICE_CONSTANTS"
+_constants: dict = {}
+_constant_maker = None
+
+
+def device_constants() -> bool:
+    """``GEMMA4_MLX_DEVICE_CONSTANTS`` (session 25; off until measured, ``1`` on), CUDA only: the
+    kernels' constant inputs (norm eps, scales, launch parameters) in device memory, and the decode
+    step's per-token integers copied there once a step. MLX's CUDA allocator keeps every array of at
+    most 8 bytes, and every array made from Python data, in managed memory (docs/upstream.md §7), and
+    the host writes fresh scalars there at every step: a kernel's read of its eps may then cross the
+    bus. ``bench/scalar_probe.py`` measures what such a read costs."""
+    return switches.env_flag(DEVICE_CONSTANTS_ENV, default=False) and active_backend() == "cuda"
+
+
+def constant(values, dtype, via=None) -> mx.array:
+    """``mx.array(values, dtype)`` (a scalar or a sequence: 1-d; ``via``: rounded to that dtype
+    first) for a kernel's constant input. With
+    :func:`device_constants` on, the same values in device memory: made once per values, dtype and
+    device by a GPU op on a thread of its own (MLX's trace is per thread, so a traced step can take
+    one it did not have), more than 8 bytes wide, handed out as a view of the first ``len(values)``."""
+    seq = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+    if not device_constants():
+        return mx.array(list(seq), dtype=dtype) if via is None else mx.array(list(seq), dtype=via).astype(dtype)
+    key = (seq, str(dtype), str(via), str(mx.default_device()))
+    made = _constants.get(key)
+    if made is None:
+        global _constant_maker
+        with _lock:
+            if _constant_maker is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                _constant_maker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemma4-constants")
+        made = _constant_maker.submit(_make_constant, seq, dtype, via, mx.default_device()).result()
+        with _lock:
+            made = _constants.setdefault(key, made)
+    return made
+
+
+def unit(dtype) -> mx.array:
+    """A (1,) one of ``dtype`` (a close without a layer scalar): :func:`constant` with device constants
+    on, else ``mx.ones`` as always."""
+    return constant(1.0, dtype) if device_constants() else mx.ones((1,), dtype)
+
+
+def _make_constant(seq: tuple, dtype, via, device) -> mx.array:
+    cuda_context.ensure_current()  # arrays made in a new thread: see cuda_context
+    with mx.stream(device):
+        width = max(len(seq), -(-16 // dtype.size))  # past the allocator's managed pool of <= 8 bytes
+        host = mx.array(list(seq) + [0] * (width - len(seq)), dtype=via or dtype)  # managed: read once, by the copy
+        on_device = host.astype(dtype) * mx.array(1, dtype=dtype)  # a GPU op's output: device memory
+        view = on_device[: len(seq)]
+        mx.eval(view)
+    return view
+
+
 _block_counters: dict = {}
 
 

@@ -87,9 +87,9 @@ def norm_pair_kernel(x: mx.array, x2: Optional[mx.array], w1: mx.array, w2: mx.a
     k, whole = dispatch.get_form_kernel("norm_pair", ["x", "x2", "mw", "w1", "w2", "s1", "eps"], ["y1", "y2"],
                                         (inputs, outputs, [(define, 1)], variant))
     # the scale in w1's dtype, as the module multiplies by it
-    s1 = mx.array(scale1, dtype=w1.dtype).astype(mx.float32).reshape(1)
+    s1 = dispatch.constant(float(scale1), mx.float32, via=w1.dtype)
     given = {"x": x, "x2": x if x2 is None else x2, "mw": s1 if mix_weights is None else mix_weights.astype(mx.float32),
-             "w1": w1, "w2": w2, "s1": s1, "eps": mx.array([eps], dtype=mx.float32)}
+             "w1": w1, "w2": w2, "s1": s1, "eps": dispatch.constant(eps, mx.float32)}
     names = ["x", "x2", "mw", "w1", "w2", "s1", "eps"] if whole else inputs
     n_out = 2 if whole else len(outputs)
     outs = k(
@@ -168,10 +168,10 @@ def norm_pair_close_kernel(x, x2, w1, w2, eps: float, mix_weights, residual, clo
                             ["hout", *(["nout"] if nxt else [])],
                             defines=[(define, 1), ("PAIR_CLOSE", 1), ("CLOSE_NO_NEXT", int(not nxt))],
                             variant=f"{variant}_close" + ("" if nxt else "_out"))
-    s1 = mx.ones((1,), mx.float32)
+    s1 = dispatch.unit(mx.float32)
     given = {"x": x, "x2": x2, "mw": s1 if mix_weights is None else mix_weights.astype(mx.float32), "w1": w1,
-             "w2": w2, "s1": s1, "eps": mx.array([eps], dtype=mx.float32)}
-    ls = mx.ones((1,), x.dtype) if scalar is None else scalar.reshape(-1)
+             "w2": w2, "s1": s1, "eps": dispatch.constant(eps, mx.float32)}
+    ls = dispatch.unit(x.dtype) if scalar is None else scalar.reshape(-1)
     outs = k(
         inputs=[*(given[n] for n in inputs), residual, close_weight, ls, *([next_weight] if nxt else [])],
         template=[("T", x.dtype), ("W", w1.dtype), ("HD", HD), ("FORM", form), ("KX", kx)],

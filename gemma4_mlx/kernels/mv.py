@@ -150,8 +150,8 @@ def prologue_inputs(x: mx.array, z: Optional[mx.array], epi: int, prologue: Opti
     if prologue is None:  # the whole signature, its prologue inputs unread: arrays of the dtype stand in
         return 0, 1, [x if z is None else z, x, x, x, x, mx.zeros((1,), mx.float32)], [(1,)]
     branch, nw, scalar, nn, eps = prologue
-    ls = mx.ones((1,), x.dtype) if scalar is None else scalar.reshape(-1)
-    extra = [x if z is None else z, branch, nw, ls, nn if nn is not None else nw, mx.array([eps], dtype=mx.float32)]
+    ls = dispatch.unit(x.dtype) if scalar is None else scalar.reshape(-1)
+    extra = [x if z is None else z, branch, nw, ls, nn if nn is not None else nw, dispatch.constant(eps, mx.float32)]
     return (1 if nn is not None else 2), x.shape[-1], extra, [x.shape]
 
 
@@ -390,10 +390,10 @@ def close_launch(name: str, product: list, template: list, x, N: int, residual, 
                             ["hout", *(["nout"] if nxt else [])],
                             defines=[("MATVEC_CLOSE", 1), ("CLOSE_NO_NEXT", int(not nxt))],
                             variant="close" if nxt else "close_out")
-    ls = mx.ones((1,), x.dtype) if scalar is None else scalar.reshape(-1)
+    ls = dispatch.unit(x.dtype) if scalar is None else scalar.reshape(-1)
     out = k(
         inputs=[*(a for _, a in product), residual, norm_weight, ls, *([next_weight] if nxt else []),
-                mx.array([eps], dtype=mx.float32), counter],
+                dispatch.constant(eps, mx.float32), counter],
         template=[*template, ("CH", N)],
         grid=grid,
         threadgroup=(TG, 1, 1),

@@ -64,7 +64,7 @@ def ple_combine_kernel(input_ids, table, projection, norm_weight, table_scale, e
     return k(
         inputs=[
             input_ids.astype(mx.int32), table, projection, norm_weight,
-            mx.array([float(table_scale)], dtype=mx.float32), mx.array([eps], dtype=mx.float32),
+            dispatch.constant(float(table_scale), mx.float32), dispatch.constant(eps, mx.float32),
         ],
         template=[("T", projection.dtype), ("P", P), ("NL", NL)],
         grid=(ceil_to(rows * 32, TG), 1, 1),

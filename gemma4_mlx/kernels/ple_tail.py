@@ -65,10 +65,10 @@ def ple_tail_kernel(h: mx.array, per_layer_input: mx.array, gate_weight: mx.arra
     nxt = next_weight is not None
     k = dispatch.get_kernel("ple_tail", ["h", "pli", "wg", "wp", "w", "ls", "wn", "eps"], ["out", "nrm"],
                             ensure_row_contiguous=False)
-    ls = mx.ones((1,), dt) if scalar is None else scalar.reshape(-1)
+    ls = dispatch.unit(dt) if scalar is None else scalar.reshape(-1)
     outs = k(
         inputs=[h, per_layer_input, gate_weight, proj_weight, norm_weight, ls, next_weight if nxt else ls,
-                mx.array([eps], dtype=mx.float32)],
+                dispatch.constant(eps, mx.float32)],
         template=[("T", dt), ("HD", HD), ("P", P), ("NEXT", int(nxt))],
         grid=(B * L * TG, 1, 1),
         threadgroup=(TG, 1, 1),

@@ -48,10 +48,10 @@ def residual_norm_kernel(residual: mx.array, branch: mx.array, norm_weight: mx.a
     k, whole = dispatch.get_form_kernel(
         "residual_norm", ["res", "branch", "w", "ls", "wn", "eps"], ["out", "nrm"],
         None if nxt else (["res", "branch", "w", "ls", "eps"], ["out"], [("NO_NEXT", 1)], "single"))
-    ls = mx.ones((1,), dt) if scalar is None else scalar.reshape(-1)
+    ls = dispatch.unit(dt) if scalar is None else scalar.reshape(-1)
     outs = k(
         inputs=[residual, branch, norm_weight, ls, *([next_weight if nxt else ls] if whole else []),
-                mx.array([eps], dtype=mx.float32)],
+                dispatch.constant(eps, mx.float32)],
         template=[("T", dt), ("HD", HD), ("NEXT", int(nxt))],
         grid=(residual.size // HD * TG, 1, 1),
         threadgroup=(TG, 1, 1),

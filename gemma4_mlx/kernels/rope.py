@@ -89,7 +89,7 @@ def _launch(pair: bool, x, xv, weight, inv_freq, offset, eps):
         weight,
         inv_freq.astype(mx.float32),
         offset_array(offset),
-        mx.array([eps], dtype=mx.float32),
+        dispatch.constant(eps, mx.float32),
     ]
     shape = (B, H, L, D)
     return k(
