@@ -444,6 +444,10 @@ def _logits_with_kernels(model, ids, prefill: int, monkeypatch, mode: str, disab
         return np.concatenate([np.array(o.astype(mx.float32)) for o in out], axis=1)
 
 
+# the kernels a CPU wiring test switches off, leaving residual_norm (the closes) and scale
+_ALL_BUT_CLOSES_AND_SCALES = ",mv,qmv,q_norm_rope,kv_norm_rope,attention,attention_prefix,ple_combine,ple_gate,geglu"
+
+
 def test_device_constants_are_made_once_off_the_trace_with_their_values(monkeypatch):
     """``dispatch.constant`` (GEMMA4_MLX_DEVICE_CONSTANTS=1, CUDA): the values, shape (n,) and dtype
     of ``mx.array``, rounded through ``via`` first; made once per values (the same array again) by
@@ -488,26 +492,26 @@ def test_decode_with_device_constants_equals_decode_without(monkeypatch):
     logits. On the CPU the backend is forced and the kernels are off but residual_norm (its
     reference) and the scale ops."""
     import gemma4_mlx.kernels as K
+    from gemma4_mlx import decode
     from gemma4_mlx.kernels import dispatch
 
     if dispatch.active_backend() is not None:
         pytest.skip("the wiring, on the CPU (a GPU runs it in the kernels' parity run)")
     model = _kernel_shaped_model(seed=9)
     ids = mx.array(np.random.default_rng(10).integers(0, model.args.vocab_size, size=(1, 30)))
-    disable = (dispatch.DEFAULT_DISABLED["cuda"] + ",mv,qmv,q_norm_rope,kv_norm_rope,attention,attention_prefix,"
-               "ple_combine,ple_gate,geglu")
+    disable = dispatch.DEFAULT_DISABLED["cuda"] + _ALL_BUT_CLOSES_AND_SCALES
     overrides = {"residual_norm": K.residual_norm_reference, "scale": K.scale_reference}
     monkeypatch.setattr(dispatch, "_constants", {})
     want = _logits_with_kernels(model, ids, 12, monkeypatch, "strict", disable, overrides, False)
     packed = []
-    real = decode_module().CompiledDecoder.step_args
+    real = decode.CompiledDecoder.step_args
 
     def spy(cache, inputs):
         out = real(cache, inputs)
         packed.append(out is not None and out[0][2] is None)
         return out
 
-    monkeypatch.setattr(decode_module().CompiledDecoder, "step_args", staticmethod(spy))
+    monkeypatch.setattr(decode.CompiledDecoder, "step_args", staticmethod(spy))
     monkeypatch.setenv(dispatch.DEVICE_CONSTANTS_ENV, "1")
     got = _logits_with_kernels(model, ids, 12, monkeypatch, "strict", disable, overrides, False)
     assert packed and all(packed), packed
@@ -515,12 +519,6 @@ def test_decode_with_device_constants_equals_decode_without(monkeypatch):
     assert {(30.0,), (model.args.hidden_size**0.5,)} <= {k[0] for k in dispatch._constants}, list(dispatch._constants)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     dispatch.reset()
-
-
-def decode_module():
-    from gemma4_mlx import decode
-
-    return decode
 
 
 @pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
@@ -541,8 +539,7 @@ def test_kernel_checks_started_at_load_run_on_a_thread_once(kernel, monkeypatch)
         pytest.skip("the wiring, on the CPU (a GPU checks ahead at every load)")
     model = _kernel_shaped_model(seed=7)
     ids = mx.array(np.random.default_rng(8).integers(0, model.args.vocab_size, size=(1, 14)))
-    disable = (dispatch.DEFAULT_DISABLED["cuda"] + ",mv,qmv,q_norm_rope,kv_norm_rope,attention,attention_prefix,"
-               "ple_combine,ple_gate,scale,geglu")
+    disable = dispatch.DEFAULT_DISABLED["cuda"] + _ALL_BUT_CLOSES_AND_SCALES + ",scale"
     truth = _logits_with_kernels(model, ids, 10, monkeypatch, "off", "", {}, False)
 
     def broken(*args):
