@@ -318,13 +318,13 @@ PY
       CONFIGS="stock,ours,ours +device constants" ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${CONST_S:-100} \
         python3 bench/ablate.py $pq 2>&1 | tail -9 | tee "$OUT/constants-${pq// /-q}.txt"
     done ;;
-  kdetail)  # session 25: why E2B's slowest launches are slow (ncu sections, one launch of each): attention pass 1 on a
-            # sliding layer (15 us for 0.5 MB of cache), the closing down / PLE projections (16.7 / 9.7 us), the
-            # joined gate/up with its GeGLU (24 us) (~1.5 min)
+  kdetail)  # session 25: why E2B's slowest launches are slow (ncu sections, the step's first launches of each): attention
+            # pass 1 on a sliding layer (15 us for 0.5 MB of cache), the closing down / PLE projections (16.7 / 8.9 us),
+            # the joined gate/up with its GeGLU (24 us), the soft-cap (20 us for 0.5 MB), norm + RoPE (6 us) (~2 min)
     # (session 25's first try matched nothing: in the default seed mode the functions are gemma4_seed_<hash>; our own
     # builds keep the body's name, gemma4_<kernel>[_<form>], and launch the same code)
-    GEMMA4_MLX_NVRTC=own timeout 240 ncu --profile-from-start off -k "regex:gemma4_(attention_partial|mv_close|mv_bare)" \
-      -c 14 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    GEMMA4_MLX_NVRTC=own timeout 240 ncu --profile-from-start off -k "regex:gemma4_(attention_partial|mv_close|mv_bare|scale|norm_rope)" \
+      -c 24 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section MemoryWorkloadAnalysis --section SchedulerStats --page details --csv --log-file "$OUT/kdetail.csv" \
       python3 bench/step_profile.py "${PRESET:-e2b}" "${Q:-0}" ours > "$OUT/kdetail.log" 2>&1; echo "ncu exit $?"
     python3 - "$OUT/kdetail.csv" <<'PY' | tee "$OUT/kdetail.txt"
