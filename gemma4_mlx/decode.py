@@ -522,7 +522,9 @@ def _step_function(model_ref, counts: dict):
         n = len(buffers) // 2
         if slots is None:  # the per-token integers packed (dispatch.device_constants): one copy to device
             # memory, which every kernel then reads, instead of each reading the host's managed buffer
-            offset, slots, valid = mx.split(offset + 0, [1, 1 + n])
+            from .kernels import dispatch
+
+            offset, slots, valid = mx.split(dispatch.device_copy(offset), [1, 1 + n])
             offset = offset.reshape(())
         # each cache's slot and fill level as (1,) views, one Split each for all caches: an index
         # per cache was a Slice, and a Gather (a launch) and a Squeeze, and the attention kernel

@@ -483,7 +483,10 @@ def test_device_constants_are_made_once_off_the_trace_with_their_values(monkeypa
         assert dispatch.unit(mx.bfloat16).dtype == mx.bfloat16 and dispatch.unit(mx.bfloat16).item() == 1.0
         scale = mx.compile(lambda x: x * dispatch.constant(0.25, mx.float32))  # first met inside the trace
         assert scale(mx.ones((3,))).tolist() == [0.25] * 3
-        assert len(made) == 5
+        packed = mx.array([7, 1, 2, 40, 41], dtype=mx.int32)
+        copied = dispatch.device_copy(packed)  # the step's integers: one launch into device memory
+        assert copied.shape == (5,) and copied.dtype == mx.int32 and copied.tolist() == [7, 1, 2, 40, 41]
+        assert len(made) == 6
 
 
 def test_decode_with_device_constants_equals_decode_without(monkeypatch):

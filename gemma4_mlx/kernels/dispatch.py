@@ -403,6 +403,7 @@ def get_kernel(
 # ------------------------------------------------------------ constants in device memory
 
 DEVICE_CONSTANTS_ENV = "GEMMA4_MLX_DEVICE_CONSTANTS"
+CONSTANT_BYTES = 65536  # each constant's buffer (see _make_constant): a few dozen a model
 _constants: dict = {}
 _constant_maker = None
 
@@ -422,7 +423,8 @@ def constant(values, dtype, via=None) -> mx.array:
     first) for a kernel's constant input. With
     :func:`device_constants` on, the same values in device memory: made once per values, dtype and
     device by a GPU op on a thread of its own (MLX's trace is per thread, so a traced step can take
-    one it did not have), more than 8 bytes wide, handed out as a view of the first ``len(values)``."""
+    one it did not have), in a buffer of :data:`CONSTANT_BYTES`, handed out as a view of the first
+    ``len(values)``."""
     seq = tuple(values) if isinstance(values, (list, tuple)) else (values,)
     if not device_constants():
         return mx.array(list(seq), dtype=dtype) if via is None else mx.array(list(seq), dtype=via).astype(dtype)
@@ -441,6 +443,16 @@ def constant(values, dtype, via=None) -> mx.array:
     return made
 
 
+def device_copy(host: mx.array) -> mx.array:
+    """A 1-d array made from Python data (managed memory) copied to device memory by one launch: a
+    product with a column of ones whose output is :data:`CONSTANT_BYTES` or more (a size class no
+    host-made array of a step shares, see :func:`_make_constant`); its first row."""
+    n = host.size
+    rows = max(1, -(-CONSTANT_BYTES // (n * host.dtype.size)))
+    ones = constant([1] * rows, host.dtype).reshape(rows, 1)
+    return (ones * host.reshape(1, n))[0]
+
+
 def unit(dtype) -> mx.array:
     """A (1,) one of ``dtype`` (a close without a layer scalar): :func:`constant` with device constants
     on, else ``mx.ones`` as always."""
@@ -450,7 +462,10 @@ def unit(dtype) -> mx.array:
 def _make_constant(seq: tuple, dtype, via, device) -> mx.array:
     cuda_context.ensure_current()  # arrays made in a new thread: see cuda_context
     with mx.stream(device):
-        width = max(len(seq), -(-16 // dtype.size))  # past the allocator's managed pool of <= 8 bytes
+        # 64 KB: past the allocator's managed pool (<= 8 bytes), and a size class that no host-made
+        # (managed) array of a step shares: MLX's buffer cache hands a freed buffer to any request of
+        # half its size or more, and a GPU op's output keeps a managed buffer it is handed
+        width = max(len(seq), CONSTANT_BYTES // dtype.size)
         host = mx.array(list(seq) + [0] * (width - len(seq)), dtype=via or dtype)  # managed: read once, by the copy
         on_device = host.astype(dtype) * mx.array(1, dtype=dtype)  # a GPU op's output: device memory
         view = on_device[: len(seq)]
