@@ -11,10 +11,12 @@ do little and take long (attention pass 1 15 us for half a megabyte, the PLE pro
 close 8.9 us for 0.8 MB, the soft-cap 20 us for 0.5 MB: session 25's ncu); this tells whether the
 scalars are why.
 
-Two measurements, each over five places for the scalar:
+Two measurements, each over six places for the scalar:
   pool-host   mx.array([v]) (4 bytes: the managed pool, written by the host)
   pool-gpu    a 4-byte array made by a GPU op (the managed pool)
-  device      a 16-byte array made by a GPU op (device memory, cudaMallocAsync)
+  device      a 64 KB array made by a GPU op (device memory, cudaMallocAsync: smaller outputs may be handed
+              a freed managed buffer by MLX's cache, which serves requests of half a buffer's size or more)
+  device-16   a 16-byte array made by a GPU op (device memory unless the cache hands it a managed one)
   host-16     mx.array([v] * 4) (managed, its own allocation; migrates to the GPU when read)
   constant    the value in the kernel's source (no read)
 * chain: one thread reads the scalar R times, each read's address depending on the last (volatile:
@@ -35,7 +37,7 @@ import time
 import mlx.core as mx
 
 VALUE = 1.0001
-PLACES = ("pool-host", "pool-gpu", "device", "host-16", "constant")
+PLACES = ("pool-host", "pool-gpu", "device", "device-16", "host-16", "constant")
 
 CHAIN = """
   if (threadIdx.x == 0 && blockIdx.x == 0) {
@@ -63,6 +65,8 @@ def scalar(place: str) -> mx.array:
     elif place == "pool-gpu":
         s = mx.zeros((1,), dtype=mx.float32) + VALUE
     elif place == "device":
+        s = mx.zeros((16384,), dtype=mx.float32) + VALUE
+    elif place == "device-16":
         s = mx.zeros((4,), dtype=mx.float32) + VALUE
     else:  # host-16 (and constant: passed, never read)
         s = mx.array([VALUE] * 4, dtype=mx.float32)
