@@ -561,6 +561,10 @@ class CompiledDecoder:
         self.snapshot = TreeSnapshot(model)  # after joining: the members now hold views
         self.transposed = TransposedWeights(model, self.joined)
         self.scalars = StepScalars(model)
+        from .kernels import dispatch
+
+        # read once a decoder (the switch is one of _switches(): a change builds a new decoder)
+        self.packed_ints = dispatch.device_constants()
         # The traced function reaches the model through a weak reference: the model holds its
         # decoder, and a strong one would keep both alive until a garbage collection.
         self.counts = {"traces": 0}  # how often the step was traced (tests, benchmarks)
@@ -591,10 +595,11 @@ class CompiledDecoder:
             self._checked.add(signature)
 
     @staticmethod
-    def step_args(cache: List[Any], inputs: mx.array):
+    def step_args(cache: List[Any], inputs: mx.array, packed: bool = False):
         """The compiled step's arguments for one token per row over ``cache`` (which it grows,
         trims or rotates as a write would), and the reserved (slot, valid) pairs; None where the
-        caches need the eager path."""
+        caches need the eager path. ``packed``: the position, slots and fill levels as one array
+        (the decoder's ``packed_ints``)."""
         if inputs.shape[1] != 1 or not cache or any(type(c) not in _CACHE_TYPES for c in cache):
             return None
         offsets = {c.offset for c in cache}
@@ -615,9 +620,7 @@ class CompiledDecoder:
         buffers = []
         for c in cache:
             buffers += [c.keys, c.values]
-        from .kernels import dispatch
-
-        if dispatch.device_constants():  # one host array, copied to device memory in the step
+        if packed:  # one host array, copied to device memory in the step (dispatch.device_constants)
             packed = mx.array([offsets.pop()] + [s for s, _ in reserved] + [v for _, v in reserved], dtype=mx.int32)
             return (ids, packed, None, None, buffers, ring_windows), reserved
         slots = mx.array([s for s, _ in reserved], dtype=mx.int32)
@@ -626,7 +629,7 @@ class CompiledDecoder:
 
     def __call__(self, inputs: mx.array, cache: List[Any]) -> Optional[mx.array]:
         """Logits, or None when this call must take the eager path."""
-        prepared = self.step_args(cache, inputs)
+        prepared = self.step_args(cache, inputs, self.packed_ints)
         if prepared is None:
             return None
         args, reserved = prepared
@@ -675,6 +678,6 @@ def prepare(model) -> None:
     # evaluated); the dry run of a step over them names the kernels.
     cache = model.make_cache()[: model.args.num_caches]  # without the KV-shared layers' placeholders
     model._eager(mx.zeros((1, 1), dtype=mx.int32), cache=cache)
-    prepared = CompiledDecoder.step_args(cache, mx.zeros((1, 1), dtype=mx.int32))
+    prepared = CompiledDecoder.step_args(cache, mx.zeros((1, 1), dtype=mx.int32), dec.packed_ints)
     if prepared is not None:
         dispatch.check_ahead(dec.collect_kernels(prepared[0]))

@@ -509,8 +509,8 @@ def test_decode_with_device_constants_equals_decode_without(monkeypatch):
     packed = []
     real = decode.CompiledDecoder.step_args
 
-    def spy(cache, inputs):
-        out = real(cache, inputs)
+    def spy(cache, inputs, packed_ints=False):
+        out = real(cache, inputs, packed_ints)
         packed.append(out is not None and out[0][2] is None)
         return out
 
