@@ -84,8 +84,9 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            # session 24: a MoE layer's close in its mixture's launch (the default on CUDA since session 25)
            ("ours -moe close", off("norm_pair_close")),
            # session 25: the kernels' constants and the step's per-token integers in device memory (MLX keeps
-           # arrays of <= 8 bytes and host-made ones in managed memory: docs/upstream.md §7)
-           ("ours +device constants", {"GEMMA4_MLX_DEVICE_CONSTANTS": "1"}),
+           # arrays of <= 8 bytes and host-made ones in managed memory: docs/upstream.md §7); on by default on CUDA
+           # since session 26
+           ("ours -device constants", {"GEMMA4_MLX_DEVICE_CONSTANTS": "0"}),
            ("ours +resnorm", off(on=["residual_norm"])),
            ("ours -resnorm", off("residual_norm")),  # the default until session 15
            # the GeGLU over the gate/up Split instead of the joined product (session 16: a Split less a layer)

@@ -74,8 +74,10 @@ parity() {  # parity <name> <timeout s> <pytest collection args...>: those tests
   echo "$(wc -l < "$OUT/ids.txt") test ids"
   for i in 0 1 2 3 4 5 6 7; do
     awk -v i=$i 'NR % 8 == i' "$OUT/ids.txt" > "$OUT/ids.$i"
-    # one argument per line: parametrised ids may hold spaces
-    (mapfile -t ids < "$OUT/ids.$i"; MLX_ENABLE_TF32=0 timeout "$limit" python3 -m pytest -q -p no:cacheprovider \
+    # one argument per line: parametrised ids may hold spaces. A PTX cache folder a process: MLX writes its
+    # cached modules in place, so a process can read another's half-written file on a cold machine (session 26
+    # lost a test to "Binary format ... is not recognized" that way; docs/upstream.md §8)
+    (mapfile -t ids < "$OUT/ids.$i"; MLX_PTX_CACHE_DIR=/root/ptx.$i MLX_ENABLE_TF32=0 timeout "$limit" python3 -m pytest -q -p no:cacheprovider \
       "${ids[@]}" > "$OUT/$name.$i.txt" 2>&1) &
   done
   wait
@@ -308,14 +310,14 @@ for k, v in sorted(us.items()):
     print(f"{k:40s} n={len(v):3d} median {statistics.median(v):7.2f} us  max {max(v):7.2f}")
 PY
     gzip -f "$OUT/scalars.csv" ;;
-  constants)  # session 25: GEMMA4_MLX_DEVICE_CONSTANTS=1 (the kernels' eps / scales / launch parameters and the
-            # step's per-token integers in device memory; off by default until measured): the decode parity tests
-            # with it on (the compiled-against-eager ones included), then the step with and without it, E2B bf16 /
+  constants)  # session 25: GEMMA4_MLX_DEVICE_CONSTANTS (the kernels' eps / scales / launch parameters and the
+            # step's per-token integers in device memory; on by default on CUDA since session 26): the decode parity
+            # tests (the compiled-against-eager ones included), then the step with and without it, E2B bf16 /
             # 4-bit and 26B-A4B 4-bit (~5 min)
-    (export GEMMA4_MLX_DEVICE_CONSTANTS=1; parity constcheck 200 tests/test_decode.py tests/test_kernels.py \
-      -k "compiled or closing or matvec_close or moe or device_constants")
+    parity constcheck 200 tests/test_decode.py tests/test_kernels.py \
+      -k "compiled or closing or matvec_close or moe or device_constants"
     for pq in "e2b 0" "e2b 4" "26b-a4b 4"; do
-      CONFIGS="stock,ours,ours +device constants" ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${CONST_S:-100} \
+      CONFIGS="stock,ours,ours -device constants" ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${CONST_S:-100} \
         python3 bench/ablate.py $pq 2>&1 | tail -9 | tee "$OUT/constants-${pq// /-q}.txt"
     done ;;
   kdetail)  # session 25: why E2B's slowest launches are slow (ncu sections, the step's first launches of each): attention

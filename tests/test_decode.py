@@ -451,8 +451,8 @@ _ALL_BUT_CLOSES_AND_SCALES = ",mv,qmv,q_norm_rope,kv_norm_rope,attention,attenti
 def test_device_constants_are_made_once_off_the_trace_with_their_values(monkeypatch):
     """``dispatch.constant`` (GEMMA4_MLX_DEVICE_CONSTANTS=1, CUDA): the values, shape (n,) and dtype
     of ``mx.array``, rounded through ``via`` first; made once per values (the same array again) by
-    the maker's thread, so a traced function can take one it has not seen; off (the default) or
-    off CUDA, a plain ``mx.array`` each time."""
+    the maker's thread, so a traced function can take one it has not seen; on by default; switched
+    off (``0``) or off CUDA, a plain ``mx.array`` each time."""
     import threading
 
     from gemma4_mlx.kernels import dispatch
@@ -466,12 +466,14 @@ def test_device_constants_are_made_once_off_the_trace_with_their_values(monkeypa
 
     monkeypatch.setattr(dispatch, "_make_constant", spy)
     monkeypatch.setattr(dispatch, "_constants", {})
-    monkeypatch.delenv(dispatch.DEVICE_CONSTANTS_ENV, raising=False)
+    monkeypatch.setenv(dispatch.DEVICE_CONSTANTS_ENV, "0")
     with dispatch.force_backend("cuda"):
         assert not dispatch.device_constants()
         assert dispatch.constant(1e-6, mx.float32) is not dispatch.constant(1e-6, mx.float32) and not made
-    monkeypatch.setenv(dispatch.DEVICE_CONSTANTS_ENV, "1")
-    assert dispatch.active_backend() is not None or not dispatch.device_constants()  # CUDA only
+    monkeypatch.delenv(dispatch.DEVICE_CONSTANTS_ENV)
+    assert dispatch.active_backend() == "cuda" or not dispatch.device_constants()  # CUDA only
+    with dispatch.force_backend("metal"):
+        assert not dispatch.device_constants()
     with dispatch.force_backend("cuda"):
         eps = dispatch.constant(1e-6, mx.float32)
         assert eps is dispatch.constant(1e-6, mx.float32) and made == ["gemma4-constants_0"]
@@ -490,7 +492,7 @@ def test_device_constants_are_made_once_off_the_trace_with_their_values(monkeypa
 
 
 def test_decode_with_device_constants_equals_decode_without(monkeypatch):
-    """With GEMMA4_MLX_DEVICE_CONSTANTS=1 the compiled step takes its position, slots and fill levels
+    """With GEMMA4_MLX_DEVICE_CONSTANTS on (the default) the compiled step takes its position, slots and fill levels
     as one packed array copied in the step, and its constants from ``dispatch.constant``: the same
     logits. On the CPU the backend is forced and the kernels are off but residual_norm (its
     reference) and the scale ops."""
@@ -505,7 +507,9 @@ def test_decode_with_device_constants_equals_decode_without(monkeypatch):
     disable = dispatch.DEFAULT_DISABLED["cuda"] + _ALL_BUT_CLOSES_AND_SCALES
     overrides = {"residual_norm": K.residual_norm_reference, "scale": K.scale_reference}
     monkeypatch.setattr(dispatch, "_constants", {})
+    monkeypatch.setenv(dispatch.DEVICE_CONSTANTS_ENV, "0")
     want = _logits_with_kernels(model, ids, 12, monkeypatch, "strict", disable, overrides, False)
+    assert not dispatch._constants
     packed = []
     real = decode.CompiledDecoder.step_args
 
@@ -515,7 +519,7 @@ def test_decode_with_device_constants_equals_decode_without(monkeypatch):
         return out
 
     monkeypatch.setattr(decode.CompiledDecoder, "step_args", staticmethod(spy))
-    monkeypatch.setenv(dispatch.DEVICE_CONSTANTS_ENV, "1")
+    monkeypatch.delenv(dispatch.DEVICE_CONSTANTS_ENV)
     got = _logits_with_kernels(model, ids, 12, monkeypatch, "strict", disable, overrides, False)
     assert packed and all(packed), packed
     # the soft-cap's and the embedding's scale (the kernels' own constants: their parity run on a GPU)

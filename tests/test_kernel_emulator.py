@@ -346,7 +346,7 @@ def test_every_other_kernel_on_the_emulator():
 
 @pytest.mark.parametrize("family", ["tiny-31b", "tiny-moe", "kernel-shaped E2B", "kernel-shaped E2B, fused forms looped",
                                     "kernel-shaped E2B, closes apart", "tiny-moe, closed apart",
-                                    "kernel-shaped E2B, device constants", "tiny-moe, device constants"])
+                                    "kernel-shaped E2B, host constants", "tiny-moe, host constants"])
 def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatch, family):
     """A model's decode steps with its kernels on (the emulator, outside the compiled step:
     kernel_scope) give the logits of the steps without them: the kernels' wiring and their logic
@@ -357,8 +357,9 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     its mixture's launch (norm_pair_close); "closed apart": that close in residual_norm's launch. "fused forms looped":
     the closes apart and the matvecs' residual-prologue forms on (off by default), each prologue
     launch in one block that takes every set of rows in turn; "closes apart": the closing forms off,
-    residual_norm's own launches; "device constants": the kernels' eps, scales and launch parameters
-    from ``dispatch.constant``'s views (GEMMA4_MLX_DEVICE_CONSTANTS=1)."""
+    residual_norm's own launches. Every family but "host constants" takes the kernels' eps, scales and
+    launch parameters from ``dispatch.constant``'s device views (the default on CUDA); "host constants":
+    from arrays made from Python data each time (GEMMA4_MLX_DEVICE_CONSTANTS=0)."""
     from mlx.utils import tree_map
     from test_decode import _kernel_shaped_model
 
@@ -370,13 +371,13 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
 
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "0")
     disabled = dispatch.DEFAULT_DISABLED["cuda"].split(",")
-    constants = family.endswith("device constants")
-    if constants:
-        monkeypatch.setenv("GEMMA4_MLX_DEVICE_CONSTANTS", "1")
-    closing = "," not in family or family.endswith(("closed apart", "device constants"))
+    constants = not family.endswith("host constants")
+    monkeypatch.setenv("GEMMA4_MLX_DEVICE_CONSTANTS", "1" if constants else "0")
+    monkeypatch.setattr(dispatch, "_constants", {})
+    closing = "," not in family or family.endswith(("closed apart", "host constants"))
     if not closing:
         disabled += ["mv_close", "qmv_close"]
-    in_place = family in ("tiny-moe", "tiny-moe, device constants")  # norm_pair_close on (the default)
+    in_place = family in ("tiny-moe", "tiny-moe, host constants")  # norm_pair_close on (the default)
     if family.endswith("closed apart"):
         disabled += ["norm_pair_close"]
     if family.endswith("looped"):
@@ -428,9 +429,9 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
         looped = [k for k in verdicts if k[0] == "mv_residual"]
         assert looped and all(k[-1] is True for k in looped), verdicts
     if constants:  # the kernels took their eps from a device constant
-        from gemma4_mlx.kernels import dispatch as d
-
-        assert (model.args.rms_norm_eps,) in {k[0] for k in d._constants}, list(d._constants)
+        assert (model.args.rms_norm_eps,) in {k[0] for k in dispatch._constants}, list(dispatch._constants)
+    else:
+        assert not dispatch._constants, list(dispatch._constants)
     _close(got, want, family, atol=1e-4)
 
 

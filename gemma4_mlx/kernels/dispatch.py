@@ -409,13 +409,14 @@ _constant_maker = None
 
 
 def device_constants() -> bool:
-    """``GEMMA4_MLX_DEVICE_CONSTANTS`` (session 25; off until measured, ``1`` on), CUDA only: the
+    """``GEMMA4_MLX_DEVICE_CONSTANTS`` (on by default since session 26, ``0`` off), CUDA only: the
     kernels' constant inputs (norm eps, scales, launch parameters) in device memory, and the decode
     step's per-token integers copied there once a step. MLX's CUDA allocator keeps every array of at
     most 8 bytes, and every array made from Python data, in managed memory (docs/upstream.md §7), and
-    the host writes fresh scalars there at every step: a kernel's read of its eps may then cross the
-    bus. ``bench/scalar_probe.py`` measures what such a read costs."""
-    return switches.env_flag(DEVICE_CONSTANTS_ENV, default=False) and active_backend() == "cuda"
+    the host writes fresh scalars there at every step, so a kernel's read of its eps crosses the bus:
+    on the H200 a launch reading one took 20 us against 2.7 (``bench/scalar_probe.py``), and the
+    26B-A4B 4-bit step went from 1.33x to 1.55x stock's (docs/benchmarks.md, session 26)."""
+    return switches.env_flag(DEVICE_CONSTANTS_ENV, default=True) and active_backend() == "cuda"
 
 
 def constant(values, dtype, via=None) -> mx.array:
