@@ -320,6 +320,22 @@ PY
       CONFIGS="stock,ours,ours -device constants" ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${CONST_S:-100} \
         python3 bench/ablate.py $pq 2>&1 | tail -9 | tee "$OUT/constants-${pq// /-q}.txt"
     done ;;
+  capture)  # session 26: a fresh `gemma4-mlx generate` of E2B bf16 died in its first run with "cudaStreamEndCapture
+            # failed: operation failed due to a previous error during capture" (device constants on, kernel checks on a
+            # thread at load): fresh processes, each with empty caches, under each switch (~5 min with the checkpoint)
+    [ -d /root/e2e/e2b-bfloat16-seed0 ] || python3 -c "
+from gemma4_mlx.checkpoint import write_random_checkpoint
+write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16', seed=0)" > /dev/null 2>&1
+    prompt=$(python3 -c "print(' '.join(f'word{i % 97} and' for i in range(200)))")
+    n=0
+    for combo in "" "GEMMA4_MLX_DEVICE_CONSTANTS=0" "GEMMA4_MLX_CHECK_AHEAD=0" "" "GEMMA4_MLX_CHECK_AHEAD=0 GEMMA4_MLX_JIT_WARMUP=0" \
+                 "GEMMA4_MLX_DEVICE_CONSTANTS=0"; do
+      n=$((n + 1))
+      (export MLX_PTX_CACHE_DIR=/root/cap/$n/ptx GEMMA4_MLX_CACHE=/root/cap/$n/ours $combo
+       timeout ${CAP_S:-60} gemma4-mlx generate --model /root/e2e/e2b-bfloat16-seed0 --prompt "$prompt" --max-tokens 64 \
+         --temp 0 --no-chat-template > "$OUT/capture.$n.txt" 2>&1; echo "rc $?" >> "$OUT/capture.$n.txt")
+      echo "== $n [${combo:-default}] $(tail -1 "$OUT/capture.$n.txt") $(grep -m1 -o "what().*" "$OUT/capture.$n.txt")"
+    done ;;
   kdetail)  # session 25: why E2B's slowest launches are slow (ncu sections, the step's first launches of each): attention
             # pass 1 on a sliding layer (15 us for 0.5 MB of cache), the closing down / PLE projections (16.7 / 8.9 us),
             # the joined gate/up with its GeGLU (24 us), the soft-cap (20 us for 0.5 MB), norm + RoPE (6 us) (~2 min)

@@ -641,6 +641,8 @@ _ahead: list = []
 # wait for the step (which the tests give references) and only the builds start ahead, unless a
 # test sets this.
 ahead_when_forced = False
+# ``0``: no checks at load; each kernel checks itself where the first step needs it (ablations)
+CHECK_AHEAD_ENV = "GEMMA4_MLX_CHECK_AHEAD"
 
 
 def check_ahead(needed: Sequence[tuple]) -> None:
@@ -649,7 +651,7 @@ def check_ahead(needed: Sequence[tuple]) -> None:
     checks in milliseconds). A failure is recorded as a verdict, reported where the kernel is
     needed (check_all, or its first use)."""
     todo = [n for n in needed if n[1] not in _verdicts]
-    if active_backend() != "cuda" or not todo:
+    if active_backend() != "cuda" or not todo or not switches.env_flag(CHECK_AHEAD_ENV):
         return
     if _backend_override is not None and not ahead_when_forced:
         prefetch(todo)
