@@ -531,7 +531,8 @@ def test_decode_with_device_constants_equals_decode_without(monkeypatch):
 @pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
 @pytest.mark.parametrize("kernel", ["right", "wrong"])
 def test_kernel_checks_started_at_load_run_on_a_thread_once(kernel, monkeypatch):
-    """``decode.prepare`` (at load) self-checks the step's kernels on a thread
+    """With ``GEMMA4_MLX_CHECK_AHEAD=1`` (off by default: it broke MLX's graph capture on the H200),
+    ``decode.prepare`` (at load) self-checks the step's kernels on a thread
     (``dispatch.check_ahead``): the first step waits for them and checks none again, and a kernel
     that failed there is reported at the first step as any failed check is (``strict`` raises,
     ``auto`` takes the reference with the same logits). On the CPU the backend is forced, the
@@ -543,7 +544,7 @@ def test_kernel_checks_started_at_load_run_on_a_thread_once(kernel, monkeypatch)
     from gemma4_mlx.kernels import dispatch
 
     if dispatch.active_backend() is not None:
-        pytest.skip("the wiring, on the CPU (a GPU checks ahead at every load)")
+        pytest.skip("the wiring, on the CPU")
     model = _kernel_shaped_model(seed=7)
     ids = mx.array(np.random.default_rng(8).integers(0, model.args.vocab_size, size=(1, 14)))
     disable = dispatch.DEFAULT_DISABLED["cuda"] + _ALL_BUT_CLOSES_AND_SCALES + ",scale"
@@ -563,6 +564,7 @@ def test_kernel_checks_started_at_load_run_on_a_thread_once(kernel, monkeypatch)
     monkeypatch.setattr(dispatch, "ahead_when_forced", True)
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", disable)
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    monkeypatch.setenv(dispatch.CHECK_AHEAD_ENV, "1")
     for mode in ("auto", "strict"):
         monkeypatch.setenv("GEMMA4_MLX_KERNELS", mode)
         dispatch.reset()
@@ -584,6 +586,50 @@ def test_kernel_checks_started_at_load_run_on_a_thread_once(kernel, monkeypatch)
         assert len(keys) == len(set(keys)) and {k[0] for k in keys} == {"residual_norm"}, keys
         assert all(ok == (kernel == "right") for k, (ok, _) in dispatch.verdicts().items() if k[0] == "residual_norm")
         np.testing.assert_allclose(got, truth, rtol=1e-4, atol=1e-4)
+    dispatch.reset()
+
+
+@pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
+def test_kernel_checks_wait_for_the_first_step_by_default(monkeypatch):
+    """Without ``GEMMA4_MLX_CHECK_AHEAD`` no thread checks kernels at load (on the H200 one broke
+    MLX's graph capture in the main thread): the first step checks them, in the main thread, and
+    gives the logits of the reference."""
+    import threading
+
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx import decode
+    from gemma4_mlx.kernels import dispatch
+
+    if dispatch.active_backend() is not None:
+        pytest.skip("the wiring, on the CPU")
+    model = _kernel_shaped_model(seed=7)
+    ids = mx.array(np.random.default_rng(8).integers(0, model.args.vocab_size, size=(1, 12)))
+    truth = _logits_with_kernels(model, ids, 10, monkeypatch, "off", "", {}, False)
+    checks = []
+    real = dispatch.self_check
+
+    def counted(name, key, *rest):
+        checks.append((key[0], threading.current_thread().name))
+        return real(name, key, *rest)
+
+    monkeypatch.setattr(dispatch, "self_check", counted)
+    monkeypatch.setattr(dispatch, "ahead_when_forced", True)
+    monkeypatch.delenv(dispatch.CHECK_AHEAD_ENV, raising=False)
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", dispatch.DEFAULT_DISABLED["cuda"] + _ALL_BUT_CLOSES_AND_SCALES + ",scale")
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "strict")
+    dispatch.reset()
+    model.reset_compiled()
+    started = threading.active_count()
+    with dispatch.force_backend("cuda"), dispatch.override_kernel("residual_norm", K.residual_norm_reference):
+        decode.prepare(model)
+        assert not dispatch._ahead and not checks and threading.active_count() <= started
+        cache = model.make_cache()
+        out = [model(ids[:, :10], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(10, 12)]
+    got = np.concatenate([np.array(o.astype(mx.float32)) for o in out], axis=1)
+    assert checks and all(t == threading.main_thread().name for _, t in checks), checks
+    assert "residual_norm" in {k for k, _ in checks}, checks
+    np.testing.assert_allclose(got, truth, rtol=1e-4, atol=1e-4)
     dispatch.reset()
 
 

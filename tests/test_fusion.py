@@ -140,11 +140,19 @@ def test_loading_joins_the_projections_without_a_second_copy(tmp_path, monkeypat
     evaluations = []
     real = decode._evaluate
     monkeypatch.setattr(decode, "_evaluate", lambda group: (evaluations.append(len(group)), real(group)))
+    from gemma4_mlx.kernels import dispatch
+
+    constants_before = set(dispatch._constants)
     model = load_model(path)
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     joined = sum(f.joint.weight.nbytes for _, f in _fused_modules(model))
     assert joined > 0.5 * weights  # q/k/v and gate/up are most of the model
-    assert mx.get_peak_memory() - start < weights + 0.25 * joined, (mx.get_peak_memory() - start, weights, joined)
+    # on CUDA the kernels' device constants made at load: a buffer each, and the making's two
+    # temporaries (a cost per distinct value, whatever the weights' size)
+    made = len(set(dispatch._constants) - constants_before)
+    extra = (made + 2) * dispatch.CONSTANT_BYTES if made else 0
+    assert mx.get_peak_memory() - start < weights + 0.25 * joined + extra, (
+        mx.get_peak_memory() - start, weights, joined, made)
     # every joint evaluated once, in groups of about an eighth of the joined bytes (this small
     # model's 8 joints: one each; E2B's 70: 8 or 9 groups)
     assert sum(evaluations) == len(_fused_modules(model)) and len(evaluations) <= decode.JOIN_GROUPS + 1

@@ -447,11 +447,12 @@ def constant(values, dtype, via=None) -> mx.array:
 def device_copy(host: mx.array) -> mx.array:
     """A 1-d array made from Python data (managed memory) copied to device memory by one launch: a
     product with a column of ones whose output is :data:`CONSTANT_BYTES` or more (a size class no
-    host-made array of a step shares, see :func:`_make_constant`); its first row."""
+    host-made array of a step shares, see :func:`_make_constant`); its first row, as a view (an
+    integer index there is a Gather: a launch more a step)."""
     n = host.size
     rows = max(1, -(-CONSTANT_BYTES // (n * host.dtype.size)))
     ones = constant([1] * rows, host.dtype).reshape(rows, 1)
-    return (ones * host.reshape(1, n))[0]
+    return (ones * host.reshape(1, n))[:1].reshape(n)
 
 
 def unit(dtype) -> mx.array:
@@ -641,7 +642,11 @@ _ahead: list = []
 # wait for the step (which the tests give references) and only the builds start ahead, unless a
 # test sets this.
 ahead_when_forced = False
-# ``0``: no checks at load; each kernel checks itself where the first step needs it (ablations)
+# Off by default since session 26 (``1`` on): with the checks on a thread, a fresh `gemma4-mlx
+# generate` of E2B bf16 on the H200 died in 5 runs of 5 with "cudaStreamEndCapture failed:
+# operation failed due to a previous error during capture" (MLX's CUDA graph capture on the main
+# thread's stream), and passed 7 of 7 without them (docs/benchmarks.md, session 26). Off, each
+# kernel checks itself where the first step needs it, as before session 25.
 CHECK_AHEAD_ENV = "GEMMA4_MLX_CHECK_AHEAD"
 
 
@@ -649,9 +654,10 @@ def check_ahead(needed: Sequence[tuple]) -> None:
     """Start building and self-checking ``needed`` (a dry run's collection) on a thread, without
     waiting; :func:`check_all` (and :func:`wait_ahead`) wait for it. CUDA only (Metal builds and
     checks in milliseconds). A failure is recorded as a verdict, reported where the kernel is
-    needed (check_all, or its first use)."""
+    needed (check_all, or its first use). Only with ``GEMMA4_MLX_CHECK_AHEAD=1`` (see
+    :data:`CHECK_AHEAD_ENV`)."""
     todo = [n for n in needed if n[1] not in _verdicts]
-    if active_backend() != "cuda" or not todo or not switches.env_flag(CHECK_AHEAD_ENV):
+    if active_backend() != "cuda" or not todo or not switches.env_flag(CHECK_AHEAD_ENV, default=False):
         return
     if _backend_override is not None and not ahead_when_forced:
         prefetch(todo)
