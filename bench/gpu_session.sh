@@ -7,19 +7,17 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 26): issue 14. One GPU is enough (nvidia-h200). Session 25 ran `check` on the undone views cut
-# (1,030 passed), e2e (E2B bf16 2.40x decode, 4-bit 2.08x), E4B `compare`, switched norm_pair_close on (26B-A4B 4-bit
-# step 1.34x -> 1.40x), profiled E2B's step (3.98 ms of GPU time: gate/up 0.71 ms at ~2.9 TB/s, down + close 0.53 ms,
-# attention 0.76 ms: pass 1 15 us for half a megabyte) and moved the kernels' self-checks to load (a thread): the first
-# token after load() 0.46 s against stock's 0.43 in one in-process probe. In this order:
-#   1. `scalars` (~1 min): do our kernels pay for scalars MLX keeps in managed memory (<= 8 bytes, host-made)? Then
-#      `constants` (~5 min): GEMMA4_MLX_DEVICE_CONSTANTS=1 (written in session 25, off until measured: the kernels'
-#      eps / scales / launch parameters from GPU-made arrays of more than 8 bytes, and the step's position, slots and
-#      fill levels packed into one host array that the step copies to device memory once): its parity, and the step
-#      with and without it. Switch it on (dispatch.device_constants' default) if it passes and is faster.
-#   2. `kdetail` (~1.5 min): ncu's sections on attention pass 1, the closing products, the joined gate/up.
-#   3. `NEW=128 RUNS=2 e2e` and `Q=4 ...` (the first token after load() with the checks at load; the 2.5x cell).
-#   4. `check` after any change to the step.
+# Next visit (session 27): issue 14. One GPU is enough (nvidia-h200). Session 26 measured the scalars (a launch reading
+# one from MLX's pool of <= 8-byte arrays: 20.4 us against 2.7), switched device constants on (26B-A4B 4-bit step 1.33x
+# -> 1.55x, E2B 4-bit 1.98x -> 2.15x), found session 25's kernel checks at load breaking MLX's graph capture in a fresh
+# `generate` (5 of 5 died; off by default now, GEMMA4_MLX_CHECK_AHEAD=1 on) and ran no e2e. In this order:
+#   1. `check` (~7 min with a PTX cache a process; give it PARITY_S if shards time out): the defaults as they are now
+#      (device constants on, checks at the first step), the two mended tests among them.
+#   2. `NEW=128 RUNS=2 e2e` and `Q=4 ...`: E2B end to end with device constants (the 2.5x / 3x cells, the first token
+#      after load() with the checks back at the first step).
+#   3. `capture` (~4 min): still 0 deaths with the defaults; then, if time is left, the checks at load made
+#      capture-safe (what in them breaks the main thread's capture: their reads of results, their allocations?).
+#   4. `constants` again for a second 26B-A4B run (1.55x rests on one process a side).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
@@ -90,7 +88,7 @@ case "${1:-}" in
             # float32 tolerances (TF32 off) over the kernels, the decode step, determinism and
             # every way of changing a model
     python3 -c "from gemma4_mlx.kernels import nvrtc, cuda_build as c; print('nvrtc', nvrtc.path(), nvrtc.version(), c.target_arch(), c.enabled())"
-    parity parity 400 tests/test_kernels.py tests/test_decode.py tests/test_fusion.py tests/test_cuda_build.py \
+    parity parity ${PARITY_S:-480} tests/test_kernels.py tests/test_decode.py tests/test_fusion.py tests/test_cuda_build.py \
       tests/test_determinism.py tests/test_model_changes.py tests/test_expert_blocks.py ;;
   qcheck)   # the quantized matvec (qmv and its fused forms) on CUDA at the CPU's float32 tolerances:
             # the kernel tests, the decode step and the fusions with qmv, in 8 processes

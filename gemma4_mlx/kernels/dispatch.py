@@ -645,7 +645,7 @@ ahead_when_forced = False
 # Off by default since session 26 (``1`` on): with the checks on a thread, a fresh `gemma4-mlx
 # generate` of E2B bf16 on the H200 died in 5 runs of 5 with "cudaStreamEndCapture failed:
 # operation failed due to a previous error during capture" (MLX's CUDA graph capture on the main
-# thread's stream), and passed 7 of 7 without them (docs/benchmarks.md, session 26). Off, each
+# thread's stream), and passed 6 of 6 without them (docs/benchmarks.md, session 26). Off, each
 # kernel checks itself where the first step needs it, as before session 25.
 CHECK_AHEAD_ENV = "GEMMA4_MLX_CHECK_AHEAD"
 
