@@ -15,8 +15,9 @@
 #      (device constants on, checks at the first step), the two mended tests among them.
 #   2. `NEW=128 RUNS=2 e2e` and `Q=4 ...`: E2B end to end with device constants (the 2.5x / 3x cells, the first token
 #      after load() with the checks back at the first step).
-#   3. `capture` (~4 min): still 0 deaths with the defaults; then, if time is left, the checks at load made
-#      capture-safe (what in them breaks the main thread's capture: their reads of results, their allocations?).
+#   3. `captureprobe` (~2 min): which kind of work on a second thread breaks the main thread's capture (host reads,
+#      host arrays, module loads, frees, syncs, the package's own checks); then `capture` (~4 min): 0 deaths with
+#      the defaults (the builds, not the checks, start at load again). A fix for the checks follows from the probe.
 #   4. `constants` again for a second 26B-A4B run (1.55x rests on one process a side).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
@@ -334,6 +335,9 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
          --temp 0 --no-chat-template > "$OUT/capture.$n.txt" 2>&1; echo "rc $?" >> "$OUT/capture.$n.txt")
       echo "== $n [${combo:-default}] $(tail -1 "$OUT/capture.$n.txt") $(grep -m1 -o "what().*" "$OUT/capture.$n.txt")"
     done ;;
+  captureprobe)  # session 26: which of the load-time checks' kinds of work, on a second thread, breaks the main
+                 # thread's graph capture (bench/capture_probe.py: a fresh process a case, ~10 s each)
+    timeout 400 python3 bench/capture_probe.py 2>&1 | tee "$OUT/captureprobe.txt" ;;
   kdetail)  # session 25: why E2B's slowest launches are slow (ncu sections, the step's first launches of each): attention
             # pass 1 on a sliding layer (15 us for 0.5 MB of cache), the closing down / PLE projections (16.7 / 8.9 us),
             # the joined gate/up with its GeGLU (24 us), the soft-cap (20 us for 0.5 MB), norm + RoPE (6 us) (~2 min)

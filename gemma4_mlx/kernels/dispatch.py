@@ -655,11 +655,13 @@ def check_ahead(needed: Sequence[tuple]) -> None:
     waiting; :func:`check_all` (and :func:`wait_ahead`) wait for it. CUDA only (Metal builds and
     checks in milliseconds). A failure is recorded as a verdict, reported where the kernel is
     needed (check_all, or its first use). Only with ``GEMMA4_MLX_CHECK_AHEAD=1`` (see
-    :data:`CHECK_AHEAD_ENV`)."""
+    :data:`CHECK_AHEAD_ENV`); without it only the builds start here."""
     todo = [n for n in needed if n[1] not in _verdicts]
-    if active_backend() != "cuda" or not todo or not switches.env_flag(CHECK_AHEAD_ENV, default=False):
+    if active_backend() != "cuda" or not todo:
         return
-    if _backend_override is not None and not ahead_when_forced:
+    # without the checks, their builds still start here (on the builder's pool: NVRTC on the host,
+    # as at every load before session 25)
+    if not switches.env_flag(CHECK_AHEAD_ENV, default=False) or (_backend_override is not None and not ahead_when_forced):
         prefetch(todo)
         return
     thread = threading.Thread(target=_check_each, args=(todo,), name="gemma4-kernel-checks")
