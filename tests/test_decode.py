@@ -606,13 +606,13 @@ def test_kernel_checks_wait_for_the_first_step_by_default(monkeypatch):
     ids = mx.array(np.random.default_rng(8).integers(0, model.args.vocab_size, size=(1, 12)))
     truth = _logits_with_kernels(model, ids, 10, monkeypatch, "off", "", {}, False)
     checks = []
-    real = dispatch.self_check
+    real = dispatch.check_all
 
-    def counted(name, key, *rest):
-        checks.append((key[0], threading.current_thread().name))
-        return real(name, key, *rest)
+    def counted(needed):
+        checks.append(threading.current_thread().name)
+        return real(needed)
 
-    monkeypatch.setattr(dispatch, "self_check", counted)
+    monkeypatch.setattr(dispatch, "check_all", counted)
     monkeypatch.setattr(dispatch, "ahead_when_forced", True)
     monkeypatch.delenv(dispatch.CHECK_AHEAD_ENV, raising=False)
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", dispatch.DEFAULT_DISABLED["cuda"] + _ALL_BUT_CLOSES_AND_SCALES + ",scale")
@@ -623,12 +623,13 @@ def test_kernel_checks_wait_for_the_first_step_by_default(monkeypatch):
     started = threading.active_count()
     with dispatch.force_backend("cuda"), dispatch.override_kernel("residual_norm", K.residual_norm_reference):
         decode.prepare(model)
-        assert not dispatch._ahead and not checks and threading.active_count() <= started
+        assert not dispatch._ahead and not dispatch.verdicts() and threading.active_count() <= started
         cache = model.make_cache()
         out = [model(ids[:, :10], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(10, 12)]
+        verdicts = dispatch.verdicts()
     got = np.concatenate([np.array(o.astype(mx.float32)) for o in out], axis=1)
-    assert checks and all(t == threading.main_thread().name for _, t in checks), checks
-    assert "residual_norm" in {k for k, _ in checks}, checks
+    assert checks == [threading.main_thread().name], checks  # the first step checked them
+    assert "residual_norm" in {k[0] for k in verdicts} and all(ok for ok, _ in verdicts.values()), verdicts
     np.testing.assert_allclose(got, truth, rtol=1e-4, atol=1e-4)
     dispatch.reset()
 

@@ -1108,6 +1108,44 @@ def test_good_kernel_checked_once_and_no_sync_on_hot_path(monkeypatch):
     assert len(calls) == 2
 
 
+def test_check_all_passes_the_passing_checks_together_and_the_rest_alone(monkeypatch):
+    """``check_all`` (a decode step's kernels before its trace) passes the checks that pass in one
+    evaluation; a kernel with values off, one that raises and one that takes a block counter (two
+    such launches in one of MLX's CUDA graphs may overlap) are checked alone, by ``self_check``,
+    which says why one failed; the verdicts are the ones a check alone gives."""
+    monkeypatch.setenv(dispatch.ENV_VAR, "auto")
+    monkeypatch.setattr(dispatch, "_block_counters", {})  # this test's counter goes with it
+    alone = []
+    real = dispatch.self_check
+    monkeypatch.setattr(dispatch, "self_check", lambda name, key, *rest: (alone.append(name), real(name, key, *rest))[1])
+
+    def reference(x):
+        return [x * 2, x + 1]
+
+    def counting(x):
+        assert dispatch.block_counter("test-counter", 4) is not None
+        return reference(x)
+
+    def raising(x):
+        raise RuntimeError("no such launch")
+
+    kernels = {"good_a": reference, "good_b": lambda x: [2 * x, 1 + x], "good_c": reference,
+               "off": lambda x: [x * 2, x + 1.5], "raising": raising, "counting": counting}
+    needed = [(name, (name, "cuda", i), reference, kernel, lambda key: (mx.arange(8, dtype=mx.float32),), (i,))
+              for i, (name, kernel) in enumerate(kernels.items())]
+    dispatch.reset()
+    with dispatch.force_backend("cuda"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dispatch.check_all(needed + needed[:2])  # a class met twice is checked once
+    verdicts = {k[0]: v for k, v in dispatch.verdicts().items()}
+    assert sorted(alone) == ["counting", "off", "raising"], alone
+    assert verdicts["good_a"] == verdicts["good_b"] == verdicts["good_c"] == verdicts["counting"] == (True, "")
+    assert not verdicts["off"][0] and "8/8 values off" in verdicts["off"][1], verdicts["off"]
+    assert not verdicts["raising"][0] and "no such launch" in verdicts["raising"][1], verdicts["raising"]
+    assert sorted(str(w.message).split("'")[1] for w in caught) == ["off", "raising"]
+    dispatch.reset()
+
+
 def test_unsupported_shapes_use_reference_silently(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "strict")
     boom = lambda *a: (_ for _ in ()).throw(AssertionError("kernel called"))  # noqa: E731

@@ -476,16 +476,19 @@ def _make_constant(seq: tuple, dtype, via, device) -> mx.array:
 
 
 _block_counters: dict = {}
+_counters_handed = 0  # block_counter's calls that handed a counter out (see _check_together)
 
 
 def block_counter(owner: str, slots: int) -> mx.array | None:
     """``owner``'s int32 counters (``slots`` of them) for the current stream, or None where they
     cannot be made now. The kernels whose last block to finish does a launch's final step
     (attention's fused form, the matvecs' closing forms) count their blocks in them and leave
-    them zero, so one array serves every launch of a stream: one stream's launches run in turn
-    (in MLX's CUDA graphs too: each of these launches reads what the one before wrote), while two
-    streams' could overlap. Made and evaluated once, outside any trace (the self-check runs before
-    the decode step is traced)."""
+    them zero, so one array serves every launch of a stream whose launches run in turn. Within one
+    of MLX's CUDA graphs launches are ordered by their data only (backend/cuda/device.cpp): in the
+    decode step each launch that counts takes the output of the one before (the residual stream), and
+    :func:`_check_together` keeps such kernels out of its joint evaluation; two streams' launches
+    could overlap, hence a counter a stream. Made and evaluated once, outside any trace (the
+    self-check runs before the decode step is traced)."""
     key = (owner, str(mx.default_stream(mx.default_device())))
     counter = _block_counters.get(key)
     if counter is None:
@@ -495,6 +498,8 @@ def block_counter(owner: str, slots: int) -> mx.array | None:
         except ValueError:  # inside a transformation
             return None
         _block_counters[key] = counter
+    global _counters_handed
+    _counters_handed += 1
     return counter
 
 
@@ -508,9 +513,8 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def compare(out, ref) -> str | None:
-    """None if ``out`` matches ``ref`` within the dtype tolerance, else why not."""
-    outs, refs = _as_list(out), _as_list(ref)
+def _layout_mismatch(outs: list, refs: list) -> str | None:
+    """Why ``outs`` cannot match ``refs`` whatever their values (count, shapes, dtypes), or None."""
     if len(outs) != len(refs):
         return f"{len(outs)} outputs, expected {len(refs)}"
     for i, (o, r) in enumerate(zip(outs, refs)):
@@ -518,10 +522,27 @@ def compare(out, ref) -> str | None:
             return f"output {i}: shape {tuple(o.shape)}, expected {tuple(r.shape)}"
         if o.dtype != r.dtype:
             return f"output {i}: dtype {o.dtype}, expected {r.dtype}"
-        atol, rtol = TOLERANCES.get(r.dtype, (1e-4, 1e-4))
+    return None
+
+
+def _off(o: mx.array, r: mx.array) -> tuple[mx.array, mx.array]:
+    """(where ``o`` is off ``r`` beyond the dtype tolerance, or NaN; as float32) and its count, lazy."""
+    atol, rtol = TOLERANCES.get(r.dtype, (1e-4, 1e-4))
+    o32, r32 = o.astype(mx.float32), r.astype(mx.float32)
+    bad = mx.logical_not(mx.abs(o32 - r32) <= atol + rtol * mx.abs(r32))
+    return bad, mx.sum(bad)
+
+
+def compare(out, ref) -> str | None:
+    """None if ``out`` matches ``ref`` within the dtype tolerance, else why not."""
+    outs, refs = _as_list(out), _as_list(ref)
+    why = _layout_mismatch(outs, refs)
+    if why:
+        return why
+    for i, (o, r) in enumerate(zip(outs, refs)):
         o32, r32 = o.astype(mx.float32), r.astype(mx.float32)
-        bad = mx.logical_not(mx.abs(o32 - r32) <= atol + rtol * mx.abs(r32))
-        nbad = int(mx.sum(bad).item())
+        bad, count = _off(o, r)
+        nbad = int(count.item())
         if nbad:
             err = float(mx.max(mx.where(bad, mx.abs(o32 - r32), 0)).item())
             return f"output {i}: {nbad}/{o.size} values off (max err {err:g}, or NaN)"
@@ -616,13 +637,52 @@ def prefetch(needed: Sequence[tuple]) -> None:
                     pass
 
 
+def _check_together(todo: Sequence[tuple]) -> None:
+    """Pass the self-checks of ``todo`` (a dry run's collection) that pass, in one evaluation and one
+    read: one at a time each is two round trips to the GPU (the outputs, then the count of values
+    off), ~7 ms a kernel class on the H200 before E2B's first token (session 25's profile). Left to
+    :func:`_check` (one at a time, which says why one fails): a check whose kernel or reference
+    raises, one with values off, one whose kernel takes a block counter (two such launches in one
+    evaluation may overlap in MLX's CUDA graph, which orders launches only by their data, and
+    share the counter), and all of them when the joint evaluation raises."""
+    counts, checked = [], {}  # key -> how many outputs (its counts, in order)
+    for name, key, reference, kernel, probe, class_key in todo:
+        if key in _verdicts or key in checked:
+            continue
+        handed = _counters_handed
+        try:
+            args = probe(class_key)
+            outs, refs = _as_list(kernel(*args)), _as_list(reference(*args))
+        except Exception:  # noqa: BLE001 - _check reports it
+            continue
+        if _counters_handed != handed or _layout_mismatch(outs, refs):
+            continue
+        counts += [_off(o, r)[1] for o, r in zip(outs, refs)]
+        checked[key] = len(outs)
+    if len(checked) < 2:
+        return
+    try:
+        off = mx.stack(counts).tolist()
+    except Exception:  # noqa: BLE001 - one launch failed: each alone says which
+        return
+    at = 0
+    for key, outputs in checked.items():
+        if not any(off[at:at + outputs]):
+            with _lock:
+                _verdicts.setdefault(key, (True, ""))
+        at += outputs
+
+
 def check_all(needed: Sequence[tuple]) -> None:
     """Self-check every kernel a dry run of the decode step collected (``strict`` raises on the
     first failure; ``auto`` warns once per kernel and shape class). Checks started ahead
-    (:func:`check_ahead`) are waited for; the builds of the rest run in parallel first."""
+    (:func:`check_ahead`) are waited for; the builds of the rest run in parallel first, then the
+    checks that pass are passed together (:func:`_check_together`) and the rest checked one at a
+    time."""
     mode = get_mode()
     wait_ahead()
     prefetch([n for n in needed if n[1] not in _verdicts])
+    _check_together(needed)
     seen = set()
     for name, key, reference, kernel, probe, class_key in needed:
         if key in seen:
