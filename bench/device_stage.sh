@@ -2,7 +2,8 @@
 # Stage MLX's CUDA wheel for the device calls (../shared/device/prepare), then split it again so that each
 # call's carry fits beside the working tree: a call may carry 64 MiB in all, tracked files included, and
 # the tree's results (docs/results) grow every session (session 25: 18.6 MB of tracked files on disk, so
-# prepare's 48 MiB first half no longer fit). Run from the repository root; then the two calls as README there says.
+# prepare's 48 MiB first half no longer fit; session 26 archived sessions 1-21's results, 17.7 -> 9.2 MB on disk, see
+# docs/results/README.md). Run from the repository root; then the two calls as README there says.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
