@@ -313,10 +313,11 @@ PY
             # step's per-token integers in device memory; on by default on CUDA since session 26): the decode parity
             # tests (the compiled-against-eager ones included), then the step with and without it, E2B bf16 /
             # 4-bit and 26B-A4B 4-bit (~5 min)
-    parity constcheck 200 tests/test_decode.py tests/test_kernels.py \
+    parity constcheck 300 tests/test_decode.py tests/test_kernels.py \
       -k "compiled or closing or matvec_close or moe or device_constants"
     for pq in "e2b 0" "e2b 4" "26b-a4b 4"; do
-      CONFIGS="stock,ours,ours -device constants" ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${CONST_S:-100} \
+      # the step graphs too (STEP_DOT): where 26B-A4B's 181 Reshapes a step come from, read here offline
+      STEP_DOT="$OUT/dots-${pq// /-q}" CONFIGS="stock,ours,ours -device constants" ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${CONST_S:-100} \
         python3 bench/ablate.py $pq 2>&1 | tail -9 | tee "$OUT/constants-${pq// /-q}.txt"
     done ;;
   capture)  # session 26: a fresh `gemma4-mlx generate` of E2B bf16 died in its first run with "cudaStreamEndCapture
