@@ -526,7 +526,7 @@ def _layout_mismatch(outs: list, refs: list) -> str | None:
 
 
 def _off(o: mx.array, r: mx.array) -> tuple[mx.array, mx.array]:
-    """(where ``o`` is off ``r`` beyond the dtype tolerance, or NaN; as float32) and its count, lazy."""
+    """Where ``o`` is off ``r`` beyond the dtype tolerance (or NaN), and how many such values: lazy."""
     atol, rtol = TOLERANCES.get(r.dtype, (1e-4, 1e-4))
     o32, r32 = o.astype(mx.float32), r.astype(mx.float32)
     bad = mx.logical_not(mx.abs(o32 - r32) <= atol + rtol * mx.abs(r32))
@@ -540,11 +540,10 @@ def compare(out, ref) -> str | None:
     if why:
         return why
     for i, (o, r) in enumerate(zip(outs, refs)):
-        o32, r32 = o.astype(mx.float32), r.astype(mx.float32)
         bad, count = _off(o, r)
         nbad = int(count.item())
         if nbad:
-            err = float(mx.max(mx.where(bad, mx.abs(o32 - r32), 0)).item())
+            err = float(mx.max(mx.where(bad, mx.abs(o.astype(mx.float32) - r.astype(mx.float32)), 0)).item())
             return f"output {i}: {nbad}/{o.size} values off (max err {err:g}, or NaN)"
     return None
 
