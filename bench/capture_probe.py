@@ -20,6 +20,8 @@ again (every op captured), while a helper thread does one kind of the checks' wo
              first launch of a kernel class does)
   free       large arrays made and dropped (the allocator's frees)
   sync       ``mx.synchronize()`` on the helper's stream
+  constants  the package's device constants (``dispatch.constant``): a new value each time, made on
+             the constants' own thread while the helper waits for it
   checks     the package's own: ``dispatch.check_ahead`` on a kernel-shaped tiny model's step kernels
   none       no helper (the control)
 
@@ -32,7 +34,7 @@ import sys
 import threading
 import time
 
-CASES = ("none", "ops", "matmul", "read", "host", "kernel", "free", "sync", "checks")
+CASES = ("none", "ops", "matmul", "read", "host", "kernel", "free", "sync", "constants", "checks")
 MAIN_SECONDS = 6.0  # the main thread's evaluations, the helper running from the first few on
 
 
@@ -65,6 +67,10 @@ def _helper(case: str, stop: threading.Event) -> None:
         elif case == "sync":
             mx.eval(mx.ones((16,)) * n)
             mx.synchronize()
+        elif case == "constants":
+            from gemma4_mlx.kernels import dispatch
+
+            mx.eval(dispatch.constant(float(n), mx.float32) + 1)
         time.sleep(0.001)
 
 
