@@ -51,6 +51,7 @@ def _cases():
         yield ple.ple_combine_kernel, ple._probe_combine((dt, dt, 256, 35))
         yield ple.ple_gate_kernel, ple._probe_gate((dt, dt))
         yield ple.geglu_joined_kernel, ple._probe_joined((dt,))
+        yield ple.geglu_rows_kernel, ple._probe_rows((dt, "rows", 704))
         for form in (0, 1, 2):
             yield _m["scalar"].scale_kernel, _m["scalar"]._probe((dt, form))
         for scaled, nxt in ((True, True), (False, False)):
@@ -135,7 +136,8 @@ def test_every_kernel_body_compiles_when_seeding_mlx_cache(fresh_builds, tmp_pat
 
 
 def test_a_compile_error_carries_the_nvrtc_log(fresh_builds):
-    broken = dispatch.body("ple_gate").replace("static_cast<float>", "static_cats<float>", 1)
+    # a line every form compiles (the first cast is in the rows form's branch)
+    broken = dispatch.body("ple_gate").replace("const float gl =", "const float gl = static_cats<float>(0) +", 1)
     with dispatch.force_backend("cuda"), dispatch.override_body("ple_gate", broken), cuda_build.prefetch():
         K.ple_gate_kernel(*_m["ple"]._probe_gate(("mlx.core.bfloat16", "mlx.core.bfloat16")))
     (future,) = list(cuda_build._builds.values())

@@ -450,6 +450,26 @@ def test_ple_gate_strided_views(emulated, B, L, P):
            f"geglu bf16 {B, L, P}", atol=1e-2)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 8, 1, 704), (2, 3, 4, 1, 96), (5, 2100), (1, 1, 2, 1, 6144)])
+def test_geglu_rows_form_takes_any_rank(emulated, shape):
+    """The GeGLU's rows form over the MoE experts' (B, L, k, 1, P) outputs as they come (no Reshape on
+    either side), other ranks, ragged last blocks, bf16; a strided input is made contiguous by MLX
+    first (the form asks for row-contiguous inputs); ``ple.geglu`` takes it for any rank but 3."""
+    from gemma4_mlx.kernels import dispatch, ple
+    gate, up = _rnd(shape, 45, 2.0), _rnd(shape, 46)
+    got = ple.geglu_rows_kernel(gate, up)
+    assert got.shape == gate.shape
+    _close(got, ple.ple_gate_reference(gate, up), f"rows {shape}")
+    bf, bu = gate.astype(mx.bfloat16), up.astype(mx.bfloat16)
+    _close(ple.geglu_rows_kernel(bf, bu), ple.ple_gate_reference(bf, bu), f"rows bf16 {shape}", atol=1e-2)
+    wide = _rnd((*shape[:-1], 2 * shape[-1]), 47, 2.0)
+    half = wide[..., shape[-1]:]  # a strided view: every row a stride of 2P
+    _close(ple.geglu_rows_kernel(half, up), ple.ple_gate_reference(half, up), f"rows strided {shape}")
+    assert ple._rows_class(gate, up) == (str(gate.dtype), "rows", shape[-1])
+    assert ple._rows_class(gate.reshape(1, -1, shape[-1]), up.reshape(1, -1, shape[-1])) is None  # rank 3
+    dispatch.reset()
+
+
 @pytest.mark.parametrize("B,L,P", [(1, 1, 96), (2, 3, 2100), (1, 1, 6144)])
 def test_geglu_joined_reads_both_halves(emulated, B, L, P):
     """The GeGLU of a joined gate/up product (B, L, 2P) in one kernel: the halves as the Split gives

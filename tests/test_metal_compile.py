@@ -120,6 +120,7 @@ def _launches():
         g = mx.zeros((1, 2, 256), dt)
         out.append((f"ple_gate {dt}", ple.ple_gate_kernel, (g, mx.zeros((1, 2, 4, 256), dt)[:, :, 1, :])))
         out.append((f"geglu_joined {dt}", ple.geglu_joined_kernel, (mx.zeros((1, 1, 512), dt),)))
+        out.append((f"geglu rows {dt}", ple.geglu_rows_kernel, (mx.zeros((1, 1, 8, 1, 704), dt),) * 2))
         for form in (0, 1, 2):
             out.append((f"scale {dt} form={form}", lambda x, y, s, form=form: scalar.scale_kernel(x, y, s, form),
                         (mx.zeros((1, 1, 1536), dt), mx.zeros((1, 1, 1536), dt), mx.ones((1,), dt))))

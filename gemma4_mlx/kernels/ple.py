@@ -88,6 +88,23 @@ def ple_gate_kernel(gate, per_layer_input):
     )[0]
 
 
+def geglu_rows_kernel(gate, up):
+    """``gelu_tanh(gate) * up`` over row-contiguous inputs of any rank, ``gate``'s shape out: the
+    MoE experts' (B, L, k, 1, P) outputs without a Reshape on either side (three primitives a
+    layer that the decode step would replay at every token)."""
+    P = gate.shape[-1]
+    k = dispatch.get_kernel("ple_gate", ["gate", "pli"], ["out"], defines=[("ROWS", 1)], variant="rows")
+    return k(
+        inputs=[gate, up],
+        template=[("T", gate.dtype), ("PW", P)],
+        grid=(ceil_to(P, TG), gate.size // P, 1),
+        threadgroup=(TG, 1, 1),
+        output_shapes=[gate.shape],
+        output_dtypes=[gate.dtype],
+        **dispatch.init_kwargs(),
+    )[0]
+
+
 def geglu_joined_kernel(joined):
     P = joined.shape[2] // 2
     k = dispatch.get_kernel("ple_gate", ["gate"], ["out"], ensure_row_contiguous=False, defines=[("JOINED", 1)],
@@ -148,6 +165,10 @@ def geglu(gate: mx.array, up: mx.array, *, fallback=None) -> mx.array:
     rank than 3 (the MoE's experts) go through as (1, -1, width)."""
     shape = gate.shape
     fallback = fallback or ple_gate_reference
+    rows_key = _rows_class(gate, up)
+    if rows_key is not None:
+        return dispatch.run("geglu", rows_key, ple_gate_reference, geglu_rows_kernel, _probe_rows, gate, up,
+                            fallback=fallback)
     if gate.ndim != 3 and tuple(up.shape) == tuple(shape) and gate.ndim >= 1:
         g3, u3 = gate.reshape(1, -1, shape[-1]), up.reshape(1, -1, shape[-1])
         return geglu(g3, u3, fallback=lambda *_: fallback(gate, up).reshape(g3.shape)).reshape(shape)
@@ -181,6 +202,24 @@ def _gate_class(gate: mx.array, other: mx.array):
             and other.dtype in _FLOATS and gate.shape[0] <= 65535 and gate.shape[1] <= 65535):
         return (str(gate.dtype), str(other.dtype))
     return None
+
+
+ROWS_MAX = 65535  # the launch grid's y on CUDA: a row a block row
+
+
+def _rows_class(gate: mx.array, up: mx.array):
+    """The rows form's class (dtype, "rows", P) for inputs of another rank than 3 (the MoE's experts),
+    or None: one shape and dtype, at most :data:`ROWS_MAX` rows."""
+    if (gate.ndim != 3 and gate.ndim >= 1 and tuple(up.shape) == tuple(gate.shape) and up.dtype == gate.dtype
+            and gate.dtype in _FLOATS and gate.size > 0 and gate.size // gate.shape[-1] <= ROWS_MAX):
+        return (str(gate.dtype), "rows", gate.shape[-1])
+    return None
+
+
+def _probe_rows(key):
+    """(B, L, k, 1, P) experts' outputs, the shape the decode step gives the rows form."""
+    dt, P = dispatch.dtype_from_key(key[0]), key[2]
+    return (dispatch.probe_normal((1, 2, 3, 1, P), 34, dt, 2.0), dispatch.probe_normal((1, 2, 3, 1, P), 35, dt))
 
 
 def _probe_gate(key):

@@ -1,0 +1,115 @@
+"""The compiled decode step's graph as a GPU would run it, counted on the CPU (session 26).
+
+On a GPU the step is mostly our kernels plus the views and MLX ops around them (Reshape, Slice,
+ExpandDims, ...); each is a primitive that MLX replays and evaluates at every token, host time
+that bounds a MoE step (26B-A4B's host records ~5 ms of a ~9 ms step). Here the backend is forced
+to CUDA and every kernel that would launch is replaced by a stand-in of one primitive (a
+``Depends`` on its inputs, zeros of the reference's output shapes), so the graph keeps what the
+GPU's holds around the kernels, less what a kernel's own wrapper adds. The model is the preset's
+layer plan at small widths (kernel-supported head dims), so the counts are the preset's.
+
+    python bench/step_glue.py [preset] [q4] [--pattern NAME ...] [--dot FILE]
+
+prints the primitives by count; ``--pattern Reshape`` lists each Reshape's producer and consumers
+by count (where the views come from).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import os
+import re
+
+os.environ.setdefault("GEMMA4_MLX_COMPILE", "1")
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+
+from gemma4_mlx.config import parse_config  # noqa: E402
+from gemma4_mlx.kernels import dispatch  # noqa: E402
+from gemma4_mlx.model import Model  # noqa: E402
+from gemma4_mlx.presets import preset_config  # noqa: E402
+
+SMALL = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=64, vocab_size=512, num_attention_heads=2,
+             num_key_value_heads=1, head_dim=256, global_head_dim=512, num_global_key_value_heads=1,
+             hidden_size_per_layer_input=16, vocab_size_per_layer_input=512)
+
+
+def standin_run(name, class_key, reference, kernel, probe, *args, fallback=None):
+    """``dispatch.run`` with each kernel that would launch replaced by one primitive."""
+    other = fallback or reference
+    if (dispatch.get_mode() == "off" or class_key is None or dispatch.is_disabled(name)
+            or dispatch.active_backend() is None):
+        return other(*args)
+    ref = reference(*args)
+    outs = list(ref) if isinstance(ref, (list, tuple)) else [ref]
+    made = mx.depends([mx.zeros(o.shape, o.dtype) for o in outs], [a for a in args if isinstance(a, mx.array)])
+    return made if isinstance(ref, (list, tuple)) else made[0]
+
+
+def step_dot(preset: str, quantized: bool) -> str:
+    cfg = preset_config(preset)
+    cfg.update({k: v for k, v in SMALL.items() if k in cfg})
+    model = Model(parse_config(cfg))
+    if quantized:  # as mlx-community's 4-bit checkpoints: the router stays at 8 bits there, here unquantized
+        nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized")
+                    and "router" not in p and m.weight.shape[-1] % 32 == 0)
+    mx.eval(model.parameters())
+    dispatch.run = standin_run
+    with dispatch.force_backend("cuda"):
+        cache = model.make_cache()
+        mx.eval(model(mx.array([[1, 2, 3, 4, 5, 6, 7, 8]]), cache=cache))
+        for _ in range(3):
+            mx.eval(model(mx.array([[3]]), cache=cache))
+        out = model(mx.array([[4]]), cache=cache)
+        f = io.StringIO()
+        mx.export_to_dot(f, out, *[a for c in cache if getattr(c, "keys", None) is not None for a in (c.keys, c.values)])
+    return f.getvalue()
+
+
+def patterns(dot: str, target: str) -> collections.Counter:
+    """(producers of the inputs, consumers of the outputs) of each ``target`` primitive, by count."""
+    labels = dict(re.findall(r'\{ (\d+) \[label ="([^"]+)"', dot))
+    producer, consumers, inputs = {}, collections.defaultdict(list), collections.defaultdict(list)
+    for a, b in re.findall(r'(\S+) -> (\S+)\n', dot):
+        a, b = a.strip('"'), b.strip('"')
+        if a in labels:
+            producer[b] = a
+        else:
+            consumers[a].append(b)
+            inputs[b].append(a)
+    outputs = collections.defaultdict(list)
+    for arr, p in producer.items():
+        outputs[p].append(arr)
+    found = collections.Counter()
+    for p, label in labels.items():
+        if label == target:
+            ins = tuple(labels.get(producer.get(a), "input") for a in inputs[p])
+            outs = tuple(sorted({labels.get(c) for a in outputs[p] for c in consumers[a]}))
+            found[(ins, outs)] += 1
+    return found
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("preset", nargs="?", default="26b-a4b")
+    ap.add_argument("q4", nargs="?", default="", help="q4: 4-bit weights")
+    ap.add_argument("--pattern", action="append", default=[], help="a primitive to trace (repeatable)")
+    ap.add_argument("--dot", help="write the graph here")
+    args = ap.parse_args()
+    dot = step_dot(args.preset, args.q4 == "q4")
+    if args.dot:
+        with open(args.dot, "w") as f:
+            f.write(dot)
+    names = re.findall(r'label ="([A-Za-z_0-9]+)', dot)
+    print(f"{args.preset} {args.q4 or 'float32'}: {len(names)} primitives a step ('Depends': a kernel launch)")
+    print(", ".join(f"{k} {n}" for k, n in collections.Counter(names).most_common(20)))
+    for target in args.pattern:
+        print(f"{target}: (producers) -> (consumers)")
+        for (ins, outs), n in patterns(dot, target).most_common(12):
+            print(f"  {n:4d}  {', '.join(ins)} -> {', '.join(outs)}"[:200])
+
+
+if __name__ == "__main__":
+    main()
