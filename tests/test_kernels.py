@@ -798,6 +798,23 @@ def test_scale_kernel_forms(shape, dtype):
     assert_close(K.geglu_joined_kernel(joined), K.geglu_joined_reference(joined), dtype, "geglu joined")
 
 
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(1, 1, 8, 1, 704), (2, 3, 4, 1, 2112), (5, 300), (1, 1, 2, 1, 7)])
+def test_geglu_rows_form(shape, dtype):
+    """The GeGLU's rows form (the MoE experts' (B, L, k, 1, P) outputs without Reshapes) against the
+    reference: other ranks, ragged last blocks, and a strided input (made contiguous by MLX first);
+    ``geglu`` takes it for any rank but 3, NaN-poisoned outputs included."""
+    from gemma4_mlx.kernels import ple
+
+    gate, up = rnd(shape, dtype, 2.0), rnd(shape, dtype)
+    assert_close(ple.geglu_rows_kernel(gate, up), K.ple_gate_reference(gate, up), dtype, "geglu rows")
+    half = rnd((*shape[:-1], 2 * shape[-1]), dtype, 2.0)[..., shape[-1]:]
+    assert_close(ple.geglu_rows_kernel(half, up), K.ple_gate_reference(half, up), dtype, "geglu rows strided")
+    with dispatch.kernels_mode("strict"):
+        assert_close(K.geglu(gate, up), K.ple_gate_reference(gate, up), dtype, "geglu rows dispatched")
+
+
 def test_scale_reference_is_the_op_sequence():
     """The reference (the self-check's oracle) is, bit for bit, what the model runs where the
     kernel does not: ops.scaled's MLX ops and the compiled soft-cap."""
