@@ -18,7 +18,10 @@
 #   3. `captureprobe` (~2 min): which kind of work on a second thread breaks the main thread's capture (host reads,
 #      host arrays, module loads, frees, syncs, the package's own checks); then `capture` (~4 min): 0 deaths with
 #      the defaults (the builds, not the checks, start at load again). A fix for the checks follows from the probe.
-#   4. `constants` again for a second 26B-A4B run (1.55x rests on one process a side).
+#   4. `constants` again for a second 26B-A4B run (1.55x rests on one process a side), now also with the MoE GeGLU's
+#      rows form (90 Reshapes fewer a step, written on the CPU this session: `check` runs its parity; `ours -geglu`
+#      in an ablation shows the form's effect together with the kernel's). bench/step_glue.py counts a step's views
+#      on the CPU (ExpandDims / Squeeze around the experts: 60 more a 26B-A4B step).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
