@@ -422,7 +422,9 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
         assert forms == {(False, True), (False, False), (True, True)}, verdicts
     else:  # o with the next norm; the tiny 31B's down projection scaled, with the next norm
         assert (False, True) in forms and (family.startswith("tiny-moe") or (True, True) in forms), verdicts
-    if family.startswith("tiny-moe"):  # every form of both: the router's and experts' inputs, the close with the mixture
+    if family.startswith("tiny-moe"):  # every form of both: the router's and experts' inputs, the close with the mixture;
+        # the experts' GeGLU in its rows form (their outputs as they come)
+        assert any(k[0] == "geglu" and "rows" in k for k in verdicts), verdicts
         assert {("norm_pair", 0), ("norm_pair", 0 if in_place else 2), ("moe_topk", None)} <= {
             (k[0], k[-2] if k[0] == "norm_pair" else None) for k in verdicts}, verdicts
     if family.endswith("looped"):  # the prologue forms ran, and their classes loop
