@@ -38,10 +38,8 @@ SMALL = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=64, v
 
 def standin_run(name, class_key, reference, kernel, probe, *args, fallback=None):
     """``dispatch.run`` with each kernel that would launch replaced by one primitive."""
-    other = fallback or reference
-    if (dispatch.get_mode() == "off" or class_key is None or dispatch.is_disabled(name)
-            or dispatch.active_backend() is None):
-        return other(*args)
+    if dispatch.launch_backend(name, class_key) is None:
+        return (fallback or reference)(*args)
     ref = reference(*args)
     outs = list(ref) if isinstance(ref, (list, tuple)) else [ref]
     made = mx.depends([mx.zeros(o.shape, o.dtype) for o in outs], [a for a in args if isinstance(a, mx.array)])

@@ -569,6 +569,14 @@ def self_check(name: str, key: tuple, reference: Callable, kernel: Callable, pro
     return (why is None, why or "")
 
 
+def launch_backend(name: str, class_key: tuple | None) -> str | None:
+    """The backend :func:`run` would launch kernel ``name`` on for ``class_key``, or None where it
+    takes the fallback (kernels off, the kernel switched off, a shape it does not take, no GPU)."""
+    if get_mode() == "off" or class_key is None or is_disabled(name):
+        return None
+    return active_backend()
+
+
 def run(
     name: str,
     class_key: tuple | None,
@@ -589,10 +597,7 @@ def run(
     recorded for :func:`check_all` and the fallback's graph returned. Inside the traced step
     every kernel must have been checked already (checking evaluates arrays)."""
     other = fallback or reference
-    mode = get_mode()
-    if mode == "off" or class_key is None or is_disabled(name):
-        return other(*args)
-    backend = active_backend()
+    backend = launch_backend(name, class_key)
     if backend is None:
         return other(*args)
     kernel = _impl_override.get(name, kernel)
@@ -610,7 +615,7 @@ def run(
     ok, reason = verdict
     if ok:
         return kernel(*args)
-    _fail(name, key, reason, mode)
+    _fail(name, key, reason, get_mode())
     return other(*args)
 
 

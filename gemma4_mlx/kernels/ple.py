@@ -161,17 +161,12 @@ def ple_gate(gate: mx.array, per_layer_input: mx.array, *, fallback=None) -> mx.
 def geglu(gate: mx.array, up: mx.array, *, fallback=None) -> mx.array:
     """The MLP's ``gelu_tanh(gate) * up`` through the ple_gate kernel (its own switch, ``geglu``):
     the same op, so the same kernel, where MLX's fused GeGLU was the slowest JIT compile of a
-    fresh GPU machine's first run (8.5 s on the H200, session 11). Any rank: inputs of another
-    rank than 3 (the MoE's experts) go through as (1, -1, width)."""
-    shape = gate.shape
+    fresh GPU machine's first run (8.5 s on the H200, session 11). Inputs of another rank than 3
+    (the MoE's experts) take the kernel's rows form, as they come."""
     fallback = fallback or ple_gate_reference
-    rows_key = _rows_class(gate, up)
-    if rows_key is not None:
-        return dispatch.run("geglu", rows_key, ple_gate_reference, geglu_rows_kernel, _probe_rows, gate, up,
-                            fallback=fallback)
-    if gate.ndim != 3 and tuple(up.shape) == tuple(shape) and gate.ndim >= 1:
-        g3, u3 = gate.reshape(1, -1, shape[-1]), up.reshape(1, -1, shape[-1])
-        return geglu(g3, u3, fallback=lambda *_: fallback(gate, up).reshape(g3.shape)).reshape(shape)
+    if gate.ndim != 3:
+        return dispatch.run("geglu", _rows_class(gate, up), ple_gate_reference, geglu_rows_kernel, _probe_rows,
+                            gate, up, fallback=fallback)
     # (another dtype for up would promote MLX's product: that stays MLX's)
     key = _gate_class(gate, up) if up.dtype == gate.dtype else None
     return dispatch.run("geglu", key, ple_gate_reference, ple_gate_kernel, _probe_gate, gate, up, fallback=fallback)
@@ -209,7 +204,8 @@ ROWS_MAX = 65535  # the launch grid's y on CUDA: a row a block row
 
 def _rows_class(gate: mx.array, up: mx.array):
     """The rows form's class (dtype, "rows", P) for inputs of another rank than 3 (the MoE's experts),
-    or None: one shape and dtype, at most :data:`ROWS_MAX` rows."""
+    or None (MLX's ops then, as for the 3-D form's shapes it does not take): one shape and dtype, at
+    most :data:`ROWS_MAX` rows."""
     if (gate.ndim != 3 and gate.ndim >= 1 and tuple(up.shape) == tuple(gate.shape) and up.dtype == gate.dtype
             and gate.dtype in _FLOATS and gate.size > 0 and gate.size // gate.shape[-1] <= ROWS_MAX):
         return (str(gate.dtype), "rows", gate.shape[-1])
