@@ -335,7 +335,8 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
                  "GEMMA4_MLX_DEVICE_CONSTANTS=0"; do
       n=$((n + 1))
       (export MLX_PTX_CACHE_DIR=/root/cap/$n/ptx GEMMA4_MLX_CACHE=/root/cap/$n/ours $combo
-       timeout ${CAP_S:-60} gemma4-mlx generate --model /root/e2e/e2b-bfloat16-seed0 --prompt "$prompt" --max-tokens 64 \
+       # the module, not the console script: the staged wheel's setup does not put `gemma4-mlx` on PATH (rc 127)
+       timeout ${CAP_S:-60} python3 -m gemma4_mlx.cli generate --model /root/e2e/e2b-bfloat16-seed0 --prompt "$prompt" --max-tokens 64 \
          --temp 0 --no-chat-template > "$OUT/capture.$n.txt" 2>&1; echo "rc $?" >> "$OUT/capture.$n.txt")
       echo "== $n [${combo:-default}] $(tail -1 "$OUT/capture.$n.txt") $(grep -m1 -o "what().*" "$OUT/capture.$n.txt")"
     done ;;
