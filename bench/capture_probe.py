@@ -25,7 +25,11 @@ again (every op captured), while a helper thread does one kind of the checks' wo
   checks     the package's own: ``dispatch.check_ahead`` on a kernel-shaped tiny model's step kernels
   none       no helper (the control)
 
-    python bench/capture_probe.py [case ...]     (default: every case; prints one line a case)
+A case named ``<case>+main`` also has the main thread launch a new custom kernel every few
+evaluations (its module load inside the capture, as a fresh ``generate``'s prefill does while the
+checks run): session 27's first run of the plain cases died in none of them, the checks included.
+
+    python bench/capture_probe.py [case ...]     (default: every case, then each with +main; a line a case)
 """
 from __future__ import annotations
 
@@ -35,7 +39,19 @@ import threading
 import time
 
 CASES = ("none", "ops", "matmul", "read", "host", "kernel", "free", "sync", "constants", "checks")
+MAIN_KERNEL_EVERY = 25  # with ``+main``: the main thread's evaluations between its new kernels
 MAIN_SECONDS = 6.0  # the main thread's evaluations, the helper running from the first few on
+
+
+def _new_kernel(name: str, n: int):
+    """A custom kernel not launched before in this process (so its first launch loads a module)."""
+    import mlx.core as mx
+
+    # CUDA spells the index type out: the first run's ``uint`` did not compile (session 27)
+    k = mx.fast.cuda_kernel(name=f"capture_probe_{name}", input_names=["x"], output_names=["y"],
+                            source=f"unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; y[i] = x[i] + {n}.0f;")
+    return lambda x: k(inputs=[x], grid=(x.size, 1, 1), threadgroup=(min(x.size, 256), 1, 1),
+                       output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
 
 
 def _helper(case: str, stop: threading.Event) -> None:
@@ -55,12 +71,9 @@ def _helper(case: str, stop: threading.Event) -> None:
         elif case == "host":
             mx.eval(mx.array(np.full(20000, n, dtype=np.float32)) * 2)
         elif case == "kernel":
-            k = mx.fast.cuda_kernel(name=f"capture_probe_{n}", input_names=["x"], output_names=["y"],
-                                    source=f"uint i = threadIdx.x; y[i] = x[i] + {n}.0f;")
-            mx.eval(k(inputs=[mx.ones((32,))], grid=(32, 1, 1), threadgroup=(32, 1, 1),
-                      output_shapes=[(32,)], output_dtypes=[mx.float32])[0])
+            mx.eval(_new_kernel(f"helper_{n}", n)(mx.ones((32,))))
         elif case == "free":
-            big = mx.zeros((64 << 20,), dtype=mx.uint8) + n
+            big = mx.zeros((64 << 20,), dtype=mx.uint8) + (n % 256)  # a uint8 scalar: n itself overflows
             mx.eval(big)
             del big
             mx.clear_cache()
@@ -98,6 +111,7 @@ def _checks(stop: threading.Event) -> None:
 def one(case: str) -> None:
     import mlx.core as mx
 
+    case, plus_main = case.removesuffix("+main"), case.endswith("+main")
     stop = threading.Event()
     helper = None
     if case != "none":
@@ -115,6 +129,8 @@ def one(case: str) -> None:
         for _ in range(6):  # a few captured ops an evaluation: products, norms, an activation
             y = mx.fast.rms_norm(y @ w, None, 1e-6)
             y = mx.tanh(y) * y
+        if plus_main and i % MAIN_KERNEL_EVERY == 0:
+            y = _new_kernel(f"main_{i}", i)(y.astype(mx.float32)).astype(y.dtype)
         mx.eval(y)
     stop.set()
     if helper is not None:
@@ -126,10 +142,10 @@ def main(argv) -> int:
     if len(argv) >= 2 and argv[0] == "--one":
         one(argv[1])
         return 0
-    cases = argv or list(CASES)
+    cases = argv or [*CASES, *(f"{c}+main" for c in CASES)]
     for case in cases:
-        if case not in CASES:
-            print(f"unknown case {case!r}: one of {', '.join(CASES)}", file=sys.stderr)
+        if case.removesuffix("+main") not in CASES:
+            print(f"unknown case {case!r}: one of {', '.join(CASES)}, each also as <case>+main", file=sys.stderr)
             return 2
     for case in cases:
         t = time.perf_counter()
@@ -140,7 +156,7 @@ def main(argv) -> int:
             rc = p.returncode
         except subprocess.TimeoutExpired:
             rc, what = "timeout", ""
-        print(f"{case:8s} rc {rc!s:7s} {time.perf_counter() - t:6.1f} s  {what[:160]}", flush=True)
+        print(f"{case:14s} rc {rc!s:7s} {time.perf_counter() - t:6.1f} s  {what[:160]}", flush=True)
     return 0
 
 

@@ -341,7 +341,10 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
       echo "== $n [${combo:-default}] $(tail -1 "$OUT/capture.$n.txt") $(grep -m1 -o "what().*" "$OUT/capture.$n.txt")"
     done ;;
   captureprobe)  # session 26: which of the load-time checks' kinds of work, on a second thread, breaks the main
-                 # thread's graph capture (bench/capture_probe.py: a fresh process a case, ~10 s each)
+                 # thread's graph capture (bench/capture_probe.py: a fresh process a case, ~7 s each). Session 27:
+                 # none of the ten plain cases died (kernel and free were broken then: mended); the +main cases
+                 # (the main thread loading new kernels while it captures, as a prefill does) follow them
+                 # (~2.5 min for all twenty)
     timeout 400 python3 bench/capture_probe.py 2>&1 | tee "$OUT/captureprobe.txt" ;;
   kdetail)  # session 25: why E2B's slowest launches are slow (ncu sections, the step's first launches of each): attention
             # pass 1 on a sliding layer (15 us for 0.5 MB of cache), the closing down / PLE projections (16.7 / 8.9 us),
