@@ -7,21 +7,17 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 27): issue 14. One GPU is enough (nvidia-h200). Session 26 measured the scalars (a launch reading
-# one from MLX's pool of <= 8-byte arrays: 20.4 us against 2.7), switched device constants on (26B-A4B 4-bit step 1.33x
-# -> 1.55x, E2B 4-bit 1.98x -> 2.15x), found session 25's kernel checks at load breaking MLX's graph capture in a fresh
-# `generate` (5 of 5 died; off by default now, GEMMA4_MLX_CHECK_AHEAD=1 on) and ran no e2e. In this order:
-#   1. `check` (~7 min with a PTX cache a process; give it PARITY_S if shards time out): the defaults as they are now
-#      (device constants on, checks at the first step), the two mended tests among them.
-#   2. `NEW=128 RUNS=2 e2e` and `Q=4 ...`: E2B end to end with device constants (the 2.5x / 3x cells, the first token
-#      after load() with the checks back at the first step).
-#   3. `captureprobe` (~2 min): which kind of work on a second thread breaks the main thread's capture (host reads,
-#      host arrays, module loads, frees, syncs, the package's own checks); then `capture` (~4 min): 0 deaths with
-#      the defaults (the builds, not the checks, start at load again). A fix for the checks follows from the probe.
-#   4. `constants` again for a second 26B-A4B run (1.55x rests on one process a side), now also with the MoE GeGLU's
-#      rows form (90 Reshapes fewer a step, written on the CPU this session: `check` runs its parity; `ours -geglu`
-#      in an ablation shows the form's effect together with the kernel's). bench/step_glue.py counts a step's views
-#      on the CPU (ExpandDims / Squeeze around the experts: 60 more a 26B-A4B step).
+# Next visit (session 28): issue 14. One GPU is enough (nvidia-h200). Session 27's `check` passed (1,045 of 1,048, 3
+# skipped: device constants, the batched first-step checks, the GeGLU rows form), E2B end to end read 2.56x bf16 /
+# 1.82x 4-bit (stock's processes spread 72-116 tok/s), 6 fresh generates of 6 passed, and the steps are bound by the
+# host's recording (~4.2-4.4 ms for ~375 launching primitives; the GPU waits ~1.3 ms after it). In this order:
+#   1. `graphs` then `Q=4 graphs` (~6 min each): MLX's graph bounds (ops / MB a graph, no graphs) on a host-bound
+#      step; a setting that makes ours faster can be set by the CLI before MLX starts (docs/benchmarks.md, session 27).
+#   2. `NEW=128 RUNS=3 e2e` (and `Q=4 ...` if time): three warm runs a side; the 2.5x cell rested on one slow stock
+#      process of two.
+#   3. `constants` (~7 min: 26B-A4B 4-bit did not run in session 27, the call's limit came first; its 1.55x
+#      rests on one process a side; the GeGLU rows form is in it now).
+#   4. `captureprobe` (~2.5 min: the +main cases) and `loadprof` (ours' load() 1.13x / 1.27x stock's in session 27).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
@@ -175,13 +171,17 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       timeout 150 python3 bench/first_token.py $run /root/e2e/e2b-bfloat16-seed0 402 2048 2>&1 | tail -1 | tee -a "$OUT/cli.jsonl"
     done ;;
   graphs)   # how MLX records the step (env read once per process, so one process each, same visit):
-            # CUDA graphs of <= 100 ops (the H100/H200 default), one big graph, no graphs (plain
-            # stream launches: no per-node graph building, key hashing or exec update on the host)
-    export CONFIGS="stock,ours,ours kernels off" ROUNDS=3 STEPS=15
-    for setting in "default" "MLX_MAX_OPS_PER_BUFFER=2000 MLX_MAX_MB_PER_BUFFER=100000" "MLX_USE_CUDA_GRAPHS=0"; do
+            # CUDA graphs of <= 100 ops and <= 1,000 MB of inputs (the H100/H200 defaults), other bounds, no graphs
+            # (plain stream launches: no per-node graph building, key strings or exec update on the host).
+            # Session 5 found no lever (11.00 / 14.53 / 10.59 ms, an 11 ms step); session 27's steps are ~5 ms and
+            # bound by the host's recording (~8 us a launching primitive), so again, E2B (Q=4: 4-bit), ~6 min:
+            # MB bound alone (bf16 reads 4.5 GB a step: a commit about every 1,000 MB besides every 100 ops)
+    export CONFIGS="${CONFIGS:-stock,ours}" ROUNDS=${ROUNDS:-5} STEPS=15
+    for setting in "default" "MLX_USE_CUDA_GRAPHS=0" "MLX_MAX_MB_PER_BUFFER=100000" "MLX_MAX_OPS_PER_BUFFER=50" \
+        "MLX_MAX_OPS_PER_BUFFER=200 MLX_MAX_MB_PER_BUFFER=100000" "MLX_MAX_OPS_PER_BUFFER=2000 MLX_MAX_MB_PER_BUFFER=100000"; do
       echo "== $setting"
-      env $([ "$setting" = default ] || echo "$setting") timeout 150 python3 bench/ablate.py e2b 0 2>&1 | tail -5 \
-        | tee -a "$OUT/ablate-graphs.txt"
+      env $([ "$setting" = default ] || echo "$setting") timeout ${GRAPH_S:-80} python3 bench/ablate.py e2b ${Q:-0} 2>&1 \
+        | grep -E "^  (stock|ours) " | tee -a "$OUT/ablate-graphs.txt"
     done ;;
   kernels)  # micro-benchmarks vs the stock op sequences, then the decode-step ablations
     timeout 200 python3 bench/kernels.py --iters 30 > "$OUT/kernels.txt" 2>&1; head -120 "$OUT/kernels.txt"

@@ -185,6 +185,21 @@ def test_cold_start_bookkeeping_and_alternation(tmp_path):
     assert all("round 1" in ln and "qmv ('cuda', 4): mismatch" in ln for ln in fell_back)
 
 
+def test_report_gives_each_warm_process_decode_rate_and_the_ratio_range():
+    """The headline's median of a few processes hides their spread (session 27: stock's two bf16
+    processes decoded at 72 and 116 tok/s): the notes list each warm process and the range."""
+    def run(side, rnd, tps, cold=False):
+        return {"side": side, "new_tokens": 128, "round": rnd, "cold": cold, "decode_tps": tps}
+
+    runs = [run("stock", 0, 113.9, cold=True), run("ours", 0, 262.4, cold=True), run("ours", 1, 242.6),
+            run("stock", 1, 71.9), run("stock", 2, 116.3), run("ours", 2, 239.9)]
+    notes = e2e_report._decode_spread({"medians": {"ours": {"128": {}}}, "runs": runs})
+    assert notes == ["decode tok/s of each warm process (128 new tokens): stock 71.9, 116.3; ours 242.6, 239.9; "
+                     "ours/stock over the pairings 2.06x-3.37x"]
+    # a side without a warm rate (a run cut off) gives no line rather than a wrong range
+    assert e2e_report._decode_spread({"medians": {"ours": {"128": {}}}, "runs": runs[:3]}) == []
+
+
 # --- failures -------------------------------------------------------------------------------------
 
 def test_failing_side_is_reported_in_one_line(work, tiny_checkpoint, tmp_path):

@@ -73,6 +73,7 @@ def _notes(results: Dict[str, Any]) -> List[str]:
         verdict = {True: "no slower", False: "SLOWER", None: "unknown"}[o["no_slower"]]
         notes.append(f"ours' second fresh process: first token after {o['second_ttft_s']:.2f} s against "
                      f"{o['first_ttft_s']:.2f} s for its first ({verdict}; ratio {o['ratio']:.2f})")
+    notes += _decode_spread(results)
     tok = results["tokens"]
     same = ", ".join(f"{side} {'yes' if tok['consistent'][side]['same'] else 'NO'}" for side in SIDES)
     notes.append(f"same greedy tokens in every fresh process: {same}")
@@ -94,6 +95,22 @@ def _notes(results: Dict[str, Any]) -> List[str]:
     if short:
         notes.append("stopped early at an end id (rates compare what was generated): "
                      + ", ".join(f"{side} {n} -> {g}" for side, n, g in short))
+    return notes
+
+
+def _decode_spread(results: Dict[str, Any]) -> List[str]:
+    """Each warm process's decode rate per side and count, and the ratio's range over the pairings
+    (a median of two or three processes moves with one slow process of either side)."""
+    notes = []
+    for n in results["medians"]["ours"]:
+        rates = {side: [r["decode_tps"] for r in results["runs"] if r["side"] == side and not r.get("cold")
+                        and str(r["new_tokens"]) == str(n) and r.get("decode_tps")] for side in SIDES}
+        if not all(rates.values()):
+            continue
+        listed = "; ".join(f"{side} " + ", ".join(f"{v:,.1f}" for v in rates[side]) for side in SIDES)
+        low, high = min(rates["ours"]) / max(rates["stock"]), max(rates["ours"]) / min(rates["stock"])
+        notes.append(f"decode tok/s of each warm process ({n} new tokens): {listed}; ours/stock over the "
+                     f"pairings {low:.2f}x-{high:.2f}x")
     return notes
 
 
