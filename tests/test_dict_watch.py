@@ -1,0 +1,206 @@
+"""The decode step's tree snapshot, told of changes by CPython's dict watchers (gemma4_mlx/dict_watch.py).
+
+The snapshot is asked at every decode step; where dicts can be watched (CPython 3.12+) it looks
+only at the tree's lists while no watched dict changed. These tests check the watcher itself in
+this interpreter and under a 3.12+ one (CI's venv is 3.11: the pyenv interpreters on the image run
+it), and the snapshot's rule with a stand-in watcher (test_model_changes.py covers every way of
+changing a model, with whichever path this interpreter has)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from gemma4_mlx import decode, dict_watch
+
+WATCH_FILE = Path(dict_watch.__file__)
+
+# what a 3.12+ interpreter runs with the module loaded by path (it imports nothing of the package)
+SCRIPT = r"""
+import gc, importlib.util, sys
+spec = importlib.util.spec_from_file_location("dict_watch", sys.argv[1])
+dw = importlib.util.module_from_spec(spec); spec.loader.exec_module(dw)
+class Module(dict):  # as mlx.nn.Module: a dict subclass
+    pass
+m, other = Module(a=1), {"x": 1}
+assert dw.watch(m) and dw.unavailable_reason() is None
+e = dw.events(); other["y"] = 2
+assert dw.events() == e, "an unwatched dict counted"
+e = dw.events(); m["b"] = 2; m["a"] = 3; del m["b"]; m.update(c=4); m.setdefault("d", 5); m.pop("d"); m.clear()
+assert dw.events() - e == 7, dw.events() - e
+e = dw.events(); del m; gc.collect()
+assert dw.events() - e == 1, "its deallocation"
+class Layer:
+    def __init__(self):
+        self.scale = 1.0
+layer = Layer()
+if dw.counts_attribute_writes():  # then a write to a watched vars() dict must be counted
+    assert dw.watch(vars(layer))
+    e = dw.events(); layer.scale = 2.0; layer.extra = 1
+    assert dw.events() - e == 2
+left = Module(z=1); dw.watch(left)  # still watched at exit: the watcher is cleared before teardown
+print("watched", dw.counts_attribute_writes())
+"""
+
+
+def _interpreters_312() -> list:
+    """CPython 3.12+ interpreters that run here (pyenv's shims name versions they may refuse)."""
+    candidates = [sys.executable] + [shutil.which(n) for n in ("python3.12", "python3.13")]
+    pyenv = os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))
+    candidates += sorted(glob.glob(f"{pyenv}/versions/3.1[2-9]*/bin/python3"))
+    found = []
+    for python in dict.fromkeys(c for c in candidates if c):
+        try:
+            r = subprocess.run([python, "-c", "import sys; print(sys.implementation.name, sys.version_info >= (3, 12))"],
+                               capture_output=True, text=True, timeout=30)
+        except OSError:
+            continue
+        if r.returncode == 0 and r.stdout.split() == ["cpython", "True"]:
+            found.append(python)
+    return found
+
+
+def test_the_watcher_in_this_interpreter():
+    class Module(dict):
+        pass
+
+    m = Module(a=1)
+    if sys.version_info >= (3, 12) and sys.implementation.name == "cpython":
+        assert dict_watch.watch(m) and dict_watch.unavailable_reason() is None
+        e = dict_watch.events()
+        m["a"] = 2
+        assert dict_watch.events() == e + 1
+    else:  # nothing counted, and the snapshot compares as before
+        assert not dict_watch.watch(m)
+        assert "3.12" in dict_watch.unavailable_reason()
+        e = dict_watch.events()
+        m["a"] = 2
+        assert dict_watch.events() == e
+
+
+@pytest.mark.parametrize("python", _interpreters_312() or [None])
+def test_the_watcher_under_python_312_or_later(python):
+    if python is None:
+        pytest.skip("no CPython 3.12+ interpreter on this machine")
+    r = subprocess.run([python, "-c", SCRIPT, str(WATCH_FILE)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.split()[0] == "watched", r.stdout + r.stderr
+
+
+def test_the_switch_turns_it_off():
+    code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('w', sys.argv[1]); "
+            "w = importlib.util.module_from_spec(s); s.loader.exec_module(w); print(w.watch({}), w.unavailable_reason())")
+    for python in _interpreters_312()[:1] or [sys.executable]:
+        r = subprocess.run([python, "-c", code, str(WATCH_FILE)], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, dict_watch.ENV: "0"})
+        assert r.stdout.strip() == f"False {dict_watch.ENV}=0", r.stdout + r.stderr
+
+
+class _Scaled(nn.Module):
+    """A module from outside MLX and this package (its settings are compared)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.scale = 2.0
+
+
+class _Tree(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = [nn.Linear(4, 4), _Scaled()]
+        self.norm = nn.RMSNorm(4)
+
+
+@pytest.fixture
+def stand_in_watcher(monkeypatch):
+    """Every dict 'watched'; changes counted only where the test says so; attribute writes not
+    counted (as CPython 3.13): the snapshot looks at the attributes itself."""
+    count = [0]
+    monkeypatch.setattr(dict_watch, "watch", lambda d: True)
+    monkeypatch.setattr(dict_watch, "events", lambda: count[0])
+    monkeypatch.setattr(dict_watch, "counts_attribute_writes", lambda: False)
+    return count
+
+
+def test_snapshot_where_attribute_writes_are_counted(stand_in_watcher, monkeypatch):
+    """As CPython 3.12: the attributes are watched too, so a setting is seen through the count."""
+    monkeypatch.setattr(dict_watch, "counts_attribute_writes", lambda: True)
+    tree = _Tree()
+    snap = decode.TreeSnapshot(tree)
+    assert snap._attributes_watched and not snap._looked_at
+    tree.layers[1].scale = 3.0
+    stand_in_watcher[0] += 1  # what CPython 3.12 reports for that write
+    assert not snap.current()
+    tree.layers[1].scale = 2.0 + 0.0  # an equal value again: current once more
+    stand_in_watcher[0] += 1
+    assert snap.current()
+
+
+def test_snapshot_with_unchanged_dicts_looks_only_at_lists_and_settings(stand_in_watcher, monkeypatch):
+    tree = _Tree()
+    snap = decode.TreeSnapshot(tree)
+    scans = []
+    real = snap._identities_hold
+    monkeypatch.setattr(snap, "_identities_hold", lambda: scans.append(1) or real())
+    assert snap.current() and not scans  # the quick look alone
+    # a list item replaced: lists are not watched, so the quick look itself sees it
+    tree.layers[0] = nn.Linear(4, 4)
+    assert not snap.current()
+
+
+def test_snapshot_decides_by_the_exact_rule_once_a_dict_changed(stand_in_watcher):
+    tree = _Tree()
+    snap = decode.TreeSnapshot(tree)
+    old = tree.norm.weight
+    tree.norm.weight = mx.zeros((4,))
+    stand_in_watcher[0] += 1  # what CPython reports for that write
+    assert not snap.current()
+    tree.norm.weight = old  # back as it was: current again, and the quick look starts from here
+    stand_in_watcher[0] += 1
+    assert snap.current() and snap._events == stand_in_watcher[0]
+
+
+def test_snapshot_compares_settings_by_value(stand_in_watcher):
+    tree = _Tree()
+    snap = decode.TreeSnapshot(tree)
+    tree.layers[1].scale = 2.0 + 0.0  # an equal value: still current
+    assert snap.current()
+    tree.layers[1].scale = 3.0
+    assert not snap.current()
+    tree.layers[1].scale = 2.0
+    assert snap.current()
+    tree.layers[1].extra = 1  # a new setting
+    assert not snap.current()
+
+
+def test_snapshot_without_watchers_scans_every_step(monkeypatch):
+    monkeypatch.setattr(dict_watch, "watch", lambda d: False)
+    tree = _Tree()
+    snap = decode.TreeSnapshot(tree)
+    assert snap.current()
+    tree.norm.weight = mx.zeros((4,))  # no event is counted: the scan sees it
+    assert not snap.current()
+
+
+def test_snapshot_sees_a_change_made_before_its_dicts_were_watched(monkeypatch):
+    """A change between the walk and the watching is in no count: the snapshot looks once more."""
+    tree = _Tree()
+    changed = []
+
+    def watch_after_a_change(d):
+        if not changed:
+            tree.norm.weight = mx.zeros((4,))  # as another thread might, before any dict is watched
+            changed.append(1)
+        return True
+
+    monkeypatch.setattr(dict_watch, "watch", watch_after_a_change)
+    monkeypatch.setattr(dict_watch, "events", lambda: 0)
+    assert not decode.TreeSnapshot(tree).current()
