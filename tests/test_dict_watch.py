@@ -9,6 +9,7 @@ changing a model, with whichever path this interpreter has)."""
 from __future__ import annotations
 
 import glob
+import re
 import os
 import shutil
 import subprocess
@@ -204,3 +205,16 @@ def test_snapshot_sees_a_change_made_before_its_dicts_were_watched(monkeypatch):
     monkeypatch.setattr(dict_watch, "watch", watch_after_a_change)
     monkeypatch.setattr(dict_watch, "events", lambda: 0)
     assert not decode.TreeSnapshot(tree).current()
+
+
+def test_the_step_python_benchmark_times_each_part_and_puts_everything_back():
+    from bench import step_python
+
+    before = (step_python.dispatch.run, decode.decoder_for, decode._switches)
+    line = step_python.measure("e2b", steps=5)
+    assert line.startswith("e2b: model call ") and "RETRACED" not in line
+    for part in ("switches", "snapshot", "decoder lookup", "step arguments", "check signature", "compiled replay"):
+        assert re.search(rf"[( ]{part} \d+[,)]", line), part
+    watched = sys.version_info >= (3, 12) and os.environ.get(dict_watch.ENV) != "0"
+    assert line.endswith(f"dicts watched: {watched}")
+    assert (step_python.dispatch.run, decode.decoder_for, decode._switches) == before
