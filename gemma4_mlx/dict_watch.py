@@ -69,13 +69,14 @@ def _watcher_id():
             api.PyDict_Watch.restype = ctypes.c_int
             api.PyDict_ClearWatcher.argtypes = [ctypes.c_int]
             api.PyDict_ClearWatcher.restype = ctypes.c_int
+            # (a PyDLL call raises the error CPython set: e.g. all of the interpreter's watcher
+            # slots taken)
             watcher = api.PyDict_AddWatcher(_callback)
-        except (AttributeError, OSError, ctypes.ArgumentError) as e:
-            _state["failed"] = f"no dict watchers: {e}"
+        except Exception as e:  # noqa: BLE001 - any refusal means: compare as before
+            _state["failed"] = f"no dict watcher: {type(e).__name__}: {e}"
             return None
-        if watcher < 0:  # all of the interpreter's watcher slots taken
-            ctypes.pythonapi.PyErr_Clear()
-            _state["failed"] = "no free dict watcher"
+        if watcher < 0:
+            _state["failed"] = "no dict watcher"
             return None
         _state["id"] = watcher
         atexit.register(_clear)
@@ -90,7 +91,7 @@ def watch(mapping: dict) -> bool:
         return False
     try:
         return ctypes.pythonapi.PyDict_Watch(watcher, mapping) == 0
-    except ctypes.ArgumentError:
+    except Exception:  # noqa: BLE001 - not a dict, or refused: not counted
         return False
 
 

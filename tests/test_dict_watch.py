@@ -218,3 +218,27 @@ def test_the_step_python_benchmark_times_each_part_and_puts_everything_back():
     watched = sys.version_info >= (3, 12) and os.environ.get(dict_watch.ENV) != "0"
     assert line.endswith(f"dicts watched: {watched}")
     assert (step_python.dispatch.run, decode.decoder_for, decode._switches) == before
+
+
+def test_a_refused_watcher_means_the_scan():
+    """CPython refuses a watcher when all 8 of an interpreter's slots are taken: no error, no count."""
+    code = r"""
+import ctypes, importlib.util, sys
+keep = []
+CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+ctypes.pythonapi.PyDict_AddWatcher.argtypes = [CB]
+while True:  # take every free slot
+    cb = CB(lambda *a: 0); keep.append(cb)
+    try:
+        ctypes.pythonapi.PyDict_AddWatcher(cb)
+    except Exception:
+        break
+spec = importlib.util.spec_from_file_location("dict_watch", sys.argv[1])
+dw = importlib.util.module_from_spec(spec); spec.loader.exec_module(dw)
+print(dw.watch({}), dw.unavailable_reason())
+"""
+    pythons = _interpreters_312()
+    if not pythons:
+        pytest.skip("no CPython 3.12+ interpreter on this machine")
+    r = subprocess.run([pythons[0], "-c", code, str(WATCH_FILE)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("False no dict watcher"), r.stdout + r.stderr
