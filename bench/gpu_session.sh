@@ -18,6 +18,8 @@
 #   3. `constants` (~7 min: 26B-A4B 4-bit did not run in session 27, the call's limit came first; its 1.55x
 #      rests on one process a side; the GeGLU rows form is in it now).
 #   4. `captureprobe` (~2.5 min: the +main cases) and `loadprof` (ours' load() 1.13x / 1.27x stock's in session 27).
+#   5. `steppython` (~1 min): the decode snapshot's dict watchers (session 27, CPU only so far: E2B's Python around the
+#      step 952 -> 494 us a token on the 2-core CPU) on the device's host; `graphs`' and `constants`' "call" has them too.
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
@@ -339,6 +341,12 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
        timeout ${CAP_S:-60} python3 -m gemma4_mlx.cli generate --model /root/e2e/e2b-bfloat16-seed0 --prompt "$prompt" --max-tokens 64 \
          --temp 0 --no-chat-template > "$OUT/capture.$n.txt" 2>&1; echo "rc $?" >> "$OUT/capture.$n.txt")
       echo "== $n [${combo:-default}] $(tail -1 "$OUT/capture.$n.txt") $(grep -m1 -o "what().*" "$OUT/capture.$n.txt")"
+    done ;;
+  steppython)  # session 27: a token's Python around the compiled step, by part, with the tree snapshot's dict
+               # watchers (CPython 3.12, this machine's) and without (the scan at every step) (~1 min)
+    for watch in 1 0; do
+      GEMMA4_MLX_DICT_WATCH=$watch timeout 120 python3 bench/step_python.py 2>&1 | sed "s/^/watch=$watch /" \
+        | tee -a "$OUT/step_python.txt"
     done ;;
   captureprobe)  # session 26: which of the load-time checks' kinds of work, on a second thread, breaks the main
                  # thread's graph capture (bench/capture_probe.py: a fresh process a case, ~7 s each). Session 27:

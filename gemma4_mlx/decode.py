@@ -571,6 +571,9 @@ def reserve(cache: List[Any], prompt_tokens: int, new_tokens: int) -> None:
 
 # ------------------------------------------------------------------ the compiled step
 
+_SHAPE_AND_DTYPE = operator.attrgetter("shape", "dtype")  # a buffer's part of a step signature, read in C
+
+
 def _step_function(model_ref, counts: dict):
     def forward(inputs, offset, slots, valid, buffers, ring_windows):
         ctx = active()
@@ -646,7 +649,7 @@ class CompiledDecoder:
         from .kernels import dispatch
 
         inputs, _, _, _, buffers, ring_windows = args
-        signature = (inputs.shape, inputs.dtype, tuple((b.shape, b.dtype) for b in buffers), ring_windows)
+        signature = (inputs.shape, inputs.dtype, tuple(map(_SHAPE_AND_DTYPE, buffers)), ring_windows)
         if signature not in self._checked:
             dispatch.check_all(self.collect_kernels(args))
             self._checked.add(signature)
