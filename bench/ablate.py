@@ -39,7 +39,7 @@ args, params = base.args, base.parameters()
 prompt = mx.array(np.random.default_rng(0).integers(0, args.vocab_size, (1, P)))
 SWITCHES = ("GEMMA4_MLX_KERNELS", "GEMMA4_MLX_KERNELS_DISABLE", "GEMMA4_MLX_COMPILE", "GEMMA4_MLX_FUSE",
             "GEMMA4_MLX_NVRTC", "GEMMA4_MLX_TRANSPOSES", "GEMMA4_MLX_KV_WRITE", "GEMMA4_MLX_FORM_SIGNATURES",
-            "GEMMA4_MLX_PROLOGUE_BLOCKS", "GEMMA4_MLX_EXPERT_INDICES", "GEMMA4_MLX_QMV_MIN")
+            "GEMMA4_MLX_PROLOGUE_BLOCKS", "GEMMA4_MLX_EXPERT_INDICES", "GEMMA4_MLX_QMV_MIN", "GEMMA4_MLX_SHARED_SLOTS")
 VIEWS = {"Reshape", "Transpose", "Slice", "Squeeze", "ExpandDims", "Broadcast", "Unflatten", "Flatten",
          "AsStrided", "Split", "StopGradient"}
 
@@ -87,6 +87,10 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            # arrays of <= 8 bytes and host-made ones in managed memory: docs/upstream.md §7); on by default on CUDA
            # since session 26
            ("ours -device constants", {"GEMMA4_MLX_DEVICE_CONSTANTS": "0"}),
+           # session 27: the caches that take the same slot share one slot index in the step (off by default
+           # until measured: E2B 524 -> 470 primitives a step by bench/step_glue.py's count, 26B-A4B 4-bit
+           # 985 -> 871, 31B 4-bit 1,186 -> 952)
+           ("ours +shared slots", {"GEMMA4_MLX_SHARED_SLOTS": "1"}),
            ("ours +resnorm", off(on=["residual_norm"])),
            ("ours -resnorm", off("residual_norm")),  # the default until session 15
            # the GeGLU over the gate/up Split instead of the joined product (session 16: a Split less a layer)

@@ -18,7 +18,10 @@
 #   3. `constants` (~7 min: 26B-A4B 4-bit did not run in session 27, the call's limit came first; its 1.55x
 #      rests on one process a side; the GeGLU rows form is in it now).
 #   4. `captureprobe` (~2.5 min: the +main cases) and `loadprof` (ours' load() 1.13x / 1.27x stock's in session 27).
-#   5. `steppython` (~1 min): the decode snapshot's dict watchers (session 27, CPU only so far: E2B's Python around the
+#   5. `shared` (~6 min): GEMMA4_MLX_SHARED_SLOTS=1 (session 27, off by default: one slot index for the caches that
+#      take the same slot; 9-20% fewer primitives a step on the CPU's count) on the GPU's compiled-against-eager tests
+#      and the step; on by default if both hold.
+#   6. `steppython` (~1 min): the decode snapshot's dict watchers (session 27, CPU only so far: E2B's Python around the
 #      step 952 -> 494 us a token on the 2-core CPU) on the device's host; `graphs`' and `constants`' "call" has them too.
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
@@ -341,6 +344,13 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
        timeout ${CAP_S:-60} python3 -m gemma4_mlx.cli generate --model /root/e2e/e2b-bfloat16-seed0 --prompt "$prompt" --max-tokens 64 \
          --temp 0 --no-chat-template > "$OUT/capture.$n.txt" 2>&1; echo "rc $?" >> "$OUT/capture.$n.txt")
       echo "== $n [${combo:-default}] $(tail -1 "$OUT/capture.$n.txt") $(grep -m1 -o "what().*" "$OUT/capture.$n.txt")"
+    done ;;
+  shared)   # session 27: GEMMA4_MLX_SHARED_SLOTS=1 (off by default): the compiled-against-eager tests with it (check runs
+            # them too), then the step with and without it, E2B bf16 / 4-bit and 26B-A4B 4-bit (~6 min)
+    parity sharedcheck 300 tests/test_decode.py -k "compiled_decode or shared_slots"
+    for pq in "e2b 0" "e2b 4" "26b-a4b 4"; do
+      CONFIGS="stock,ours,ours +shared slots" ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${CONST_S:-100} \
+        python3 bench/ablate.py $pq 2>&1 | tail -9 | tee "$OUT/shared-${pq// /-q}.txt"
     done ;;
   steppython)  # session 27: a token's Python around the compiled step, by part, with the tree snapshot's dict
                # watchers (CPython 3.12, this machine's) and without (the scan at every step) (~1 min)

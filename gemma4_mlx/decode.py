@@ -64,6 +64,15 @@ def transposes_enabled() -> bool:
     return switches.env_flag("GEMMA4_MLX_TRANSPOSES")
 
 
+def shared_slots_enabled() -> bool:
+    """``GEMMA4_MLX_SHARED_SLOTS=1`` (off by default until a GPU's compiled-against-eager tests and
+    step timings have it, session 27): caches whose buffers have one shape and dtype and whose next
+    slot and fill level are the same (every sliding layer's ring, every full layer's buffer: they
+    take the same positions) share one slot index in the step, instead of one each: a Slice, a
+    Reshape and a Broadcast fewer per cache (26B-A4B 84 of its step's ~920 primitives, E2B 39)."""
+    return switches.env_flag("GEMMA4_MLX_SHARED_SLOTS", default=False)
+
+
 def kv_scatter_enabled() -> bool:
     """``GEMMA4_MLX_KV_WRITE=slice``: the decode step writes each new key/value with
     ``mx.slice_update`` (its form until session 12) instead of a scatter (ablations)."""
@@ -82,7 +91,8 @@ def _switches() -> tuple:
 
     return (mode, tuple(sorted(dispatch.disabled_kernels())), dispatch.device_constants(), switches.env(qmv.MIN_VALUES_ENV),
             switches.env(mv.PROLOGUE_BLOCKS_ENV), joining_enabled(), transposes_enabled(), kv_scatter_enabled(),
-            ops.expert_indices_enabled(), cuda_build.short_sources(), dispatch.form_signatures(), mx.default_device())
+            ops.expert_indices_enabled(), cuda_build.short_sources(), dispatch.form_signatures(), shared_slots_enabled(),
+            mx.default_device())
 
 
 # ------------------------------------------------------------------ derived state
@@ -472,12 +482,22 @@ class _SlotCache:
     """Stands in for a cache inside the traced step: write at ``slot``, mask unfilled slots."""
 
     def __init__(self, keys: mx.array, values: mx.array, slot: mx.array, valid: mx.array, offset: mx.array,
-                 ring_window: Optional[int] = None, scatter: bool = True):
+                 ring_window: Optional[int] = None, scatter: bool = True, indices: Optional[dict] = None):
         self.keys, self.values = keys, values
         self.scatter = scatter
         self.slot, self.valid, self.offset = slot, valid, offset
         # A SlidingWindowCache with spare slots: its ring holds more than the window.
         self.ring_window = ring_window
+        # the scatter's index for (slot, update shape), shared by the caches of one step that take
+        # the same slot array (GEMMA4_MLX_SHARED_SLOTS)
+        self._indices = {} if indices is None else indices
+
+    def _index(self, shape) -> mx.array:
+        key = (id(self.slot), tuple(shape))
+        index = self._indices.get(key)
+        if index is None:
+            index = self._indices[key] = mx.broadcast_to(self.slot.reshape(1, 1, 1, 1), shape)
+        return index
 
     def update_and_fetch(self, k: mx.array, v: mx.array):
         if not self.scatter:
@@ -487,7 +507,7 @@ class _SlotCache:
         # A scatter along the position axis, not mx.slice_update: MLX 0.32's CUDA DynamicSliceUpdate
         # launches one thread per element of the whole buffer (not of the update), ~23 us per write
         # for a 512-slot window and growing with the context (H200, bench/step_profile.py).
-        slot = mx.broadcast_to(self.slot.reshape(1, 1, 1, 1), k.shape)
+        slot = self._index(k.shape)
         self.keys = mx.put_along_axis(self.keys, slot, k, axis=2)
         self.values = mx.put_along_axis(self.values, slot, v, axis=2)
         return self.keys, self.values
@@ -575,16 +595,17 @@ _SHAPE_AND_DTYPE = operator.attrgetter("shape", "dtype")  # a buffer's part of a
 
 
 def _step_function(model_ref, counts: dict):
-    def forward(inputs, offset, slots, valid, buffers, ring_windows):
+    def forward(inputs, offset, slots, valid, buffers, ring_windows, groups):
         ctx = active()
         if ctx is not None and ctx.tracing:
             counts["traces"] += 1
         n = len(buffers) // 2
+        g = max(groups) + 1  # the caches' slot groups (CompiledDecoder.step_args): each its own by default
         if slots is None:  # the per-token integers packed (dispatch.device_constants): one copy to device
             # memory, which every kernel then reads, instead of each reading the host's managed buffer
             from .kernels import dispatch
 
-            offset, slots, valid = mx.split(dispatch.device_copy(offset), [1, 1 + n])
+            offset, slots, valid = mx.split(dispatch.device_copy(offset), [1, 1 + g])
             offset = offset.reshape(())
         # each cache's slot and fill level as (1,) views, one Split each for all caches: an index
         # per cache was a Slice, and a Gather (a launch) and a Squeeze, and the attention kernel
@@ -592,11 +613,13 @@ def _step_function(model_ref, counts: dict):
         # (session 23's split into trees of at most 10 pieces, the (1,) position and the kernels' 1-d
         # inputs passed as they are broke batched compiled decode on the H200 and are undone:
         # docs/benchmarks.md, session 24)
-        slot_of = mx.split(slots, n) if n > 1 else [slots]
-        valid_of = mx.split(valid, n) if n > 1 else [valid]
+        slot_of = mx.split(slots, g) if g > 1 else [slots]
+        valid_of = mx.split(valid, g) if g > 1 else [valid]
         scatter = kv_scatter_enabled()
+        indices: dict = {}
         caches = [
-            _SlotCache(buffers[2 * i], buffers[2 * i + 1], slot_of[i], valid_of[i], offset, ring_windows[i], scatter)
+            _SlotCache(buffers[2 * i], buffers[2 * i + 1], slot_of[groups[i]], valid_of[groups[i]], offset,
+                       ring_windows[i], scatter, indices)
             for i in range(n)
         ]
         logits = model_ref()._eager(inputs, cache=caches)
@@ -625,6 +648,7 @@ class CompiledDecoder:
 
         # read once a decoder (the switch is one of _switches(): a change builds a new decoder)
         self.packed_ints = dispatch.device_constants()
+        self.shared_slots = shared_slots_enabled()  # likewise one of _switches()
         # The traced function reaches the model through a weak reference: the model holds its
         # decoder, and a strong one would keep both alive until a garbage collection.
         self.counts = {"traces": 0}  # how often the step was traced (tests, benchmarks)
@@ -648,18 +672,20 @@ class CompiledDecoder:
         already made is not repeated)."""
         from .kernels import dispatch
 
-        inputs, _, _, _, buffers, ring_windows = args
-        signature = (inputs.shape, inputs.dtype, tuple(map(_SHAPE_AND_DTYPE, buffers)), ring_windows)
+        inputs, _, _, _, buffers, ring_windows, groups = args
+        signature = (inputs.shape, inputs.dtype, tuple(map(_SHAPE_AND_DTYPE, buffers)), ring_windows, groups)
         if signature not in self._checked:
             dispatch.check_all(self.collect_kernels(args))
             self._checked.add(signature)
 
     @staticmethod
-    def step_args(cache: List[Any], inputs: mx.array, packed: bool = False):
+    def step_args(cache: List[Any], inputs: mx.array, packed: bool = False, shared: bool = False):
         """The compiled step's arguments for one token per row over ``cache`` (which it grows,
         trims or rotates as a write would), and the reserved (slot, valid) pairs; None where the
         caches need the eager path. ``packed``: the position, slots and fill levels as one array
-        (the decoder's ``packed_ints``)."""
+        (the decoder's ``packed_ints``). ``shared`` (the decoder's ``shared_slots``): caches of one
+        buffer shape, dtype and ring whose (slot, valid) are the same now take one slot group (the
+        grouping is a static argument of the trace: should it ever change, the step is traced again)."""
         if inputs.shape[1] != 1 or not cache or any(type(c) not in _CACHE_TYPES for c in cache):
             return None
         offsets = {c.offset for c in cache}
@@ -680,16 +706,23 @@ class CompiledDecoder:
         buffers = []
         for c in cache:
             buffers += [c.keys, c.values]
+        if shared:
+            first: dict = {}
+            groups = tuple(first.setdefault((c.keys.shape, c.keys.dtype, w, r), len(first))
+                           for c, w, r in zip(cache, ring_windows, reserved))
+            pairs = [key[3] for key in first]  # each group's (slot, valid), in group order
+        else:
+            groups, pairs = tuple(range(len(cache))), reserved
         if packed:  # one host array, copied to device memory in the step (dispatch.device_constants)
-            packed = mx.array([offsets.pop()] + [s for s, _ in reserved] + [v for _, v in reserved], dtype=mx.int32)
-            return (ids, packed, None, None, buffers, ring_windows), reserved
-        slots = mx.array([s for s, _ in reserved], dtype=mx.int32)
-        valid = mx.array([v for _, v in reserved], dtype=mx.int32)
-        return (ids, mx.array(offsets.pop(), dtype=mx.int32), slots, valid, buffers, ring_windows), reserved
+            packed = mx.array([offsets.pop()] + [s for s, _ in pairs] + [v for _, v in pairs], dtype=mx.int32)
+            return (ids, packed, None, None, buffers, ring_windows, groups), reserved
+        slots = mx.array([s for s, _ in pairs], dtype=mx.int32)
+        valid = mx.array([v for _, v in pairs], dtype=mx.int32)
+        return (ids, mx.array(offsets.pop(), dtype=mx.int32), slots, valid, buffers, ring_windows, groups), reserved
 
     def __call__(self, inputs: mx.array, cache: List[Any]) -> Optional[mx.array]:
         """Logits, or None when this call must take the eager path."""
-        prepared = self.step_args(cache, inputs, self.packed_ints)
+        prepared = self.step_args(cache, inputs, self.packed_ints, self.shared_slots)
         if prepared is None:
             return None
         args, reserved = prepared
@@ -738,6 +771,6 @@ def prepare(model) -> None:
     # evaluated); the dry run of a step over them names the kernels.
     cache = model.make_cache()[: model.args.num_caches]  # without the KV-shared layers' placeholders
     model._eager(mx.zeros((1, 1), dtype=mx.int32), cache=cache)
-    prepared = CompiledDecoder.step_args(cache, mx.zeros((1, 1), dtype=mx.int32), dec.packed_ints)
+    prepared = CompiledDecoder.step_args(cache, mx.zeros((1, 1), dtype=mx.int32), dec.packed_ints, dec.shared_slots)
     if prepared is not None:
         dispatch.check_ahead(dec.collect_kernels(prepared[0]))

@@ -260,8 +260,12 @@ def test_step_reuses_the_prefills_geglu_and_softcap_kernels(tmp_path):
     assert seen["step"] and not [k for k in seen["step"] if "Tanh" in k or "Minimum" in k], seen["step"]
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-e4b", "tiny-moe", "tiny-31b"])
-def test_compiled_decode_matches_eager(preset, monkeypatch):
+@pytest.mark.parametrize("preset,shared", [("tiny", False), ("tiny-e4b", False), ("tiny-moe", False),
+                                           ("tiny-31b", False), ("tiny", True), ("tiny-moe", True)])
+def test_compiled_decode_matches_eager(preset, shared, monkeypatch):
+    """``shared``: GEMMA4_MLX_SHARED_SLOTS=1, the caches of one shape and next slot take one slot
+    index (off by default until a GPU has run this)."""
+    monkeypatch.setenv("GEMMA4_MLX_SHARED_SLOTS", "1" if shared else "0")
     model = _random_model(preset)
     prompt = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, size=(2, 21)))
     # 260 steps: many wraps of the 8-token window and one growth of the full-attention buffer
@@ -289,14 +293,16 @@ def test_compiled_decode_matches_eager(preset, monkeypatch):
             assert np.max(np.abs(np.array(a) - np.array(b))) <= GPU_F32_TOL * np.max(np.abs(np.array(b)))
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["own slots", "shared slots"])
 @pytest.mark.parametrize("rows", [1, 2])
-def test_compiled_decode_with_the_default_kernels_matches_eager(rows, monkeypatch):
+def test_compiled_decode_with_the_default_kernels_matches_eager(rows, shared, monkeypatch):
     """A model whose shapes every default kernel takes (head dims 64 / 128, PLE 64, a window of 16
     that the steps wrap), float32: its compiled steps against the eager model's, one and two rows,
     fed the same tokens. On a GPU the compiled step runs every default kernel and the eager one MLX's
     ops, so this compares the two paths as a user's generation meets them (session 23's views cut
     passed every kernel-against-kernel parity test and failed here, two rows, on the H200); on the
-    CPU both are MLX's ops."""
+    CPU both are MLX's ops. ``shared``: GEMMA4_MLX_SHARED_SLOTS=1 (session 27, off by default)."""
+    monkeypatch.setenv("GEMMA4_MLX_SHARED_SLOTS", "1" if shared else "0")
     model = _kernel_shaped_model(seed=12)
     prompt = mx.array(np.random.default_rng(13).integers(0, model.args.vocab_size, size=(rows, 11)))
     eager_tokens, eager_rows, _ = _greedy(model, prompt, 24, monkeypatch, compiled=False)
@@ -513,8 +519,8 @@ def test_decode_with_device_constants_equals_decode_without(monkeypatch):
     packed = []
     real = decode.CompiledDecoder.step_args
 
-    def spy(cache, inputs, packed_ints=False):
-        out = real(cache, inputs, packed_ints)
+    def spy(cache, inputs, packed_ints=False, shared=False):
+        out = real(cache, inputs, packed_ints, shared)
         packed.append(out is not None and out[0][2] is None)
         return out
 
@@ -1340,3 +1346,25 @@ def test_step_attention_writes_the_output_projections_layout(monkeypatch):
     assert seen and all(rows for rows, _, _ in seen)
     assert all(out == (q[0], 1, q[1] * q[3]) for _, out, q in seen)
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_slots_group_the_caches_that_take_the_same_slot(monkeypatch):
+    """GEMMA4_MLX_SHARED_SLOTS=1: the step's argument packing gives the caches of one buffer shape,
+    dtype, ring and (slot, fill level) one group, and the step one slot index a group (the grouping,
+    a static argument of the trace, is part of the kernels' check signature too); off, each cache
+    is its own group, as before."""
+    from gemma4_mlx import decode
+
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    model = _random_model("tiny")
+    cache = model.make_cache()
+    mx.eval(model(mx.array([[1, 2, 3, 4, 5]]), cache=cache))
+    live = cache[: model.args.num_caches]
+    args, reserved = decode.CompiledDecoder.step_args(live, mx.array([[3]]), False, True)
+    groups = args[6]
+    keys = [(c.keys.shape, c.keys.dtype, w, r) for c, w, r in zip(live, args[5], reserved)]
+    assert len(set(groups)) == len(set(keys)) < len(live)  # fewer groups than caches
+    assert all((groups[i] == groups[j]) == (keys[i] == keys[j]) for i in range(len(live)) for j in range(len(live)))
+    assert args[2].size == len(set(groups))  # one slot a group
+    own, _ = decode.CompiledDecoder.step_args(live, mx.array([[3]]), False, False)
+    assert own[6] == tuple(range(len(live))) and own[2].size == len(live)
