@@ -11,6 +11,9 @@
 # skipped: device constants, the batched first-step checks, the GeGLU rows form), E2B end to end read 2.56x bf16 /
 # 1.82x 4-bit (stock's processes spread 72-116 tok/s), 6 fresh generates of 6 passed, and the steps are bound by the
 # host's recording (~4.2-4.4 ms for ~375 launching primitives; the GPU waits ~1.3 ms after it). In this order:
+#   0. `check` (~7 min): session 27's decode snapshot counts the model's changes with CPython 3.12's dict watchers, on
+#      by default where the Python is 3.12+ (the device's is 3.12.3: new on this path), and the compiled-against-eager
+#      tests now run with GEMMA4_MLX_SHARED_SLOTS=1 too.
 #   1. `graphs` then `Q=4 graphs` (~6 min each): MLX's graph bounds (ops / MB a graph, no graphs) on a host-bound
 #      step; a setting that makes ours faster can be set by the CLI before MLX starts (docs/benchmarks.md, session 27).
 #   2. `NEW=128 RUNS=3 e2e` (and `Q=4 ...` if time): three warm runs a side; the 2.5x cell rested on one slow stock
