@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import io
 import os
 import re
+import sys
+from pathlib import Path
 
-os.environ.setdefault("GEMMA4_MLX_COMPILE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, run as a script
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -52,6 +55,21 @@ def standin_run(name, class_key, reference, kernel, probe, *args, fallback=None)
     return made if isinstance(ref, (list, tuple)) else made[0]
 
 
+@contextlib.contextmanager
+def compiled_step():
+    """The compiled decode step on (``GEMMA4_MLX_COMPILE=1``; on the CPU it is off by default) for
+    the block, unless the caller set the switch; the environment as it was afterwards (a test that
+    imports these benchmarks must not find every later decode compiled)."""
+    before = os.environ.get("GEMMA4_MLX_COMPILE")
+    if before is None:
+        os.environ["GEMMA4_MLX_COMPILE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("GEMMA4_MLX_COMPILE", None)
+
+
 def step_dot(preset: str, quantized: bool) -> str:
     cfg = preset_config(preset)
     cfg.update({k: v for k, v in SMALL.items() if k in cfg})
@@ -61,7 +79,7 @@ def step_dot(preset: str, quantized: bool) -> str:
                     and "router" not in p and m.weight.shape[-1] % 32 == 0)
     mx.eval(model.parameters())
     dispatch.run = standin_run
-    with dispatch.force_backend("cuda"):
+    with dispatch.force_backend("cuda"), compiled_step():
         cache = model.make_cache()
         mx.eval(model(mx.array([[1, 2, 3, 4, 5, 6, 7, 8]]), cache=cache))
         for _ in range(3):

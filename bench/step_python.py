@@ -20,15 +20,18 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from pathlib import Path
 
-import mlx.core as mx
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, run as a script
 
-import bench.step_glue as step_glue
-from gemma4_mlx import decode
-from gemma4_mlx.config import parse_config
-from gemma4_mlx.kernels import dispatch
-from gemma4_mlx.model import Model
-from gemma4_mlx.presets import preset_config
+import mlx.core as mx  # noqa: E402
+
+import bench.step_glue as step_glue  # noqa: E402
+from gemma4_mlx import decode  # noqa: E402
+from gemma4_mlx.config import parse_config  # noqa: E402
+from gemma4_mlx.kernels import dispatch  # noqa: E402
+from gemma4_mlx.model import Model  # noqa: E402
+from gemma4_mlx.presets import preset_config  # noqa: E402
 
 STEPS = 200  # within the first cache buffer (256 slots): no new trace inside the timed steps
 
@@ -63,7 +66,7 @@ def measure(preset: str, steps: int = STEPS) -> str:
 
 
 def _steps(preset: str, model: Model, undo: list, steps: int) -> str:
-    with dispatch.force_backend("cuda"):
+    with dispatch.force_backend("cuda"), step_glue.compiled_step():
         cache = model.make_cache()
         mx.eval(model(mx.array([[1, 2, 3, 4, 5, 6, 7, 8]]), cache=cache))
         token = mx.array([[3]], dtype=mx.uint32)

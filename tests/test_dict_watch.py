@@ -208,16 +208,24 @@ def test_snapshot_sees_a_change_made_before_its_dicts_were_watched(monkeypatch):
 
 
 def test_the_step_python_benchmark_times_each_part_and_puts_everything_back():
+    # importing it leaves the environment alone (it once set GEMMA4_MLX_COMPILE=1 for the whole process)
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", "import os, bench.step_python; print(os.environ.get('GEMMA4_MLX_COMPILE'))"],
+                       capture_output=True, text=True, timeout=120, cwd=root,
+                       env={k: v for k, v in os.environ.items() if k != "GEMMA4_MLX_COMPILE"})
+    assert r.returncode == 0 and r.stdout.strip() == "None", r.stdout + r.stderr
     from bench import step_python
 
-    before = (step_python.dispatch.run, decode.decoder_for, decode._switches)
+    before = (step_python.dispatch.run, decode.decoder_for, decode._switches, os.environ.get("GEMMA4_MLX_COMPILE"))
     line = step_python.measure("e2b", steps=5)
     assert line.startswith("e2b: model call ") and "RETRACED" not in line
     for part in ("switches", "snapshot", "decoder lookup", "step arguments", "check signature", "compiled replay"):
         assert re.search(rf"[( ]{part} \d+[,)]", line), part
     watched = sys.version_info >= (3, 12) and os.environ.get(dict_watch.ENV) != "0"
     assert line.endswith(f"dicts watched: {watched}")
-    assert (step_python.dispatch.run, decode.decoder_for, decode._switches) == before
+    # the compiled step was on for the benchmark only (importing it once turned it on for the
+    # rest of the test process)
+    assert (step_python.dispatch.run, decode.decoder_for, decode._switches, os.environ.get("GEMMA4_MLX_COMPILE")) == before
 
 
 def test_a_refused_watcher_means_the_scan():
