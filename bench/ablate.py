@@ -80,6 +80,8 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours +ple_tail", off(on=["ple_tail"])),
            ("ours +attn_q", off(on=["attention_prefix_q"])),
            ("ours +attn fused", off(on=["attention_fused"])),  # session 23: attention in one launch a layer
+           # session 28: both, the whole attention of a layer (q norm, RoPE, passes, merge) in one launch
+           ("ours +attn_q fused", off(on=["attention_prefix_q", "attention_fused"])),
            ("ours -close", off("mv_close", "qmv_close")),  # session 24: the o / down / PLE products with their closes
            # session 24: a MoE layer's close in its mixture's launch (the default on CUDA since session 25)
            ("ours -moe close", off("norm_pair_close")),

@@ -404,13 +404,16 @@ PY
         2>&1 | tail -9 | tee "$OUT/close-${pq// /-q}.txt"
     done ;;
   attnfused)  # session 23: the decode step's attention in one launch a layer (attention_fused, off by default: pass
-            # 1's last block of each group merges the splits; the emulator checks the body): its parity on CUDA, then
-            # the step with and without it, E2B bf16 and 4-bit, E4B bf16 (~4 min)
-    MLX_ENABLE_TF32=0 timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_decode.py \
-      -k "fused_attention" 2>&1 | tail -15
+            # 1's last block of each group merges the splits; the emulator checks the body). Session 24: correct, no
+            # faster (its merge was one block's serial loop: 35.7 us a sliding layer against 15.1 + 5.3). Session 28: a
+            # warp a row merges, and the fused form takes the q norm and RoPE too (attention_prefix_q + attention_fused:
+            # a layer's whole attention in one launch, 70 of E2B's 372 launching primitives fewer): its parity on CUDA,
+            # then the step with each, E2B bf16 / 4-bit, E4B bf16 (~6 min)
+    parity attncheck ${ATTN_PARITY_S:-200} tests/test_decode.py tests/test_cuda_build.py tests/test_kernels.py \
+      -k "fused_attention or q_norm or attention"
     for pq in "e2b 0" "e2b 4" "e4b 0"; do
-      CONFIGS="stock,ours,ours +attn fused" ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${FUSED_S:-150} python3 bench/ablate.py $pq \
-        2>&1 | tail -9 | tee "$OUT/attnfused-${pq// /-q}.txt"
+      CONFIGS="${CONFIGS:-stock,ours,ours +attn fused,ours +attn_q,ours +attn_q fused}" ROUNDS=${ROUNDS:-7} STEPS=15 \
+        timeout ${FUSED_S:-120} python3 bench/ablate.py $pq 2>&1 | tail -12 | tee "$OUT/attnfused-${pq// /-q}.txt"
     done ;;
   fill)     # session 22: a prompt's chunks written by Model.fill_cache (gemma4_mlx/prompt_fill.py: the cache-writing
             # layers alone, the KV-shared tail and the head never built), as ours' generation and `compare` now run them:

@@ -17,6 +17,8 @@ K_INLINE float k_warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
+// lane's v, to every lane of the warp (all lanes must take part)
+K_INLINE float k_shfl(float v, int lane) { return __shfl_sync(0xffffffffu, v, lane); }
 K_INLINE float k_exp(float x) { return expf(x); }
 K_INLINE float k_rsqrt(float x) { return rsqrtf(x); }
 // RoPE angles reach ~1e6 rad; double trig stays accurate even if the JIT

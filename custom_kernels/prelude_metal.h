@@ -11,6 +11,7 @@
 #define K_UNROLL _Pragma("unroll")
 K_INLINE float k_warp_sum(float v) { return simd_sum(v); }
 K_INLINE float k_warp_max(float v) { return simd_max(v); }
+K_INLINE float k_shfl(float v, int lane) { return simd_shuffle(v, ushort(lane)); }
 K_INLINE float k_exp(float x) { return metal::exp(x); }
 K_INLINE float k_rsqrt(float x) { return metal::precise::rsqrt(x); }
 K_INLINE float k_cos(float x) { return metal::precise::cos(x); }

@@ -48,6 +48,8 @@ def _cases():
             yield K.attention_kernel, att._probe_inputs((dt, D, G, Lq, windowed))
         for D, G in ((256, 8), (512, 8)):
             yield att._attention_prefix_q_kernel, att._probe_prefix_q((dt, D, G, 1, False))
+            # the fused form with the q norm (one launch: attention_prefix_q with attention_fused), rows out
+            yield att._attention_prefix_q_kernel, att._probe_prefix_q((dt, D, G, 1, False, True, True))
         yield ple.ple_combine_kernel, ple._probe_combine((dt, dt, 256, 35))
         yield ple.ple_gate_kernel, ple._probe_gate((dt, dt))
         yield ple.geglu_joined_kernel, ple._probe_joined((dt,))

@@ -929,17 +929,20 @@ def test_decode_with_the_closing_matvecs_equals_decode_without(dtype, quantized,
     dispatch.reset()
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["two passes", "fused"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_decode_with_attention_applying_the_q_norm_equals_decode_without(dtype, monkeypatch):
+def test_decode_with_attention_applying_the_q_norm_equals_decode_without(dtype, fused, monkeypatch):
     """``attention_prefix_q`` (the prefix attention applying q_norm_rope itself, one launch fewer
     per layer) against the two kernels it replaces: every layer on the prefix path takes it in the
-    traced step, with the same logits. On the CPU the backend is forced and the three kernels are
-    their references (the wiring)."""
+    traced step, with the same logits; ``fused`` with ``attention_fused`` on too (the whole
+    attention of a layer in one launch, the q norm included) against the prefix attention fused.
+    On the CPU the backend is forced and the three kernels are their references (the wiring)."""
     import gemma4_mlx.kernels as K
     from gemma4_mlx.kernels import dispatch
 
     gpu = dispatch.active_backend() is not None
     others = "mv,qmv,ple_tail" if gpu else "mv,qmv,kv_norm_rope,attention,ple_combine,ple_gate,residual_norm,ple_tail"
+    others += "" if fused else ",attention_fused"
     model = _kernel_shaped_model(seed=6)
     ids = mx.array(np.random.default_rng(7).integers(0, model.args.vocab_size, size=(1, 24)))
     calls = {"attention_prefix_q": 0, "attention_prefix": 0, "q_norm_rope": 0}
@@ -954,8 +957,12 @@ def test_decode_with_attention_applying_the_q_norm_equals_decode_without(dtype, 
             ctx = step_context.active()
             if ctx is not None and ctx.tracing:  # the traced step itself (not a self-check's probe)
                 calls[name] += 1
+                if name == "attention_prefix_q":
+                    forms.add(args[-1])  # its launch form: fused or the two passes
             return fn(*args)
         return run
+
+    forms = set()
 
     def run(mode, disable):
         return _logits_with_kernels(model, ids, 16, monkeypatch, mode, disable, {n: spy(n) for n in calls}, gpu)
@@ -972,6 +979,7 @@ def test_decode_with_attention_applying_the_q_norm_equals_decode_without(dtype, 
     assert calls == {"attention_prefix_q": prefix_layers, "attention_prefix": 0,
                      "q_norm_rope": len(model.layers) - prefix_layers}, calls
     assert all(ok for k, (ok, _) in dispatch.verdicts().items() if k[0] in calls)
+    assert forms == {fused}  # the launch form the step took: fused exactly when attention_fused is on
     _assert_kernel_logits_close(on, off, truth, dtype, gpu)
     dispatch.reset()
 

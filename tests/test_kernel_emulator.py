@@ -257,6 +257,8 @@ def test_attention_splits_of_several_tiles(emulated, monkeypatch, D, H, Hkv, Lq,
     (64, 4, 2, 1, 1024, 1000, False),  # two kv heads: a counter slot each
     (32, 8, 1, 3, 300, 233, False),   # three queries a head: two row tiles of a group
     (64, 4, 2, 1, 300, 1, False),     # one key: most splits see nothing (-inf rows merge to 0)
+    (64, 4, 1, 1, 1800, 1700, True),  # 57 splits: lanes take two each in the merge
+    (512, 8, 1, 1, 700, 650, True),   # a global layer's head dim: 16 dims a lane in the merge
 ])
 def test_attention_fused_is_the_two_passes(emulated, D, H, Hkv, Lq, N, filled, rows):
     """The fused form (one launch: the last block of each group merges the splits) equals the
@@ -277,6 +279,16 @@ def test_attention_fused_is_the_two_passes(emulated, D, H, Hkv, Lq, N, filled, r
     assert one.shape == want.shape == two.shape
     _close(one, want, f"attention fused D {D}", atol=1e-5)
     _close(one, two, f"attention fused against the two passes D {D}", atol=1e-6)
+    if D % 64 == 0:  # with the q norm and RoPE in its prologue (attention_prefix_q's fused form)
+        raw = _rnd((1, Lq, H, D), 37, 3.0)
+        w, inv_freq = 1 + _rnd((D,), 38, 0.5), 1.0 / (10000.0 ** (mx.arange(0, D, 2, dtype=mx.float32) / D))
+        args = (raw, w, inv_freq, mx.array([filled - Lq], dtype=mx.int32), 1e-6, kbuf, vbuf, kv_len, 1.0, rows)
+        want_q = ATT.attention_prefix_q_reference(*args)
+        two_q = ATT._attention_prefix_q_kernel(*args)
+        one_q = ATT._attention_prefix_q_kernel(*args, fused=True)
+        assert one_q.shape == want_q.shape
+        _close(one_q, want_q, f"attention_prefix_q fused D {D}", atol=1e-4)
+        _close(one_q, two_q, f"attention_prefix_q fused against the two passes D {D}", atol=1e-6)
 
 
 def test_attention_fused_counts_its_blocks_and_leaves_the_counters_zero(emulated, monkeypatch):

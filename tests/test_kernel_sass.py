@@ -58,6 +58,17 @@ def test_attention_fused_builds_and_keeps_its_arrays_in_registers(sass, D, RT):
     assert res["STACK"] == 0 and res["LOCAL"] == 0, res
 
 
+@pytest.mark.parametrize("name", ["attention_partial", "attention_fused_q"])
+@pytest.mark.parametrize("D,RT", [(256, 8), (512, 4)])
+def test_attention_with_the_q_norm_keeps_its_arrays_in_registers(sass, name, D, RT):
+    """Pass 1 applying the q norm and RoPE itself (attention_prefix_q; fused: with the merge too)
+    keeps its rows and the rotation's cos / sin in registers. Its 40 bytes of stack are the double
+    precision cos / sin's slow path (arguments past ~1e5 rad), as in norm_rope; no local arrays."""
+    res = sass.resources(sass.build(name, dict(T="bfloat16", D=D, RT=RT, QNR=1)))
+    assert res["STACK"] <= 40 and res["LOCAL"] == 0, res
+    assert res["REG"] <= 255, res
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["mv", "qmv"])
 @pytest.mark.parametrize("CH", [1536, 2560, 2816])
 def test_closing_forms_build_within_their_registers(sass, quantized, CH):

@@ -104,7 +104,8 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
     takes, which for one query is the same memory as (B, H, 1, D): no Reshape primitive after it.
 
     ``fused``: one launch (pass 1's last block of a group merges the splits) where the plan allows
-    (:data:`FUSED_MAX_SPLITS`, :data:`COUNTER_SLOTS`; q_norm_rope None), else the two passes."""
+    (:data:`FUSED_MAX_SPLITS`, :data:`COUNTER_SLOTS`), with or without ``q_norm_rope``, else the two
+    passes."""
     B, H, Lq, D = q.shape
     if rows and Lq != 1:
         raise ValueError("rows needs one query (Lq == 1): with more the heads are not each query's row")
@@ -125,14 +126,23 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
     launch = dict(template=[("T", q.dtype), ("D", D), ("RT", plan["RT"]), ("QNR", int(q_norm_rope is not None))],
                   grid=(ns * TG, plan["ntiles"], B * Hkv), threadgroup=(TG, 1, 1), **dispatch.init_kwargs())
     plain = ["q", "keys", "values", "scale", "params", "kv_len"]
-    counter = _fused_counter() if fused and q_norm_rope is None and ns <= FUSED_MAX_SPLITS \
+    if q_norm_rope is not None:
+        weight, inv_freq, offset, eps = q_norm_rope
+        qnr = [weight, inv_freq.astype(mx.float32), offset_array(offset), dispatch.constant(eps, mx.float32)]
+    counter = _fused_counter() if fused and ns <= FUSED_MAX_SPLITS \
         and plan["ntiles"] * B * Hkv <= COUNTER_SLOTS else None
     if counter is not None:
-        k = dispatch.get_kernel("attention_partial", [*plain, "counter"], ["ws", "out"],
-                                defines=[("NO_QNR_INPUTS", 1), ("ATTN_FUSED", 1)], variant="fused",
-                                ensure_row_contiguous=False)
-        return k(inputs=[*inputs, counter], output_shapes=[(query_rows * ns * (D + 2),), out_shape],
-                 output_dtypes=[mx.float32, q.dtype], **launch)[1]
+        if q_norm_rope is None:
+            k = dispatch.get_kernel("attention_partial", [*plain, "counter"], ["ws", "out"],
+                                    defines=[("NO_QNR_INPUTS", 1), ("ATTN_FUSED", 1)], variant="fused",
+                                    ensure_row_contiguous=False)
+        else:
+            k = dispatch.get_kernel("attention_partial", [*plain, "qw", "inv_freq", "qoff", "qeps", "counter"],
+                                    ["ws", "out"], defines=[("ATTN_FUSED", 1)], variant="fused_q",
+                                    ensure_row_contiguous=False)
+        return k(inputs=[*inputs, *(qnr if q_norm_rope is not None else []), counter],
+                 output_shapes=[(query_rows * ns * (D + 2),), out_shape], output_dtypes=[mx.float32, q.dtype],
+                 **launch)[1]
     # without the q norm (QNR 0, the default step's), no q-norm inputs (dispatch.get_form_kernel)
     k1, whole = dispatch.get_form_kernel(
         "attention_partial", [*plain, "qw", "inv_freq", "qoff", "qeps"], ["po", "pm", "pl"],
@@ -141,9 +151,6 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
     )
     if q_norm_rope is None:  # the whole signature's q-norm inputs are not read: small arrays stand in
         qnr = [q, scale_arr, kv_n, scale_arr] if whole else []
-    else:
-        weight, inv_freq, offset, eps = q_norm_rope
-        qnr = [weight, inv_freq.astype(mx.float32), offset_array(offset), dispatch.constant(eps, mx.float32)]
     po, pm, pl = k1(
         inputs=[*inputs, *qnr],
         output_shapes=[(query_rows, ns, D), (query_rows, ns), (query_rows, ns)],
@@ -225,17 +232,17 @@ def _probe_prefix(key):
 
 
 def attention_prefix_q_reference(q, weight, inv_freq, offset, eps: float, keys, values, kv_len, scale: float = 1.0,
-                                 rows: bool = False):
+                                 rows: bool = False, fused: bool = False):
     """:func:`attention_prefix_reference` of ``q_norm_rope_reference(q, ...)``; q is the raw
-    projection (B, Lq, H, D)."""
+    projection (B, Lq, H, D). ``fused`` (the kernel's launch form) changes nothing here."""
     return attention_prefix_reference(q_norm_rope_reference(q, weight, inv_freq, offset, eps), keys, values, kv_len,
                                       scale, rows)
 
 
 def _attention_prefix_q_kernel(q, weight, inv_freq, offset, eps: float, keys, values, kv_len, scale: float = 1.0,
-                               rows: bool = False):
+                               rows: bool = False, fused: bool = False):
     return attention_kernel(q.transpose(0, 2, 1, 3), keys, values, scale, 0, kv_len, (weight, inv_freq, offset, eps),
-                            rows=rows)
+                            rows=rows, fused=fused)
 
 
 def _probe_prefix_q(key):
@@ -250,21 +257,25 @@ def _probe_prefix_q(key):
 def attention_prefix_q(q: mx.array, weight: mx.array, inv_freq: mx.array, offset, eps: float, keys: mx.array,
                        values: mx.array, kv_len: mx.array, scale: float = 1.0, rows: bool = False, *,
                        fallback=None) -> mx.array:
-    """:func:`attention_prefix_q_reference` as one kernel pass pair on GPU: the q norm and RoPE
-    of the decode step need no launch of their own. Name ``attention_prefix_q``: off by default
-    (``dispatch.DEFAULT_DISABLED``: correct on the H200, no faster), and off whenever ``attention_prefix``
-    or ``q_norm_rope`` is."""
+    """:func:`attention_prefix_q_reference` as one kernel pass pair on GPU (one launch with
+    ``attention_fused`` on, a class of its own): the q norm and RoPE of the decode step need no
+    launch of their own. Name ``attention_prefix_q``: off by default (``dispatch.DEFAULT_DISABLED``:
+    correct on the H200, no faster in session 6's step), and off whenever ``attention_prefix`` or
+    ``q_norm_rope`` is."""
     B, Lq, H, D = q.shape
     if rows and Lq != 1:
         raise ValueError("rows needs one query (Lq == 1)")
     key = _class_key(q.transpose(0, 2, 1, 3), keys, values, 0)
     if key is not None and (D % 64 or weight.size != D or inv_freq.size != D // 2):
         key = None
-    if key is not None and rows:
+    fused = key is not None and not dispatch.is_disabled("attention_fused")
+    if fused:
+        key = key + (rows, True)
+    elif key is not None and rows:
         key = key + (True,)
     return dispatch.run(
         "attention_prefix_q", key, attention_prefix_q_reference, _attention_prefix_q_kernel, _probe_prefix_q,
-        q, weight, inv_freq, offset, eps, keys, values, kv_len, scale, rows, fallback=fallback,
+        q, weight, inv_freq, offset, eps, keys, values, kv_len, scale, rows, fused, fallback=fallback,
     )
 
 

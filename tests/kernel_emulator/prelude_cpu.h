@@ -38,6 +38,14 @@ inline float emu_warp_reduce(float v, bool max) {
 }
 inline float k_warp_sum(float v) { return emu_warp_reduce(v, false); }
 inline float k_warp_max(float v) { return emu_warp_reduce(v, true); }
+inline float k_shfl(float v, int lane) {
+  emu_warp& w = emu_warps[threadIdx.x >> 5];
+  w.slot[threadIdx.x & 31] = v;
+  w.bar->arrive_and_wait();
+  const float r = w.slot[lane];
+  w.bar->arrive_and_wait();
+  return r;
+}
 #define K_DEVICE_FENCE() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 inline int k_atomic_add(const int* p, int v) { return __atomic_fetch_add(const_cast<int*>(p), v, __ATOMIC_SEQ_CST); }
 inline void k_atomic_zero(const int* p) { __atomic_store_n(const_cast<int*>(p), 0, __ATOMIC_SEQ_CST); }

@@ -43,6 +43,7 @@ inline float simd_sum(float v) { return v; }
 inline float simd_max(float v) { return v; }
 inline float simd_min(float v) { return v; }
 inline float simd_shuffle_xor(float v, ushort) { return v; }
+inline float simd_shuffle(float v, ushort) { return v; }
 
 namespace metal {
 inline float exp(float x) { return std::exp(x); }
