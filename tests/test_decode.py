@@ -846,7 +846,7 @@ def test_decode_with_the_matvec_forms_equals_decode_without(form, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_decode_with_the_fused_attention_equals_the_two_passes(dtype, monkeypatch):
-    """``attention_fused`` (off by default): the decode step's prefix attention in one launch, the
+    """``attention_fused`` (on by default on CUDA since session 28): the decode step's prefix attention in one launch, the
     last block of each group merging the splits, against the two passes, strict (a failed check
     raises); the fused classes are the ones checked and used, and every launch leaves the counters
     zero. GPU only: the emulator cannot run inside the compiled step (tests/test_kernel_emulator.py
@@ -861,11 +861,10 @@ def test_decode_with_the_fused_attention_equals_the_two_passes(dtype, monkeypatc
     truth = _logits_with_kernels(model, ids, 16, monkeypatch, "off", "", {}, True)
     model.set_dtype(dtype)
     default = dispatch.DEFAULT_DISABLED["cuda"]
-    assert "attention_fused" in default.split(",")
-    two = _logits_with_kernels(model, ids, 16, monkeypatch, "strict", default, {}, True)
+    assert "attention_fused" not in default.split(",")
+    two = _logits_with_kernels(model, ids, 16, monkeypatch, "strict", default + ",attention_fused", {}, True)
     assert not any(k[0] == "attention_prefix" and k[-1] is True and len(k) == 9 for k in dispatch.verdicts())
-    on = ",".join(n for n in default.split(",") if n != "attention_fused")
-    one = _logits_with_kernels(model, ids, 16, monkeypatch, "strict", on, {}, True)
+    one = _logits_with_kernels(model, ids, 16, monkeypatch, "strict", default, {}, True)
     assert any(k[0] == "attention_prefix" and k[-1] is True and len(k) == 9 for k in dispatch.verdicts())
     _assert_kernel_logits_close(one, two, truth, dtype, True)
     counters = [c for (owner, _), c in dispatch._block_counters.items() if owner == "attention"]

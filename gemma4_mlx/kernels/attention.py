@@ -33,11 +33,11 @@ TARGET_BLOCKS = 528  # about 4 threadgroups per SM on an H100 (132 SMs)
 # threadgroups of 128 keys took ~40 us a call, more than MLX's matmul-softmax-matmul; at 32 keys
 # they have 16 threadgroups, and the combine pass reads the larger partials.
 MIN_KEYS_PER_SPLIT = 32
-# The fused form (name ``attention_fused``; CUDA, off by default until measured): pass 1's last
-# block of each group merges the splits, one launch a layer instead of two in the decode step,
-# which MLX's host cost per launch bounds. Its merge is one block's serial loop over the splits
-# (the combine pass gives a block to each row), so it takes at most FUSED_MAX_SPLITS; its blocks
-# count in an int32 array of COUNTER_SLOTS that every launch leaves zero, one a stream.
+# The fused form (name ``attention_fused``; CUDA, on by default there since session 28): pass 1's
+# last block of each group merges the splits, one launch a layer instead of two in the decode step,
+# which MLX's host cost per launch bounds. Its merge gives a warp to each row and each lane two
+# splits' weights, so it takes at most FUSED_MAX_SPLITS; its blocks count in an int32 array of
+# COUNTER_SLOTS that every launch leaves zero, one a stream.
 FUSED_MAX_SPLITS = 64
 COUNTER_SLOTS = 4096
 

@@ -152,9 +152,13 @@ def active_backend() -> str | None:
 # close, the launch's last block closing the row; CUDA only) are on on CUDA: E2B's step 372 launches
 # against 477, ms median of 7 rounds without / with on the H200: E2B bf16 5.49 / 5.43, 4-bit 5.75 /
 # 5.61, E4B bf16 8.88 / 8.65, 4-bit 9.30 / 8.83. "attention_fused" (session 23: the decode step's
-# attention in one launch, pass 1's last block of each group merging the splits) is off: correct,
-# and 2.01x / 1.97x stock on E2B bf16, 1.51x / 1.42x E4B (session 24; its last block's merge took
-# its GPU time from 20.5 to 35.7 us a launch on E2B's sliding layers).
+# attention in one launch, pass 1's last block of each group merging the splits) is on on CUDA since
+# session 28, when that merge went from one serial loop a row (session 24: 35.7 us a sliding layer's
+# launch against 15.1 + 5.3 for the two passes; no faster) to a warp a row: ms median of 7 rounds
+# without / with on the H200, E2B bf16 6.05 / 6.08, 6.15 / 5.90, 6.08 / 5.76; 4-bit 7.09 / 6.65,
+# 6.83 / 6.35; E4B bf16 8.38 / 8.03, 7.33 / 7.18; 26B-A4B 4-bit 8.99 / 8.65 (5 rounds); 35 launches
+# fewer a step on E2B. With "attention_prefix_q" too (the q norm in the same launch) the GPU's share
+# grew more than the host's fell (6.45 / 6.77 / 8.51 ms): that stays off.
 # "norm_pair_close" (session 24: a MoE layer's feed-forward output and the layer's close in the block
 # that holds the row, one launch fewer a MoE layer) is on on CUDA since session 25: its parity passed
 # there, and 26B-A4B 4-bit's step read 9.15 / 11.30 ms with it against 9.56 / 11.59 without (median of
@@ -163,7 +167,7 @@ def active_backend() -> str | None:
 # "scale" and "geglu" (session 11) replace MLX's fused element-wise kernels one for one, to spare
 # MLX's CUDA JIT (seconds per kernel on a machine's first run); Metal compiles those in
 # milliseconds, so there they stay MLX's: off.
-DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual,attention_fused",
+DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual",
                     "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused,mv_close,qmv_close,"
                              "norm_pair_close"}
 
