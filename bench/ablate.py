@@ -81,6 +81,10 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours +attn_q", off(on=["attention_prefix_q"])),
            ("ours +attn fused", off(on=["attention_fused"])),  # session 23: attention in one launch a layer
            ("ours -attn fused", off("attention_fused")),  # its two passes (the default until session 28)
+           # session 28: a cache-writing layer's q, k and v norms + RoPE in one launch (qkv_norm_rope, off by default);
+           # with attn_q the KV-shared layers' q norm goes into their attention's launch too
+           ("ours +qkv norm", off(on=["qkv_norm_rope"])),
+           ("ours +qkv norm +attn_q", off(on=["qkv_norm_rope", "attention_prefix_q"])),
            # session 28: both, the whole attention of a layer (q norm, RoPE, passes, merge) in one launch
            ("ours +attn_q fused", off(on=["attention_prefix_q", "attention_fused"])),
            ("ours -close", off("mv_close", "qmv_close")),  # session 24: the o / down / PLE products with their closes

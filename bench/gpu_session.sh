@@ -7,25 +7,20 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 28): issue 14. One GPU is enough (nvidia-h200). Session 27's `check` passed (1,045 of 1,048, 3
-# skipped: device constants, the batched first-step checks, the GeGLU rows form), E2B end to end read 2.56x bf16 /
-# 1.82x 4-bit (stock's processes spread 72-116 tok/s), 6 fresh generates of 6 passed, and the steps are bound by the
-# host's recording (~4.2-4.4 ms for ~375 launching primitives; the GPU waits ~1.3 ms after it). In this order:
-#   0. `check` (~7 min): session 27's decode snapshot counts the model's changes with CPython 3.12's dict watchers, on
-#      by default where the Python is 3.12+ (the device's is 3.12.3: new on this path), and the compiled-against-eager
-#      tests now run with GEMMA4_MLX_SHARED_SLOTS=1 too.
-#   1. `graphs` then `Q=4 graphs` (~6 min each): MLX's graph bounds (ops / MB a graph, no graphs) on a host-bound
-#      step; a setting that makes ours faster can be set by the CLI before MLX starts (docs/benchmarks.md, session 27).
-#   2. `NEW=128 RUNS=3 e2e` (and `Q=4 ...` if time): three warm runs a side; the 2.5x cell rested on one slow stock
-#      process of two.
-#   3. `constants` (~7 min: 26B-A4B 4-bit did not run in session 27, the call's limit came first; its 1.55x
-#      rests on one process a side; the GeGLU rows form is in it now).
-#   4. `captureprobe` (~2.5 min: the +main cases) and `loadprof` (ours' load() 1.13x / 1.27x stock's in session 27).
-#   5. `shared` (~6 min): GEMMA4_MLX_SHARED_SLOTS=1 (session 27, off by default: one slot index for the caches that
-#      take the same slot; 9-20% fewer primitives a step on the CPU's count) on the GPU's compiled-against-eager tests
-#      and the step; on by default if both hold.
-#   6. `steppython` (~1 min): the decode snapshot's dict watchers (session 27, CPU only so far: E2B's Python around the
-#      step 952 -> 494 us a token on the 2-core CPU) on the device's host; `graphs`' and `constants`' "call" has them too.
+# Next visit (session 29): issue 14. One GPU is enough (nvidia-h200). Session 28's `check` (on session 27's code)
+# passed 1,049 of 1,053 (4 skipped); the attention in one launch a layer (attention_fused, its merge now a warp a row)
+# went on by default after its parity passed and the step ran 2-7% faster (7 lines of 8); E2B bf16 end to end read
+# 2.86x (2.24x-3.59x over the pairings); MLX's graph bounds and the shared slot indices gave nothing. In this order:
+#   0. `check` (~7 min): the fused attention is on by default now (its decode test and the emulator ran; the whole
+#      suite on CUDA has not), and qkv_norm_rope (off) has kernel tests in test_kernels.py.
+#   1. `qkvnorm` (~5 min): qkv_norm_rope (session 28, off by default: a cache-writing layer's q norm + RoPE and its
+#      k / v norms in one launch, 15 launches fewer a step on E2B, 24 E4B, 30 26B-A4B, 60 31B): parity, then the step;
+#      on by default if its tests pass and it is not slower (dispatch.DEFAULT_DISABLED, tests/test_kernels.py's
+#      test_disable_list, the emulator family's "off by default" assertion).
+#   2. `NEW=128 RUNS=3 e2e` (bf16: three warm runs a side with the fused attention), then `Q=4 NEW=128 RUNS=2 e2e`
+#      (4-bit end to end has not run with it).
+#   3. `constants` (~7 min; 26B-A4B 4-bit's line has not run since session 26: CONST_S=200 for it).
+#   4. `captureprobe` (+main cases, ~2.5 min) and `loadprof`; `steppython` (~1 min).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
@@ -347,6 +342,15 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
        timeout ${CAP_S:-60} python3 -m gemma4_mlx.cli generate --model /root/e2e/e2b-bfloat16-seed0 --prompt "$prompt" --max-tokens 64 \
          --temp 0 --no-chat-template > "$OUT/capture.$n.txt" 2>&1; echo "rc $?" >> "$OUT/capture.$n.txt")
       echo "== $n [${combo:-default}] $(tail -1 "$OUT/capture.$n.txt") $(grep -m1 -o "what().*" "$OUT/capture.$n.txt")"
+    done ;;
+  qkvnorm)  # session 28: qkv_norm_rope (off by default): a cache-writing layer's q norm + RoPE and k / v norms in one
+            # launch instead of two: its parity on CUDA, then the step with it (and with attention_prefix_q too, which
+            # takes the KV-shared layers' q norm into their attention), E2B bf16 / 4-bit, E4B bf16, 26B-A4B 4-bit (~6 min)
+    parity qkvcheck ${QKV_PARITY_S:-200} tests/test_decode.py tests/test_kernels.py tests/test_cuda_build.py \
+      -k "norm_rope or one_norm_launch or q_norm"
+    for pq in "e2b 0" "e2b 4" "e4b 0" "26b-a4b 4"; do
+      CONFIGS="${CONFIGS:-stock,ours,ours +qkv norm,ours +qkv norm +attn_q}" ROUNDS=${ROUNDS:-7} STEPS=15 \
+        timeout ${QKV_S:-110} python3 bench/ablate.py $pq 2>&1 | tail -12 | tee "$OUT/qkvnorm-${pq// /-q}.txt"
     done ;;
   shared)   # session 27: GEMMA4_MLX_SHARED_SLOTS=1 (off by default): the compiled-against-eager tests with it (check runs
             # them too), then the step with and without it, E2B bf16 / 4-bit and 26B-A4B 4-bit (~6 min)

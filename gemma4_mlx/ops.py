@@ -156,6 +156,23 @@ def kv_norm_rope(k: mx.array, v: mx.array, k_weight: mx.array, inv_freq: mx.arra
     return mlx_ops(k, v, k_weight, inv_freq, offset, eps)
 
 
+def qkv_norm_rope(q: mx.array, k: mx.array, v: mx.array, q_weight: mx.array, k_weight: mx.array, inv_freq: mx.array,
+                  freqs: mx.array, offset: Offset, eps: float):
+    """(queries, keys, values), head-major: :func:`q_norm_rope` of q and :func:`kv_norm_rope` of
+    k, v in one kernel launch, where the decode step takes it (``qkv_norm_rope`` on); None
+    elsewhere (the caller takes the two ops; the q norm may then go into the attention's launch,
+    ``attention_prefix_q``)."""
+    kern = _gpu_kernels()
+    if kern is None or kern.is_disabled("qkv_norm_rope"):
+        return None
+
+    def apart(q, k, v, q_weight, k_weight, inv_freq, offset, eps):
+        return (q_norm_rope(q, q_weight, inv_freq, freqs, offset, eps),
+                *kv_norm_rope(k, v, k_weight, inv_freq, freqs, offset, eps))
+
+    return kern.qkv_norm_rope(q, k, v, q_weight, k_weight, inv_freq, offset, eps, fallback=apart)
+
+
 def make_mask(h: mx.array, cache: Any, window: Optional[int]):
     return create_attention_mask(h, cache, window_size=window)
 

@@ -983,6 +983,49 @@ def test_decode_with_attention_applying_the_q_norm_equals_decode_without(dtype, 
     dispatch.reset()
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_decode_with_one_norm_launch_for_q_k_v_equals_decode_without(dtype, monkeypatch):
+    """``qkv_norm_rope`` (off by default): a cache-writing layer's q norm + RoPE and its k / v norms
+    in one launch. In the traced step every cache-writing layer takes it, the KV-shared layers keep
+    q_norm_rope, kv_norm_rope is not called, and the logits are the two launches'. On the CPU the
+    backend is forced and the kernels are their references (the wiring)."""
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx.kernels import dispatch
+
+    gpu = dispatch.active_backend() is not None
+    others = "mv,qmv,ple_tail" if gpu else "mv,qmv,attention,attention_prefix,ple_combine,ple_gate,residual_norm,ple_tail"
+    model = _kernel_shaped_model(seed=12)
+    writing = sum(layer.self_attn.plan.kv_source == i for i, layer in enumerate(model.layers))
+    assert 0 < writing < len(model.layers)
+    ids = mx.array(np.random.default_rng(13).integers(0, model.args.vocab_size, size=(1, 24)))
+    calls = {"qkv_norm_rope": 0, "q_norm_rope": 0, "kv_norm_rope": 0}
+
+    def spy(name):
+        fn = getattr(K, f"{name}_reference" if not gpu else f"{name}_kernel")
+
+        def run(*args):
+            ctx = step_context.active()
+            if ctx is not None and ctx.tracing:
+                calls[name] += 1
+            return fn(*args)
+        return run
+
+    def run(disable):
+        for n in calls:
+            calls[n] = 0
+        return _logits_with_kernels(model, ids, 16, monkeypatch, "auto", disable, {n: spy(n) for n in calls}, gpu)
+
+    truth = run(others + ",q_norm_rope,kv_norm_rope,qkv_norm_rope")
+    model.set_dtype(dtype)
+    apart = run(others + ",qkv_norm_rope")
+    assert calls == {"qkv_norm_rope": 0, "q_norm_rope": len(model.layers), "kv_norm_rope": writing}, calls
+    one = run(others)
+    assert calls == {"qkv_norm_rope": writing, "q_norm_rope": len(model.layers) - writing, "kv_norm_rope": 0}, calls
+    assert all(ok for k, (ok, _) in dispatch.verdicts().items() if k[0] in calls)
+    _assert_kernel_logits_close(one, apart, truth, dtype, gpu)
+    dispatch.reset()
+
+
 @pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")  # the kernels without a spy cannot build here
 def test_kernels_run_only_in_the_compiled_step(monkeypatch):
     """Kernel launches cost Python time per call, and a kernel used before the first token would

@@ -358,7 +358,8 @@ def test_every_other_kernel_on_the_emulator():
 
 @pytest.mark.parametrize("family", ["tiny-31b", "tiny-moe", "kernel-shaped E2B", "kernel-shaped E2B, fused forms looped",
                                     "kernel-shaped E2B, closes apart", "tiny-moe, closed apart",
-                                    "kernel-shaped E2B, host constants", "tiny-moe, host constants"])
+                                    "kernel-shaped E2B, host constants", "tiny-moe, host constants",
+                                    "kernel-shaped E2B, one norm launch", "tiny-31b, one norm launch"])
 def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatch, family):
     """A model's decode steps with its kernels on (the emulator, outside the compiled step:
     kernel_scope) give the logits of the steps without them: the kernels' wiring and their logic
@@ -386,7 +387,10 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     constants = not family.endswith("host constants")
     monkeypatch.setenv("GEMMA4_MLX_DEVICE_CONSTANTS", "1" if constants else "0")
     monkeypatch.setattr(dispatch, "_constants", {})
-    closing = "," not in family or family.endswith(("closed apart", "host constants"))
+    one_norm = family.endswith("one norm launch")  # qkv_norm_rope on (off by default)
+    if one_norm:
+        disabled.remove("qkv_norm_rope")
+    closing = "," not in family or family.endswith(("closed apart", "host constants", "one norm launch"))
     if not closing:
         disabled += ["mv_close", "qmv_close"]
     in_place = family in ("tiny-moe", "tiny-moe, host constants")  # norm_pair_close on (the default)
@@ -426,7 +430,14 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     if in_place:  # every close of the tiny MoE's layers in a launch of its own making
         assert "norm_pair_close" in {k[0] for k in verdicts} and "residual_norm" not in {k[0] for k in verdicts}, \
             verdicts
-    assert {"q_norm_rope", "kv_norm_rope"} | closed_alone <= {k[0] for k in verdicts}, verdicts
+    # a cache-writing layer's q, k and v norms in one launch with qkv_norm_rope (the KV-shared layers' q in its own)
+    norms = {"qkv_norm_rope", "q_norm_rope" if "E2B" in family else "qkv_norm_rope"} if one_norm else \
+        {"q_norm_rope", "kv_norm_rope"}
+    assert norms | closed_alone <= {k[0] for k in verdicts}, verdicts
+    if one_norm:
+        assert not {"kv_norm_rope", "q_norm_rope" if "E2B" not in family else "kv_norm_rope"} & {k[0] for k in verdicts}
+    elif "qkv_norm_rope" in {k[0] for k in verdicts}:
+        raise AssertionError("qkv_norm_rope is off by default")
     forms = {k[-2:] for k in verdicts if k[0] == "mv_close"}
     if not closing:
         assert not forms, verdicts

@@ -58,6 +58,16 @@ def test_attention_fused_builds_and_keeps_its_arrays_in_registers(sass, D, RT):
     assert res["STACK"] == 0 and res["LOCAL"] == 0, res
 
 
+@pytest.mark.parametrize("name", ["norm_rope", "norm_rope_qkv"])
+@pytest.mark.parametrize("D", [256, 512])
+def test_norm_rope_forms_keep_their_rows_in_registers(sass, name, D):
+    """The q / k-v norm + RoPE launch and its one-launch form for q, k and v (qkv_norm_rope: the
+    pointers chosen by the warp's row, the value norm under a branch) keep their rows in
+    registers; the stack is the double precision cos / sin's slow path only."""
+    res = sass.resources(sass.build(name, dict(T="bfloat16", D=D, H=8, HK=1)))
+    assert res["STACK"] <= 40 and res["LOCAL"] == 0, res
+
+
 @pytest.mark.parametrize("name", ["attention_partial", "attention_fused_q"])
 @pytest.mark.parametrize("D,RT", [(256, 8), (512, 4)])
 def test_attention_with_the_q_norm_keeps_its_arrays_in_registers(sass, name, D, RT):

@@ -494,6 +494,16 @@ def test_norm_rope_kernels(case, dtype):
         want = K.kv_norm_rope_reference(q, vv, w, inv, off, 1e-6)
         assert_close(got[0], want[0], dtype, "keys")
         assert_close(got[1], want[1], dtype, "values")
+    # q and a layer's k / v in one launch (qkv_norm_rope), fewer kv heads than q heads
+    hk = max(1, H // 4)
+    k, v = rnd((B, L, hk, D), dtype, 2.5), rnd((B, L, hk, D), dtype, 2.0)
+    wk = (1 + rnd((D,), mx.float32, 0.3)).astype(dtype)
+    for vv in (v, k):
+        got = K.qkv_norm_rope_kernel(q, k, vv, w, wk, inv, off, 1e-6)
+        want = K.qkv_norm_rope_reference(q, k, vv, w, wk, inv, off, 1e-6)
+        for g, r, what in zip(got, want, ("queries", "keys", "values")):
+            assert g.shape == r.shape, what
+            assert_close(g, r, dtype, f"qkv {what}")
 
 
 @gpu_only
@@ -1399,8 +1409,9 @@ def test_disable_list(monkeypatch):
     # 15, but not inside CUDA's matvecs (mv_residual, qmv_residual: each block computes the norms
     # again); attention_fused: on on CUDA since session 28 (its merge a warp a row; its prelude
     # functions are CUDA's only); mv_close / qmv_close: on on CUDA since session 24, CUDA only (as
-    # attention_fused); norm_pair_close: on on CUDA since session 25 (26B-A4B 4-bit's step faster with it)
-    default = {"ple_tail", "attention_prefix_q"}
+    # attention_fused); norm_pair_close: on on CUDA since session 25 (26B-A4B 4-bit's step faster with it);
+    # qkv_norm_rope: off until a GPU has timed it (session 28)
+    default = {"ple_tail", "attention_prefix_q", "qkv_norm_rope"}
     with dispatch.force_backend("cuda"):
         assert dispatch.disabled_kernels() == default | {"mv_residual", "qmv_residual"}
         assert not dispatch.is_disabled("mv_close") and not dispatch.is_disabled("qmv_close")

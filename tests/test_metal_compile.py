@@ -61,6 +61,11 @@ def _launches():
                 out.append((f"kv_norm_rope {dt} D={D} Hkv={Hkv}",
                             lambda k, w, inv: rope.kv_norm_rope_kernel(k, k, w, inv, mx.array([1]), 1e-6),
                             (k, mx.ones((D,), dt), inv)))
+            for H, Hkv in ((8, 1), (16, 8), (32, 16)):  # q and k / v in one launch (qkv_norm_rope)
+                q, k = mx.zeros((1, 2, H, D), dt), mx.zeros((1, 2, Hkv, D), dt)
+                out.append((f"qkv_norm_rope {dt} D={D} H={H} Hkv={Hkv}",
+                            lambda q, k, w, inv: rope.qkv_norm_rope_kernel(q, k, k, w, w, inv, 3, 1e-6),
+                            (q, k, mx.ones((D,), dt), inv)))
             # every rows-per-tile instantiation: RT = min(next_pow2(G * Lq), 2048 // D)
             for G, Lq in ((1, 1), (2, 1), (4, 1), (8, 1), (16, 16)):
                 q = mx.zeros((1, G, Lq, D), dt)

@@ -3,7 +3,7 @@
 Public functions (each dispatches: kernel on a GPU backend after a one-time
 self-check per shape class, else the pure-MLX reference):
 
-* :func:`q_norm_rope`, :func:`kv_norm_rope`
+* :func:`q_norm_rope`, :func:`kv_norm_rope`, :func:`qkv_norm_rope`
 * :func:`attention`
 * :func:`ple_combine`, :func:`ple_gate` (and :func:`geglu`, the MLP's, through its kernel)
 * :func:`scale`, :func:`residual_scale`, :func:`softcap` (a runtime scalar, element-wise)
@@ -109,6 +109,9 @@ from .rope import (
     q_norm_rope,
     q_norm_rope_kernel,
     q_norm_rope_reference,
+    qkv_norm_rope,
+    qkv_norm_rope_kernel,
+    qkv_norm_rope_reference,
     rms_norm_reference,
     rope_reference,
 )
@@ -123,7 +126,7 @@ __all__ = [
     "quantized_matvec_gate_kernel", "quantized_matvec_gate_reference", "quantized_residual_matvec",
     "quantized_residual_matvec_kernel", "quantized_residual_matvec_reference", "quantized_matvec_close",
     "quantized_matvec_close_kernel", "quantized_matvec_close_reference",
-    "q_norm_rope", "kv_norm_rope", "attention", "attention_prefix", "attention_prefix_reference", "attention_prefix_q",
+    "q_norm_rope", "kv_norm_rope", "qkv_norm_rope", "qkv_norm_rope_kernel", "qkv_norm_rope_reference", "attention", "attention_prefix", "attention_prefix_reference", "attention_prefix_q",
     "attention_prefix_q_reference", "ple_combine", "ple_gate",
     "q_norm_rope_reference", "kv_norm_rope_reference", "attention_reference", "ple_combine_reference",
     "ple_gate_reference", "rms_norm_reference", "rope_reference", "gelu_tanh_reference",

@@ -167,9 +167,12 @@ def active_backend() -> str | None:
 # "scale" and "geglu" (session 11) replace MLX's fused element-wise kernels one for one, to spare
 # MLX's CUDA JIT (seconds per kernel on a machine's first run); Metal compiles those in
 # milliseconds, so there they stay MLX's: off.
-DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual",
+# "qkv_norm_rope" (session 28: a cache-writing layer's q norm + RoPE and k / v norms + RoPE in one
+# launch instead of two; written on the CPU, checked on the emulator) is off until a GPU has checked
+# and timed it.
+DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual,qkv_norm_rope",
                     "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused,mv_close,qmv_close,"
-                             "norm_pair_close"}
+                             "norm_pair_close,qkv_norm_rope"}
 
 
 # The fused forms follow the switches of what they fuse (``mv`` off: every float matvec form
@@ -178,6 +181,7 @@ DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residua
 SWITCHES_OF = {"mv_geglu": ("mv",), "mv_gate": ("mv",), "mv_residual": ("mv", "residual_norm"),
                "qmv_geglu": ("qmv",), "qmv_gate": ("qmv",), "qmv_residual": ("qmv", "residual_norm"),
                "attention_prefix_q": ("attention_prefix", "q_norm_rope"), "geglu_joined": ("geglu",),
+               "qkv_norm_rope": ("q_norm_rope", "kv_norm_rope"),
                "attention_fused": ("attention_prefix",), "mv_close": ("mv", "residual_norm"),
                "qmv_close": ("qmv", "residual_norm"), "norm_pair_close": ("norm_pair", "residual_norm")}
 

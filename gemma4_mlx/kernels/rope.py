@@ -3,6 +3,8 @@
 * :func:`q_norm_rope` (q_norm, RoPE, (B, L, H, D) -> (B, H, L, D))
 * :func:`kv_norm_rope` (k_norm + RoPE for keys, scale-free norm for values,
   both head-major, in ONE launch)
+* :func:`qkv_norm_rope` (both of the above for a layer that writes its cache, in ONE launch:
+  the decode step's q and its new key / value; name ``qkv_norm_rope``)
 
 Kernel body: ``custom_kernels/norm_rope.inc`` (one warp per (b, l, head) row).
 Numerics (as HF Gemma 4): the norm in float32 with the weight as is, the
@@ -63,6 +65,13 @@ def kv_norm_rope_reference(k, v, k_weight, inv_freq, offset, eps):
     return keys, values
 
 
+def qkv_norm_rope_reference(q, k, v, q_weight, k_weight, inv_freq, offset, eps):
+    """(queries, keys, values), head-major: :func:`q_norm_rope_reference` of q and
+    :func:`kv_norm_rope_reference` of k, v at the same positions."""
+    return (q_norm_rope_reference(q, q_weight, inv_freq, offset, eps),
+            *kv_norm_rope_reference(k, v, k_weight, inv_freq, offset, eps))
+
+
 # ---------------------------------------------------------------- kernels
 
 _INPUTS_Q = ["x", "w", "inv_freq", "offset", "eps"]
@@ -99,6 +108,25 @@ def _launch(pair: bool, x, xv, weight, inv_freq, offset, eps):
         threadgroup=(TG, 1, 1),
         output_shapes=[shape] * (2 if pair else 1),
         output_dtypes=[x.dtype] * (2 if pair else 1),
+        **dispatch.init_kwargs(),
+    )
+
+
+def qkv_norm_rope_kernel(q, k, v, q_weight, k_weight, inv_freq, offset, eps):
+    """Kernel version of :func:`qkv_norm_rope_reference` (same signature): q's rows, then k's
+    and v's, a warp each, in one launch."""
+    B, L, H, D = q.shape
+    HK = k.shape[2]
+    kern = dispatch.get_kernel("norm_rope", ["x", "xk", "xv", "w", "wk", "inv_freq", "offset", "eps"],
+                               ["out", "kout", "vout"], defines=[("KV_PAIR", 0), ("QKV", 1)], variant="qkv")
+    return kern(
+        inputs=[q, k, v, q_weight, k_weight, inv_freq.astype(mx.float32), offset_array(offset),
+                dispatch.constant(eps, mx.float32)],
+        template=[("T", q.dtype), ("D", D), ("H", H), ("HK", HK)],
+        grid=(ceil_to(B * L * (H + HK) * 32, TG), 1, 1),
+        threadgroup=(TG, 1, 1),
+        output_shapes=[(B, H, L, D), (B, HK, L, D), (B, HK, L, D)],
+        output_dtypes=[q.dtype] * 3,
         **dispatch.init_kwargs(),
     )
 
@@ -165,4 +193,33 @@ def kv_norm_rope(k: mx.array, v: mx.array, k_weight: mx.array, inv_freq: mx.arra
     return dispatch.run(
         "kv_norm_rope", key, kv_norm_rope_reference, kv_norm_rope_kernel,
         lambda c: _probe_inputs(c, True), k, v, k_weight, inv_freq, offset, eps, fallback=fallback,
+    )
+
+
+def _probe_qkv(key):
+    dtype = dispatch.dtype_from_key(key[0])
+    D, H, HK = key[1], key[2], key[3]
+    q, w, inv_freq, offset, eps = _probe_inputs((key[0], D, H), False)
+    k = dispatch.probe_normal((2, 3, HK, D), 4, dtype, 2.5)
+    v = dispatch.probe_normal((2, 3, HK, D), 5, dtype, 2.0)
+    wk = (1 + dispatch.probe_normal((D,), 6, mx.float32, 0.5)).astype(dtype)
+    return (q, k, v, w, wk, inv_freq, offset, eps)
+
+
+def qkv_norm_rope(q: mx.array, k: mx.array, v: mx.array, q_weight: mx.array, k_weight: mx.array,
+                  inv_freq: mx.array, offset, eps: float, *, fallback=None):
+    """(queries, keys, values), all head-major: :func:`q_norm_rope` of q (B, L, H, D) and
+    :func:`kv_norm_rope` of k, v (B, L, HK, D) at the same positions, in one launch on GPU
+    (name ``qkv_norm_rope``: off by default until measured; off whenever ``q_norm_rope`` or
+    ``kv_norm_rope`` is). ``v`` may be ``k`` itself."""
+    key = _class_key(q, inv_freq)
+    if key is not None and (k.ndim != 4 or tuple(k.shape[:2]) != tuple(q.shape[:2]) or k.shape[3] != q.shape[3]
+                            or tuple(v.shape) != tuple(k.shape) or k.dtype != q.dtype or v.dtype != q.dtype
+                            or q_weight.size != q.shape[-1] or k_weight.size != q.shape[-1]):
+        key = None
+    if key is not None:
+        key = key + (k.shape[2],)
+    return dispatch.run(
+        "qkv_norm_rope", key, qkv_norm_rope_reference, qkv_norm_rope_kernel, _probe_qkv,
+        q, k, v, q_weight, k_weight, inv_freq, offset, eps, fallback=fallback,
     )
