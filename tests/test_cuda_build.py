@@ -180,26 +180,33 @@ def test_the_generated_signature_passes_shapes_and_contiguous_strides():
     nvrtc.compile_source(src, arch="sm_80")
 
 
-def test_prepare_at_load_starts_every_kernel_build_of_the_decode_step(fresh_builds, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["default", "attention apart"])
+def test_prepare_at_load_starts_every_kernel_build_of_the_decode_step(fresh_builds, monkeypatch, fused):
     """The dry run at load names the step's kernels and starts their builds (nothing is launched);
-    the first decode step's self-checks then find them built."""
+    the first decode step's self-checks then find them built. By default the attention is one
+    launch a layer (attention_fused, on since session 28); switched off, its two passes."""
     from gemma4_mlx import Model, decode, parse_config
     from gemma4_mlx.presets import preset_config
 
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    if not fused:
+        monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", dispatch.DEFAULT_DISABLED["cuda"] + ",attention_fused")
     cfg = dict(preset_config("tiny"), hidden_size=128, head_dim=64, global_head_dim=128,
                hidden_size_per_layer_input=64, intermediate_size=256)
     model = Model(parse_config(cfg))
     with dispatch.force_backend("cuda"):
         decode.prepare(model)
     names = {src.split("void __launch_bounds__(K_TG) ")[1].split("(")[0] for src, _ in cuda_build._builds}
-    # norm+RoPE for q and k/v, both attention passes, PLE, the sublayer closes (residual_norm, on
-    # by default since session 15), the float matvec's plain and gated forms (on since session 20);
-    # nothing switched off (the 4-bit matvec on float weights, the PLE tail); pass 1 without the q norm
-    # ("attention_prefix_q" is off) in its signature without the q-norm inputs (session 17)
-    assert {"gemma4_norm_rope_q", "gemma4_norm_rope_kv", "gemma4_attention_partial_plain", "gemma4_attention_combine",
-            "gemma4_ple_gate", "gemma4_ple_combine", "gemma4_residual_norm", "gemma4_mv_bare",
-            "gemma4_mv_gate"} <= names, names
+    # norm+RoPE for q and k/v, the attention (fused, or both passes with pass 1 without the q norm,
+    # "attention_prefix_q" being off, in its signature without the q-norm inputs: session 17), PLE, the
+    # sublayer closes (residual_norm, on by default since session 15), the float matvec's plain and gated
+    # forms (on since session 20); nothing switched off (the 4-bit matvec on float weights, the PLE tail)
+    attention = {"gemma4_attention_partial_fused"} if fused else {"gemma4_attention_partial_plain",
+                                                                  "gemma4_attention_combine"}
+    assert {"gemma4_norm_rope_q", "gemma4_norm_rope_kv", "gemma4_ple_gate", "gemma4_ple_combine",
+            "gemma4_residual_norm", "gemma4_mv_bare", "gemma4_mv_gate"} | attention <= names, names
+    other = {"gemma4_attention_partial_plain", "gemma4_attention_combine", "gemma4_attention_partial_fused"} - attention
+    assert not other & names, names
     assert not any(n.startswith(("gemma4_qmv", "gemma4_ple_tail")) for n in names), names
     assert all(f.result() for f in cuda_build._builds.values())
 
