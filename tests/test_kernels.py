@@ -1137,8 +1137,9 @@ def test_good_kernel_checked_once_and_no_sync_on_hot_path(monkeypatch):
 
 def test_check_all_passes_the_passing_checks_together_and_the_rest_alone(monkeypatch):
     """``check_all`` (a decode step's kernels before its trace) passes the checks that pass in one
-    evaluation; a kernel with values off, one that raises and one that takes a block counter (two
-    such launches in one of MLX's CUDA graphs may overlap) are checked alone, by ``self_check``,
+    evaluation, the kernels that count their blocks among them, each with zeroed counters of its
+    own (two launches sharing one could overlap in one of MLX's CUDA graphs), none of them the
+    stream's; a kernel with values off and one that raises are checked alone, by ``self_check``,
     which says why one failed; the verdicts are the ones a check alone gives."""
     monkeypatch.setenv(dispatch.ENV_VAR, "auto")
     monkeypatch.setattr(dispatch, "_block_counters", {})  # this test's counter goes with it
@@ -1149,15 +1150,19 @@ def test_check_all_passes_the_passing_checks_together_and_the_rest_alone(monkeyp
     def reference(x):
         return [x * 2, x + 1]
 
+    handed = []
+
     def counting(x):
-        assert dispatch.block_counter("test-counter", 4) is not None
+        counter = dispatch.block_counter("test-counter", 4)
+        assert counter is not None and counter.dtype == mx.int32 and counter.shape == (4,)
+        handed.append(counter)
         return reference(x)
 
     def raising(x):
         raise RuntimeError("no such launch")
 
     kernels = {"good_a": reference, "good_b": lambda x: [2 * x, 1 + x], "good_c": reference,
-               "off": lambda x: [x * 2, x + 1.5], "raising": raising, "counting": counting}
+               "off": lambda x: [x * 2, x + 1.5], "raising": raising, "counting": counting, "counting_too": counting}
     needed = [(name, (name, "cuda", i), reference, kernel, lambda key: (mx.arange(8, dtype=mx.float32),), (i,))
               for i, (name, kernel) in enumerate(kernels.items())]
     dispatch.reset()
@@ -1165,8 +1170,15 @@ def test_check_all_passes_the_passing_checks_together_and_the_rest_alone(monkeyp
         warnings.simplefilter("always")
         dispatch.check_all(needed + needed[:2])  # a class met twice is checked once
     verdicts = {k[0]: v for k, v in dispatch.verdicts().items()}
-    assert sorted(alone) == ["counting", "off", "raising"], alone
-    assert verdicts["good_a"] == verdicts["good_b"] == verdicts["good_c"] == verdicts["counting"] == (True, "")
+    assert sorted(alone) == ["off", "raising"], alone
+    assert verdicts["good_a"] == verdicts["good_b"] == verdicts["good_c"] == verdicts["counting"] \
+        == verdicts["counting_too"] == (True, "")
+    # the two counting checks each had zeroed counters of their own in the joint evaluation (the last
+    # two calls; the builds' prefetch calls the kernels first), not the stream's cached ones
+    joint = handed[-2:]
+    assert len(joint) == 2 and joint[0] is not joint[1], handed
+    assert not any(c is cached for c in joint for cached in dispatch._block_counters.values())
+    assert not any(np.array(c).any() for c in joint)
     assert not verdicts["off"][0] and "8/8 values off" in verdicts["off"][1], verdicts["off"]
     assert not verdicts["raising"][0] and "no such launch" in verdicts["raising"][1], verdicts["raising"]
     assert sorted(str(w.message).split("'")[1] for w in caught) == ["off", "raising"]

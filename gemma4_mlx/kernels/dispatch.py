@@ -484,7 +484,9 @@ def _make_constant(seq: tuple, dtype, via, device) -> mx.array:
 
 
 _block_counters: dict = {}
-_counters_handed = 0  # block_counter's calls that handed a counter out (see _check_together)
+# Inside _check_together's joint evaluation each launch that counts its blocks gets counters of its
+# own (fresh zeros, part of that evaluation's graph), so that several of them may run at once.
+_private_counters = threading.local()
 
 
 def block_counter(owner: str, slots: int) -> mx.array | None:
@@ -494,9 +496,12 @@ def block_counter(owner: str, slots: int) -> mx.array | None:
     them zero, so one array serves every launch of a stream whose launches run in turn. Within one
     of MLX's CUDA graphs launches are ordered by their data only (backend/cuda/device.cpp): in the
     decode step each launch that counts takes the output of the one before (the residual stream), and
-    :func:`_check_together` keeps such kernels out of its joint evaluation; two streams' launches
+    :func:`_check_together` gives each of its launches counters of its own; two streams' launches
     could overlap, hence a counter a stream. Made and evaluated once, outside any trace (the
-    self-check runs before the decode step is traced)."""
+    self-check runs before the decode step is traced). Within :func:`_check_together`'s joint
+    evaluation: fresh zeros for each call."""
+    if getattr(_private_counters, "on", False):
+        return mx.zeros((slots,), dtype=mx.int32)
     key = (owner, str(mx.default_stream(mx.default_device())))
     counter = _block_counters.get(key)
     if counter is None:
@@ -506,8 +511,6 @@ def block_counter(owner: str, slots: int) -> mx.array | None:
         except ValueError:  # inside a transformation
             return None
         _block_counters[key] = counter
-    global _counters_handed
-    _counters_handed += 1
     return counter
 
 
@@ -652,22 +655,27 @@ def prefetch(needed: Sequence[tuple]) -> None:
 def _check_together(todo: Sequence[tuple]) -> None:
     """Pass the self-checks of ``todo`` (a dry run's collection) that pass, in one evaluation and one
     read: one at a time each is two round trips to the GPU (the outputs, then the count of values
-    off), ~7 ms a kernel class on the H200 before E2B's first token (session 25's profile). Left to
-    :func:`_check` (one at a time, which says why one fails): a check whose kernel or reference
-    raises, one with values off, one whose kernel takes a block counter (two such launches in one
-    evaluation may overlap in MLX's CUDA graph, which orders launches only by their data, and
-    share the counter), and all of them when the joint evaluation raises."""
+    off), ~7 ms a kernel class on the H200 before E2B's first token (session 25's profile). A kernel
+    that counts its blocks (the closing matvecs, the fused attention) gets counters of its own here
+    (:func:`block_counter`): MLX's CUDA graph orders launches only by their data, so two launches
+    sharing one could overlap (until session 28 such kernels were checked alone, ~7 ms each). Left
+    to :func:`_check` (one at a time, which says why one fails): a check whose kernel or reference
+    raises, one with values off, and all of them when the joint evaluation raises."""
     counts, checked = [], {}  # key -> how many outputs (its counts, in order)
     for name, key, reference, kernel, probe, class_key in todo:
         if key in _verdicts or key in checked:
             continue
-        handed = _counters_handed
         try:
             args = probe(class_key)
-            outs, refs = _as_list(kernel(*args)), _as_list(reference(*args))
+            _private_counters.on = True
+            try:
+                outs = _as_list(kernel(*args))
+            finally:
+                _private_counters.on = False
+            refs = _as_list(reference(*args))
         except Exception:  # noqa: BLE001 - _check reports it
             continue
-        if _counters_handed != handed or _layout_mismatch(outs, refs):
+        if _layout_mismatch(outs, refs):
             continue
         counts += [_off(o, r)[1] for o, r in zip(outs, refs)]
         checked[key] = len(outs)
