@@ -12,13 +12,16 @@
 # went on by default after its parity passed and the step ran 2-7% faster (7 lines of 8); E2B bf16 end to end read
 # 2.86x (2.24x-3.59x over the pairings); MLX's graph bounds and the shared slot indices gave nothing. In this order:
 #   0. `check` (~7 min): the fused attention is on by default now (its decode test and the emulator ran; the whole
-#      suite on CUDA has not), and qkv_norm_rope (off) has kernel tests in test_kernels.py.
+#      suite on CUDA has not), qkv_norm_rope (off) has kernel tests in test_kernels.py, and the first step's joint
+#      self-check now takes the kernels that count their blocks, each with counters of its own (the strict decode
+#      tests fail if one of those checks fails there).
 #   1. `qkvnorm` (~5 min): qkv_norm_rope (session 28, off by default: a cache-writing layer's q norm + RoPE and its
 #      k / v norms in one launch, 15 launches fewer a step on E2B, 24 E4B, 30 26B-A4B, 60 31B): parity, then the step;
 #      on by default if its tests pass and it is not slower (dispatch.DEFAULT_DISABLED, tests/test_kernels.py's
 #      test_disable_list, the emulator family's "off by default" assertion).
 #   2. `NEW=128 RUNS=3 e2e` (bf16: three warm runs a side with the fused attention), then `Q=4 NEW=128 RUNS=2 e2e`
-#      (4-bit end to end has not run with it).
+#      (4-bit end to end has not run with it). Watch "first token after load()": 1.18x stock's in session 28 (0.75 /
+#      0.64 s), before the joint check took the counting kernels (5 classes checked alone then, ~7 ms each).
 #   3. `constants` (~7 min; 26B-A4B 4-bit's line has not run since session 26: CONST_S=200 for it).
 #   4. `captureprobe` (+main cases, ~2.5 min) and `loadprof`; `steppython` (~1 min).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
