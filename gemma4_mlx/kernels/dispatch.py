@@ -499,9 +499,8 @@ def block_counter(owner: str, slots: int) -> mx.array | None:
     :func:`_check_together` gives each of its launches counters of its own; two streams' launches
     could overlap, hence a counter a stream. Made and evaluated once, outside any trace (the
     self-check runs before the decode step is traced). Within :func:`_check_together`'s joint
-    evaluation: fresh zeros for each call."""
-    if getattr(_private_counters, "on", False):
-        return mx.zeros((slots,), dtype=mx.int32)
+    evaluation: fresh zeros for each call, the stream's own made all the same (the trace that
+    follows the checks cannot make one)."""
     key = (owner, str(mx.default_stream(mx.default_device())))
     counter = _block_counters.get(key)
     if counter is None:
@@ -511,6 +510,8 @@ def block_counter(owner: str, slots: int) -> mx.array | None:
         except ValueError:  # inside a transformation
             return None
         _block_counters[key] = counter
+    if getattr(_private_counters, "on", False):
+        return mx.zeros((slots,), dtype=mx.int32)
     return counter
 
 
