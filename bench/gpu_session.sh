@@ -353,7 +353,7 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
       -k "norm_rope or one_norm_launch or q_norm"
     for pq in "e2b 0" "e2b 4" "e4b 0" "26b-a4b 4"; do
       CONFIGS="${CONFIGS:-stock,ours,ours +qkv norm,ours +qkv norm +attn_q}" ROUNDS=${ROUNDS:-7} STEPS=15 \
-        timeout ${QKV_S:-110} python3 bench/ablate.py $pq 2>&1 | tail -12 | tee "$OUT/qkvnorm-${pq// /-q}.txt"
+        timeout ${QKV_S:-110} python3 bench/ablate.py $pq 2>&1 | tail -16 | tee "$OUT/qkvnorm-${pq// /-q}.txt"
     done ;;
   shared)   # session 27: GEMMA4_MLX_SHARED_SLOTS=1 (off by default): the compiled-against-eager tests with it (check runs
             # them too), then the step with and without it, E2B bf16 / 4-bit and 26B-A4B 4-bit (~6 min)
@@ -420,7 +420,7 @@ PY
       -k "fused_attention or q_norm or attention"
     for pq in "e2b 0" "e2b 4" "e4b 0"; do
       CONFIGS="${CONFIGS:-stock,ours,ours +attn fused,ours +attn_q,ours +attn_q fused}" ROUNDS=${ROUNDS:-7} STEPS=15 \
-        timeout ${FUSED_S:-120} python3 bench/ablate.py $pq 2>&1 | tail -12 | tee "$OUT/attnfused-${pq// /-q}.txt"
+        timeout ${FUSED_S:-120} python3 bench/ablate.py $pq 2>&1 | tail -16 | tee "$OUT/attnfused-${pq// /-q}.txt"
     done ;;
   fill)     # session 22: a prompt's chunks written by Model.fill_cache (gemma4_mlx/prompt_fill.py: the cache-writing
             # layers alone, the KV-shared tail and the head never built), as ours' generation and `compare` now run them:
