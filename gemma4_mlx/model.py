@@ -132,21 +132,15 @@ class Attention(nn.Module):
             q, k, *v = joined(x, head_dim=p.head_dim) if projected is None else joined.split(projected, p.head_dim)
         else:
             q = heads(ops.linear(self.q_proj, x) if projected is None else projected, self.num_heads)
-        normed = None
+        queries = None  # q normed and rotated already (head-major), where k's and v's launch made it
         if shared is None:
             offset = cache.offset if cache is not None else 0
             if joined is None:
                 k = heads(ops.linear(self.k_proj, x), self.num_kv_heads)
                 v = [] if p.k_eq_v else [heads(ops.linear(self.v_proj, x), self.num_kv_heads)]
             v = k if p.k_eq_v else v[0]
-            # q's norm and RoPE in the same launch as k's and v's where the decode step takes it
-            normed = ops.qkv_norm_rope(q, k, v, self.q_norm.weight, self.k_norm.weight, self._inv_freq, self._freqs,
-                                       offset, self.eps)
-            if normed is None:
-                keys, values = ops.kv_norm_rope(k, v, self.k_norm.weight, self._inv_freq, self._freqs, offset,
-                                                self.eps)
-            else:
-                q, keys, values = normed
+            queries, keys, values = ops.qkv_norm_rope(q, k, v, self.q_norm.weight, self.k_norm.weight, self._inv_freq,
+                                                      self._freqs, offset, self.eps)
             if cache is not None:
                 keys, values = cache.update_and_fetch(keys, values)
             kv_cache = cache
@@ -154,8 +148,8 @@ class Attention(nn.Module):
             keys, values, offset, kv_cache = shared
         # (B, L, heads * d) for the output projection; one position comes in that layout (in the
         # decode step straight from the attention kernel: no Reshape or Transpose at every token)
-        if normed is not None:
-            out = ops.attention(q, keys, values, mask, kv_cache, self.window, rows=L == 1)
+        if queries is not None:
+            out = ops.attention(queries, keys, values, mask, kv_cache, self.window, rows=L == 1)
         else:
             out = ops.attention_q(q, self.q_norm.weight, self._inv_freq, self._freqs, offset, self.eps, keys, values,
                                   mask, kv_cache, self.window, rows=L == 1)

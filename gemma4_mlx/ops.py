@@ -142,15 +142,14 @@ def q_norm_rope(q: mx.array, weight: mx.array, inv_freq: mx.array, freqs: mx.arr
     return mlx_ops(q, weight, inv_freq, offset, eps)
 
 
-def kv_norm_rope(k: mx.array, v: mx.array, k_weight: mx.array, inv_freq: mx.array, freqs: mx.array,
-                 offset: Offset, eps: float):
-    """Keys: RMSNorm, head-major, RoPE. Values: scale-free RMSNorm, head-major."""
+def _kv_norm_rope(kern, k, v, k_weight, inv_freq, freqs, offset, eps):
+    """Keys: RMSNorm, head-major, RoPE. Values: scale-free RMSNorm, head-major. ``kern``: the
+    kernels module as :func:`_gpu_kernels` gave it (None: MLX's ops)."""
 
     def mlx_ops(k, v, k_weight, inv_freq, offset, eps):
         keys = _rope(mx.fast.rms_norm(k, k_weight, eps).transpose(0, 2, 1, 3), freqs, offset)
         return keys, mx.fast.rms_norm(v, None, eps).transpose(0, 2, 1, 3)
 
-    kern = _gpu_kernels()
     if kern is not None:
         return kern.kv_norm_rope(k, v, k_weight, inv_freq, offset, eps, fallback=mlx_ops)
     return mlx_ops(k, v, k_weight, inv_freq, offset, eps)
@@ -158,17 +157,18 @@ def kv_norm_rope(k: mx.array, v: mx.array, k_weight: mx.array, inv_freq: mx.arra
 
 def qkv_norm_rope(q: mx.array, k: mx.array, v: mx.array, q_weight: mx.array, k_weight: mx.array, inv_freq: mx.array,
                   freqs: mx.array, offset: Offset, eps: float):
-    """(queries, keys, values), head-major: :func:`q_norm_rope` of q and :func:`kv_norm_rope` of
-    k, v in one kernel launch, where the decode step takes it (``qkv_norm_rope`` on); None
-    elsewhere (the caller takes the two ops; the q norm may then go into the attention's launch,
-    ``attention_prefix_q``)."""
+    """(queries, keys, values) for a cache-writing layer, keys and values head-major: where the
+    decode step takes ``qkv_norm_rope``, :func:`q_norm_rope` of q and k / v's norms (+ RoPE for k)
+    in one kernel launch; elsewhere queries is None (q's norm is the attention's to make: it may go
+    into the attention's launch, ``attention_prefix_q``) and keys, values are :func:`_kv_norm_rope`'s.
+    One lookup of the kernels a call (an eager token makes this call in every writing layer)."""
     kern = _gpu_kernels()
     if kern is None or kern.is_disabled("qkv_norm_rope"):
-        return None
+        return (None, *_kv_norm_rope(kern, k, v, k_weight, inv_freq, freqs, offset, eps))
 
     def apart(q, k, v, q_weight, k_weight, inv_freq, offset, eps):
         return (q_norm_rope(q, q_weight, inv_freq, freqs, offset, eps),
-                *kv_norm_rope(k, v, k_weight, inv_freq, freqs, offset, eps))
+                *_kv_norm_rope(kern, k, v, k_weight, inv_freq, freqs, offset, eps))
 
     return kern.qkv_norm_rope(q, k, v, q_weight, k_weight, inv_freq, offset, eps, fallback=apart)
 
