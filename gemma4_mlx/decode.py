@@ -152,8 +152,10 @@ class TreeSnapshot:
         self._sizes = [s for _, s in sizes]
         self._watched = watched
         self._attributes = [vars(m) for m, _ in watched]
-        self._lists = [n for n in self._sized if isinstance(n, list)]
         self._dicts_watched = all([dict_watch.watch(n) for n in self._sized if isinstance(n, dict)])
+        # what the quick look compares item by item besides the counts: the lists, where the dicts are
+        # counted (unwatched, the full look at every container has covered them already)
+        self._lists = [n for n in self._sized if isinstance(n, list)] if self._dicts_watched else []
         # the watched modules' attributes too, where writing one is counted (CPython 3.12, not 3.13)
         self._attributes_watched = (self._dicts_watched and dict_watch.counts_attribute_writes()
                                     and all([dict_watch.watch(a) for a in self._attributes]))
@@ -186,7 +188,7 @@ class TreeSnapshot:
         return self._identities_hold() and all(_settings(m) == settings for m, settings in self._watched)
 
     def current(self) -> bool:
-        events = dict_watch.events()
+        events = dict_watch.events() if self._dicts_watched else None
         if self._as_recorded(self._events == events if self._dicts_watched else self._identities_hold()):
             return True
         if not self._exactly_current():
