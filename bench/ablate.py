@@ -19,14 +19,18 @@ import re
 import statistics
 import sys
 import time
+from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, run as a script
 
-from gemma4_mlx import Model
-from gemma4_mlx.bench.pair import build_pair, quantize_model
-from gemma4_mlx.bench.settings import BenchSettings
-from gemma4_mlx.kernels import dispatch
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.step_glue import VIEWS  # noqa: E402 - the primitives that launch nothing (one list for both scripts)
+from gemma4_mlx import Model  # noqa: E402
+from gemma4_mlx.bench.pair import build_pair, quantize_model  # noqa: E402
+from gemma4_mlx.bench.settings import BenchSettings  # noqa: E402
+from gemma4_mlx.kernels import dispatch  # noqa: E402
 
 preset = sys.argv[1]
 qbits = int(sys.argv[2])
@@ -40,8 +44,6 @@ prompt = mx.array(np.random.default_rng(0).integers(0, args.vocab_size, (1, P)))
 SWITCHES = ("GEMMA4_MLX_KERNELS", "GEMMA4_MLX_KERNELS_DISABLE", "GEMMA4_MLX_COMPILE", "GEMMA4_MLX_FUSE",
             "GEMMA4_MLX_NVRTC", "GEMMA4_MLX_TRANSPOSES", "GEMMA4_MLX_KV_WRITE", "GEMMA4_MLX_FORM_SIGNATURES",
             "GEMMA4_MLX_PROLOGUE_BLOCKS", "GEMMA4_MLX_EXPERT_INDICES", "GEMMA4_MLX_QMV_MIN", "GEMMA4_MLX_SHARED_SLOTS")
-VIEWS = {"Reshape", "Transpose", "Slice", "Squeeze", "ExpandDims", "Broadcast", "Unflatten", "Flatten",
-         "AsStrided", "Split", "StopGradient"}
 
 D = "GEMMA4_MLX_KERNELS_DISABLE"
 DEFAULT_OFF = tuple(dispatch.DEFAULT_DISABLED["cuda"].split(","))

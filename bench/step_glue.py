@@ -90,7 +90,7 @@ def step_dot(preset: str, quantized: bool) -> str:
     return f.getvalue()
 
 
-# primitives that launch nothing on a GPU (bench/ablate.py counts "launching" primitives as the rest)
+# primitives that launch nothing on a GPU (here and in bench/ablate.py, "launching" primitives are the rest)
 VIEWS = {"Reshape", "Transpose", "Slice", "Squeeze", "ExpandDims", "Broadcast", "Unflatten", "Flatten",
          "AsStrided", "Split", "StopGradient"}
 
