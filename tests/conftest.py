@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # Tests run on MLX's CPU backend and must not depend on a GPU being present.
 os.environ.setdefault("GEMMA4_MLX_TEST", "1")
@@ -38,3 +39,16 @@ def qmv_size_rule(monkeypatch):
     rule = qmv.MIN_VALUES
     monkeypatch.setattr(qmv, "MIN_VALUES", {})
     yield rule
+
+
+@pytest.fixture(autouse=True)
+def builds_finish_before_the_environment_changes(monkeypatch):
+    """A test may leave NVRTC builds running on the pool (kernels prefetched, never launched);
+    NVRTC calls getenv while it compiles, and monkeypatch's undo (then the next test's setenv) would
+    putenv under it: glibc's environment is not safe for that, and CI once died of it (SIGSEGV in
+    nvrtcCompileProgram on a pool thread while the main thread set up the next test). Requesting
+    monkeypatch makes this teardown run before monkeypatch's."""
+    yield
+    cuda_build = sys.modules.get("gemma4_mlx.kernels.cuda_build")
+    if cuda_build is not None:
+        cuda_build.wait_for_builds()

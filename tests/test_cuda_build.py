@@ -402,3 +402,22 @@ def test_a_build_lands_in_the_cache_folder_of_its_request(fresh_builds, tmp_path
     assert fut.result()
     assert list((asked / "relative-cache").rglob("*.cubin")) and not list(later.rglob("*"))
     assert not (tmp_path / "other").exists()
+
+
+def test_wait_for_builds_returns_once_every_build_asked_for_has_finished(fresh_builds, monkeypatch):
+    """The tests' teardown waits here before it writes the environment (NVRTC reads it meanwhile)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    release = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=1)
+    monkeypatch.setattr(cuda_build, "_executor", lambda: pool)
+    monkeypatch.setattr(cuda_build, "_build", lambda source, arch, folder: release.wait(30) and b"cubin")
+    fut = cuda_build.cubin_future('extern "C" __global__ void k() {}\n')
+    try:
+        assert cuda_build.wait_for_builds(timeout=0.2) is False and not fut.done()
+    finally:
+        release.set()
+    assert cuda_build.wait_for_builds(timeout=30) is True and fut.result() == b"cubin"
+    assert not cuda_build._in_flight
+    pool.shutdown()

@@ -22,7 +22,7 @@ import hashlib
 import os
 import re
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -40,6 +40,7 @@ _CTYPES = {
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_lock = threading.Lock()
 _builds: Dict[Tuple[str, str], Future] = {}
+_in_flight: set = set()  # every build or seed not finished yet (wait_for_builds)
 _arch: Optional[str] = None
 
 
@@ -130,6 +131,30 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
+def _submit(fn, *args) -> Future:
+    fut = _executor().submit(fn, *args)
+    with _pool_lock:
+        _in_flight.add(fut)
+    fut.add_done_callback(_finished)  # runs here at once if the build is already done
+    return fut
+
+
+def _finished(fut: Future) -> None:
+    with _pool_lock:
+        _in_flight.discard(fut)
+
+
+def wait_for_builds(timeout: Optional[float] = None) -> bool:
+    """Wait until every build and seed asked for so far has finished; False if ``timeout`` ran out.
+
+    NVRTC reads the environment (``getenv``) while it compiles, and glibc's ``getenv`` is not safe
+    against another thread's ``putenv``, which every write to ``os.environ`` makes: whoever is about
+    to change the environment (the tests' monkeypatch, at every teardown) waits here first."""
+    with _pool_lock:
+        pending = list(_in_flight)
+    return not wait(pending, timeout=timeout).not_done
+
+
 def _build(source: str, arch: str, folder: Path) -> bytes:
     """The cubin of ``source``: from the disk cache ``folder``, else compiled and stored (atomically)."""
     digest = hashlib.sha256(source.encode()).hexdigest()
@@ -160,7 +185,7 @@ def cubin_future(source: str) -> Future:
     if fut is None:
         # the folder as the request sees it (the pool thread may run after the caller's
         # environment or working folder changed)
-        fut = _executor().submit(_build, source, arch, cache_dir())
+        fut = _submit(_build, source, arch, cache_dir())
         with _pool_lock:
             fut = _builds.setdefault(key, fut)
     return fut
@@ -512,7 +537,7 @@ class SeededKernel:
                 pass  # a read-only or full cache folder: MLX compiles the kernel itself, as with GEMMA4_MLX_NVRTC=0
             return module
 
-        fut = _executor().submit(write)
+        fut = _submit(write)
         self._seeded[key] = fut
         return fut
 
