@@ -8,15 +8,25 @@ blocks one after another. ``emulated_cuda()`` makes ``dispatch`` pretend the CUD
 hand out these kernels, so the real wrappers (grids, templates, layouts) launch them.
 
 Slow (a thread per GPU thread, a compile per instantiation): for small shapes only.
+
+A body that reads threadgroup memory another thread wrote without a barrier between them usually
+still passes here (the OS threads rarely interleave that badly), and may fail on a GPU.
+Inside :func:`race_checked` every launch runs once more in a ThreadSanitizer build (its own
+process, the same inputs): a data race between two threads of a block fails the launch, with
+the lines of both accesses in the generated source.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import hashlib
+import os
+import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -28,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 PRELUDE = (HERE / "prelude_cpu.h").read_text()
 GXX = shutil.which("g++")
 _BUILD_DIR = Path(tempfile.mkdtemp(prefix="gemma4_emu_"))
+atexit.register(shutil.rmtree, _BUILD_DIR, True)
 _libs: dict = {}
 GUARD = 64  # canary elements on each side of an output
 _NP = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16, mx.int32: np.int32,
@@ -81,6 +92,153 @@ def _build(source: str):
     return lib
 
 
+_race_state = {"on": False, "launch": True}
+_pch_lock = threading.Lock()
+# Each buffer 64-byte aligned (the 16-byte loads trap where a GPU's would fault, as in the library).
+_RACE_MAIN = r"""
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+int main(int argc, char** argv) {
+  FILE* f = std::fopen(argv[1], "rb");
+  int head[6];  // buffers, scalars, grid x / y / z in blocks, threads a block
+  if (!f || std::fread(head, sizeof(int), 6, f) != 6) return 2;
+  std::vector<long long> sizes(head[0]);
+  std::vector<int> scalars(head[1] > 0 ? head[1] : 1);
+  if (std::fread(sizes.data(), sizeof(long long), head[0], f) != size_t(head[0])) return 2;
+  if (head[1] > 0 && std::fread(scalars.data(), sizeof(int), head[1], f) != size_t(head[1])) return 2;
+  std::vector<void*> bufs(head[0]);
+  for (int i = 0; i < head[0]; i++) {
+    bufs[i] = std::aligned_alloc(64, ((sizes[i] + 63) / 64 + 1) * 64);
+    if (sizes[i] && std::fread(bufs[i], 1, sizes[i], f) != size_t(sizes[i])) return 2;
+  }
+  std::fclose(f);
+  emu_launch(bufs.data(), scalars.data(), head[2], head[3], head[4], head[5]);
+  return 0;
+}
+"""
+
+
+@contextlib.contextmanager
+def race_checked(launch: bool = True):
+    """Within: every emulated launch is also recorded (its inputs and outputs as it starts), and at
+    the end each recorded launch runs under ThreadSanitizer, on every core at once; a data race in
+    any of them raises one AssertionError naming each kernel that has one. ``launch=False``: the
+    launches are only recorded, their outputs left as they start (a race check needs no values)."""
+    if _race_state["on"]:
+        yield
+        return
+    _race_state.update(on=True, jobs=[], launch=launch)
+    try:
+        yield
+        jobs = _race_state["jobs"]
+    finally:
+        _race_state.update(on=False, jobs=None, launch=True)
+    _run_jobs(jobs)
+
+
+def _run_jobs(jobs) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    unique = {}
+    for job in jobs:  # the same build with the same bytes in: run once
+        unique.setdefault((job[1], job[2]), job)
+    # the longest first (most threads a block times most blocks: the recorded sizes say), so that
+    # no long one starts last; one more worker than cores, as a run waits on its block's barriers
+    order = sorted(unique.values(), key=lambda job: -job[4])
+    with ThreadPoolExecutor(max_workers=(os.cpu_count() or 1) + 1) as pool:
+        reports = [r for r in pool.map(lambda job: _race_run(*job[:4]), order) if r]
+    if reports:
+        raise AssertionError(f"{len(reports)} of {len(unique)} launches race:\n\n" + "\n\n".join(reports))
+
+
+def race_check_available() -> bool:
+    """g++ builds a ThreadSanitizer program here (libtsan installed) and it runs (TSan's runtime
+    refuses some kernels' memory layouts)."""
+    if "available" not in _race_state:
+        try:
+            exe = _tsan_build('extern "C" void emu_launch(void**, const int*, int, int, int, int) {}\n')
+            launch = _BUILD_DIR / "empty.launch"
+            launch.write_bytes(np.array([0, 0, 1, 1, 1, 1], np.int32).tobytes())
+            ok = exe is not None and subprocess.run([str(exe), str(launch)], capture_output=True).returncode == 0
+        except (RuntimeError, OSError):
+            ok = False
+        _race_state["available"] = ok
+    return _race_state["available"]
+
+
+_TSAN_FLAGS = ["-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread", "-w"]
+# the standard headers every emulated kernel includes, precompiled once with the same flags: a
+# third of each build otherwise
+_TSAN_HEADERS = "".join(f"#include <{h}>\n" for h in ("barrier", "thread", "vector", "cmath", "cstddef",
+                                                       "cstdint", "cstring", "cstdio", "cstdlib"))
+
+
+def _tsan_headers() -> list:
+    """g++ arguments that include the precompiled headers ([] where they cannot be built)."""
+    if "pch" not in _race_state:
+        with _pch_lock:
+            if "pch" not in _race_state:
+                header = _BUILD_DIR / "emu_std.h"
+                header.write_text(_TSAN_HEADERS)
+                p = subprocess.run([GXX, *_TSAN_FLAGS, "-x", "c++-header", str(header), "-o", str(header) + ".gch"],
+                                   capture_output=True, text=True)
+                _race_state["pch"] = ["-include", str(header)] if p.returncode == 0 else []
+    return _race_state["pch"]
+
+
+def _tsan_build(source: str):
+    if GXX is None:
+        return None
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    exe = _BUILD_DIR / f"{digest}.tsan"
+    if not exe.exists():
+        src = _BUILD_DIR / f"{digest}.tsan.cpp"
+        src.write_text(source + _RACE_MAIN)
+        tmp = f"{exe}.{threading.get_ident()}.tmp"
+        p = subprocess.run([GXX, *_TSAN_FLAGS, *_tsan_headers(), "-o", tmp, str(src)], capture_output=True, text=True)
+        if p.returncode:
+            raise RuntimeError(f"g++ -fsanitize=thread failed on the emulated kernel:\n{p.stderr[:4000]}")
+        os.replace(tmp, exe)
+    return exe
+
+
+def _race_record(name: str, source: str, buffers, scalars, blocks, tx: int) -> None:
+    """Keep the launch (a file of its buffers' bytes as they are now) for the ThreadSanitizer run."""
+    data = [np.ascontiguousarray(b).view(np.uint8).reshape(-1) for b in buffers]
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=_BUILD_DIR, suffix=".launch", delete=False) as f:
+        for chunk in (np.array([len(data), len(scalars), *blocks, tx], np.int32).tobytes(),
+                      np.array([d.size for d in data], np.int64).tobytes(), np.array(scalars, np.int32).tobytes(),
+                      *(d.tobytes() for d in data)):
+            f.write(chunk)
+            digest.update(chunk)
+    _race_state["jobs"].append((name, source, digest.hexdigest(), f.name, tx * int(np.prod(blocks))))
+
+
+_TSAN_LINE = re.compile(r"#0 .*?([0-9a-f]+\.tsan\.cpp):(\d+)")
+
+
+def _race_run(name: str, source: str, _digest: str, launch_file: str) -> str:
+    """Run a recorded launch in a ThreadSanitizer build: '' or the race's report, with the two
+    source lines that touch the same memory."""
+    try:
+        exe = _tsan_build(source)
+        env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1:exitcode=66:report_signal_unsafe=0:history_size=4")
+        p = subprocess.run([str(exe), launch_file], capture_output=True, text=True, env=env, timeout=900)
+    finally:
+        os.unlink(launch_file)
+    if p.returncode == 66 or "ThreadSanitizer" in p.stderr:
+        lines = (source + _RACE_MAIN).splitlines()
+        where = [f"  line {n}: {lines[int(n) - 1].strip()}" for _, n in _TSAN_LINE.findall(p.stderr)[:2]
+                 if 0 < int(n) <= len(lines)]
+        head = "\n".join(p.stderr.strip().splitlines()[:3])
+        return f"{name}: a data race between threads of a block (ThreadSanitizer)\n" + "\n".join(where) + "\n" + head
+    if p.returncode:
+        raise RuntimeError(f"{name}: the ThreadSanitizer build exited with {p.returncode}:\n{p.stderr[-3000:]}")
+    return ""
+
+
 def _to_numpy(a: mx.array) -> np.ndarray:
     a = mx.contiguous(a)
     return np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a))
@@ -99,8 +257,9 @@ class EmulatedKernel:
                                      list(template))
         scalars = self.cuda.scalars(inputs)
         ctype = cuda_build._CTYPES
-        lib = _build(text + _launcher(self.cuda.name, [ctype[x.dtype] for x in inputs],
-                                      [ctype[d] for d in output_dtypes], len(scalars)))
+        launcher_source = text + _launcher(self.cuda.name, [ctype[x.dtype] for x in inputs],
+                                           [ctype[d] for d in output_dtypes], len(scalars))
+        lib = _build(launcher_source) if _race_state["launch"] else None
         ins = [_to_numpy(x) for x in inputs]
         outs, guarded = [], []
         for shape, dt in zip(output_shapes, output_dtypes):
@@ -115,7 +274,11 @@ class EmulatedKernel:
         sc = (ctypes.c_int * max(1, len(scalars)))(*scalars)
         if any(g % t for g, t in zip(grid, threadgroup)):
             raise ValueError(f"{self.cuda.name}: grid {grid} is not whole threadgroups of {threadgroup}")
-        lib.emu_launch(bufs, sc, *(int(g // t) for g, t in zip(grid, threadgroup)), int(threadgroup[0]))
+        blocks = [int(g // t) for g, t in zip(grid, threadgroup)]
+        if _race_state["on"]:  # before the launch: the same inputs and outputs as it starts with
+            _race_record(self.cuda.name, launcher_source, ins + outs, scalars, blocks, int(threadgroup[0]))
+        if lib is not None:
+            lib.emu_launch(bufs, sc, *blocks, int(threadgroup[0]))
         for name, g in zip(self.cuda.output_names, guarded):
             pads = np.concatenate([g[:GUARD], g[-GUARD:]]).view(np.uint8)
             if not np.all(pads == 0x5A):
