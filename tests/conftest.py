@@ -23,6 +23,26 @@ if "MLX_PTX_CACHE_DIR" not in os.environ:
         atexit.register(shutil.rmtree, os.environ["MLX_PTX_CACHE_DIR"], True)
 
 
+def _after_the_builds(write):
+    """``write`` (os.putenv / os.unsetenv, which every change of os.environ calls), made to wait
+    first for the NVRTC builds still running on the pool: NVRTC calls getenv while it compiles, and
+    glibc's getenv is not safe against a putenv on another thread. A test may leave builds running
+    (kernels prefetched, never launched) and monkeypatch then writes the environment at its undo
+    and the next test's setup: CI once died of it (SIGSEGV in nvrtcCompileProgram on a pool thread
+    while the main thread set up the next test). The package itself never writes the environment."""
+    def guarded(*args):
+        cuda_build = sys.modules.get("gemma4_mlx.kernels.cuda_build")
+        if cuda_build is not None:
+            cuda_build.wait_for_builds()
+        return write(*args)
+
+    guarded.__wrapped__ = write
+    return guarded
+
+
+os.putenv, os.unsetenv = _after_the_builds(os.putenv), _after_the_builds(os.unsetenv)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "reference: needs transformers + torch (the numerical reference)")
 
@@ -40,15 +60,3 @@ def qmv_size_rule(monkeypatch):
     monkeypatch.setattr(qmv, "MIN_VALUES", {})
     yield rule
 
-
-@pytest.fixture(autouse=True)
-def builds_finish_before_the_environment_changes(monkeypatch):
-    """A test may leave NVRTC builds running on the pool (kernels prefetched, never launched);
-    NVRTC calls getenv while it compiles, and monkeypatch's undo (then the next test's setenv) would
-    putenv under it: glibc's environment is not safe for that, and CI once died of it (SIGSEGV in
-    nvrtcCompileProgram on a pool thread while the main thread set up the next test). Requesting
-    monkeypatch makes this teardown run before monkeypatch's."""
-    yield
-    cuda_build = sys.modules.get("gemma4_mlx.kernels.cuda_build")
-    if cuda_build is not None:
-        cuda_build.wait_for_builds()
