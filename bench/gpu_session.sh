@@ -7,7 +7,8 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 29): issue 14. One GPU is enough (nvidia-h200). Session 28's `check` (on session 27's code)
+# Next visit (session 30; session 29 had 70 device seconds left and ran nothing): issue 14. One GPU is enough
+# (nvidia-h200). Session 28's `check` (on session 27's code)
 # passed 1,049 of 1,053 (4 skipped); the attention in one launch a layer (attention_fused, its merge now a warp a row)
 # went on by default after its parity passed and the step ran 2-7% faster (7 lines of 8); E2B bf16 end to end read
 # 2.86x (2.24x-3.59x over the pairings); MLX's graph bounds and the shared slot indices gave nothing. In this order:
