@@ -59,4 +59,3 @@ def qmv_size_rule(monkeypatch):
     rule = qmv.MIN_VALUES
     monkeypatch.setattr(qmv, "MIN_VALUES", {})
     yield rule
-

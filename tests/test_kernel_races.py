@@ -17,7 +17,7 @@ from kernel_emulator import GXX, emulated_cuda, race_check_available, race_check
 from gemma4_mlx.kernels import dispatch
 
 pytestmark = pytest.mark.skipif(GXX is None or not race_check_available(),
-                                reason="g++ with ThreadSanitizer (libtsan) is needed")
+                                reason="g++ cannot build and run a ThreadSanitizer program here (libtsan)")
 
 F32 = "mlx.core.float32"  # the synchronisation does not depend on the element type
 

@@ -149,7 +149,7 @@ def wait_for_builds(timeout: Optional[float] = None) -> bool:
 
     NVRTC reads the environment (``getenv``) while it compiles, and glibc's ``getenv`` is not safe
     against another thread's ``putenv``, which every write to ``os.environ`` makes: whoever is about
-    to change the environment (the tests' monkeypatch, at every teardown) waits here first."""
+    to change the environment waits here first (tests/conftest.py makes every write do so)."""
     with _pool_lock:
         pending = list(_in_flight)
     return not wait(pending, timeout=timeout).not_done

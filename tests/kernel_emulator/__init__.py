@@ -142,7 +142,8 @@ def _run_jobs(jobs) -> None:
 
     unique = {}
     for job in jobs:  # the same build with the same bytes in: run once
-        unique.setdefault((job[1], job[2]), job)
+        if unique.setdefault((job[1], job[2]), job) is not job:
+            os.unlink(job[3])
     # the longest first (most threads a block times most blocks: the recorded sizes say), so that
     # no long one starts last; one more worker than cores, as a run waits on its block's barriers
     order = sorted(unique.values(), key=lambda job: -job[4])
