@@ -87,6 +87,7 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            # with attn_q the KV-shared layers' q norm goes into their attention's launch too
            ("ours +qkv norm", off(on=["qkv_norm_rope"])),
            ("ours +qkv norm +attn_q", off(on=["qkv_norm_rope", "attention_prefix_q"])),
+           ("ours +ple q", off(on=["ple_combine_q"])),
            # session 28: both, the whole attention of a layer (q norm, RoPE, passes, merge) in one launch
            ("ours +attn_q fused", off(on=["attention_prefix_q", "attention_fused"])),
            ("ours -close", off("mv_close", "qmv_close")),  # session 24: the o / down / PLE products with their closes

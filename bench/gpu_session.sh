@@ -25,6 +25,10 @@
 #      0.64 s), before the joint check took the counting kernels (5 classes checked alone then, ~7 ms each).
 #   3. `constants` (~7 min; 26B-A4B 4-bit's line has not run since session 26: CONST_S=200 for it).
 #   4. `captureprobe` (+main cases, ~2.5 min) and `loadprof`; `steppython` (~1 min).
+#   5. `pleq` (~4 min; session 29): ple_combine_q, a 4-bit model's PLE table read packed in the combine's launch
+#      (E2B / E4B 4-bit: MLX's gathers, dequantize and two scales otherwise, ~7 launches a step); on by default if
+#      its parity passes and the 4-bit step is faster (dispatch.DEFAULT_DISABLED, test_kernels.py's test_disable_list,
+#      the emulator test's "off by default" assertion). It speaks to the 4-bit step being slower than the bf16 one.
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
@@ -355,6 +359,13 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
     for pq in "e2b 0" "e2b 4" "e4b 0" "26b-a4b 4"; do
       CONFIGS="${CONFIGS:-stock,ours,ours +qkv norm,ours +qkv norm +attn_q}" ROUNDS=${ROUNDS:-7} STEPS=15 \
         timeout ${QKV_S:-110} python3 bench/ablate.py $pq 2>&1 | tail -16 | tee "$OUT/qkvnorm-${pq// /-q}.txt"
+    done ;;
+  pleq)     # session 29: ple_combine_q (off by default): a quantized model's PLE table read packed in the combine's
+            # launch instead of MLX's gathers + dequantize + scales: its parity on CUDA, then E2B / E4B 4-bit steps (~4 min)
+    parity pleqcheck ${PLEQ_PARITY_S:-150} tests/test_kernels.py tests/test_cuda_build.py -k "ple_combine"
+    for pq in "e2b 4" "e4b 4"; do
+      CONFIGS="${CONFIGS:-stock,ours,ours +ple q}" ROUNDS=${ROUNDS:-7} STEPS=15 \
+        timeout ${PLEQ_S:-110} python3 bench/ablate.py $pq 2>&1 | tail -16 | tee "$OUT/pleq-${pq// /-q}.txt"
     done ;;
   shared)   # session 27: GEMMA4_MLX_SHARED_SLOTS=1 (off by default): the compiled-against-eager tests with it (check runs
             # them too), then the step with and without it, E2B bf16 / 4-bit and 26B-A4B 4-bit (~6 min)

@@ -254,6 +254,12 @@ def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_w
     kern = _gpu_kernels()
     if kern is not None and isinstance(table, nn.Embedding):
         return kern.ple_combine(inputs, table.weight, proj, norm_weight, table_scale, eps, fallback=mlx_ops)
+    if kern is not None and affine_quantized(table, nn.QuantizedEmbedding):
+        return kern.ple_combine_quantized(
+            inputs, table["weight"], table["scales"], table["biases"], table.group_size, table.bits, proj,
+            norm_weight, table_scale, eps,
+            fallback=lambda inputs, _w, _s, _b, _gs, _bits, proj, norm_weight, table_scale, eps: mlx_ops(
+                inputs, None, proj, norm_weight, table_scale, eps))
     return mlx_ops(inputs, None, proj, norm_weight, table_scale, eps)
 
 

@@ -40,6 +40,8 @@ def cases(dtypes=DTYPES):
             # the fused form with the q norm (one launch: attention_prefix_q with attention_fused), rows out
             yield att._attention_prefix_q_kernel, att._probe_prefix_q((dt, D, G, 1, False, True, True))
         yield ple.ple_combine_kernel, ple._probe_combine((dt, dt, 256, 35))
+        for group_size, bits in ((64, 4), (32, 8)):  # a quantized model's table (ple_combine_q)
+            yield ple._quantized_kernel, ple._probe_combine_quantized((dt, "mlx.core.bfloat16", 256, 5, group_size, bits))
         yield ple.ple_gate_kernel, ple._probe_gate((dt, dt))
         yield ple.geglu_joined_kernel, ple._probe_joined((dt,))
         yield ple.geglu_rows_kernel, ple._probe_rows((dt, "rows", 704))

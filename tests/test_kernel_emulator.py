@@ -527,3 +527,49 @@ def test_attention_prefix_rows_layout(emulated, D, G):
     _close(got, A.attention_prefix_reference(q, keys, values, kv_len, scale, True), f"rows ref D={D}", atol=1e-4)
     args = A._probe_prefix_q(key + (True,))
     _close(A._attention_prefix_q_kernel(*args), A.attention_prefix_q_reference(*args), f"q rows D={D}", atol=1e-4)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32), (2, 64)])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
+def test_ple_combine_reads_a_quantized_table(emulated, monkeypatch, bits, group_size, dtype):
+    """ple_combine_q (a quantized model's PLE table, read packed in the launch) against the
+    dequantized table's reference; through ops.ple_combine it takes a QuantizedEmbedding when
+    switched on (off by default) and gives what MLX's op sequence gives."""
+    import sys
+
+    import mlx.nn as nn
+
+    from gemma4_mlx import ops
+
+    PLE = sys.modules["gemma4_mlx.kernels.ple"]
+    args = PLE._probe_combine_quantized((str(dtype), str(dtype), 256, 5, group_size, bits))
+    got, want = PLE._quantized_kernel(*args), PLE._quantized_reference(*args)
+    # the table's values rounded as mx.dequantize rounds them, then the reference's sums: below one
+    # bf16 step (1/32 at these magnitudes)
+    _close(got, want, f"ple_combine_q {bits} bits", atol=1e-5 if dtype == mx.float32 else 0.01)
+    mutant = PLE.ple_combine_kernel(*args[:1], args[1], *args[6:], quantized=(args[2], args[3], group_size * 2, bits)) \
+        if (args[6].shape[-1] % (2 * group_size) == 0) else None
+    if mutant is not None:  # the group index matters: a wrong group size is seen
+        assert float(mx.max(mx.abs(mutant.astype(mx.float32) - want.astype(mx.float32)))) > 0.05
+
+    ids, table, proj = args[0], args[1], args[6]
+    emb = nn.QuantizedEmbedding(table.shape[0], proj.shape[-1], group_size=group_size, bits=bits)
+    emb.weight, emb.scales, emb.biases = table, args[2], args[3]
+    calls = []
+    kernel = PLE._quantized_kernel
+    monkeypatch.setattr(PLE, "_quantized_kernel", lambda *a: calls.append(1) or kernel(*a))
+
+    def combine():
+        from gemma4_mlx import step_context
+
+        with step_context.kernel_scope():  # as inside the decode step, where ops take kernels
+            return ops.ple_combine(ids, emb, proj * 39.0, args[7], num_layers=5, ple_dim=256,
+                                   projection_scale=39.0 ** -1, table_scale=args[8], eps=1e-6)
+
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "strict")
+    off = combine()
+    assert not calls  # off by default
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "")
+    on = combine()
+    assert calls and on.shape == off.shape == want.shape
+    _close(on, off, "ple_combine_q against MLX's ops", atol=1e-4 if dtype == mx.float32 else 0.08)

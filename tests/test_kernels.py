@@ -791,6 +791,22 @@ def test_ple_kernels(shape, dtype):
 
 @gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 64), (4, 32)])
+def test_ple_combine_quantized_kernel(bits, group_size, dtype):
+    """ple_combine_q: a quantized model's PLE table read packed, against the dequantized table's
+    reference (E2B's 35 layers of 256)."""
+    B, L, NL, P, V = 2, 3, 35, 256, 100
+    ids = mx.random.randint(0, V, (B, L)).astype(mx.int32)
+    table, scales, biases = mx.quantize(rnd((V, NL * P), mx.bfloat16, 0.1), group_size=group_size, bits=bits)
+    proj = rnd((B, L, NL * P), dtype, 2.0)
+    w = (1 + rnd((P,), mx.float32, 0.3)).astype(dtype)
+    args = (ids, table, scales, biases, group_size, bits, proj, w, math.sqrt(P), 1e-6)
+    got = K.ple_combine_kernel(ids, table, proj, w, math.sqrt(P), 1e-6, quantized=(scales, biases, group_size, bits))
+    assert_close(got, K.ple_combine_quantized_reference(*args), dtype, f"ple_combine_q {bits} bits")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("shape", [(1, 1, 1536), (1, 1, 262144), (2, 5, 300), (1, 1, 7)])
 def test_scale_kernel_forms(shape, dtype):
     """x * s, (x + y) * s and the soft-cap, against the op sequence each replaces (and the MLP's
@@ -1428,8 +1444,8 @@ def test_disable_list(monkeypatch):
     # again); attention_fused: on on CUDA since session 28 (its merge a warp a row; its prelude
     # functions are CUDA's only); mv_close / qmv_close: on on CUDA since session 24, CUDA only (as
     # attention_fused); norm_pair_close: on on CUDA since session 25 (26B-A4B 4-bit's step faster with it);
-    # qkv_norm_rope: off until a GPU has timed it (session 28)
-    default = {"ple_tail", "attention_prefix_q", "qkv_norm_rope"}
+    # qkv_norm_rope: off until a GPU has timed it (session 28); ple_combine_q likewise (session 29)
+    default = {"ple_tail", "attention_prefix_q", "qkv_norm_rope", "ple_combine_q"}
     with dispatch.force_backend("cuda"):
         assert dispatch.disabled_kernels() == default | {"mv_residual", "qmv_residual"}
         assert not dispatch.is_disabled("mv_close") and not dispatch.is_disabled("qmv_close")

@@ -84,6 +84,12 @@ def _launches():
             out.append((f"ple_combine {dt} P={P} NL={NL}",
                         lambda i, t, p, w: ple.ple_combine_kernel(i, t, p, w, math.sqrt(P), 1e-6),
                         (ids, mx.zeros((4, NL * P), dt), mx.zeros((1, 2, NL * P), dt), mx.ones((P,), dt))))
+            for group_size, bits in ((64, 4), (32, 8)):  # a quantized model's table (ple_combine_q)
+                out.append((f"ple_combine_q {dt} P={P} NL={NL} bits={bits}",
+                            lambda i, t, s, p, w, gs=group_size, b=bits: ple.ple_combine_kernel(
+                                i, t, p, w, math.sqrt(P), 1e-6, quantized=(s, s, gs, b)),
+                            (ids, mx.zeros((4, NL * P * bits // 32), mx.uint32), mx.zeros((4, NL * P // group_size), dt),
+                             mx.zeros((1, 2, NL * P), dt), mx.ones((P,), dt))))
         for N, M in ((256, 1), (262144, 1), (2048, 8)):
             out.append((f"mv {dt} N={N} M={M}", mv.matvec_kernel, (mx.zeros((M, 1536), dt), mx.zeros((N, 1536), dt))))
         for M in (1, 4):  # the gated forms, in the decode step's (B, 1, K) layout

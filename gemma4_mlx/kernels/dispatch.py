@@ -170,9 +170,9 @@ def active_backend() -> str | None:
 # "qkv_norm_rope" (session 28: a cache-writing layer's q norm + RoPE and k / v norms + RoPE in one
 # launch instead of two; written on the CPU, checked on the emulator) is off until a GPU has checked
 # and timed it.
-DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual,qkv_norm_rope",
+DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual,qkv_norm_rope,ple_combine_q",
                     "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused,mv_close,qmv_close,"
-                             "norm_pair_close,qkv_norm_rope"}
+                             "norm_pair_close,qkv_norm_rope,ple_combine_q"}
 
 
 # The fused forms follow the switches of what they fuse (``mv`` off: every float matvec form
@@ -183,7 +183,8 @@ SWITCHES_OF = {"mv_geglu": ("mv",), "mv_gate": ("mv",), "mv_residual": ("mv", "r
                "attention_prefix_q": ("attention_prefix", "q_norm_rope"), "geglu_joined": ("geglu",),
                "qkv_norm_rope": ("q_norm_rope", "kv_norm_rope"),
                "attention_fused": ("attention_prefix",), "mv_close": ("mv", "residual_norm"),
-               "qmv_close": ("qmv", "residual_norm"), "norm_pair_close": ("norm_pair", "residual_norm")}
+               "qmv_close": ("qmv", "residual_norm"), "norm_pair_close": ("norm_pair", "residual_norm"),
+               "ple_combine_q": ("ple_combine",)}
 
 
 def is_disabled(name: str) -> bool:

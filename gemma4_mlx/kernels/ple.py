@@ -38,6 +38,14 @@ def ple_combine_reference(input_ids, table, projection, norm_weight, table_scale
     return ((normed.astype(mx.float32) + emb) * _SQRT_HALF).astype(dt)
 
 
+def ple_combine_quantized_reference(input_ids, table, scales, biases, group_size: int, bits: int, projection,
+                                    norm_weight, table_scale, eps):
+    """:func:`ple_combine_reference` of an affine-quantized table, its rows as ``mx.dequantize`` gives them."""
+    rows = mx.dequantize(table[input_ids], scales[input_ids], biases[input_ids], group_size, bits)
+    return ple_combine_reference(mx.arange(rows.shape[0] * rows.shape[1], dtype=mx.int32).reshape(input_ids.shape),
+                                 rows.reshape(-1, rows.shape[-1]), projection, norm_weight, table_scale, eps)
+
+
 def gelu_tanh_reference(x: mx.array) -> mx.array:
     x32 = x.astype(mx.float32)
     c = math.sqrt(2.0 / math.pi)
@@ -55,18 +63,27 @@ def geglu_joined_reference(joined):
 
 # ---------------------------------------------------------------- kernels
 
-def ple_combine_kernel(input_ids, table, projection, norm_weight, table_scale, eps):
+def ple_combine_kernel(input_ids, table, projection, norm_weight, table_scale, eps, quantized=None):
+    """``quantized``: (scales, biases, group_size, bits) of an affine-quantized ``table``."""
     B, L, NLP = projection.shape
     P = norm_weight.shape[-1]
     NL = NLP // P
-    k = dispatch.get_kernel("ple_combine", ["ids", "table", "proj", "w", "table_scale", "eps"], ["out"])
+    if quantized is None:
+        k = dispatch.get_kernel("ple_combine", ["ids", "table", "proj", "w", "table_scale", "eps"], ["out"],
+                                defines=[("PLE_QTABLE", 0)])
+        tables, qtemplate = [table], []
+    else:
+        scales, biases, group_size, bits = quantized
+        k = dispatch.get_kernel("ple_combine", ["ids", "table", "tscales", "tbiases", "proj", "w", "table_scale", "eps"],
+                                ["out"], defines=[("PLE_QTABLE", 1)], variant="q")
+        tables, qtemplate = [table, scales, biases], [("TT", scales.dtype), ("BITS", bits), ("GS", group_size)]
     rows = B * L * NL
     return k(
         inputs=[
-            input_ids.astype(mx.int32), table, projection, norm_weight,
+            input_ids.astype(mx.int32), *tables, projection, norm_weight,
             dispatch.constant(float(table_scale), mx.float32), dispatch.constant(eps, mx.float32),
         ],
-        template=[("T", projection.dtype), ("P", P), ("NL", NL)],
+        template=[("T", projection.dtype), ("P", P), ("NL", NL), *qtemplate],
         grid=(ceil_to(rows * 32, TG), 1, 1),
         threadgroup=(TG, 1, 1),
         output_shapes=[(B, L, NL, P)],
@@ -138,6 +155,51 @@ def ple_combine(input_ids: mx.array, table: mx.array, projection: mx.array, norm
         "ple_combine", key, ple_combine_reference, ple_combine_kernel, _probe_combine,
         input_ids, table, projection, norm_weight, table_scale, eps, fallback=fallback,
     )
+
+
+QTABLE_BITS = (2, 4, 8)  # the widths whose values never straddle two words
+
+
+def ple_combine_quantized(input_ids: mx.array, table: mx.array, scales: mx.array, biases: mx.array, group_size: int,
+                          bits: int, projection: mx.array, norm_weight: mx.array, table_scale: float, eps: float, *,
+                          fallback=None) -> mx.array:
+    """:func:`ple_combine` of an affine-quantized table (a 4-bit or 8-bit model's): one launch
+    reads each token's packed row, where MLX's op sequence gathers the words, scales and biases,
+    dequantizes and scales them (~7 launches a decode step). Name ``ple_combine_q``: off by
+    default until a GPU has timed it (session 29), and off whenever ``ple_combine`` is."""
+    key = None
+    if (projection.ndim == 3 and projection.dtype in _FLOATS and input_ids.ndim == 2 and table.ndim == 2
+            and table.dtype == mx.uint32 and scales.dtype in _FLOATS and biases is not None
+            and biases.dtype == scales.dtype and bits in QTABLE_BITS and group_size > 0):
+        P = norm_weight.shape[-1]
+        NLP = projection.shape[-1]
+        if (P % 32 == 0 and P <= 1024 and NLP % P == 0 and NLP % group_size == 0
+                and table.shape[1] * 32 == NLP * bits and tuple(scales.shape) == (table.shape[0], NLP // group_size)
+                and tuple(biases.shape) == tuple(scales.shape)):
+            key = (str(projection.dtype), str(scales.dtype), P, NLP // P, group_size, bits)
+    return dispatch.run(
+        "ple_combine_q", key, _quantized_reference, _quantized_kernel, _probe_combine_quantized,
+        input_ids, table, scales, biases, group_size, bits, projection, norm_weight, table_scale, eps,
+        fallback=fallback,
+    )
+
+
+def _quantized_reference(input_ids, table, scales, biases, group_size, bits, projection, norm_weight, table_scale,
+                         eps):
+    return ple_combine_quantized_reference(input_ids, table, scales, biases, group_size, bits, projection,
+                                           norm_weight, table_scale, eps)
+
+
+def _quantized_kernel(input_ids, table, scales, biases, group_size, bits, projection, norm_weight, table_scale, eps):
+    return ple_combine_kernel(input_ids, table, projection, norm_weight, table_scale, eps,
+                              quantized=(scales, biases, group_size, bits))
+
+
+def _probe_combine_quantized(key):
+    dt, sdt, P, NL, group_size, bits = dispatch.dtype_from_key(key[0]), dispatch.dtype_from_key(key[1]), *key[2:]
+    ids, table, proj, w, table_scale, eps = _probe_combine((key[0], key[1], P, NL))
+    q, scales, biases = mx.quantize(table, group_size=group_size, bits=bits)
+    return (ids, q, scales.astype(sdt), biases.astype(sdt), group_size, bits, proj, w, table_scale, eps)
 
 
 def _probe_combine(key):
