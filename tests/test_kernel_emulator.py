@@ -359,7 +359,8 @@ def test_every_other_kernel_on_the_emulator():
 @pytest.mark.parametrize("family", ["tiny-31b", "tiny-moe", "kernel-shaped E2B", "kernel-shaped E2B, fused forms looped",
                                     "kernel-shaped E2B, closes apart", "tiny-moe, closed apart",
                                     "kernel-shaped E2B, host constants", "tiny-moe, host constants",
-                                    "kernel-shaped E2B, one norm launch", "tiny-31b, one norm launch"])
+                                    "kernel-shaped E2B, one norm launch", "tiny-31b, one norm launch",
+                                    "kernel-shaped E2B, quantized PLE table"])
 def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatch, family):
     """A model's decode steps with its kernels on (the emulator, outside the compiled step:
     kernel_scope) give the logits of the steps without them: the kernels' wiring and their logic
@@ -373,6 +374,7 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     residual_norm's own launches. Every family but "host constants" takes the kernels' eps, scales and
     launch parameters from ``dispatch.constant``'s device views (the default on CUDA); "host constants":
     from arrays made from Python data each time (GEMMA4_MLX_DEVICE_CONSTANTS=0)."""
+    import mlx.nn as nn
     from mlx.utils import tree_map
     from test_decode import _kernel_shaped_model
 
@@ -390,7 +392,11 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     one_norm = family.endswith("one norm launch")  # qkv_norm_rope on (off by default)
     if one_norm:
         disabled.remove("qkv_norm_rope")
-    closing = "," not in family or family.endswith(("closed apart", "host constants", "one norm launch"))
+    quantized_ple = family.endswith("quantized PLE table")  # 4-bit, read by ple_combine_q (off by default)
+    if quantized_ple:
+        disabled.remove("ple_combine_q")
+    closing = "," not in family or family.endswith(("closed apart", "host constants", "one norm launch",
+                                                    "quantized PLE table"))
     if not closing:
         disabled += ["mv_close", "qmv_close"]
     in_place = family in ("tiny-moe", "tiny-moe, host constants")  # norm_pair_close on (the default)
@@ -407,6 +413,9 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
                               model.parameters()))
     else:
         model = _kernel_shaped_model(seed=4)
+    if quantized_ple:
+        nn.quantize(model, group_size=64, bits=4,
+                    class_predicate=lambda path, m: path.endswith("embed_tokens_per_layer"))
     ids = mx.array(np.random.default_rng(5).integers(0, model.args.vocab_size, size=(1, 24)))
 
     def decode(kernels):
@@ -453,6 +462,8 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     if family.endswith("looped"):  # the prologue forms ran, and their classes loop
         looped = [k for k in verdicts if k[0] == "mv_residual"]
         assert looped and all(k[-1] is True for k in looped), verdicts
+    # the quantized table read in the combine's launch; a float table in ple_combine's
+    assert ("ple_combine_q" in {k[0] for k in verdicts}) == quantized_ple, verdicts
     if constants:  # the kernels took their eps from a device constant
         assert (model.args.rms_norm_eps,) in {k[0] for k in dispatch._constants}, list(dispatch._constants)
     else:
