@@ -554,7 +554,7 @@ def test_ple_combine_reads_a_quantized_table(emulated, monkeypatch, bits, group_
 
     PLE = sys.modules["gemma4_mlx.kernels.ple"]
     args = PLE._probe_combine_quantized((str(dtype), str(dtype), 256, 5, group_size, bits))
-    got, want = PLE._quantized_kernel(*args), PLE._quantized_reference(*args)
+    got, want = PLE._quantized_kernel(*args), PLE.ple_combine_quantized_reference(*args)
     # the table's values rounded as mx.dequantize rounds them, then the reference's sums: below one
     # bf16 step (1/32 at these magnitudes)
     _close(got, want, f"ple_combine_q {bits} bits", atol=1e-5 if dtype == mx.float32 else 0.01)

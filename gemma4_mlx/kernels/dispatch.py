@@ -169,7 +169,8 @@ def active_backend() -> str | None:
 # milliseconds, so there they stay MLX's: off.
 # "qkv_norm_rope" (session 28: a cache-writing layer's q norm + RoPE and k / v norms + RoPE in one
 # launch instead of two; written on the CPU, checked on the emulator) is off until a GPU has checked
-# and timed it.
+# and timed it; so is "ple_combine_q" (session 29: a quantized PLE table read packed in the combine's
+# launch, in place of MLX's gathers, dequantize and scales).
 DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual,qkv_norm_rope,ple_combine_q",
                     "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused,mv_close,qmv_close,"
                              "norm_pair_close,qkv_norm_rope,ple_combine_q"}

@@ -178,16 +178,10 @@ def ple_combine_quantized(input_ids: mx.array, table: mx.array, scales: mx.array
                 and tuple(biases.shape) == tuple(scales.shape)):
             key = (str(projection.dtype), str(scales.dtype), P, NLP // P, group_size, bits)
     return dispatch.run(
-        "ple_combine_q", key, _quantized_reference, _quantized_kernel, _probe_combine_quantized,
+        "ple_combine_q", key, ple_combine_quantized_reference, _quantized_kernel, _probe_combine_quantized,
         input_ids, table, scales, biases, group_size, bits, projection, norm_weight, table_scale, eps,
         fallback=fallback,
     )
-
-
-def _quantized_reference(input_ids, table, scales, biases, group_size, bits, projection, norm_weight, table_scale,
-                         eps):
-    return ple_combine_quantized_reference(input_ids, table, scales, biases, group_size, bits, projection,
-                                           norm_weight, table_scale, eps)
 
 
 def _quantized_kernel(input_ids, table, scales, biases, group_size, bits, projection, norm_weight, table_scale, eps):
@@ -196,8 +190,9 @@ def _quantized_kernel(input_ids, table, scales, biases, group_size, bits, projec
 
 
 def _probe_combine_quantized(key):
-    dt, sdt, P, NL, group_size, bits = dispatch.dtype_from_key(key[0]), dispatch.dtype_from_key(key[1]), *key[2:]
+    P, NL, group_size, bits = key[2:]
     ids, table, proj, w, table_scale, eps = _probe_combine((key[0], key[1], P, NL))
+    sdt = dispatch.dtype_from_key(key[1])
     q, scales, biases = mx.quantize(table, group_size=group_size, bits=bits)
     return (ids, q, scales.astype(sdt), biases.astype(sdt), group_size, bits, proj, w, table_scale, eps)
 
