@@ -258,8 +258,7 @@ def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_w
         return kern.ple_combine_quantized(
             inputs, table["weight"], table["scales"], table["biases"], table.group_size, table.bits, proj,
             norm_weight, table_scale, eps,
-            fallback=lambda inputs, _w, _s, _b, _gs, _bits, proj, norm_weight, table_scale, eps: mlx_ops(
-                inputs, None, proj, norm_weight, table_scale, eps))
+            fallback=lambda inputs, *rest: mlx_ops(inputs, None, *rest[5:]))  # past weight, scales, ..., bits
     return mlx_ops(inputs, None, proj, norm_weight, table_scale, eps)
 
 

@@ -28,22 +28,25 @@ _SQRT_HALF = 2.0 ** -0.5
 
 # ------------------------------------------------------------- references
 
-def ple_combine_reference(input_ids, table, projection, norm_weight, table_scale, eps):
+def _combined(rows, projection, norm_weight, table_scale, eps):
+    """The combine of the tokens' table ``rows`` (B, L, NL*P) with their projection."""
     B, L, NLP = projection.shape
     P = norm_weight.shape[-1]
     NL = NLP // P
-    dt = projection.dtype
     normed = rms_norm_reference(projection.reshape(B, L, NL, P), norm_weight, eps)
-    emb = table[input_ids].reshape(B, L, NL, P).astype(mx.float32) * float(table_scale)
-    return ((normed.astype(mx.float32) + emb) * _SQRT_HALF).astype(dt)
+    emb = rows.reshape(B, L, NL, P).astype(mx.float32) * float(table_scale)
+    return ((normed.astype(mx.float32) + emb) * _SQRT_HALF).astype(projection.dtype)
+
+
+def ple_combine_reference(input_ids, table, projection, norm_weight, table_scale, eps):
+    return _combined(table[input_ids], projection, norm_weight, table_scale, eps)
 
 
 def ple_combine_quantized_reference(input_ids, table, scales, biases, group_size: int, bits: int, projection,
                                     norm_weight, table_scale, eps):
     """:func:`ple_combine_reference` of an affine-quantized table, its rows as ``mx.dequantize`` gives them."""
     rows = mx.dequantize(table[input_ids], scales[input_ids], biases[input_ids], group_size, bits)
-    return ple_combine_reference(mx.arange(rows.shape[0] * rows.shape[1], dtype=mx.int32).reshape(input_ids.shape),
-                                 rows.reshape(-1, rows.shape[-1]), projection, norm_weight, table_scale, eps)
+    return _combined(rows, projection, norm_weight, table_scale, eps)
 
 
 def gelu_tanh_reference(x: mx.array) -> mx.array:
@@ -142,19 +145,24 @@ def geglu_joined_kernel(joined):
 def ple_combine(input_ids: mx.array, table: mx.array, projection: mx.array, norm_weight: mx.array,
                 table_scale: float, eps: float, *, fallback=None) -> mx.array:
     """(B, L, NL, P) per-layer inputs. ``table`` must be an unquantized
-    (V, NL*P) array for the kernel (a quantized table: call the reference
-    yourself); ``projection`` (B, L, NL*P) already scaled by hidden**-0.5."""
+    (V, NL*P) array for the kernel (a quantized table: :func:`ple_combine_quantized`);
+    ``projection`` (B, L, NL*P) already scaled by hidden**-0.5."""
     key = None
-    if (projection.ndim == 3 and projection.dtype in _FLOATS and table.ndim == 2
-            and table.dtype in _FLOATS and input_ids.ndim == 2):
-        P = norm_weight.shape[-1]
-        NLP = projection.shape[-1]
-        if P % 32 == 0 and P <= 1024 and NLP % P == 0 and table.shape[1] == NLP:
-            key = (str(projection.dtype), str(table.dtype), P, NLP // P)
+    shape = _combine_shape(input_ids, projection, norm_weight)
+    if shape is not None and table.ndim == 2 and table.dtype in _FLOATS and table.shape[1] == shape[0] * shape[1]:
+        key = (str(projection.dtype), str(table.dtype), *shape)
     return dispatch.run(
         "ple_combine", key, ple_combine_reference, ple_combine_kernel, _probe_combine,
         input_ids, table, projection, norm_weight, table_scale, eps, fallback=fallback,
     )
+
+
+def _combine_shape(input_ids, projection, norm_weight):
+    """(P, NL) of a combine the kernels take (either table form), else None."""
+    if projection.ndim != 3 or projection.dtype not in _FLOATS or input_ids.ndim != 2:
+        return None
+    P, NLP = norm_weight.shape[-1], projection.shape[-1]
+    return (P, NLP // P) if P % 32 == 0 and P <= 1024 and NLP % P == 0 else None
 
 
 QTABLE_BITS = (2, 4, 8)  # the widths whose values never straddle two words
@@ -168,15 +176,13 @@ def ple_combine_quantized(input_ids: mx.array, table: mx.array, scales: mx.array
     dequantizes and scales them (~7 launches a decode step). Name ``ple_combine_q``: off by
     default until a GPU has timed it (session 29), and off whenever ``ple_combine`` is."""
     key = None
-    if (projection.ndim == 3 and projection.dtype in _FLOATS and input_ids.ndim == 2 and table.ndim == 2
-            and table.dtype == mx.uint32 and scales.dtype in _FLOATS and biases is not None
-            and biases.dtype == scales.dtype and bits in QTABLE_BITS and group_size > 0):
-        P = norm_weight.shape[-1]
-        NLP = projection.shape[-1]
-        if (P % 32 == 0 and P <= 1024 and NLP % P == 0 and NLP % group_size == 0
-                and table.shape[1] * 32 == NLP * bits and tuple(scales.shape) == (table.shape[0], NLP // group_size)
-                and tuple(biases.shape) == tuple(scales.shape)):
-            key = (str(projection.dtype), str(scales.dtype), P, NLP // P, group_size, bits)
+    shape = _combine_shape(input_ids, projection, norm_weight)
+    if (shape is not None and table.ndim == 2 and table.dtype == mx.uint32 and scales.dtype in _FLOATS
+            and biases is not None and biases.dtype == scales.dtype and bits in QTABLE_BITS and group_size > 0):
+        NLP = shape[0] * shape[1]
+        if (NLP % group_size == 0 and table.shape[1] * 32 == NLP * bits
+                and tuple(scales.shape) == tuple(biases.shape) == (table.shape[0], NLP // group_size)):
+            key = (str(projection.dtype), str(scales.dtype), *shape, group_size, bits)
     return dispatch.run(
         "ple_combine_q", key, ple_combine_quantized_reference, _quantized_kernel, _probe_combine_quantized,
         input_ids, table, scales, biases, group_size, bits, projection, norm_weight, table_scale, eps,
