@@ -36,7 +36,6 @@ def _after_the_builds(write):
             cuda_build.wait_for_builds()
         return write(*args)
 
-    guarded.__wrapped__ = write
     return guarded
 
 

@@ -36,9 +36,7 @@ def _counting_cases():
     """The forms whose blocks count themselves (the last one merges or closes the launch's rows),
     which kernel_cases.py leaves to the decode step: the closing matvecs, the MoE pair's close,
     the fused attention over several splits."""
-    import sys
-
-    mv, qmv, moe, att = (sys.modules[f"gemma4_mlx.kernels.{n}"] for n in ("mv", "qmv", "moe", "attention"))
+    mv, qmv, moe, att = (kernel_cases.MODULES[n] for n in ("mv", "qmv", "moe", "attention"))
     x, w = _rnd((1, 1, 520), 41), _rnd((300, 520), 42, 0.05)
     res, nw, nn = _rnd((1, 1, 300), 43, 2.0), 1 + _rnd((300,), 44, 0.3), 1 + _rnd((300,), 45, 0.3)
     yield mv.matvec_close_kernel, (x, w, res, nw, mx.array([0.7]), 1e-6, nn)
