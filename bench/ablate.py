@@ -88,6 +88,7 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours +qkv norm", off(on=["qkv_norm_rope"])),
            ("ours +qkv norm +attn_q", off(on=["qkv_norm_rope", "attention_prefix_q"])),
            ("ours +ple q", off(on=["ple_combine_q"])),
+           ("ours +qkv norm +ple q", off(on=["qkv_norm_rope", "ple_combine_q"])),  # session 30: both candidates
            # session 28: both, the whole attention of a layer (q norm, RoPE, passes, merge) in one launch
            ("ours +attn_q fused", off(on=["attention_prefix_q", "attention_fused"])),
            ("ours -close", off("mv_close", "qmv_close")),  # session 24: the o / down / PLE products with their closes

@@ -26,6 +26,7 @@ K_INLINE float k_rsqrt(float x) { return rsqrtf(x); }
 K_INLINE float k_cos(float x) { return float(cos(double(x))); }
 K_INLINE float k_sin(float x) { return float(sin(double(x))); }
 K_INLINE float k_tanh(float x) { return tanhf(x); }
+K_INLINE float k_fma(float a, float b, float c) { return fmaf(a, b, c); }
 K_INLINE float k_as_float(unsigned int u) { return __uint_as_float(u); }
 // K_BARRIER() once the values folded into `bits` (k_fold) are loaded: ptxas sinks loads of
 // read-only inputs needed only after a barrier below it, a second memory round trip after the

@@ -17,6 +17,7 @@ K_INLINE float k_rsqrt(float x) { return metal::precise::rsqrt(x); }
 K_INLINE float k_cos(float x) { return metal::precise::cos(x); }
 K_INLINE float k_sin(float x) { return metal::precise::sin(x); }
 K_INLINE float k_tanh(float x) { return metal::precise::tanh(x); }
+K_INLINE float k_fma(float a, float b, float c) { return metal::fma(a, b, c); }
 K_INLINE float k_as_float(unsigned int u) { return as_type<float>(u); }
 // K_BARRIER() once the values folded into `bits` are loaded (the CUDA prelude's reduces a
 // predicate of them, so that its compiler cannot sink their loads below the barrier; here a plain

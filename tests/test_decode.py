@@ -940,7 +940,10 @@ def test_decode_with_attention_applying_the_q_norm_equals_decode_without(dtype, 
     from gemma4_mlx.kernels import dispatch
 
     gpu = dispatch.active_backend() is not None
-    others = "mv,qmv,ple_tail" if gpu else "mv,qmv,kv_norm_rope,attention,ple_combine,ple_gate,residual_norm,ple_tail"
+    # qkv_norm_rope off too: where it is on it makes the writing layers' q itself (on the CPU
+    # kv_norm_rope's switch turns it off)
+    others = "mv,qmv,ple_tail,qkv_norm_rope" if gpu else \
+        "mv,qmv,kv_norm_rope,attention,ple_combine,ple_gate,residual_norm,ple_tail"
     others += "" if fused else ",attention_fused"
     model = _kernel_shaped_model(seed=6)
     ids = mx.array(np.random.default_rng(7).integers(0, model.args.vocab_size, size=(1, 24)))
@@ -993,7 +996,10 @@ def test_decode_with_one_norm_launch_for_q_k_v_equals_decode_without(dtype, monk
     from gemma4_mlx.kernels import dispatch
 
     gpu = dispatch.active_backend() is not None
-    others = "mv,qmv,ple_tail" if gpu else "mv,qmv,attention,attention_prefix,ple_combine,ple_gate,residual_norm,ple_tail"
+    # attention_prefix_q off too: where it is on the KV-shared layers' q norm goes into their
+    # attention (on the CPU attention_prefix's switch turns it off)
+    others = "mv,qmv,ple_tail,attention_prefix_q" if gpu else \
+        "mv,qmv,attention,attention_prefix,ple_combine,ple_gate,residual_norm,ple_tail"
     model = _kernel_shaped_model(seed=12)
     writing = sum(layer.self_attn.plan.kv_source == i for i, layer in enumerate(model.layers))
     assert 0 < writing < len(model.layers)
@@ -1309,8 +1315,10 @@ def test_gpu_step_scales_every_scalar_in_our_kernel(quantized, monkeypatch):
 
     monkeypatch.setenv("GEMMA4_MLX_KERNELS", "auto")
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
-    # the PLE combine's kernel on (its reference standing in): a plain table takes it
-    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", ALL_KERNELS.replace(",scale", "").replace("ple_combine,", ""))
+    # the PLE combine's kernel on (its reference standing in): a plain table takes it; a quantized
+    # one takes the op path (ple_combine_q off: on a GPU it would build and read the table itself)
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE",
+                       ALL_KERNELS.replace(",scale", "").replace("ple_combine,", "") + ",ple_combine_q")
     dispatch.reset()
     with dispatch.force_backend("cuda"), dispatch.override_kernel("scale", spy), \
             dispatch.override_kernel("ple_combine", K.ple_combine_reference):

@@ -44,8 +44,12 @@ def ple_combine_reference(input_ids, table, projection, norm_weight, table_scale
 
 def ple_combine_quantized_reference(input_ids, table, scales, biases, group_size: int, bits: int, projection,
                                     norm_weight, table_scale, eps):
-    """:func:`ple_combine_reference` of an affine-quantized table, its rows as ``mx.dequantize`` gives them."""
-    rows = mx.dequantize(table[input_ids], scales[input_ids], biases[input_ids], group_size, bits)
+    """:func:`ple_combine_reference` of an affine-quantized table, each value ``scale * q + bias``
+    rounded once to the scales' dtype: MLX's CUDA dequantize (one fused multiply-add in bf16 / fp16)
+    and the kernel on every backend; MLX's CPU rounds the product first (one ulp apart, at times)."""
+    f32 = mx.float32
+    rows = mx.dequantize(table[input_ids], scales[input_ids].astype(f32), biases[input_ids].astype(f32),
+                         group_size, bits).astype(scales.dtype)
     return _combined(rows, projection, norm_weight, table_scale, eps)
 
 
