@@ -360,6 +360,17 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
       CONFIGS="${CONFIGS:-stock,ours,ours +qkv norm,ours +qkv norm +attn_q}" ROUNDS=${ROUNDS:-7} STEPS=15 \
         timeout ${QKV_S:-110} python3 bench/ablate.py $pq 2>&1 | tail -16 | tee "$OUT/qkvnorm-${pq// /-q}.txt"
     done ;;
+  tests)    # session 30: a chosen set of tests on CUDA as `check` runs them: TESTS (files, default the check's
+            # kernel / decode files), K (a -k expression, default every test), TESTS_S (default 300)
+    parity tests ${TESTS_S:-300} ${TESTS:-tests/test_kernels.py tests/test_decode.py tests/test_cuda_build.py} \
+      ${K:+-k "$K"} ;;
+  ablate)   # session 30: the step ablation of CONFIGS (default stock,ours) for each "family bits" in FAMILIES
+            # (default "e2b 0"), ROUNDS (default 5) rounds of 15 steps, ABLATE_S (default 110) seconds each
+    IFS=';' read -ra fams <<< "${FAMILIES:-e2b 0}"
+    for pq in "${fams[@]}"; do
+      CONFIGS="${CONFIGS:-stock,ours}" ROUNDS=${ROUNDS:-5} STEPS=15 timeout ${ABLATE_S:-110} python3 bench/ablate.py $pq \
+        2>&1 | tail -16 | tee "$OUT/ablate-${pq// /-q}.txt"
+    done ;;
   pleq)     # session 29: ple_combine_q (off by default): a quantized model's PLE table read packed in the combine's
             # launch instead of MLX's gathers + dequantize + scales: its parity on CUDA, then E2B / E4B 4-bit steps (~4 min)
     parity pleqcheck ${PLEQ_PARITY_S:-150} tests/test_kernels.py tests/test_cuda_build.py -k "ple_combine"
