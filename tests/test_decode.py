@@ -988,8 +988,8 @@ def test_decode_with_attention_applying_the_q_norm_equals_decode_without(dtype, 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_decode_with_one_norm_launch_for_q_k_v_equals_decode_without(dtype, monkeypatch):
-    """``qkv_norm_rope`` (off by default): a cache-writing layer's q norm + RoPE and its k / v norms
-    in one launch. In the traced step every cache-writing layer takes it, the KV-shared layers keep
+    """``qkv_norm_rope`` (on by default on CUDA since session 30): a cache-writing layer's q norm +
+    RoPE and its k / v norms in one launch. In the traced step every cache-writing layer takes it, the KV-shared layers keep
     q_norm_rope, kv_norm_rope is not called, and the logits are the two launches'. On the CPU the
     backend is forced and the kernels are their references (the wiring)."""
     import gemma4_mlx.kernels as K

@@ -359,7 +359,7 @@ def test_every_other_kernel_on_the_emulator():
 @pytest.mark.parametrize("family", ["tiny-31b", "tiny-moe", "kernel-shaped E2B", "kernel-shaped E2B, fused forms looped",
                                     "kernel-shaped E2B, closes apart", "tiny-moe, closed apart",
                                     "kernel-shaped E2B, host constants", "tiny-moe, host constants",
-                                    "kernel-shaped E2B, one norm launch", "tiny-31b, one norm launch",
+                                    "kernel-shaped E2B, norms apart", "tiny-31b, norms apart",
                                     "kernel-shaped E2B, quantized PLE table"])
 def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatch, family):
     """A model's decode steps with its kernels on (the emulator, outside the compiled step:
@@ -389,13 +389,11 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     constants = not family.endswith("host constants")
     monkeypatch.setenv("GEMMA4_MLX_DEVICE_CONSTANTS", "1" if constants else "0")
     monkeypatch.setattr(dispatch, "_constants", {})
-    one_norm = family.endswith("one norm launch")  # qkv_norm_rope on (off by default)
-    if one_norm:
-        disabled.remove("qkv_norm_rope")
-    quantized_ple = family.endswith("quantized PLE table")  # 4-bit, read by ple_combine_q (off by default)
-    if quantized_ple:
-        disabled.remove("ple_combine_q")
-    closing = "," not in family or family.endswith(("closed apart", "host constants", "one norm launch",
+    one_norm = not family.endswith("norms apart")  # qkv_norm_rope (on by default since session 30)
+    if not one_norm:
+        disabled.append("qkv_norm_rope")
+    quantized_ple = family.endswith("quantized PLE table")  # 4-bit, read by ple_combine_q (on by default)
+    closing = "," not in family or family.endswith(("closed apart", "host constants", "norms apart",
                                                     "quantized PLE table"))
     if not closing:
         disabled += ["mv_close", "qmv_close"]
@@ -446,7 +444,7 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     if one_norm:
         assert not {"kv_norm_rope", "q_norm_rope" if "E2B" not in family else "kv_norm_rope"} & {k[0] for k in verdicts}
     elif "qkv_norm_rope" in {k[0] for k in verdicts}:
-        raise AssertionError("qkv_norm_rope is off by default")
+        raise AssertionError("qkv_norm_rope ran where it was switched off")
     forms = {k[-2:] for k in verdicts if k[0] == "mv_close"}
     if not closing:
         assert not forms, verdicts
@@ -546,7 +544,7 @@ def test_attention_prefix_rows_layout(emulated, D, G):
 def test_ple_combine_reads_a_quantized_table(emulated, monkeypatch, bits, group_size, dtype, table_dtype):
     """ple_combine_q (a quantized model's PLE table, read packed in the launch) against the
     dequantized table's reference; through ops.ple_combine it takes a QuantizedEmbedding when
-    switched on (off by default) and gives what MLX's op sequence gives. A bf16 table under a
+    switched on (the default on CUDA) and gives what MLX's op sequence gives. A bf16 table under a
     float32 projection: the table's rounding shows at float32's tolerance (session 30's GPU run)."""
     import sys
 
@@ -580,10 +578,11 @@ def test_ple_combine_reads_a_quantized_table(emulated, monkeypatch, bits, group_
                                    projection_scale=39.0 ** -1, table_scale=args[8], eps=1e-6)
 
     monkeypatch.setenv("GEMMA4_MLX_KERNELS", "strict")
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "ple_combine_q")
     off = combine()
-    assert not calls  # off by default
-    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "")
-    on = combine()
+    assert not calls
+    monkeypatch.delenv("GEMMA4_MLX_KERNELS_DISABLE")
+    on = combine()  # on by default on CUDA (since session 30)
     assert calls and on.shape == off.shape == want.shape
     # MLX's ops here (the CPU's dequantize) round a bf16 table's product first: one ulp of a table
     # value (1/512 below 0.5) times sqrt(P) / sqrt(2) apart at times

@@ -1444,16 +1444,18 @@ def test_disable_list(monkeypatch):
     # again); attention_fused: on on CUDA since session 28 (its merge a warp a row; its prelude
     # functions are CUDA's only); mv_close / qmv_close: on on CUDA since session 24, CUDA only (as
     # attention_fused); norm_pair_close: on on CUDA since session 25 (26B-A4B 4-bit's step faster with it);
-    # qkv_norm_rope: off until a GPU has timed it (session 28); ple_combine_q likewise (session 29)
-    default = {"ple_tail", "attention_prefix_q", "qkv_norm_rope", "ple_combine_q"}
+    # qkv_norm_rope (session 28) and ple_combine_q (session 29): on on CUDA since session 30, unmeasured on Metal
+    default = {"ple_tail", "attention_prefix_q"}
     with dispatch.force_backend("cuda"):
         assert dispatch.disabled_kernels() == default | {"mv_residual", "qmv_residual"}
+        assert not dispatch.is_disabled("qkv_norm_rope") and not dispatch.is_disabled("ple_combine_q")
         assert not dispatch.is_disabled("mv_close") and not dispatch.is_disabled("qmv_close")
         assert not dispatch.is_disabled("norm_pair_close") and not dispatch.is_disabled("attention_fused")
         assert not dispatch.is_disabled("mv_geglu") and dispatch.is_disabled("mv_residual")
     with dispatch.force_backend("metal"):
         assert dispatch.disabled_kernels() == default | {"mv", "qmv", "scale", "geglu", "mv_close", "qmv_close",
-                                                         "norm_pair_close", "attention_fused"}
+                                                         "norm_pair_close", "attention_fused", "qkv_norm_rope",
+                                                         "ple_combine_q"}
         assert dispatch.is_disabled("mv_geglu")
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "")
     assert dispatch.disabled_kernels() == frozenset()

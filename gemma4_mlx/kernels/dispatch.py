@@ -168,10 +168,12 @@ def active_backend() -> str | None:
 # MLX's CUDA JIT (seconds per kernel on a machine's first run); Metal compiles those in
 # milliseconds, so there they stay MLX's: off.
 # "qkv_norm_rope" (session 28: a cache-writing layer's q norm + RoPE and k / v norms + RoPE in one
-# launch instead of two; written on the CPU, checked on the emulator) is off until a GPU has checked
-# and timed it; so is "ple_combine_q" (session 29: a quantized PLE table read packed in the combine's
-# launch, in place of MLX's gathers, dequantize and scales).
-DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual,qkv_norm_rope,ple_combine_q",
+# launch instead of two) and "ple_combine_q" (session 29: a quantized PLE table read packed in the
+# combine's launch, in place of MLX's gathers, dequantize and scales) are on on CUDA since session
+# 30: their parity passed on the H200 and the step was no slower in any family (qkv: -1% to +2%
+# over E2B / E4B / 26B-A4B / 31B bf16 and 4-bit, median of 5-7 rounds; both on E2B 4-bit: +1%,
+# bf16 -1%; 15-60 launches fewer a step). Off on Metal (not measured there).
+DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual",
                     "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused,mv_close,qmv_close,"
                              "norm_pair_close,qkv_norm_rope,ple_combine_q"}
 

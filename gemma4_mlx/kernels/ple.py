@@ -177,8 +177,8 @@ def ple_combine_quantized(input_ids: mx.array, table: mx.array, scales: mx.array
                           fallback=None) -> mx.array:
     """:func:`ple_combine` of an affine-quantized table (a 4-bit or 8-bit model's): one launch
     reads each token's packed row, where MLX's op sequence gathers the words, scales and biases,
-    dequantizes and scales them (~7 launches a decode step). Name ``ple_combine_q``: off by
-    default until a GPU has timed it (session 29), and off whenever ``ple_combine`` is."""
+    dequantizes and scales them (~7 launches a decode step). Name ``ple_combine_q``: on on CUDA
+    since session 30, off on Metal, and off whenever ``ple_combine`` is."""
     key = None
     shape = _combine_shape(input_ids, projection, norm_weight)
     if (shape is not None and table.ndim == 2 and table.dtype == mx.uint32 and scales.dtype in _FLOATS

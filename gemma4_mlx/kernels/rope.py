@@ -210,8 +210,8 @@ def qkv_norm_rope(q: mx.array, k: mx.array, v: mx.array, q_weight: mx.array, k_w
                   inv_freq: mx.array, offset, eps: float, *, fallback=None):
     """(queries, keys, values), all head-major: :func:`q_norm_rope` of q (B, L, H, D) and
     :func:`kv_norm_rope` of k, v (B, L, HK, D) at the same positions, in one launch on GPU
-    (name ``qkv_norm_rope``: off by default until measured; off whenever ``q_norm_rope`` or
-    ``kv_norm_rope`` is). ``v`` may be ``k`` itself."""
+    (name ``qkv_norm_rope``: on on CUDA since session 30, off on Metal; off whenever ``q_norm_rope``
+    or ``kv_norm_rope`` is). ``v`` may be ``k`` itself."""
     key = _class_key(q, inv_freq)
     if key is not None and (k.ndim != 4 or tuple(k.shape[:2]) != tuple(q.shape[:2]) or k.shape[3] != q.shape[3]
                             or tuple(v.shape) != tuple(k.shape) or k.dtype != q.dtype or v.dtype != q.dtype
