@@ -89,6 +89,8 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours +qkv norm +attn_q", off(on=["qkv_norm_rope", "attention_prefix_q"])),
            ("ours +ple q", off(on=["ple_combine_q"])),
            ("ours +qkv norm +ple q", off(on=["qkv_norm_rope", "ple_combine_q"])),  # session 30: both candidates
+           # session 30: the token embedding's clamp, gather(s), dequantize and scale in one launch (off by default)
+           ("ours +embed", off(on=["embed"])),
            # session 28: both, the whole attention of a layer (q norm, RoPE, passes, merge) in one launch
            ("ours +attn_q fused", off(on=["attention_prefix_q", "attention_fused"])),
            ("ours -close", off("mv_close", "qmv_close")),  # session 24: the o / down / PLE products with their closes

@@ -378,6 +378,14 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
       CONFIGS="${CONFIGS:-stock,ours,ours +ple q}" ROUNDS=${ROUNDS:-7} STEPS=15 \
         timeout ${PLEQ_S:-110} python3 bench/ablate.py $pq 2>&1 | tail -16 | tee "$OUT/pleq-${pq// /-q}.txt"
     done ;;
+  embed)    # session 30: embed / embed_q (off by default): the token embedding's clamp, gather(s), dequantize and
+            # scale in one launch (and ple_combine reading the step's uint32 ids unclamped): its parity on CUDA, then
+            # the step with it, E2B / E4B bf16 and 4-bit (~4 min)
+    parity embedcheck ${EMBED_PARITY_S:-150} tests/test_kernels.py tests/test_cuda_build.py -k "embed or ple_combine"
+    for pq in "e2b 0" "e2b 4" "e4b 0" "e4b 4"; do
+      CONFIGS="${CONFIGS:-stock,ours,ours +embed}" ROUNDS=${ROUNDS:-7} STEPS=15 \
+        timeout ${EMBED_S:-110} python3 bench/ablate.py $pq 2>&1 | tail -12 | tee "$OUT/embed-${pq// /-q}.txt"
+    done ;;
   shared)   # session 27: GEMMA4_MLX_SHARED_SLOTS=1 (off by default): the compiled-against-eager tests with it (check runs
             # them too), then the step with and without it, E2B bf16 / 4-bit and 26B-A4B 4-bit (~6 min)
     parity sharedcheck 300 tests/test_decode.py -k "compiled_decode or shared_slots"

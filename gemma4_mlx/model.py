@@ -274,7 +274,8 @@ class Gemma4TextModel(nn.Module):
             self.per_layer_projection_norm = nn.RMSNorm(ple, eps=args.rms_norm_eps)
 
     def per_layer_inputs(self, inputs: mx.array, h: mx.array) -> mx.array:
-        """PLE: token-identity rows plus the normalised projection of the scaled embedding."""
+        """PLE: token-identity rows plus the normalised projection of the scaled embedding
+        (``inputs`` unclamped: ops.ple_combine clamps them into the table)."""
         a = self.args
         projection = ops.linear(self.per_layer_model_projection, h)
         return ops.ple_combine(
@@ -282,6 +283,7 @@ class Gemma4TextModel(nn.Module):
             self.embed_tokens_per_layer,
             projection,
             self.per_layer_projection_norm.weight,
+            table_size=a.vocab_size_per_layer_input,
             num_layers=a.num_hidden_layers,
             ple_dim=a.hidden_size_per_layer_input,
             projection_scale=a.hidden_size**-0.5,
@@ -305,12 +307,11 @@ class Gemma4TextModel(nn.Module):
         a = self.args
         # MLX does not bounds-check gathers: an id outside a table (only possible through the
         # drop-in path; our generate refuses such ids with a clear error) must not read past it.
-        # Clamped in the graph: one launch in the compiled step, one tiny op per eager call.
-        h = self.embed_tokens(ops.clamp_ids(inputs, a.vocab_size))
-        h = ops.scaled(h, ops.constant(a.hidden_size**0.5, h.dtype))
+        # Both tables' ops clamp the ids in the graph (ops.clamp_ids; the kernels in place).
+        h = ops.embed(inputs, self.embed_tokens, a.vocab_size, a.hidden_size**0.5)
         per_layer = None
         if a.hidden_size_per_layer_input:
-            per_layer = self.per_layer_inputs(ops.clamp_ids(inputs, a.vocab_size_per_layer_input), h)
+            per_layer = self.per_layer_inputs(inputs, h)
             # each layer's (B, L, P) slice: one Split for all of them rather than an index (a
             # Slice and a Squeeze) per layer
             per_layer = mx.split(per_layer.reshape(*per_layer.shape[:2], -1), a.num_hidden_layers, axis=-1)

@@ -236,10 +236,41 @@ def attention_q(q: mx.array, weight: mx.array, inv_freq: mx.array, freqs: mx.arr
     return unfused()
 
 
+def _rows_kernels_take(kern, table: nn.Module, table_size: int) -> Optional[str]:
+    """"float" / "quantized": the form of ``table`` whose kernels (embed, ple_combine) read it
+    with its ids unclamped, clamping them into the table itself; None: MLX's ops (no kernels here,
+    another module, or a table whose rows are not ``table_size``: the ops' clamp bound)."""
+    if kern is None or table["weight"].shape[0] != table_size:
+        return None
+    if isinstance(table, nn.Embedding):
+        return "float"
+    return "quantized" if affine_quantized(table, nn.QuantizedEmbedding) else None
+
+
+def embed(inputs: mx.array, table: nn.Module, table_size: int, scale: float) -> mx.array:
+    """``table(clamp_ids(inputs)) * scale`` (the token embedding and its ``sqrt(hidden)``). In the
+    decode step on a GPU one launch (``embed`` / ``embed_q``, off by default) where MLX's ops are a
+    clamp, a gather (three and a dequantize for a quantized table) and a scale."""
+
+    def mlx_ops(*_):
+        rows = table(clamp_ids(inputs, table_size))
+        return scaled(rows, constant(scale, rows.dtype))
+
+    kern = _gpu_kernels()
+    form = _rows_kernels_take(kern, table, table_size)
+    if form == "float":
+        return kern.embed(inputs, table.weight, constant(scale, table.weight.dtype), fallback=mlx_ops)
+    if form == "quantized":
+        return kern.embed_quantized(inputs, table["weight"], table["scales"], table["biases"], table.group_size,
+                                    table.bits, constant(scale, table["scales"].dtype), fallback=mlx_ops)
+    return mlx_ops()
+
+
 def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_weight: mx.array, *,
-                num_layers: int, ple_dim: int, projection_scale: float, table_scale: float,
+                table_size: int, num_layers: int, ple_dim: int, projection_scale: float, table_scale: float,
                 eps: float) -> mx.array:
-    """(RMSNorm(projection * s) + table[ids] * sqrt(P)) * 2^-0.5, shaped (B, L, layers, P)."""
+    """(RMSNorm(projection * s) + table[clamp_ids(ids)] * sqrt(P)) * 2^-0.5, shaped (B, L, layers,
+    P). ``inputs`` unclamped: the kernels clamp them into the table themselves."""
     dtype = projection.dtype
     proj = scaled(projection, constant(projection_scale, dtype))
 
@@ -247,14 +278,15 @@ def ple_combine(inputs: mx.array, table: nn.Module, projection: mx.array, norm_w
         proj = mx.fast.rms_norm(proj.reshape(*proj.shape[:-1], num_layers, ple_dim), norm_weight, eps)
         # (a quantized table's path, the kernel's fallback: the scales through scaled(), whose
         # kernels in the decode step spare MLX's JIT a fused kernel each on a fresh GPU machine)
-        rows = table(inputs)
+        rows = table(clamp_ids(inputs, table_size))
         rows = scaled(rows, constant(table_scale, rows.dtype)).reshape(*inputs.shape, num_layers, ple_dim)
         return scaled(rows.astype(dtype), constant(2.0**-0.5, dtype), residual=proj)
 
     kern = _gpu_kernels()
-    if kern is not None and isinstance(table, nn.Embedding):
+    form = _rows_kernels_take(kern, table, table_size)
+    if form == "float":
         return kern.ple_combine(inputs, table.weight, proj, norm_weight, table_scale, eps, fallback=mlx_ops)
-    if kern is not None and affine_quantized(table, nn.QuantizedEmbedding):
+    if form == "quantized":
         return kern.ple_combine_quantized(
             inputs, table["weight"], table["scales"], table["biases"], table.group_size, table.bits, proj,
             norm_weight, table_scale, eps,

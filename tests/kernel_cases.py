@@ -8,7 +8,7 @@ import sys
 import gemma4_mlx.kernels as K
 
 MODULES = {n: sys.modules[f"gemma4_mlx.kernels.{n}"]
-           for n in ("rope", "attention", "ple", "residual", "mv", "qmv", "ple_tail", "scalar", "moe")}
+           for n in ("rope", "attention", "ple", "residual", "mv", "qmv", "ple_tail", "scalar", "moe", "embed")}
 DTYPES = ["mlx.core.float32", "mlx.core.float16", "mlx.core.bfloat16"]
 
 
@@ -42,6 +42,13 @@ def cases(dtypes=DTYPES):
         yield ple.ple_combine_kernel, ple._probe_combine((dt, dt, 256, 35))
         for group_size, bits in ((64, 4), (32, 8)):  # a quantized model's table (ple_combine_q)
             yield ple._quantized_kernel, ple._probe_combine_quantized((dt, "mlx.core.bfloat16", 256, 5, group_size, bits))
+        # the step's uint32 ids and int32 ones (a PLE table too), each with ids past the table
+        yield ple.ple_combine_kernel, ple._probe_combine((dt, dt, 256, 5, "mlx.core.uint32"))
+        emb = MODULES["embed"]
+        for ids_dt in ("mlx.core.uint32", "mlx.core.int32"):
+            yield emb.embed_kernel, emb._probe((ids_dt, dt, 1536))
+            for group_size, bits in ((64, 4), (32, 8)):
+                yield emb._quantized_kernel, emb._probe_quantized((ids_dt, dt, 1536, group_size, bits))
         yield ple.ple_gate_kernel, ple._probe_gate((dt, dt))
         yield ple.geglu_joined_kernel, ple._probe_joined((dt,))
         yield ple.geglu_rows_kernel, ple._probe_rows((dt, "rows", 704))

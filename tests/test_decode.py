@@ -78,7 +78,7 @@ def _step_graph(model):
 
 
 ALL_KERNELS = ("mv,qmv,q_norm_rope,kv_norm_rope,attention,attention_prefix,ple_combine,ple_gate,residual_norm,"
-               "ple_tail,scale,geglu")
+               "ple_tail,scale,geglu,embed")
 
 
 @pytest.mark.parametrize("kernel_path", [False, True], ids=["mlx", "kernels-falling-back"])

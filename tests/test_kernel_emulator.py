@@ -360,7 +360,7 @@ def test_every_other_kernel_on_the_emulator():
                                     "kernel-shaped E2B, closes apart", "tiny-moe, closed apart",
                                     "kernel-shaped E2B, host constants", "tiny-moe, host constants",
                                     "kernel-shaped E2B, norms apart", "tiny-31b, norms apart",
-                                    "kernel-shaped E2B, quantized PLE table"])
+                                    "kernel-shaped E2B, quantized tables"])
 def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatch, family):
     """A model's decode steps with its kernels on (the emulator, outside the compiled step:
     kernel_scope) give the logits of the steps without them: the kernels' wiring and their logic
@@ -373,7 +373,10 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     launch in one block that takes every set of rows in turn; "closes apart": the closing forms off,
     residual_norm's own launches. Every family but "host constants" takes the kernels' eps, scales and
     launch parameters from ``dispatch.constant``'s device views (the default on CUDA); "host constants":
-    from arrays made from Python data each time (GEMMA4_MLX_DEVICE_CONSTANTS=0)."""
+    from arrays made from Python data each time (GEMMA4_MLX_DEVICE_CONSTANTS=0), and E2B's token
+    embedding in one launch (embed). "norms apart": qkv_norm_rope off. "quantized tables": both
+    embedding tables 4-bit, read in the launches of ple_combine_q and embed_q (the tied head then
+    quantized too)."""
     import mlx.nn as nn
     from mlx.utils import tree_map
     from test_decode import _kernel_shaped_model
@@ -392,9 +395,15 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     one_norm = not family.endswith("norms apart")  # qkv_norm_rope (on by default since session 30)
     if not one_norm:
         disabled.append("qkv_norm_rope")
-    quantized_ple = family.endswith("quantized PLE table")  # 4-bit, read by ple_combine_q (on by default)
+    # both embedding tables 4-bit, read by ple_combine_q (on by default) and embed_q (off by default)
+    quantized_ple = family.endswith("quantized tables")
+    # the token embedding in one launch (embed, off by default): a quantized table's, and a float one's
+    # with the scale from a host array
+    embed_launch = quantized_ple or family == "kernel-shaped E2B, host constants"
+    if embed_launch:
+        disabled.remove("embed")
     closing = "," not in family or family.endswith(("closed apart", "host constants", "norms apart",
-                                                    "quantized PLE table"))
+                                                    "quantized tables"))
     if not closing:
         disabled += ["mv_close", "qmv_close"]
     in_place = family in ("tiny-moe", "tiny-moe, host constants")  # norm_pair_close on (the default)
@@ -413,8 +422,9 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
         model = _kernel_shaped_model(seed=4)
     if quantized_ple:
         nn.quantize(model, group_size=64, bits=4,
-                    class_predicate=lambda path, m: path.endswith("embed_tokens_per_layer"))
-    ids = mx.array(np.random.default_rng(5).integers(0, model.args.vocab_size, size=(1, 24)))
+                    class_predicate=lambda path, m: path.endswith(("embed_tokens_per_layer", "embed_tokens")))
+    # uint32, as the decode step's ids are (the table kernels read int32 or uint32 ids)
+    ids = mx.array(np.random.default_rng(5).integers(0, model.args.vocab_size, size=(1, 24)), dtype=mx.uint32)
 
     def decode(kernels):
         cache = model.make_cache()
@@ -460,8 +470,11 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     if family.endswith("looped"):  # the prologue forms ran, and their classes loop
         looped = [k for k in verdicts if k[0] == "mv_residual"]
         assert looped and all(k[-1] is True for k in looped), verdicts
-    # the quantized table read in the combine's launch; a float table in ple_combine's
-    assert ("ple_combine_q" in {k[0] for k in verdicts}) == quantized_ple, verdicts
+    # the quantized table read in the combine's launch; a float table in ple_combine's; the token
+    # embedding's table in embed's where it is on
+    names = {k[0] for k in verdicts}
+    assert ("ple_combine_q" in names) == quantized_ple and ("embed_q" in names) == quantized_ple, verdicts
+    assert ("embed" in names) == (embed_launch and not quantized_ple), verdicts
     if constants:  # the kernels took their eps from a device constant
         assert (model.args.rms_norm_eps,) in {k[0] for k in dispatch._constants}, list(dispatch._constants)
     else:
@@ -574,7 +587,7 @@ def test_ple_combine_reads_a_quantized_table(emulated, monkeypatch, bits, group_
         from gemma4_mlx import step_context
 
         with step_context.kernel_scope():  # as inside the decode step, where ops take kernels
-            return ops.ple_combine(ids, emb, proj * 39.0, args[7], num_layers=5, ple_dim=256,
+            return ops.ple_combine(ids, emb, proj * 39.0, args[7], table_size=table.shape[0], num_layers=5, ple_dim=256,
                                    projection_scale=39.0 ** -1, table_scale=args[8], eps=1e-6)
 
     monkeypatch.setenv("GEMMA4_MLX_KERNELS", "strict")

@@ -35,6 +35,7 @@ from gemma4_mlx.kernels import moe, mv, ple, qmv, residual, rope, scalar  # noqa
 from gemma4_mlx.kernels import ple_tail as _ple_tail_fn  # noqa: E402,F401
 
 PLE_TAIL = sys.modules["gemma4_mlx.kernels.ple_tail"]
+EMBED = sys.modules["gemma4_mlx.kernels.embed"]  # the package exports the function under the name
 
 ATT = sys.modules["gemma4_mlx.kernels.attention"]
 GXX = shutil.which("g++")
@@ -43,7 +44,7 @@ needs_gxx = pytest.mark.skipif(GXX is None, reason="g++ not found: cannot syntax
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 # (fragments such as residual_prologue.inc are linted and compiled inside the bodies that insert them)
 BODIES = ["norm_rope", "attention_partial", "attention_combine", "ple_combine", "ple_gate", "residual_norm", "qmv", "mv",
-          "ple_tail", "scale", "norm_pair", "moe_topk"]
+          "ple_tail", "scale", "norm_pair", "moe_topk", "embed"]
 
 
 def _launches():
@@ -90,6 +91,14 @@ def _launches():
                                 i, t, p, w, math.sqrt(P), 1e-6, quantized=(s, s, gs, b)),
                             (ids, mx.zeros((4, NL * P * bits // 32), mx.uint32), mx.zeros((4, NL * P // group_size), dt),
                              mx.zeros((1, 2, NL * P), dt), mx.ones((P,), dt))))
+        for H, ids_dt in ((1536, mx.uint32), (2560, mx.uint32), (5376, mx.int32)):  # the token embedding
+            ids = mx.zeros((1, 1), ids_dt)
+            out.append((f"embed {dt} H={H} {ids_dt}", EMBED.embed_kernel, (ids, mx.zeros((4, H), dt), mx.ones((1,), dt))))
+            for group_size, bits in ((64, 4), (32, 8)):  # a quantized model's table (embed_q)
+                out.append((f"embed_q {dt} H={H} bits={bits} {ids_dt}",
+                            lambda i, t, sc, s, gs=group_size, b=bits: EMBED.embed_kernel(i, t, s, quantized=(sc, sc, gs, b)),
+                            (ids, mx.zeros((4, H * bits // 32), mx.uint32), mx.zeros((4, H // group_size), dt),
+                             mx.ones((1,), dt))))
         for N, M in ((256, 1), (262144, 1), (2048, 8)):
             out.append((f"mv {dt} N={N} M={M}", mv.matvec_kernel, (mx.zeros((M, 1536), dt), mx.zeros((N, 1536), dt))))
         for M in (1, 4):  # the gated forms, in the decode step's (B, 1, K) layout

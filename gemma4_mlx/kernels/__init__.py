@@ -5,6 +5,7 @@ self-check per shape class, else the pure-MLX reference):
 
 * :func:`q_norm_rope`, :func:`kv_norm_rope`, :func:`qkv_norm_rope`
 * :func:`attention`
+* :func:`embed`, :func:`embed_quantized` (the token embedding: clamp, gather, scale; off by default)
 * :func:`ple_combine`, :func:`ple_gate` (and :func:`geglu`, the MLP's, through its kernel)
 * :func:`scale`, :func:`residual_scale`, :func:`softcap` (a runtime scalar, element-wise)
 * :func:`residual_norm` (norm + residual add + layer scalar + the next norm)
@@ -38,6 +39,7 @@ from .dispatch import (
     kernels_mode,
     set_kernels_mode,
 )
+from .embed import embed, embed_kernel, embed_quantized, embed_quantized_reference, embed_reference
 from .ple import (
     geglu,
     geglu_joined,
@@ -131,7 +133,8 @@ __all__ = [
     "q_norm_rope", "kv_norm_rope", "qkv_norm_rope", "qkv_norm_rope_kernel", "qkv_norm_rope_reference", "attention", "attention_prefix", "attention_prefix_reference", "attention_prefix_q",
     "attention_prefix_q_reference", "ple_combine", "ple_combine_quantized", "ple_gate",
     "q_norm_rope_reference", "kv_norm_rope_reference", "attention_reference", "ple_combine_reference",
-    "ple_combine_quantized_reference",
+    "ple_combine_quantized_reference", "embed", "embed_kernel", "embed_quantized", "embed_quantized_reference",
+    "embed_reference",
     "ple_gate_reference", "rms_norm_reference", "rope_reference", "gelu_tanh_reference",
     "q_norm_rope_kernel", "kv_norm_rope_kernel", "attention_kernel", "ple_combine_kernel", "ple_gate_kernel",
     "attention_mask", "residual_norm", "residual_norm_kernel", "residual_norm_reference",

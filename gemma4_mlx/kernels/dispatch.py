@@ -173,9 +173,11 @@ def active_backend() -> str | None:
 # 30: their parity passed on the H200 and the step was no slower in any family (qkv: -1% to +2%
 # over E2B / E4B / 26B-A4B / 31B bf16 and 4-bit, median of 5-7 rounds; both on E2B 4-bit: +1%,
 # bf16 -1%; 15-60 launches fewer a step). Off on Metal (not measured there).
-DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual",
+# "embed" (session 30: the token embedding's clamp, gather(s), dequantize and scale in one launch;
+# "embed_q" for a quantized table) is off until a GPU has checked and timed it.
+DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual,embed",
                     "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused,mv_close,qmv_close,"
-                             "norm_pair_close,qkv_norm_rope,ple_combine_q"}
+                             "norm_pair_close,qkv_norm_rope,ple_combine_q,embed"}
 
 
 # The fused forms follow the switches of what they fuse (``mv`` off: every float matvec form
@@ -187,7 +189,7 @@ SWITCHES_OF = {"mv_geglu": ("mv",), "mv_gate": ("mv",), "mv_residual": ("mv", "r
                "qkv_norm_rope": ("q_norm_rope", "kv_norm_rope"),
                "attention_fused": ("attention_prefix",), "mv_close": ("mv", "residual_norm"),
                "qmv_close": ("qmv", "residual_norm"), "norm_pair_close": ("norm_pair", "residual_norm"),
-               "ple_combine_q": ("ple_combine",)}
+               "ple_combine_q": ("ple_combine",), "embed_q": ("embed",)}
 
 
 def is_disabled(name: str) -> bool:

@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from . import dispatch
 from .dispatch import TG, ceil_to
+from .embed import PROBE_VOCAB, clamped_ids, ids_taken, probe_ids
 from .rope import rms_norm_reference
 
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
@@ -39,7 +40,7 @@ def _combined(rows, projection, norm_weight, table_scale, eps):
 
 
 def ple_combine_reference(input_ids, table, projection, norm_weight, table_scale, eps):
-    return _combined(table[input_ids], projection, norm_weight, table_scale, eps)
+    return _combined(table[clamped_ids(input_ids, table.shape[0])], projection, norm_weight, table_scale, eps)
 
 
 def ple_combine_quantized_reference(input_ids, table, scales, biases, group_size: int, bits: int, projection,
@@ -47,9 +48,9 @@ def ple_combine_quantized_reference(input_ids, table, scales, biases, group_size
     """:func:`ple_combine_reference` of an affine-quantized table, each value ``scale * q + bias``
     rounded once to the scales' dtype: MLX's CUDA dequantize (one fused multiply-add in bf16 / fp16)
     and the kernel on every backend; MLX's CPU rounds the product first (one ulp apart, at times)."""
-    f32 = mx.float32
-    rows = mx.dequantize(table[input_ids], scales[input_ids].astype(f32), biases[input_ids].astype(f32),
-                         group_size, bits).astype(scales.dtype)
+    f32, ids = mx.float32, clamped_ids(input_ids, table.shape[0])
+    rows = mx.dequantize(table[ids], scales[ids].astype(f32), biases[ids].astype(f32), group_size,
+                         bits).astype(scales.dtype)
     return _combined(rows, projection, norm_weight, table_scale, eps)
 
 
@@ -87,7 +88,7 @@ def ple_combine_kernel(input_ids, table, projection, norm_weight, table_scale, e
     rows = B * L * NL
     return k(
         inputs=[
-            input_ids.astype(mx.int32), *tables, projection, norm_weight,
+            input_ids, *tables, projection, norm_weight,
             dispatch.constant(float(table_scale), mx.float32), dispatch.constant(eps, mx.float32),
         ],
         template=[("T", projection.dtype), ("P", P), ("NL", NL), *qtemplate],
@@ -154,7 +155,7 @@ def ple_combine(input_ids: mx.array, table: mx.array, projection: mx.array, norm
     key = None
     shape = _combine_shape(input_ids, projection, norm_weight)
     if shape is not None and table.ndim == 2 and table.dtype in _FLOATS and table.shape[1] == shape[0] * shape[1]:
-        key = (str(projection.dtype), str(table.dtype), *shape)
+        key = (str(projection.dtype), str(table.dtype), *shape, str(input_ids.dtype))
     return dispatch.run(
         "ple_combine", key, ple_combine_reference, ple_combine_kernel, _probe_combine,
         input_ids, table, projection, norm_weight, table_scale, eps, fallback=fallback,
@@ -163,7 +164,7 @@ def ple_combine(input_ids: mx.array, table: mx.array, projection: mx.array, norm
 
 def _combine_shape(input_ids, projection, norm_weight):
     """(P, NL) of a combine the kernels take (either table form), else None."""
-    if projection.ndim != 3 or projection.dtype not in _FLOATS or input_ids.ndim != 2:
+    if projection.ndim != 3 or projection.dtype not in _FLOATS or not ids_taken(input_ids):
         return None
     P, NLP = norm_weight.shape[-1], projection.shape[-1]
     return (P, NLP // P) if P % 32 == 0 and P <= 1024 and NLP % P == 0 else None
@@ -186,7 +187,7 @@ def ple_combine_quantized(input_ids: mx.array, table: mx.array, scales: mx.array
         NLP = shape[0] * shape[1]
         if (NLP % group_size == 0 and table.shape[1] * 32 == NLP * bits
                 and tuple(scales.shape) == tuple(biases.shape) == (table.shape[0], NLP // group_size)):
-            key = (str(projection.dtype), str(scales.dtype), *shape, group_size, bits)
+            key = (str(projection.dtype), str(scales.dtype), *shape, group_size, bits, str(input_ids.dtype))
     return dispatch.run(
         "ple_combine_q", key, ple_combine_quantized_reference, _quantized_kernel, _probe_combine_quantized,
         input_ids, table, scales, biases, group_size, bits, projection, norm_weight, table_scale, eps,
@@ -200,18 +201,20 @@ def _quantized_kernel(input_ids, table, scales, biases, group_size, bits, projec
 
 
 def _probe_combine_quantized(key):
-    P, NL, group_size, bits = key[2:]
-    ids, table, proj, w, table_scale, eps = _probe_combine((key[0], key[1], P, NL))
+    """key: (projection dtype, scales dtype, P, NL, group size, bits[, ids dtype: int32])."""
+    P, NL, group_size, bits = key[2:6]
+    ids, table, proj, w, table_scale, eps = _probe_combine((key[0], key[1], P, NL, *key[6:]))
     sdt = dispatch.dtype_from_key(key[1])
     q, scales, biases = mx.quantize(table, group_size=group_size, bits=bits)
     return (ids, q, scales.astype(sdt), biases.astype(sdt), group_size, bits, proj, w, table_scale, eps)
 
 
 def _probe_combine(key):
+    """key: (projection dtype, table dtype, P, NL[, ids dtype: int32])."""
     dt, tdt, P, NL = dispatch.dtype_from_key(key[0]), dispatch.dtype_from_key(key[1]), key[2], key[3]
-    B, L, V = 2, 3, 50
-    ids = mx.array([[1, 7, 49], [0, 3, 3]], dtype=mx.int32)
-    table = dispatch.probe_normal((V, NL * P), 21, tdt, 0.1)
+    B, L = 2, 3
+    ids = probe_ids(dispatch.dtype_from_key(key[4]) if len(key) > 4 else mx.int32)
+    table = dispatch.probe_normal((PROBE_VOCAB, NL * P), 21, tdt, 0.1)
     proj = dispatch.probe_normal((B, L, NL * P), 22, dt, 2.0)
     w = (1 + dispatch.probe_normal((P,), 23, mx.float32, 0.3)).astype(dt)
     return (ids, table, proj, w, math.sqrt(P), 1e-6)

@@ -53,6 +53,7 @@ inline float max(float a, float b) { return a > b ? a : b; }
 inline float min(float a, float b) { return a < b ? a : b; }
 inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
 inline float tanh(float x) { return std::tanh(x); }
+inline float fma(float a, float b, float c) { return std::fma(a, b, c); }  // MSL's metal::fma
 inline float cos(float x) { return std::cos(x); }
 inline float sin(float x) { return std::sin(x); }
 namespace precise {
