@@ -7,28 +7,21 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 30; session 29 had 70 device seconds left and ran nothing): issue 14. One GPU is enough
-# (nvidia-h200). Session 28's `check` (on session 27's code)
-# passed 1,049 of 1,053 (4 skipped); the attention in one launch a layer (attention_fused, its merge now a warp a row)
-# went on by default after its parity passed and the step ran 2-7% faster (7 lines of 8); E2B bf16 end to end read
-# 2.86x (2.24x-3.59x over the pairings); MLX's graph bounds and the shared slot indices gave nothing. In this order:
-#   0. `check` (~7 min): the fused attention is on by default now (its decode test and the emulator ran; the whole
-#      suite on CUDA has not), qkv_norm_rope (off) has kernel tests in test_kernels.py, and the first step's joint
-#      self-check now takes the kernels that count their blocks, each with counters of its own (the strict decode
-#      tests fail if one of those checks fails there).
-#   1. `qkvnorm` (~5 min): qkv_norm_rope (session 28, off by default: a cache-writing layer's q norm + RoPE and its
-#      k / v norms in one launch, 15 launches fewer a step on E2B, 24 E4B, 30 26B-A4B, 60 31B): parity, then the step;
-#      on by default if its tests pass and it is not slower (dispatch.DEFAULT_DISABLED, tests/test_kernels.py's
-#      test_disable_list, the emulator family's "off by default" assertion).
-#   2. `NEW=128 RUNS=3 e2e` (bf16: three warm runs a side with the fused attention), then `Q=4 NEW=128 RUNS=2 e2e`
-#      (4-bit end to end has not run with it). Watch "first token after load()": 1.18x stock's in session 28 (0.75 /
-#      0.64 s), before the joint check took the counting kernels (5 classes checked alone then, ~7 ms each).
-#   3. `constants` (~7 min; 26B-A4B 4-bit's line has not run since session 26: CONST_S=200 for it).
-#   4. `captureprobe` (+main cases, ~2.5 min) and `loadprof`; `steppython` (~1 min).
-#   5. `pleq` (~4 min; session 29): ple_combine_q, a 4-bit model's PLE table read packed in the combine's launch
-#      (E2B / E4B 4-bit: MLX's gathers, dequantize and two scales otherwise, ~7 launches a step); on by default if
-#      its parity passes and the 4-bit step is faster (dispatch.DEFAULT_DISABLED, test_kernels.py's test_disable_list,
-#      the emulator test's "off by default" assertion). It speaks to the 4-bit step being slower than the bf16 one.
+# Next visit (session 31): issue 14. One GPU is enough (nvidia-h200). Session 30's `check` (on session 29's code)
+# failed 10 of 1,068, all mended and 110 of those kinds passed on CUDA after; qkv_norm_rope and ple_combine_q went on
+# by default (the step no slower in any family); E2B end to end 2.30x bf16 (3 warm runs a side), 2.65x 4-bit. In order:
+#   0. `check` (~7 min): the whole parity run on the new defaults (qkv_norm_rope, ple_combine_q on) and the new
+#      embed tests (test_embed_kernel; ple_combine now reads the step's uint32 ids unclamped and clamps them itself).
+#   1. `embed` (~4 min): embed / embed_q (session 30, off by default: the token embedding's clamp, gather(s),
+#      dequantize and scale in one launch; 2 launches fewer a bf16 step, ~5 a 4-bit one): on by default if its
+#      parity passes and the step is not slower (dispatch.DEFAULT_DISABLED, test_kernels.py's test_disable_list,
+#      README / docs/kernels.md default lists).
+#   2. `NEW=128 RUNS=3 e2e`, then `Q=4 NEW=128 RUNS=3 e2e` on the new defaults (the 2.5x bf16 cell with three warm
+#      runs a side read 2.30x in session 30; 4-bit 2.65x against the 3x target).
+#   3. 31B bf16 (1.18-1.25x, the one family below 1.5x): `PRESET=31b Q=0 profile` (each kernel's GPU time in one
+#      step, ours and stock): bench/kernels.py has our bf16 matvec slower than MLX's matmul on 31B's big shapes
+#      (gate 96 against 64 us), yet `ours -mv` was no faster in the step: find where the step's GPU time goes.
+#   4. `constants` (CONST_S=200), `captureprobe`, `loadprof` (session 30 ran `steppython` only).
 # Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
