@@ -35,13 +35,19 @@ def embed_reference(input_ids: mx.array, table: mx.array, scale: mx.array) -> mx
     return table[clamped_ids(input_ids, table.shape[0])] * scale.reshape(())
 
 
-def embed_quantized_reference(input_ids, table, scales, biases, group_size: int, bits: int, scale):
-    """:func:`embed_reference` of an affine-quantized table, its values rounded once to the scales'
-    dtype."""
-    ids = clamped_ids(input_ids, table.shape[0])
-    f32 = mx.float32
+def quantized_rows_reference(input_ids, table, scales, biases, group_size: int, bits: int) -> mx.array:
+    """The rows of an affine-quantized table for ``input_ids`` (clamped into it), each value
+    ``scale * q + bias`` rounded once to the scales' dtype: MLX's CUDA dequantize (one fused
+    multiply-add in bf16 / fp16) and the kernels' on every backend; MLX's CPU rounds the product
+    first (one ulp apart, at times)."""
+    ids, f32 = clamped_ids(input_ids, table.shape[0]), mx.float32
     rows = mx.dequantize(table[ids], scales[ids].astype(f32), biases[ids].astype(f32), group_size, bits)
-    return rows.astype(scales.dtype) * scale.reshape(())
+    return rows.astype(scales.dtype)
+
+
+def embed_quantized_reference(input_ids, table, scales, biases, group_size: int, bits: int, scale):
+    """:func:`embed_reference` of an affine-quantized table (:func:`quantized_rows_reference`)."""
+    return quantized_rows_reference(input_ids, table, scales, biases, group_size, bits) * scale.reshape(())
 
 
 def embed_kernel(input_ids, table, scale, quantized=None):
@@ -73,6 +79,14 @@ def ids_taken(input_ids: mx.array) -> bool:
     return input_ids.ndim == 2 and input_ids.dtype in _IDS and input_ids.size > 0
 
 
+def qtable_taken(table: mx.array, scales: mx.array, biases, group_size: int, bits: int, width: int) -> bool:
+    """An affine-quantized table of ``width`` values a row in the form qtable_value.inc reads."""
+    return (table.ndim == 2 and table.dtype == mx.uint32 and scales.dtype in _FLOATS and biases is not None
+            and biases.dtype == scales.dtype and bits in QTABLE_BITS and group_size > 0 and width % group_size == 0
+            and table.shape[1] * 32 == width * bits
+            and tuple(scales.shape) == tuple(biases.shape) == (table.shape[0], width // group_size))
+
+
 def embed(input_ids: mx.array, table: mx.array, scale: mx.array, *, fallback=None) -> mx.array:
     """(B, L, H) rows of a float ``table`` (V, H) for ``input_ids`` (B, L), clamped into it, times
     the size-1 ``scale`` (of the table's dtype)."""
@@ -88,12 +102,10 @@ def embed_quantized(input_ids: mx.array, table: mx.array, scales: mx.array, bias
                     bits: int, scale: mx.array, *, fallback=None) -> mx.array:
     """:func:`embed` of an affine-quantized table (``table`` its uint32 words)."""
     key = None
-    if (ids_taken(input_ids) and table.ndim == 2 and table.dtype == mx.uint32 and scales.dtype in _FLOATS
-            and biases is not None and biases.dtype == scales.dtype and bits in QTABLE_BITS and group_size > 0
-            and scale.size == 1 and scale.dtype == scales.dtype):
-        H = table.shape[1] * 32 // bits
-        if H % group_size == 0 and tuple(scales.shape) == tuple(biases.shape) == (table.shape[0], H // group_size):
-            key = (str(input_ids.dtype), str(scales.dtype), H, group_size, bits)
+    H = table.shape[-1] * 32 // bits if bits in QTABLE_BITS else 0
+    if (ids_taken(input_ids) and qtable_taken(table, scales, biases, group_size, bits, H) and scale.size == 1
+            and scale.dtype == scales.dtype):
+        key = (str(input_ids.dtype), str(scales.dtype), H, group_size, bits)
     return dispatch.run("embed_q", key, embed_quantized_reference, _quantized_kernel, _probe_quantized,
                         input_ids, table, scales, biases, group_size, bits, scale, fallback=fallback)
 

@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from . import dispatch
 from .dispatch import TG, ceil_to
-from .embed import PROBE_VOCAB, clamped_ids, ids_taken, probe_ids
+from .embed import PROBE_VOCAB, clamped_ids, ids_taken, probe_ids, qtable_taken, quantized_rows_reference
 from .rope import rms_norm_reference
 
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
@@ -45,12 +45,9 @@ def ple_combine_reference(input_ids, table, projection, norm_weight, table_scale
 
 def ple_combine_quantized_reference(input_ids, table, scales, biases, group_size: int, bits: int, projection,
                                     norm_weight, table_scale, eps):
-    """:func:`ple_combine_reference` of an affine-quantized table, each value ``scale * q + bias``
-    rounded once to the scales' dtype: MLX's CUDA dequantize (one fused multiply-add in bf16 / fp16)
-    and the kernel on every backend; MLX's CPU rounds the product first (one ulp apart, at times)."""
-    f32, ids = mx.float32, clamped_ids(input_ids, table.shape[0])
-    rows = mx.dequantize(table[ids], scales[ids].astype(f32), biases[ids].astype(f32), group_size,
-                         bits).astype(scales.dtype)
+    """:func:`ple_combine_reference` of an affine-quantized table (the rows as
+    :func:`~gemma4_mlx.kernels.embed.quantized_rows_reference` gives them)."""
+    rows = quantized_rows_reference(input_ids, table, scales, biases, group_size, bits)
     return _combined(rows, projection, norm_weight, table_scale, eps)
 
 
@@ -170,9 +167,6 @@ def _combine_shape(input_ids, projection, norm_weight):
     return (P, NLP // P) if P % 32 == 0 and P <= 1024 and NLP % P == 0 else None
 
 
-QTABLE_BITS = (2, 4, 8)  # the widths whose values never straddle two words
-
-
 def ple_combine_quantized(input_ids: mx.array, table: mx.array, scales: mx.array, biases: mx.array, group_size: int,
                           bits: int, projection: mx.array, norm_weight: mx.array, table_scale: float, eps: float, *,
                           fallback=None) -> mx.array:
@@ -182,12 +176,8 @@ def ple_combine_quantized(input_ids: mx.array, table: mx.array, scales: mx.array
     since session 30, off on Metal, and off whenever ``ple_combine`` is."""
     key = None
     shape = _combine_shape(input_ids, projection, norm_weight)
-    if (shape is not None and table.ndim == 2 and table.dtype == mx.uint32 and scales.dtype in _FLOATS
-            and biases is not None and biases.dtype == scales.dtype and bits in QTABLE_BITS and group_size > 0):
-        NLP = shape[0] * shape[1]
-        if (NLP % group_size == 0 and table.shape[1] * 32 == NLP * bits
-                and tuple(scales.shape) == tuple(biases.shape) == (table.shape[0], NLP // group_size)):
-            key = (str(projection.dtype), str(scales.dtype), *shape, group_size, bits, str(input_ids.dtype))
+    if shape is not None and qtable_taken(table, scales, biases, group_size, bits, shape[0] * shape[1]):
+        key = (str(projection.dtype), str(scales.dtype), *shape, group_size, bits, str(input_ids.dtype))
     return dispatch.run(
         "ple_combine_q", key, ple_combine_quantized_reference, _quantized_kernel, _probe_combine_quantized,
         input_ids, table, scales, biases, group_size, bits, projection, norm_weight, table_scale, eps,
