@@ -11,7 +11,7 @@ a token for a float table, 6 for a quantized one. The kernel clamps the ids itse
 
 Numerics: the op sequence's. A quantized table's values are ``scale * q + bias`` rounded once to
 the scales' dtype (MLX's CUDA dequantize; its CPU rounds the product first: one ulp apart at
-times, see ``ple_combine_quantized_reference``), each then times the embedding scale, rounded.
+times, see :func:`quantized_rows_reference`), each then times the embedding scale, rounded.
 """
 
 from __future__ import annotations
@@ -50,19 +50,24 @@ def embed_quantized_reference(input_ids, table, scales, biases, group_size: int,
     return quantized_rows_reference(input_ids, table, scales, biases, group_size, bits) * scale.reshape(())
 
 
+def table_inputs(table: mx.array, quantized) -> tuple:
+    """(input names, arrays, defines, template, variant) of a table as the bodies that read one
+    take it (embed, ple_combine): a float ``table``, or with ``quantized`` = (scales, biases,
+    group_size, bits) its words, scales and biases, read as qtable_value.inc reads them."""
+    if quantized is None:
+        return ["table"], [table], [("QTABLE", 0)], [], ""
+    scales, biases, group_size, bits = quantized
+    return (["table", "tscales", "tbiases"], [table, scales, biases], [("QTABLE", 1)],
+            [("TT", scales.dtype), ("BITS", bits), ("GS", group_size)], "q")
+
+
 def embed_kernel(input_ids, table, scale, quantized=None):
     """``quantized``: (scales, biases, group_size, bits) of an affine-quantized ``table``."""
     B, L = input_ids.shape
-    if quantized is None:
-        dtype, H = table.dtype, table.shape[1]
-        k = dispatch.get_kernel("embed", ["ids", "table", "s"], ["out"], defines=[("QTABLE", 0)])
-        tables, qtemplate = [table], []
-    else:
-        scales, biases, group_size, bits = quantized
-        dtype, H = scales.dtype, table.shape[1] * 32 // bits
-        k = dispatch.get_kernel("embed", ["ids", "table", "tscales", "tbiases", "s"], ["out"],
-                                defines=[("QTABLE", 1)], variant="q")
-        tables, qtemplate = [table, scales, biases], [("TT", dtype), ("BITS", bits), ("GS", group_size)]
+    names, tables, defines, qtemplate, variant = table_inputs(table, quantized)
+    dtype = table.dtype if quantized is None else quantized[0].dtype
+    H = table.shape[1] if quantized is None else table.shape[1] * 32 // quantized[3]
+    k = dispatch.get_kernel("embed", ["ids", *names, "s"], ["out"], defines=defines, variant=variant)
     return k(
         inputs=[input_ids, *tables, scale],
         template=[("T", dtype), ("H", H), *qtemplate],
@@ -115,6 +120,7 @@ def _quantized_kernel(input_ids, table, scales, biases, group_size, bits, scale)
 
 
 PROBE_VOCAB = 50
+PROBE_SCALE = 39.19  # E2B's sqrt(hidden)
 
 
 def probe_ids(ids_dtype) -> mx.array:
@@ -127,7 +133,7 @@ def probe_ids(ids_dtype) -> mx.array:
 def _probe(key):
     ids_dt, dt, H = dispatch.dtype_from_key(key[0]), dispatch.dtype_from_key(key[1]), key[2]
     table = dispatch.probe_normal((PROBE_VOCAB, H), 61, dt, 0.1)
-    return (probe_ids(ids_dt), table, mx.array([39.19], dtype=dt))
+    return (probe_ids(ids_dt), table, mx.array([PROBE_SCALE], dtype=dt))
 
 
 def _probe_quantized(key):
@@ -135,4 +141,4 @@ def _probe_quantized(key):
     table = dispatch.probe_normal((PROBE_VOCAB, H), 62, dt, 0.1)
     q, scales, biases = mx.quantize(table, group_size=group_size, bits=bits)
     return (probe_ids(ids_dt), q, scales.astype(dt), biases.astype(dt), group_size, bits,
-            mx.array([39.19], dtype=dt))
+            mx.array([PROBE_SCALE], dtype=dt))

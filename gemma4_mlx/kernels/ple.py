@@ -20,7 +20,8 @@ import mlx.core as mx
 
 from . import dispatch
 from .dispatch import TG, ceil_to
-from .embed import PROBE_VOCAB, clamped_ids, ids_taken, probe_ids, qtable_taken, quantized_rows_reference
+from .embed import (PROBE_VOCAB, clamped_ids, ids_taken, probe_ids, qtable_taken, quantized_rows_reference,
+                    table_inputs)
 from .rope import rms_norm_reference
 
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
@@ -73,15 +74,9 @@ def ple_combine_kernel(input_ids, table, projection, norm_weight, table_scale, e
     B, L, NLP = projection.shape
     P = norm_weight.shape[-1]
     NL = NLP // P
-    if quantized is None:
-        k = dispatch.get_kernel("ple_combine", ["ids", "table", "proj", "w", "table_scale", "eps"], ["out"],
-                                defines=[("PLE_QTABLE", 0)])
-        tables, qtemplate = [table], []
-    else:
-        scales, biases, group_size, bits = quantized
-        k = dispatch.get_kernel("ple_combine", ["ids", "table", "tscales", "tbiases", "proj", "w", "table_scale", "eps"],
-                                ["out"], defines=[("PLE_QTABLE", 1)], variant="q")
-        tables, qtemplate = [table, scales, biases], [("TT", scales.dtype), ("BITS", bits), ("GS", group_size)]
+    names, tables, defines, qtemplate, variant = table_inputs(table, quantized)
+    k = dispatch.get_kernel("ple_combine", ["ids", *names, "proj", "w", "table_scale", "eps"], ["out"],
+                            defines=defines, variant=variant)
     rows = B * L * NL
     return k(
         inputs=[
