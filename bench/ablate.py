@@ -89,8 +89,12 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours +qkv norm +attn_q", off(on=["qkv_norm_rope", "attention_prefix_q"])),
            ("ours +ple q", off(on=["ple_combine_q"])),
            ("ours +qkv norm +ple q", off(on=["qkv_norm_rope", "ple_combine_q"])),  # session 30: both candidates
-           # session 30: the token embedding's clamp, gather(s), dequantize and scale in one launch (off by default)
-           ("ours +embed", off(on=["embed"])),
+           # session 30: the token embedding's clamp, gather(s), dequantize and scale in one launch (on by
+           # default on CUDA since session 31)
+           ("ours -embed", off("embed")),
+           # session 31: the step's integers copied from the host at every token (a launch reading a managed
+           # page the host just wrote) instead of taken from the last step's output (step_ints)
+           ("ours -ints ahead", {"GEMMA4_MLX_INTS_AHEAD": "0"}),
            # session 28: both, the whole attention of a layer (q norm, RoPE, passes, merge) in one launch
            ("ours +attn_q fused", off(on=["attention_prefix_q", "attention_fused"])),
            ("ours -close", off("mv_close", "qmv_close")),  # session 24: the o / down / PLE products with their closes

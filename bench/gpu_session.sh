@@ -7,22 +7,19 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 31): issue 14. One GPU is enough (nvidia-h200). Session 30's `check` (on session 29's code)
-# failed 10 of 1,068, all mended and 110 of those kinds passed on CUDA after; qkv_norm_rope and ple_combine_q went on
-# by default (the step no slower in any family); E2B end to end 2.30x bf16 (3 warm runs a side), 2.65x 4-bit. In order:
-#   0. `check` (~7 min): the whole parity run on the new defaults (qkv_norm_rope, ple_combine_q on) and the new
-#      embed tests (test_embed_kernel; ple_combine now reads the step's uint32 ids unclamped and clamps them itself).
-#   1. `embed` (~4 min): embed / embed_q (session 30, off by default: the token embedding's clamp, gather(s),
-#      dequantize and scale in one launch; 2 launches fewer a bf16 step, ~5 a 4-bit one): on by default if its
-#      parity passes and the step is not slower (dispatch.DEFAULT_DISABLED, test_kernels.py's test_disable_list,
-#      README / docs/kernels.md default lists).
-#   2. `NEW=128 RUNS=3 e2e`, then `Q=4 NEW=128 RUNS=3 e2e` on the new defaults (the 2.5x bf16 cell with three warm
-#      runs a side read 2.30x in session 30; 4-bit 2.65x against the 3x target).
-#   3. 31B bf16 (1.18-1.25x, the one family below 1.5x): `PRESET=31b Q=0 profile` (each kernel's GPU time in one
-#      step, ours and stock): bench/kernels.py has our bf16 matvec slower than MLX's matmul on 31B's big shapes
-#      (gate 96 against 64 us), yet `ours -mv` was no faster in the step: find where the step's GPU time goes.
-#   4. `constants` (CONST_S=200), `captureprobe`, `loadprof` (session 30 ran `steppython` only).
-# Timings seen on the H200: check ~3.5 min (8 processes), kernels ~5.5 min, presets ~5 min; a
+# Next visit (session 32): issue 14. One GPU is enough (nvidia-h200). Session 31's `check` passed 1,086 of 1,086 on
+# session 30's defaults; embed went on by default (the step no slower); E2B end to end 2.48x bf16 (3 warm runs a
+# side), 4-bit 1.89x / 2.46x in two runs (ours' warm processes 217-321 tok/s: noisy); 31B bf16's profile: the
+# matvecs 15.7 of 19.0 ms of GPU time at 3.6-4.2 TB/s (stock's 16.3 ms at 3.1-4.6), attention 1.2 ms at < 1 TB/s,
+# and one launch of 238 us: the copy of the step's integers from a managed page the host had just written. In order:
+#   0. `ints` (~6 min): step_ints (session 31, on by default: the next token's integers computed by the step,
+#      no copy from the host): its decode parity on CUDA, E2B's profile (the 238 us launch gone?), the step with
+#      and without (`ours -ints ahead`). Off by default (step_ints.enabled) if parity fails or the step is slower.
+#   1. `check` (~7.5 min) on the new defaults (embed on; step_ints).
+#   2. `NEW=128 RUNS=3 e2e`, `Q=4 NEW=128 RUNS=3 e2e` (4-bit read 1.89x and 2.46x in two runs of session 31).
+#   3. `PRESET=e2b Q=4 profile`: E2B 4-bit's GPU time per kernel, ours and stock (the 3x cell).
+#   4. `constants` (CONST_S=200), `steppython`.
+# Timings seen on the H200: check ~7.5 min (8 processes, session 31), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
 # its limit brings nothing back (the packing below runs at exit), so give the call ~60 s more.
@@ -371,12 +368,25 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
       CONFIGS="${CONFIGS:-stock,ours,ours +ple q}" ROUNDS=${ROUNDS:-7} STEPS=15 \
         timeout ${PLEQ_S:-110} python3 bench/ablate.py $pq 2>&1 | tail -16 | tee "$OUT/pleq-${pq// /-q}.txt"
     done ;;
-  embed)    # session 30: embed / embed_q (off by default): the token embedding's clamp, gather(s), dequantize and
-            # scale in one launch (and ple_combine reading the step's uint32 ids unclamped): its parity on CUDA, then
-            # the step with it, E2B / E4B bf16 and 4-bit (~4 min)
+  ints)     # session 31: the step's integers taken from the last step's output (step_ints, on by default) against
+            # copied from the host at every token (a launch reading a managed page the host just wrote: 238 us of
+            # 31B bf16's step under ncu): the decode parity tests with it, E2B's profile (is that launch gone?), then
+            # the step with and without it, E2B bf16 / 4-bit and 26B-A4B 4-bit (~6 min)
+    parity intscheck ${INTS_PARITY_S:-200} tests/test_decode.py tests/test_determinism.py -k "compiled or device or step"
+    f="$OUT/prof-ours-e2b"  # the step's first launches: no copy reading the host's page left
+    timeout 150 ncu --profile-from-start off --metrics gpu__time_duration.sum --csv --log-file "$f.csv" \
+      python3 bench/step_profile.py e2b 0 ours > "$f.log" 2>&1; echo "ncu exit $?"
+    python3 bench/step_profile.py --read "$f.csv" "$f.log" 2>&1 | tee "$f.txt" | head -14; gzip -f "$f.csv"
+    for pq in "e2b 0" "e2b 4" "26b-a4b 4"; do
+      CONFIGS="${CONFIGS:-stock,ours,ours -ints ahead}" ROUNDS=${ROUNDS:-7} STEPS=15 \
+        timeout ${INTS_S:-110} python3 bench/ablate.py $pq 2>&1 | tail -12 | tee "$OUT/ints-${pq// /-q}.txt"
+    done ;;
+  embed)    # session 30: embed / embed_q (on by default on CUDA since session 31): the token embedding's clamp,
+            # gather(s), dequantize and scale in one launch (and ple_combine reading the step's uint32 ids unclamped):
+            # its parity on CUDA, then the step without it, E2B / E4B bf16 and 4-bit (~4 min)
     parity embedcheck ${EMBED_PARITY_S:-150} tests/test_kernels.py tests/test_cuda_build.py -k "embed or ple_combine"
     for pq in "e2b 0" "e2b 4" "e4b 0" "e4b 4"; do
-      CONFIGS="${CONFIGS:-stock,ours,ours +embed}" ROUNDS=${ROUNDS:-7} STEPS=15 \
+      CONFIGS="${CONFIGS:-stock,ours,ours -embed}" ROUNDS=${ROUNDS:-7} STEPS=15 \
         timeout ${EMBED_S:-110} python3 bench/ablate.py $pq 2>&1 | tail -12 | tee "$OUT/embed-${pq// /-q}.txt"
     done ;;
   shared)   # session 27: GEMMA4_MLX_SHARED_SLOTS=1 (off by default): the compiled-against-eager tests with it (check runs

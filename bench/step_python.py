@@ -79,6 +79,9 @@ def _steps(preset: str, model: Model, undo: list, steps: int) -> str:
         _timed(decode, "_switches", "  switches", spent, undo)
         _timed(dec.snapshot, "current", "  snapshot", spent, undo)
         _timed(dec, "step_args", "step arguments", spent, undo)
+        _timed(dec, "device_ints", "step integers", spent, undo)
+        if dec.ints_ahead is not None:
+            _timed(dec.ints_ahead, "remember", "  next integers", spent, undo)
         _timed(dec, "_check_kernels", "check signature", spent, undo)
         _timed(dec, "_step", "compiled replay", spent, undo)
         total = 0.0

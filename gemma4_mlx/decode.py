@@ -38,7 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from . import cuda_context, dict_watch, ops, switches
+from . import cuda_context, dict_watch, ops, step_ints, switches
 from .cache import SlidingWindowCache
 from .step_context import _context, active
 
@@ -92,7 +92,7 @@ def _switches() -> tuple:
     return (mode, tuple(sorted(dispatch.disabled_kernels())), dispatch.device_constants(), switches.env(qmv.MIN_VALUES_ENV),
             switches.env(mv.PROLOGUE_BLOCKS_ENV), joining_enabled(), transposes_enabled(), kv_scatter_enabled(),
             ops.expert_indices_enabled(), cuda_build.short_sources(), dispatch.form_signatures(), shared_slots_enabled(),
-            mx.default_device())
+            step_ints.enabled(), mx.default_device())
 
 
 # ------------------------------------------------------------------ derived state
@@ -603,11 +603,21 @@ def _step_function(model_ref, counts: dict):
             counts["traces"] += 1
         n = len(buffers) // 2
         g = max(groups) + 1  # the caches' slot groups (CompiledDecoder.step_args): each its own by default
-        if slots is None:  # the per-token integers packed (dispatch.device_constants): one copy to device
-            # memory, which every kernel then reads, instead of each reading the host's managed buffer
+        ahead = None
+        if slots is None:  # the per-token integers packed in device memory (dispatch.device_constants),
+            # which every kernel reads, instead of each reading the host's managed buffer; and the next
+            # token's, worked out here (step_ints)
             from .kernels import dispatch
 
-            offset, slots, valid = mx.split(dispatch.device_copy(offset), [1, 1 + g])
+            limit, reset = step_ints.bounds(step_ints.group_sizes(buffers, groups))
+            packed = offset
+
+            def row(a):  # the rule over rows: one fused launch with device_copy's product
+                return a.reshape(1, -1)
+
+            ahead = dispatch.device_copy(step_ints.advance(row(packed), row(dispatch.constant(limit, mx.int32)),
+                                                           row(dispatch.constant(reset, mx.int32)), mx))
+            offset, slots, valid = mx.split(packed, [1, 1 + g])
             offset = offset.reshape(())
         # each cache's slot and fill level as (1,) views, one Split each for all caches: an index
         # per cache was a Slice, and a Gather (a launch) and a Squeeze, and the attention kernel
@@ -628,6 +638,8 @@ def _step_function(model_ref, counts: dict):
         out = []
         for c in caches:
             out += [c.keys, c.values]
+        if ahead is not None:
+            out.append(ahead)
         return logits, out
 
     return forward
@@ -650,6 +662,8 @@ class CompiledDecoder:
 
         # read once a decoder (the switch is one of _switches(): a change builds a new decoder)
         self.packed_ints = dispatch.device_constants()
+        # the next token's integers from the step's own output where they are the host's (step_ints)
+        self.ints_ahead = step_ints.IntsAhead() if self.packed_ints and step_ints.enabled() else None
         self.shared_slots = shared_slots_enabled()  # likewise one of _switches()
         # The traced function reaches the model through a weak reference: the model holds its
         # decoder, and a strong one would keep both alive until a garbage collection.
@@ -715,24 +729,44 @@ class CompiledDecoder:
             pairs = [key[3] for key in first]  # each group's (slot, valid), in group order
         else:
             groups, pairs = tuple(range(len(cache))), reserved
-        if packed:  # one host array, copied to device memory in the step (dispatch.device_constants)
-            packed = mx.array([offsets.pop()] + [s for s, _ in pairs] + [v for _, v in pairs], dtype=mx.int32)
+        if packed:  # the integers as a tuple, put in device memory by the decoder (device_ints)
+            packed = (offsets.pop(),) + tuple(s for s, _ in pairs) + tuple(v for _, v in pairs)
             return (ids, packed, None, None, buffers, ring_windows, groups), reserved
         slots = mx.array([s for s, _ in pairs], dtype=mx.int32)
         valid = mx.array([v for _, v in pairs], dtype=mx.int32)
         return (ids, mx.array(offsets.pop(), dtype=mx.int32), slots, valid, buffers, ring_windows, groups), reserved
+
+    def device_ints(self, args: tuple) -> tuple:
+        """``args`` of :meth:`step_args` with packed integers (a tuple) as the step takes them: in
+        device memory, from the last step's output where that holds them (``ints_ahead``), else
+        copied from a host array (one launch)."""
+        if args[2] is not None:
+            return args
+        from .kernels import dispatch
+
+        def copy(ints):
+            return dispatch.device_copy(mx.array(ints, dtype=mx.int32))
+
+        ints = args[1]
+        device = self.ints_ahead.device(ints, copy) if self.ints_ahead is not None else copy(ints)
+        return (args[0], device) + tuple(args[2:])
 
     def __call__(self, inputs: mx.array, cache: List[Any]) -> Optional[mx.array]:
         """Logits, or None when this call must take the eager path."""
         prepared = self.step_args(cache, inputs, self.packed_ints, self.shared_slots)
         if prepared is None:
             return None
-        args, reserved = prepared
+        host_args, reserved = prepared
+        args = self.device_ints(host_args)
         self._check_kernels(args)
         self.transposed.evaluate()
         self.scalars.evaluate()
         with _context(self.joined, tracing=True, transposed=self.transposed, scalars=self.scalars):
             logits, new = self._step(*args)
+        if args[2] is None:  # the next token's integers, computed by the step
+            ahead = new.pop()
+            if self.ints_ahead is not None:
+                self.ints_ahead.remember(host_args[1], step_ints.group_sizes(args[4], args[6]), ahead)
         for i, c in enumerate(cache):
             c.keys, c.values = new[2 * i], new[2 * i + 1]
             c.offset += 1
@@ -775,4 +809,4 @@ def prepare(model) -> None:
     model._eager(mx.zeros((1, 1), dtype=mx.int32), cache=cache)
     prepared = CompiledDecoder.step_args(cache, mx.zeros((1, 1), dtype=mx.int32), dec.packed_ints, dec.shared_slots)
     if prepared is not None:
-        dispatch.check_ahead(dec.collect_kernels(prepared[0]))
+        dispatch.check_ahead(dec.collect_kernels(dec.device_ints(prepared[0])))

@@ -451,7 +451,7 @@ def _logits_with_kernels(model, ids, prefill: int, monkeypatch, mode: str, disab
 
 
 # the kernels a CPU wiring test switches off, leaving residual_norm (the closes) and scale
-_ALL_BUT_CLOSES_AND_SCALES = ",mv,qmv,q_norm_rope,kv_norm_rope,attention,attention_prefix,ple_combine,ple_gate,geglu"
+_ALL_BUT_CLOSES_AND_SCALES = ",mv,qmv,q_norm_rope,kv_norm_rope,attention,attention_prefix,ple_combine,ple_gate,geglu,embed"
 
 
 def test_device_constants_are_made_once_off_the_trace_with_their_values(monkeypatch):
@@ -532,6 +532,78 @@ def test_decode_with_device_constants_equals_decode_without(monkeypatch):
     assert {(30.0,), (model.args.hidden_size**0.5,)} <= {k[0] for k in dispatch._constants}, list(dispatch._constants)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     dispatch.reset()
+
+
+def test_step_integers_advanced_on_the_device_are_the_hosts(monkeypatch):
+    """With device constants on, each step computes the next token's position, slots and fill levels
+    (step_ints) and the next step takes them where the host's own integers are those: a generation
+    whose sliding rings wrap (the tiny 31B's window of 8) and whose full-attention buffers grow
+    copies integers from the host only at its first step and where a buffer grew, and gives the
+    logits of the steps that copy them at every token (``GEMMA4_MLX_INTS_AHEAD=0``). Two caches
+    decoded in turn by one decoder never take each other's integers. The advance rule itself: slots
+    wrap at their size, fill levels stop at it, on the host and in MLX alike."""
+    from gemma4_mlx import step_ints
+    from gemma4_mlx.kernels import dispatch
+
+    if dispatch.active_backend() is not None:
+        pytest.skip("the wiring, on the CPU (a GPU runs it in the decode parity run)")
+    limit, reset = step_ints.bounds((8, 40))
+    packed = [100, 7, 39, 8, 12]
+    want = [101, 0, 0, 8, 13]
+    assert step_ints.advance(tuple(packed), limit, reset) == tuple(want)  # the host's form
+    assert step_ints.advance(np.array(packed), np.array(limit), np.array(reset), np).tolist() == want
+    assert step_ints.advance(mx.array(packed, dtype=mx.int32), mx.array(limit, dtype=mx.int32),
+                             mx.array(reset, dtype=mx.int32), mx).tolist() == want
+
+    model = _random_model("tiny-31b", seed=3)
+    ids = mx.array(np.random.default_rng(11).integers(0, model.args.vocab_size, size=(2, 40)))
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "off")
+    monkeypatch.setattr(dispatch, "_constants", {})
+    handed = []
+    real = step_ints.IntsAhead.device
+
+    def device(self, ints, copy):  # every step's integers, as the step takes them, are the host's
+        out = real(self, ints, copy)
+        handed.append(tuple(out.tolist()) == ints)
+        return out
+
+    monkeypatch.setattr(step_ints.IntsAhead, "device", device)
+
+    def decode(rows, ahead: str):
+        """Rows of ``ids`` decoded in turn, one token each, row r from a prompt of 4 + 3r tokens (so
+        that no cache's integers are ever the other's next ones); full-attention buffers of 16 slots
+        growing by 8."""
+        monkeypatch.setenv(step_ints.ENV, ahead)
+        model.reset_compiled()
+        caches = []
+        for r in rows:
+            caches.append(model.make_cache())
+            model(ids[r:r + 1, :4 + 3 * r], cache=caches[-1])
+            for c in caches[-1]:
+                if type(c).__name__ == "KVCache":
+                    c.keys, c.values = c.keys[..., :16, :], c.values[..., :16, :]
+                    c.step = 8
+        out = {r: [] for r in rows}
+        for i in range(4, ids.shape[1] - 3):
+            for r, cache in zip(rows, caches):
+                out[r].append(np.array(model(ids[r:r + 1, i + 3 * r:i + 3 * r + 1], cache=cache).astype(mx.float32)))
+        return {r: np.concatenate(o, axis=1) for r, o in out.items()}, model._decoder
+
+    with dispatch.force_backend("cuda"):
+        assert dispatch.device_constants()
+        copied, dec = decode([0], "0")
+        assert dec.ints_ahead is None and dec.packed_ints
+        got, dec = decode([0], "1")
+        # the first step, then each growth of the full-attention buffers (16 -> 24 -> 32 -> 40 slots)
+        assert dec.ints_ahead.copies == 4, dec.ints_ahead.copies
+        np.testing.assert_array_equal(got[0], copied[0])
+        both, dec = decode([0, 1], "1")
+        alone, _ = decode([1], "1")
+        np.testing.assert_array_equal(both[0], copied[0])
+        np.testing.assert_array_equal(both[1], alone[1])
+        assert dec.ints_ahead.copies == 2 * 33, dec.ints_ahead.copies  # each token the other cache's
+    assert len(handed) == 33 + 2 * 33 + 33 and all(handed), handed
 
 
 @pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")

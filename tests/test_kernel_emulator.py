@@ -373,8 +373,8 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     launch in one block that takes every set of rows in turn; "closes apart": the closing forms off,
     residual_norm's own launches. Every family but "host constants" takes the kernels' eps, scales and
     launch parameters from ``dispatch.constant``'s device views (the default on CUDA); "host constants":
-    from arrays made from Python data each time (GEMMA4_MLX_DEVICE_CONSTANTS=0), and E2B's token
-    embedding in one launch (embed). "norms apart": qkv_norm_rope off. "quantized tables": both
+    from arrays made from Python data each time (GEMMA4_MLX_DEVICE_CONSTANTS=0). Every family takes its
+    token embedding in one launch (embed; embed_q for a quantized table). "norms apart": qkv_norm_rope off. "quantized tables": both
     embedding tables 4-bit, read in the launches of ple_combine_q and embed_q (the tied head then
     quantized too)."""
     import mlx.nn as nn
@@ -395,13 +395,8 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     one_norm = not family.endswith("norms apart")  # qkv_norm_rope (on by default since session 30)
     if not one_norm:
         disabled.append("qkv_norm_rope")
-    # both embedding tables 4-bit, read by ple_combine_q (on by default) and embed_q (off by default)
+    # both embedding tables 4-bit, read by ple_combine_q and embed_q (both on by default)
     quantized_ple = family.endswith("quantized tables")
-    # the token embedding in one launch (embed, off by default): a quantized table's, and a float one's
-    # with the scale from a host array
-    embed_launch = quantized_ple or family == "kernel-shaped E2B, host constants"
-    if embed_launch:
-        disabled.remove("embed")
     closing = "," not in family or family.endswith(("closed apart", "host constants", "norms apart",
                                                     "quantized tables"))
     if not closing:
@@ -471,10 +466,10 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
         looped = [k for k in verdicts if k[0] == "mv_residual"]
         assert looped and all(k[-1] is True for k in looped), verdicts
     # the quantized table read in the combine's launch; a float table in ple_combine's; the token
-    # embedding's table in embed's where it is on
+    # embedding's table in embed's launch (on by default since session 31), a quantized one in embed_q's
     names = {k[0] for k in verdicts}
     assert ("ple_combine_q" in names) == quantized_ple and ("embed_q" in names) == quantized_ple, verdicts
-    assert ("embed" in names) == (embed_launch and not quantized_ple), verdicts
+    assert ("embed" in names) == (not quantized_ple), verdicts
     if constants:  # the kernels took their eps from a device constant
         assert (model.args.rms_norm_eps,) in {k[0] for k in dispatch._constants}, list(dispatch._constants)
     else:

@@ -1469,20 +1469,20 @@ def test_disable_list(monkeypatch):
     # functions are CUDA's only); mv_close / qmv_close: on on CUDA since session 24, CUDA only (as
     # attention_fused); norm_pair_close: on on CUDA since session 25 (26B-A4B 4-bit's step faster with it);
     # qkv_norm_rope (session 28) and ple_combine_q (session 29): on on CUDA since session 30, unmeasured on Metal;
-    # embed (session 30): off until a GPU has timed it, embed_q with it
-    default = {"ple_tail", "attention_prefix_q", "embed"}
+    # embed / embed_q (session 30): on on CUDA since session 31 (the step no slower), unmeasured on Metal
+    default = {"ple_tail", "attention_prefix_q"}
     with dispatch.force_backend("cuda"):
         assert dispatch.disabled_kernels() == default | {"mv_residual", "qmv_residual"}
         assert not dispatch.is_disabled("qkv_norm_rope") and not dispatch.is_disabled("ple_combine_q")
-        assert dispatch.is_disabled("embed_q")
+        assert not dispatch.is_disabled("embed") and not dispatch.is_disabled("embed_q")
         assert not dispatch.is_disabled("mv_close") and not dispatch.is_disabled("qmv_close")
         assert not dispatch.is_disabled("norm_pair_close") and not dispatch.is_disabled("attention_fused")
         assert not dispatch.is_disabled("mv_geglu") and dispatch.is_disabled("mv_residual")
     with dispatch.force_backend("metal"):
         assert dispatch.disabled_kernels() == default | {"mv", "qmv", "scale", "geglu", "mv_close", "qmv_close",
                                                          "norm_pair_close", "attention_fused", "qkv_norm_rope",
-                                                         "ple_combine_q"}
-        assert dispatch.is_disabled("mv_geglu")
+                                                         "ple_combine_q", "embed"}
+        assert dispatch.is_disabled("mv_geglu") and dispatch.is_disabled("embed_q")
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "")
     assert dispatch.disabled_kernels() == frozenset()
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "qmv, q_norm_rope")

@@ -174,8 +174,11 @@ def active_backend() -> str | None:
 # over E2B / E4B / 26B-A4B / 31B bf16 and 4-bit, median of 5-7 rounds; both on E2B 4-bit: +1%,
 # bf16 -1%; 15-60 launches fewer a step). Off on Metal (not measured there).
 # "embed" (session 30: the token embedding's clamp, gather(s), dequantize and scale in one launch;
-# "embed_q" for a quantized table) is off until a GPU has checked and timed it.
-DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual,embed",
+# "embed_q" for a quantized table) is on on CUDA since session 31: its parity passed on the H200 and
+# the step was no slower (ms median of 7 rounds without / with: E2B bf16 4.86 / 4.81, 4-bit 4.93 /
+# 4.96, E4B bf16 6.81 / 6.71, 4-bit 7.18 / 7.06; 2 launches fewer a float step, 5 a 4-bit one).
+# Off on Metal (not measured there).
+DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual",
                     "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused,mv_close,qmv_close,"
                              "norm_pair_close,qkv_norm_rope,ple_combine_q,embed"}
 
@@ -459,14 +462,17 @@ def constant(values, dtype, via=None) -> mx.array:
 
 
 def device_copy(host: mx.array) -> mx.array:
-    """A 1-d array made from Python data (managed memory) copied to device memory by one launch: a
+    """A 1-d (or (1, n)) array made from Python data (managed memory) copied to device memory by one launch: a
     product with a column of ones whose output is :data:`CONSTANT_BYTES` or more (a size class no
     host-made array of a step shares, see :func:`_make_constant`); its first row, as a view (an
     integer index there is a Gather: a launch more a step)."""
     n = host.size
     rows = max(1, -(-CONSTANT_BYTES // (n * host.dtype.size)))
     ones = constant([1] * rows, host.dtype).reshape(rows, 1)
-    return (ones * host.reshape(1, n))[:1].reshape(n)
+    # a (1, n) input is taken as it is: a Reshape between an elementwise chain and the product would
+    # keep MLX's compile from fusing them into one launch (the step's next integers, step_ints)
+    row = host if host.shape == (1, n) else host.reshape(1, n)
+    return (ones * row)[:1].reshape(n)
 
 
 def unit(dtype) -> mx.array:
