@@ -1487,6 +1487,17 @@ def test_disable_list(monkeypatch):
     assert dispatch.disabled_kernels() == frozenset()
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "qmv, q_norm_rope")
     assert dispatch.disabled_kernels() == {"qmv", "q_norm_rope"}
+    # signed names change the backend's default list (a bare one among them counts as +)
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "+mv, -ple_tail,embed")
+    with dispatch.force_backend("cuda"):
+        assert dispatch.disabled_kernels() == (default - {"ple_tail"}) | {"mv_residual", "qmv_residual", "mv", "embed"}
+        assert dispatch.is_disabled("mv_close") and not dispatch.is_disabled("ple_tail")
+    with dispatch.force_backend("metal"):
+        assert "mv" in dispatch.disabled_kernels() and "ple_tail" not in dispatch.disabled_kernels()
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "-attention_prefix_q")
+    with dispatch.force_backend("cuda"):
+        assert dispatch.disabled_kernels() == {"ple_tail", "mv_residual", "qmv_residual"}
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "qmv, q_norm_rope")
     calls = []
 
     def spy(*args):

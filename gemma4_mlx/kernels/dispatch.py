@@ -202,17 +202,28 @@ def is_disabled(name: str) -> bool:
 
 def disabled_kernels() -> frozenset:
     """Kernels switched off one by one: ``GEMMA4_MLX_KERNELS_DISABLE=mv,qmv`` (ablations);
-    unset means the backend's :data:`DEFAULT_DISABLED`, an empty value enables every kernel."""
+    unset means the backend's :data:`DEFAULT_DISABLED`, an empty value enables every kernel. Names
+    with a sign change the default list instead of replacing it: ``+mv,-embed`` is the default list
+    with ``mv`` off and ``embed`` on (a bare name among signed ones counts as ``+``), so a list that
+    means "the defaults but these" keeps meaning that when a kernel's default changes."""
+    default = DEFAULT_DISABLED.get(active_backend() or "cuda", "mv")
     raw = switches.env("GEMMA4_MLX_KERNELS_DISABLE")
-    if raw is None:
-        raw = DEFAULT_DISABLED.get(active_backend() or "cuda", "mv")
-    return _names(raw)
+    return _names(default if raw is None else raw, default)
 
 
 @functools.lru_cache(maxsize=64)
-def _names(listing: str) -> frozenset:
+def _names(listing: str, default: str) -> frozenset:
     # read at every kernel call of an eager prefill chunk: the split is remembered
-    return frozenset(n.strip() for n in listing.split(",") if n.strip())
+    names = [n.strip() for n in listing.split(",") if n.strip()]
+    if not any(n[0] in "+-" for n in names):
+        return frozenset(names)
+    off = set(_names(default, default))
+    for n in names:
+        if n.startswith("-"):
+            off.discard(n[1:].strip())
+        else:
+            off.add(n.lstrip("+").strip())
+    return frozenset(off)
 
 
 def kernels_enabled() -> bool:
