@@ -596,7 +596,7 @@ def reserve(cache: List[Any], prompt_tokens: int, new_tokens: int) -> None:
 _SHAPE_AND_DTYPE = operator.attrgetter("shape", "dtype")  # a buffer's part of a step signature, read in C
 
 
-def _step_function(model_ref, counts: dict):
+def _step_function(model_ref, counts: dict, ints_ahead: bool):
     def forward(inputs, offset, slots, valid, buffers, ring_windows, groups):
         ctx = active()
         if ctx is not None and ctx.tracing:
@@ -605,18 +605,19 @@ def _step_function(model_ref, counts: dict):
         g = max(groups) + 1  # the caches' slot groups (CompiledDecoder.step_args): each its own by default
         ahead = None
         if slots is None:  # the per-token integers packed in device memory (dispatch.device_constants),
-            # which every kernel reads, instead of each reading the host's managed buffer; and the next
-            # token's, worked out here (step_ints)
-            from .kernels import dispatch
-
-            limit, reset = step_ints.bounds(step_ints.group_sizes(buffers, groups))
+            # which every kernel reads, instead of each reading the host's managed buffer; and, where the
+            # decoder takes them (ints_ahead), the next token's, worked out here (step_ints)
             packed = offset
+            if ints_ahead:
+                from .kernels import dispatch
 
-            def row(a):  # the rule over rows: one fused launch with device_copy's product
-                return a.reshape(1, -1)
+                limit, reset = step_ints.bounds(step_ints.group_sizes(buffers, groups))
 
-            ahead = dispatch.device_copy(step_ints.advance(row(packed), row(dispatch.constant(limit, mx.int32)),
-                                                           row(dispatch.constant(reset, mx.int32)), mx))
+                def row(a):  # the rule over rows: one fused launch with device_copy's product
+                    return a.reshape(1, -1)
+
+                ahead = dispatch.device_copy(step_ints.advance(row(packed), row(dispatch.constant(limit, mx.int32)),
+                                                               row(dispatch.constant(reset, mx.int32)), mx))
             offset, slots, valid = mx.split(packed, [1, 1 + g])
             offset = offset.reshape(())
         # each cache's slot and fill level as (1,) views, one Split each for all caches: an index
@@ -668,7 +669,7 @@ class CompiledDecoder:
         # The traced function reaches the model through a weak reference: the model holds its
         # decoder, and a strong one would keep both alive until a garbage collection.
         self.counts = {"traces": 0}  # how often the step was traced (tests, benchmarks)
-        self._forward = _step_function(weakref.ref(model), self.counts)
+        self._forward = _step_function(weakref.ref(model), self.counts, self.ints_ahead is not None)
         self._step = mx.compile(self._forward)
         self._checked: set = set()  # step signatures whose kernels were checked before their trace
 
@@ -763,10 +764,8 @@ class CompiledDecoder:
         self.scalars.evaluate()
         with _context(self.joined, tracing=True, transposed=self.transposed, scalars=self.scalars):
             logits, new = self._step(*args)
-        if args[2] is None:  # the next token's integers, computed by the step
-            ahead = new.pop()
-            if self.ints_ahead is not None:
-                self.ints_ahead.remember(host_args[1], step_ints.group_sizes(args[4], args[6]), ahead)
+        if self.ints_ahead is not None and args[2] is None:  # the next token's integers, computed by the step
+            self.ints_ahead.remember(host_args[1], step_ints.group_sizes(args[4], args[6]), new.pop())
         for i, c in enumerate(cache):
             c.keys, c.values = new[2 * i], new[2 * i + 1]
             c.offset += 1

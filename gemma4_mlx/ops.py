@@ -249,7 +249,7 @@ def _rows_kernels_take(kern, table: nn.Module, table_size: int) -> Optional[str]
 
 def embed(inputs: mx.array, table: nn.Module, table_size: int, scale: float) -> mx.array:
     """``table(clamp_ids(inputs)) * scale`` (the token embedding and its ``sqrt(hidden)``). In the
-    decode step on a GPU one launch (``embed`` / ``embed_q``, off by default) where MLX's ops are a
+    decode step on a GPU one launch (``embed`` / ``embed_q``; on on CUDA, off on Metal) where MLX's ops are a
     clamp, a gather (three and a dequantize for a quantized table) and a scale."""
 
     def mlx_ops(*_):

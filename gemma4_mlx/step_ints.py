@@ -83,6 +83,3 @@ class IntsAhead:
         """After a step over ``ints``: ``ahead`` (the step's output) holds :func:`advance` of them."""
         self._expected = advance(ints, *bounds(tuple(sizes)))
         self._ahead = ahead
-
-    def forget(self) -> None:
-        self._expected = self._ahead = None

@@ -569,6 +569,14 @@ def test_step_integers_advanced_on_the_device_are_the_hosts(monkeypatch):
         return out
 
     monkeypatch.setattr(step_ints.IntsAhead, "device", device)
+    traced = []  # the rule traced into a step: only where the decoder takes its output
+    real_advance = step_ints.advance
+
+    def advance(packed, limit, reset, xp=None):
+        traced.append(xp is mx)
+        return real_advance(packed, limit, reset, xp)
+
+    monkeypatch.setattr(step_ints, "advance", advance)
 
     def decode(rows, ahead: str):
         """Rows of ``ids`` decoded in turn, one token each, row r from a prompt of 4 + 3r tokens (so
@@ -593,8 +601,9 @@ def test_step_integers_advanced_on_the_device_are_the_hosts(monkeypatch):
     with dispatch.force_backend("cuda"):
         assert dispatch.device_constants()
         copied, dec = decode([0], "0")
-        assert dec.ints_ahead is None and dec.packed_ints
+        assert dec.ints_ahead is None and dec.packed_ints and not any(traced)  # no launch for nothing
         got, dec = decode([0], "1")
+        assert any(traced)
         # the first step, then each growth of the full-attention buffers (16 -> 24 -> 32 -> 40 slots)
         assert dec.ints_ahead.copies == 4, dec.ints_ahead.copies
         np.testing.assert_array_equal(got[0], copied[0])

@@ -5,7 +5,7 @@ self-check per shape class, else the pure-MLX reference):
 
 * :func:`q_norm_rope`, :func:`kv_norm_rope`, :func:`qkv_norm_rope`
 * :func:`attention`
-* :func:`embed`, :func:`embed_quantized` (the token embedding: clamp, gather, scale; off by default)
+* :func:`embed`, :func:`embed_quantized` (the token embedding: clamp, gather, scale; on on CUDA, off on Metal)
 * :func:`ple_combine`, :func:`ple_gate` (and :func:`geglu`, the MLP's, through its kernel)
 * :func:`scale`, :func:`residual_scale`, :func:`softcap` (a runtime scalar, element-wise)
 * :func:`residual_norm` (norm + residual add + layer scalar + the next norm)

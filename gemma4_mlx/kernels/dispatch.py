@@ -473,10 +473,10 @@ def constant(values, dtype, via=None) -> mx.array:
 
 
 def device_copy(host: mx.array) -> mx.array:
-    """A 1-d (or (1, n)) array made from Python data (managed memory) copied to device memory by one launch: a
-    product with a column of ones whose output is :data:`CONSTANT_BYTES` or more (a size class no
-    host-made array of a step shares, see :func:`_make_constant`); its first row, as a view (an
-    integer index there is a Gather: a launch more a step)."""
+    """A 1-d (or (1, n)) array, made from Python data (managed memory) or computed, copied to device
+    memory by one launch: a product with a column of ones whose output is :data:`CONSTANT_BYTES` or
+    more (a size class no host-made array of a step shares, see :func:`_make_constant`); its first
+    row, as a view (an integer index there is a Gather: a launch more a step)."""
     n = host.size
     rows = max(1, -(-CONSTANT_BYTES // (n * host.dtype.size)))
     ones = constant([1] * rows, host.dtype).reshape(rows, 1)
