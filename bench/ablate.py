@@ -92,9 +92,10 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            # session 30: the token embedding's clamp, gather(s), dequantize and scale in one launch (on by
            # default on CUDA since session 31)
            ("ours -embed", off("embed")),
-           # session 31: the step's integers copied from the host at every token (a launch reading a managed
-           # page the host just wrote) instead of taken from the last step's output (step_ints)
-           ("ours -ints ahead", {"GEMMA4_MLX_INTS_AHEAD": "0"}),
+           # session 31: the step's integers taken from the last step's output (step_ints) instead of copied
+           # from the host at every token (a launch reading a managed page the host just wrote); off by
+           # default since session 32 (no faster on the H200)
+           ("ours +ints ahead", {"GEMMA4_MLX_INTS_AHEAD": "1"}),
            # session 28: both, the whole attention of a layer (q norm, RoPE, passes, merge) in one launch
            ("ours +attn_q fused", off(on=["attention_prefix_q", "attention_fused"])),
            ("ours -close", off("mv_close", "qmv_close")),  # session 24: the o / down / PLE products with their closes

@@ -368,7 +368,7 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
       CONFIGS="${CONFIGS:-stock,ours,ours +ple q}" ROUNDS=${ROUNDS:-7} STEPS=15 \
         timeout ${PLEQ_S:-110} python3 bench/ablate.py $pq 2>&1 | tail -16 | tee "$OUT/pleq-${pq// /-q}.txt"
     done ;;
-  ints)     # session 31: the step's integers taken from the last step's output (step_ints, on by default) against
+  ints)     # session 31: the step's integers taken from the last step's output (step_ints, off by default since 32) against
             # copied from the host at every token (a launch reading a managed page the host just wrote: 238 us of
             # 31B bf16's step under ncu): the decode parity tests with it, E2B's profile (is that launch gone?), then
             # the step with and without it, E2B bf16 / 4-bit and 26B-A4B 4-bit (~6 min)
@@ -378,7 +378,7 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
       python3 bench/step_profile.py e2b 0 ours > "$f.log" 2>&1; echo "ncu exit $?"
     python3 bench/step_profile.py --read "$f.csv" "$f.log" 2>&1 | tee "$f.txt" | head -14; gzip -f "$f.csv"
     for pq in "e2b 0" "e2b 4" "26b-a4b 4"; do
-      CONFIGS="${CONFIGS:-stock,ours,ours -ints ahead}" ROUNDS=${ROUNDS:-7} STEPS=15 \
+      CONFIGS="${CONFIGS:-stock,ours,ours +ints ahead}" ROUNDS=${ROUNDS:-7} STEPS=15 \
         timeout ${INTS_S:-110} python3 bench/ablate.py $pq 2>&1 | tail -12 | tee "$OUT/ints-${pq// /-q}.txt"
     done ;;
   embed)    # session 30: embed / embed_q (on by default on CUDA since session 31): the token embedding's clamp,

@@ -14,6 +14,8 @@ token takes them from there when the host's own integers, worked out as always, 
 values are the host's whenever they are used. Anything else (a prompt, a cache grown, trimmed or
 swapped, a batch) makes the host's integers differ from the expected ones, and that token copies the
 host's (one launch, as before).
+
+Off by default (:func:`enabled`): session 32 measured no gain outside the profiler.
 """
 from __future__ import annotations
 
@@ -29,9 +31,12 @@ _NO_LIMIT = 2**31 - 1  # int32's largest: the position never wraps
 
 
 def enabled() -> bool:
-    """``GEMMA4_MLX_INTS_AHEAD`` (on by default; ``0``: the host's integers copied at every token, as
-    until session 31). Only where the step packs its integers (device constants on)."""
-    return switches.env_flag(ENV, default=True)
+    """``GEMMA4_MLX_INTS_AHEAD=1`` (off by default: the host's integers copied at every token). Only
+    where the step packs its integers (device constants on). Off since session 32: on the H200 the
+    step was no faster with it (E2B bf16 / 4-bit, 31B bf16, medians 0-2.5% slower, best rounds level;
+    the 238 us launch seen under ncu did not show outside it), and its host-side part added to the
+    model call's time in every pairing (``docs/results/2026-12-01-h200-s32``)."""
+    return switches.env_flag(ENV, default=False)
 
 
 @functools.lru_cache(maxsize=64)
