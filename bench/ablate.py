@@ -96,6 +96,14 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            # from the host at every token (a launch reading a managed page the host just wrote); off by
            # default since session 32 (no faster on the H200)
            ("ours +ints ahead", {"GEMMA4_MLX_INTS_AHEAD": "1"}),
+           # session 32: the decode attention's geometry (kernels/attention.py; default: splits of 32 keys, a
+           # group's query rows in one tile as registers allow). E2B's sliding layers take 16 threadgroups
+           # @841 (19.4 us a launch under ncu, 19% of its 4-bit step's GPU time); more, smaller ones:
+           ("ours attn keys 16", {"GEMMA4_MLX_ATTN_SPLIT_KEYS": "16"}),
+           ("ours attn keys 64", {"GEMMA4_MLX_ATTN_SPLIT_KEYS": "64"}),
+           ("ours attn rows 4", {"GEMMA4_MLX_ATTN_TILE_ROWS": "4"}),
+           ("ours attn rows 2", {"GEMMA4_MLX_ATTN_TILE_ROWS": "2"}),
+           ("ours attn rows 4 keys 16", {"GEMMA4_MLX_ATTN_TILE_ROWS": "4", "GEMMA4_MLX_ATTN_SPLIT_KEYS": "16"}),
            # session 28: both, the whole attention of a layer (q norm, RoPE, passes, merge) in one launch
            ("ours +attn_q fused", off(on=["attention_prefix_q", "attention_fused"])),
            ("ours -close", off("mv_close", "qmv_close")),  # session 24: the o / down / PLE products with their closes

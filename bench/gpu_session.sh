@@ -202,10 +202,13 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     export CONFIGS="stock,ours,ours slice write,ours +resnorm,ours +resnorm -qmvres,ours kernels off"
     ROUNDS=4 STEPS=15 timeout 200 python3 bench/ablate.py e4b 4 2>&1 | tail -15 | tee "$OUT/split-e4b-q4.txt" ;;
   profile)  # session 12: each kernel's GPU time in one step (bench/step_profile.py under ncu), ours then stock;
-            # PRESET (default e2b), Q=4 for 4-bit, TAG names the files (e.g. a run with GEMMA4_MLX_KERNELS_DISABLE set)
+            # PRESET (default e2b), Q=4 for 4-bit, TAG names the files (e.g. a run with GEMMA4_MLX_KERNELS_DISABLE set).
+            # ncu's defaults lock the clocks at base and flush the caches before each launch (so a kernel reading
+            # what the last one wrote meets DRAM); LIVE=1 keeps both as a run has them (session 32)
     for side in ${SIDES:-ours stock}; do
-      f="$OUT/prof-$side${TAG:+-$TAG}"
-      timeout ${PROF_S:-200} ncu --profile-from-start off --metrics gpu__time_duration.sum --csv --log-file "$f.csv" \
+      f="$OUT/prof-$side${TAG:+-$TAG}${LIVE:+-live}"
+      timeout ${PROF_S:-200} ncu --profile-from-start off ${LIVE:+--clock-control none --cache-control none} \
+        --metrics gpu__time_duration.sum --csv --log-file "$f.csv" \
         python3 bench/step_profile.py "${PRESET:-e2b}" "${Q:-0}" $side > "$f.log" 2>&1; echo "ncu exit $?"
       grep -v "^seed " "$f.log" | tail -3
       python3 bench/step_profile.py --read "$f.csv" "$f.log" 2>&1 | tee "$f.txt" | head -30
@@ -380,6 +383,14 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
     for pq in "e2b 0" "e2b 4" "26b-a4b 4"; do
       CONFIGS="${CONFIGS:-stock,ours,ours +ints ahead}" ROUNDS=${ROUNDS:-7} STEPS=15 \
         timeout ${INTS_S:-110} python3 bench/ablate.py $pq 2>&1 | tail -12 | tee "$OUT/ints-${pq// /-q}.txt"
+    done ;;
+  attnsweep) # session 32: the decode attention's geometry (splits of 16 / 64 keys against 32, a group's query rows
+            # in tiles of 4 / 2 against 8): E2B's sliding layers run on 16 threadgroups @841, 19.4 us a launch
+            # under ncu (19% of its 4-bit step's GPU time); E2B bf16 / 4-bit, 31B bf16 (~5 min)
+    for pq in "e2b 0" "e2b 4" "31b 0"; do
+      CONFIGS="${CONFIGS:-ours,ours attn keys 16,ours attn keys 64,ours attn rows 4,ours attn rows 2,ours attn rows 4 keys 16}" \
+        ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${ATTN_S:-120} python3 bench/ablate.py $pq 2>&1 | tail -16 | \
+        tee "$OUT/attnsweep-${pq// /-q}.txt"
     done ;;
   embed)    # session 30: embed / embed_q (on by default on CUDA since session 31): the token embedding's clamp,
             # gather(s), dequantize and scale in one launch (and ple_combine reading the step's uint32 ids unclamped):

@@ -291,6 +291,35 @@ def test_attention_fused_is_the_two_passes(emulated, D, H, Hkv, Lq, N, filled, r
         _close(one_q, two_q, f"attention_prefix_q fused against the two passes D {D}", atol=1e-6)
 
 
+@pytest.mark.parametrize("split_keys,tile_rows", [(8, 2), (16, 4), (64, 1)])
+def test_attention_geometry_switches(emulated, monkeypatch, split_keys, tile_rows):
+    """GEMMA4_MLX_ATTN_SPLIT_KEYS / GEMMA4_MLX_ATTN_TILE_ROWS (the GPU's geometry experiments) change
+    the plan of E2B's sliding decode (8 query heads on one kv head, a 512-key window) and not the
+    result: the fused form and the two passes equal the reference with splits of part of a tile,
+    several row tiles a group, and splits of two tiles."""
+    import sys
+
+    ATT = sys.modules["gemma4_mlx.kernels.attention"]
+    D, H, N, filled = 256, 8, 512, 500
+    base = ATT.launch_plan(1, H, 1, 1, N, D, 0)
+    monkeypatch.setenv(ATT.SPLIT_KEYS_ENV, str(split_keys))
+    monkeypatch.setenv(ATT.TILE_ROWS_ENV, str(tile_rows))
+    plan = ATT.launch_plan(1, H, 1, 1, N, D, 0)
+    assert (plan["RT"], plan["ntiles"]) == (tile_rows, H // tile_rows), plan
+    assert plan["chunk"] == split_keys and plan["nsplit"] == N // split_keys != base["nsplit"], (plan, base)
+    q = _rnd((1, H, 1, D), 41)
+    kbuf, vbuf = _rnd((1, 1, N, D), 42, 4 / D ** 0.5), _rnd((1, 1, N, D), 43)
+    kv_len = mx.array([filled], dtype=mx.int32)
+    want = ATT.attention_prefix_reference(q, kbuf, vbuf, kv_len, rows=True)
+    _close(ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len, rows=True, fused=True), want,
+           f"attention fused, splits of {split_keys}, tiles of {tile_rows}", atol=1e-5)
+    _close(ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len, rows=True), want,
+           f"attention passes, splits of {split_keys}, tiles of {tile_rows}", atol=1e-5)
+    monkeypatch.setenv(ATT.TILE_ROWS_ENV, "3")
+    with pytest.raises(ValueError, match="power of two"):
+        ATT.launch_plan(1, H, 1, 1, N, D, 0)
+
+
 def test_attention_fused_counts_its_blocks_and_leaves_the_counters_zero(emulated, monkeypatch):
     """The counters the fused form hands its body: zero before a launch, and after it too (the
     body's atomics on its copy are read back through a spy on the emulated launch's inputs); a

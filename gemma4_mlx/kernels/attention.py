@@ -21,6 +21,7 @@ import math
 
 import mlx.core as mx
 
+from .. import switches
 from . import dispatch
 from .dispatch import TG
 from .rope import offset_array, q_norm_rope_reference
@@ -33,6 +34,13 @@ TARGET_BLOCKS = 528  # about 4 threadgroups per SM on an H100 (132 SMs)
 # threadgroups of 128 keys took ~40 us a call, more than MLX's matmul-softmax-matmul; at 32 keys
 # they have 16 threadgroups, and the combine pass reads the larger partials.
 MIN_KEYS_PER_SPLIT = 32
+# Experiments on a GPU (bench/ablate.py's "ours attn ..." lines; unset: the constants here):
+# GEMMA4_MLX_ATTN_SPLIT_KEYS in place of MIN_KEYS_PER_SPLIT (below 32 a split's one tile is part
+# empty, but there are more threadgroups), GEMMA4_MLX_ATTN_TILE_ROWS a cap on the query rows a
+# threadgroup takes (a power of two: E2B's 8 heads on one kv head in 2 or 4 tiles, each reading the
+# split's keys again, from L2). The launch geometry is fixed when the step is traced.
+SPLIT_KEYS_ENV = "GEMMA4_MLX_ATTN_SPLIT_KEYS"
+TILE_ROWS_ENV = "GEMMA4_MLX_ATTN_TILE_ROWS"
 # The fused form (name ``attention_fused``; CUDA, on by default there since session 28): pass 1's
 # last block of each group merges the splits, one launch a layer instead of two in the decode step,
 # which MLX's host cost per launch bounds. Its merge gives a warp to each row and each lane two
@@ -70,7 +78,17 @@ def _next_pow2(n: int) -> int:
 
 def _rows_per_tile(QR: int, D: int) -> int:
     # q and accumulator registers per lane: 2 * RT * D / 32 <= 128.
-    return max(1, min(_next_pow2(QR), 2048 // D))
+    rows = max(1, min(_next_pow2(QR), 2048 // D))
+    cap = switches.env_count(TILE_ROWS_ENV)
+    if cap:
+        if cap & (cap - 1):
+            raise ValueError(f"{TILE_ROWS_ENV}={cap}: expected a power of two")
+        rows = min(rows, cap)
+    return rows
+
+
+def _keys_per_split() -> int:
+    return switches.env_count(SPLIT_KEYS_ENV) or MIN_KEYS_PER_SPLIT
 
 
 def launch_plan(B: int, H: int, Hkv: int, Lq: int, N: int, D: int, window: int) -> dict:
@@ -81,7 +99,7 @@ def launch_plan(B: int, H: int, Hkv: int, Lq: int, N: int, D: int, window: int) 
     kstart = max(0, N - Lq + 1 - window) if window else 0
     nk = N - kstart
     base = B * Hkv * ntiles
-    nsplit = max(1, min(-(-nk // MIN_KEYS_PER_SPLIT), -(-TARGET_BLOCKS // base)))
+    nsplit = max(1, min(-(-nk // _keys_per_split()), -(-TARGET_BLOCKS // base)))
     chunk = -(-nk // nsplit)
     nsplit = -(-nk // chunk)
     return dict(QR=QR, RT=RT, ntiles=ntiles, kstart=kstart, chunk=chunk, nsplit=nsplit)
