@@ -7,18 +7,17 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 32): issue 14. One GPU is enough (nvidia-h200). Session 31's `check` passed 1,086 of 1,086 on
-# session 30's defaults; embed went on by default (the step no slower); E2B end to end 2.48x bf16 (3 warm runs a
-# side), 4-bit 1.89x / 2.46x in two runs (ours' warm processes 217-321 tok/s: noisy); 31B bf16's profile: the
-# matvecs 15.7 of 19.0 ms of GPU time at 3.6-4.2 TB/s (stock's 16.3 ms at 3.1-4.6), attention 1.2 ms at < 1 TB/s,
-# and one launch of 238 us: the copy of the step's integers from a managed page the host had just written. In order:
-#   0. `ints` (~6 min): step_ints (session 31, on by default: the next token's integers computed by the step,
-#      no copy from the host): its decode parity on CUDA, E2B's profile (the 238 us launch gone?), the step with
-#      and without (`ours -ints ahead`). Off by default (step_ints.enabled) if parity fails or the step is slower.
-#   1. `check` (~7.5 min) on the new defaults (embed on; step_ints).
-#   2. `NEW=128 RUNS=3 e2e`, `Q=4 NEW=128 RUNS=3 e2e` (4-bit read 1.89x and 2.46x in two runs of session 31).
-#   3. `PRESET=e2b Q=4 profile`: E2B 4-bit's GPU time per kernel, ours and stock (the 3x cell).
-#   4. `constants` (CONST_S=200), `steppython`.
+# Next visit (session 33): issue 14. One GPU is enough (nvidia-h200). Session 32's `check` passed 1,082 of 1,087
+# (5 skipped) on session 31's defaults; step_ints was no faster (off by default since); E2B end to end 2.48x bf16,
+# 1.96x 4-bit; E2B 4-bit's step under ncu: the 4-bit matvecs 72% of 3.57 ms of GPU time (0.3-1.1 TB/s: latency at
+# E2B's widths), the attention 19% (16 threadgroups a sliding layer, 19.4 us a launch). In order:
+#   0. `attnsweep` (~5 min): the decode attention's geometry (GEMMA4_MLX_ATTN_SPLIT_KEYS / _TILE_ROWS, session 32,
+#      not yet on a GPU: its parity is the emulator's here, and the kernel's self-check there). A line faster on
+#      E2B bf16 and 4-bit and no slower on 31B: make it the plan's default (attention.launch_plan), then `check`.
+#   1. `PRESET=e2b Q=4 LIVE=1 profile` (~2 min): the GPU time per kernel at the run's own clocks and caches
+#      (session 32's ncu ran at base clocks with caches flushed before each launch).
+#   2. `check` (~7 min, PARITY_S=540) if a default changed; `NEW=128 RUNS=3 e2e`, `Q=4 NEW=128 RUNS=3 e2e`.
+#   3. `constants` (CONST_S=200).
 # Timings seen on the H200: check ~7.5 min (8 processes, session 31), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
