@@ -16,8 +16,9 @@
 #      E2B bf16 and 4-bit and no slower on 31B: make it the plan's default (attention.launch_plan), then `check`.
 #   1. `PRESET=e2b Q=4 LIVE=1 profile` (~2 min): the GPU time per kernel at the run's own clocks and caches
 #      (session 32's ncu ran at base clocks with caches flushed before each launch).
-#   2. `check` (~7 min, PARITY_S=540) if a default changed; `NEW=128 RUNS=3 e2e`, `Q=4 NEW=128 RUNS=3 e2e`.
-#   3. `constants` (CONST_S=200).
+#   2. `check` (~7 min, PARITY_S=540) if a default changed; `NEW=128 RUNS=3 e2e`, `Q=4 NEW=128 RUNS=5 e2e` (4-bit's
+#      warm processes spread 1.5x on our side in sessions 31-32: five a side for its median).
+#   3. `long` (~4 min): E2B bf16 at 32,768 tokens, the 3x-at-32k cell (not measured since session 25).
 # Timings seen on the H200: check ~7.5 min (8 processes, session 31), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
