@@ -212,6 +212,7 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
         python3 bench/step_profile.py "${PRESET:-e2b}" "${Q:-0}" $side > "$f.log" 2>&1; echo "ncu exit $?"
       grep -v "^seed " "$f.log" | tail -3
       python3 bench/step_profile.py --read "$f.csv" "$f.log" 2>&1 | tee "$f.txt" | head -30
+      python3 bench/step_profile.py --read "$f.csv" "$f.log" --grid > "$f-grid.txt" 2>&1  # launches by shape
       gzip -f "$f.csv"
     done ;;
   ablate31) # why 31B 4-bit decode ran 0.80x stock in session 2: one switch at a time

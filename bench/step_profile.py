@@ -3,7 +3,7 @@ bench/ablate.py says how far the GPU lags; this says which kernels it spends tha
 
 Usage (on the GPU machine): ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
     --log-file P.csv python3 bench/step_profile.py PRESET BITS SIDE   (SIDE: ours or stock), then
-    python3 bench/step_profile.py --read P.csv [the run's stdout: names our seeded kernels]
+    python3 bench/step_profile.py --read P.csv [the run's stdout: names our seeded kernels] [--grid]
 With PREFILL=N the measured "step" is instead a prompt chunk of N tokens after N tokens already
 in a fresh cache (a 2N-token prompt's second chunk, as mlx-lm's generate_step runs it).
 Between measured steps the script launches a marker kernel (``step_marker``), so the reader can
@@ -88,7 +88,10 @@ def _print_seeded() -> None:
                 print("seed", symbol, kname.rsplit("::", 1)[-1])
 
 
-def read(path: str, log: str = "") -> None:
+def read(path: str, log: str = "", by_grid: bool = False) -> None:
+    """Print the median step's kernels grouped by name (``by_grid``: by name and grid size, which
+    tells one kernel's launches of different shapes apart: E2B's LM head from its layers' products,
+    the 6,144- from the 12,288-wide MLPs)."""
     names = {}
     if log:
         with open(log) as f:
@@ -101,27 +104,31 @@ def read(path: str, log: str = "") -> None:
             value = float(r["Metric Value"].replace(",", ""))
             unit = r.get("Metric Unit", "nsecond")
             us = value / 1000 if unit.startswith("n") else value * (1000 if unit.startswith("m") else 1)
-            rows.append((r["Kernel Name"], us))
-    cuts = [i for i, (n, _) in enumerate(rows) if MARKER in n]
+            rows.append((r["Kernel Name"], us, r.get("Grid Size", "")))
+    cuts = [i for i, (n, *_) in enumerate(rows) if MARKER in n]
     steps = [rows[a + 1:b] for a, b in zip([-1] + cuts, cuts)]  # each step ends with its marker
     if not steps:
         print("no marked steps in", path)
         return
-    totals = [sum(us for _, us in s) for s in steps]
+    totals = [sum(us for _, us, _ in s) for s in steps]
     step = steps[totals.index(sorted(totals)[len(totals) // 2])]
     print(f"{len(steps)} marked steps, GPU time per step (sum of kernel durations) us: "
           f"{[round(t) for t in totals]}; median step: {len(step)} kernels, {statistics.median(totals):.0f} us")
     by = collections.defaultdict(list)
-    for name, us in step:
+    for name, us, grid in step:
         name = name.split("(")[0]
-        by[names.get(name, name)[:70]].append(us)
-    print(f"{'kernel':70s} {'n':>5s} {'sum us':>9s} {'median us':>10s}")
-    for name, v in sorted(by.items(), key=lambda kv: -sum(kv[1]))[:40]:
-        print(f"{name:70s} {len(v):5d} {sum(v):9.1f} {statistics.median(v):10.2f}")
+        name = names.get(name, name)[:70]
+        by[(name, grid.replace(" ", "")) if by_grid else name].append(us)
+    width = 86 if by_grid else 70
+    print(f"{'kernel' + (', grid' if by_grid else ''):{width}s} {'n':>5s} {'sum us':>9s} {'median us':>10s}")
+    for key, v in sorted(by.items(), key=lambda kv: -sum(kv[1]))[:40]:
+        label = f"{key[0]} {key[1]}" if by_grid else key
+        print(f"{label:{width}s} {len(v):5d} {sum(v):9.1f} {statistics.median(v):10.2f}")
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "--read":
-        read(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "")
+        args = [a for a in sys.argv[2:] if a != "--grid"]
+        read(args[0], args[1] if len(args) > 1 else "", by_grid="--grid" in sys.argv)
     else:
         run(sys.argv[1], int(sys.argv[2]), sys.argv[3], prefill=int(os.environ.get("PREFILL", 0)))
