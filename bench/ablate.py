@@ -104,6 +104,11 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours attn rows 4", {"GEMMA4_MLX_ATTN_TILE_ROWS": "4"}),
            ("ours attn rows 2", {"GEMMA4_MLX_ATTN_TILE_ROWS": "2"}),
            ("ours attn rows 4 keys 16", {"GEMMA4_MLX_ATTN_TILE_ROWS": "4", "GEMMA4_MLX_ATTN_SPLIT_KEYS": "16"}),
+           # session 32: weight rows a warp group in the 4-bit matvec (default 2; kernels/qmv.py): more rows, more
+           # loads in flight a lane (E2B 4-bit's gate/up as slow under ncu as its bf16 form for a quarter of the bytes)
+           ("ours qmv rows 1", {"GEMMA4_MLX_QMV_ROWS": "1"}),
+           ("ours qmv rows 4", {"GEMMA4_MLX_QMV_ROWS": "4"}),
+           ("ours qmv rows 8", {"GEMMA4_MLX_QMV_ROWS": "8"}),
            # session 28: both, the whole attention of a layer (q norm, RoPE, passes, merge) in one launch
            ("ours +attn_q fused", off(on=["attention_prefix_q", "attention_fused"])),
            ("ours -close", off("mv_close", "qmv_close")),  # session 24: the o / down / PLE products with their closes

@@ -14,8 +14,10 @@
 #   0. `attnsweep` (~5 min): the decode attention's geometry (GEMMA4_MLX_ATTN_SPLIT_KEYS / _TILE_ROWS, session 32,
 #      not yet on a GPU: its parity is the emulator's here, and the kernel's self-check there). A line faster on
 #      E2B bf16 and 4-bit and no slower on 31B: make it the plan's default (attention.launch_plan), then `check`.
-#   1. `PRESET=e2b Q=4 LIVE=1 profile` (~2 min): the GPU time per kernel at the run's own clocks and caches
-#      (session 32's ncu ran at base clocks with caches flushed before each launch).
+#   1. `qmvrows` (~5 min): weight rows a warp group in the 4-bit matvec (GEMMA4_MLX_QMV_ROWS, session 32, not yet on
+#      a GPU): E2B 4-bit's gate/up took as long as its bf16 form for a quarter of the bytes. A row count faster on
+#      E2B and E4B 4-bit and no slower on 31B becomes QMV_ROWS; then `PRESET=e2b Q=4 LIVE=1 profile` (~2 min: the
+#      GPU time per kernel at the run's own clocks and caches; ncu's defaults lock base clocks, flush caches).
 #   2. `check` (~7 min, PARITY_S=540) if a default changed; `NEW=128 RUNS=3 e2e`, `Q=4 NEW=128 RUNS=5 e2e` (4-bit's
 #      warm processes spread 1.5x on our side in sessions 31-32: five a side for its median).
 #   3. `long` (~4 min): E2B bf16 at 32,768 tokens, the 3x-at-32k cell (not measured since session 25).
@@ -392,6 +394,12 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
       CONFIGS="${CONFIGS:-ours,ours attn keys 16,ours attn keys 64,ours attn rows 4,ours attn rows 2,ours attn rows 4 keys 16}" \
         ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${ATTN_S:-120} python3 bench/ablate.py $pq 2>&1 | tail -16 | \
         tee "$OUT/attnsweep-${pq// /-q}.txt"
+    done ;;
+  qmvrows)  # session 32: weight rows a warp group in the 4-bit matvec (GEMMA4_MLX_QMV_ROWS 1 / 4 / 8 against 2): E2B 4-bit's
+            # matvecs are 72% of its step's GPU time and read at 0.3-1.1 TB/s under ncu; E2B, E4B, 31B 4-bit (~5 min)
+    for pq in "e2b 4" "e4b 4" "31b 4"; do
+      CONFIGS="${CONFIGS:-ours,ours qmv rows 1,ours qmv rows 4,ours qmv rows 8}" ROUNDS=${ROUNDS:-7} STEPS=15 \
+        timeout ${QROWS_S:-120} python3 bench/ablate.py $pq 2>&1 | tail -14 | tee "$OUT/qmvrows-${pq// /-q}.txt"
     done ;;
   embed)    # session 30: embed / embed_q (on by default on CUDA since session 31): the token embedding's clamp,
             # gather(s), dequantize and scale in one launch (and ple_combine reading the step's uint32 ids unclamped):

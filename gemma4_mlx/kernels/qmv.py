@@ -138,14 +138,33 @@ def _class_key(x, w, scales, biases, group_size, bits, epi: int = PLAIN, z: Opti
                                    _mm(x.size // K), epi)
 
 
-def quantized_layout(K: int, bits: int, group_size: int, words_per_lane: int = 4, rows: int = 2,
+# Weight rows a warp group takes (quantized_layout's default). GEMMA4_MLX_QMV_ROWS=1|2|4|8 sets it for
+# the GPU's experiments (session 32: E2B 4-bit's 12,288-wide gate/up took 23.1 us under ncu for 10 MB,
+# its bf16 form 24.2 us for 38 MB: a 4-bit lane has half the bf16 kernel's bytes in flight, one step
+# of K at a time; more rows a warp are more loads in flight, at more registers a thread).
+QMV_ROWS = 2
+ROWS_ENV = "GEMMA4_MLX_QMV_ROWS"
+
+
+def default_rows() -> int:
+    """:data:`QMV_ROWS`, or ``GEMMA4_MLX_QMV_ROWS`` (1, 2, 4 or 8; else a one-line ValueError)."""
+    rows = switches.env_count(ROWS_ENV)
+    if rows is None or rows == 0:
+        return QMV_ROWS
+    if rows not in (1, 2, 4, 8):
+        raise ValueError(f"{ROWS_ENV}={rows}: expected 1, 2, 4 or 8")
+    return rows
+
+
+def quantized_layout(K: int, bits: int, group_size: int, words_per_lane: int = 4, rows: Optional[int] = None,
                      epi: int = PLAIN) -> tuple:
-    """(ROWS, SPLIT, WPL): ``rows`` weight rows per warp group (a GeGLU form's output row reads
-    two: its gate and up rows, so it gets half as many outputs), each lane taking
-    ``words_per_lane`` words of a row per step (4: one 16-byte load) where that divides a group's
-    words (else 1), and :func:`~gemma4_mlx.kernels.mv.layout`'s split-K for a warp covering
+    """(ROWS, SPLIT, WPL): ``rows`` weight rows per warp group (default :func:`default_rows`; a
+    GeGLU form's output row reads two: its gate and up rows, so it gets half as many outputs), each
+    lane taking ``words_per_lane`` words of a row per step (4: one 16-byte load) where that divides a
+    group's words (else 1), and :func:`~gemma4_mlx.kernels.mv.layout`'s split-K for a warp covering
     32 * WPL words per step. Two rows of 16-byte loads fit 64 registers (4 blocks of 256 threads
     per SM); on the H200 (session 9, bench/matvec_chain.py) they beat one row and matched four."""
+    rows = default_rows() if rows is None else rows
     wpl = words_per_lane if (group_size * bits // 32) % words_per_lane == 0 else 1
     return (max(1, rows // 2) if epi == GEGLU else rows, layout(K, _per_step(bits, wpl))[1], wpl)
 
