@@ -347,6 +347,16 @@ def test_attention_geometry_switches(emulated, monkeypatch, split_keys, tile_row
            f"attention fused, splits of {split_keys}, tiles of {tile_rows}", atol=1e-5)
     _close(ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len, rows=True), want,
            f"attention passes, splits of {split_keys}, tiles of {tile_rows}", atol=1e-5)
+    # through dispatch (strict): the geometry is a class of its own, self-checked on its probe
+    from gemma4_mlx import step_context
+    from gemma4_mlx.kernels import dispatch
+
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "strict")
+    with step_context.kernel_scope():
+        got = ATT.attention_prefix(q, kbuf, vbuf, kv_len, rows=True)
+    _close(got, want, f"attention_prefix, splits of {split_keys}, tiles of {tile_rows}", atol=1e-5)
+    checked = [k for k, (ok, _) in dispatch.verdicts().items() if ok and k[-1] == ("geometry", split_keys, tile_rows)]
+    assert checked and all(k[0] == "attention_prefix" for k in checked), dispatch.verdicts()
     monkeypatch.setenv(ATT.TILE_ROWS_ENV, "3")
     with pytest.raises(ValueError, match="power of two"):
         ATT.launch_plan(1, H, 1, 1, N, D, 0)

@@ -91,6 +91,18 @@ def _keys_per_split() -> int:
     return switches.env_count(SPLIT_KEYS_ENV) or MIN_KEYS_PER_SPLIT
 
 
+def _with_geometry(key):
+    """A class key with the geometry switches appended where either is set, so that a geometry is
+    self-checked as a class of its own (unset: the key as it is)."""
+    split, rows = switches.env_count(SPLIT_KEYS_ENV) or 0, switches.env_count(TILE_ROWS_ENV) or 0
+    return key if key is None or not (split or rows) else key + (("geometry", split, rows),)
+
+
+def _key_args(key) -> tuple:
+    """A prefix class key's entries after the fifth (rows, fused), the geometry's left out."""
+    return tuple(k for k in key[5:] if not (isinstance(k, tuple) and k[:1] == ("geometry",)))
+
+
 def launch_plan(B: int, H: int, Hkv: int, Lq: int, N: int, D: int, window: int) -> dict:
     """Geometry of the two passes (also used by the benchmark and docs)."""
     QR = (H // Hkv) * Lq
@@ -217,7 +229,7 @@ def attention(q: mx.array, keys: mx.array, values: mx.array, scale: float = 1.0,
               fallback=None) -> mx.array:
     """Masked attention of the last Lq positions: kernel on GPU for Lq <= 16
     (checked per shape class), else :func:`attention_reference`."""
-    key = _class_key(q, keys, values, window)
+    key = _with_geometry(_class_key(q, keys, values, window))
     return dispatch.run(
         "attention", key, attention_reference, attention_kernel, _probe_inputs,
         q, keys, values, scale, window, fallback=fallback,
@@ -246,7 +258,7 @@ def _probe_prefix(key):
     """The probe of a prefix class; a class key's entries after the fifth (rows, fused) are added
     to the arguments."""
     q, keys, values, scale, _ = _probe_inputs(key)
-    return (q, keys, values, mx.array([keys.shape[2] - 37], dtype=mx.int32), scale) + tuple(key[5:])
+    return (q, keys, values, mx.array([keys.shape[2] - 37], dtype=mx.int32), scale) + _key_args(key)
 
 
 def attention_prefix_q_reference(q, weight, inv_freq, offset, eps: float, keys, values, kv_len, scale: float = 1.0,
@@ -269,7 +281,7 @@ def _probe_prefix_q(key):
     w = (1 + dispatch.probe_normal((D,), 14, mx.float32, 0.5)).astype(q.dtype)
     inv_freq = 1.0 / (10000.0 ** (mx.arange(0, D, 2, dtype=mx.float32) / D))
     return (q.transpose(0, 2, 1, 3) * 3.0, w, inv_freq, mx.array([kv_len.item() - q.shape[2]], dtype=mx.int32), 1e-6,
-            keys, values, kv_len, scale) + tuple(key[5:])
+            keys, values, kv_len, scale) + _key_args(key)
 
 
 def attention_prefix_q(q: mx.array, weight: mx.array, inv_freq: mx.array, offset, eps: float, keys: mx.array,
@@ -292,7 +304,8 @@ def attention_prefix_q(q: mx.array, weight: mx.array, inv_freq: mx.array, offset
     elif key is not None and rows:
         key = key + (True,)
     return dispatch.run(
-        "attention_prefix_q", key, attention_prefix_q_reference, _attention_prefix_q_kernel, _probe_prefix_q,
+        "attention_prefix_q", _with_geometry(key), attention_prefix_q_reference, _attention_prefix_q_kernel,
+        _probe_prefix_q,
         q, weight, inv_freq, offset, eps, keys, values, kv_len, scale, rows, fused, fallback=fallback,
     )
 
@@ -313,6 +326,6 @@ def attention_prefix(q: mx.array, keys: mx.array, values: mx.array, kv_len: mx.a
     elif key is not None and rows:
         key = key + (True,)
     return dispatch.run(
-        "attention_prefix", key, attention_prefix_reference, _attention_prefix_kernel, _probe_prefix,
+        "attention_prefix", _with_geometry(key), attention_prefix_reference, _attention_prefix_kernel, _probe_prefix,
         q, keys, values, kv_len, scale, rows, fused, fallback=fallback,
     )
