@@ -389,17 +389,19 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
     done ;;
   attnsweep) # session 32: the decode attention's geometry (splits of 16 / 64 keys against 32, a group's query rows
             # in tiles of 4 / 2 against 8): E2B's sliding layers run on 16 threadgroups @841, 19.4 us a launch
-            # under ncu (19% of its 4-bit step's GPU time); E2B bf16 / 4-bit, 31B bf16 (~5 min)
+            # under ncu (19% of its 4-bit step's GPU time); E2B bf16 / 4-bit, 31B bf16 (~5 min; each line at most
+            # ATTN_S=170 s: a 26B model's three lines ran past 110 s in session 32's `ints`)
     for pq in "e2b 0" "e2b 4" "31b 0"; do
       CONFIGS="${CONFIGS:-ours,ours attn keys 16,ours attn keys 64,ours attn rows 4,ours attn rows 2,ours attn rows 4 keys 16}" \
-        ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${ATTN_S:-120} python3 bench/ablate.py $pq 2>&1 | tail -16 | \
+        ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${ATTN_S:-170} python3 bench/ablate.py $pq 2>&1 | tail -16 | \
         tee "$OUT/attnsweep-${pq// /-q}.txt"
     done ;;
   qmvrows)  # session 32: weight rows a warp group in the 4-bit matvec (GEMMA4_MLX_QMV_ROWS 1 / 4 / 8 against 2): E2B 4-bit's
-            # matvecs are 72% of its step's GPU time and read at 0.3-1.1 TB/s under ncu; E2B, E4B, 31B 4-bit (~5 min)
+            # matvecs are 72% of its step's GPU time and read at 0.3-1.1 TB/s under ncu; E2B, E4B, 31B 4-bit (~5 min;
+            # each line at most QROWS_S=170 s)
     for pq in "e2b 4" "e4b 4" "31b 4"; do
       CONFIGS="${CONFIGS:-ours,ours qmv rows 1,ours qmv rows 4,ours qmv rows 8}" ROUNDS=${ROUNDS:-7} STEPS=15 \
-        timeout ${QROWS_S:-120} python3 bench/ablate.py $pq 2>&1 | tail -14 | tee "$OUT/qmvrows-${pq// /-q}.txt"
+        timeout ${QROWS_S:-170} python3 bench/ablate.py $pq 2>&1 | tail -14 | tee "$OUT/qmvrows-${pq// /-q}.txt"
     done ;;
   embed)    # session 30: embed / embed_q (on by default on CUDA since session 31): the token embedding's clamp,
             # gather(s), dequantize and scale in one launch (and ple_combine reading the step's uint32 ids unclamped):
