@@ -76,26 +76,25 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _rows_per_tile(QR: int, D: int) -> int:
+def _geometry() -> tuple:
+    """(keys per split, the cap on a tile's query rows) the switches set, 0 for each unset."""
+    split, rows = switches.env_count(SPLIT_KEYS_ENV) or 0, switches.env_count(TILE_ROWS_ENV) or 0
+    if rows & (rows - 1):
+        raise ValueError(f"{TILE_ROWS_ENV}={rows}: expected a power of two")
+    return split, rows
+
+
+def _rows_per_tile(QR: int, D: int, cap: int = 0) -> int:
     # q and accumulator registers per lane: 2 * RT * D / 32 <= 128.
     rows = max(1, min(_next_pow2(QR), 2048 // D))
-    cap = switches.env_count(TILE_ROWS_ENV)
-    if cap:
-        if cap & (cap - 1):
-            raise ValueError(f"{TILE_ROWS_ENV}={cap}: expected a power of two")
-        rows = min(rows, cap)
-    return rows
-
-
-def _keys_per_split() -> int:
-    return switches.env_count(SPLIT_KEYS_ENV) or MIN_KEYS_PER_SPLIT
+    return min(rows, cap) if cap else rows
 
 
 def _with_geometry(key):
     """A class key with the geometry switches appended where either is set, so that a geometry is
     self-checked as a class of its own (unset: the key as it is)."""
-    split, rows = switches.env_count(SPLIT_KEYS_ENV) or 0, switches.env_count(TILE_ROWS_ENV) or 0
-    return key if key is None or not (split or rows) else key + (("geometry", split, rows),)
+    geometry = _geometry()
+    return key if key is None or not any(geometry) else key + (("geometry", *geometry),)
 
 
 def _key_args(key) -> tuple:
@@ -105,13 +104,14 @@ def _key_args(key) -> tuple:
 
 def launch_plan(B: int, H: int, Hkv: int, Lq: int, N: int, D: int, window: int) -> dict:
     """Geometry of the two passes (also used by the benchmark and docs)."""
+    split_keys, rows_cap = _geometry()
     QR = (H // Hkv) * Lq
-    RT = _rows_per_tile(QR, D)
+    RT = _rows_per_tile(QR, D, rows_cap)
     ntiles = -(-QR // RT)
     kstart = max(0, N - Lq + 1 - window) if window else 0
     nk = N - kstart
     base = B * Hkv * ntiles
-    nsplit = max(1, min(-(-nk // _keys_per_split()), -(-TARGET_BLOCKS // base)))
+    nsplit = max(1, min(-(-nk // (split_keys or MIN_KEYS_PER_SPLIT)), -(-TARGET_BLOCKS // base)))
     chunk = -(-nk // nsplit)
     nsplit = -(-nk // chunk)
     return dict(QR=QR, RT=RT, ntiles=ntiles, kstart=kstart, chunk=chunk, nsplit=nsplit)
