@@ -1,7 +1,7 @@
 """Decode-step ablations on one warm GPU: one switch changed at a time, same weights.
 
 Usage: python3 bench/ablate.py PRESET BITS (0 = bf16), e.g. `python3 bench/ablate.py e2b 0`.
-Environment: PROMPT (841 tokens of context), STEPS (20 timed steps per round), ROUNDS (6),
+Environment: PROMPT (841 tokens of context, filled in chunks of 2,048), STEPS (20 timed steps per round), ROUNDS (6),
 CONFIGS (a comma-separated subset of the line names below).
 
 Every configuration is built once (its own model over the same weight arrays, its own cache
@@ -37,6 +37,7 @@ qbits = int(sys.argv[2])
 P = int(os.environ.get("PROMPT", 841))
 S = int(os.environ.get("STEPS", 20))
 R = int(os.environ.get("ROUNDS", 6))
+CHUNK = 2048  # prefill chunk (mlx-lm's prefill_step_size)
 # the benchmark's own pair: random bf16 weights (fixed seed), quantized alike, shared with stock
 base, stock, _ = build_pair(BenchSettings(preset=preset, dtype="bfloat16", quantize=qbits or None).resolve())
 args, params = base.args, base.parameters()
@@ -183,7 +184,9 @@ def prefilled(model):
         from gemma4_mlx.decode import reserve
 
         reserve(cache, P, 16 + R * S)
-    mx.eval(model(prompt, cache=cache))
+    # in chunks, as mlx-lm's generate fills a long prompt (one 32k-token call holds a 32k x 32k score matrix)
+    for start in range(0, P, CHUNK):
+        mx.eval(model(prompt[:, start:start + CHUNK], cache=cache))
     mx.eval([c.state for c in cache])
     return cache
 

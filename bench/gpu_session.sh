@@ -390,11 +390,23 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
   attnsweep) # session 32: the decode attention's geometry (splits of 16 / 64 keys against 32, a group's query rows
             # in tiles of 4 / 2 against 8): E2B's sliding layers run on 16 threadgroups @841, 19.4 us a launch
             # under ncu (19% of its 4-bit step's GPU time); E2B bf16 / 4-bit, 31B bf16 (~5 min; each line at most
-            # ATTN_S=170 s: a 26B model's three lines ran past 110 s in session 32's `ints`)
-    for pq in "e2b 0" "e2b 4" "31b 0"; do
+            # ATTN_S=170 s: a 26B model's three lines ran past 110 s in session 32's `ints`). Session 33: no
+            # geometry faster beyond the rounds' spread on E2B. bench/ablate.py builds a model a line over the
+            # same weights, each with its own joined q/k/v and gate/up (~30 GB on 31B bf16): six 31B lines ran
+            # out of the H200's memory (session 33), so 31B gets two
+    attnline() { ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${ATTN_S:-170} python3 bench/ablate.py $1 $2 2>&1 | tail -16 | \
+      tee "$OUT/attnsweep-$1-q$2.txt"; }
+    for q in 0 4; do
       CONFIGS="${CONFIGS:-ours,ours attn keys 16,ours attn keys 64,ours attn rows 4,ours attn rows 2,ours attn rows 4 keys 16}" \
-        ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${ATTN_S:-170} python3 bench/ablate.py $pq 2>&1 | tail -16 | \
-        tee "$OUT/attnsweep-${pq// /-q}.txt"
+        attnline e2b $q
+    done
+    CONFIGS="${CONFIGS:-ours,ours attn rows 4 keys 16}" attnline 31b 0 ;;
+  split32k) # session 33: E2B's step at a 32,768-token context, ours against stock, with the host / GPU split (is it
+            # bound by the host there too? `long` read ours 243 tok/s @32k, 240 @8k: no slower with 32x the context,
+            # stock 108); bf16 then 4-bit (~4 min: each side's prompt filled in chunks of 2,048)
+    for q in 0 4; do
+      CONFIGS="${CONFIGS:-stock,ours}" PROMPT=32768 ROUNDS=${ROUNDS:-5} STEPS=12 timeout ${SPLIT_S:-200} \
+        python3 bench/ablate.py e2b $q 2>&1 | tail -10 | tee "$OUT/split32k-e2b-q$q.txt"
     done ;;
   qmvrows)  # session 32: weight rows a warp group in the 4-bit matvec (GEMMA4_MLX_QMV_ROWS 1 / 4 / 8 against 2): E2B 4-bit's
             # matvecs are 72% of its step's GPU time and read at 0.3-1.1 TB/s under ncu; E2B, E4B, 31B 4-bit (~5 min;
@@ -433,10 +445,11 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
   kdetail)  # session 25: why E2B's slowest launches are slow (ncu sections, the step's first launches of each): attention
             # pass 1 on a sliding layer (15 us for 0.5 MB of cache), the closing down / PLE projections (16.7 / 8.9 us),
             # the joined gate/up with its GeGLU (24 us), the soft-cap (20 us for 0.5 MB), norm + RoPE (6 us) (~2 min)
+            # KREGEX picks other kernels, KCOUNT how many launches after KSKIP of them (session 33: `Q=4 KREGEX=gemma4_qmv kdetail`)
     # (session 25's first try matched nothing: in the default seed mode the functions are gemma4_seed_<hash>; our own
     # builds keep the body's name, gemma4_<kernel>[_<form>], and launch the same code)
-    GEMMA4_MLX_NVRTC=own timeout 240 ncu --profile-from-start off -k "regex:gemma4_(attention_partial|mv_close|mv_bare|scale|norm_rope)" \
-      -c 24 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    GEMMA4_MLX_NVRTC=own timeout 240 ncu --profile-from-start off -k "regex:${KREGEX:-gemma4_(attention_partial|mv_close|mv_bare|scale|norm_rope)}" \
+      -c ${KCOUNT:-24} --launch-skip ${KSKIP:-0} --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section MemoryWorkloadAnalysis --section SchedulerStats --page details --csv --log-file "$OUT/kdetail.csv" \
       python3 bench/step_profile.py "${PRESET:-e2b}" "${Q:-0}" ours > "$OUT/kdetail.log" 2>&1; echo "ncu exit $?"
     python3 - "$OUT/kdetail.csv" <<'PY' | tee "$OUT/kdetail.txt"
