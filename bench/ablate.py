@@ -2,7 +2,8 @@
 
 Usage: python3 bench/ablate.py PRESET BITS (0 = bf16), e.g. `python3 bench/ablate.py e2b 0`.
 Environment: PROMPT (841 tokens of context, filled in chunks of 2,048), STEPS (20 timed steps per round), ROUNDS (6),
-CONFIGS (a comma-separated subset of the line names below).
+CONFIGS (a comma-separated subset of the line names below). Switches set outside apply to every
+line, a line's own replacing them for that line alone (bench/line_env.py).
 
 Every configuration is built once (its own model over the same weight arrays, its own cache
 prefilled with the same prompt); then ROUNDS rounds each time every configuration in turn, a
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.line_env import LineEnv  # noqa: E402
 from bench.step_glue import VIEWS  # noqa: E402 - the primitives that launch nothing (one list for both scripts)
 from gemma4_mlx import Model  # noqa: E402
 from gemma4_mlx.bench.pair import build_pair, quantize_model  # noqa: E402
@@ -162,10 +164,9 @@ if os.environ.get("CONFIGS"):
     CONFIGS = [c for c in CONFIGS if c[0] in keep]
 
 
-def use(env):
-    for k in SWITCHES:
-        os.environ.pop(k, None)
-    os.environ.update(env or {})
+# each line's switches alone: the outer environment's value of every switch any line sets (and of SWITCHES)
+# before the line's own (bench/line_env.py; session 32's step_ints pairing timed one step twice without it)
+use = LineEnv([env for _, env in CONFIGS], always=SWITCHES).use
 
 
 def build(env):
