@@ -192,11 +192,13 @@ def test_a_switch_changed_after_tracing_rebuilds_the_step(monkeypatch):
 
 
 @pytest.mark.parametrize("switch,value", [("GEMMA4_MLX_PROLOGUE_BLOCKS", "7"), ("GEMMA4_MLX_QMV_MIN", "0"),
-                                          ("GEMMA4_MLX_EXPERT_INDICES", "0")])
+                                          ("GEMMA4_MLX_EXPERT_INDICES", "0"), ("GEMMA4_MLX_QMV_ROWS", "4"),
+                                          ("GEMMA4_MLX_ATTN_SPLIT_KEYS", "16"), ("GEMMA4_MLX_ATTN_TILE_ROWS", "2")])
 def test_the_kernel_launch_switches_rebuild_the_step(switch, value, monkeypatch):
     """Switches read while the step is traced (a prologue launch's block cap, the quantized
-    matvec's size rule, the experts' batch indices) are part of its settings: a new value traces
-    a new step instead of replaying the old one."""
+    matvec's size rule and rows a warp group, the attention's geometry, the experts' batch indices)
+    are part of its settings: a new value traces a new step instead of replaying the old one (the
+    matvec's rows and the attention's geometry joined in session 33, a session after them)."""
     ours, _ = _pair()
     _trace(ours, monkeypatch)
     first = ours._decoder
