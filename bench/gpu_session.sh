@@ -7,20 +7,19 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 33): issue 14. One GPU is enough (nvidia-h200). Session 32's `check` passed 1,082 of 1,087
-# (5 skipped) on session 31's defaults; step_ints was no faster (off by default since); E2B end to end 2.48x bf16,
-# 1.96x 4-bit; E2B 4-bit's step under ncu: the 4-bit matvecs 72% of 3.57 ms of GPU time (0.3-1.1 TB/s: latency at
-# E2B's widths), the attention 19% (16 threadgroups a sliding layer, 19.4 us a launch). In order:
-#   0. `attnsweep` (~5 min): the decode attention's geometry (GEMMA4_MLX_ATTN_SPLIT_KEYS / _TILE_ROWS, session 32,
-#      not yet on a GPU: its parity is the emulator's here, and the kernel's self-check there). A line faster on
-#      E2B bf16 and 4-bit and no slower on 31B: make it the plan's default (attention.launch_plan), then `check`.
-#   1. `qmvrows` (~5 min): weight rows a warp group in the 4-bit matvec (GEMMA4_MLX_QMV_ROWS, session 32, not yet on
-#      a GPU): E2B 4-bit's gate/up took as long as its bf16 form for a quarter of the bytes. A row count faster on
-#      E2B and E4B 4-bit and no slower on 31B becomes QMV_ROWS; then `PRESET=e2b Q=4 LIVE=1 profile` (~2 min: the
-#      GPU time per kernel at the run's own clocks and caches; ncu's defaults lock base clocks, flush caches).
-#   2. `check` (~7 min, PARITY_S=540) if a default changed; `NEW=128 RUNS=3 e2e`, `Q=4 NEW=128 RUNS=5 e2e` (4-bit's
-#      warm processes spread 1.5x on our side in sessions 31-32: five a side for its median).
-#   3. `long` (~4 min): E2B bf16 at 32,768 tokens, the 3x-at-32k cell (not measured since session 25).
+# Next visit (session 34): issue 14. One GPU is enough (nvidia-h200). Session 33 (no default changed): the attention's
+# geometry and the 4-bit matvec's rows swept (none faster); E2B end to end 2.71x bf16, 2.61x 4-bit; 32k 2.25x;
+# E2B 4-bit's GPU step at live clocks 3.03 ms (the 4-bit head at 1.5 TB/s; the host's integers' copy a 188 us
+# launch). bench/ablate.py's lines leaked switches into each other until session 33 (docs/benchmarks.md): the
+# step_ints and device-constants pairings of sessions 26, 27 and 32 timed one step twice. In order:
+#   0. `ints` (~6 min: its parity, then the pairing on E2B bf16 / 4-bit, 26B-A4B 4-bit): step_ints with a sound
+#      harness. Faster on E2B and no slower on 26B-A4B: on by default (step_ints.enabled), then `check`.
+#   1. `constants` (~5 min): device constants on against off, likewise (on by default since session 26).
+#   2. `split32k` (~4 min): E2B's step at 32k, ours against stock, with the host / GPU split: is the 3x-at-32k
+#      cell bound by the host as at 841 (ours decoded 243 tok/s @32k, 240 @8k)?
+#   3. `Q=4 KREGEX=gemma4_qmv KCOUNT=12 kdetail` (~2 min): the 4-bit matvec's stall reasons and issue slots (is
+#      it bound by its instructions, ~9 a byte, or by memory latency?); it picks the next qmv change.
+#   4. `attnsweep` (~5 min): its rows lines again (session 33's ran with another line's split).
 # Timings seen on the H200: check ~7.5 min (8 processes, session 31), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
@@ -327,7 +326,7 @@ PY
       -k "compiled or closing or matvec_close or moe or device_constants"
     for pq in "e2b 0" "e2b 4" "26b-a4b 4"; do
       # the step graphs too (STEP_DOT): where 26B-A4B's 181 Reshapes a step come from, read here offline
-      STEP_DOT="$OUT/dots-${pq// /-q}" CONFIGS="stock,ours,ours -device constants" ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${CONST_S:-100} \
+      STEP_DOT="$OUT/dots-${pq// /-q}" CONFIGS="stock,ours,ours -device constants" ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${CONST_S:-170} \
         python3 bench/ablate.py $pq 2>&1 | tail -9 | tee "$OUT/constants-${pq// /-q}.txt"
     done ;;
   capture)  # session 26: a fresh `gemma4-mlx generate` of E2B bf16 died in its first run with "cudaStreamEndCapture
@@ -385,7 +384,7 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
     python3 bench/step_profile.py --read "$f.csv" "$f.log" 2>&1 | tee "$f.txt" | head -14; gzip -f "$f.csv"
     for pq in "e2b 0" "e2b 4" "26b-a4b 4"; do
       CONFIGS="${CONFIGS:-stock,ours,ours +ints ahead}" ROUNDS=${ROUNDS:-7} STEPS=15 \
-        timeout ${INTS_S:-110} python3 bench/ablate.py $pq 2>&1 | tail -12 | tee "$OUT/ints-${pq// /-q}.txt"
+        timeout ${INTS_S:-170} python3 bench/ablate.py $pq 2>&1 | tail -12 | tee "$OUT/ints-${pq// /-q}.txt"
     done ;;
   attnsweep) # session 32: the decode attention's geometry (splits of 16 / 64 keys against 32, a group's query rows
             # in tiles of 4 / 2 against 8): E2B's sliding layers run on 16 threadgroups @841, 19.4 us a launch
@@ -427,7 +426,7 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
             # them too), then the step with and without it, E2B bf16 / 4-bit and 26B-A4B 4-bit (~6 min)
     parity sharedcheck 300 tests/test_decode.py -k "compiled_decode or shared_slots"
     for pq in "e2b 0" "e2b 4" "26b-a4b 4"; do
-      CONFIGS="stock,ours,ours +shared slots" ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${CONST_S:-100} \
+      CONFIGS="stock,ours,ours +shared slots" ROUNDS=${ROUNDS:-7} STEPS=15 timeout ${CONST_S:-170} \
         python3 bench/ablate.py $pq 2>&1 | tail -9 | tee "$OUT/shared-${pq// /-q}.txt"
     done ;;
   steppython)  # session 27: a token's Python around the compiled step, by part, with the tree snapshot's dict

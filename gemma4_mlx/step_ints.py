@@ -32,10 +32,10 @@ _NO_LIMIT = 2**31 - 1  # int32's largest: the position never wraps
 
 def enabled() -> bool:
     """``GEMMA4_MLX_INTS_AHEAD=1`` (off by default: the host's integers copied at every token). Only
-    where the step packs its integers (device constants on). Off since session 32: on the H200 the
-    step was no faster with it (E2B bf16 / 4-bit, 31B bf16, medians 0-2.5% slower, best rounds level;
-    the 238 us launch seen under ncu did not show outside it), and its host-side part added to the
-    model call's time in every pairing (``docs/results/2026-12-01-h200-s32``)."""
+    where the step packs its integers (device constants on). Off since session 32; session 33 on the
+    H200: E2B 4-bit's step 6% less GPU time with it (the host's copy a 188 us launch under ncu), its
+    decode end to end the same (the token bound by the host; session 32's pairing in the step harness
+    had timed both lines without it: ``docs/benchmarks.md``, session 33)."""
     return switches.env_flag(ENV, default=False)
 
 

@@ -139,9 +139,10 @@ def _class_key(x, w, scales, biases, group_size, bits, epi: int = PLAIN, z: Opti
 
 
 # Weight rows a warp group takes (quantized_layout's default). GEMMA4_MLX_QMV_ROWS=1|2|4|8 sets it for
-# the GPU's experiments (session 32: E2B 4-bit's 12,288-wide gate/up took 23.1 us under ncu for 10 MB,
-# its bf16 form 24.2 us for 38 MB: a 4-bit lane has half the bf16 kernel's bytes in flight, one step
-# of K at a time; more rows a warp are more loads in flight, at more registers a thread).
+# the GPU's experiments (session 32: E2B 4-bit's joined 12,288-wide gate/up took 23.1 us under ncu for
+# 21 MB, its bf16 form 24.2 us for 75 MB: a 4-bit lane has half the bf16 kernel's bytes in flight, one
+# step of K at a time; more rows a warp are more loads in flight, at more registers a thread). Session 33
+# on the H200: 1, 4 and 8 rows were all slower than 2 on E2B, E4B and 31B 4-bit (8 by 15-35%).
 QMV_ROWS = 2
 ROWS_ENV = "GEMMA4_MLX_QMV_ROWS"
 
