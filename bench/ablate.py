@@ -212,6 +212,22 @@ def steps(model, cache, n, parts=None):
     return ts
 
 
+def decoder_of(model):
+    """(the model's compiled decoder, its trace count), or None (stock; an eager line): a line's times
+    stand for one step only if neither changes during the rounds (session 33: a switch leaking from one
+    line to the next rebuilt the next line's decoder, so its times were another line's step)."""
+    dec = getattr(model, "__dict__", {}).get("_decoder")
+    return None if dec is None else (dec, dec.counts["traces"])
+
+
+def retraced(line) -> str:
+    """A note for the line's row when its step changed during the rounds, else nothing."""
+    before, now = line["decoder"], decoder_of(line["model"])
+    if before is None or (now is not None and now[0] is before[0] and now[1] == before[1]):
+        return ""
+    return "  STEP CHANGED during the rounds (decoder rebuilt or retraced): these times mix two steps"
+
+
 def step_ops(model, name=""):
     """Primitives in one decode step's graph (after the trace: what each later step evaluates).
     With STEP_DOT=DIR the graph is also written there as <line>.dot (where the views come from:
@@ -244,6 +260,8 @@ for name, env in CONFIGS:
         ops = (0, 0, collections.Counter())
     # the step's buffers keep one shape for the whole measurement (one trace)
     lines[name] = dict(model=model, env=env, cache=cache, ops=ops, times=[], rounds=[], parts=[])
+    steps(model, cache, 1)  # the timed shape's step again after step_ops' own, then the decoder as it is timed
+    lines[name]["decoder"] = decoder_of(model)
     mx.clear_cache()
 
 for r in range(R):
@@ -260,7 +278,8 @@ for name, line in lines.items():
     med = statistics.median(line["times"]) * 1e3
     vs = f"  {ref / med:4.2f}x stock" if ref else ""
     print(f"  {name:18s} {med:7.2f} | {min(line['rounds']):7.2f} ms ({1000 / med:6.1f} tok/s){vs}"
-          f"  ops {line['ops'][0]:5d} / {line['ops'][1]:5d}  rounds {[round(x, 2) for x in line['rounds']]}")
+          f"  ops {line['ops'][0]:5d} / {line['ops'][1]:5d}  rounds {[round(x, 2) for x in line['rounds']]}"
+          f"{retraced(line)}")
 print("  host / GPU split, median ms per step: model call (replay) + async_eval's return (host recording) "
       "+ the sync's wait (GPU behind the host); host-bound when the wait is short")
 for name, line in lines.items():
