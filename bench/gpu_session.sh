@@ -216,6 +216,15 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
       python3 bench/step_profile.py --read "$f.csv" "$f.log" --grid > "$f-grid.txt" 2>&1  # launches by shape
       gzip -f "$f.csv"
     done ;;
+  profile32k) # session 34: E2B's decode step after a 32,768-token prompt, ours' kernels under ncu (split32k: at 32k ours'
+            # GPU waits 2.3 ms after the host, 1.2 ms at 841: which kernels grow with the context?); Q=4 for 4-bit (~2 min)
+    f="$OUT/prof32k-ours-q${Q:-0}${LIVE:+-live}"
+    CONTEXT=${CONTEXT:-32768} timeout ${PROF_S:-240} ncu --profile-from-start off ${LIVE:+--clock-control none --cache-control none} \
+      --metrics gpu__time_duration.sum --csv --log-file "$f.csv" python3 bench/step_profile.py e2b "${Q:-0}" ours > "$f.log" 2>&1
+    echo "ncu exit $?"; grep -v "^seed " "$f.log" | tail -3
+    python3 bench/step_profile.py --read "$f.csv" "$f.log" 2>&1 | tee "$f.txt" | head -24
+    python3 bench/step_profile.py --read "$f.csv" "$f.log" --grid > "$f-grid.txt" 2>&1
+    gzip -f "$f.csv" ;;
   ablate31) # why 31B 4-bit decode ran 0.80x stock in session 2: one switch at a time
     STEPS=30 timeout 500 python3 bench/ablate.py 31b 4 2>&1 | tail -16 | tee "$OUT/ablate-31b-q4.txt" ;;
   presets)  # the other families at 841 tokens: E4B both, 26B-A4B and 31B in 4-bit

@@ -6,6 +6,8 @@ Usage (on the GPU machine): ncu --profile-from-start off --metrics gpu__time_dur
     python3 bench/step_profile.py --read P.csv [the run's stdout: names our seeded kernels] [--grid]
 With PREFILL=N the measured "step" is instead a prompt chunk of N tokens after N tokens already
 in a fresh cache (a 2N-token prompt's second chunk, as mlx-lm's generate_step runs it).
+With CONTEXT=N (default 64) the decode steps come after an N-token prompt, filled in chunks of
+2,048 (session 34: E2B's step at 32k, where its GPU falls behind the host).
 Between measured steps the script launches a marker kernel (``step_marker``), so the reader can
 cut the profile into steps; it reports the median step's kernels grouped by name.
 """
@@ -43,13 +45,16 @@ def run(preset: str, bits: int, side: str, steps: int = 3, prefill: int = 0) -> 
         driver.cuProfilerStop()
 
     if not prefill:
+        context = int(os.environ.get("CONTEXT", 64))
         cache = model.make_cache()
         if side == "ours":
             from gemma4_mlx.decode import reserve
 
-            reserve(cache, 64, 16)
-        prompt = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, (1, 64)))
-        mx.eval(model(prompt, cache=cache))
+            reserve(cache, context, 16)
+        prompt = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, (1, context)))
+        for start in range(0, context, 2048):  # mlx-lm's prefill step
+            model(prompt[:, start:start + 2048], cache=cache)
+            mx.eval([c.state for c in cache])
         tok = mx.array([[11]])
         for _ in range(3):  # trace, kernel checks, warm-up: not profiled
             mx.eval(model(tok, cache=cache))
