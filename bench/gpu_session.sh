@@ -225,6 +225,17 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
     python3 bench/step_profile.py --read "$f.csv" "$f.log" 2>&1 | tee "$f.txt" | head -24
     python3 bench/step_profile.py --read "$f.csv" "$f.log" --grid > "$f-grid.txt" 2>&1
     gzip -f "$f.csv" ;;
+  loadphases) # session 34: each side's load() of the E2B checkpoint (Q=4: its 4-bit copy) in fresh processes, alternated,
+            # ours by phase (bench/load_phases.py; session 33's e2e read ours' load() 1.22x stock's in 4-bit) (~4 min with
+            # the checkpoint written)
+    timeout 300 python3 -c "
+from gemma4_mlx.bench.e2e import E2ESettings, prepare_checkpoint
+print(prepare_checkpoint(E2ESettings(preset='e2b', quantize=${Q:-None}, work='/root/e2e').resolve())['path'])" \
+      > "$OUT/loadphases-path.txt" 2>&1; ck=$(tail -1 "$OUT/loadphases-path.txt"); echo "checkpoint $ck"
+    for side in stock ours stock ours "ours JIT0"; do
+      (if [ "$side" = "ours JIT0" ]; then export GEMMA4_MLX_JIT_WARMUP=0; fi
+       timeout 120 python3 bench/load_phases.py ${side%% *} "$ck" 2>&1 | tail -1 | tee -a "$OUT/loadphases.jsonl")
+    done ;;
   ablate31) # why 31B 4-bit decode ran 0.80x stock in session 2: one switch at a time
     STEPS=30 timeout 500 python3 bench/ablate.py 31b 4 2>&1 | tail -16 | tee "$OUT/ablate-31b-q4.txt" ;;
   presets)  # the other families at 841 tokens: E4B both, 26B-A4B and 31B in 4-bit
