@@ -369,3 +369,42 @@ def test_benchmark_script_runs_single_process(tmp_path):
     assert main(["--preset", "tiny", "--prompt", "16", "--decode", "4", "--runs", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["processes"] == 1 and result["prefill_tps"] > 0 and result["decode_tps"] > 0
+
+
+# -- a process alone does not ask MLX for its group ------------------------------------------
+def test_world_without_a_launcher_skips_the_backends_probe(monkeypatch):
+    """mx.distributed.init() probes every back-end (0.4-0.65 s on a CUDA host) to find a group
+    of one: a process no launcher started must not call it."""
+    from gemma4_mlx import distributed
+
+    for name in distributed._LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def probe(*args, **kwargs):
+        raise AssertionError("mx.distributed.init() called in a lone process")
+
+    monkeypatch.setattr(mx.distributed, "init", probe)
+    assert not distributed.launched()
+    assert distributed.world() is None
+
+
+@pytest.mark.parametrize("variable", ["MLX_RANK", "NCCL_HOST_IP", "OMPI_COMM_WORLD_SIZE", "PMI_RANK"])
+def test_world_under_a_launcher_asks_mlx(monkeypatch, variable):
+    from gemma4_mlx import distributed
+
+    for name in distributed._LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "0")
+
+    class Group:
+        def __init__(self, n):
+            self.n = n
+
+        def size(self):
+            return self.n
+
+    sizes = iter([2, 1])
+    monkeypatch.setattr(mx.distributed, "init", lambda *a, **k: Group(next(sizes)))
+    assert distributed.launched()
+    assert distributed.world().size() == 2
+    assert distributed.world() is None  # a launched group of one is no group
