@@ -107,6 +107,11 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours attn rows 4", {"GEMMA4_MLX_ATTN_TILE_ROWS": "4"}),
            ("ours attn rows 2", {"GEMMA4_MLX_ATTN_TILE_ROWS": "2"}),
            ("ours attn rows 4 keys 16", {"GEMMA4_MLX_ATTN_TILE_ROWS": "4", "GEMMA4_MLX_ATTN_SPLIT_KEYS": "16"}),
+           # the cap on a launch's threadgroups (528), which sets a long context's splits (session 34)
+           ("ours attn blocks 132", {"GEMMA4_MLX_ATTN_BLOCKS": "132"}),
+           ("ours attn blocks 264", {"GEMMA4_MLX_ATTN_BLOCKS": "264"}),
+           ("ours attn blocks 1056", {"GEMMA4_MLX_ATTN_BLOCKS": "1056"}),
+           ("ours attn rows 2 blocks 264", {"GEMMA4_MLX_ATTN_TILE_ROWS": "2", "GEMMA4_MLX_ATTN_BLOCKS": "264"}),
            # session 32: weight rows a warp group in the 4-bit matvec (default 2; kernels/qmv.py): more rows, more
            # loads in flight a lane (E2B 4-bit's gate/up as slow under ncu as its bf16 form for a quarter of the bytes)
            ("ours qmv rows 1", {"GEMMA4_MLX_QMV_ROWS": "1"}),

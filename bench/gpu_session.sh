@@ -427,6 +427,13 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
       CONFIGS="${CONFIGS:-stock,ours}" PROMPT=32768 ROUNDS=${ROUNDS:-5} STEPS=12 timeout ${SPLIT_S:-200} \
         python3 bench/ablate.py e2b $q 2>&1 | tail -10 | tee "$OUT/split32k-e2b-q$q.txt"
     done ;;
+  attn32k)  # session 34: E2B bf16's step at a 32,768-token context with the attention's launch cap (GEMMA4_MLX_ATTN_BLOCKS
+            # 132 / 264 / 1,056 against 528) and row tiles of 2: @32k its 7 global layers take 264 splits of ~125 keys in two
+            # row tiles (D 512: 4 rows a tile), ~104 us a launch and a 45 us merge on 8 threadgroups (profile32k), ~1 ms of
+            # a step whose GPU waits 2.3 ms after the host (~4 min: each line fills its own 32k prompt)
+    CONFIGS="${CONFIGS:-ours,ours attn blocks 132,ours attn blocks 264,ours attn blocks 1056,ours attn rows 2,ours attn rows 2 blocks 264}" \
+      PROMPT=32768 ROUNDS=${ROUNDS:-5} STEPS=12 timeout ${ATTN32K_S:-330} python3 bench/ablate.py e2b 0 2>&1 | tail -16 | \
+      tee "$OUT/attn32k-e2b-q0.txt" ;;
   qmvrows)  # session 32: weight rows a warp group in the 4-bit matvec (GEMMA4_MLX_QMV_ROWS 1 / 4 / 8 against 2): E2B 4-bit's
             # matvecs are 72% of its step's GPU time and read at 0.3-1.1 TB/s under ncu; E2B, E4B, 31B 4-bit (~5 min;
             # each line at most QROWS_S=170 s)

@@ -355,11 +355,36 @@ def test_attention_geometry_switches(emulated, monkeypatch, split_keys, tile_row
     with step_context.kernel_scope():
         got = ATT.attention_prefix(q, kbuf, vbuf, kv_len, rows=True)
     _close(got, want, f"attention_prefix, splits of {split_keys}, tiles of {tile_rows}", atol=1e-5)
-    checked = [k for k, (ok, _) in dispatch.verdicts().items() if ok and k[-1] == ("geometry", split_keys, tile_rows)]
+    checked = [k for k, (ok, _) in dispatch.verdicts().items() if ok and k[-1] == ("geometry", split_keys, tile_rows, 0)]
     assert checked and all(k[0] == "attention_prefix" for k in checked), dispatch.verdicts()
     monkeypatch.setenv(ATT.TILE_ROWS_ENV, "3")
     with pytest.raises(ValueError, match="power of two"):
         ATT.launch_plan(1, H, 1, 1, N, D, 0)
+
+
+@pytest.mark.parametrize("blocks", [2, 5])
+def test_attention_blocks_switch(emulated, monkeypatch, blocks):
+    """GEMMA4_MLX_ATTN_BLOCKS (the cap on a launch's threadgroups, which sets a long context's
+    splits) gives fewer, longer splits, several tiles of keys each and a last split part full,
+    and not another result: the fused form and the two passes equal the reference."""
+    import sys
+
+    ATT = sys.modules["gemma4_mlx.kernels.attention"]
+    D, H, N, filled = 128, 4, 300, 290
+    base = ATT.launch_plan(1, H, 1, 1, N, D, 0)
+    monkeypatch.setenv(ATT.BLOCKS_ENV, str(blocks))
+    plan = ATT.launch_plan(1, H, 1, 1, N, D, 0)
+    assert plan["ntiles"] == 1 and plan["nsplit"] == blocks < base["nsplit"], (plan, base)
+    assert plan["chunk"] > ATT.MIN_KEYS_PER_SPLIT, plan
+    q = _rnd((1, H, 1, D), 44)
+    kbuf, vbuf = _rnd((1, 1, N, D), 45, 4 / D ** 0.5), _rnd((1, 1, N, D), 46)
+    kv_len = mx.array([filled], dtype=mx.int32)
+    want = ATT.attention_prefix_reference(q, kbuf, vbuf, kv_len, rows=True)
+    _close(ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len, rows=True, fused=True), want,
+           f"attention fused, {blocks} blocks", atol=1e-5)
+    _close(ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len, rows=True), want,
+           f"attention passes, {blocks} blocks", atol=1e-5)
+    assert ATT._with_geometry(("k",)) == ("k", ("geometry", 0, 0, blocks))
 
 
 def test_attention_fused_counts_its_blocks_and_leaves_the_counters_zero(emulated, monkeypatch):

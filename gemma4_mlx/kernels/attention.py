@@ -41,6 +41,10 @@ MIN_KEYS_PER_SPLIT = 32
 # split's keys again, from L2). The launch geometry is fixed when the step is traced.
 SPLIT_KEYS_ENV = "GEMMA4_MLX_ATTN_SPLIT_KEYS"
 TILE_ROWS_ENV = "GEMMA4_MLX_ATTN_TILE_ROWS"
+# GEMMA4_MLX_ATTN_BLOCKS in place of TARGET_BLOCKS, the cap on a launch's threadgroups that sets the
+# splits of a long context (session 34: E2B's global layers @32k take 264 splits of ~125 keys in two
+# row tiles, ~104 us a launch plus a 45 us merge under ncu; fewer, longer splits merge less).
+BLOCKS_ENV = "GEMMA4_MLX_ATTN_BLOCKS"
 # The fused form (name ``attention_fused``; CUDA, on by default there since session 28): pass 1's
 # last block of each group merges the splits, one launch a layer instead of two in the decode step,
 # which MLX's host cost per launch bounds. Its merge gives a warp to each row and each lane two
@@ -77,11 +81,12 @@ def _next_pow2(n: int) -> int:
 
 
 def _geometry() -> tuple:
-    """(keys per split, the cap on a tile's query rows) the switches set, 0 for each unset."""
+    """(keys per split, the cap on a tile's query rows, the cap on a launch's threadgroups) the
+    switches set, 0 for each unset."""
     split, rows = switches.env_count(SPLIT_KEYS_ENV) or 0, switches.env_count(TILE_ROWS_ENV) or 0
     if rows & (rows - 1):
         raise ValueError(f"{TILE_ROWS_ENV}={rows}: expected a power of two")
-    return split, rows
+    return split, rows, switches.env_count(BLOCKS_ENV) or 0
 
 
 def _rows_per_tile(QR: int, D: int, cap: int = 0) -> int:
@@ -104,14 +109,14 @@ def _key_args(key) -> tuple:
 
 def launch_plan(B: int, H: int, Hkv: int, Lq: int, N: int, D: int, window: int) -> dict:
     """Geometry of the two passes (also used by the benchmark and docs)."""
-    split_keys, rows_cap = _geometry()
+    split_keys, rows_cap, blocks = _geometry()
     QR = (H // Hkv) * Lq
     RT = _rows_per_tile(QR, D, rows_cap)
     ntiles = -(-QR // RT)
     kstart = max(0, N - Lq + 1 - window) if window else 0
     nk = N - kstart
     base = B * Hkv * ntiles
-    nsplit = max(1, min(-(-nk // (split_keys or MIN_KEYS_PER_SPLIT)), -(-TARGET_BLOCKS // base)))
+    nsplit = max(1, min(-(-nk // (split_keys or MIN_KEYS_PER_SPLIT)), -(-(blocks or TARGET_BLOCKS) // base)))
     chunk = -(-nk // nsplit)
     nsplit = -(-nk // chunk)
     return dict(QR=QR, RT=RT, ntiles=ntiles, kstart=kstart, chunk=chunk, nsplit=nsplit)
