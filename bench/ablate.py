@@ -112,6 +112,11 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours attn blocks 264", {"GEMMA4_MLX_ATTN_BLOCKS": "264"}),
            ("ours attn blocks 1056", {"GEMMA4_MLX_ATTN_BLOCKS": "1056"}),
            ("ours attn rows 2 blocks 264", {"GEMMA4_MLX_ATTN_TILE_ROWS": "2", "GEMMA4_MLX_ATTN_BLOCKS": "264"}),
+           # session 35: a long context's two passes launched as before it (a split's row tiles one after the other
+           # in the grid's y, a threadgroup a row in the merge), each change alone and both
+           ("ours attn split major", {"GEMMA4_MLX_ATTN_SPLIT_MAJOR": "1"}),
+           ("ours attn combine 1", {"GEMMA4_MLX_ATTN_COMBINE_TILES": "1"}),
+           ("ours attn old passes", {"GEMMA4_MLX_ATTN_SPLIT_MAJOR": "1", "GEMMA4_MLX_ATTN_COMBINE_TILES": "1"}),
            # session 32: weight rows a warp group in the 4-bit matvec (default 2; kernels/qmv.py): more rows, more
            # loads in flight a lane (E2B 4-bit's gate/up as slow under ncu as its bf16 form for a quarter of the bytes)
            ("ours qmv rows 1", {"GEMMA4_MLX_QMV_ROWS": "1"}),

@@ -434,6 +434,13 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
     CONFIGS="${CONFIGS:-ours,ours attn blocks 132,ours attn blocks 264,ours attn blocks 1056,ours attn rows 2,ours attn rows 2 blocks 264}" \
       PROMPT=32768 ROUNDS=${ROUNDS:-5} STEPS=12 timeout ${ATTN32K_S:-330} python3 bench/ablate.py e2b 0 2>&1 | tail -16 | \
       tee "$OUT/attn32k-e2b-q0.txt" ;;
+  attn35)   # session 35: a long context's two passes with the split's row tiles side by side and the merge in tiles
+            # of the head dim (on by default since), first their parity on CUDA (the attention tests, TF32 off), then E2B
+            # bf16's step @32k against the old launches, each change alone, and the launch cap (~7 min)
+    parity attncheck ${ATTN_PARITY_S:-150} tests/test_kernels.py tests/test_decode.py -k "attention"
+    CONFIGS="${CONFIGS:-ours,ours attn old passes,ours attn split major,ours attn combine 1,ours attn blocks 1056}" \
+      PROMPT=32768 ROUNDS=${ROUNDS:-5} STEPS=12 timeout ${ATTN32K_S:-330} python3 bench/ablate.py e2b 0 2>&1 | tail -14 | \
+      tee "$OUT/attn35-e2b-q0.txt" ;;
   qmvrows)  # session 32: weight rows a warp group in the 4-bit matvec (GEMMA4_MLX_QMV_ROWS 1 / 4 / 8 against 2): E2B 4-bit's
             # matvecs are 72% of its step's GPU time and read at 0.3-1.1 TB/s under ncu; E2B, E4B, 31B 4-bit (~5 min;
             # each line at most QROWS_S=170 s)

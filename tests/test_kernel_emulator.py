@@ -355,7 +355,7 @@ def test_attention_geometry_switches(emulated, monkeypatch, split_keys, tile_row
     with step_context.kernel_scope():
         got = ATT.attention_prefix(q, kbuf, vbuf, kv_len, rows=True)
     _close(got, want, f"attention_prefix, splits of {split_keys}, tiles of {tile_rows}", atol=1e-5)
-    checked = [k for k, (ok, _) in dispatch.verdicts().items() if ok and k[-1] == ("geometry", split_keys, tile_rows, 0)]
+    checked = [k for k, (ok, _) in dispatch.verdicts().items() if ok and k[-1] == ("geometry", split_keys, tile_rows, 0, 0, 0)]
     assert checked and all(k[0] == "attention_prefix" for k in checked), dispatch.verdicts()
     monkeypatch.setenv(ATT.TILE_ROWS_ENV, "3")
     with pytest.raises(ValueError, match="power of two"):
@@ -384,7 +384,41 @@ def test_attention_blocks_switch(emulated, monkeypatch, blocks):
            f"attention fused, {blocks} blocks", atol=1e-5)
     _close(ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len, rows=True), want,
            f"attention passes, {blocks} blocks", atol=1e-5)
-    assert ATT._with_geometry(("k",)) == ("k", ("geometry", 0, 0, blocks))
+    assert ATT._with_geometry(("k",)) == ("k", ("geometry", 0, 0, blocks, 0, 0))
+
+
+@pytest.mark.parametrize("D,H,Hkv,N,filled", [
+    (512, 8, 1, 700, 650),   # a global layer of E2B's: two row tiles of 4, the merge in 16 tiles of 32 dims
+    (96, 6, 2, 300, 290),    # three 32-wide columns: tiles of 96 or 32 dims only
+])
+def test_attention_merge_tiles_and_tile_order(emulated, monkeypatch, D, H, Hkv, N, filled):
+    """The two passes as a long context takes them: pass 1 with a split's row tiles side by side
+    (the grid's x), the merge in tiles of the head dim; GEMMA4_MLX_ATTN_SPLIT_MAJOR=1 and
+    GEMMA4_MLX_ATTN_COMBINE_TILES=1 give the old launches (tiles in y, a threadgroup a row).
+    Every form equals the reference, and each other to the bit: a column's sum runs over the
+    same splits in the same order whichever tile or order computes it."""
+    import sys
+
+    ATT = sys.modules["gemma4_mlx.kernels.attention"]
+    q = _rnd((1, H, 1, D), 47)
+    kbuf, vbuf = _rnd((1, Hkv, N, D), 48, 4 / D ** 0.5), _rnd((1, Hkv, N, D), 49)
+    kv_len = mx.array([filled], dtype=mx.int32)
+    want = ATT.attention_prefix_reference(q, kbuf, vbuf, kv_len, rows=True)
+    plan = ATT.launch_plan(1, H, Hkv, 1, N, D, 0)
+    assert plan["ctiles"] == D // 32 and plan["nsplit"] > 1, plan
+    assert plan["tile_major"] == int(plan["ntiles"] > 1), plan
+    new = ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len, rows=True)
+    _close(new, want, f"attention passes D {D}", atol=1e-5)
+    monkeypatch.setenv(ATT.COMBINE_TILES_ENV, "1")
+    monkeypatch.setenv(ATT.SPLIT_MAJOR_ENV, "1")
+    old_plan = ATT.launch_plan(1, H, Hkv, 1, N, D, 0)
+    assert (old_plan["ctiles"], old_plan["tile_major"]) == (1, 0), old_plan
+    old = ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len, rows=True)
+    assert mx.array_equal(new, old).item(), "the new launches changed the sums"
+    monkeypatch.setenv(ATT.COMBINE_TILES_ENV, "2")  # at most two tiles: D 96's three columns take one
+    assert ATT.launch_plan(1, H, Hkv, 1, N, D, 0)["ctiles"] == (2 if D == 512 else 1)
+    assert mx.array_equal(ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len, rows=True), new).item()
+    assert ATT._with_geometry(("k",)) == ("k", ("geometry", 0, 0, 0, 2, 1))
 
 
 def test_attention_fused_counts_its_blocks_and_leaves_the_counters_zero(emulated, monkeypatch):

@@ -1265,8 +1265,10 @@ def test_attention_launch_plan_covers_keys():
         assert p["kstart"] + p["chunk"] * p["nsplit"] >= N
         assert p["kstart"] + p["chunk"] * (p["nsplit"] - 1) < N
         assert p["RT"] * p["ntiles"] >= p["QR"] and p["RT"] * D <= 2048
+        assert (D // 32) % p["ctiles"] == 0 and B * H * Lq * p["ctiles"] <= max(ATT.TARGET_BLOCKS, B * H * Lq)
     big = ATT.launch_plan(1, 8, 1, 1, 32768, 512, 0)
     assert big["nsplit"] * big["ntiles"] >= 132  # fills an H100 with one kv head
+    assert big["tile_major"] == 1 and big["ctiles"] == 16  # the merge: 8 rows x 16 tiles, not 8 threadgroups
     # E2B's sliding decode (8 heads on one kv head, a 512-slot window): a warp walks its keys one
     # after another, and at 16 keys a warp (4 threadgroups) a call took ~40 us on the H200
     window = ATT.launch_plan(1, 8, 1, 1, 512, 256, 512)

@@ -45,6 +45,15 @@ TILE_ROWS_ENV = "GEMMA4_MLX_ATTN_TILE_ROWS"
 # splits of a long context (session 34: E2B's global layers @32k take 264 splits of ~125 keys in two
 # row tiles, ~104 us a launch plus a 45 us merge under ncu; fewer, longer splits merge less).
 BLOCKS_ENV = "GEMMA4_MLX_ATTN_BLOCKS"
+# Session 35, for a long context's two passes (the fused form has no merge pass, and one row tile
+# at most where it is used): pass 1 runs a split's row tiles side by side (the grid's x is the
+# tile), so that all but the first read the split's keys from L2 (E2B's global layers @32k: two
+# tiles, each read 64 MB from memory one after the other, as the tiles were the grid's y);
+# GEMMA4_MLX_ATTN_SPLIT_MAJOR=1 launches them the old way. The merge takes a threadgroup per row
+# and tile of head dims, at most ceil(TARGET_BLOCKS / rows) tiles (GEMMA4_MLX_ATTN_COMBINE_TILES=N:
+# at most N; 1 is the old merge of one threadgroup a row). Both GPU ablations: bench/ablate.py.
+SPLIT_MAJOR_ENV = "GEMMA4_MLX_ATTN_SPLIT_MAJOR"
+COMBINE_TILES_ENV = "GEMMA4_MLX_ATTN_COMBINE_TILES"
 # The fused form (name ``attention_fused``; CUDA, on by default there since session 28): pass 1's
 # last block of each group merges the splits, one launch a layer instead of two in the decode step,
 # which MLX's host cost per launch bounds. Its merge gives a warp to each row and each lane two
@@ -81,12 +90,13 @@ def _next_pow2(n: int) -> int:
 
 
 def _geometry() -> tuple:
-    """(keys per split, the cap on a tile's query rows, the cap on a launch's threadgroups) the
-    switches set, 0 for each unset."""
+    """(keys per split, the cap on a tile's query rows, the cap on a launch's threadgroups, the cap
+    on the merge's head-dim tiles a row, pass 1 split-major) the switches set, 0 for each unset."""
     split, rows = switches.env_count(SPLIT_KEYS_ENV) or 0, switches.env_count(TILE_ROWS_ENV) or 0
     if rows & (rows - 1):
         raise ValueError(f"{TILE_ROWS_ENV}={rows}: expected a power of two")
-    return split, rows, switches.env_count(BLOCKS_ENV) or 0
+    return (split, rows, switches.env_count(BLOCKS_ENV) or 0, switches.env_count(COMBINE_TILES_ENV) or 0,
+            int(switches.env_flag(SPLIT_MAJOR_ENV, default=False)))
 
 
 def _rows_per_tile(QR: int, D: int, cap: int = 0) -> int:
@@ -107,9 +117,17 @@ def _key_args(key) -> tuple:
     return tuple(k for k in key[5:] if not (isinstance(k, tuple) and k[:1] == ("geometry",)))
 
 
+def _combine_tiles(rows: int, D: int, blocks: int, cap: int) -> int:
+    """Head-dim tiles a row in the merge: the most that divide D's 32-wide lanes' columns and keep
+    the launch within ``blocks`` threadgroups (and within ``cap`` where it is set)."""
+    limit = min(cap or D // 32, max(1, -(-blocks // rows)))
+    return max(n for n in range(1, D // 32 + 1) if (D // 32) % n == 0 and n <= limit)
+
+
 def launch_plan(B: int, H: int, Hkv: int, Lq: int, N: int, D: int, window: int) -> dict:
-    """Geometry of the two passes (also used by the benchmark and docs)."""
-    split_keys, rows_cap, blocks = _geometry()
+    """Geometry of the two passes (also used by the benchmark and docs): ``tile_major`` 1 when pass
+    1's grid has the row tiles in x, ``ctiles`` the merge's head-dim tiles a row."""
+    split_keys, rows_cap, blocks, ctiles_cap, split_major = _geometry()
     QR = (H // Hkv) * Lq
     RT = _rows_per_tile(QR, D, rows_cap)
     ntiles = -(-QR // RT)
@@ -119,7 +137,9 @@ def launch_plan(B: int, H: int, Hkv: int, Lq: int, N: int, D: int, window: int) 
     nsplit = max(1, min(-(-nk // (split_keys or MIN_KEYS_PER_SPLIT)), -(-(blocks or TARGET_BLOCKS) // base)))
     chunk = -(-nk // nsplit)
     nsplit = -(-nk // chunk)
-    return dict(QR=QR, RT=RT, ntiles=ntiles, kstart=kstart, chunk=chunk, nsplit=nsplit)
+    return dict(QR=QR, RT=RT, ntiles=ntiles, kstart=kstart, chunk=chunk, nsplit=nsplit,
+                tile_major=int(ntiles > 1 and not split_major),
+                ctiles=_combine_tiles(B * H * Lq, D, blocks or TARGET_BLOCKS, ctiles_cap))
 
 
 def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float, window: int,
@@ -157,9 +177,11 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
     scale_arr = dispatch.constant(float(scale), mx.float32)
     kv_n = kv_len.reshape(1).astype(mx.int32)
     inputs = [q, keys, values, scale_arr,
-              dispatch.constant([int(window), plan["kstart"], plan["chunk"], ns, plan["ntiles"]], mx.int32), kv_n]
+              dispatch.constant([int(window), plan["kstart"], plan["chunk"], ns, plan["ntiles"], plan["tile_major"]],
+                                mx.int32), kv_n]
+    grid = (plan["ntiles"] * TG, ns, B * Hkv) if plan["tile_major"] else (ns * TG, plan["ntiles"], B * Hkv)
     launch = dict(template=[("T", q.dtype), ("D", D), ("RT", plan["RT"]), ("QNR", int(q_norm_rope is not None))],
-                  grid=(ns * TG, plan["ntiles"], B * Hkv), threadgroup=(TG, 1, 1), **dispatch.init_kwargs())
+                  grid=grid, threadgroup=(TG, 1, 1), **dispatch.init_kwargs())
     plain = ["q", "keys", "values", "scale", "params", "kv_len"]
     if q_norm_rope is not None:
         weight, inv_freq, offset, eps = q_norm_rope
@@ -195,8 +217,8 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
     k2 = dispatch.get_kernel("attention_combine", ["po", "pm", "pl"], ["out"])
     return k2(
         inputs=[po, pm, pl],
-        template=[("T", q.dtype), ("D", D)],
-        grid=(B * H * Lq * TG, 1, 1),  # one threadgroup per output row
+        template=[("T", q.dtype), ("D", D), ("DC", D // plan["ctiles"])],
+        grid=(B * H * Lq * TG, plan["ctiles"], 1),  # a threadgroup per output row and tile of head dims
         threadgroup=(TG, 1, 1),
         output_shapes=[out_shape],
         output_dtypes=[q.dtype],
