@@ -122,6 +122,12 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours qmv rows 1", {"GEMMA4_MLX_QMV_ROWS": "1"}),
            ("ours qmv rows 4", {"GEMMA4_MLX_QMV_ROWS": "4"}),
            ("ours qmv rows 8", {"GEMMA4_MLX_QMV_ROWS": "8"}),
+           # session 35: more warps a row group (split-K; E2B's K of 1,536 takes 1 by mv.layout's rule), or 4-byte loads
+           # over twice the warps (session 34's ncu: the 4-bit matvecs bound by latency, 12-32% of the SMs' warps busy)
+           ("ours qmv split 2", {"GEMMA4_MLX_QMV_SPLIT": "2"}),
+           ("ours qmv split 4", {"GEMMA4_MLX_QMV_SPLIT": "4"}),
+           ("ours qmv wpl 1", {"GEMMA4_MLX_QMV_WPL": "1"}),
+           ("ours qmv wpl 1 split 4", {"GEMMA4_MLX_QMV_WPL": "1", "GEMMA4_MLX_QMV_SPLIT": "4"}),
            # session 28: both, the whole attention of a layer (q norm, RoPE, passes, merge) in one launch
            ("ours +attn_q fused", off(on=["attention_prefix_q", "attention_fused"])),
            ("ours -close", off("mv_close", "qmv_close")),  # session 24: the o / down / PLE products with their closes

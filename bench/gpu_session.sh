@@ -441,6 +441,21 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
     CONFIGS="${CONFIGS:-ours,ours attn old passes,ours attn split major,ours attn combine 1,ours attn blocks 1056}" \
       PROMPT=32768 ROUNDS=${ROUNDS:-5} STEPS=12 timeout ${ATTN32K_S:-330} python3 bench/ablate.py e2b 0 2>&1 | tail -14 | \
       tee "$OUT/attn35-e2b-q0.txt" ;;
+  qmvsplit) # session 35: the 4-bit matvec with more warps in flight (session 34's ncu: latency-bound, 12-32% of the warps
+            # busy): split-K over 2 / 4 warps, 4-byte loads over twice the warps. E2B 4-bit's step @32k (bound by the GPU;
+            # @841 by the host), strict (a layout failing its self-check stops the line), then each kernel's GPU time at
+            # 841 under ncu, default and 4-byte loads (~4 min)
+    GEMMA4_MLX_KERNELS=strict CONFIGS="${CONFIGS:-ours,ours qmv split 2,ours qmv wpl 1,ours qmv wpl 1 split 4}" PROMPT=32768 \
+      ROUNDS=${ROUNDS:-5} STEPS=12 timeout ${QSPLIT_S:-150} python3 bench/ablate.py e2b 4 2>&1 | tail -12 | \
+      tee "$OUT/qmvsplit-e2b-q4-32k.txt"
+    for tag in default wpl1; do
+      f="$OUT/prof-ours-q4-$tag"
+      (if [ $tag = wpl1 ]; then export GEMMA4_MLX_QMV_WPL=1; fi
+       timeout ${PROF_S:-100} ncu --profile-from-start off --metrics gpu__time_duration.sum --csv --log-file "$f.csv" \
+         python3 bench/step_profile.py e2b 4 ours > "$f.log" 2>&1; echo "ncu $tag exit $?")
+      python3 bench/step_profile.py --read "$f.csv" "$f.log" 2>&1 | tee "$f.txt" | head -12
+      gzip -f "$f.csv"
+    done ;;
   qmvrows)  # session 32: weight rows a warp group in the 4-bit matvec (GEMMA4_MLX_QMV_ROWS 1 / 4 / 8 against 2): E2B 4-bit's
             # matvecs are 72% of its step's GPU time and read at 0.3-1.1 TB/s under ncu; E2B, E4B, 31B 4-bit (~5 min;
             # each line at most QROWS_S=170 s)

@@ -92,7 +92,8 @@ def _switches() -> tuple:
 
     # the raw values of the launch-geometry switches read at the trace (checked where they are read)
     return (mode, tuple(sorted(dispatch.disabled_kernels())), dispatch.device_constants(), switches.env(qmv.MIN_VALUES_ENV),
-            switches.env(mv.PROLOGUE_BLOCKS_ENV), switches.env(qmv.ROWS_ENV), switches.env(SPLIT_KEYS_ENV),
+            switches.env(mv.PROLOGUE_BLOCKS_ENV), switches.env(qmv.ROWS_ENV), switches.env(qmv.SPLIT_ENV),
+            switches.env(qmv.WPL_ENV), switches.env(SPLIT_KEYS_ENV),
             switches.env(TILE_ROWS_ENV), switches.env(BLOCKS_ENV), switches.env(COMBINE_TILES_ENV),
             switches.env(SPLIT_MAJOR_ENV), joining_enabled(), transposes_enabled(), kv_scatter_enabled(),
             ops.expert_indices_enabled(), cuda_build.short_sources(), dispatch.form_signatures(), shared_slots_enabled(),

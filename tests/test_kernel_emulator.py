@@ -105,35 +105,41 @@ def test_qmv_every_layout_and_form(emulated, bits, gs):
            qmv.quantized_matvec_gate_reference(x, w, s, b, gs, bits, z), "qmv gate", atol)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 8])
-def test_qmv_rows_switch(emulated, monkeypatch, rows):
-    """GEMMA4_MLX_QMV_ROWS (the GPU's experiment: more weight rows a warp, more loads in flight)
-    sets the layout of every 4-bit form the decode step launches, and each still equals its
-    reference: the plain product, the joined gate/up with its GeGLU (half the rows: two weight rows
-    an output), the PLE gate, the closing form (rows closed by the last block)."""
-    monkeypatch.setenv(qmv.ROWS_ENV, str(rows))
+@pytest.mark.parametrize("switch,value,layout", [
+    ("ROWS_ENV", 1, (1, 1, 4)), ("ROWS_ENV", 4, (4, 1, 4)), ("ROWS_ENV", 8, (8, 1, 4)),
+    ("SPLIT_ENV", 4, (2, 4, 4)),  # split-K past K's steps: the third and fourth warps of a group idle
+    ("SPLIT_ENV", 8, (2, 8, 4)), ("WPL_ENV", 1, (2, 2, 1)),  # 4-byte loads: the rule's split doubles
+])
+def test_qmv_layout_switches(emulated, monkeypatch, switch, value, layout):
+    """GEMMA4_MLX_QMV_ROWS / _SPLIT / _WPL (the GPU's experiments: more weight rows a warp, more warps
+    a row group, smaller loads over more warps) set the layout of every 4-bit form the decode step
+    launches, and each still equals its reference: the plain product, the joined gate/up with its
+    GeGLU (half the rows: two weight rows an output), the PLE gate, the closing form (rows closed by
+    the last block)."""
+    name = getattr(qmv, switch)
+    monkeypatch.setenv(name, str(value))
     atol = 6e-5
     K, N, M = 1536, 40, 1
-    assert qmv.quantized_layout(K, 4, 64)[0] == rows
-    assert qmv.quantized_layout(K, 4, 64, epi=mv.GEGLU)[0] == max(1, rows // 2)
+    assert qmv.quantized_layout(K, 4, 64) == layout
+    assert qmv.quantized_layout(K, 4, 64, epi=mv.GEGLU) == (max(1, layout[0] // 2),) + layout[1:]
     x, z = _rnd((M, 1, K), 51), _rnd((M, 1, N), 52)
     w, s, b = mx.quantize(_rnd((N, K), 53, 0.05), group_size=64, bits=4)
     w2, s2, b2 = mx.quantize(_rnd((2 * N, K), 54, 0.05), group_size=64, bits=4)
     _close(qmv.quantized_matvec_kernel(x, w, s, b, 64, 4), qmv.quantized_matvec_reference(x, w, s, b, 64, 4),
-           f"qmv rows {rows}", atol)
+           f"qmv {name}={value}", atol)
     # (the GeGLU carries the pairs' rounding through gelu's slope: 1.2e-4 at an output of 1.1 here,
     # the same with every row count)
     _close(qmv.quantized_matvec_geglu_kernel(x, w2, s2, b2, 64, 4),
-           qmv.quantized_matvec_geglu_reference(x, w2, s2, b2, 64, 4), f"qmv geglu rows {rows}", 3e-4)
+           qmv.quantized_matvec_geglu_reference(x, w2, s2, b2, 64, 4), f"qmv geglu {name}={value}", 3e-4)
     _close(qmv.quantized_matvec_gate_kernel(x, w, s, b, 64, 4, z),
-           qmv.quantized_matvec_gate_reference(x, w, s, b, 64, 4, z), f"qmv gate rows {rows}", atol)
+           qmv.quantized_matvec_gate_reference(x, w, s, b, 64, 4, z), f"qmv gate {name}={value}", atol)
     res, nw, nn = _rnd((M, 1, N), 55, 2.0), 1 + _rnd((N,), 56, 0.3), 1 + _rnd((N,), 57, 0.3)
     got = qmv.quantized_matvec_close_kernel(x, w, s, b, 64, 4, res, nw, mx.array([0.7]), 1e-6, nn)
     want = qmv.quantized_matvec_close_reference(x, w, s, b, 64, 4, res, nw, mx.array([0.7]), 1e-6, nn)
     for g, r in zip(got, want):
-        _close(g, r, f"qmv_close rows {rows}", atol=1e-4)
-    monkeypatch.setenv(qmv.ROWS_ENV, "3")
-    with pytest.raises(ValueError, match="1, 2, 4 or 8"):
+        _close(g, r, f"qmv_close {name}={value}", atol=1e-4)
+    monkeypatch.setenv(name, "3")
+    with pytest.raises(ValueError, match=f"{name}=3: expected 1[ ,]"):
         qmv.quantized_layout(K, 4, 64)
 
 

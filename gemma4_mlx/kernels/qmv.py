@@ -147,14 +147,29 @@ QMV_ROWS = 2
 ROWS_ENV = "GEMMA4_MLX_QMV_ROWS"
 
 
+# Session 34's ncu (E2B 4-bit): the matvecs are bound by latency with too few warps in flight (grids of
+# 16-768 blocks, 0.04-1.94 waves; achieved occupancy 12-32%), not by their instructions. Two more
+# layout switches for the GPU's experiments, read with the rows': GEMMA4_MLX_QMV_SPLIT=1|2|4|8 warps a
+# row group (split-K) in place of mv.layout's rule (E2B's K of 1,536 takes 1: a block of 16 rows, 96
+# blocks for a 1,536-wide product), GEMMA4_MLX_QMV_WPL=1 words a lane a step in place of 4 (4-byte
+# loads: a warp covers a quarter of the K a step, so the rule's split doubles at E2B's K).
+SPLIT_ENV = "GEMMA4_MLX_QMV_SPLIT"
+WPL_ENV = "GEMMA4_MLX_QMV_WPL"
+
+
+def _switch_choice(name: str, choices: tuple) -> Optional[int]:
+    """``$name`` as one of ``choices``, None when unset or 0; else a one-line ValueError."""
+    value = switches.env_count(name)
+    if value is None or value == 0:
+        return None
+    if value not in choices:
+        raise ValueError(f"{name}={value}: expected {', '.join(map(str, choices[:-1]))} or {choices[-1]}")
+    return value
+
+
 def default_rows() -> int:
     """:data:`QMV_ROWS`, or ``GEMMA4_MLX_QMV_ROWS`` (1, 2, 4 or 8; else a one-line ValueError)."""
-    rows = switches.env_count(ROWS_ENV)
-    if rows is None or rows == 0:
-        return QMV_ROWS
-    if rows not in (1, 2, 4, 8):
-        raise ValueError(f"{ROWS_ENV}={rows}: expected 1, 2, 4 or 8")
-    return rows
+    return _switch_choice(ROWS_ENV, (1, 2, 4, 8)) or QMV_ROWS
 
 
 def quantized_layout(K: int, bits: int, group_size: int, words_per_lane: int = 4, rows: Optional[int] = None,
@@ -166,8 +181,10 @@ def quantized_layout(K: int, bits: int, group_size: int, words_per_lane: int = 4
     32 * WPL words per step. Two rows of 16-byte loads fit 64 registers (4 blocks of 256 threads
     per SM); on the H200 (session 9, bench/matvec_chain.py) they beat one row and matched four."""
     rows = default_rows() if rows is None else rows
+    words_per_lane = _switch_choice(WPL_ENV, (1, 4)) or words_per_lane
     wpl = words_per_lane if (group_size * bits // 32) % words_per_lane == 0 else 1
-    return (max(1, rows // 2) if epi == GEGLU else rows, layout(K, _per_step(bits, wpl))[1], wpl)
+    split = _switch_choice(SPLIT_ENV, (1, 2, 4, 8)) or layout(K, _per_step(bits, wpl))[1]
+    return (max(1, rows // 2) if epi == GEGLU else rows, split, wpl)
 
 
 def _per_step(bits: int, wpl: int) -> int:
