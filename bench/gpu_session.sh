@@ -7,19 +7,17 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 34): issue 14. One GPU is enough (nvidia-h200). Session 33 (no default changed): the attention's
-# geometry and the 4-bit matvec's rows swept (none faster); E2B end to end 2.71x bf16, 2.61x 4-bit; 32k 2.25x;
-# E2B 4-bit's GPU step at live clocks 3.03 ms (the 4-bit head at 1.5 TB/s; the host's integers' copy a 188 us
-# launch). bench/ablate.py's lines leaked switches into each other until session 33 (docs/benchmarks.md): the
-# step_ints and device-constants pairings of sessions 26, 27 and 32 timed one step twice. In order:
-#   0. `ints` (~6 min: its parity, then the pairing on E2B bf16 / 4-bit, 26B-A4B 4-bit): step_ints with a sound
-#      harness. Faster on E2B and no slower on 26B-A4B: on by default (step_ints.enabled), then `check`.
-#   1. `constants` (~5 min): device constants on against off, likewise (on by default since session 26).
-#   2. `split32k` (~4 min): E2B's step at 32k, ours against stock, with the host / GPU split: is the 3x-at-32k
-#      cell bound by the host as at 841 (ours decoded 243 tok/s @32k, 240 @8k)?
-#   3. `Q=4 KREGEX=gemma4_qmv KCOUNT=12 kdetail` (~2 min): the 4-bit matvec's stall reasons and issue slots (is
-#      it bound by its instructions, ~9 a byte, or by memory latency?); it picks the next qmv change.
-#   4. `attnsweep` (~5 min): its rows lines again (session 33's ran with another line's split).
+# Next visit (session 36): issue 14. One GPU is enough (nvidia-h200). Session 35: a long context's two attention
+# passes relaunched (merge 45 -> 12 us a layer @32k, pass 1 104 -> 96; on by default), E2B bf16 @32k 2.77x / 3.09x
+# end to end, 4-bit 1.95x; load() level with stock's after the init fix; the 4-bit matvec's split-K and 4-byte-load
+# layouts no faster (qmvsplit). In order:
+#   0. `check` (~7.5 min): full parity on the new passes' defaults (attn35 ran only the attention tests).
+#   1. `NEW=128 RUNS=3 e2e` (~6 min): E2B bf16 end to end on the current code (session 33's rows still stand).
+#   2. `split32k` on a faster host: whether the new passes show at 32k where the GPU is behind (session 35's host
+#      recorded slowly: wait 1.5 ms against session 34's 2.27).
+#   3. A pass 1 for head dim 512 with more than one block an SM (q or the value tile out of registers), and the
+#      sliding layers' fused attention (28 x 20 us a step whatever the context, 16 threadgroups a launch): not
+#      yet written.
 # Timings seen on the H200: check ~7.5 min (8 processes, session 31), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
