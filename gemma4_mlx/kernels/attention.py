@@ -45,13 +45,14 @@ TILE_ROWS_ENV = "GEMMA4_MLX_ATTN_TILE_ROWS"
 # splits of a long context (session 34: E2B's global layers @32k take 264 splits of ~125 keys in two
 # row tiles, ~104 us a launch plus a 45 us merge under ncu; fewer, longer splits merge less).
 BLOCKS_ENV = "GEMMA4_MLX_ATTN_BLOCKS"
-# Session 35, for a long context's two passes (the fused form has no merge pass, and one row tile
-# at most where it is used): pass 1 runs a split's row tiles side by side (the grid's x is the
-# tile), so that all but the first read the split's keys from L2 (E2B's global layers @32k: two
-# tiles, each read 64 MB from memory one after the other, as the tiles were the grid's y);
-# GEMMA4_MLX_ATTN_SPLIT_MAJOR=1 launches them the old way. The merge takes a threadgroup per row
-# and tile of head dims, at most ceil(TARGET_BLOCKS / rows) tiles (GEMMA4_MLX_ATTN_COMBINE_TILES=N:
-# at most N; 1 is the old merge of one threadgroup a row). Both GPU ablations: bench/ablate.py.
+# Session 35, for a long context's two passes: pass 1 runs a split's row tiles side by side (the
+# grid's x is the tile, wherever a group has more than one tile: the fused form's too, E2B's global
+# layers @841, where it measured level), so that all but the first read the split's keys from L2
+# (E2B's global layers @32k: two tiles, each read 64 MB from memory one after the other, as the tiles
+# were the grid's y); GEMMA4_MLX_ATTN_SPLIT_MAJOR=1 launches them the old way. The merge (two passes
+# only) takes a threadgroup per row and tile of head dims, at most ceil(launch cap / rows) tiles
+# (GEMMA4_MLX_ATTN_COMBINE_TILES=N: at most N; 1 is the old merge of one threadgroup a row). Both
+# GPU ablations: bench/ablate.py.
 SPLIT_MAJOR_ENV = "GEMMA4_MLX_ATTN_SPLIT_MAJOR"
 COMBINE_TILES_ENV = "GEMMA4_MLX_ATTN_COMBINE_TILES"
 # The fused form (name ``attention_fused``; CUDA, on by default there since session 28): pass 1's
