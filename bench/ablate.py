@@ -2,7 +2,8 @@
 
 Usage: python3 bench/ablate.py PRESET BITS (0 = bf16), e.g. `python3 bench/ablate.py e2b 0`.
 Environment: PROMPT (841 tokens of context, filled in chunks of 2,048), STEPS (20 timed steps per round), ROUNDS (6),
-CONFIGS (a comma-separated subset of the line names below). Switches set outside apply to every
+CONFIGS (a comma-separated subset of the line names below), PIPE=1 (steps in mlx-lm's order: the next
+step submitted before waiting on this one, as a user's `generate` runs them; default a sync per step). Switches set outside apply to every
 line, a line's own replacing them for that line alone (bench/line_env.py).
 
 Every configuration is built once (its own model over the same weight arrays, its own cache
@@ -40,6 +41,7 @@ P = int(os.environ.get("PROMPT", 841))
 S = int(os.environ.get("STEPS", 20))
 R = int(os.environ.get("ROUNDS", 6))
 CHUNK = 2048  # prefill chunk (mlx-lm's prefill_step_size)
+PIPE = os.environ.get("PIPE") == "1"  # steps timed as mlx-lm's generate runs them (steps_pipelined)
 # the benchmark's own pair: random bf16 weights (fixed seed), quantized alike, shared with stock
 base, stock, _ = build_pair(BenchSettings(preset=preset, dtype="bfloat16", quantize=qbits or None).resolve())
 args, params = base.args, base.parameters()
@@ -213,6 +215,8 @@ def steps(model, cache, n, parts=None):
     call (a compiled step: its replay), ``async_eval``'s return (the host recording the step's
     kernels; the GPU starts on what was recorded meanwhile), then the sync (the GPU's remaining
     work). A host-bound step spends its time in the first two, a GPU-bound one waits."""
+    if PIPE:
+        return steps_pipelined(model, cache, n, parts)
     tok, ts = mx.array([[11]]), []
     for _ in range(n):
         t = time.perf_counter()
@@ -225,6 +229,37 @@ def steps(model, cache, n, parts=None):
         ts.append(t3 - t)
         if parts is not None:
             parts.append((t1 - t, t2 - t1, t3 - t2))
+    return ts
+
+
+def steps_pipelined(model, cache, n, parts=None):
+    """``n`` steps as mlx-lm's ``generate_step`` runs them (``PIPE=1``): each step's token is the greedy
+    pick of the last step's log-probabilities, and step t+1 is recorded and submitted before the host
+    waits for step t, so the GPU's work of one step overlaps the host's recording of the next. A time is
+    the interval between two steps' completions: the host's or the GPU's time a step, whichever is longer
+    (the sync-per-step times add the GPU's tail to the host's). ``parts``: (call, encode, wait) as above,
+    the wait being for the step before."""
+    def step(tok):
+        t = time.perf_counter()
+        logits = model(tok, cache=cache)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        nxt = mx.argmax(logprobs, axis=-1)[:, None]
+        t1 = time.perf_counter()
+        mx.async_eval(nxt, logprobs)
+        return nxt, t1 - t, time.perf_counter() - t1
+
+    tok, _, _ = step(mx.array([[11]]))
+    ts, done = [], time.perf_counter()
+    for _ in range(n):
+        nxt, call, encode = step(tok)
+        t = time.perf_counter()
+        mx.eval(tok)
+        now = time.perf_counter()
+        ts.append(now - done)
+        if parts is not None:
+            parts.append((call, encode, now - t))
+        done, tok = now, nxt
+    mx.eval(tok)
     return ts
 
 
@@ -287,7 +322,8 @@ for r in range(R):
         line["times"] += ts
         line["rounds"].append(statistics.median(ts) * 1e3)
 
-print(f"{preset} q{qbits} context {P}: decode step ms, sync per step; median of {R}x{S} steps | best round; "
+order = "PIPE: in mlx-lm's order (the next step submitted before the wait)" if PIPE else "sync per step"
+print(f"{preset} q{qbits} context {P}: decode step ms, {order}; median of {R}x{S} steps | best round; "
       f"primitives per step (all / launching)")
 ref = statistics.median(lines["stock"]["times"]) * 1e3 if "stock" in lines else None
 for name, line in lines.items():

@@ -418,6 +418,22 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
         attnline e2b $q
     done
     CONFIGS="${CONFIGS:-ours,ours attn rows 4 keys 16}" attnline 31b 0 ;;
+  pipe)     # session 36: the step timed in mlx-lm's order (PIPE=1: the next step recorded and submitted before the host
+            # waits for this one, as a user's generate runs; the sync-per-step times add the GPU's tail to the host's,
+            # so a change trading host time for GPU time read slower there than a user meets it): E2B 4-bit and bf16
+            # with the launch-sparing forms that sync-per-step runs kept off (the q norm in the attention's launch: 20
+            # launches fewer; shared slot indices: 54 views fewer), then MLX's graph size (MLX_MAX_OPS_PER_BUFFER, read
+            # once a process) in that order, E2B 4-bit (~9 min)
+    for pq in "e2b 4" "e2b 0"; do
+      PIPE=1 CONFIGS="${CONFIGS:-stock,ours,ours +attn_q,ours +shared slots}" ROUNDS=${ROUNDS:-5} STEPS=15 \
+        timeout ${PIPE_S:-170} python3 bench/ablate.py $pq 2>&1 | tail -16 | tee "$OUT/pipe-${pq// /-q}.txt"
+    done ;;
+  pipegraphs) # session 36: MLX_MAX_OPS_PER_BUFFER 50 / 200 / 400 (default 100) with the step in mlx-lm's order, E2B 4-bit,
+            # a process each (~5 min)
+    for ops in ${GRAPH_OPS:-50 200 400}; do
+      MLX_MAX_OPS_PER_BUFFER=$ops PIPE=1 CONFIGS="${CONFIGS:-stock,ours}" ROUNDS=${ROUNDS:-5} STEPS=15 \
+        timeout ${PIPE_S:-110} python3 bench/ablate.py e2b 4 2>&1 | tail -10 | tee "$OUT/pipegraphs-$ops.txt"
+    done ;;
   split32k) # session 33: E2B's step at a 32,768-token context, ours against stock, with the host / GPU split (is it
             # bound by the host there too? `long` read ours 243 tok/s @32k, 240 @8k: no slower with 32x the context,
             # stock 108); bf16 then 4-bit (~4 min: each side's prompt filled in chunks of 2,048)
