@@ -134,8 +134,8 @@ def test_prepare_at_load_starts_every_kernel_build_of_the_decode_step(fresh_buil
     with dispatch.force_backend("cuda"):
         decode.prepare(model)
     names = {src.split("void __launch_bounds__(K_TG) ")[1].split("(")[0] for src, _ in cuda_build._builds}
-    # norm+RoPE for q and k/v, the attention (fused, or both passes with pass 1 without the q norm,
-    # "attention_prefix_q" being off, in its signature without the q-norm inputs: session 17), PLE, the
+    # norm+RoPE for q and k/v, the attention (fused, or both passes; "attention_prefix_q", on on CUDA since
+    # session 36, gives the KV-shared layers' pass 1 the q norm under the same function names), PLE, the
     # sublayer closes (residual_norm, on by default since session 15), the float matvec's plain and gated
     # forms (on since session 20); nothing switched off (the 4-bit matvec on float weights, the PLE tail)
     attention = {"gemma4_attention_partial_fused"} if fused else {"gemma4_attention_partial_plain",

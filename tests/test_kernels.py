@@ -1465,16 +1465,18 @@ def test_disable_list(monkeypatch):
     monkeypatch.delenv("GEMMA4_MLX_KERNELS_DISABLE", raising=False)
     # mv: on on CUDA since session 20 (its gated forms spare launches), unmeasured on Metal; qmv:
     # on on CUDA (its size rule decides), not measured against MLX's Metal one; ple_tail: slower
-    # on the H200; attention_prefix_q: no faster there; residual_norm: on on both since session
+    # on the H200; attention_prefix_q: on on CUDA since session 36 (faster in mlx-lm's order of steps),
+    # unmeasured on Metal; residual_norm: on on both since session
     # 15, but not inside CUDA's matvecs (mv_residual, qmv_residual: each block computes the norms
     # again); attention_fused: on on CUDA since session 28 (its merge a warp a row; its prelude
     # functions are CUDA's only); mv_close / qmv_close: on on CUDA since session 24, CUDA only (as
     # attention_fused); norm_pair_close: on on CUDA since session 25 (26B-A4B 4-bit's step faster with it);
     # qkv_norm_rope (session 28) and ple_combine_q (session 29): on on CUDA since session 30, unmeasured on Metal;
     # embed / embed_q (session 30): on on CUDA since session 31 (the step no slower), unmeasured on Metal
-    default = {"ple_tail", "attention_prefix_q"}
+    default = {"ple_tail"}
     with dispatch.force_backend("cuda"):
         assert dispatch.disabled_kernels() == default | {"mv_residual", "qmv_residual"}
+        assert not dispatch.is_disabled("attention_prefix_q")
         assert not dispatch.is_disabled("qkv_norm_rope") and not dispatch.is_disabled("ple_combine_q")
         assert not dispatch.is_disabled("embed") and not dispatch.is_disabled("embed_q")
         assert not dispatch.is_disabled("mv_close") and not dispatch.is_disabled("qmv_close")
@@ -1483,7 +1485,7 @@ def test_disable_list(monkeypatch):
     with dispatch.force_backend("metal"):
         assert dispatch.disabled_kernels() == default | {"mv", "qmv", "scale", "geglu", "mv_close", "qmv_close",
                                                          "norm_pair_close", "attention_fused", "qkv_norm_rope",
-                                                         "ple_combine_q", "embed"}
+                                                         "ple_combine_q", "embed", "attention_prefix_q"}
         assert dispatch.is_disabled("mv_geglu") and dispatch.is_disabled("embed_q")
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "")
     assert dispatch.disabled_kernels() == frozenset()
@@ -1496,9 +1498,9 @@ def test_disable_list(monkeypatch):
         assert dispatch.is_disabled("mv_close") and not dispatch.is_disabled("ple_tail")
     with dispatch.force_backend("metal"):
         assert "mv" in dispatch.disabled_kernels() and "ple_tail" not in dispatch.disabled_kernels()
-    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "-attention_prefix_q")
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "-qmv_residual")
     with dispatch.force_backend("cuda"):
-        assert dispatch.disabled_kernels() == {"ple_tail", "mv_residual", "qmv_residual"}
+        assert dispatch.disabled_kernels() == {"ple_tail", "mv_residual"}
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "qmv, q_norm_rope")
     calls = []
 

@@ -317,9 +317,9 @@ def attention_prefix_q(q: mx.array, weight: mx.array, inv_freq: mx.array, offset
                        fallback=None) -> mx.array:
     """:func:`attention_prefix_q_reference` as one kernel pass pair on GPU (one launch with
     ``attention_fused`` on, a class of its own): the q norm and RoPE of the decode step need no
-    launch of their own. Name ``attention_prefix_q``: off by default (``dispatch.DEFAULT_DISABLED``:
-    correct on the H200, no faster in session 6's step), and off whenever ``attention_prefix`` or
-    ``q_norm_rope`` is."""
+    launch of their own. Name ``attention_prefix_q``: on on CUDA since session 36 (the step in mlx-lm's
+    order 3-4% faster: ``dispatch.DEFAULT_DISABLED``), off on Metal, and off whenever
+    ``attention_prefix`` or ``q_norm_rope`` is."""
     B, Lq, H, D = q.shape
     if rows and Lq != 1:
         raise ValueError("rows needs one query (Lq == 1)")

@@ -130,8 +130,7 @@ def active_backend() -> str | None:
 # "ple_tail" (the PLE close of a layer in one launch instead of four) is correct on the H200 but
 # slower (E2B step 17.2 ms against 11.7: one block per row streams the weights); off, and
 # ``GEMMA4_MLX_KERNELS_DISABLE=mv_residual`` switches it on. "attention_prefix_q" (the decode step's
-# attention applying the q norm and RoPE itself) is correct on the H200 but no faster there
-# (session 7: bf16 10.04 ms against 10.16, 4-bit 11.75 against 11.05): off. "attention_fused",
+# attention applying the q norm and RoPE itself): below, with "attention_fused". "attention_fused",
 # "mv_close", "qmv_close" and "norm_pair_close" are below; the first three need a device-wide fence
 # and atomics the Metal prelude does not define: off there (switched on, they fail their self-check
 # on Metal with one warning and take the op sequence they replace).
@@ -158,7 +157,12 @@ def active_backend() -> str | None:
 # without / with on the H200, E2B bf16 6.05 / 6.08, 6.15 / 5.90, 6.08 / 5.76; 4-bit 7.09 / 6.65,
 # 6.83 / 6.35; E4B bf16 8.38 / 8.03, 7.33 / 7.18; 26B-A4B 4-bit 8.99 / 8.65 (5 rounds); 35 launches
 # fewer a step on E2B. With "attention_prefix_q" too (the q norm in the same launch) the GPU's share
-# grew more than the host's fell (6.45 / 6.77 / 8.51 ms): that stays off.
+# grew more than the host's fell when each step was timed alone (6.45 / 6.77 / 8.51 ms, a sync per
+# step). "attention_prefix_q" is on on CUDA since session 36: timed in mlx-lm's order (the next step
+# submitted before the wait, bench/ablate.py PIPE=1, as a user's generate runs) the step is the
+# host's time and the GPU's extra work is hidden: E2B 4-bit 5.34 against 5.56 ms, bf16 4.49 / 4.66 and
+# 4.15 / 4.11, E4B 4-bit 6.16 / 6.33, bf16 6.26 / 6.50 (9 rounds), E2B 4-bit @32k 4.14 / 4.20; 18-20
+# launches fewer a step; its parity passed on the H200 with it on (1,095 test ids).
 # "norm_pair_close" (session 24: a MoE layer's feed-forward output and the layer's close in the block
 # that holds the row, one launch fewer a MoE layer) is on on CUDA since session 25: its parity passed
 # there, and 26B-A4B 4-bit's step read 9.15 / 11.30 ms with it against 9.56 / 11.59 without (median of
@@ -178,7 +182,7 @@ def active_backend() -> str | None:
 # the step was no slower (ms median of 7 rounds without / with: E2B bf16 4.86 / 4.81, 4-bit 4.93 /
 # 4.96, E4B bf16 6.81 / 6.71, 4-bit 7.18 / 7.06; 2 launches fewer a float step, 5 a 4-bit one).
 # Off on Metal (not measured there).
-DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,attention_prefix_q,qmv_residual",
+DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,qmv_residual",
                     "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused,mv_close,qmv_close,"
                              "norm_pair_close,qkv_norm_rope,ple_combine_q,embed"}
 
