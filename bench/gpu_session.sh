@@ -7,17 +7,15 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 36): issue 14. One GPU is enough (nvidia-h200). Session 35: a long context's two attention
-# passes relaunched (merge 45 -> 12 us a layer @32k, pass 1 104 -> 96; on by default), E2B bf16 @32k 2.77x / 3.09x
-# end to end, 4-bit 1.95x; load() level with stock's after the init fix; the 4-bit matvec's split-K and 4-byte-load
-# layouts no faster (qmvsplit). In order:
-#   0. `check` (~7.5 min): full parity on the new passes' defaults (attn35 ran only the attention tests).
-#   1. `NEW=128 RUNS=3 e2e` (~6 min): E2B bf16 end to end on the current code (session 33's rows still stand).
-#   2. `split32k` on a faster host: whether the new passes show at 32k where the GPU is behind (session 35's host
-#      recorded slowly: wait 1.5 ms against session 34's 2.27).
-#   3. A pass 1 for head dim 512 with more than one block an SM (q or the value tile out of registers), and the
-#      sliding layers' fused attention (28 x 20 us a step whatever the context, 16 threadgroups a launch): not
-#      yet written.
+# Next visit (session 37): issue 14. One GPU is enough (nvidia-h200). Session 36: timed in mlx-lm's order (PIPE=1,
+# bench/ablate.py) a step is the host's time at 841 and at 32k (the GPU's wait 0.01 ms), and each launch spared is
+# ~10 us of it; attention_prefix_q on (E2B 4-bit 2.83x, bf16 3.38x in that order; 2.48x 4-bit end to end). In order:
+#   0. `check` (~7.5 min, PARITY_S=540): parity with attention_prefix_q on in the tests that pin the default list.
+#   1. Whatever launches the session spares (the PLE gate in the feed-forward's closing launch, a writing layer's
+#      q/k/v norms in its projection's close, k and v in one scatter), each measured with `PIPE=1 ... ablate`
+#      (CONFIGS stock,ours,<line>; FAMILIES "e2b 4;e2b 0;e4b 4") and then `Q=4 NEW=128 RUNS=3 e2e`.
+#   2. `PIPE=1 PROMPT=32768` for E2B bf16 (3x at 32k, not yet timed in that order) and 26B-A4B / 31B 4-bit in that
+#      order with attention_prefix_q (on by default since session 36, timed there only on E2B / E4B).
 # Timings seen on the H200: check ~7.5 min (8 processes, session 31), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
