@@ -473,6 +473,25 @@ def test_matvec_closing_forms(emulated, monkeypatch, K, N, M):
     assert len(seen) == 4 * (1 + (q is not None)) and not any(c.any() for c in seen)
 
 
+@pytest.mark.parametrize("K,N,P,M,bits,gs", [(512, 256, 64, 1, 4, 64), (1024, 512, 300, 3, 4, 32),
+                                             (640, 384, 40, 1, 8, 128)])
+def test_matvec_close_with_the_ple_gate(emulated, monkeypatch, K, N, P, M, bits, gs):
+    """qmv_close_gate (a PLE layer's down projection, its close and the PLE gate of the closed row in
+    one launch, the gate made by the closing block) equals the close's reference and the gate's
+    reference of its result, for one and several rows, more gate rows than a block's threads among
+    them; the counter is left zero."""
+    seen = _counters_seen(monkeypatch, mv.CLOSE_COUNTER_SLOTS)
+    q, s, b = mx.quantize(_rnd((N, K), 61, 0.05), group_size=64, bits=4)
+    gq, gsc, gbi = mx.quantize(_rnd((P, N), 62, 0.05), group_size=gs, bits=bits)
+    x, res, nw, z = _rnd((M, 1, K), 63), _rnd((M, 1, N), 64, 2.0), 1 + _rnd((N,), 65, 0.3), _rnd((M, 1, P), 66)
+    args = (x, q, s, b, 64, 4, res, nw, 1e-6, gq, gsc, gbi, gs, bits, z)
+    got = qmv.quantized_matvec_close_gate_kernel(*args)
+    want = qmv.quantized_matvec_close_gate_reference(*args)
+    _close(got[0], want[0], "qmv_close_gate: the closed row", atol=1e-4)
+    _close(got[1], want[1], "qmv_close_gate: the gate", atol=1e-4)
+    assert len(seen) == 1 and not seen[0].any()
+
+
 def test_every_other_kernel_on_the_emulator():
     """test_kernels.py's GPU-only tests of the other kernel bodies (RoPE, attention and its q
     prologue, PLE, residual norm, the PLE tail, the strict-mode public functions) on the
@@ -611,6 +630,46 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     else:
         assert not dispatch._constants, list(dispatch._constants)
     _close(got, want, family, atol=1e-4)
+
+
+def test_decode_with_the_ple_gate_in_the_close(emulated, monkeypatch):
+    """qmv_close_gate (off by default) in a 4-bit model's decode step: every PLE layer's down projection,
+    its close and its PLE gate take one launch (no qmv_gate left), and the logits are those of the two
+    launches it replaces."""
+    import mlx.nn as nn
+    from test_decode import _kernel_shaped_model
+
+    from gemma4_mlx import step_context
+    from gemma4_mlx.kernels import dispatch
+
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "0")
+    model = _kernel_shaped_model(seed=8)
+    nn.quantize(model, group_size=64, bits=4,
+                class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0)
+    ids = mx.array(np.random.default_rng(9).integers(0, model.args.vocab_size, size=(1, 24)), dtype=mx.uint32)
+
+    def decode(disable):
+        monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", disable)
+        dispatch.reset()
+        cache = model.make_cache()
+        out = [model(ids[:, :16], cache=cache)[:, -1:]]
+        for i in range(16, 24):
+            with step_context.kernel_scope():
+                out.append(model(ids[:, i:i + 1], cache=cache))
+            mx.eval(out[-1])
+        verdicts = dispatch.verdicts()
+        assert all(ok for ok, _ in verdicts.values()), verdicts
+        return mx.concatenate(out, axis=1), {k[0] for k in verdicts}
+
+    apart, names_apart = decode(dispatch.DEFAULT_DISABLED["cuda"])
+    together, names = decode("-qmv_close_gate")  # the default list with it on
+    ref, _ = decode("qmv")  # MLX's quantized products (the 4-bit matvecs off)
+    assert {"qmv_close", "qmv_gate"} <= names_apart and "qmv_close_gate" not in names_apart, names_apart
+    assert "qmv_close_gate" in names and "qmv_gate" not in names, names
+    # float32 sums in three orders over 8 steps of 4-bit products (logits up to ~2.2): each path lies
+    # ~2e-4 from MLX's products (a wrong gate is off by ~0.1: the kernel's own test above is exact)
+    _close(apart, ref, "the gate apart against MLX's products", atol=5e-4)
+    _close(together, ref, "the PLE gate in the close against MLX's products", atol=5e-4)
 
 
 @pytest.mark.parametrize("B,L,P", [(1, 1, 96), (2, 3, 2100), (1, 2, 6144)])

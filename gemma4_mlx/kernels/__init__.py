@@ -105,6 +105,9 @@ from .qmv import (
     quantized_matvec_close,
     quantized_matvec_close_kernel,
     quantized_matvec_close_reference,
+    quantized_matvec_close_gate,
+    quantized_matvec_close_gate_kernel,
+    quantized_matvec_close_gate_reference,
 )
 from .rope import (
     kv_norm_rope,
@@ -129,7 +132,8 @@ __all__ = [
     "quantized_matvec_geglu_kernel", "quantized_matvec_geglu_reference", "quantized_matvec_gate",
     "quantized_matvec_gate_kernel", "quantized_matvec_gate_reference", "quantized_residual_matvec",
     "quantized_residual_matvec_kernel", "quantized_residual_matvec_reference", "quantized_matvec_close",
-    "quantized_matvec_close_kernel", "quantized_matvec_close_reference",
+    "quantized_matvec_close_kernel", "quantized_matvec_close_reference", "quantized_matvec_close_gate",
+    "quantized_matvec_close_gate_kernel", "quantized_matvec_close_gate_reference",
     "q_norm_rope", "kv_norm_rope", "qkv_norm_rope", "qkv_norm_rope_kernel", "qkv_norm_rope_reference", "attention", "attention_prefix", "attention_prefix_reference", "attention_prefix_q",
     "attention_prefix_q_reference", "ple_combine", "ple_combine_quantized", "ple_gate",
     "q_norm_rope_reference", "kv_norm_rope_reference", "attention_reference", "ple_combine_reference",

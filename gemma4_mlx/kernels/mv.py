@@ -376,31 +376,36 @@ def close_probe(dtype, MM: int, N: int, scaled: bool, nxt: bool) -> tuple:
 
 
 def close_launch(name: str, product: list, template: list, x, N: int, residual, norm_weight, scalar, eps: float,
-                 next_weight, grid: tuple):
+                 next_weight, grid: tuple, gate: Optional[tuple] = None):
     """One launch of ``name``'s (mv / qmv) closing form: ``product`` its product's (input name,
     array) pairs, ``template`` its product's template. The new residual, and with ``next_weight``
     its next norm too; None where the counter cannot be made (inside a transformation that has not
-    seen one yet)."""
+    seen one yet). ``gate`` (qmv only): (w, scales, biases, group_size, bits, z) of a PLE gate the
+    closing block makes from each closed row (matvec_close.inc's CLOSE_GATE), returned last."""
     counter = dispatch.block_counter(CLOSE_COUNTER, CLOSE_COUNTER_SLOTS)
     if counter is None:
         return None
     nxt = next_weight is not None
+    gated = gate is not None
     k = dispatch.get_kernel(name, [*(n for n, _ in product), "res", "cw", "ls", *(["cn"] if nxt else []), "eps",
-                                   "counter"],
-                            ["hout", *(["nout"] if nxt else [])],
-                            defines=[("MATVEC_CLOSE", 1), ("CLOSE_NO_NEXT", int(not nxt))],
-                            variant="close" if nxt else "close_out")
+                                   "counter", *(["gw", "gsc", "gbi", "gz"] if gated else [])],
+                            ["hout", *(["nout"] if nxt else []), *(["gout"] if gated else [])],
+                            defines=[("MATVEC_CLOSE", 1), ("CLOSE_NO_NEXT", int(not nxt)),
+                                     *([("CLOSE_GATE", 1)] if gated else [])],
+                            variant=("close" if nxt else "close_out") + ("_gate" if gated else ""))
     ls = dispatch.unit(x.dtype) if scalar is None else scalar.reshape(-1)
     out = k(
         inputs=[*(a for _, a in product), residual, norm_weight, ls, *([next_weight] if nxt else []),
-                dispatch.constant(eps, mx.float32), counter],
-        template=[*template, ("CH", N)],
+                dispatch.constant(eps, mx.float32), counter, *((gate[0], gate[1], gate[2], gate[5]) if gated else ())],
+        template=[*template, ("CH", N), *((("GBITS", gate[4]), ("GGS", gate[3])) if gated else ())],
         grid=grid,
         threadgroup=(TG, 1, 1),
-        output_shapes=[residual.shape] * (1 + nxt),
-        output_dtypes=[x.dtype] * (1 + nxt),
+        output_shapes=[residual.shape] * (1 + nxt) + ([gate[5].shape] if gated else []),
+        output_dtypes=[x.dtype] * (1 + nxt + gated),
         **dispatch.init_kwargs(),
     )
+    if gated:
+        return tuple(out)
     return (out[0], out[1]) if nxt else out[0]
 
 

@@ -321,3 +321,76 @@ def quantized_matvec_close(x, w, scales, biases, group_size: int, bits: int, res
     return dispatch.run("qmv_close", key, quantized_matvec_close_reference, quantized_matvec_close_kernel,
                         _close_probe, x, w, scales, biases, group_size, bits, residual, norm_weight, scalar, eps,
                         next_weight, fallback=fallback)
+
+
+# ------------------------------- a PLE layer's feed-forward close and its gate in one launch (CUDA)
+
+def quantized_matvec_close_gate_reference(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight,
+                                          eps: float, gw, gscales, gbiases, gate_group_size: int, gate_bits: int, z):
+    """``(h, g)``: the feed-forward's close ``h = quantized_matvec_close_reference(x, w, ..., residual,
+    norm_weight, None, eps)`` and the PLE gate of it, ``g = gelu_tanh(h @ dequantize(gw).T) * z``."""
+    h = quantized_matvec_close_reference(x, w, scales, biases, group_size, bits, residual, norm_weight, None, eps)
+    return h, quantized_matvec_gate_reference(h, gw, gscales, gbiases, gate_group_size, gate_bits, z)
+
+
+def quantized_matvec_close_gate_kernel(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight,
+                                       eps: float, gw, gscales, gbiases, gate_group_size: int, gate_bits: int, z):
+    M, N = x.size // x.shape[-1], w.shape[0]
+    rows, split, wpl = quantized_layout(x.shape[-1], bits, group_size)
+    template = [("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", rows), ("SPLIT", split), ("WPL", wpl),
+                ("MM", _mm(M)), ("EPI", PLAIN), ("PRO", 0), ("HD", 1), ("LOOP", 1)]
+    out = close_launch("qmv", [("x", x), ("w", w), ("scales", scales), ("biases", biases)], template, x, N, residual,
+                       norm_weight, None, eps, None, grid_and_loop(N, rows, split)[0],
+                       gate=(gw, gscales, gbiases, gate_group_size, gate_bits, z))
+    if out is None:
+        return quantized_matvec_close_gate_reference(x, w, scales, biases, group_size, bits, residual, norm_weight,
+                                                     eps, gw, gscales, gbiases, gate_group_size, gate_bits, z)
+    return out
+
+
+# the closing block keeps a closed row in threadgroup memory as floats (matvec_close.inc's gate_x)
+CLOSE_GATE_MAX_WIDTH = 8192
+
+
+def _gate_key(x, N: int, gw, gscales, gbiases, gate_group_size: int, gate_bits: int, z) -> Optional[tuple]:
+    """The gate's part of a close-and-gate class key, (P, bits, group size), or None where the closing
+    block cannot take it (its loads: 16 bytes of a row at a time, each within one group)."""
+    if N > CLOSE_GATE_MAX_WIDTH or gw.dtype != mx.uint32 or gw.ndim != 2 or gate_bits not in (4, 8):
+        return None
+    if gate_group_size not in (32, 64, 128) or N % gate_group_size or gw.shape[1] * (32 // gate_bits) != N:
+        return None
+    if gw.shape[1] % 4 or gscales.dtype != x.dtype or gbiases is None or gbiases.dtype != x.dtype:
+        return None
+    P = gw.shape[0]
+    if z.dtype != x.dtype or tuple(z.shape) != (*x.shape[:-1], P):
+        return None
+    return (P, gate_bits, gate_group_size)
+
+
+def _close_gate_probe(key):
+    dtype, bits, gs, MM = dispatch.dtype_from_key(key[0]), key[1], key[2], key[4]
+    N, P, gate_bits, gate_gs = key[-4:]
+    _, K = _probe_shape(key[3], bits)
+    w, s, b = mx.quantize(dispatch.probe_normal((N, K), 49, mx.float32, 0.05), group_size=gs, bits=bits)
+    x = dispatch.probe_normal((MM, 1, K), 50, dtype)
+    residual, nw, _, eps, _ = close_probe(dtype, MM, N, False, False)
+    gw, gs_, gb = mx.quantize(dispatch.probe_normal((P, N), 51, mx.float32, 0.05), group_size=gate_gs, bits=gate_bits)
+    z = dispatch.probe_normal((MM, 1, P), 52, dtype)
+    return (x, w, s.astype(dtype), b.astype(dtype), gs, bits, residual, nw, eps, gw, gs_.astype(dtype),
+            gb.astype(dtype), gate_gs, gate_bits, z)
+
+
+def quantized_matvec_close_gate(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, eps: float,
+                                gw, gscales, gbiases, gate_group_size: int, gate_bits: int, z, *, fallback=None):
+    """:func:`quantized_matvec_close_gate_reference` as one launch (name ``qmv_close_gate``: CUDA, off by
+    default until measured; off when ``qmv_close`` or ``qmv_gate`` is): a PLE layer's down projection,
+    its close, and the PLE gate of the closed row, the gate made by the launch's closing block (one
+    launch a PLE layer fewer than ``qmv_close`` then ``qmv_gate``)."""
+    base = _class_key(x, w, scales, biases, group_size, bits)
+    close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, None, None)
+    gate = None if close is None else _gate_key(x, w.shape[0], gw, gscales, gbiases, gate_group_size, gate_bits, z)
+    key = None if gate is None else (*base[:5], "close_gate", close[0], *gate)
+    return dispatch.run("qmv_close_gate", key, quantized_matvec_close_gate_reference,
+                        quantized_matvec_close_gate_kernel, _close_gate_probe, x, w, scales, biases, group_size, bits,
+                        residual, norm_weight, eps, gw, gscales, gbiases, gate_group_size, gate_bits, z,
+                        fallback=fallback)
