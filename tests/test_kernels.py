@@ -712,6 +712,28 @@ def test_matvec_close_kernel(K_, N, M, dtype):
 
 @gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("K_,N,P,M,bits", [(6144, 1536, 256, 1, 4), (12288, 1536, 256, 1, 4), (10240, 2560, 256, 1, 4),
+                                           (2048, 1536, 300, 3, 8)])
+def test_quantized_matvec_close_gate_kernel(K_, N, P, M, bits, dtype):
+    """qmv_close_gate (off by default: E2B's / E4B's down projection, its close and the PLE gate of the
+    closed row in one launch, the gate made by the closing block) against the close's and the gate's
+    references; its counter left zero."""
+    x, res = rnd((M, 1, K_), dtype, seed=31), rnd((M, 1, N), dtype, 2.0, seed=32)
+    nw = (1 + rnd((N,), mx.float32, 0.3, seed=33)).astype(dtype)
+    q, s, b = mx.quantize(rnd((N, K_), mx.float32, 0.05, seed=34), group_size=64, bits=4)
+    gq, gs, gb = mx.quantize(rnd((P, N), mx.float32, 0.05, seed=35), group_size=64, bits=bits)
+    z = rnd((M, 1, P), dtype, seed=36)
+    args = (x, q, s.astype(dtype), b.astype(dtype), 64, 4, res, nw, 1e-6, gq, gs.astype(dtype), gb.astype(dtype), 64,
+            bits, z)
+    got, want = K.quantized_matvec_close_gate_kernel(*args), K.quantized_matvec_close_gate_reference(*args)
+    assert_close(got[0], want[0], dtype, f"qmv_close_gate h {K_} {N} {P} {M}")
+    assert_close(got[1], want[1], dtype, f"qmv_close_gate gate {K_} {N} {P} {M}")
+    counters = [c for (owner, _), c in dispatch._block_counters.items() if owner == "matvec_close"]
+    assert counters and not any(np.array(c).any() for c in counters)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("case", [(1, 8, 1, 256, 841), (2, 8, 1, 512, 300), (1, 16, 2, 128, 4096), (1, 8, 1, 256, 5)])
 def test_attention_prefix_q_kernel(case, dtype):
     """The decode step's attention applying q_norm_rope itself (QNR) against q_norm_rope's and
