@@ -8,14 +8,15 @@
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
 # Next visit (session 37): issue 14. One GPU is enough (nvidia-h200). Session 36: timed in mlx-lm's order (PIPE=1,
-# bench/ablate.py) a step is the host's time at 841 and at 32k (the GPU's wait 0.01 ms), and each launch spared is
-# ~10 us of it; attention_prefix_q on (E2B 4-bit 2.83x, bf16 3.38x in that order; 2.48x 4-bit end to end). In order:
-#   0. `check` (~7.5 min, PARITY_S=540): parity with attention_prefix_q on in the tests that pin the default list.
-#   1. Whatever launches the session spares (the PLE gate in the feed-forward's closing launch, a writing layer's
-#      q/k/v norms in its projection's close, k and v in one scatter), each measured with `PIPE=1 ... ablate`
-#      (CONFIGS stock,ours,<line>; FAMILIES "e2b 4;e2b 0;e4b 4") and then `Q=4 NEW=128 RUNS=3 e2e`.
-#   2. `PIPE=1 PROMPT=32768` for E2B bf16 (3x at 32k, not yet timed in that order) and 26B-A4B / 31B 4-bit in that
-#      order with attention_prefix_q (on by default since session 36, timed there only on E2B / E4B).
+# bench/ablate.py) a step is the host's time at 841 and at 32k (the GPU's wait 0.01 ms); attention_prefix_q on (E2B
+# 4-bit 2.83x, bf16 3.38x in that order; 2.48x 4-bit end to end) and qmv_close_gate on (the PLE gate in the down
+# projection's closing launch: 35 launches fewer, 5.72 against 5.82 ms, one run). In order:
+#   0. `check` (~7.5 min, PARITY_S=540): parity on the new defaults (both were checked alone, not in the full run).
+#   1. `Q=4 NEW=128 RUNS=3 e2e` (~7 min): E2B 4-bit end to end with both on (session 36: 2.48x with the first).
+#   2. `PIPE=1 FAMILIES="e2b 4;e4b 4" CONFIGS="stock,ours,ours -attn_q" ... ablate`, and E2B bf16 @32k in that order
+#      (3x at 32k, not yet timed there); 26B-A4B / 31B 4-bit in that order with attention_prefix_q.
+#   3. Whatever arrays and launches the session spares (benchmarks.md, session 36's last paragraph: a layer's q/k/v
+#      norms in its projection's close, k and v in one scatter, the views), each with PIPE=1 first.
 # Timings seen on the H200: check ~7.5 min (8 processes, session 31), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at

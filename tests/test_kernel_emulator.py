@@ -633,9 +633,9 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
 
 
 def test_decode_with_the_ple_gate_in_the_close(emulated, monkeypatch):
-    """qmv_close_gate (off by default) in a 4-bit model's decode step: every PLE layer's down projection,
-    its close and its PLE gate take one launch (no qmv_gate left), and the logits are those of the two
-    launches it replaces."""
+    """qmv_close_gate (on by default on CUDA since session 36) in a 4-bit model's decode step: every PLE
+    layer's down projection, its close and its PLE gate take one launch (no qmv_gate left), and the
+    logits are as close to MLX's products as those of the two launches it replaces."""
     import mlx.nn as nn
     from test_decode import _kernel_shaped_model
 
@@ -661,8 +661,8 @@ def test_decode_with_the_ple_gate_in_the_close(emulated, monkeypatch):
         assert all(ok for ok, _ in verdicts.values()), verdicts
         return mx.concatenate(out, axis=1), {k[0] for k in verdicts}
 
-    apart, names_apart = decode(dispatch.DEFAULT_DISABLED["cuda"])
-    together, names = decode("-qmv_close_gate")  # the default list with it on
+    apart, names_apart = decode("+qmv_close_gate")  # the default list with it off
+    together, names = decode(dispatch.DEFAULT_DISABLED["cuda"])
     ref, _ = decode("qmv")  # MLX's quantized products (the 4-bit matvecs off)
     assert {"qmv_close", "qmv_gate"} <= names_apart and "qmv_close_gate" not in names_apart, names_apart
     assert "qmv_close_gate" in names and "qmv_gate" not in names, names

@@ -715,7 +715,7 @@ def test_matvec_close_kernel(K_, N, M, dtype):
 @pytest.mark.parametrize("K_,N,P,M,bits", [(6144, 1536, 256, 1, 4), (12288, 1536, 256, 1, 4), (10240, 2560, 256, 1, 4),
                                            (2048, 1536, 300, 3, 8)])
 def test_quantized_matvec_close_gate_kernel(K_, N, P, M, bits, dtype):
-    """qmv_close_gate (off by default: E2B's / E4B's down projection, its close and the PLE gate of the
+    """qmv_close_gate (on on CUDA since session 36: E2B's / E4B's down projection, its close and the PLE gate of the
     closed row in one launch, the gate made by the closing block) against the close's and the gate's
     references; its counter left zero."""
     x, res = rnd((M, 1, K_), dtype, seed=31), rnd((M, 1, N), dtype, 2.0, seed=32)
@@ -1498,7 +1498,7 @@ def test_disable_list(monkeypatch):
     default = {"ple_tail"}
     with dispatch.force_backend("cuda"):
         assert dispatch.disabled_kernels() == default | {"mv_residual", "qmv_residual"}
-        assert not dispatch.is_disabled("attention_prefix_q")
+        assert not dispatch.is_disabled("attention_prefix_q") and not dispatch.is_disabled("qmv_close_gate")
         assert not dispatch.is_disabled("qkv_norm_rope") and not dispatch.is_disabled("ple_combine_q")
         assert not dispatch.is_disabled("embed") and not dispatch.is_disabled("embed_q")
         assert not dispatch.is_disabled("mv_close") and not dispatch.is_disabled("qmv_close")
@@ -1507,7 +1507,8 @@ def test_disable_list(monkeypatch):
     with dispatch.force_backend("metal"):
         assert dispatch.disabled_kernels() == default | {"mv", "qmv", "scale", "geglu", "mv_close", "qmv_close",
                                                          "norm_pair_close", "attention_fused", "qkv_norm_rope",
-                                                         "ple_combine_q", "embed", "attention_prefix_q"}
+                                                         "ple_combine_q", "embed", "attention_prefix_q",
+                                                         "qmv_close_gate"}
         assert dispatch.is_disabled("mv_geglu") and dispatch.is_disabled("embed_q")
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "")
     assert dispatch.disabled_kernels() == frozenset()

@@ -184,8 +184,10 @@ def active_backend() -> str | None:
 # Off on Metal (not measured there).
 # "qmv_close_gate" (session 36: a PLE layer's 4-bit down projection, its close and the PLE gate of the
 # closed row in one launch, the gate made by the closing block; one launch a PLE layer fewer, 35 a step
-# on E2B) is off until its parity and its step in mlx-lm's order are measured on a GPU; CUDA only.
-DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,qmv_residual,qmv_close_gate",
+# on E2B) is on on CUDA since session 36: its kernel's parity passed on the H200 (12 cases, 3 dtypes)
+# and E2B 4-bit's step in mlx-lm's order read 5.72 ms against 5.82 (4 rounds of 5 faster; 264 launches
+# against 299); CUDA only (the closing forms' fence and atomics).
+DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,qmv_residual",
                     "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused,mv_close,qmv_close,"
                              "norm_pair_close,qkv_norm_rope,ple_combine_q,embed,qmv_close_gate"}
 

@@ -382,8 +382,8 @@ def _close_gate_probe(key):
 
 def quantized_matvec_close_gate(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, eps: float,
                                 gw, gscales, gbiases, gate_group_size: int, gate_bits: int, z, *, fallback=None):
-    """:func:`quantized_matvec_close_gate_reference` as one launch (name ``qmv_close_gate``: CUDA, off by
-    default until measured; off when ``qmv_close`` or ``qmv_gate`` is): a PLE layer's down projection,
+    """:func:`quantized_matvec_close_gate_reference` as one launch (name ``qmv_close_gate``: on on CUDA
+    since session 36, off on Metal; off when ``qmv_close`` or ``qmv_gate`` is): a PLE layer's down projection,
     its close, and the PLE gate of the closed row, the gate made by the launch's closing block (one
     launch a PLE layer fewer than ``qmv_close`` then ``qmv_gate``)."""
     base = _class_key(x, w, scales, biases, group_size, bits)
