@@ -86,10 +86,12 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours +qmv all sizes", {"GEMMA4_MLX_QMV_MIN": "0"}),
            ("ours +ple_tail", off(on=["ple_tail"])),
            ("ours +attn_q", off(on=["attention_prefix_q"])),
-           # session 36: attention_prefix_q on by default on CUDA (its q norm in the attention's launch), and the PLE
-           # gate in the 4-bit down projection's closing launch (qmv_close_gate, off by default until measured)
+           # session 36: attention_prefix_q (its q norm in the attention's launch) and the PLE gate in the 4-bit down
+           # projection's closing launch (qmv_close_gate), each on by default on CUDA since (so "+attn_q" and
+           # "+close gate" are "ours" now, and the "-" lines the old defaults)
            ("ours -attn_q", off("attention_prefix_q")),
            ("ours +close gate", off(on=["qmv_close_gate"])),
+           ("ours -close gate", off("qmv_close_gate")),
            ("ours +attn fused", off(on=["attention_fused"])),  # session 23: attention in one launch a layer
            ("ours -attn fused", off("attention_fused")),  # its two passes (the default until session 28)
            # session 28: a cache-writing layer's q, k and v norms + RoPE in one launch (qkv_norm_rope, off by default);

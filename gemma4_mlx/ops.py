@@ -633,8 +633,11 @@ def close_and_project(close: PendingClose, module: nn.Module) -> Tuple[mx.array,
 def residual_gate(x: mx.array, branch: mx.array, norm_weight: mx.array, eps: float, gate: nn.Module,
                   z: mx.array):
     """``(h, g)``: ``h = residual_norm(x, branch, norm_weight)`` and ``g = ple_gate(gate(h), z)``;
-    inside the decode step with the matvec kernels on, one launch (``mv_residual``: every block
-    recomputes the norm ahead of its rows of the gate projection)."""
+    inside the decode step with the matvec kernels on, one launch: for an unmade 4-bit ``branch`` and
+    gate, the branch's projection with its close and the gate made by the closing block
+    (``qmv_close_gate``); otherwise, with the branch's close in its own launch, the gate projection
+    apart, or the residual prologue form (``mv_residual``: every block recomputes the norm ahead of
+    its rows of the gate projection)."""
 
     if closes(branch):  # the close in the branch's projection, then the gate projection
         def apart(*_):
