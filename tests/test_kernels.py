@@ -723,11 +723,15 @@ def test_quantized_matvec_close_gate_kernel(K_, N, P, M, bits, dtype):
     q, s, b = mx.quantize(rnd((N, K_), mx.float32, 0.05, seed=34), group_size=64, bits=4)
     gq, gs, gb = mx.quantize(rnd((P, N), mx.float32, 0.05, seed=35), group_size=64, bits=bits)
     z = rnd((M, 1, P), dtype, seed=36)
-    args = (x, q, s.astype(dtype), b.astype(dtype), 64, 4, res, nw, 1e-6, gq, gs.astype(dtype), gb.astype(dtype), 64,
-            bits, z)
-    got, want = K.quantized_matvec_close_gate_kernel(*args), K.quantized_matvec_close_gate_reference(*args)
-    assert_close(got[0], want[0], dtype, f"qmv_close_gate h {K_} {N} {P} {M}")
-    assert_close(got[1], want[1], dtype, f"qmv_close_gate gate {K_} {N} {P} {M}")
+    # the gate's words also as a view 4 bytes into a buffer: row-contiguous, so MLX hands the kernel that
+    # pointer as it is, and the body reads the words one at a time (its 16-byte loads need 16-byte rows)
+    shifted = mx.concatenate([mx.zeros((1,), dtype=mx.uint32), gq.reshape(-1)])[1:].reshape(gq.shape)
+    for gw, where in ((gq, "aligned"), (shifted, "shifted")):
+        args = (x, q, s.astype(dtype), b.astype(dtype), 64, 4, res, nw, 1e-6, gw, gs.astype(dtype), gb.astype(dtype),
+                64, bits, z)
+        got, want = K.quantized_matvec_close_gate_kernel(*args), K.quantized_matvec_close_gate_reference(*args)
+        assert_close(got[0], want[0], dtype, f"qmv_close_gate h {K_} {N} {P} {M} {where}")
+        assert_close(got[1], want[1], dtype, f"qmv_close_gate gate {K_} {N} {P} {M} {where}")
     counters = [c for (owner, _), c in dispatch._block_counters.items() if owner == "matvec_close"]
     assert counters and not any(np.array(c).any() for c in counters)
 
