@@ -26,6 +26,8 @@ K_INLINE float k_rsqrt(float x) { return rsqrtf(x); }
 K_INLINE float k_cos(float x) { return float(cos(double(x))); }
 K_INLINE float k_sin(float x) { return float(sin(double(x))); }
 K_INLINE float k_tanh(float x) { return tanhf(x); }
+// gelu with the tanh approximation (the PLE gate, the GeGLU), one form for every body
+K_INLINE float k_gelu_tanh(float x) { return 0.5f * x * (1.0f + k_tanh(0.7978845608028654f * (x + 0.044715f * x * x * x))); }
 K_INLINE float k_fma(float a, float b, float c) { return fmaf(a, b, c); }
 K_INLINE float k_as_float(unsigned int u) { return __uint_as_float(u); }
 // K_BARRIER() once the values folded into `bits` (k_fold) are loaded: ptxas sinks loads of

@@ -214,7 +214,7 @@ def test_planted_error_fails(generated):
 
 @needs_gxx
 def test_planted_error_in_body_fails():
-    broken = dispatch.body("ple_gate").replace("k_tanh(", "metal::precise::tanhh(", 1)
+    broken = dispatch.body("ple_gate").replace("k_gelu_tanh(", "metal::precise::tanhh(", 1)
     g = mx.zeros((1, 2, 256), mx.float16)
     with dispatch.override_body("ple_gate", broken):
         srcs = metal_sources(ple.ple_gate_kernel, g, g)

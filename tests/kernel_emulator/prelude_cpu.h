@@ -56,6 +56,7 @@ inline float k_rsqrt(float x) { return 1.0f / std::sqrt(x); }
 inline float k_cos(float x) { return float(std::cos(double(x))); }
 inline float k_sin(float x) { return float(std::sin(double(x))); }
 inline float k_tanh(float x) { return std::tanh(x); }
+inline float k_gelu_tanh(float x) { return 0.5f * x * (1.0f + k_tanh(0.7978845608028654f * (x + 0.044715f * x * x * x))); }
 inline float k_fma(float a, float b, float c) { return std::fma(a, b, c); }
 inline float k_as_float(unsigned int u) {
   float f;
