@@ -639,13 +639,14 @@ def residual_gate(x: mx.array, branch: mx.array, norm_weight: mx.array, eps: flo
     apart, or the residual prologue form (``mv_residual``: every block recomputes the norm ahead of
     its rows of the gate projection)."""
 
-    if closes(branch):  # the close in the branch's projection, then the gate projection
+    form = _closing_form(branch) if isinstance(branch, Unprojected) else None
+    if form is not None:  # the close in the branch's projection, then the gate projection
         def apart(*_):
             h = project_and_close(branch, x, norm_weight, None, eps)
             return h, linear_gate(gate, h, z)
 
         k = _gpu_kernels()
-        if _closing_form(branch) == "qmv_close" and affine_quantized(gate) and not k.is_disabled("qmv_close_gate"):
+        if form == "qmv_close" and affine_quantized(gate) and not k.is_disabled("qmv_close_gate"):
             # both in one launch: the gate made by the close's last block (qmv_close_gate)
             m = branch.module
             return k.quantized_matvec_close_gate(branch.x, m["weight"], m["scales"], m["biases"], m.group_size, m.bits,

@@ -287,14 +287,21 @@ def quantized_matvec_close_reference(x, w, scales, biases, group_size: int, bits
                                    norm_weight, scalar, eps, next_weight)
 
 
-def quantized_matvec_close_kernel(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, scalar,
-                                  eps: float, next_weight=None):
+def _close_launch(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, scalar, eps: float,
+                  next_weight, gate: Optional[tuple] = None):
+    """mv.close_launch for the 4-bit / 8-bit product (its template and grid), with the PLE gate's
+    inputs where ``gate`` is given (qmv_close_gate)."""
     M, N = x.size // x.shape[-1], w.shape[0]
     rows, split, wpl = quantized_layout(x.shape[-1], bits, group_size)
     template = [("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", rows), ("SPLIT", split), ("WPL", wpl),
                 ("MM", _mm(M)), ("EPI", PLAIN), ("PRO", 0), ("HD", 1), ("LOOP", 1)]
-    out = close_launch("qmv", [("x", x), ("w", w), ("scales", scales), ("biases", biases)], template, x, N, residual,
-                       norm_weight, scalar, eps, next_weight, grid_and_loop(N, rows, split)[0])
+    return close_launch("qmv", [("x", x), ("w", w), ("scales", scales), ("biases", biases)], template, x, N, residual,
+                        norm_weight, scalar, eps, next_weight, grid_and_loop(N, rows, split)[0], gate=gate)
+
+
+def quantized_matvec_close_kernel(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, scalar,
+                                  eps: float, next_weight=None):
+    out = _close_launch(x, w, scales, biases, group_size, bits, residual, norm_weight, scalar, eps, next_weight)
     if out is None:
         return quantized_matvec_close_reference(x, w, scales, biases, group_size, bits, residual, norm_weight, scalar,
                                                 eps, next_weight)
@@ -335,13 +342,8 @@ def quantized_matvec_close_gate_reference(x, w, scales, biases, group_size: int,
 
 def quantized_matvec_close_gate_kernel(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight,
                                        eps: float, gw, gscales, gbiases, gate_group_size: int, gate_bits: int, z):
-    M, N = x.size // x.shape[-1], w.shape[0]
-    rows, split, wpl = quantized_layout(x.shape[-1], bits, group_size)
-    template = [("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", rows), ("SPLIT", split), ("WPL", wpl),
-                ("MM", _mm(M)), ("EPI", PLAIN), ("PRO", 0), ("HD", 1), ("LOOP", 1)]
-    out = close_launch("qmv", [("x", x), ("w", w), ("scales", scales), ("biases", biases)], template, x, N, residual,
-                       norm_weight, None, eps, None, grid_and_loop(N, rows, split)[0],
-                       gate=(gw, gscales, gbiases, gate_group_size, gate_bits, z))
+    out = _close_launch(x, w, scales, biases, group_size, bits, residual, norm_weight, None, eps, None,
+                        gate=(gw, gscales, gbiases, gate_group_size, gate_bits, z))
     if out is None:
         return quantized_matvec_close_gate_reference(x, w, scales, biases, group_size, bits, residual, norm_weight,
                                                      eps, gw, gscales, gbiases, gate_group_size, gate_bits, z)
