@@ -92,6 +92,9 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours -attn_q", off("attention_prefix_q")),
            ("ours +close gate", off(on=["qmv_close_gate"])),
            ("ours -close gate", off("qmv_close_gate")),
+           # session 38: a 4/8-bit projection's words, scales and biases in one buffer (kernels/qmv.py's QPACK)
+           ("ours -qpack", {"GEMMA4_MLX_QPACK": "0"}),
+           ("ours +qpack", {"GEMMA4_MLX_QPACK": "1"}),
            ("ours +attn fused", off(on=["attention_fused"])),  # session 23: attention in one launch a layer
            ("ours -attn fused", off("attention_fused")),  # its two passes (the default until session 28)
            # session 28: a cache-writing layer's q, k and v norms + RoPE in one launch (qkv_norm_rope, off by default);

@@ -427,6 +427,16 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
       PIPE=1 CONFIGS="${CONFIGS:-stock,ours,ours +attn_q,ours +shared slots}" ROUNDS=${ROUNDS:-5} STEPS=15 \
         timeout ${PIPE_S:-170} python3 bench/ablate.py $pq 2>&1 | tail -16 | tee "$OUT/pipe-${pq// /-q}.txt"
     done ;;
+  qpack)    # session 38: a 4/8-bit projection's words, scales and biases in one buffer, one kernel input where there were
+            # three (kernels/qmv.py's QPACK; bench/input_cost.py: ~0.6-1.2 us of host a distinct input a launch): its
+            # parity on CUDA, then E2B / E4B 4-bit in mlx-lm's order with and without it (~8 min)
+    parity qpackcheck ${QPACK_PARITY_S:-200} tests/test_kernels.py tests/test_decode.py tests/test_cuda_build.py \
+      -k "qmv or packed or quantiz or close"
+    IFS=';' read -ra fams <<< "${FAMILIES:-e2b 4;e4b 4}"
+    for pq in "${fams[@]}"; do
+      PIPE=1 CONFIGS="${CONFIGS:-stock,ours,ours -qpack}" ROUNDS=${ROUNDS:-5} STEPS=15 \
+        timeout ${QPACK_S:-150} python3 bench/ablate.py $pq 2>&1 | tail -16 | tee "$OUT/qpack-${pq// /-q}.txt"
+    done ;;
   pipegraphs) # session 36: MLX_MAX_OPS_PER_BUFFER 50 / 200 / 400 (default 100) with the step in mlx-lm's order, E2B 4-bit,
             # a process each (~5 min)
     for ops in ${GRAPH_OPS:-50 200 400}; do

@@ -4,6 +4,7 @@
 #define K_TG 256
 #define K_SHARED __shared__
 #define K_SHARED_PTR
+#define K_GLOBAL  // the address space of a pointer into an input that a body makes (Metal: device)
 #define K_BARRIER() __syncthreads()
 #define K_NEG_INF (-__int_as_float(0x7f800000))
 #define K_INLINE __device__ __forceinline__

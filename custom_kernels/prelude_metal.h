@@ -5,6 +5,7 @@
 #define K_TG 256
 #define K_SHARED threadgroup
 #define K_SHARED_PTR threadgroup
+#define K_GLOBAL device  // the address space of a pointer into an input that a body makes
 #define K_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define K_NEG_INF (-INFINITY)
 #define K_INLINE inline

@@ -96,6 +96,7 @@ def _switches() -> tuple:
             switches.env(qmv.WPL_ENV), switches.env(SPLIT_KEYS_ENV),
             switches.env(TILE_ROWS_ENV), switches.env(BLOCKS_ENV), switches.env(COMBINE_TILES_ENV),
             switches.env(SPLIT_MAJOR_ENV), joining_enabled(), transposes_enabled(), kv_scatter_enabled(),
+            qmv.packing_enabled(),
             ops.expert_indices_enabled(), cuda_build.short_sources(), dispatch.form_signatures(), shared_slots_enabled(),
             step_ints.enabled(), mx.default_device())
 
@@ -261,7 +262,10 @@ class JoinedProjection:
     """
 
     def __init__(self, owner: nn.Module, names: List[str]):
-        """The joined matrix, lazy: :meth:`adopt` makes the members its views once it is evaluated."""
+        """The joined matrix, lazy: :meth:`adopt` makes the members its views once it is evaluated.
+        A quantized one with packing on (kernels/qmv.py's QPACK) is three views of one buffer."""
+        from .kernels import qmv
+
         members = [owner[n] for n in names]
         first = members[0]
         keys = _projection_keys(first)
@@ -271,6 +275,16 @@ class JoinedProjection:
             joint.group_size, joint.bits, joint.mode = first.group_size, first.bits, first.mode
         for k in keys:
             joint[k] = mx.concatenate([m[k] for m in members], axis=0)
+        self.packed = _packs(joint) and qmv.packing_enabled()
+        self.buffer = None
+        if self.packed:
+            self.buffer = qmv.pack(joint["weight"], joint["scales"], joint["biases"])
+            if self.buffer is None:
+                self.packed = False
+            else:
+                views = qmv.unpack(self.buffer, joint["weight"].shape, joint["scales"].shape, joint["scales"].dtype)
+                for k, v in zip(("weight", "scales", "biases"), views):
+                    joint[k] = v
         sizes = [m["weight"].shape[0] for m in members]
         self.splits = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
         self.joint = joint
@@ -284,6 +298,10 @@ class JoinedProjection:
     def adopt(self) -> None:
         """After the joint is evaluated: the members' weights become its row slices (their own
         arrays are let go)."""
+        if self.buffer is not None:
+            from .kernels import qmv
+
+            qmv.register_packed(self.buffer, self.joint["weight"], self.joint["scales"], self.joint["biases"])
         start = 0
         for m, n in zip(self._members, self._sizes):
             for k in self._keys:
@@ -292,6 +310,10 @@ class JoinedProjection:
         self._slots = [(self.owner, name, m, [m[k] for k in self._keys], self._keys)
                        for name, m in zip(self._names, self._members)]
         del self._members
+
+    def member_modules(self) -> List[nn.Module]:
+        """The member projections (after :meth:`adopt`)."""
+        return [m for _, _, m, _, _ in self._slots]
 
     @staticmethod
     def compatible(members: List[nn.Module]) -> bool:
@@ -359,7 +381,7 @@ def join_projections(model, previous: Dict[int, JoinedProjection]) -> Dict[int, 
         for module, names in ((layer.self_attn, ["q_proj", "k_proj", "v_proj"]), (layer.mlp, ["gate_proj", "up_proj"])):
             names = [n for n in names if n in module]
             old = previous.get(id(module))
-            if old is not None and old.owner is module and old.holds():
+            if old is not None and old.owner is module and old.holds() and old.packed == _packing(old.joint):
                 out[id(module)] = old
             elif JoinedProjection.compatible([module[n] for n in names]):
                 out[id(module)] = JoinedProjection(module, names)
@@ -369,6 +391,65 @@ def join_projections(model, previous: Dict[int, JoinedProjection]) -> Dict[int, 
 
 
 JOIN_GROUPS = 8
+
+
+def _packs(module: nn.Module) -> bool:
+    """A projection whose three arrays the 4/8-bit matvecs may take as one buffer (kernels/qmv.py's QPACK)."""
+    return ops.affine_quantized(module) and module.bits in (4, 8)
+
+
+def _packing(module: nn.Module) -> bool:
+    from .kernels import qmv
+
+    return _packs(module) and qmv.packing_enabled()
+
+
+class PackedWeights:
+    """Every exact 4/8-bit ``nn.QuantizedLinear`` outside a join with its words, scales and biases in
+    one buffer (kernels/qmv.py's QPACK; a join packs its own, :class:`JoinedProjection`): the
+    module's three arrays become views of it (no second copy; names, saved files and sharing stay as
+    they were), and the step's matvecs take the buffer alone, one input where there were three.
+    Reuses ``previous``'s buffer of a module that still holds its views."""
+
+    def __init__(self, model: nn.Module, joined: Dict[int, "JoinedProjection"], previous: Optional["PackedWeights"]):
+        from .kernels import qmv
+
+        self._held: Dict[int, tuple] = {}  # id(module) -> (module, its three views)
+        kept = previous._held if previous is not None else {}
+        in_joins = {id(m) for j in joined.values() for m in j.member_modules()}
+        new = []
+        on = qmv.packing_enabled()
+        for _, m in model.named_modules():
+            if not on and _packs(m):  # switched off: views a decoder packed before go to the kernels apart
+                qmv.unregister_packed(m["weight"])
+            if id(m) in in_joins or not on or not _packs(m):
+                continue
+            old = kept.get(id(m))
+            if old is not None and old[0] is m and all(m.get(k) is v for k, v in zip(_PACKED_KEYS, old[1])):
+                self._held[id(m)] = old
+                continue
+            buffer = qmv.pack(m["weight"], m["scales"], m["biases"])
+            if buffer is not None:
+                new.append((m, buffer, qmv.unpack(buffer, m["weight"].shape, m["scales"].shape, m["scales"].dtype)))
+        # an eighth of the bytes at a time, as the joins (the module's own arrays live until it adopts its views)
+        budget = max([0] + [b.nbytes for _, b, _ in new])
+        budget = max(budget, sum(b.nbytes for _, b, _ in new) // JOIN_GROUPS)
+        group, held = [], 0
+        for item in new + [None]:
+            if group and (item is None or held + item[1].nbytes > budget):
+                mx.eval([[b, *v] for _, b, v in group])
+                for m, b, views in group:
+                    qmv.register_packed(b, *views)
+                    for k, v in zip(_PACKED_KEYS, views):
+                        m[k] = v
+                    self._held[id(m)] = (m, views)
+                group, held = [], 0
+            if item is not None:
+                group.append(item)
+                held += item[1].nbytes
+
+
+_PACKED_KEYS = ("weight", "scales", "biases")
 
 
 def _evaluate_in_groups(joins: List[JoinedProjection]) -> None:
@@ -661,7 +742,8 @@ class CompiledDecoder:
     def __init__(self, model, previous: Optional["CompiledDecoder"] = None):
         self.switches = _switches()
         self.joined = join_projections(model, previous.joined if previous is not None else {})
-        self.snapshot = TreeSnapshot(model)  # after joining: the members now hold views
+        self.packed = PackedWeights(model, self.joined, previous.packed if previous is not None else None)
+        self.snapshot = TreeSnapshot(model)  # after joining and packing: the members now hold views
         self.transposed = TransposedWeights(model, self.joined)
         self.scalars = StepScalars(model)
         from .kernels import dispatch

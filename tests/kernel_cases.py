@@ -76,6 +76,10 @@ def cases(dtypes=DTYPES):
                 yield _qmv_layout(ls, mv.PLAIN), qmv._probe((dt, bits, gs, ls, M))
             yield _qmv_layout((1, 2, 1), mv.GEGLU), qmv._probe((dt, bits, gs, (1, 2, 1), 2, mv.GEGLU))
             yield _qmv_layout((1, 1, 4), mv.GATE), qmv._probe((dt, bits, gs, (1, 1, 4), 1, mv.GATE))
+            # the weights' three arrays in one buffer (QPACK): a plain and a closing form
+            yield _qmv_layout((2, 1, 4), mv.PLAIN), qmv._probe((dt, bits, gs, (2, 1, 4), 1, mv.PLAIN, "packed"))
+            yield qmv.quantized_matvec_close_kernel, qmv._close_probe(
+                (dt, bits, gs, qmv.quantized_layout(2048, bits, gs), 1, "close", "packed", 1536, False, True))
             yield qmv.quantized_residual_matvec_kernel, qmv._residual_probe(
                 (dt, bits, gs, qmv.quantized_layout(1536, bits, gs), 1, mv.GEGLU, 1, 1536, False, True))
             yield qmv.quantized_residual_matvec_kernel, qmv._residual_probe(

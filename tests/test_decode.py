@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from gemma4_mlx import Model, parse_config, step_context
 from gemma4_mlx.presets import preset_config
@@ -1507,3 +1507,61 @@ def test_shared_slots_group_the_caches_that_take_the_same_slot(monkeypatch):
     assert args[2].size == len(set(groups))  # one slot a group
     own, _ = decode.CompiledDecoder.step_args(live, mx.array([[3]]), False, False)
     assert own[6] == tuple(range(len(live))) and own[2].size == len(live)
+
+
+def test_packed_quantized_weights_in_the_compiled_step(monkeypatch):
+    """GEMMA4_MLX_QPACK=1 (on by default on CUDA): the decoder puts every 4-bit projection's words,
+    scales and biases in one buffer (a join's too) and leaves the modules views of it. The greedy
+    tokens and logits are those of the unpacked step, the views are what the modules held, the
+    buffers cost no second copy of the weights, a later decoder reuses them, and a replaced weight
+    is packed again from the new arrays (the step computes with the new weights)."""
+    import mlx.nn as nn
+
+    from gemma4_mlx import decode
+    from gemma4_mlx.kernels import qmv
+
+    model = _kernel_shaped_model(seed=11)
+    nn.quantize(model, group_size=64, bits=4,
+                class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0)
+    mx.eval(model.parameters())
+    prompt = mx.array([[3, 17, 29, 4, 80, 11, 5, 9]])
+    monkeypatch.setenv("GEMMA4_MLX_QPACK", "0")
+    want_tokens, want_rows, _ = _greedy(model, prompt, 6, monkeypatch, compiled=True)
+    o_proj = model.layers[0].self_attn.o_proj
+    before = {k: np.array(o_proj[k]) for k in ("weight", "scales", "biases")}
+    decode.release(model)
+    mx.eval(model.parameters())
+    memory = mx.get_active_memory()
+    monkeypatch.setenv("GEMMA4_MLX_QPACK", "1")
+    tokens, rows, _ = _greedy(model, prompt, 6, monkeypatch, compiled=True)
+    assert tokens == want_tokens
+    np.testing.assert_array_equal(rows, want_rows)
+    dec = decode.decoder_for(model)
+    assert dec.counts["traces"] == 1
+    packed = {id(m) for _, m in model.named_modules()
+              if qmv.packed_buffer(m.get("weight"), m.get("scales"), m.get("biases")) is not None}
+    # o / down / PLE projections of every layer (q/k/v and gate/up: their joins' buffers)
+    assert id(o_proj) in packed and id(model.layers[0].mlp.down_proj) in packed
+    joins = [j for j in dec.joined.values() if j.packed]
+    assert joins and all(qmv.packed_buffer(j.joint["weight"], j.joint["scales"], j.joint["biases"]) is not None
+                         for j in joins)
+    for k, v in before.items():
+        np.testing.assert_array_equal(np.array(o_proj[k]), v)
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    assert mx.get_active_memory() - memory < 0.25 * weights  # the step's caches and its trace, not a second copy
+    # a new decoder (a switch changed and back) keeps the packed arrays as they are
+    views = (o_proj["weight"], o_proj["scales"], o_proj["biases"])
+    monkeypatch.setenv("GEMMA4_MLX_KV_WRITE", "slice")
+    _greedy(model, prompt, 2, monkeypatch, compiled=True)
+    assert all(o_proj[k] is v for k, v in zip(("weight", "scales", "biases"), views))
+    monkeypatch.delenv("GEMMA4_MLX_KV_WRITE")
+    # a replaced weight: packed again, the step computes with it (as the unpacked step does)
+    w, s, b = mx.quantize(0.05 * mx.random.normal((o_proj["weight"].shape[0], 64 * o_proj["scales"].shape[1]),
+                                                  key=mx.random.key(3)), group_size=64, bits=4)
+    o_proj.update({"weight": w, "scales": s, "biases": b})
+    tokens, rows, _ = _greedy(model, prompt, 6, monkeypatch, compiled=True)
+    assert o_proj["weight"] is not w and qmv.packed_buffer(o_proj["weight"], o_proj["scales"], o_proj["biases"]) is not None
+    monkeypatch.setenv("GEMMA4_MLX_QPACK", "0")
+    want_tokens, want_rows, _ = _greedy(model, prompt, 6, monkeypatch, compiled=True)
+    assert tokens == want_tokens
+    np.testing.assert_array_equal(rows, want_rows)

@@ -736,6 +736,60 @@ def test_quantized_matvec_close_gate_kernel(K_, N, P, M, bits, dtype):
     assert counters and not any(np.array(c).any() for c in counters)
 
 
+def _packed_views(w, s, b, scales_in_buffer=None):
+    """(w, scales, biases) as the decoder leaves them with packing on: views of one registered buffer;
+    ``scales_in_buffer``: other scales written into the buffer than the views show (a kernel that reads
+    the views' own arrays would not see them)."""
+    buffer = K.qmv.pack(w, s, b)
+    views = K.qmv.unpack(buffer, w.shape, s.shape, s.dtype)
+    mx.eval(buffer, *views)
+    if scales_in_buffer is not None:
+        other = K.qmv.pack(w, scales_in_buffer, b)
+        mx.eval(other)
+        K.qmv.register_packed(other, *views)
+    else:
+        K.qmv.register_packed(buffer, *views)
+    return views
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("M,N,K_,bits,gs", [(1, 300, 256, 4, 64), (3, 70, 512, 8, 128), (1, 1536, 1536, 4, 64),
+                                            (2, 48, 384, 4, 32)])
+def test_quantized_matvec_packed_kernels(M, N, K_, bits, gs, dtype):
+    """The 4/8-bit matvec forms taking a projection's words, scales and biases as one buffer (QPACK:
+    the plain, GeGLU, gate and closing forms) against the references over the views; the kernel reads
+    the buffer (scales written only into it show in its output), and unregistered the same views go
+    to the three-input forms."""
+    x, z = rnd((M, 1, K_), dtype, seed=41), rnd((M, 1, N), dtype, seed=42)
+    q, s, b = mx.quantize(rnd((N, K_), mx.float32, 0.05, seed=43), group_size=gs, bits=bits)
+    q2, s2, b2 = mx.quantize(rnd((2 * N, K_), mx.float32, 0.05, seed=44), group_size=gs, bits=bits)
+    w, s, b = _packed_views(q, s.astype(dtype), b.astype(dtype))
+    w2, s2, b2 = _packed_views(q2, s2.astype(dtype), b2.astype(dtype))
+    assert K.qmv.packed_buffer(w, s, b) is not None and K.qmv.packed_buffer(q, s, b) is None
+    for got, want, what in (
+            (K.quantized_matvec_kernel(x, w, s, b, gs, bits), K.quantized_matvec_reference(x, w, s, b, gs, bits), "qmv"),
+            (K.quantized_matvec_geglu_kernel(x, w2, s2, b2, gs, bits),
+             K.quantized_matvec_geglu_reference(x, w2, s2, b2, gs, bits), "geglu"),
+            (K.quantized_matvec_gate_kernel(x, w, s, b, gs, bits, z),
+             K.quantized_matvec_gate_reference(x, w, s, b, gs, bits, z), "gate")):
+        assert_close(got, want, dtype, f"packed {what}")
+    if N <= 2816:  # the closing forms' widths (mv.CLOSE_MAX_WIDTH)
+        res = rnd((M, 1, N), dtype, 2.0, seed=45)
+        nw, nn = (1 + rnd((N,), mx.float32, 0.3, seed=46)).astype(dtype), (1 + rnd((N,), mx.float32, 0.3, seed=47)).astype(dtype)
+        args = (x, w, s, b, gs, bits, res, nw, None, 1e-6, nn)
+        for g, r in zip(K.quantized_matvec_close_kernel(*args), K.quantized_matvec_close_reference(*args)):
+            assert_close(g, r, dtype, "packed close")
+    # the buffer, not the views' own arrays: doubled scales written only into a second buffer registered for them
+    w3, s3, b3 = _packed_views(q, s, b, scales_in_buffer=(s * 2).astype(dtype))
+    doubled = K.quantized_matvec_reference(x, w3, (s3 * 2).astype(dtype), b3, gs, bits)
+    assert_close(K.quantized_matvec_kernel(x, w3, s3, b3, gs, bits), doubled, dtype, "the buffer's scales")
+    K.qmv.unregister_packed(w3)  # as a decoder built with packing switched off leaves the views
+    assert K.qmv.packed_buffer(w3, s3, b3) is None
+    assert_close(K.quantized_matvec_kernel(x, w3, s3, b3, gs, bits), K.quantized_matvec_reference(x, w3, s3, b3, gs, bits),
+                 dtype, "packing off")
+
+
 @gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("case", [(1, 8, 1, 256, 841), (2, 8, 1, 512, 300), (1, 16, 2, 128, 4096), (1, 8, 1, 256, 5)])

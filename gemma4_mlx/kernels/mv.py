@@ -130,14 +130,16 @@ def _mm(M: int) -> int:
 PROLOGUE_INPUTS = ["b", "nw", "ls", "nn", "eps"]
 
 
-def form_kernel(name: str, product_inputs: list, epi: int, with_prologue: bool) -> tuple:
+def form_kernel(name: str, product_inputs: list, epi: int, with_prologue: bool, packed: bool = False) -> tuple:
     """``(kernel, whole)`` for one form of ``name`` (mv / qmv, :func:`.dispatch.get_form_kernel`):
     without the prologue a launch passes only the product's inputs [, z] and gets y alone
-    (matvec_inputs.inc); the decode step launches these forms ~100-300 times."""
+    (matvec_inputs.inc); the decode step launches these forms ~100-300 times. ``packed`` (qmv, no
+    prologue): the weights' three arrays in one input (``QPACK``, :func:`.qmv.pack`)."""
     gate = epi == GATE
     trimmed = None if with_prologue else ([*product_inputs, *(["z"] if gate else [])], ["y"],
-                                          [("NO_PROLOGUE_INPUTS", 1), ("NO_Z", int(not gate))],
-                                          "gate" if gate else "bare")
+                                          [("NO_PROLOGUE_INPUTS", 1), ("NO_Z", int(not gate)),
+                                           *([("QPACK", 1)] if packed else [])],
+                                          ("gate" if gate else "bare") + ("_packed" if packed else ""))
     return dispatch.get_form_kernel(name, [*product_inputs, "z", *PROLOGUE_INPUTS], ["y", "hout"], trimmed)
 
 
@@ -376,12 +378,13 @@ def close_probe(dtype, MM: int, N: int, scaled: bool, nxt: bool) -> tuple:
 
 
 def close_launch(name: str, product: list, template: list, x, N: int, residual, norm_weight, scalar, eps: float,
-                 next_weight, grid: tuple, gate: Optional[tuple] = None):
+                 next_weight, grid: tuple, gate: Optional[tuple] = None, packed: bool = False):
     """One launch of ``name``'s (mv / qmv) closing form: ``product`` its product's (input name,
     array) pairs, ``template`` its product's template. The new residual, and with ``next_weight``
     its next norm too; None where the counter cannot be made (inside a transformation that has not
     seen one yet). ``gate`` (qmv only): (w, scales, biases, group_size, bits, z) of a PLE gate the
-    closing block makes from each closed row (matvec_close.inc's CLOSE_GATE), returned last."""
+    closing block makes from each closed row (matvec_close.inc's CLOSE_GATE), returned last.
+    ``packed`` (qmv only): ``product``'s w is the buffer of :func:`.qmv.pack` (``QPACK``)."""
     counter = dispatch.block_counter(CLOSE_COUNTER, CLOSE_COUNTER_SLOTS)
     if counter is None:
         return None
@@ -391,8 +394,9 @@ def close_launch(name: str, product: list, template: list, x, N: int, residual, 
                                    "counter", *(["gw", "gsc", "gbi", "gz"] if gated else [])],
                             ["hout", *(["nout"] if nxt else []), *(["gout"] if gated else [])],
                             defines=[("MATVEC_CLOSE", 1), ("CLOSE_NO_NEXT", int(not nxt)),
-                                     *([("CLOSE_GATE", 1)] if gated else [])],
-                            variant=("close" if nxt else "close_out") + ("_gate" if gated else ""))
+                                     *([("CLOSE_GATE", 1)] if gated else []), *([("QPACK", 1)] if packed else [])],
+                            variant=("close" if nxt else "close_out") + ("_gate" if gated else "")
+                            + ("_packed" if packed else ""))
     ls = dispatch.unit(x.dtype) if scalar is None else scalar.reshape(-1)
     out = k(
         inputs=[*(a for _, a in product), residual, norm_weight, ls, *([next_weight] if nxt else []),

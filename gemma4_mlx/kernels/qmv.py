@@ -17,6 +17,8 @@ over it). On CUDA only products of :func:`min_values` weights or more take the k
 
 from __future__ import annotations
 
+import math
+import weakref
 from typing import Optional
 
 import mlx.core as mx
@@ -57,12 +59,15 @@ def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int, prolo
     M = x.size // x.shape[-1]
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
     rows, split, wpl = rows_split or quantized_layout(x.shape[-1], bits, group_size, epi=epi)
-    k, whole = form_kernel("qmv", ["x", "w", "scales", "biases"], epi, prologue is not None)
+    buffer = None if prologue is not None else packed_buffer(w, scales, biases)
+    product = [x, w, scales, biases] if buffer is None else [x, buffer]
+    k, whole = form_kernel("qmv", ["x", "w", "scales", "biases"][: len(product)], epi, prologue is not None,
+                           packed=buffer is not None)
     pro, HD, extra, hshapes = prologue_inputs(x, z, epi, prologue, whole)
     grid, loop = launch_grid(N, rows, split, prologue, most_blocks)
     # x keeps its shape, y gets x's leading dims (no reshape primitives around the call)
     out = k(
-        inputs=[x, w, scales, biases, *extra],
+        inputs=[*product, *extra],
         template=[("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", rows), ("SPLIT", split),
                   ("WPL", wpl), ("MM", _mm(M)), ("EPI", epi), ("PRO", pro), ("HD", HD), ("LOOP", loop)],
         grid=grid,
@@ -121,6 +126,81 @@ def min_values(bits: int, backend: Optional[str] = None) -> float:
 def takes(values: int, bits: int, backend: Optional[str] = None) -> bool:
     """Whether the kernel takes a product of ``values`` weights of ``bits`` on ``backend``."""
     return values >= min_values(bits, backend)
+
+
+# ------------------------------------------------- a projection's three arrays in one buffer (QPACK)
+
+# In the decode step every weight array is a constant of the trace that MLX's replay maps, its evaluation
+# visits and keeps alive, and its launch records as a dependency, at every token: ~0.6-1.2 us of the
+# H200's host per distinct input of a launch (session 38, bench/input_cost.py), where E2B's 4-bit step
+# records ~0.9 ms more than its bf16 one with the same launches. The decoder (decode.PackedWeights) puts
+# each 4/8-bit projection's words, scales and biases in one buffer and makes the module's three arrays
+# views of it; the kernels then take the buffer alone.
+PACK_ENV = "GEMMA4_MLX_QPACK"
+
+# id(w) -> (a weak reference to w, scales, biases, the buffer they are views of)
+_packed: dict = {}
+
+
+def packing_enabled() -> bool:
+    """``GEMMA4_MLX_QPACK``: 1 / 0, or auto (default): on CUDA only (unmeasured on Metal)."""
+    raw = (switches.env(PACK_ENV) or "").strip().lower()
+    if raw in ("", "auto"):
+        return dispatch.active_backend() == "cuda"
+    return raw not in switches.OFF_VALUES
+
+
+def pack(w, scales, biases) -> Optional[mx.array]:
+    """The (N, C) uint32 buffer of ``w``'s N rows of words, then every row's scales, then every row's
+    biases (lazy; :func:`unpack` reads the three back as views), or None where the layout does not
+    apply (scales not whole words, other shapes)."""
+    if w.dtype != mx.uint32 or w.ndim != 2 or scales.ndim != 2 or scales.shape != biases.shape:
+        return None
+    if scales.dtype != biases.dtype or scales.shape[0] != w.shape[0] or (scales.shape[1] * scales.itemsize) % 4:
+        return None
+    words = [w.reshape(-1), scales.reshape(-1).view(mx.uint32), biases.reshape(-1).view(mx.uint32)]
+    return mx.concatenate(words).reshape(w.shape[0], -1)
+
+
+def unpack(buffer, w_shape: tuple, scales_shape: tuple, dtype) -> tuple:
+    """(w, scales, biases) as views of ``buffer`` (:func:`pack`), lazy."""
+    flat = buffer.reshape(-1)
+    nw = math.prod(w_shape)
+    ns = math.prod(scales_shape) * dtype.size // 4
+    return (flat[:nw].reshape(w_shape), flat[nw: nw + ns].view(dtype).reshape(scales_shape),
+            flat[nw + ns: nw + 2 * ns].view(dtype).reshape(scales_shape))
+
+
+def register_packed(buffer, w, scales, biases) -> None:
+    """Let the kernels take ``buffer`` for the evaluated views ``w``, ``scales``, ``biases`` of it
+    (:func:`unpack`), for as long as ``w`` lives."""
+    key = id(w)
+    _packed[key] = (weakref.ref(w), scales, biases, buffer)
+    weakref.finalize(w, _packed.pop, key, None)
+
+
+def unregister_packed(w) -> None:
+    """The kernels take ``w``'s arrays apart again (packing switched off: the views stay in the tree)."""
+    entry = _packed.get(id(w))
+    if entry is not None and entry[0]() is w:
+        del _packed[id(w)]
+
+
+def packed_buffer(w, scales, biases) -> Optional[mx.array]:
+    """The buffer these very three arrays are views of (:func:`register_packed`), or None."""
+    entry = _packed.get(id(w))
+    if entry is None or entry[0]() is not w or entry[1] is not scales or entry[2] is not biases:
+        return None
+    return entry[3]
+
+
+def _packed_probe(w, s, b) -> tuple:
+    """A self-check's (w, scales, biases), views of a registered buffer as the decoder makes them."""
+    buffer = pack(w, s, b)
+    views = unpack(buffer, w.shape, s.shape, s.dtype)
+    mx.eval(buffer, *views)
+    register_packed(buffer, *views)
+    return views
 
 
 def _class_key(x, w, scales, biases, group_size, bits, epi: int = PLAIN, z: Optional[mx.array] = None):
@@ -203,15 +283,26 @@ def _probe(key):
     N, K = _probe_shape(key[3], bits)
     wf = dispatch.probe_normal((2 * N if epi == GEGLU else N, K), 21, mx.float32, 0.05)
     w, s, b = mx.quantize(wf, group_size=gs, bits=bits)
+    w, s, b = w, s.astype(dtype), b.astype(dtype)
+    if key[-1] == "packed":
+        w, s, b = _packed_probe(w, s, b)
     x = dispatch.probe_normal((MM, 1, K), 22, dtype)  # the decode step's (B, L, K)
-    args = (x, w, s.astype(dtype), b.astype(dtype), gs, bits)
+    args = (x, w, s, b, gs, bits)
     return args + (dispatch.probe_normal((MM, 1, N), 23, dtype),) if epi == GATE else args
+
+
+def _with_packing(key: Optional[tuple], w, scales, biases) -> Optional[tuple]:
+    """A class key with "packed" last where the launch will take the weights' buffer (its own class:
+    its own kernel, its own self-check)."""
+    if key is None or packed_buffer(w, scales, biases) is None:
+        return key
+    return (*key, "packed")
 
 
 def quantized_matvec(x, w, scales, biases, group_size: int, bits: int, *, fallback=None) -> mx.array:
     """``mx.quantized_matmul(x, w, scales, biases, transpose=True)`` for few rows of x, as a
     kernel on GPU when checked; other shapes and modes use MLX's own."""
-    key = _class_key(x, w, scales, biases, group_size, bits)
+    key = _with_packing(_class_key(x, w, scales, biases, group_size, bits), w, scales, biases)
     return dispatch.run(
         "qmv", key, quantized_matvec_reference, quantized_matvec_kernel, _probe,
         x, w, scales, biases, group_size, bits, fallback=fallback,
@@ -220,14 +311,14 @@ def quantized_matvec(x, w, scales, biases, group_size: int, bits: int, *, fallba
 
 def quantized_matvec_geglu(x, w, scales, biases, group_size: int, bits: int, *, fallback=None) -> mx.array:
     """``geglu(gate, up)`` of the quantized product split in halves (w = [gate rows; up rows])."""
-    key = _class_key(x, w, scales, biases, group_size, bits, GEGLU)
+    key = _with_packing(_class_key(x, w, scales, biases, group_size, bits, GEGLU), w, scales, biases)
     return dispatch.run("qmv_geglu", key, quantized_matvec_geglu_reference, quantized_matvec_geglu_kernel, _probe,
                         x, w, scales, biases, group_size, bits, fallback=fallback)
 
 
 def quantized_matvec_gate(x, w, scales, biases, group_size: int, bits: int, z, *, fallback=None) -> mx.array:
     """``gelu_tanh(x @ dequantize(w).T) * z``."""
-    key = _class_key(x, w, scales, biases, group_size, bits, GATE, z)
+    key = _with_packing(_class_key(x, w, scales, biases, group_size, bits, GATE, z), w, scales, biases)
     return dispatch.run("qmv_gate", key, quantized_matvec_gate_reference, quantized_matvec_gate_kernel, _probe,
                         x, w, scales, biases, group_size, bits, z, fallback=fallback)
 
@@ -295,8 +386,10 @@ def _close_launch(x, w, scales, biases, group_size: int, bits: int, residual, no
     rows, split, wpl = quantized_layout(x.shape[-1], bits, group_size)
     template = [("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", rows), ("SPLIT", split), ("WPL", wpl),
                 ("MM", _mm(M)), ("EPI", PLAIN), ("PRO", 0), ("HD", 1), ("LOOP", 1)]
-    return close_launch("qmv", [("x", x), ("w", w), ("scales", scales), ("biases", biases)], template, x, N, residual,
-                        norm_weight, scalar, eps, next_weight, grid_and_loop(N, rows, split)[0], gate=gate)
+    buffer = packed_buffer(w, scales, biases)
+    product = [("x", x), ("w", w), ("scales", scales), ("biases", biases)] if buffer is None else [("x", x), ("w", buffer)]
+    return close_launch("qmv", product, template, x, N, residual, norm_weight, scalar, eps, next_weight,
+                        grid_and_loop(N, rows, split)[0], gate=gate, packed=buffer is not None)
 
 
 def quantized_matvec_close_kernel(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, scalar,
@@ -313,9 +406,12 @@ def _close_probe(key):
     N, scaled, nxt = key[-3:]
     _, K = _probe_shape(key[3], bits)
     w, s, b = mx.quantize(dispatch.probe_normal((N, K), 49, mx.float32, 0.05), group_size=gs, bits=bits)
+    w, s, b = w, s.astype(dtype), b.astype(dtype)
+    if key[6] == "packed":
+        w, s, b = _packed_probe(w, s, b)
     x = dispatch.probe_normal((MM, 1, K), 50, dtype)
     residual, nw, scalar, eps, nn = close_probe(dtype, MM, N, scaled, nxt)
-    return (x, w, s.astype(dtype), b.astype(dtype), gs, bits, residual, nw, scalar, eps, nn)
+    return (x, w, s, b, gs, bits, residual, nw, scalar, eps, nn)
 
 
 def quantized_matvec_close(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, scalar,
@@ -324,7 +420,8 @@ def quantized_matvec_close(x, w, scales, biases, group_size: int, bits: int, res
     ``qmv`` or ``residual_norm`` is)."""
     base = _class_key(x, w, scales, biases, group_size, bits)
     close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, scalar, next_weight)
-    key = None if close is None else (*base[:5], "close", *close)
+    packed = ("packed",) if packed_buffer(w, scales, biases) is not None else ()
+    key = None if close is None else (*base[:5], "close", *packed, *close)
     return dispatch.run("qmv_close", key, quantized_matvec_close_reference, quantized_matvec_close_kernel,
                         _close_probe, x, w, scales, biases, group_size, bits, residual, norm_weight, scalar, eps,
                         next_weight, fallback=fallback)
@@ -374,12 +471,14 @@ def _close_gate_probe(key):
     N, P, gate_bits, gate_gs = key[-4:]
     _, K = _probe_shape(key[3], bits)
     w, s, b = mx.quantize(dispatch.probe_normal((N, K), 49, mx.float32, 0.05), group_size=gs, bits=bits)
+    w, s, b = w, s.astype(dtype), b.astype(dtype)
+    if key[6] == "packed":
+        w, s, b = _packed_probe(w, s, b)
     x = dispatch.probe_normal((MM, 1, K), 50, dtype)
     residual, nw, _, eps, _ = close_probe(dtype, MM, N, False, False)
     gw, gs_, gb = mx.quantize(dispatch.probe_normal((P, N), 51, mx.float32, 0.05), group_size=gate_gs, bits=gate_bits)
     z = dispatch.probe_normal((MM, 1, P), 52, dtype)
-    return (x, w, s.astype(dtype), b.astype(dtype), gs, bits, residual, nw, eps, gw, gs_.astype(dtype),
-            gb.astype(dtype), gate_gs, gate_bits, z)
+    return (x, w, s, b, gs, bits, residual, nw, eps, gw, gs_.astype(dtype), gb.astype(dtype), gate_gs, gate_bits, z)
 
 
 def quantized_matvec_close_gate(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, eps: float,
@@ -391,7 +490,8 @@ def quantized_matvec_close_gate(x, w, scales, biases, group_size: int, bits: int
     base = _class_key(x, w, scales, biases, group_size, bits)
     close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, None, None)
     gate = None if close is None else _gate_key(x, w.shape[0], gw, gscales, gbiases, gate_group_size, gate_bits, z)
-    key = None if gate is None else (*base[:5], "close_gate", close[0], *gate)
+    packed = ("packed",) if packed_buffer(w, scales, biases) is not None else ()
+    key = None if gate is None else (*base[:5], "close_gate", *packed, close[0], *gate)
     return dispatch.run("qmv_close_gate", key, quantized_matvec_close_gate_reference,
                         quantized_matvec_close_gate_kernel, _close_gate_probe, x, w, scales, biases, group_size, bits,
                         residual, norm_weight, eps, gw, gscales, gbiases, gate_group_size, gate_bits, z,

@@ -10,6 +10,7 @@
 #define K_TG 256
 #define K_SHARED static
 #define K_SHARED_PTR
+#define K_GLOBAL  // the address space of a pointer into an input that a body makes (Metal: device)
 #define K_INLINE inline
 #define K_UNROLL
 #define K_NEG_INF (-INFINITY)
