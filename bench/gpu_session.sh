@@ -7,16 +7,17 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 37): issue 14. One GPU is enough (nvidia-h200). Session 36: timed in mlx-lm's order (PIPE=1,
-# bench/ablate.py) a step is the host's time at 841 and at 32k (the GPU's wait 0.01 ms); attention_prefix_q on (E2B
-# 4-bit 2.83x, bf16 3.38x in that order; 2.48x 4-bit end to end) and qmv_close_gate on (the PLE gate in the down
-# projection's closing launch: 35 launches fewer, 5.72 against 5.82 ms, one run). In order:
-#   0. `check` (~7.5 min, PARITY_S=540): parity on the new defaults (both were checked alone, not in the full run).
-#   1. `Q=4 NEW=128 RUNS=3 e2e` (~7 min): E2B 4-bit end to end with both on (session 36: 2.48x with the first).
-#   2. `PIPE=1 FAMILIES="e2b 4;e4b 4" CONFIGS="stock,ours,ours -attn_q" ... ablate`, and E2B bf16 @32k in that order
-#      (3x at 32k, not yet timed there); 26B-A4B / 31B 4-bit in that order with attention_prefix_q.
-#   3. Whatever arrays and launches the session spares (benchmarks.md, session 36's last paragraph: a layer's q/k/v
-#      norms in its projection's close, k and v in one scatter, the views), each with PIPE=1 first.
+# Next visit (session 39): issue 14. One GPU is enough (nvidia-h200). Session 38: a launch's distinct inputs cost the
+# host 0.6-1.2 us each (bench/input_cost.py); a 4-bit projection's three arrays in one input (GEMMA4_MLX_QPACK, on on
+# CUDA) took E2B 4-bit to 2.95x-3.03x in mlx-lm's order (2.80x without), 2.75x end to end; E2B bf16 @32k 3.23x; 31B
+# bf16 1.49x. In order:
+#   0. `check` (~8 min, PARITY_S=540): the full parity run with QPACK on (its own part `qpack` ran a subset).
+#   1. Fewer distinct inputs a launch, each timed with PIPE=1 against its line: the closes' norm weights and the
+#      layer scalar (cw / cn / ls: three distinct arrays a close; one per-layer buffer with offsets), qmv_close_gate's
+#      gate matrix packed too (3 -> 1), the attention's per-layer inputs; a second output packed with its first.
+#   2. `Q=4 NEW=128 RUNS=3 e2e` and E2B bf16 @32k end to end (3x at 32k met in the warm harness only).
+#   3. The first token after load() in a fresh `generate` (1.40x, 1.07 / 0.77 s): `ttft` reads level in process,
+#      so profile the CLI's path between load() and the first token.
 # Timings seen on the H200: check ~7.5 min (8 processes, session 31), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
