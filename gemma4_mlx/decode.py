@@ -295,6 +295,9 @@ class JoinedProjection:
     def nbytes(self) -> int:
         return sum(self.joint[k].nbytes for k in self._keys)
 
+    def arrays(self):
+        return self.joint.parameters()
+
     def adopt(self) -> None:
         """After the joint is evaluated: the members' weights become its row slices (their own
         arrays are let go)."""
@@ -430,34 +433,46 @@ class PackedWeights:
                 continue
             buffer = qmv.pack(m["weight"], m["scales"], m["biases"])
             if buffer is not None:
-                new.append((m, buffer, qmv.unpack(buffer, m["weight"].shape, m["scales"].shape, m["scales"].dtype)))
-        # an eighth of the bytes at a time, as the joins (the module's own arrays live until it adopts its views)
-        budget = max([0] + [b.nbytes for _, b, _ in new])
-        budget = max(budget, sum(b.nbytes for _, b, _ in new) // JOIN_GROUPS)
-        group, held = [], 0
-        for item in new + [None]:
-            if group and (item is None or held + item[1].nbytes > budget):
-                mx.eval([[b, *v] for _, b, v in group])
-                for m, b, views in group:
-                    qmv.register_packed(b, *views)
-                    for k, v in zip(_PACKED_KEYS, views):
-                        m[k] = v
-                    self._held[id(m)] = (m, views)
-                group, held = [], 0
-            if item is not None:
-                group.append(item)
-                held += item[1].nbytes
+                new.append(_PackedModule(m, buffer))
+        _evaluate_in_groups(new)
+        for p in new:
+            self._held[id(p.module)] = (p.module, p.views)
+
+
+class _PackedModule:
+    """One module's buffer and its three views, lazy until :func:`_evaluate_in_groups` evaluates them
+    and :meth:`adopt` hands the views to the module."""
+
+    def __init__(self, module: nn.Module, buffer: mx.array):
+        from .kernels import qmv
+
+        self.module, self.buffer = module, buffer
+        self.views = qmv.unpack(buffer, module["weight"].shape, module["scales"].shape, module["scales"].dtype)
+
+    def nbytes(self) -> int:
+        return self.buffer.nbytes
+
+    def arrays(self) -> list:
+        return [self.buffer, *self.views]
+
+    def adopt(self) -> None:
+        from .kernels import qmv
+
+        qmv.register_packed(self.buffer, *self.views)
+        for k, v in zip(_PACKED_KEYS, self.views):
+            self.module[k] = v
 
 
 _PACKED_KEYS = ("weight", "scales", "biases")
 
 
-def _evaluate_in_groups(joins: List[JoinedProjection]) -> None:
-    """Evaluate the new joints about an eighth of their bytes at a time, then let each adopt its
-    members. Until a joint is adopted its members' own arrays live too (read from the files when
-    the weights are still lazy, at load), so a group's bytes count twice: an eighth keeps the
-    transient to a quarter of the joined bytes. Not one module at a time: at load on the H200,
-    70 evaluations of a few weights each took 1.6 s of E2B's `load()` (session 13's loadprof)."""
+def _evaluate_in_groups(joins: list) -> None:
+    """Evaluate the new joints (:class:`JoinedProjection`, :class:`_PackedModule`) about an eighth of
+    their bytes at a time, then let each adopt its members. Until a joint is adopted its members' own
+    arrays live too (read from the files when the weights are still lazy, at load), so a group's bytes
+    count twice: an eighth keeps the transient to a quarter of the joined bytes. Not one module at a
+    time: at load on the H200, 70 evaluations of a few weights each took 1.6 s of E2B's `load()`
+    (session 13's loadprof)."""
     if not joins:
         return
     sizes = [j.nbytes() for j in joins]
@@ -472,8 +487,8 @@ def _evaluate_in_groups(joins: List[JoinedProjection]) -> None:
     _evaluate(group)
 
 
-def _evaluate(group: List[JoinedProjection]) -> None:
-    mx.eval([j.joint.parameters() for j in group])
+def _evaluate(group: list) -> None:
+    mx.eval([j.arrays() for j in group])
     for j in group:
         j.adopt()
 
