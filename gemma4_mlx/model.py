@@ -127,20 +127,30 @@ class Attention(nn.Module):
         def heads(y, n):
             return y.reshape(B, L, n, p.head_dim)
 
-        if joined is not None:
-            # (B, L, heads, d) each
-            q, k, *v = joined(x, head_dim=p.head_dim) if projected is None else joined.split(projected, p.head_dim)
-        else:
-            q = heads(ops.linear(self.q_proj, x) if projected is None else projected, self.num_heads)
         queries = None  # q normed and rotated already (head-major), where k's and v's launch made it
+        offset = cache.offset if shared is None and cache is not None else 0
+        if joined is not None and shared is None and ops.takes_qkv_joined():
+            # the norms and RoPE read the joined product in heads as it comes (no split views)
+            y = ops.linear(joined.joint, x) if projected is None else projected
+            queries, keys, values = ops.qkv_norm_rope_joined(y.reshape(B, L, -1, p.head_dim), self.num_heads,
+                                                             self.num_kv_heads, self.q_norm.weight,
+                                                             self.k_norm.weight, self._inv_freq, self._freqs, offset,
+                                                             self.eps)
+        else:
+            if joined is not None:
+                # (B, L, heads, d) each
+                q, k, *v = joined(x, head_dim=p.head_dim) if projected is None else joined.split(projected,
+                                                                                              p.head_dim)
+            else:
+                q = heads(ops.linear(self.q_proj, x) if projected is None else projected, self.num_heads)
+            if shared is None:
+                if joined is None:
+                    k = heads(ops.linear(self.k_proj, x), self.num_kv_heads)
+                    v = [] if p.k_eq_v else [heads(ops.linear(self.v_proj, x), self.num_kv_heads)]
+                v = k if p.k_eq_v else v[0]
+                queries, keys, values = ops.qkv_norm_rope(q, k, v, self.q_norm.weight, self.k_norm.weight,
+                                                          self._inv_freq, self._freqs, offset, self.eps)
         if shared is None:
-            offset = cache.offset if cache is not None else 0
-            if joined is None:
-                k = heads(ops.linear(self.k_proj, x), self.num_kv_heads)
-                v = [] if p.k_eq_v else [heads(ops.linear(self.v_proj, x), self.num_kv_heads)]
-            v = k if p.k_eq_v else v[0]
-            queries, keys, values = ops.qkv_norm_rope(q, k, v, self.q_norm.weight, self.k_norm.weight, self._inv_freq,
-                                                      self._freqs, offset, self.eps)
             if cache is not None:
                 keys, values = cache.update_and_fetch(keys, values)
             kv_cache = cache

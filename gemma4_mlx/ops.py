@@ -173,6 +173,26 @@ def qkv_norm_rope(q: mx.array, k: mx.array, v: mx.array, q_weight: mx.array, k_w
     return kern.qkv_norm_rope(q, k, v, q_weight, k_weight, inv_freq, offset, eps, fallback=apart)
 
 
+def takes_qkv_joined() -> bool:
+    """Whether a cache-writing layer's norms + RoPE read its joined q/k/v projection's output
+    itself here (:func:`qkv_norm_rope_joined`; ``qkv_joined``, off by default)."""
+    kern = _gpu_kernels()
+    return kern is not None and not kern.is_disabled("qkv_joined")
+
+
+def qkv_norm_rope_joined(heads: mx.array, H: int, HK: int, q_weight: mx.array, k_weight: mx.array,
+                         inv_freq: mx.array, freqs: mx.array, offset: Offset, eps: float):
+    """:func:`qkv_norm_rope` of a joined q/k/v projection's output in heads (B, L, HT, D): one launch
+    over ``heads`` itself where :func:`takes_qkv_joined`, else (and as its fallback) the split views'."""
+
+    kern = _gpu_kernels()
+
+    def apart(heads, *_):
+        return qkv_norm_rope(*kern.split_heads(heads, H, HK), q_weight, k_weight, inv_freq, freqs, offset, eps)
+
+    return kern.qkv_norm_rope_joined(heads, H, HK, q_weight, k_weight, inv_freq, offset, eps, fallback=apart)
+
+
 def make_mask(h: mx.array, cache: Any, window: Optional[int]):
     return create_attention_mask(h, cache, window_size=window)
 

@@ -33,6 +33,9 @@ def cases(dtypes=DTYPES):
             yield K.q_norm_rope_kernel, rope._probe_inputs((dt, D, H), False)
             yield K.kv_norm_rope_kernel, rope._probe_inputs((dt, D, H), True)
             yield K.qkv_norm_rope_kernel, rope._probe_qkv((dt, D, H, max(1, H // 8)))
+            # the joined projection's output itself (qkv_joined), with v's heads and without (v is k)
+            HK = max(1, H // 8)
+            yield K.qkv_norm_rope_joined_kernel, rope._probe_qkv_joined((dt, D, H, HK, H + (2 if D < 512 else 1) * HK))
         for D, G, Lq, windowed in ((256, 8, 1, True), (512, 8, 1, False), (256, 2, 16, False), (512, 16, 1, False)):
             yield K.attention_kernel, att._probe_inputs((dt, D, G, Lq, windowed))
         for D, G in ((256, 8), (512, 8)):

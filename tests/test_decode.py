@@ -1565,3 +1565,34 @@ def test_packed_quantized_weights_in_the_compiled_step(monkeypatch):
     want_tokens, want_rows, _ = _greedy(model, prompt, 6, monkeypatch, compiled=True)
     assert tokens == want_tokens
     np.testing.assert_array_equal(rows, want_rows)
+
+
+def test_qkv_joined_reads_the_joined_projection_in_the_compiled_step(monkeypatch):
+    """qkv_joined (off by default): each cache-writing layer's norms and RoPE take its joined q/k/v product
+    in heads as one input, no split views; the compiled step's logits are those of qkv_norm_rope over the
+    split views. On the CPU the backend is forced and the references run (counted); a GPU runs the kernel
+    in the parity run."""
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx.kernels import dispatch
+
+    if dispatch.active_backend() is not None:
+        pytest.skip("the wiring, on the CPU (a GPU runs it in the kernels' parity run)")
+    model = _kernel_shaped_model(seed=12)
+    ids = mx.array(np.random.default_rng(13).integers(0, model.args.vocab_size, size=(1, 24)))
+    calls: dict = {}
+    overrides = _counted(calls, {"qkv_norm_rope": K.qkv_norm_rope_reference,
+                                 "qkv_joined": K.qkv_norm_rope_joined_reference,
+                                 "q_norm_rope": K.q_norm_rope_reference, "kv_norm_rope": K.kv_norm_rope_reference,
+                                 "residual_norm": K.residual_norm_reference, "scale": K.scale_reference})
+    others = ",mv,qmv,attention,attention_prefix,ple_combine,ple_gate,geglu,embed"
+    default = dispatch.DEFAULT_DISABLED["cuda"].split(",")
+    assert "qkv_joined" in default
+    want = _logits_with_kernels(model, ids, 12, monkeypatch, "strict", ",".join(default) + others, overrides, False)
+    assert calls.get("qkv_norm_rope") and not calls.get("qkv_joined"), calls
+    calls.clear()
+    on = ",".join(n for n in default if n != "qkv_joined") + others
+    got = _logits_with_kernels(model, ids, 12, monkeypatch, "strict", on, overrides, False)
+    # the trace's call in every writing layer (and its self-check's; the dry run's fallback checks qkv_norm_rope too)
+    assert calls.get("qkv_joined", 0) > sum(1 for p in model.args.plan if not p.is_kv_shared), calls
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    dispatch.reset()

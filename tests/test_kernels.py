@@ -1643,3 +1643,22 @@ def test_scale_takes_any_rank_through_rows(monkeypatch):
         assert out.shape == x.shape and mx.allclose(out, (x + y) * 0.5)
         assert K.residual_scale(mx.array(1.0), mx.array(2.0), s, fallback=lambda: "mlx") == "mlx"
     assert shapes == [(1, 24, 8)]
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("B,L,H,HK,D,k_eq_v", [(1, 1, 8, 1, 256, False), (1, 1, 2, 1, 512, True), (2, 3, 4, 2, 128, False)])
+def test_qkv_norm_rope_joined_kernel(B, L, H, HK, D, k_eq_v, dtype):
+    """qkv_joined (off by default): the qkv form reading q's, k's and v's heads from the joined projection's
+    output itself, against qkv_norm_rope's reference over the split views (v is k where the layer has no v
+    projection); per-sequence offsets."""
+    heads = rnd((B, L, H + HK * (1 if k_eq_v else 2), D), dtype, 3.0, seed=51)
+    w, wk = ((1 + rnd((D,), mx.float32, 0.5, seed=s)).astype(dtype) for s in (52, 53))
+    inv = inv_freq_for(D, proportional=D == 512)
+    offset = mx.array([7 + 300 * b for b in range(B)], dtype=mx.int32)
+    got = K.qkv_norm_rope_joined_kernel(heads, H, HK, w, wk, inv, offset, 1e-6)
+    q, k, v = K.split_heads(heads, H, HK)
+    want = K.qkv_norm_rope_reference(q, k, v, w, wk, inv, offset, 1e-6)
+    assert (v is k) == k_eq_v
+    for g, r, what in zip(got, want, ("queries", "keys", "values")):
+        assert_close(g, r, dtype, f"qkv joined {what}")

@@ -67,6 +67,10 @@ def _launches():
                 out.append((f"qkv_norm_rope {dt} D={D} H={H} Hkv={Hkv}",
                             lambda q, k, w, inv: rope.qkv_norm_rope_kernel(q, k, k, w, w, inv, 3, 1e-6),
                             (q, k, mx.ones((D,), dt), inv)))
+                # the joined projection's output itself (qkv_joined)
+                out.append((f"qkv_joined {dt} D={D} H={H} Hkv={Hkv}",
+                            lambda y, w, inv, H=H, Hkv=Hkv: rope.qkv_norm_rope_joined_kernel(y, H, Hkv, w, w, inv, 3, 1e-6),
+                            (mx.zeros((1, 2, H + 2 * Hkv, D), dt), mx.ones((D,), dt), inv)))
             # every rows-per-tile instantiation: RT = min(next_pow2(G * Lq), 2048 // D)
             for G, Lq in ((1, 1), (2, 1), (4, 1), (8, 1), (16, 16)):
                 q = mx.zeros((1, G, Lq, D), dt)

@@ -3,7 +3,8 @@
 Public functions (each dispatches: kernel on a GPU backend after a one-time
 self-check per shape class, else the pure-MLX reference):
 
-* :func:`q_norm_rope`, :func:`kv_norm_rope`, :func:`qkv_norm_rope`
+* :func:`q_norm_rope`, :func:`kv_norm_rope`, :func:`qkv_norm_rope` (:func:`qkv_norm_rope_joined`: over the
+  joined q/k/v projection's output itself)
 * :func:`attention`
 * :func:`embed`, :func:`embed_quantized` (the token embedding: clamp, gather, scale; on on CUDA, off on Metal)
 * :func:`ple_combine`, :func:`ple_gate` (and :func:`geglu`, the MLP's, through its kernel)
@@ -117,10 +118,14 @@ from .rope import (
     q_norm_rope_kernel,
     q_norm_rope_reference,
     qkv_norm_rope,
+    qkv_norm_rope_joined,
+    qkv_norm_rope_joined_kernel,
+    qkv_norm_rope_joined_reference,
     qkv_norm_rope_kernel,
     qkv_norm_rope_reference,
     rms_norm_reference,
     rope_reference,
+    split_heads,
 )
 
 __all__ = [
@@ -134,7 +139,8 @@ __all__ = [
     "quantized_residual_matvec_kernel", "quantized_residual_matvec_reference", "quantized_matvec_close",
     "quantized_matvec_close_kernel", "quantized_matvec_close_reference", "quantized_matvec_close_gate",
     "quantized_matvec_close_gate_kernel", "quantized_matvec_close_gate_reference",
-    "q_norm_rope", "kv_norm_rope", "qkv_norm_rope", "qkv_norm_rope_kernel", "qkv_norm_rope_reference", "attention", "attention_prefix", "attention_prefix_reference", "attention_prefix_q",
+    "q_norm_rope", "kv_norm_rope", "qkv_norm_rope", "qkv_norm_rope_kernel", "qkv_norm_rope_reference",
+    "qkv_norm_rope_joined", "qkv_norm_rope_joined_kernel", "qkv_norm_rope_joined_reference", "split_heads", "attention", "attention_prefix", "attention_prefix_reference", "attention_prefix_q",
     "attention_prefix_q_reference", "ple_combine", "ple_combine_quantized", "ple_gate",
     "q_norm_rope_reference", "kv_norm_rope_reference", "attention_reference", "ple_combine_reference",
     "ple_combine_quantized_reference", "embed", "embed_kernel", "embed_quantized", "embed_quantized_reference",

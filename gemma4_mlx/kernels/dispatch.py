@@ -187,9 +187,9 @@ def active_backend() -> str | None:
 # on E2B) is on on CUDA since session 36: its kernel's parity passed on the H200 (12 cases, 3 dtypes)
 # and E2B 4-bit's step in mlx-lm's order read 5.72 ms against 5.82 (4 rounds of 5 faster; 264 launches
 # against 299); CUDA only (the closing forms' fence and atomics).
-DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,qmv_residual",
+DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,qmv_residual,qkv_joined",
                     "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused,mv_close,qmv_close,"
-                             "norm_pair_close,qkv_norm_rope,ple_combine_q,embed,qmv_close_gate"}
+                             "norm_pair_close,qkv_norm_rope,ple_combine_q,embed,qmv_close_gate,qkv_joined"}
 
 
 # The fused forms follow the switches of what they fuse (``mv`` off: every float matvec form
@@ -199,6 +199,7 @@ SWITCHES_OF = {"mv_geglu": ("mv",), "mv_gate": ("mv",), "mv_residual": ("mv", "r
                "qmv_geglu": ("qmv",), "qmv_gate": ("qmv",), "qmv_residual": ("qmv", "residual_norm"),
                "attention_prefix_q": ("attention_prefix", "q_norm_rope"), "geglu_joined": ("geglu",),
                "qkv_norm_rope": ("q_norm_rope", "kv_norm_rope"),
+               "qkv_joined": ("qkv_norm_rope", "q_norm_rope", "kv_norm_rope"),
                "attention_fused": ("attention_prefix",), "mv_close": ("mv", "residual_norm"),
                "qmv_close": ("qmv", "residual_norm"), "norm_pair_close": ("norm_pair", "residual_norm"),
                "qmv_close_gate": ("qmv", "residual_norm", "qmv_close", "qmv_gate"),

@@ -131,6 +131,39 @@ def qkv_norm_rope_kernel(q, k, v, q_weight, k_weight, inv_freq, offset, eps):
     )
 
 
+def split_heads(heads, H: int, HK: int) -> tuple:
+    """(q, k, v) of a joined q/k/v projection's output in heads (B, L, HT, D): H, HK and HK heads
+    (v is k where HT = H + HK)."""
+    if heads.shape[2] == H + HK:
+        q, k = mx.split(heads, [H], axis=2)
+        return q, k, k
+    return tuple(mx.split(heads, [H, H + HK], axis=2))
+
+
+def qkv_norm_rope_joined_reference(heads, H: int, HK: int, q_weight, k_weight, inv_freq, offset, eps):
+    """:func:`qkv_norm_rope_reference` of :func:`split_heads`' views."""
+    return qkv_norm_rope_reference(*split_heads(heads, H, HK), q_weight, k_weight, inv_freq, offset, eps)
+
+
+def qkv_norm_rope_joined_kernel(heads, H: int, HK: int, q_weight, k_weight, inv_freq, offset, eps):
+    """Kernel version of :func:`qkv_norm_rope_joined_reference` (same signature): the qkv form
+    reading q's, k's and v's heads from ``heads`` itself (``QKV_JOINED``): one input where the split
+    views were three, and no Split or Slice primitives before it at every token."""
+    B, L, _, D = heads.shape
+    kern = dispatch.get_kernel("norm_rope", ["x", "w", "wk", "inv_freq", "offset", "eps"], ["out", "kout", "vout"],
+                               defines=[("KV_PAIR", 0), ("QKV", 1), ("QKV_JOINED", 1)], variant="qkv_joined")
+    return kern(
+        inputs=[heads, q_weight, k_weight, inv_freq.astype(mx.float32), offset_array(offset),
+                dispatch.constant(eps, mx.float32)],
+        template=[("T", heads.dtype), ("D", D), ("H", H), ("HK", HK)],
+        grid=(ceil_to(B * L * (H + HK) * 32, TG), 1, 1),
+        threadgroup=(TG, 1, 1),
+        output_shapes=[(B, H, L, D), (B, HK, L, D), (B, HK, L, D)],
+        output_dtypes=[heads.dtype] * 3,
+        **dispatch.init_kwargs(),
+    )
+
+
 def q_norm_rope_kernel(q, weight, inv_freq, offset, eps):
     """Kernel version of :func:`q_norm_rope_reference` (same signature)."""
     return _launch(False, q, None, weight, inv_freq, offset, eps)[0]
@@ -222,4 +255,31 @@ def qkv_norm_rope(q: mx.array, k: mx.array, v: mx.array, q_weight: mx.array, k_w
     return dispatch.run(
         "qkv_norm_rope", key, qkv_norm_rope_reference, qkv_norm_rope_kernel, _probe_qkv,
         q, k, v, q_weight, k_weight, inv_freq, offset, eps, fallback=fallback,
+    )
+
+
+def _probe_qkv_joined(key):
+    dtype = dispatch.dtype_from_key(key[0])
+    D, H, HK, HT = key[1], key[2], key[3], key[4]
+    q, k, v, w, wk, inv_freq, offset, eps = _probe_qkv((key[0], D, H, HK))
+    heads = mx.concatenate([q, k] + ([v] if HT == H + 2 * HK else []), axis=2)
+    return (heads, H, HK, w, wk, inv_freq, offset, eps)
+
+
+def qkv_norm_rope_joined(heads: mx.array, H: int, HK: int, q_weight: mx.array, k_weight: mx.array,
+                         inv_freq: mx.array, offset, eps: float, *, fallback=None):
+    """:func:`qkv_norm_rope` of a joined q/k/v projection's output in heads (B, L, HT, D): H heads
+    of q, HK of k, then HK of v (none where v is k). One launch on GPU reading ``heads`` itself (name
+    ``qkv_joined``, session 38: off by default until a GPU has timed it; off whenever
+    ``qkv_norm_rope`` is)."""
+    key = _class_key(heads, inv_freq)
+    HT = heads.shape[2] if heads.ndim == 4 else 0
+    if key is not None and (HT not in (H + HK, H + 2 * HK) or q_weight.size != heads.shape[-1]
+                            or k_weight.size != heads.shape[-1]):
+        key = None
+    if key is not None:
+        key = (key[0], key[1], H, HK, HT)
+    return dispatch.run(
+        "qkv_joined", key, qkv_norm_rope_joined_reference, qkv_norm_rope_joined_kernel, _probe_qkv_joined,
+        heads, H, HK, q_weight, k_weight, inv_freq, offset, eps, fallback=fallback,
     )
