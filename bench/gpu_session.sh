@@ -12,7 +12,8 @@
 # CUDA) took E2B 4-bit to 2.95x-3.03x in mlx-lm's order (2.80x without), 2.75x end to end; E2B bf16 @32k 3.23x; 31B
 # bf16 1.49x. In order:
 #   0. `check` (~8 min, PARITY_S=540): the full parity run with QPACK on (its own part `qpack` ran a subset).
-#   1. Fewer distinct inputs a launch, each timed with PIPE=1 against its line: the closes' norm weights and the
+#   1. `qkvjoined` (~6 min): qkv_joined, written in session 38 and off: its parity, then E2B in mlx-lm's order; on by
+#      default on CUDA if faster. Then fewer distinct inputs a launch, each timed with PIPE=1 against its line: the closes' norm weights and the
 #      layer scalar (cw / cn / ls: three distinct arrays a close; one per-layer buffer with offsets), qmv_close_gate's
 #      gate matrix packed too (3 -> 1), the attention's per-layer inputs; a second output packed with its first.
 #   2. `Q=4 NEW=128 RUNS=3 e2e` and E2B bf16 @32k end to end (3x at 32k met in the warm harness only).
@@ -437,6 +438,16 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
     for pq in "${fams[@]}"; do
       PIPE=1 CONFIGS="${CONFIGS:-stock,ours,ours -qpack}" ROUNDS=${ROUNDS:-5} STEPS=15 \
         timeout ${QPACK_S:-150} python3 bench/ablate.py $pq 2>&1 | tail -16 | tee "$OUT/qpack-${pq// /-q}.txt"
+    done ;;
+  qkvjoined) # session 38: qkv_joined (off by default): a writing layer's norms + RoPE over its joined q/k/v product itself
+            # (one input where the split views were three, no Split / Slice before it): its parity with it on, then E2B
+            # 4-bit and bf16 in mlx-lm's order with and without it (~6 min)
+    (export GEMMA4_MLX_KERNELS_DISABLE=-qkv_joined; parity qkvjoinedcheck ${QKVJ_PARITY_S:-150} tests/test_kernels.py \
+      tests/test_decode.py tests/test_cuda_build.py -k "qkv or compiled or decode_with")
+    IFS=';' read -ra fams <<< "${FAMILIES:-e2b 4;e2b 0}"
+    for pq in "${fams[@]}"; do
+      PIPE=1 CONFIGS="${CONFIGS:-stock,ours,ours +qkv joined}" ROUNDS=${ROUNDS:-7} STEPS=15 \
+        timeout ${QKVJ_S:-150} python3 bench/ablate.py $pq 2>&1 | tail -16 | tee "$OUT/qkvjoined-${pq// /-q}.txt"
     done ;;
   pipegraphs) # session 36: MLX_MAX_OPS_PER_BUFFER 50 / 200 / 400 (default 100) with the step in mlx-lm's order, E2B 4-bit,
             # a process each (~5 min)
