@@ -1552,10 +1552,12 @@ def test_disable_list(monkeypatch):
     # functions are CUDA's only); mv_close / qmv_close: on on CUDA since session 24, CUDA only (as
     # attention_fused); norm_pair_close: on on CUDA since session 25 (26B-A4B 4-bit's step faster with it);
     # qkv_norm_rope (session 28) and ple_combine_q (session 29): on on CUDA since session 30, unmeasured on Metal;
-    # embed / embed_q (session 30): on on CUDA since session 31 (the step no slower), unmeasured on Metal
-    default = {"ple_tail"}
+    # embed / embed_q (session 30): on on CUDA since session 31 (the step no slower), unmeasured on Metal;
+    # qkv_joined (session 38): off on both until a GPU has timed it
+    default = {"ple_tail", "qkv_joined"}
     with dispatch.force_backend("cuda"):
         assert dispatch.disabled_kernels() == default | {"mv_residual", "qmv_residual"}
+        assert dispatch.is_disabled("qkv_joined") and not dispatch.is_disabled("qkv_norm_rope")
         assert not dispatch.is_disabled("attention_prefix_q") and not dispatch.is_disabled("qmv_close_gate")
         assert not dispatch.is_disabled("qkv_norm_rope") and not dispatch.is_disabled("ple_combine_q")
         assert not dispatch.is_disabled("embed") and not dispatch.is_disabled("embed_q")
@@ -1581,7 +1583,7 @@ def test_disable_list(monkeypatch):
         assert "mv" in dispatch.disabled_kernels() and "ple_tail" not in dispatch.disabled_kernels()
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "-qmv_residual")
     with dispatch.force_backend("cuda"):
-        assert dispatch.disabled_kernels() == {"ple_tail", "mv_residual"}
+        assert dispatch.disabled_kernels() == {"ple_tail", "mv_residual", "qkv_joined"}
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "qmv, q_norm_rope")
     calls = []
 
