@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from gemma4_mlx import Model, parse_config, step_context
 from gemma4_mlx.presets import preset_config
@@ -1537,8 +1537,10 @@ def test_packed_quantized_weights_in_the_compiled_step(monkeypatch):
     monkeypatch.setenv("GEMMA4_MLX_QPACK", "1")
     decode.decoder_for(model)  # packs the projections: no second copy of them once it is built
     gc.collect()
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    assert abs(mx.get_active_memory() - memory) < 0.05 * weights, (mx.get_active_memory() - memory, weights)
+    packed_bytes = sum(m[k].nbytes for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)
+                       for k in ("weight", "scales", "biases"))
+    # a second copy would be all of packed_bytes more; the decoder's own small state (its scalars' stack, ...) is not
+    assert mx.get_active_memory() - memory < 0.25 * packed_bytes, (mx.get_active_memory() - memory, packed_bytes)
     tokens, rows, _ = _greedy(model, prompt, 6, monkeypatch, compiled=True)
     assert tokens == want_tokens
     np.testing.assert_array_equal(rows, want_rows)

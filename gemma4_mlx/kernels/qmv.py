@@ -291,12 +291,15 @@ def _probe(key):
     return args + (dispatch.probe_normal((MM, 1, N), 23, dtype),) if epi == GATE else args
 
 
+def _packing_mark(w, scales, biases) -> tuple:
+    """("packed",) where a launch will take the weights' buffer (a class key's mark: its own kernel, its
+    own self-check), else ()."""
+    return () if packed_buffer(w, scales, biases) is None else ("packed",)
+
+
 def _with_packing(key: Optional[tuple], w, scales, biases) -> Optional[tuple]:
-    """A class key with "packed" last where the launch will take the weights' buffer (its own class:
-    its own kernel, its own self-check)."""
-    if key is None or packed_buffer(w, scales, biases) is None:
-        return key
-    return (*key, "packed")
+    """A class key with the packing mark last."""
+    return None if key is None else (*key, *_packing_mark(w, scales, biases))
 
 
 def quantized_matvec(x, w, scales, biases, group_size: int, bits: int, *, fallback=None) -> mx.array:
@@ -420,8 +423,7 @@ def quantized_matvec_close(x, w, scales, biases, group_size: int, bits: int, res
     ``qmv`` or ``residual_norm`` is)."""
     base = _class_key(x, w, scales, biases, group_size, bits)
     close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, scalar, next_weight)
-    packed = ("packed",) if packed_buffer(w, scales, biases) is not None else ()
-    key = None if close is None else (*base[:5], "close", *packed, *close)
+    key = None if close is None else (*base[:5], "close", *_packing_mark(w, scales, biases), *close)
     return dispatch.run("qmv_close", key, quantized_matvec_close_reference, quantized_matvec_close_kernel,
                         _close_probe, x, w, scales, biases, group_size, bits, residual, norm_weight, scalar, eps,
                         next_weight, fallback=fallback)
@@ -490,8 +492,7 @@ def quantized_matvec_close_gate(x, w, scales, biases, group_size: int, bits: int
     base = _class_key(x, w, scales, biases, group_size, bits)
     close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, None, None)
     gate = None if close is None else _gate_key(x, w.shape[0], gw, gscales, gbiases, gate_group_size, gate_bits, z)
-    packed = ("packed",) if packed_buffer(w, scales, biases) is not None else ()
-    key = None if gate is None else (*base[:5], "close_gate", *packed, close[0], *gate)
+    key = None if gate is None else (*base[:5], "close_gate", *_packing_mark(w, scales, biases), close[0], *gate)
     return dispatch.run("qmv_close_gate", key, quantized_matvec_close_gate_reference,
                         quantized_matvec_close_gate_kernel, _close_gate_probe, x, w, scales, biases, group_size, bits,
                         residual, norm_weight, eps, gw, gscales, gbiases, gate_group_size, gate_bits, z,
