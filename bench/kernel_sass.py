@@ -29,6 +29,10 @@ from gemma4_mlx.kernels import cuda_build, dispatch, nvrtc  # noqa: E402
 KERNELS = {
     "qmv": dict(inputs=["x", "w", "scales", "biases", "z", "b", "nw", "ls", "nn", "eps"], outputs=["y", "hout"],
                 dtypes={"w": mx.uint32, "eps": mx.float32}, ndims={"x": 3}),
+    # qmv over one buffer of words, scales and biases (QPACK), as its bare form launches it
+    "qmv_packed": dict(body="qmv", inputs=["x", "w"], outputs=["y"], defines=[("NO_PROLOGUE_INPUTS", 1), ("NO_Z", 1),
+                                                                             ("QPACK", 1)],
+                       dtypes={"w": mx.uint32}, ndims={"x": 3}),
     "mv": dict(inputs=["x", "w", "z", "b", "nw", "ls", "nn", "eps"], outputs=["y", "hout"],
                dtypes={"eps": mx.float32}, ndims={"x": 3}),
     # the closing forms (mv.py / qmv.py's matvec_close: the product and its sublayer's close)

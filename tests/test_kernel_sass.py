@@ -41,6 +41,21 @@ def test_qmv_default_layouts_fit_registers(sass, bits, epi, K):
     assert res["REG"] <= (64 if split > 1 else 80), res
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("epi", [mv.PLAIN, mv.GEGLU])
+@pytest.mark.parametrize("K", [1536, 5376, 21504])
+def test_qmv_packed_forms_keep_their_registers(sass, bits, epi, K):
+    """The form over one buffer (QPACK, on by default on CUDA since session 38) as its launch builds it: no
+    local memory, and within 80 registers. It takes more than the three-input form where K is split (74-80
+    against 64: its row sizes come from K and it holds two more pointers), 3 blocks of 256 threads an SM
+    where that form has 4; measured so on the H200 it was the faster (docs/benchmarks.md, session 38)."""
+    rows, split, wpl = qmv.quantized_layout(K, bits, 64, epi=epi)
+    template = dict(T="bfloat16", BITS=bits, GS=64, ROWS=rows, SPLIT=split, WPL=wpl, MM=1, EPI=epi, PRO=0, HD=1, LOOP=1)
+    res = sass.resources(sass.build("qmv_packed", template))
+    assert res["STACK"] == 0 and res["LOCAL"] == 0, res
+    assert res["REG"] <= 80, res
+
+
 @pytest.mark.parametrize("D,RT", [(256, 8), (512, 4)])  # Gemma 4's sliding and global layers, one query
 def test_attention_partial_keeps_its_arrays_in_registers(sass, D, RT):
     """Pass 1's q rows, value tile and sums stay in registers (its first form kept its sums in
