@@ -11,7 +11,9 @@
 # host 0.6-1.2 us each (bench/input_cost.py); a 4-bit projection's three arrays in one input (GEMMA4_MLX_QPACK, on on
 # CUDA) took E2B 4-bit to 2.95x-3.03x in mlx-lm's order (2.80x without), 2.75x end to end; E2B bf16 @32k 3.23x; 31B
 # bf16 1.49x. In order:
-#   0. `check` (~8 min, PARITY_S=540): the full parity run with QPACK on (its own part `qpack` ran a subset).
+#   0. `check` (~8 min, PARITY_S=540): the full parity run with QPACK on (its own part `qpack` ran a subset); then
+#      `qpack` again: its "-qpack" line now runs the three-input form at its 64 registers (session 38's took 76-78),
+#      and the packed form takes 74-80 (a K-templated one compiled to 74: worth a line if 31B's GPU time moves).
 #   1. `qkvjoined` (~6 min): qkv_joined, written in session 38 and off: its parity, then E2B in mlx-lm's order; on by
 #      default on CUDA if faster. Then fewer distinct inputs a launch, each timed with PIPE=1 against its line: the closes' norm weights and the
 #      layer scalar (cw / cn / ls: three distinct arrays a close; one per-layer buffer with offsets), qmv_close_gate's
