@@ -112,23 +112,32 @@ def _launch(pair: bool, x, xv, weight, inv_freq, offset, eps):
     )
 
 
-def qkv_norm_rope_kernel(q, k, v, q_weight, k_weight, inv_freq, offset, eps):
-    """Kernel version of :func:`qkv_norm_rope_reference` (same signature): q's rows, then k's
-    and v's, a warp each, in one launch."""
-    B, L, H, D = q.shape
-    HK = k.shape[2]
-    kern = dispatch.get_kernel("norm_rope", ["x", "xk", "xv", "w", "wk", "inv_freq", "offset", "eps"],
-                               ["out", "kout", "vout"], defines=[("KV_PAIR", 0), ("QKV", 1)], variant="qkv")
+def _qkv_launch(activations: list, names: list, joined: bool, H: int, HK: int, q_weight, k_weight, inv_freq, offset,
+                eps):
+    """The qkv form of norm_rope over ``activations`` (q, k, v; or, ``joined``, the joined product in
+    heads): queries (B, H, L, D), keys and values (B, HK, L, D)."""
+    x = activations[0]
+    B, L, _, D = x.shape
+    kern = dispatch.get_kernel("norm_rope", [*names, "w", "wk", "inv_freq", "offset", "eps"], ["out", "kout", "vout"],
+                               defines=[("KV_PAIR", 0), ("QKV", 1), *([("QKV_JOINED", 1)] if joined else [])],
+                               variant="qkv_joined" if joined else "qkv")
     return kern(
-        inputs=[q, k, v, q_weight, k_weight, inv_freq.astype(mx.float32), offset_array(offset),
+        inputs=[*activations, q_weight, k_weight, inv_freq.astype(mx.float32), offset_array(offset),
                 dispatch.constant(eps, mx.float32)],
-        template=[("T", q.dtype), ("D", D), ("H", H), ("HK", HK)],
+        template=[("T", x.dtype), ("D", D), ("H", H), ("HK", HK)],
         grid=(ceil_to(B * L * (H + HK) * 32, TG), 1, 1),
         threadgroup=(TG, 1, 1),
         output_shapes=[(B, H, L, D), (B, HK, L, D), (B, HK, L, D)],
-        output_dtypes=[q.dtype] * 3,
+        output_dtypes=[x.dtype] * 3,
         **dispatch.init_kwargs(),
     )
+
+
+def qkv_norm_rope_kernel(q, k, v, q_weight, k_weight, inv_freq, offset, eps):
+    """Kernel version of :func:`qkv_norm_rope_reference` (same signature): q's rows, then k's
+    and v's, a warp each, in one launch."""
+    return _qkv_launch([q, k, v], ["x", "xk", "xv"], False, q.shape[2], k.shape[2], q_weight, k_weight, inv_freq,
+                       offset, eps)
 
 
 def split_heads(heads, H: int, HK: int) -> tuple:
@@ -149,19 +158,7 @@ def qkv_norm_rope_joined_kernel(heads, H: int, HK: int, q_weight, k_weight, inv_
     """Kernel version of :func:`qkv_norm_rope_joined_reference` (same signature): the qkv form
     reading q's, k's and v's heads from ``heads`` itself (``QKV_JOINED``): one input where the split
     views were three, and no Split or Slice primitives before it at every token."""
-    B, L, _, D = heads.shape
-    kern = dispatch.get_kernel("norm_rope", ["x", "w", "wk", "inv_freq", "offset", "eps"], ["out", "kout", "vout"],
-                               defines=[("KV_PAIR", 0), ("QKV", 1), ("QKV_JOINED", 1)], variant="qkv_joined")
-    return kern(
-        inputs=[heads, q_weight, k_weight, inv_freq.astype(mx.float32), offset_array(offset),
-                dispatch.constant(eps, mx.float32)],
-        template=[("T", heads.dtype), ("D", D), ("H", H), ("HK", HK)],
-        grid=(ceil_to(B * L * (H + HK) * 32, TG), 1, 1),
-        threadgroup=(TG, 1, 1),
-        output_shapes=[(B, H, L, D), (B, HK, L, D), (B, HK, L, D)],
-        output_dtypes=[heads.dtype] * 3,
-        **dispatch.init_kwargs(),
-    )
+    return _qkv_launch([heads], ["x"], True, H, HK, q_weight, k_weight, inv_freq, offset, eps)
 
 
 def q_norm_rope_kernel(q, weight, inv_freq, offset, eps):
