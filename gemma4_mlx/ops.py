@@ -182,8 +182,8 @@ def takes_qkv_joined() -> bool:
 
 def qkv_norm_rope_joined(heads: mx.array, H: int, HK: int, q_weight: mx.array, k_weight: mx.array,
                          inv_freq: mx.array, freqs: mx.array, offset: Offset, eps: float):
-    """:func:`qkv_norm_rope` of a joined q/k/v projection's output in heads (B, L, HT, D): one launch
-    over ``heads`` itself where :func:`takes_qkv_joined`, else (and as its fallback) the split views'."""
+    """:func:`qkv_norm_rope` of a joined q/k/v projection's output in heads (B, L, HT, D), where
+    :func:`takes_qkv_joined`: one launch over ``heads`` itself; its fallback, the split views'."""
 
     kern = _gpu_kernels()
 

@@ -774,12 +774,11 @@ def test_quantized_matvec_packed_kernels(M, N, K_, bits, gs, dtype):
             (K.quantized_matvec_gate_kernel(x, w, s, b, gs, bits, z),
              K.quantized_matvec_gate_reference(x, w, s, b, gs, bits, z), "gate")):
         assert_close(got, want, dtype, f"packed {what}")
-    if N <= 2816:  # the closing forms' widths (mv.CLOSE_MAX_WIDTH)
-        res = rnd((M, 1, N), dtype, 2.0, seed=45)
-        nw, nn = (1 + rnd((N,), mx.float32, 0.3, seed=46)).astype(dtype), (1 + rnd((N,), mx.float32, 0.3, seed=47)).astype(dtype)
-        args = (x, w, s, b, gs, bits, res, nw, None, 1e-6, nn)
-        for g, r in zip(K.quantized_matvec_close_kernel(*args), K.quantized_matvec_close_reference(*args)):
-            assert_close(g, r, dtype, "packed close")
+    res = rnd((M, 1, N), dtype, 2.0, seed=45)  # every case's N is within the closing forms' widths
+    nw, nn = (1 + rnd((N,), mx.float32, 0.3, seed=46)).astype(dtype), (1 + rnd((N,), mx.float32, 0.3, seed=47)).astype(dtype)
+    args = (x, w, s, b, gs, bits, res, nw, None, 1e-6, nn)
+    for g, r in zip(K.quantized_matvec_close_kernel(*args), K.quantized_matvec_close_reference(*args)):
+        assert_close(g, r, dtype, "packed close")
     # the buffer, not the views' own arrays: doubled scales written only into a second buffer registered for them
     w3, s3, b3 = _packed_views(q, s, b, scales_in_buffer=(s * 2).astype(dtype))
     doubled = K.quantized_matvec_reference(x, w3, (s3 * 2).astype(dtype), b3, gs, bits)

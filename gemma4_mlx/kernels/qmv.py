@@ -283,7 +283,7 @@ def _probe(key):
     N, K = _probe_shape(key[3], bits)
     wf = dispatch.probe_normal((2 * N if epi == GEGLU else N, K), 21, mx.float32, 0.05)
     w, s, b = mx.quantize(wf, group_size=gs, bits=bits)
-    w, s, b = w, s.astype(dtype), b.astype(dtype)
+    s, b = s.astype(dtype), b.astype(dtype)
     if key[-1] == "packed":
         w, s, b = _packed_probe(w, s, b)
     x = dispatch.probe_normal((MM, 1, K), 22, dtype)  # the decode step's (B, L, K)
@@ -409,7 +409,7 @@ def _close_probe(key):
     N, scaled, nxt = key[-3:]
     _, K = _probe_shape(key[3], bits)
     w, s, b = mx.quantize(dispatch.probe_normal((N, K), 49, mx.float32, 0.05), group_size=gs, bits=bits)
-    w, s, b = w, s.astype(dtype), b.astype(dtype)
+    s, b = s.astype(dtype), b.astype(dtype)
     if key[6] == "packed":
         w, s, b = _packed_probe(w, s, b)
     x = dispatch.probe_normal((MM, 1, K), 50, dtype)
@@ -473,7 +473,7 @@ def _close_gate_probe(key):
     N, P, gate_bits, gate_gs = key[-4:]
     _, K = _probe_shape(key[3], bits)
     w, s, b = mx.quantize(dispatch.probe_normal((N, K), 49, mx.float32, 0.05), group_size=gs, bits=bits)
-    w, s, b = w, s.astype(dtype), b.astype(dtype)
+    s, b = s.astype(dtype), b.astype(dtype)
     if key[6] == "packed":
         w, s, b = _packed_probe(w, s, b)
     x = dispatch.probe_normal((MM, 1, K), 50, dtype)
