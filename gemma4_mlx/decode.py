@@ -779,11 +779,17 @@ class CompiledDecoder:
         return self.switches == _switches() and self.snapshot.current()
 
     def collect_kernels(self, args) -> list:
-        """Dry-run the step (a graph that is never evaluated): the kernels it would use."""
+        """Dry-run the step (a graph that is never evaluated): the kernels it would use, one entry a
+        kernel and shape class (the first call site's). Every layer's call of a class is collected; the
+        builds' prefetch made each one's probe, ~0.4 s of E2B 4-bit's first token on the H200 (session
+        39's profile: 430 packed probes, an evaluation each, for ~30 classes)."""
         needed: list = []
         with _context(self.joined, collect=needed, transposed=self.transposed, scalars=self.scalars):
             self._forward(*args)
-        return needed
+        distinct: dict = {}
+        for entry in needed:
+            distinct.setdefault(entry[1], entry)
+        return list(distinct.values())
 
     def _check_kernels(self, args) -> None:
         """Self-check every kernel the step uses, outside any trace: once per step signature,

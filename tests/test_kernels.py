@@ -1254,6 +1254,30 @@ def test_good_kernel_checked_once_and_no_sync_on_hot_path(monkeypatch):
     assert len(calls) == 2
 
 
+def test_the_builds_prefetch_probes_each_kernel_class_once(monkeypatch):
+    """``prefetch`` (the builds started before the first step's checks) makes one probe a kernel and shape
+    class, however many call sites the dry run met it at, and none for a class already checked: a probe
+    can evaluate (a packed 4-bit probe does), and E2B 4-bit's 430 of them for ~30 classes took ~0.4 s
+    of its first token on the H200 (session 39)."""
+    from gemma4_mlx.kernels import cuda_build
+
+    monkeypatch.setattr(cuda_build, "enabled", lambda: True)
+    probed = []
+
+    def probe(class_key):
+        probed.append(class_key)
+        return (mx.arange(4, dtype=mx.float32),)
+
+    needed = [(name, (name, "cuda", i), None, lambda x: x * 2, probe, (i,))
+              for i, name in enumerate(["a", "b", "c"])]
+    dispatch.reset()
+    dispatch._verdicts[needed[2][1]] = (True, "")
+    with dispatch.force_backend("cuda"):
+        dispatch.prefetch(needed * 5)
+    assert sorted(probed) == [(0,), (1,)], probed
+    dispatch.reset()
+
+
 def test_check_all_passes_the_passing_checks_together_and_the_rest_alone(monkeypatch):
     """``check_all`` (a decode step's kernels before its trace) passes the checks that pass in one
     evaluation, the kernels that count their blocks among them, each with zeroed counters of its
@@ -1552,11 +1576,11 @@ def test_disable_list(monkeypatch):
     # attention_fused); norm_pair_close: on on CUDA since session 25 (26B-A4B 4-bit's step faster with it);
     # qkv_norm_rope (session 28) and ple_combine_q (session 29): on on CUDA since session 30, unmeasured on Metal;
     # embed / embed_q (session 30): on on CUDA since session 31 (the step no slower), unmeasured on Metal;
-    # qkv_joined (session 38): off on both until a GPU has timed it
-    default = {"ple_tail", "qkv_joined"}
+    # qkv_joined (session 38): on on CUDA since session 39 (the step faster in mlx-lm's order), unmeasured on Metal
+    default = {"ple_tail"}
     with dispatch.force_backend("cuda"):
         assert dispatch.disabled_kernels() == default | {"mv_residual", "qmv_residual"}
-        assert dispatch.is_disabled("qkv_joined") and not dispatch.is_disabled("qkv_norm_rope")
+        assert not dispatch.is_disabled("qkv_joined") and not dispatch.is_disabled("qkv_norm_rope")
         assert not dispatch.is_disabled("attention_prefix_q") and not dispatch.is_disabled("qmv_close_gate")
         assert not dispatch.is_disabled("qkv_norm_rope") and not dispatch.is_disabled("ple_combine_q")
         assert not dispatch.is_disabled("embed") and not dispatch.is_disabled("embed_q")
@@ -1567,7 +1591,7 @@ def test_disable_list(monkeypatch):
         assert dispatch.disabled_kernels() == default | {"mv", "qmv", "scale", "geglu", "mv_close", "qmv_close",
                                                          "norm_pair_close", "attention_fused", "qkv_norm_rope",
                                                          "ple_combine_q", "embed", "attention_prefix_q",
-                                                         "qmv_close_gate"}
+                                                         "qmv_close_gate", "qkv_joined"}
         assert dispatch.is_disabled("mv_geglu") and dispatch.is_disabled("embed_q")
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "")
     assert dispatch.disabled_kernels() == frozenset()
@@ -1582,7 +1606,7 @@ def test_disable_list(monkeypatch):
         assert "mv" in dispatch.disabled_kernels() and "ple_tail" not in dispatch.disabled_kernels()
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "-qmv_residual")
     with dispatch.force_backend("cuda"):
-        assert dispatch.disabled_kernels() == {"ple_tail", "mv_residual", "qkv_joined"}
+        assert dispatch.disabled_kernels() == {"ple_tail", "mv_residual"}
     monkeypatch.setenv("GEMMA4_MLX_KERNELS_DISABLE", "qmv, q_norm_rope")
     calls = []
 
@@ -1650,7 +1674,7 @@ def test_scale_takes_any_rank_through_rows(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("B,L,H,HK,D,k_eq_v", [(1, 1, 8, 1, 256, False), (1, 1, 2, 1, 512, True), (2, 3, 4, 2, 128, False)])
 def test_qkv_norm_rope_joined_kernel(B, L, H, HK, D, k_eq_v, dtype):
-    """qkv_joined (off by default): the qkv form reading q's, k's and v's heads from the joined projection's
+    """qkv_joined (on by default on CUDA since session 39): the qkv form reading q's, k's and v's heads from the joined projection's
     output itself, against qkv_norm_rope's reference over the split views (v is k where the layer has no v
     projection); per-sequence offsets."""
     heads = rnd((B, L, H + HK * (1 if k_eq_v else 2), D), dtype, 3.0, seed=51)

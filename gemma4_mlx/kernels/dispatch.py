@@ -187,7 +187,12 @@ def active_backend() -> str | None:
 # on E2B) is on on CUDA since session 36: its kernel's parity passed on the H200 (12 cases, 3 dtypes)
 # and E2B 4-bit's step in mlx-lm's order read 5.72 ms against 5.82 (4 rounds of 5 faster; 264 launches
 # against 299); CUDA only (the closing forms' fence and atomics).
-DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,qmv_residual,qkv_joined",
+# "qkv_joined" (session 38: a writing layer's norms + RoPE reading the joined q/k/v product itself, no Split /
+# Slice views before it) is on on CUDA since session 39: its parity passed on the H200 and the step in mlx-lm's
+# order was faster in 7 of 9 comparisons (E2B 4-bit 2.91x / 2.82x, 2.84x / 2.72x stock; E2B bf16 2.69x / 2.60x,
+# 2.89x / 2.81x; E4B 4-bit 3.02x / 2.75x, 3.01x / 2.84x; E4B bf16 3.16x / 2.98x; slower: E2B 4-bit 2.92x / 3.00x,
+# a bimodal E4B bf16 run 2.08x / 2.42x). Off on Metal (not measured there).
+DEFAULT_DISABLED = {"cuda": "mv_residual,ple_tail,qmv_residual",
                     "metal": "mv,qmv,ple_tail,attention_prefix_q,scale,geglu,attention_fused,mv_close,qmv_close,"
                              "norm_pair_close,qkv_norm_rope,ple_combine_q,embed,qmv_close_gate,qkv_joined"}
 
@@ -678,9 +683,11 @@ def prefetch(needed: Sequence[tuple]) -> None:
     builds take time worth hiding (Metal compiles in milliseconds)."""
     if active_backend() != "cuda" or not cuda_build.enabled():
         return
+    seen = set()
     with cuda_build.prefetch():
         for name, key, reference, kernel, probe, class_key in needed:
-            if key not in _verdicts:
+            if key not in _verdicts and key not in seen:
+                seen.add(key)
                 try:
                     kernel(*probe(class_key))
                 except Exception:  # noqa: BLE001 - the self-check reports it properly later
