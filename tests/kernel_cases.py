@@ -87,8 +87,12 @@ def cases(dtypes=DTYPES):
                 (dt, bits, gs, qmv.quantized_layout(1536, bits, gs), 1, mv.GEGLU, 1, 1536, False, True))
             yield qmv.quantized_residual_matvec_kernel, qmv._residual_probe(
                 (dt, bits, gs, qmv.quantized_layout(2560, bits, gs, 1), 1, mv.GATE, 2, 2560, True, False))
-            # a PLE layer's down projection, its close and its gate in one launch (qmv_close_gate): E2B's widths
+            # a PLE layer's down projection, its close and its gate in one launch (qmv_close_gate): E2B's widths;
+            # apart, then both the product's and the gate's arrays packed (QPACK, GATE_QPACK)
             yield qmv.quantized_matvec_close_gate_kernel, qmv._close_gate_probe(
-                (dt, bits, gs, qmv.quantized_layout(6144, bits, gs), 1, "close_gate", 1536, 256, bits, gs))
+                (dt, bits, gs, qmv.quantized_layout(6144, bits, gs), 1, "close_gate", 1536, 256, bits, gs, False))
+            yield qmv.quantized_matvec_close_gate_kernel, qmv._close_gate_probe(
+                (dt, bits, gs, qmv.quantized_layout(6144, bits, gs), 1, "close_gate", "packed", 1536, 256, bits, gs,
+                 True))
         for HD, scaled, nxt in ((1536, True, True), (1536, True, False), (2560, True, True), (2560, False, False)):
             yield MODULES["ple_tail"].ple_tail_kernel, MODULES["ple_tail"]._probe((dt, dt, dt, HD, 256, scaled, nxt))

@@ -1556,8 +1556,10 @@ def test_packed_quantized_weights_in_the_compiled_step(monkeypatch):
     assert dec.counts["traces"] == 1
     packed = {id(m) for _, m in model.named_modules()
               if qmv.packed_buffer(m.get("weight"), m.get("scales"), m.get("biases")) is not None}
-    # o / down / PLE projections of every layer (q/k/v and gate/up: their joins' buffers)
+    # o / down / PLE projections of every layer (q/k/v and gate/up: their joins' buffers), the PLE gate among them
+    # (qmv_close_gate takes its buffer too: GATE_QPACK)
     assert id(o_proj) in packed and id(model.layers[0].mlp.down_proj) in packed
+    assert id(model.layers[0].per_layer_input_gate) in packed
     joins = [j for j in dec.joined.values() if j.packed]
     assert joins and all(qmv.packed_buffer(j.joint["weight"], j.joint["scales"], j.joint["biases"]) is not None
                          for j in joins)

@@ -473,20 +473,42 @@ def test_matvec_closing_forms(emulated, monkeypatch, K, N, M):
     assert len(seen) == 4 * (1 + (q is not None)) and not any(c.any() for c in seen)
 
 
+def _packed_views(w, s, b, buffer_of=None):
+    """(w, scales, biases) as the decoder leaves them with QPACK on: views of one registered buffer;
+    ``buffer_of``: other (w, s, b) whose buffer is registered for these views (a launch that reads the
+    views' own arrays would not see it)."""
+    buffer = qmv.pack(w, s, b)
+    views = qmv.unpack(buffer, w.shape, s.shape, s.dtype)
+    other = buffer if buffer_of is None else qmv.pack(*buffer_of)
+    mx.eval(buffer, other, *views)
+    qmv.register_packed(other, *views)
+    return views
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["apart", "packed"])
 @pytest.mark.parametrize("K,N,P,M,bits,gs", [(512, 256, 64, 1, 4, 64), (1024, 512, 300, 3, 4, 32),
                                              (640, 384, 40, 1, 8, 128)])
-def test_matvec_close_with_the_ple_gate(emulated, monkeypatch, K, N, P, M, bits, gs):
+def test_matvec_close_with_the_ple_gate(emulated, monkeypatch, K, N, P, M, bits, gs, packed):
     """qmv_close_gate (a PLE layer's down projection, its close and the PLE gate of the closed row in
     one launch, the gate made by the closing block) equals the close's reference and the gate's
     reference of its result, for one and several rows, more gate rows than a block's threads among
-    them; the counter is left zero."""
+    them; the counter is left zero. "packed": the product's and the gate's arrays each views of one
+    registered buffer (QPACK, GATE_QPACK: the launch takes the two buffers), the gate's scales doubled
+    in its buffer alone, so the gate must read them from there."""
     seen = _counters_seen(monkeypatch, mv.CLOSE_COUNTER_SLOTS)
     q, s, b = mx.quantize(_rnd((N, K), 61, 0.05), group_size=64, bits=4)
     gq, gsc, gbi = mx.quantize(_rnd((P, N), 62, 0.05), group_size=gs, bits=bits)
     x, res, nw, z = _rnd((M, 1, K), 63), _rnd((M, 1, N), 64, 2.0), 1 + _rnd((N,), 65, 0.3), _rnd((M, 1, P), 66)
+    gate_scales = gsc
+    if packed:
+        q, s, b = _packed_views(q, s, b)
+        gq, gsc, gbi = _packed_views(gq, gsc, gbi, buffer_of=(gq, gsc * 2, gbi))
+        gate_scales = gsc * 2
+        key = qmv._gate_key(x, N, gq, gsc, gbi, gs, bits, z)
+        assert key is not None and key[-1] and qmv.packed_buffer(q, s, b) is not None
     args = (x, q, s, b, 64, 4, res, nw, 1e-6, gq, gsc, gbi, gs, bits, z)
     got = qmv.quantized_matvec_close_gate_kernel(*args)
-    want = qmv.quantized_matvec_close_gate_reference(*args)
+    want = qmv.quantized_matvec_close_gate_reference(*args[:10], gate_scales, *args[11:])
     _close(got[0], want[0], "qmv_close_gate: the closed row", atol=1e-4)
     _close(got[1], want[1], "qmv_close_gate: the gate", atol=1e-4)
     assert len(seen) == 1 and not seen[0].any()

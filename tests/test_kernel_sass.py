@@ -114,6 +114,20 @@ def test_closing_forms_build_within_their_registers(sass, quantized, CH):
     assert res["REG"] <= 80, res
 
 
+@pytest.mark.parametrize("name", ["qmv_close_gate", "qmv_close_gate_packed"])
+def test_close_with_the_ple_gate_builds_within_its_registers(sass, name):
+    """qmv_close_gate at E2B's widths (4-bit down projection 6,144 -> 1,536, its 256-row gate) with its arrays
+    apart and with the product's and the gate's each in one buffer (QPACK, GATE_QPACK; 64 registers each,
+    the packed form without the other's 8 bytes of stack) within the closing forms' 80."""
+    rows, split, wpl = qmv.quantized_layout(6144, 4, 64)
+    template = dict(T="bfloat16", BITS=4, GS=64, ROWS=rows, SPLIT=split, WPL=wpl, MM=1, EPI=0, PRO=0, HD=1, LOOP=1,
+                    CH=1536, GBITS=4, GGS=64)
+    res = sass.resources(sass.build(name, template))
+    assert res["LOCAL"] == 0 and res["REG"] <= 80, res
+    if name.endswith("packed"):
+        assert res["STACK"] == 0, res
+
+
 def test_moe_close_in_place_builds_without_local_memory(sass):
     """norm_pair's form with the layer's close (norm_pair_close, 26B-A4B's width, 8 experts mixed)
     compiles for sm_90 as our CUDA path builds it, the row in registers, no local memory."""

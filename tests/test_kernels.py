@@ -726,9 +726,12 @@ def test_quantized_matvec_close_gate_kernel(K_, N, P, M, bits, dtype):
     # the gate's words also as a view 4 bytes into a buffer: row-contiguous, so MLX hands the kernel that
     # pointer as it is, and the body reads the words one at a time (its 16-byte loads need 16-byte rows)
     shifted = mx.concatenate([mx.zeros((1,), dtype=mx.uint32), gq.reshape(-1)])[1:].reshape(gq.shape)
-    for gw, where in ((gq, "aligned"), (shifted, "shifted")):
-        args = (x, q, s.astype(dtype), b.astype(dtype), 64, 4, res, nw, 1e-6, gw, gs.astype(dtype), gb.astype(dtype),
-                64, bits, z)
+    s, b, gs, gb = s.astype(dtype), b.astype(dtype), gs.astype(dtype), gb.astype(dtype)
+    # and the product's and the gate's arrays each views of one registered buffer (QPACK, GATE_QPACK)
+    packed = (*_packed_views(q, s, b), *_packed_views(gq, gs, gb))
+    for q_, s_, b_, gw, gs_, gb_, where in ((q, s, b, gq, gs, gb, "aligned"), (q, s, b, shifted, gs, gb, "shifted"),
+                                           (*packed, "packed")):
+        args = (x, q_, s_, b_, 64, 4, res, nw, 1e-6, gw, gs_, gb_, 64, bits, z)
         got, want = K.quantized_matvec_close_gate_kernel(*args), K.quantized_matvec_close_gate_reference(*args)
         assert_close(got[0], want[0], dtype, f"qmv_close_gate h {K_} {N} {P} {M} {where}")
         assert_close(got[1], want[1], dtype, f"qmv_close_gate gate {K_} {N} {P} {M} {where}")

@@ -383,24 +383,29 @@ def close_launch(name: str, product: list, template: list, x, N: int, residual, 
     array) pairs, ``template`` its product's template. The new residual, and with ``next_weight``
     its next norm too; None where the counter cannot be made (inside a transformation that has not
     seen one yet). ``gate`` (qmv only): (w, scales, biases, group_size, bits, z) of a PLE gate the
-    closing block makes from each closed row (matvec_close.inc's CLOSE_GATE), returned last.
+    closing block makes from each closed row (matvec_close.inc's CLOSE_GATE), returned last; its
+    scales and biases None where its w is their :func:`.qmv.pack` buffer (GATE_QPACK).
     ``packed`` (qmv only): ``product``'s w is the buffer of :func:`.qmv.pack` (``QPACK``)."""
     counter = dispatch.block_counter(CLOSE_COUNTER, CLOSE_COUNTER_SLOTS)
     if counter is None:
         return None
     nxt = next_weight is not None
     gated = gate is not None
+    gate_packed = gated and gate[1] is None
+    gate_inputs = ["gw", "gz"] if gate_packed else ["gw", "gsc", "gbi", "gz"]
     k = dispatch.get_kernel(name, [*(n for n, _ in product), "res", "cw", "ls", *(["cn"] if nxt else []), "eps",
-                                   "counter", *(["gw", "gsc", "gbi", "gz"] if gated else [])],
+                                   "counter", *(gate_inputs if gated else [])],
                             ["hout", *(["nout"] if nxt else []), *(["gout"] if gated else [])],
                             defines=[("MATVEC_CLOSE", 1), ("CLOSE_NO_NEXT", int(not nxt)),
-                                     *([("CLOSE_GATE", 1)] if gated else []), *([("QPACK", 1)] if packed else [])],
+                                     *([("CLOSE_GATE", 1)] if gated else []), *([("QPACK", 1)] if packed else []),
+                                     *([("GATE_QPACK", 1)] if gate_packed else [])],
                             variant=("close" if nxt else "close_out") + ("_gate" if gated else "")
-                            + ("_packed" if packed else ""))
+                            + ("_packed" if packed else "") + ("_gpacked" if gate_packed else ""))
     ls = dispatch.unit(x.dtype) if scalar is None else scalar.reshape(-1)
     out = k(
         inputs=[*(a for _, a in product), residual, norm_weight, ls, *([next_weight] if nxt else []),
-                dispatch.constant(eps, mx.float32), counter, *((gate[0], gate[1], gate[2], gate[5]) if gated else ())],
+                dispatch.constant(eps, mx.float32), counter,
+                *(() if not gated else (gate[0], gate[5]) if gate_packed else (gate[0], gate[1], gate[2], gate[5]))],
         template=[*template, ("CH", N), *((("GBITS", gate[4]), ("GGS", gate[3])) if gated else ())],
         grid=grid,
         threadgroup=(TG, 1, 1),

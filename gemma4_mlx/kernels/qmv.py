@@ -441,8 +441,10 @@ def quantized_matvec_close_gate_reference(x, w, scales, biases, group_size: int,
 
 def quantized_matvec_close_gate_kernel(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight,
                                        eps: float, gw, gscales, gbiases, gate_group_size: int, gate_bits: int, z):
+    gate_buffer = packed_buffer(gw, gscales, gbiases)
+    gate = (gw, gscales, gbiases) if gate_buffer is None else (gate_buffer, None, None)
     out = _close_launch(x, w, scales, biases, group_size, bits, residual, norm_weight, None, eps, None,
-                        gate=(gw, gscales, gbiases, gate_group_size, gate_bits, z))
+                        gate=(*gate, gate_group_size, gate_bits, z))
     if out is None:
         return quantized_matvec_close_gate_reference(x, w, scales, biases, group_size, bits, residual, norm_weight,
                                                      eps, gw, gscales, gbiases, gate_group_size, gate_bits, z)
@@ -454,8 +456,9 @@ CLOSE_GATE_MAX_WIDTH = 8192
 
 
 def _gate_key(x, N: int, gw, gscales, gbiases, gate_group_size: int, gate_bits: int, z) -> Optional[tuple]:
-    """The gate's part of a close-and-gate class key, (P, bits, group size), or None where the closing
-    block cannot take it (its loads: 16 bytes of a row at a time, each within one group)."""
+    """The gate's part of a close-and-gate class key, (P, bits, group size, whether its arrays are views of
+    one registered buffer: the launch then takes the buffer, GATE_QPACK), or None where the closing block
+    cannot take it (its loads: 16 bytes of a row at a time, each within one group)."""
     if N > CLOSE_GATE_MAX_WIDTH or gw.dtype != mx.uint32 or gw.ndim != 2 or gate_bits not in (4, 8):
         return None
     if gate_group_size not in (32, 64, 128) or N % gate_group_size or gw.shape[1] * (32 // gate_bits) != N:
@@ -465,12 +468,12 @@ def _gate_key(x, N: int, gw, gscales, gbiases, gate_group_size: int, gate_bits: 
     P = gw.shape[0]
     if z.dtype != x.dtype or tuple(z.shape) != (*x.shape[:-1], P):
         return None
-    return (P, gate_bits, gate_group_size)
+    return (P, gate_bits, gate_group_size, packed_buffer(gw, gscales, gbiases) is not None)
 
 
 def _close_gate_probe(key):
     dtype, bits, gs, MM = dispatch.dtype_from_key(key[0]), key[1], key[2], key[4]
-    N, P, gate_bits, gate_gs = key[-4:]
+    N, P, gate_bits, gate_gs, gate_packed = key[-5:]
     _, K = _probe_shape(key[3], bits)
     w, s, b = mx.quantize(dispatch.probe_normal((N, K), 49, mx.float32, 0.05), group_size=gs, bits=bits)
     s, b = s.astype(dtype), b.astype(dtype)
@@ -479,8 +482,11 @@ def _close_gate_probe(key):
     x = dispatch.probe_normal((MM, 1, K), 50, dtype)
     residual, nw, _, eps, _ = close_probe(dtype, MM, N, False, False)
     gw, gs_, gb = mx.quantize(dispatch.probe_normal((P, N), 51, mx.float32, 0.05), group_size=gate_gs, bits=gate_bits)
+    gs_, gb = gs_.astype(dtype), gb.astype(dtype)
+    if gate_packed:
+        gw, gs_, gb = _packed_probe(gw, gs_, gb)
     z = dispatch.probe_normal((MM, 1, P), 52, dtype)
-    return (x, w, s, b, gs, bits, residual, nw, eps, gw, gs_.astype(dtype), gb.astype(dtype), gate_gs, gate_bits, z)
+    return (x, w, s, b, gs, bits, residual, nw, eps, gw, gs_, gb, gate_gs, gate_bits, z)
 
 
 def quantized_matvec_close_gate(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, eps: float,
