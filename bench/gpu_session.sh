@@ -7,20 +7,18 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 39): issue 14. One GPU is enough (nvidia-h200). Session 38: a launch's distinct inputs cost the
-# host 0.6-1.2 us each (bench/input_cost.py); a 4-bit projection's three arrays in one input (GEMMA4_MLX_QPACK, on on
-# CUDA) took E2B 4-bit to 2.95x-3.03x in mlx-lm's order (2.80x without), 2.75x end to end; E2B bf16 @32k 3.23x; 31B
-# bf16 1.49x. In order:
-#   0. `check` (~8 min, PARITY_S=540): the full parity run with QPACK on (its own part `qpack` ran a subset); then
-#      `qpack` again: its "-qpack" line now runs the three-input form at its 64 registers (session 38's took 76-78),
-#      and the packed form takes 74-80 (a K-templated one compiled to 74: worth a line if 31B's GPU time moves).
-#   1. `qkvjoined` (~6 min): qkv_joined, written in session 38 and off: its parity, then E2B in mlx-lm's order; on by
-#      default on CUDA if faster. Then fewer distinct inputs a launch, each timed with PIPE=1 against its line: the closes' norm weights and the
-#      layer scalar (cw / cn / ls: three distinct arrays a close; one per-layer buffer with offsets), qmv_close_gate's
-#      gate matrix packed too (3 -> 1), the attention's per-layer inputs; a second output packed with its first.
-#   2. `Q=4 NEW=128 RUNS=3 e2e` and E2B bf16 @32k end to end (3x at 32k met in the warm harness only).
-#   3. The first token after load() in a fresh `generate` (1.40x, 1.07 / 0.77 s): `ttft` reads level in process,
-#      so profile the CLI's path between load() and the first token.
+# Next visit (session 40): issue 14. One GPU is enough (nvidia-h200). Session 39: qkv_joined on by default on CUDA
+# (faster in 7 of 9 comparisons), E2B 4-bit 2.72x-3.00x in mlx-lm's order, 2.51x end to end on a fresh machine; the
+# first token after load() 1.51x stock's, with 0.39 s of it the builds' prefetch probing every call site (430 packed
+# probes; one a class since). In order:
+#   0. `check` (~6 min, PARITY_S=500): the full parity run with qkv_joined and GATE_QPACK (qmv_close_gate taking the
+#      PLE gate's packed buffer, session 39, unrun on a GPU) on.
+#   1. `Q=4 ttft` (~2.5 min): the first token after load() with the prefetch's probes one a class (session 39's
+#      profile: prefetch 0.39 s, the joint check 0.19 s, the fill's async_eval 0.52 s); then `Q=4 NEW=128 RUNS=2 e2e`.
+#   2. `qpack` (FAMILIES="e2b 4;e4b 4", ROUNDS=9): "-qpack" now also takes GATE_QPACK away. Then fewer distinct
+#      inputs a launch, each timed with PIPE=1: the closes' norm weights and layer scalar (cw / cn / ls: three distinct
+#      arrays a close, one per-layer buffer), the attention's per-layer inputs, a second output packed with its first.
+#   3. E2B bf16 @32k end to end (3x at 32k met in the warm harness only); 31B bf16 (1.49x, 0.1 ms short of 1.5x).
 # Timings seen on the H200: check ~7.5 min (8 processes, session 31), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
