@@ -1260,8 +1260,9 @@ def test_good_kernel_checked_once_and_no_sync_on_hot_path(monkeypatch):
 def test_the_builds_prefetch_probes_each_kernel_class_once(monkeypatch):
     """``prefetch`` (the builds started before the first step's checks) makes one probe a kernel and shape
     class, however many call sites the dry run met it at, and none for a class already checked: a probe
-    can evaluate (a packed 4-bit probe does), and E2B 4-bit's 430 of them for ~30 classes took ~0.4 s
-    of its first token on the H200 (session 39)."""
+    can evaluate (a packed 4-bit probe does), and E2B 4-bit's 430 of them for ~30 classes took ~0.2 s
+    of its first token on the H200 (session 39). The checks that follow (at load, then at the first step)
+    take the prefetch's probes, and a verdict drops its class's probe."""
     from gemma4_mlx.kernels import cuda_build
 
     monkeypatch.setattr(cuda_build, "enabled", lambda: True)
@@ -1277,7 +1278,13 @@ def test_the_builds_prefetch_probes_each_kernel_class_once(monkeypatch):
     dispatch._verdicts[needed[2][1]] = (True, "")
     with dispatch.force_backend("cuda"):
         dispatch.prefetch(needed * 5)
-    assert sorted(probed) == [(0,), (1,)], probed
+        assert sorted(probed) == [(0,), (1,)], probed
+        dispatch.prefetch(needed)  # a second prefetch (the first step's, after load's) makes none
+        assert len(probed) == 2 and set(dispatch._probes) == {needed[0][1], needed[1][1]}
+        checks = [(n, k, lambda x: x * 2, kernel, p, c) for n, k, _, kernel, p, c in needed]
+        dispatch.check_all(checks)  # passed together, with the probes made above
+    assert len(probed) == 2 and not dispatch._probes, probed
+    assert all(dispatch.verdicts()[n[1]] == (True, "") for n in needed)
     dispatch.reset()
 
 

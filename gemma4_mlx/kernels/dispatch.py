@@ -59,6 +59,10 @@ _mode_override: str | None = None
 _backend_override: str | None = None  # test hook: "metal" | "cuda" | "none"
 _verdicts: dict[tuple, tuple[bool, str]] = {}
 _warned: set[tuple] = set()
+# A kernel class's self-check arguments, made once where its build starts (prefetch: at load, then at the
+# first step) and handed to its check, then dropped with its verdict. A probe is not free: a packed 4-bit
+# one packs and evaluates its weights (session 39's profile of E2B 4-bit's first token).
+_probes: dict[tuple, tuple] = {}
 _kernel_cache: dict[tuple, object] = {}
 _impl_override: dict[str, Callable] = {}
 _body_override: dict[str, str] = {}
@@ -323,6 +327,7 @@ def reset() -> None:
         _verdicts.clear()
         _warned.clear()
         _kernel_cache.clear()
+        _probes.clear()
 
 
 def verdicts() -> dict[tuple, tuple[bool, str]]:
@@ -670,10 +675,28 @@ def run(
     return other(*args)
 
 
+def _probe_args(key: tuple, probe: Callable, class_key: tuple) -> tuple:
+    """``probe(class_key)``, made once a class until its verdict (:data:`_probes`)."""
+    args = _probes.get(key)
+    if args is None:
+        args = probe(class_key)
+        with _lock:
+            _probes[key] = args
+    return args
+
+
+def _settle(key: tuple, verdict: tuple) -> None:
+    """Record ``key``'s verdict (a first one stays) and drop its probe."""
+    with _lock:
+        _verdicts.setdefault(key, verdict)
+        _probes.pop(key, None)
+
+
 def _check(name, key, reference, kernel, probe, class_key) -> tuple[bool, str]:
-    verdict = self_check(name, key, reference, kernel, probe(class_key))
+    verdict = self_check(name, key, reference, kernel, _probe_args(key, probe, class_key))
     with _lock:
         _verdicts[key] = verdict
+        _probes.pop(key, None)
     return verdict
 
 
@@ -689,7 +712,7 @@ def prefetch(needed: Sequence[tuple]) -> None:
             if key not in _verdicts and key not in seen:
                 seen.add(key)
                 try:
-                    kernel(*probe(class_key))
+                    kernel(*_probe_args(key, probe, class_key))
                 except Exception:  # noqa: BLE001 - the self-check reports it properly later
                     pass
 
@@ -708,7 +731,7 @@ def _check_together(todo: Sequence[tuple]) -> None:
         if key in _verdicts or key in checked:
             continue
         try:
-            args = probe(class_key)
+            args = _probe_args(key, probe, class_key)
             _private_counters.on = True
             try:
                 outs = _as_list(kernel(*args))
@@ -730,8 +753,7 @@ def _check_together(todo: Sequence[tuple]) -> None:
     at = 0
     for key, outputs in checked.items():
         if not any(off[at:at + outputs]):
-            with _lock:
-                _verdicts.setdefault(key, (True, ""))
+            _settle(key, (True, ""))
         at += outputs
 
 
