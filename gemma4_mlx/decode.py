@@ -778,18 +778,24 @@ class CompiledDecoder:
     def current(self) -> bool:
         return self.switches == _switches() and self.snapshot.current()
 
-    def collect_kernels(self, args) -> list:
-        """Dry-run the step (a graph that is never evaluated): the kernels it would use, one entry a
-        kernel and shape class (the first call site's). Every layer's call of a class is collected; the
-        builds' prefetch made each one's probe, ~0.4 s of E2B 4-bit's first token on the H200 (session
-        39's profile: 430 packed probes, an evaluation each, for ~30 classes)."""
+    def collect_kernels(self, args) -> tuple:
+        """Dry-run the step (a graph that is never evaluated): ``(needed, fallbacks)``, the kernels it
+        would use and those it would use only where one of them fails its check (met only in their
+        fallbacks: :func:`.kernels.dispatch.check_all`), one entry a kernel and shape class (the first
+        call site's). Every layer's call of a class is collected; the builds' prefetch made each one's
+        probe, ~0.2 s of E2B 4-bit's first token on the H200 (session 39's profile: 430 packed probes,
+        an evaluation each, for ~30 classes)."""
         needed: list = []
-        with _context(self.joined, collect=needed, transposed=self.transposed, scalars=self.scalars):
+        with _context(self.joined, collect=needed, transposed=self.transposed, scalars=self.scalars) as step:
             self._forward(*args)
         distinct: dict = {}
         for entry in needed:
             distinct.setdefault(entry[1], entry)
-        return list(distinct.values())
+        fallbacks: dict = {}
+        for entry in step.fallback_collect:
+            if entry[1] not in distinct:
+                fallbacks.setdefault(entry[1], entry)
+        return list(distinct.values()), list(fallbacks.values())
 
     def _check_kernels(self, args) -> None:
         """Self-check every kernel the step uses, outside any trace: once per step signature,
@@ -800,7 +806,7 @@ class CompiledDecoder:
         inputs, _, _, _, buffers, ring_windows, groups = args
         signature = (inputs.shape, inputs.dtype, tuple(map(_SHAPE_AND_DTYPE, buffers)), ring_windows, groups)
         if signature not in self._checked:
-            dispatch.check_all(self.collect_kernels(args))
+            dispatch.check_all(*self.collect_kernels(args))
             self._checked.add(signature)
 
     @staticmethod
@@ -916,4 +922,4 @@ def prepare(model) -> None:
     model._eager(mx.zeros((1, 1), dtype=mx.int32), cache=cache)
     prepared = CompiledDecoder.step_args(cache, mx.zeros((1, 1), dtype=mx.int32), dec.packed_ints, dec.shared_slots)
     if prepared is not None:
-        dispatch.check_ahead(dec.collect_kernels(dec.device_ints(prepared[0])))
+        dispatch.check_ahead(dec.collect_kernels(dec.device_ints(prepared[0]))[0])

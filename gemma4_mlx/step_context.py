@@ -22,6 +22,10 @@ class _Context:
                  transposed: Optional[object] = None, scalars: Optional[object] = None):
         self.joined = joined
         self.collect = collect  # a dry run: record the kernels met, launch none
+        # the dry run's kernels met only inside the fallback of a kernel not known to fail (needed only if it
+        # fails its check: dispatch.run), and how deep in such fallbacks the dry run is
+        self.fallback_collect: list = []
+        self.fallback_depth = 0
         self.tracing = tracing  # inside mx.compile's trace: nothing may be evaluated
         self.transposed = transposed  # the step's weight transposes (decode.TransposedWeights)
         self.scalars = scalars  # the step's size-1 parameters, stacked (decode.StepScalars)
@@ -47,9 +51,10 @@ def _stack() -> List[_Context]:
 @contextlib.contextmanager
 def _context(joined, collect=None, tracing=False, transposed=None, scalars=None):
     stack = _stack()
-    stack.append(_Context(joined, collect, tracing, transposed, scalars))
+    context = _Context(joined, collect, tracing, transposed, scalars)
+    stack.append(context)
     try:
-        yield
+        yield context
     finally:
         stack.pop()
 

@@ -697,10 +697,10 @@ def test_kernel_checks_wait_for_the_first_step_by_default(monkeypatch):
 
     collected = []
 
-    def counted(needed):
+    def counted(needed, fallbacks=()):
         checks.append(threading.current_thread().name)
         collected.extend(needed)
-        return real(needed)
+        return real(needed, fallbacks)
 
     monkeypatch.setattr(dispatch, "check_all", counted)
     monkeypatch.setattr(dispatch, "ahead_when_forced", True)
@@ -1611,4 +1611,38 @@ def test_qkv_joined_reads_the_joined_projection_in_the_compiled_step(monkeypatch
     # the trace's call in every writing layer (and its self-check's; the dry run's fallback checks qkv_norm_rope too)
     assert calls.get("qkv_joined", 0) > sum(1 for p in model.args.plan if not p.is_kv_shared), calls
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    dispatch.reset()
+
+
+@pytest.mark.filterwarnings("ignore:gemma4_mlx kernel")
+@pytest.mark.parametrize("joined", ["passes", "fails"])
+def test_the_first_step_checks_a_fallback_only_where_its_kernel_fails(joined, monkeypatch):
+    """The dry run before the first step meets a fused kernel's fallback too (qkv_joined's: qkv_norm_rope over
+    the split views): its kernels are self-checked only where the fused one fails its check, since only then
+    does the traced step run them (sessions 36 and 38 checked them always, at the first token's cost). The
+    logits are the reference's either way. On the CPU the backend is forced and the references run."""
+    import gemma4_mlx.kernels as K
+    from gemma4_mlx.kernels import dispatch
+
+    if dispatch.active_backend() is not None:
+        pytest.skip("the wiring, on the CPU")
+    model = _kernel_shaped_model(seed=12)
+    ids = mx.array(np.random.default_rng(13).integers(0, model.args.vocab_size, size=(1, 20)))
+    truth = _logits_with_kernels(model, ids, 12, monkeypatch, "off", "", {}, False)
+
+    def broken(*args):
+        return [o + 1.0 for o in K.qkv_norm_rope_joined_reference(*args)]
+
+    calls: dict = {}
+    overrides = _counted(calls, {"qkv_norm_rope": K.qkv_norm_rope_reference,
+                                 "qkv_joined": K.qkv_norm_rope_joined_reference if joined == "passes" else broken,
+                                 "q_norm_rope": K.q_norm_rope_reference, "kv_norm_rope": K.kv_norm_rope_reference,
+                                 "residual_norm": K.residual_norm_reference, "scale": K.scale_reference})
+    disable = dispatch.DEFAULT_DISABLED["cuda"] + ",mv,qmv,attention,attention_prefix,ple_combine,ple_gate,geglu,embed"
+    got = _logits_with_kernels(model, ids, 12, monkeypatch, "auto", disable, overrides, False)
+    # a kernel the trace meets unchecked raises there (dispatch.run), so the fallback's was checked first
+    # where the step runs it; where it does not, it was neither checked nor run (no call at all)
+    assert calls.get("qkv_joined", 0) > 0 and calls.get("q_norm_rope", 0) > 0, calls
+    assert bool(calls.get("qkv_norm_rope")) == (joined == "fails"), calls
+    np.testing.assert_allclose(got, truth, rtol=1e-4, atol=1e-4)
     dispatch.reset()

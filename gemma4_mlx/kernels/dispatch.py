@@ -662,8 +662,16 @@ def run(
     step = active()
     if step is not None and step.collect is not None:
         if verdict is None:
-            step.collect.append((name, key, reference, kernel, probe, tuple(class_key)))
-        return other(*args)
+            (step.fallback_collect if step.fallback_depth else step.collect).append(
+                (name, key, reference, kernel, probe, tuple(class_key)))
+        if verdict is not None and not verdict[0]:
+            return other(*args)  # the fallback is what the step will run
+        # the fallback runs only if this kernel fails its check: what it meets is checked only then
+        step.fallback_depth += 1
+        try:
+            return other(*args)
+        finally:
+            step.fallback_depth -= 1
     if verdict is None:
         if step is not None and step.tracing:
             raise RuntimeError(f"gemma4_mlx kernel {name!r} {key[1:]} was not self-checked before the decode step was traced")
@@ -757,12 +765,21 @@ def _check_together(todo: Sequence[tuple]) -> None:
         at += outputs
 
 
-def check_all(needed: Sequence[tuple]) -> None:
+def check_all(needed: Sequence[tuple], fallbacks: Sequence[tuple] = ()) -> None:
     """Self-check every kernel a dry run of the decode step collected (``strict`` raises on the
     first failure; ``auto`` warns once per kernel and shape class). Checks started ahead
     (:func:`check_ahead`) are waited for; the builds of the rest run in parallel first, then the
     checks that pass are passed together (:func:`_check_together`) and the rest checked one at a
-    time."""
+    time. ``fallbacks``: the kernels the dry run met only in the fallbacks of ``needed`` (a fused
+    form's unfused launches), checked only where one of ``needed`` fails (its fallback will run);
+    where all pass, the step never launches them (session 36: the first step checked qmv_close and
+    qmv_gate beside qmv_close_gate, session 38 qkv_norm_rope beside qkv_joined)."""
+    _check_collected(needed)
+    if fallbacks and any(not _verdicts.get(n[1], (False,))[0] for n in needed):
+        _check_collected(fallbacks)
+
+
+def _check_collected(needed: Sequence[tuple]) -> None:
     mode = get_mode()
     wait_ahead()
     prefetch([n for n in needed if n[1] not in _verdicts])
