@@ -13,8 +13,10 @@
 # probes; one a class since). In order:
 #   0. `check` (~6 min, PARITY_S=500): the full parity run with qkv_joined and GATE_QPACK (qmv_close_gate taking the
 #      PLE gate's packed buffer, session 39, unrun on a GPU) on.
-#   1. `Q=4 ttft` (~2.5 min): the first token after load() with the prefetch's probes one a class (session 39's
-#      profile: prefetch 0.39 s, the joint check 0.19 s, the fill's async_eval 0.52 s); then `Q=4 NEW=128 RUNS=2 e2e`.
+#   1. `Q=4 ttft` (~2.5 min): the first token after load() with the prefetch's probes one a class, made once, and
+#      the fused kernels' fallbacks unchecked (session 39's profile before them: prefetch 0.39 s, the joint check
+#      0.19 s, the fill's async_eval 0.52 s); then `Q=4 NEW=128 RUNS=2 e2e` (load() 1.32x: the load-time prefetch
+#      made the same 430 probes).
 #   2. `qpack` (FAMILIES="e2b 4;e4b 4", ROUNDS=9): "-qpack" now also takes GATE_QPACK away. Then fewer distinct
 #      inputs a launch, each timed with PIPE=1: the closes' norm weights and layer scalar (cw / cn / ls: three distinct
 #      arrays a close, one per-layer buffer), the attention's per-layer inputs, a second output packed with its first.
