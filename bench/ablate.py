@@ -95,8 +95,11 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            # session 38: a 4/8-bit projection's words, scales and biases in one buffer (kernels/qmv.py's QPACK)
            ("ours -qpack", {"GEMMA4_MLX_QPACK": "0"}),
            ("ours +qpack", {"GEMMA4_MLX_QPACK": "1"}),
+           # session 39: qmv_close_gate taking the PLE gate's three arrays apart again (GATE_QPACK off)
+           ("ours -gate pack", {"GEMMA4_MLX_QPACK_GATE": "0"}),
            # session 38: a writing layer's norms + RoPE over the joined q/k/v product itself (no split views)
            ("ours +qkv joined", off(on=["qkv_joined"])),
+           ("ours -qkv joined", off("qkv_joined")),  # on by default on CUDA since session 39
            ("ours +attn fused", off(on=["attention_fused"])),  # session 23: attention in one launch a layer
            ("ours -attn fused", off("attention_fused")),  # its two passes (the default until session 28)
            # session 28: a cache-writing layer's q, k and v norms + RoPE in one launch (qkv_norm_rope, off by default);

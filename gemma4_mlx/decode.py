@@ -96,7 +96,7 @@ def _switches() -> tuple:
             switches.env(qmv.WPL_ENV), switches.env(SPLIT_KEYS_ENV),
             switches.env(TILE_ROWS_ENV), switches.env(BLOCKS_ENV), switches.env(COMBINE_TILES_ENV),
             switches.env(SPLIT_MAJOR_ENV), joining_enabled(), transposes_enabled(), kv_scatter_enabled(),
-            switches.env(qmv.PACK_ENV),
+            switches.env(qmv.PACK_ENV), switches.env(qmv.GATE_PACK_ENV),
             ops.expert_indices_enabled(), cuda_build.short_sources(), dispatch.form_signatures(), shared_slots_enabled(),
             step_ints.enabled(), mx.default_device())
 

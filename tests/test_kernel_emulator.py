@@ -512,6 +512,11 @@ def test_matvec_close_with_the_ple_gate(emulated, monkeypatch, K, N, P, M, bits,
     _close(got[0], want[0], "qmv_close_gate: the closed row", atol=1e-4)
     _close(got[1], want[1], "qmv_close_gate: the gate", atol=1e-4)
     assert len(seen) == 1 and not seen[0].any()
+    if packed:  # GEMMA4_MLX_QPACK_GATE=0 (the ablation): the gate's three views apart, its own scales
+        monkeypatch.setenv(qmv.GATE_PACK_ENV, "0")
+        assert not qmv._gate_key(x, N, gq, gsc, gbi, gs, bits, z)[-1]
+        apart = qmv.quantized_matvec_close_gate_kernel(*args)
+        _close(apart[1], qmv.quantized_matvec_close_gate_reference(*args)[1], "qmv_close_gate: the gate apart", atol=1e-4)
 
 
 def test_every_other_kernel_on_the_emulator():

@@ -150,6 +150,18 @@ def packing_enabled() -> bool:
     return raw not in switches.OFF_VALUES
 
 
+# GEMMA4_MLX_QPACK_GATE=0: qmv_close_gate takes the PLE gate's three arrays apart even where they are views of a
+# packed buffer (the ablation of GATE_QPACK, session 39; on by default wherever QPACK packs).
+GATE_PACK_ENV = "GEMMA4_MLX_QPACK_GATE"
+
+
+def _gate_buffer(gw, gscales, gbiases) -> Optional[mx.array]:
+    """The PLE gate's packed buffer where qmv_close_gate takes it (GATE_QPACK), else None."""
+    if not switches.env_flag(GATE_PACK_ENV, default=True):
+        return None
+    return packed_buffer(gw, gscales, gbiases)
+
+
 def pack(w, scales, biases) -> Optional[mx.array]:
     """The (N, C) uint32 buffer of ``w``'s N rows of words, then every row's scales, then every row's
     biases (lazy; :func:`unpack` reads the three back as views), or None where the layout does not
@@ -441,7 +453,7 @@ def quantized_matvec_close_gate_reference(x, w, scales, biases, group_size: int,
 
 def quantized_matvec_close_gate_kernel(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight,
                                        eps: float, gw, gscales, gbiases, gate_group_size: int, gate_bits: int, z):
-    gate_buffer = packed_buffer(gw, gscales, gbiases)
+    gate_buffer = _gate_buffer(gw, gscales, gbiases)
     gate = (gw, gscales, gbiases) if gate_buffer is None else (gate_buffer, None, None)
     out = _close_launch(x, w, scales, biases, group_size, bits, residual, norm_weight, None, eps, None,
                         gate=(*gate, gate_group_size, gate_bits, z))
@@ -468,7 +480,7 @@ def _gate_key(x, N: int, gw, gscales, gbiases, gate_group_size: int, gate_bits: 
     P = gw.shape[0]
     if z.dtype != x.dtype or tuple(z.shape) != (*x.shape[:-1], P):
         return None
-    return (P, gate_bits, gate_group_size, packed_buffer(gw, gscales, gbiases) is not None)
+    return (P, gate_bits, gate_group_size, _gate_buffer(gw, gscales, gbiases) is not None)
 
 
 def _close_gate_probe(key):
