@@ -17,7 +17,8 @@
 #      the fused kernels' fallbacks unchecked (session 39's profile before them: prefetch 0.39 s, the joint check
 #      0.19 s, the fill's async_eval 0.52 s); then `Q=4 NEW=128 RUNS=2 e2e` (load() 1.32x: the load-time prefetch
 #      made the same 430 probes).
-#   2. `qpack` (FAMILIES="e2b 4;e4b 4", ROUNDS=9): "-qpack" now also takes GATE_QPACK away. Then fewer distinct
+#   2. `qpack` (FAMILIES="e2b 4;e4b 4", ROUNDS=9): "-qpack" now also takes GATE_QPACK away, "-gate pack" it alone
+#      (GEMMA4_MLX_QPACK_GATE=0); on by default until a GPU says otherwise. Then fewer distinct
 #      inputs a launch, each timed with PIPE=1: the closes' norm weights and layer scalar (cw / cn / ls: three distinct
 #      arrays a close, one per-layer buffer), the attention's per-layer inputs, a second output packed with its first.
 #   3. E2B bf16 @32k end to end (3x at 32k met in the warm harness only); 31B bf16 (1.49x, 0.1 ms short of 1.5x).
@@ -438,8 +439,8 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
       -k "qmv or packed or quantiz or close"
     IFS=';' read -ra fams <<< "${FAMILIES:-e2b 4;e4b 4}"
     for pq in "${fams[@]}"; do
-      PIPE=1 CONFIGS="${CONFIGS:-stock,ours,ours -qpack}" ROUNDS=${ROUNDS:-5} STEPS=15 \
-        timeout ${QPACK_S:-150} python3 bench/ablate.py $pq 2>&1 | tail -16 | tee "$OUT/qpack-${pq// /-q}.txt"
+      PIPE=1 CONFIGS="${CONFIGS:-stock,ours,ours -qpack,ours -gate pack}" ROUNDS=${ROUNDS:-5} STEPS=15 \
+        timeout ${QPACK_S:-150} python3 bench/ablate.py $pq 2>&1 | tail -18 | tee "$OUT/qpack-${pq// /-q}.txt"
     done ;;
   qkvjoined) # session 38: qkv_joined (off by default): a writing layer's norms + RoPE over its joined q/k/v product itself
             # (one input where the split views were three, no Split / Slice before it): its parity with it on, then E2B
