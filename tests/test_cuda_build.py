@@ -121,7 +121,9 @@ def test_the_generated_signature_passes_shapes_and_contiguous_strides():
 def test_prepare_at_load_starts_every_kernel_build_of_the_decode_step(fresh_builds, monkeypatch, fused):
     """The dry run at load names the step's kernels and starts their builds (nothing is launched);
     the first decode step's self-checks then find them built. By default the attention is one
-    launch a layer (attention_fused, on since session 28); switched off, its two passes."""
+    launch a layer (attention_fused, on since session 28); switched off, its two passes. The kernels
+    only a fused form's fallback launches are not built (session 39: built only where that form fails
+    its check)."""
     from gemma4_mlx import Model, decode, parse_config
     from gemma4_mlx.presets import preset_config
 
@@ -134,14 +136,18 @@ def test_prepare_at_load_starts_every_kernel_build_of_the_decode_step(fresh_buil
     with dispatch.force_backend("cuda"):
         decode.prepare(model)
     names = {src.split("void __launch_bounds__(K_TG) ")[1].split("(")[0] for src, _ in cuda_build._builds}
-    # norm+RoPE for q and k/v, the attention (fused, or both passes; "attention_prefix_q", on on CUDA since
-    # session 36, gives the KV-shared layers' pass 1 the q norm under the same function names), PLE, the
-    # sublayer closes (residual_norm, on by default since session 15), the float matvec's plain and gated
-    # forms (on since session 20); nothing switched off (the 4-bit matvec on float weights, the PLE tail)
+    # the writing layers' norms + RoPE over the joined q/k/v product (qkv_joined, on on CUDA since session 39),
+    # the attention (fused, or both passes; "attention_prefix_q", on on CUDA since session 36, gives the KV-shared
+    # layers' pass 1 the q norm), the PLE combine, the embedding, the float matvec's plain and gated forms (on
+    # since session 20) and its closing forms (the sublayer closes in the o / down / PLE products' launches);
+    # nothing switched off (the 4-bit matvec on float weights, the PLE tail)
     attention = {"gemma4_attention_partial_fused"} if fused else {"gemma4_attention_partial_plain",
                                                                   "gemma4_attention_combine"}
-    assert {"gemma4_norm_rope_q", "gemma4_norm_rope_kv", "gemma4_ple_gate", "gemma4_ple_combine",
-            "gemma4_residual_norm", "gemma4_mv_bare", "gemma4_mv_gate"} | attention <= names, names
+    assert {"gemma4_norm_rope_qkv_joined", "gemma4_ple_combine", "gemma4_embed", "gemma4_mv_bare", "gemma4_mv_gate",
+            "gemma4_mv_close", "gemma4_mv_close_out"} | attention <= names, names
+    # only the fallbacks of those: q / k-v norms apart (qkv_joined's, attention_prefix_q's), the PLE gate's own
+    # launch (mv_gate's), the closes' own launch (mv_close's)
+    assert not {"gemma4_norm_rope_q", "gemma4_norm_rope_kv", "gemma4_ple_gate", "gemma4_residual_norm"} & names, names
     other = {"gemma4_attention_partial_plain", "gemma4_attention_combine", "gemma4_attention_partial_fused"} - attention
     assert not other & names, names
     assert not any(n.startswith(("gemma4_qmv", "gemma4_ple_tail")) for n in names), names
