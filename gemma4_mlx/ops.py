@@ -175,7 +175,7 @@ def qkv_norm_rope(q: mx.array, k: mx.array, v: mx.array, q_weight: mx.array, k_w
 
 def takes_qkv_joined() -> bool:
     """Whether a cache-writing layer's norms + RoPE read its joined q/k/v projection's output
-    itself here (:func:`qkv_norm_rope_joined`; ``qkv_joined``, off by default)."""
+    itself here (:func:`qkv_norm_rope_joined`; ``qkv_joined``, on by default on CUDA since session 39)."""
     kern = _gpu_kernels()
     return kern is not None and not kern.is_disabled("qkv_joined")
 
