@@ -44,20 +44,14 @@ KERNELS = {
                       outputs=["hout", "nout"], defines=[("MATVEC_CLOSE", 1), ("CLOSE_NO_NEXT", 0)],
                       dtypes={"w": mx.uint32, "eps": mx.float32, "counter": mx.int32},
                       ndims={"x": 3, "res": 3, "cw": 1, "ls": 1, "cn": 1, "eps": 1, "counter": 1}),
-    # a PLE layer's down projection, its close and its PLE gate (qmv.py's quantized_matvec_close_gate): the arrays
-    # apart, then the product's and the gate's each in one buffer (QPACK, GATE_QPACK)
+    # a PLE layer's down projection, its close and its PLE gate (qmv.py's quantized_matvec_close_gate), its arrays
+    # apart (the packed form below the table)
     "qmv_close_gate": dict(body="qmv", inputs=["x", "w", "scales", "biases", "res", "cw", "ls", "eps", "counter", "gw",
                                                "gsc", "gbi", "gz"],
                            outputs=["hout", "gout"], defines=[("MATVEC_CLOSE", 1), ("CLOSE_NO_NEXT", 1),
                                                               ("CLOSE_GATE", 1)],
                            dtypes={"w": mx.uint32, "eps": mx.float32, "counter": mx.int32, "gw": mx.uint32},
                            ndims={"x": 3, "res": 3, "cw": 1, "ls": 1, "eps": 1, "counter": 1, "gz": 3}),
-    "qmv_close_gate_packed": dict(body="qmv", inputs=["x", "w", "res", "cw", "ls", "eps", "counter", "gw", "gz"],
-                                  outputs=["hout", "gout"],
-                                  defines=[("MATVEC_CLOSE", 1), ("CLOSE_NO_NEXT", 1), ("CLOSE_GATE", 1), ("QPACK", 1),
-                                           ("GATE_QPACK", 1)],
-                                  dtypes={"w": mx.uint32, "eps": mx.float32, "counter": mx.int32, "gw": mx.uint32},
-                                  ndims={"x": 3, "res": 3, "cw": 1, "ls": 1, "eps": 1, "counter": 1, "gz": 3}),
     # a MoE layer's feed-forward output with the layer's close (moe.py's norm_pair_close, FORM 2)
     "norm_pair_close": dict(body="norm_pair", inputs=["x", "x2", "mw", "w1", "w2", "s1", "eps", "res", "cw", "ls", "cn"],
                             outputs=["hout", "nout"], defines=[("PAIR_MIX", 1), ("PAIR_CLOSE", 1), ("CLOSE_NO_NEXT", 0)],
@@ -101,6 +95,11 @@ KERNELS = {
     "residual_norm": dict(inputs=["res", "branch", "w", "ls", "wn", "eps"], outputs=["out", "nrm"],
                           dtypes={"eps": mx.float32}, ndims={"res": 2, "branch": 2, "w": 1, "ls": 1, "wn": 1, "eps": 1}),
 }
+# qmv_close_gate with the product's and the gate's arrays each in one buffer (QPACK, GATE_QPACK)
+KERNELS["qmv_close_gate_packed"] = dict(
+    KERNELS["qmv_close_gate"], inputs=["x", "w", "res", "cw", "ls", "eps", "counter", "gw", "gz"],
+    defines=KERNELS["qmv_close_gate"]["defines"] + [("QPACK", 1), ("GATE_QPACK", 1)])
+
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 

@@ -5,11 +5,25 @@ from __future__ import annotations
 
 import sys
 
+import mlx.core as mx
+
 import gemma4_mlx.kernels as K
 
 MODULES = {n: sys.modules[f"gemma4_mlx.kernels.{n}"]
            for n in ("rope", "attention", "ple", "residual", "mv", "qmv", "ple_tail", "scalar", "moe", "embed")}
 DTYPES = ["mlx.core.float32", "mlx.core.float16", "mlx.core.bfloat16"]
+
+
+def packed_views(w, s, b, buffer_of=None):
+    """(w, scales, biases) as the decoder leaves them with QPACK on: views of one registered buffer
+    (qmv's own probe does it). ``buffer_of``: other (w, scales, biases) whose buffer is registered for
+    these views instead, so a launch that read the views' own arrays would not see it."""
+    views = MODULES["qmv"]._packed_probe(w, s, b)
+    if buffer_of is not None:
+        other = MODULES["qmv"].pack(*buffer_of)
+        mx.eval(other)
+        MODULES["qmv"].register_packed(other, *views)
+    return views
 
 
 def _mv_layout(rows_split, epi):

@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import kernel_cases
 from kernel_emulator import GXX, emulated_cuda
 
 from gemma4_mlx.kernels import dispatch, mv, qmv
@@ -473,18 +474,6 @@ def test_matvec_closing_forms(emulated, monkeypatch, K, N, M):
     assert len(seen) == 4 * (1 + (q is not None)) and not any(c.any() for c in seen)
 
 
-def _packed_views(w, s, b, buffer_of=None):
-    """(w, scales, biases) as the decoder leaves them with QPACK on: views of one registered buffer;
-    ``buffer_of``: other (w, s, b) whose buffer is registered for these views (a launch that reads the
-    views' own arrays would not see it)."""
-    buffer = qmv.pack(w, s, b)
-    views = qmv.unpack(buffer, w.shape, s.shape, s.dtype)
-    other = buffer if buffer_of is None else qmv.pack(*buffer_of)
-    mx.eval(buffer, other, *views)
-    qmv.register_packed(other, *views)
-    return views
-
-
 @pytest.mark.parametrize("packed", [False, True], ids=["apart", "packed"])
 @pytest.mark.parametrize("K,N,P,M,bits,gs", [(512, 256, 64, 1, 4, 64), (1024, 512, 300, 3, 4, 32),
                                              (640, 384, 40, 1, 8, 128)])
@@ -501,8 +490,8 @@ def test_matvec_close_with_the_ple_gate(emulated, monkeypatch, K, N, P, M, bits,
     x, res, nw, z = _rnd((M, 1, K), 63), _rnd((M, 1, N), 64, 2.0), 1 + _rnd((N,), 65, 0.3), _rnd((M, 1, P), 66)
     gate_scales = gsc
     if packed:
-        q, s, b = _packed_views(q, s, b)
-        gq, gsc, gbi = _packed_views(gq, gsc, gbi, buffer_of=(gq, gsc * 2, gbi))
+        q, s, b = kernel_cases.packed_views(q, s, b)
+        gq, gsc, gbi = kernel_cases.packed_views(gq, gsc, gbi, buffer_of=(gq, gsc * 2, gbi))
         gate_scales = gsc * 2
         key = qmv._gate_key(x, N, gq, gsc, gbi, gs, bits, z)
         assert key is not None and key[-1] and qmv.packed_buffer(q, s, b) is not None

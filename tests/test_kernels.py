@@ -26,6 +26,8 @@ import gemma4_mlx.kernels as K
 from gemma4_mlx import step_context
 from gemma4_mlx.kernels import dispatch
 
+import kernel_cases
+
 ATT = sys.modules["gemma4_mlx.kernels.attention"]
 
 GPU = dispatch.active_backend() is not None
@@ -728,7 +730,7 @@ def test_quantized_matvec_close_gate_kernel(K_, N, P, M, bits, dtype):
     shifted = mx.concatenate([mx.zeros((1,), dtype=mx.uint32), gq.reshape(-1)])[1:].reshape(gq.shape)
     s, b, gs, gb = s.astype(dtype), b.astype(dtype), gs.astype(dtype), gb.astype(dtype)
     # and the product's and the gate's arrays each views of one registered buffer (QPACK, GATE_QPACK)
-    packed = (*_packed_views(q, s, b), *_packed_views(gq, gs, gb))
+    packed = (*kernel_cases.packed_views(q, s, b), *kernel_cases.packed_views(gq, gs, gb))
     for q_, s_, b_, gw, gs_, gb_, where in ((q, s, b, gq, gs, gb, "aligned"), (q, s, b, shifted, gs, gb, "shifted"),
                                            (*packed, "packed")):
         args = (x, q_, s_, b_, 64, 4, res, nw, 1e-6, gw, gs_, gb_, 64, bits, z)
@@ -737,22 +739,6 @@ def test_quantized_matvec_close_gate_kernel(K_, N, P, M, bits, dtype):
         assert_close(got[1], want[1], dtype, f"qmv_close_gate gate {K_} {N} {P} {M} {where}")
     counters = [c for (owner, _), c in dispatch._block_counters.items() if owner == "matvec_close"]
     assert counters and not any(np.array(c).any() for c in counters)
-
-
-def _packed_views(w, s, b, scales_in_buffer=None):
-    """(w, scales, biases) as the decoder leaves them with packing on: views of one registered buffer;
-    ``scales_in_buffer``: other scales written into the buffer than the views show (a kernel that reads
-    the views' own arrays would not see them)."""
-    buffer = K.qmv.pack(w, s, b)
-    views = K.qmv.unpack(buffer, w.shape, s.shape, s.dtype)
-    mx.eval(buffer, *views)
-    if scales_in_buffer is not None:
-        other = K.qmv.pack(w, scales_in_buffer, b)
-        mx.eval(other)
-        K.qmv.register_packed(other, *views)
-    else:
-        K.qmv.register_packed(buffer, *views)
-    return views
 
 
 @gpu_only
@@ -767,8 +753,8 @@ def test_quantized_matvec_packed_kernels(M, N, K_, bits, gs, dtype):
     x, z = rnd((M, 1, K_), dtype, seed=41), rnd((M, 1, N), dtype, seed=42)
     q, s, b = mx.quantize(rnd((N, K_), mx.float32, 0.05, seed=43), group_size=gs, bits=bits)
     q2, s2, b2 = mx.quantize(rnd((2 * N, K_), mx.float32, 0.05, seed=44), group_size=gs, bits=bits)
-    w, s, b = _packed_views(q, s.astype(dtype), b.astype(dtype))
-    w2, s2, b2 = _packed_views(q2, s2.astype(dtype), b2.astype(dtype))
+    w, s, b = kernel_cases.packed_views(q, s.astype(dtype), b.astype(dtype))
+    w2, s2, b2 = kernel_cases.packed_views(q2, s2.astype(dtype), b2.astype(dtype))
     assert K.qmv.packed_buffer(w, s, b) is not None and K.qmv.packed_buffer(q, s, b) is None
     for got, want, what in (
             (K.quantized_matvec_kernel(x, w, s, b, gs, bits), K.quantized_matvec_reference(x, w, s, b, gs, bits), "qmv"),
@@ -783,7 +769,7 @@ def test_quantized_matvec_packed_kernels(M, N, K_, bits, gs, dtype):
     for g, r in zip(K.quantized_matvec_close_kernel(*args), K.quantized_matvec_close_reference(*args)):
         assert_close(g, r, dtype, "packed close")
     # the buffer, not the views' own arrays: doubled scales written only into a second buffer registered for them
-    w3, s3, b3 = _packed_views(q, s, b, scales_in_buffer=(s * 2).astype(dtype))
+    w3, s3, b3 = kernel_cases.packed_views(q, s, b, buffer_of=(q, (s * 2).astype(dtype), b))
     doubled = K.quantized_matvec_reference(x, w3, (s3 * 2).astype(dtype), b3, gs, bits)
     assert_close(K.quantized_matvec_kernel(x, w3, s3, b3, gs, bits), doubled, dtype, "the buffer's scales")
     K.qmv.unregister_packed(w3)  # as a decoder built with packing switched off leaves the views

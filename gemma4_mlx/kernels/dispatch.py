@@ -701,11 +701,8 @@ def _settle(key: tuple, verdict: tuple) -> None:
 
 
 def _check(name, key, reference, kernel, probe, class_key) -> tuple[bool, str]:
-    verdict = self_check(name, key, reference, kernel, _probe_args(key, probe, class_key))
-    with _lock:
-        _verdicts[key] = verdict
-        _probes.pop(key, None)
-    return verdict
+    _settle(key, self_check(name, key, reference, kernel, _probe_args(key, probe, class_key)))
+    return _verdicts[key]
 
 
 def prefetch(needed: Sequence[tuple]) -> None:
@@ -714,11 +711,9 @@ def prefetch(needed: Sequence[tuple]) -> None:
     builds take time worth hiding (Metal compiles in milliseconds)."""
     if active_backend() != "cuda" or not cuda_build.enabled():
         return
-    seen = set()
     with cuda_build.prefetch():
         for name, key, reference, kernel, probe, class_key in needed:
-            if key not in _verdicts and key not in seen:
-                seen.add(key)
+            if key not in _verdicts:
                 try:
                     kernel(*_probe_args(key, probe, class_key))
                 except Exception:  # noqa: BLE001 - the self-check reports it properly later
