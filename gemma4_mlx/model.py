@@ -11,6 +11,7 @@ pure-MLX path (``GEMMA4_MLX_KERNELS``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
@@ -19,7 +20,15 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from . import decode, ops, step_context, switches
 from .cache import make_caches
-from .config import LayerPlan, ModelArgs
+from .config import LayerPlan, ModelArgs, RopePlan
+
+
+@functools.lru_cache(maxsize=None)
+def _rope_arrays(rope: RopePlan) -> Tuple[mx.array, mx.array]:
+    """(inv_freq, freqs) of ``rope``, one pair for every layer with the same RoPE: each array a kernel
+    takes is an input MLX's host records at every launch, and one every launch shares costs it about
+    half what a distinct one does (bench/input_cost.py): E2B's step took 35 copies of two arrays."""
+    return mx.array(rope.inv_freq), mx.array(rope.freqs)
 
 
 class MLP(nn.Module):
@@ -103,8 +112,7 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(d, eps=args.rms_norm_eps)
         self.eps = args.rms_norm_eps
         self.window = args.sliding_window if plan.is_sliding else 0
-        self._inv_freq = mx.array(plan.rope.inv_freq)
-        self._freqs = mx.array(plan.rope.freqs)
+        self._inv_freq, self._freqs = _rope_arrays(plan.rope)
 
     def first_projection(self, rows: int) -> Optional[nn.Module]:
         """The one projection that opens this attention (the joined q/k/v, or q alone in a

@@ -1,0 +1,53 @@
+"""bench/step_inputs.py counts the inputs and outputs of each launch in the GPU's decode step on the CPU,
+and leaves dispatch as it found it; and the layers that share one RoPE take one pair of frequency
+arrays (session 40: E2B's step took 35 copies, each a distinct input to MLX's host)."""
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import step_inputs  # noqa: E402
+
+from gemma4_mlx.config import parse_config  # noqa: E402
+from gemma4_mlx.kernels import dispatch  # noqa: E402
+from gemma4_mlx.model import Model  # noqa: E402
+from gemma4_mlx.presets import preset_config  # noqa: E402
+
+
+def test_counts_each_launch_of_the_gpu_step_and_restores_dispatch(monkeypatch):
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+    before = (dispatch.get_kernel, dispatch.self_check)
+    rec = step_inputs.record("tiny", True)
+    assert (dispatch.get_kernel, dispatch.self_check) == before
+    rows = step_inputs.classify(rec)
+    graph = step_inputs.graph_inputs(rec.dot)
+    # the Python-side record and MLX's graph see the same launches and inputs
+    assert graph["launches"] == len(rows) > 0
+    assert graph["inputs"] == sum(len(k) for _, k, _ in rows)
+    assert 0 < graph["constants"] < graph["inputs"] and graph["distinct"] + graph["shared"] == graph["constants"]
+    forms = {form for form, _, _ in rows}
+    assert any(f.startswith("qmv/close") for f in forms) and any(f.startswith("attention_partial") for f in forms)
+    kinds = {kind for _, k, _ in rows for _, kind, _ in k}
+    assert kinds == {"activation", "weight", "small", "counter"}
+    # a closing launch: its product's input is the step's, its norm weights constants
+    close = next(k for form, k, _ in rows if form.startswith("qmv/close"))
+    named = {n: kind for n, kind, _ in close}
+    assert named["x"] == "activation" and named["w"] == "weight" and named["cw"] == "small"
+    assert named["counter"] == "counter"
+    text = step_inputs.report(rows, graph)
+    assert "in MLX's graph" in text and "qmv/close" in text
+
+
+def test_layers_with_one_rope_share_its_arrays():
+    model = Model(parse_config(preset_config("tiny")))
+    attns = [layer.self_attn for layer in model.model.layers]
+    by_rope = {}
+    for a in attns:
+        by_rope.setdefault(a.plan.rope, []).append(a)
+    assert len(by_rope) >= 2  # sliding and full layers: two RoPEs
+    for group in by_rope.values():
+        assert all(a._inv_freq is group[0]._inv_freq and a._freqs is group[0]._freqs for a in group)
+    first, other = (g[0] for g in list(by_rope.values())[:2])
+    assert first._inv_freq is not other._inv_freq
+    assert mx.array_equal(first._inv_freq, mx.array(first.plan.rope.inv_freq))
