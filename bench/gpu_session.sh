@@ -7,21 +7,19 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 40): issue 14. One GPU is enough (nvidia-h200). Session 39: qkv_joined on by default on CUDA
-# (faster in 7 of 9 comparisons), E2B 4-bit 2.72x-3.00x in mlx-lm's order, 2.51x end to end on a fresh machine; the
-# first token after load() 1.51x stock's, with 0.39 s of it the builds' prefetch probing every call site (430 packed
-# probes; one a class since). In order:
-#   0. `check` (~6 min, PARITY_S=500): the full parity run with qkv_joined and GATE_QPACK (qmv_close_gate taking the
-#      PLE gate's packed buffer, session 39, unrun on a GPU) on.
-#   1. `Q=4 ttft` (~2.5 min): the first token after load() with the prefetch's probes one a class, made once, and
-#      the fused kernels' fallbacks unchecked (session 39's profile before them: prefetch 0.39 s, the joint check
-#      0.19 s, the fill's async_eval 0.52 s); then `Q=4 NEW=128 RUNS=2 e2e` (load() 1.32x: the load-time prefetch
-#      made the same 430 probes).
-#   2. `qpack` (FAMILIES="e2b 4;e4b 4", ROUNDS=9): "-qpack" now also takes GATE_QPACK away, "-gate pack" it alone
-#      (GEMMA4_MLX_QPACK_GATE=0); on by default until a GPU says otherwise. Then fewer distinct
-#      inputs a launch, each timed with PIPE=1: the closes' norm weights and layer scalar (cw / cn / ls: three distinct
-#      arrays a close, one per-layer buffer), the attention's per-layer inputs, a second output packed with its first.
-#   3. E2B bf16 @32k end to end (3x at 32k met in the warm harness only); 31B bf16 (1.49x, 0.1 ms short of 1.5x).
+# Next visit (session 41): issue 14. One GPU is enough (nvidia-h200). Session 40: parity passed with every default on
+# (one test's spies fixed); E2B 4-bit end to end decode 2.32x (stock bimodal: 1.77x-3.29x over the pairings), the first
+# token after load() 1.05x (1.51x before session 39's first-step fixes), load() 1.02x; 32k end to end 2.50x bf16 /
+# 2.35x 4-bit; ours' step is MLX's host recording 264 launches (~12.7 us each, stock's ~8.4): bench/step_inputs.py
+# counts 1,455 inputs and 401 outputs in E2B 4-bit's step. In order:
+#   0. `iocost` (~1.5 min): MLX's host cost of a distinct / shared input and of an output past the first against one
+#      packed output cut by a Split. It decides the next host work: the closes' two or three outputs as one (105 a
+#      step on E2B), attention's scratch as a shared input instead of an output (35), the closes' and attention's
+#      small constants (norm weights, eps, scale, params: ~580 inputs a step) packed a layer.
+#   1. `Q=4 ttft` (~2.5 min, its timeout at 200 s: session 40 cut it at 130 s before the default line and the
+#      cProfile ran): what is left of the first token after load() (1.05x end to end).
+#   2. 31B bf16 (1.49x in session 38, 0.1 ms short of 1.5x; GPU-bound) and E4B 4-bit / 31B prefill (1.3x not met).
+#   3. `check` once kernels change again (PARITY_S=480: ~6 min on 8 processes).
 # Timings seen on the H200: check ~7.5 min (8 processes, session 31), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
@@ -432,6 +430,11 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
       PIPE=1 CONFIGS="${CONFIGS:-stock,ours,ours +attn_q,ours +shared slots}" ROUNDS=${ROUNDS:-5} STEPS=15 \
         timeout ${PIPE_S:-170} python3 bench/ablate.py $pq 2>&1 | tail -16 | tee "$OUT/pipe-${pq// /-q}.txt"
     done ;;
+  iocost)   # session 40: MLX's host cost a launch of each distinct / shared input (bench/input_cost.py, session 38's
+            # lines), then of each output past the first against one packed output cut by a Split (OUTPUTS=1): whether
+            # E2B's 170 outputs past its launches' first (bench/step_inputs.py) are worth packing (~1.5 min)
+    timeout 100 python3 bench/input_cost.py 2>&1 | tail -7 | tee "$OUT/input_cost.txt"
+    OUTPUTS=1 timeout 100 python3 bench/input_cost.py 2>&1 | tail -7 | tee "$OUT/output_cost.txt" ;;
   qpack)    # session 38: a 4/8-bit projection's words, scales and biases in one buffer, one kernel input where there were
             # three (kernels/qmv.py's QPACK; bench/input_cost.py: ~0.6-1.2 us of host a distinct input a launch): its
             # parity on CUDA, then E2B / E4B 4-bit in mlx-lm's order with and without it (~8 min)

@@ -14,7 +14,14 @@ own (distinct, evaluated, never read), or the same EXTRA arrays shared by all la
 line the median over ROUNDS x STEPS steps of the replay ("call") and of async_eval's return
 ("encode"), per launch and per extra input.
 
+``OUTPUTS=1`` (session 40) times outputs instead: each launch of a chain writes K arrays that the
+next launch takes, either as K outputs of its own or as one output of K times the size that a Split
+cuts into K views. E2B's 4-bit step has 170 outputs past its launches' first (a close's new residual
+and next norm, the PLE gate, attention's scratch: bench/step_inputs.py); whether one packed output
+and its views cost the host less than the outputs they replace decides whether to pack them.
+
     python3 bench/input_cost.py            (on a CUDA machine)
+    OUTPUTS=1 python3 bench/input_cost.py
 """
 import os
 import statistics
@@ -68,7 +75,63 @@ def timed(fn, x, rounds: int, steps: int):
     return statistics.median(calls), statistics.median(encodes)
 
 
+def output_line(k: int, packed: bool):
+    """A chain of launches each taking the K arrays the one before wrote: K outputs, or (``packed``)
+    one output of K x 32 floats and a Split of it into K views."""
+    ins = [f"x{j}" for j in range(k)]
+    if packed:
+        body = "unsigned int i = threadIdx.x; " + " ".join(f"y[{32 * j} + i] = x{j}[i] + 1.0f;" for j in range(k))
+        outs = ["y"]
+    else:
+        body = "unsigned int i = threadIdx.x; " + " ".join(f"y{j}[i] = x{j}[i] + 1.0f;" for j in range(k))
+        outs = [f"y{j}" for j in range(k)]
+    kernel = mx.fast.cuda_kernel(name=f"output_cost_{k}_{int(packed)}", input_names=ins, output_names=outs,
+                                 source=body)
+
+    def step(x):
+        xs = [x] * k
+        for _ in range(LAUNCHES):
+            if packed:
+                y = kernel(inputs=xs, grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(32 * k,)],
+                           output_dtypes=[mx.float32])[0]
+                xs = mx.split(y, k) if k > 1 else [y]
+            else:
+                xs = kernel(inputs=xs, grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(32,)] * k,
+                            output_dtypes=[mx.float32] * k)
+        return xs[0] - LAUNCHES
+
+    return mx.compile(step)
+
+
+def main_outputs():
+    x = mx.zeros((32,), mx.float32)
+    mx.eval(x)
+    lines = [(1, False), (2, False), (2, True), (3, False), (3, True)]
+    fns = {spec: output_line(*spec) for spec in lines}
+    results = {spec: [] for spec in lines}
+    for _ in range(ROUNDS):
+        for spec, fn in fns.items():
+            results[spec].append(timed(fn, x, 1, STEPS))
+    print(f"{LAUNCHES} launches a step, {ROUNDS} x {STEPS} steps, mlx {mx.__version__}: us a launch (call / encode)")
+    base = None
+    for spec in lines:
+        call = statistics.median(c for c, _ in results[spec]) * 1e6 / LAUNCHES
+        encode = statistics.median(e for _, e in results[spec]) * 1e6 / LAUNCHES
+        k, packed = spec
+        label = f"{k} arrays a launch" + (", one output + Split" if packed else f", {k} outputs")
+        if base is None:
+            base = (call, encode)
+            print(f"  {label:36s} call {call:6.2f}  encode {encode:6.2f}")
+        else:
+            dc, de = (call - base[0]) / (k - 1), (encode - base[1]) / (k - 1)
+            print(f"  {label:36s} call {call:6.2f}  encode {encode:6.2f}   per array past the first: "
+                  f"call {dc:+.2f} encode {de:+.2f}")
+
+
 def main():
+    if os.environ.get("OUTPUTS") == "1":
+        main_outputs()
+        return
     x = mx.zeros((32,), mx.float32)
     mx.eval(x)
     lines = [(0, True), (2, True), (2, False), (6, True), (6, False)]
