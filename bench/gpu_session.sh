@@ -16,6 +16,8 @@
 #      packed output cut by a Split. It decides the next host work: the closes' two or three outputs as one (105 a
 #      step on E2B), attention's scratch as a shared input instead of an output (35), the closes' and attention's
 #      small constants (norm weights, eps, scale, params: ~580 inputs a step) packed a layer.
+#      `scratch` (~6 min): attention's scratch as that shared input (GEMMA4_MLX_ATTN_SCRATCH=1, written in session
+#      40, unrun on a GPU): its parity, then E2B / E4B 4-bit with and without it; on by default if it holds and helps.
 #   1. `Q=4 ttft` (~2.5 min, its timeout at 200 s: session 40 cut it at 130 s before the default line and the
 #      cProfile ran): what is left of the first token after load() (1.05x end to end).
 #   2. 31B bf16 (1.49x in session 38, 0.1 ms short of 1.5x; GPU-bound) and E4B 4-bit / 31B prefill (1.3x not met).
@@ -435,6 +437,17 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
             # E2B's 170 outputs past its launches' first (bench/step_inputs.py) are worth packing (~1.5 min)
     timeout 100 python3 bench/input_cost.py 2>&1 | tail -7 | tee "$OUT/input_cost.txt"
     OUTPUTS=1 timeout 100 python3 bench/input_cost.py 2>&1 | tail -7 | tee "$OUT/output_cost.txt" ;;
+  scratch)  # session 40: the fused attention's scratch a shared input it writes (GEMMA4_MLX_ATTN_SCRATCH=1, off by
+            # default): its parity on CUDA with it on (the kernels and the compiled steps against eager), then E2B / E4B
+            # 4-bit in mlx-lm's order with and without it (~6 min)
+    (export GEMMA4_MLX_ATTN_SCRATCH=1
+     parity scratchcheck ${SCRATCH_PARITY_S:-200} tests/test_kernels.py tests/test_decode.py tests/test_determinism.py \
+       -k "attention or fused or compiled or eager or determin")
+    IFS=';' read -ra fams <<< "${FAMILIES:-e2b 4;e4b 4}"
+    for pq in "${fams[@]}"; do
+      PIPE=1 CONFIGS="${CONFIGS:-stock,ours,ours +attn scratch}" ROUNDS=${ROUNDS:-9} STEPS=15 \
+        timeout ${SCRATCH_S:-150} python3 bench/ablate.py $pq 2>&1 | tail -14 | tee "$OUT/scratch-${pq// /-q}.txt"
+    done ;;
   qpack)    # session 38: a 4/8-bit projection's words, scales and biases in one buffer, one kernel input where there were
             # three (kernels/qmv.py's QPACK; bench/input_cost.py: ~0.6-1.2 us of host a distinct input a launch): its
             # parity on CUDA, then E2B / E4B 4-bit in mlx-lm's order with and without it (~8 min)

@@ -80,6 +80,20 @@ KERNELS = {
                 "qoff": mx.int32, "qeps": mx.float32, "counter": mx.int32},
         ndims={"q": 4, "keys": 4, "values": 4, "scale": 1, "params": 1, "kv_len": 1, "qw": 1, "inv_freq": 1,
                "qoff": 1, "qeps": 1, "counter": 1}),
+    # both with their scratch a shared int32 input they write (GEMMA4_MLX_ATTN_SCRATCH), no output of its own
+    "attention_fused_scratch": dict(
+        body="attention_partial", inputs=["q", "keys", "values", "scale", "params", "kv_len", "counter", "ws"],
+        outputs=["out"], out_dtypes=[None], defines=[("NO_QNR_INPUTS", 1), ("ATTN_FUSED", 1), ("ATTN_SCRATCH", 1)],
+        dtypes={"scale": mx.float32, "params": mx.int32, "kv_len": mx.int32, "counter": mx.int32, "ws": mx.int32},
+        ndims={"q": 4, "keys": 4, "values": 4, "scale": 1, "params": 1, "kv_len": 1, "counter": 1, "ws": 1}),
+    "attention_fused_q_scratch": dict(
+        body="attention_partial",
+        inputs=["q", "keys", "values", "scale", "params", "kv_len", "qw", "inv_freq", "qoff", "qeps", "counter", "ws"],
+        outputs=["out"], out_dtypes=[None], defines=[("ATTN_FUSED", 1), ("ATTN_SCRATCH", 1)],
+        dtypes={"scale": mx.float32, "params": mx.int32, "kv_len": mx.int32, "inv_freq": mx.float32,
+                "qoff": mx.int32, "qeps": mx.float32, "counter": mx.int32, "ws": mx.int32},
+        ndims={"q": 4, "keys": 4, "values": 4, "scale": 1, "params": 1, "kv_len": 1, "qw": 1, "inv_freq": 1,
+               "qoff": 1, "qeps": 1, "counter": 1, "ws": 1}),
     "norm_rope": dict(inputs=["x", "xv", "w", "inv_freq", "offset", "eps"], outputs=["out", "vout"],
                       defines=[("KV_PAIR", 1)],
                       dtypes={"inv_freq": mx.float32, "offset": mx.int32, "eps": mx.float32},

@@ -88,7 +88,8 @@ def _switches() -> tuple:
     except ValueError:
         mode = "invalid"
     from .kernels import cuda_build, mv, qmv
-    from .kernels.attention import BLOCKS_ENV, COMBINE_TILES_ENV, SPLIT_KEYS_ENV, SPLIT_MAJOR_ENV, TILE_ROWS_ENV
+    from .kernels.attention import (BLOCKS_ENV, COMBINE_TILES_ENV, SPLIT_KEYS_ENV, SPLIT_MAJOR_ENV, TILE_ROWS_ENV,
+                                    scratch_enabled)
 
     # the raw values of the launch-geometry switches read at the trace (checked where they are read)
     return (mode, tuple(sorted(dispatch.disabled_kernels())), dispatch.device_constants(), switches.env(qmv.MIN_VALUES_ENV),
@@ -98,7 +99,7 @@ def _switches() -> tuple:
             switches.env(SPLIT_MAJOR_ENV), joining_enabled(), transposes_enabled(), kv_scatter_enabled(),
             switches.env(qmv.PACK_ENV), switches.env(qmv.GATE_PACK_ENV),
             ops.expert_indices_enabled(), cuda_build.short_sources(), dispatch.form_signatures(), shared_slots_enabled(),
-            step_ints.enabled(), mx.default_device())
+            step_ints.enabled(), scratch_enabled(), mx.default_device())
 
 
 # ------------------------------------------------------------------ derived state

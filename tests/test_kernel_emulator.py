@@ -449,6 +449,66 @@ def test_attention_fused_counts_its_blocks_and_leaves_the_counters_zero(emulated
     _close(two, one, "attention fused past its splits", atol=1e-6)
 
 
+@pytest.mark.parametrize("D,H,Hkv,N,filled,rows", [
+    (256, 8, 1, 512, 300, True),    # E2B's sliding layers
+    (64, 4, 2, 1024, 1000, False),  # two kv heads
+])
+def test_attention_fused_with_a_shared_scratch(emulated, monkeypatch, D, H, Hkv, N, filled, rows):
+    """GEMMA4_MLX_ATTN_SCRATCH=1: the fused form takes its partials' scratch as an input (one array a
+    size, shared by its launches) and has the output alone, and equals the form with the scratch an
+    output of its own, with and without the q norm, launch after launch on the same scratch; without
+    the array made (as inside a trace that has not seen it) it takes its own output again."""
+    import sys
+
+    ATT = sys.modules["gemma4_mlx.kernels.attention"]
+    forms = []
+    made = dispatch.get_kernel
+
+    def spy(name, input_names, output_names, **kw):
+        forms.append((tuple(input_names), tuple(output_names), tuple(kw.get("defines", ()))))
+        return made(name, input_names, output_names, **kw)
+
+    monkeypatch.setattr(dispatch, "get_kernel", spy)
+    kbuf, vbuf = _rnd((1, Hkv, N, D), 52, 4 / D ** 0.5), _rnd((1, Hkv, N, D), 53)
+    kv_len = mx.array([filled], dtype=mx.int32)
+    qs = [_rnd((1, H, 1, D), 50 + i) for i in range(2)]
+    own = [ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len, rows=rows, fused=True) for q in qs]
+    assert all("ws" in outs for ins, outs, _ in forms)
+    forms.clear()
+    monkeypatch.setenv(ATT.SCRATCH_ENV, "1")
+    shared = [ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len, rows=rows, fused=True) for q in qs]
+    assert forms and all("ws" in ins and outs == ("out",) and ("ATTN_SCRATCH", 1) in defs for ins, outs, defs in forms)
+    for a, b in zip(own, shared):
+        _close(b, a, f"attention fused, shared scratch, D {D}", atol=1e-6)
+    _close(shared[0], ATT.attention_prefix_reference(qs[0], kbuf, vbuf, kv_len, rows=rows), "against the reference",
+           atol=1e-5)
+    if D % 64 == 0:  # attention_prefix_q's fused form
+        raw = _rnd((1, 1, H, D), 57, 3.0)
+        w, inv_freq = 1 + _rnd((D,), 58, 0.5), 1.0 / (10000.0 ** (mx.arange(0, D, 2, dtype=mx.float32) / D))
+        args = (raw, w, inv_freq, mx.array([filled - 1], dtype=mx.int32), 1e-6, kbuf, vbuf, kv_len, 1.0, rows)
+        _close(ATT._attention_prefix_q_kernel(*args, fused=True), ATT.attention_prefix_q_reference(*args),
+               f"attention_prefix_q fused, shared scratch, D {D}", atol=1e-4)
+    forms.clear()
+    monkeypatch.setattr(ATT, "_fused_scratch", lambda elements: None)  # not made: the output form
+    _close(ATT._attention_prefix_kernel(qs[0], kbuf, vbuf, kv_len, rows=rows, fused=True), own[0],
+           "attention fused, no scratch made", atol=0)
+    assert forms and all("ws" in outs for ins, outs, _ in forms)
+
+
+def test_attention_scratch_class_key(monkeypatch):
+    """With GEMMA4_MLX_ATTN_SCRATCH on, the fused form's class key gains a marker (a class of its own,
+    self-checked apart) that the kernel's arguments leave out; the two-pass keys stay as they were."""
+    import sys
+
+    ATT = sys.modules["gemma4_mlx.kernels.attention"]
+    key = ("mlx.core.bfloat16", 256, 8, 1, 512, True, True)
+    assert ATT._with_geometry(key) == key
+    monkeypatch.setenv(ATT.SCRATCH_ENV, "1")
+    assert ATT._with_geometry(key) == key + (("scratch",),)
+    assert ATT._key_args(ATT._with_geometry(key)) == (True, True)
+    assert ATT._with_geometry(key[:6]) == key[:6]  # not the fused form
+
+
 @pytest.mark.parametrize("K,N,M", [(1540, 300, 1), (520, 37, 3), (2056, 2816, 1)])
 def test_matvec_closing_forms(emulated, monkeypatch, K, N, M):
     """mv_close / qmv_close (the product and its sublayer's close in one launch: the launch's last

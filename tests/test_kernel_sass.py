@@ -64,12 +64,13 @@ def test_attention_partial_keeps_its_arrays_in_registers(sass, D, RT):
     assert res["STACK"] == 0 and res["LOCAL"] == 0, res
 
 
+@pytest.mark.parametrize("name", ["attention_fused", "attention_fused_scratch"])
 @pytest.mark.parametrize("D,RT", [(256, 8), (512, 4)])
-def test_attention_fused_builds_and_keeps_its_arrays_in_registers(sass, D, RT):
-    """The fused form (pass 1 and the merge, attention_fused: off by default, first built on a GPU
-    next visit) compiles for sm_90 as our CUDA path builds it, its atomics and fences included,
-    with no local memory."""
-    res = sass.resources(sass.build("attention_fused", dict(T="bfloat16", D=D, RT=RT, QNR=0)))
+def test_attention_fused_builds_and_keeps_its_arrays_in_registers(sass, name, D, RT):
+    """The fused form (pass 1 and the merge, attention_fused: on on CUDA since session 28; _scratch: its
+    partials in a shared input it writes, GEMMA4_MLX_ATTN_SCRATCH) compiles for sm_90 as our CUDA path
+    builds it, its atomics and fences included, with no local memory."""
+    res = sass.resources(sass.build(name, dict(T="bfloat16", D=D, RT=RT, QNR=0)))
     assert res["STACK"] == 0 and res["LOCAL"] == 0, res
 
 
@@ -83,7 +84,7 @@ def test_norm_rope_forms_keep_their_rows_in_registers(sass, name, D):
     assert res["STACK"] <= 40 and res["LOCAL"] == 0, res
 
 
-@pytest.mark.parametrize("name", ["attention_partial", "attention_fused_q"])
+@pytest.mark.parametrize("name", ["attention_partial", "attention_fused_q", "attention_fused_q_scratch"])
 @pytest.mark.parametrize("D,RT", [(256, 8), (512, 4)])
 def test_attention_with_the_q_norm_keeps_its_arrays_in_registers(sass, name, D, RT):
     """Pass 1 applying the q norm and RoPE itself (attention_prefix_q; fused: with the merge too)

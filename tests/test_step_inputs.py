@@ -51,3 +51,22 @@ def test_layers_with_one_rope_share_its_arrays():
     first, other = (g[0] for g in list(by_rope.values())[:2])
     assert first._inv_freq is not other._inv_freq
     assert mx.array_equal(first._inv_freq, mx.array(first.plan.rope.inv_freq))
+
+
+def test_the_traced_step_takes_attentions_shared_scratch_when_switched_on(monkeypatch):
+    """GEMMA4_MLX_ATTN_SCRATCH=1: the traced decode step's attention launches take the fused form's scratch
+    as an input (made and evaluated at the trace, as the counters are) and write one output; off, the
+    scratch is each launch's own output."""
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+
+    def attention_forms():
+        rows = step_inputs.classify(step_inputs.record("tiny", True))
+        return [(form, [n for n, _, _ in k], outs) for form, k, outs in rows if form.startswith("attention_partial")]
+
+    off = attention_forms()
+    assert off and all("ws" not in names and outs == 2 for _, names, outs in off)
+    monkeypatch.setenv("GEMMA4_MLX_ATTN_SCRATCH", "1")
+    monkeypatch.setattr(dispatch, "_block_counters", {})  # no scratch of an earlier test's
+    on = attention_forms()
+    assert len(on) == len(off)
+    assert all(form.endswith("_scratch") and names[-1] == "ws" and outs == 1 for form, names, outs in on)

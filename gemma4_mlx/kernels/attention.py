@@ -69,6 +69,26 @@ def _fused_counter() -> mx.array | None:
     return dispatch.block_counter("attention", COUNTER_SLOTS)
 
 
+# GEMMA4_MLX_ATTN_SCRATCH=1 (session 40, off until a GPU times it): the fused form's scratch (the splits'
+# partials) is one array a stream and size that every launch of that size takes as an input and writes,
+# as the counters are, instead of an output of its own: an output past a launch's first costs MLX's host
+# ~2-3 us (bench/launch_cost.py; bench/input_cost.py OUTPUTS=1 measures it against an input), 35 a step on
+# E2B. Launches that share it run in turn: in the decode step each takes the residual stream the one
+# before wrote, and the first step's joint self-check hands each its own (dispatch.block_counter).
+SCRATCH_ENV = "GEMMA4_MLX_ATTN_SCRATCH"
+
+
+def scratch_enabled() -> bool:
+    return switches.env_flag(SCRATCH_ENV, default=False)
+
+
+def _fused_scratch(elements: int) -> mx.array | None:
+    """The fused form's shared scratch of ``elements`` 32-bit words for the current stream, made and
+    evaluated on first use (a constant of the trace that first asks, as the counters are); None where it
+    cannot be evaluated then (inside a transformation other than ``mx.compile``)."""
+    return dispatch.block_counter(f"attention scratch {elements}", elements)
+
+
 def attention_mask(Lq: int, N: int, window: int) -> mx.array:
     """Boolean (Lq, N) mask: True where query i may see key j."""
     qpos = mx.arange(N - Lq, N, dtype=mx.int32)[:, None]
@@ -107,15 +127,22 @@ def _rows_per_tile(QR: int, D: int, cap: int = 0) -> int:
 
 
 def _with_geometry(key):
-    """A class key with the geometry switches appended where either is set, so that a geometry is
-    self-checked as a class of its own (unset: the key as it is)."""
+    """A class key with the geometry switches appended where either is set, and the fused form's
+    shared scratch where :data:`SCRATCH_ENV` is on, so that each is self-checked as a class of its own
+    (unset: the key as it is)."""
+    if key is None:
+        return key
     geometry = _geometry()
-    return key if key is None or not any(geometry) else key + (("geometry", *geometry),)
+    if any(geometry):
+        key = key + (("geometry", *geometry),)
+    if scratch_enabled() and len(key) > 6 and key[6] is True:  # the fused form: (..., rows, fused)
+        key = key + (("scratch",),)
+    return key
 
 
 def _key_args(key) -> tuple:
-    """A prefix class key's entries after the fifth (rows, fused), the geometry's left out."""
-    return tuple(k for k in key[5:] if not (isinstance(k, tuple) and k[:1] == ("geometry",)))
+    """A prefix class key's entries after the fifth (rows, fused), the geometry's and the scratch's left out."""
+    return tuple(k for k in key[5:] if not (isinstance(k, tuple) and k[:1] in (("geometry",), ("scratch",))))
 
 
 def _combine_tiles(rows: int, D: int, blocks: int, cap: int) -> int:
@@ -190,16 +217,26 @@ def attention_kernel(q: mx.array, keys: mx.array, values: mx.array, scale: float
     counter = _fused_counter() if fused and ns <= FUSED_MAX_SPLITS \
         and plan["ntiles"] * B * Hkv <= COUNTER_SLOTS else None
     if counter is not None:
+        elements = query_rows * ns * (D + 2)
+        scratch = _fused_scratch(elements) if scratch_enabled() else None
+        # the scratch an input (written, as the counters are) or an output of the launch's own
+        ws_in, ws_out = (["ws"], []) if scratch is not None else ([], ["ws"])
+        suffix = "_scratch" if scratch is not None else ""
+        scratch_define = [("ATTN_SCRATCH", 1)] if scratch is not None else []
         if q_norm_rope is None:
-            k = dispatch.get_kernel("attention_partial", [*plain, "counter"], ["ws", "out"],
-                                    defines=[("NO_QNR_INPUTS", 1), ("ATTN_FUSED", 1)], variant="fused",
-                                    ensure_row_contiguous=False)
+            k = dispatch.get_kernel("attention_partial", [*plain, "counter", *ws_in], [*ws_out, "out"],
+                                    defines=[("NO_QNR_INPUTS", 1), ("ATTN_FUSED", 1), *scratch_define],
+                                    variant="fused" + suffix, ensure_row_contiguous=False)
         else:
-            k = dispatch.get_kernel("attention_partial", [*plain, "qw", "inv_freq", "qoff", "qeps", "counter"],
-                                    ["ws", "out"], defines=[("ATTN_FUSED", 1)], variant="fused_q",
-                                    ensure_row_contiguous=False)
+            k = dispatch.get_kernel("attention_partial", [*plain, "qw", "inv_freq", "qoff", "qeps", "counter",
+                                                          *ws_in],
+                                    [*ws_out, "out"], defines=[("ATTN_FUSED", 1), *scratch_define],
+                                    variant="fused_q" + suffix, ensure_row_contiguous=False)
+        if scratch is not None:
+            return k(inputs=[*inputs, *(qnr if q_norm_rope is not None else []), counter, scratch],
+                     output_shapes=[out_shape], output_dtypes=[q.dtype], **launch)[0]
         return k(inputs=[*inputs, *(qnr if q_norm_rope is not None else []), counter],
-                 output_shapes=[(query_rows * ns * (D + 2),), out_shape], output_dtypes=[mx.float32, q.dtype],
+                 output_shapes=[(elements,), out_shape], output_dtypes=[mx.float32, q.dtype],
                  **launch)[1]
     # without the q norm (QNR 0, the default step's), no q-norm inputs (dispatch.get_form_kernel)
     k1, whole = dispatch.get_form_kernel(
