@@ -97,8 +97,10 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours +qpack", {"GEMMA4_MLX_QPACK": "1"}),
            # session 39: qmv_close_gate taking the PLE gate's three arrays apart again (GATE_QPACK off)
            ("ours -gate pack", {"GEMMA4_MLX_QPACK_GATE": "0"}),
-           # session 40: the fused attention's scratch a shared input it writes, not an output (off by default)
+           # session 40: the fused attention's scratch a shared input it writes, not an output (on by default on
+           # CUDA since session 41)
            ("ours +attn scratch", {"GEMMA4_MLX_ATTN_SCRATCH": "1"}),
+           ("ours -attn scratch", {"GEMMA4_MLX_ATTN_SCRATCH": "0"}),
            # session 38: a writing layer's norms + RoPE over the joined q/k/v product itself (no split views)
            ("ours +qkv joined", off(on=["qkv_joined"])),
            ("ours -qkv joined", off("qkv_joined")),  # on by default on CUDA since session 39

@@ -437,15 +437,17 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
             # E2B's 170 outputs past its launches' first (bench/step_inputs.py) are worth packing (~1.5 min)
     timeout 100 python3 bench/input_cost.py 2>&1 | tail -7 | tee "$OUT/input_cost.txt"
     OUTPUTS=1 timeout 100 python3 bench/input_cost.py 2>&1 | tail -7 | tee "$OUT/output_cost.txt" ;;
-  scratch)  # session 40: the fused attention's scratch a shared input it writes (GEMMA4_MLX_ATTN_SCRATCH=1, off by
-            # default): its parity on CUDA with it on (the kernels and the compiled steps against eager), then E2B / E4B
-            # 4-bit in mlx-lm's order with and without it (~6 min)
-    (export GEMMA4_MLX_ATTN_SCRATCH=1
-     parity scratchcheck ${SCRATCH_PARITY_S:-200} tests/test_kernels.py tests/test_decode.py tests/test_determinism.py \
-       -k "attention or fused or compiled or eager or determin")
-    IFS=';' read -ra fams <<< "${FAMILIES:-e2b 4;e4b 4}"
+  scratch)  # session 40: the fused attention's scratch a shared input it writes (GEMMA4_MLX_ATTN_SCRATCH, on by default on
+            # CUDA since session 41): its parity on CUDA (the kernels and the compiled steps against eager; the fused
+            # test also with it off), then E2B / E4B 4-bit in mlx-lm's order with and without it (~6 min; FAMILIES=""
+            # for the parity alone)
+    parity scratchcheck ${SCRATCH_PARITY_S:-200} tests/test_kernels.py tests/test_decode.py tests/test_determinism.py \
+      -k "attention or fused or compiled or eager or determin"
+    (export GEMMA4_MLX_ATTN_SCRATCH=0
+     parity scratchoff ${SCRATCH_PARITY_S:-200} tests/test_decode.py -k "fused_attention_equals")
+    IFS=';' read -ra fams <<< "${FAMILIES-e2b 4;e4b 4}"
     for pq in "${fams[@]}"; do
-      PIPE=1 CONFIGS="${CONFIGS:-stock,ours,ours +attn scratch}" ROUNDS=${ROUNDS:-9} STEPS=15 \
+      PIPE=1 CONFIGS="${CONFIGS:-stock,ours,ours -attn scratch}" ROUNDS=${ROUNDS:-9} STEPS=15 \
         timeout ${SCRATCH_S:-150} python3 bench/ablate.py $pq 2>&1 | tail -14 | tee "$OUT/scratch-${pq// /-q}.txt"
     done ;;
   qpack)    # session 38: a 4/8-bit projection's words, scales and biases in one buffer, one kernel input where there were

@@ -472,6 +472,7 @@ def test_attention_fused_with_a_shared_scratch(emulated, monkeypatch, D, H, Hkv,
     kbuf, vbuf = _rnd((1, Hkv, N, D), 52, 4 / D ** 0.5), _rnd((1, Hkv, N, D), 53)
     kv_len = mx.array([filled], dtype=mx.int32)
     qs = [_rnd((1, H, 1, D), 50 + i) for i in range(2)]
+    monkeypatch.setenv(ATT.SCRATCH_ENV, "0")  # the scratch an output of each launch's own
     own = [ATT._attention_prefix_kernel(q, kbuf, vbuf, kv_len, rows=rows, fused=True) for q in qs]
     assert all("ws" in outs for ins, outs, _ in forms)
     forms.clear()
@@ -497,11 +498,21 @@ def test_attention_fused_with_a_shared_scratch(emulated, monkeypatch, D, H, Hkv,
 
 def test_attention_scratch_class_key(monkeypatch):
     """With GEMMA4_MLX_ATTN_SCRATCH on, the fused form's class key gains a marker (a class of its own,
-    self-checked apart) that the kernel's arguments leave out; the two-pass keys stay as they were."""
+    self-checked apart) that the kernel's arguments leave out; the two-pass keys stay as they were. Unset or
+    auto, it is on where the backend is CUDA alone."""
     import sys
 
+    from gemma4_mlx.kernels import dispatch
+
     ATT = sys.modules["gemma4_mlx.kernels.attention"]
+    for value in ("", "auto"):
+        monkeypatch.setenv(ATT.SCRATCH_ENV, value)
+        for backend, on in (("cuda", True), ("metal", False), ("cpu", False)):
+            monkeypatch.setattr(dispatch, "active_backend", lambda backend=backend: backend)
+            assert ATT.scratch_enabled() is on, (value, backend)
+    monkeypatch.undo()
     key = ("mlx.core.bfloat16", 256, 8, 1, 512, True, True)
+    monkeypatch.setenv(ATT.SCRATCH_ENV, "0")
     assert ATT._with_geometry(key) == key
     monkeypatch.setenv(ATT.SCRATCH_ENV, "1")
     assert ATT._with_geometry(key) == key + (("scratch",),)

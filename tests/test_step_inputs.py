@@ -54,7 +54,7 @@ def test_layers_with_one_rope_share_its_arrays():
 
 
 def test_the_traced_step_takes_attentions_shared_scratch_when_switched_on(monkeypatch):
-    """GEMMA4_MLX_ATTN_SCRATCH=1: the traced decode step's attention launches take the fused form's scratch
+    """GEMMA4_MLX_ATTN_SCRATCH=1 (CUDA's default): the traced decode step's attention launches take the fused form's scratch
     as an input (made and evaluated at the trace, as the counters are) and write one output; off, the
     scratch is each launch's own output."""
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
@@ -63,6 +63,7 @@ def test_the_traced_step_takes_attentions_shared_scratch_when_switched_on(monkey
         rows = step_inputs.classify(step_inputs.record("tiny", True))
         return [(form, [n for n, _, _ in k], outs) for form, k, outs in rows if form.startswith("attention_partial")]
 
+    monkeypatch.setenv("GEMMA4_MLX_ATTN_SCRATCH", "0")
     off = attention_forms()
     assert off and all("ws" not in names and outs == 2 for _, names, outs in off)
     monkeypatch.setenv("GEMMA4_MLX_ATTN_SCRATCH", "1")

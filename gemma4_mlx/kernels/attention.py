@@ -69,17 +69,22 @@ def _fused_counter() -> mx.array | None:
     return dispatch.block_counter("attention", COUNTER_SLOTS)
 
 
-# GEMMA4_MLX_ATTN_SCRATCH=1 (session 40, off until a GPU times it): the fused form's scratch (the splits'
-# partials) is one array a stream and size that every launch of that size takes as an input and writes,
-# as the counters are, instead of an output of its own: an output past a launch's first costs MLX's host
-# ~2-3 us (bench/launch_cost.py; bench/input_cost.py OUTPUTS=1 measures it against an input), 35 a step on
-# E2B. Launches that share it run in turn: in the decode step each takes the residual stream the one
-# before wrote, and the first step's joint self-check hands each its own (dispatch.block_counter).
+# GEMMA4_MLX_ATTN_SCRATCH (1 / 0, or auto: on CUDA since session 41, unmeasured on Metal): the fused form's
+# scratch (the splits' partials) is one array a stream and size that every launch of that size takes as an
+# input and writes, as the counters are, instead of an output of its own. On the H200 an output past a
+# launch's first cost MLX's host ~2.7 us and an input shared by every launch ~0.3 us (bench/input_cost.py,
+# session 41); E2B 4-bit's step in mlx-lm's order read 3.60 against 3.95 ms with it (35 outputs fewer).
+# Launches that share it run in turn: in the decode step each takes the residual stream the one before
+# wrote, and the first step's joint self-check hands each its own (dispatch.block_counter).
 SCRATCH_ENV = "GEMMA4_MLX_ATTN_SCRATCH"
 
 
 def scratch_enabled() -> bool:
-    return switches.env_flag(SCRATCH_ENV, default=False)
+    """``GEMMA4_MLX_ATTN_SCRATCH``: 1 / 0, or auto (default): on CUDA only."""
+    raw = (switches.env(SCRATCH_ENV) or "").strip().lower()
+    if raw in ("", "auto"):
+        return dispatch.active_backend() == "cuda"
+    return raw not in switches.OFF_VALUES
 
 
 def _fused_scratch(elements: int) -> mx.array | None:
