@@ -450,6 +450,19 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
       PIPE=1 CONFIGS="${CONFIGS:-stock,ours,ours -attn scratch}" ROUNDS=${ROUNDS:-9} STEPS=15 \
         timeout ${SCRATCH_S:-150} python3 bench/ablate.py $pq 2>&1 | tail -14 | tee "$OUT/scratch-${pq// /-q}.txt"
     done ;;
+  closepack) # session 41: a closing launch's norm weights and layer scalar in one input (GEMMA4_MLX_CLOSE_PACK=1, off by
+            # default; kernels/close_params.py; 175 inputs fewer a step on E2B 4-bit): its parity on CUDA (the closing
+            # forms' kernel tests, which run both ways, and the compiled steps against eager with it on), then E2B /
+            # E4B 4-bit and E2B bf16 in mlx-lm's order with and without it (~7 min; FAMILIES="" for the parity alone)
+    parity closecheck ${CLOSE_PARITY_S:-200} tests/test_kernels.py -k "close"
+    (export GEMMA4_MLX_CLOSE_PACK=1
+     parity closedecode ${CLOSE_PARITY_S:-200} tests/test_decode.py tests/test_determinism.py \
+       -k "close or compiled or eager or determin")
+    IFS=';' read -ra fams <<< "${FAMILIES-e2b 4;e4b 4;e2b 0}"
+    for pq in "${fams[@]}"; do
+      PIPE=1 CONFIGS="${CONFIGS:-stock,ours,ours +close pack}" ROUNDS=${ROUNDS:-9} STEPS=15 \
+        timeout ${CLOSE_S:-150} python3 bench/ablate.py $pq 2>&1 | tail -14 | tee "$OUT/closepack-${pq// /-q}.txt"
+    done ;;
   qpack)    # session 38: a 4/8-bit projection's words, scales and biases in one buffer, one kernel input where there were
             # three (kernels/qmv.py's QPACK; bench/input_cost.py: ~0.6-1.2 us of host a distinct input a launch): its
             # parity on CUDA, then E2B / E4B 4-bit in mlx-lm's order with and without it (~8 min)

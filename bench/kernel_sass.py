@@ -114,6 +114,19 @@ KERNELS["qmv_close_gate_packed"] = dict(
     KERNELS["qmv_close_gate"], inputs=["x", "w", "res", "cw", "ls", "eps", "counter", "gw", "gz"],
     defines=KERNELS["qmv_close_gate"]["defines"] + [("QPACK", 1), ("GATE_QPACK", 1)])
 
+
+
+def _with_close_params(spec: dict) -> dict:
+    """A closing form's spec with the close's norm weights and layer scalar in one input (close_params.py)."""
+    names = [n for n in spec["inputs"] if n not in ("cw", "ls", "cn")]
+    at = names.index("res") + 1
+    return dict(spec, inputs=names[:at] + ["cp"] + names[at:], defines=spec["defines"] + [("CLOSE_PACKED", 1)],
+                ndims={**{k: v for k, v in spec["ndims"].items() if k not in ("cw", "ls", "cn")}, "cp": 1})
+
+
+for _name in ("mv_close", "qmv_close", "qmv_close_gate_packed"):
+    KERNELS[_name + "_cp"] = _with_close_params(KERNELS[_name])
+
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 

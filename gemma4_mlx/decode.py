@@ -87,7 +87,7 @@ def _switches() -> tuple:
         mode = dispatch.get_mode()
     except ValueError:
         mode = "invalid"
-    from .kernels import cuda_build, mv, qmv
+    from .kernels import close_params, cuda_build, mv, qmv
     from .kernels.attention import (BLOCKS_ENV, COMBINE_TILES_ENV, SPLIT_KEYS_ENV, SPLIT_MAJOR_ENV, TILE_ROWS_ENV,
                                     scratch_enabled)
 
@@ -99,7 +99,7 @@ def _switches() -> tuple:
             switches.env(SPLIT_MAJOR_ENV), joining_enabled(), transposes_enabled(), kv_scatter_enabled(),
             switches.env(qmv.PACK_ENV), switches.env(qmv.GATE_PACK_ENV),
             ops.expert_indices_enabled(), cuda_build.short_sources(), dispatch.form_signatures(), shared_slots_enabled(),
-            step_ints.enabled(), scratch_enabled(), mx.default_device())
+            step_ints.enabled(), scratch_enabled(), close_params.enabled(), mx.default_device())
 
 
 # ------------------------------------------------------------------ derived state

@@ -362,7 +362,8 @@ def test_attention_geometry_switches(emulated, monkeypatch, split_keys, tile_row
     with step_context.kernel_scope():
         got = ATT.attention_prefix(q, kbuf, vbuf, kv_len, rows=True)
     _close(got, want, f"attention_prefix, splits of {split_keys}, tiles of {tile_rows}", atol=1e-5)
-    checked = [k for k, (ok, _) in dispatch.verdicts().items() if ok and k[-1] == ("geometry", split_keys, tile_rows, 0, 0, 0)]
+    geometry = ("geometry", split_keys, tile_rows, 0, 0, 0)  # (the scratch's marker may follow it)
+    checked = [k for k, (ok, _) in dispatch.verdicts().items() if ok and geometry in k]
     assert checked and all(k[0] == "attention_prefix" for k in checked), dispatch.verdicts()
     monkeypatch.setenv(ATT.TILE_ROWS_ENV, "3")
     with pytest.raises(ValueError, match="power of two"):
@@ -545,6 +546,86 @@ def test_matvec_closing_forms(emulated, monkeypatch, K, N, M):
     assert len(seen) == 4 * (1 + (q is not None)) and not any(c.any() for c in seen)
 
 
+@pytest.mark.parametrize("K,N,M", [(1540, 300, 1), (520, 37, 3)])
+def test_closing_forms_with_their_norms_and_scalar_in_one_input(emulated, monkeypatch, K, N, M):
+    """GEMMA4_MLX_CLOSE_PACK=1: mv_close / qmv_close / qmv_close_gate take the close's norm weight, next
+    norm weight and layer scalar as one input ``cp`` (close_params.py), and equal their references with
+    and without the scale and the next norm (the values read from the buffer's offsets alone: each part
+    differs); their class keys carry the mark; a close whose parts differ in dtype takes them apart."""
+    from gemma4_mlx.kernels import close_params
+
+    monkeypatch.setenv(close_params.ENV, "1")
+    forms = []
+    made = dispatch.get_kernel
+
+    def spy(name, input_names, output_names, **kw):
+        forms.append((tuple(input_names), tuple(kw.get("defines", ()))))
+        return made(name, input_names, output_names, **kw)
+
+    monkeypatch.setattr(dispatch, "get_kernel", spy)
+    seen = _counters_seen(monkeypatch, mv.CLOSE_COUNTER_SLOTS)
+    x, w = _rnd((M, 1, K), 41), _rnd((N, K), 42, 0.05)
+    res, nw, nn = _rnd((M, 1, N), 43, 2.0), 1 + _rnd((N,), 44, 0.3), 2 + _rnd((N,), 45, 0.3)
+    ls = mx.array([0.7])
+    Kq = K + 60 if (K + 60) % 64 == 0 else K + 56
+    q, s, b = mx.quantize(_rnd((N, Kq), 46, 0.05), group_size=64, bits=4)
+    xq = _rnd((M, 1, Kq), 47)
+    for scalar, nxt in ((None, nn), (ls, None), (ls, nn), (None, None)):
+        assert close_params.mark(nw, scalar, nxt) == close_params.MARK
+        cases = ((mv.matvec_close_kernel, mv.matvec_close_reference, (x, w)),
+                 (qmv.quantized_matvec_close_kernel, qmv.quantized_matvec_close_reference, (xq, q, s, b, 64, 4)))
+        for kernel, reference, product in cases:
+            forms.clear()
+            got, want = (f(*product, res, nw, scalar, 1e-6, nxt) for f in (kernel, reference))
+            assert forms and all("cp" in ins and "cw" not in ins and ("CLOSE_PACKED", 1) in defs for ins, defs in forms)
+            for g, r in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want))):
+                _close(g, r, f"{kernel.__name__} packed {scalar is not None} {nxt is not None}", atol=1e-4)
+    # the PLE layers' close with its gate (no layer scalar, no next norm), at a width the gate takes
+    NG, P = 256, 40
+    gq, gsc, gbi = mx.quantize(_rnd((P, NG), 62, 0.05), group_size=32, bits=4)
+    q2, s2, b2 = mx.quantize(_rnd((NG, Kq), 63, 0.05), group_size=64, bits=4)
+    args = (xq, q2, s2, b2, 64, 4, _rnd((M, 1, NG), 64, 2.0), 1 + _rnd((NG,), 65, 0.3), 1e-6, gq, gsc, gbi, 32, 4,
+            _rnd((M, 1, P), 66))
+    forms.clear()
+    got, want = qmv.quantized_matvec_close_gate_kernel(*args), qmv.quantized_matvec_close_gate_reference(*args)
+    assert forms and all("cp" in ins for ins, _ in forms)
+    _close(got[0], want[0], "qmv_close_gate packed: the closed row", atol=1e-4)
+    _close(got[1], want[1], "qmv_close_gate packed: the gate", atol=1e-4)
+    assert seen and not any(c.any() for c in seen)
+    # keys: the mark where packed; a part of another dtype, or the switch off, takes the three apart
+    assert close_params.mark(nw, ls.astype(mx.float16), nn) == ()
+    forms.clear()
+    got = mv.matvec_close_kernel(x, w, res, nw, ls.astype(mx.float16), 1e-6, nn)
+    assert forms and all("cw" in ins and "cp" not in ins for ins, _ in forms)
+    monkeypatch.setenv(close_params.ENV, "0")
+    assert close_params.mark(nw, ls, nn) == () and close_params.buffer(nw, ls, nn) is None
+
+
+def test_close_params_follow_the_arrays_they_pack(monkeypatch):
+    """The packed buffer is the same object while the launch is handed the same three arrays, a new one
+    for a replaced array, and forgotten when an array it packs is collected."""
+    import gc
+
+    from gemma4_mlx.kernels import close_params
+
+    monkeypatch.setenv(close_params.ENV, "1")
+    monkeypatch.setattr(close_params, "_buffers", {})
+    nw, nn, ls = mx.ones((16,)), mx.full((16,), 2.0), mx.array([0.5])
+    first = close_params.buffer(nw, ls, nn)
+    assert close_params.buffer(nw, ls, nn) is first
+    np.testing.assert_array_equal(np.array(first), np.concatenate([np.ones(16), np.full(16, 2.0), [0.5]]))
+    np.testing.assert_array_equal(np.array(close_params.buffer(nw, None, None)), np.concatenate([np.ones(16), [1.0]]))
+    replaced = mx.full((16,), 3.0)
+    again = close_params.buffer(nw, ls, replaced)
+    assert again is not first and float(again[16]) == 3.0
+    del replaced, again
+    gc.collect()
+    assert len(close_params._buffers) == 2  # (nw, ls, nn) and (nw, None, None)
+    del nw
+    gc.collect()
+    assert not close_params._buffers
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["apart", "packed"])
 @pytest.mark.parametrize("K,N,P,M,bits,gs", [(512, 256, 64, 1, 4, 64), (1024, 512, 300, 3, 4, 32),
                                              (640, 384, 40, 1, 8, 128)])
@@ -602,7 +683,7 @@ def test_every_other_kernel_on_the_emulator():
                                     "kernel-shaped E2B, closes apart", "tiny-moe, closed apart",
                                     "kernel-shaped E2B, host constants", "tiny-moe, host constants",
                                     "kernel-shaped E2B, norms apart", "tiny-31b, norms apart",
-                                    "kernel-shaped E2B, quantized tables"])
+                                    "kernel-shaped E2B, quantized tables", "kernel-shaped E2B, close params packed"])
 def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatch, family):
     """A model's decode steps with its kernels on (the emulator, outside the compiled step:
     kernel_scope) give the logits of the steps without them: the kernels' wiring and their logic
@@ -618,7 +699,8 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     from arrays made from Python data each time (GEMMA4_MLX_DEVICE_CONSTANTS=0). Every family takes its
     token embedding in one launch (embed; embed_q for a quantized table). "norms apart": qkv_norm_rope off. "quantized tables": both
     embedding tables 4-bit, read in the launches of ple_combine_q and embed_q (the tied head then
-    quantized too)."""
+    quantized too). "close params packed": GEMMA4_MLX_CLOSE_PACK=1, every closing launch takes its norm
+    weights and layer scalar as one input (close_params.py)."""
     import mlx.nn as nn
     from mlx.utils import tree_map
     from test_decode import _kernel_shaped_model
@@ -640,7 +722,9 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     # both embedding tables 4-bit, read by ple_combine_q and embed_q (both on by default)
     quantized_ple = family.endswith("quantized tables")
     closing = "," not in family or family.endswith(("closed apart", "host constants", "norms apart",
-                                                    "quantized tables"))
+                                                    "quantized tables", "close params packed"))
+    close_pack = family.endswith("close params packed")
+    monkeypatch.setenv("GEMMA4_MLX_CLOSE_PACK", "1" if close_pack else "0")
     if not closing:
         disabled += ["mv_close", "qmv_close"]
     in_place = family in ("tiny-moe", "tiny-moe, host constants")  # norm_pair_close on (the default)
@@ -699,6 +783,8 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
         assert forms == {(False, True), (False, False), (True, True)}, verdicts
     else:  # o with the next norm; the tiny 31B's down projection scaled, with the next norm
         assert (False, True) in forms and (family.startswith("tiny-moe") or (True, True) in forms), verdicts
+    closes = [k for k in verdicts if k[0] == "mv_close"]
+    assert all(("close params" in k) == close_pack for k in closes), closes
     if family.startswith("tiny-moe"):  # every form of both: the router's and experts' inputs, the close with the mixture;
         # the experts' GeGLU in its rows form (their outputs as they come)
         assert any(k[0] == "geglu" and "rows" in k for k in verdicts), verdicts

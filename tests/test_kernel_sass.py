@@ -95,9 +95,10 @@ def test_attention_with_the_q_norm_keeps_its_arrays_in_registers(sass, name, D, 
     assert res["REG"] <= 255, res
 
 
+@pytest.mark.parametrize("packed_params", [False, True], ids=["apart", "cp"])
 @pytest.mark.parametrize("quantized", [False, True], ids=["mv", "qmv"])
 @pytest.mark.parametrize("CH", [1536, 2560, 2816])
-def test_closing_forms_build_within_their_registers(sass, quantized, CH):
+def test_closing_forms_build_within_their_registers(sass, quantized, CH, packed_params):
     """The matvecs' closing forms (mv_close / qmv_close: the product, then the launch's last block
     closing the row) compile for sm_90 as our CUDA path builds them, counter atomics and coherent
     loads included, with no local memory, and within the registers mv.CLOSE_MAX_WIDTH was set by
@@ -110,12 +111,16 @@ def test_closing_forms_build_within_their_registers(sass, quantized, CH):
     else:
         rows, split = mv.layout(2048)
         template = dict(T="bfloat16", ROWS=rows, SPLIT=split, UNR=2, MM=1, EPI=0, PRO=0, HD=1, LOOP=1, CH=CH)
-    res = sass.resources(sass.build("qmv_close" if quantized else "mv_close", template))
-    assert res["STACK"] == 0 and res["LOCAL"] == 0, res
+    name = ("qmv_close" if quantized else "mv_close") + ("_cp" if packed_params else "")  # cp: close_params.py
+    res = sass.resources(sass.build(name, template))
+    # (the bf16 form with cp at 26B-A4B's 2,816 is built at 64 registers and 8 bytes of stack where the form
+    # with the three inputs takes 70 and none: GEMMA4_MLX_CLOSE_PACK is off until a GPU times it)
+    stack = 8 if packed_params and not quantized and CH == 2816 else 0
+    assert res["STACK"] <= stack and res["LOCAL"] == 0, res
     assert res["REG"] <= 80, res
 
 
-@pytest.mark.parametrize("name", ["qmv_close_gate", "qmv_close_gate_packed"])
+@pytest.mark.parametrize("name", ["qmv_close_gate", "qmv_close_gate_packed", "qmv_close_gate_packed_cp"])
 def test_close_with_the_ple_gate_builds_within_its_registers(sass, name):
     """qmv_close_gate at E2B's widths (4-bit down projection 6,144 -> 1,536, its 256-row gate) with its arrays
     apart and with the product's and the gate's each in one buffer (QPACK, GATE_QPACK; 64 registers each,
@@ -125,7 +130,7 @@ def test_close_with_the_ple_gate_builds_within_its_registers(sass, name):
                     CH=1536, GBITS=4, GGS=64)
     res = sass.resources(sass.build(name, template))
     assert res["LOCAL"] == 0 and res["REG"] <= 80, res
-    if name.endswith("packed"):
+    if "packed" in name:
         assert res["STACK"] == 0, res
 
 

@@ -688,12 +688,15 @@ def test_residual_matvec_kernel(HD, dtype):
 
 
 @gpu_only
+@pytest.mark.parametrize("close_pack", ["0", "1"], ids=["apart", "cp"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("K_,N,M", [(2048, 1536, 1), (6144, 1536, 1), (256, 1536, 1), (4096, 2816, 1), (2560, 2560, 4)])
-def test_matvec_close_kernel(K_, N, M, dtype):
+def test_matvec_close_kernel(K_, N, M, dtype, close_pack, monkeypatch):
     """The closing forms (mv_close / qmv_close: E2B's o / down / PLE projections, 26B-A4B's and E4B's
     widths, several rows) against the product and residual_norm's references, every form of the
-    close; each launch leaves its counter zero (the next one's blocks count from it)."""
+    close; each launch leaves its counter zero (the next one's blocks count from it). "cp": the close's
+    norm weights and layer scalar in one input (GEMMA4_MLX_CLOSE_PACK, close_params.py)."""
+    monkeypatch.setenv("GEMMA4_MLX_CLOSE_PACK", close_pack)
     x, w = rnd((M, 1, K_), dtype, seed=21), rnd((N, K_), dtype, 0.05, seed=22)
     res = rnd((M, 1, N), dtype, 2.0, seed=23)
     nw, nn = (1 + rnd((N,), mx.float32, 0.3, seed=24)).astype(dtype), (1 + rnd((N,), mx.float32, 0.3, seed=25)).astype(dtype)
@@ -714,12 +717,14 @@ def test_matvec_close_kernel(K_, N, M, dtype):
 
 @gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("close_pack", ["0", "1"], ids=["apart", "cp"])
 @pytest.mark.parametrize("K_,N,P,M,bits", [(6144, 1536, 256, 1, 4), (12288, 1536, 256, 1, 4), (10240, 2560, 256, 1, 4),
                                            (2048, 1536, 300, 3, 8)])
-def test_quantized_matvec_close_gate_kernel(K_, N, P, M, bits, dtype):
+def test_quantized_matvec_close_gate_kernel(K_, N, P, M, bits, dtype, close_pack, monkeypatch):
     """qmv_close_gate (on on CUDA since session 36: E2B's / E4B's down projection, its close and the PLE gate of the
     closed row in one launch, the gate made by the closing block) against the close's and the gate's
-    references; its counter left zero."""
+    references; its counter left zero. "cp": the close's norm weight and scalar in one input (close_params.py)."""
+    monkeypatch.setenv("GEMMA4_MLX_CLOSE_PACK", close_pack)
     x, res = rnd((M, 1, K_), dtype, seed=31), rnd((M, 1, N), dtype, 2.0, seed=32)
     nw = (1 + rnd((N,), mx.float32, 0.3, seed=33)).astype(dtype)
     q, s, b = mx.quantize(rnd((N, K_), mx.float32, 0.05, seed=34), group_size=64, bits=4)

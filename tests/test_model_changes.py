@@ -196,7 +196,8 @@ def test_a_switch_changed_after_tracing_rebuilds_the_step(monkeypatch):
                                           ("GEMMA4_MLX_ATTN_SPLIT_KEYS", "16"), ("GEMMA4_MLX_ATTN_TILE_ROWS", "2"),
                                           ("GEMMA4_MLX_ATTN_BLOCKS", "132"), ("GEMMA4_MLX_ATTN_COMBINE_TILES", "1"),
                                           ("GEMMA4_MLX_ATTN_SPLIT_MAJOR", "1"), ("GEMMA4_MLX_QMV_SPLIT", "4"),
-                                          ("GEMMA4_MLX_QMV_WPL", "1")])
+                                          ("GEMMA4_MLX_QMV_WPL", "1"), ("GEMMA4_MLX_CLOSE_PACK", "1"),
+                                          ("GEMMA4_MLX_ATTN_SCRATCH", "1")])
 def test_the_kernel_launch_switches_rebuild_the_step(switch, value, monkeypatch):
     """Switches read while the step is traced (a prologue launch's block cap, the quantized
     matvec's size rule and rows a warp group, the attention's geometry, the experts' batch indices)

@@ -71,3 +71,24 @@ def test_the_traced_step_takes_attentions_shared_scratch_when_switched_on(monkey
     on = attention_forms()
     assert len(on) == len(off)
     assert all(form.endswith("_scratch") and names[-1] == "ws" and outs == 1 for form, names, outs in on)
+
+
+def test_the_traced_steps_closes_take_their_norms_and_scalar_as_one_input_when_switched_on(monkeypatch):
+    """GEMMA4_MLX_CLOSE_PACK=1: every closing launch of the traced decode step (mv / qmv's close forms) takes
+    ``cp`` where it took ``cw``, ``ls`` and ``cn``, a buffer evaluated at the trace (a constant of the step), so
+    the step has as many launches and fewer inputs; off, the three apart."""
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+
+    def closes():
+        rows = step_inputs.classify(step_inputs.record("tiny", True))
+        return [(form, [n for n, _, _ in k]) for form, k, _ in rows if form.startswith(("qmv/close", "mv/close"))], \
+            sum(len(k) for _, k, _ in rows), len(rows)
+
+    monkeypatch.setenv("GEMMA4_MLX_CLOSE_PACK", "0")
+    apart, inputs_apart, launches = closes()
+    assert apart and all("cw" in names and "cp" not in names for _, names in apart)
+    monkeypatch.setenv("GEMMA4_MLX_CLOSE_PACK", "1")
+    packed, inputs_packed, launches_packed = closes()
+    assert len(packed) == len(apart) and launches_packed == launches
+    assert all(form.endswith("_cp") and "cp" in names and not {"cw", "ls", "cn"} & set(names) for form, names in packed)
+    assert inputs_packed == inputs_apart - sum(len({"cw", "ls", "cn"} & set(names)) - 1 for _, names in apart)

@@ -24,7 +24,7 @@ from typing import Optional
 import mlx.core as mx
 
 from .. import switches
-from . import dispatch
+from . import close_params, dispatch
 from .dispatch import TG
 from .mv import (_FLOATS, GATE, GEGLU, MAX_ROWS_OF_X, PLAIN, PROBE_N, _mm, close_key, close_launch, close_probe,
                  form_width, layout, probe_shape, form_kernel, grid_and_loop, launch_grid, probe_blocks,
@@ -435,7 +435,8 @@ def quantized_matvec_close(x, w, scales, biases, group_size: int, bits: int, res
     ``qmv`` or ``residual_norm`` is)."""
     base = _class_key(x, w, scales, biases, group_size, bits)
     close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, scalar, next_weight)
-    key = None if close is None else (*base[:5], "close", *_packing_mark(w, scales, biases), *close)
+    key = None if close is None else (*base[:5], "close", *_packing_mark(w, scales, biases),
+                                      *close_params.mark(norm_weight, scalar, next_weight), *close)
     return dispatch.run("qmv_close", key, quantized_matvec_close_reference, quantized_matvec_close_kernel,
                         _close_probe, x, w, scales, biases, group_size, bits, residual, norm_weight, scalar, eps,
                         next_weight, fallback=fallback)
@@ -510,7 +511,8 @@ def quantized_matvec_close_gate(x, w, scales, biases, group_size: int, bits: int
     base = _class_key(x, w, scales, biases, group_size, bits)
     close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, None, None)
     gate = None if close is None else _gate_key(x, w.shape[0], gw, gscales, gbiases, gate_group_size, gate_bits, z)
-    key = None if gate is None else (*base[:5], "close_gate", *_packing_mark(w, scales, biases), close[0], *gate)
+    key = None if gate is None else (*base[:5], "close_gate", *_packing_mark(w, scales, biases),
+                                     *close_params.mark(norm_weight, None, None), close[0], *gate)
     return dispatch.run("qmv_close_gate", key, quantized_matvec_close_gate_reference,
                         quantized_matvec_close_gate_kernel, _close_gate_probe, x, w, scales, biases, group_size, bits,
                         residual, norm_weight, eps, gw, gscales, gbiases, gate_group_size, gate_bits, z,
