@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 OFF_VALUES = ("0", "off", "false", "no")
 
@@ -42,16 +42,25 @@ def frozen() -> Iterator[None]:
         _frozen.values = None
 
 
-def gpu_default_flag(name: str) -> bool:
-    """``$name`` as auto / on / off: unset, empty or ``auto`` mean on where the default device is a
-    GPU (the compiled decode step, the prefill overlap: both help only where a device runs while
-    Python builds); otherwise :func:`env_flag`'s reading."""
+def auto_flag(name: str, auto: Callable[[], bool]) -> bool:
+    """``$name`` as auto / on / off: unset, empty or ``auto`` give ``auto()``; otherwise
+    :func:`env_flag`'s reading."""
     raw = (env(name) or "").strip().lower()
     if raw in ("", "auto"):
-        import mlx.core as mx
-
-        return mx.default_device() == mx.gpu
+        return auto()
     return raw not in OFF_VALUES
+
+
+def _default_device_is_gpu() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device() == mx.gpu
+
+
+def gpu_default_flag(name: str) -> bool:
+    """:func:`auto_flag`, auto meaning on where the default device is a GPU (the compiled decode step,
+    the prefill overlap: both help only where a device runs while Python builds)."""
+    return auto_flag(name, _default_device_is_gpu)
 
 
 def env_count(name: str) -> Optional[int]:

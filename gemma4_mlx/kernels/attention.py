@@ -81,10 +81,7 @@ SCRATCH_ENV = "GEMMA4_MLX_ATTN_SCRATCH"
 
 def scratch_enabled() -> bool:
     """``GEMMA4_MLX_ATTN_SCRATCH``: 1 / 0, or auto (default): on CUDA only."""
-    raw = (switches.env(SCRATCH_ENV) or "").strip().lower()
-    if raw in ("", "auto"):
-        return dispatch.active_backend() == "cuda"
-    return raw not in switches.OFF_VALUES
+    return switches.auto_flag(SCRATCH_ENV, dispatch.on_cuda)
 
 
 def _fused_scratch(elements: int) -> mx.array | None:

@@ -119,6 +119,11 @@ def active_backend() -> str | None:
     return None
 
 
+def on_cuda() -> bool:
+    """Whether the kernels run on CUDA (the auto value of the switches measured there alone)."""
+    return active_backend() == "cuda"
+
+
 # Off unless asked for, per backend. "mv" (the float matvec with its GeGLU and PLE-gate forms) is on
 # on CUDA since session 20: alone it is no faster than MLX's matmul (bench/kernels.py), but its fused
 # forms spare 70 launches of E2B's step (84 of E4B's), and the step read faster with it in every

@@ -144,10 +144,7 @@ _packed: dict = {}
 
 def packing_enabled() -> bool:
     """``GEMMA4_MLX_QPACK``: 1 / 0, or auto (default): on CUDA only (unmeasured on Metal)."""
-    raw = (switches.env(PACK_ENV) or "").strip().lower()
-    if raw in ("", "auto"):
-        return dispatch.active_backend() == "cuda"
-    return raw not in switches.OFF_VALUES
+    return switches.auto_flag(PACK_ENV, dispatch.on_cuda)
 
 
 # GEMMA4_MLX_QPACK_GATE=0: qmv_close_gate takes the PLE gate's three arrays apart even where they are views of a
