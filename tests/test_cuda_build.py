@@ -141,14 +141,16 @@ def test_prepare_at_load_starts_every_kernel_build_of_the_decode_step(fresh_buil
     # layers' pass 1 the q norm), the PLE combine, the embedding, the float matvec's plain and gated forms (on
     # since session 20) and its closing forms (the sublayer closes in the o / down / PLE products' launches);
     # nothing switched off (the 4-bit matvec on float weights, the PLE tail)
-    attention = {"gemma4_attention_partial_fused"} if fused else {"gemma4_attention_partial_plain",
-                                                                  "gemma4_attention_combine"}
+    # (the fused form with its partials in the shared scratch, GEMMA4_MLX_ATTN_SCRATCH: on on CUDA since session 41)
+    attention = {"gemma4_attention_partial_fused_scratch"} if fused else {"gemma4_attention_partial_plain",
+                                                                          "gemma4_attention_combine"}
     assert {"gemma4_norm_rope_qkv_joined", "gemma4_ple_combine", "gemma4_embed", "gemma4_mv_bare", "gemma4_mv_gate",
             "gemma4_mv_close", "gemma4_mv_close_out"} | attention <= names, names
     # only the fallbacks of those: q / k-v norms apart (qkv_joined's, attention_prefix_q's), the PLE gate's own
     # launch (mv_gate's), the closes' own launch (mv_close's)
     assert not {"gemma4_norm_rope_q", "gemma4_norm_rope_kv", "gemma4_ple_gate", "gemma4_residual_norm"} & names, names
-    other = {"gemma4_attention_partial_plain", "gemma4_attention_combine", "gemma4_attention_partial_fused"} - attention
+    other = {"gemma4_attention_partial_plain", "gemma4_attention_combine", "gemma4_attention_partial_fused",
+             "gemma4_attention_partial_fused_scratch"} - attention
     assert not other & names, names
     assert not any(n.startswith(("gemma4_qmv", "gemma4_ple_tail")) for n in names), names
     assert all(f.result() for f in cuda_build._builds.values())
