@@ -7,21 +7,21 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 41): issue 14. One GPU is enough (nvidia-h200). Session 40: parity passed with every default on
-# (one test's spies fixed); E2B 4-bit end to end decode 2.32x (stock bimodal: 1.77x-3.29x over the pairings), the first
-# token after load() 1.05x (1.51x before session 39's first-step fixes), load() 1.02x; 32k end to end 2.50x bf16 /
-# 2.35x 4-bit; ours' step is MLX's host recording 264 launches (~12.7 us each, stock's ~8.4): bench/step_inputs.py
-# counts 1,455 inputs and 401 outputs in E2B 4-bit's step. In order:
-#   0. `iocost` (~1.5 min): MLX's host cost of a distinct / shared input and of an output past the first against one
-#      packed output cut by a Split. It decides the next host work: the closes' two or three outputs as one (105 a
-#      step on E2B), attention's scratch as a shared input instead of an output (35), the closes' and attention's
-#      small constants (norm weights, eps, scale, params: ~580 inputs a step) packed a layer.
-#      `scratch` (~6 min): attention's scratch as that shared input (GEMMA4_MLX_ATTN_SCRATCH=1, written in session
-#      40, unrun on a GPU): its parity, then E2B / E4B 4-bit with and without it; on by default if it holds and helps.
-#   1. `Q=4 ttft` (~2.5 min, its timeout at 200 s: session 40 cut it at 130 s before the default line and the
-#      cProfile ran): what is left of the first token after load() (1.05x end to end).
-#   2. 31B bf16 (1.49x in session 38, 0.1 ms short of 1.5x; GPU-bound) and E4B 4-bit / 31B prefill (1.3x not met).
-#   3. `check` once kernels change again (PARITY_S=480: ~6 min on 8 processes).
+# Next visit (session 42): issue 14. One GPU is enough (nvidia-h200). Session 41: the attention's scratch a shared input,
+# on by default on CUDA (parity 368 passed); E2B 4-bit end to end decode 2.14x against stock's fast mode (122-138
+# tok/s), the first token after load() 0.87x, load() 1.06x; in mlx-lm's order E2B 2.22x bf16 / 2.22x-3.16x 4-bit,
+# E4B 1.82x / 1.97x-2.22x, 26B-A4B 4-bit 2.44x, 31B 4-bit 1.90x, 31B bf16 1.08x (GPU-bound at 17.36 ms, the floor
+# 12.8: 1.5x of this stock is below it). An output past a launch's first costs the host ~2.7 us, a distinct input
+# ~0.8, a shared one ~0.35 (iocost). In order:
+#   0. `check` (PARITY_S=480, ~7 min): the full parity on the new defaults (the scratch on; its subset passed).
+#   1. `closepack` (~7 min): GEMMA4_MLX_CLOSE_PACK=1 (session 41, unrun on a GPU): the closing forms' kernel tests
+#      both ways, the decode tests with it on, then E2B / E4B 4-bit and E2B bf16 with and without it; on by default
+#      if it holds and helps.
+#   2. `Q=4 NEW=128 RUNS=3 e2e` and E2B bf16 e2e on the new defaults.
+#   3. Next host work: the 135 outputs past a launch's first (the closes' next norm 70, the PLE gate 35, qkv_joined's
+#      k / v 30) at ~2.7 us each are now the largest input/output cost left; a Split of one packed output is no
+#      cheaper (iocost), so only an output that stops being one helps (e.g. the next norm written into a shared
+#      buffer its reader takes, ordered by the residual it also takes).
 # Timings seen on the H200: check ~7.5 min (8 processes, session 31), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
