@@ -101,7 +101,7 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            # CUDA since session 41)
            ("ours +attn scratch", {"GEMMA4_MLX_ATTN_SCRATCH": "1"}),
            ("ours -attn scratch", {"GEMMA4_MLX_ATTN_SCRATCH": "0"}),
-           # session 41: a closing launch's norm weights and layer scalar in one input (close_params.py; off by default)
+           # session 41: a closing launch's norm weights, scalar and eps in one input (close_params.py; off by default)
            ("ours +close pack", {"GEMMA4_MLX_CLOSE_PACK": "1"}),
            # session 38: a writing layer's norms + RoPE over the joined q/k/v product itself (no split views)
            ("ours +qkv joined", off(on=["qkv_joined"])),

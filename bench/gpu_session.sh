@@ -450,8 +450,8 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
       PIPE=1 CONFIGS="${CONFIGS:-stock,ours,ours -attn scratch}" ROUNDS=${ROUNDS:-9} STEPS=15 \
         timeout ${SCRATCH_S:-150} python3 bench/ablate.py $pq 2>&1 | tail -14 | tee "$OUT/scratch-${pq// /-q}.txt"
     done ;;
-  closepack) # session 41: a closing launch's norm weights and layer scalar in one input (GEMMA4_MLX_CLOSE_PACK=1, off by
-            # default; kernels/close_params.py; 175 inputs fewer a step on E2B 4-bit): its parity on CUDA (the closing
+  closepack) # session 41: a closing launch's norm weights, layer scalar and eps in one input (GEMMA4_MLX_CLOSE_PACK=1,
+            # off by default; kernels/close_params.py; 280 inputs fewer a step on E2B 4-bit): its parity on CUDA (the closing
             # forms' kernel tests, which run both ways, and the compiled steps against eager with it on), then E2B /
             # E4B 4-bit and E2B bf16 in mlx-lm's order with and without it (~7 min; FAMILIES="" for the parity alone)
     parity closecheck ${CLOSE_PARITY_S:-200} tests/test_kernels.py -k "close"

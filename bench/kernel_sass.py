@@ -117,11 +117,14 @@ KERNELS["qmv_close_gate_packed"] = dict(
 
 
 def _with_close_params(spec: dict) -> dict:
-    """A closing form's spec with the close's norm weights and layer scalar in one input (close_params.py)."""
-    names = [n for n in spec["inputs"] if n not in ("cw", "ls", "cn")]
+    """A closing form's spec with the close's norm weights, layer scalar and eps in one float32 input
+    (close_params.py)."""
+    parts = ("cw", "ls", "cn", "eps")
+    names = [n for n in spec["inputs"] if n not in parts]
     at = names.index("res") + 1
     return dict(spec, inputs=names[:at] + ["cp"] + names[at:], defines=spec["defines"] + [("CLOSE_PACKED", 1)],
-                ndims={**{k: v for k, v in spec["ndims"].items() if k not in ("cw", "ls", "cn")}, "cp": 1})
+                dtypes={**{k: v for k, v in spec["dtypes"].items() if k not in parts}, "cp": mx.float32},
+                ndims={**{k: v for k, v in spec["ndims"].items() if k not in parts}, "cp": 1})
 
 
 for _name in ("mv_close", "qmv_close", "qmv_close_gate_packed"):

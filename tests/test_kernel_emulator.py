@@ -571,7 +571,7 @@ def test_closing_forms_with_their_norms_and_scalar_in_one_input(emulated, monkey
     q, s, b = mx.quantize(_rnd((N, Kq), 46, 0.05), group_size=64, bits=4)
     xq = _rnd((M, 1, Kq), 47)
     for scalar, nxt in ((None, nn), (ls, None), (ls, nn), (None, None)):
-        assert close_params.mark(nw, scalar, nxt) == close_params.MARK
+        assert close_params.mark(nw, scalar, nxt, 1e-6) == close_params.MARK
         cases = ((mv.matvec_close_kernel, mv.matvec_close_reference, (x, w)),
                  (qmv.quantized_matvec_close_kernel, qmv.quantized_matvec_close_reference, (xq, q, s, b, 64, 4)))
         for kernel, reference, product in cases:
@@ -592,35 +592,47 @@ def test_closing_forms_with_their_norms_and_scalar_in_one_input(emulated, monkey
     _close(got[0], want[0], "qmv_close_gate packed: the closed row", atol=1e-4)
     _close(got[1], want[1], "qmv_close_gate packed: the gate", atol=1e-4)
     assert seen and not any(c.any() for c in seen)
-    # keys: the mark where packed; a part of another dtype, or the switch off, takes the three apart
-    assert close_params.mark(nw, ls.astype(mx.float16), nn) == ()
+    # parts of other float dtypes pack too (each exact in float32); the switch off takes them apart
+    half = ls.astype(mx.float16)
+    assert close_params.mark(nw, half, nn, 1e-6) == close_params.MARK
     forms.clear()
-    got = mv.matvec_close_kernel(x, w, res, nw, ls.astype(mx.float16), 1e-6, nn)
-    assert forms and all("cw" in ins and "cp" not in ins for ins, _ in forms)
+    got = mv.matvec_close_kernel(x, w, res, nw, half, 1e-6, nn)
+    want = mv.matvec_close_reference(x, w, res, nw, half, 1e-6, nn)
+    assert forms and all("cp" in ins for ins, _ in forms)
+    for g, r in zip(got, want):
+        _close(g, r, "mv_close packed, a float16 scalar", atol=1e-5)
+    assert not close_params.packable(nw.astype(mx.int32), ls, nn)
     monkeypatch.setenv(close_params.ENV, "0")
-    assert close_params.mark(nw, ls, nn) == () and close_params.buffer(nw, ls, nn) is None
+    assert close_params.mark(nw, ls, nn, 1e-6) == () and close_params.buffer(nw, ls, nn, 1e-6) is None
+    forms.clear()
+    mv.matvec_close_kernel(x, w, res, nw, ls, 1e-6, nn)
+    assert forms and all("cw" in ins and "cp" not in ins for ins, _ in forms)
 
 
 def test_close_params_follow_the_arrays_they_pack(monkeypatch):
-    """The packed buffer is the same object while the launch is handed the same three arrays, a new one
-    for a replaced array, and forgotten when an array it packs is collected."""
+    """The packed buffer ([cw | cn | ls | eps], float32) is the same object while the launch is handed the same
+    arrays and eps, a new one for a replaced array or another eps, and forgotten when an array it packs is
+    collected."""
     import gc
 
     from gemma4_mlx.kernels import close_params
 
     monkeypatch.setenv(close_params.ENV, "1")
     monkeypatch.setattr(close_params, "_buffers", {})
-    nw, nn, ls = mx.ones((16,)), mx.full((16,), 2.0), mx.array([0.5])
-    first = close_params.buffer(nw, ls, nn)
-    assert close_params.buffer(nw, ls, nn) is first
-    np.testing.assert_array_equal(np.array(first), np.concatenate([np.ones(16), np.full(16, 2.0), [0.5]]))
-    np.testing.assert_array_equal(np.array(close_params.buffer(nw, None, None)), np.concatenate([np.ones(16), [1.0]]))
+    nw, nn, ls = mx.ones((16,), mx.bfloat16), mx.full((16,), 2.0), mx.array([0.5], mx.bfloat16)
+    first = close_params.buffer(nw, ls, nn, 1e-6)
+    assert close_params.buffer(nw, ls, nn, 1e-6) is first and first.dtype == mx.float32
+    np.testing.assert_array_equal(np.array(first), np.concatenate([np.ones(16), np.full(16, 2.0), [0.5, 1e-6]])
+                                  .astype(np.float32))
+    np.testing.assert_array_equal(np.array(close_params.buffer(nw, None, None, 1e-5)),
+                                  np.array([1.0] * 16 + [1.0, 1e-5], np.float32))
+    assert close_params.buffer(nw, ls, nn, 1e-5) is not first
     replaced = mx.full((16,), 3.0)
-    again = close_params.buffer(nw, ls, replaced)
+    again = close_params.buffer(nw, ls, replaced, 1e-6)
     assert again is not first and float(again[16]) == 3.0
     del replaced, again
     gc.collect()
-    assert len(close_params._buffers) == 2  # (nw, ls, nn) and (nw, None, None)
+    assert len(close_params._buffers) == 3  # (nw, nn, ls) at two eps, (nw) alone
     del nw
     gc.collect()
     assert not close_params._buffers

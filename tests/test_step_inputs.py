@@ -73,9 +73,9 @@ def test_the_traced_step_takes_attentions_shared_scratch_when_switched_on(monkey
     assert all(form.endswith("_scratch") and names[-1] == "ws" and outs == 1 for form, names, outs in on)
 
 
-def test_the_traced_steps_closes_take_their_norms_and_scalar_as_one_input_when_switched_on(monkeypatch):
+def test_the_traced_steps_closes_take_their_norms_scalar_and_eps_as_one_input_when_switched_on(monkeypatch):
     """GEMMA4_MLX_CLOSE_PACK=1: every closing launch of the traced decode step (mv / qmv's close forms) takes
-    ``cp`` where it took ``cw``, ``ls`` and ``cn``, a buffer evaluated at the trace (a constant of the step), so
+    ``cp`` where it took ``cw``, ``ls``, ``cn`` and ``eps``, a buffer evaluated at the trace (a constant of the step), so
     the step has as many launches and fewer inputs; off, the three apart."""
     monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
 
@@ -90,5 +90,6 @@ def test_the_traced_steps_closes_take_their_norms_and_scalar_as_one_input_when_s
     monkeypatch.setenv("GEMMA4_MLX_CLOSE_PACK", "1")
     packed, inputs_packed, launches_packed = closes()
     assert len(packed) == len(apart) and launches_packed == launches
-    assert all(form.endswith("_cp") and "cp" in names and not {"cw", "ls", "cn"} & set(names) for form, names in packed)
-    assert inputs_packed == inputs_apart - sum(len({"cw", "ls", "cn"} & set(names)) - 1 for _, names in apart)
+    parts = {"cw", "ls", "cn", "eps"}
+    assert all(form.endswith("_cp") and "cp" in names and not parts & set(names) for form, names in packed)
+    assert inputs_packed == inputs_apart - sum(len(parts & set(names)) - 1 for _, names in apart)

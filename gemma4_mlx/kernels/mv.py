@@ -386,8 +386,8 @@ def close_launch(name: str, product: list, template: list, x, N: int, residual, 
     closing block makes from each closed row (matvec_close.inc's CLOSE_GATE), returned last; its
     scales and biases None where its w is their :func:`.qmv.pack` buffer (GATE_QPACK).
     ``packed`` (qmv only): ``product``'s w is the buffer of :func:`.qmv.pack` (``QPACK``). The close's
-    norm weights and layer scalar go as one input where :func:`.close_params.buffer` packs them (its key
-    carries :func:`.close_params.mark`)."""
+    norm weights, layer scalar and eps go as one input where :func:`.close_params.buffer` packs them (its
+    key carries :func:`.close_params.mark`)."""
     counter = dispatch.block_counter(CLOSE_COUNTER, CLOSE_COUNTER_SLOTS)
     if counter is None:
         return None
@@ -395,9 +395,9 @@ def close_launch(name: str, product: list, template: list, x, N: int, residual, 
     gated = gate is not None
     gate_packed = gated and gate[1] is None
     gate_inputs = ["gw", "gz"] if gate_packed else ["gw", "gsc", "gbi", "gz"]
-    cp = close_params.buffer(norm_weight, scalar, next_weight)
+    cp = close_params.buffer(norm_weight, scalar, next_weight, eps)
     k = dispatch.get_kernel(name, [*(n for n, _ in product), "res",
-                                   *(["cp"] if cp is not None else ["cw", "ls", *(["cn"] if nxt else [])]), "eps",
+                                   *(["cp"] if cp is not None else ["cw", "ls", *(["cn"] if nxt else []), "eps"]),
                                    "counter", *(gate_inputs if gated else [])],
                             ["hout", *(["nout"] if nxt else []), *(["gout"] if gated else [])],
                             defines=[("MATVEC_CLOSE", 1), ("CLOSE_NO_NEXT", int(not nxt)),
@@ -411,10 +411,9 @@ def close_launch(name: str, product: list, template: list, x, N: int, residual, 
         small = [cp]
     else:
         ls = dispatch.unit(x.dtype) if scalar is None else scalar.reshape(-1)
-        small = [norm_weight, ls, *([next_weight] if nxt else [])]
+        small = [norm_weight, ls, *([next_weight] if nxt else []), dispatch.constant(eps, mx.float32)]
     out = k(
-        inputs=[*(a for _, a in product), residual, *small,
-                dispatch.constant(eps, mx.float32), counter,
+        inputs=[*(a for _, a in product), residual, *small, counter,
                 *(() if not gated else (gate[0], gate[5]) if gate_packed else (gate[0], gate[1], gate[2], gate[5]))],
         template=[*template, ("CH", N), *((("GBITS", gate[4]), ("GGS", gate[3])) if gated else ())],
         grid=grid,
@@ -456,6 +455,7 @@ def matvec_close(x, w, residual, norm_weight, scalar, eps: float, next_weight=No
     ``residual_norm`` is): the launch's last block to finish closes the rows."""
     base = _class_key(x, w)
     close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, scalar, next_weight)
-    key = None if close is None else (*base[:3], "close", *close_params.mark(norm_weight, scalar, next_weight), *close)
+    key = None if close is None else (*base[:3], "close", *close_params.mark(norm_weight, scalar, next_weight, eps),
+                                              *close)
     return dispatch.run("mv_close", key, matvec_close_reference, matvec_close_kernel, _close_probe,
                         x, w, residual, norm_weight, scalar, eps, next_weight, fallback=fallback)

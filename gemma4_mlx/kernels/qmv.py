@@ -433,7 +433,7 @@ def quantized_matvec_close(x, w, scales, biases, group_size: int, bits: int, res
     base = _class_key(x, w, scales, biases, group_size, bits)
     close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, scalar, next_weight)
     key = None if close is None else (*base[:5], "close", *_packing_mark(w, scales, biases),
-                                      *close_params.mark(norm_weight, scalar, next_weight), *close)
+                                      *close_params.mark(norm_weight, scalar, next_weight, eps), *close)
     return dispatch.run("qmv_close", key, quantized_matvec_close_reference, quantized_matvec_close_kernel,
                         _close_probe, x, w, scales, biases, group_size, bits, residual, norm_weight, scalar, eps,
                         next_weight, fallback=fallback)
@@ -509,7 +509,7 @@ def quantized_matvec_close_gate(x, w, scales, biases, group_size: int, bits: int
     close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, None, None)
     gate = None if close is None else _gate_key(x, w.shape[0], gw, gscales, gbiases, gate_group_size, gate_bits, z)
     key = None if gate is None else (*base[:5], "close_gate", *_packing_mark(w, scales, biases),
-                                     *close_params.mark(norm_weight, None, None), close[0], *gate)
+                                     *close_params.mark(norm_weight, None, None, eps), close[0], *gate)
     return dispatch.run("qmv_close_gate", key, quantized_matvec_close_gate_reference,
                         quantized_matvec_close_gate_kernel, _close_gate_probe, x, w, scales, biases, group_size, bits,
                         residual, norm_weight, eps, gw, gscales, gbiases, gate_group_size, gate_bits, z,
