@@ -614,6 +614,7 @@ def test_close_params_follow_the_arrays_they_pack(monkeypatch):
     arrays and eps, a new one for a replaced array or another eps, and forgotten when an array it packs is
     collected."""
     import gc
+    import weakref
 
     from gemma4_mlx.kernels import close_params
 
@@ -636,6 +637,14 @@ def test_close_params_follow_the_arrays_they_pack(monkeypatch):
     del nw
     gc.collect()
     assert not close_params._buffers
+    # a part that outlives the others keeps no buffer alive through its finalizers
+    lasting = mx.ones((16,))
+    for _ in range(3):
+        made = close_params.buffer(lasting, mx.array([0.5]), None, 1e-6)
+    ref = weakref.ref(made)
+    del made
+    gc.collect()
+    assert ref() is None and len(close_params._buffers) == 0
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["apart", "packed"])

@@ -18,6 +18,7 @@ or not at all where it cannot be evaluated then (the launch takes them apart).
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import Optional
 
@@ -28,8 +29,9 @@ from .. import switches
 ENV = "GEMMA4_MLX_CLOSE_PACK"
 MARK = ("close params",)  # in a class key: the packed form is a class of its own
 
-# (id(cw), id(cn), id(ls), eps) -> (weak references to the three, the buffer)
+# (id(cw), id(cn), id(ls), eps) -> (weak references to the three, the buffer, the entry's serial number)
 _buffers: dict = {}
+_serials = itertools.count()
 
 
 def enabled() -> bool:
@@ -70,16 +72,17 @@ def buffer(norm_weight, scalar, next_weight, eps: float) -> Optional[mx.array]:
         mx.eval(packed)
     except ValueError:  # its parts are a transformation's inputs, not constants
         return None
-    _buffers[key] = (tuple(None if a is None else weakref.ref(a) for a in arrays), packed)
+    serial = next(_serials)  # (the finalizers hold this, not the buffer: a part that outlives the others keeps none)
+    _buffers[key] = (tuple(None if a is None else weakref.ref(a) for a in arrays), packed, serial)
     for a in arrays:
         if a is not None:
-            weakref.finalize(a, _drop, key, packed)
+            weakref.finalize(a, _drop, key, serial)
     return packed
 
 
-def _drop(key, packed) -> None:
+def _drop(key, serial: int) -> None:
     entry = _buffers.get(key)
-    if entry is not None and entry[1] is packed:
+    if entry is not None and entry[2] == serial:
         del _buffers[key]
 
 
