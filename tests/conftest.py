@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+
+# The Ctrl-C tests need SIGINT at Python's own handler, here and in the commands they start. A shell without
+# job control starts a background command (`... &`) with SIGINT ignored, which the children inherit: a test run
+# started that way failed 12 of them (session 41). Restore the handler a fresh interpreter would install.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Tests run on MLX's CPU backend and must not depend on a GPU being present.
 os.environ.setdefault("GEMMA4_MLX_TEST", "1")
