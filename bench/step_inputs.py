@@ -16,8 +16,9 @@ self-check), so the counts are the GPU step's. Each input is put in one of four 
 
     python bench/step_inputs.py [preset] [q4]      (default e2b q4; the preset's layer plan at small widths)
 
-prints the step's totals and, per kernel form, launches, inputs and outputs a launch, and which named
-inputs are small constants.
+prints the step's totals and, per kernel form, launches, inputs and outputs a launch, the host's time a
+launch at session 41's measured prices (:data:`PRICES`: an estimate to rank the host work by), and which
+named inputs are small constants.
 """
 from __future__ import annotations
 
@@ -139,6 +140,32 @@ def graph_inputs(dot: str) -> dict:
             "shared": sum(1 for a in leaves if fan[a] > 1), "shared arrays": len({a for a in leaves if fan[a] > 1})}
 
 
+# What MLX's host spends recording a launch of the compiled step, H200, MLX 0.32.4 (session 41's `iocost`,
+# bench/input_cost.py: call + encode, us): a launch with one input and one output ~3.5; each further input
+# ~0.35 where every launch shares it, ~0.75 otherwise (an activation, a weight, a constant of its own); each
+# output past the first ~2.7.
+PRICES = {"launch": 3.5, "shared input": 0.35, "input": 0.75, "output": 2.7}
+
+
+def host_estimate(rows: list, prices: dict = PRICES) -> dict:
+    """The host's us a step at ``prices``, by part: {"launches", "inputs", "outputs", "total"} and
+    "by form": {form: us a launch}. An estimate to rank the host work by, not a measurement."""
+    by_form: dict = {}
+    parts = {"launches": 0.0, "inputs": 0.0, "outputs": 0.0}
+    for form, kinds, outs in rows:
+        extra = kinds[1:]  # the first input is in the launch's price
+        ins = sum(prices["shared input"] if shared and kind != "activation" else prices["input"]
+                  for _, kind, shared in extra)
+        out = prices["output"] * max(0, outs - 1)
+        parts["launches"] += prices["launch"]
+        parts["inputs"] += ins
+        parts["outputs"] += out
+        by_form.setdefault(form, []).append(prices["launch"] + ins + out)
+    parts["total"] = parts["launches"] + parts["inputs"] + parts["outputs"]
+    parts["by form"] = {f: sum(v) / len(v) for f, v in by_form.items()}
+    return parts
+
+
 def report(rows: list, graph: dict | None = None) -> str:
     lines = []
     n_in = sum(len(k) for _, k, _ in rows)
@@ -161,11 +188,16 @@ def report(rows: list, graph: dict | None = None) -> str:
         for n, kind, sh in k:
             if kind == "small":
                 b[3][n + ("*" if sh else "")] += 1
-    lines.append("form: launches, inputs a launch, outputs a launch; small constants by input name (*: taken by "
-                 "more than one launch)")
+    est = host_estimate(rows)
+    lines.append(f"our kernels' launches at session 41's H200 prices (an estimate; the cache scatters and views apart): "
+                 f"{est['total'] / 1000:.2f} ms of the host a step "
+                 f"(launches {est['launches'] / 1000:.2f}, inputs past the first {est['inputs'] / 1000:.2f}, outputs "
+                 f"past the first {est['outputs'] / 1000:.2f})")
+    lines.append("form: launches, inputs a launch, outputs a launch, estimated host us a launch; small constants by "
+                 "input name (*: taken by more than one launch)")
     for form, (n, ni, no, small) in sorted(by.items(), key=lambda x: -x[1][1]):
         names = ", ".join(f"{k} {v}" if v != n else k for k, v in small.items())
-        lines.append(f"  {form:40s} {n:4d}  {ni / n:4.1f}  {no / n:3.1f}  {names}")
+        lines.append(f"  {form:40s} {n:4d}  {ni / n:4.1f}  {no / n:3.1f}  {est['by form'][form]:5.1f}  {names}")
     return "\n".join(lines)
 
 

@@ -37,7 +37,15 @@ def test_counts_each_launch_of_the_gpu_step_and_restores_dispatch(monkeypatch):
     assert named["x"] == "activation" and named["w"] == "weight" and named["cw"] == "small"
     assert named["counter"] == "counter"
     text = step_inputs.report(rows, graph)
-    assert "in MLX's graph" in text and "qmv/close" in text
+    assert "in MLX's graph" in text and "qmv/close" in text and "H200 prices" in text
+    # the host estimate: its parts add up, every launch costs at least a launch, a closing launch's second
+    # output and extra inputs more
+    est = step_inputs.host_estimate(rows)
+    assert abs(est["total"] - est["launches"] - est["inputs"] - est["outputs"]) < 1e-6
+    assert est["launches"] == step_inputs.PRICES["launch"] * len(rows)
+    assert all(v >= step_inputs.PRICES["launch"] for v in est["by form"].values())
+    close_form = next(form for form, _, _ in rows if form.startswith("qmv/close"))
+    assert est["by form"][close_form] > step_inputs.PRICES["launch"] + step_inputs.PRICES["output"]
 
 
 def test_layers_with_one_rope_share_its_arrays():
