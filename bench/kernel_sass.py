@@ -115,7 +115,6 @@ KERNELS["qmv_close_gate_packed"] = dict(
     defines=KERNELS["qmv_close_gate"]["defines"] + [("QPACK", 1), ("GATE_QPACK", 1)])
 
 
-
 def _with_close_params(spec: dict) -> dict:
     """A closing form's spec with the close's norm weights, layer scalar and eps in one float32 input
     (close_params.py)."""

@@ -425,7 +425,7 @@ class PackedWeights:
         on = qmv.packing_enabled()
         for _, m in model.named_modules():
             if not on and _packs(m):  # switched off: views a decoder packed before go to the kernels apart
-                qmv.unregister_packed(m["weight"])
+                qmv.unregister_packed(m["weight"], m["scales"], m["biases"])
             if id(m) in in_joins or not on or not _packs(m):
                 continue
             old = kept.get(id(m))

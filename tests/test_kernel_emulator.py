@@ -617,9 +617,10 @@ def test_close_params_follow_the_arrays_they_pack(monkeypatch):
     import weakref
 
     from gemma4_mlx.kernels import close_params
+    from gemma4_mlx.kernels.by_identity import ByIdentity
 
     monkeypatch.setenv(close_params.ENV, "1")
-    monkeypatch.setattr(close_params, "_buffers", {})
+    monkeypatch.setattr(close_params, "_buffers", ByIdentity())
     nw, nn, ls = mx.ones((16,), mx.bfloat16), mx.full((16,), 2.0), mx.array([0.5], mx.bfloat16)
     first = close_params.buffer(nw, ls, nn, 1e-6)
     assert close_params.buffer(nw, ls, nn, 1e-6) is first and first.dtype == mx.float32

@@ -777,7 +777,7 @@ def test_quantized_matvec_packed_kernels(M, N, K_, bits, gs, dtype):
     w3, s3, b3 = kernel_cases.packed_views(q, s, b, buffer_of=(q, (s * 2).astype(dtype), b))
     doubled = K.quantized_matvec_reference(x, w3, (s3 * 2).astype(dtype), b3, gs, bits)
     assert_close(K.quantized_matvec_kernel(x, w3, s3, b3, gs, bits), doubled, dtype, "the buffer's scales")
-    K.qmv.unregister_packed(w3)  # as a decoder built with packing switched off leaves the views
+    K.qmv.unregister_packed(w3, s3, b3)  # as a decoder built with packing switched off leaves the views
     assert K.qmv.packed_buffer(w3, s3, b3) is None
     assert_close(K.quantized_matvec_kernel(x, w3, s3, b3, gs, bits), K.quantized_matvec_reference(x, w3, s3, b3, gs, bits),
                  dtype, "packing off")

@@ -9,29 +9,27 @@ bench/step_inputs.py). With the switch on they are one float32 buffer
 offsets (``CLOSE_PACKED``). A float16 / bfloat16 value is exact in float32, and the close computes in
 float32 from the loaded values: the same arithmetic as the four apart.
 
-The buffer is derived from those very arrays: it is kept for as long as they live and only while the
-launch is handed the same objects and the same eps (the model's own weights, whose replacement the
-decode step's tree snapshot already sees); an array replaced or collected makes a new one. It is made and
+The buffer is derived from those very arrays (by_identity.py): it is kept for as long as they live and
+only while the launch is handed the same objects and the same eps (the model's own weights, whose
+replacement the decode step's tree snapshot already sees); an array replaced or collected makes a new one. It is made and
 evaluated where a launch first asks (the decode step's trace too: its parts are constants of the step),
 or not at all where it cannot be evaluated then (the launch takes them apart).
 """
 
 from __future__ import annotations
 
-import itertools
-import weakref
 from typing import Optional
 
 import mlx.core as mx
 
 from .. import switches
+from .by_identity import ByIdentity
 
 ENV = "GEMMA4_MLX_CLOSE_PACK"
 MARK = ("close params",)  # in a class key: the packed form is a class of its own
 
-# (id(cw), id(cn), id(ls), eps) -> (weak references to the three, the buffer, the entry's serial number)
-_buffers: dict = {}
-_serials = itertools.count()
+# (cw, cn, ls), eps -> the buffer
+_buffers = ByIdentity()
 
 
 def enabled() -> bool:
@@ -49,21 +47,16 @@ def packable(norm_weight, scalar, next_weight) -> bool:
     return scalar is None or (scalar.dtype in floats and scalar.size == 1)
 
 
-def _alive(refs: tuple, arrays: tuple) -> bool:
-    return all((r is None and a is None) or (r is not None and r() is a) for r, a in zip(refs, arrays))
-
-
 def buffer(norm_weight, scalar, next_weight, eps: float) -> Optional[mx.array]:
     """The packed ``cp`` of these parts (``scalar`` / ``next_weight`` may be None: a missing scalar is
     a one), or None where the switch is off, they cannot be packed, or it cannot be evaluated now
     (inside a transformation whose inputs they are)."""
     if not enabled() or not packable(norm_weight, scalar, next_weight):
         return None
-    arrays = (norm_weight, next_weight, scalar)
-    key = (*(None if a is None else id(a) for a in arrays), float(eps))
-    entry = _buffers.get(key)
-    if entry is not None and _alive(entry[0], arrays):
-        return entry[1]
+    arrays, extra = (norm_weight, next_weight, scalar), (float(eps),)
+    packed = _buffers.get(arrays, extra)
+    if packed is not None:
+        return packed
     parts = [norm_weight] + ([next_weight] if next_weight is not None else [])
     parts.append(mx.ones((1,)) if scalar is None else scalar.reshape(-1))
     parts.append(mx.array([eps], dtype=mx.float32))
@@ -72,18 +65,8 @@ def buffer(norm_weight, scalar, next_weight, eps: float) -> Optional[mx.array]:
         mx.eval(packed)
     except ValueError:  # its parts are a transformation's inputs, not constants
         return None
-    serial = next(_serials)  # (the finalizers hold this, not the buffer: a part that outlives the others keeps none)
-    _buffers[key] = (tuple(None if a is None else weakref.ref(a) for a in arrays), packed, serial)
-    for a in arrays:
-        if a is not None:
-            weakref.finalize(a, _drop, key, serial)
+    _buffers.put(arrays, packed, extra)
     return packed
-
-
-def _drop(key, serial: int) -> None:
-    entry = _buffers.get(key)
-    if entry is not None and entry[2] == serial:
-        del _buffers[key]
 
 
 def mark(norm_weight, scalar, next_weight, eps: float) -> tuple:

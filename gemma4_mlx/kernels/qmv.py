@@ -18,13 +18,13 @@ over it). On CUDA only products of :func:`min_values` weights or more take the k
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Optional
 
 import mlx.core as mx
 
 from .. import switches
 from . import close_params, dispatch
+from .by_identity import ByIdentity
 from .dispatch import TG
 from .mv import (_FLOATS, GATE, GEGLU, MAX_ROWS_OF_X, PLAIN, PROBE_N, _mm, close_key, close_launch, close_probe,
                  form_width, layout, probe_shape, form_kernel, grid_and_loop, launch_grid, probe_blocks,
@@ -138,8 +138,8 @@ def takes(values: int, bits: int, backend: Optional[str] = None) -> bool:
 # views of it; the kernels then take the buffer alone.
 PACK_ENV = "GEMMA4_MLX_QPACK"
 
-# id(w) -> (a weak reference to w, scales, biases, the buffer they are views of)
-_packed: dict = {}
+# (w, scales, biases) -> the buffer they are views of
+_packed = ByIdentity()
 
 
 def packing_enabled() -> bool:
@@ -182,25 +182,18 @@ def unpack(buffer, w_shape: tuple, scales_shape: tuple, dtype) -> tuple:
 
 def register_packed(buffer, w, scales, biases) -> None:
     """Let the kernels take ``buffer`` for the evaluated views ``w``, ``scales``, ``biases`` of it
-    (:func:`unpack`), for as long as ``w`` lives."""
-    key = id(w)
-    _packed[key] = (weakref.ref(w), scales, biases, buffer)
-    weakref.finalize(w, _packed.pop, key, None)
+    (:func:`unpack`), for as long as the three live."""
+    _packed.put((w, scales, biases), buffer)
 
 
-def unregister_packed(w) -> None:
-    """The kernels take ``w``'s arrays apart again (packing switched off: the views stay in the tree)."""
-    entry = _packed.get(id(w))
-    if entry is not None and entry[0]() is w:
-        del _packed[id(w)]
+def unregister_packed(w, scales, biases) -> None:
+    """The kernels take these arrays apart again (packing switched off: the views stay in the tree)."""
+    _packed.discard((w, scales, biases))
 
 
 def packed_buffer(w, scales, biases) -> Optional[mx.array]:
     """The buffer these very three arrays are views of (:func:`register_packed`), or None."""
-    entry = _packed.get(id(w))
-    if entry is None or entry[0]() is not w or entry[1] is not scales or entry[2] is not biases:
-        return None
-    return entry[3]
+    return _packed.get((w, scales, biases))
 
 
 def _packed_probe(w, s, b) -> tuple:
