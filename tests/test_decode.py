@@ -950,6 +950,7 @@ def test_decode_with_the_fused_attention_equals_the_two_passes(dtype, monkeypatc
     model.set_dtype(dtype)
     default = dispatch.DEFAULT_DISABLED["cuda"]
     assert "attention_fused" not in default.split(",")
+
     def fused(key):  # a fused prefix class, whatever geometry or scratch marker its key carries
         core = tuple(e for e in key if not (isinstance(e, tuple) and e[:1] in (("geometry",), ("scratch",))))
         return core[0] == "attention_prefix" and core[-1] is True and len(core) == 9

@@ -695,11 +695,13 @@ def test_matvec_close_kernel(K_, N, M, dtype, close_pack, monkeypatch):
     """The closing forms (mv_close / qmv_close: E2B's o / down / PLE projections, 26B-A4B's and E4B's
     widths, several rows) against the product and residual_norm's references, every form of the
     close; each launch leaves its counter zero (the next one's blocks count from it). "cp": the close's
-    norm weights and layer scalar in one input (GEMMA4_MLX_CLOSE_PACK, close_params.py)."""
+    norm weights, layer scalar and eps in one input (GEMMA4_MLX_CLOSE_PACK, close_params.py)."""
     monkeypatch.setenv("GEMMA4_MLX_CLOSE_PACK", close_pack)
     x, w = rnd((M, 1, K_), dtype, seed=21), rnd((N, K_), dtype, 0.05, seed=22)
     res = rnd((M, 1, N), dtype, 2.0, seed=23)
     nw, nn = (1 + rnd((N,), mx.float32, 0.3, seed=24)).astype(dtype), (1 + rnd((N,), mx.float32, 0.3, seed=25)).astype(dtype)
+    # "cp": every close below takes the packed input (the launch asks close_params.buffer as this does)
+    assert bool(K.close_params.mark(nw, None, nn, 1e-6)) == (close_pack == "1")
     q, s, b = mx.quantize(rnd((N, K_), mx.float32, 0.05, seed=26), group_size=64, bits=4)
     s, b = s.astype(dtype), b.astype(dtype)
     for scalar, nxt in ((None, nn), (None, None), (mx.array([0.7], dtype=dtype), nn)):
@@ -723,10 +725,11 @@ def test_matvec_close_kernel(K_, N, M, dtype, close_pack, monkeypatch):
 def test_quantized_matvec_close_gate_kernel(K_, N, P, M, bits, dtype, close_pack, monkeypatch):
     """qmv_close_gate (on on CUDA since session 36: E2B's / E4B's down projection, its close and the PLE gate of the
     closed row in one launch, the gate made by the closing block) against the close's and the gate's
-    references; its counter left zero. "cp": the close's norm weight and scalar in one input (close_params.py)."""
+    references; its counter left zero. "cp": the close's norm weight, scalar and eps in one input (close_params.py)."""
     monkeypatch.setenv("GEMMA4_MLX_CLOSE_PACK", close_pack)
     x, res = rnd((M, 1, K_), dtype, seed=31), rnd((M, 1, N), dtype, 2.0, seed=32)
     nw = (1 + rnd((N,), mx.float32, 0.3, seed=33)).astype(dtype)
+    assert bool(K.close_params.mark(nw, None, None, 1e-6)) == (close_pack == "1")
     q, s, b = mx.quantize(rnd((N, K_), mx.float32, 0.05, seed=34), group_size=64, bits=4)
     gq, gs, gb = mx.quantize(rnd((P, N), mx.float32, 0.05, seed=35), group_size=64, bits=bits)
     z = rnd((M, 1, P), dtype, seed=36)
