@@ -951,9 +951,10 @@ def test_decode_with_the_fused_attention_equals_the_two_passes(dtype, monkeypatc
     default = dispatch.DEFAULT_DISABLED["cuda"]
     assert "attention_fused" not in default.split(",")
 
-    def fused(key):  # a fused prefix class, whatever geometry or scratch marker its key carries
-        core = tuple(e for e in key if not (isinstance(e, tuple) and e[:1] in (("geometry",), ("scratch",))))
-        return core[0] == "attention_prefix" and core[-1] is True and len(core) == 9
+    def fused(key):  # a verdict's (name, backend, *class key): the fused prefix class (rows, True), whatever
+        # geometry or scratch marker the class key carries (attention._key_args leaves them out)
+        args = ATT._key_args(key[2:])
+        return key[0] == "attention_prefix" and len(args) == 2 and args[-1] is True
 
     two = _logits_with_kernels(model, ids, 16, monkeypatch, "strict", default + ",attention_fused", {}, True)
     assert not any(fused(k) for k in dispatch.verdicts())
