@@ -450,6 +450,12 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
       PIPE=1 CONFIGS="${CONFIGS:-stock,ours,ours -attn scratch}" ROUNDS=${ROUNDS:-9} STEPS=15 \
         timeout ${SCRATCH_S:-150} python3 bench/ablate.py $pq 2>&1 | tail -14 | tee "$OUT/scratch-${pq// /-q}.txt"
     done ;;
+  closerows) # session 42: a close's new residual and next norm (or PLE gate) as lanes of one output (GEMMA4_MLX_CLOSE_ROWS=1,
+            # off by default; gemma4_mlx/lanes.py), with and without CLOSE_PACK: the closing forms' kernel tests, then the
+            # compiled steps against eager with both on (~3 min)
+    (export GEMMA4_MLX_CLOSE_ROWS=1 GEMMA4_MLX_CLOSE_PACK=${ROWS_PACK:-1}
+     parity rowsdecode ${CLOSE_PARITY_S:-200} tests/test_kernels.py tests/test_decode.py tests/test_determinism.py \
+       -k "close or compiled or eager or determin or lane") ;;
   closepack) # session 41: a closing launch's norm weights, layer scalar and eps in one input (GEMMA4_MLX_CLOSE_PACK=1,
             # off by default; kernels/close_params.py; 280 inputs fewer a step on E2B 4-bit): its parity on CUDA (the closing
             # forms' kernel tests, which run both ways, and the compiled steps against eager with it on), then E2B /

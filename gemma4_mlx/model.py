@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from . import decode, ops, step_context, switches
+from . import lanes
 from .cache import make_caches
 from .config import LayerPlan, ModelArgs, RopePlan
 
@@ -235,8 +236,9 @@ class DecoderLayer(nn.Module):
                                           self.pre_feedforward_layernorm.weight, joined_mlp)
             ff = ops.Unprojected(self.mlp.down_proj, gated)
         else:
+            # (a MoE layer's h goes to its router's and experts' norms, which take no lanes)
             h, ff_in = ops.residual_norm(x, attn, self.post_attention_layernorm.weight, None, eps,
-                                         self.pre_feedforward_layernorm.weight)
+                                         self.pre_feedforward_layernorm.weight, rows=not self.plan.moe)
             ff = self.mlp.unprojected(ff_in)
         if trace is not None:
             ff = trace["mlp"] = ops.product(ff)
@@ -272,7 +274,9 @@ class DecoderLayer(nn.Module):
             out = ops.PendingClose(h, ops.product(ff), self.post_feedforward_layernorm.weight, self.layer_scalar, eps,
                                    next_norm)
         else:
-            out = ops.residual_norm(h, ff, self.post_feedforward_layernorm.weight, self.layer_scalar, eps, next_norm)
+            # (with the closing forms' packed rows, the next layer's input and its norm as lanes of one output)
+            out = ops.residual_norm(h, ff, self.post_feedforward_layernorm.weight, self.layer_scalar, eps, next_norm,
+                                    rows=True)
         if next_norm is None or isinstance(out, ops.PendingClose):
             return out, None, kv
         return out[0], out[1], kv
@@ -380,7 +384,8 @@ class Gemma4TextModel(nn.Module):
             if trace is not None:
                 record["out"] = h
                 trace.append(record)
-        return None if fill_only else normed
+        # (the last layer's close may give its norm as a lane of a packed output: the head takes an array)
+        return None if fill_only else lanes.array(normed)
 
 
 OVERLAP_ENV = "GEMMA4_MLX_PREFILL_OVERLAP"

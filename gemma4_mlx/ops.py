@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 from . import chunk_attention, expert_blocks, step_context, switch_layers, switches
+from . import lanes
 
 Offset = Union[int, mx.array]
 
@@ -329,13 +330,15 @@ RESIDUAL_NORM_MAX_ROWS = 16
 
 
 def residual_norm(residual: mx.array, branch: mx.array, norm_weight: mx.array, scalar: Optional[mx.array],
-                  eps: float, next_weight: Optional[mx.array] = None):
+                  eps: float, next_weight: Optional[mx.array] = None, rows: bool = False):
     """A sublayer's close, ``(residual + RMSNorm_w(branch)) * scalar`` (no scale for None), and
     with ``next_weight`` the next sublayer's input ``RMSNorm_next(out)``: ``(out, normed)``.
     ``branch`` may be :class:`Unprojected`: its projection is then made here (with the close,
-    :func:`project_and_close`)."""
+    :func:`project_and_close`, which with ``rows`` may give the two as lanes of one output). ``residual``
+    may be a lane (:mod:`gemma4_mlx.lanes`)."""
     if isinstance(branch, Unprojected):
-        return project_and_close(branch, residual, norm_weight, scalar, eps, next_weight)
+        return project_and_close(branch, residual, norm_weight, scalar, eps, next_weight, rows=rows)
+    residual = lanes.array(residual)
     k = _gpu_kernels()
     # The kernel saves launches, which is what a decode step is short of; over many rows (only a
     # large batch reaches here: kernels run in the decode step alone) MLX's vectorised rms_norm
@@ -543,8 +546,8 @@ def ple_tail(gate: nn.Module, projection: nn.Module, h: mx.array, per_layer_inpu
         if trace is not None:
             projected = trace["ple"] = projected.product()
         if defer and next_weight is not None and not closes(projected):
-            return PendingClose(h, product(projected), norm_weight, scalar, eps, next_weight)
-        return residual_norm(h, projected, norm_weight, scalar, eps, next_weight)
+            return PendingClose(lanes.array(h), product(projected), norm_weight, scalar, eps, next_weight)
+        return residual_norm(h, projected, norm_weight, scalar, eps, next_weight, rows=True)
 
     def chain(h, per_layer_input, *_):
         return close(h, linear_gate(gate, h, per_layer_input))
@@ -602,23 +605,29 @@ def closes(branch) -> bool:
 
 
 def project_and_close(branch: Unprojected, residual: mx.array, norm_weight: mx.array, scalar: Optional[mx.array],
-                      eps: float, next_weight: Optional[mx.array] = None):
+                      eps: float, next_weight: Optional[mx.array] = None, rows: bool = False):
     """``residual_norm(residual, branch.product(), norm_weight, scalar, eps, next_weight)``: inside
     the decode step, for few rows of a plain float or affine-quantized projection whose output is
     the residual's width, one launch whose last block to finish closes the rows (``mv_close`` /
-    ``qmv_close``); elsewhere, and as their fallback, the projection and residual_norm."""
+    ``qmv_close``); elsewhere, and as their fallback, the projection and residual_norm. With ``rows``
+    (the caller's readers take lanes) and ``GEMMA4_MLX_CLOSE_ROWS`` on, that launch gives the new residual
+    and its next norm as two lanes of one output (:mod:`gemma4_mlx.lanes`)."""
+    form = _closing_form(branch)
+    packed = rows and form is not None and next_weight is not None and lanes.enabled()
 
     def unfused(*_):
-        return residual_norm(residual, branch.product(), norm_weight, scalar, eps, next_weight)
+        out = residual_norm(residual, branch.product(), norm_weight, scalar, eps, next_weight)
+        return lanes.joined(out) if packed else out
 
-    form = _closing_form(branch)
     if form is None:
         return unfused()
     k, m, x = _gpu_kernels(), branch.module, branch.x
     if form == "mv_close":
-        return k.matvec_close(x, m["weight"], residual, norm_weight, scalar, eps, next_weight, fallback=unfused)
-    return k.quantized_matvec_close(x, m["weight"], m["scales"], m["biases"], m.group_size, m.bits, residual,
-                                    norm_weight, scalar, eps, next_weight, fallback=unfused)
+        out = k.matvec_close(x, m["weight"], residual, norm_weight, scalar, eps, next_weight, packed, fallback=unfused)
+    else:
+        out = k.quantized_matvec_close(x, m["weight"], m["scales"], m["biases"], m.group_size, m.bits, residual,
+                                       norm_weight, scalar, eps, next_weight, packed, fallback=unfused)
+    return lanes.split(out, [norm_weight.size] * 2) if packed else out
 
 
 class PendingClose(NamedTuple):
@@ -661,18 +670,26 @@ def residual_gate(x: mx.array, branch: mx.array, norm_weight: mx.array, eps: flo
 
     form = _closing_form(branch) if isinstance(branch, Unprojected) else None
     if form is not None:  # the close in the branch's projection, then the gate projection
-        def apart(*_):
-            h = project_and_close(branch, x, norm_weight, None, eps)
-            return h, linear_gate(gate, h, z)
-
         k = _gpu_kernels()
         if form == "qmv_close" and affine_quantized(gate) and not k.is_disabled("qmv_close_gate"):
-            # both in one launch: the gate made by the close's last block (qmv_close_gate)
+            # both in one launch: the gate made by the close's last block (qmv_close_gate); with
+            # GEMMA4_MLX_CLOSE_ROWS the two as lanes of its one output (its reader, the PLE projection's close,
+            # takes both)
+            packed = lanes.enabled()
+
+            def joined_apart(*_):
+                h = project_and_close(branch, x, norm_weight, None, eps)
+                out = (h, linear_gate(gate, h, z))
+                return lanes.joined(out) if packed else out
+
             m = branch.module
-            return k.quantized_matvec_close_gate(branch.x, m["weight"], m["scales"], m["biases"], m.group_size, m.bits,
-                                                 x, norm_weight, eps, gate["weight"], gate["scales"], gate["biases"],
-                                                 gate.group_size, gate.bits, z, fallback=apart)
-        return apart()
+            out = k.quantized_matvec_close_gate(branch.x, m["weight"], m["scales"], m["biases"], m.group_size, m.bits,
+                                                x, norm_weight, eps, gate["weight"], gate["scales"], gate["biases"],
+                                                gate.group_size, gate.bits, z, packed, fallback=joined_apart)
+            return lanes.split(out, [norm_weight.size, z.shape[-1]]) if packed else out
+        h = project_and_close(branch, x, norm_weight, None, eps)
+        return h, linear_gate(gate, h, z)
+    x = lanes.array(x)
     branch = product(branch)
 
     def unfused(*_):
@@ -690,8 +707,9 @@ def residual_geglu(x: mx.array, branch: mx.array, norm_weight: mx.array, eps: fl
     matvec kernels on, one launch."""
 
     if closes(branch):  # the close in the branch's projection, then the gate/up projection
-        h, xin = project_and_close(branch, x, norm_weight, None, eps, next_weight)
+        h, xin = project_and_close(branch, x, norm_weight, None, eps, next_weight, rows=True)
         return h, joined.geglu(xin)
+    x = lanes.array(x)
     branch = product(branch)
 
     def unfused(*_):
@@ -734,7 +752,7 @@ def linear(module: nn.Module, x: mx.array) -> mx.array:
         if affine_quantized(module):
             return k.quantized_matvec(x, module["weight"], module["scales"], module["biases"], module.group_size,
                                       module.bits, fallback=lambda x, *_: _product(module, x, module))
-    return _product(module, x, module)
+    return _product(module, lanes.array(x), module)
 
 
 def linear_geglu(joint: nn.Module, x: mx.array, unfused: Callable[[mx.array], mx.array]) -> mx.array:
@@ -760,7 +778,7 @@ def _gated(module: nn.Module, x: mx.array, z: Optional[mx.array], form: str, unf
             return getattr(k, f"quantized_matvec_{form}")(
                 x, module["weight"], module["scales"], module["biases"], module.group_size, module.bits, *extra,
                 fallback=lambda x, *_: unfused(x))
-    return unfused(x)
+    return unfused(lanes.array(x))
 
 
 def _product(module: nn.Module, x: mx.array, plain) -> mx.array:

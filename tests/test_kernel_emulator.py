@@ -705,7 +705,8 @@ def test_every_other_kernel_on_the_emulator():
                                     "kernel-shaped E2B, closes apart", "tiny-moe, closed apart",
                                     "kernel-shaped E2B, host constants", "tiny-moe, host constants",
                                     "kernel-shaped E2B, norms apart", "tiny-31b, norms apart",
-                                    "kernel-shaped E2B, quantized tables", "kernel-shaped E2B, close params packed"])
+                                    "kernel-shaped E2B, quantized tables", "kernel-shaped E2B, close params packed",
+                                    "kernel-shaped E2B, close rows apart", "tiny-31b, close rows apart"])
 def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatch, family):
     """A model's decode steps with its kernels on (the emulator, outside the compiled step:
     kernel_scope) give the logits of the steps without them: the kernels' wiring and their logic
@@ -722,12 +723,14 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     token embedding in one launch (embed; embed_q for a quantized table). "norms apart": qkv_norm_rope off. "quantized tables": both
     embedding tables 4-bit, read in the launches of ple_combine_q and embed_q (the tied head then
     quantized too). "close params packed": GEMMA4_MLX_CLOSE_PACK=1, every closing launch takes its norm
-    weights and layer scalar as one input (close_params.py)."""
+    weights and layer scalar as one input (close_params.py). Every family but "close rows apart" (GEMMA4_MLX_CLOSE_ROWS=0)
+    has a closing launch give its new residual and next norm (a PLE gate) as lanes of one output, which the
+    next launches read in place (lanes.py; the CUDA default since session 42): their class keys say so."""
     import mlx.nn as nn
     from mlx.utils import tree_map
     from test_decode import _kernel_shaped_model
 
-    from gemma4_mlx import step_context
+    from gemma4_mlx import lanes, step_context
     from gemma4_mlx.config import parse_config
     from gemma4_mlx.kernels import dispatch
     from gemma4_mlx.model import Model
@@ -744,9 +747,11 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
     # both embedding tables 4-bit, read by ple_combine_q and embed_q (both on by default)
     quantized_ple = family.endswith("quantized tables")
     closing = "," not in family or family.endswith(("closed apart", "host constants", "norms apart",
-                                                    "quantized tables", "close params packed"))
+                                                    "quantized tables", "close params packed", "close rows apart"))
     close_pack = family.endswith("close params packed")
     monkeypatch.setenv("GEMMA4_MLX_CLOSE_PACK", "1" if close_pack else "0")
+    rows = not family.endswith("close rows apart")
+    monkeypatch.setenv("GEMMA4_MLX_CLOSE_ROWS", "1" if rows else "0")
     if not closing:
         disabled += ["mv_close", "qmv_close"]
     in_place = family in ("tiny-moe", "tiny-moe, host constants")  # norm_pair_close on (the default)
@@ -798,7 +803,7 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
         assert not {"kv_norm_rope", "q_norm_rope" if "E2B" not in family else "kv_norm_rope"} & {k[0] for k in verdicts}
     elif "qkv_norm_rope" in {k[0] for k in verdicts}:
         raise AssertionError("qkv_norm_rope ran where it was switched off")
-    forms = {k[-2:] for k in verdicts if k[0] == "mv_close"}
+    forms = {lanes.unmark(k)[0][-2:] for k in verdicts if k[0] == "mv_close"}
     if not closing:
         assert not forms, verdicts
     elif "E2B" in family:  # with the next norm (o), without (down, before the PLE gate), scaled (the PLE projection)
@@ -807,6 +812,14 @@ def test_decode_with_emulated_kernels_equals_decode_without(emulated, monkeypatc
         assert (False, True) in forms and (family.startswith("tiny-moe") or (True, True) in forms), verdicts
     closes = [k for k in verdicts if k[0] == "mv_close"]
     assert all(("close params" in k) == close_pack for k in closes), closes
+    # packed rows: every close with a next norm gives them, and their readers (the next projections, the next
+    # closes' residuals) take lanes; apart, no key carries either
+    marked = {(k[0], lanes.unmark(k)[1], bool(lanes.unmark(k)[2])) for k in verdicts}
+    if rows and closing and not family.startswith("tiny-moe"):  # (a MoE layer's close feeds its router's norms)
+        assert all(lanes.unmark(k)[1] == lanes.unmark(k)[0][-1] for k in closes), [lanes.unmark(k) for k in closes]
+        assert ("mv_close", True, True) in marked and ("mv", False, True) in marked, marked
+    else:
+        assert not any(r or taken for _, r, taken in marked), marked
     if family.startswith("tiny-moe"):  # every form of both: the router's and experts' inputs, the close with the mixture;
         # the experts' GeGLU in its rows form (their outputs as they come)
         assert any(k[0] == "geglu" and "rows" in k for k in verdicts), verdicts

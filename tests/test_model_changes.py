@@ -196,16 +196,26 @@ def test_a_switch_changed_after_tracing_rebuilds_the_step(monkeypatch):
                                           ("GEMMA4_MLX_ATTN_SPLIT_KEYS", "16"), ("GEMMA4_MLX_ATTN_TILE_ROWS", "2"),
                                           ("GEMMA4_MLX_ATTN_BLOCKS", "132"), ("GEMMA4_MLX_ATTN_COMBINE_TILES", "1"),
                                           ("GEMMA4_MLX_ATTN_SPLIT_MAJOR", "1"), ("GEMMA4_MLX_QMV_SPLIT", "4"),
-                                          ("GEMMA4_MLX_QMV_WPL", "1"), ("GEMMA4_MLX_CLOSE_PACK", "1"),
-                                          ("GEMMA4_MLX_ATTN_SCRATCH", "1")])
+                                          ("GEMMA4_MLX_QMV_WPL", "1"), ("GEMMA4_MLX_CLOSE_PACK", "flip"),
+                                          ("GEMMA4_MLX_ATTN_SCRATCH", "flip"), ("GEMMA4_MLX_CLOSE_ROWS", "flip")])
 def test_the_kernel_launch_switches_rebuild_the_step(switch, value, monkeypatch):
     """Switches read while the step is traced (a prologue launch's block cap, the quantized
     matvec's size rule and rows a warp group, the attention's geometry, the experts' batch indices)
     are part of its settings: a new value traces a new step instead of replaying the old one (the
-    matvec's rows and the attention's geometry joined in session 33, a session after them)."""
+    matvec's rows and the attention's geometry joined in session 33, a session after them). "flip": an
+    auto switch (on on CUDA, off elsewhere) set to what this backend does not do by default (the GPU's
+    run of session 42 set the attention's scratch to 1, its CUDA default, and nothing changed)."""
+    from gemma4_mlx import lanes
+    from gemma4_mlx.kernels import close_params
+    from gemma4_mlx.kernels.attention import scratch_enabled
+
     ours, _ = _pair()
     _trace(ours, monkeypatch)
     first = ours._decoder
+    if value == "flip":
+        resolved = {"GEMMA4_MLX_CLOSE_PACK": close_params.enabled, "GEMMA4_MLX_ATTN_SCRATCH": scratch_enabled,
+                    "GEMMA4_MLX_CLOSE_ROWS": lanes.enabled}[switch]
+        value = "0" if resolved() else "1"
     monkeypatch.setenv(switch, value)
     _gap(ours)
     assert ours._decoder is not first

@@ -35,6 +35,7 @@ import mlx.core as mx
 
 from .. import cuda_context, switches
 from ..step_context import active
+from .. import lanes
 from . import cuda_build
 
 ENV_VAR = "GEMMA4_MLX_KERNELS"
@@ -408,6 +409,7 @@ def get_form_kernel(name: str, input_names: Sequence[str], output_names: Sequenc
     if trimmed is None or not form_signatures():
         return get_kernel(name, input_names, output_names, **kwargs), True
     inputs, outputs, defines, variant = trimmed
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("defines", "variant")}  # the whole signature's
     return get_kernel(name, inputs, outputs, defines=defines, variant=variant, **kwargs), False
 
 
@@ -656,8 +658,15 @@ def run(
 
     Inside the decode step's dry run (``decode`` collects) nothing is launched: the kernel is
     recorded for :func:`check_all` and the fallback's graph returned. Inside the traced step
-    every kernel must have been checked already (checking evaluates arrays)."""
+    every kernel must have been checked already (checking evaluates arrays).
+
+    ``args`` may hold lanes (:mod:`gemma4_mlx.lanes`): the kernel takes them as they are where ``class_key`` marks
+    them (it reads them in place), cut into arrays otherwise; the reference and fallback take arrays."""
     other = fallback or reference
+    if lanes.any_lane(args):
+        other, reference = lanes.reading_arrays(other), lanes.reading_arrays(reference)
+        if class_key is None or "lanes" not in class_key:
+            args = lanes.arrays(args)
     backend = launch_backend(name, class_key)
     if backend is None:
         return other(*args)

@@ -20,6 +20,7 @@ from typing import Optional
 import mlx.core as mx
 
 from .. import switches
+from .. import lanes
 from . import close_params, dispatch
 from .dispatch import TG
 from .ple import ple_gate_reference
@@ -130,17 +131,21 @@ def _mm(M: int) -> int:
 PROLOGUE_INPUTS = ["b", "nw", "ls", "nn", "eps"]
 
 
-def form_kernel(name: str, product_inputs: list, epi: int, with_prologue: bool, packed: bool = False) -> tuple:
+def form_kernel(name: str, product_inputs: list, epi: int, with_prologue: bool, packed: bool = False,
+                x=None) -> tuple:
     """``(kernel, whole)`` for one form of ``name`` (mv / qmv, :func:`.dispatch.get_form_kernel`):
     without the prologue a launch passes only the product's inputs [, z] and gets y alone
     (matvec_inputs.inc); the decode step launches these forms ~100-300 times. ``packed`` (qmv, no
-    prologue): the weights' three arrays in one input (``QPACK``, :func:`.qmv.pack`)."""
+    prologue): the weights' three arrays in one input (``QPACK``, :func:`.qmv.pack`). ``x``: the launch's
+    x, where a lane (:mod:`gemma4_mlx.lanes`, no prologue) is read in place."""
     gate = epi == GATE
+    lane_defines, lane_variant, _ = lanes.reading(x)
     trimmed = None if with_prologue else ([*product_inputs, *(["z"] if gate else [])], ["y"],
                                           [("NO_PROLOGUE_INPUTS", 1), ("NO_Z", int(not gate)),
-                                           *([("QPACK", 1)] if packed else [])],
-                                          ("gate" if gate else "bare") + ("_packed" if packed else ""))
-    return dispatch.get_form_kernel(name, [*product_inputs, "z", *PROLOGUE_INPUTS], ["y", "hout"], trimmed)
+                                           *([("QPACK", 1)] if packed else []), *lane_defines],
+                                          ("gate" if gate else "bare") + ("_packed" if packed else "") + lane_variant)
+    whole = {"defines": lane_defines, "variant": "whole" + lane_variant} if lane_defines else {}
+    return dispatch.get_form_kernel(name, [*product_inputs, "z", *PROLOGUE_INPUTS], ["y", "hout"], trimmed, **whole)
 
 
 def prologue_inputs(x: mx.array, z: Optional[mx.array], epi: int, prologue: Optional[tuple], whole: bool):
@@ -169,13 +174,13 @@ def _launch(x: mx.array, w: mx.array, z: Optional[mx.array], epi: int, prologue:
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
     rows, split, *unr = rows_split or layout(x.shape[-1])
     unr = unr[0] if unr else steps_in_flight(x.shape[-1], split, prologue is not None)
-    k, whole = form_kernel("mv", ["x", "w"], epi, prologue is not None)
-    pro, HD, extra, hshapes = prologue_inputs(x, z, epi, prologue, whole)
+    k, whole = form_kernel("mv", ["x", "w"], epi, prologue is not None, x=x)
+    pro, HD, extra, hshapes = prologue_inputs(lanes.base(x), z, epi, prologue, whole)
     grid, loop = launch_grid(N, rows, split, prologue, most_blocks)
     # y gets x's leading dims: a reshape on each side would be two more primitives per
     # projection, and each costs host time in every decode step
     out = k(
-        inputs=[x, w, *extra],
+        inputs=[lanes.base(x), w, *extra],
         template=[("T", x.dtype), ("ROWS", rows), ("SPLIT", split), ("UNR", unr), ("MM", _mm(M)), ("EPI", epi),
                   ("PRO", pro), ("HD", HD), ("LOOP", loop)],
         grid=grid,
@@ -229,35 +234,36 @@ def form_width(x: mx.array, rows_of_w: int, epi: int, z: Optional[mx.array]) -> 
 
 
 def _probe(key):
+    key, _, taken = lanes.unmark(key)
     dtype = dispatch.dtype_from_key(key[0])
     MM, epi = key[2], key[3] if len(key) > 3 else PLAIN
     # a K that real widths share (a multiple of 8: the vector loads, the steps in flight) with a
     # last step of 8 past whole steps (the step-by-step remainder); the scalar loads of a ragged K
-    # are the emulator tests' (no Gemma 4 width has one)
+    # are the emulator tests' (no Gemma 4 width has one). A lane's K is its own (compiled in).
     N, K = probe_shape(key[1], tail=8)
+    K = lanes.width(taken, "x", K)
     w = dispatch.probe_normal((2 * N if epi == GEGLU else N, K), 31, dtype, 0.05)
     # (rows, 1, K): the decode step's (B, L, K) layout
     x = dispatch.probe_normal((MM, 1, K), 32, dtype)
-    if epi == GATE:
-        return (x, w, dispatch.probe_normal((MM, 1, N), 33, dtype))
-    return (x, w)
+    args = (x, w, dispatch.probe_normal((MM, 1, N), 33, dtype)) if epi == GATE else (x, w)
+    return lanes.place(args, taken, {"x": 0})
 
 
 def matvec(x: mx.array, w: mx.array, *, fallback=None) -> mx.array:
     """``x @ w.T`` for few rows of x: the kernel on GPU when checked, else ``fallback`` (the
     model's own module call) or MLX's matmul."""
-    return dispatch.run("mv", _class_key(x, w), matvec_reference, matvec_kernel, _probe, x, w, fallback=fallback)
+    return dispatch.run("mv", lanes.marked(_class_key(x, w), x=x), matvec_reference, matvec_kernel, _probe, x, w, fallback=fallback)
 
 
 def matvec_geglu(x: mx.array, w: mx.array, *, fallback=None) -> mx.array:
     """``geglu(gate, up)`` of ``x @ w.T`` split in halves (w = [gate rows; up rows])."""
-    return dispatch.run("mv_geglu", _class_key(x, w, GEGLU), matvec_geglu_reference, matvec_geglu_kernel, _probe,
+    return dispatch.run("mv_geglu", lanes.marked(_class_key(x, w, GEGLU), x=x), matvec_geglu_reference, matvec_geglu_kernel, _probe,
                         x, w, fallback=fallback)
 
 
 def matvec_gate(x: mx.array, w: mx.array, z: mx.array, *, fallback=None) -> mx.array:
     """``gelu_tanh(x @ w.T) * z``."""
-    return dispatch.run("mv_gate", _class_key(x, w, GATE, z), matvec_gate_reference, matvec_gate_kernel, _probe,
+    return dispatch.run("mv_gate", lanes.marked(_class_key(x, w, GATE, z), x=x), matvec_gate_reference, matvec_gate_kernel, _probe,
                         x, w, z, fallback=fallback)
 
 
@@ -351,10 +357,17 @@ CLOSE_COUNTER = "matvec_close"
 CLOSE_COUNTER_SLOTS = 16384
 
 
-def matvec_close_reference(x, w, residual, norm_weight, scalar, eps: float, next_weight=None):
+def matvec_close_reference(x, w, residual, norm_weight, scalar, eps: float, next_weight=None, rows: bool = False):
     """``residual_norm(residual, x @ w.T, norm_weight, scalar, eps, next_weight)``: a sublayer's
-    last projection and its close (``(out, normed)`` with ``next_weight``)."""
-    return residual_norm_reference(residual, matvec_reference(x, w), norm_weight, scalar, eps, next_weight)
+    last projection and its close (``(out, normed)`` with ``next_weight``; with ``rows`` too, the two
+    side by side in one array's rows: :func:`gemma4_mlx.lanes.joined`)."""
+    return packed_rows(residual_norm_reference(residual, matvec_reference(x, w), norm_weight, scalar, eps, next_weight),
+                       rows)
+
+
+def packed_rows(out, rows: bool):
+    """A closing form's outputs, or with ``rows`` its one output: their rows side by side (CLOSE_ROWS)."""
+    return lanes.joined(out) if rows else out
 
 
 def close_key(x, N: int, residual, norm_weight, scalar, next_weight) -> Optional[tuple]:
@@ -378,7 +391,7 @@ def close_probe(dtype, MM: int, N: int, scaled: bool, nxt: bool) -> tuple:
 
 
 def close_launch(name: str, product: list, template: list, x, N: int, residual, norm_weight, scalar, eps: float,
-                 next_weight, grid: tuple, gate: Optional[tuple] = None, packed: bool = False):
+                 next_weight, grid: tuple, gate: Optional[tuple] = None, packed: bool = False, rows: bool = False):
     """One launch of ``name``'s (mv / qmv) closing form: ``product`` its product's (input name,
     array) pairs, ``template`` its product's template. The new residual, and with ``next_weight``
     its next norm too; None where the counter cannot be made (inside a transformation that has not
@@ -387,7 +400,9 @@ def close_launch(name: str, product: list, template: list, x, N: int, residual, 
     scales and biases None where its w is their :func:`.qmv.pack` buffer (GATE_QPACK).
     ``packed`` (qmv only): ``product``'s w is the buffer of :func:`.qmv.pack` (``QPACK``). The close's
     norm weights, layer scalar and eps go as one input where :func:`.close_params.buffer` packs them (its
-    key carries :func:`.close_params.mark`)."""
+    key carries :func:`.close_params.mark`). ``x`` and ``residual`` may be lanes (:mod:`gemma4_mlx.lanes`), read in
+    place; with ``rows`` the launch gives one output, each row the new residual and then the next norm (or
+    the gate) beside it (CLOSE_ROWS), instead of two."""
     counter = dispatch.block_counter(CLOSE_COUNTER, CLOSE_COUNTER_SLOTS)
     if counter is None:
         return None
@@ -396,66 +411,81 @@ def close_launch(name: str, product: list, template: list, x, N: int, residual, 
     gate_packed = gated and gate[1] is None
     gate_inputs = ["gw", "gz"] if gate_packed else ["gw", "gsc", "gbi", "gz"]
     cp = close_params.buffer(norm_weight, scalar, next_weight, eps)
-    k = dispatch.get_kernel(name, [*(n for n, _ in product), "res",
+    lane_defines, lane_variant, res_input = lanes.reading(x, residual)
+    row = N * (1 + nxt) + (gate[5].shape[-1] if gated else 0)
+    k = dispatch.get_kernel(name, [*(n for n, _ in product), *(["res"] if res_input else []),
                                    *(["cp"] if cp is not None else ["cw", "ls", *(["cn"] if nxt else []), "eps"]),
                                    "counter", *(gate_inputs if gated else [])],
-                            ["hout", *(["nout"] if nxt else []), *(["gout"] if gated else [])],
+                            ["hout", *(["nout"] if nxt and not rows else []), *(["gout"] if gated and not rows else [])],
                             defines=[("MATVEC_CLOSE", 1), ("CLOSE_NO_NEXT", int(not nxt)),
                                      *([("CLOSE_PACKED", 1)] if cp is not None else []),
                                      *([("CLOSE_GATE", 1)] if gated else []), *([("QPACK", 1)] if packed else []),
-                                     *([("GATE_QPACK", 1)] if gate_packed else [])],
+                                     *([("GATE_QPACK", 1)] if gate_packed else []), *lane_defines,
+                                     *([("CLOSE_ROWS", 1), ("CLOSE_ROW", row)] if rows else [])],
                             variant=("close" if nxt else "close_out") + ("_gate" if gated else "")
                             + ("_packed" if packed else "") + ("_gpacked" if gate_packed else "")
-                            + ("_cp" if cp is not None else ""))
+                            + ("_cp" if cp is not None else "") + lane_variant + (f"_rows{row}" if rows else ""))
     if cp is not None:
         small = [cp]
     else:
         ls = dispatch.unit(x.dtype) if scalar is None else scalar.reshape(-1)
         small = [norm_weight, ls, *([next_weight] if nxt else []), dispatch.constant(eps, mx.float32)]
     out = k(
-        inputs=[*(a for _, a in product), residual, *small, counter,
+        inputs=[*(lanes.base(a) for _, a in product), *([lanes.base(residual)] if res_input else []), *small, counter,
                 *(() if not gated else (gate[0], gate[5]) if gate_packed else (gate[0], gate[1], gate[2], gate[5]))],
         template=[*template, ("CH", N), *((("GBITS", gate[4]), ("GGS", gate[3])) if gated else ())],
         grid=grid,
         threadgroup=(TG, 1, 1),
-        output_shapes=[residual.shape] * (1 + nxt) + ([gate[5].shape] if gated else []),
-        output_dtypes=[x.dtype] * (1 + nxt + gated),
+        output_shapes=[(*residual.shape[:-1], row)] if rows else
+        [residual.shape] * (1 + nxt) + ([gate[5].shape] if gated else []),
+        output_dtypes=[x.dtype] * (1 if rows else 1 + nxt + gated),
         **dispatch.init_kwargs(),
     )
+    if rows:
+        return out[0]
     if gated:
         return tuple(out)
     return (out[0], out[1]) if nxt else out[0]
 
 
-def matvec_close_kernel(x, w, residual, norm_weight, scalar, eps: float, next_weight=None):
+def matvec_close_kernel(x, w, residual, norm_weight, scalar, eps: float, next_weight=None, rows: bool = False):
     """Kernel version of :func:`matvec_close_reference` (same signature)."""
     M, N = x.size // x.shape[-1], w.shape[0]
-    rows, split = layout(x.shape[-1])
-    template = [("T", x.dtype), ("ROWS", rows), ("SPLIT", split), ("UNR", steps_in_flight(x.shape[-1], split, False)),
+    wrows, split = layout(x.shape[-1])
+    template = [("T", x.dtype), ("ROWS", wrows), ("SPLIT", split), ("UNR", steps_in_flight(x.shape[-1], split, False)),
                 ("MM", _mm(M)), ("EPI", PLAIN), ("PRO", 0), ("HD", 1), ("LOOP", 1)]
     out = close_launch("mv", [("x", x), ("w", w)], template, x, N, residual, norm_weight, scalar, eps, next_weight,
-                       grid_and_loop(N, rows, split)[0])
+                       grid_and_loop(N, wrows, split)[0], rows=rows)
     if out is None:
-        return matvec_close_reference(x, w, residual, norm_weight, scalar, eps, next_weight)
+        return matvec_close_reference(*lanes.arrays((x, w, residual)), norm_weight, scalar, eps, next_weight, rows)
     return out
 
 
 def _close_probe(key):
+    key, rows, taken = lanes.unmark(key)
     dtype, MM = dispatch.dtype_from_key(key[0]), key[2]
     N, scaled, nxt = key[-3:]
     _, K = probe_shape(key[1], tail=8)
+    K = lanes.width(taken, "x", K)
     x = dispatch.probe_normal((MM, 1, K), 47, dtype)
     w = dispatch.probe_normal((N, K), 48, dtype, 0.05)
     residual, nw, scalar, eps, nn = close_probe(dtype, MM, N, scaled, nxt)
-    return (x, w, residual, nw, scalar, eps, nn)
+    return lanes.place((x, w, residual, nw, scalar, eps, nn, rows), taken, {"x": 0, "res": 2})
 
 
-def matvec_close(x, w, residual, norm_weight, scalar, eps: float, next_weight=None, *, fallback=None):
+def rows_mark(rows: bool) -> tuple:
+    """A closing form's class-key mark for its packed rows (CLOSE_ROWS): its own kernel, its own check."""
+    return (lanes.ROWS_MARK,) if rows else ()
+
+
+def matvec_close(x, w, residual, norm_weight, scalar, eps: float, next_weight=None, rows: bool = False, *,
+                 fallback=None):
     """:func:`matvec_close_reference` as one launch (name ``mv_close``: CUDA; off when ``mv`` or
-    ``residual_norm`` is): the launch's last block to finish closes the rows."""
+    ``residual_norm`` is): the launch's last block to finish closes the rows. ``x`` and ``residual`` may be
+    lanes (:mod:`gemma4_mlx.lanes`); ``rows`` (with ``next_weight``): one output, see :func:`close_launch`."""
     base = _class_key(x, w)
     close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, scalar, next_weight)
     key = None if close is None else (*base[:3], "close", *close_params.mark(norm_weight, scalar, next_weight, eps),
-                                              *close)
+                                      *close, *rows_mark(rows), *lanes.mark(x=x, res=residual))
     return dispatch.run("mv_close", key, matvec_close_reference, matvec_close_kernel, _close_probe,
-                        x, w, residual, norm_weight, scalar, eps, next_weight, fallback=fallback)
+                        x, w, residual, norm_weight, scalar, eps, next_weight, rows, fallback=fallback)

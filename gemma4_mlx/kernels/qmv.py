@@ -23,12 +23,13 @@ from typing import Optional
 import mlx.core as mx
 
 from .. import switches
+from .. import lanes
 from . import close_params, dispatch
 from .by_identity import ByIdentity
 from .dispatch import TG
 from .mv import (_FLOATS, GATE, GEGLU, MAX_ROWS_OF_X, PLAIN, PROBE_N, _mm, close_key, close_launch, close_probe,
-                 form_width, layout, probe_shape, form_kernel, grid_and_loop, launch_grid, probe_blocks,
-                 prologue_inputs, prologue_key, prologue_probe, residual_and_input)
+                 form_width, layout, packed_rows, probe_shape, form_kernel, grid_and_loop, launch_grid, probe_blocks,
+                 prologue_inputs, prologue_key, prologue_probe, residual_and_input, rows_mark)
 from .residual import residual_norm_reference
 from .ple import ple_gate_reference
 
@@ -62,8 +63,9 @@ def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int, prolo
     buffer = None if prologue is not None else packed_buffer(w, scales, biases)
     product = [x, w, scales, biases] if buffer is None else [x, buffer]
     k, whole = form_kernel("qmv", ["x", "w", "scales", "biases"][: len(product)], epi, prologue is not None,
-                           packed=buffer is not None)
-    pro, HD, extra, hshapes = prologue_inputs(x, z, epi, prologue, whole)
+                           packed=buffer is not None, x=x)
+    product[0] = lanes.base(x)
+    pro, HD, extra, hshapes = prologue_inputs(lanes.base(x), z, epi, prologue, whole)
     grid, loop = launch_grid(N, rows, split, prologue, most_blocks)
     # x keeps its shape, y gets x's leading dims (no reshape primitives around the call)
     out = k(
@@ -279,10 +281,12 @@ def _probe_shape(qlayout: tuple, bits: int) -> tuple:
 
 
 def _probe(key):
+    key, _, taken = lanes.unmark(key)
     dtype = dispatch.dtype_from_key(key[0])
     bits, gs, MM = key[1], key[2], key[4]
     epi = key[5] if len(key) > 5 else PLAIN
     N, K = _probe_shape(key[3], bits)
+    K = lanes.width(taken, "x", K)  # a lane's own (compiled in)
     wf = dispatch.probe_normal((2 * N if epi == GEGLU else N, K), 21, mx.float32, 0.05)
     w, s, b = mx.quantize(wf, group_size=gs, bits=bits)
     s, b = s.astype(dtype), b.astype(dtype)
@@ -290,7 +294,8 @@ def _probe(key):
         w, s, b = _packed_probe(w, s, b)
     x = dispatch.probe_normal((MM, 1, K), 22, dtype)  # the decode step's (B, L, K)
     args = (x, w, s, b, gs, bits)
-    return args + (dispatch.probe_normal((MM, 1, N), 23, dtype),) if epi == GATE else args
+    args = args + (dispatch.probe_normal((MM, 1, N), 23, dtype),) if epi == GATE else args
+    return lanes.place(args, taken, {"x": 0})
 
 
 def _packing_mark(w, scales, biases) -> tuple:
@@ -299,15 +304,15 @@ def _packing_mark(w, scales, biases) -> tuple:
     return () if packed_buffer(w, scales, biases) is None else ("packed",)
 
 
-def _with_packing(key: Optional[tuple], w, scales, biases) -> Optional[tuple]:
-    """A class key with the packing mark last."""
-    return None if key is None else (*key, *_packing_mark(w, scales, biases))
+def _with_packing(key: Optional[tuple], w, scales, biases, x=None) -> Optional[tuple]:
+    """A class key with the packing mark, then the lane mark of ``x`` (:func:`gemma4_mlx.lanes.mark`), last."""
+    return None if key is None else (*key, *_packing_mark(w, scales, biases), *lanes.mark(x=x))
 
 
 def quantized_matvec(x, w, scales, biases, group_size: int, bits: int, *, fallback=None) -> mx.array:
     """``mx.quantized_matmul(x, w, scales, biases, transpose=True)`` for few rows of x, as a
     kernel on GPU when checked; other shapes and modes use MLX's own."""
-    key = _with_packing(_class_key(x, w, scales, biases, group_size, bits), w, scales, biases)
+    key = _with_packing(_class_key(x, w, scales, biases, group_size, bits), w, scales, biases, x)
     return dispatch.run(
         "qmv", key, quantized_matvec_reference, quantized_matvec_kernel, _probe,
         x, w, scales, biases, group_size, bits, fallback=fallback,
@@ -316,14 +321,14 @@ def quantized_matvec(x, w, scales, biases, group_size: int, bits: int, *, fallba
 
 def quantized_matvec_geglu(x, w, scales, biases, group_size: int, bits: int, *, fallback=None) -> mx.array:
     """``geglu(gate, up)`` of the quantized product split in halves (w = [gate rows; up rows])."""
-    key = _with_packing(_class_key(x, w, scales, biases, group_size, bits, GEGLU), w, scales, biases)
+    key = _with_packing(_class_key(x, w, scales, biases, group_size, bits, GEGLU), w, scales, biases, x)
     return dispatch.run("qmv_geglu", key, quantized_matvec_geglu_reference, quantized_matvec_geglu_kernel, _probe,
                         x, w, scales, biases, group_size, bits, fallback=fallback)
 
 
 def quantized_matvec_gate(x, w, scales, biases, group_size: int, bits: int, z, *, fallback=None) -> mx.array:
     """``gelu_tanh(x @ dequantize(w).T) * z``."""
-    key = _with_packing(_class_key(x, w, scales, biases, group_size, bits, GATE, z), w, scales, biases)
+    key = _with_packing(_class_key(x, w, scales, biases, group_size, bits, GATE, z), w, scales, biases, x)
     return dispatch.run("qmv_gate", key, quantized_matvec_gate_reference, quantized_matvec_gate_kernel, _probe,
                         x, w, scales, biases, group_size, bits, z, fallback=fallback)
 
@@ -377,80 +382,90 @@ def quantized_residual_matvec(x, branch, norm_weight, scalar, next_weight, eps: 
 # ------------------------------------------- with the sublayer's close after the product (CUDA)
 
 def quantized_matvec_close_reference(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, scalar,
-                                     eps: float, next_weight=None):
+                                     eps: float, next_weight=None, rows: bool = False):
     """:func:`.mv.matvec_close_reference` with a quantized W."""
-    return residual_norm_reference(residual, quantized_matvec_reference(x, w, scales, biases, group_size, bits),
-                                   norm_weight, scalar, eps, next_weight)
+    return packed_rows(residual_norm_reference(residual, quantized_matvec_reference(x, w, scales, biases, group_size,
+                                                                                    bits),
+                                               norm_weight, scalar, eps, next_weight), rows)
 
 
 def _close_launch(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, scalar, eps: float,
-                  next_weight, gate: Optional[tuple] = None):
+                  next_weight, gate: Optional[tuple] = None, rows: bool = False):
     """mv.close_launch for the 4-bit / 8-bit product (its template and grid), with the PLE gate's
     inputs where ``gate`` is given (qmv_close_gate)."""
     M, N = x.size // x.shape[-1], w.shape[0]
-    rows, split, wpl = quantized_layout(x.shape[-1], bits, group_size)
-    template = [("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", rows), ("SPLIT", split), ("WPL", wpl),
+    wrows, split, wpl = quantized_layout(x.shape[-1], bits, group_size)
+    template = [("T", x.dtype), ("BITS", bits), ("GS", group_size), ("ROWS", wrows), ("SPLIT", split), ("WPL", wpl),
                 ("MM", _mm(M)), ("EPI", PLAIN), ("PRO", 0), ("HD", 1), ("LOOP", 1)]
     buffer = packed_buffer(w, scales, biases)
     product = [("x", x), ("w", w), ("scales", scales), ("biases", biases)] if buffer is None else [("x", x), ("w", buffer)]
     return close_launch("qmv", product, template, x, N, residual, norm_weight, scalar, eps, next_weight,
-                        grid_and_loop(N, rows, split)[0], gate=gate, packed=buffer is not None)
+                        grid_and_loop(N, wrows, split)[0], gate=gate, packed=buffer is not None, rows=rows)
 
 
 def quantized_matvec_close_kernel(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, scalar,
-                                  eps: float, next_weight=None):
-    out = _close_launch(x, w, scales, biases, group_size, bits, residual, norm_weight, scalar, eps, next_weight)
+                                  eps: float, next_weight=None, rows: bool = False):
+    out = _close_launch(x, w, scales, biases, group_size, bits, residual, norm_weight, scalar, eps, next_weight,
+                        rows=rows)
     if out is None:
-        return quantized_matvec_close_reference(x, w, scales, biases, group_size, bits, residual, norm_weight, scalar,
-                                                eps, next_weight)
+        return quantized_matvec_close_reference(lanes.array(x), w, scales, biases, group_size, bits,
+                                                lanes.array(residual), norm_weight, scalar, eps, next_weight, rows)
     return out
 
 
 def _close_probe(key):
+    key, rows, taken = lanes.unmark(key)
     dtype, bits, gs, MM = dispatch.dtype_from_key(key[0]), key[1], key[2], key[4]
     N, scaled, nxt = key[-3:]
     _, K = _probe_shape(key[3], bits)
+    K = lanes.width(taken, "x", K)
     w, s, b = mx.quantize(dispatch.probe_normal((N, K), 49, mx.float32, 0.05), group_size=gs, bits=bits)
     s, b = s.astype(dtype), b.astype(dtype)
     if key[6] == "packed":
         w, s, b = _packed_probe(w, s, b)
     x = dispatch.probe_normal((MM, 1, K), 50, dtype)
     residual, nw, scalar, eps, nn = close_probe(dtype, MM, N, scaled, nxt)
-    return (x, w, s, b, gs, bits, residual, nw, scalar, eps, nn)
+    return lanes.place((x, w, s, b, gs, bits, residual, nw, scalar, eps, nn, rows), taken, {"x": 0, "res": 6})
 
 
 def quantized_matvec_close(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, scalar,
-                           eps: float, next_weight=None, *, fallback=None):
+                           eps: float, next_weight=None, rows: bool = False, *, fallback=None):
     """:func:`quantized_matvec_close_reference` as one launch (name ``qmv_close``: CUDA; off when
-    ``qmv`` or ``residual_norm`` is)."""
+    ``qmv`` or ``residual_norm`` is); lanes and ``rows`` as :func:`.mv.matvec_close`'s."""
     base = _class_key(x, w, scales, biases, group_size, bits)
     close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, scalar, next_weight)
     key = None if close is None else (*base[:5], "close", *_packing_mark(w, scales, biases),
-                                      *close_params.mark(norm_weight, scalar, next_weight, eps), *close)
+                                      *close_params.mark(norm_weight, scalar, next_weight, eps), *close,
+                                      *rows_mark(rows), *lanes.mark(x=x, res=residual))
     return dispatch.run("qmv_close", key, quantized_matvec_close_reference, quantized_matvec_close_kernel,
                         _close_probe, x, w, scales, biases, group_size, bits, residual, norm_weight, scalar, eps,
-                        next_weight, fallback=fallback)
+                        next_weight, rows, fallback=fallback)
 
 
 # ------------------------------- a PLE layer's feed-forward close and its gate in one launch (CUDA)
 
 def quantized_matvec_close_gate_reference(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight,
-                                          eps: float, gw, gscales, gbiases, gate_group_size: int, gate_bits: int, z):
+                                          eps: float, gw, gscales, gbiases, gate_group_size: int, gate_bits: int, z,
+                                          rows: bool = False):
     """``(h, g)``: the feed-forward's close ``h = quantized_matvec_close_reference(x, w, ..., residual,
-    norm_weight, None, eps)`` and the PLE gate of it, ``g = gelu_tanh(h @ dequantize(gw).T) * z``."""
+    norm_weight, None, eps)`` and the PLE gate of it, ``g = gelu_tanh(h @ dequantize(gw).T) * z`` (with
+    ``rows``: the two side by side in one array's rows)."""
     h = quantized_matvec_close_reference(x, w, scales, biases, group_size, bits, residual, norm_weight, None, eps)
-    return h, quantized_matvec_gate_reference(h, gw, gscales, gbiases, gate_group_size, gate_bits, z)
+    return packed_rows((h, quantized_matvec_gate_reference(h, gw, gscales, gbiases, gate_group_size, gate_bits, z)),
+                       rows)
 
 
 def quantized_matvec_close_gate_kernel(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight,
-                                       eps: float, gw, gscales, gbiases, gate_group_size: int, gate_bits: int, z):
+                                       eps: float, gw, gscales, gbiases, gate_group_size: int, gate_bits: int, z,
+                                       rows: bool = False):
     gate_buffer = _gate_buffer(gw, gscales, gbiases)
     gate = (gw, gscales, gbiases) if gate_buffer is None else (gate_buffer, None, None)
     out = _close_launch(x, w, scales, biases, group_size, bits, residual, norm_weight, None, eps, None,
-                        gate=(*gate, gate_group_size, gate_bits, z))
+                        gate=(*gate, gate_group_size, gate_bits, z), rows=rows)
     if out is None:
-        return quantized_matvec_close_gate_reference(x, w, scales, biases, group_size, bits, residual, norm_weight,
-                                                     eps, gw, gscales, gbiases, gate_group_size, gate_bits, z)
+        return quantized_matvec_close_gate_reference(x, w, scales, biases, group_size, bits, lanes.array(residual),
+                                                     norm_weight, eps, gw, gscales, gbiases, gate_group_size,
+                                                     gate_bits, z, rows)
     return out
 
 
@@ -475,6 +490,7 @@ def _gate_key(x, N: int, gw, gscales, gbiases, gate_group_size: int, gate_bits: 
 
 
 def _close_gate_probe(key):
+    key, rows, taken = lanes.unmark(key)
     dtype, bits, gs, MM = dispatch.dtype_from_key(key[0]), key[1], key[2], key[4]
     N, P, gate_bits, gate_gs, gate_packed = key[-5:]
     _, K = _probe_shape(key[3], bits)
@@ -489,21 +505,25 @@ def _close_gate_probe(key):
     if gate_packed:
         gw, gs_, gb = _packed_probe(gw, gs_, gb)
     z = dispatch.probe_normal((MM, 1, P), 52, dtype)
-    return (x, w, s, b, gs, bits, residual, nw, eps, gw, gs_, gb, gate_gs, gate_bits, z)
+    return lanes.place((x, w, s, b, gs, bits, residual, nw, eps, gw, gs_, gb, gate_gs, gate_bits, z, rows), taken,
+                       {"res": 6})
 
 
 def quantized_matvec_close_gate(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, eps: float,
-                                gw, gscales, gbiases, gate_group_size: int, gate_bits: int, z, *, fallback=None):
+                                gw, gscales, gbiases, gate_group_size: int, gate_bits: int, z, rows: bool = False, *,
+                                fallback=None):
     """:func:`quantized_matvec_close_gate_reference` as one launch (name ``qmv_close_gate``: on on CUDA
     since session 36, off on Metal; off when ``qmv_close`` or ``qmv_gate`` is): a PLE layer's down projection,
     its close, and the PLE gate of the closed row, the gate made by the launch's closing block (one
-    launch a PLE layer fewer than ``qmv_close`` then ``qmv_gate``)."""
+    launch a PLE layer fewer than ``qmv_close`` then ``qmv_gate``). ``residual`` may be a lane; with ``rows``
+    the closed row and its gate come side by side in one output (:func:`.mv.close_launch`)."""
     base = _class_key(x, w, scales, biases, group_size, bits)
     close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, None, None)
     gate = None if close is None else _gate_key(x, w.shape[0], gw, gscales, gbiases, gate_group_size, gate_bits, z)
     key = None if gate is None else (*base[:5], "close_gate", *_packing_mark(w, scales, biases),
-                                     *close_params.mark(norm_weight, None, None, eps), close[0], *gate)
+                                     *close_params.mark(norm_weight, None, None, eps), close[0], *gate,
+                                     *rows_mark(rows), *lanes.mark(res=residual))
     return dispatch.run("qmv_close_gate", key, quantized_matvec_close_gate_reference,
                         quantized_matvec_close_gate_kernel, _close_gate_probe, x, w, scales, biases, group_size, bits,
-                        residual, norm_weight, eps, gw, gscales, gbiases, gate_group_size, gate_bits, z,
+                        residual, norm_weight, eps, gw, gscales, gbiases, gate_group_size, gate_bits, z, rows,
                         fallback=fallback)
