@@ -101,11 +101,16 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            # CUDA since session 41)
            ("ours +attn scratch", {"GEMMA4_MLX_ATTN_SCRATCH": "1"}),
            ("ours -attn scratch", {"GEMMA4_MLX_ATTN_SCRATCH": "0"}),
-           # session 41: a closing launch's norm weights, scalar and eps in one input (close_params.py; off by default)
+           # session 41: a closing launch's norm weights, scalar and eps in one input (close_params.py; on by default
+           # on CUDA since session 42)
            ("ours +close pack", {"GEMMA4_MLX_CLOSE_PACK": "1"}),
-           # session 42: a close's new residual and next norm (or PLE gate) as lanes of one output (lanes.py)
+           ("ours -close pack", {"GEMMA4_MLX_CLOSE_PACK": "0"}),
+           # session 42: a close's new residual and next norm (or PLE gate) as lanes of one output (lanes.py; on by
+           # default on CUDA since session 42)
            ("ours +close rows", {"GEMMA4_MLX_CLOSE_ROWS": "1"}),
+           ("ours -close rows", {"GEMMA4_MLX_CLOSE_ROWS": "0"}),
            ("ours +close pack +rows", {"GEMMA4_MLX_CLOSE_PACK": "1", "GEMMA4_MLX_CLOSE_ROWS": "1"}),
+           ("ours -close pack -rows", {"GEMMA4_MLX_CLOSE_PACK": "0", "GEMMA4_MLX_CLOSE_ROWS": "0"}),
            # session 38: a writing layer's norms + RoPE over the joined q/k/v product itself (no split views)
            ("ours +qkv joined", off(on=["qkv_joined"])),
            ("ours -qkv joined", off("qkv_joined")),  # on by default on CUDA since session 39

@@ -7,21 +7,20 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 42): issue 14. One GPU is enough (nvidia-h200). Session 41: the attention's scratch a shared input,
-# on by default on CUDA (parity 368 passed); E2B 4-bit end to end decode 2.14x against stock's fast mode (122-138
-# tok/s), the first token after load() 0.87x, load() 1.06x; in mlx-lm's order E2B 2.22x bf16 / 2.22x-3.16x 4-bit,
-# E4B 1.82x / 1.97x-2.22x, 26B-A4B 4-bit 2.44x, 31B 4-bit 1.90x, 31B bf16 1.08x (GPU-bound at 17.36 ms, the floor
-# 12.8: 1.5x of this stock is below it). An output past a launch's first costs the host ~2.7 us, a distinct input
-# ~0.8, a shared one ~0.35 (iocost). In order:
-#   0. `check` (PARITY_S=480, ~7 min): the full parity on the new defaults (the scratch on; its subset passed).
-#   1. `closepack` (~7 min): GEMMA4_MLX_CLOSE_PACK=1 (session 41, unrun on a GPU): the closing forms' kernel tests
-#      both ways, the decode tests with it on, then E2B / E4B 4-bit and E2B bf16 with and without it; on by default
-#      if it holds and helps.
-#   2. `Q=4 NEW=128 RUNS=3 e2e` and E2B bf16 e2e on the new defaults.
-#   3. Next host work: the 135 outputs past a launch's first (the closes' next norm 70, the PLE gate 35, qkv_joined's
-#      k / v 30) at ~2.7 us each are now the largest input/output cost left; a Split of one packed output is no
-#      cheaper (iocost), so only an output that stops being one helps (e.g. the next norm written into a shared
-#      buffer its reader takes, ordered by the residual it also takes).
+# Next visit (session 43): issue 14. One GPU is enough (nvidia-h200). Session 42 (the device came ~35 min into the
+# session): the full parity on session 41's defaults passed (1 test assumed the scratch off by default, fixed);
+# GEMMA4_MLX_CLOSE_PACK and the new GEMMA4_MLX_CLOSE_ROWS (a close's two outputs as lanes of one, read in place)
+# both on by default on CUDA after their parity subsets passed (88 + 88 tests) and E2B's step in mlx-lm's order
+# went 3.82 -> 3.46 ms 4-bit (3.48x), 3.95 -> 3.57 bf16 (3.59x), E4B 4-bit 5.16 -> 4.74 with CLOSE_PACK alone;
+# E2B 4-bit end to end with both: decode 1.98x (stock 136-141 tok/s), load() 1.23x (2.54 against 2.06 s). In order:
+#   0. `check` (PARITY_S=480, ~8 min): the full parity on the new defaults (CLOSE_PACK and CLOSE_ROWS on).
+#   1. `closerows` (~8 min): their subset again, then E4B 4-bit / bf16 and 26B-A4B 4-bit without each (none timed
+#      with CLOSE_ROWS yet).
+#   2. `Q=4 NEW=128 RUNS=3 e2e` and E2B bf16 e2e; whether load() is slower than session 41's 1.06x (more kernel
+#      builds started at load with the new variants?) with `ttft`.
+#   3. Next host work: of the outputs past a launch's first only qkv_joined's k / v are left (30 on E2B); the host
+#      estimate is 1.48 ms of kernels (bench/step_inputs.py): launches 0.81, inputs 0.59. The inputs made in the
+#      step (514 on E2B 4-bit) are now the largest part after the launches.
 # Timings seen on the H200: check ~7.5 min (8 processes, session 31), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
@@ -450,12 +449,18 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
       PIPE=1 CONFIGS="${CONFIGS:-stock,ours,ours -attn scratch}" ROUNDS=${ROUNDS:-9} STEPS=15 \
         timeout ${SCRATCH_S:-150} python3 bench/ablate.py $pq 2>&1 | tail -14 | tee "$OUT/scratch-${pq// /-q}.txt"
     done ;;
-  closerows) # session 42: a close's new residual and next norm (or PLE gate) as lanes of one output (GEMMA4_MLX_CLOSE_ROWS=1,
-            # off by default; gemma4_mlx/lanes.py), with and without CLOSE_PACK: the closing forms' kernel tests, then the
-            # compiled steps against eager with both on (~3 min)
-    (export GEMMA4_MLX_CLOSE_ROWS=1 GEMMA4_MLX_CLOSE_PACK=${ROWS_PACK:-1}
-     parity rowsdecode ${CLOSE_PARITY_S:-200} tests/test_kernels.py tests/test_decode.py tests/test_determinism.py \
-       -k "close or compiled or eager or determin or lane") ;;
+  closerows) # session 42: a close's new residual and next norm (or PLE gate) as lanes of one output (GEMMA4_MLX_CLOSE_ROWS,
+            # gemma4_mlx/lanes.py) and its constants in one input (GEMMA4_MLX_CLOSE_PACK), both on by default on CUDA
+            # since session 42: the closing forms' kernel tests and the compiled steps against eager (~1.5 min), then
+            # the step without each in mlx-lm's order for FAMILIES (default E4B 4-bit and bf16, 26B-A4B 4-bit; E2B's
+            # were measured in session 42) (~2 min a family)
+    parity rowsdecode ${CLOSE_PARITY_S:-200} tests/test_kernels.py tests/test_decode.py tests/test_determinism.py \
+      -k "close or compiled or eager or determin or lane"
+    IFS=';' read -ra fams <<< "${FAMILIES-e4b 4;e4b 0;26b-a4b 4}"
+    for pq in "${fams[@]}"; do
+      PIPE=1 CONFIGS="${CONFIGS:-stock,ours,ours -close rows,ours -close pack -rows}" ROUNDS=${ROUNDS:-7} STEPS=15 \
+        timeout ${CLOSE_S:-170} python3 bench/ablate.py $pq 2>&1 | tail -14 | tee "$OUT/closerows-${pq// /-q}.txt"
+    done ;;
   closepack) # session 41: a closing launch's norm weights, layer scalar and eps in one input (GEMMA4_MLX_CLOSE_PACK=1,
             # off by default; kernels/close_params.py; 280 inputs fewer a step on E2B 4-bit): its parity on CUDA (the closing
             # forms' kernel tests, which run both ways, and the compiled steps against eager with it on), then E2B /

@@ -999,3 +999,54 @@ def test_ple_combine_reads_a_quantized_table(emulated, monkeypatch, bits, group_
     # value (1/512 below 0.5) times sqrt(P) / sqrt(2) apart at times
     tol = 1e-4 if table_dtype == mx.float32 else 0.03 if dtype == mx.float32 else 0.08
     _close(on, off, "ple_combine_q against MLX's ops", atol=tol)
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_closes_give_packed_rows_that_the_next_launches_read_in_place(emulated, monkeypatch, M):
+    """GEMMA4_MLX_CLOSE_ROWS: a PLE layer's chain through the public functions (strict mode: every launch
+    self-checked on lanes of a wider probe first), for one and several rows (a lane's rows lie a packed row
+    apart): the o projection's close gives the new residual and its next norm as lanes of one output; the
+    joined gate/up reads the norm's lane; the down projection's close reads the residual's lane and gives its
+    close and the PLE gate as lanes; the PLE projection's close reads both from that one array (the residual
+    no input of its own) and gives packed rows again, whose norm a plain projection reads. Each equals the
+    references on the slices, and the class keys say which lanes each launch read."""
+    from gemma4_mlx import lanes
+
+    monkeypatch.setenv("GEMMA4_MLX_KERNELS", "strict")
+    monkeypatch.setenv(qmv.PACK_ENV, "0")
+    dispatch.reset()
+    N, K, F, P = 256, 512, 128, 64
+    q = lambda shape, seed: mx.quantize(_rnd(shape, seed, 0.05), group_size=64, bits=4)  # noqa: E731
+    x, res = _rnd((M, 1, K), 81), _rnd((M, 1, N), 82, 2.0)
+    nw, nn, ls = 1 + _rnd((N,), 83, 0.3), 1 + _rnd((N,), 84, 0.3), mx.array([0.7])
+    o, gu, down, gate, proj, head = q((N, K), 85), q((2 * F, N), 86), q((N, F), 87), q((P, N), 88), q((N, P), 89), \
+        q((96, N), 90)
+    z = _rnd((M, 1, P), 91)
+
+    rows = qmv.quantized_matvec_close(x, *o, 64, 4, res, nw, None, 1e-6, nn, True)
+    want = qmv.quantized_matvec_close_reference(x, *o, 64, 4, res, nw, None, 1e-6, nn, True)
+    _close(rows, want, "o close, packed rows", atol=1e-4)
+    h, n = lanes.split(rows, [N, N])
+    ff = qmv.quantized_matvec_geglu(n, *gu, 64, 4)
+    _close(ff, qmv.quantized_matvec_geglu_reference(n.array(), *gu, 64, 4), "geglu on the norm's lane", atol=1e-4)
+    gated = qmv.quantized_matvec_close_gate(ff, *down, 64, 4, h, nw, 1e-6, *gate, 64, 4, z, True)
+    want = qmv.quantized_matvec_close_gate_reference(ff, *down, 64, 4, h.array(), nw, 1e-6, *gate, 64, 4, z, True)
+    _close(gated, want, "down close and gate, packed rows", atol=1e-4)
+    h2, g = lanes.split(gated, [N, P])
+    rows2 = qmv.quantized_matvec_close(g, *proj, 64, 4, h2, nw, ls, 1e-6, nn, True)
+    want = qmv.quantized_matvec_close_reference(g.array(), *proj, 64, 4, h2.array(), nw, ls, 1e-6, nn, True)
+    _close(rows2, want, "PLE close from one array", atol=1e-4)
+    _, n2 = lanes.split(rows2, [N, N])
+    _close(qmv.quantized_matvec(n2, *head, 64, 4), qmv.quantized_matvec_reference(n2.array(), *head, 64, 4),
+           "a projection of the norm's lane", atol=1e-4)
+
+    verdicts = dispatch.verdicts()
+    assert verdicts and all(ok for ok, _ in verdicts.values()), verdicts
+    read = {k[0]: lanes.unmark(k) for k in verdicts}
+    assert read["qmv_close"][1] and not read["qmv_close_gate"][2].keys() - {"res"}
+    closes = [lanes.unmark(k) for k in verdicts if k[0] == "qmv_close"]
+    assert {tuple(sorted(t)) for _, _, t in closes} == {(), ("res", "x")}
+    ple = next(t for _, _, t in closes if t)
+    assert ple["x"][3] == ple["res"][3] and ple["x"][:3] == (N, P, N + P)  # one base: RES_IN_X
+    assert read["qmv_geglu"][2] == {"x": (N, N, 2 * N, 0)} and read["qmv"][2] == {"x": (N, N, 2 * N, 0)}
+    dispatch.reset()

@@ -670,7 +670,8 @@ def run(
     backend = launch_backend(name, class_key)
     if backend is None:
         return other(*args)
-    kernel = _impl_override.get(name, kernel)
+    if name in _impl_override:  # a stand-in (tests: a reference in the kernel's place) takes arrays
+        kernel = lanes.reading_arrays(_impl_override[name])
     key = (name, backend) + tuple(class_key)
     verdict = _verdicts.get(key)
     step = active()
