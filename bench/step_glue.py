@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
+from gemma4_mlx import lanes  # noqa: E402
 from gemma4_mlx.config import parse_config  # noqa: E402
 from gemma4_mlx.kernels import dispatch  # noqa: E402
 from gemma4_mlx.model import Model  # noqa: E402
@@ -50,10 +51,11 @@ SMALL = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=64, v
 def standin_run(name, class_key, reference, kernel, probe, *args, fallback=None):
     """``dispatch.run`` with each kernel that would launch replaced by one primitive."""
     if dispatch.launch_backend(name, class_key) is None:
-        return (fallback or reference)(*args)
-    ref = reference(*args)
+        return (fallback or reference)(*lanes.arrays(args))
+    ref = reference(*lanes.arrays(args))  # (its shapes alone: a lane's slice stays out of the step's graph)
     outs = list(ref) if isinstance(ref, (list, tuple)) else [ref]
-    made = mx.depends([mx.zeros(o.shape, o.dtype) for o in outs], [a for a in args if isinstance(a, mx.array)])
+    made = mx.depends([mx.zeros(o.shape, o.dtype) for o in outs],
+                      [lanes.base(a) for a in args if isinstance(a, (mx.array, lanes.Lane))])
     return made if isinstance(ref, (list, tuple)) else made[0]
 
 

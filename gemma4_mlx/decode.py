@@ -38,7 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from . import cuda_context, dict_watch, lanes, ops, step_ints, switches
+from . import cuda_context, dict_watch, ops, step_ints, switches
 from .cache import SlidingWindowCache
 from .step_context import _context, active
 
@@ -99,7 +99,8 @@ def _switches() -> tuple:
             switches.env(SPLIT_MAJOR_ENV), joining_enabled(), transposes_enabled(), kv_scatter_enabled(),
             switches.env(qmv.PACK_ENV), switches.env(qmv.GATE_PACK_ENV),
             ops.expert_indices_enabled(), cuda_build.short_sources(), dispatch.form_signatures(), shared_slots_enabled(),
-            step_ints.enabled(), scratch_enabled(), close_params.enabled(), lanes.enabled(), mx.default_device())
+            step_ints.enabled(), scratch_enabled(), close_params.enabled(), mv.close_rows_enabled(),
+            mx.default_device())
 
 
 # ------------------------------------------------------------------ derived state

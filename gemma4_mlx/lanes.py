@@ -1,14 +1,14 @@
 """Lanes: a sublayer's close gives its new residual and the next input (its next norm, or a PLE layer's gate)
 as one kernel output, each row of it the two side by side, and the kernels that read them take that output
-and read their part in place (``GEMMA4_MLX_CLOSE_ROWS``).
+and read their part in place (``GEMMA4_MLX_CLOSE_ROWS``, :func:`gemma4_mlx.kernels.mv.close_rows_enabled`).
 
 MLX's host records every output of a custom-kernel launch past its first at ~2.7 us a launch (session 41's
 ``iocost``, bench/input_cost.py), and E2B 4-bit's closes give 105 such outputs a decode step. Two outputs
-cut from one by a Split or Slices cost the host more than the two outputs did, so the readers do not cut:
+cut from one by a Split cost the host more than the two outputs did, so the readers do not cut:
 a :class:`Lane` is a Python stand-in for ``base[..., start:start + width]`` that a lane-reading kernel
 (the matvecs' x, the closing forms' residual) takes as ``base`` plus the two offsets, and that anything
 else turns into that slice (:func:`array`). A lane-reading launch's class key carries the lanes it takes
-(:func:`mark`), and its self-check reads lanes of a wider probe (:func:`probing`).
+(:func:`mark`), and its self-check reads lanes of a wider probe (:func:`place`).
 """
 from __future__ import annotations
 
@@ -16,17 +16,6 @@ from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
-from . import switches
-ROWS_ENV = "GEMMA4_MLX_CLOSE_ROWS"
-
-
-def enabled() -> bool:
-    """``GEMMA4_MLX_CLOSE_ROWS``: 1 / 0, or auto (default): on CUDA only (session 42, H200, mlx-lm's order:
-    E2B 4-bit 3.82 -> 3.52 ms a step alone, 3.54 -> 3.46 with CLOSE_PACK; E2B bf16 3.72 -> 3.57 with it;
-    unmeasured on Metal, where the closing forms are off)."""
-    from .kernels import dispatch
-
-    return switches.auto_flag(ROWS_ENV, dispatch.on_cuda)
 
 
 class Lane:
@@ -156,11 +145,10 @@ def width(taken: dict, name: str, default: int) -> int:
     return taken[name][1] if name in taken else default
 
 
-def place(args: tuple, taken: dict, positions: dict) -> tuple:
+def place(args: tuple, taken: dict, positions: dict, noise: Callable) -> tuple:
     """A self-check's arguments with each marked input (``positions``: name -> its place among ``args``)
-    made a lane of a wider row of noise, at its mark's place; the lanes of one group share one row."""
-    from .kernels import dispatch
-
+    made a lane of a wider row of ``noise(shape, seed, dtype)`` at its mark's place; the lanes of one group
+    share one row."""
     args = list(args)
     groups: dict = {}
     for n, (start, w, row, group) in taken.items():
@@ -172,11 +160,11 @@ def place(args: tuple, taken: dict, positions: dict) -> tuple:
         pieces, at = [], 0
         for start, w, _, i in members:
             if start > at:
-                pieces.append(dispatch.probe_normal((*lead, start - at), 61 + g + at, dtype))
+                pieces.append(noise((*lead, start - at), 61 + g + at, dtype))
             pieces.append(args[i])
             at = start + w
         if row > at:
-            pieces.append(dispatch.probe_normal((*lead, row - at), 71 + g, dtype))
+            pieces.append(noise((*lead, row - at), 71 + g, dtype))
         wide = mx.concatenate(pieces, axis=-1)
         mx.eval(wide)
         for start, w, _, i in members:

@@ -613,7 +613,7 @@ def project_and_close(branch: Unprojected, residual: mx.array, norm_weight: mx.a
     (the caller's readers take lanes) and ``GEMMA4_MLX_CLOSE_ROWS`` on, that launch gives the new residual
     and its next norm as two lanes of one output (:mod:`gemma4_mlx.lanes`)."""
     form = _closing_form(branch)
-    packed = rows and form is not None and next_weight is not None and lanes.enabled()
+    packed = rows and form is not None and next_weight is not None and _gpu_kernels().close_rows_enabled()
 
     def unfused(*_):
         out = residual_norm(residual, branch.product(), norm_weight, scalar, eps, next_weight)
@@ -675,7 +675,7 @@ def residual_gate(x: mx.array, branch: mx.array, norm_weight: mx.array, eps: flo
             # both in one launch: the gate made by the close's last block (qmv_close_gate); with
             # GEMMA4_MLX_CLOSE_ROWS the two as lanes of its one output (its reader, the PLE projection's close,
             # takes both)
-            packed = lanes.enabled()
+            packed = k.close_rows_enabled()
 
             def joined_apart(*_):
                 h = project_and_close(branch, x, norm_weight, None, eps)

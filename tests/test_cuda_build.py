@@ -8,6 +8,7 @@ parity suite's job (tests/test_kernels.py on the device).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -135,7 +136,11 @@ def test_prepare_at_load_starts_every_kernel_build_of_the_decode_step(fresh_buil
     model = Model(parse_config(cfg))
     with dispatch.force_backend("cuda"):
         decode.prepare(model)
-    names = {src.split("void __launch_bounds__(K_TG) ")[1].split("(")[0] for src, _ in cuda_build._builds}
+    built = {src.split("void __launch_bounds__(K_TG) ")[1].split("(")[0] for src, _ in cuda_build._builds}
+    # each form by its name before the lanes it reads and the rows it packs (the CUDA default since session 42:
+    # gemma4_mlx/lanes.py), and before its close constants' mark
+    names = {re.sub(r"(_cp)?(_x\d+_\d+)?(_rx?\d+_\d+)?(_rows\d+)?$", "", n) for n in built}
+    assert any("_rows" in n for n in built) and any(re.search(r"_x\d+_\d+", n) for n in built), built
     # the writing layers' norms + RoPE over the joined q/k/v product (qkv_joined, on on CUDA since session 39),
     # the attention (fused, or both passes; "attention_prefix_q", on on CUDA since session 36, gives the KV-shared
     # layers' pass 1 the q norm), the PLE combine, the embedding, the float matvec's plain and gated forms (on

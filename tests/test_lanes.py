@@ -56,11 +56,11 @@ def test_a_launch_reads_a_lane_of_x_and_a_residual_in_x_own_rows():
 def test_a_probe_puts_each_marked_input_in_a_wider_row_at_its_place():
     x, w, r = _rnd((2, 1, 4), 6), _rnd((3, 4), 7), _rnd((2, 1, 8), 8)
     taken = {"x": (8, 4, 12, 0), "res": (0, 8, 12, 0)}
-    px, pw, pr = lanes.place((x, w, r), taken, {"x": 0, "res": 2})
+    px, pw, pr = lanes.place((x, w, r), taken, {"x": 0, "res": 2}, dispatch.probe_normal)
     assert pw is w and isinstance(px, lanes.Lane) and px.base is pr.base and px.base.shape == (2, 1, 12)
     assert mx.array_equal(px.array(), x) and mx.array_equal(pr.array(), r)
     # a lane in the middle of its row: noise on both sides, the value itself in between
-    (mid,) = lanes.place((x,), {"x": (3, 4, 10, 0)}, {"x": 0})
+    (mid,) = lanes.place((x,), {"x": (3, 4, 10, 0)}, {"x": 0}, dispatch.probe_normal)
     assert mid.base.shape == (2, 1, 10) and mx.array_equal(mid.array(), x)
     assert not mx.array_equal(mid.base[..., :3], mx.zeros((2, 1, 3)))
 
@@ -85,7 +85,7 @@ def test_run_hands_lanes_to_a_kernel_only_where_its_key_marks_them(monkeypatch):
 
     def probe(key):
         _, _, taken = lanes.unmark(key)
-        return lanes.place((_rnd((1, 1, 3), 10), _rnd((1, 1, 3), 11)), taken, {"x": 0, "res": 1})
+        return lanes.place((_rnd((1, 1, 3), 10), _rnd((1, 1, 3), 11)), taken, {"x": 0, "res": 1}, dispatch.probe_normal)
 
     dispatch.reset()
     try:
@@ -109,6 +109,8 @@ def test_run_hands_lanes_to_a_kernel_only_where_its_key_marks_them(monkeypatch):
 @pytest.mark.parametrize("raw,cuda,want", [("", True, True), ("", False, False), ("auto", True, True),
                                           ("0", True, False), ("1", False, True)])
 def test_close_rows_are_on_by_default_on_cuda_alone(monkeypatch, raw, cuda, want):
-    monkeypatch.setenv(lanes.ROWS_ENV, raw)
+    from gemma4_mlx.kernels import mv
+
+    monkeypatch.setenv(mv.CLOSE_ROWS_ENV, raw)
     monkeypatch.setattr(dispatch, "on_cuda", lambda: cuda)
-    assert lanes.enabled() is want
+    assert mv.close_rows_enabled() is want

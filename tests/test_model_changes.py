@@ -205,8 +205,7 @@ def test_the_kernel_launch_switches_rebuild_the_step(switch, value, monkeypatch)
     matvec's rows and the attention's geometry joined in session 33, a session after them). "flip": an
     auto switch (on on CUDA, off elsewhere) set to what this backend does not do by default (the GPU's
     run of session 42 set the attention's scratch to 1, its CUDA default, and nothing changed)."""
-    from gemma4_mlx import lanes
-    from gemma4_mlx.kernels import close_params
+    from gemma4_mlx.kernels import close_params, mv
     from gemma4_mlx.kernels.attention import scratch_enabled
 
     ours, _ = _pair()
@@ -214,7 +213,7 @@ def test_the_kernel_launch_switches_rebuild_the_step(switch, value, monkeypatch)
     first = ours._decoder
     if value == "flip":
         resolved = {"GEMMA4_MLX_CLOSE_PACK": close_params.enabled, "GEMMA4_MLX_ATTN_SCRATCH": scratch_enabled,
-                    "GEMMA4_MLX_CLOSE_ROWS": lanes.enabled}[switch]
+                    "GEMMA4_MLX_CLOSE_ROWS": mv.close_rows_enabled}[switch]
         value = "0" if resolved() else "1"
     monkeypatch.setenv(switch, value)
     _gap(ours)

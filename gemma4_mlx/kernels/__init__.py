@@ -72,6 +72,7 @@ from .scalar import residual_scale, scale, scale_kernel, scale_reference, softca
 from .ple_tail import ple_tail, ple_tail_kernel, ple_tail_reference
 from .mv import (
     GATE,
+    close_rows_enabled,
     GEGLU,
     PLAIN,
     matvec,

@@ -295,7 +295,7 @@ def _probe(key):
     x = dispatch.probe_normal((MM, 1, K), 22, dtype)  # the decode step's (B, L, K)
     args = (x, w, s, b, gs, bits)
     args = args + (dispatch.probe_normal((MM, 1, N), 23, dtype),) if epi == GATE else args
-    return lanes.place(args, taken, {"x": 0})
+    return lanes.place(args, taken, {"x": 0}, dispatch.probe_normal)
 
 
 def _packing_mark(w, scales, biases) -> tuple:
@@ -425,7 +425,8 @@ def _close_probe(key):
         w, s, b = _packed_probe(w, s, b)
     x = dispatch.probe_normal((MM, 1, K), 50, dtype)
     residual, nw, scalar, eps, nn = close_probe(dtype, MM, N, scaled, nxt)
-    return lanes.place((x, w, s, b, gs, bits, residual, nw, scalar, eps, nn, rows), taken, {"x": 0, "res": 6})
+    return lanes.place((x, w, s, b, gs, bits, residual, nw, scalar, eps, nn, rows), taken, {"x": 0, "res": 6},
+                       dispatch.probe_normal)
 
 
 def quantized_matvec_close(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, scalar,
@@ -506,7 +507,7 @@ def _close_gate_probe(key):
         gw, gs_, gb = _packed_probe(gw, gs_, gb)
     z = dispatch.probe_normal((MM, 1, P), 52, dtype)
     return lanes.place((x, w, s, b, gs, bits, residual, nw, eps, gw, gs_, gb, gate_gs, gate_bits, z, rows), taken,
-                       {"res": 6})
+                       {"res": 6}, dispatch.probe_normal)
 
 
 def quantized_matvec_close_gate(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, eps: float,
