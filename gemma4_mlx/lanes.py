@@ -17,7 +17,6 @@ from typing import Callable, Optional, Sequence
 import mlx.core as mx
 
 
-
 class Lane:
     """``base[..., start:start + width]``, not yet cut: shape, dtype, size and ndim are the slice's."""
 
@@ -97,11 +96,6 @@ def joined(parts: Sequence[mx.array]) -> mx.array:
     return mx.concatenate([array(p) for p in parts], axis=-1)
 
 
-def geometry(x) -> Optional[tuple]:
-    """(start, row) of a lane (its place in its base's rows), None for an array."""
-    return (x.start, x.row) if isinstance(x, Lane) else None
-
-
 def mark(**named) -> tuple:
     """A class key's lane mark: ``("lanes", (name, start, width, row, group), ...)`` for each named input
     that is a lane (``group``: lanes of one base share it), () where none is (the key stays as it was)."""
@@ -121,8 +115,13 @@ def marked(key: Optional[tuple], **named) -> Optional[tuple]:
     return None if key is None else (*key, *mark(**named))
 
 
-ROWS_MARK = "packed rows"  # a closing form's class-key mark (CLOSE_ROWS): see kernels.mv.rows_mark
+ROWS_MARK = "packed rows"  # a closing form's class-key mark: it gives its outputs as packed rows (CLOSE_ROWS)
 MARKS = (ROWS_MARK, "lanes")
+
+
+def rows_mark(rows: bool) -> tuple:
+    """A closing form's class-key mark for its packed rows: its own kernel, its own check."""
+    return (ROWS_MARK,) if rows else ()
 
 
 def unmark(key: tuple) -> tuple:

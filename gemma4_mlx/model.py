@@ -18,8 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from . import decode, ops, step_context, switches
-from . import lanes
+from . import decode, lanes, ops, step_context, switches
 from .cache import make_caches
 from .config import LayerPlan, ModelArgs, RopePlan
 

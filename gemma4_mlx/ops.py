@@ -14,8 +14,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
-from . import chunk_attention, expert_blocks, step_context, switch_layers, switches
-from . import lanes
+from . import chunk_attention, expert_blocks, lanes, step_context, switch_layers, switches
 
 Offset = Union[int, mx.array]
 
@@ -546,7 +545,7 @@ def ple_tail(gate: nn.Module, projection: nn.Module, h: mx.array, per_layer_inpu
         if trace is not None:
             projected = trace["ple"] = projected.product()
         if defer and next_weight is not None and not closes(projected):
-            return PendingClose(lanes.array(h), product(projected), norm_weight, scalar, eps, next_weight)
+            return PendingClose(h, product(projected), norm_weight, scalar, eps, next_weight)
         return residual_norm(h, projected, norm_weight, scalar, eps, next_weight, rows=True)
 
     def chain(h, per_layer_input, *_):
@@ -613,15 +612,15 @@ def project_and_close(branch: Unprojected, residual: mx.array, norm_weight: mx.a
     (the caller's readers take lanes) and ``GEMMA4_MLX_CLOSE_ROWS`` on, that launch gives the new residual
     and its next norm as two lanes of one output (:mod:`gemma4_mlx.lanes`)."""
     form = _closing_form(branch)
-    packed = rows and form is not None and next_weight is not None and _gpu_kernels().close_rows_enabled()
+    if form is None:
+        return residual_norm(residual, branch.product(), norm_weight, scalar, eps, next_weight)
+    k, m, x = _gpu_kernels(), branch.module, branch.x
+    packed = rows and next_weight is not None and k.close_rows_enabled()
 
     def unfused(*_):
         out = residual_norm(residual, branch.product(), norm_weight, scalar, eps, next_weight)
         return lanes.joined(out) if packed else out
 
-    if form is None:
-        return unfused()
-    k, m, x = _gpu_kernels(), branch.module, branch.x
     if form == "mv_close":
         out = k.matvec_close(x, m["weight"], residual, norm_weight, scalar, eps, next_weight, packed, fallback=unfused)
     else:
@@ -689,7 +688,6 @@ def residual_gate(x: mx.array, branch: mx.array, norm_weight: mx.array, eps: flo
             return lanes.split(out, [norm_weight.size, z.shape[-1]]) if packed else out
         h = project_and_close(branch, x, norm_weight, None, eps)
         return h, linear_gate(gate, h, z)
-    x = lanes.array(x)
     branch = product(branch)
 
     def unfused(*_):
@@ -709,7 +707,6 @@ def residual_geglu(x: mx.array, branch: mx.array, norm_weight: mx.array, eps: fl
     if closes(branch):  # the close in the branch's projection, then the gate/up projection
         h, xin = project_and_close(branch, x, norm_weight, None, eps, next_weight, rows=True)
         return h, joined.geglu(xin)
-    x = lanes.array(x)
     branch = product(branch)
 
     def unfused(*_):

@@ -72,9 +72,9 @@ from .scalar import residual_scale, scale, scale_kernel, scale_reference, softca
 from .ple_tail import ple_tail, ple_tail_kernel, ple_tail_reference
 from .mv import (
     GATE,
-    close_rows_enabled,
     GEGLU,
     PLAIN,
+    close_rows_enabled,
     matvec,
     matvec_gate,
     matvec_gate_kernel,

@@ -33,9 +33,8 @@ from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
-from .. import cuda_context, switches
+from .. import cuda_context, lanes, switches
 from ..step_context import active
-from .. import lanes
 from . import cuda_build
 
 ENV_VAR = "GEMMA4_MLX_KERNELS"

@@ -19,8 +19,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .. import switches
-from .. import lanes
+from .. import lanes, switches
 from . import close_params, dispatch
 from .dispatch import TG
 from .ple import ple_gate_reference
@@ -252,19 +251,20 @@ def _probe(key):
 def matvec(x: mx.array, w: mx.array, *, fallback=None) -> mx.array:
     """``x @ w.T`` for few rows of x: the kernel on GPU when checked, else ``fallback`` (the
     model's own module call) or MLX's matmul."""
-    return dispatch.run("mv", lanes.marked(_class_key(x, w), x=x), matvec_reference, matvec_kernel, _probe, x, w, fallback=fallback)
+    return dispatch.run("mv", lanes.marked(_class_key(x, w), x=x), matvec_reference, matvec_kernel, _probe, x, w,
+                        fallback=fallback)
 
 
 def matvec_geglu(x: mx.array, w: mx.array, *, fallback=None) -> mx.array:
     """``geglu(gate, up)`` of ``x @ w.T`` split in halves (w = [gate rows; up rows])."""
-    return dispatch.run("mv_geglu", lanes.marked(_class_key(x, w, GEGLU), x=x), matvec_geglu_reference, matvec_geglu_kernel, _probe,
-                        x, w, fallback=fallback)
+    return dispatch.run("mv_geglu", lanes.marked(_class_key(x, w, GEGLU), x=x), matvec_geglu_reference,
+                        matvec_geglu_kernel, _probe, x, w, fallback=fallback)
 
 
 def matvec_gate(x: mx.array, w: mx.array, z: mx.array, *, fallback=None) -> mx.array:
     """``gelu_tanh(x @ w.T) * z``."""
-    return dispatch.run("mv_gate", lanes.marked(_class_key(x, w, GATE, z), x=x), matvec_gate_reference, matvec_gate_kernel, _probe,
-                        x, w, z, fallback=fallback)
+    return dispatch.run("mv_gate", lanes.marked(_class_key(x, w, GATE, z), x=x), matvec_gate_reference,
+                        matvec_gate_kernel, _probe, x, w, z, fallback=fallback)
 
 
 # ------------------------------------------- with residual_norm ahead of the product (one row)
@@ -416,7 +416,7 @@ def close_launch(name: str, product: list, template: list, x, N: int, residual, 
     k = dispatch.get_kernel(name, [*(n for n, _ in product), *(["res"] if res_input else []),
                                    *(["cp"] if cp is not None else ["cw", "ls", *(["cn"] if nxt else []), "eps"]),
                                    "counter", *(gate_inputs if gated else [])],
-                            ["hout", *(["nout"] if nxt and not rows else []), *(["gout"] if gated and not rows else [])],
+                            ["hout", *([] if rows else ["nout"] if nxt else []), *([] if rows or not gated else ["gout"])],
                             defines=[("MATVEC_CLOSE", 1), ("CLOSE_NO_NEXT", int(not nxt)),
                                      *([("CLOSE_PACKED", 1)] if cp is not None else []),
                                      *([("CLOSE_GATE", 1)] if gated else []), *([("QPACK", 1)] if packed else []),
@@ -485,11 +485,6 @@ def close_rows_enabled() -> bool:
     return switches.auto_flag(CLOSE_ROWS_ENV, dispatch.on_cuda)
 
 
-def rows_mark(rows: bool) -> tuple:
-    """A closing form's class-key mark for its packed rows (CLOSE_ROWS): its own kernel, its own check."""
-    return (lanes.ROWS_MARK,) if rows else ()
-
-
 def matvec_close(x, w, residual, norm_weight, scalar, eps: float, next_weight=None, rows: bool = False, *,
                  fallback=None):
     """:func:`matvec_close_reference` as one launch (name ``mv_close``: CUDA; off when ``mv`` or
@@ -498,6 +493,6 @@ def matvec_close(x, w, residual, norm_weight, scalar, eps: float, next_weight=No
     base = _class_key(x, w)
     close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, scalar, next_weight)
     key = None if close is None else (*base[:3], "close", *close_params.mark(norm_weight, scalar, next_weight, eps),
-                                      *close, *rows_mark(rows), *lanes.mark(x=x, res=residual))
+                                      *close, *lanes.rows_mark(rows), *lanes.mark(x=x, res=residual))
     return dispatch.run("mv_close", key, matvec_close_reference, matvec_close_kernel, _close_probe,
                         x, w, residual, norm_weight, scalar, eps, next_weight, rows, fallback=fallback)

@@ -22,14 +22,13 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .. import switches
-from .. import lanes
+from .. import lanes, switches
 from . import close_params, dispatch
 from .by_identity import ByIdentity
 from .dispatch import TG
 from .mv import (_FLOATS, GATE, GEGLU, MAX_ROWS_OF_X, PLAIN, PROBE_N, _mm, close_key, close_launch, close_probe,
                  form_width, layout, packed_rows, probe_shape, form_kernel, grid_and_loop, launch_grid, probe_blocks,
-                 prologue_inputs, prologue_key, prologue_probe, residual_and_input, rows_mark)
+                 prologue_inputs, prologue_key, prologue_probe, residual_and_input)
 from .residual import residual_norm_reference
 from .ple import ple_gate_reference
 
@@ -61,10 +60,9 @@ def _launch(x, w, scales, biases, group_size: int, bits: int, z, epi: int, prolo
     N = w.shape[0] // 2 if epi == GEGLU else w.shape[0]
     rows, split, wpl = rows_split or quantized_layout(x.shape[-1], bits, group_size, epi=epi)
     buffer = None if prologue is not None else packed_buffer(w, scales, biases)
-    product = [x, w, scales, biases] if buffer is None else [x, buffer]
+    product = [lanes.base(x), w, scales, biases] if buffer is None else [lanes.base(x), buffer]
     k, whole = form_kernel("qmv", ["x", "w", "scales", "biases"][: len(product)], epi, prologue is not None,
                            packed=buffer is not None, x=x)
-    product[0] = lanes.base(x)
     pro, HD, extra, hshapes = prologue_inputs(lanes.base(x), z, epi, prologue, whole)
     grid, loop = launch_grid(N, rows, split, prologue, most_blocks)
     # x keeps its shape, y gets x's leading dims (no reshape primitives around the call)
@@ -437,7 +435,7 @@ def quantized_matvec_close(x, w, scales, biases, group_size: int, bits: int, res
     close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, scalar, next_weight)
     key = None if close is None else (*base[:5], "close", *_packing_mark(w, scales, biases),
                                       *close_params.mark(norm_weight, scalar, next_weight, eps), *close,
-                                      *rows_mark(rows), *lanes.mark(x=x, res=residual))
+                                      *lanes.rows_mark(rows), *lanes.mark(x=x, res=residual))
     return dispatch.run("qmv_close", key, quantized_matvec_close_reference, quantized_matvec_close_kernel,
                         _close_probe, x, w, scales, biases, group_size, bits, residual, norm_weight, scalar, eps,
                         next_weight, rows, fallback=fallback)
@@ -464,9 +462,9 @@ def quantized_matvec_close_gate_kernel(x, w, scales, biases, group_size: int, bi
     out = _close_launch(x, w, scales, biases, group_size, bits, residual, norm_weight, None, eps, None,
                         gate=(*gate, gate_group_size, gate_bits, z), rows=rows)
     if out is None:
-        return quantized_matvec_close_gate_reference(x, w, scales, biases, group_size, bits, lanes.array(residual),
-                                                     norm_weight, eps, gw, gscales, gbiases, gate_group_size,
-                                                     gate_bits, z, rows)
+        return quantized_matvec_close_gate_reference(lanes.array(x), w, scales, biases, group_size, bits,
+                                                     lanes.array(residual), norm_weight, eps, gw, gscales, gbiases,
+                                                     gate_group_size, gate_bits, z, rows)
     return out
 
 
@@ -495,6 +493,7 @@ def _close_gate_probe(key):
     dtype, bits, gs, MM = dispatch.dtype_from_key(key[0]), key[1], key[2], key[4]
     N, P, gate_bits, gate_gs, gate_packed = key[-5:]
     _, K = _probe_shape(key[3], bits)
+    K = lanes.width(taken, "x", K)
     w, s, b = mx.quantize(dispatch.probe_normal((N, K), 49, mx.float32, 0.05), group_size=gs, bits=bits)
     s, b = s.astype(dtype), b.astype(dtype)
     if key[6] == "packed":
@@ -507,7 +506,7 @@ def _close_gate_probe(key):
         gw, gs_, gb = _packed_probe(gw, gs_, gb)
     z = dispatch.probe_normal((MM, 1, P), 52, dtype)
     return lanes.place((x, w, s, b, gs, bits, residual, nw, eps, gw, gs_, gb, gate_gs, gate_bits, z, rows), taken,
-                       {"res": 6}, dispatch.probe_normal)
+                       {"x": 0, "res": 6}, dispatch.probe_normal)
 
 
 def quantized_matvec_close_gate(x, w, scales, biases, group_size: int, bits: int, residual, norm_weight, eps: float,
@@ -516,14 +515,14 @@ def quantized_matvec_close_gate(x, w, scales, biases, group_size: int, bits: int
     """:func:`quantized_matvec_close_gate_reference` as one launch (name ``qmv_close_gate``: on on CUDA
     since session 36, off on Metal; off when ``qmv_close`` or ``qmv_gate`` is): a PLE layer's down projection,
     its close, and the PLE gate of the closed row, the gate made by the launch's closing block (one
-    launch a PLE layer fewer than ``qmv_close`` then ``qmv_gate``). ``residual`` may be a lane; with ``rows``
+    launch a PLE layer fewer than ``qmv_close`` then ``qmv_gate``). ``x`` and ``residual`` may be lanes; with ``rows``
     the closed row and its gate come side by side in one output (:func:`.mv.close_launch`)."""
     base = _class_key(x, w, scales, biases, group_size, bits)
     close = None if base is None else close_key(x, w.shape[0], residual, norm_weight, None, None)
     gate = None if close is None else _gate_key(x, w.shape[0], gw, gscales, gbiases, gate_group_size, gate_bits, z)
     key = None if gate is None else (*base[:5], "close_gate", *_packing_mark(w, scales, biases),
                                      *close_params.mark(norm_weight, None, None, eps), close[0], *gate,
-                                     *rows_mark(rows), *lanes.mark(res=residual))
+                                     *lanes.rows_mark(rows), *lanes.mark(x=x, res=residual))
     return dispatch.run("qmv_close_gate", key, quantized_matvec_close_gate_reference,
                         quantized_matvec_close_gate_kernel, _close_gate_probe, x, w, scales, biases, group_size, bits,
                         residual, norm_weight, eps, gw, gscales, gbiases, gate_group_size, gate_bits, z, rows,
