@@ -102,3 +102,30 @@ def test_the_traced_steps_closes_take_their_norms_scalar_and_eps_as_one_input_wh
     parts = {"cw", "ls", "cn", "eps"}
     assert all("_cp" in form and "cp" in names and not parts & set(names) for form, names in packed)
     assert inputs_packed == inputs_apart - sum(len(parts & set(names)) - 1 for _, names in apart)
+
+
+def test_the_traced_steps_closes_give_packed_rows_when_switched_on(monkeypatch):
+    """GEMMA4_MLX_CLOSE_ROWS=1 (CUDA's default since session 42): in the traced decode step every closing launch
+    gives one output where it gave two (the new residual and the next norm or PLE gate, packed rows), with as
+    many launches; its readers take the packed array itself, so a PLE projection's close reads its residual from
+    its x (no ``res`` input) and the projections that read a norm's lane read the packed output (an activation
+    twice as wide). Off, the closes with a next norm or a gate give two outputs and each reads its own ``res``."""
+    monkeypatch.setenv("GEMMA4_MLX_COMPILE", "1")
+
+    def step(rows):
+        monkeypatch.setenv("GEMMA4_MLX_CLOSE_ROWS", rows)
+        found = step_inputs.classify(step_inputs.record("tiny", True))
+        closes = [(form, [n for n, _, _ in k], outs) for form, k, outs in found if "/close" in form]
+        return found, closes
+
+    apart, closes_apart = step("0")
+    packed, closes_packed = step("1")
+    assert len(packed) == len(apart) and len(closes_packed) == len(closes_apart)
+    assert any(outs == 2 for _, _, outs in closes_apart) and all("res" in names for _, names, _ in closes_apart)
+    assert all(outs == 1 for _, _, outs in closes_packed)
+    assert all("_rows" in form for form, _, outs in closes_packed if "close_out" not in form or "_gate" in form)
+    ple_closes = [names for form, names, _ in closes_packed if "_rx" in form]
+    assert ple_closes and all("res" not in names for names in ple_closes)
+    outputs = lambda rows: sum(outs for _, _, outs in rows)  # noqa: E731
+    assert outputs(packed) == outputs(apart) - sum(outs - 1 for _, _, outs in closes_apart)
+    assert any("_x" in form for form, _, _ in packed if form.startswith(("qmv/bare", "mv/bare")))
