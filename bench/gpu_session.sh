@@ -78,13 +78,29 @@ parity() {  # parity <name> <timeout s> <pytest collection args...>: those tests
     # one argument per line: parametrised ids may hold spaces. A PTX cache folder a process: MLX writes its
     # cached modules in place, so a process can read another's half-written file on a cold machine (session 26
     # lost a test to "Binary format ... is not recognized" that way; docs/upstream.md §8)
-    (mapfile -t ids < "$OUT/ids.$i"; MLX_PTX_CACHE_DIR=/root/ptx.$i MLX_ENABLE_TF32=0 timeout "$limit" python3 -m pytest -q -p no:cacheprovider \
+    # -v: a line a test as it ends, so a process that dies or passes its bound still says which tests ran
+    (mapfile -t ids < "$OUT/ids.$i"; MLX_PTX_CACHE_DIR=/root/ptx.$i MLX_ENABLE_TF32=0 timeout "$limit" python3 -m pytest -v -p no:cacheprovider \
       "${ids[@]}" > "$OUT/$name.$i.txt" 2>&1) &
   done
   wait
   for i in 0 1 2 3 4 5 6 7; do tail -1 "$OUT/$name.$i.txt"; done | tee "$OUT/$name.txt"
-  grep -h -A25 -E "^_____" "$OUT"/$name.?.txt | head -60
-  grep -h -E "^(FAILED|ERROR)" "$OUT"/$name.?.txt | head -30
+  # the tests a dead or cut process never ended (session 43 lost 12 to one abort), again in one fresh process:
+  # RERUN_S bounds it (0: none)
+  python3 - "$OUT" "$name" > "$OUT/$name.unrun" <<'PY'
+import re, sys
+out, name = sys.argv[1:3]
+for i in range(8):
+    ended = set(re.findall(r"^(tests/\S.*?) (?:PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", open(f"{out}/{name}.{i}.txt").read(), re.M))
+    print("\n".join(t for t in open(f"{out}/ids.{i}").read().splitlines() if t not in ended and t.strip()))
+PY
+  sed -i '/^$/d' "$OUT/$name.unrun"
+  if [ -s "$OUT/$name.unrun" ] && [ "${RERUN_S:-180}" -gt 0 ]; then
+    echo "$(wc -l < "$OUT/$name.unrun") tests never ended: again in one process"
+    (mapfile -t ids < "$OUT/$name.unrun"; MLX_PTX_CACHE_DIR=/root/ptx.0 MLX_ENABLE_TF32=0 timeout "${RERUN_S:-180}" python3 -m pytest -v \
+      -p no:cacheprovider "${ids[@]}" > "$OUT/$name.rerun.txt" 2>&1); tail -1 "$OUT/$name.rerun.txt" | tee -a "$OUT/$name.txt"
+  fi
+  grep -h -A25 -E "^_____" "$OUT"/$name.*.txt | head -60
+  grep -h -E "^(FAILED|ERROR)" "$OUT"/$name.*.txt | head -30
 }
 case "${1:-}" in
   check)    # session 3: our NVRTC builds on this machine, then the CUDA parity run at the CPU's
