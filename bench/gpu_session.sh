@@ -74,9 +74,11 @@ parity() {  # parity <name> <timeout s> <pytest collection args...>: those tests
     # one argument per line: parametrised ids may hold spaces. A PTX cache folder a process: MLX writes its
     # cached modules in place, so a process can read another's half-written file on a cold machine (session 26
     # lost a test to "Binary format ... is not recognized" that way; docs/upstream.md §8)
-    # -v: a line a test as it ends, so a process that dies or passes its bound still says which tests ran
-    (mapfile -t ids < "$OUT/ids.$i"; MLX_PTX_CACHE_DIR=/root/ptx.$i MLX_ENABLE_TF32=0 timeout "$limit" python3 -m pytest -v -p no:cacheprovider \
-      "${ids[@]}" > "$OUT/$name.$i.txt" 2>&1) &
+    # -v: a line a test as it ends, so a process that dies or passes its bound still says which tests ran;
+    # --capture=sys: what native code writes to stderr (a C++ terminate's message) reaches the log; pytest's
+    # default fd capture kept it, so session 43's abort printed faulthandler's lines alone
+    (mapfile -t ids < "$OUT/ids.$i"; MLX_PTX_CACHE_DIR=/root/ptx.$i MLX_ENABLE_TF32=0 timeout "$limit" python3 -X faulthandler \
+      -m pytest -v --capture=sys -p no:cacheprovider "${ids[@]}" > "$OUT/$name.$i.txt" 2>&1) &
   done
   wait
   for i in 0 1 2 3 4 5 6 7; do tail -1 "$OUT/$name.$i.txt"; done | tee "$OUT/$name.txt"
@@ -92,8 +94,8 @@ PY
   sed -i '/^$/d' "$OUT/$name.unrun"
   if [ -s "$OUT/$name.unrun" ] && [ "${RERUN_S:-180}" -gt 0 ]; then
     echo "$(wc -l < "$OUT/$name.unrun") tests never ended: again in one process"
-    (mapfile -t ids < "$OUT/$name.unrun"; MLX_PTX_CACHE_DIR=/root/ptx.0 MLX_ENABLE_TF32=0 timeout "${RERUN_S:-180}" python3 -m pytest -v \
-      -p no:cacheprovider "${ids[@]}" > "$OUT/$name.rerun.txt" 2>&1); tail -1 "$OUT/$name.rerun.txt" | tee -a "$OUT/$name.txt"
+    (mapfile -t ids < "$OUT/$name.unrun"; MLX_PTX_CACHE_DIR=/root/ptx.0 MLX_ENABLE_TF32=0 timeout "${RERUN_S:-180}" python3 -X faulthandler -m pytest \
+      -v --capture=sys -p no:cacheprovider "${ids[@]}" > "$OUT/$name.rerun.txt" 2>&1); tail -1 "$OUT/$name.rerun.txt" | tee -a "$OUT/$name.txt"
   fi
   grep -h -A25 -E "^_____" "$OUT"/$name.*.txt | head -60
   grep -h -E "^(FAILED|ERROR)" "$OUT"/$name.*.txt | head -30
