@@ -683,9 +683,11 @@ def test_matvec_close_with_the_ple_gate(emulated, monkeypatch, K, N, P, M, bits,
 
 
 def test_every_other_kernel_on_the_emulator():
-    """test_kernels.py's GPU-only tests of the other kernel bodies (RoPE, attention and its q
-    prologue, PLE, residual norm, the PLE tail, the strict-mode public functions) on the
-    emulator, float32 (GEMMA4_MLX_TEST_EMULATE=1; the matvecs are this file's own tests)."""
+    """test_kernels.py's tests of the other kernel bodies (RoPE, attention and its q prologue, PLE,
+    residual norm, the PLE tail, the strict-mode public functions) on the emulator, float32
+    (GEMMA4_MLX_TEST_EMULATE=1; the matvecs are this file's own tests). Every test there runs with the
+    backend forced, not only the GPU-only ones: the tests that branch on KERNELS_RUN then take the
+    branch a GPU takes (session 43: one compared the step's lanes as arrays and failed on the H200 alone)."""
     import os
     import subprocess
     import sys

@@ -31,7 +31,7 @@ import kernel_cases
 ATT = sys.modules["gemma4_mlx.kernels.attention"]
 
 GPU = dispatch.active_backend() is not None
-# GEMMA4_MLX_TEST_EMULATE=1 without a GPU: the GPU-only tests run their kernels on the CPU
+# GEMMA4_MLX_TEST_EMULATE=1 without a GPU: every test runs its kernels (the backend forced to CUDA) on the CPU
 # emulator (tests/kernel_emulator; slow: pick tests with -k), over the CPU's smaller case lists
 EMULATED = not GPU and os.environ.get("GEMMA4_MLX_TEST_EMULATE", "") == "1"
 KERNELS_RUN = GPU or EMULATED
@@ -46,7 +46,7 @@ if EMULATED:  # MLX's CPU ops in half precision round partial sums where its GPU
 def _clean_dispatch(monkeypatch, request):
     dispatch.reset()
     dispatch.poison_outputs(KERNELS_RUN)
-    if EMULATED and any(m.kwargs.get("reason") == GPU_ONLY for m in request.node.iter_markers("skipif")):
+    if EMULATED:  # every test: those that branch on KERNELS_RUN take their kernels' branch there as on a GPU
         from kernel_emulator import emulated_cuda
 
         with emulated_cuda(monkeypatch):
@@ -1149,7 +1149,7 @@ def test_default_mode_and_env(monkeypatch):
 
 
 def test_backend_choice():
-    if mx.default_device() == mx.cpu:
+    if mx.default_device() == mx.cpu and not EMULATED:  # (emulated: the backend is forced to CUDA)
         assert K.active_backend() is None
     with dispatch.force_backend("metal"):
         assert K.active_backend() == "metal"
@@ -1157,7 +1157,7 @@ def test_backend_choice():
     with dispatch.force_backend("none"):
         assert K.active_backend() is None and not K.kernels_enabled()
     with mx.stream(mx.cpu):  # CPU default device -> reference
-        if not GPU:
+        if not KERNELS_RUN:
             assert K.active_backend() is None
 
 
