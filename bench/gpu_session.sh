@@ -13,7 +13,9 @@
 # test_decode_with_the_closing_matvecs_equals_decode_without[dtype1-4-bit] after 133 tests; not reproduced alone,
 # with the tests just before it, or under compute-sanitizer (`abort43`). In order:
 #   0. `check` (PARITY_S=480, ~9 min with the rerun of what a dead process never ended): does the abort come back?
-#      If it does, run that process's ids (the check's ids.N) under compute-sanitizer in one process.
+#      parity now logs with --capture=sys, so the abort's own message would show. If it comes back, run that
+#      process's ids (the check's ids.N) in one process with MALLOC_CHECK_=3, then MLX_USE_CUDA_GRAPHS=0. (Ruled
+#      out: MLX's graph cache refusing new shapes, bench/graph_cache_probe.py: 1,200 shapes, no error.)
 #   1. `Q=4 NEW=128 RUNS=3 e2e` and E2B bf16 e2e (not run since session 42's two runs a side).
 #   2. `closerows` (~8 min): E4B 4-bit / bf16, 26B-A4B 4-bit without each switch (not yet timed).
 #   3. `ttft` / `loadphases` for load()'s 1.23x in session 42 (more kernel variants at load?).
