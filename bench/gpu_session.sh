@@ -89,11 +89,12 @@ parity() {  # parity <name> <timeout s> <pytest collection args...>: those tests
   python3 - "$OUT" "$name" > "$OUT/$name.unrun" <<'PY'
 import re, sys
 out, name = sys.argv[1:3]
+unrun = []
 for i in range(8):
     ended = set(re.findall(r"^(tests/\S.*?) (?:PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", open(f"{out}/{name}.{i}.txt").read(), re.M))
-    print("\n".join(t for t in open(f"{out}/ids.{i}").read().splitlines() if t not in ended and t.strip()))
+    unrun += [t for t in open(f"{out}/ids.{i}").read().splitlines() if t.strip() and t not in ended]
+print("\n".join(unrun), end="\n" if unrun else "")
 PY
-  sed -i '/^$/d' "$OUT/$name.unrun"
   if [ -s "$OUT/$name.unrun" ] && [ "${RERUN_S:-180}" -gt 0 ]; then
     echo "$(wc -l < "$OUT/$name.unrun") tests never ended: again in one process"
     (mapfile -t ids < "$OUT/$name.unrun"; MLX_PTX_CACHE_DIR=/root/ptx.0 MLX_ENABLE_TF32=0 timeout "${RERUN_S:-180}" python3 -X faulthandler -m pytest \

@@ -43,7 +43,7 @@ if EMULATED:  # MLX's CPU ops in half precision round partial sums where its GPU
 
 
 @pytest.fixture(autouse=True)
-def _clean_dispatch(monkeypatch, request):
+def _clean_dispatch(monkeypatch):
     dispatch.reset()
     dispatch.poison_outputs(KERNELS_RUN)
     if EMULATED:  # every test: those that branch on KERNELS_RUN take their kernels' branch there as on a GPU
