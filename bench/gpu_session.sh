@@ -7,18 +7,14 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 44): issue 14. One GPU is enough (nvidia-h200). Session 43 (no device for the first ~10 min,
-# then ~25 min in two stagings): the full parity on session 42's defaults: 3 failed (a test took a Lane as an array,
-# fixed and passed there) and one process aborted with no message in
-# test_decode_with_the_closing_matvecs_equals_decode_without[dtype1-4-bit] after 133 tests; not reproduced alone,
-# with the tests just before it, or under compute-sanitizer (`abort43`). In order:
-#   0. `check` (PARITY_S=480, ~9 min with the rerun of what a dead process never ended): does the abort come back?
-#      parity now logs with --capture=sys, so the abort's own message would show. If it comes back, run that
-#      process's ids (the check's ids.N) in one process with MALLOC_CHECK_=3, then MLX_USE_CUDA_GRAPHS=0. (Ruled
-#      out: MLX's graph cache refusing new shapes, bench/graph_cache_probe.py: 1,200 shapes, no error.)
-#   1. `Q=4 NEW=128 RUNS=3 e2e` and E2B bf16 e2e (not run since session 42's two runs a side).
-#   2. `closerows` (~8 min): E4B 4-bit / bf16, 26B-A4B 4-bit without each switch (not yet timed).
-#   3. `ttft` / `loadphases` for load()'s 1.23x in session 42 (more kernel variants at load?).
+# Next visit (session 45): issue 14. One GPU is enough (nvidia-h200). Session 44 (~26 device minutes, one staging):
+# the full parity on the defaults passed (1,155 passed, 8 skipped; session 43's abort did not come back); E2B end to
+# end 2.21x 4-bit / 2.19x bf16 against stock's fast mode; load() 1.07-1.14x, its tokenizer 1.3 s of it. After the
+# visit, load() parses the tokenizer on a thread beside the weights' reading (untimed on the GPU). In order:
+#   1. `loadphases`, then `Q=4 NEW=128 RUNS=3 e2e`: does load() drop below stock's (expected ~1.2 s less)?
+#   2. `PRESET=e2b Q=4 LIVE=1 profile`: E2B 4-bit's GPU time per step on the defaults (2.8 ms in session 33 with 319
+#      launches, 231 now): is the 3x end to end (~2.5 ms a token against stock's fast mode) bound by the GPU too?
+#   3. `check` if the kernels changed since session 44's (a first-run abort in session 43, not seen in session 44).
 # Timings seen on the H200: check ~7.5 min (8 processes, session 31), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -211,12 +212,34 @@ def load_tokenizer(model_path: Path, eos_token_ids: Optional[List[int]] = None):
         raise LoadError(f"{model_path}: tokenizer could not be loaded ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
 
 
+# load() parses the tokenizer on a thread while the weights are read (mx.eval lets go of the GIL; a full
+# Gemma 4 tokenizer took 1.3 s of a 5.2 s load() on the H200 in session 44), where the machine has the
+# cores for both: on CI's 2 cores the two threads slowed each other (E2B bf16 from the page cache:
+# 7.4 / 7.8 s one after the other, 8.2 / 9.0 s together).
+TOKENIZER_THREAD_MIN_CORES = 4
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity call
+        return os.cpu_count() or 1
+
+
 def load(path_or_repo: Union[str, Path], lazy: bool = False, revision: Optional[str] = None,
          strict_memory: bool = False, shard: bool = True) -> Tuple[Model, Any]:
     """(model, tokenizer) for a checkpoint folder or Hub repo id. The memory the weights need
     is checked first: a warning when the device lacks it, a LoadError with ``strict_memory``.
     Under ``mlx.launch`` the model is sharded over the processes (see :func:`load_model`)."""
     model_path = resolve_model_path(path_or_repo, revision)
-    model = load_model(model_path, lazy=lazy, strict_memory=strict_memory, shard=shard)
-    tokenizer = load_tokenizer(model_path, model.args.eos_token_id)
-    return model, tokenizer
+    if available_cores() < TOKENIZER_THREAD_MIN_CORES:
+        model = load_model(model_path, lazy=lazy, strict_memory=strict_memory, shard=shard)
+        return model, load_tokenizer(model_path, model.args.eos_token_id)
+    eos_token_ids = model_args(model_path).eos_token_id
+    import mlx_lm.utils  # noqa: F401  (imported here: two threads importing one package can see it half made)
+
+    # Leaving the block waits for the thread, so a failing load_model raises its own error, as before.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemma4-mlx-tokenizer") as pool:
+        tokenizer = pool.submit(load_tokenizer, model_path, eos_token_ids)
+        model = load_model(model_path, lazy=lazy, strict_memory=strict_memory, shard=shard)
+        return model, tokenizer.result()

@@ -342,3 +342,87 @@ def test_token_ids_outside_the_vocabulary_are_refused(loaded):
         with pytest.raises(ValueError, match="outside the vocabulary"):
             generate(model, tok, bad, max_tokens=2)
     assert generate(model, tok, [2, vocab - 1], max_tokens=2).tokens
+
+
+# -- load(): the tokenizer beside the weights ------------------------------------------------
+def test_load_reads_the_tokenizer_while_the_weights_load(tiny_ckpt, monkeypatch):
+    """Given the cores, the tokenizer is parsed on its own thread while load_model runs (each waits
+    here for the other to have started: one after the other, the first wait would run out)."""
+    import threading
+
+    import gemma4_mlx.loading as loading
+
+    started = {"model": threading.Event(), "tokenizer": threading.Event()}
+    real_model, real_tokenizer = loading.load_model, loading.load_tokenizer
+
+    def load_model(*args, **kwargs):
+        started["model"].set()
+        assert started["tokenizer"].wait(30), "the tokenizer waited for the weights"
+        return real_model(*args, **kwargs)
+
+    def load_tokenizer(*args, **kwargs):
+        started["tokenizer"].set()
+        assert started["model"].wait(30), "the weights waited for the tokenizer"
+        return real_tokenizer(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "available_cores", lambda: loading.TOKENIZER_THREAD_MIN_CORES)
+    monkeypatch.setattr(loading, "load_model", load_model)
+    monkeypatch.setattr(loading, "load_tokenizer", load_tokenizer)
+    model, tokenizer = loading.load(tiny_ckpt)
+    assert tokenizer.eos_token_ids == real_tokenizer(tiny_ckpt, model.args.eos_token_id).eos_token_ids
+    assert tokenizer.encode("hi there") == real_tokenizer(tiny_ckpt).encode("hi there")
+
+
+def test_load_on_few_cores_reads_the_tokenizer_after_the_weights(tiny_ckpt, monkeypatch):
+    """Below TOKENIZER_THREAD_MIN_CORES (CI's 2 cores: the two threads slowed each other) the
+    tokenizer is read on the calling thread, after the weights."""
+    import threading
+
+    import gemma4_mlx.loading as loading
+
+    order = []
+    real_model, real_tokenizer = loading.load_model, loading.load_tokenizer
+
+    def load_model(*args, **kwargs):
+        order.append(("model", threading.current_thread()))
+        return real_model(*args, **kwargs)
+
+    def load_tokenizer(*args, **kwargs):
+        order.append(("tokenizer", threading.current_thread()))
+        return real_tokenizer(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "available_cores", lambda: loading.TOKENIZER_THREAD_MIN_CORES - 1)
+    monkeypatch.setattr(loading, "load_model", load_model)
+    monkeypatch.setattr(loading, "load_tokenizer", load_tokenizer)
+    loading.load(tiny_ckpt)
+    assert order == [("model", threading.main_thread()), ("tokenizer", threading.main_thread())]
+
+
+@pytest.mark.parametrize("broken", ["weights", "tokenizer", "both"])
+@pytest.mark.parametrize("cores", ["few", "enough"])
+def test_load_reports_the_weights_error_first_and_leaves_no_thread(tiny_ckpt, tmp_path, broken, cores,
+                                                                   monkeypatch):
+    """A failing load() raises the same one-line error either way (the weights' before the
+    tokenizer's), and only once the tokenizer's thread, if any, has ended."""
+    import shutil
+    import threading
+
+    import gemma4_mlx.loading as loading
+    from gemma4_mlx.loading import LoadError, load
+
+    need = loading.TOKENIZER_THREAD_MIN_CORES
+    monkeypatch.setattr(loading, "available_cores", lambda: need - 1 if cores == "few" else need)
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, folder)
+    if broken in ("weights", "both"):
+        for f in folder.glob("*.safetensors"):
+            f.write_bytes(f.read_bytes()[:100])
+    if broken in ("tokenizer", "both"):
+        (folder / "tokenizer.json").write_text("{not json")
+    before = {t for t in threading.enumerate()}
+    with pytest.raises(LoadError) as e:
+        load(folder)
+    assert ("tokenizer could not be loaded" in str(e.value)) == (broken == "tokenizer"), str(e.value)
+    assert "\n" not in str(e.value)
+    assert not [t for t in threading.enumerate() if t not in before and t.name.startswith("gemma4-mlx-tokenizer")]
