@@ -2,7 +2,7 @@
 pair) against gemma4_mlx.expert_blocks (blocks of one expert's rows), 26B-A4B's shapes (128
 experts, top 8, 2,816 x 704), 4-bit group 64, bf16 activations; the bf16 experts' SwitchGLU (MLX's
 grouped GEMM for sorted rows) as the yardstick, and those in blocks of 8-64 rows. Median ms of RUNS
-evaluations a line, after three warm-ups (bench/kernels.py's timeit); the outputs' largest
+evaluations a line, after three warm-ups (bench/kernel_bench.py's timeit); the outputs' largest
 difference from SwitchGLU's.
 
 Usage: python3 bench/expert_blocks.py [POSITIONS,...] (default 256,841,2048,4096; RUNS=10)
@@ -17,7 +17,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx_lm.models.switch_layers import SwitchGLU  # noqa: E402
 
-from bench.kernels import timeit  # noqa: E402
+from bench.kernel_bench import timeit  # noqa: E402
 from gemma4_mlx import expert_blocks  # noqa: E402
 from gemma4_mlx.model import _GeGLU  # noqa: E402
 

@@ -14,7 +14,8 @@
 #   1. `loadphases`, then `Q=4 NEW=128 RUNS=3 e2e`: does load() drop below stock's (expected ~1.2 s less)?
 #   2. `PRESET=e2b Q=4 LIVE=1 profile`: E2B 4-bit's GPU time per step on the defaults (2.8 ms in session 33 with 319
 #      launches, 231 now): is the 3x end to end (~2.5 ms a token against stock's fast mode) bound by the GPU too?
-#   3. `check` if the kernels changed since session 44's (a first-run abort in session 43, not seen in session 44).
+#   3. `barrier` (~1 min): what a grid barrier inside one launch costs against a launch (a layer in one launch?).
+#   4. `check` if the kernels changed since session 44's (a first-run abort in session 43, not seen in session 44).
 # Timings seen on the H200: check ~7.5 min (8 processes, session 31), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
@@ -200,7 +201,7 @@ print('kept out:', keep_torch_out(), 'torch after:', 'torch' in sys.modules)" ;;
         | grep -E "^  (stock|ours) " | tee -a "$OUT/ablate-graphs.txt"
     done ;;
   kernels)  # micro-benchmarks vs the stock op sequences, then the decode-step ablations
-    timeout 200 python3 bench/kernels.py --iters 30 > "$OUT/kernels.txt" 2>&1; head -120 "$OUT/kernels.txt"
+    timeout 200 python3 bench/kernel_bench.py --iters 30 > "$OUT/kernels.txt" 2>&1; head -120 "$OUT/kernels.txt"
     STEPS=40 timeout 170 python3 bench/ablate.py e2b 0 2>&1 | tail -16 | tee "$OUT/ablate-e2b-bf16.txt"
     STEPS=40 timeout 170 python3 bench/ablate.py e2b 4 2>&1 | tail -16 | tee "$OUT/ablate-e2b-q4.txt" ;;
   e2b)      # the headline comparison at three prompt lengths, bf16 and 4-bit; transformers
@@ -314,6 +315,11 @@ print(prepare_checkpoint(E2ESettings(preset='e2b', quantize=${Q:-None}, work='/r
       > "$OUT/mvsource.csv" 2>&1; echo "ncu source exit $?"; head -c 3000 "$OUT/mvsource.csv"
     gzip -f "$OUT/mvsource.csv" "$OUT/mvdetail.txt"
     unset GEMMA4_MLX_KERNELS_DISABLE ;;
+  barrier)  # session 44: a grid barrier inside one launch against a launch of its own (bench/grid_barrier_probe.py:
+            # 32 stages, one block an SM and two; ~1 min): what a layer-in-one-launch step could spare
+    for blocks in 132 264; do
+      timeout 120 python3 bench/grid_barrier_probe.py 32 $blocks 50 2>&1 | tail -1 | tee -a "$OUT/barrier.jsonl"
+    done ;;
   ttft)     # session 25: ours' first token after load() came 0.85 s against stock's 0.64 (E2B bf16, 402 tokens,
             # session 25's e2e; level in session 23): fresh processes, 16 tokens, alternated: stock, ours, ours
             # without the closing matvecs; then one of ours under cProfile up to its first token (~2 min)
@@ -802,11 +808,11 @@ write_random_checkpoint('e2b', '/root/e2e/e2b-bfloat16-seed0', dtype='bfloat16',
         python3 -c "import json,sys; d=json.loads(sys.stdin.read()); d['warmup']=$w; print(json.dumps(d))" | \
         tee -a "$OUT/warmup.jsonl" | cut -c1-260
     done ;;
-  elementwise)  # session 11's kernels against the MLX forms they replace (bench/kernels.py): the GeGLU at
+  elementwise)  # session 11's kernels against the MLX forms they replace (bench/kernel_bench.py): the GeGLU at
             # decode and 512-token prefill shapes (the prefill's now runs ours on CUDA), the layer
             # close's (x + y) * s, the soft-cap; ~30 s
-    timeout 200 python3 bench/kernels.py --only geglu 2>&1 | tee "$OUT/kernels-geglu.txt" | tail -8
-    timeout 200 python3 bench/kernels.py --only scale 2>&1 | tee "$OUT/kernels-scale.txt" | tail -10 ;;
+    timeout 200 python3 bench/kernel_bench.py --only geglu 2>&1 | tee "$OUT/kernels-geglu.txt" | tail -8
+    timeout 200 python3 bench/kernel_bench.py --only scale 2>&1 | tee "$OUT/kernels-scale.txt" | tail -10 ;;
   cold)     # a first run on a fresh machine, in process: each side over empty kernel caches (twice, the
             # second pair after the driver's own cache is warm), listing what MLX compiled and when
     for run in stock ours stock ours; do

@@ -6,7 +6,7 @@ warps per group, split-K; for qmv x words per lane per step), and how far each r
 MLX's.
 
 Why: in the decode-step ablation (session 7, H200) switching ``mv`` on cost ~14 us per product
-against MLX's matmul on E2B's shapes, while bench/kernels.py (16 independent calls per sync)
+against MLX's matmul on E2B's shapes, while bench/kernel_bench.py (16 independent calls per sync)
 could not tell the two apart on small shapes. A chain keeps the GPU busy the way the step does:
 each product waits for the one before, as a layer's do.
 

@@ -227,7 +227,7 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: 
 
 def _attention(queries: mx.array, keys: mx.array, values: mx.array, mask, cache: Any, window: int) -> mx.array:
     # Eager chunks (2-16 new tokens) stay on MLX's SDPA: on the H200 the kernel was slower there
-    # for the global layers (16 queries, D 512: 0.26x at 4k keys, 0.10x at 32k; bench/kernels.py).
+    # for the global layers (16 queries, D 512: 0.26x at 4k keys, 0.10x at 32k; bench/kernel_bench.py).
     # A long prompt chunk goes in query blocks, each over the keys it can see (sliding layers: a
     # band; full layers' first chunks: up to the block's last query).
     if chunk_attention.window_applies(queries, keys, mask, cache, window):

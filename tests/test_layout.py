@@ -135,3 +135,15 @@ print("ok")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_no_bench_script_is_named_after_a_package_transformers_looks_for():
+    """`python bench/X.py` puts bench/ first on the path, so a file there named after a package shadows it.
+    transformers asks `is_<name>_available()` at import time and imports what it finds: bench/kernels.py was
+    found as Hugging Face's `kernels` by transformers 5.25, and every tokenizer load after it failed."""
+    import_utils = pytest.importorskip("transformers.utils.import_utils")
+    probed = {n[len("is_"):-len("_available")] for n in vars(import_utils)
+              if n.startswith("is_") and n.endswith("_available")}
+    assert "kernels" in probed, "transformers no longer names its probes this way: the check below means nothing"
+    scripts = {p.stem for p in (ROOT / "bench").glob("*.py")} | {p.name for p in (ROOT / "bench").iterdir() if p.is_dir()}
+    assert not scripts & probed, sorted(scripts & probed)

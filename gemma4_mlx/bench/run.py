@@ -100,13 +100,13 @@ def run_benchmark(settings: Optional[BenchSettings] = None, pair: Optional[Tuple
 
 
 def run_kernel_benchmarks(args: List[str], out_file: Optional[Path] = None) -> int:
-    """Delegate to ``bench/kernels.py`` (the kernel micro-benchmarks) if it exists; tee to ``out_file``."""
+    """Delegate to ``bench/kernel_bench.py`` (the kernel micro-benchmarks) if it exists; tee to ``out_file``."""
     root = PROJECT_ROOT
-    script = root / "bench" / "kernels.py"
+    script = root / "bench" / "kernel_bench.py"
     if not script.is_file():
         print(f"kernel benchmarks: {script} does not exist; skipped", file=sys.stderr)
         return 0
-    print(f"\nkernel benchmarks: {sys.executable} bench/kernels.py {' '.join(args)}", file=sys.stderr, flush=True)
+    print(f"\nkernel benchmarks: {sys.executable} bench/kernel_bench.py {' '.join(args)}", file=sys.stderr, flush=True)
     r = subprocess.run([sys.executable, str(script), *args], cwd=root, stdout=subprocess.PIPE, text=True)
     print(r.stdout, end="")
     if out_file is not None:

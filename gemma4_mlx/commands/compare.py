@@ -47,7 +47,7 @@ def compare(
     prefill_step_size: int = typer.Option(2048, "--prefill-step-size", help="generate_step's prefill chunk."),
     with_transformers: bool = typer.Option(False, "--with-transformers",
                                            help="Also time HF transformers (PyTorch) with the same weights."),
-    kernels: bool = typer.Option(False, "--kernels", help="Also run bench/kernels.py (kernel micro-benchmarks)."),
+    kernels: bool = typer.Option(False, "--kernels", help="Also run bench/kernel_bench.py (kernel micro-benchmarks)."),
     require_match: bool = typer.Option(False, "--require-match",
                                        help="Exit with status 3 if float32 greedy tokens differ."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write JSON, Markdown and PNG results here."),

@@ -125,7 +125,7 @@ def on_cuda() -> bool:
 
 
 # Off unless asked for, per backend. "mv" (the float matvec with its GeGLU and PLE-gate forms) is on
-# on CUDA since session 20: alone it is no faster than MLX's matmul (bench/kernels.py), but its fused
+# on CUDA since session 20: alone it is no faster than MLX's matmul (bench/kernel_bench.py), but its fused
 # forms spare 70 launches of E2B's step (84 of E4B's), and the step read faster with it in every
 # paired run on the H200 (E2B bf16 5.82 / 5.20 ms against 6.07 / 5.25, E4B bf16 7.36 / 7.94 against
 # 7.73 / 8.15, 8 rounds each; 31B bf16 level, 23.5 against 23.2; docs/benchmarks.md, session 20).

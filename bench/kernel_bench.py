@@ -1,7 +1,7 @@
 """Micro-benchmark: each gemma4_mlx kernel vs the stock MLX op sequence it
 replaces, on E2B / E4B / 31B-like decode and prefill shapes.
 
-    python bench/kernels.py [--dtype bfloat16] [--iters 50] [--only attention] [--keys-per-split 32]
+    python bench/kernel_bench.py [--dtype bfloat16] [--iters 50] [--only attention] [--keys-per-split 32]
 
 Prints the measured copy bandwidth, then per case: median time per call (16 independent
 calls evaluated together, so one sync does not dominate small shapes) of the stock
