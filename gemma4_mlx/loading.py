@@ -240,6 +240,6 @@ def load(path_or_repo: Union[str, Path], lazy: bool = False, revision: Optional[
 
     # Leaving the block waits for the thread, so a failing load_model raises its own error, as before.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemma4-mlx-tokenizer") as pool:
-        tokenizer = pool.submit(load_tokenizer, model_path, eos_token_ids)
+        tokenizer_read = pool.submit(load_tokenizer, model_path, eos_token_ids)
         model = load_model(model_path, lazy=lazy, strict_memory=strict_memory, shard=shard)
-        return model, tokenizer.result()
+        return model, tokenizer_read.result()

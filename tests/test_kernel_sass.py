@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-# the repository root, not bench/: a bench/ first on the path shadows packages by its file names (bench/kernel_bench.py
-# was found as Hugging Face's `kernels` by transformers 5.25, and every later test of the process failed)
+# the repository root, not bench/: a bench/ first on the path shadows packages by its file names (transformers
+# 5.25 took bench/kernels.py, now kernel_bench.py, for Hugging Face's `kernels`, and every later test failed)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gemma4_mlx.kernels import mv, nvrtc, qmv  # noqa: E402

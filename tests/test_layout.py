@@ -145,5 +145,6 @@ def test_no_bench_script_is_named_after_a_package_transformers_looks_for():
     probed = {n[len("is_"):-len("_available")] for n in vars(import_utils)
               if n.startswith("is_") and n.endswith("_available")}
     assert "kernels" in probed, "transformers no longer names its probes this way: the check below means nothing"
-    scripts = {p.stem for p in (ROOT / "bench").glob("*.py")} | {p.name for p in (ROOT / "bench").iterdir() if p.is_dir()}
+    bench = ROOT / "bench"
+    scripts = {p.stem for p in bench.glob("*.py")} | {p.name for p in bench.iterdir() if p.is_dir()}
     assert not scripts & probed, sorted(scripts & probed)
