@@ -316,9 +316,11 @@ print(prepare_checkpoint(E2ESettings(preset='e2b', quantize=${Q:-None}, work='/r
     gzip -f "$OUT/mvsource.csv" "$OUT/mvdetail.txt"
     unset GEMMA4_MLX_KERNELS_DISABLE ;;
   barrier)  # session 44: a grid barrier inside one launch against a launch of its own (bench/grid_barrier_probe.py:
-            # 32 stages, one block an SM and two; ~1 min): what a layer-in-one-launch step could spare
-    for blocks in 132 264; do
-      timeout 120 python3 bench/grid_barrier_probe.py 32 $blocks 50 2>&1 | tail -1 | tee -a "$OUT/barrier.jsonl"
+            # 32 stages; one block an SM and two, the barrier alone and with 6 MB read a stage; ~1-2 min): what a
+            # layer-in-one-launch step could spare
+    for run in "132 0" "264 0" "132 6" "264 6"; do
+      set -- $run
+      timeout 120 python3 bench/grid_barrier_probe.py 32 $1 50 $2 2>&1 | tail -1 | tee -a "$OUT/barrier.jsonl"
     done ;;
   ttft)     # session 25: ours' first token after load() came 0.85 s against stock's 0.64 (E2B bf16, 402 tokens,
             # session 25's e2e; level in session 23): fresh processes, 16 tokens, alternated: stock, ours, ours

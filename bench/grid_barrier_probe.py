@@ -23,8 +23,11 @@ whether every round's values were right. CUDA only: a research probe for the nex
 kernel of the package (whose bodies are written once for Metal and CUDA; Metal gives no forward-progress
 promise across threadgroups, which a layer-in-one-launch design would have to answer first).
 
-    python3 bench/grid_barrier_probe.py [PHASES] [BLOCKS] [REPS]      (defaults 32, 132 (an H100 / H200's
-                                                                        SMs), 50)
+    python3 bench/grid_barrier_probe.py [PHASES] [BLOCKS] [REPS] [MB]     (defaults 32, 132 (an H100 / H200's
+                                                                            SMs), 50, 0)
+
+``MB``: each stage (both forms) also streams that many megabytes, a block its own slice, as a layer's matvec
+would (E2B 4-bit reads ~1.3 GB a token over ~230 launches: ~6 MB a launch); 0 times the barrier alone.
 """
 import json
 import statistics
@@ -36,11 +39,32 @@ import mlx.core as mx
 THREADS = 256
 SPIN_LIMIT = 20_000_000  # ~tens of ms of spinning: far past any real wait, short of a hung device
 
+# Each stage may also read MB megabytes (its own slice of `data`, all of a block's threads, streaming), as a
+# layer's matvecs would: the stage's sum is added to the value it passes on (`data` is zeros, so the values stay
+# checkable) and the reads cannot be left out.
+HEADER = """
+__device__ float stage_read(const float* data, int per_block, int stage, int b, int nblocks) {
+    __shared__ float total;
+    if (threadIdx.x == 0) total = 0.0f;
+    __syncthreads();
+    const float4* mine = reinterpret_cast<const float4*>(data) + ((size_t)stage * nblocks + b) * per_block;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < per_block; i += blockDim.x) {
+        const float4 v = __ldcs(mine + i);
+        s += v.x + v.y + v.z + v.w;
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) atomicAdd(&total, s);
+    __syncthreads();
+    return total;
+}
+"""
+
 # counter[0]: blocks arrived at the current barrier (the last one sets it back to 0, so it is 0 between
 # launches); counter[1]: the barrier's generation, which only grows. A block takes the generation before it
 # arrives, and waits until it changes. `work` holds two stages' values (each stage reads the other half).
 BARRIER_SOURCE = f"""
-    const int b = blockIdx.x, nblocks = gridDim.x, stages = phases[0];
+    const int b = blockIdx.x, nblocks = gridDim.x, stages = phases[0], per_block = phases[1];
     int* count = const_cast<int*>(counter);
     volatile int* generation = const_cast<int*>(counter) + 1;
     __shared__ int timed_out;
@@ -66,9 +90,10 @@ BARRIER_SOURCE = f"""
             __threadfence();
         }}
         __syncthreads();
+        const float read = stage_read(data, per_block, p, b, nblocks);
         if (threadIdx.x == 0) {{
             const float* previous = work + ((p - 1) % 2) * nblocks;
-            work[(p % 2) * nblocks + b] = __ldcg(previous + (b + 1) % nblocks) + 1.0f;
+            work[(p % 2) * nblocks + b] = __ldcg(previous + (b + 1) % nblocks) + 1.0f + read;
         }}
     }}
     __syncthreads();
@@ -77,15 +102,16 @@ BARRIER_SOURCE = f"""
 
 STAGE_SOURCE = """
     const int b = blockIdx.x, nblocks = gridDim.x;
-    if (threadIdx.x == 0) out[b] = previous[(b + 1) % nblocks] + 1.0f;
+    const float read = stage_read(data, stage[1], stage[0], b, nblocks);
+    if (threadIdx.x == 0) out[b] = previous[(b + 1) % nblocks] + 1.0f + read;
 """
 
 
 def _kernels():
-    barrier = mx.fast.cuda_kernel(name="grid_barrier_probe", input_names=["x", "counter", "phases"],
-                                  output_names=["out", "work"], source=BARRIER_SOURCE)
-    stage = mx.fast.cuda_kernel(name="grid_stage_probe", input_names=["previous"], output_names=["out"],
-                                source=STAGE_SOURCE)
+    barrier = mx.fast.cuda_kernel(name="grid_barrier_probe", input_names=["x", "counter", "phases", "data"],
+                                  output_names=["out", "work"], source=BARRIER_SOURCE, header=HEADER)
+    stage = mx.fast.cuda_kernel(name="grid_stage_probe", input_names=["previous", "stage", "data"],
+                                output_names=["out"], source=STAGE_SOURCE, header=HEADER)
     return barrier, stage
 
 
@@ -101,19 +127,22 @@ def _median_ms(run, reps: int, outputs: list) -> float:
 
 
 def main() -> None:
-    args = [int(a) for a in sys.argv[1:4]]
-    phases, blocks, reps = args + [32, 132, 50][len(args):]
-    if phases < 3 or blocks < 1 or reps < 1:
-        sys.exit("PHASES must be at least 3, BLOCKS and REPS at least 1")
+    args = [int(a) for a in sys.argv[1:5]]
+    phases, blocks, reps, megabytes = args + [32, 132, 50, 0][len(args):]
+    if phases < 3 or blocks < 1 or reps < 1 or megabytes < 0:
+        sys.exit("PHASES must be at least 3, BLOCKS and REPS at least 1, MB at least 0")
     if not mx.cuda.is_available():
         sys.exit("a CUDA GPU is needed (this probes MLX's CUDA backend)")
     barrier, stage = _kernels()
     x = mx.arange(blocks, dtype=mx.float32)
     counter = mx.zeros((2,), dtype=mx.int32)
-    mx.eval(x, counter)
+    per_block = megabytes * 2**20 // (16 * blocks)  # float4s a block reads a stage
+    data = mx.zeros((max(phases * blocks * per_block * 4, 4),), dtype=mx.float32)
+    stages = [mx.array([p, per_block], dtype=mx.int32) for p in range(phases)]
+    mx.eval(x, counter, data, *stages)
 
     def launch(n):
-        out, _ = barrier(inputs=[x, counter, mx.array([n], dtype=mx.int32)], grid=(blocks * THREADS, 1, 1),
+        out, _ = barrier(inputs=[x, counter, mx.array([n, per_block], dtype=mx.int32), data], grid=(blocks * THREADS, 1, 1),
                          threadgroup=(THREADS, 1, 1), output_shapes=[(blocks,), (2 * blocks,)],
                          output_dtypes=[mx.float32, mx.float32])
         mx.eval(out)
@@ -121,8 +150,8 @@ def main() -> None:
 
     def chained():
         y = x
-        for _ in range(phases - 1):
-            y = stage(inputs=[y], grid=(blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        for p in range(1, phases):
+            y = stage(inputs=[y, stages[p], data], grid=(blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
                       output_shapes=[(blocks,)], output_dtypes=[mx.float32])[0]
         mx.eval(y)
         return y
@@ -145,7 +174,8 @@ def main() -> None:
     bad = wrong("barrier1", one, 1) + wrong("launches", many, phases)
     print(json.dumps({
         "device": str(mx.default_device()), "mlx": mx.__version__, "phases": phases, "blocks": blocks,
-        "threads": THREADS, "reps": reps, "barrier_ms": round(barrier_ms, 4), "barrier1_ms": round(barrier1_ms, 4),
+        "threads": THREADS, "reps": reps,
+        "mb_a_stage": round(per_block * 16 * blocks / 2**20, 3), "barrier_ms": round(barrier_ms, 4), "barrier1_ms": round(barrier1_ms, 4),
         "launches_ms": round(launches_ms, 4),
         # one evaluation's own cost is in all three: a barrier against the one-stage launch, a launch against
         # the one-launch evaluation
