@@ -420,7 +420,7 @@ def test_load_reports_the_weights_error_first_and_leaves_no_thread(tiny_ckpt, tm
             f.write_bytes(f.read_bytes()[:100])
     if broken in ("tokenizer", "both"):
         (folder / "tokenizer.json").write_text("{not json")
-    before = {t for t in threading.enumerate()}
+    before = set(threading.enumerate())
     with pytest.raises(LoadError) as e:
         load(folder)
     assert ("tokenizer could not be loaded" in str(e.value)) == (broken == "tokenizer"), str(e.value)

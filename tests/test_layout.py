@@ -140,7 +140,8 @@ print("ok")
 def test_no_bench_script_is_named_after_a_package_transformers_looks_for():
     """`python bench/X.py` puts bench/ first on the path, so a file there named after a package shadows it.
     transformers asks `is_<name>_available()` at import time and imports what it finds: bench/kernels.py was
-    found as Hugging Face's `kernels` by transformers 5.25, and every tokenizer load after it failed."""
+    found as Hugging Face's `kernels` by transformers 5.25, and the later tests of that process that reached
+    transformers failed."""
     import_utils = pytest.importorskip("transformers.utils.import_utils")
     probed = {n[len("is_"):-len("_available")] for n in vars(import_utils)
               if n.startswith("is_") and n.endswith("_available")}

@@ -106,7 +106,8 @@ def run_kernel_benchmarks(args: List[str], out_file: Optional[Path] = None) -> i
     if not script.is_file():
         print(f"kernel benchmarks: {script} does not exist; skipped", file=sys.stderr)
         return 0
-    print(f"\nkernel benchmarks: {sys.executable} bench/kernel_bench.py {' '.join(args)}", file=sys.stderr, flush=True)
+    print(f"\nkernel benchmarks: {sys.executable} {script.relative_to(root)} {' '.join(args)}", file=sys.stderr,
+          flush=True)
     r = subprocess.run([sys.executable, str(script), *args], cwd=root, stdout=subprocess.PIPE, text=True)
     print(r.stdout, end="")
     if out_file is not None:
