@@ -7,6 +7,7 @@ are given out 8 at a time). Fewer warps in flight read the weights slower: the t
 at 80 registers where K is split was slower on the H200."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -29,7 +30,18 @@ def sass():
         kernel_sass._cuobjdump()
     except SystemExit:
         pytest.skip("cuobjdump (nvidia-cuda-cuobjdump) is not installed")
+    if not (Path(kernel_sass._cuobjdump()).parent / "nvdisasm").exists():
+        # cuobjdump's -sass then prints no instruction, and the tests below that read the disassembly
+        # would pass on nothing (they did, until session 45 added nvdisasm to the test extra)
+        pytest.skip("nvdisasm (nvidia-cuda-nvdisasm) is not installed")
     return kernel_sass
+
+
+def _instructions(sass_text: str) -> list:
+    """The disassembly's instructions (opcode and operands), in address order; never empty for a kernel."""
+    ops = [m.group(1).strip() for m in re.finditer(r"^\s*/\*[0-9a-f]{4,}\*/\s*(.*?);", sass_text, re.M)]
+    assert ops, "no instruction in the disassembly"
+    return ops
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -133,6 +145,20 @@ def test_close_with_the_ple_gate_builds_within_its_registers(sass, name):
         assert res["STACK"] == 0, res
 
 
+@pytest.mark.parametrize("name", ["qmv_close_gate", "qmv_close_gate_packed_cp"])
+@pytest.mark.parametrize("gate_bits", [4, 8])
+def test_close_with_the_ple_gate_converts_no_integer_to_float(sass, name, gate_bits):
+    """Neither the product nor the closing block's gate converts a quantized value with I2F / I2FP (slower
+    than the float pipe): the gate's first form did, one a value on one SM (256 an unrolled batch of its
+    loop), and took ~16 us of E2B's 31 us launch under ncu on the H200 (session 45)."""
+    rows, split, wpl = qmv.quantized_layout(6144, 4, 64)
+    template = dict(T="bfloat16", BITS=4, GS=64, ROWS=rows, SPLIT=split, WPL=wpl, MM=1, EPI=0, PRO=0, HD=1, LOOP=1,
+                    CH=1536, GBITS=gate_bits, GGS=64)
+    ops = _instructions(sass._tool_output(sass.build(name, template), "-sass"))
+    conversions = [op for op in ops if re.match(r"(@!?U?P\w+\s+)?I2FP?\b", op)]
+    assert not conversions, conversions[:4]
+
+
 def test_moe_close_in_place_builds_without_local_memory(sass):
     """norm_pair's form with the layer's close (norm_pair_close, 26B-A4B's width, 8 experts mixed)
     compiles for sm_90 as our CUDA path builds it, the row in registers, no local memory."""
@@ -145,8 +171,7 @@ def _loads_after_first_store(sass_text: str) -> list:
     order. Loads of 8 and 16 bytes are left out: these kernels read their inputs 2 or 4 bytes at a
     time, and the double sin/cos of RoPE read their reduction table that way on the slow path
     for large angles, which is not an input."""
-    ops = [line.split("*/", 1)[1].strip() for line in sass_text.splitlines() if "/*" in line and "*/" in line]
-    ops = [op for op in ops if "LDG" in op or "STG" in op]
+    ops = [op for op in _instructions(sass_text) if "LDG" in op or "STG" in op]
     first = next((i for i, op in enumerate(ops) if "STG" in op), len(ops))
     return [op for op in ops[first:] if "LDG" in op and ".128" not in op and ".64" not in op]
 
