@@ -92,6 +92,9 @@ CONFIGS = [("stock", None), ("ours", {}), ("ours +mv", off(on=MV_ALL)),
            ("ours -attn_q", off("attention_prefix_q")),
            ("ours +close gate", off(on=["qmv_close_gate"])),
            ("ours -close gate", off("qmv_close_gate")),
+           # session 45: ncu put E2B 4-bit's GPU time a step (3.66 ms) above its host's; both of session 36's trades of
+           # GPU time for launches undone
+           ("ours -close gate -attn_q", off("qmv_close_gate", "attention_prefix_q")),
            # session 38: a 4/8-bit projection's words, scales and biases in one buffer (kernels/qmv.py's QPACK)
            ("ours -qpack", {"GEMMA4_MLX_QPACK": "0"}),
            ("ours +qpack", {"GEMMA4_MLX_QPACK": "1"}),
