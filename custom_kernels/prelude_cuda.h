@@ -79,6 +79,8 @@ K_INLINE k_words4 k_ld16(const uint32_t* p) {
 // Cross-block counting (attention's fused form, the matvecs' closing forms): a device-wide fence,
 // and atomics on an int32 input the kernel owns between launches (a const pointer in MLX's signature).
 #define K_DEVICE_FENCE() __threadfence()
+// a request that L2 hold p's 128-byte line (no register, nothing waits on it)
+K_INLINE void k_prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
 K_INLINE int k_atomic_add(const int* p, int v) { return atomicAdd(const_cast<int*>(p), v); }
 K_INLINE void k_atomic_zero(const int* p) { atomicExch(const_cast<int*>(p), 0); }
 // A value another block of this launch stored (a matvec closing form's last block reads the

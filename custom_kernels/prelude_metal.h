@@ -27,6 +27,8 @@ K_INLINE float k_as_float(unsigned int u) { return as_type<float>(u); }
 // barrier: whether Metal's compiler sinks them is unmeasured).
 K_INLINE unsigned int k_fold(unsigned int bits, float v) { return bits ^ as_type<unsigned int>(v); }
 #define k_barrier_after(bits) ((void)(bits), K_BARRIER())
+// no L2 prefetch in Metal's language (the closing forms that ask for one are CUDA's alone)
+#define k_prefetch_l2(p) ((void)0)
 // Eight values p[0], p[s], ..., p[7 s] as float (the CUDA prelude's one uses vector loads).
 template <typename T>
 K_INLINE void k_load8(const device T* p, int s, thread float* v) {

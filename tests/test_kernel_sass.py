@@ -134,8 +134,8 @@ def test_closing_forms_build_within_their_registers(sass, quantized, CH, packed_
 @pytest.mark.parametrize("name", ["qmv_close_gate", "qmv_close_gate_packed", "qmv_close_gate_packed_cp"])
 def test_close_with_the_ple_gate_builds_within_its_registers(sass, name):
     """qmv_close_gate at E2B's widths (4-bit down projection 6,144 -> 1,536, its 256-row gate) with its arrays
-    apart and with the product's and the gate's each in one buffer (QPACK, GATE_QPACK; 64 registers each,
-    the packed form without the other's 8 bytes of stack) within the closing forms' 80."""
+    apart and with the product's and the gate's each in one buffer (QPACK, GATE_QPACK; 77-80 registers since
+    session 45's gate prefetch, no stack) within the closing forms' 80."""
     rows, split, wpl = qmv.quantized_layout(6144, 4, 64)
     template = dict(T="bfloat16", BITS=4, GS=64, ROWS=rows, SPLIT=split, WPL=wpl, MM=1, EPI=0, PRO=0, HD=1, LOOP=1,
                     CH=1536, GBITS=4, GGS=64)
@@ -157,6 +157,19 @@ def test_close_with_the_ple_gate_converts_no_integer_to_float(sass, name, gate_b
     ops = _instructions(sass._tool_output(sass.build(name, template), "-sass"))
     conversions = [op for op in ops if re.match(r"(@!?U?P\w+\s+)?I2FP?\b", op)]
     assert not conversions, conversions[:4]
+
+
+@pytest.mark.parametrize("name", ["qmv_close_gate", "qmv_close_gate_packed_cp"])
+def test_close_with_the_ple_gate_prefetches_the_gate_into_l2(sass, name):
+    """Every block asks L2 for its share of the gate's bytes before its product (close_gate_prefetch.inc): an
+    L2 prefetch (CCTL.E.PF2) comes before the first load of the product's weights (LDG .128)."""
+    rows, split, wpl = qmv.quantized_layout(6144, 4, 64)
+    template = dict(T="bfloat16", BITS=4, GS=64, ROWS=rows, SPLIT=split, WPL=wpl, MM=1, EPI=0, PRO=0, HD=1, LOOP=1,
+                    CH=1536, GBITS=4, GGS=64)
+    ops = _instructions(sass._tool_output(sass.build(name, template), "-sass"))
+    prefetch = next((i for i, op in enumerate(ops) if "CCTL.E.PF2" in op), None)
+    first_wide_load = next(i for i, op in enumerate(ops) if "LDG" in op and ".128" in op)
+    assert prefetch is not None and prefetch < first_wide_load, (prefetch, first_wide_load)
 
 
 def test_moe_close_in_place_builds_without_local_memory(sass):

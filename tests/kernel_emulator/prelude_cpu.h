@@ -48,6 +48,7 @@ inline float k_shfl(float v, int lane) {
   return r;
 }
 #define K_DEVICE_FENCE() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+inline void k_prefetch_l2(const void*) {}
 inline int k_atomic_add(const int* p, int v) { return __atomic_fetch_add(const_cast<int*>(p), v, __ATOMIC_SEQ_CST); }
 inline void k_atomic_zero(const int* p) { __atomic_store_n(const_cast<int*>(p), 0, __ATOMIC_SEQ_CST); }
 template <typename T>
