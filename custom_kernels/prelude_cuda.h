@@ -22,17 +22,12 @@ K_INLINE float k_warp_max(float v) {
 K_INLINE float k_shfl(float v, int lane) { return __shfl_sync(0xffffffffu, v, lane); }
 K_INLINE float k_exp(float x) { return expf(x); }
 K_INLINE float k_rsqrt(float x) { return rsqrtf(x); }
-#if K_TRIG_FLOAT
-// GEMMA4_MLX_TRIG_FLOAT=1 (an ablation, session 45): CUDA's own float cos / sin (2 ulp; our NVRTC
-// builds use no fast math), no double arithmetic and no coefficient table loads
-K_INLINE float k_cos(float x) { return cosf(x); }
-K_INLINE float k_sin(float x) { return sinf(x); }
-#else
 // RoPE angles reach ~1e6 rad; double trig stays accurate even if the JIT
-// compiles with fast math (which would turn cosf into __cosf).
+// compiles with fast math (which would turn cosf into __cosf). Float cosf / sinf made the KV-shared layers'
+// attention with its q prologue no faster on the H200 (session 45: 26.7 against 28.3 us a sliding launch, 38.2
+// against 35.3 a global one, one ncu run each).
 K_INLINE float k_cos(float x) { return float(cos(double(x))); }
 K_INLINE float k_sin(float x) { return float(sin(double(x))); }
-#endif
 K_INLINE float k_tanh(float x) { return tanhf(x); }
 // gelu with the tanh approximation (the PLE gate, the GeGLU), one form for every body
 K_INLINE float k_gelu_tanh(float x) { return 0.5f * x * (1.0f + k_tanh(0.7978845608028654f * (x + 0.044715f * x * x * x))); }

@@ -149,8 +149,8 @@ def test_close_with_the_ple_gate_builds_within_its_registers(sass, name):
 @pytest.mark.parametrize("gate_bits", [4, 8])
 def test_close_with_the_ple_gate_converts_no_integer_to_float(sass, name, gate_bits):
     """Neither the product nor the closing block's gate converts a quantized value with I2F / I2FP (slower
-    than the float pipe): the gate's first form did, one a value on one SM (256 an unrolled batch of its
-    loop), and took ~16 us of E2B's 31 us launch under ncu on the H200 (session 45)."""
+    than the float pipe, and the gate runs on one SM): the gate's first form did, one a value (256 an unrolled
+    batch of its loop). (Removing them alone did not shorten E2B's launch on the H200, session 45.)"""
     rows, split, wpl = qmv.quantized_layout(6144, 4, 64)
     template = dict(T="bfloat16", BITS=4, GS=64, ROWS=rows, SPLIT=split, WPL=wpl, MM=1, EPI=0, PRO=0, HD=1, LOOP=1,
                     CH=1536, GBITS=gate_bits, GGS=64)

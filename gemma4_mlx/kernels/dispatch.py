@@ -355,16 +355,10 @@ def read_source(filename: str) -> str:
     return resources.files("gemma4_mlx.kernel_sources").joinpath(filename).read_text()
 
 
-TRIG_FLOAT_ENV = "GEMMA4_MLX_TRIG_FLOAT"
-
-
 def prelude(backend: str) -> tuple[str, str]:
-    """(header part, source part) of ``custom_kernels/prelude_<backend>.h``; on CUDA with
-    ``GEMMA4_MLX_TRIG_FLOAT=1`` (an ablation, off by default) RoPE's cos / sin in float, not double."""
+    """(header part, source part) of ``custom_kernels/prelude_<backend>.h``."""
     text = read_source(f"prelude_{backend}.h")
     head, _, src = text.partition("// @@SOURCE\n")
-    if backend == "cuda" and switches.env(TRIG_FLOAT_ENV) == "1":
-        head = "#define K_TRIG_FLOAT 1\n" + head
     return head, src
 
 
