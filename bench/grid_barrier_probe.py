@@ -38,6 +38,12 @@ import time
 import mlx.core as mx
 
 THREADS = 256
+# The counter is an array of COUNTER_INTS int32, not of two: MLX's CUDA allocator puts arrays of 8 bytes or less
+# in a pool of managed memory whose pages the host touches, where each block's atomic costs ~1 us, one block after
+# another (session 24; gemma4_mlx/kernels/mv.py's CLOSE_COUNTER_SLOTS). Session 45's run had two, and a stage
+# behind the barrier took 660-1,461 us: that pool's cost, not a barrier's.
+COUNTER_INTS = 1024
+GEN = 32  # the generation's int: 128 bytes past the count
 SPIN_LIMIT = 20_000_000  # ~tens of ms of spinning: far past any real wait, short of a hung device
 
 # Each stage may also read MB megabytes (its own slice of `data`, all of a block's threads, streaming), as a
@@ -62,12 +68,12 @@ __device__ float stage_read(const float* data, int per_block, int stage, int b, 
 """
 
 # counter[0]: blocks arrived at the current barrier (the last one sets it back to 0, so it is 0 between
-# launches); counter[1]: the barrier's generation, which only grows. A block takes the generation before it
+# launches); counter[GEN]: the barrier's generation, which only grows (a 128-byte line of its own). A block takes the generation before it
 # arrives, and waits until it changes. `work` holds two stages' values (each stage reads the other half).
 BARRIER_SOURCE = f"""
     const int b = blockIdx.x, nblocks = gridDim.x, stages = phases[0], per_block = phases[1];
     int* count = const_cast<int*>(counter);
-    volatile int* generation = const_cast<int*>(counter) + 1;
+    volatile int* generation = const_cast<int*>(counter) + {GEN};
     __shared__ int timed_out;
     if (threadIdx.x == 0) {{
         timed_out = 0;
@@ -81,7 +87,7 @@ BARRIER_SOURCE = f"""
             if (atomicAdd(count, 1) == nblocks - 1) {{
                 atomicExch(count, 0);
                 __threadfence();
-                atomicAdd(const_cast<int*>(counter) + 1, 1);
+                atomicAdd(const_cast<int*>(counter) + {GEN}, 1);
             }} else {{
                 long spins = 0;
                 while (*generation == seen) {{
@@ -136,12 +142,13 @@ def main() -> None:
         sys.exit("a CUDA GPU is needed (this probes MLX's CUDA backend)")
     barrier, stage = _kernels()
     x = mx.arange(blocks, dtype=mx.float32)
-    counter = mx.zeros((2,), dtype=mx.int32)
+    counter = mx.zeros((COUNTER_INTS,), dtype=mx.int32)
     per_block = megabytes * 2**20 // (16 * blocks)  # float4s a block reads a stage
     data = mx.zeros((max(phases * blocks * per_block * 4, 4),), dtype=mx.float32)
     # (stage index, float4s a block reads): a launch's own stage in the chained form; stages[n][0] = n stages for
     # the one-launch form (n = 1 or PHASES)
-    stages = [mx.array([p, per_block], dtype=mx.int32) for p in range(phases + 1)]
+    # (two ints padded to four: 8 bytes would be that managed pool's, as the counter above)
+    stages = [mx.array([p, per_block, 0, 0], dtype=mx.int32) for p in range(phases + 1)]
     mx.eval(x, counter, data, *stages)
 
     def launch(n):
