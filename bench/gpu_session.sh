@@ -7,15 +7,18 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 45): issue 14. One GPU is enough (nvidia-h200). Session 44 (~26 device minutes, one staging):
-# the full parity on the defaults passed (1,155 passed, 8 skipped; session 43's abort did not come back); E2B end to
-# end 2.21x 4-bit / 2.19x bf16 against stock's fast mode; load() 1.07-1.14x, its tokenizer 1.3 s of it. After the
-# visit, load() parses the tokenizer on a thread beside the weights' reading (untimed on the GPU). In order:
-#   1. `loadphases`, then `Q=4 NEW=128 RUNS=3 e2e`: does load() drop below stock's (expected ~1.2 s less)?
-#   2. `PRESET=e2b Q=4 LIVE=1 profile`: E2B 4-bit's GPU time per step on the defaults (2.8 ms in session 33 with 319
-#      launches, 231 now): is the 3x end to end (~2.5 ms a token against stock's fast mode) bound by the GPU too?
-#   3. `barrier` (~1 min): what a grid barrier inside one launch costs against a launch (a layer in one launch?).
-#   4. `check` if the kernels changed since session 44's (a first-run abort in session 43, not seen in session 44).
+# Next visit (session 46): issue 14. One GPU is enough (nvidia-h200). Session 45 (~27 device minutes, three stagings,
+# two refused starts): E2B 4-bit end to end 2.05x, load() 1.03x; ours' GPU time a step 3.66 ms in 264 launches
+# under ncu, the step in mlx-lm's order host-bound at 3.9 ms (call 1.08 + encode 2.82); the down projection's launch
+# with the PLE gate 29-33 us, ~26 us of it the closing block's tail on one SM (an I2F-free gate was no faster).
+# After the last profile every block of that launch prefetches its share of the gate's bytes into L2 (unprofiled;
+# no parity run on the GPU yet). In order:
+#   1. `check` (the kernels changed: the gate tail, its prefetch, the q prologue's branch): full parity.
+#   2. `SIDES=ours PRESET=e2b Q=4 LIVE=1 profile`: the down launch with the prefetch (32.3 us before).
+#   3. `barrier` (~1 min): the probe's counter is out of MLX's managed pool now (session 45 timed that pool).
+#   4. `Q=4 KREGEX=gemma4_attention_partial KCOUNT=35 kdetail`: why the KV-shared layers' attention with the q
+#      prologue takes ~16 us more a launch than the writing layers' without it (float trig was no faster).
+#   5. `Q=4 NEW=128 RUNS=3 e2e` if minutes are left.
 # Timings seen on the H200: check ~7.5 min (8 processes, session 31), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
