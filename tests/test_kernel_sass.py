@@ -30,16 +30,17 @@ def sass():
         kernel_sass._cuobjdump()
     except SystemExit:
         pytest.skip("cuobjdump (nvidia-cuda-cuobjdump) is not installed")
-    if not (Path(kernel_sass._cuobjdump()).parent / "nvdisasm").exists():
-        # cuobjdump's -sass then prints no instruction, and the tests below that read the disassembly
-        # would pass on nothing (they did, until session 45 added nvdisasm to the test extra)
-        pytest.skip("nvdisasm (nvidia-cuda-nvdisasm) is not installed")
     return kernel_sass
 
 
-def _instructions(sass_text: str) -> list:
-    """The disassembly's instructions (opcode and operands), in address order; never empty for a kernel."""
-    ops = [m.group(1).strip() for m in re.finditer(r"^\s*/\*[0-9a-f]{4,}\*/\s*(.*?);", sass_text, re.M)]
+def _disassembly(sass, cubin: bytes) -> list:
+    """A build's instructions (opcode and operands), in address order; never empty. Without nvdisasm beside
+    cuobjdump, -sass prints no instruction, and the tests reading it would pass on nothing (they did, until
+    session 45 added nvdisasm to the test extra): those tests skip then, the register tests still run."""
+    if not (Path(sass._cuobjdump()).parent / "nvdisasm").exists():
+        pytest.skip("nvdisasm (nvidia-cuda-nvdisasm) is not installed")
+    text = sass._tool_output(cubin, "-sass")
+    ops = [m.group(1).strip() for m in re.finditer(r"^\s*/\*[0-9a-f]{4,}\*/\s*(.*?);", text, re.M)]
     assert ops, "no instruction in the disassembly"
     return ops
 
@@ -154,7 +155,7 @@ def test_close_with_the_ple_gate_converts_no_integer_to_float(sass, name, gate_b
     rows, split, wpl = qmv.quantized_layout(6144, 4, 64)
     template = dict(T="bfloat16", BITS=4, GS=64, ROWS=rows, SPLIT=split, WPL=wpl, MM=1, EPI=0, PRO=0, HD=1, LOOP=1,
                     CH=1536, GBITS=gate_bits, GGS=64)
-    ops = _instructions(sass._tool_output(sass.build(name, template), "-sass"))
+    ops = _disassembly(sass, sass.build(name, template))
     conversions = [op for op in ops if re.match(r"(@!?U?P\w+\s+)?I2FP?\b", op)]
     assert not conversions, conversions[:4]
 
@@ -166,7 +167,7 @@ def test_close_with_the_ple_gate_prefetches_the_gate_into_l2(sass, name):
     rows, split, wpl = qmv.quantized_layout(6144, 4, 64)
     template = dict(T="bfloat16", BITS=4, GS=64, ROWS=rows, SPLIT=split, WPL=wpl, MM=1, EPI=0, PRO=0, HD=1, LOOP=1,
                     CH=1536, GBITS=4, GGS=64)
-    ops = _instructions(sass._tool_output(sass.build(name, template), "-sass"))
+    ops = _disassembly(sass, sass.build(name, template))
     prefetch = next((i for i, op in enumerate(ops) if "CCTL.E.PF2" in op), None)
     first_wide_load = next(i for i, op in enumerate(ops) if "LDG" in op and ".128" in op)
     assert prefetch is not None and prefetch < first_wide_load, (prefetch, first_wide_load)
@@ -179,12 +180,12 @@ def test_moe_close_in_place_builds_without_local_memory(sass):
     assert res["STACK"] == 0 and res["LOCAL"] == 0, res
 
 
-def _loads_after_first_store(sass_text: str) -> list:
+def _loads_after_first_store(ops: list) -> list:
     """The global loads of a kernel's inputs that come after its first global store, in address
     order. Loads of 8 and 16 bytes are left out: these kernels read their inputs 2 or 4 bytes at a
     time, and the double sin/cos of RoPE read their reduction table that way on the slow path
     for large angles, which is not an input."""
-    ops = [op for op in _instructions(sass_text) if "LDG" in op or "STG" in op]
+    ops = [op for op in ops if "LDG" in op or "STG" in op]
     first = next((i for i, op in enumerate(ops) if "STG" in op), len(ops))
     return [op for op in ops[first:] if "LDG" in op and ".128" not in op and ".64" not in op]
 
@@ -195,19 +196,19 @@ def test_residual_norm_loads_its_row_before_storing(sass, HD, nxt):
     """Every load comes before the first store: a load after a store it might alias waits for it,
     and session 15 found the fused norm issuing 13 serial load rounds a row that way (12.1 us a
     launch on the H200, 5.95 us once loaded first)."""
-    text = sass._tool_output(sass.build("residual_norm", dict(T="bfloat16", HD=HD, NEXT=nxt)), "-sass")
-    assert _loads_after_first_store(text) == []
+    ops = _disassembly(sass, sass.build("residual_norm", dict(T="bfloat16", HD=HD, NEXT=nxt)))
+    assert _loads_after_first_store(ops) == []
 
 
 @pytest.mark.parametrize("D,H", [(256, 1), (512, 1), (256, 8)])
 def test_norm_rope_loads_its_row_before_storing(sass, D, H):
-    text = sass._tool_output(sass.build("norm_rope", dict(T="bfloat16", D=D, H=H)), "-sass")
-    assert _loads_after_first_store(text) == []
+    ops = _disassembly(sass, sass.build("norm_rope", dict(T="bfloat16", D=D, H=H)))
+    assert _loads_after_first_store(ops) == []
 
 
 @pytest.mark.parametrize("P,NL", [(256, 35), (256, 42)])  # E2B's and E4B's per-layer inputs
 def test_ple_combine_loads_its_row_before_storing(sass, P, NL):
     """(Its earlier form passed too: with no condition around the loads NVCC hoisted them over the
     restrict-qualified stores itself. Metal's kernels get no restrict, so the body loads first.)"""
-    text = sass._tool_output(sass.build("ple_combine", dict(T="bfloat16", P=P, NL=NL)), "-sass")
-    assert _loads_after_first_store(text) == []
+    ops = _disassembly(sass, sass.build("ple_combine", dict(T="bfloat16", P=P, NL=NL)))
+    assert _loads_after_first_store(ops) == []
