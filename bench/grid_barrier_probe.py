@@ -34,14 +34,20 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
-import mlx.core as mx
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, run as a script
+
+import mlx.core as mx  # noqa: E402
+
+from gemma4_mlx.kernels import dispatch  # noqa: E402
 
 THREADS = 256
-# The counter is an array of COUNTER_INTS int32, not of two: MLX's CUDA allocator puts arrays of 8 bytes or less
-# in a pool of managed memory whose pages the host touches, where each block's atomic costs ~1 us, one block after
-# another (session 24; gemma4_mlx/kernels/mv.py's CLOSE_COUNTER_SLOTS). Session 45's run had two, and a stage
-# behind the barrier took 660-1,461 us: that pool's cost, not a barrier's.
+# The counter and the stage parameters come from the package's makers of device arrays (dispatch.block_counter,
+# dispatch.constant): MLX's CUDA allocator keeps arrays of 8 bytes or less, and every array made from Python data,
+# in managed memory, where each block's atomic costs ~1 us, one block after another (session 24; mv.py's
+# CLOSE_COUNTER_SLOTS). Session 45's run made both here with two int32 each, and a stage behind the barrier took
+# 660-1,461 us: that memory's cost, not a barrier's.
 COUNTER_INTS = 1024
 GEN = 32  # the generation's int: 128 bytes past the count
 SPIN_LIMIT = 20_000_000  # ~tens of ms of spinning: far past any real wait, short of a hung device
@@ -142,13 +148,12 @@ def main() -> None:
         sys.exit("a CUDA GPU is needed (this probes MLX's CUDA backend)")
     barrier, stage = _kernels()
     x = mx.arange(blocks, dtype=mx.float32)
-    counter = mx.zeros((COUNTER_INTS,), dtype=mx.int32)
+    counter = dispatch.block_counter("grid_barrier_probe", COUNTER_INTS)
     per_block = megabytes * 2**20 // (16 * blocks)  # float4s a block reads a stage
     data = mx.zeros((max(phases * blocks * per_block * 4, 4),), dtype=mx.float32)
     # (stage index, float4s a block reads): a launch's own stage in the chained form; stages[n][0] = n stages for
     # the one-launch form (n = 1 or PHASES)
-    # (two ints padded to four: 8 bytes would be that managed pool's, as the counter above)
-    stages = [mx.array([p, per_block, 0, 0], dtype=mx.int32) for p in range(phases + 1)]
+    stages = [dispatch.constant([p, per_block], mx.int32) for p in range(phases + 1)]
     mx.eval(x, counter, data, *stages)
 
     def launch(n):
