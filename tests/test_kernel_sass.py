@@ -89,6 +89,16 @@ def test_attention_fused_builds_and_keeps_its_arrays_in_registers(sass, name, D,
     assert res["STACK"] == 0 and res["LOCAL"] == 0, res
 
 
+@pytest.mark.parametrize("name", ["attention_partial", "attention_fused", "attention_fused_scratch", "attention_fused_q",
+                                  "attention_fused_q_scratch"])
+@pytest.mark.parametrize("T", ["float32", "bfloat16"])
+def test_attention_forms_build_at_the_tiny_models_head_dim(sass, name, T):
+    """Every form of pass 1 builds for sm_90 at D 32 (the tests' tiny models: a lane holds one dim and
+    no rotation pair). Session 45 sized two arrays DPL / 2 there; NVRTC refused them, and on the GPU
+    the decode step fell back to the reference for every tiny model (strict mode: tests failed)."""
+    assert sass.build(name, dict(T=T, D=32, RT=4, QNR=0))
+
+
 @pytest.mark.parametrize("name", ["norm_rope", "norm_rope_qkv"])
 @pytest.mark.parametrize("D", [256, 512])
 def test_norm_rope_forms_keep_their_rows_in_registers(sass, name, D):

@@ -4,7 +4,7 @@ MLX generates the full Metal source of a ``mx.fast.metal_kernel`` call made
 inside ``mx.export_function`` tracing and prints it with ``verbose=True``
 (see tests/metal_stub/capture.py). Each source of every template
 instantiation the model uses is syntax-checked with
-``g++ -std=c++17 -fsyntax-only -Wno-attributes -Werror=shadow`` against
+``g++ -std=c++17 -fsyntax-only -Wno-attributes -Werror=shadow -Werror=pedantic`` against
 tests/metal_stub/metal_stub.h (shadowing is an error: a local ``xs`` in qmv.inc hid the
 prologue's shared row of the same name and the fused kernel read its own registers, wrong on
 the GPU while every CPU check passed). A planted error must fail the check. A lint
@@ -84,6 +84,12 @@ def _launches():
                             lambda q, w, inv, k, v: ATT._attention_prefix_q_kernel(
                                 q, w, inv, mx.array([3], dtype=mx.int32), 1e-6, k, v, mx.array([4], dtype=mx.int32)),
                             (q, mx.ones((D,), dt), inv, kv, kv)))
+        # the tiny test models' head dim (D 32: a lane holds one dim, no rotation pair; session 45 sized two
+        # arrays DPL / 2 = 0 there, which neither compiler takes; -Werror=pedantic makes g++ say so)
+        for G, Lq in ((1, 1), (2, 1), (4, 1), (4, 3)):
+            q, kv = mx.zeros((1, G, Lq, 32), dt), mx.zeros((1, 1, 40, 32), dt)
+            out.append((f"attention {dt} D=32 G={G} Lq={Lq}",
+                        lambda q, k, v: ATT.attention_kernel(q, k, v, 1.0, 0), (q, kv, kv)))
         for P, NL in ((256, 35), (256, 42), (256, 30)):
             ids = mx.zeros((1, 2), mx.int32)
             out.append((f"ple_combine {dt} P={P} NL={NL}",

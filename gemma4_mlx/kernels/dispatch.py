@@ -627,8 +627,18 @@ def self_check(name: str, key: tuple, reference: Callable, kernel: Callable, pro
         mx.eval(ref, out)
         why = compare(out, ref)
     except Exception as e:  # compile error, missing backend, bad launch ...
-        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        why = f"{type(e).__name__}: {_first_lines(str(e))}"
     return (why is None, why or "")
+
+
+def _first_lines(text: str) -> str:
+    """An error's first line, and a compiler log's first error after it: NVRTC's first line names only
+    the file (session 46's parity run fell back on a D 32 build with no word of why)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    error = next((line for line in lines[1:] if "error" in line), None)
+    return lines[0] + (" " + error if error else "")
 
 
 def launch_backend(name: str, class_key: tuple | None) -> str | None:

@@ -69,7 +69,7 @@ def gxx_check(sources: list[str], gxx: str = "g++") -> tuple[int, str]:
             path = Path(d) / f"k{i}.cpp"
             path.write_text(f'#include "{STUB}"\n' + to_cpp(src))
             p = subprocess.run(
-                [gxx, "-std=c++17", "-fsyntax-only", "-Wno-attributes", "-Werror=shadow", str(path)],
+                [gxx, "-std=c++17", "-fsyntax-only", "-Wno-attributes", "-Werror=shadow", "-Werror=pedantic", str(path)],
                 capture_output=True, text=True,
             )
             if p.returncode:
