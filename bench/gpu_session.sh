@@ -7,18 +7,14 @@
 #   then e.g.: check (parity, ~5 min), NEW=128,512 bash ... e2e, NEW=2048 bash ... e2e, Q=4 bash ... e2e,
 #   steps (per-kernel ablation, ~30 s), cold, presets, presets-bf16, ablate31, long, warm; on
 #   nvidia-h200-x2: nccl (BITS= for the tests alone, ~2.5 min).
-# Next visit (session 46): issue 14. One GPU is enough (nvidia-h200). Session 45 (~27 device minutes, three stagings,
-# two refused starts): E2B 4-bit end to end 2.05x, load() 1.03x; ours' GPU time a step 3.66 ms in 264 launches
-# under ncu, the step in mlx-lm's order host-bound at 3.9 ms (call 1.08 + encode 2.82); the down projection's launch
-# with the PLE gate 29-33 us, ~26 us of it the closing block's tail on one SM (an I2F-free gate was no faster).
-# After the last profile every block of that launch prefetches its share of the gate's bytes into L2 (unprofiled;
-# no parity run on the GPU yet). In order:
-#   1. `check` (the kernels changed: the gate tail, its prefetch, the q prologue's branch): full parity.
-#   2. `SIDES=ours PRESET=e2b Q=4 LIVE=1 profile`: the down launch with the prefetch (32.3 us before).
-#   3. `barrier` (~1 min): the probe's counter is out of MLX's managed pool now (session 45 timed that pool).
-#   4. `Q=4 KREGEX=gemma4_attention_partial KCOUNT=35 kdetail`: why the KV-shared layers' attention with the q
-#      prologue takes ~16 us more a launch than the writing layers' without it (float trig was no faster).
-#   5. `Q=4 NEW=128 RUNS=3 e2e` if minutes are left.
+# Next visit (session 47): issue 14. One GPU is enough (nvidia-h200). Session 46 (~28 device minutes, two stagings):
+# full parity found pass 1 not building at D 32 (fixed in ceda506; the attention / compiled subset passed after);
+# E2B 4-bit end to end 2.81x on a noisy stock (its warm runs 81.5 / 120.3 tok/s, ours 283); the down launch with
+# the gate's L2 prefetch 31.1 us (no gain); a grid barrier ~3.5 us a stage against ~10 us a launch. In order:
+#   1. `check` (full parity at HEAD: session 46 reran only the attention / compiled subset after its fix).
+#   2. `Q=4 KREGEX=gemma4_attention_partial KSKIP=15 KCOUNT=8 kdetail`: the KV-shared layers' attention with the q
+#      prologue (28-35 us against the writing layers' 14-16; session 46's 35-launch run reached only the first 15).
+#   3. `Q=4 NEW=128 RUNS=3 e2e` and `NEW=128 RUNS=3 e2e` (bf16): stock's speed spread 81-128 tok/s in session 46.
 # Timings seen on the H200: check ~7.5 min (8 processes, session 31), kernels ~5.5 min, presets ~5 min; a
 # visit has 30 device minutes, so pick the parts that matter.
 # PART_S (default 520) bounds each end-to-end part below the device call's limit: a call killed at
