@@ -1692,3 +1692,19 @@ def test_qkv_norm_rope_joined_kernel(B, L, H, HK, D, k_eq_v, dtype):
     assert (v is k) == k_eq_v
     for g, r, what in zip(got, want, ("queries", "keys", "values")):
         assert_close(g, r, dtype, f"qkv joined {what}")
+
+
+def test_a_failed_build_names_the_compilers_first_error():
+    """NVRTC's message starts with a line naming only the file; the warning a fallback prints must say why
+    (session 46's GPU run fell back on a D 32 build with "could not compile ... for sm_90:" alone)."""
+    def kernel(x):
+        raise RuntimeError("NVRTC could not compile k.cu for sm_90:\n\nk.cu(12): error: the size of an array must be "
+                           "greater than zero\n    float c[0];\nk.cu(13): error: second\n")
+
+    ok, why = dispatch.self_check("probe", ("cuda",), lambda x: x, kernel, (mx.zeros((2,)),))
+    assert not ok
+    assert why == ("RuntimeError: NVRTC could not compile k.cu for sm_90: k.cu(12): error: the size of an array "
+                   "must be greater than zero")
+    ok, why = dispatch.self_check("probe", ("cuda",), lambda x: x, lambda x: (_ for _ in ()).throw(ValueError("one")),
+                                  (mx.zeros((2,)),))
+    assert (ok, why) == (False, "ValueError: one")
