@@ -371,3 +371,33 @@ def test_wait_for_builds_returns_once_every_build_asked_for_has_finished(fresh_b
     assert cuda_build.wait_for_builds(timeout=30) is True and fut.result() == b"cubin"
     assert not cuda_build._in_flight
     pool.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["own", "seed"])
+def test_a_failed_build_keeps_nothing_of_its_callers_alive(fresh_builds, monkeypatch, mode):
+    """A failed build stays in its future for good; raised to each caller as a fresh exception, it does not take the
+    caller's stack into its traceback (session 46 on the GPU: a kernel that did not build kept a deleted model's
+    weights alive, through the frames of the step that had asked for it)."""
+    import gc
+    import weakref
+
+    monkeypatch.setenv("GEMMA4_MLX_NVRTC", mode)
+    monkeypatch.setattr(cuda_build.mx, "__version__", "0.32.4")
+    broken = dispatch.body("ple_gate").replace("const float gl =", "const float gl = static_cats<float>(0) +", 1)
+
+    class Model:  # what a caller's frame holds while the kernel is asked for
+        pass
+
+    def caller(model):
+        K.ple_gate_kernel(*_m["ple"]._probe_gate(("mlx.core.bfloat16", "mlx.core.bfloat16")))
+
+    with dispatch.force_backend("cuda"), dispatch.override_body("ple_gate", broken):
+        refs = []
+        for _ in range(2):  # the second caller meets the stored failure
+            model = Model()
+            refs.append(weakref.ref(model))
+            with pytest.raises(nvrtc.NvrtcError, match="static_cats"):
+                caller(model)
+            del model
+        gc.collect()  # (inside: leaving the override drops the seeded kernel and its futures)
+        assert [r() for r in refs] == [None, None]

@@ -176,6 +176,21 @@ def _build(source: str, arch: str, folder: Path) -> bytes:
     return data
 
 
+def result(future: Future):
+    """``future``'s value, or its failure raised as a fresh exception of the same kind. The stored exception itself,
+    raised again, would take the caller's frames into its traceback, and the future (kept for good in
+    :data:`_builds`) would then hold every frame of that stack alive, a model's weights included: session 46's GPU
+    run had a build fail and a deleted model free nothing."""
+    error = future.exception()
+    if error is None:
+        return future.result()
+    try:
+        fresh = type(error)(*error.args)
+    except Exception:  # noqa: BLE001 - a kind that cannot be made again from its arguments
+        fresh = RuntimeError(f"{type(error).__name__}: {error}")
+    raise fresh from None
+
+
 def cubin_future(source: str) -> Future:
     """A future of ``source``'s cubin; the build starts now on the pool (once per source)."""
     arch = target_arch()
@@ -292,7 +307,7 @@ class CudaKernel:
         future = cubin_future(source)
         if prefetching():
             return [mx.zeros(tuple(s), dtype=d) for s, d in zip(output_shapes, output_dtypes)]
-        cubin = future.result()
+        cubin = result(future)
         kw = {} if stream is None else {"stream": stream}
         return mx.fast.precompiled_cuda_kernel(
             name=self.name, compiled_source=cubin, inputs=inputs,
@@ -547,7 +562,7 @@ class SeededKernel:
         future = self._seed(inputs, list(output_dtypes), list(template))
         if prefetching():
             return [mx.zeros(tuple(s), dtype=d) for s, d in zip(output_shapes, output_dtypes)]
-        future.result()  # MLX reads the cache when it first builds the module (at evaluation)
+        result(future)  # MLX reads the cache when it first builds the module (at evaluation)
         kw = {} if stream is None else {"stream": stream}
         if init_value is not None:
             kw["init_value"] = init_value
