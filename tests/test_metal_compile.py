@@ -85,7 +85,7 @@ def _launches():
                                 q, w, inv, mx.array([3], dtype=mx.int32), 1e-6, k, v, mx.array([4], dtype=mx.int32)),
                             (q, mx.ones((D,), dt), inv, kv, kv)))
         # the tiny test models' head dim (D 32: a lane holds one dim, no rotation pair; session 45 sized two
-        # arrays DPL / 2 = 0 there, which neither compiler takes; -Werror=pedantic makes g++ say so)
+        # arrays DPL / 2 = 0 there, which NVRTC refused and standard C++ forbids; -Werror=pedantic makes g++ say so)
         for G, Lq in ((1, 1), (2, 1), (4, 1), (4, 3)):
             q, kv = mx.zeros((1, G, Lq, 32), dt), mx.zeros((1, 1, 40, 32), dt)
             out.append((f"attention {dt} D=32 G={G} Lq={Lq}",
