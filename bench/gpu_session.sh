@@ -98,6 +98,9 @@ PY
   fi
   grep -h -A25 -E "^_____" "$OUT"/$name.*.txt | head -60
   grep -h -E "^(FAILED|ERROR)" "$OUT"/$name.*.txt | head -30
+  # the part's status: 1 when a test failed. (Until session 46 the grep above gave it, inverted: a run with
+  # failures returned 0 and a clean one 1, through pipefail.)
+  ! grep -q -h -E "^(FAILED|ERROR)" "$OUT"/$name.*.txt
 }
 case "${1:-}" in
   check)    # session 3: our NVRTC builds on this machine, then the CUDA parity run at the CPU's
